@@ -1,0 +1,78 @@
+"""Clinical vocabulary: canonical units, known unit variants, plausible ranges and plain-word names."""
+
+from collections.abc import Callable
+
+# LOINC -> (plain name, canonical UCUM unit)
+LAB_CODES: dict[str, tuple[str, str]] = {
+    "2160-0": ("creatinine", "mg/dL"),
+    "3094-0": ("urea nitrogen (BUN)", "mg/dL"),
+    "2951-2": ("sodium", "mmol/L"),
+    "2823-3": ("potassium", "mmol/L"),
+    "2345-7": ("glucose", "mg/dL"),
+    "6690-2": ("white cell count", "10*3/uL"),
+    "718-7": ("hemoglobin", "g/dL"),
+    "777-3": ("platelets", "10*3/uL"),
+    "2524-7": ("lactate", "mmol/L"),
+    "1975-2": ("bilirubin", "mg/dL"),
+}
+
+# vital code -> (plain name, canonical UCUM unit)
+VITAL_CODES: dict[str, tuple[str, str]] = {
+    "heart_rate": ("heart rate", "/min"),
+    "systolic_bp": ("systolic blood pressure", "mm[Hg]"),
+    "diastolic_bp": ("diastolic blood pressure", "mm[Hg]"),
+    "mean_bp": ("mean arterial pressure", "mm[Hg]"),
+    "resp_rate": ("respiratory rate", "/min"),
+    "spo2": ("oxygen saturation (SpO2)", "%"),
+    "temperature": ("temperature", "Cel"),
+    "gcs_total": ("Glasgow Coma Scale", "{score}"),
+}
+
+# (code, delivered unit) -> conversion into the canonical unit. Anything not listed and not canonical is
+# rejected as an unknown unit: guessing a unit is how a tenfold error reaches a model.
+UNIT_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
+    ("2160-0", "umol/L"): lambda v: v / 88.42,
+    ("2345-7", "mmol/L"): lambda v: v * 18.016,
+    ("3094-0", "mmol/L"): lambda v: v * 2.801,
+    ("temperature", "[degF]"): lambda v: (v - 32) * 5 / 9,
+}
+
+# Physiologically possible range in the canonical unit; values outside are flagged, kept raw, and not
+# used as features.
+PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
+    "2160-0": (0.1, 30),
+    "3094-0": (1, 300),
+    "2951-2": (90, 200),
+    "2823-3": (1, 12),
+    "2345-7": (10, 2000),
+    "6690-2": (0, 500),
+    "718-7": (1, 25),
+    "777-3": (1, 2000),
+    "2524-7": (0.1, 40),
+    "1975-2": (0.05, 80),
+    "heart_rate": (0, 300),
+    "systolic_bp": (0, 300),
+    "diastolic_bp": (0, 250),
+    "mean_bp": (0, 250),
+    "resp_rate": (0, 80),
+    "spo2": (0, 100),
+    "temperature": (25, 45),
+    "gcs_total": (3, 15),
+}
+
+
+def canonical_unit(code: str) -> str:
+    """Canonical unit of a LOINC lab code or vital code."""
+    if code in LAB_CODES:
+        return LAB_CODES[code][1]
+    return VITAL_CODES[code][1]
+
+
+def plain_name(meds_code: str) -> str:
+    """Plain-word name of a MEDS code such as ``LAB//2160-0`` for reports."""
+    _, _, code = meds_code.partition("//")
+    if code in LAB_CODES:
+        return LAB_CODES[code][0]
+    if code in VITAL_CODES:
+        return VITAL_CODES[code][0]
+    return meds_code
