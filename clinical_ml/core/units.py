@@ -1,5 +1,6 @@
 """Clinical vocabulary: canonical units, known unit variants, plausible ranges and plain-word names."""
 
+import re
 from collections.abc import Callable
 
 # LOINC -> (plain name, canonical UCUM unit)
@@ -76,3 +77,11 @@ def plain_name(meds_code: str) -> str:
     if code in VITAL_CODES:
         return VITAL_CODES[code][0]
     return meds_code
+
+
+def feature_stem(meds_code: str) -> str:
+    """Column-safe stem for features of a MEDS code: ``LAB//2160-0`` -> ``creatinine``."""
+    name = plain_name(meds_code)
+    if name == meds_code:
+        name = meds_code.replace("//", "_").lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

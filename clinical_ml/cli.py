@@ -1,0 +1,114 @@
+"""Command line: ``clinical-ml synth`` writes a synthetic hospital into the landing zone; ``clinical-ml demo``
+runs the whole lifecycle on it and prints where the reports are."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_root(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("CLINICAL_ML_DATA_ROOT") or PROJECT_ROOT / "data").resolve()
+
+
+def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
+    return SyntheticConfig(
+        n_patients=args.patients,
+        n_batches=args.batches,
+        n_sites=args.sites,
+        seed=args.seed,
+        scenario=args.scenario,
+        start_date=date.fromisoformat(args.start_date),
+        drift_from_batch=args.drift_from_batch,
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    landing = _data_root(args.data_root) / "landing"
+    hospital = generate_hospital(landing, _synth_config(args))
+    print(f"wrote {len(hospital.batch_ids)} batches to {landing} (scenario {args.scenario})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from clinical_ml.core.landing import find_complete_batches
+    from clinical_ml.core.storage import read_json
+    from clinical_ml.defs.build import build_definitions
+    from clinical_ml.defs.conventions import batch_partitions
+
+    root = _data_root(args.data_root)
+    started = time.perf_counter()
+    if not find_complete_batches(root / "landing"):
+        generate_hospital(root / "landing", _synth_config(args))
+        print(f"synthetic hospital written to {root / 'landing'}")
+    defs = build_definitions(data_root=root)
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    batches = find_complete_batches(root / "landing")
+    known = set(instance.get_dynamic_partitions(batch_partitions.name))
+    instance.add_dynamic_partitions(batch_partitions.name, [b.batch_id for b in batches if b.batch_id not in known])
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    ingest = defs.resolve_job_def("batch_ingestion_job")
+    for b in batches:
+        result = ingest.execute_in_process(instance=instance, partition_key=b.batch_id, raise_on_error=False,
+                                           run_config=quiet, tags={"batch_id": b.batch_id, "content_sha256": b.content_hash})
+        print(f"batch {b.batch_id}: ingestion and anonymization {'succeeded' if result.success else 'FAILED'}")
+        if not result.success:
+            return 1
+    result = defs.resolve_job_def("lifecycle_job").execute_in_process(
+        instance=instance, raise_on_error=False, run_config=quiet
+    )
+    if not result.success:
+        print("lifecycle run failed; open the UI (make dev) for the run's logs", file=sys.stderr)
+        return 1
+    reports = root / "reports"
+    summary = {}
+    for uc_dir in sorted(p for p in (root / "deid" / "usecases").iterdir() if p.is_dir()):
+        ev = read_json(uc_dir / "evaluation.json")
+        decision = read_json(uc_dir / "decision.json")
+        m = ev["metrics"]
+        summary[uc_dir.name] = ev
+        print(f"\n== {uc_dir.name} ==")
+        print(f"validation AUROC {m['auroc']['value']:.3f} (95% CI {m['auroc']['lower']:.3f} to {m['auroc']['upper']:.3f}), "
+              f"{ev['n_validation']} admissions, {ev['events_validation']} deaths")
+        print(f"operating point: risk >= {ev['threshold']:.3f} -> sensitivity {m['sensitivity']['value']:.2f}, "
+              f"specificity {m['specificity']['value']:.2f}, PPV {m['ppv']['value']:.2f}")
+        print(f"promotion: {'promoted to champion' if decision['promoted'] else 'not promoted'}")
+        for name in ("performance_report", "subcohort_fairness_report", "feature_drift_report"):
+            print(f"{name.replace('_', ' ')}: {reports / uc_dir.name / (name + '.html')}")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s; open the UI with `make dev`")
+    if args.json:
+        print(json.dumps({k: v["metrics"]["auroc"] for k, v in summary.items()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clinical-ml", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (("synth", "write a synthetic hospital into the landing zone"),
+                           ("demo", "run the whole lifecycle on the landing zone (synthetic if empty)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or ./data)")
+        p.add_argument("--patients", type=int, default=3000)
+        p.add_argument("--batches", type=int, default=5)
+        p.add_argument("--sites", type=int, default=3)
+        p.add_argument("--seed", type=int, default=7)
+        p.add_argument("--scenario", choices=["default", "drift", "bias"], default="default")
+        p.add_argument("--start-date", default="2026-01-05")
+        p.add_argument("--drift-from-batch", type=int, default=None)
+        if name == "demo":
+            p.add_argument("--json", action="store_true", help="also print the AUROCs as JSON")
+    args = parser.parse_args(argv)
+    return {"synth": cmd_synth, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Discrimination, calibration and clinical utility with bootstrap confidence intervals.
+
+All functions take outcome labels ``y`` (0/1) and predicted risks ``p`` as numpy arrays.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+METRIC_NAMES = (
+    "auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "brier", "calibration_slope",
+    "calibration_intercept", "observed_expected_ratio",
+)
+_EPS = 1e-6
+
+
+def auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN with one class only."""
+    y = np.asarray(y, dtype=bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    ranks = np.empty(len(p), dtype=np.float64)
+    sp = np.asarray(p)[order]
+    # mid-ranks for ties
+    _, first, counts = np.unique(sp, return_index=True, return_counts=True)
+    mid = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(mid, counts)
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def auprc(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision (step-wise area under the precision-recall curve)."""
+    y = np.asarray(y, dtype=bool)
+    if y.sum() == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(p), kind="mergesort")
+    ys = y[order]
+    tp = np.cumsum(ys)
+    precision = tp / np.arange(1, len(ys) + 1)
+    return float(precision[ys].sum() / ys.sum())
+
+
+def confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """(tp, fp, tn, fn) when risk >= threshold means "flagged as high risk"."""
+    y = np.asarray(y, dtype=bool)
+    flag = np.asarray(p) >= threshold
+    return int((flag & y).sum()), int((flag & ~y).sum()), int((~flag & ~y).sum()), int((~flag & y).sum())
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def calibration_slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """Logistic recalibration: slope of outcome on logit(p), and calibration-in-the-large (offset fit).
+
+    Fitted by Newton-Raphson; a slope below 1 means predictions are too extreme (overfitting).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    lp = np.log(np.clip(p, _EPS, 1 - _EPS) / (1 - np.clip(p, _EPS, 1 - _EPS)))
+    if y.min() == y.max():
+        return float("nan"), float("nan")
+    x = np.column_stack([np.ones_like(lp), lp])
+    beta = np.array([0.0, 1.0])
+    for _ in range(50):
+        mu = 1 / (1 + np.exp(-(x @ beta)))
+        w = mu * (1 - mu) + 1e-12
+        step = np.linalg.solve((x * w[:, None]).T @ x + 1e-9 * np.eye(2), x.T @ (y - mu))
+        beta += step
+        if np.abs(step).max() < 1e-8:
+            break
+    # calibration-in-the-large: intercept with the slope fixed at 1 (offset logit)
+    a = 0.0
+    for _ in range(50):
+        mu = 1 / (1 + np.exp(-(a + lp)))
+        step = (y - mu).sum() / max((mu * (1 - mu)).sum(), 1e-12)
+        a += step
+        if abs(step) < 1e-10:
+            break
+    return float(beta[1]), float(a)
+
+
+def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Every metric of ``METRIC_NAMES`` at one operating threshold."""
+    tp, fp, tn, fn = confusion(y, p, threshold)
+    slope, intercept = calibration_slope_intercept(y, p)
+    return {
+        "auroc": auroc(y, p),
+        "auprc": auprc(y, p),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "brier": float(np.mean((np.asarray(p) - np.asarray(y)) ** 2)),
+        "calibration_slope": slope,
+        "calibration_intercept": intercept,
+        "observed_expected_ratio": _ratio(float(np.sum(y)), float(np.sum(p))),
+    }
+
+
+@dataclass(frozen=True)
+class MetricWithCI:
+    value: float
+    lower: float
+    upper: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"value": self.value, "lower": self.lower, "upper": self.upper}
+
+
+def bootstrap_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 500, seed: int = 0, level: float = 0.95
+) -> dict[str, MetricWithCI]:
+    """Point estimates with percentile bootstrap CIs (resampling patients' rows with replacement).
+
+    The threshold stays fixed across replicates: it was chosen on other data, so its uncertainty is not
+    part of the validation estimate.
+    """
+    y = np.asarray(y)
+    p = np.asarray(p)
+    point = point_metrics(y, p, threshold)
+    rng = np.random.default_rng(seed)
+    reps = {k: np.empty(n_boot) for k in METRIC_NAMES}
+    n = len(y)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        m = point_metrics(y[idx], p[idx], threshold)
+        for k in METRIC_NAMES:
+            reps[k][b] = m[k]
+    alpha = (1 - level) / 2
+    out = {}
+    for k in METRIC_NAMES:
+        r = reps[k][np.isfinite(reps[k])]
+        lo, hi = (np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan))
+        out[k] = MetricWithCI(point[k], float(lo), float(hi))
+    return out
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, *, policy: str, target: float) -> float:
+    """Operating threshold by the use case's policy, chosen on tuning data.
+
+    ``min_sensitivity``: the highest threshold whose sensitivity is at least ``target``.
+    ``min_specificity``: the lowest threshold whose specificity is at least ``target``.
+    """
+    y = np.asarray(y, dtype=bool)
+    cand = np.unique(p)[::-1]
+    if policy == "min_sensitivity":
+        pos = np.sort(np.asarray(p)[y])[::-1]
+        if pos.size == 0:
+            return float(cand[-1])
+        k = int(np.ceil(target * pos.size)) - 1
+        return float(pos[max(k, 0)])
+    if policy == "min_specificity":
+        neg = np.sort(np.asarray(p)[~y])
+        if neg.size == 0:
+            return float(cand[0])
+        k = int(np.ceil(target * neg.size)) - 1
+        return float(np.nextafter(neg[max(k, 0)], np.inf))
+    raise ValueError(f"unknown operating point policy {policy!r}")
+
+
+def calibration_curve(y: np.ndarray, p: np.ndarray, *, n_bins: int = 10) -> list[dict[str, float]]:
+    """Observed vs predicted risk per quantile bin of predicted risk, with Wilson 95% intervals."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.asarray(p)
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)))
+    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        mask = idx == b
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        obs = y[mask].mean()
+        z = 1.96
+        denom = 1 + z * z / n
+        centre = (obs + z * z / (2 * n)) / denom
+        half = z * np.sqrt(obs * (1 - obs) / n + z * z / (4 * n * n)) / denom
+        rows.append(
+            {"predicted": float(p[mask].mean()), "observed": float(obs), "lower": float(centre - half),
+             "upper": float(centre + half), "n": n}
+        )
+    return rows
+
+
+def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None = None) -> list[dict[str, float]]:
+    """Net benefit of the model, of treating all and of treating none across threshold probabilities."""
+    y = np.asarray(y, dtype=bool)
+    ts = thresholds if thresholds is not None else np.round(np.arange(0.02, 0.61, 0.02), 2)
+    n = len(y)
+    prev = y.mean()
+    rows = []
+    for t in ts:
+        tp, fp, _, _ = confusion(y, p, float(t))
+        w = t / (1 - t)
+        rows.append(
+            {"threshold": float(t), "model": tp / n - fp / n * w, "treat_all": float(prev - (1 - prev) * w),
+             "treat_none": 0.0}
+        )
+    return rows

@@ -1,0 +1,82 @@
+"""LightGBM training and scoring. Models are stored in LightGBM's text format, never pickled."""
+
+from dataclasses import dataclass, field
+
+import lightgbm as lgb
+import numpy as np
+
+DEFAULT_PARAMS: dict[str, object] = {
+    "objective": "binary",
+    "learning_rate": 0.04,
+    "num_leaves": 15,
+    "min_data_in_leaf": 25,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "num_threads": 2,
+    "verbosity": -1,
+    "deterministic": True,
+    "force_row_wise": True,
+}
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    booster: lgb.Booster
+    feature_names: list[str]
+    best_iteration: int
+    params: dict[str, object] = field(default_factory=dict)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.booster.predict(x, num_iteration=self.best_iteration))
+
+    def to_text(self) -> str:
+        return self.booster.model_to_string(num_iteration=self.best_iteration)
+
+
+def train_model(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_tune: np.ndarray,
+    y_tune: np.ndarray,
+    *,
+    feature_names: list[str],
+    seed: int,
+    max_rounds: int = 600,
+    early_stopping_rounds: int = 40,
+    params: dict[str, object] | None = None,
+) -> TrainedModel:
+    """Gradient-boosted trees with early stopping on the tuning part of the derivation cohort.
+
+    Parameters
+    ----------
+    x_train, y_train
+        Derivation rows used to fit trees.
+    x_tune, y_tune
+        Derivation rows held back for early stopping (never the validation cohort).
+    seed
+        Seeds LightGBM's bagging and feature sampling.
+    """
+    p = {**DEFAULT_PARAMS, **(params or {}), "seed": seed}
+    train = lgb.Dataset(x_train, label=y_train, feature_name=feature_names, free_raw_data=False)
+    tune = lgb.Dataset(x_tune, label=y_tune, reference=train, free_raw_data=False)
+    booster = lgb.train(
+        p,
+        train,
+        num_boost_round=max_rounds,
+        valid_sets=[tune],
+        valid_names=["tuning"],
+        callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)],
+    )
+    best = booster.best_iteration or booster.current_iteration()
+    return TrainedModel(booster=booster, feature_names=list(feature_names), best_iteration=best, params=p)
+
+
+def load_model(text: str) -> TrainedModel:
+    booster = lgb.Booster(model_str=text)
+    return TrainedModel(
+        booster=booster,
+        feature_names=list(booster.feature_name()),
+        best_iteration=booster.current_iteration(),
+    )

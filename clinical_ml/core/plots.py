@@ -1,0 +1,105 @@
+"""PNG plots for reports (matplotlib, headless). Each function returns PNG bytes."""
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_BLUE, _GREY, _RED = "#1f5fa8", "#888888", "#b33a3a"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float) -> bytes:
+    y = np.asarray(y, dtype=bool)
+    order = np.argsort(-np.asarray(p))
+    ys = y[order]
+    tpr = np.concatenate([[0], np.cumsum(ys) / max(ys.sum(), 1)])
+    fpr = np.concatenate([[0], np.cumsum(~ys) / max((~ys).sum(), 1)])
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot(fpr, tpr, color=_BLUE, label="model")
+    ax.plot([0, 1], [0, 1], color=_GREY, ls="--", label="chance")
+    flag = np.asarray(p) >= threshold
+    ax.scatter([(flag & ~y).sum() / max((~y).sum(), 1)], [(flag & y).sum() / max(y.sum(), 1)], color=_RED,
+               zorder=3, label="operating point")
+    ax.set_xlabel("1 - specificity (false alarms among survivors)")
+    ax.set_ylabel("sensitivity (deaths flagged)")
+    ax.set_title("ROC curve, validation cohort")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def calibration_plot(curve: list[dict[str, float]]) -> bytes:
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    pred = [r["predicted"] for r in curve]
+    obs = [r["observed"] for r in curve]
+    err = [[max(0.0, r["observed"] - r["lower"]) for r in curve], [max(0.0, r["upper"] - r["observed"]) for r in curve]]
+    top = max([*pred, *obs, 0.1]) * 1.1
+    ax.plot([0, top], [0, top], color=_GREY, ls="--", label="perfect calibration")
+    ax.errorbar(pred, obs, yerr=err, fmt="o-", color=_BLUE, capsize=3, label="observed (95% CI)")
+    ax.set_xlabel("predicted risk of death")
+    ax.set_ylabel("observed proportion who died")
+    ax.set_title("Calibration, validation cohort")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def decision_curve_plot(curve: list[dict[str, float]]) -> bytes:
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    t = [r["threshold"] for r in curve]
+    ax.plot(t, [r["model"] for r in curve], color=_BLUE, label="use the model")
+    ax.plot(t, [r["treat_all"] for r in curve], color=_RED, ls=":", label="review every patient")
+    ax.plot(t, [0 for _ in curve], color=_GREY, ls="--", label="review no one")
+    lo = min(0.0, min(r["model"] for r in curve))
+    ax.set_ylim(lo - 0.01, max(max(r["model"] for r in curve), max(r["treat_all"] for r in curve)) + 0.02)
+    ax.set_xlabel("risk threshold at which a review is worthwhile")
+    ax.set_ylabel("net benefit")
+    ax.set_title("Decision curve, validation cohort")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def importance_plot(importance: list[dict], *, top: int = 12) -> bytes:
+    rows = importance[:top][::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.32 * len(rows) + 1.2))
+    ax.barh([r["label"] for r in rows], [r["mean_abs_shap"] for r in rows], color=_BLUE)
+    ax.set_xlabel("average influence on predicted risk (mean |SHAP|, log-odds)")
+    ax.set_title("What the model relies on most")
+    return _png(fig)
+
+
+def forest_plot(rows: list[dict], *, metric: str, overall: tuple[float, float, float], minimum: float | None) -> bytes:
+    """Point estimate and 95% CI per subgroup; ``rows`` have ``label`` and ``value``/``lower``/``upper``."""
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1.4))
+    ys = np.arange(len(rows))[::-1]
+    for yv, r in zip(ys, rows, strict=True):
+        color = _RED if r.get("flagged") else _BLUE
+        ax.plot([r["lower"], r["upper"]], [yv, yv], color=color)
+        ax.plot([r["value"]], [yv], "o", color=color)
+    ax.axvline(overall[0], color=_GREY, ls="--", label="all patients")
+    if minimum is not None:
+        ax.axvline(minimum, color=_RED, ls=":", label="subgroup minimum")
+    ax.set_yticks(ys, [r["label"] for r in rows])
+    ax.set_xlabel(f"{metric} (95% CI)")
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
+def drift_plot(names: list[str], values: list[float], *, warn: float, error: float) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
+    colors = [_RED if v >= error else "#d08a1a" if v >= warn else _BLUE for v in values]
+    ax.barh(names[::-1], values[::-1], color=colors[::-1])
+    ax.axvline(warn, color="#d08a1a", ls=":", label=f"warning ({warn})")
+    ax.axvline(error, color=_RED, ls=":", label=f"action ({error})")
+    ax.set_xlabel("population stability index (PSI)")
+    ax.legend(fontsize=8)
+    return _png(fig)

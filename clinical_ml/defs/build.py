@@ -1,0 +1,48 @@
+"""Assemble the code location from the stage modules and the use case files."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from clinical_ml.core.usecase import load_use_cases
+from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_dataset
+from clinical_ml.defs.ingestion.assets import raw_assets
+from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
+from clinical_ml.defs.ingestion.sensors import landing_sensor
+from clinical_ml.defs.usecase.assets import build_use_case_assets
+from clinical_ml.defs.usecase.automation import lifecycle_job, nightly_retraining_schedule
+from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
+from clinical_ml.resources.zones import DataZones
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_definitions(
+    *,
+    data_root: str | Path | None = None,
+    usecases_dir: str | Path | None = None,
+    evaluation: EvaluationSettings | None = None,
+) -> dg.Definitions:
+    """The whole graph. Defaults: ``$CLINICAL_ML_DATA_ROOT`` or ``./data``, ``$CLINICAL_ML_USECASES`` or
+    ``./usecases``."""
+    root = Path(data_root or os.environ.get("CLINICAL_ML_DATA_ROOT") or PROJECT_ROOT / "data")
+    cases_dir = Path(usecases_dir or os.environ.get("CLINICAL_ML_USECASES") or PROJECT_ROOT / "usecases")
+    use_case_assets = [a for uc in load_use_cases(cases_dir) for a in build_use_case_assets(uc)]
+    return dg.Definitions(
+        assets=[
+            *raw_assets,
+            anonymized_cohort,
+            meds_dataset,
+            *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
+        ],
+        asset_checks=[a for a in use_case_assets if isinstance(a, dg.AssetChecksDefinition)],
+        jobs=[batch_ingestion_job, lifecycle_job],
+        sensors=[landing_sensor],
+        schedules=[nightly_retraining_schedule],
+        resources={
+            "zones": DataZones(root=str(root)),
+            "anonymization": AnonymizationSettings(),
+            "evaluation": evaluation or EvaluationSettings(),
+        },
+    )
