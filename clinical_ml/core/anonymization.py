@@ -94,8 +94,10 @@ def extend_vault(
         anything outside the vault).
     """
     rng = rng or np.random.default_rng()
-    new_mrn = mrns.unique().filter(~mrns.unique().is_in(vault.patients["mrn"].implode()))
-    new_enc = encounter_ids.unique().filter(~encounter_ids.unique().is_in(vault.encounters["encounter_id"].implode()))
+    seen_mrn = mrns.drop_nulls().unique()
+    new_mrn = seen_mrn.filter(~seen_mrn.is_in(vault.patients["mrn"].implode()))
+    seen_enc = encounter_ids.drop_nulls().unique()
+    new_enc = seen_enc.filter(~seen_enc.is_in(vault.encounters["encounter_id"].implode()))
     weeks = rng.integers(1, max_shift_weeks + 1, new_mrn.len()) * rng.choice([-1, 1], new_mrn.len())
     patients = pl.concat(
         [

@@ -63,6 +63,14 @@ SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
 NULLABLE = {"death_time", "race", "ethnicity", "address", "zip", "phone", "email", "first_name", "last_name"}
 
 SEXES = ["M", "F", "U"]
+# pandera check name -> reason code in the rejects table
+_CHECK_REASONS = {
+    "isin": "not_allowed",
+    "not_nullable": "missing_value",
+    "str_matches": "bad_format",
+    "in_range": "out_of_range",
+    "dtype": "wrong_type",
+}
 ADMISSION_TYPES = ["EMERGENCY", "URGENT", "ELECTIVE"]
 
 
@@ -256,11 +264,6 @@ def ingest_file(path: Path | str, source: str) -> IngestResult:
 
     if source in ("labs", "vitals"):
         parsed = _harmonize_units(parsed, "loinc_code" if source == "labs" else "code")
-    rule = _row_rules(parsed, source)
-    if rule is not None:
-        reject_parts.append(
-            parsed.select("row_number", rule.alias("reason")).filter(pl.col("reason").is_not_null())
-        )
     try:
         SCHEMAS[source].validate(parsed, lazy=True)
     except pa.errors.SchemaErrors as exc:
@@ -268,12 +271,21 @@ def ingest_file(path: Path | str, source: str) -> IngestResult:
         reject_parts.append(
             fc.select(
                 (pl.col("index").cast(pl.Int64) + 1).alias("row_number"),
-                pl.format("{}:{}", pl.col("check").str.replace(r"\(.*", ""), pl.col("column")).alias("reason"),
+                pl.format(
+                    "{}:{}",
+                    pl.col("check").str.replace(r"\(.*", "").replace_strict(_CHECK_REASONS, default="invalid"),
+                    pl.col("column"),
+                ).alias("reason"),
             )
+        )
+    rule = _row_rules(parsed, source)
+    if rule is not None:
+        reject_parts.append(
+            parsed.select("row_number", rule.alias("reason")).filter(pl.col("reason").is_not_null())
         )
     rejects = (
         pl.concat([r.select(pl.col("row_number").cast(pl.Int64), "reason") for r in reject_parts])
-        .sort("row_number")
+        .sort("row_number", maintain_order=True)
         .unique("row_number", keep="first", maintain_order=True)
     )
     accepted = parsed.join(rejects.select("row_number"), on="row_number", how="anti")

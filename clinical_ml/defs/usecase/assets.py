@@ -285,7 +285,7 @@ def build_use_case_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 },
                 "code_version": code_version(),
                 "use_case_sha256": uc.source_sha256,
-                "dagster_run_id": context.run_id,
+                "dagster_run_id": context.run.run_id,
             },
         }
         root = paths.registry(zones)
@@ -386,7 +386,7 @@ def build_use_case_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         )
 
     @dg.asset(
-        key=key("feature_drift_report"), deps=[key("patient_features"), key("subject_splits")],
+        key=key("feature_drift_report"), deps=[key("patient_features"), key("subject_splits"), key("model_registry")],
         group_name=Stage.MONITORING, kinds={"numpy", "html"}, tags=tags(DataClass.AGGREGATE),
         description="PSI and KS of each predictor in the newest batch against the derivation cohort.", **common,
     )

@@ -4,7 +4,7 @@ from clinical_ml.defs.conventions import Stage
 
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
-    selection=dg.AssetSelection.keys("meds_dataset")
+    selection=dg.AssetSelection.assets("meds_dataset")
     | dg.AssetSelection.groups(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING),
     description="Rebuild the MEDS layer, features, retrain, evaluate, gate promotion, and report drift.",
 )

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small synthetic hospital and one full in-process run of the graph per session."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.synthetic import SyntheticConfig, SyntheticHospital, generate_hospital
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SMALL = SyntheticConfig(n_patients=1500, n_batches=3, n_sites=3, seed=11)
+
+
+@dataclass(frozen=True)
+class GraphRun:
+    data_root: Path
+    hospital: SyntheticHospital
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    results: dict[str, dg.ExecuteInProcessResult]
+
+
+def run_full_graph(data_root: Path, instance: dg.DagsterInstance, *, n_bootstrap: int = 100) -> dg.Definitions:
+    """Ingest every complete batch of the landing zone, then run the lifecycle job, in process."""
+    from clinical_ml.defs.build import build_definitions
+    from clinical_ml.defs.conventions import batch_partitions
+    from clinical_ml.resources.settings import EvaluationSettings
+
+    defs = build_definitions(data_root=data_root, evaluation=EvaluationSettings(n_bootstrap=n_bootstrap))
+    batches = find_complete_batches(data_root / "landing")
+    instance.add_dynamic_partitions(batch_partitions.name, [b.batch_id for b in batches])
+    for b in batches:
+        res = defs.resolve_job_def("batch_ingestion_job").execute_in_process(
+            instance=instance, partition_key=b.batch_id
+        )
+        assert res.success
+    res = defs.resolve_job_def("lifecycle_job").execute_in_process(instance=instance)
+    assert res.success
+    return defs
+
+
+@pytest.fixture(scope="session")
+def instance() -> dg.DagsterInstance:
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def graph_run(tmp_path_factory: pytest.TempPathFactory, instance: dg.DagsterInstance) -> GraphRun:
+    """The real definitions materialized end to end on a small synthetic hospital (default scenario)."""
+    root = tmp_path_factory.mktemp("data_root")
+    hospital = generate_hospital(root / "landing", SMALL)
+    defs = run_full_graph(root, instance)
+    return GraphRun(root, hospital, instance, defs, {})

@@ -1,0 +1,93 @@
+"""The code location loads, every asset is labelled, the graph shape is reviewed, the PHI boundary holds."""
+
+import ast
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from clinical_ml.defs.build import build_definitions
+from clinical_ml.defs.conventions import DATA_CLASS_TAG, DataClass, Stage
+
+PACKAGE = Path(__file__).resolve().parents[2] / "clinical_ml"
+PHI_READERS = {Stage.INGESTION.value, Stage.ANONYMIZATION.value}
+
+
+@pytest.fixture(scope="module")
+def defs(tmp_path_factory: pytest.TempPathFactory) -> dg.Definitions:
+    return build_definitions(data_root=tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def specs(defs: dg.Definitions) -> list[dg.AssetSpec]:
+    return list(defs.resolve_all_asset_specs())
+
+
+def test_code_location_module_loads():
+    from clinical_ml.definitions import defs
+
+    defs.resolve_asset_graph()
+    assert defs.resolve_job_def("lifecycle_job") is not None
+
+
+def test_every_asset_has_stage_group_owner_kind_and_data_class(specs):
+    assert len(specs) >= 15
+    for spec in specs:
+        name = spec.key.to_user_string()
+        assert spec.group_name in {s.value for s in Stage}, name
+        assert spec.owners, name
+        assert spec.kinds, name
+        assert spec.tags.get(DATA_CLASS_TAG) in {d.value for d in DataClass}, name
+
+
+def test_no_asset_outside_ingestion_and_anonymization_reads_phi(defs, specs):
+    graph = defs.resolve_asset_graph()
+    by_key = {s.key: s for s in specs}
+    for spec in specs:
+        if spec.group_name in PHI_READERS:
+            continue
+        for parent in graph.get(spec.key).parent_keys:
+            assert by_key[parent].tags[DATA_CLASS_TAG] != DataClass.PHI, (spec.key, parent)
+    # and phi assets live only in ingestion
+    assert {s.group_name for s in specs if s.tags[DATA_CLASS_TAG] == DataClass.PHI} == {Stage.INGESTION.value}
+
+
+def test_graph_shape_snapshot(defs, specs, snapshot):
+    graph = defs.resolve_asset_graph()
+    shape = {
+        "assets": {
+            s.key.to_user_string(): {
+                "group": s.group_name,
+                "deps": sorted(p.to_user_string() for p in graph.get(s.key).parent_keys),
+                "data_class": s.tags[DATA_CLASS_TAG],
+            }
+            for s in sorted(specs, key=lambda s: s.key.to_user_string())
+        },
+        "checks": sorted(
+            f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys
+        ),
+        "jobs": sorted(j.name for j in defs.jobs or []),
+        "schedules": sorted(s.name for s in defs.schedules or []),
+        "sensors": sorted(s.name for s in defs.sensors or []),
+    }
+    assert shape == snapshot
+
+
+def test_core_never_imports_dagster():
+    offenders = []
+    for path in (PACKAGE / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "dagster" or n.startswith(("dagster.", "dagster_")) for n in names):
+                offenders.append(path.name)
+    assert offenders == []
+
+
+def test_dagster_facing_modules_do_not_postpone_annotations():
+    for folder in ("defs", "resources"):
+        for path in (PACKAGE / folder).rglob("*.py"):
+            assert "from __future__ import annotations" not in path.read_text(), path

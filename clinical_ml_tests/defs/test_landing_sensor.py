@@ -1,0 +1,56 @@
+"""The landing sensor: one run per new complete batch, none for a batch already seen."""
+
+import shutil
+
+import dagster as dg
+import pytest
+
+from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital, write_completion_marker
+from clinical_ml.defs.ingestion.sensors import landing_sensor
+from clinical_ml.resources.zones import DataZones
+
+
+@pytest.fixture
+def landing(tmp_path):
+    generate_hospital(tmp_path / "landing", SyntheticConfig(n_patients=60, n_batches=2, seed=3))
+    return tmp_path
+
+
+def _tick(instance, root, cursor=None):
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"zones": DataZones(root=str(root))})
+    return landing_sensor(ctx)
+
+
+def test_one_run_per_new_batch_and_none_for_seen_batches(landing):
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, landing)
+        assert sorted(r.partition_key for r in first.run_requests) == ["2026-01-05", "2026-01-06"]
+        assert len({r.run_key for r in first.run_requests}) == 2
+        again = _tick(instance, landing, first.cursor)
+        assert again.run_requests == []
+
+
+def test_incomplete_batch_waits_for_its_marker(landing):
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, landing)
+        new = landing / "landing" / "2026-01-07"
+        shutil.copytree(landing / "landing" / "2026-01-06", new)
+        (new / "_SUCCESS").unlink()
+        assert _tick(instance, landing, first.cursor).run_requests == []
+        write_completion_marker(new)
+        result = _tick(instance, landing, first.cursor)
+        assert [r.partition_key for r in result.run_requests] == ["2026-01-07"]
+
+
+def test_changed_content_under_the_same_name_runs_again(landing):
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, landing)
+        batch = landing / "landing" / "2026-01-05"
+        lines = (batch / "labs.csv").read_text().splitlines(keepends=True)
+        (batch / "labs.csv").write_text("".join(lines[:-1]))
+        write_completion_marker(batch)
+        result = _tick(instance, landing, first.cursor)
+        assert [r.partition_key for r in result.run_requests] == ["2026-01-05"]
+        assert result.run_requests[0].run_key != next(
+            r.run_key for r in first.run_requests if r.partition_key == "2026-01-05"
+        )
