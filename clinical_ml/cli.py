@@ -43,7 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from clinical_ml.core.landing import find_complete_batches
     from clinical_ml.core.storage import read_json
     from clinical_ml.defs.build import build_definitions
-    from clinical_ml.defs.conventions import batch_partitions
+    from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 
     root = _data_root(args.data_root)
     started = time.perf_counter()
@@ -53,14 +53,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     defs = build_definitions(data_root=root)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     batches = find_complete_batches(root / "landing")
-    known = set(instance.get_dynamic_partitions(batch_partitions.name))
-    instance.add_dynamic_partitions(batch_partitions.name, [b.batch_id for b in batches if b.batch_id not in known])
+    known = set(instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
+    instance.add_dynamic_partitions(
+        BATCH_PARTITIONS_NAME, [b.batch_id for b in batches if b.batch_id not in known]
+    )
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     ingest = defs.resolve_job_def("batch_ingestion_job")
     for b in batches:
-        result = ingest.execute_in_process(instance=instance, partition_key=b.batch_id, raise_on_error=False,
-                                           run_config=quiet, tags={"batch_id": b.batch_id, "content_sha256": b.content_hash})
-        print(f"batch {b.batch_id}: ingestion and anonymization {'succeeded' if result.success else 'FAILED'}")
+        result = ingest.execute_in_process(
+            instance=instance,
+            partition_key=b.batch_id,
+            raise_on_error=False,
+            run_config=quiet,
+            tags={"batch_id": b.batch_id, "content_sha256": b.content_hash},
+        )
+        print(
+            f"batch {b.batch_id}: ingestion and anonymization {'succeeded' if result.success else 'FAILED'}"
+        )
         if not result.success:
             return 1
     result = defs.resolve_job_def("lifecycle_job").execute_in_process(
@@ -77,10 +86,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         m = ev["metrics"]
         summary[uc_dir.name] = ev
         print(f"\n== {uc_dir.name} ==")
-        print(f"validation AUROC {m['auroc']['value']:.3f} (95% CI {m['auroc']['lower']:.3f} to {m['auroc']['upper']:.3f}), "
-              f"{ev['n_validation']} admissions, {ev['events_validation']} deaths")
-        print(f"operating point: risk >= {ev['threshold']:.3f} -> sensitivity {m['sensitivity']['value']:.2f}, "
-              f"specificity {m['specificity']['value']:.2f}, PPV {m['ppv']['value']:.2f}")
+        print(
+            f"validation AUROC {m['auroc']['value']:.3f} (95% CI {m['auroc']['lower']:.3f} to {m['auroc']['upper']:.3f}), "
+            f"{ev['n_validation']} admissions, {ev['events_validation']} deaths"
+        )
+        print(
+            f"operating point: risk >= {ev['threshold']:.3f} -> sensitivity {m['sensitivity']['value']:.2f}, "
+            f"specificity {m['specificity']['value']:.2f}, PPV {m['ppv']['value']:.2f}"
+        )
         print(f"promotion: {'promoted to champion' if decision['promoted'] else 'not promoted'}")
         for name in ("performance_report", "subcohort_fairness_report", "feature_drift_report"):
             print(f"{name.replace('_', ' ')}: {reports / uc_dir.name / (name + '.html')}")
@@ -93,8 +106,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinical-ml", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("synth", "write a synthetic hospital into the landing zone"),
-                           ("demo", "run the whole lifecycle on the landing zone (synthetic if empty)")):
+    for name, helptext in (
+        ("synth", "write a synthetic hospital into the landing zone"),
+        ("demo", "run the whole lifecycle on the landing zone (synthetic if empty)"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or ./data)")
         p.add_argument("--patients", type=int, default=3000)

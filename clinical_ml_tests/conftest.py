@@ -23,15 +23,21 @@ class GraphRun:
     results: dict[str, dg.ExecuteInProcessResult]
 
 
-def run_full_graph(data_root: Path, instance: dg.DagsterInstance, *, n_bootstrap: int = 100) -> dg.Definitions:
+def run_full_graph(
+    data_root: Path, instance: dg.DagsterInstance, *, n_bootstrap: int = 100
+) -> dg.Definitions:
     """Ingest every complete batch of the landing zone, then run the lifecycle job, in process."""
     from clinical_ml.defs.build import build_definitions
-    from clinical_ml.defs.conventions import batch_partitions
-    from clinical_ml.resources.settings import EvaluationSettings
+    from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+    from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
-    defs = build_definitions(data_root=data_root, evaluation=EvaluationSettings(n_bootstrap=n_bootstrap))
+    defs = build_definitions(
+        data_root=data_root,
+        evaluation=EvaluationSettings(n_bootstrap=n_bootstrap),
+        anonymization=AnonymizationSettings(pseudonym_seed=1),
+    )
     batches = find_complete_batches(data_root / "landing")
-    instance.add_dynamic_partitions(batch_partitions.name, [b.batch_id for b in batches])
+    instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, [b.batch_id for b in batches])
     for b in batches:
         res = defs.resolve_job_def("batch_ingestion_job").execute_in_process(
             instance=instance, partition_key=b.batch_id

@@ -26,8 +26,18 @@ RESTRICTED_ZIP3: frozenset[str] = frozenset(json.loads(RESTRICTED_ZIP3_FILE.read
 DEID_COLUMNS: dict[str, tuple[str, ...]] = {
     "patients": ("subject_id", "sex", "race", "ethnicity", "zip3"),
     "encounters": (
-        "subject_id", "hadm_id", "admit_time", "discharge_time", "death_time", "admission_type", "unit",
-        "site", "discharge_disposition", "age_years", "period", "batch_id",
+        "subject_id",
+        "hadm_id",
+        "admit_time",
+        "discharge_time",
+        "death_time",
+        "admission_type",
+        "unit",
+        "site",
+        "discharge_disposition",
+        "age_years",
+        "period",
+        "batch_id",
     ),
     "events": ("subject_id", "time", "code", "numeric_value", "hadm_id", "available_time", "implausible"),
 }
@@ -222,8 +232,19 @@ def anonymize_batch(
         _shift("stored_time").alias("available_time"),
         "implausible",
     )
-    stay = enc.select("subject_id", "hadm_id", "admit_time", "discharge_time", "death_time",
-                      "admission_type", "unit", "discharge_disposition", "age_years", "birth_date", "shift_days")
+    stay = enc.select(
+        "subject_id",
+        "hadm_id",
+        "admit_time",
+        "discharge_time",
+        "death_time",
+        "admission_type",
+        "unit",
+        "discharge_disposition",
+        "age_years",
+        "birth_date",
+        "shift_days",
+    )
 
     def _stay_event(time_col: str, code: pl.Expr) -> pl.DataFrame:
         return stay.filter(pl.col(time_col).is_not_null()).select(
@@ -257,7 +278,9 @@ def anonymize_batch(
             _stay_event("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit"))),
             lab_events,
             vital_events,
-            _stay_event("discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))),
+            _stay_event(
+                "discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))
+            ),
             _stay_event("death_time", pl.lit("MEDS_DEATH")),
         ],
         how="vertical_relaxed",
@@ -291,4 +314,3 @@ def k_anonymity(frame: pl.DataFrame, quasi_identifiers: list[str], *, k: int = 5
 def shift_interval_preserved(a: pl.Series, b: pl.Series, shifted_a: pl.Series, shifted_b: pl.Series) -> bool:
     """True when every interval b - a equals the shifted interval (used by tests and checks)."""
     return bool(((b - a) == (shifted_b - shifted_a)).fill_null(True).all())
-

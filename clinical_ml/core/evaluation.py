@@ -8,8 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 
 METRIC_NAMES = (
-    "auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "brier", "calibration_slope",
-    "calibration_intercept", "observed_expected_ratio",
+    "auroc",
+    "auprc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "brier",
+    "calibration_slope",
+    "calibration_intercept",
+    "observed_expected_ratio",
 )
 _EPS = 1e-6
 
@@ -133,7 +141,7 @@ def bootstrap_metrics(
     out = {}
     for k in METRIC_NAMES:
         r = reps[k][np.isfinite(reps[k])]
-        lo, hi = (np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan))
+        lo, hi = np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan)
         out[k] = MetricWithCI(point[k], float(lo), float(hi))
     return out
 
@@ -179,13 +187,20 @@ def calibration_curve(y: np.ndarray, p: np.ndarray, *, n_bins: int = 10) -> list
         centre = (obs + z * z / (2 * n)) / denom
         half = z * np.sqrt(obs * (1 - obs) / n + z * z / (4 * n * n)) / denom
         rows.append(
-            {"predicted": float(p[mask].mean()), "observed": float(obs), "lower": float(centre - half),
-             "upper": float(centre + half), "n": n}
+            {
+                "predicted": float(p[mask].mean()),
+                "observed": float(obs),
+                "lower": float(centre - half),
+                "upper": float(centre + half),
+                "n": n,
+            }
         )
     return rows
 
 
-def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None = None) -> list[dict[str, float]]:
+def decision_curve(
+    y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None = None
+) -> list[dict[str, float]]:
     """Net benefit of the model, of treating all and of treating none across threshold probabilities."""
     y = np.asarray(y, dtype=bool)
     ts = thresholds if thresholds is not None else np.round(np.arange(0.02, 0.61, 0.02), 2)
@@ -196,7 +211,11 @@ def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None =
         tp, fp, _, _ = confusion(y, p, float(t))
         w = t / (1 - t)
         rows.append(
-            {"threshold": float(t), "model": tp / n - fp / n * w, "treat_all": float(prev - (1 - prev) * w),
-             "treat_none": 0.0}
+            {
+                "threshold": float(t),
+                "model": tp / n - fp / n * w,
+                "treat_all": float(prev - (1 - prev) * w),
+                "treat_none": 0.0,
+            }
         )
     return rows

@@ -31,7 +31,9 @@ def feature_label(feature: str) -> str:
     return f"{words} {stem.replace('_', ' ')}{window_words}"
 
 
-def shap_values(model: TrainedModel, x: np.ndarray, *, max_rows: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def shap_values(
+    model: TrainedModel, x: np.ndarray, *, max_rows: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """SHAP values (log-odds contributions) for up to ``max_rows`` rows sampled without replacement.
 
     Returns the sampled row indices and the SHAP matrix (rows x features).
@@ -52,7 +54,11 @@ def global_importance(values: np.ndarray, feature_names: list[str]) -> list[dict
     mean_abs = np.abs(values).mean(axis=0)
     order = np.argsort(-mean_abs)
     return [
-        {"feature": feature_names[i], "label": feature_label(feature_names[i]), "mean_abs_shap": float(mean_abs[i])}
+        {
+            "feature": feature_names[i],
+            "label": feature_label(feature_names[i]),
+            "mean_abs_shap": float(mean_abs[i]),
+        }
         for i in order
     ]
 

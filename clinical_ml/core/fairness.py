@@ -124,7 +124,7 @@ def subgroup_table(
 
 def _with_ci(y, p, threshold, rng, n_boot) -> dict[str, tuple[float, float, float]]:
     point = _group_metrics(y, p, threshold)
-    reps = {k: [] for k in point}
+    reps: dict[str, list[float]] = {k: [] for k in point}
     n = len(y)
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)

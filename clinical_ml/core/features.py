@@ -6,6 +6,8 @@ A value drawn before the prediction time but resulted after it is not known to t
 moment, so it is not known to the model either.
 """
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +40,7 @@ class CohortFlow:
 
 def age_band_expr(age: pl.Expr, bands: list[int]) -> pl.Expr:
     """Label ages by the use case's band edges, e.g. [18, 45, 65, 80] -> 18-44, 45-64, 65-79, 80+."""
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bands, bands[1:], strict=False)] + [f"{bands[-1]}+"]
+    labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(bands)] + [f"{bands[-1]}+"]
     expr = pl.lit(None, dtype=pl.String)
     for lo, label in reversed(list(zip(bands, labels, strict=True))):
         expr = pl.when(age >= lo).then(pl.lit(label)).otherwise(expr)
@@ -54,7 +56,9 @@ def race_ethnicity_expr() -> pl.Expr:
     )
 
 
-def build_cohort(encounters: pl.DataFrame, patients: pl.DataFrame, use_case: UseCase) -> tuple[pl.DataFrame, CohortFlow]:
+def build_cohort(
+    encounters: pl.DataFrame, patients: pl.DataFrame, use_case: UseCase
+) -> tuple[pl.DataFrame, CohortFlow]:
     """Eligible admissions with their prediction time and audit attributes.
 
     Parameters
@@ -73,7 +77,9 @@ def build_cohort(encounters: pl.DataFrame, patients: pl.DataFrame, use_case: Use
     n0 = df.height
     under_age = df["age_years"] < use_case.population.min_age_years
     df = df.filter(~under_age)
-    end = pl.min_horizontal(pl.col("discharge_time"), pl.col("death_time").fill_null(pl.col("discharge_time")))
+    end = pl.min_horizontal(
+        pl.col("discharge_time"), pl.col("death_time").fill_null(pl.col("discharge_time"))
+    )
     ended = df.select(end <= pl.col("prediction_time")).to_series()
     df = df.filter(~ended)
     missing = df["sex"].is_null()
@@ -82,8 +88,21 @@ def build_cohort(encounters: pl.DataFrame, patients: pl.DataFrame, use_case: Use
         race_ethnicity_expr().alias("race_ethnicity"),
         age_band_expr(pl.col("age_years"), use_case.subgroups.age_bands).alias("age_band"),
     ).select(
-        *COHORT_KEYS, "admit_time", "discharge_time", "death_time", "age_years", "age_band", "sex", "race",
-        "ethnicity", "race_ethnicity", "admission_type", "unit", "site", "period", "batch_id",
+        *COHORT_KEYS,
+        "admit_time",
+        "discharge_time",
+        "death_time",
+        "age_years",
+        "age_band",
+        "sex",
+        "race",
+        "ethnicity",
+        "race_ethnicity",
+        "admission_type",
+        "unit",
+        "site",
+        "period",
+        "batch_id",
     )
     flow = CohortFlow(
         admissions=n0,
@@ -121,7 +140,7 @@ def feature_columns(use_case: UseCase) -> list[str]:
     return cols
 
 
-def _window_aggregates(events: pl.DataFrame, window_h: float, aggs: list[str]) -> pl.DataFrame:
+def _window_aggregates(events: pl.DataFrame, window_h: float, aggs: Sequence[str]) -> pl.DataFrame:
     t_h = (pl.col("time") - pl.col("prediction_time")).dt.total_seconds() / 3600.0
     v = pl.col("numeric_value").cast(pl.Float64)
     exprs = {
@@ -137,7 +156,7 @@ def _window_aggregates(events: pl.DataFrame, window_h: float, aggs: list[str]) -
         pl.col("time") >= pl.col("prediction_time") - pl.duration(minutes=round(window_h * 60))
     )
     agg = in_window.group_by("hadm_id", "stem").agg(*[exprs[a].alias(a) for a in aggs])
-    long = agg.unpivot(index=["hadm_id", "stem"], on=aggs, variable_name="agg", value_name="value")
+    long = agg.unpivot(index=["hadm_id", "stem"], on=list(aggs), variable_name="agg", value_name="value")
     return long.select(
         "hadm_id",
         pl.format("{}__{}_{}h", "stem", "agg", pl.lit(f"{window_h:g}")).alias("feature"),
@@ -153,19 +172,23 @@ def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase
     codes = use_case.features.codes
     stems = {c: feature_stem(c) for c in codes}
     ev = (
-        events.filter(pl.col("code").is_in(codes) & ~pl.col("implausible") & pl.col("numeric_value").is_not_null())
+        events.filter(
+            pl.col("code").is_in(codes) & ~pl.col("implausible") & pl.col("numeric_value").is_not_null()
+        )
         .join(cohort.select("hadm_id", "prediction_time"), on="hadm_id", how="inner")
         .filter(pl.col("available_time") <= pl.col("prediction_time"))
         .with_columns(pl.col("code").replace_strict(stems).alias("stem"))
     )
     aggs = list(use_case.features.aggregations)
     long = pl.concat([_window_aggregates(ev, w, aggs) for w in use_case.features.window_hours])
-    wide = long.pivot(on="feature", index="hadm_id", values="value") if long.height else pl.DataFrame(
-        schema={"hadm_id": pl.Int64}
+    wide = (
+        long.pivot(on="feature", index="hadm_id", values="value")
+        if long.height
+        else pl.DataFrame(schema={"hadm_id": pl.Int64})
     )
-    out = cohort.select(*COHORT_KEYS, *[s for s in use_case.features.static if s not in STATIC_CATEGORIES]).join(
-        wide, on="hadm_id", how="left"
-    )
+    out = cohort.select(
+        *COHORT_KEYS, *[s for s in use_case.features.static if s not in STATIC_CATEGORIES]
+    ).join(wide, on="hadm_id", how="left")
     for s in use_case.features.static:
         if s in STATIC_CATEGORIES:
             out = out.with_columns(

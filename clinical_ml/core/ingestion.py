@@ -142,7 +142,9 @@ def _read_text_table(path: Path) -> pl.DataFrame:
             return df.select(pl.all().cast(pl.String))
         return pl.read_csv(path, infer_schema=False, encoding="utf8", null_values=[""])
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, OSError, UnicodeDecodeError) as exc:
-        raise FileRejected("unreadable", f"{path.suffix or 'file'} could not be parsed: {type(exc).__name__}") from None
+        raise FileRejected(
+            "unreadable", f"{path.suffix or 'file'} could not be parsed: {type(exc).__name__}"
+        ) from None
 
 
 def _parse(df: pl.DataFrame, source: str) -> pl.DataFrame:
@@ -201,7 +203,9 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     )
     lo = pl.col(code_col).replace_strict({k: v[0] for k, v in PLAUSIBLE_RANGES.items()}, default=None)
     hi = pl.col(code_col).replace_strict({k: v[1] for k, v in PLAUSIBLE_RANGES.items()}, default=None)
-    return out.with_columns(((pl.col("value") < lo) | (pl.col("value") > hi)).fill_null(False).alias("implausible"))
+    return out.with_columns(
+        ((pl.col("value") < lo) | (pl.col("value") > hi)).fill_null(False).alias("implausible")
+    )
 
 
 def _row_rules(df: pl.DataFrame, source: str) -> pl.Expr | None:
@@ -273,7 +277,9 @@ def ingest_file(path: Path | str, source: str) -> IngestResult:
                 (pl.col("index").cast(pl.Int64) + 1).alias("row_number"),
                 pl.format(
                     "{}:{}",
-                    pl.col("check").str.replace(r"\(.*", "").replace_strict(_CHECK_REASONS, default="invalid"),
+                    pl.col("check")
+                    .str.replace(r"\(.*", "")
+                    .replace_strict(_CHECK_REASONS, default="invalid"),
                     pl.col("column"),
                 ).alias("reason"),
             )

@@ -37,7 +37,10 @@ def check_meds_shard(events: pl.DataFrame) -> None:
         return
     keyed = events.select("subject_id", pl.col("time").fill_null(datetime(1, 1, 1)).alias("t"))
     sorted_ok = keyed.select(
-        ((pl.col("subject_id").diff() > 0) | ((pl.col("subject_id").diff() == 0) & (pl.col("t").diff() >= pl.duration())))
+        (
+            (pl.col("subject_id").diff() > 0)
+            | ((pl.col("subject_id").diff() == 0) & (pl.col("t").diff() >= pl.duration()))
+        )
         .fill_null(True)
         .all()
     ).item()
@@ -67,14 +70,23 @@ def write_meds_dataset(
     ev = events.unique(maintain_order=True).with_columns((pl.col("subject_id") % n_shards).alias("_shard"))
     counts = {}
     for shard in range(n_shards):
-        part = ev.filter(pl.col("_shard") == shard).drop("_shard").sort("subject_id", "time", "code", nulls_last=False)
+        part = (
+            ev.filter(pl.col("_shard") == shard)
+            .drop("_shard")
+            .sort("subject_id", "time", "code", nulls_last=False)
+        )
         check_meds_shard(part)
         table = to_meds_table(part)
         pq.write_table(table, root / "data" / f"{shard}.parquet")
         counts[f"shard_{shard}"] = part.height
-    codes = ev.select("code").unique().sort("code").with_columns(
-        pl.col("code").map_elements(plain_name, return_dtype=pl.String).alias("description"),
-        pl.lit(None, dtype=pl.List(pl.String)).alias("parent_codes"),
+    codes = (
+        ev.select("code")
+        .unique()
+        .sort("code")
+        .with_columns(
+            pl.col("code").map_elements(plain_name, return_dtype=pl.String).alias("description"),
+            pl.lit(None, dtype=pl.List(pl.String)).alias("parent_codes"),
+        )
     )
     codes_table = meds.CodeMetadataSchema.align(codes.to_arrow())
     pq.write_table(codes_table, root / "metadata" / "codes.parquet")
@@ -89,7 +101,9 @@ def write_meds_dataset(
     }
     (root / "metadata" / "dataset.json").write_text(json.dumps(meta, indent=2))
     if splits is not None:
-        pq.write_table(meds.SubjectSplitSchema.align(splits.to_arrow()), root / "metadata" / "subject_splits.parquet")
+        pq.write_table(
+            meds.SubjectSplitSchema.align(splits.to_arrow()), root / "metadata" / "subject_splits.parquet"
+        )
     return counts
 
 

@@ -5,8 +5,8 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 _BLUE, _GREY, _RED = "#1f5fa8", "#888888", "#b33a3a"
 
@@ -29,8 +29,13 @@ def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float) -> bytes:
     ax.plot(fpr, tpr, color=_BLUE, label="model")
     ax.plot([0, 1], [0, 1], color=_GREY, ls="--", label="chance")
     flag = np.asarray(p) >= threshold
-    ax.scatter([(flag & ~y).sum() / max((~y).sum(), 1)], [(flag & y).sum() / max(y.sum(), 1)], color=_RED,
-               zorder=3, label="operating point")
+    ax.scatter(
+        [(flag & ~y).sum() / max((~y).sum(), 1)],
+        [(flag & y).sum() / max(y.sum(), 1)],
+        color=_RED,
+        zorder=3,
+        label="operating point",
+    )
     ax.set_xlabel("1 - specificity (false alarms among survivors)")
     ax.set_ylabel("sensitivity (deaths flagged)")
     ax.set_title("ROC curve, validation cohort")
@@ -42,7 +47,10 @@ def calibration_plot(curve: list[dict[str, float]]) -> bytes:
     fig, ax = plt.subplots(figsize=(4.2, 4))
     pred = [r["predicted"] for r in curve]
     obs = [r["observed"] for r in curve]
-    err = [[max(0.0, r["observed"] - r["lower"]) for r in curve], [max(0.0, r["upper"] - r["observed"]) for r in curve]]
+    err = [
+        [max(0.0, r["observed"] - r["lower"]) for r in curve],
+        [max(0.0, r["upper"] - r["observed"]) for r in curve],
+    ]
     top = max([*pred, *obs, 0.1]) * 1.1
     ax.plot([0, top], [0, top], color=_GREY, ls="--", label="perfect calibration")
     ax.errorbar(pred, obs, yerr=err, fmt="o-", color=_BLUE, capsize=3, label="observed (95% CI)")
@@ -77,7 +85,9 @@ def importance_plot(importance: list[dict], *, top: int = 12) -> bytes:
     return _png(fig)
 
 
-def forest_plot(rows: list[dict], *, metric: str, overall: tuple[float, float, float], minimum: float | None) -> bytes:
+def forest_plot(
+    rows: list[dict], *, metric: str, overall: tuple[float, float, float], minimum: float | None
+) -> bytes:
     """Point estimate and 95% CI per subgroup; ``rows`` have ``label`` and ``value``/``lower``/``upper``."""
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1.4))
     ys = np.arange(len(rows))[::-1]

@@ -96,7 +96,9 @@ def decide_promotion(
     brier_max = float(criteria.get("brier_max", 1.0))  # type: ignore[arg-type]
     b = m["brier"]["upper"]
     ok &= b <= brier_max
-    reasons.append(f"Brier score upper 95% bound {b:.3f} {'within' if b <= brier_max else 'above'} {brier_max:.2f}")
+    reasons.append(
+        f"Brier score upper 95% bound {b:.3f} {'within' if b <= brier_max else 'above'} {brier_max:.2f}"
+    )
     if champion_card is not None:
         champ = champion_card["metrics"]["auroc"]["value"]
         chal = m["auroc"]["value"]
@@ -119,4 +121,6 @@ def record_decision(root: Path, use_case: str, decision: PromotionDecision) -> N
     with (base / "decisions.jsonl").open("a") as f:
         f.write(json.dumps(entry) + "\n")
     if decision.promoted:
-        _atomic_write(base / "champion.json", json.dumps({"version": decision.challenger, "since": entry["at"]}))
+        _atomic_write(
+            base / "champion.json", json.dumps({"version": decision.challenger, "since": entry["at"]})
+        )

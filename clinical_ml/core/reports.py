@@ -5,6 +5,7 @@ Jinja2 renders with autoescaping on for every template, so a value that came fro
 """
 
 import base64
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,8 +26,14 @@ METRIC_MEANINGS = {
     "npv": ("Negative predictive value", "share of unflagged patients who survived"),
     "brier": ("Brier score", "mean squared error of predicted risk (lower is better)"),
     "calibration_slope": ("Calibration slope", "1 is ideal; below 1 means predictions too extreme"),
-    "calibration_intercept": ("Calibration intercept", "0 is ideal; above 0 means risk underestimated overall"),
-    "observed_expected_ratio": ("Observed / expected deaths", "1 is ideal; above 1 means more deaths than predicted"),
+    "calibration_intercept": (
+        "Calibration intercept",
+        "0 is ideal; above 0 means risk underestimated overall",
+    ),
+    "observed_expected_ratio": (
+        "Observed / expected deaths",
+        "1 is ideal; above 1 means more deaths than predicted",
+    ),
 }
 
 
@@ -154,14 +161,23 @@ def fairness_report(
     verdict: str,
     reasons: list[str],
     threshold: float,
-    forest_plots: dict[str, bytes],
+    forest_plots: Mapping[str, bytes],
     model_version: str,
     code_version: str,
 ) -> tuple[str, str]:
     """HTML subcohort fairness report and its Markdown summary; ``rows`` are ``SubgroupRow``."""
-    titles = {"overall": "all patients", "sex": "sex", "race_ethnicity": "race and ethnicity", "age_band": "age group"}
+    titles = {
+        "overall": "all patients",
+        "sex": "sex",
+        "race_ethnicity": "race and ethnicity",
+        "age_band": "age group",
+    }
     attributes = [
-        {"title": titles.get(a, a), "rows": [r for r in rows if r.attribute == a], "forest": b64(forest_plots[a])}
+        {
+            "title": titles.get(a, a),
+            "rows": [r for r in rows if r.attribute == a],
+            "forest": b64(forest_plots[a]),
+        }
         for a in use_case.subgroups.attributes
     ]
     html = render(
@@ -182,12 +198,16 @@ def fairness_report(
     )
     lines = [f"### Subcohort fairness: {verdict.upper()}\n"]
     lines += [f"- {md_escape(r)}" for r in reasons]
-    lines.append("\n| Attribute | Group | Patients | AUROC (95% CI) | Sensitivity (95% CI) |\n|---|---|---|---|---|")
+    lines.append(
+        "\n| Attribute | Group | Patients | AUROC (95% CI) | Sensitivity (95% CI) |\n|---|---|---|---|---|"
+    )
     for r in rows:
         if r.suppressed:
-            lines.append(f"| {md_escape(r.attribute)} | {md_escape(r.group)} | < {use_case.subgroups.min_cell_size}"
-                         if r.n < use_case.subgroups.min_cell_size else
-                         f"| {md_escape(r.attribute)} | {md_escape(r.group)} | {r.n}")
+            lines.append(
+                f"| {md_escape(r.attribute)} | {md_escape(r.group)} | < {use_case.subgroups.min_cell_size}"
+                if r.n < use_case.subgroups.min_cell_size
+                else f"| {md_escape(r.attribute)} | {md_escape(r.group)} | {r.n}"
+            )
             lines[-1] += " | suppressed | suppressed |"
         else:
             lines.append(
@@ -236,7 +256,8 @@ def drift_report(
         f"{n_error} predictors moved substantially (PSI >= {error}), {n_warn} somewhat.\n\n"
         "| Predictor | PSI | KS | Level |\n|---|---|---|---|\n"
         + "".join(
-            f"| {md_escape(r['label'])} | {r['psi']:.3f} | {r['ks_statistic']:.3f} | {r['level']} |\n" for r in rows[:10]
+            f"| {md_escape(r['label'])} | {r['psi']:.3f} | {r['ks_statistic']:.3f} | {r['level']} |\n"
+            for r in rows[:10]
         )
     )
     return html, md

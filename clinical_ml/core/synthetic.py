@@ -52,8 +52,15 @@ RACES = (
 )
 # A hospital network draws most patients from a few nearby three-digit ZIP areas (036 is a restricted one).
 CATCHMENT_ZIP3 = (
-    ("021", 0.30), ("024", 0.18), ("018", 0.14), ("019", 0.12), ("017", 0.10), ("020", 0.08), ("036", 0.03),
-    ("100", 0.03), ("606", 0.02),
+    ("021", 0.30),
+    ("024", 0.18),
+    ("018", 0.14),
+    ("019", 0.12),
+    ("017", 0.10),
+    ("020", 0.08),
+    ("036", 0.03),
+    ("100", 0.03),
+    ("606", 0.02),
 )
 ADMISSION_TYPES = (("EMERGENCY", 0.72), ("URGENT", 0.12), ("ELECTIVE", 0.16))
 UNITS = (("MICU", 0.4), ("SICU", 0.25), ("CCU", 0.2), ("NEURO_ICU", 0.15))
@@ -168,7 +175,10 @@ def _patients(cfg: SyntheticConfig, rng: np.random.Generator) -> pl.DataFrame:
             "ethnicity": np.where(hispanic, "Hispanic or Latino", "Not Hispanic or Latino"),
             "age_at_first_admission": age,
             "address": [fake.street_address() for _ in range(n)],
-            "zip": [f"{z3}{d:02d}" for z3, d in zip(_choice(rng, CATCHMENT_ZIP3, n), rng.integers(0, 100, n), strict=True)],
+            "zip": [
+                f"{z3}{d:02d}"
+                for z3, d in zip(_choice(rng, CATCHMENT_ZIP3, n), rng.integers(0, 100, n), strict=True)
+            ],
             "phone": [f"({rng.integers(201, 990)}) 555-{rng.integers(0, 10000):04d}" for _ in range(n)],
             "email": [f"{fake.user_name()}{i}@example.org" for i in range(n)],
         }
@@ -285,7 +295,9 @@ def _stay_times(enc: pl.DataFrame, phys: dict, rng: np.random.Generator) -> pl.D
     )
 
 
-def _value_at(phys: dict, name: str, rows: np.ndarray, hours: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _value_at(
+    phys: dict, name: str, rows: np.ndarray, hours: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Measured value of a variable at ``hours`` after admission for encounter ``rows``."""
     base = phys["true"][name][rows]
     drift_sd = {
@@ -496,13 +508,30 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
         e = enc.filter(pl.col("batch") == b)
         p = patients[np.unique(e["patient_index"].to_numpy())]
         p.select(
-            "mrn", "first_name", "last_name", "birth_date", "sex", "race", "ethnicity",
-            "address", "zip", "phone", "email",
+            "mrn",
+            "first_name",
+            "last_name",
+            "birth_date",
+            "sex",
+            "race",
+            "ethnicity",
+            "address",
+            "zip",
+            "phone",
+            "email",
         ).write_csv(bdir / "patients.csv")
         _fmt_times(
             e.select(
-                "encounter_id", "mrn", "admit_time", "discharge_time", "admission_type", "unit", "site",
-                "discharge_disposition", "death_time", "note",
+                "encounter_id",
+                "mrn",
+                "admit_time",
+                "discharge_time",
+                "admission_type",
+                "unit",
+                "site",
+                "discharge_disposition",
+                "death_time",
+                "note",
             ),
             ["admit_time", "discharge_time", "death_time"],
         ).write_csv(bdir / "encounters.csv")
@@ -537,8 +566,13 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
             "first_batch_index": first,
             "first_batch_id": batch_ids[first] if first is not None and first < len(batch_ids) else None,
             "changes": [
-                {"kind": "assay_change", "code": "LAB//2524-7", "name": "lactate", "shift": LACTATE_ASSAY_BIAS,
-                 "unit": "mmol/L"},
+                {
+                    "kind": "assay_change",
+                    "code": "LAB//2524-7",
+                    "name": "lactate",
+                    "shift": LACTATE_ASSAY_BIAS,
+                    "unit": "mmol/L",
+                },
                 {"kind": "case_mix_shift", "age_years": 6.0, "severity_sd": 0.35},
             ],
         }

@@ -77,7 +77,9 @@ def predict_frame(model: TrainedModel, frame: pl.DataFrame, cohort: pl.DataFrame
     risk = model.predict(feature_matrix(frame, model.feature_names))
     audit = cohort.select("hadm_id", *AUDIT_COLUMNS)
     return (
-        frame.select("subject_id", "hadm_id", "prediction_time", "split", pl.col("boolean_value").alias("label"))
+        frame.select(
+            "subject_id", "hadm_id", "prediction_time", "split", pl.col("boolean_value").alias("label")
+        )
         .with_columns(pl.Series("risk", risk))
         .join(audit, on="hadm_id", how="left")
     )

@@ -5,6 +5,7 @@ A bad file raises :class:`UseCaseError` naming the file and the offending field,
 """
 
 import hashlib
+import itertools
 import re
 from pathlib import Path
 from typing import Literal
@@ -89,7 +90,7 @@ class Subgroups(_Strict):
     @field_validator("age_bands")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        if any(hi <= lo for lo, hi in zip(v, v[1:], strict=False)):
+        if any(hi <= lo for lo, hi in itertools.pairwise(v)):
             raise ValueError("age_bands must be strictly increasing")
         return v
 

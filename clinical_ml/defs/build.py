@@ -23,6 +23,7 @@ def build_definitions(
     data_root: str | Path | None = None,
     usecases_dir: str | Path | None = None,
     evaluation: EvaluationSettings | None = None,
+    anonymization: AnonymizationSettings | None = None,
 ) -> dg.Definitions:
     """The whole graph. Defaults: ``$CLINICAL_ML_DATA_ROOT`` or ``./data``, ``$CLINICAL_ML_USECASES`` or
     ``./usecases``."""
@@ -42,7 +43,7 @@ def build_definitions(
         schedules=[nightly_retraining_schedule],
         resources={
             "zones": DataZones(root=str(root)),
-            "anonymization": AnonymizationSettings(),
+            "anonymization": anonymization or AnonymizationSettings(),
             "evaluation": evaluation or EvaluationSettings(),
         },
     )

@@ -24,7 +24,8 @@ DATA_CLASS_TAG = "data_class"
 ML_OWNERS = ["team:clinical-ml"]
 PRIVACY_OWNERS = ["team:privacy-office", "team:clinical-ml"]
 
-batch_partitions = dg.DynamicPartitionsDefinition(name="batches")
+BATCH_PARTITIONS_NAME = "batches"
+batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS_NAME)
 
 
 def tags(data_class: DataClass) -> dict[str, str]:

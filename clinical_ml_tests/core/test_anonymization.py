@@ -20,7 +20,10 @@ from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 def _batches(tmp_path, n_batches=2):
     h = generate_hospital(tmp_path, SyntheticConfig(n_patients=400, n_batches=n_batches, seed=21))
     return [
-        {s: ingest_file(tmp_path / b / f"{s}.csv", s).accepted for s in ("patients", "encounters", "labs", "vitals")}
+        {
+            s: ingest_file(tmp_path / b / f"{s}.csv", s).accepted
+            for s in ("patients", "encounters", "labs", "vitals")
+        }
         for b in h.batch_ids
     ], h.batch_ids
 
@@ -52,7 +55,10 @@ def test_dates_shift_by_whole_weeks_and_intervals_are_preserved(tmp_path):
     joined = raw.join(out.encounters, on="hadm_id", suffix="_deid")
     shift = (joined["admit_time_deid"] - joined["admit_time"]).dt.total_seconds()
     assert (shift % (7 * 86400) == 0).all() and (shift != 0).all()
-    assert ((joined["discharge_time_deid"] - joined["admit_time_deid"]) == (joined["discharge_time"] - joined["admit_time"])).all()
+    assert (
+        (joined["discharge_time_deid"] - joined["admit_time_deid"])
+        == (joined["discharge_time"] - joined["admit_time"])
+    ).all()
     assert (joined["admit_time_deid"].dt.weekday() == joined["admit_time"].dt.weekday()).all()
 
 

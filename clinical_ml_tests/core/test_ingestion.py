@@ -13,9 +13,13 @@ def _write(tmp_path, name, text):
 
 
 def test_creatinine_in_umol_per_l_is_harmonized_and_raw_value_kept(tmp_path):
-    p = _write(tmp_path, "labs.csv", LABS_HEADER
-               + "E0001,2160-0,Creatinine,88.42,umol/L,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
-               + "E0001,2160-0,Creatinine,1.5,mg/dL,2026-01-05 12:00:00,2026-01-05 13:00:00\n")
+    p = _write(
+        tmp_path,
+        "labs.csv",
+        LABS_HEADER
+        + "E0001,2160-0,Creatinine,88.42,umol/L,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
+        + "E0001,2160-0,Creatinine,1.5,mg/dL,2026-01-05 12:00:00,2026-01-05 13:00:00\n",
+    )
     r = ingest_file(p, "labs")
     assert r.rows_accepted == 2
     assert r.accepted["value"].to_list() == pytest.approx([1.0, 1.5])
@@ -24,12 +28,16 @@ def test_creatinine_in_umol_per_l_is_harmonized_and_raw_value_kept(tmp_path):
 
 
 def test_bad_rows_are_rejected_with_reasons_and_accounted_for(tmp_path):
-    p = _write(tmp_path, "labs.csv", LABS_HEADER
-               + "E0001,2160-0,Creatinine,1.1,mg/dL,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
-               + "E0001,2160-0,Creatinine,1.1,mmol/mol,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
-               + "E0001,2160-0,Creatinine,abc,mg/dL,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
-               + "E0001,9999-9,Mystery,1.0,mg/dL,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
-               + "E0001,2160-0,Creatinine,1.2,mg/dL,2026-01-05 10:00:00,2026-01-05 09:00:00\n")
+    p = _write(
+        tmp_path,
+        "labs.csv",
+        LABS_HEADER
+        + "E0001,2160-0,Creatinine,1.1,mg/dL,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
+        + "E0001,2160-0,Creatinine,1.1,mmol/mol,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
+        + "E0001,2160-0,Creatinine,abc,mg/dL,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
+        + "E0001,9999-9,Mystery,1.0,mg/dL,2026-01-05 10:00:00,2026-01-05 11:00:00\n"
+        + "E0001,2160-0,Creatinine,1.2,mg/dL,2026-01-05 10:00:00,2026-01-05 09:00:00\n",
+    )
     r = ingest_file(p, "labs")
     assert r.rows_in == 5
     assert r.rows_accepted + r.rows_rejected == r.rows_in
@@ -42,9 +50,13 @@ def test_bad_rows_are_rejected_with_reasons_and_accounted_for(tmp_path):
 
 
 def test_implausible_values_are_flagged_not_dropped(tmp_path):
-    p = _write(tmp_path, "vitals.csv", "encounter_id,code,value,unit,charted_time,stored_time\n"
-               "E0001,heart_rate,950,/min,2026-01-05 10:00:00,2026-01-05 10:05:00\n"
-               "E0001,temperature,98.6,[degF],2026-01-05 10:00:00,2026-01-05 10:05:00\n")
+    p = _write(
+        tmp_path,
+        "vitals.csv",
+        "encounter_id,code,value,unit,charted_time,stored_time\n"
+        "E0001,heart_rate,950,/min,2026-01-05 10:00:00,2026-01-05 10:05:00\n"
+        "E0001,temperature,98.6,[degF],2026-01-05 10:00:00,2026-01-05 10:05:00\n",
+    )
     r = ingest_file(p, "vitals")
     assert r.accepted["implausible"].to_list() == [True, False]
     assert r.accepted["value"][1] == pytest.approx(37.0)

@@ -66,7 +66,9 @@ def test_drift_scenario_shifts_lactate_from_the_declared_batch(tmp_path):
     assert h.manifest["drift"]["first_batch_id"] == h.batch_ids[2]
     means = [
         pl.read_csv(tmp_path / b / "labs.csv", infer_schema=False)
-        .filter(pl.col("loinc_code") == "2524-7")["value"].cast(pl.Float64).mean()
+        .filter(pl.col("loinc_code") == "2524-7")["value"]
+        .cast(pl.Float64)
+        .mean()
         for b in h.batch_ids
     ]
     assert min(means[2:]) - max(means[:2]) > LACTATE_ASSAY_BIAS * 0.6

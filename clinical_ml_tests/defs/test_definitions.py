@@ -63,9 +63,7 @@ def test_graph_shape_snapshot(defs, specs, snapshot):
             }
             for s in sorted(specs, key=lambda s: s.key.to_user_string())
         },
-        "checks": sorted(
-            f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys
-        ),
+        "checks": sorted(f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys),
         "jobs": sorted(j.name for j in defs.jobs or []),
         "schedules": sorted(s.name for s in defs.schedules or []),
         "sensors": sorted(s.name for s in defs.sensors or []),

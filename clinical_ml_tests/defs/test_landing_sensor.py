@@ -17,7 +17,9 @@ def landing(tmp_path):
 
 
 def _tick(instance, root, cursor=None):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"zones": DataZones(root=str(root))})
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"zones": DataZones(root=str(root))}
+    )
     return landing_sensor(ctx)
 
 

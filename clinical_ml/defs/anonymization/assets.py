@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import DEID_COLUMNS, Vault, anonymize_batch, k_anonymity
@@ -12,7 +13,11 @@ from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch
 from clinical_ml.resources.settings import AnonymizationSettings
 from clinical_ml.resources.zones import DataZones
 
-DEID_TABLES = {"patients": "anonymized_patients", "encounters": "anonymized_encounters", "events": "anonymized_events"}
+DEID_TABLES = {
+    "patients": "anonymized_patients",
+    "encounters": "anonymized_encounters",
+    "events": "anonymized_events",
+}
 QUASI_IDENTIFIERS = ["age_band", "sex", "race_ethnicity", "zip3", "period"]
 _IDENTIFIER_PATTERNS = {
     "email address": re.compile(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", re.I),
@@ -35,7 +40,9 @@ def _raw(zones: DataZones, source: str, batch_id: str) -> pl.DataFrame:
     return pl.read_parquet(zones.phi / "raw" / source / f"{batch_id}.parquet")
 
 
-def identifier_leaks(deid: pl.DataFrame, table: str, raw_identifiers: set[str], raw_numeric_ids: set[int]) -> list[str]:
+def identifier_leaks(
+    deid: pl.DataFrame, table: str, raw_identifiers: set[str], raw_numeric_ids: set[int]
+) -> list[str]:
     """Reasons why a de-identified table is unsafe; empty when it is safe. Never returns a value."""
     problems = []
     extra = sorted(set(deid.columns) - set(DEID_COLUMNS[table]))
@@ -49,9 +56,8 @@ def identifier_leaks(deid: pl.DataFrame, table: str, raw_identifiers: set[str], 
             for kind, pattern in _IDENTIFIER_PATTERNS.items():
                 if any(pattern.search(v) for v in values):
                     problems.append(f"column {name} holds text shaped like a {kind}")
-        elif dtype.is_integer() and raw_numeric_ids:
-            if deid[name].is_in(list(raw_numeric_ids)).any():
-                problems.append(f"column {name} holds a raw MRN or encounter number")
+        elif dtype.is_integer() and raw_numeric_ids and deid[name].is_in(list(raw_numeric_ids)).any():
+            problems.append(f"column {name} holds a raw MRN or encounter number")
     return problems
 
 
@@ -75,27 +81,35 @@ def _raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> 
             DEID_TABLES["patients"],
             deps=["raw_patients", "raw_encounters"],
             description="One row per patient: surrogate subject_id, sex, race, ethnicity, ZIP3.",
-            group_name=Stage.ANONYMIZATION, kinds={"polars", "parquet"}, owners=PRIVACY_OWNERS,
+            group_name=Stage.ANONYMIZATION,
+            kinds={"polars", "parquet"},
+            owners=PRIVACY_OWNERS,
             tags=tags(DataClass.DEIDENTIFIED),
         ),
         dg.AssetSpec(
             DEID_TABLES["encounters"],
             deps=["raw_patients", "raw_encounters"],
             description="Admissions with surrogate ids, shifted dates, ages capped at 90, real year-quarter.",
-            group_name=Stage.ANONYMIZATION, kinds={"polars", "parquet"}, owners=PRIVACY_OWNERS,
+            group_name=Stage.ANONYMIZATION,
+            kinds={"polars", "parquet"},
+            owners=PRIVACY_OWNERS,
             tags=tags(DataClass.DEIDENTIFIED),
         ),
         dg.AssetSpec(
             DEID_TABLES["events"],
             deps=["raw_patients", "raw_encounters", "raw_labs", "raw_vitals"],
             description="Labs, vitals and stay events in MEDS form with their availability time.",
-            group_name=Stage.ANONYMIZATION, kinds={"polars", "parquet"}, owners=PRIVACY_OWNERS,
+            group_name=Stage.ANONYMIZATION,
+            kinds={"polars", "parquet"},
+            owners=PRIVACY_OWNERS,
             tags=tags(DataClass.DEIDENTIFIED),
         ),
     ],
     check_specs=[
         dg.AssetCheckSpec(
-            "no_direct_identifiers", asset=name, blocking=True,
+            "no_direct_identifiers",
+            asset=name,
+            blocking=True,
             description="Only allowlisted columns; no raw identifier value or identifier-shaped text.",
         )
         for name in DEID_TABLES.values()
@@ -103,11 +117,25 @@ def _raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> 
     partitions_def=batch_partitions,
     pool="pseudonym_vault",
 )
-def anonymized_cohort(context: dg.AssetExecutionContext, zones: DataZones, anonymization: AnonymizationSettings):
+def anonymized_cohort(
+    context: dg.AssetExecutionContext, zones: DataZones, anonymization: AnonymizationSettings
+):
     batch_id = context.partition_key
     raw = {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")}
-    result = anonymize_batch(**raw, vault=load_vault(zones), batch_id=batch_id,
-                             max_shift_weeks=anonymization.max_shift_weeks)
+    result = anonymize_batch(
+        patients=raw["patients"],
+        encounters=raw["encounters"],
+        labs=raw["labs"],
+        vitals=raw["vitals"],
+        vault=load_vault(zones),
+        batch_id=batch_id,
+        max_shift_weeks=anonymization.max_shift_weeks,
+        rng=np.random.default_rng(
+            None
+            if anonymization.pseudonym_seed is None
+            else [anonymization.pseudonym_seed, *map(int, batch_id.encode())]
+        ),
+    )
     pp, ep = _vault_paths(zones)
     write_parquet(result.vault.patients, pp)
     write_parquet(result.vault.encounters, ep)
@@ -151,7 +179,10 @@ def anonymized_cohort(context: dg.AssetExecutionContext, zones: DataZones, anony
             asset_key=DEID_TABLES[table],
             check_name="no_direct_identifiers",
             passed=not problems,
-            metadata={"problems": dg.MetadataValue.json(problems), "columns": dg.MetadataValue.json(frame.columns)},
+            metadata={
+                "problems": dg.MetadataValue.json(problems),
+                "columns": dg.MetadataValue.json(frame.columns),
+            },
         )
     context.log.info(f"batch {batch_id} anonymized: {result.encounters.height} admissions")
 
@@ -168,7 +199,9 @@ def anonymized_cohort(context: dg.AssetExecutionContext, zones: DataZones, anony
 def meds_dataset(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
     files = sorted((zones.deid / "events").glob("*.parquet"))
     if not files:
-        raise dg.Failure("No anonymized batches yet: materialize the ingestion and anonymization assets first.")
+        raise dg.Failure(
+            "No anonymized batches yet: materialize the ingestion and anonymization assets first."
+        )
     events = pl.concat([pl.read_parquet(f) for f in files])
     counts = write_meds_dataset(events, zones.deid / "meds", dataset_version=code_version())
     context.log.info(f"MEDS dataset written from {len(files)} batches")

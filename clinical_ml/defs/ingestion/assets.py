@@ -30,8 +30,13 @@ def _quarantine(zones: DataZones, path: Path, batch_id: str, source: str, exc: F
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(path, dest)
     write_json(
-        {"batch_id": batch_id, "source": source, "file": path.name, "reason_code": exc.reason_code,
-         "detail": exc.detail},
+        {
+            "batch_id": batch_id,
+            "source": source,
+            "file": path.name,
+            "reason_code": exc.reason_code,
+            "detail": exc.detail,
+        },
         dest.with_name(dest.name + ".reason.json"),
     )
     return dest
@@ -55,7 +60,7 @@ def _schema_check(source: str, result: IngestResult, written: Path) -> dg.AssetC
     schema_ok = True
     try:
         SCHEMAS[source].validate(reread, lazy=True)
-    except Exception:  # noqa: BLE001 - any schema error fails the check; details stay out of the event log
+    except Exception:
         schema_ok = False
     accounted = result.rows_in == result.rows_accepted + result.rows_rejected
     return dg.AssetCheckResult(
@@ -99,7 +104,10 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
             dest = _quarantine(zones, path, batch_id, source, exc)
             raise dg.Failure(
                 description=f"The {source} file of batch {batch_id} was quarantined ({exc.reason_code}): {exc.detail}",
-                metadata={"reason_code": exc.reason_code, "quarantined_as": str(dest.relative_to(zones.quarantine))},
+                metadata={
+                    "reason_code": exc.reason_code,
+                    "quarantined_as": str(dest.relative_to(zones.quarantine)),
+                },
             ) from None
         out = write_parquet(result.accepted, zones.phi / "raw" / source / f"{batch_id}.parquet")
         write_parquet(result.rejects, zones.phi / "rejects" / source / f"{batch_id}.parquet")

@@ -3,7 +3,7 @@ import json
 import dagster as dg
 
 from clinical_ml.core.landing import find_complete_batches
-from clinical_ml.defs.conventions import batch_partitions
+from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME, batch_partitions
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.resources.zones import DataZones
 
@@ -19,7 +19,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, zones: DataZones) -> dg.
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     batches = find_complete_batches(zones.landing)
     new = [b for b in batches if seen.get(b.batch_id) != b.content_hash]
-    known = set(context.instance.get_dynamic_partitions(batch_partitions.name))
+    known = set(context.instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     to_add = [b.batch_id for b in new if b.batch_id not in known]
     for b in new:
         seen[b.batch_id] = b.content_hash
