@@ -10,8 +10,8 @@ from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_datase
 from clinical_ml.defs.ingestion.assets import raw_assets
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.ingestion.sensors import landing_sensor
-from clinical_ml.defs.usecase.assets import build_use_case_assets
 from clinical_ml.defs.usecase.automation import lifecycle_job, nightly_retraining_schedule
+from clinical_ml.defs.usecase.factory import build_use_case_assets
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 

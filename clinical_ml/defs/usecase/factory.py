@@ -1,0 +1,21 @@
+"""One branch of the graph per use case, from cohort to reports (a factory over ``usecases/*.yaml``)."""
+
+import dagster as dg
+
+from clinical_ml.core.usecase import UseCase
+from clinical_ml.defs.usecase.evaluation import build_evaluation_assets
+from clinical_ml.defs.usecase.fairness import build_fairness_assets
+from clinical_ml.defs.usecase.features import build_features_assets
+from clinical_ml.defs.usecase.monitoring import build_monitoring_assets
+from clinical_ml.defs.usecase.training import build_training_assets
+
+
+def build_use_case_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    """Assets and checks of one use case, keyed under its name."""
+    return [
+        *build_features_assets(uc),
+        *build_training_assets(uc),
+        *build_evaluation_assets(uc),
+        *build_fairness_assets(uc),
+        *build_monitoring_assets(uc),
+    ]
