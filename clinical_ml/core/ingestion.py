@@ -1,20 +1,60 @@
 """Reading and validating landing-zone exports, one source at a time.
 
-Whole-file problems (unreadable, missing columns) raise :class:`FileRejected` with a reason code and a
-PHI-free detail; the caller quarantines the file. Row problems never raise: each bad row goes to the rejects
-table with a reason, so that for every file ``rows_in == rows_accepted + rows_rejected``.
+Whole-file problems (unreadable, wrong encoding, missing columns, truncated) raise :class:`FileRejected`
+with a reason code, counts and a line number or byte offset; the caller quarantines the file. Row problems
+never raise: each bad row goes to the rejects table with one reason, so that for every file
+``rows_in == rows_accepted + rows_rejected``. No message ever carries a delivered value.
+
+Row reasons (first matching wins, in this order): ``wrong_field_count``, ``repeated_header``,
+``missing_value_sentinel:<col>``, ``ambiguous_date:<col>``, ``unparseable_<col>``,
+``id_scientific_notation:<col>``, ``id_decimal_suffix:<col>``, ``id_leading_zeros_lost:<col>``,
+``formula_cell:<col>``, ``markup_in_cell:<col>``, ``future_date:<col>``, source rules
+(``discharge_before_admission``, ``death_before_admission``, ``unknown_unit``, ``result_before_specimen``,
+``stored_before_charted``), cross-file rules against the batch (``unknown_patient``, ``unknown_encounter``,
+``event_before_birth``, ``event_after_death``, ``event_after_discharge``), pandera schema reasons
+(``missing_value:<col>``, ``not_allowed:<col>``, ``bad_format:<col>``), ``conflicting_duplicate``,
+``duplicate_row`` and ``undeclared_unit_switch``.
 """
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandera.polars as pa
 import polars as pl
 
-from clinical_ml.core.units import LAB_CODES, PLAUSIBLE_RANGES, UNIT_CONVERSIONS, VITAL_CODES, canonical_unit
+from clinical_ml.core.safety import (
+    PARQUET_MAGIC,
+    BackgroundScan,
+    FileRejected,
+    Limits,
+    check_size,
+    field_count_problems,
+    first_invalid_utf8,
+    first_malformed_line,
+    header_names,
+    safe_column_label,
+    sniff_text,
+)
+from clinical_ml.core.units import (
+    LAB_CODES,
+    MISSING_NUMERIC_SENTINELS,
+    MISSING_TEXT_SENTINELS,
+    PLAUSIBLE_RANGES,
+    TYPICAL_MEDIAN_RANGES,
+    UNIT_CONVERSIONS,
+    VITAL_CODES,
+    canonical_unit,
+)
+
+__all__ = ["SCHEMAS", "SOURCE_COLUMNS", "BatchContext", "FileRejected", "IngestResult", "ingest_file"]
 
 TS = pl.Datetime("us")
+TS_FORMAT = "%Y-%m-%d %H:%M:%S"
+DATE_FORMAT = "%Y-%m-%d"
+# Bumped whenever a rule changes what is accepted, so data versions change with it.
+RULES_VERSION = "2"
 
 # source -> column -> polars dtype after parsing. Every column listed is required.
 SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
@@ -61,6 +101,38 @@ SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
 }
 # Columns that may be empty in a valid row.
 NULLABLE = {"death_time", "race", "ethnicity", "address", "zip", "phone", "email", "first_name", "last_name"}
+# Identifier columns: checked for spreadsheet mangling.
+ID_COLUMNS = {"mrn", "encounter_id"}
+# Free-text columns of the contract (no allowed-values check): checked for formulas and markup, as are extras.
+FREE_TEXT = {
+    "first_name",
+    "last_name",
+    "race",
+    "ethnicity",
+    "address",
+    "zip",
+    "phone",
+    "email",
+    "unit",
+    "site",
+    "discharge_disposition",
+}
+# Rows sharing these keys are duplicates (identical) or conflicting duplicates (differing).
+DUPLICATE_KEYS = {
+    "patients": ["mrn"],
+    "encounters": ["encounter_id"],
+    "labs": ["encounter_id", "loinc_code", "specimen_time"],
+    "vitals": ["encounter_id", "code", "charted_time"],
+}
+# The time of an event used for the temporal checks against its encounter.
+EVENT_TIME = {"labs": "specimen_time", "vitals": "charted_time"}
+CODE_COLUMN = {"labs": "loinc_code", "vitals": "code"}
+DERIVED_COLUMNS: dict[str, pl.DataType] = {
+    "value_raw": pl.Float64(),
+    "unit_raw": pl.String(),
+    "unit_known": pl.Boolean(),
+    "implausible": pl.Boolean(),
+}
 
 SEXES = ["M", "F", "U"]
 # pandera check name -> reason code in the rejects table
@@ -72,6 +144,12 @@ _CHECK_REASONS = {
     "dtype": "wrong_type",
 }
 ADMISSION_TYPES = ["EMERGENCY", "URGENT", "ELECTIVE"]
+_FORMULA = r"^[=+@\t\r]|^-[^0-9. ]"
+_MARKUP = r"(?i)<\s*/?\s*(script|iframe|img|svg|a|object|embed|style|html|body|meta|link)\b|javascript:|\bon[a-z]+\s*="
+_AMBIGUOUS_DATE = r"^\s*\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}"
+# Events may be charted a little after the recorded discharge or death (documentation lag).
+EVENT_GRACE = timedelta(hours=1)
+MIN_ROWS_FOR_MEDIAN_CHECK = 10
 
 
 def _schema(source: str) -> pa.DataFrameSchema:
@@ -97,13 +175,21 @@ def _schema(source: str) -> pa.DataFrameSchema:
 SCHEMAS: dict[str, pa.DataFrameSchema] = {s: _schema(s) for s in SOURCE_COLUMNS}
 
 
-class FileRejected(Exception):
-    """A whole file cannot be read as its source; the detail never contains patient values."""
+@dataclass(frozen=True)
+class BatchContext:
+    """Accepted rows of the batch that other sources are checked against.
 
-    def __init__(self, reason_code: str, detail: str) -> None:
-        super().__init__(f"{reason_code}: {detail}")
-        self.reason_code = reason_code
-        self.detail = detail
+    Parameters
+    ----------
+    patients
+        At least ``mrn`` and ``birth_date`` of the batch's accepted patients, or ``None`` when not checked.
+    encounters
+        At least ``encounter_id``, ``mrn``, ``admit_time``, ``discharge_time``, ``death_time`` and ``site`` of
+        the batch's accepted encounters, or ``None`` when not checked.
+    """
+
+    patients: pl.DataFrame | None = None
+    encounters: pl.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +203,7 @@ class IngestResult:
     sha256: str
     n_bytes: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_accepted(self) -> int:
@@ -135,49 +222,308 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_text_table(path: Path) -> pl.DataFrame:
-    try:
-        if path.suffix == ".parquet":
-            df = pl.read_parquet(path)
-            return df.select(pl.all().cast(pl.String))
-        return pl.read_csv(path, infer_schema=False, encoding="utf8", null_values=[""])
-    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, OSError, UnicodeDecodeError) as exc:
+def empty_accepted(source: str) -> pl.DataFrame:
+    """The accepted-rows frame of ``source`` with no rows: the contract of ``phi/raw/<source>/*.parquet``
+    when a file was quarantined or not delivered."""
+    schema: dict[str, pl.DataType] = {}
+    for name, dtype in SOURCE_COLUMNS[source].items():
+        if source in CODE_COLUMN and name in ("value", "unit"):
+            continue
+        schema[name] = dtype
+    schema["row_number"] = pl.Int64()
+    if source in CODE_COLUMN:
+        schema["value_raw"] = pl.Float64()
+        schema["unit_raw"] = pl.String()
+        schema["unit"] = pl.String()
+        schema["unit_known"] = pl.Boolean()
+        schema["value"] = pl.Float64()
+        schema["implausible"] = pl.Boolean()
+    return pl.DataFrame(schema=schema)
+
+
+def empty_rejects() -> pl.DataFrame:
+    return pl.DataFrame(schema={"row_number": pl.Int64, "reason": pl.String})
+
+
+def _check_columns(columns: list[str], source: str) -> dict[str, int]:
+    seen: set[str] = set()
+    dups = sorted({c for c in columns if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
+    if dups:
         raise FileRejected(
-            "unreadable", f"{path.suffix or 'file'} could not be parsed: {type(exc).__name__}"
+            "duplicate_columns",
+            f"{len(dups)} column name(s) appear more than once: {[safe_column_label(c) for c in dups]}",
+            line=1,
+        )
+    missing = [c for c in SOURCE_COLUMNS[source] if c not in columns]
+    if missing:
+        if len(columns) == 1 and any(s in columns[0] for s in (";", "\t", "|")):
+            raise FileRejected(
+                "wrong_delimiter",
+                "the header is one field holding ';', tab or '|': not comma-separated",
+                line=1,
+            )
+        raise FileRejected("missing_columns", f"required columns absent: {missing}", line=1)
+    extra = [c for c in columns if c not in SOURCE_COLUMNS[source]]
+    return {"extra_columns": len(extra)} if extra else {}
+
+
+def _read_parquet(path: Path) -> tuple[pl.DataFrame, str]:
+    with path.open("rb") as f:
+        head = f.read(4)
+        f.seek(max(path.stat().st_size - 4, 0))
+        tail = f.read(4)
+    if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+        raise FileRejected(
+            "truncated_parquet" if head == PARQUET_MAGIC else "wrong_file_type",
+            "the Parquet footer is missing: the file is cut short"
+            if head == PARQUET_MAGIC
+            else "not a Parquet file",
+            byte_offset=path.stat().st_size if head == PARQUET_MAGIC else 0,
+        )
+    try:
+        df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise FileRejected(
+            "unreadable_parquet", f"Parquet could not be decoded ({type(exc).__name__})"
         ) from None
+    exprs = []
+    for name, dtype in df.schema.items():
+        if isinstance(dtype, pl.Datetime):
+            exprs.append(pl.col(name).dt.strftime(TS_FORMAT))
+        elif isinstance(dtype, pl.Date):
+            exprs.append(pl.col(name).dt.strftime(DATE_FORMAT))
+        else:
+            exprs.append(pl.col(name).cast(pl.String))
+    return df.select(exprs), file_sha256(path)
 
 
-def _parse(df: pl.DataFrame, source: str) -> pl.DataFrame:
+def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:
+    """Text columns of a CSV, its sha256, the rows with a wrong field count, and warnings."""
+    sniff_text(path)
+    columns = header_names(path)
+    warnings = _check_columns(columns, source)
+    with path.open("rb") as f:
+        if f.read(3) == b"\xef\xbb\xbf":
+            warnings["utf8_bom"] = 1
+    scan = BackgroundScan(path)
+    try:
+        raw = pl.read_csv(
+            path, infer_schema=False, encoding="utf8", empty_string_is_null=False, truncate_ragged_lines=True
+        )
+    except pl.exceptions.NoDataError:
+        scan.result()
+        raise FileRejected("empty_file", "no header and no rows") from None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        scan.result()
+        if "utf-8" in str(exc).lower() or "utf8" in str(exc).lower():
+            raise FileRejected(
+                "not_utf8", "bytes that are not UTF-8", byte_offset=first_invalid_utf8(path)
+            ) from None
+        raise FileRejected(
+            "malformed_csv",
+            "unbalanced quotes or fields that do not split",
+            line=first_malformed_line(path, n_columns=len(columns)),
+        ) from None
+    result = scan.result()
+    if not result.ends_with_newline:
+        raise FileRejected(
+            "truncated_file",
+            "the last line has no line end: the file is cut short",
+            byte_offset=result.n_bytes,
+        )
+    records = raw.height + 1
+    bad_rows: list[int] = []
+    if result.n_newlines != records or result.n_separators != (len(columns) - 1) * records:
+        # Quoted separators, embedded line breaks, or rows with a wrong number of fields: count properly.
+        bad_rows, n_records = field_count_problems(path, n_columns=len(columns))
+        if n_records != raw.height:
+            raise FileRejected(
+                "malformed_csv",
+                f"{n_records} records by the standard reader vs {raw.height} parsed: quoting is broken",
+                line=first_malformed_line(path, n_columns=len(columns)),
+            )
+    return raw, result.sha256, bad_rows, warnings
+
+
+def _read(path: Path, source: str, limits: Limits) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:
+    check_size(path, limits=limits)
+    if path.suffix == ".parquet":
+        raw, sha = _read_parquet(path)
+        return raw, sha, [], _check_columns(raw.columns, source)
+    if path.suffix == ".csv":
+        return _read_csv(path, source)
+    raise FileRejected(
+        "unsupported_file_type", "only .csv and .parquet files (or one of them zipped) are read"
+    )
+
+
+def _clean(raw: pl.DataFrame, source: str) -> tuple[pl.DataFrame, pl.Expr, dict[str, int]]:
+    """Trimmed text with empties as null; nullable sentinels emptied; a reason for required sentinels."""
+    sentinels = list(MISSING_TEXT_SENTINELS)
+    exprs = []
+    reasons = []
+    for name in raw.columns:
+        col = pl.col(name).str.strip_chars()
+        col = pl.when(col == "").then(None).otherwise(col)
+        if name in SOURCE_COLUMNS[source]:
+            is_sentinel = col.is_in(sentinels).fill_null(False)
+            if name in NULLABLE:
+                col = pl.when(is_sentinel).then(None).otherwise(col)
+            else:
+                reasons.append((is_sentinel, f"missing_value_sentinel:{name}"))
+        exprs.append(col.alias(name))
+    sentinel_reason = _first_reason(reasons)
+    return raw.select(exprs), sentinel_reason, {}
+
+
+def _first_reason(rules: list[tuple[pl.Expr, str]]) -> pl.Expr:
+    if not rules:
+        return pl.lit(None, dtype=pl.String)
+    return pl.coalesce([pl.when(cond.fill_null(False)).then(pl.lit(reason)) for cond, reason in rules])
+
+
+def _parse_exprs(source: str) -> list[pl.Expr]:
     exprs = []
     for name, dtype in SOURCE_COLUMNS[source].items():
-        col = pl.col(name).str.strip_chars()
+        col = pl.col(name)
         if dtype == TS:
-            exprs.append(col.str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us").alias(name))
+            exprs.append(col.str.to_datetime(TS_FORMAT, strict=False, time_unit="us").alias(name))
         elif dtype == pl.Date():
-            exprs.append(col.str.to_date("%Y-%m-%d", strict=False).alias(name))
+            exprs.append(col.str.to_date(DATE_FORMAT, strict=False).alias(name))
         elif dtype == pl.Float64():
             exprs.append(col.cast(pl.Float64, strict=False).alias(name))
-        else:
-            exprs.append(col.alias(name))
-    extra = [c for c in df.columns if c not in SOURCE_COLUMNS[source]]
-    return df.select(*exprs, *extra)
+    return exprs
 
 
-def _unparseable(raw: pl.DataFrame, parsed: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Rows where a non-empty delivered value did not parse into its type."""
-    reasons = []
+def _parse_reasons(text: pl.DataFrame, parsed: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
+    """Rules on delivered text that did not parse; the detailed ambiguous-date test runs only on failures."""
+    rules: list[tuple[pl.Expr, str]] = []
     for name, dtype in SOURCE_COLUMNS[source].items():
         if dtype == pl.String():
             continue
-        bad = raw[name].is_not_null() & (raw[name].str.strip_chars() != "") & parsed[name].is_null()
-        reasons.append(pl.when(pl.Series(bad)).then(pl.lit(f"unparseable_{name}")).otherwise(None))
-    if not reasons:
-        return pl.DataFrame(schema={"row_number": pl.Int64, "reason": pl.String})
-    return (
-        pl.DataFrame({"row_number": range(1, raw.height + 1)})
-        .with_columns(pl.coalesce(reasons).alias("reason"))
-        .filter(pl.col("reason").is_not_null())
-    )
+        failed = text[name].is_not_null() & parsed[name].is_null()
+        if not failed.any():
+            continue
+        if dtype in (TS, pl.Date()):
+            ambiguous = failed & text[name].str.contains(_AMBIGUOUS_DATE).fill_null(False)
+            rules.append((pl.lit(ambiguous), f"ambiguous_date:{name}"))
+        rules.append((pl.lit(failed), f"unparseable_{name}"))
+    return rules
+
+
+def _id_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
+    rules: list[tuple[pl.Expr, str]] = []
+    for name in ID_COLUMNS & set(SOURCE_COLUMNS[source]):
+        col = pl.col(name)
+        rules.append((col.str.contains(r"^\d+(\.\d+)?[eE][+-]?\d+$"), f"id_scientific_notation:{name}"))
+        rules.append((col.str.contains(r"^\d+\.0+$"), f"id_decimal_suffix:{name}"))
+        ids = text[name].drop_nulls()
+        if ids.len() < 20:
+            continue
+        digits = ids.filter(ids.str.contains(r"^\d+$"))
+        if digits.len() < 0.95 * ids.len() or not digits.str.starts_with("0").any():
+            continue
+        lengths = digits.str.len_chars()
+        width = int(lengths.mode().max())  # type: ignore[arg-type]
+        if (lengths == width).mean() >= 0.95:  # type: ignore[operator]
+            # Zero-padded fixed-width ids: a shorter all-digit id lost its leading zeros in a spreadsheet.
+            rules.append(
+                (col.str.contains(r"^\d+$") & (col.str.len_chars() < width), f"id_leading_zeros_lost:{name}")
+            )
+    return rules
+
+
+def _text_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
+    """Spreadsheet formulas and markup in free-text columns (constrained columns cannot hold them)."""
+    rules: list[tuple[pl.Expr, str]] = []
+    for name in text.columns:
+        if name in SOURCE_COLUMNS[source] and (
+            name not in FREE_TEXT or (source in CODE_COLUMN and name == "unit")
+        ):
+            continue
+        label = safe_column_label(name)
+        rules.append((pl.col(name).str.contains(_FORMULA), f"formula_cell:{label}"))
+        rules.append((pl.col(name).str.contains(_MARKUP), f"markup_in_cell:{label}"))
+    return rules
+
+
+def _future_rules(source: str, now: datetime) -> list[tuple[pl.Expr, str]]:
+    limit = now + timedelta(days=1)
+    rules = []
+    for name, dtype in SOURCE_COLUMNS[source].items():
+        if dtype == TS:
+            rules.append((pl.col(name) > limit, f"future_date:{name}"))
+        elif dtype == pl.Date():
+            rules.append((pl.col(name) > limit.date(), f"future_date:{name}"))
+    return rules
+
+
+def _source_rules(source: str) -> list[tuple[pl.Expr, str]]:
+    if source == "encounters":
+        return [
+            (pl.col("discharge_time") < pl.col("admit_time"), "discharge_before_admission"),
+            (pl.col("death_time") < pl.col("admit_time"), "death_before_admission"),
+        ]
+    if source in CODE_COLUMN:
+        known_code = pl.col(CODE_COLUMN[source]).is_in(list(LAB_CODES if source == "labs" else VITAL_CODES))
+    if source == "labs":
+        return [
+            (~pl.col("unit_known") & known_code & pl.col("value_raw").is_not_null(), "unknown_unit"),
+            (pl.col("result_time") < pl.col("specimen_time"), "result_before_specimen"),
+        ]
+    if source == "vitals":
+        return [
+            (~pl.col("unit_known") & known_code & pl.col("value_raw").is_not_null(), "unknown_unit"),
+            (pl.col("stored_time") < pl.col("charted_time"), "stored_before_charted"),
+        ]
+    return []
+
+
+def _with_batch(
+    parsed: pl.DataFrame, source: str, batch: BatchContext
+) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str]]]:
+    """Join what the batch knows about each row's patient/encounter; rules comparing against it."""
+    rules: list[tuple[pl.Expr, str]] = []
+    if source == "encounters" and batch.patients is not None:
+        pts = batch.patients.select(
+            "mrn", pl.col("birth_date").alias("_birth"), pl.lit(True).alias("_known_patient")
+        )
+        parsed = parsed.join(pts.unique("mrn"), on="mrn", how="left", maintain_order="left")
+        rules += [
+            (pl.col("_known_patient").is_null() & pl.col("mrn").is_not_null(), "unknown_patient"),
+            (pl.col("admit_time").dt.date() < pl.col("_birth"), "event_before_birth"),
+        ]
+    if source in EVENT_TIME and batch.encounters is not None:
+        enc = batch.encounters.select(
+            "encounter_id",
+            pl.col("discharge_time").alias("_discharge"),
+            pl.col("death_time").alias("_death"),
+            pl.col("mrn").alias("_mrn"),
+            pl.col("site").alias("_site"),
+            pl.lit(True).alias("_known_encounter"),
+        ).unique("encounter_id")
+        if batch.patients is not None:
+            enc = enc.join(
+                batch.patients.select(
+                    pl.col("mrn").alias("_mrn"), pl.col("birth_date").alias("_birth")
+                ).unique("_mrn"),
+                on="_mrn",
+                how="left",
+            )
+        else:
+            enc = enc.with_columns(pl.lit(None, dtype=pl.Date).alias("_birth"))
+        parsed = parsed.join(enc.drop("_mrn"), on="encounter_id", how="left", maintain_order="left")
+        t = pl.col(EVENT_TIME[source])
+        rules += [
+            (
+                pl.col("_known_encounter").is_null() & pl.col("encounter_id").is_not_null(),
+                "unknown_encounter",
+            ),
+            (t.dt.date() < pl.col("_birth"), "event_before_birth"),
+            (t > pl.col("_death") + EVENT_GRACE, "event_after_death"),
+            (t > pl.col("_discharge") + EVENT_GRACE, "event_after_discharge"),
+        ]
+    return parsed, rules
 
 
 def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
@@ -208,33 +554,81 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     )
 
 
-def _row_rules(df: pl.DataFrame, source: str) -> pl.Expr | None:
-    """Row-level rules beyond the schema, as one reason expression (first failing rule wins)."""
-    rules: list[tuple[pl.Expr, str]] = []
-    if source == "encounters":
-        rules = [
-            (pl.col("discharge_time") < pl.col("admit_time"), "discharge_before_admission"),
-            (pl.col("death_time") < pl.col("admit_time"), "death_before_admission"),
-        ]
-    elif source == "labs":
-        rules = [
-            (~pl.col("unit_known"), "unknown_unit"),
-            (pl.col("result_time") < pl.col("specimen_time"), "result_before_specimen"),
-        ]
-    elif source == "vitals":
-        rules = [
-            (~pl.col("unit_known"), "unknown_unit"),
-            (pl.col("stored_time") < pl.col("charted_time"), "stored_before_charted"),
-        ]
-    if not rules:
-        return None
-    expr = pl.lit(None, dtype=pl.String)
-    for cond, reason in reversed(rules):
-        expr = pl.when(cond.fill_null(False)).then(pl.lit(reason)).otherwise(expr)
-    return expr
+def _pandera_rejects(parsed: pl.DataFrame, source: str) -> pl.DataFrame:
+    try:
+        SCHEMAS[source].validate(parsed, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        fc = exc.failure_cases.filter(pl.col("index").is_not_null())
+        return fc.select(
+            (pl.col("index").cast(pl.Int64) + 1).alias("row_number"),
+            pl.format(
+                "{}:{}",
+                pl.col("check").str.replace(r"\(.*", "").replace_strict(_CHECK_REASONS, default="invalid"),
+                pl.col("column"),
+            ).alias("reason"),
+        )
+    return empty_rejects()
 
 
-def ingest_file(path: Path | str, source: str) -> IngestResult:
+def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series) -> pl.DataFrame:
+    """Identical repeats of a key after its first row -> ``duplicate_row``; rows of a key with differing
+    content -> ``conflicting_duplicate`` (all of them: which one is right is unknown)."""
+    key = DUPLICATE_KEYS[source]
+    key_hash = parsed.select(pl.struct(key).hash().alias("h"))["h"]
+    dup = key_hash.is_duplicated() & candidates
+    if not dup.any():
+        return empty_rejects()
+    content = [c for c in SOURCE_COLUMNS[source] if c in parsed.columns]
+    if source in CODE_COLUMN:
+        content = [c for c in content if c not in ("value", "unit")] + ["value_raw", "unit_raw"]
+    sub = parsed.filter(dup).select("row_number", *key, pl.struct(content).hash().alias("_content"))
+    sub = sub.with_columns(
+        (pl.col("_content").n_unique().over(key) > 1).alias("_conflict"),
+        pl.int_range(pl.len()).over(key).alias("_nth"),
+    )
+    return sub.filter(pl.col("_conflict") | (pl.col("_nth") > 0)).select(
+        "row_number",
+        pl.when(pl.col("_conflict"))
+        .then(pl.lit("conflicting_duplicate"))
+        .otherwise(pl.lit("duplicate_row"))
+        .alias("reason"),
+    )
+
+
+def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series) -> pl.DataFrame:
+    """Per code, delivered unit and site: a median far outside the typical band means an undeclared unit."""
+    code_col = CODE_COLUMN[source]
+    group = [code_col, "unit_raw"] + (["_site"] if "_site" in parsed.columns else [])
+    lo = pl.col(code_col).replace_strict({k: v[0] for k, v in TYPICAL_MEDIAN_RANGES.items()}, default=None)
+    hi = pl.col(code_col).replace_strict({k: v[1] for k, v in TYPICAL_MEDIAN_RANGES.items()}, default=None)
+    stats = (
+        parsed.filter(candidates)
+        .group_by(group)
+        .agg(
+            pl.col("value").median().alias("_median"),
+            pl.len().alias("_n"),
+            lo.first().alias("_lo"),
+            hi.first().alias("_hi"),
+        )
+        .filter(
+            (pl.col("_n") >= MIN_ROWS_FOR_MEDIAN_CHECK)
+            & ((pl.col("_median") < pl.col("_lo")) | (pl.col("_median") > pl.col("_hi")))
+        )
+    )
+    if stats.height == 0:
+        return empty_rejects()
+    bad = parsed.filter(candidates).join(stats.select(group), on=group, how="semi", nulls_equal=True)
+    return bad.select("row_number", pl.lit("undeclared_unit_switch").alias("reason"))
+
+
+def ingest_file(
+    path: Path | str,
+    source: str,
+    *,
+    batch: BatchContext | None = None,
+    now: datetime | None = None,
+    limits: Limits | None = None,
+) -> IngestResult:
     """Read, parse, validate and harmonize one delivered file of ``source``.
 
     Parameters
@@ -243,6 +637,13 @@ def ingest_file(path: Path | str, source: str) -> IngestResult:
         A CSV or Parquet file in the landing contract.
     source
         One of ``patients``, ``encounters``, ``labs``, ``vitals``.
+    batch
+        Accepted patients/encounters of the same batch for cross-file checks (unknown patient or encounter,
+        events before birth or after death/discharge, unit switches per site). ``None`` skips them.
+    now
+        Time of ingestion for the future-date check (defaults to the current UTC time).
+    limits
+        File size limits (defaults to :class:`~clinical_ml.core.safety.Limits` ()).
 
     Returns
     -------
@@ -252,56 +653,83 @@ def ingest_file(path: Path | str, source: str) -> IngestResult:
     Raises
     ------
     FileRejected
-        When the file as a whole cannot be used (unreadable, missing required columns, no rows).
+        When the file as a whole cannot be used; the reason code and detail never contain values.
     """
     p = Path(path)
     if source not in SOURCE_COLUMNS:
         raise ValueError(f"unknown source {source!r}")
-    raw = _read_text_table(p)
-    missing = [c for c in SOURCE_COLUMNS[source] if c not in raw.columns]
-    if missing:
-        raise FileRejected("missing_columns", f"required columns absent: {missing}")
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    raw, sha, ragged, warnings = _read(p, source, limits or Limits())
     if raw.height == 0:
-        raise FileRejected("empty_file", "the file has a header and no rows")
-    parsed = _parse(raw, source).with_columns(pl.int_range(1, raw.height + 1).alias("row_number"))
-    reject_parts = [_unparseable(raw, parsed, source)]
-
-    if source in ("labs", "vitals"):
-        parsed = _harmonize_units(parsed, "loinc_code" if source == "labs" else "code")
-    try:
-        SCHEMAS[source].validate(parsed, lazy=True)
-    except pa.errors.SchemaErrors as exc:
-        fc = exc.failure_cases.filter(pl.col("index").is_not_null())
-        reject_parts.append(
-            fc.select(
-                (pl.col("index").cast(pl.Int64) + 1).alias("row_number"),
-                pl.format(
-                    "{}:{}",
-                    pl.col("check")
-                    .str.replace(r"\(.*", "")
-                    .replace_strict(_CHECK_REASONS, default="invalid"),
-                    pl.col("column"),
-                ).alias("reason"),
-            )
-        )
-    rule = _row_rules(parsed, source)
-    if rule is not None:
-        reject_parts.append(
-            parsed.select("row_number", rule.alias("reason")).filter(pl.col("reason").is_not_null())
-        )
-    rejects = (
-        pl.concat([r.select(pl.col("row_number").cast(pl.Int64), "reason") for r in reject_parts])
-        .sort("row_number", maintain_order=True)
-        .unique("row_number", keep="first", maintain_order=True)
+        raise FileRejected("no_data_rows", "the file has a header and no rows", line=1)
+    text, sentinel_reason, _ = _clean(raw, source)
+    del raw
+    parsed = text.with_columns(*_parse_exprs(source)).with_columns(
+        pl.int_range(1, text.height + 1, dtype=pl.Int64).alias("row_number")
     )
-    accepted = parsed.join(rejects.select("row_number"), on="row_number", how="anti")
+    parse_rules = _parse_reasons(text, parsed, source)
+    is_header = pl.lit(True)
+    for name in SOURCE_COLUMNS[source]:
+        is_header = is_header & (pl.col(name) == name)
+    pre = text.select(is_header.fill_null(False).alias("header"), sentinel_reason.alias("sentinel"))
+    rules: list[tuple[pl.Expr, str]] = []
+    if ragged:
+        rules.append((pl.col("row_number").is_in(ragged), "wrong_field_count"))
+    rules.append((pl.lit(pre["header"]), "repeated_header"))
+    id_rules = _id_rules(text, source)
+    text_rules = _text_rules(text, source)
+    # Text rules read the delivered strings, which `parsed` still holds for string columns.
+    if source in CODE_COLUMN:
+        parsed = _harmonize_units(parsed, CODE_COLUMN[source])
+    extra_rules: list[tuple[pl.Expr, str]] = []
+    if batch is not None:
+        parsed, extra_rules = _with_batch(parsed, source, batch)
+    rules += [(pl.lit(pre["sentinel"]).is_not_null(), "_sentinel")]
+    if source in CODE_COLUMN:
+        rules.append(
+            (pl.col("value_raw").is_in(list(MISSING_NUMERIC_SENTINELS)), "missing_value_sentinel:value")
+        )
+    rules += (
+        parse_rules + id_rules + text_rules + _future_rules(source, now) + _source_rules(source) + extra_rules
+    )
+    # The sentinel reason names its column: substitute the expression's own value.
+    reason_expr = pl.coalesce(
+        [
+            pl.when(cond.fill_null(False)).then(
+                pl.lit(pre["sentinel"]) if reason == "_sentinel" else pl.lit(reason)
+            )
+            for cond, reason in rules
+        ]
+    )
+    rule_rejects = parsed.select("row_number", reason_expr.alias("reason")).filter(
+        pl.col("reason").is_not_null()
+    )
+    parts = [rule_rejects, _pandera_rejects(parsed.select(*SOURCE_COLUMNS[source]), source)]
+    first = pl.concat([r.select(pl.col("row_number").cast(pl.Int64), "reason") for r in parts]).unique(
+        "row_number", keep="first", maintain_order=True
+    )
+    candidates = ~parsed["row_number"].is_in(first["row_number"].implode())
+    parts = [first, _duplicate_rejects(parsed, source, candidates)]
+    if source in CODE_COLUMN:
+        candidates = ~parsed["row_number"].is_in(parts[1]["row_number"].implode()) & candidates
+        parts.append(_unit_switch_rejects(parsed, source, candidates))
+    rejects = pl.concat(parts).sort("row_number")
+    helper = [c for c in parsed.columns if c.startswith("_")]
+    accepted = parsed.drop(helper).join(
+        rejects.select("row_number"), on="row_number", how="anti", maintain_order="left"
+    )
     by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())
+    if source in CODE_COLUMN:
+        n_implausible = int(accepted["implausible"].sum())
+        if n_implausible:
+            warnings["implausible_flagged"] = n_implausible
     return IngestResult(
         source=source,
         accepted=accepted,
         rejects=rejects,
-        rows_in=raw.height,
-        sha256=file_sha256(p),
+        rows_in=text.height,
+        sha256=sha,
         n_bytes=p.stat().st_size,
         rejected_by_reason={str(k): int(v) for k, v in by_reason.items()},
+        warnings=warnings,
     )

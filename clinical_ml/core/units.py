@@ -85,3 +85,50 @@ def feature_stem(meds_code: str) -> str:
     if name == meds_code:
         name = meds_code.replace("//", "_").lower()
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+# Where the median of one batch's values of a code (in the canonical unit) is expected to fall, per delivered
+# unit and site. A median outside this band means values were sent in another unit than declared (creatinine
+# in umol/L labelled mg/dL lands near 90; temperature in Fahrenheit labelled Cel near 98; SpO2 as a fraction
+# near 1). Bands are wide on purpose: they catch unit switches, not sick cohorts.
+TYPICAL_MEDIAN_RANGES: dict[str, tuple[float, float]] = {
+    "2160-0": (0.3, 10),
+    "3094-0": (4, 150),
+    "2951-2": (115, 165),
+    "2823-3": (2.5, 7),
+    "2345-7": (45, 600),
+    "6690-2": (0.5, 80),
+    "718-7": (4, 20),
+    "777-3": (10, 900),
+    "2524-7": (0.3, 15),
+    "1975-2": (0.1, 25),
+    "heart_rate": (30, 180),
+    "systolic_bp": (60, 220),
+    "diastolic_bp": (25, 140),
+    "mean_bp": (35, 160),
+    "resp_rate": (5, 50),
+    "spo2": (60, 100),
+    "temperature": (33, 41),
+    "gcs_total": (3, 15),
+}
+
+# Values that exports use for "missing". Text sentinels empty a nullable column and reject a row whose column
+# is required; numeric sentinels in a value column reject the row.
+MISSING_TEXT_SENTINELS: tuple[str, ...] = (
+    "NA",
+    "N/A",
+    "n/a",
+    "na",
+    "#N/A",
+    "NULL",
+    "null",
+    "Null",
+    "NaN",
+    "nan",
+    "None",
+    "none",
+    "?",
+    ".",
+    "-",
+)
+MISSING_NUMERIC_SENTINELS: tuple[float, ...] = (-999.0, -9999.0, -99999.0, -99.0)
