@@ -1,17 +1,26 @@
 """Groups, owners and data-class tags, defined once and used on every asset."""
 
 from enum import StrEnum
+from typing import Final
 
 import dagster as dg
 
 
-class Stage(StrEnum):
-    INGESTION = "ingestion"
-    ANONYMIZATION = "anonymization"
-    FEATURES = "features"
-    TRAINING = "training"
-    EVALUATION = "evaluation"
-    MONITORING = "monitoring"
+class Stage:
+    """Lifecycle stages, one asset group each.
+
+    Plain ``str`` constants rather than a ``StrEnum``: Dagster 1.13 serializes group names for the webserver
+    and refuses Enum members ("Can only serialize whitelisted Enums"), which breaks the UI, not the tests.
+    """
+
+    INGESTION: Final = "ingestion"
+    ANONYMIZATION: Final = "anonymization"
+    FEATURES: Final = "features"
+    TRAINING: Final = "training"
+    EVALUATION: Final = "evaluation"
+    MONITORING: Final = "monitoring"
+
+    ALL: Final = (INGESTION, ANONYMIZATION, FEATURES, TRAINING, EVALUATION, MONITORING)
 
 
 class DataClass(StrEnum):

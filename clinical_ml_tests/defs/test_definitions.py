@@ -10,7 +10,7 @@ from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import DATA_CLASS_TAG, DataClass, Stage
 
 PACKAGE = Path(__file__).resolve().parents[2] / "clinical_ml"
-PHI_READERS = {Stage.INGESTION.value, Stage.ANONYMIZATION.value}
+PHI_READERS = {Stage.INGESTION, Stage.ANONYMIZATION}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,20 @@ def test_code_location_module_loads():
     assert defs.resolve_job_def("lifecycle_job") is not None
 
 
+def test_code_location_serializes_as_the_webserver_loads_it(defs):
+    # The UI receives the repository as a serialized snapshot; `definitions validate` does not build it, so
+    # an unserializable value (an Enum group name, say) passes validation and only breaks `dagster dev`.
+    from dagster._core.remote_representation.external_data import RepositorySnap
+    from dagster_shared.serdes import serialize_value
+
+    assert serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
+
+
 def test_every_asset_has_stage_group_owner_kind_and_data_class(specs):
     assert len(specs) >= 15
     for spec in specs:
         name = spec.key.to_user_string()
-        assert spec.group_name in {s.value for s in Stage}, name
+        assert spec.group_name in Stage.ALL, name
         assert spec.owners, name
         assert spec.kinds, name
         assert spec.tags.get(DATA_CLASS_TAG) in {d.value for d in DataClass}, name
@@ -49,7 +58,7 @@ def test_no_asset_outside_ingestion_and_anonymization_reads_phi(defs, specs):
         for parent in graph.get(spec.key).parent_keys:
             assert by_key[parent].tags[DATA_CLASS_TAG] != DataClass.PHI, (spec.key, parent)
     # and phi assets live only in ingestion
-    assert {s.group_name for s in specs if s.tags[DATA_CLASS_TAG] == DataClass.PHI} == {Stage.INGESTION.value}
+    assert {s.group_name for s in specs if s.tags[DATA_CLASS_TAG] == DataClass.PHI} == {Stage.INGESTION}
 
 
 def test_graph_shape_snapshot(defs, specs, snapshot):
