@@ -1,75 +1,471 @@
 """Subcohort performance: does the model work as well for every group of patients?
 
-fairlearn's ``MetricFrame`` computes the point estimates (the reference implementation); confidence
-intervals come from a seeded percentile bootstrap within each group. Groups smaller than the use case's
-minimum cell size are reported as suppressed, never dropped.
+For each audited attribute (sex, race/ethnicity, age band) and each pairwise intersection of them, the
+table gives patients, events, prevalence, AUROC, sensitivity, specificity, PPV, NPV and calibration
+(observed/expected ratio, calibration slope), each with a 95% confidence interval, plus disparity measures
+(difference and ratio to the best group and to all patients, equalized odds difference).
+
+How the intervals are computed, and why it is fast
+---------------------------------------------------
+* Confusion-matrix metrics (sensitivity, specificity, PPV, NPV, prevalence): a stratified bootstrap. A
+  resample of a group's rows only changes how many of them fall into each of the four confusion cells, so
+  each replicate is drawn directly as a multinomial over the group's (tp, fp, fn, tn) counts: exactly the
+  distribution of a row bootstrap within the group, at a cost independent of the number of rows.
+* AUROC: DeLong's variance (``auroc_ci="delong"``, default) or a row bootstrap of the group
+  (``"bootstrap"``), which needs the rows and is measured separately in ``benchmarks/bench_fairness.py``.
+* Observed/expected ratio: delta method on the log scale; calibration slope: Wald interval of the logistic
+  recalibration fit, all groups of an attribute fitted at once.
+
+fairlearn's ``MetricFrame`` is the reference implementation: the point estimates match it (tested), and
+:func:`reference_metric_frame` builds the equivalent frame for comparisons.
+
+Small cells
+-----------
+A group with fewer than ``min_cell_size`` patients, events or non-events is reported as suppressed (its
+size shown as "< 11" when the patient count itself is small), never dropped.
+
+Flags and the verdict
+---------------------
+A group is flagged when (a) the upper bound of its 95% CI is below a use-case subgroup minimum, or (b) it
+is worse than all patients beyond chance: its difference to all patients (AUROC, sensitivity) or its
+observed/expected ratio relative to all patients is significant after Holm's correction over every group
+and metric tested, so that on a fair model the chance of any false flag stays at 5%.
 """
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from fairlearn.metrics import MetricFrame
+from scipy import stats
 
-from clinical_ml.core.evaluation import auroc, confusion
+from clinical_ml.core.evaluation import choose_threshold, confusion
 
+RATE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "prevalence")
+METRICS = (
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "prevalence",
+    "observed_expected_ratio",
+    "calibration_slope",
+)
+DISPARITY_METRICS = ("auroc", "sensitivity", "specificity", "ppv", "npv")
+FLAG_METRICS = ("auroc", "sensitivity", "observed_expected_ratio")
+INTERSECTION_SEP = " & "
+_EPS = 1e-6
 
-def _sens(y, p_flag) -> float:
-    tp, _, _, fn = confusion(np.asarray(y), np.asarray(p_flag, dtype=float), 0.5)
-    return tp / (tp + fn) if tp + fn else float("nan")
-
-
-def _spec(y, p_flag) -> float:
-    _, fp, tn, _ = confusion(np.asarray(y), np.asarray(p_flag, dtype=float), 0.5)
-    return tn / (tn + fp) if tn + fp else float("nan")
-
-
-def _ppv(y, p_flag) -> float:
-    tp, fp, _, _ = confusion(np.asarray(y), np.asarray(p_flag, dtype=float), 0.5)
-    return tp / (tp + fp) if tp + fp else float("nan")
-
-
-def _npv(y, p_flag) -> float:
-    _, _, tn, fn = confusion(np.asarray(y), np.asarray(p_flag, dtype=float), 0.5)
-    return tn / (tn + fn) if tn + fn else float("nan")
-
-
-GROUP_METRICS = ("auroc", "sensitivity", "specificity", "ppv", "npv", "prevalence", "observed_expected_ratio")
+Estimate = tuple[float, float, float]  # (value, lower, upper)
+_NAN3: Estimate = (float("nan"), float("nan"), float("nan"))
 
 
 @dataclass(frozen=True)
 class SubgroupRow:
+    """One group of one attribute (or of an intersection of two attributes).
+
+    ``metrics`` maps a name of ``METRICS`` to (value, lower, upper); ``disparities`` maps a name of
+    ``DISPARITY_METRICS`` to ``{"difference_to_best", "ratio_to_best", "difference_to_overall",
+    "ratio_to_overall"}`` estimates. Both are empty when the group is suppressed.
+    """
+
     attribute: str
     group: str
     n: int
     events: int
     suppressed: bool
-    metrics: dict[str, tuple[float, float, float]]  # name -> (value, lower, upper)
-    flags: tuple[str, ...]
+    metrics: dict[str, Estimate]
+    flags: tuple[str, ...] = ()
+    disparities: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    p_values: dict[str, float] = field(default_factory=dict)
+    intersection: bool = False
 
 
-def _group_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    tp, fp, tn, fn = confusion(y, p, threshold)
-    return {
-        "auroc": auroc(y, p),
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "ppv": tp / (tp + fp) if tp + fp else float("nan"),
-        "npv": tn / (tn + fn) if tn + fn else float("nan"),
-        "prevalence": float(np.mean(y)),
-        "observed_expected_ratio": float(np.sum(y) / np.sum(p)) if np.sum(p) else float("nan"),
-    }
+@dataclass(frozen=True)
+class AttributeSummary:
+    """Disparity of one attribute across its reportable groups."""
+
+    attribute: str
+    groups: int
+    groups_suppressed: int
+    equalized_odds_difference: Estimate
+    best_group: dict[str, str]
+    intersection: bool = False
 
 
-def reference_metric_frame(y: np.ndarray, p: np.ndarray, threshold: float, groups: pd.Series) -> MetricFrame:
-    """fairlearn ``MetricFrame`` of the confusion-matrix metrics at the operating threshold."""
-    flag = (np.asarray(p) >= threshold).astype(int)
-    return MetricFrame(
-        metrics={"sensitivity": _sens, "specificity": _spec, "ppv": _ppv, "npv": _npv},
-        y_true=np.asarray(y).astype(int),
-        y_pred=flag,
-        sensitive_features=groups,
+@dataclass(frozen=True)
+class SubgroupAnalysis:
+    """The whole subcohort analysis; ``rows[0]`` is all patients."""
+
+    rows: tuple[SubgroupRow, ...]
+    attributes: tuple[AttributeSummary, ...]
+    threshold: float
+    min_cell_size: int
+    n_boot: int
+    level: float
+    auroc_ci: str
+    tests: int
+
+    @property
+    def overall(self) -> SubgroupRow:
+        return self.rows[0]
+
+    def rows_of(self, attribute: str) -> list[SubgroupRow]:
+        return [r for r in self.rows if r.attribute == attribute]
+
+    def summary_of(self, attribute: str) -> AttributeSummary:
+        return next(a for a in self.attributes if a.attribute == attribute)
+
+
+# --- per-group point estimates and intervals ------------------------------------------------------------
+
+
+def _rates(c: np.ndarray) -> dict[str, np.ndarray]:
+    """Rates from counts ``c[..., (tp, fp, fn, tn)]``; NaN where a denominator is 0."""
+    tp, fp, fn, tn = (c[..., i].astype(np.float64) for i in range(4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "prevalence": (tp + fn) / (tp + fp + fn + tn),
+        }
+
+
+def _counts_by_group(y: np.ndarray, flag: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups, 4) counts of (tp, fp, fn, tn)."""
+    cell = np.where(y, np.where(flag, 0, 2), np.where(flag, 1, 3))
+    return np.bincount(codes * 4 + cell, minlength=n_groups * 4).reshape(n_groups, 4)
+
+
+def _multinomial_replicates(counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_groups, 4) bootstrap counts, each group resampled within itself (stratified)."""
+    out = np.zeros((n_boot, counts.shape[0], 4), dtype=np.int64)
+    for g, c in enumerate(counts):
+        n = int(c.sum())
+        if n:
+            out[:, g, :] = rng.multinomial(n, c / n, size=n_boot)
+    return out
+
+
+def _percentile(reps: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    alpha = (1 - level) / 2
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nanquantile(reps, [alpha, 1 - alpha], axis=axis)
+    return lo, hi
+
+
+def delong_auroc(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """AUROC and its DeLong variance (Sun and Xu's fast algorithm); NaNs with one class only.
+
+    Parameters
+    ----------
+    y : ndarray
+        Outcome labels, 0/1.
+    p : ndarray
+        Predicted risks.
+
+    Returns
+    -------
+    tuple of float
+        (AUROC, variance).
+    """
+    y = np.asarray(y, dtype=bool)
+    p = np.asarray(p, dtype=np.float64)
+    pos, neg = p[y], p[~y]
+    m, n = pos.size, neg.size
+    if m == 0 or n == 0:
+        return float("nan"), float("nan")
+    tx = stats.rankdata(pos)
+    ty = stats.rankdata(neg)
+    tz = stats.rankdata(np.concatenate([pos, neg]))
+    auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
+    v01 = (tz[:m] - tx) / n
+    v10 = 1.0 - (tz[m:] - ty) / m
+    var = (np.var(v01, ddof=1) / m if m > 1 else 0.0) + (np.var(v10, ddof=1) / n if n > 1 else 0.0)
+    return float(auc), float(var)
+
+
+def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """AUROC of ``n_boot`` row resamples, from the scores sorted once (weighted Mann-Whitney).
+
+    Parameters
+    ----------
+    y, p : ndarray
+        Labels (0/1) and predicted risks of one group.
+    n_boot : int
+        Replicates.
+    rng : numpy.random.Generator
+        Seeded generator.
+
+    Returns
+    -------
+    ndarray
+        ``n_boot`` AUROC values (NaN for a replicate with one class only).
+    """
+    y = np.asarray(y, dtype=bool)
+    _, level = np.unique(np.asarray(p), return_inverse=True)
+    n_levels = int(level.max()) + 1 if level.size else 0
+    n = y.size
+    out = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        yb, lb = y[idx], level[idx]
+        wpos = np.bincount(lb[yb], minlength=n_levels).astype(np.float64)
+        wneg = np.bincount(lb[~yb], minlength=n_levels).astype(np.float64)
+        n1, n0 = wpos.sum(), wneg.sum()
+        if n1 == 0 or n0 == 0:
+            out[b] = np.nan
+            continue
+        below = np.cumsum(wneg) - wneg
+        out[b] = float(wpos @ (below + 0.5 * wneg)) / (n1 * n0)
+    return out
+
+
+def _calibration_fit(
+    y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_groups: int, *, max_iter: int = 30
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration slope and its standard error per group (logistic fit of y on logit(p), all groups at
+    once by Newton-Raphson on per-group sums)."""
+    pc = np.clip(p, _EPS, 1 - _EPS)
+    lp = np.log(pc / (1 - pc))
+    yf = y.astype(np.float64)
+    beta = np.zeros((n_groups, 2))
+    beta[:, 1] = 1.0
+    s00 = s01 = s11 = np.zeros(n_groups)
+    for _ in range(max_iter):
+        eta = np.clip(beta[codes, 0] + beta[codes, 1] * lp, -30, 30)
+        mu = 1 / (1 + np.exp(-eta))
+        w = mu * (1 - mu) + 1e-12
+        s00 = np.bincount(codes, w, n_groups)
+        s01 = np.bincount(codes, w * lp, n_groups)
+        s11 = np.bincount(codes, w * lp * lp, n_groups)
+        g0 = np.bincount(codes, yf - mu, n_groups)
+        g1 = np.bincount(codes, (yf - mu) * lp, n_groups)
+        det = s00 * s11 - s01 * s01
+        with np.errstate(invalid="ignore", divide="ignore"):
+            step0 = (s11 * g0 - s01 * g1) / det
+            step1 = (s00 * g1 - s01 * g0) / det
+        step = np.nan_to_num(np.column_stack([step0, step1]))
+        beta += step
+        if np.abs(step).max() < 1e-8:
+            break
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(s00 / (s00 * s11 - s01 * s01))
+    return beta[:, 1], se
+
+
+def _oe(y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Observed/expected ratio and the standard error of its logarithm (delta method), per group."""
+    yf = y.astype(np.float64)
+    o = np.bincount(codes, yf, n_groups)
+    e = np.bincount(codes, p, n_groups)
+    syp = np.bincount(codes, yf * p, n_groups)
+    spp = np.bincount(codes, p * p, n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = o / e
+        resid = o - 2 * r * syp + r * r * spp  # sum of (y - r p)^2
+        se_log = np.sqrt(np.maximum(resid, 0)) / e / r
+    return r, se_log
+
+
+def _normal_ci(value: float, se: float, z: float, *, lo: float = -np.inf, hi: float = np.inf) -> Estimate:
+    if not np.isfinite(value) or not np.isfinite(se):
+        return (float(value), float("nan"), float("nan"))
+    return (float(value), float(max(lo, value - z * se)), float(min(hi, value + z * se)))
+
+
+def _log_ci(value: float, se_log: float, z: float) -> Estimate:
+    if not np.isfinite(value) or not np.isfinite(se_log) or value <= 0:
+        return (float(value), float("nan"), float("nan"))
+    return (float(value), float(value * np.exp(-z * se_log)), float(value * np.exp(z * se_log)))
+
+
+# --- one partition of the patients (an attribute or an intersection) -----------------------------------
+
+
+@dataclass(frozen=True)
+class _Partition:
+    attribute: str
+    labels: list[str]
+    codes: np.ndarray
+    intersection: bool
+
+
+def _partition(attribute: str, values: np.ndarray, *, intersection: bool) -> _Partition:
+    labels, codes = np.unique(np.asarray(values).astype(str), return_inverse=True)
+    return _Partition(attribute, [str(v) for v in labels], codes.astype(np.int64), intersection)
+
+
+def _two_sided_p(z: float) -> float:
+    return float(2 * stats.norm.sf(abs(z))) if np.isfinite(z) else float("nan")
+
+
+def _analyse_partition(
+    part: _Partition,
+    y: np.ndarray,
+    p: np.ndarray,
+    flag: np.ndarray,
+    overall: dict,
+    *,
+    min_cell_size: int,
+    n_boot: int,
+    level: float,
+    auroc_ci: str,
+    rng: np.random.Generator,
+) -> tuple[list[SubgroupRow], AttributeSummary]:
+    g = len(part.labels)
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    counts = _counts_by_group(y, flag, part.codes, g)
+    n = counts.sum(axis=1)
+    events = counts[:, 0] + counts[:, 2]
+    suppressed = (n < min_cell_size) | (events < min_cell_size) | (n - events < min_cell_size)
+    point = _rates(counts)
+    reps = _multinomial_replicates(counts, n_boot, rng)
+    rep_rates = _rates(reps)  # name -> (n_boot, g)
+    # the population as the sum of its groups: replicates of "all patients" consistent with each group's
+    rep_all = _rates(reps.sum(axis=1))  # name -> (n_boot,)
+    oe, oe_se = _oe(y, p, part.codes, g)
+    slope, slope_se = _calibration_fit(y, p, part.codes, g)
+    order = np.argsort(part.codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(n)])
+    auc = np.full(g, np.nan)
+    auc_var = np.full(g, np.nan)
+    auc_ci: list[Estimate] = [_NAN3] * g
+    for i in range(g):
+        if suppressed[i]:
+            continue
+        rows = order[bounds[i] : bounds[i + 1]]
+        auc[i], auc_var[i] = delong_auroc(y[rows], p[rows])
+        if auroc_ci == "bootstrap":
+            lo, hi = _percentile(bootstrap_auroc(y[rows], p[rows], n_boot=n_boot, rng=rng), level)
+            auc_ci[i] = (float(auc[i]), float(lo), float(hi))
+        else:
+            auc_ci[i] = _normal_ci(auc[i], float(np.sqrt(auc_var[i])), z, lo=0.0, hi=1.0)
+
+    ok = np.flatnonzero(~suppressed)
+    best = {}
+    for name in DISPARITY_METRICS:
+        vals = auc if name == "auroc" else point[name]
+        finite = [i for i in ok if np.isfinite(vals[i])]
+        if finite:
+            best[name] = int(max(finite, key=lambda i: vals[i]))
+    rows: list[SubgroupRow] = []
+    for i in range(g):
+        if suppressed[i]:
+            rows.append(
+                SubgroupRow(
+                    part.attribute,
+                    part.labels[i],
+                    int(n[i]),
+                    int(events[i]),
+                    True,
+                    {},
+                    (),
+                    {},
+                    {},
+                    part.intersection,
+                )
+            )
+            continue
+        metrics: dict[str, Estimate] = {"auroc": auc_ci[i]}
+        for name in RATE_METRICS:
+            lo, hi = _percentile(rep_rates[name][:, i], level)
+            metrics[name] = (float(point[name][i]), float(lo), float(hi))
+        metrics["observed_expected_ratio"] = _log_ci(float(oe[i]), float(oe_se[i]), z)
+        metrics["calibration_slope"] = _normal_ci(float(slope[i]), float(slope_se[i]), z)
+        disp: dict[str, dict[str, Estimate]] = {}
+        for name in DISPARITY_METRICS:
+            if name not in best:
+                continue
+            b = best[name]
+            if name == "auroc":
+                se_best = np.sqrt(auc_var[i] + (auc_var[b] if b != i else 0.0))
+                # the group is part of all patients: adding the variances (ignoring their positive
+                # covariance) makes the interval conservative
+                se_all = np.sqrt(auc_var[i] + overall["auroc_var"])
+                d_best = _normal_ci(auc[i] - auc[b], float(se_best), z)
+                d_all = _normal_ci(auc[i] - overall["auroc"], float(se_all), z)
+                r_best = _log_ci(auc[i] / auc[b], float(se_best / auc[i]), z)
+                r_all = _log_ci(auc[i] / overall["auroc"], float(se_all / auc[i]), z)
+            else:
+                gi, gb, ga = rep_rates[name][:, i], rep_rates[name][:, b], rep_all[name]
+                v, vb, va = point[name][i], point[name][b], overall[name]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    d_best = (float(v - vb), *map(float, _percentile(gi - gb, level)))
+                    d_all = (float(v - va), *map(float, _percentile(gi - ga, level)))
+                    r_best = (float(v / vb), *map(float, _percentile(gi / gb, level)))
+                    r_all = (float(v / va), *map(float, _percentile(gi / ga, level)))
+            disp[name] = {
+                "difference_to_best": d_best,
+                "ratio_to_best": r_best,
+                "difference_to_overall": d_all,
+                "ratio_to_overall": r_all,
+            }
+        # one-sided evidence of harm, turned into two-sided p-values for Holm's correction
+        p_values = {}
+        if "auroc" in disp:
+            se = np.sqrt(auc_var[i] + overall["auroc_var"])
+            p_values["auroc"] = _two_sided_p((auc[i] - overall["auroc"]) / se) if se > 0 else float("nan")
+        diff = rep_rates["sensitivity"][:, i] - rep_all["sensitivity"]
+        sd = float(np.nanstd(diff, ddof=1))
+        est = float(point["sensitivity"][i] - overall["sensitivity"])
+        p_values["sensitivity"] = _two_sided_p(est / sd) if sd > 0 else float("nan")
+        se_log_ratio = np.sqrt(oe_se[i] ** 2 + overall["oe_se_log"] ** 2)
+        p_values["observed_expected_ratio"] = _two_sided_p(
+            float(np.log(oe[i] / overall["observed_expected_ratio"]) / se_log_ratio)
+        )
+        rows.append(
+            SubgroupRow(
+                part.attribute,
+                part.labels[i],
+                int(n[i]),
+                int(events[i]),
+                False,
+                metrics,
+                (),
+                disp,
+                p_values,
+                part.intersection,
+            )
+        )
+
+    # equalized odds difference: the larger of the ranges of TPR and FPR over the reportable groups
+    if ok.size >= 2:
+        tpr, fpr = point["sensitivity"][ok], 1 - point["specificity"][ok]
+        eod = float(max(np.ptp(tpr), np.ptp(fpr)))
+        rt = rep_rates["sensitivity"][:, ok]
+        rf = 1 - rep_rates["specificity"][:, ok]
+        eod_reps = np.maximum(np.nanmax(rt, 1) - np.nanmin(rt, 1), np.nanmax(rf, 1) - np.nanmin(rf, 1))
+        lo, hi = _percentile(eod_reps, level)
+        eod_ci: Estimate = (eod, float(lo), float(hi))
+    else:
+        eod_ci = _NAN3
+    summary = AttributeSummary(
+        part.attribute,
+        g,
+        int(suppressed.sum()),
+        eod_ci,
+        {k: part.labels[v] for k, v in best.items()},
+        part.intersection,
     )
+    return rows, summary
+
+
+def _holm(p_values: list[float]) -> np.ndarray:
+    """Holm-adjusted p-values (NaN stays NaN)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.size, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = order.size
+    running = 0.0
+    for k, j in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[j]))
+        out[j] = running
+    return out
 
 
 def subgroup_table(
@@ -78,72 +474,409 @@ def subgroup_table(
     threshold: float,
     attributes: dict[str, np.ndarray],
     *,
+    intersections: bool = True,
     min_cell_size: int = 11,
     auroc_min: float = 0.5,
     sensitivity_min: float = 0.0,
-    n_boot: int = 300,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    alpha: float = 0.05,
+    auroc_ci: str = "delong",
     seed: int = 0,
-) -> list[SubgroupRow]:
-    """Per-group metrics with 95% CIs for each attribute, plus "Overall".
+) -> SubgroupAnalysis:
+    """Per-group metrics with CIs for each attribute and pairwise intersection, plus all patients.
 
-    A group is flagged when the upper bound of its CI is below the use case's subgroup minimum (the
-    evidence says it misses the bar), or below the lower bound of the overall estimate (worse than
-    everyone else beyond chance).
+    Parameters
+    ----------
+    y : ndarray
+        Outcome labels (0/1) of the validation cohort.
+    p : ndarray
+        Predicted risks.
+    threshold : float
+        Operating threshold (risk >= threshold is flagged), the same for every group.
+    attributes : dict of str to ndarray
+        Attribute name -> group label of each row (e.g. ``{"sex": ..., "age_band": ...}``).
+    intersections : bool
+        Also analyse every pair of attributes (``"sex & race_ethnicity"``).
+    min_cell_size : int
+        Groups with fewer patients, events or non-events are suppressed.
+    auroc_min, sensitivity_min : float
+        Subgroup minimums of the use case; a group whose CI upper bound is below one is flagged.
+    n_boot : int
+        Bootstrap replicates for the confusion-matrix metrics and their disparities.
+    level : float
+        Confidence level of the reported intervals.
+    alpha : float
+        Family-wise error rate of the "worse than all patients" flags (Holm).
+    auroc_ci : {"delong", "bootstrap"}
+        How AUROC intervals are computed.
+    seed : int
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    SubgroupAnalysis
     """
-    y = np.asarray(y).astype(int)
-    p = np.asarray(p)
+    if auroc_ci not in ("delong", "bootstrap"):
+        raise ValueError(f"auroc_ci must be 'delong' or 'bootstrap', got {auroc_ci!r}")
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    flag = p >= threshold
     rng = np.random.default_rng(seed)
-    overall = _with_ci(y, p, threshold, rng, n_boot)
-    rows = [SubgroupRow("overall", "All patients", len(y), int(y.sum()), False, overall, ())]
-    for attr, values in attributes.items():
-        mf = reference_metric_frame(y, p, threshold, pd.Series(values, name=attr))
-        for group in sorted(pd.unique(values).tolist(), key=str):
-            mask = values == group
-            n = int(mask.sum())
-            ev = int(y[mask].sum())
-            if n < min_cell_size or ev < 1 or (n - ev) < 1:
-                rows.append(SubgroupRow(attr, str(group), n, ev, True, {}, ()))
+    z = float(stats.norm.ppf(0.5 + level / 2))
+
+    # all patients
+    all_codes = np.zeros(y.size, dtype=np.int64)
+    c_all = _counts_by_group(y, flag, all_codes, 1)
+    r_all = _rates(c_all)
+    rep_all = _rates(_multinomial_replicates(c_all, n_boot, rng))
+    auc_all, var_all = delong_auroc(y, p)
+    oe_all, oe_se_all = _oe(y, p, all_codes, 1)
+    slope_all, slope_se_all = _calibration_fit(y, p, all_codes, 1)
+    m_all: dict[str, Estimate] = {}
+    if auroc_ci == "bootstrap":
+        lo, hi = _percentile(bootstrap_auroc(y, p, n_boot=n_boot, rng=rng), level)
+        m_all["auroc"] = (auc_all, float(lo), float(hi))
+    else:
+        m_all["auroc"] = _normal_ci(auc_all, float(np.sqrt(var_all)), z, lo=0.0, hi=1.0)
+    for name in RATE_METRICS:
+        lo, hi = _percentile(rep_all[name][:, 0], level)
+        m_all[name] = (float(r_all[name][0]), float(lo), float(hi))
+    m_all["observed_expected_ratio"] = _log_ci(float(oe_all[0]), float(oe_se_all[0]), z)
+    m_all["calibration_slope"] = _normal_ci(float(slope_all[0]), float(slope_se_all[0]), z)
+    overall_row = SubgroupRow("overall", "All patients", int(y.size), int(y.sum()), False, m_all)
+    overall = {name: float(r_all[name][0]) for name in RATE_METRICS}
+    overall.update(
+        auroc=auc_all,
+        auroc_var=var_all,
+        observed_expected_ratio=float(oe_all[0]),
+        oe_se_log=float(oe_se_all[0]),
+    )
+
+    parts = [_partition(a, v, intersection=False) for a, v in attributes.items()]
+    if intersections:
+        for a, b in itertools.combinations(attributes, 2):
+            values = np.char.add(
+                np.char.add(np.asarray(attributes[a]).astype(str), INTERSECTION_SEP),
+                np.asarray(attributes[b]).astype(str),
+            )
+            parts.append(_partition(f"{a}{INTERSECTION_SEP}{b}", values, intersection=True))
+
+    rows: list[SubgroupRow] = []
+    summaries: list[AttributeSummary] = []
+    for part in parts:
+        r, s = _analyse_partition(
+            part,
+            y,
+            p,
+            flag,
+            overall,
+            min_cell_size=min_cell_size,
+            n_boot=n_boot,
+            level=level,
+            auroc_ci=auroc_ci,
+            rng=rng,
+        )
+        rows.extend(r)
+        summaries.append(s)
+
+    # flags: absolute minimums at the reported level; "worse than all patients" with Holm over all tests
+    tests = [(i, k) for i, r in enumerate(rows) for k in FLAG_METRICS if k in r.p_values]
+    adjusted = _holm([rows[i].p_values[k] for i, k in tests])
+    worse: dict[int, list[str]] = {}
+    for (i, k), padj in zip(tests, adjusted, strict=True):
+        if not (np.isfinite(padj) and padj < alpha):
+            continue
+        r = rows[i]
+        if k == "observed_expected_ratio":
+            direction = "more" if r.metrics[k][0] > overall[k] else "fewer"
+            worse.setdefault(i, []).append(
+                f"{direction} deaths than predicted, relative to all patients (O/E "
+                f"{r.metrics[k][0]:.2f} vs {overall[k]:.2f}, adjusted p = {padj:.3g})"
+            )
+        elif r.metrics[k][0] < overall[k]:
+            d = r.disparities[k]["difference_to_overall"]
+            worse.setdefault(i, []).append(
+                f"{_WORDS[k]} lower than in all patients beyond chance (difference {d[0]:+.2f}, "
+                f"95% CI {d[1]:+.2f} to {d[2]:+.2f}; adjusted p = {padj:.3g})"
+            )
+    final: list[SubgroupRow] = [overall_row]
+    for i, r in enumerate(rows):
+        flags: list[str] = []
+        if not r.suppressed:
+            if r.metrics["auroc"][2] < auroc_min:
+                flags.append(
+                    f"AUROC below the subgroup minimum of {auroc_min:.2f} (upper 95% bound "
+                    f"{r.metrics['auroc'][2]:.2f})"
+                )
+            if r.metrics["sensitivity"][2] < sensitivity_min:
+                flags.append(
+                    f"sensitivity below the subgroup minimum of {sensitivity_min:.2f} (upper 95% bound "
+                    f"{r.metrics['sensitivity'][2]:.2f})"
+                )
+            flags += worse.get(i, [])
+        final.append(
+            SubgroupRow(
+                r.attribute,
+                r.group,
+                r.n,
+                r.events,
+                r.suppressed,
+                r.metrics,
+                tuple(flags),
+                r.disparities,
+                r.p_values,
+                r.intersection,
+            )
+        )
+    return SubgroupAnalysis(
+        rows=tuple(final),
+        attributes=tuple(summaries),
+        threshold=float(threshold),
+        min_cell_size=min_cell_size,
+        n_boot=n_boot,
+        level=level,
+        auroc_ci=auroc_ci,
+        tests=len(tests),
+    )
+
+
+_WORDS = {"auroc": "AUROC", "sensitivity": "sensitivity", "observed_expected_ratio": "O/E ratio"}
+
+
+# --- the reference ------------------------------------------------------------------------------------
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def _sens(y, f) -> float:
+    tp, _, _, fn = confusion(np.asarray(y), np.asarray(f, dtype=float), 0.5)
+    return _ratio(tp, tp + fn)
+
+
+def _spec(y, f) -> float:
+    _, fp, tn, _ = confusion(np.asarray(y), np.asarray(f, dtype=float), 0.5)
+    return _ratio(tn, tn + fp)
+
+
+def _ppv(y, f) -> float:
+    tp, fp, _, _ = confusion(np.asarray(y), np.asarray(f, dtype=float), 0.5)
+    return _ratio(tp, tp + fp)
+
+
+def _npv(y, f) -> float:
+    _, _, tn, fn = confusion(np.asarray(y), np.asarray(f, dtype=float), 0.5)
+    return _ratio(tn, tn + fn)
+
+
+def reference_metric_frame(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    groups: pd.Series | pd.DataFrame,
+    *,
+    n_boot: int | None = None,
+    seed: int = 0,
+):
+    """fairlearn ``MetricFrame`` of the confusion-matrix metrics at the operating threshold.
+
+    The reference that :func:`subgroup_table` is tested against (and benchmarked against, with ``n_boot``).
+    """
+    from fairlearn.metrics import MetricFrame
+
+    flag = (np.asarray(p) >= threshold).astype(int)
+    kwargs = {"n_boot": n_boot, "ci_quantiles": [0.025, 0.975], "random_state": seed} if n_boot else {}
+    return MetricFrame(
+        metrics={"sensitivity": _sens, "specificity": _spec, "ppv": _ppv, "npv": _npv},
+        y_true=np.asarray(y).astype(int),
+        y_pred=flag,
+        sensitive_features=groups,
+        **kwargs,
+    )
+
+
+# --- per-group operating points -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupThreshold:
+    """A recommended threshold for one group, chosen on the tuning rows, judged on the validation rows."""
+
+    attribute: str
+    group: str
+    n_tuning: int
+    events_tuning: int
+    suppressed: bool
+    threshold: float
+    threshold_range: tuple[float, float]
+    sensitivity_single: Estimate
+    specificity_single: Estimate
+    sensitivity_group: Estimate
+    specificity_group: Estimate
+    meets_target_single: bool
+    meets_target_group: bool
+
+
+def _rate_ci(k: int, n: int, z: float) -> Estimate:
+    """Wilson interval of k/n."""
+    if n == 0:
+        return _NAN3
+    ph = k / n
+    denom = 1 + z * z / n
+    centre = (ph + z * z / (2 * n)) / denom
+    half = z * np.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n)) / denom
+    return (float(ph), float(centre - half), float(centre + half))
+
+
+def _sens_spec_at(y: np.ndarray, p: np.ndarray, threshold: float, z: float) -> tuple[Estimate, Estimate]:
+    tp, fp, tn, fn = confusion(y, p, threshold)
+    return _rate_ci(tp, tp + fn, z), _rate_ci(tn, tn + fp, z)
+
+
+def group_thresholds(
+    y_tuning: np.ndarray,
+    p_tuning: np.ndarray,
+    groups_tuning: dict[str, np.ndarray],
+    y_valid: np.ndarray,
+    p_valid: np.ndarray,
+    groups_valid: dict[str, np.ndarray],
+    *,
+    threshold: float,
+    policy: str,
+    target: float,
+    min_cell_size: int = 11,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> list[GroupThreshold]:
+    """Per-group operating points that meet the use case's constraint in every group.
+
+    For each group the threshold is chosen by the use case's policy on the group's tuning rows (e.g.
+    ``min_sensitivity``: the highest threshold whose sensitivity is at least ``target``, which maximizes
+    specificity), deterministically. Its stability is the 95% range of the thresholds chosen on
+    ``n_boot`` resamples of those tuning rows. Sensitivity and specificity on the validation rows are given
+    at the single threshold and at the group's own, side by side. Nothing is applied: these are
+    recommendations for the clinical team.
+
+    Returns
+    -------
+    list of GroupThreshold
+        One per group of each attribute; groups with fewer than ``min_cell_size`` tuning or validation
+        events or non-events are suppressed.
+    """
+    rng = np.random.default_rng(seed)
+    z = float(stats.norm.ppf(0.975))
+    yt, pt = np.asarray(y_tuning).astype(bool), np.asarray(p_tuning, dtype=np.float64)
+    yv, pv = np.asarray(y_valid).astype(bool), np.asarray(p_valid, dtype=np.float64)
+    out = []
+    for attr, values in groups_tuning.items():
+        vt = np.asarray(values).astype(str)
+        vv = np.asarray(groups_valid[attr]).astype(str)
+        for group in sorted(set(vt.tolist()) | set(vv.tolist())):
+            mt, mv = vt == group, vv == group
+            ygt, pgt, ygv, pgv = yt[mt], pt[mt], yv[mv], pv[mv]
+            small = min(int(ygt.sum()), int((~ygt).sum()), int(ygv.sum()), int((~ygv).sum())) < min_cell_size
+            if small:
+                out.append(
+                    GroupThreshold(
+                        attr,
+                        group,
+                        int(mt.sum()),
+                        int(ygt.sum()),
+                        True,
+                        float("nan"),
+                        (float("nan"), float("nan")),
+                        _NAN3,
+                        _NAN3,
+                        _NAN3,
+                        _NAN3,
+                        False,
+                        False,
+                    )
+                )
                 continue
-            m = _with_ci(y[mask], p[mask], threshold, rng, n_boot)
-            # the point estimates are fairlearn's: keep ours only for metrics MetricFrame does not compute
-            for name in ("sensitivity", "specificity", "ppv", "npv"):
-                ref = float(mf.by_group.loc[group, name])
-                m[name] = (ref, m[name][1], m[name][2])
-            flags = []
-            if m["auroc"][2] < auroc_min:
-                flags.append(f"AUROC below the subgroup minimum of {auroc_min:.2f}")
-            elif m["auroc"][2] < overall["auroc"][1]:
-                flags.append("AUROC lower than in all patients")
-            if m["sensitivity"][2] < sensitivity_min:
-                flags.append(f"sensitivity below the subgroup minimum of {sensitivity_min:.2f}")
-            elif m["sensitivity"][2] < overall["sensitivity"][1]:
-                flags.append("sensitivity lower than in all patients")
-            rows.append(SubgroupRow(attr, str(group), n, ev, False, m, tuple(flags)))
-    return rows
+            t = choose_threshold(ygt, pgt, policy=policy, target=target)
+            reps = np.empty(n_boot)
+            for b in range(n_boot):
+                idx = rng.integers(0, ygt.size, ygt.size)
+                reps[b] = choose_threshold(ygt[idx], pgt[idx], policy=policy, target=target)
+            lo, hi = np.quantile(reps, [0.025, 0.975])
 
-
-def _with_ci(y, p, threshold, rng, n_boot) -> dict[str, tuple[float, float, float]]:
-    point = _group_metrics(y, p, threshold)
-    reps: dict[str, list[float]] = {k: [] for k in point}
-    n = len(y)
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        for k, v in _group_metrics(y[idx], p[idx], threshold).items():
-            reps[k].append(v)
-    out = {}
-    for k, v in point.items():
-        r = np.asarray(reps[k])
-        r = r[np.isfinite(r)]
-        lo, hi = np.quantile(r, [0.025, 0.975]) if r.size else (np.nan, np.nan)
-        out[k] = (float(v), float(lo), float(hi))
+            s1, sp1 = _sens_spec_at(ygv, pgv, threshold, z)
+            s2, sp2 = _sens_spec_at(ygv, pgv, t, z)
+            key = s1 if policy == "min_sensitivity" else sp1
+            key2 = s2 if policy == "min_sensitivity" else sp2
+            out.append(
+                GroupThreshold(
+                    attr,
+                    group,
+                    int(mt.sum()),
+                    int(ygt.sum()),
+                    False,
+                    float(t),
+                    (float(lo), float(hi)),
+                    s1,
+                    sp1,
+                    s2,
+                    sp2,
+                    bool(key[0] >= target),
+                    bool(key2[0] >= target),
+                )
+            )
     return out
 
 
-def verdict(rows: list[SubgroupRow]) -> tuple[str, list[str]]:
-    """``pass`` when no group is flagged, ``fail`` when a group misses a use-case minimum, else ``review``."""
+def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target: float) -> list[str]:
+    """Plain-words recommendations from :func:`group_thresholds` (never applied automatically)."""
+    measure = "sensitivity" if policy == "min_sensitivity" else "specificity"
+    out = []
+    for r in rows:
+        if r.suppressed:
+            continue
+        single = r.sensitivity_single if measure == "sensitivity" else r.specificity_single
+        own = r.sensitivity_group if measure == "sensitivity" else r.specificity_group
+        if single[2] < target:
+            out.append(
+                f"{r.attribute} = {r.group}: at the single threshold the {measure} is {single[0]:.2f} "
+                f"(95% CI {single[1]:.2f} to {single[2]:.2f}), below the target of {target:.2f} beyond "
+                f"chance; a group threshold of {r.threshold:.3f} (stable between {r.threshold_range[0]:.3f} "
+                f"and {r.threshold_range[1]:.3f}) gives {own[0]:.2f}. Consider it, or a population-specific "
+                "model, after clinical review."
+            )
+    if not out:
+        out.append(
+            f"The single threshold meets the {measure} target in every group large enough to judge: no "
+            "group-specific threshold is recommended."
+        )
+    return out
+
+
+# --- the verdict --------------------------------------------------------------------------------------
+
+
+def verdict(analysis: SubgroupAnalysis | list[SubgroupRow]) -> tuple[str, list[str]]:
+    """``pass`` when no group is flagged, ``fail`` when a group misses a use-case minimum, else ``review``.
+
+    Returns
+    -------
+    tuple
+        The verdict and its reasons in words.
+    """
+    rows = analysis.rows if isinstance(analysis, SubgroupAnalysis) else analysis
     reasons = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.flags]
-    if any("minimum" in reason for reason in reasons):
-        return "fail", reasons
+    suppressed = sum(r.suppressed for r in rows)
+    tail = (
+        [f"{suppressed} groups too small to judge (suppressed); they need more data before a verdict."]
+        if suppressed
+        else []
+    )
+    if any("subgroup minimum" in reason for reason in reasons):
+        return "fail", reasons + tail
     if reasons:
-        return "review", reasons
-    return "pass", ["every audited group of adequate size meets the subgroup minimums"]
+        return "review", reasons + tail
+    return "pass", [
+        "every audited group large enough to judge meets the subgroup minimums and none is worse than all "
+        "patients beyond chance",
+        *tail,
+    ]

@@ -113,3 +113,36 @@ def drift_plot(names: list[str], values: list[float], *, warn: float, error: flo
     ax.set_xlabel("population stability index (PSI)")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def subgroup_forest_plot(
+    rows: list,
+    *,
+    metric: str,
+    title: str,
+    overall: tuple[float, float, float],
+    minimum: float | None = None,
+) -> bytes:
+    """Forest plot of one metric over the groups of an attribute (``SubgroupRow``); suppressed groups are
+    listed with the word "suppressed" instead of an estimate, so no group silently disappears."""
+    fig, ax = plt.subplots(figsize=(6.4, 0.3 * len(rows) + 1.5))
+    ys = np.arange(len(rows))[::-1]
+    labels = []
+    for yv, r in zip(ys, rows, strict=True):
+        if r.suppressed:
+            labels.append(f"{r.group} (suppressed)")
+            continue
+        v, lo, hi = r.metrics[metric]
+        color = _RED if r.flags else _BLUE
+        ax.plot([lo, hi], [yv, yv], color=color)
+        ax.plot([v], [yv], "o", color=color)
+        labels.append(f"{r.group} (n={r.n})")
+    ax.axvline(overall[0], color=_GREY, ls="--", label="all patients")
+    if minimum is not None:
+        ax.axvline(minimum, color=_RED, ls=":", label="subgroup minimum")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel(f"{metric} (95% CI); red = flagged")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)

@@ -154,67 +154,184 @@ def performance_report(
     return html, md
 
 
+ATTRIBUTE_TITLES = {
+    "overall": "all patients",
+    "sex": "sex",
+    "race_ethnicity": "race and ethnicity",
+    "age_band": "age group",
+}
+_TABLE_METRICS = (
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "observed_expected_ratio",
+    "calibration_slope",
+)
+
+
+def attribute_title(attribute: str) -> str:
+    """Words for an attribute or an intersection (``"sex & age_band"`` -> ``"sex and age group"``)."""
+    return " and ".join(ATTRIBUTE_TITLES.get(a, a.replace("_", " ")) for a in attribute.split(" & "))
+
+
+def _estimate(e: tuple[float, float, float] | None) -> dict | None:
+    if e is None:
+        return None
+    return {"value": e[0], "lower": e[1], "upper": e[2]}
+
+
+def fairness_context(analysis, *, forest_plots: Mapping[str, bytes]) -> list[dict]:
+    """Template-ready sections (one per attribute and intersection) of a ``SubgroupAnalysis``."""
+    sections = []
+    for summary in analysis.attributes:
+        rows = []
+        for r in analysis.rows_of(summary.attribute):
+            rows.append(
+                {
+                    "group": r.group,
+                    "n": r.n if r.n >= analysis.min_cell_size else None,
+                    "events": r.events if r.events >= analysis.min_cell_size else None,
+                    "suppressed": r.suppressed,
+                    "flags": list(r.flags),
+                    "metrics": {k: _estimate(r.metrics.get(k)) for k in _TABLE_METRICS},
+                    "sens_diff": _estimate(r.disparities.get("sensitivity", {}).get("difference_to_overall")),
+                    "sens_ratio_best": _estimate(r.disparities.get("sensitivity", {}).get("ratio_to_best")),
+                    "auroc_diff": _estimate(r.disparities.get("auroc", {}).get("difference_to_overall")),
+                }
+            )
+        png = forest_plots.get(summary.attribute)
+        sections.append(
+            {
+                "attribute": summary.attribute,
+                "title": attribute_title(summary.attribute),
+                "intersection": summary.intersection,
+                "rows": rows,
+                "eod": _estimate(summary.equalized_odds_difference),
+                "suppressed": summary.groups_suppressed,
+                "best": summary.best_group,
+                "forest": b64(png) if png else None,
+            }
+        )
+    return sections
+
+
+def thresholds_context(thresholds: list) -> list[dict]:
+    """Template-ready rows of ``GroupThreshold``."""
+    return [
+        {
+            "attribute": attribute_title(t.attribute),
+            "group": t.group,
+            "suppressed": t.suppressed,
+            "threshold": t.threshold,
+            "range": t.threshold_range,
+            "sens_single": _estimate(t.sensitivity_single),
+            "spec_single": _estimate(t.specificity_single),
+            "sens_group": _estimate(t.sensitivity_group),
+            "spec_group": _estimate(t.specificity_group),
+        }
+        for t in thresholds
+    ]
+
+
+def fairness_markdown(analysis, *, verdict: str, reasons: list[str], min_cell_size: int) -> str:
+    """Markdown summary of the subcohort analysis (single attributes; intersections are in the HTML)."""
+    lines = [f"### Subcohort fairness: {verdict.upper()}\n"]
+    lines += [f"- {md_escape(r)}" for r in reasons]
+    lines.append(
+        "\n| Attribute | Group | Patients | AUROC (95% CI) | Sensitivity (95% CI) | O/E (95% CI) |\n"
+        "|---|---|---|---|---|---|"
+    )
+    for r in analysis.rows:
+        if r.intersection:
+            continue
+        head = f"| {md_escape(attribute_title(r.attribute))} | {md_escape(r.group)} | "
+        if r.suppressed:
+            size = f"< {min_cell_size}" if r.n < min_cell_size else str(r.n)
+            lines.append(head + f"{size} | suppressed | suppressed | suppressed |")
+        else:
+            lines.append(
+                head + f"{r.n} | {fmt_ci(r.metrics['auroc'], 2)} | {fmt_ci(r.metrics['sensitivity'], 2)} | "
+                f"{fmt_ci(r.metrics['observed_expected_ratio'], 2)} |"
+            )
+    eods = [
+        f"{md_escape(attribute_title(a.attribute))}: {fmt_ci(a.equalized_odds_difference, 2)}"
+        for a in analysis.attributes
+        if not a.intersection
+    ]
+    lines.append("\nEqualized odds difference: " + "; ".join(eods))
+    return "\n".join(lines) + "\n"
+
+
 def fairness_report(
     *,
     use_case,
-    rows: list,
+    analysis,
     verdict: str,
     reasons: list[str],
-    threshold: float,
+    thresholds: list,
+    recommendations: list[str],
     forest_plots: Mapping[str, bytes],
     model_version: str,
     code_version: str,
 ) -> tuple[str, str]:
-    """HTML subcohort fairness report and its Markdown summary; ``rows`` are ``SubgroupRow``."""
-    titles = {
-        "overall": "all patients",
-        "sex": "sex",
-        "race_ethnicity": "race and ethnicity",
-        "age_band": "age group",
-    }
-    attributes = [
-        {
-            "title": titles.get(a, a),
-            "rows": [r for r in rows if r.attribute == a],
-            "forest": b64(forest_plots[a]),
-        }
-        for a in use_case.subgroups.attributes
-    ]
+    """HTML subcohort fairness report and its Markdown summary.
+
+    Parameters
+    ----------
+    use_case : UseCase
+        The use case (subgroup minimums, operating point).
+    analysis : SubgroupAnalysis
+        From :func:`clinical_ml.core.fairness.subgroup_table`.
+    verdict, reasons
+        From :func:`clinical_ml.core.fairness.verdict`.
+    thresholds, recommendations
+        From :func:`clinical_ml.core.fairness.group_thresholds` and ``threshold_recommendation``.
+    forest_plots : mapping
+        Attribute -> PNG bytes.
+    """
     html = render(
         "fairness.html.j2",
         title=f"{use_case.title}: subcohort fairness report",
         subtitle="Performance of the model in each group of patients of the validation cohort",
         verdict=verdict,
         reasons=reasons,
-        threshold=threshold,
-        attributes=attributes,
+        threshold=analysis.threshold,
+        sections=fairness_context(analysis, forest_plots=forest_plots),
+        overall=_estimate_row(analysis.overall),
+        group_thresholds=thresholds_context(thresholds),
+        recommendations=recommendations,
+        policy_words=_policy_words(use_case),
         min_cell_size=use_case.subgroups.min_cell_size,
         auroc_min=use_case.subgroups.auroc_min,
         sensitivity_min=use_case.subgroups.sensitivity_min,
+        n_boot=analysis.n_boot,
+        tests=analysis.tests,
         use_case_name=use_case.name,
         use_case_hash=use_case.source_sha256[:12],
         model_version=model_version,
         code_version=code_version,
     )
-    lines = [f"### Subcohort fairness: {verdict.upper()}\n"]
-    lines += [f"- {md_escape(r)}" for r in reasons]
-    lines.append(
-        "\n| Attribute | Group | Patients | AUROC (95% CI) | Sensitivity (95% CI) |\n|---|---|---|---|---|"
+    md = fairness_markdown(
+        analysis, verdict=verdict, reasons=reasons, min_cell_size=use_case.subgroups.min_cell_size
     )
-    for r in rows:
-        if r.suppressed:
-            lines.append(
-                f"| {md_escape(r.attribute)} | {md_escape(r.group)} | < {use_case.subgroups.min_cell_size}"
-                if r.n < use_case.subgroups.min_cell_size
-                else f"| {md_escape(r.attribute)} | {md_escape(r.group)} | {r.n}"
-            )
-            lines[-1] += " | suppressed | suppressed |"
-        else:
-            lines.append(
-                f"| {md_escape(r.attribute)} | {md_escape(r.group)} | {r.n} | {fmt_ci(r.metrics['auroc'], 2)} | "
-                f"{fmt_ci(r.metrics['sensitivity'], 2)} |"
-            )
-    return html, "\n".join(lines) + "\n"
+    return html, md
+
+
+def _estimate_row(row) -> dict:
+    return {
+        "n": row.n,
+        "events": row.events,
+        "metrics": {k: _estimate(row.metrics.get(k)) for k in _TABLE_METRICS},
+    }
+
+
+def _policy_words(use_case) -> str:
+    op = use_case.operating_point
+    if op.policy == "min_sensitivity":
+        return f"at least {op.target:.0%} of deaths flagged, as few false alarms as possible"
+    return f"at least {op.target:.0%} of survivors not flagged"
 
 
 def drift_report(
@@ -259,5 +376,219 @@ def drift_report(
             f"| {md_escape(r['label'])} | {r['psi']:.3f} | {r['ks_statistic']:.3f} | {r['level']} |\n"
             for r in rows[:10]
         )
+    )
+    return html, md
+
+
+def _flow_rows(use_case, flow: dict[str, int]) -> list[tuple[str, int]]:
+    return [
+        ("Admissions in the de-identified data", flow["admissions"]),
+        (f"Excluded: under {use_case.population.min_age_years} years", flow["excluded_under_age"]),
+        ("Excluded: stay ended before the prediction time", flow["excluded_stay_ended_before_prediction"]),
+        ("Excluded: demographics missing", flow["excluded_missing_demographics"]),
+        ("Included", flow["included"]),
+    ]
+
+
+def _metric_rows(use_case, metrics: dict) -> list[dict]:
+    crit = use_case.success_criteria.model_dump()
+    rows = []
+    for key, (name, meaning) in METRIC_MEANINGS.items():
+        minimum = ""
+        if key in _MIN_KEYS:
+            minimum = f"{crit[_MIN_KEYS[key]]:.2f} (lower bound)"
+        elif key == "brier":
+            minimum = f"at most {crit['brier_max']:.2f}"
+        elif key == "calibration_slope":
+            lo, hi = crit["calibration_slope_range"]
+            minimum = f"{lo:.1f} to {hi:.1f}"
+        rows.append({"name": name, "meaning": meaning, "metric": metrics[key], "minimum": minimum})
+    return rows
+
+
+def _json_estimate(e) -> dict | None:
+    return None if not e else {"value": e[0], "lower": e[1], "upper": e[2]}
+
+
+def _card_subgroups(fairness: dict, forest_plots: Mapping[str, bytes]) -> list[dict]:
+    out = []
+    for a in fairness["attributes"]:
+        if a["intersection"]:
+            continue
+        rows = [
+            {
+                "group": r["group"],
+                "n": r["n"],
+                "events": r["events"],
+                "suppressed": r["suppressed"],
+                "flags": r["flags"],
+                "metrics": {k: _json_estimate(v) for k, v in r["metrics"].items()},
+                "sens_diff": _json_estimate(
+                    r["disparities"].get("sensitivity", {}).get("difference_to_overall")
+                ),
+            }
+            for r in fairness["rows"]
+            if r["attribute"] == a["attribute"]
+        ]
+        png = forest_plots.get(a["attribute"])
+        out.append(
+            {
+                "attribute": a["attribute"],
+                "title": attribute_title(a["attribute"]),
+                "rows": rows,
+                "eod": _json_estimate(a["equalized_odds_difference"]),
+                "forest": b64(png) if png else None,
+            }
+        )
+    return out
+
+
+def md_image(alt: str, png: bytes) -> str:
+    """A PNG embedded in Markdown (what the Dagster UI shows under "Show Markdown")."""
+    return f"![{md_escape(alt)}](data:image/png;base64,{b64(png)})"
+
+
+def report_card(
+    *,
+    use_case,
+    evaluation: dict,
+    fairness: dict,
+    decision: dict,
+    flow: dict[str, int],
+    fit: dict,
+    training_ranges: dict[str, tuple[float, float]],
+    importance: list[dict],
+    plots: Mapping[str, bytes],
+    forest_plots: Mapping[str, bytes],
+    data_periods: list[tuple[str, list[str]]],
+    batch_ids: list[str],
+    predictor_labels: list[str],
+    model_version: str,
+    code_version: str,
+) -> tuple[str, str]:
+    """The HCP report card of one model version (HTML, self-contained) and its Markdown summary.
+
+    Structured after TRIPOD+AI and model cards: intended use and population, data sources and dates,
+    participant flow, outcome and prediction time, predictors, missing data, derivation and validation
+    cohorts, performance with CIs and curves, subgroups, per-group thresholds, SHAP, out-of-range inputs,
+    limitations and the promotion decision.
+
+    Parameters
+    ----------
+    use_case : UseCase
+        The contract the model is judged by.
+    evaluation : dict
+        ``evaluation.json`` of the model evaluation (metrics with CIs, threshold, cohort sizes).
+    fairness : dict
+        ``fairness.json`` written by the subcohort fairness report.
+    decision, flow, fit : dict
+        Promotion decision, cohort flow and fit summary of the model version.
+    training_ranges : dict
+        Predictor -> (1st, 99th percentile) in the derivation cohort.
+    importance : list of dict
+        Global SHAP importance (``label``, ``mean_abs_shap``).
+    plots : mapping
+        ``roc``, ``calibration``, ``decision``, ``importance`` PNG bytes.
+    forest_plots : mapping
+        Attribute -> PNG bytes of its forest plot.
+    data_periods : list
+        (cohort name, admission periods) pairs.
+    batch_ids : list of str
+        Batches the model was derived from.
+    predictor_labels : list of str
+        The measurements used, in words.
+    model_version, code_version : str
+        Lineage printed in the footer.
+
+    Returns
+    -------
+    tuple of str
+        HTML and Markdown.
+    """
+    m = evaluation["metrics"]
+    hours = use_case.prediction_time.offset_hours
+    prediction_words = f"{hours:g} hours after admission"
+    inter = [a for a in fairness["attributes"] if a["intersection"]]
+    inter_names = {a["attribute"] for a in inter}
+    inter_rows = [r for r in fairness["rows"] if r["attribute"] in inter_names]
+    f = use_case.features
+    html = render(
+        "report_card.html.j2",
+        title=f"{use_case.title}: report card",
+        subtitle=f"Model {model_version}, for the clinical review panel",
+        question=use_case.clinical_question,
+        outcome=use_case.outcome.description,
+        outcome_window=use_case.outcome.window,
+        prediction_words=prediction_words,
+        observation_hours=f"{use_case.observation_window_hours:g}",
+        inclusion=use_case.population.inclusion,
+        exclusion=use_case.population.exclusion,
+        owner=use_case.owner,
+        metrics=m,
+        threshold=evaluation["threshold"],
+        policy_words=_policy_words(use_case),
+        n_validation=evaluation["n_validation"],
+        events_validation=evaluation["events_validation"],
+        decision=decision,
+        fairness_verdict=fairness["verdict"],
+        fairness_reasons=fairness["reasons"],
+        batch_ids=batch_ids,
+        data_periods=data_periods,
+        flow=_flow_rows(use_case, flow),
+        predictors=predictor_labels,
+        windows=" and ".join(f"the last {w:g} h" for w in f.window_hours),
+        aggregations=", ".join(f.aggregations),
+        static=[s.replace("_", " ") for s in f.static],
+        fit=fit,
+        metric_rows=_metric_rows(use_case, m),
+        plots={k: b64(v) for k, v in plots.items()},
+        subgroups=_card_subgroups(fairness, forest_plots),
+        min_cell_size=fairness["min_cell_size"],
+        intersections=[attribute_title(a["attribute"]) for a in inter],
+        intersection_groups=len(inter_rows),
+        intersection_flagged=sum(bool(r["flags"]) for r in inter_rows),
+        intersection_suppressed=sum(r["suppressed"] for r in inter_rows),
+        group_thresholds=[
+            {
+                "attribute": attribute_title(t["attribute"]),
+                "group": t["group"],
+                "suppressed": t["suppressed"],
+                "threshold": t["threshold"],
+                "range": t["threshold_range"],
+                "sens_single": _json_estimate(t["sensitivity_single"]),
+                "sens_group": _json_estimate(t["sensitivity_group"]),
+                "spec_single": _json_estimate(t["specificity_single"]),
+                "spec_group": _json_estimate(t["specificity_group"]),
+            }
+            for t in fairness["group_thresholds"]
+        ],
+        recommendations=fairness.get("recommendations", []),
+        importance=importance,
+        ranges=[(k, v[0], v[1]) for k, v in training_ranges.items() if not k.endswith("__count_24h")],
+        limitations=[
+            "Internal validation only: patients of the same hospitals and period as the derivation cohort. "
+            "Performance at another hospital or in a later period must be checked before use there.",
+            "Groups marked suppressed are too small to judge; the model's performance in them is unknown.",
+            "The model cannot see what was not measured: groups measured less often, or whose devices read "
+            "differently (e.g. pulse oximetry in darker skin), can be predicted less well.",
+            "Values measured after the prediction time are never used; values missing by then count as missing.",
+            "Predicted risk supports, and does not replace, clinical judgement.",
+        ],
+        use_case_name=use_case.name,
+        use_case_hash=use_case.source_sha256[:12],
+        model_version=model_version,
+        code_version=code_version,
+    )
+    md = (
+        f"### Report card: {md_escape(use_case.title)}\n\n"
+        f"Model {md_escape(model_version)}. Validation cohort (test set): {evaluation['n_validation']} "
+        f"admissions, {evaluation['events_validation']} deaths.\n\n"
+        "| Measure | Value (95% CI) |\n|---|---|\n"
+        + "".join(
+            f"| {METRIC_MEANINGS[k][0]} | {fmt_ci(m[k])} |\n" for k in ("auroc", "sensitivity", "specificity")
+        )
+        + f"\n**Promotion:** {'promoted to champion' if decision['promoted'] else 'not promoted'}. "
+        f"**Subcohorts:** {fairness['verdict'].upper()}\n\n"
+        + "".join(f"- {md_escape(r)}\n" for r in fairness["reasons"])
     )
     return html, md

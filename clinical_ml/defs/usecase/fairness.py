@@ -1,17 +1,52 @@
-"""The subcohort fairness report."""
+"""The subcohort fairness report: subgroup table, disparities, per-group operating points, verdict."""
+
+import dataclasses
 
 import dagster as dg
 import polars as pl
 
 from clinical_ml.core import plots
-from clinical_ml.core.fairness import subgroup_table, verdict
-from clinical_ml.core.reports import fairness_report, write_report
-from clinical_ml.core.storage import code_version, read_json
+from clinical_ml.core.fairness import (
+    group_thresholds,
+    subgroup_table,
+    threshold_recommendation,
+    verdict,
+)
+from clinical_ml.core.reports import attribute_title, fairness_report, write_report
+from clinical_ml.core.storage import code_version, read_json, write_json
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
 from clinical_ml.defs.usecase.paths import UseCasePaths, use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
+
+
+def fairness_summary(
+    analysis, v: str, reasons: list[str], thresholds: list, recommendations: list[str]
+) -> dict:
+    """What the report card reads back: aggregates only, small cells without their counts."""
+    k = analysis.min_cell_size
+
+    def row(r) -> dict:
+        d = dataclasses.asdict(r)
+        if r.n < k:
+            d["n"] = None
+        if r.events < k or r.n - r.events < k:
+            d["events"] = None
+        return d
+
+    return {
+        "threshold": analysis.threshold,
+        "min_cell_size": k,
+        "n_boot": analysis.n_boot,
+        "tests": analysis.tests,
+        "verdict": v,
+        "reasons": reasons,
+        "rows": [row(r) for r in analysis.rows],
+        "attributes": [dataclasses.asdict(a) for a in analysis.attributes],
+        "group_thresholds": [dataclasses.asdict(t) for t in thresholds],
+        "recommendations": recommendations,
+    }
 
 
 def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -26,57 +61,80 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         group_name=Stage.EVALUATION,
         kinds={"fairlearn", "html"},
         tags=tags(DataClass.AGGREGATE),
-        description="Performance by sex, race/ethnicity and age group with 95% CIs (fairlearn MetricFrame), "
-        "small cells suppressed, verdict against the subgroup minimums.",
+        description="Performance by sex, race/ethnicity, age group and their intersections with 95% CIs, "
+        "disparities, small cells suppressed, per-group operating points, verdict against the subgroup "
+        "minimums.",
         owners=ML_OWNERS,
     )
     def subcohort_fairness_report(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
-        preds = pl.read_parquet(paths.deid(zones, "validation_predictions.parquet")).filter(
-            pl.col("split") == "held_out"
-        )
+        preds = pl.read_parquet(paths.deid(zones, "validation_predictions.parquet"))
+        held = preds.filter(pl.col("split") == "held_out")
+        tune = preds.filter(pl.col("split") == "tuning")
         t = read_json(paths.deid(zones, "threshold.json"))
         sg = uc.subgroups
-        rows = subgroup_table(
-            preds["label"].cast(pl.Int8).to_numpy(),
-            preds["risk"].to_numpy(),
+
+        def groups(frame: pl.DataFrame) -> dict:
+            return {a: frame[a].cast(pl.String).fill_null("Unknown").to_numpy() for a in sg.attributes}
+
+        analysis = subgroup_table(
+            held["label"].cast(pl.Int8).to_numpy(),
+            held["risk"].to_numpy(),
             t["threshold"],
-            {a: preds[a].fill_null("Unknown").to_numpy() for a in sg.attributes},
+            groups(held),
             min_cell_size=sg.min_cell_size,
             auroc_min=sg.auroc_min,
             sensitivity_min=sg.sensitivity_min,
-            n_boot=min(evaluation.n_bootstrap, 300),
+            n_boot=evaluation.n_bootstrap,
             seed=evaluation.bootstrap_seed,
         )
-        v, reasons = verdict(rows)
-        overall = rows[0].metrics["sensitivity"]
+        v, reasons = verdict(analysis)
+        op = uc.operating_point
+        thresholds = group_thresholds(
+            tune["label"].cast(pl.Int8).to_numpy(),
+            tune["risk"].to_numpy(),
+            groups(tune),
+            held["label"].cast(pl.Int8).to_numpy(),
+            held["risk"].to_numpy(),
+            groups(held),
+            threshold=t["threshold"],
+            policy=op.policy,
+            target=op.target,
+            min_cell_size=sg.min_cell_size,
+            n_boot=min(evaluation.n_bootstrap, 200),
+            seed=evaluation.bootstrap_seed,
+        )
+        recommendations = threshold_recommendation(thresholds, policy=op.policy, target=op.target)
         forests = {
-            a: plots.forest_plot(
-                [
-                    {
-                        "label": r.group,
-                        "value": r.metrics["sensitivity"][0],
-                        "lower": r.metrics["sensitivity"][1],
-                        "upper": r.metrics["sensitivity"][2],
-                        "flagged": bool(r.flags),
-                    }
-                    for r in rows
-                    if r.attribute == a and not r.suppressed
-                ],
+            a.attribute: plots.subgroup_forest_plot(
+                analysis.rows_of(a.attribute),
                 metric="sensitivity",
-                overall=overall,
+                title=f"Sensitivity by {attribute_title(a.attribute)}",
+                overall=analysis.overall.metrics["sensitivity"],
                 minimum=sg.sensitivity_min,
             )
-            for a in sg.attributes
+            for a in analysis.attributes
         }
+        plot_dir = paths.reports(zones, "plots")
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for a in sg.attributes:
+            (plot_dir / f"forest_{a}.png").write_bytes(forests[a])
         html, md = fairness_report(
             use_case=uc,
-            rows=rows,
+            analysis=analysis,
             verdict=v,
             reasons=reasons,
-            threshold=t["threshold"],
-            forest_plots={str(k): v for k, v in forests.items()},
+            thresholds=thresholds,
+            recommendations=recommendations,
+            forest_plots=forests,
             model_version=t["model_version"],
             code_version=code_version(),
+        )
+        write_json(
+            {
+                "model_version": t["model_version"],
+                **fairness_summary(analysis, v, reasons, thresholds, recommendations),
+            },
+            paths.deid(zones, "fairness.json"),
         )
         out = write_report(paths.reports(zones, "subcohort_fairness_report.html"), html)
         return dg.MaterializeResult(
@@ -84,8 +142,11 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
                 "verdict": v,
-                "groups_flagged": sum(bool(r.flags) for r in rows),
-                "groups_suppressed": sum(r.suppressed for r in rows),
+                "groups_flagged": sum(bool(r.flags) for r in analysis.rows),
+                "groups_suppressed": sum(r.suppressed for r in analysis.rows),
+                "groups_audited": len(analysis.rows) - 1,
+                "comparisons_tested": analysis.tests,
+                "model_version": t["model_version"],
             }
         )
 
