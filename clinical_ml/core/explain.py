@@ -15,6 +15,7 @@ _AGG_WORDS = {
     "count": "number of measurements of",
     "slope": "trend of",
     "time_since_last": "hours since last",
+    "missing": "no measurement of",
 }
 
 

@@ -48,6 +48,9 @@ class Features(_Strict):
     )
     codes: list[str] = Field(min_length=1)
     static: list[Literal["age_years", "sex", "admission_type", "unit"]] = []
+    missing_indicators: bool = Field(
+        True, description="Add <code>__missing_<w>h = 1 when a code has no available value in a window."
+    )
 
     @field_validator("codes")
     @classmethod
@@ -70,13 +73,15 @@ class SuccessCriteria(_Strict):
     sensitivity_min: float = Field(ge=0, le=1)
     specificity_min: float = Field(ge=0, le=1)
     calibration_slope_range: tuple[float, float] = (0.0, 10.0)
+    calibration_intercept_range: tuple[float, float] | None = None
+    observed_expected_range: tuple[float, float] | None = None
     brier_max: float = Field(1.0, gt=0, le=1)
 
-    @field_validator("calibration_slope_range")
+    @field_validator("calibration_slope_range", "calibration_intercept_range", "observed_expected_range")
     @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] >= v[1]:
-            raise ValueError("calibration_slope_range must be [low, high] with low < high")
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] >= v[1]:
+            raise ValueError("a range must be [low, high] with low < high")
         return v
 
 
@@ -96,9 +101,49 @@ class Subgroups(_Strict):
 
 
 class Validation(_Strict):
+    """How the derivation and validation cohorts are formed.
+
+    ``strategy: patient`` holds out a random ``fraction`` of patients. ``strategy: temporal`` holds out the
+    patients admitted in the latest ``period`` (or in ``validation_periods`` when given, e.g. ``["2015"]``
+    for a 2014 derivation / 2015 validation design); it falls back to ``patient`` when the data hold a single
+    period. Either way no patient is in both cohorts, and the tuning part (early stopping, threshold) is
+    carved from the derivation cohort only.
+    """
+
+    strategy: Literal["patient", "temporal"] = "patient"
+    validation_periods: list[str] | None = Field(None, min_length=1)
     fraction: float = Field(0.3, gt=0, lt=1)
     tuning_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+
+
+class Promotion(_Strict):
+    """When a challenger may replace the champion (judged on the validation cohort)."""
+
+    auroc_non_inferiority_margin: float = Field(0.02, ge=0, le=0.5)
+    calibration_slope_margin: float = Field(
+        0.1, ge=0, description="allowed increase of |calibration slope - 1| over the champion's"
+    )
+    calibration_intercept_margin: float = Field(
+        0.1, ge=0, description="allowed increase of |calibration intercept| over the champion's"
+    )
+    latency_p99_ms_max: float = Field(10.0, gt=0, description="one-patient score with reasons, in process")
+
+
+class Guardrails(_Strict):
+    """What scoring does with inputs unlike the training data."""
+
+    range_tolerance: float = Field(
+        0.1,
+        ge=0,
+        description="a value is out of range beyond the training 1st-99th percentiles widened by "
+        "this share of their span",
+    )
+    max_out_of_range: int = Field(3, ge=1, description="out-of-range features that make a patient abstain")
+    max_missing_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of missing windowed features that makes a patient abstain"
+    )
+    policy: Literal["warn", "abstain"] = "abstain"
 
 
 class UseCase(_Strict):
@@ -117,6 +162,8 @@ class UseCase(_Strict):
     success_criteria: SuccessCriteria
     subgroups: Subgroups
     validation: Validation = Validation()
+    promotion: Promotion = Promotion()
+    guardrails: Guardrails = Guardrails()
     source_sha256: str = ""
 
     @model_validator(mode="after")

@@ -1,0 +1,209 @@
+"""Windowed features: the leakage rule, each aggregate, missingness indicators, and the splits."""
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clinical_ml.core.features import (
+    build_features,
+    derivation_validation_split,
+    feature_columns,
+    patient_grouped_split,
+    temporal_split,
+    validation_rows,
+)
+from clinical_ml.core.usecase import Features, load_use_case
+
+USE_CASE = load_use_case(Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml")
+T0 = datetime(2026, 1, 5, 8, 0)
+PRED = T0 + timedelta(hours=24)
+
+
+def _use_case(**features):
+    base = {
+        "window_hours": [24, 6],
+        "aggregations": ["last", "min", "max", "mean", "count", "slope", "time_since_last"],
+        "codes": ["LAB//2524-7", "VITAL//heart_rate"],
+        "static": ["age_years"],
+        "missing_indicators": True,
+    }
+    return USE_CASE.model_copy(update={"features": Features(**{**base, **features})})
+
+
+def _cohort(n: int = 2) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "subject_id": list(range(1, n + 1)),
+            "hadm_id": list(range(101, 101 + n)),
+            "prediction_time": [PRED] * n,
+            "age_years": [60.0 + i for i in range(n)],
+        }
+    )
+
+
+def _events(rows: list[tuple[int, str, float, float, float]]) -> pl.DataFrame:
+    """(hadm_id, code, value, charted hours after T0, available hours after T0)."""
+    return pl.DataFrame(
+        {
+            "hadm_id": [r[0] for r in rows],
+            "code": [r[1] for r in rows],
+            "numeric_value": pl.Series([r[2] for r in rows], dtype=pl.Float32),
+            "time": [T0 + timedelta(hours=r[3]) for r in rows],
+            "available_time": [T0 + timedelta(hours=r[4]) for r in rows],
+            "implausible": [False] * len(rows),
+        }
+    )
+
+
+BASE_ROWS = [
+    (101, "LAB//2524-7", 2.0, 2.0, 3.0),
+    (101, "LAB//2524-7", 3.0, 12.0, 13.0),
+    (101, "LAB//2524-7", 4.0, 20.0, 21.0),
+    (101, "VITAL//heart_rate", 90.0, 22.0, 22.0),
+    (102, "VITAL//heart_rate", 120.0, 23.0, 23.5),
+]
+
+
+def test_aggregates_match_hand_computation():
+    feats = build_features(_events(BASE_ROWS), _cohort(), _use_case()).filter(pl.col("hadm_id") == 101)
+    row = feats.row(0, named=True)
+    assert row["lactate__last_24h"] == 4.0
+    assert row["lactate__min_24h"] == 2.0
+    assert row["lactate__max_24h"] == 4.0
+    assert row["lactate__mean_24h"] == pytest.approx(3.0)
+    assert row["lactate__count_24h"] == 3.0
+    t = np.array([2.0, 12.0, 20.0])
+    assert row["lactate__slope_24h"] == pytest.approx(np.polyfit(t, [2.0, 3.0, 4.0], 1)[0])
+    assert row["lactate__time_since_last_24h"] == pytest.approx(4.0)
+    # the 6 h window (18 h to 24 h after admission) holds only the 20 h value
+    assert row["lactate__count_6h"] == 1.0
+    assert row["lactate__missing_24h"] == 0.0
+
+
+def test_missing_indicators_and_counts_for_unmeasured_codes():
+    feats = build_features(_events(BASE_ROWS), _cohort(3), _use_case())
+    by_id = {r["hadm_id"]: r for r in feats.iter_rows(named=True)}
+    assert by_id[102]["lactate__missing_24h"] == 1.0
+    assert by_id[102]["lactate__count_24h"] == 0.0
+    assert by_id[102]["lactate__last_24h"] is None
+    assert by_id[102]["heart_rate__missing_24h"] == 0.0
+    assert all(v == 1.0 for k, v in by_id[103].items() if "__missing_" in k)
+    assert feats.columns[3:] == feature_columns(_use_case())
+
+
+def test_without_missing_indicators_no_indicator_columns():
+    cols = feature_columns(_use_case(missing_indicators=False))
+    assert not [c for c in cols if "__missing_" in c]
+
+
+LATER = [
+    # resulted after the prediction time although drawn before it: not known at prediction time
+    (101, "LAB//2524-7", 15.0, 23.0, 25.0),
+    # charted and resulted after the prediction time
+    (101, "VITAL//heart_rate", 200.0, 30.0, 30.0),
+    (102, "LAB//2524-7", 9.0, 26.0, 27.0),
+]
+
+
+def test_values_available_after_the_prediction_time_change_no_feature():
+    uc = _use_case()
+    before = build_features(_events(BASE_ROWS), _cohort(), uc)
+    after = build_features(_events(BASE_ROWS + LATER), _cohort(), uc)
+    assert before.equals(after)
+
+
+def test_a_value_available_exactly_at_the_prediction_time_is_used():
+    uc = _use_case()
+    before = build_features(_events(BASE_ROWS), _cohort(), uc)
+    at = build_features(_events([*BASE_ROWS, (102, "LAB//2524-7", 9.0, 23.0, 24.0)]), _cohort(), uc)
+    assert not before.equals(at)
+    assert at.filter(pl.col("hadm_id") == 102)["lactate__last_24h"][0] == 9.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([101, 102]),
+            st.sampled_from(["LAB//2524-7", "VITAL//heart_rate"]),
+            st.floats(-50, 300, allow_nan=False, width=32),
+            st.floats(-30, 48),
+            st.floats(0, 30),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_no_feature_ever_depends_on_a_later_available_value(rows):
+    """Property: perturb or drop every event whose availability is after the prediction time (24 h);
+    no feature of any admission may change. Any feature reading a later value fails this."""
+    events = [(h, c, v, t, t + d) for h, c, v, t, d in rows]
+    uc = _use_case()
+    known = [e for e in events if e[4] <= 24.0]
+    later = [e for e in events if e[4] > 24.0]
+    altered = [(h, c, v * 3 + 7, t, a) for h, c, v, t, a in later]
+    ref = build_features(_events(known), _cohort(), uc) if known else None
+    full = build_features(_events(known + altered), _cohort(), uc)
+    if ref is not None:
+        assert full.equals(ref)
+    else:
+        assert all(v == 1.0 for c in full.columns if "__missing_" in c for v in full[c])
+
+
+def _multi_period_cohort(n_subjects: int = 300, seed: int = 3) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    subjects = rng.integers(1, n_subjects, n_subjects * 2)
+    periods = rng.choice(["2014", "2015"], size=len(subjects), p=[0.6, 0.4])
+    return pl.DataFrame({"subject_id": subjects, "hadm_id": np.arange(len(subjects)), "period": periods})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_patient_split_puts_no_patient_in_both_cohorts(seed):
+    cohort = _multi_period_cohort(seed=seed)
+    splits = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=seed)
+    assert splits["subject_id"].is_unique().all()
+    assert set(splits["subject_id"]) == set(cohort["subject_id"])
+    assert set(splits["split"]) == {"train", "tuning", "held_out"}
+    share = (splits["split"] == "held_out").mean()
+    assert 0.25 < share < 0.35
+
+
+def test_temporal_split_holds_out_the_latest_period_and_no_patient_twice():
+    cohort = _multi_period_cohort()
+    splits, info = derivation_validation_split(
+        cohort, strategy="temporal", validation_periods=None, fraction=0.3, tuning_fraction=0.2, seed=0
+    )
+    assert info.strategy == "temporal"
+    assert info.validation_periods == ("2015",)
+    joined = cohort.join(splits, on="subject_id")
+    held = set(joined.filter(pl.col("split") == "held_out")["subject_id"])
+    deriv = set(joined.filter(pl.col("split") != "held_out")["subject_id"])
+    assert held and deriv and not held & deriv
+    # every derivation admission precedes the validation period
+    assert set(joined.filter(pl.col("split") != "held_out")["period"]) == {"2014"}
+    # validation rows are the held-out admissions of 2015 only
+    rows = joined.filter(validation_rows(info)).filter(pl.col("split") == "held_out")
+    assert set(rows["period"]) == {"2015"}
+    assert rows.height == cohort.filter(pl.col("period") == "2015").height
+
+
+def test_temporal_split_with_explicit_periods_and_tuning_from_derivation_only():
+    cohort = _multi_period_cohort()
+    splits = temporal_split(cohort, validation_periods=["2015"], tuning_fraction=0.25, seed=1)
+    joined = cohort.join(splits, on="subject_id")
+    assert set(joined.filter(pl.col("split") == "tuning")["period"]) == {"2014"}
+
+
+def test_temporal_falls_back_to_patient_split_on_a_single_period():
+    cohort = _multi_period_cohort().with_columns(pl.lit("2026Q1").alias("period"))
+    splits, info = derivation_validation_split(
+        cohort, strategy="temporal", validation_periods=None, fraction=0.3, tuning_fraction=0.2, seed=0
+    )
+    assert info.strategy == "patient" and info.requested == "temporal"
+    assert "do not span" in info.note
+    assert (splits["split"] == "held_out").any()
