@@ -3,8 +3,11 @@
 Mechanisms (see DESIGN.md):
 
 * allowlist: only the columns named in ``DEID_COLUMNS`` leave; everything else is dropped and counted;
-* pseudonyms: random surrogate ids (not derived from any identifier), the mapping kept in a vault that
-  lives in the phi zone; the same MRN always maps to the same ``subject_id``;
+* pseudonyms, two modes: random surrogate ids (not derived from any identifier), the mapping kept in a
+  vault that lives in the phi zone (the default, HIPAA Safe Harbor); or keyed HMAC-SHA256 under a secret
+  (GDPR pseudonymisation, :mod:`clinical_ml.core.pseudonyms`). Either way the same MRN (trimmed, upper
+  case) always maps to the same ``subject_id``, whichever batch or source it arrives in;
+* free text (``note``, ``comment``) is never on the allowlist: dropped, counted, never scrubbed and passed;
 * dates: one random shift per patient, a whole number of weeks (weekday kept), intervals preserved
   exactly; the real year-quarter of admission is kept as ``period`` for temporal validation and drift;
 * ages 90 and over become 90 (read "90+"), and no birth date implies an older age;
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from clinical_ml.core.pseudonyms import HmacKey, hmac_ids, hmac_shift_days, normalize_identifier
 
 AGE_CAP = 90
 RESTRICTED_ZIP3_FILE = Path(__file__).with_name("restricted_zip3.json")
@@ -42,6 +47,9 @@ DEID_COLUMNS: dict[str, tuple[str, ...]] = {
     "events": ("subject_id", "time", "code", "numeric_value", "hadm_id", "available_time", "implausible"),
 }
 
+# Columns holding free text in some exports: never allowlisted, reported apart so a reviewer sees them go.
+FREE_TEXT_COLUMNS = frozenset({"note", "notes", "comment", "comments", "free_text"})
+
 VAULT_PATIENT_SCHEMA = {"mrn": pl.String, "subject_id": pl.Int64, "shift_days": pl.Int32}
 VAULT_ENCOUNTER_SCHEMA = {"encounter_id": pl.String, "hadm_id": pl.Int64}
 
@@ -60,25 +68,37 @@ class Vault:
 
 @dataclass(frozen=True)
 class DeidBatch:
-    """One batch after anonymization, plus the counts a privacy officer reads."""
+    """One batch after anonymization, plus the counts a privacy officer reads.
+
+    ``vault`` is what must be persisted in the phi zone when ``persist_vault`` is true (vault mode); in
+    HMAC mode it holds this batch's keyed mapping only, for tests, and nothing needs storing.
+    """
 
     patients: pl.DataFrame
     encounters: pl.DataFrame
     events: pl.DataFrame
     vault: Vault
     dropped_columns: dict[str, list[str]] = field(default_factory=dict)
+    free_text_dropped: dict[str, list[str]] = field(default_factory=dict)
     ages_capped: int = 0
     zip3_restricted: int = 0
     new_pseudonyms: int = 0
+    pseudonym_mode: str = "vault"
+    persist_vault: bool = True
 
 
-def _fresh_ids(n: int, taken: set[int], rng: np.random.Generator) -> np.ndarray:
+def _fresh_ids(n: int, taken: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.empty(0, dtype=np.int64)
     while out.size < n:
         cand = np.unique(rng.integers(10**9, 2**53, size=(n - out.size) * 2, dtype=np.int64))
-        cand = cand[~np.isin(cand, np.fromiter(taken, dtype=np.int64, count=len(taken)))]
+        cand = cand[~np.isin(cand, taken)]
         out = np.unique(np.concatenate([out, cand]))
     return rng.permutation(out)[:n]
+
+
+def _new_keys(seen: pl.Series, known: pl.Series) -> pl.Series:
+    keys = seen.drop_nulls().unique()
+    return keys.filter(~keys.is_in(known.implode())).sort()
 
 
 def extend_vault(
@@ -96,7 +116,7 @@ def extend_vault(
     vault
         Existing mappings; never changed for known keys.
     mrns, encounter_ids
-        Keys seen in this batch.
+        Keys seen in this batch, normalized with :func:`~clinical_ml.core.pseudonyms.normalize_identifier`.
     max_shift_weeks
         Shifts are drawn uniformly from ``[-max_shift_weeks, max_shift_weeks]`` weeks, zero excluded.
     rng
@@ -104,18 +124,16 @@ def extend_vault(
         anything outside the vault).
     """
     rng = rng or np.random.default_rng()
-    seen_mrn = mrns.drop_nulls().unique()
-    new_mrn = seen_mrn.filter(~seen_mrn.is_in(vault.patients["mrn"].implode()))
-    seen_enc = encounter_ids.drop_nulls().unique()
-    new_enc = seen_enc.filter(~seen_enc.is_in(vault.encounters["encounter_id"].implode()))
+    new_mrn = _new_keys(mrns, vault.patients["mrn"])
+    new_enc = _new_keys(encounter_ids, vault.encounters["encounter_id"])
     weeks = rng.integers(1, max_shift_weeks + 1, new_mrn.len()) * rng.choice([-1, 1], new_mrn.len())
     patients = pl.concat(
         [
             vault.patients,
             pl.DataFrame(
                 {
-                    "mrn": new_mrn.sort(),
-                    "subject_id": _fresh_ids(new_mrn.len(), set(vault.patients["subject_id"].to_list()), rng),
+                    "mrn": new_mrn,
+                    "subject_id": _fresh_ids(new_mrn.len(), vault.patients["subject_id"].to_numpy(), rng),
                     "shift_days": (weeks * 7).astype(np.int32),
                 },
                 schema=VAULT_PATIENT_SCHEMA,
@@ -127,12 +145,42 @@ def extend_vault(
             vault.encounters,
             pl.DataFrame(
                 {
-                    "encounter_id": new_enc.sort(),
-                    "hadm_id": _fresh_ids(new_enc.len(), set(vault.encounters["hadm_id"].to_list()), rng),
+                    "encounter_id": new_enc,
+                    "hadm_id": _fresh_ids(new_enc.len(), vault.encounters["hadm_id"].to_numpy(), rng),
                 },
                 schema=VAULT_ENCOUNTER_SCHEMA,
             ),
         ]
+    )
+    return Vault(patients, encounters)
+
+
+def keyed_mapping(
+    *, mrns: pl.Series, encounter_ids: pl.Series, key: HmacKey, max_shift_weeks: int = 52
+) -> Vault:
+    """The HMAC-mode mapping of this batch's keys, in the vault's shape (recomputable, never stored).
+
+    Parameters
+    ----------
+    mrns, encounter_ids
+        Normalized keys seen in this batch.
+    key
+        The secret; the same key gives the same pseudonyms and shifts in every batch.
+    max_shift_weeks
+        Shift range in whole weeks, zero excluded.
+    """
+    mrn = mrns.drop_nulls().unique().sort()
+    enc = encounter_ids.drop_nulls().unique().sort()
+    patients = pl.DataFrame(
+        {
+            "mrn": mrn,
+            "subject_id": hmac_ids(mrn, key=key, kind="subject"),
+            "shift_days": hmac_shift_days(mrn, key=key, max_shift_weeks=max_shift_weeks),
+        },
+        schema=VAULT_PATIENT_SCHEMA,
+    )
+    encounters = pl.DataFrame(
+        {"encounter_id": enc, "hadm_id": hmac_ids(enc, key=key, kind="hadm")}, schema=VAULT_ENCOUNTER_SCHEMA
     )
     return Vault(patients, encounters)
 
@@ -161,6 +209,10 @@ def _shift(col: str) -> pl.Expr:
     return pl.col(col) + pl.duration(days=pl.col("shift_days"))
 
 
+def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
+    return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key"})
+
+
 def anonymize_batch(
     *,
     patients: pl.DataFrame,
@@ -171,35 +223,65 @@ def anonymize_batch(
     batch_id: str,
     max_shift_weeks: int = 52,
     rng: np.random.Generator | None = None,
+    hmac_key: HmacKey | None = None,
 ) -> DeidBatch:
     """De-identify one batch of raw cohorts.
 
-    Returns a :class:`DeidBatch` whose frames contain only ``DEID_COLUMNS``; events are in MEDS form
-    (``subject_id``, ``time``, ``code``, ``numeric_value``) with ``hadm_id`` and ``available_time`` (when
-    the value could first be seen by a clinician or a model) as extension columns.
+    Parameters
+    ----------
+    patients, encounters, labs, vitals
+        Validated raw frames of one batch (any of them may have zero rows).
+    vault
+        Random-surrogate mappings so far (vault mode); unused and returned unchanged in HMAC mode.
+    batch_id
+        Kept as a column so every row can be traced to its delivery.
+    max_shift_weeks
+        Per-patient date shifts are whole weeks in ``[-max, -1] U [1, max]``.
+    rng
+        Randomness of new surrogates and shifts (vault mode); OS entropy when not given.
+    hmac_key
+        When given, pseudonyms and shifts are keyed HMAC-SHA256 instead of random.
+
+    Returns
+    -------
+    DeidBatch
+        Frames containing only ``DEID_COLUMNS``; events in MEDS form (``subject_id``, ``time``, ``code``,
+        ``numeric_value``) with ``hadm_id`` and ``available_time`` (when the value could first be seen by a
+        clinician or a model) as extension columns. Events are not sorted: the MEDS writer sorts each shard.
     """
-    known_before = vault.patients.height
-    vault = extend_vault(
-        vault,
-        mrns=pl.concat([patients["mrn"], encounters["mrn"]]),
-        encounter_ids=pl.concat([encounters["encounter_id"], labs["encounter_id"], vitals["encounter_id"]]),
-        max_shift_weeks=max_shift_weeks,
-        rng=rng,
+    patients = patients.with_columns(normalize_identifier(pl.col("mrn")).alias("_key"))
+    encounters = encounters.with_columns(
+        normalize_identifier(pl.col("mrn")).alias("_key"),
+        normalize_identifier(pl.col("encounter_id")).alias("encounter_id"),
     )
-    dropped = {
-        "patients": sorted(set(patients.columns) - set(DEID_COLUMNS["patients"]) - {"row_number"}),
-        "encounters": sorted(set(encounters.columns) - set(DEID_COLUMNS["encounters"]) - {"row_number"}),
-    }
-    pseud = vault.patients
-    births = patients.select("mrn", "birth_date").unique("mrn", keep="first")
+    labs = labs.with_columns(normalize_identifier(pl.col("encounter_id")).alias("encounter_id"))
+    vitals = vitals.with_columns(normalize_identifier(pl.col("encounter_id")).alias("encounter_id"))
+    mrns = pl.concat([patients["_key"], encounters["_key"]])
+    enc_ids = pl.concat([encounters["encounter_id"], labs["encounter_id"], vitals["encounter_id"]])
+    if hmac_key is None:
+        known_before = vault.patients.height
+        vault = extend_vault(
+            vault, mrns=mrns, encounter_ids=enc_ids, max_shift_weeks=max_shift_weeks, rng=rng
+        )
+        mapping, new_pseudonyms = vault, vault.patients.height - known_before
+    else:
+        mapping = keyed_mapping(
+            mrns=mrns, encounter_ids=enc_ids, key=hmac_key, max_shift_weeks=max_shift_weeks
+        )
+        new_pseudonyms = 0
+    dropped = {"patients": _dropped(patients, "patients"), "encounters": _dropped(encounters, "encounters")}
+    free_text = {t: [c for c in cols if c in FREE_TEXT_COLUMNS] for t, cols in dropped.items()}
+    pseud = mapping.patients.rename({"mrn": "_key"})
+    births = patients.select("_key", "birth_date").unique("_key", keep="first")
     enc = (
-        encounters.join(pseud, on="mrn", how="left")
-        .join(vault.encounters, on="encounter_id", how="left")
-        .join(births, on="mrn", how="left")
+        encounters.drop("mrn")
+        .join(pseud, on="_key", how="left")
+        .join(mapping.encounters, on="encounter_id", how="left")
+        .join(births, on="_key", how="left")
         .with_columns(
             age_in_years(pl.col("birth_date"), pl.col("admit_time")).alias("age_years"),
             year_quarter(pl.col("admit_time")).alias("period"),
-            pl.lit(batch_id).alias("batch_id"),
+            pl.lit(batch_id, dtype=pl.String).alias("batch_id"),
             _shift("admit_time").alias("admit_time"),
             _shift("discharge_time").alias("discharge_time"),
             _shift("death_time").alias("death_time"),
@@ -208,31 +290,39 @@ def anonymize_batch(
     ages_capped = int((enc["age_years"] >= AGE_CAP).sum())
     deid_enc = enc.select(DEID_COLUMNS["encounters"])
 
-    pat = patients.unique("mrn", keep="first").join(pseud, on="mrn", how="left")
+    pat = patients.unique("_key", keep="first").join(pseud, on="_key", how="left")
     pat = pat.with_columns(generalize_zip(pl.col("zip")).alias("zip3"))
     zip_restricted = int((pat["zip3"] == "000").sum())
     deid_pat = pat.select(DEID_COLUMNS["patients"])
 
-    enc_keys = enc.select("encounter_id", "subject_id", "hadm_id", "shift_days")
-    lab_events = labs.join(enc_keys, on="encounter_id", how="inner").select(
-        "subject_id",
-        _shift("specimen_time").alias("time"),
-        pl.format("LAB//{}", pl.col("loinc_code")).alias("code"),
-        pl.col("value").cast(pl.Float32).alias("numeric_value"),
-        "hadm_id",
-        _shift("result_time").alias("available_time"),
-        "implausible",
+    enc_keys = enc.lazy().select("encounter_id", "subject_id", "hadm_id", "shift_days")
+    lab_events = (
+        labs.lazy()
+        .join(enc_keys, on="encounter_id", how="inner")
+        .select(
+            "subject_id",
+            _shift("specimen_time").alias("time"),
+            pl.format("LAB//{}", pl.col("loinc_code")).alias("code"),
+            pl.col("value").cast(pl.Float32).alias("numeric_value"),
+            "hadm_id",
+            _shift("result_time").alias("available_time"),
+            "implausible",
+        )
     )
-    vital_events = vitals.join(enc_keys, on="encounter_id", how="inner").select(
-        "subject_id",
-        _shift("charted_time").alias("time"),
-        pl.format("VITAL//{}", pl.col("code")).alias("code"),
-        pl.col("value").cast(pl.Float32).alias("numeric_value"),
-        "hadm_id",
-        _shift("stored_time").alias("available_time"),
-        "implausible",
+    vital_events = (
+        vitals.lazy()
+        .join(enc_keys, on="encounter_id", how="inner")
+        .select(
+            "subject_id",
+            _shift("charted_time").alias("time"),
+            pl.format("VITAL//{}", pl.col("code")).alias("code"),
+            pl.col("value").cast(pl.Float32).alias("numeric_value"),
+            "hadm_id",
+            _shift("stored_time").alias("available_time"),
+            "implausible",
+        )
     )
-    stay = enc.select(
+    stay = enc.lazy().select(
         "subject_id",
         "hadm_id",
         "admit_time",
@@ -246,7 +336,7 @@ def anonymize_batch(
         "shift_days",
     )
 
-    def _stay_event(time_col: str, code: pl.Expr) -> pl.DataFrame:
+    def _stay_event(time_col: str, code: pl.Expr) -> pl.LazyFrame:
         return stay.filter(pl.col(time_col).is_not_null()).select(
             "subject_id",
             pl.col(time_col).alias("time"),
@@ -284,16 +374,19 @@ def anonymize_batch(
             _stay_event("death_time", pl.lit("MEDS_DEATH")),
         ],
         how="vertical_relaxed",
-    ).sort("subject_id", "time", "code", nulls_last=False)
+    ).select(DEID_COLUMNS["events"])
     return DeidBatch(
         patients=deid_pat,
         encounters=deid_enc,
-        events=events.select(DEID_COLUMNS["events"]),
-        vault=vault,
+        events=events.collect(),
+        vault=mapping,
         dropped_columns=dropped,
+        free_text_dropped=free_text,
         ages_capped=ages_capped,
         zip3_restricted=zip_restricted,
-        new_pseudonyms=vault.patients.height - known_before,
+        new_pseudonyms=new_pseudonyms,
+        pseudonym_mode="vault" if hmac_key is None else "hmac",
+        persist_vault=hmac_key is None,
     )
 
 

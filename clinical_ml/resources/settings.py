@@ -5,13 +5,39 @@ from pydantic import Field
 
 
 class AnonymizationSettings(dg.ConfigurableResource):
-    """Knobs of the anonymization boundary."""
+    """Knobs of the anonymization boundary.
+
+    The HMAC secret is only ever given as ``dg.EnvVar("CLINICAL_ML_PSEUDONYM_KEY")`` (see
+    :func:`clinical_ml.resources.pseudonym_secret.anonymization_settings_from_env`), so neither the run
+    config nor the event log holds its value; there is no default secret.
+    """
 
     max_shift_weeks: int = Field(
         default=52, description="Date shifts are drawn from +/- this many whole weeks."
     )
     k_anonymity_min: int = Field(
-        default=5, description="Smallest equivalence class allowed over quasi-identifiers."
+        default=5,
+        description="Smallest number of people allowed in an equivalence class over the quasi-identifiers "
+        "(age band, sex, race/ethnicity, ZIP3, admission quarter); a blocking check gates release on it.",
+    )
+    age_bands: list[int] = Field(
+        default=[0, 18, 45, 65, 80],
+        description="Lower edges of the age bands used as a quasi-identifier (0-17, 18-44, ..., 80+).",
+    )
+    races_kept: list[str] | None = Field(
+        default=["White", "Black or African American", "Asian", "Unknown"],
+        description="Race categories released as delivered; other categories are released as 'Other'. "
+        "None keeps every category.",
+    )
+    pseudonym_mode: str = Field(
+        default="vault",
+        description="'vault': random surrogate ids, mapping in the phi-zone vault (HIPAA Safe Harbor). "
+        "'hmac': keyed HMAC-SHA256 under hmac_secret (GDPR pseudonymisation).",
+    )
+    hmac_secret: str | None = Field(
+        default=None,
+        description="Secret key of the 'hmac' mode: set it only as dg.EnvVar('CLINICAL_ML_PSEUDONYM_KEY'), "
+        "never as a literal. No default: the 'hmac' mode fails with a clear error without it.",
     )
     pseudonym_seed: int | None = Field(
         default=None,

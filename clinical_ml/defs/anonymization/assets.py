@@ -5,11 +5,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.anonymization import DEID_COLUMNS, Vault, anonymize_batch, k_anonymity
-from clinical_ml.core.features import age_band_expr, race_ethnicity_expr
+from clinical_ml.core.anonymization import DEID_COLUMNS, Vault, anonymize_batch
+from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.meds_layout import write_meds_dataset
-from clinical_ml.core.storage import code_version, write_parquet
+from clinical_ml.core.privacy_report import privacy_summary_markdown
+from clinical_ml.core.reidentification import RiskPolicy, enforce_k_anonymity, measure_risk, quasi_identifiers
+from clinical_ml.core.storage import code_version, write_json, write_parquet
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
+from clinical_ml.resources.pseudonym_secret import hmac_key_for
 from clinical_ml.resources.settings import AnonymizationSettings
 from clinical_ml.resources.zones import DataZones
 
@@ -18,7 +21,6 @@ DEID_TABLES = {
     "encounters": "anonymized_encounters",
     "events": "anonymized_events",
 }
-QUASI_IDENTIFIERS = ["age_band", "sex", "race_ethnicity", "zip3", "period"]
 _IDENTIFIER_PATTERNS = {
     "email address": re.compile(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", re.I),
     "phone number": re.compile(r"\(?\d{3}\)?[ .-]\d{3}-\d{4}"),
@@ -37,7 +39,9 @@ def load_vault(zones: DataZones) -> Vault:
 
 
 def _raw(zones: DataZones, source: str, batch_id: str) -> pl.DataFrame:
-    return pl.read_parquet(zones.phi / "raw" / source / f"{batch_id}.parquet")
+    """The batch's accepted rows; no rows when the file was quarantined or never delivered."""
+    path = zones.phi / "raw" / source / f"{batch_id}.parquet"
+    return pl.read_parquet(path) if path.exists() else empty_accepted(source)
 
 
 def identifier_leaks(
@@ -75,12 +79,25 @@ def _raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> 
     return strings, numeric
 
 
+def _policy(settings: AnonymizationSettings) -> RiskPolicy:
+    return RiskPolicy(
+        k=settings.k_anonymity_min,
+        age_bands=tuple(settings.age_bands),
+        races_kept=None if settings.races_kept is None else tuple(settings.races_kept),
+    )
+
+
+def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(n, str(t)) for n, t in frame.schema.items()])
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
             DEID_TABLES["patients"],
             deps=["raw_patients", "raw_encounters"],
-            description="One row per patient: surrogate subject_id, sex, race, ethnicity, ZIP3.",
+            description="One row per patient: surrogate subject_id, sex, race, ethnicity, ZIP3 (rare races "
+            "generalized, small classes suppressed).",
             group_name=Stage.ANONYMIZATION,
             kinds={"polars", "parquet"},
             owners=PRIVACY_OWNERS,
@@ -106,13 +123,24 @@ def _raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> 
         ),
     ],
     check_specs=[
-        dg.AssetCheckSpec(
-            "no_direct_identifiers",
-            asset=name,
-            blocking=True,
-            description="Only allowlisted columns; no raw identifier value or identifier-shaped text.",
-        )
+        spec
         for name in DEID_TABLES.values()
+        for spec in (
+            dg.AssetCheckSpec(
+                "no_direct_identifiers",
+                asset=name,
+                blocking=True,
+                description="Only allowlisted columns; no raw identifier value or identifier-shaped text.",
+            ),
+            dg.AssetCheckSpec(
+                "k_anonymity_meets_minimum",
+                asset=name,
+                blocking=True,
+                description="Measured on the released batch: every equivalence class over age band, sex, "
+                "race/ethnicity, ZIP3 and admission quarter holds at least k people (k_anonymity_min). "
+                "When it fails nothing of the batch is written to the de-identified zone.",
+            ),
+        )
     ],
     partitions_def=batch_partitions,
     pool="pseudonym_vault",
@@ -121,13 +149,15 @@ def anonymized_cohort(
     context: dg.AssetExecutionContext, zones: DataZones, anonymization: AnonymizationSettings
 ):
     batch_id = context.partition_key
+    key = hmac_key_for(anonymization)
     raw = {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")}
+    policy = _policy(anonymization)
     result = anonymize_batch(
         patients=raw["patients"],
         encounters=raw["encounters"],
         labs=raw["labs"],
         vitals=raw["vitals"],
-        vault=load_vault(zones),
+        vault=load_vault(zones) if key is None else Vault.empty(),
         batch_id=batch_id,
         max_shift_weeks=anonymization.max_shift_weeks,
         rng=np.random.default_rng(
@@ -135,56 +165,103 @@ def anonymized_cohort(
             if anonymization.pseudonym_seed is None
             else [anonymization.pseudonym_seed, *map(int, batch_id.encode())]
         ),
+        hmac_key=key,
     )
-    pp, ep = _vault_paths(zones)
-    write_parquet(result.vault.patients, pp)
-    write_parquet(result.vault.encounters, ep)
-    frames = {"patients": result.patients, "encounters": result.encounters, "events": result.events}
+    if result.persist_vault:
+        pp, ep = _vault_paths(zones)
+        write_parquet(result.vault.patients, pp)
+        write_parquet(result.vault.encounters, ep)
+    remedied = enforce_k_anonymity(
+        patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
+    )
+    frames = {"patients": remedied.patients, "encounters": remedied.encounters, "events": remedied.events}
+    # The gate measures the frames as released, independently of the remedy that produced them.
+    published = measure_risk(
+        quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k
+    )
     ids, numeric_ids = _raw_identifier_values(raw["patients"], raw["encounters"])
-    qi = result.encounters.join(result.patients, on="subject_id", how="left").with_columns(
-        age_band_expr(pl.col("age_years"), [0, 18, 30, 40, 50, 60, 70, 80, 90]).alias("age_band"),
-        race_ethnicity_expr().alias("race_ethnicity"),
+    leaks = {t: identifier_leaks(f, t, ids, numeric_ids) for t, f in frames.items()}
+    all_leaks = [f"{t}: {p}" for t, ps in leaks.items() for p in ps]
+    release = published.meets(policy.k) and not all_leaks
+    summary = privacy_summary_markdown(
+        batch_id=batch_id,
+        deid=result,
+        remedied=remedied,
+        published=published,
+        policy=policy,
+        max_shift_weeks=anonymization.max_shift_weeks,
+        leaks=all_leaks,
     )
-    risk = k_anonymity(qi, QUASI_IDENTIFIERS, k=anonymization.k_anonymity_min)
-    summary = (
-        f"**Batch {batch_id}**\n\n"
-        f"- Removed (not on the allowlist): patients {', '.join(result.dropped_columns['patients'])}; "
-        f"encounters {', '.join(result.dropped_columns['encounters'])}\n"
-        f"- Pseudonymized: {result.new_pseudonyms} new patients got random surrogate ids (mapping in the phi vault)\n"
-        f"- Dates shifted per patient by whole weeks (up to {anonymization.max_shift_weeks}); real year-quarter kept\n"
-        f"- Generalized: {result.ages_capped} admissions aged 90 or over reported as 90+; "
-        f"ZIP cut to 3 digits, {result.zip3_restricted} in restricted areas set to 000\n"
-        f"- Quasi-identifiers {', '.join(QUASI_IDENTIFIERS)}: smallest class k = {risk['k_min']}, "
-        f"{100 * risk['share_below_k']:.1f}% of admissions in classes below k = {anonymization.k_anonymity_min}, "
-        f"max prosecutor risk {risk['max_prosecutor_risk']:.2f}\n"
-    )
+    risk_record = {
+        "batch_id": batch_id,
+        "released": release,
+        "k_required": policy.k,
+        "pseudonym_mode": result.pseudonym_mode,
+        "before_suppression": remedied.before.as_dict(),
+        "published": published.as_dict(),
+        "race_generalized": remedied.race_generalized,
+        "zip3_suppressed": remedied.zip3_suppressed,
+        "race_suppressed": remedied.race_suppressed,
+        "subjects_withheld": remedied.subjects_withheld,
+        "admissions_withheld": remedied.admissions_withheld,
+        "events_withheld": remedied.events_withheld,
+        "columns_removed": result.dropped_columns,
+        "free_text_removed": result.free_text_dropped,
+    }
+    write_json(risk_record, zones.deid / "privacy" / f"{batch_id}.json")
     for table, frame in frames.items():
-        out = write_parquet(frame, zones.deid / table / f"{batch_id}.parquet")
-        problems = identifier_leaks(frame, table, ids, numeric_ids)
+        target = zones.deid / table / f"{batch_id}.parquet"
+        if release:
+            write_parquet(frame, target)
+        else:
+            target.unlink(missing_ok=True)  # a failed re-run must not leave an older release behind
         yield dg.MaterializeResult(
             asset_key=DEID_TABLES[table],
             metadata={
-                "dagster/row_count": frame.height,
-                "dagster/column_schema": dg.TableSchema(
-                    columns=[dg.TableColumn(n, str(t)) for n, t in frame.schema.items()]
-                ),
-                "path": str(out.relative_to(zones.deid)),
-                "k_min": risk["k_min"],
-                "share_below_k": risk["share_below_k"],
-                "max_prosecutor_risk": risk["max_prosecutor_risk"],
+                "dagster/row_count": frame.height if release else 0,
+                "dagster/column_schema": _table_schema(frame),
+                "released": release,
+                "path": str(target.relative_to(zones.deid)) if release else "",
+                "pseudonym_mode": result.pseudonym_mode,
+                "k_min": published.k_min if published.k_min is not None else 0,
+                "k_required": policy.k,
+                "share_below_k_before_suppression": remedied.before.share_below_k,
+                "max_prosecutor_risk": published.max_prosecutor_risk,
+                "mean_prosecutor_risk": published.mean_prosecutor_risk,
+                "subjects_withheld": remedied.subjects_withheld,
+                "zip3_suppressed": remedied.zip3_suppressed,
+                "race_suppressed": remedied.race_suppressed,
+                "race_generalized": remedied.race_generalized,
                 "report": dg.MetadataValue.md(summary),
             },
         )
         yield dg.AssetCheckResult(
             asset_key=DEID_TABLES[table],
             check_name="no_direct_identifiers",
-            passed=not problems,
+            passed=not leaks[table],
             metadata={
-                "problems": dg.MetadataValue.json(problems),
+                "problems": dg.MetadataValue.json(leaks[table]),
                 "columns": dg.MetadataValue.json(frame.columns),
             },
         )
-    context.log.info(f"batch {batch_id} anonymized: {result.encounters.height} admissions")
+        yield dg.AssetCheckResult(
+            asset_key=DEID_TABLES[table],
+            check_name="k_anonymity_meets_minimum",
+            passed=published.meets(policy.k),
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "k_min": published.k_min if published.k_min is not None else 0,
+                "k_required": policy.k,
+                "records": published.records,
+                "share_below_k": published.share_below_k,
+                "max_prosecutor_risk": published.max_prosecutor_risk,
+                "subjects_withheld": remedied.subjects_withheld,
+            },
+        )
+    context.log.info(
+        f"batch {batch_id}: {remedied.encounters.height} admissions, k = {published.k_min}, "
+        f"{remedied.subjects_withheld} patients withheld, released = {release}"
+    )
 
 
 @dg.asset(
