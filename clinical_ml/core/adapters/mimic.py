@@ -17,7 +17,8 @@ Mapping (``docs/adapters.md`` has the full tables):
   :data:`LAB_ITEM_LOINC` for items without it; ``labevents`` has no result time, so ``available_time`` is
   ``charttime`` plus an assumed turnaround (``lab_result_delay_minutes``, 60 by default).
 * **Vitals** (``chartevents``): CareVue and MetaVision item ids in :data:`CHART_ITEMS`; rows flagged
-  ``error == 1`` are dropped; Fahrenheit converted to Celsius; ``available_time`` = ``storetime``.
+  ``error == 1`` are dropped; Fahrenheit converted to Celsius; ``available_time`` = ``storetime``
+  (``charttime`` when stored before it was charted).
 * **Leakage, excluded by design**: ``admissions.discharge_location`` / ``deathtime`` / ``dischtime`` /
   ``hospital_expire_flag`` are used only for the outcome and the discharge event; ``patients.dod*`` and
   ``expire_flag`` are never read; ``diagnoses_icd``, ``procedures_icd``, ``drgcodes`` (coded at discharge)
@@ -285,7 +286,8 @@ def adapt(
         pl.col("charttime").alias("time"),
         pl.format("VITAL//{}", pl.col("vital")).alias("code"),
         pl.col("valuenum").alias("numeric_value"),
-        pl.col("storetime").fill_null(pl.col("charttime")).alias("available_time"),
+        # a value is known when stored, never before it was measured (some rows are stored "early")
+        pl.max_horizontal("storetime", "charttime").alias("available_time"),
     )
     gcs_parts = chart_ok.filter(pl.col("itemid").is_in(list(GCS_COMPONENT_ITEMS)))
     gcs_events = (
@@ -302,7 +304,7 @@ def adapt(
             pl.col("charttime").alias("time"),
             pl.lit("VITAL//gcs_total").alias("code"),
             "numeric_value",
-            pl.col("available_time").fill_null(pl.col("charttime")),
+            pl.max_horizontal("available_time", "charttime").alias("available_time"),
         )
     )
     events = finish_events(
