@@ -12,6 +12,7 @@ from pathlib import Path
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA_USE_CASES = {"eicu": ("eicu_mortality_24h",), "mimic": ("icu_mortality_24h",)}
 
 
 def _data_root(arg: str | None) -> Path:
@@ -37,6 +38,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt_real_source(data: str, source: str | None, root: Path) -> None:
+    """Map an already de-identified database (eICU, MIMIC-III) straight into the de-identified layer."""
+    import importlib
+
+    from clinical_ml.core.adapters.common import write_deid_layer
+
+    module = importlib.import_module(f"clinical_ml.core.adapters.{data}")
+    path = Path(source) if source else module.default_source()
+    if not path.exists():
+        path = module.committed_subset()
+        print(f"{data}: full database not found, using the committed subset {path}")
+    adapted = module.adapt(path)
+    write_deid_layer(adapted, data_root=root)
+    print(f"{data}: {adapted.counts['encounters']} encounters mapped into {root / 'deid'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -47,7 +64,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     root = _data_root(args.data_root)
     started = time.perf_counter()
-    if not find_complete_batches(root / "landing"):
+    if args.data != "synthetic":
+        # A real source gets its own data root (data/<source>) unless one is given: never mix sources.
+        root = root if args.data_root else root / args.data
+        _adapt_real_source(args.data, args.source, root)
+    elif not find_complete_batches(root / "landing"):
         generate_hospital(root / "landing", _synth_config(args))
         print(f"synthetic hospital written to {root / 'landing'}")
     defs = build_definitions(data_root=root)
@@ -72,8 +93,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         if not result.success:
             return 1
+    # A real source runs only the use cases written for it (the synthetic one's gates are not its own).
+    only = REAL_DATA_USE_CASES.get(args.data)
+    selection = (
+        [k for k in defs.resolve_all_asset_keys() if k.path[0] in only or k.path == ["meds_dataset"]]
+        if only
+        else None
+    )
     result = defs.resolve_job_def("lifecycle_job").execute_in_process(
-        instance=instance, raise_on_error=False, run_config=quiet
+        instance=instance, raise_on_error=False, run_config=quiet, asset_selection=selection
     )
     if not result.success:
         print("lifecycle run failed; open the UI (make dev) for the run's logs", file=sys.stderr)
@@ -121,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--drift-from-batch", type=int, default=None)
         if name == "demo":
             p.add_argument("--json", action="store_true", help="also print the AUROCs as JSON")
+            p.add_argument(
+                "--data",
+                choices=["synthetic", "eicu", "mimic"],
+                default="synthetic",
+                help="synthetic hospital through the landing zone, or a real de-identified database "
+                "(eICU-CRD, MIMIC-III) mapped by its adapter into <data root>/<data>",
+            )
+            p.add_argument(
+                "--source", help="folder of the real database's Parquet tables (default: ../shared/data)"
+            )
     args = parser.parse_args(argv)
     return {"synth": cmd_synth, "demo": cmd_demo}[args.command](args)
 
