@@ -1,79 +1,103 @@
-import shutil
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS, FileRejected, IngestResult, ingest_file
-from clinical_ml.core.storage import write_json, write_parquet
+from clinical_ml.core.delivery import (
+    FileOutcome,
+    ZonePaths,
+    accepted_path,
+    process_file,
+    read_ledger_entry,
+    rejects_path,
+)
+from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS, BatchContext
+from clinical_ml.core.landing import read_batch, read_unmarked_batch
+from clinical_ml.core.ledger import record_batch
+from clinical_ml.core.safety import Limits
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.resources.zones import DataZones
 
 SOURCE_DESCRIPTIONS = {
     "patients": "EHR demographics as delivered (identifiers included), validated.",
-    "encounters": "EHR admissions, discharges and transfers as delivered, validated.",
-    "labs": "Lab system results with LOINC codes, units harmonized (delivered value and unit kept).",
-    "vitals": "ICU monitoring in long format, units harmonized (delivered value and unit kept).",
+    "encounters": "EHR admissions, discharges and transfers as delivered, validated against the batch's patients.",
+    "labs": "Lab system results with LOINC codes, units harmonized (delivered value and unit kept), validated "
+    "against the batch's encounters (no result before birth or after death/discharge).",
+    "vitals": "ICU monitoring in long format, units harmonized (delivered value and unit kept), validated against "
+    "the batch's encounters.",
 }
+# Cross-file checks: a source is validated against the accepted rows of these sources of the same batch.
+UPSTREAM = {
+    "patients": [],
+    "encounters": ["patients"],
+    "labs": ["patients", "encounters"],
+    "vitals": ["patients", "encounters"],
+}
+LEDGER_POOL = "landing_ledger"
 
 
-def landing_file(zones: DataZones, batch_id: str, source: str) -> Path:
-    for ext in (".csv", ".parquet"):
-        p = zones.landing / batch_id / f"{source}{ext}"
-        if p.exists():
-            return p
-    raise FileNotFoundError(f"batch {batch_id} has no {source} file (.csv or .parquet)")
+def zone_paths(zones: DataZones) -> ZonePaths:
+    return ZonePaths(landing=zones.landing, archive=zones.archive, quarantine=zones.quarantine, phi=zones.phi)
 
 
-def _quarantine(zones: DataZones, path: Path, batch_id: str, source: str, exc: FileRejected) -> Path:
-    dest = zones.quarantine / batch_id / path.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(path, dest)
-    write_json(
-        {
-            "batch_id": batch_id,
-            "source": source,
-            "file": path.name,
-            "reason_code": exc.reason_code,
-            "detail": exc.detail,
-        },
-        dest.with_name(dest.name + ".reason.json"),
+def limits_of(zones: DataZones) -> Limits:
+    return Limits(
+        max_file_bytes=zones.max_file_bytes,
+        max_uncompressed_bytes=zones.max_zip_uncompressed_bytes,
+        max_zip_ratio=zones.max_zip_ratio,
     )
-    return dest
-
-
-def _archive(zones: DataZones, path: Path, sha256: str) -> Path:
-    dest = zones.archive / "files" / f"{sha256}{path.suffix}"
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dest)
-        dest.chmod(0o444)
-    return dest
 
 
 def _column_schema(df: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in df.schema.items()])
 
 
-def _schema_check(source: str, result: IngestResult, written: Path) -> dg.AssetCheckResult:
-    reread = pl.read_parquet(written)
+def _batch_context(
+    paths: ZonePaths, source: str, batch_id: str
+) -> tuple[BatchContext | None, list[str | None]]:
+    ups = UPSTREAM[source]
+    if not ups:
+        return None, []
+    frames = {u: pl.read_parquet(accepted_path(paths, u, batch_id)) for u in ups}
+    versions = [(read_ledger_entry(paths, batch_id, u) or {}).get("data_version") for u in ups]
+    return BatchContext(patients=frames.get("patients"), encounters=frames.get("encounters")), versions
+
+
+def _checks(source: str, outcome: FileOutcome, accepted: pl.DataFrame) -> list[dg.AssetCheckResult]:
     schema_ok = True
     try:
-        SCHEMAS[source].validate(reread, lazy=True)
+        SCHEMAS[source].validate(accepted.select(*SOURCE_COLUMNS[source]), lazy=True)
     except Exception:
         schema_ok = False
-    accounted = result.rows_in == result.rows_accepted + result.rows_rejected
-    return dg.AssetCheckResult(
-        check_name="matches_source_schema",
-        passed=schema_ok and accounted,
-        metadata={
-            "schema_valid": schema_ok,
-            "rows_accounted": accounted,
-            "rows_in": result.rows_in,
-            "rows_accepted": result.rows_accepted,
-            "rows_rejected": result.rows_rejected,
-        },
-    )
+    return [
+        dg.AssetCheckResult(
+            check_name="matches_source_schema",
+            passed=schema_ok and outcome.accounted,
+            metadata={
+                "schema_valid": schema_ok,
+                "rows_accounted": outcome.accounted,
+                "rows_in": outcome.rows_in,
+                "rows_accepted": outcome.rows_accepted,
+                "rows_rejected": outcome.rows_rejected,
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name="delivered_file_accepted",
+            passed=outcome.status == "accepted",
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=None
+            if outcome.status == "accepted"
+            else f"{source} file of batch {outcome.batch_id} {outcome.status} ({outcome.reason_code}): "
+            f"{outcome.detail}",
+            metadata={
+                "status": outcome.status,
+                "reason_code": outcome.reason_code or "",
+                "line": outcome.line if outcome.line is not None else -1,
+                "byte_offset": outcome.byte_offset if outcome.byte_offset is not None else -1,
+                "quarantined_as": outcome.quarantined_as or "",
+            },
+        ),
+    ]
 
 
 def build_raw_asset(source: str) -> dg.AssetsDefinition:
@@ -81,6 +105,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
+        deps=[f"raw_{u}" for u in UPSTREAM[source]],
         group_name=Stage.INGESTION,
         partitions_def=batch_partitions,
         kinds={"polars", "parquet"},
@@ -92,59 +117,141 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
                 "matches_source_schema",
                 asset=key,
                 description="Accepted rows re-validate against the pandera schema and rows in = accepted + rejected.",
-            )
+            ),
+            dg.AssetCheckSpec(
+                "delivered_file_accepted",
+                asset=key,
+                description="The batch delivered this source and the file was accepted (not quarantined, missing "
+                "or a duplicate). Not blocking: the other sources of the batch proceed; this one is empty.",
+            ),
         ],
     )
     def _raw(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch_id = context.partition_key
-        path = landing_file(zones, batch_id, source)
-        try:
-            result = ingest_file(path, source)
-        except FileRejected as exc:
-            dest = _quarantine(zones, path, batch_id, source, exc)
-            raise dg.Failure(
-                description=f"The {source} file of batch {batch_id} was quarantined ({exc.reason_code}): {exc.detail}",
-                metadata={
-                    "reason_code": exc.reason_code,
-                    "quarantined_as": str(dest.relative_to(zones.quarantine)),
-                },
-            ) from None
-        out = write_parquet(result.accepted, zones.phi / "raw" / source / f"{batch_id}.parquet")
-        write_parquet(result.rejects, zones.phi / "rejects" / source / f"{batch_id}.parquet")
-        archived = _archive(zones, path, result.sha256)
-        ledger = {
-            "source": source,
-            "batch_id": batch_id,
-            "file": path.name,
-            "sha256": result.sha256,
-            "bytes": result.n_bytes,
-            "rows_in": result.rows_in,
-            "rows_accepted": result.rows_accepted,
-            "rows_rejected": result.rows_rejected,
-            "rejected_by_reason": result.rejected_by_reason,
-            "status": "accepted",
-        }
-        write_json(ledger, zones.archive / "ledger" / batch_id / f"{source}.json")
-        context.log.info(
-            f"{source} batch {batch_id}: {result.rows_in} rows in, {result.rows_accepted} accepted, "
-            f"{result.rows_rejected} rejected"
+        paths = zone_paths(zones)
+        batch, upstream_versions = _batch_context(paths, source, batch_id)
+        outcome, accepted = process_file(
+            zones=paths,
+            batch_id=batch_id,
+            source=source,
+            batch=batch,
+            upstream_versions=upstream_versions,
+            limits=limits_of(zones),
         )
+        if outcome.status == "accepted":
+            context.log.info(
+                f"{source} batch {batch_id}: {outcome.rows_in} rows in, {outcome.rows_accepted} accepted, "
+                f"{outcome.rows_rejected} rejected"
+            )
+        else:
+            context.log.error(
+                f"{source} file of batch {batch_id} {outcome.status} ({outcome.reason_code}): {outcome.detail}"
+                + (f"; line {outcome.line}" if outcome.line is not None else "")
+                + (f"; byte offset {outcome.byte_offset}" if outcome.byte_offset is not None else "")
+                + ". The other sources of the batch proceed; this source is empty for the batch."
+            )
+        metadata: dict[str, object] = {
+            "dagster/row_count": outcome.rows_accepted,
+            "dagster/column_schema": _column_schema(accepted.head(0)),
+            "status": outcome.status,
+            "rows_in": outcome.rows_in,
+            "rows_rejected": outcome.rows_rejected,
+            "rejected_by_reason": dg.MetadataValue.json(outcome.rejected_by_reason),
+            "warnings": dg.MetadataValue.json(outcome.warnings),
+            "sha256": outcome.sha256 or "",
+            "path": outcome.accepted_path,
+        }
+        if outcome.archived_as:
+            metadata["archived_as"] = outcome.archived_as
+        if outcome.reason_code:
+            metadata["reason_code"] = outcome.reason_code
+        if outcome.quarantined_as:
+            metadata["quarantined_as"] = outcome.quarantined_as
         return dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": result.rows_accepted,
-                "dagster/column_schema": _column_schema(result.accepted.head(0)),
-                "rows_in": result.rows_in,
-                "rows_rejected": result.rows_rejected,
-                "rejected_by_reason": dg.MetadataValue.json(result.rejected_by_reason),
-                "sha256": result.sha256,
-                "archived_as": str(archived.relative_to(zones.archive)),
-                "path": str(out.relative_to(zones.phi)),
-            },
-            data_version=dg.DataVersion(result.sha256),
-            check_results=[_schema_check(source, result, out)],
+            metadata=metadata,
+            data_version=dg.DataVersion(outcome.data_version),
+            check_results=_checks(source, outcome, accepted),
         )
 
     return _raw
 
 
 raw_assets = [build_raw_asset(s) for s in SOURCE_COLUMNS]
+
+
+def _batch_problems(zones: DataZones, batch_id: str) -> list[dict]:
+    """Ledger entries for folder entries that were never read (odd names, symlinks, unlisted files)."""
+    batch_dir = Path(zones.landing) / batch_id
+    b = read_batch(batch_dir)
+    if b is None:
+        b, _ = read_unmarked_batch(batch_dir, previous_fingerprint=None, quiet_seconds=0)
+    problems = b.problems if b is not None else ()
+    return [
+        {
+            "batch_id": batch_id,
+            "source": "unrecognized",
+            "sha256": f"entry-{i}",
+            "status": "rejected",
+            "reason_code": code,
+            "rows_in": 0,
+            "rows_accepted": 0,
+            "rows_rejected": 0,
+        }
+        for i, code in enumerate(problems)
+    ]
+
+
+@dg.asset(
+    deps=[a.key for a in raw_assets],
+    group_name=Stage.INGESTION,
+    partitions_def=batch_partitions,
+    kinds={"duckdb"},
+    owners=ML_OWNERS,
+    tags=tags(DataClass.AGGREGATE),
+    pool=LEDGER_POOL,
+    description="The landing ledger in DuckDB (archive/ledger.duckdb): one row per delivered file (source, batch, "
+    "sha256, size, rows in/accepted/rejected by reason, status) and the row-level rejects with reasons. No "
+    "values. One writer at a time (pool landing_ledger).",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "every_row_accounted_for",
+            asset="landing_ledger",
+            description="For every file of the batch: rows in = rows accepted + rows rejected with a reason.",
+        )
+    ],
+)
+def landing_ledger(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
+    batch_id = context.partition_key
+    paths = zone_paths(zones)
+    entries = [e for s in SOURCE_COLUMNS if (e := read_ledger_entry(paths, batch_id, s)) is not None]
+    rejects = {}
+    for e in entries:
+        p = rejects_path(paths, e["source"], batch_id)
+        if p.exists():
+            rejects[(e["source"], e.get("sha256") or "")] = pl.read_parquet(p)
+    problems = _batch_problems(zones, batch_id)
+    record_batch(paths.archive / "ledger.duckdb", entries + problems, rejects)
+    unaccounted = [e["source"] for e in entries if e["rows_in"] != e["rows_accepted"] + e["rows_rejected"]]
+    statuses = {e["source"]: e["status"] for e in entries}
+    return dg.MaterializeResult(
+        metadata={
+            "files": len(entries),
+            "statuses": dg.MetadataValue.json(statuses),
+            "entries_not_read": len(problems),
+            "rows_in": sum(e["rows_in"] for e in entries),
+            "rows_accepted": sum(e["rows_accepted"] for e in entries),
+            "rows_rejected": sum(e["rows_rejected"] for e in entries),
+            "path": "ledger.duckdb",
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="every_row_accounted_for",
+                passed=not unaccounted,
+                metadata={"sources_unaccounted": dg.MetadataValue.json(unaccounted)},
+            )
+        ],
+    )
+
+
+# build.py (not owned by ingestion) registers `raw_assets`; the ledger travels with them.
+raw_assets = [*raw_assets, landing_ledger]

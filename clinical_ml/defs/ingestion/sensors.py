@@ -2,27 +2,53 @@ import json
 
 import dagster as dg
 
-from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.landing import batch_folders, read_batch, read_unmarked_batch
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME, batch_partitions
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.resources.zones import DataZones
+
+
+def _load_cursor(raw: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(batch -> content hash launched, batch -> fingerprint of an unmarked batch seen last tick)."""
+    if not raw:
+        return {}, {}
+    data = json.loads(raw)
+    if "seen" not in data:  # the first cursor format: a plain batch -> hash map
+        return dict(data), {}
+    return dict(data["seen"]), dict(data.get("pending", {}))
 
 
 @dg.sensor(
     job=batch_ingestion_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Starts one ingestion run per complete new batch in the landing zone. The run key is the "
-    "batch's content hash, so a re-delivered identical batch never runs twice and changed content runs again.",
+    description="Starts one ingestion run per complete new batch in the landing zone (complete = a _SUCCESS "
+    "marker whose listed sizes match, or without one, sizes and times stable across two checks). The run key is "
+    "the batch id with its content hash, so a batch delivered again unchanged never runs twice and changed "
+    "content runs again; cursor and run keys survive a daemon restart. A file identical to one accepted in an "
+    "earlier batch is ledgered as a duplicate delivery and never ingested twice.",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, zones: DataZones) -> dg.SensorResult:
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    batches = find_complete_batches(zones.landing)
-    new = [b for b in batches if seen.get(b.batch_id) != b.content_hash]
+    seen, pending = _load_cursor(context.cursor)
+    folders, skipped = batch_folders(zones.landing)
+    if skipped:
+        context.log.warning(f"{skipped} landing entries skipped: odd folder names or symlinks are never read")
+    new, next_pending = [], {}
+    for d in folders:
+        b = read_batch(d)
+        if b is None and not (d / "_SUCCESS").exists():
+            b, fp = read_unmarked_batch(
+                d, previous_fingerprint=pending.get(d.name), quiet_seconds=zones.unmarked_batch_quiet_seconds
+            )
+            if b is None:
+                next_pending[d.name] = fp
+                continue
+        if b is None or seen.get(b.batch_id) == b.content_hash:
+            continue
+        new.append(b)
+        seen[b.batch_id] = b.content_hash
     known = set(context.instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     to_add = [b.batch_id for b in new if b.batch_id not in known]
-    for b in new:
-        seen[b.batch_id] = b.content_hash
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
@@ -33,5 +59,5 @@ def landing_sensor(context: dg.SensorEvaluationContext, zones: DataZones) -> dg.
             for b in new
         ],
         dynamic_partitions_requests=[batch_partitions.build_add_request(to_add)] if to_add else [],
-        cursor=json.dumps(seen, sort_keys=True),
+        cursor=json.dumps({"seen": seen, "pending": next_pending}, sort_keys=True),
     )

@@ -1,0 +1,323 @@
+"""One delivered file through the landing zone: checks, validation, archive or quarantine, ledger entry.
+
+The landing zone is only read. An accepted original is copied read-only into ``archive/files/<sha256>``; a
+rejected one into ``quarantine/<batch>/`` beside a JSON reason (code, counts, line or byte offset, no values).
+Either way the accepted-rows Parquet of the source is written (empty, with the contract's columns, when the
+file was quarantined or missing), so the other sources of the batch proceed.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from clinical_ml.core.ingestion import (
+    RULES_VERSION,
+    BatchContext,
+    IngestResult,
+    empty_accepted,
+    empty_rejects,
+    ingest_file,
+)
+from clinical_ml.core.landing import COMPLETION_MARKER, read_marker
+from clinical_ml.core.safety import (
+    FileRejected,
+    Limits,
+    check_entry,
+    check_size,
+    extract_zip_member,
+    safe_name,
+)
+from clinical_ml.core.storage import write_json, write_parquet
+
+DELIVERY_SUFFIXES = (".csv", ".parquet", ".zip")
+STATUSES = ("accepted", "quarantined", "missing", "duplicate_delivery")
+
+
+@dataclass(frozen=True)
+class ZonePaths:
+    """The zones ingestion touches."""
+
+    landing: Path
+    archive: Path
+    quarantine: Path
+    phi: Path
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What happened to one source file of one batch; :meth:`ledger_row` is its PHI-free ledger entry."""
+
+    batch_id: str
+    source: str
+    status: str
+    file: str | None
+    sha256: str | None
+    n_bytes: int
+    rows_in: int
+    rows_accepted: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int]
+    warnings: dict[str, int]
+    data_version: str
+    reason_code: str | None = None
+    detail: str | None = None
+    line: int | None = None
+    byte_offset: int | None = None
+    quarantined_as: str | None = None
+    archived_as: str | None = None
+    accepted_path: str = ""
+    rejects_path: str = ""
+    recorded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def ledger_row(self) -> dict:
+        return asdict(self)
+
+    @property
+    def accounted(self) -> bool:
+        return self.rows_in == self.rows_accepted + self.rows_rejected
+
+
+def accepted_path(zones: ZonePaths, source: str, batch_id: str) -> Path:
+    return zones.phi / "raw" / source / f"{batch_id}.parquet"
+
+
+def rejects_path(zones: ZonePaths, source: str, batch_id: str) -> Path:
+    return zones.phi / "rejects" / source / f"{batch_id}.parquet"
+
+
+def ledger_entry_path(zones: ZonePaths, batch_id: str, source: str) -> Path:
+    return zones.archive / "ledger" / batch_id / f"{source}.json"
+
+
+def read_ledger_entry(zones: ZonePaths, batch_id: str, source: str) -> dict | None:
+    p = ledger_entry_path(zones, batch_id, source)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _candidates(batch_dir: Path, source: str) -> list[Path]:
+    return [
+        batch_dir / f"{source}{ext}"
+        for ext in DELIVERY_SUFFIXES
+        if os.path.lexists(batch_dir / f"{source}{ext}")
+    ]
+
+
+def _data_version(sha: str | None, upstream: list[str | None]) -> str:
+    key = "|".join([sha or "missing", RULES_VERSION, *[u or "missing" for u in upstream]])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _archive(zones: ZonePaths, path: Path, sha256: str, batch_id: str, source: str) -> Path:
+    dest = zones.archive / "files" / f"{sha256}{path.suffix}"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, dest)
+        write_json(
+            {"first_batch_id": batch_id, "source": source, "sha256": sha256}, dest.with_suffix(".json")
+        )
+    return dest
+
+
+def _first_delivery(zones: ZonePaths, sha256: str) -> dict | None:
+    p = zones.archive / "files" / f"{sha256}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _quarantine(
+    zones: ZonePaths,
+    path: Path | None,
+    batch_id: str,
+    source: str,
+    exc: FileRejected,
+    *,
+    copy: bool,
+    sha: str | None,
+) -> Path:
+    qdir = zones.quarantine / batch_id
+    qdir.mkdir(parents=True, exist_ok=True)
+    name = path.name if path is not None and safe_name(path.name) else f"{source}.unnamed"
+    dest = qdir / name
+    copied = False
+    if copy and path is not None:
+        shutil.copyfile(path, dest)
+        copied = True
+    write_json(
+        {
+            "batch_id": batch_id,
+            "source": source,
+            "file": name,
+            "sha256": sha,
+            "reason_code": exc.reason_code,
+            "detail": exc.detail,
+            "line": exc.line,
+            "byte_offset": exc.byte_offset,
+            "copied": copied,
+            "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        qdir / f"{name}.reason.json",
+    )
+    return dest
+
+
+def _sha_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def process_file(
+    *,
+    zones: ZonePaths,
+    batch_id: str,
+    source: str,
+    batch: BatchContext | None = None,
+    upstream_versions: list[str | None] | None = None,
+    limits: Limits | None = None,
+    now: datetime | None = None,
+) -> tuple[FileOutcome, pl.DataFrame]:
+    """Ingest the ``source`` file of batch ``batch_id`` and file the outcome.
+
+    Parameters
+    ----------
+    zones
+        Landing (read only), archive, quarantine and phi zones.
+    batch_id
+        The batch folder's name.
+    source
+        ``patients``, ``encounters``, ``labs`` or ``vitals``.
+    batch
+        Accepted patients/encounters of the batch for cross-file checks.
+    upstream_versions
+        Data versions this file's validation depends on (the batch's patients/encounters), folded into its
+        data version.
+    limits
+        Size limits for files and zip members.
+    now
+        Ingestion time for the future-date check.
+
+    Returns
+    -------
+    tuple[FileOutcome, polars.DataFrame]
+        The outcome (also written as the file's ledger entry) and the accepted rows (empty with the contract's
+        columns unless accepted).
+    """
+    if not safe_name(batch_id):
+        raise ValueError("batch ids are plain folder names")
+    limits = limits or Limits()
+    batch_dir = zones.landing / batch_id
+    candidates = _candidates(batch_dir, source)
+    upstream = upstream_versions or []
+    acc_path = accepted_path(zones, source, batch_id)
+    rej_path = rejects_path(zones, source, batch_id)
+
+    def finish(
+        outcome: FileOutcome, accepted: pl.DataFrame, rejects: pl.DataFrame
+    ) -> tuple[FileOutcome, pl.DataFrame]:
+        write_parquet(accepted, acc_path)
+        write_parquet(rejects, rej_path)
+        write_json(outcome.ledger_row(), ledger_entry_path(zones, batch_id, source))
+        return outcome, accepted
+
+    common = {
+        "batch_id": batch_id,
+        "source": source,
+        "accepted_path": str(acc_path.relative_to(zones.phi)),
+        "rejects_path": str(rej_path.relative_to(zones.phi)),
+    }
+    if not candidates:
+        outcome = FileOutcome(
+            **common, status="missing", file=None, sha256=None, n_bytes=0, rows_in=0, rows_accepted=0,
+            rows_rejected=0, rejected_by_reason={}, warnings={}, data_version=_data_version(None, upstream),
+            reason_code="file_missing", detail=f"the batch has no {source} file ({', '.join(DELIVERY_SUFFIXES)})",
+        )  # fmt: skip
+        return finish(outcome, empty_accepted(source), empty_rejects())
+
+    path = candidates[0]
+    sha: str | None = None
+    n_bytes = 0
+    try:
+        if len(candidates) > 1:
+            raise FileRejected(
+                "ambiguous_delivery", f"{len(candidates)} files for one source; exactly 1 expected"
+            )
+        check_entry(path, root=batch_dir)
+        n_bytes = check_size(path, limits=limits)
+        listing = read_marker(batch_dir)
+        if listing is not None:
+            if path.name not in listing:
+                raise FileRejected("unlisted_file", f"not listed in the {COMPLETION_MARKER} marker")
+            if listing[path.name]["bytes"] != n_bytes:
+                raise FileRejected(
+                    "incomplete_file",
+                    f"{n_bytes} bytes on disk vs {listing[path.name]['bytes']} listed: still being written",
+                    byte_offset=n_bytes,
+                )
+        if path.suffix == ".zip":
+            sha = _sha_of(path)
+            work = zones.phi / ".work"
+            work.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                member = extract_zip_member(path, workdir=Path(tmp), limits=limits)
+                if not member.name.startswith(f"{source}."):
+                    raise FileRejected("odd_file_name", "the archive member is not named after its source")
+                result: IngestResult = ingest_file(member, source, batch=batch, now=now, limits=limits)
+        else:
+            result = ingest_file(path, source, batch=batch, now=now, limits=limits)
+            sha = result.sha256
+        if listing is not None and listing[path.name]["sha256"] and listing[path.name]["sha256"] != sha:
+            raise FileRejected("checksum_mismatch", "sha256 differs from the one listed in the marker")
+    except FileRejected as exc:
+        if sha is None and n_bytes and os.path.isfile(path) and not os.path.islink(path):
+            sha = _sha_of(path)
+        regular = exc.reason_code not in (
+            "symlink",
+            "not_regular_file",
+            "odd_file_name",
+            "path_escape",
+            "file_missing",
+        )
+        copy = regular and 0 < n_bytes <= limits.max_file_bytes
+        dest = _quarantine(zones, path, batch_id, source, exc, copy=copy, sha=sha)
+        outcome = FileOutcome(
+            **common, status="quarantined", file=path.name if safe_name(path.name) else None, sha256=sha,
+            n_bytes=n_bytes, rows_in=0, rows_accepted=0, rows_rejected=0, rejected_by_reason={}, warnings={},
+            data_version=_data_version(sha, upstream), reason_code=exc.reason_code, detail=exc.detail,
+            line=exc.line, byte_offset=exc.byte_offset, quarantined_as=str(dest.relative_to(zones.quarantine)),
+        )  # fmt: skip
+        return finish(outcome, empty_accepted(source), empty_rejects())
+
+    assert sha is not None
+    first = _first_delivery(zones, sha)
+    if first is not None and first["first_batch_id"] != batch_id:
+        # The same bytes were accepted in an earlier batch: ingesting them again would double every row.
+        rejects = result.accepted.select("row_number", pl.lit("duplicate_delivery").alias("reason"))
+        rejects = pl.concat([result.rejects, rejects]).sort("row_number")
+        outcome = FileOutcome(
+            **common, status="duplicate_delivery", file=path.name, sha256=sha, n_bytes=n_bytes,
+            rows_in=result.rows_in, rows_accepted=0, rows_rejected=rejects.height,
+            rejected_by_reason={**result.rejected_by_reason, "duplicate_delivery": result.rows_accepted},
+            warnings=result.warnings, data_version=_data_version(sha, upstream), reason_code="duplicate_delivery",
+            detail="identical to a file accepted in an earlier batch",
+        )  # fmt: skip
+        return finish(outcome, empty_accepted(source), rejects)
+
+    archived = _archive(zones, path, sha, batch_id, source)
+    outcome = FileOutcome(
+        **common, status="accepted", file=path.name, sha256=sha, n_bytes=n_bytes, rows_in=result.rows_in,
+        rows_accepted=result.rows_accepted, rows_rejected=result.rows_rejected,
+        rejected_by_reason=result.rejected_by_reason, warnings=result.warnings,
+        data_version=_data_version(sha, upstream), archived_as=str(archived.relative_to(zones.archive)),
+    )  # fmt: skip
+    return finish(outcome, result.accepted, result.rejects)
