@@ -32,6 +32,7 @@ observed/expected ratio relative to all patients is significant after Holm's cor
 and metric tested, so that on a fair model the chance of any false flag stays at 5%.
 """
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -150,11 +151,24 @@ def _multinomial_replicates(counts: np.ndarray, n_boot: int, rng: np.random.Gene
     return out
 
 
-def _percentile(reps: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _percentile(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval along axis 0, ignoring non-finite replicates (same interpolation as
+    ``np.nanquantile``, without its per-column Python loop)."""
     alpha = (1 - level) / 2
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.nanquantile(reps, [alpha, 1 - alpha], axis=axis)
-    return lo, hi
+    a = np.asarray(reps, dtype=np.float64)
+    shape = a.shape[1:]
+    a = a.reshape(a.shape[0], -1)
+    a = np.sort(np.where(np.isfinite(a), a, np.nan), axis=0)  # NaN sorts last
+    k = np.isfinite(a).sum(axis=0)
+    cols = np.arange(a.shape[1])
+    out = []
+    for q in (alpha, 1 - alpha):
+        pos = q * np.maximum(k - 1, 0)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
+        v = a[lo, cols] + (a[hi, cols] - a[lo, cols]) * (pos - lo)
+        out.append(np.where(k > 0, v, np.nan).reshape(shape))
+    return out[0], out[1]
 
 
 def delong_auroc(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -352,6 +366,25 @@ def _analyse_partition(
         finite = [i for i in ok if np.isfinite(vals[i])]
         if finite:
             best[name] = int(max(finite, key=lambda i: vals[i]))
+    # every percentile interval of the partition in one call per quantity (bounds arrays of shape (2, g))
+    bounds_rate = {name: _percentile(rep_rates[name], level) for name in RATE_METRICS}
+    bounds_disp: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name in DISPARITY_METRICS:
+            if name == "auroc" or name not in best:
+                continue
+            reps_g, reps_b = rep_rates[name], rep_rates[name][:, [best[name]]]
+            reps_a = rep_all[name][:, None]
+            bounds_disp[name] = {
+                "difference_to_best": _percentile(reps_g - reps_b, level),
+                "ratio_to_best": _percentile(reps_g / reps_b, level),
+                "difference_to_overall": _percentile(reps_g - reps_a, level),
+                "ratio_to_overall": _percentile(reps_g / reps_a, level),
+            }
+        sd_sens = np.full(g, np.nan)
+        if ok.size:
+            diff = rep_rates["sensitivity"][:, ok] - rep_all["sensitivity"][:, None]
+            sd_sens[ok] = np.nanstd(diff, axis=0, ddof=1)
     rows: list[SubgroupRow] = []
     for i in range(g):
         if suppressed[i]:
@@ -372,8 +405,8 @@ def _analyse_partition(
             continue
         metrics: dict[str, Estimate] = {"auroc": auc_ci[i]}
         for name in RATE_METRICS:
-            lo, hi = _percentile(rep_rates[name][:, i], level)
-            metrics[name] = (float(point[name][i]), float(lo), float(hi))
+            lo, hi = bounds_rate[name]
+            metrics[name] = (float(point[name][i]), float(lo[i]), float(hi[i]))
         metrics["observed_expected_ratio"] = _log_ci(float(oe[i]), float(oe_se[i]), z)
         metrics["calibration_slope"] = _normal_ci(float(slope[i]), float(slope_se[i]), z)
         disp: dict[str, dict[str, Estimate]] = {}
@@ -391,13 +424,29 @@ def _analyse_partition(
                 r_best = _log_ci(auc[i] / auc[b], float(se_best / auc[i]), z)
                 r_all = _log_ci(auc[i] / overall["auroc"], float(se_all / auc[i]), z)
             else:
-                gi, gb, ga = rep_rates[name][:, i], rep_rates[name][:, b], rep_all[name]
                 v, vb, va = point[name][i], point[name][b], overall[name]
+                bd = bounds_disp[name]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    d_best = (float(v - vb), *map(float, _percentile(gi - gb, level)))
-                    d_all = (float(v - va), *map(float, _percentile(gi - ga, level)))
-                    r_best = (float(v / vb), *map(float, _percentile(gi / gb, level)))
-                    r_all = (float(v / va), *map(float, _percentile(gi / ga, level)))
+                    d_best = (
+                        float(v - vb),
+                        float(bd["difference_to_best"][0][i]),
+                        float(bd["difference_to_best"][1][i]),
+                    )
+                    r_best = (
+                        float(v / vb),
+                        float(bd["ratio_to_best"][0][i]),
+                        float(bd["ratio_to_best"][1][i]),
+                    )
+                    d_all = (
+                        float(v - va),
+                        float(bd["difference_to_overall"][0][i]),
+                        float(bd["difference_to_overall"][1][i]),
+                    )
+                    r_all = (
+                        float(v / va),
+                        float(bd["ratio_to_overall"][0][i]),
+                        float(bd["ratio_to_overall"][1][i]),
+                    )
             disp[name] = {
                 "difference_to_best": d_best,
                 "ratio_to_best": r_best,
@@ -409,8 +458,7 @@ def _analyse_partition(
         if "auroc" in disp:
             se = np.sqrt(auc_var[i] + overall["auroc_var"])
             p_values["auroc"] = _two_sided_p((auc[i] - overall["auroc"]) / se) if se > 0 else float("nan")
-        diff = rep_rates["sensitivity"][:, i] - rep_all["sensitivity"]
-        sd = float(np.nanstd(diff, ddof=1))
+        sd = float(sd_sens[i])
         est = float(point["sensitivity"][i] - overall["sensitivity"])
         p_values["sensitivity"] = _two_sided_p(est / sd) if sd > 0 else float("nan")
         se_log_ratio = np.sqrt(oe_se[i] ** 2 + overall["oe_se_log"] ** 2)
@@ -880,3 +928,39 @@ def verdict(analysis: SubgroupAnalysis | list[SubgroupRow]) -> tuple[str, list[s
         "patients beyond chance",
         *tail,
     ]
+
+
+def analysis_summary(
+    analysis: SubgroupAnalysis,
+    verdict: str,
+    reasons: list[str],
+    thresholds: list[GroupThreshold],
+    recommendations: list[str],
+) -> dict:
+    """JSON-ready aggregates of the analysis (what the report card reads back).
+
+    Counts below the minimum cell size are replaced by ``None``, so a small cell's size never leaves the
+    analysis even in a file.
+    """
+    k = analysis.min_cell_size
+
+    def row(r: SubgroupRow) -> dict:
+        d = dataclasses.asdict(r)
+        if r.n < k:
+            d["n"] = None
+        if r.events < k or r.n - r.events < k:
+            d["events"] = None
+        return d
+
+    return {
+        "threshold": analysis.threshold,
+        "min_cell_size": k,
+        "n_boot": analysis.n_boot,
+        "tests": analysis.tests,
+        "verdict": verdict,
+        "reasons": reasons,
+        "rows": [row(r) for r in analysis.rows],
+        "attributes": [dataclasses.asdict(a) for a in analysis.attributes],
+        "group_thresholds": [dataclasses.asdict(t) for t in thresholds],
+        "recommendations": recommendations,
+    }

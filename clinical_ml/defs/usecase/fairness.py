@@ -1,12 +1,11 @@
 """The subcohort fairness report: subgroup table, disparities, per-group operating points, verdict."""
 
-import dataclasses
-
 import dagster as dg
 import polars as pl
 
 from clinical_ml.core import plots
 from clinical_ml.core.fairness import (
+    analysis_summary,
     group_thresholds,
     subgroup_table,
     threshold_recommendation,
@@ -19,34 +18,6 @@ from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
 from clinical_ml.defs.usecase.paths import UseCasePaths, use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
-
-
-def fairness_summary(
-    analysis, v: str, reasons: list[str], thresholds: list, recommendations: list[str]
-) -> dict:
-    """What the report card reads back: aggregates only, small cells without their counts."""
-    k = analysis.min_cell_size
-
-    def row(r) -> dict:
-        d = dataclasses.asdict(r)
-        if r.n < k:
-            d["n"] = None
-        if r.events < k or r.n - r.events < k:
-            d["events"] = None
-        return d
-
-    return {
-        "threshold": analysis.threshold,
-        "min_cell_size": k,
-        "n_boot": analysis.n_boot,
-        "tests": analysis.tests,
-        "verdict": v,
-        "reasons": reasons,
-        "rows": [row(r) for r in analysis.rows],
-        "attributes": [dataclasses.asdict(a) for a in analysis.attributes],
-        "group_thresholds": [dataclasses.asdict(t) for t in thresholds],
-        "recommendations": recommendations,
-    }
 
 
 def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -132,7 +103,7 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         write_json(
             {
                 "model_version": t["model_version"],
-                **fairness_summary(analysis, v, reasons, thresholds, recommendations),
+                **analysis_summary(analysis, v, reasons, thresholds, recommendations),
             },
             paths.deid(zones, "fairness.json"),
         )
