@@ -6,6 +6,7 @@ All functions take outcome labels ``y`` (0/1) and predicted risks ``p`` as numpy
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 METRIC_NAMES = (
     "auroc",
@@ -73,7 +74,7 @@ def calibration_slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, fl
     x = np.column_stack([np.ones_like(lp), lp])
     beta = np.array([0.0, 1.0])
     for _ in range(50):
-        mu = 1 / (1 + np.exp(-(x @ beta)))
+        mu = expit(x @ beta)
         w = mu * (1 - mu) + 1e-12
         step = np.linalg.solve((x * w[:, None]).T @ x + 1e-9 * np.eye(2), x.T @ (y - mu))
         beta += step
@@ -82,7 +83,7 @@ def calibration_slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, fl
     # calibration-in-the-large: intercept with the slope fixed at 1 (offset logit)
     a = 0.0
     for _ in range(50):
-        mu = 1 / (1 + np.exp(-(a + lp)))
+        mu = expit(a + lp)
         step = (y - mu).sum() / max((mu * (1 - mu)).sum(), 1e-12)
         a += step
         if abs(step) < 1e-10:
@@ -219,3 +220,44 @@ def decision_curve(
             }
         )
     return rows
+
+
+def paired_comparison(
+    y: np.ndarray,
+    p_challenger: np.ndarray,
+    p_champion: np.ndarray,
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, MetricWithCI]:
+    """Challenger minus champion on the same patients, with paired percentile bootstrap CIs.
+
+    Returns ``auroc_difference`` (positive: the challenger discriminates better) and the differences of
+    calibration error, ``slope_error_difference`` (|slope - 1|) and ``intercept_error_difference``
+    (|intercept|), where positive means the challenger is worse calibrated.
+    """
+    y = np.asarray(y)
+    a = np.asarray(p_challenger)
+    b = np.asarray(p_champion)
+
+    def diffs(idx: np.ndarray) -> tuple[float, float, float]:
+        sa, ia = calibration_slope_intercept(y[idx], a[idx])
+        sb, ib = calibration_slope_intercept(y[idx], b[idx])
+        return (
+            auroc(y[idx], a[idx]) - auroc(y[idx], b[idx]),
+            abs(sa - 1) - abs(sb - 1),
+            abs(ia) - abs(ib),
+        )
+
+    names = ("auroc_difference", "slope_error_difference", "intercept_error_difference")
+    point = diffs(np.arange(len(y)))
+    rng = np.random.default_rng(seed)
+    reps = np.array([diffs(rng.integers(0, len(y), len(y))) for _ in range(n_boot)])
+    alpha = (1 - level) / 2
+    out = {}
+    for j, name in enumerate(names):
+        r = reps[:, j][np.isfinite(reps[:, j])] if n_boot else np.empty(0)
+        lo, hi = np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan)
+        out[name] = MetricWithCI(float(point[j]), float(lo), float(hi))
+    return out

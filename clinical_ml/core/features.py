@@ -216,33 +216,36 @@ def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase
     return out.select(*COHORT_KEYS, *[pl.col(c).cast(pl.Float64) for c in cols])
 
 
+def stable_uniform(subject_ids: np.ndarray, *, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per subject from a seeded splitmix64 hash of its id.
+
+    A patient keeps the same number, hence the same cohort, however many new patients later batches
+    bring: a champion and a challenger trained months apart are compared on patients neither has seen.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(subject_ids).astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(
+            0x9E3779B97F4A7C15
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
 def patient_grouped_split(
     cohort: pl.DataFrame, *, validation_fraction: float, tuning_fraction: float, seed: int
 ) -> pl.DataFrame:
     """Assign each subject to ``train``, ``tuning`` (both: derivation cohort) or ``held_out`` (validation).
 
     Splitting by subject, not admission, keeps a readmitted patient on one side only. The tuning part
-    (early stopping, threshold choice) is carved from the derivation cohort.
+    (early stopping, threshold choice) is carved from the derivation cohort. Assignment is a seeded hash of
+    the subject id (:func:`stable_uniform`), so it does not change when the cohort grows.
     """
     subjects = np.sort(cohort["subject_id"].unique().to_numpy())
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(subjects)
-    n_val = round(len(perm) * validation_fraction)
-    n_tune = round((len(perm) - n_val) * tuning_fraction)
-    split = np.array(["train"] * len(perm), dtype=object)
-    split[:n_val] = "held_out"
-    split[n_val : n_val + n_tune] = "tuning"
-    return pl.DataFrame({"subject_id": perm, "split": split.astype(str)}).sort("subject_id")
-
-
-def _tuning_assignment(
-    subjects: np.ndarray, *, tuning_fraction: float, rng: np.random.Generator
-) -> np.ndarray:
-    perm = rng.permutation(subjects)
-    n_tune = round(len(perm) * tuning_fraction)
-    split = np.array(["train"] * len(perm), dtype=object)
-    split[:n_tune] = "tuning"
-    return np.stack([perm, split])
+    u = stable_uniform(subjects, seed=seed)
+    tune_edge = validation_fraction + (1 - validation_fraction) * tuning_fraction
+    split = np.where(u < validation_fraction, "held_out", np.where(u < tune_edge, "tuning", "train"))
+    return pl.DataFrame({"subject_id": subjects, "split": split.astype(str)})
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,7 @@ def temporal_split(
     cohort: pl.DataFrame, *, validation_periods: Sequence[str], tuning_fraction: float, seed: int
 ) -> pl.DataFrame:
     """Patients admitted in ``validation_periods`` form the validation cohort (``held_out``); everyone else
-    forms the derivation cohort, whose tuning part is drawn at random by patient.
+    forms the derivation cohort, whose tuning part is drawn by a seeded hash of the patient id.
 
     A patient with admissions both before and in a validation period is held out, so nobody is in both
     cohorts; their earlier admissions are not validation rows (see :func:`validation_rows`).
@@ -275,14 +278,9 @@ def temporal_split(
     in_val = cohort.filter(pl.col("period").is_in(list(validation_periods)))["subject_id"].unique()
     subjects = np.sort(cohort["subject_id"].unique().to_numpy())
     held = np.isin(subjects, in_val.to_numpy())
-    rng = np.random.default_rng(seed)
-    deriv = _tuning_assignment(subjects[~held], tuning_fraction=tuning_fraction, rng=rng)
-    return pl.DataFrame(
-        {
-            "subject_id": np.concatenate([deriv[0].astype(np.int64), subjects[held]]),
-            "split": np.concatenate([deriv[1].astype(str), np.full(int(held.sum()), "held_out")]),
-        }
-    ).sort("subject_id")
+    tuning = stable_uniform(subjects, seed=seed) < tuning_fraction
+    split = np.where(held, "held_out", np.where(tuning, "tuning", "train"))
+    return pl.DataFrame({"subject_id": subjects, "split": split.astype(str)})
 
 
 def derivation_validation_split(

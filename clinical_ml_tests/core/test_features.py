@@ -207,3 +207,24 @@ def test_temporal_falls_back_to_patient_split_on_a_single_period():
     assert info.strategy == "patient" and info.requested == "temporal"
     assert "do not span" in info.note
     assert (splits["split"] == "held_out").any()
+
+
+def test_patient_split_is_stable_when_new_patients_arrive():
+    cohort = _multi_period_cohort()
+    grown = pl.concat(
+        [
+            cohort,
+            pl.DataFrame(
+                {
+                    "subject_id": np.arange(1000, 1400),
+                    "hadm_id": np.arange(5000, 5400),
+                    "period": ["2016"] * 400,
+                }
+            ),
+        ]
+    )
+    a = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=5)
+    b = patient_grouped_split(grown, validation_fraction=0.3, tuning_fraction=0.2, seed=5)
+    assert a.join(b, on="subject_id", suffix="_b").filter(pl.col("split") != pl.col("split_b")).height == 0
+    c = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=6)
+    assert not a.equals(c)

@@ -1,0 +1,140 @@
+"""The promotion gate: minimums on CI bounds, paired non-inferiority, subgroups, latency; registry pointer."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clinical_ml.core import registry
+from clinical_ml.core.evaluation import bootstrap_metrics, paired_comparison
+from clinical_ml.core.fairness import subgroup_table
+
+CRITERIA = {
+    "auroc_min": 0.7,
+    "sensitivity_min": 0.6,
+    "specificity_min": 0.5,
+    "brier_max": 0.2,
+    "calibration_slope_range": (0.7, 1.3),
+}
+
+
+def _cohort(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    lp = rng.normal(-1.5, 1.3, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-lp))).astype(int)
+    good = 1 / (1 + np.exp(-lp))
+    # deliberately degraded challenger: half its signal replaced by noise
+    noisy = 0.4 * lp + rng.normal(0, 1.3, n) - 1.0
+    degraded = 1 / (1 + np.exp(-noisy))
+    return y, good, degraded
+
+
+def _metrics(y, p):
+    return {k: v.as_dict() for k, v in bootstrap_metrics(y, p, 0.2, n_boot=100, seed=1).items()}
+
+
+def test_a_good_first_model_passes_minimums_and_has_no_champion_to_beat():
+    y, good, _ = _cohort()
+    gate = registry.evaluate_gate(
+        registry.minimum_criteria(_metrics(y, good), CRITERIA),
+        registry.non_inferiority_criteria(_metrics(y, good), None, comparison=None, auroc_margin=0.02),
+        registry.latency_criterion(1.2, slo_ms=10),
+    )
+    assert gate.passed, gate.reasons()
+    assert any("no champion yet" in r for r in gate.reasons("non_inferiority"))
+
+
+def test_degraded_challenger_is_refused_against_the_champion():
+    y, good, degraded = _cohort()
+    comp = {k: v.as_dict() for k, v in paired_comparison(y, degraded, good, n_boot=100, seed=2).items()}
+    assert comp["auroc_difference"]["upper"] < 0
+    gate = registry.evaluate_gate(
+        registry.minimum_criteria(_metrics(y, degraded), {**CRITERIA, "auroc_min": 0.6}),
+        registry.non_inferiority_criteria(
+            _metrics(y, degraded),
+            {"version": "v1", "metrics": _metrics(y, good)},
+            comparison=comp,
+            auroc_margin=0.02,
+        ),
+    )
+    assert not gate.passed
+    assert not gate.group_passed("non_inferiority")
+    assert any("not shown non-inferior" in r for r in gate.reasons())
+
+
+def test_an_equal_challenger_is_non_inferior():
+    y, good, _ = _cohort()
+    rng = np.random.default_rng(5)
+    twin = np.clip(good + rng.normal(0, 0.005, len(good)), 1e-4, 1 - 1e-4)
+    comp = {k: v.as_dict() for k, v in paired_comparison(y, twin, good, n_boot=100, seed=2).items()}
+    crit = registry.non_inferiority_criteria(
+        _metrics(y, twin), {"version": "v1", "metrics": _metrics(y, good)}, comparison=comp, auroc_margin=0.02
+    )
+    assert all(c.passed for c in crit), [c.reason for c in crit]
+
+
+def test_minimums_are_judged_on_the_lower_bound_not_the_point():
+    y, good, _ = _cohort(n=300, seed=3)
+    m = _metrics(y, good)
+    floor = (m["auroc"]["lower"] + m["auroc"]["value"]) / 2  # between the lower bound and the point
+    crit = registry.minimum_criteria(m, {**CRITERIA, "auroc_min": floor})
+    auc = next(c for c in crit if c.name == "auroc_lower_bound")
+    assert m["auroc"]["value"] > floor and not auc.passed
+
+
+def test_miscalibrated_model_fails_the_observed_expected_range():
+    y, good, _ = _cohort()
+    m = _metrics(y, np.clip(good * 2.5, 0, 0.99))
+    crit = registry.minimum_criteria(m, {**CRITERIA, "observed_expected_range": (0.8, 1.25)})
+    assert not next(c for c in crit if c.name == "observed_expected_ratio_in_range").passed
+
+
+def test_subgroup_minimums_use_the_fairness_table_and_skip_small_groups():
+    y, good, _ = _cohort()
+    rng = np.random.default_rng(4)
+    sex = rng.choice(["F", "M"], len(y))
+    tiny = np.where(np.arange(len(y)) < 5, "rare", "common")
+    p = good.copy()
+    p[sex == "F"] = rng.random(int((sex == "F").sum()))  # useless for women
+    rows = subgroup_table(
+        y, p, 0.2, {"sex": sex, "tiny": tiny}, min_cell_size=11, auroc_min=0.7, n_boot=50, intersections=False
+    ).rows
+    as_dicts = [
+        {
+            "attribute": r.attribute,
+            "group": r.group,
+            "n": r.n,
+            "suppressed": r.suppressed,
+            "flags": list(r.flags),
+        }
+        for r in rows
+    ]
+    crit = registry.subgroup_criteria(as_dicts, min_cell_size=11)[0]
+    assert not crit.passed and "sex = F" in crit.reason and "sex = M" not in crit.reason
+    assert "too small to judge" in crit.reason
+
+
+@pytest.mark.parametrize(("p99", "ok"), [(3.0, True), (25.0, False)])
+def test_latency_slo(p99, ok):
+    assert registry.latency_criterion(p99, slo_ms=10)[0].passed is ok
+
+
+def test_pointer_moves_only_by_set_champion_when_recording_without_move(tmp_path):
+    registry.register_model(tmp_path, "uc", "v1", model_text="tree\n", card={"metrics": {}})
+    d = registry.PromotionDecision(True, "v1", None, ("ok",), ({"name": "x"},))
+    registry.record_decision(tmp_path, "uc", d, move_pointer=False)
+    assert registry.champion(tmp_path, "uc") is None
+    registry.set_champion(tmp_path, "uc", "v1")
+    assert registry.champion(tmp_path, "uc") == "v1"
+    hist = registry.decision_history(tmp_path, "uc")
+    assert len(hist) == 1 and hist[0]["criteria"] == [{"name": "x"}]
+    with pytest.raises(FileNotFoundError):
+        registry.set_champion(tmp_path, "uc", "v404")
+    with pytest.raises(FileExistsError):
+        registry.register_model(tmp_path, "uc", "v1", model_text="tree\n", card={})
+    assert json.loads((tmp_path / "uc" / "champion.json").read_text())["version"] == "v1"
+
+
+def test_gate_result_round_trips():
+    gate = registry.evaluate_gate(registry.latency_criterion(1.0, slo_ms=10))
+    assert registry.GateResult.from_dict(gate.as_dict()) == gate
