@@ -181,7 +181,9 @@ def _suppress_until_stable(
     patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy, assign: dict[str, pl.Expr]
 ) -> tuple[pl.DataFrame, int]:
     """Apply ``assign`` to the patients of classes below k, again until no new patient is affected (a
-    patient with two admissions moves both, which can shrink a neighbouring class)."""
+    patient with two admissions moves both, which can shrink a neighbouring class). Returns the frame and
+    how many patients had a value actually changed."""
+    original = patients
     touched: set[int] = set()
     for _ in range(20):
         small = _subjects_below(patients, encounters, policy)
@@ -193,7 +195,8 @@ def _suppress_until_stable(
         patients = patients.with_columns(
             [pl.when(hit).then(value).otherwise(pl.col(col)).alias(col) for col, value in assign.items()]
         )
-    return patients, len(touched)
+    changed = pl.any_horizontal([pl.col(c).ne_missing(original[c]) for c in assign])
+    return patients, int(patients.select(changed.sum()).item())
 
 
 def enforce_k_anonymity(

@@ -24,6 +24,11 @@ class AnonymizationSettings(dg.ConfigurableResource):
         default=[0, 18, 45, 65, 80],
         description="Lower edges of the age bands used as a quasi-identifier (0-17, 18-44, ..., 80+).",
     )
+    max_withheld_share: float = Field(
+        default=0.05,
+        description="Share of a batch's patients that suppression may withhold before the WARN check "
+        "suppression_within_limit fails (suppression falls on rare groups: too much of it biases models).",
+    )
     races_kept: list[str] | None = Field(
         default=["White", "Black or African American", "Asian", "Unknown"],
         description="Race categories released as delivered; other categories are released as 'Other'. "

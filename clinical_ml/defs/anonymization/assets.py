@@ -140,6 +140,12 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
                 "race/ethnicity, ZIP3 and admission quarter holds at least k people (k_anonymity_min). "
                 "When it fails nothing of the batch is written to the de-identified zone.",
             ),
+            dg.AssetCheckSpec(
+                "suppression_within_limit",
+                asset=name,
+                description="Suppression withheld no more than max_withheld_share of the batch's patients "
+                "(a warning: the release is safe, but suppression falls on rare groups and can bias models).",
+            ),
         )
     ],
     partitions_def=batch_partitions,
@@ -183,6 +189,7 @@ def anonymized_cohort(
     leaks = {t: identifier_leaks(f, t, ids, numeric_ids) for t, f in frames.items()}
     all_leaks = [f"{t}: {p}" for t, ps in leaks.items() for p in ps]
     release = published.meets(policy.k) and not all_leaks
+    withheld_share = remedied.subjects_withheld / max(remedied.before.subjects, 1)
     summary = privacy_summary_markdown(
         batch_id=batch_id,
         deid=result,
@@ -229,6 +236,7 @@ def anonymized_cohort(
                 "max_prosecutor_risk": published.max_prosecutor_risk,
                 "mean_prosecutor_risk": published.mean_prosecutor_risk,
                 "subjects_withheld": remedied.subjects_withheld,
+                "withheld_share": withheld_share,
                 "zip3_suppressed": remedied.zip3_suppressed,
                 "race_suppressed": remedied.race_suppressed,
                 "race_generalized": remedied.race_generalized,
@@ -255,6 +263,17 @@ def anonymized_cohort(
                 "records": published.records,
                 "share_below_k": published.share_below_k,
                 "max_prosecutor_risk": published.max_prosecutor_risk,
+                "subjects_withheld": remedied.subjects_withheld,
+            },
+        )
+        yield dg.AssetCheckResult(
+            asset_key=DEID_TABLES[table],
+            check_name="suppression_within_limit",
+            passed=withheld_share <= anonymization.max_withheld_share,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "withheld_share": withheld_share,
+                "max_withheld_share": anonymization.max_withheld_share,
                 "subjects_withheld": remedied.subjects_withheld,
             },
         )
