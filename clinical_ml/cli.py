@@ -38,9 +38,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapt_real_source(data: str, source: str | None, root: Path) -> None:
-    """Map an already de-identified database (eICU, MIMIC-III) straight into the de-identified layer."""
+def _adapt_real_source(data: str, source: str | None, root: Path, *, seed: int) -> None:
+    """Map an already de-identified database (eICU, MIMIC-III) straight into the de-identified layer.
+
+    Surrogate ids are seeded so a demo run is reproducible: the source is public and already de-identified,
+    so the surrogates serve uniformity (one id scheme downstream), not secrecy."""
     import importlib
+
+    import numpy as np
 
     from clinical_ml.core.adapters.common import write_deid_layer
 
@@ -49,7 +54,7 @@ def _adapt_real_source(data: str, source: str | None, root: Path) -> None:
     if not path.exists():
         path = module.committed_subset()
         print(f"{data}: full database not found, using the committed subset {path}")
-    adapted = module.adapt(path)
+    adapted = module.adapt(path, rng=np.random.default_rng(seed))
     write_deid_layer(adapted, data_root=root)
     print(f"{data}: {adapted.counts['encounters']} encounters mapped into {root / 'deid'}")
 
@@ -67,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.data != "synthetic":
         # A real source gets its own data root (data/<source>) unless one is given: never mix sources.
         root = root if args.data_root else root / args.data
-        _adapt_real_source(args.data, args.source, root)
+        _adapt_real_source(args.data, args.source, root, seed=args.seed)
     elif not find_complete_batches(root / "landing"):
         generate_hospital(root / "landing", _synth_config(args))
         print(f"synthetic hospital written to {root / 'landing'}")
