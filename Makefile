@@ -34,8 +34,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 setup: $(VENV)/.synced $(DAGSTER_HOME)/dagster.yaml
 
 ## Run the whole lifecycle on the embedded synthetic hospital and print where the reports are.
+## DATA=eicu|mimic runs it instead on a real de-identified demo database (../shared/data, else the committed
+## subset), mapped by its adapter into data/<DATA>/.
 demo: setup
-	$(VENV)/bin/clinical-ml demo --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES)
+	$(VENV)/bin/clinical-ml demo --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES) --data $(or $(DATA),synthetic)
 
 ## Dagster UI (asset graph, runs, reports) with the landing sensor and nightly schedule running.
 dev: setup
