@@ -55,5 +55,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+## Every stage beside its baseline on a synthetic hospital (SCALE=default: 100k admissions; SCALE=small: a
+## quick run); writes benchmarks/results/latest.md and latest.json. Not part of `make test`.
+SCALE ?= default
+bench: setup
+	$(VENV)/bin/python -m benchmarks.bench --scale $(SCALE)
+
 clean-data:
 	rm -rf data/landing data/archive data/quarantine data/phi data/deid data/registry data/reports $(DAGSTER_HOME)/storage $(DAGSTER_HOME)/history $(DAGSTER_HOME)/schedules
