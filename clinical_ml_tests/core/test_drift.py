@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from clinical_ml.core.drift import (
+    DriftThresholds,
+    batch_drift,
+    chi2_homogeneity_pvalue,
+    ks_two_sample,
+    psi,
+    reference_profile,
+)
+
+
+@pytest.mark.parametrize(("n", "m"), [(500, 80), (2000, 2000), (60, 3000)])
+def test_ks_statistic_matches_scipy_with_ties(n, m):
+    rng = np.random.default_rng(n + m)
+    a = np.round(rng.normal(size=n), 1)
+    b = np.round(rng.normal(0.2, 1.0, size=m), 1)
+    prof = reference_profile(a[:, None], ["x"])
+    d, p = ks_two_sample(prof.columns[0], np.sort(b))
+    ref = stats.ks_2samp(a, b, method="asymp")
+    assert d == pytest.approx(ref.statistic, abs=1e-12)
+    assert p == pytest.approx(ref.pvalue, rel=0.2, abs=1e-6)
+
+
+def test_psi_is_zero_for_identical_samples_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(size=5000)
+    assert psi(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert psi(x, x * 1.1) < psi(x, x * 1.5)
+
+
+def test_missing_values_count_as_drift():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=4000)
+    cur = rng.normal(size=4000)
+    cur[:2000] = np.nan
+    drift = batch_drift(reference_profile(ref[:, None], ["x"]), cur[:, None])[0]
+    assert drift.missing_current == pytest.approx(0.5)
+    assert drift.level == "error"
+
+
+def test_chi2_homogeneity_is_not_significant_for_identical_shares():
+    assert chi2_homogeneity_pvalue(np.array([100, 200, 300, 0]), np.array([10, 20, 30, 0])) > 0.9
+    assert chi2_homogeneity_pvalue(np.array([100, 200, 300, 0]), np.array([60, 0, 0, 0])) < 1e-6
+
+
+def test_only_shifted_columns_are_flagged_among_many():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(20000, 40))
+    cur = rng.normal(size=(20000, 40))
+    cur[:, [3, 17]] += 0.2
+    cats_ref = {"unit": rng.integers(0, 4, 20000)}
+    cats_cur = {"unit": rng.choice(4, 20000, p=[0.4, 0.2, 0.2, 0.2])}
+    prof = reference_profile(ref, [f"x{j}" for j in range(40)], categorical=cats_ref)
+    out = batch_drift(prof, cur, categorical=cats_cur, workers=2)
+    flagged = {d.feature for d in out if d.drifted}
+    assert {"x3", "x17", "unit"} <= flagged
+    # the family-wise false alarm rate is 5% per batch: at most a stray column, never many
+    assert len(flagged - {"x3", "x17", "unit"}) <= 1
+    # a 0.2 SD shift is real but not material at the default ERROR levels
+    assert {d.feature for d in out if d.level == "error"} <= {"unit"}
+
+
+def test_small_stable_batches_stay_quiet():
+    rng = np.random.default_rng(3)
+    ref = rng.lognormal(size=(600, 60))
+    prof = reference_profile(ref, [f"x{j}" for j in range(60)], thresholds=DriftThresholds())
+    levels = [d.level for _ in range(30) for d in batch_drift(prof, rng.lognormal(size=(80, 60)))]
+    assert levels.count("error") == 0
+
+
+def test_categorical_unseen_category_is_drift():
+    rng = np.random.default_rng(4)
+    prof = reference_profile(np.zeros((3000, 0)), [], categorical={"unit": rng.integers(0, 3, 3000)})
+    cur = {"unit": np.where(rng.random(500) < 0.5, 7, rng.integers(0, 3, 500))}
+    assert batch_drift(prof, np.zeros((500, 0)), categorical=cur)[0].level == "error"
