@@ -321,3 +321,45 @@ def process_file(
         data_version=_data_version(sha, upstream), archived_as=str(archived.relative_to(zones.archive)),
     )  # fmt: skip
     return finish(outcome, result.accepted, result.rejects)
+
+
+# Each source is validated against the accepted rows of these sources of the same batch.
+UPSTREAM: dict[str, list[str]] = {
+    "patients": [],
+    "encounters": ["patients"],
+    "labs": ["patients", "encounters"],
+    "vitals": ["patients", "encounters"],
+}
+
+
+def batch_context(
+    zones: ZonePaths, source: str, batch_id: str
+) -> tuple[BatchContext | None, list[str | None]]:
+    """The accepted upstream rows of ``source`` in batch ``batch_id`` and their data versions."""
+    ups = UPSTREAM[source]
+    if not ups:
+        return None, []
+    entries = {u: read_ledger_entry(zones, batch_id, u) or {} for u in ups}
+    # Rows are checked against an upstream source only when its file was accepted: a quarantined patients file
+    # must not reject every encounter of the batch (the outcome carries a warning instead).
+    frames = {
+        u: pl.read_parquet(accepted_path(zones, u, batch_id))
+        for u in ups
+        if entries[u].get("status") == "accepted"
+    }
+    versions = [entries[u].get("data_version") for u in ups]
+    return BatchContext(patients=frames.get("patients"), encounters=frames.get("encounters")), versions
+
+
+def process_batch(
+    *, zones: ZonePaths, batch_id: str, limits: Limits | None = None, now: datetime | None = None
+) -> dict[str, FileOutcome]:
+    """Every source of one batch in dependency order (what the ingestion assets do, without Dagster)."""
+    out = {}
+    for source in UPSTREAM:
+        batch, versions = batch_context(zones, source, batch_id)
+        out[source], _ = process_file(
+            zones=zones, batch_id=batch_id, source=source, batch=batch, upstream_versions=versions,
+            limits=limits, now=now,
+        )  # fmt: skip
+    return out

@@ -479,6 +479,20 @@ def _source_rules(source: str) -> list[tuple[pl.Expr, str]]:
     return []
 
 
+def _zero_padded_match(column: str, known: pl.Series) -> pl.Expr:
+    """An unknown all-digit id that matches a known id once zero-padded: a spreadsheet dropped its zeros."""
+    known = known.drop_nulls()
+    if known.len() == 0:
+        return pl.lit(False)
+    width = int(known.str.len_chars().max())  # type: ignore[arg-type]
+    col = pl.col(column)
+    return (
+        col.str.contains(r"^\d+$")
+        & (col.str.len_chars() < width)
+        & col.str.zfill(width).is_in(known.implode())
+    )
+
+
 def _with_batch(
     parsed: pl.DataFrame, source: str, batch: BatchContext
 ) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str]]]:
@@ -490,6 +504,10 @@ def _with_batch(
         )
         parsed = parsed.join(pts.unique("mrn"), on="mrn", how="left", maintain_order="left")
         rules += [
+            (
+                pl.col("_known_patient").is_null() & _zero_padded_match("mrn", batch.patients["mrn"]),
+                "id_leading_zeros_lost:mrn",
+            ),
             (pl.col("_known_patient").is_null() & pl.col("mrn").is_not_null(), "unknown_patient"),
             (pl.col("admit_time").dt.date() < pl.col("_birth"), "event_before_birth"),
         ]
@@ -515,6 +533,11 @@ def _with_batch(
         parsed = parsed.join(enc.drop("_mrn"), on="encounter_id", how="left", maintain_order="left")
         t = pl.col(EVENT_TIME[source])
         rules += [
+            (
+                pl.col("_known_encounter").is_null()
+                & _zero_padded_match("encounter_id", batch.encounters["encounter_id"]),
+                "id_leading_zeros_lost:encounter_id",
+            ),
             (
                 pl.col("_known_encounter").is_null() & pl.col("encounter_id").is_not_null(),
                 "unknown_encounter",
@@ -682,6 +705,9 @@ def ingest_file(
     if source in CODE_COLUMN:
         parsed = _harmonize_units(parsed, CODE_COLUMN[source])
     extra_rules: list[tuple[pl.Expr, str]] = []
+    needs = "patients" if source == "encounters" else "encounters" if source in EVENT_TIME else None
+    if needs is not None and (batch is None or getattr(batch, needs) is None):
+        warnings["cross_file_checks_skipped"] = text.height
     if batch is not None:
         parsed, extra_rules = _with_batch(parsed, source, batch)
     rules += [(pl.lit(pre["sentinel"]).is_not_null(), "_sentinel")]

@@ -4,14 +4,15 @@ import dagster as dg
 import polars as pl
 
 from clinical_ml.core.delivery import (
+    UPSTREAM,
     FileOutcome,
     ZonePaths,
-    accepted_path,
+    batch_context,
     process_file,
     read_ledger_entry,
     rejects_path,
 )
-from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS, BatchContext
+from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS
 from clinical_ml.core.landing import read_batch, read_unmarked_batch
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
@@ -25,13 +26,6 @@ SOURCE_DESCRIPTIONS = {
     "against the batch's encounters (no result before birth or after death/discharge).",
     "vitals": "ICU monitoring in long format, units harmonized (delivered value and unit kept), validated against "
     "the batch's encounters.",
-}
-# Cross-file checks: a source is validated against the accepted rows of these sources of the same batch.
-UPSTREAM = {
-    "patients": [],
-    "encounters": ["patients"],
-    "labs": ["patients", "encounters"],
-    "vitals": ["patients", "encounters"],
 }
 LEDGER_POOL = "landing_ledger"
 
@@ -50,17 +44,6 @@ def limits_of(zones: DataZones) -> Limits:
 
 def _column_schema(df: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in df.schema.items()])
-
-
-def _batch_context(
-    paths: ZonePaths, source: str, batch_id: str
-) -> tuple[BatchContext | None, list[str | None]]:
-    ups = UPSTREAM[source]
-    if not ups:
-        return None, []
-    frames = {u: pl.read_parquet(accepted_path(paths, u, batch_id)) for u in ups}
-    versions = [(read_ledger_entry(paths, batch_id, u) or {}).get("data_version") for u in ups]
-    return BatchContext(patients=frames.get("patients"), encounters=frames.get("encounters")), versions
 
 
 def _checks(source: str, outcome: FileOutcome, accepted: pl.DataFrame) -> list[dg.AssetCheckResult]:
@@ -129,7 +112,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
     def _raw(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch_id = context.partition_key
         paths = zone_paths(zones)
-        batch, upstream_versions = _batch_context(paths, source, batch_id)
+        batch, upstream_versions = batch_context(paths, source, batch_id)
         outcome, accepted = process_file(
             zones=paths,
             batch_id=batch_id,
