@@ -248,7 +248,7 @@ def fairness_markdown(analysis, *, verdict: str, reasons: list[str], min_cell_si
             continue
         head = f"| {md_escape(attribute_title(r.attribute))} | {md_escape(r.group)} | "
         if r.suppressed:
-            size = f"< {min_cell_size}" if r.n < min_cell_size else str(r.n)
+            size = f"fewer than {min_cell_size}" if r.n < min_cell_size else str(r.n)
             lines.append(head + f"{size} | suppressed | suppressed | suppressed |")
         else:
             lines.append(
