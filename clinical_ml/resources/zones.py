@@ -13,6 +13,20 @@ class DataZones(dg.ConfigurableResource):
     reports. Only ingestion and anonymization may touch ``landing``, ``archive``, ``quarantine``, ``phi``."""
 
     root: str = Field(description="Folder holding every data zone; created on first use.")
+    max_file_bytes: int = Field(
+        default=4 << 30, description="Largest delivered file accepted in the landing zone (bytes)."
+    )
+    max_zip_uncompressed_bytes: int = Field(
+        default=8 << 30, description="Largest decompressed member of a zipped delivery (bytes)."
+    )
+    max_zip_ratio: float = Field(
+        default=200.0, description="Largest decompressed/compressed ratio of a zip member (zip bomb guard)."
+    )
+    unmarked_batch_quiet_seconds: float = Field(
+        default=120.0,
+        description="A batch folder without a _SUCCESS marker is read once its files' sizes and times stayed "
+        "the same across two sensor checks and for this long.",
+    )
 
     def zone(self, name: str) -> Path:
         if name not in ZONES:
