@@ -10,9 +10,10 @@ model. Both models see the same first-24 h variables of the same hospital stays:
   -1 as missing, GCS sum, non-invasive BP min/max/mean/last/count over minutes 0-1440, age, sex, unit type,
   admission source), ``lightgbm.LGBMClassifier`` defaults, fitted on the whole derivation cohort.
 
-Splits: ``temporal`` (derivation: stays discharged in 2014; validation: 2015, without the patients already
-in the derivation cohort) and ``random`` (the graph's patient-grouped split of the use case). For each:
-AUROC with 95% bootstrap CIs for both models and the paired difference (same resampled patients).
+Splits, both from ``clinical_ml.core.features.derivation_validation_split`` (the graph's own): ``temporal``
+(the use case's: validation = patients with a stay discharged in 2015, derivation = everyone else) and
+``patient`` (a random 30% of patients). For each: AUROC with 95% bootstrap CIs for both models and the paired
+difference on the same resampled validation stays.
 
     .venv/bin/python benchmarks/baseline_eicu.py [--source DIR] [--n-boot 1000]
 
@@ -29,7 +30,13 @@ import polars as pl
 
 from clinical_ml.core.adapters import eicu
 from clinical_ml.core.evaluation import auroc, bootstrap_metrics
-from clinical_ml.core.features import build_cohort, build_features, build_labels, patient_grouped_split
+from clinical_ml.core.features import (
+    build_cohort,
+    build_features,
+    build_labels,
+    derivation_validation_split,
+    validation_rows,
+)
 from clinical_ml.core.training import evaluate_validation, fit_model, operating_threshold, predict_frame
 from clinical_ml.core.usecase import load_use_case
 
@@ -98,29 +105,6 @@ def paired_auroc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_bo
     return {"value": auroc(y, a) - auroc(y, b), "lower": float(lo), "upper": float(hi)}
 
 
-def temporal_split(cohort: pl.DataFrame, *, tuning_fraction: float) -> pl.DataFrame:
-    """Per admission: 2014 -> train/tuning (patient-grouped), 2015 -> held_out unless the patient is in 2014."""
-    year = pl.col("period").str.slice(0, 4)
-    deriv_subjects = cohort.filter(year == "2014")["subject_id"].unique().sort()
-    rng = np.random.default_rng(SEED)
-    perm = rng.permutation(deriv_subjects.to_numpy())
-    tuning = set(perm[: round(len(perm) * tuning_fraction)].tolist())
-    return cohort.select(
-        "hadm_id",
-        "subject_id",
-        pl.when(year == "2014")
-        .then(
-            pl.when(pl.col("subject_id").is_in(list(tuning)))
-            .then(pl.lit("tuning"))
-            .otherwise(pl.lit("train"))
-        )
-        .when(pl.col("subject_id").is_in(deriv_subjects.implode()))
-        .then(pl.lit("excluded_seen_in_derivation"))
-        .otherwise(pl.lit("held_out"))
-        .alias("split"),
-    )
-
-
 def compare(
     name: str, frame: pl.DataFrame, cohort: pl.DataFrame, plain: pl.DataFrame, uc, n_boot: int
 ) -> dict:
@@ -146,7 +130,9 @@ def compare(
         "events_derivation": int(deriv["boolean_value"].sum()),
         "n_validation": len(y),
         "events_validation": int(y.sum()),
-        "excluded_seen_in_derivation": int((frame["split"] == "excluded_seen_in_derivation").sum()),
+        "excluded_earlier_stays_of_validation_patients": int(
+            (frame["split"] == "excluded_earlier_stay_of_validation_patient").sum()
+        ),
         "pipeline_auroc": ours["metrics"]["auroc"],
         "plain_lightgbm_auroc": plain_ci.as_dict(),
         "difference_pipeline_minus_plain": paired_auroc_difference(
@@ -174,19 +160,27 @@ def main() -> None:
         "source_key", pl.col("surrogate_id").alias("hadm_id")
     )
     plain = plain_features(source, hadm_map).join(cohort.select("hadm_id"), on="hadm_id", how="semi")
-    random_split = patient_grouped_split(
-        cohort,
-        validation_fraction=uc.validation.fraction,
-        tuning_fraction=uc.validation.tuning_fraction,
-        seed=uc.validation.seed,
-    )
-    frames = {
-        "temporal 2014 -> 2015": feats.join(
-            temporal_split(cohort, tuning_fraction=uc.validation.tuning_fraction).drop("subject_id"),
-            on="hadm_id",
-        ),
-        "random, patient-grouped (the graph's)": feats.join(random_split, on="subject_id"),
-    }
+    frames = {}
+    for strategy in ("temporal", "patient"):
+        splits, info = derivation_validation_split(
+            cohort,
+            strategy=strategy,
+            validation_periods=uc.validation.validation_periods,
+            fraction=uc.validation.fraction,
+            tuning_fraction=uc.validation.tuning_fraction,
+            seed=uc.validation.seed,
+        )
+        frame = (
+            feats.join(splits, on="subject_id")
+            .join(cohort.select("hadm_id", "period"), on="hadm_id")
+            .with_columns(
+                pl.when(validation_rows(info))
+                .then(pl.col("split"))
+                .otherwise(pl.lit("excluded_earlier_stay_of_validation_patient"))
+                .alias("split")
+            )
+        )
+        frames[info.note] = frame
     rows = [compare(name, frame, cohort, plain, uc, args.n_boot) for name, frame in frames.items()]
     result = {"source": source.name, "cohort_flow": flow.as_dict(), "comparisons": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
