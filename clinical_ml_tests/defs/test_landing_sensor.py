@@ -1,5 +1,6 @@
 """The landing sensor: one run per new complete batch, none for a batch already seen."""
 
+import os
 import shutil
 
 import dagster as dg
@@ -56,3 +57,50 @@ def test_changed_content_under_the_same_name_runs_again(landing):
         assert result.run_requests[0].run_key != next(
             r.run_key for r in first.run_requests if r.partition_key == "2026-01-05"
         )
+
+
+def _tick_with(instance, root, cursor=None, **zone_options):
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"zones": DataZones(root=str(root), **zone_options)}
+    )
+    return landing_sensor(ctx)
+
+
+def test_a_restarted_daemon_neither_repeats_nor_loses_a_batch(landing):
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, landing)
+        # A restart starts from the persisted cursor: nothing runs twice...
+        assert _tick(instance, landing, first.cursor).run_requests == []
+        # ...and a batch that arrived while the daemon was down is picked up.
+        new = landing / "landing" / "2026-01-09"
+        shutil.copytree(landing / "landing" / "2026-01-06", new)
+        write_completion_marker(new)
+        assert [r.partition_key for r in _tick(instance, landing, first.cursor).run_requests] == [
+            "2026-01-09"
+        ]
+
+
+def test_a_batch_without_marker_runs_once_its_files_stop_changing(landing):
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, landing)
+        new = landing / "landing" / "2026-01-08"
+        shutil.copytree(landing / "landing" / "2026-01-06", new)
+        (new / "_SUCCESS").unlink()
+        seen = _tick_with(instance, landing, first.cursor, unmarked_batch_quiet_seconds=0)
+        assert seen.run_requests == []  # first sight: sizes and times not yet known to be stable
+        # Still being copied: the modification time moves.
+        os.utime(new / "vitals.csv", ns=(1, 1))
+        moved = _tick_with(instance, landing, seen.cursor, unmarked_batch_quiet_seconds=0)
+        assert moved.run_requests == []
+        stable = _tick_with(instance, landing, moved.cursor, unmarked_batch_quiet_seconds=0)
+        assert [r.partition_key for r in stable.run_requests] == ["2026-01-08"]
+        assert _tick_with(instance, landing, stable.cursor, unmarked_batch_quiet_seconds=0).run_requests == []
+
+
+def test_odd_and_symlinked_batch_folders_are_never_read(landing):
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, landing)
+        src = landing / "landing" / "2026-01-06"
+        shutil.copytree(src, landing / "landing" / "batch 7")
+        (landing / "landing" / "2026-01-10").symlink_to(src, target_is_directory=True)
+        assert _tick(instance, landing, first.cursor).run_requests == []
