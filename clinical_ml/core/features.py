@@ -258,6 +258,16 @@ class SplitInfo:
     derivation_periods: tuple[str, ...]
     note: str
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitInfo":
+        return cls(
+            **{
+                **d,
+                "validation_periods": tuple(d["validation_periods"]),
+                "derivation_periods": tuple(d["derivation_periods"]),
+            }
+        )
+
     def as_dict(self) -> dict:
         return {
             **self.__dict__,

@@ -52,16 +52,20 @@ class AnonymizationSettings(dg.ConfigurableResource):
 
 
 class EvaluationSettings(dg.ConfigurableResource):
-    """How models are evaluated and promoted."""
+    """How models are evaluated and promoted (the clinical margins themselves live in the use case)."""
 
     n_bootstrap: int = Field(default=500, description="Bootstrap replicates for 95% confidence intervals.")
     bootstrap_seed: int = Field(
         default=20261129, description="Seed of the bootstrap, so reports are reproducible."
     )
-    auroc_non_inferiority_margin: float = Field(
-        default=0.02,
-        description="A challenger may be this much below the champion's AUROC and still be promoted.",
+    auroc_non_inferiority_margin: float | None = Field(
+        default=None,
+        description="Overrides the use case's promotion.auroc_non_inferiority_margin when set: a challenger may "
+        "be this much below the champion's AUROC (lower 95% bound of the paired difference) and be promoted.",
     )
     shap_max_rows: int = Field(
         default=2000, description="Validation rows explained with SHAP (sampled, seeded)."
+    )
+    latency_repeats: int = Field(
+        default=300, description="One-patient scoring calls timed for the latency SLO of the promotion gate."
     )

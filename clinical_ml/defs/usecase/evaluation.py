@@ -5,10 +5,8 @@ import polars as pl
 
 from clinical_ml.core import plots
 from clinical_ml.core.explain import global_importance, shap_values
-from clinical_ml.core.features import (
-    feature_matrix,
-)
-from clinical_ml.core.reports import performance_report, write_report
+from clinical_ml.core.features import SplitInfo, feature_matrix, validation_rows
+from clinical_ml.core.reports import b64, fmt_ci, performance_report, write_report
 from clinical_ml.core.storage import code_version, read_json, write_json, write_parquet
 from clinical_ml.core.training import (
     evaluate_validation,
@@ -31,7 +29,7 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
 
     @dg.asset(
         key=key("validation_predictions"),
-        deps=[key("risk_model")],
+        deps=[key("risk_model"), key("subject_splits")],
         group_name=Stage.EVALUATION,
         kinds={"lightgbm", "polars"},
         tags=tags(DataClass.DEIDENTIFIED),
@@ -46,7 +44,10 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             pl.read_parquet(paths.deid(zones, "labels.parquet")),
             pl.read_parquet(paths.deid(zones, "subject_splits.parquet")),
         ).filter(pl.col("split").is_in(["tuning", "held_out"]))
+        info = SplitInfo.from_dict(read_json(paths.deid(zones, "split_info.json")))
         preds = predict_frame(model, frame, pl.read_parquet(paths.deid(zones, "cohort.parquet")))
+        # temporal validation: a held-out patient's admissions before the validation period are not scored
+        preds = preds.filter(validation_rows(info))
         threshold = operating_threshold(preds, uc)
         preds = preds.with_columns((pl.col("risk") >= threshold).alias("flagged"))
         write_parquet(preds, paths.deid(zones, "validation_predictions.parquet"))
@@ -88,8 +89,22 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         (plot_dir / "calibration.png").write_bytes(plots.calibration_plot(result["calibration_curve"]))
         (plot_dir / "decision_curve.png").write_bytes(plots.decision_curve_plot(result["decision_curve"]))
         m = result["metrics"]
+        rows = "".join(f"| {k.replace('_', ' ')} | {fmt_ci(v)} |\n" for k, v in m.items())
+        md = (
+            f"**Validation cohort**: {result['n_validation']} admissions, {result['events_validation']} events; "
+            f"operating threshold {t['threshold']:.3f} (chosen on the tuning part of the derivation cohort); "
+            f"{evaluation.n_bootstrap} bootstrap replicates.\n\n"
+            f"| measure | value (95% CI) |\n|---|---|\n{rows}\n"
+            f"**Calibration curve**\n\n![calibration](data:image/png;base64,"
+            f"{b64((plot_dir / 'calibration.png').read_bytes())})\n\n"
+            f"**Decision curve** (net benefit vs treat all and treat none)\n\n![decision curve](data:image/png;base64,"
+            f"{b64((plot_dir / 'decision_curve.png').read_bytes())})\n"
+        )
         return dg.MaterializeResult(
             metadata={
+                "report": dg.MetadataValue.md(md),
+                "calibration_plot_path": dg.MetadataValue.path(str(plot_dir / "calibration.png")),
+                "decision_curve_plot_path": dg.MetadataValue.path(str(plot_dir / "decision_curve.png")),
                 **{f"{k}_validation": v["value"] for k, v in m.items()},
                 "auroc_validation_lower": m["auroc"]["lower"],
                 "auroc_validation_upper": m["auroc"]["upper"],
@@ -101,13 +116,15 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     @dg.asset_check(
         asset=key("model_evaluation"),
         name="auroc_lower_bound_meets_minimum",
-        blocking=True,
-        description=f"The lower 95% bound of validation AUROC is at least {uc.success_criteria.auroc_min}.",
+        description=f"The lower 95% bound of validation AUROC is at least {uc.success_criteria.auroc_min} "
+        "(a warning here; the blocking decision is the promotion gate, which still lets a refused model's "
+        "reports be written).",
     )
     def auroc_lower_bound_meets_minimum(zones: DataZones) -> dg.AssetCheckResult:
         m = read_json(paths.deid(zones, "evaluation.json"))["metrics"]["auroc"]
         return dg.AssetCheckResult(
             passed=bool(m["lower"] >= uc.success_criteria.auroc_min),
+            severity=dg.AssetCheckSeverity.WARN,
             metadata={
                 "auroc_lower": m["lower"],
                 "auroc": m["value"],

@@ -1,0 +1,126 @@
+"""The champion/challenger gate in the real graph: a good challenger is promoted, a deliberately degraded
+one is stopped by the blocking checks and the champion pointer does not move."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+
+from clinical_ml.core import registry
+from clinical_ml.core.storage import read_json
+from clinical_ml.defs.build import build_definitions
+from clinical_ml.defs.usecase.training import GATE_CHECKS
+from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
+
+pytestmark = pytest.mark.slow
+
+UC = "icu_mortality_24h"
+USECASES = Path(__file__).resolve().parents[2] / "usecases"
+RETRAIN = [
+    "risk_model",
+    "validation_predictions",
+    "model_evaluation",
+    "shap_explanations",
+    "model_registry",
+    "promotion_decision",
+    "champion_model",
+]
+
+
+def _lenient_use_case(directory: Path) -> Path:
+    """The repository's use case with minimums a small synthetic cohort can meet on its lower CI bounds,
+    so that this test controls which challenger is good and which is not."""
+    text = (USECASES / f"{UC}.yaml").read_text()
+    for old, new in (
+        ("auroc_min: 0.75", "auroc_min: 0.65"),
+        ("sensitivity_min: 0.70", "sensitivity_min: 0.40"),
+        ("calibration_slope_range: [0.7, 1.3]", "calibration_slope_range: [0.3, 3.0]"),
+        ("observed_expected_range: [0.7, 1.5]", "observed_expected_range: [0.3, 3.0]"),
+        ("  auroc_min: 0.70\n", "  auroc_min: 0.5\n"),
+        ("  sensitivity_min: 0.60\n", "  sensitivity_min: 0.0\n"),
+        ("latency_p99_ms_max: 10", "latency_p99_ms_max: 1000"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    directory.mkdir()
+    (directory / f"{UC}.yaml").write_text(text)
+    return directory
+
+
+def _retrain(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey([UC, a]) for a in RETRAIN],
+        raise_on_error=False,
+    )
+
+
+def _failed(res: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.step_key for e in res.all_events if e.is_step_failure and e.step_key}
+
+
+def _materialized(res: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.path[-1] for e in res.get_asset_materialization_events()}
+
+
+@pytest.fixture(scope="module")
+def gate_world(graph_run, tmp_path_factory, instance):
+    root = tmp_path_factory.mktemp("gate_root")
+    for zone in ("deid", "registry", "reports"):
+        shutil.copytree(graph_run.data_root / zone, root / zone)
+    defs = build_definitions(
+        data_root=root,
+        usecases_dir=_lenient_use_case(tmp_path_factory.mktemp("uc") / "usecases"),
+        evaluation=EvaluationSettings(n_bootstrap=60, latency_repeats=50),
+        anonymization=AnonymizationSettings(pseudonym_seed=1),
+    )
+    return root, defs, instance
+
+
+def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_world):
+    root, defs, instance = gate_world
+    uc_dir = root / "deid" / "usecases" / UC
+
+    good = _retrain(defs, instance)
+    assert good.success, _failed(good)
+    first = read_json(uc_dir / "decision.json")
+    assert first["promoted"] and "champion_model" in _materialized(good)
+    assert registry.champion(root / "registry", UC) == first["challenger"]
+
+    # degrade the challenger deliberately: training labels shuffled, so it learns noise
+    labels = pl.read_parquet(uc_dir / "labels.parquet")
+    rng = np.random.default_rng(0)
+    labels.with_columns(
+        pl.Series("boolean_value", rng.permutation(labels["boolean_value"].to_numpy()))
+    ).write_parquet(uc_dir / "labels.parquet")
+    bad = _retrain(defs, instance)
+
+    assert not bad.success
+    failed = _failed(bad)
+    assert failed and all(any(f.endswith(n) for n in GATE_CHECKS.values()) for f in failed)
+    assert any(f.endswith(GATE_CHECKS["non_inferiority"]) for f in failed)
+    assert "champion_model" not in _materialized(bad)
+    assert {"model_registry", "promotion_decision"} <= _materialized(bad)
+    second = read_json(uc_dir / "decision.json")
+    assert not second["promoted"] and second["champion_before"] == first["challenger"]
+    assert registry.champion(root / "registry", UC) == first["challenger"]
+    assert any("not shown non-inferior" in r for r in second["reasons"])
+
+    # the refused challenger is registered with its lineage, and both decisions are in the history
+    card = registry.read_card(root / "registry", UC, second["challenger"])
+    assert card["gate"]["passed"] is False and card["lineage"]["champion_at_training"] == first["challenger"]
+    history = [h["challenger"] for h in registry.decision_history(root / "registry", UC)]
+    assert history[-2:] == [first["challenger"], second["challenger"]]
+
+    # the decision is on the asset pages (Markdown metadata), with metrics, CIs and curves on the evaluation's
+    for asset in ("promotion_decision", "model_registry"):
+        ev = instance.get_latest_materialization_event(dg.AssetKey([UC, asset]))
+        assert ev is not None
+        md = ev.asset_materialization.metadata["report"].value
+        assert "Not promoted" in md and "FAIL" in md
+    ev = instance.get_latest_materialization_event(dg.AssetKey([UC, "model_evaluation"]))
+    md = ev.asset_materialization.metadata["report"].value
+    assert "95% CI" in md and md.count("data:image/png;base64,") == 2
