@@ -1,0 +1,174 @@
+"""Ingestion: read + validate a batch of event rows (CSV) vs polars reading the same file alone.
+
+Ours is :func:`clinical_ml.core.ingestion.ingest_file` on a vitals file with the batch's encounters and patients
+as context: safety checks, sha256, field-count check, parsing, pandera schema, unit harmonization, plausibility
+flags, cross-file temporal checks, duplicates and the per-batch unit-switch check. The baseline is
+``polars.read_csv`` with its default type inference on the same file. Each measurement runs in its own
+process, so each has its own peak RSS. Goal (issue 3): within 2x of the baseline.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROWS = {"small": 1_000_000, "default": 10_000_000}
+N_ENCOUNTERS = {"small": 5_000, "default": 50_000}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+_CODES = {
+    "heart_rate": ("/min", 85, 15),
+    "systolic_bp": ("mm[Hg]", 120, 18),
+    "diastolic_bp": ("mm[Hg]", 65, 10),
+    "mean_bp": ("mm[Hg]", 82, 12),
+    "resp_rate": ("/min", 18, 4),
+    "spo2": ("%", 96, 2),
+    "temperature": ("Cel", 37, 0.6),
+    "gcs_total": ("{score}", 13, 2),
+}
+
+_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+import polars as pl
+mode, vitals, enc, pts = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+if mode == "ours":
+    from datetime import datetime
+    from clinical_ml.core.ingestion import BatchContext, ingest_file
+    ctx = BatchContext(patients=ingest_file(pts, "patients").accepted,
+                       encounters=ingest_file(enc, "encounters").accepted)
+    t = time.perf_counter()
+    r = ingest_file(vitals, "vitals", batch=ctx, now=datetime(2026, 6, 1))
+    s = time.perf_counter() - t
+    out = {"s": s, "rows_in": r.rows_in, "rows_accepted": r.rows_accepted, "rows_rejected": r.rows_rejected}
+else:
+    t = time.perf_counter()
+    df = pl.read_csv(vitals)
+    s = time.perf_counter() - t
+    out = {"s": s, "rows_in": df.height}
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+def write_batch(folder: Path, *, rows: int, n_encounters: int, seed: int = 0) -> tuple[Path, Path, Path]:
+    """A patients, encounters and vitals file in the landing contract, written in chunks."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_pat = n_encounters
+    mrn = np.array([f"{m:08d}" for m in rng.choice(10**8, n_pat, replace=False)])
+    pl.DataFrame(
+        {
+            "mrn": mrn,
+            "first_name": "Ann",
+            "last_name": "Lee",
+            "birth_date": "1960-05-01",
+            "sex": rng.choice(["M", "F"], n_pat),
+            "race": "White",
+            "ethnicity": "Not Hispanic",
+            "address": "1 Main St",
+            "zip": "02139",
+            "phone": "555-0100",
+            "email": "a@example.invalid",
+        }
+    ).write_csv(folder / "patients.csv")
+    eid = np.array([f"{e:010d}" for e in rng.choice(10**10, n_encounters, replace=False)])
+    admit = np.datetime64("2026-01-05T00:00:00") + rng.integers(0, 86_400, n_encounters).astype(
+        "timedelta64[s]"
+    )
+    discharge = admit + np.timedelta64(6, "D")
+    pl.DataFrame(
+        {
+            "encounter_id": eid,
+            "mrn": mrn,
+            "admit_time": admit.astype("datetime64[us]"),
+            "discharge_time": discharge.astype("datetime64[us]"),
+            "admission_type": "EMERGENCY",
+            "unit": "MICU",
+            "site": rng.choice(["SITE_A", "SITE_B"], n_encounters),
+            "discharge_disposition": "HOME",
+            "death_time": None,
+        },
+        schema_overrides={"death_time": pl.Datetime("us")},
+    ).with_columns(
+        pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S") for c in ("admit_time", "discharge_time")
+    ).write_csv(folder / "encounters.csv")
+    codes = list(_CODES)
+    vitals = folder / "vitals.csv"
+    chunk = 1_000_000
+    with vitals.open("wb") as f:
+        for start in range(0, rows, chunk):
+            n = min(chunk, rows - start)
+            e = rng.integers(0, n_encounters, n)
+            c = rng.integers(0, len(codes), n)
+            mean = np.array([_CODES[k][1] for k in codes])[c]
+            sd = np.array([_CODES[k][2] for k in codes])[c]
+            charted = admit[e] + rng.integers(0, 5 * 86_400, n).astype("timedelta64[s]")
+            pl.DataFrame(
+                {
+                    "encounter_id": eid[e],
+                    "code": np.array(codes)[c],
+                    "value": np.round(rng.normal(mean, sd), 1),
+                    "unit": np.array([_CODES[k][0] for k in codes])[c],
+                    "charted_time": charted.astype("datetime64[us]"),
+                    "stored_time": (charted + np.timedelta64(300, "s")).astype("datetime64[us]"),
+                }
+            ).with_columns(
+                pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S") for c in ("charted_time", "stored_time")
+            ).write_csv(f, include_header=start == 0)
+    return vitals, folder / "encounters.csv", folder / "patients.csv"
+
+
+def _measure(mode: str, files: tuple[Path, Path, Path]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode, *map(str, files)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
+    rows = ROWS[scale]
+    t = time.perf_counter()
+    files = write_batch(Path(workdir) / "batch", rows=rows, n_encounters=N_ENCOUNTERS[scale])
+    gen_s = time.perf_counter() - t
+    ours, base = [], []
+    for _ in range(repetitions):
+        # Alternate so page cache and machine noise favour neither side.
+        base.append(_measure("baseline", files))
+        ours.append(_measure("ours", files))
+    return [
+        {
+            "name": f"ingestion: read + validate {rows:,} vitals rows (CSV)",
+            "ours": "ingest_file (safety, sha256, pandera, units, cross-file and duplicate checks)",
+            "ours_s": [o["s"] for o in ours],
+            "baseline": "polars read_csv alone",
+            "baseline_s": [b["s"] for b in base],
+            "goal": "<= 2x baseline",
+            "goal_ratio": 2.0,
+            "extra": {
+                "rows": rows,
+                "file_mb": round(files[0].stat().st_size / 2**20, 1),
+                "rows_accepted": ours[-1]["rows_accepted"],
+                "rows_rejected": ours[-1]["rows_rejected"],
+                "peak_rss_mb_ours": round(max(o["peak_rss_mb"] for o in ours), 1),
+                "peak_rss_mb_baseline": round(max(b["peak_rss_mb"] for b in base), 1),
+                "generate_s": round(gen_s, 1),
+            },
+        }
+    ]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    scale = sys.argv[1] if len(sys.argv) > 1 else "small"
+    with tempfile.TemporaryDirectory() as d:
+        print(json.dumps(run(Path(d), scale=scale, repetitions=1), indent=2))
