@@ -112,6 +112,16 @@ class SubgroupAnalysis:
     def overall(self) -> SubgroupRow:
         return self.rows[0]
 
+    # a sequence of its rows, as the earlier ``subgroup_table`` returned
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> SubgroupRow:
+        return self.rows[i]
+
     def rows_of(self, attribute: str) -> list[SubgroupRow]:
         return [r for r in self.rows if r.attribute == attribute]
 

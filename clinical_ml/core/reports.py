@@ -267,16 +267,20 @@ def fairness_markdown(analysis, *, verdict: str, reasons: list[str], min_cell_si
 def fairness_report(
     *,
     use_case,
-    analysis,
+    analysis=None,
     verdict: str,
     reasons: list[str],
-    thresholds: list,
-    recommendations: list[str],
+    thresholds: list | tuple = (),
+    recommendations: list[str] | tuple = (),
     forest_plots: Mapping[str, bytes],
     model_version: str,
     code_version: str,
+    rows=None,
+    threshold: float | None = None,
 ) -> tuple[str, str]:
     """HTML subcohort fairness report and its Markdown summary.
+
+    ``rows`` and ``threshold`` are the earlier names of ``analysis`` (and its threshold), still accepted.
 
     Parameters
     ----------
@@ -291,6 +295,9 @@ def fairness_report(
     forest_plots : mapping
         Attribute -> PNG bytes.
     """
+    analysis = analysis if analysis is not None else rows
+    if analysis is None:
+        raise TypeError("fairness_report() needs the SubgroupAnalysis as analysis=")
     html = render(
         "fairness.html.j2",
         title=f"{use_case.title}: subcohort fairness report",
@@ -300,8 +307,8 @@ def fairness_report(
         threshold=analysis.threshold,
         sections=fairness_context(analysis, forest_plots=forest_plots),
         overall=_estimate_row(analysis.overall),
-        group_thresholds=thresholds_context(thresholds),
-        recommendations=recommendations,
+        group_thresholds=thresholds_context(list(thresholds)),
+        recommendations=list(recommendations),
         policy_words=_policy_words(use_case),
         min_cell_size=use_case.subgroups.min_cell_size,
         auroc_min=use_case.subgroups.auroc_min,
