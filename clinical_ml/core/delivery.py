@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -230,7 +231,7 @@ def process_file(
         write_json(outcome.ledger_row(), ledger_entry_path(zones, batch_id, source))
         return outcome, accepted
 
-    common = {
+    common: dict[str, Any] = {
         "batch_id": batch_id,
         "source": source,
         "accepted_path": str(acc_path.relative_to(zones.phi)),

@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import polars as pl
@@ -133,7 +134,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
                 + (f"; byte offset {outcome.byte_offset}" if outcome.byte_offset is not None else "")
                 + ". The other sources of the batch proceed; this source is empty for the batch."
             )
-        metadata: dict[str, object] = {
+        metadata: dict[str, Any] = {
             "dagster/row_count": outcome.rows_accepted,
             "dagster/column_schema": _column_schema(accepted.head(0)),
             "status": outcome.status,
