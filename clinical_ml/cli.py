@@ -101,7 +101,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # A real source runs only the use cases written for it (the synthetic one's gates are not its own).
     only = REAL_DATA_USE_CASES.get(args.data)
     selection = (
-        [k for k in defs.resolve_all_asset_keys() if k.path[0] in only or k.path == ["meds_dataset"]]
+        [
+            k
+            for k in defs.resolve_all_asset_keys()
+            if (k.path[0] in only or k.path == ["meds_dataset"])
+            and defs.resolve_assets_def(k).partitions_def is None  # per-batch assets are not the lifecycle's
+        ]
         if only
         else None
     )

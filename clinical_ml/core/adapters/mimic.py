@@ -142,7 +142,7 @@ def _lab_item_codes(d_labitems: pl.DataFrame) -> dict[int, str]:
 
 def _convert(code: str, unit: str, value: pl.Expr) -> pl.Expr:
     conv = UNIT_CONVERSIONS.get((code, unit))
-    return value if conv is None else conv(value)  # type: ignore[arg-type]
+    return value if conv is None else conv(value)  # type: ignore[arg-type,return-value]
 
 
 def adapt(
