@@ -57,6 +57,7 @@ def test_subset_run_produces_the_report_card_with_subgroups(eicu_subset_run: Pat
     reports = eicu_subset_run / "reports" / USE_CASE
     for name in ("performance_report", "subcohort_fairness_report", "feature_drift_report"):
         assert (reports / f"{name}.html").stat().st_size > 1000
+    assert list(reports.glob("report_card*.html"))
     fairness = (reports / "subcohort_fairness_report.html").read_text().lower()
     for attribute in ("sex", "age", "ethnicity"):
         assert attribute in fairness
@@ -66,10 +67,13 @@ def test_subset_run_produces_the_report_card_with_subgroups(eicu_subset_run: Pat
     assert ev["events_validation"] > 0
 
 
-def test_subset_run_spans_both_discharge_years_and_drift_looks_at_the_newest(eicu_subset_run: Path):
+def test_subset_run_validates_2014_to_2015_and_drift_looks_at_the_newest_year(eicu_subset_run: Path):
     cohort = pl.read_parquet(eicu_subset_run / "deid" / "usecases" / USE_CASE / "cohort.parquet")
     assert set(cohort["period"].str.slice(0, 4)) == {"2014", "2015"}
     assert set(cohort["batch_id"]) == {"eicu_2014", "eicu_2015"}
+    split = read_json(eicu_subset_run / "deid" / "usecases" / USE_CASE / "split_info.json")
+    assert split["strategy"] == "temporal"
+    assert split["validation_periods"] == ["2015Q3"]
     drift = read_json(eicu_subset_run / "deid" / "usecases" / USE_CASE / "feature_drift.json")
     assert drift["batch_id"] == "eicu_2015"
 
