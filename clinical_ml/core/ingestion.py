@@ -247,11 +247,12 @@ def empty_rejects() -> pl.DataFrame:
 
 def _check_columns(columns: list[str], source: str) -> dict[str, int]:
     seen: set[str] = set()
-    dups = sorted({c for c in columns if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
-    if dups:
+    # Positions, not names: a file without a header has patient values where the names should be.
+    dup_positions = [i + 1 for i, c in enumerate(columns) if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+    if dup_positions:
         raise FileRejected(
             "duplicate_columns",
-            f"{len(dups)} column name(s) appear more than once: {[safe_column_label(c) for c in dups]}",
+            f"{len(dup_positions)} header field(s) repeat an earlier name, at positions {dup_positions[:20]}",
             line=1,
         )
     missing = [c for c in SOURCE_COLUMNS[source] if c not in columns]

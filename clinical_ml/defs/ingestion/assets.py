@@ -14,7 +14,7 @@ from clinical_ml.core.delivery import (
     rejects_path,
 )
 from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS
-from clinical_ml.core.landing import read_batch, read_unmarked_batch
+from clinical_ml.core.landing import fingerprint, read_batch, read_unmarked_batch
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
@@ -168,7 +168,7 @@ def _batch_problems(zones: DataZones, batch_id: str) -> list[dict]:
     batch_dir = Path(zones.landing) / batch_id
     b = read_batch(batch_dir)
     if b is None:
-        b, _ = read_unmarked_batch(batch_dir, previous_fingerprint=None, quiet_seconds=0)
+        b, _ = read_unmarked_batch(batch_dir, previous_fingerprint=fingerprint(batch_dir)[0], quiet_seconds=0)
     problems = b.problems if b is not None else ()
     return [
         {
