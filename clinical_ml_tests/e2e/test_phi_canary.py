@@ -1,0 +1,249 @@
+"""Canary test of the PHI boundary.
+
+Unique fake identifiers (names, MRNs, encounter numbers, phone, email, address, free text, and the HMAC
+secret itself) are planted into the synthetic exports; the real graph runs in process in HMAC mode; then
+every file of every zone below the boundary (deid, registry, reports), every file of the Dagster instance
+(event log database, compute logs) and every event log record are scanned. Zero hits allowed.
+
+A positive control scans the landing and phi zones with the same scanner and must find the canaries, so a
+scanner that finds nothing proves nothing.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.pseudonyms import SECRET_ENV_VAR
+from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital, write_completion_marker
+from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BELOW_BOUNDARY = ("deid", "registry", "reports")
+CANARY_SECRET = "CNRYSECRET" + "7f3a9c2e1b" * 4
+CONFIG = SyntheticConfig(n_patients=900, n_batches=2, n_sites=2, seed=29)
+
+
+@dataclass(frozen=True)
+class Canary:
+    mrn: str
+    encounter_ids: tuple[str, ...]
+    first_name: str
+    last_name: str
+    phone: str
+    email: str
+    address: str
+
+    def tokens(self) -> dict[str, str]:
+        full = f"{self.first_name} {self.last_name}"
+        out = {
+            "mrn": self.mrn,
+            "first_name": self.first_name,
+            "last_name": self.last_name,
+            "full_name": full,
+            "phone": self.phone,
+            "email": self.email,
+            "address": self.address,
+        }
+        out |= {f"encounter_id_{i}": e for i, e in enumerate(self.encounter_ids)}
+        return out
+
+
+def _plant(landing: Path) -> tuple[list[Canary], str]:
+    """Replace the identifiers of a few real synthetic patients by canaries, in every batch and file."""
+    batches = sorted(p for p in landing.iterdir() if p.is_dir())
+    read = {
+        b: {s: pl.read_csv(b / f"{s}.csv", infer_schema=False) for s in ("patients", "encounters")}
+        for b in batches
+    }
+    first = read[batches[0]]
+    chosen = first["patients"]["mrn"].head(4).to_list()
+    canaries: list[Canary] = []
+    replace_mrn, replace_enc, replace_text = {}, {}, {}
+    for i, old_mrn in enumerate(chosen):
+        # a numeric MRN shaped like the real ones, and alphanumeric ones that no generator would produce
+        new_mrn = f"9{4417 + i:07d}" if i == 0 else f"CNRYMRN{4417 + i}"
+        old_row = (
+            pl.concat([read[b]["patients"] for b in batches])
+            .filter(pl.col("mrn") == old_mrn)
+            .row(0, named=True)
+        )
+        old_encs = pl.concat([read[b]["encounters"] for b in batches]).filter(pl.col("mrn") == old_mrn)[
+            "encounter_id"
+        ]
+        c = Canary(
+            mrn=new_mrn,
+            encounter_ids=tuple(f"CNRY-ENC-{4417 + i}-{j}" for j in range(old_encs.len())),
+            first_name=f"Quixotla{'ABCD'[i]}",
+            last_name=f"Canarywing{'ABCD'[i]}",
+            phone=f"(212) 555-{4417 + i:04d}",
+            email=f"quixotla.canarywing{i}@canary.invalid",
+            address=f"{4417 + i} Canarywing Lane",
+        )
+        canaries.append(c)
+        replace_mrn[old_mrn] = new_mrn
+        replace_enc |= dict(zip(old_encs.to_list(), c.encounter_ids, strict=True))
+        replace_text |= {
+            old_row["first_name"]: c.first_name,
+            old_row["last_name"]: c.last_name,
+            old_row["phone"]: c.phone,
+        }
+    for b in batches:
+        pats, encs = read[b]["patients"], read[b]["encounters"]
+        pats = pats.with_columns(pl.col("mrn").replace(replace_mrn))
+        hit = pl.col("mrn").is_in(list(replace_mrn.values()))
+        by_mrn = {c.mrn: c for c in canaries}
+        for field in ("first_name", "last_name", "phone", "email", "address"):
+            pats = pats.with_columns(
+                pl.when(hit)
+                .then(
+                    pl.col("mrn").replace_strict(
+                        {m: getattr(c, field) for m, c in by_mrn.items()}, default=None
+                    )
+                )
+                .otherwise(pl.col(field))
+                .alias(field)
+            )
+        # free text in a column the contract does not know, on top of the encounters' note
+        pats = pats.with_columns(
+            pl.when(hit)
+            .then(pl.format("call {} at home", pl.col("phone")))
+            .otherwise(pl.lit("no remarks"))
+            .alias("comment")
+        )
+        pats.write_csv(b / "patients.csv")
+        encs = encs.with_columns(
+            pl.col("mrn").replace(replace_mrn), pl.col("encounter_id").replace(replace_enc)
+        )
+        note = pl.col("note")
+        for old, new in replace_text.items():
+            note = note.str.replace_all(old, new, literal=True)
+        encs.with_columns(note.alias("note")).write_csv(b / "encounters.csv")
+        for s in ("labs", "vitals"):
+            ev = pl.read_csv(b / f"{s}.csv", infer_schema=False)
+            ev.with_columns(pl.col("encounter_id").replace(replace_enc)).write_csv(b / f"{s}.csv")
+        write_completion_marker(b)
+    return canaries, CANARY_SECRET
+
+
+def _scan_file(path: Path, needles: dict[str, str]) -> set[str]:
+    """Names of the needles found in a file: cell values of Parquet (any column, as text), bytes elsewhere."""
+    if path.suffix == ".parquet":
+        df = pl.read_parquet(path)
+        text = "\n".join(
+            "\n".join(df[c].cast(pl.String, strict=False).drop_nulls().to_list())
+            for c in df.columns
+            if df[c].dtype != pl.Null and not isinstance(df[c].dtype, pl.List | pl.Struct)
+        )
+        return {name for name, v in needles.items() if v in text}
+    raw = path.read_bytes()
+    return {name for name, v in needles.items() if v.encode() in raw or v.encode("utf-16-le") in raw}
+
+
+def _scan_tree(root: Path, needles: dict[str, str]) -> dict[str, set[str]]:
+    hits = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            found = _scan_file(p, needles)
+            if found:
+                hits[str(p.relative_to(root))] = found
+    return hits
+
+
+@dataclass(frozen=True)
+class CanaryRun:
+    data_root: Path
+    needles: dict[str, str]
+    event_log_text: str
+    instance_files: int
+    instance_hits: dict[str, set[str]]
+
+
+@pytest.fixture(scope="module")
+def canary_run(tmp_path_factory: pytest.TempPathFactory) -> CanaryRun:
+    from clinical_ml.defs.build import build_definitions
+    from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
+
+    root = tmp_path_factory.mktemp("canary_root")
+    # one use case keeps the run short; the boundary does not depend on how many branches read below it
+    cases = tmp_path_factory.mktemp("canary_usecases")
+    shutil.copy(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml", cases)
+    generate_hospital(root / "landing", CONFIG)
+    canaries, secret = _plant(root / "landing")
+    needles = {f"{i}:{k}": v for i, c in enumerate(canaries) for k, v in c.tokens().items()}
+    needles["hmac_secret"] = secret
+    with pytest.MonkeyPatch.context() as mp, dg.instance_for_test() as instance:
+        mp.setenv(SECRET_ENV_VAR, secret)
+        defs = build_definitions(
+            data_root=root,
+            usecases_dir=cases,
+            evaluation=EvaluationSettings(n_bootstrap=20, shap_max_rows=200),
+            anonymization=AnonymizationSettings(pseudonym_mode="hmac", hmac_secret=dg.EnvVar(SECRET_ENV_VAR)),
+        )
+        batches = [b.batch_id for b in find_complete_batches(root / "landing")]
+        assert len(batches) == CONFIG.n_batches
+        instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, batches)
+        run_ids = []
+        for b in batches:
+            res = defs.resolve_job_def("batch_ingestion_job").execute_in_process(
+                instance=instance, partition_key=b
+            )
+            assert res.success
+            run_ids.append(res.run_id)
+        # A failing downstream step (another stage's bug) must not hide a leak in what the others wrote.
+        res = defs.resolve_job_def("lifecycle_job").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        run_ids.append(res.run_id)
+        # every record of the event log, metadata included, as the webserver would serve it
+        event_log_text = "\n".join(dg.serialize_value(e) for rid in run_ids for e in instance.all_logs(rid))
+        event_log_text += "\n".join(
+            dg.serialize_value(r) for r in instance.get_runs()
+        )  # run configs and tags
+        instance_root = Path(instance.root_directory)
+        instance_files = [p for p in instance_root.rglob("*") if p.is_file()]
+        instance_hits = _scan_tree(instance_root, needles)
+    return CanaryRun(root, needles, event_log_text, len(instance_files), instance_hits)
+
+
+def test_the_scanner_finds_the_canaries_where_they_are_allowed(canary_run):
+    landing = _scan_tree(canary_run.data_root / "landing", canary_run.needles)
+    found = set().union(*landing.values())
+    identifiers = {k for k in canary_run.needles if k != "hmac_secret"}
+    assert identifiers <= found, identifiers - found
+    phi = _scan_tree(canary_run.data_root / "phi" / "raw", canary_run.needles)
+    assert {k for k in identifiers if k.endswith(":mrn")} <= set().union(*phi.values())
+
+
+@pytest.mark.parametrize("zone", BELOW_BOUNDARY)
+def test_no_canary_in_any_file_below_the_boundary(canary_run, zone):
+    root = canary_run.data_root / zone
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files, f"the graph wrote nothing into {zone}"
+    assert _scan_tree(root, canary_run.needles) == {}
+
+
+def test_no_canary_or_secret_in_the_event_log_metadata(canary_run):
+    assert "anonymized_encounters" in canary_run.event_log_text  # the log was read
+    hits = {name for name, v in canary_run.needles.items() if v in canary_run.event_log_text}
+    assert hits == set()
+
+
+def test_no_canary_in_the_dagster_instance_files(canary_run):
+    """The event log database, compute logs and run storage of the instance that ran the graph."""
+    assert canary_run.instance_files > 0
+    assert canary_run.instance_hits == {}
+
+
+def test_the_hmac_mode_kept_no_vault_and_the_secret_is_nowhere_on_disk(canary_run):
+    assert not (canary_run.data_root / "phi" / "vault").exists()
+    every_zone = _scan_tree(canary_run.data_root, {"hmac_secret": canary_run.needles["hmac_secret"]})
+    assert every_zone == {}
+    assert os.environ.get(SECRET_ENV_VAR) != CANARY_SECRET  # the test did not leak its key to later tests
