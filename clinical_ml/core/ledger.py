@@ -5,6 +5,7 @@ the orchestration calls from one step at a time (a concurrency pool of 1). Reade
 Writes are idempotent: recording the same batch again replaces its rows.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def record_batch(db_path: Path, entries: list[dict], rejects: dict[tuple[str, st
                 con.unregister("staged_rejects")
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        with contextlib.suppress(duckdb.Error):  # no transaction open: the original error is the one to see
+            con.execute("ROLLBACK")
         raise
     finally:
         con.close()
