@@ -578,7 +578,18 @@ def _with_batch(
             )
         else:
             enc = enc.with_columns(pl.lit(None, dtype=pl.Date).alias("_birth"))
-        parsed = parsed.join(enc.drop("_mrn"), on="encounter_id", how="left", maintain_order="left")
+        # Look the encounter up by its index in an enum of the batch's encounter ids and gather its facts:
+        # a left join that keeps row order is several times slower at 10M rows.
+        enc = enc.filter(pl.col("encounter_id").is_not_null()).with_columns(
+            pl.col("_site").rank("dense").cast(pl.Int64).alias("_site")
+        )
+        index = (
+            pl.col("encounter_id").cast(pl.Enum(enc["encounter_id"].to_list()), strict=False).to_physical()
+        )
+        parsed = parsed.with_columns(index.alias("_enc_idx")).with_columns(
+            pl.lit(enc[c]).gather(pl.col("_enc_idx")).alias(c)
+            for c in ("_discharge", "_death", "_site", "_known_encounter", "_birth")
+        )
         t = pl.col(EVENT_TIME[source])
         rules += [
             (
@@ -607,11 +618,15 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     def per_code(values: list) -> pl.Expr:
         return pl.lit(pl.Series(values)).gather(pl.col("_code_idx"))
 
-    out = df.rename({"value": "value_raw", "unit": "unit_raw"}).with_columns(idx.alias("_code_idx"))
+    units = sorted({canonical_unit(c) for c in codes} | {u for _, u in UNIT_CONVERSIONS})
+    out = df.rename({"value": "value_raw", "unit": "unit_raw"}).with_columns(
+        idx.alias("_code_idx"),
+        pl.col("unit_raw").cast(pl.Enum(units), strict=False).to_physical().alias("_unit_idx"),
+    )
     value = pl.col("value_raw")
     known = pl.lit(False)
     for (code, unit), fn in UNIT_CONVERSIONS.items():
-        hit = (pl.col("_code_idx") == codes.index(code)) & (pl.col("unit_raw") == unit)
+        hit = (pl.col("_code_idx") == codes.index(code)) & (pl.col("_unit_idx") == units.index(unit))
         # The conversions are affine: value * a + b with a and b read off the function.
         value = pl.when(hit).then(pl.col("value_raw") * (fn(1.0) - fn(0.0)) + fn(0.0)).otherwise(value)
         known = known | hit
@@ -619,13 +634,16 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
         per_code([canonical_unit(c) for c in codes]).alias("unit"),
         per_code([float(PLAUSIBLE_RANGES[c][0]) for c in codes]).alias("_lo"),
         per_code([float(PLAUSIBLE_RANGES[c][1]) for c in codes]).alias("_hi"),
-        per_code([float(TYPICAL_MEDIAN_RANGES[c][0]) for c in codes]).alias("_med_lo"),
-        per_code([float(TYPICAL_MEDIAN_RANGES[c][1]) for c in codes]).alias("_med_hi"),
         value.alias("value"),
         known.alias("_converted"),
     )
     return out.with_columns(
-        (pl.col("_converted") | (pl.col("unit_raw") == pl.col("unit"))).fill_null(False).alias("unit_known"),
+        (
+            pl.col("_converted")
+            | (pl.col("_unit_idx") == per_code([units.index(canonical_unit(c)) for c in codes]))
+        )
+        .fill_null(False)
+        .alias("unit_known"),
         ((pl.col("value") < pl.col("_lo")) | (pl.col("value") > pl.col("_hi")))
         .fill_null(False)
         .alias("implausible"),
@@ -680,19 +698,28 @@ def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series)
     )
 
 
+def _median_bands() -> pl.DataFrame:
+    codes = [*LAB_CODES, *VITAL_CODES]
+    return pl.DataFrame(
+        {
+            "_code_idx": pl.Series(range(len(codes)), dtype=pl.UInt32),
+            "_med_lo": [float(TYPICAL_MEDIAN_RANGES[c][0]) for c in codes],
+            "_med_hi": [float(TYPICAL_MEDIAN_RANGES[c][1]) for c in codes],
+        }
+    )
+
+
 def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series) -> pl.DataFrame:
     """Per code, delivered unit and site: a median far outside the typical band means an undeclared unit."""
-    code_col = CODE_COLUMN[source]
-    group = [code_col, "unit_raw"] + (["_site"] if "_site" in parsed.columns else [])
-    rows = parsed.select(*group, "row_number", "value", "_med_lo", "_med_hi").filter(candidates)
+    group = ["_code_idx", "_unit_idx"] + (["_site"] if "_site" in parsed.columns else [])
+    rows = parsed.select(*group, "row_number", "value").filter(candidates)
     stats = (
         rows.group_by(group)
         .agg(
             pl.col("value").median().alias("_median"),
             pl.len().alias("_n"),
-            pl.col("_med_lo").first(),
-            pl.col("_med_hi").first(),
         )
+        .join(_median_bands(), on="_code_idx", how="left")
         .filter(
             (pl.col("_n") >= MIN_ROWS_FOR_MEDIAN_CHECK)
             & ((pl.col("_median") < pl.col("_med_lo")) | (pl.col("_median") > pl.col("_med_hi")))
