@@ -277,7 +277,9 @@ def _calibration_fit(
     yf = y.astype(np.float64)
     beta = np.zeros((n_groups, 2))
     beta[:, 1] = 1.0
-    s00 = s01 = s11 = np.zeros(n_groups)
+    s00: np.ndarray = np.zeros(n_groups)
+    s01: np.ndarray = np.zeros(n_groups)
+    s11: np.ndarray = np.zeros(n_groups)
     for _ in range(max_iter):
         eta = np.clip(beta[codes, 0] + beta[codes, 1] * lp, -30, 30)
         mu = 1 / (1 + np.exp(-eta))
@@ -394,10 +396,10 @@ def _analyse_partition(
     for i in range(g):
         if suppressed[i]:
             continue
-        rows = order[bounds[i] : bounds[i + 1]]
-        auc[i], auc_var[i] = _delong_sorted(p[rows], y[rows])
+        idx = order[bounds[i] : bounds[i + 1]]
+        auc[i], auc_var[i] = _delong_sorted(p[idx], y[idx])
         if auroc_ci == "bootstrap":
-            lo, hi = _percentile(bootstrap_auroc(y[rows], p[rows], n_boot=n_boot, rng=rng), level)
+            lo, hi = _percentile(bootstrap_auroc(y[idx], p[idx], n_boot=n_boot, rng=rng), level)
             auc_ci[i] = (float(auc[i]), float(lo), float(hi))
         else:
             auc_ci[i] = _normal_ci(auc[i], float(np.sqrt(auc_var[i])), z, lo=0.0, hi=1.0)
@@ -652,7 +654,7 @@ def subgroup_table(
     rows: list[SubgroupRow] = []
     summaries: list[AttributeSummary] = []
     for part in parts:
-        r, s = _analyse_partition(
+        part_rows, part_summary = _analyse_partition(
             part,
             y,
             p,
@@ -665,8 +667,8 @@ def subgroup_table(
             auroc_ci=auroc_ci,
             rng=rng,
         )
-        rows.extend(r)
-        summaries.append(s)
+        rows.extend(part_rows)
+        summaries.append(part_summary)
 
     # flags: absolute minimums at the reported level; "worse than all patients" with Holm over all tests
     tests = [(i, k) for i, r in enumerate(rows) for k in FLAG_METRICS if k in r.p_values]

@@ -54,7 +54,7 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
         )
         by_split = dict(zip(periods["split"].to_list(), periods["period"].to_list(), strict=True))
         plot_dir = paths.reports(zones, "plots")
-        forests = {
+        forests: dict[str, bytes] = {
             a: (plot_dir / f"forest_{a}.png").read_bytes()
             for a in uc.subgroups.attributes
             if (plot_dir / f"forest_{a}.png").exists()
