@@ -85,6 +85,7 @@ class DeidBatch:
     new_pseudonyms: int = 0
     pseudonym_mode: str = "vault"
     persist_vault: bool = True
+    orphan_events: int = 0
 
 
 def _fresh_ids(n: int, taken: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -209,8 +210,27 @@ def _shift(col: str) -> pl.Expr:
     return pl.col(col) + pl.duration(days=pl.col("shift_days"))
 
 
+def _join_to_admissions(events: pl.DataFrame, keys: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Attach ``subject_id``, ``hadm_id`` and ``shift_days`` to events by encounter number.
+
+    The exact join on the number as delivered is the common case and touches no string on the event rows;
+    only events left unmatched are normalized and joined again. Returns the joined rows and how many events
+    have no admission in this batch (they are not released).
+    """
+    exact = events.join(keys.drop("encounter_id"), left_on="encounter_id", right_on="_raw", how="inner")
+    if exact.height == events.height:
+        return exact, 0
+    rest = (
+        events.join(keys.select("_raw"), left_on="encounter_id", right_on="_raw", how="anti")
+        .with_columns(normalize_identifier(pl.col("encounter_id")).alias("encounter_id"))
+        .join(keys.drop("_raw"), on="encounter_id", how="inner")
+    )
+    joined = pl.concat([exact, rest.select(exact.columns)])
+    return joined, events.height - joined.height
+
+
 def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
-    return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key"})
+    return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key", "_raw"})
 
 
 def anonymize_batch(
@@ -252,12 +272,13 @@ def anonymize_batch(
     patients = patients.with_columns(normalize_identifier(pl.col("mrn")).alias("_key"))
     encounters = encounters.with_columns(
         normalize_identifier(pl.col("mrn")).alias("_key"),
+        pl.col("encounter_id").alias("_raw"),
         normalize_identifier(pl.col("encounter_id")).alias("encounter_id"),
     )
-    labs = labs.with_columns(normalize_identifier(pl.col("encounter_id")).alias("encounter_id"))
-    vitals = vitals.with_columns(normalize_identifier(pl.col("encounter_id")).alias("encounter_id"))
     mrns = pl.concat([patients["_key"], encounters["_key"]])
-    enc_ids = pl.concat([encounters["encounter_id"], labs["encounter_id"], vitals["encounter_id"]])
+    # Events of an encounter not delivered in this batch cannot be tied to a patient: they get no hadm_id
+    # here and are counted as orphans below.
+    enc_ids = encounters["encounter_id"]
     if hmac_key is None:
         known_before = vault.patients.height
         vault = extend_vault(
@@ -295,32 +316,31 @@ def anonymize_batch(
     zip_restricted = int((pat["zip3"] == "000").sum())
     deid_pat = pat.select(DEID_COLUMNS["patients"])
 
-    enc_keys = enc.lazy().select("encounter_id", "subject_id", "hadm_id", "shift_days")
-    lab_events = (
-        labs.lazy()
-        .join(enc_keys, on="encounter_id", how="inner")
-        .select(
-            "subject_id",
-            _shift("specimen_time").alias("time"),
-            pl.format("LAB//{}", pl.col("loinc_code")).alias("code"),
-            pl.col("value").cast(pl.Float32).alias("numeric_value"),
-            "hadm_id",
-            _shift("result_time").alias("available_time"),
-            "implausible",
-        )
+    keys = enc.select("_raw", "encounter_id", "subject_id", "hadm_id", "shift_days").unique("_raw")
+    lab_rows, lab_orphans = _join_to_admissions(
+        labs.select("encounter_id", "loinc_code", "value", "specimen_time", "result_time", "implausible"),
+        keys,
     )
-    vital_events = (
-        vitals.lazy()
-        .join(enc_keys, on="encounter_id", how="inner")
-        .select(
-            "subject_id",
-            _shift("charted_time").alias("time"),
-            pl.format("VITAL//{}", pl.col("code")).alias("code"),
-            pl.col("value").cast(pl.Float32).alias("numeric_value"),
-            "hadm_id",
-            _shift("stored_time").alias("available_time"),
-            "implausible",
-        )
+    vital_rows, vital_orphans = _join_to_admissions(
+        vitals.select("encounter_id", "code", "value", "charted_time", "stored_time", "implausible"), keys
+    )
+    lab_events = lab_rows.lazy().select(
+        "subject_id",
+        _shift("specimen_time").alias("time"),
+        (pl.lit("LAB//") + pl.col("loinc_code")).alias("code"),
+        pl.col("value").cast(pl.Float32).alias("numeric_value"),
+        "hadm_id",
+        _shift("result_time").alias("available_time"),
+        "implausible",
+    )
+    vital_events = vital_rows.lazy().select(
+        "subject_id",
+        _shift("charted_time").alias("time"),
+        (pl.lit("VITAL//") + pl.col("code")).alias("code"),
+        pl.col("value").cast(pl.Float32).alias("numeric_value"),
+        "hadm_id",
+        _shift("stored_time").alias("available_time"),
+        "implausible",
     )
     stay = enc.lazy().select(
         "subject_id",
@@ -386,6 +406,7 @@ def anonymize_batch(
         zip3_restricted=zip_restricted,
         new_pseudonyms=new_pseudonyms,
         pseudonym_mode="vault" if hmac_key is None else "hmac",
+        orphan_events=lab_orphans + vital_orphans,
         persist_vault=hmac_key is None,
     )
 

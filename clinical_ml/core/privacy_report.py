@@ -75,6 +75,7 @@ def privacy_summary_markdown(
         f"- patients: {_names(deid.dropped_columns.get('patients', []))}",
         f"- encounters: {_names(deid.dropped_columns.get('encounters', []))}",
         f"- free text dropped, never passed or scrubbed: {_names(free_text)}",
+        f"- events of an admission not delivered in this batch (not released): {deid.orphan_events}",
         "",
         "**Pseudonymized**",
         f"- {_MODES[deid.pseudonym_mode]}; the same patient keeps one pseudonym across batches and sources",

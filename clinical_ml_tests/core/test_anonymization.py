@@ -312,3 +312,19 @@ def test_an_empty_batch_gives_empty_frames_with_the_allowlisted_columns():
     for table, frame in (("patients", out.patients), ("encounters", out.encounters), ("events", out.events)):
         assert frame.height == 0 and tuple(frame.columns) == DEID_COLUMNS[table]
     assert out.new_pseudonyms == 0
+
+
+def test_events_find_their_admission_across_spellings_and_orphans_are_counted_not_released():
+    specs = [{"age_days": 20000, "admit_min": 0, "stay_h": 30, "lab_offsets_h": [2.0, 4.0], "died": False}]
+    raw = raw_frames(_people(specs * 2))
+    labs = raw["labs"]
+    raw["labs"] = pl.concat(
+        [
+            labs.with_columns(pl.col("encounter_id").str.to_lowercase()),  # another source's spelling
+            labs.head(1).with_columns(pl.lit("E99999").alias("encounter_id")),  # admission not in this batch
+        ]
+    )
+    out = anonymize_batch(**raw, vault=Vault.empty(), batch_id="b1")
+    assert out.events.filter(pl.col("code").str.starts_with("LAB//")).height == labs.height
+    assert out.orphan_events == 1
+    assert out.vault.encounters.height == raw["encounters"].height
