@@ -63,9 +63,6 @@ class MonitoringConfig:
         A period is "mature" when at least this share of its admissions have their outcome known.
     retrain_on
         Levels that request retraining (``error`` by default).
-    alert_file
-        Where the run-failure sensor appends alerts (relative to the data root); ``alert_webhook``: optional
-        URL that receives the same JSON.
     """
 
     drift: DriftThresholds = field(default_factory=DriftThresholds)
@@ -78,8 +75,6 @@ class MonitoringConfig:
     min_matured_share: float = 0.9
     n_bootstrap: int = 200
     retrain_on: tuple[str, ...] = ("error",)
-    alert_file: str = "alerts/alerts.jsonl"
-    alert_webhook: str | None = None
 
 
 def load_monitoring_config(path: Path | str | None) -> MonitoringConfig:
@@ -573,3 +568,61 @@ def performance_plot(rows: Sequence[dict]) -> bytes:
     ax.set_title("Realised AUROC (filled: labels mature; hollow: maturing)")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def monitoring_report(
+    *,
+    use_case,
+    batches: Sequence[dict],
+    performance: Sequence[dict],
+    decisions: Sequence[dict],
+    config: MonitoringConfig,
+    model_version: str,
+    code_version: str,
+) -> tuple[str, str]:
+    """HTML monitoring report and its Markdown summary (aggregates only)."""
+    from clinical_ml.core.reports import b64, md_escape, render
+
+    overall = [r for r in performance if r["attribute"] == "all"]
+    subgroups = [r for r in performance if r["attribute"] != "all"]
+    n_error = sum(b["level"] == "error" for b in batches)
+    first_error = next((b["batch_id"] for b in batches if b["level"] == "error"), None)
+    html = render(
+        "monitoring.html.j2",
+        title=f"{use_case.title}: monitoring",
+        subtitle="Drift per batch against the derivation cohort, performance over time, decisions",
+        batches=list(batches),
+        overall=overall,
+        subgroups=subgroups,
+        decisions=list(decisions)[-20:],
+        n_error=n_error,
+        first_error=first_error,
+        binning=config.drift.describe(),
+        drift_plot=b64(drift_trend_plot(batches)) if batches else None,
+        performance_plot=b64(performance_plot(performance)) if overall else None,
+        use_case_name=use_case.name,
+        use_case_hash=use_case.source_sha256[:12],
+        model_version=model_version,
+        code_version=code_version,
+    )
+    lines = [
+        f"### Monitoring of {md_escape(use_case.name)}",
+        "",
+        f"{len(batches)} batches monitored, {n_error} at ERROR"
+        + (f" (first: {md_escape(first_error)})" if first_error else "")
+        + ".",
+        "",
+        "| Batch | Level | Retraining requested | Top reason |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {md_escape(b['batch_id'])} | {b['level']} | {'yes' if b['retraining_requested'] else 'no'} | "
+        f"{md_escape((b['reasons'] or [''])[0])} |"
+        for b in batches[-15:]
+    ]
+    lines += ["", "| Period | Labels | Realised AUROC | Estimated AUROC |", "|---|---|---|---|"]
+    for r in overall[-15:]:
+        real = r["realised"]["auroc"]["value"] if r["realised"] else float("nan")
+        est = (r["estimated"] or {}).get("auroc", float("nan"))
+        lines.append(f"| {md_escape(r['period'])} | {r['status']} | {real:.3f} | {est:.3f} |")
+    return html, "\n".join(lines) + "\n"

@@ -1,0 +1,64 @@
+import json
+from datetime import datetime
+
+import pytest
+from pydantic import ValidationError
+
+from clinical_ml.core.fhir import ScoredAdmission, read_ndjson, risk_assessment, write_ndjson
+
+ROW = ScoredAdmission(
+    subject_id="1001",
+    encounter_id="555",
+    prediction_time=datetime(2026, 1, 5, 10, 30),
+    risk=0.42,
+    flagged=True,
+    reasons=("lactate high", "low blood pressure"),
+    flags=("out_of_range:lactate__max_24h",),
+)
+
+
+def test_risk_assessment_carries_risk_flag_model_and_reasons():
+    res = risk_assessment(ROW, use_case="uc", outcome="in_hospital_death", model_version="v1", threshold=0.3)
+    assert res["resourceType"] == "RiskAssessment"
+    assert res["subject"]["reference"] == "Patient/1001"
+    assert res["method"]["coding"][0]["version"] == "v1"
+    assert res["prediction"][0]["probabilityDecimal"] == pytest.approx(0.42)
+    assert res["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "high"
+    notes = " ".join(n["text"] for n in res["note"])
+    assert "lactate high" in notes and "out_of_range:lactate__max_24h" in notes
+
+
+def test_ndjson_round_trips_through_the_fhir_validator(tmp_path):
+    rows = [ROW, ScoredAdmission(**{**ROW.__dict__, "encounter_id": "556", "risk": 0.1, "flagged": False})]
+    out = tmp_path / "x.ndjson"
+    n = write_ndjson(rows, out, use_case="uc", outcome="death", model_version="v2", threshold=0.3)
+    assert n == 2 and len(out.read_text().splitlines()) == 2
+    parsed = read_ndjson(out)
+    assert [r.prediction[0].qualitativeRisk.coding[0].code for r in parsed] == ["high", "low"]
+
+
+def test_site_ids_replace_pseudonyms_when_mapped(tmp_path):
+    out = tmp_path / "x.ndjson"
+    write_ndjson(
+        [ROW],
+        out,
+        use_case="uc",
+        outcome="death",
+        model_version="v",
+        threshold=0.3,
+        subject_ids={"1001": "MRN-X"},
+        subject_system="urn:site:mrn",
+    )
+    res = json.loads(out.read_text())
+    assert res["subject"]["identifier"] == {"system": "urn:site:mrn", "value": "MRN-X"}
+
+
+def test_an_invalid_probability_is_rejected():
+    with pytest.raises(ValidationError):
+        risk_assessment(
+            ScoredAdmission(**{**ROW.__dict__, "risk": float("nan")}),
+            use_case="uc",
+            outcome="death",
+            model_version="v",
+            threshold=0.3,
+        )
