@@ -42,7 +42,8 @@ def age_band_expr(age: pl.Expr, bands: list[int]) -> pl.Expr:
     """Label ages by the use case's band edges, e.g. [18, 45, 65, 80] -> 18-44, 45-64, 65-79, 80+."""
     labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(bands)] + [f"{bands[-1]}+"]
     expr = pl.lit(None, dtype=pl.String)
-    for lo, label in reversed(list(zip(bands, labels, strict=True))):
+    # The outermost condition must test the highest edge first, so wrap from the lowest band upwards.
+    for lo, label in zip(bands, labels, strict=True):
         expr = pl.when(age >= lo).then(pl.lit(label)).otherwise(expr)
     return expr
 
@@ -145,31 +146,49 @@ def _aggregations(use_case: UseCase) -> list[str]:
     return [*aggs, "missing"] if use_case.features.missing_indicators else aggs
 
 
-def _window_aggregates(events: pl.DataFrame, window_h: float, aggs: Sequence[str]) -> pl.DataFrame:
-    t_h = (pl.col("time") - pl.col("prediction_time")).dt.total_seconds() / 3600.0
-    v = pl.col("numeric_value").cast(pl.Float64)
+def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str]) -> pl.LazyFrame:
+    """Aggregates of one window per (admission, code stem), one row per admission, ``<stem>__<agg>_<w>h``.
+
+    The slope is the least-squares slope from running sums (n, sum t, sum v, sum tv, sum tt): one pass,
+    no per-group regression; ``last`` takes the value at the latest charted time.
+    """
+    t = pl.col("t_h")
+    v = pl.col("v")
     exprs = {
-        "last": v.sort_by("time").last(),
+        "last": v.sort_by(t).last(),
         "min": v.min(),
         "max": v.max(),
         "mean": v.mean(),
         "count": pl.len().cast(pl.Float64),
-        "slope": (pl.cov(t_h, v) / t_h.var()).fill_nan(None),
-        "time_since_last": -(t_h.max()),
+        "time_since_last": -pl.col("t_us").max() / 3.6e9,
         # 0 where the code has a value in the window; the join leaves null elsewhere, filled with 1 below
         "missing": pl.lit(0.0),
     }
-    in_window = events.filter(
-        (pl.col("time") >= pl.col("prediction_time") - pl.duration(minutes=round(window_h * 60)))
-        & (pl.col("time") <= pl.col("prediction_time"))
+    wanted = [a for a in aggs if a != "slope"]
+    sums = (
+        [
+            pl.len().cast(pl.Float64).alias("_n"),
+            t.sum().alias("_st"),
+            v.sum().alias("_sv"),
+            (t * v).sum().alias("_stv"),
+            (t * t).sum().alias("_stt"),
+        ]
+        if "slope" in aggs
+        else []
     )
-    agg = in_window.group_by("hadm_id", "stem").agg(*[exprs[a].alias(a) for a in aggs])
-    long = agg.unpivot(index=["hadm_id", "stem"], on=list(aggs), variable_name="agg", value_name="value")
-    return long.select(
-        "hadm_id",
-        pl.format("{}__{}_{}h", "stem", "agg", pl.lit(f"{window_h:g}")).alias("feature"),
-        pl.col("value").cast(pl.Float64),
-    )
+    in_window = events.filter(pl.col("t_h") >= -window_h)
+    agg = in_window.group_by("hadm_id", "stem").agg(*[exprs[a].alias(a) for a in wanted], *sums)
+    if "slope" in aggs:
+        n, st, sv = pl.col("_n"), pl.col("_st"), pl.col("_sv")
+        den = n * pl.col("_stt") - st * st
+        agg = agg.with_columns(
+            pl.when((n >= 2) & (den.abs() > 1e-9 * n * n))
+            .then((n * pl.col("_stv") - st * sv) / den)
+            .otherwise(None)
+            .alias("slope")
+        ).drop("_n", "_st", "_sv", "_stv", "_stt")
+    suffix = f"_{window_h:g}h"
+    return agg.select("hadm_id", "stem", *[pl.col(a).cast(pl.Float64).alias(f"{a}{suffix}") for a in aggs])
 
 
 def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase) -> pl.DataFrame:
@@ -185,20 +204,37 @@ def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase
     codes = use_case.features.codes
     stems = {c: feature_stem(c) for c in codes}
     ev = (
-        events.filter(
-            pl.col("code").is_in(codes) & ~pl.col("implausible") & pl.col("numeric_value").is_not_null()
+        events.lazy()
+        .select("hadm_id", "code", "numeric_value", "implausible", "time", "available_time")
+        .filter(pl.col("code").is_in(codes) & ~pl.col("implausible") & pl.col("numeric_value").is_not_null())
+        .join(cohort.lazy().select("hadm_id", "prediction_time"), on="hadm_id", how="inner")
+        .filter(
+            (pl.col("available_time") <= pl.col("prediction_time"))
+            & (pl.col("time") <= pl.col("prediction_time"))
         )
-        .join(cohort.select("hadm_id", "prediction_time"), on="hadm_id", how="inner")
-        .filter(pl.col("available_time") <= pl.col("prediction_time"))
-        .with_columns(pl.col("code").replace_strict(stems).alias("stem"))
+        .select(
+            "hadm_id",
+            pl.col("code").alias("stem"),  # grouped by code; renamed to the stem after aggregation
+            pl.col("numeric_value").cast(pl.Float64).alias("v"),
+            (pl.col("time") - pl.col("prediction_time")).dt.total_microseconds().alias("t_us"),
+        )
+        .with_columns((pl.col("t_us") / 3.6e9).alias("t_h"))
     )
     aggs = _aggregations(use_case)
-    long = pl.concat([_window_aggregates(ev, w, aggs) for w in use_case.features.window_hours])
-    wide = (
-        long.pivot(on="feature", index="hadm_id", values="value")
-        if long.height
-        else pl.DataFrame(schema={"hadm_id": pl.Int64})
-    )
+    # one scan of the filtered events serves every window
+    ev = ev.cache() if len(use_case.features.window_hours) > 1 else ev
+    parts = [_window_aggregates(ev, w, aggs) for w in use_case.features.window_hours]
+    per_stem = parts[0]
+    for part in parts[1:]:
+        per_stem = per_stem.join(part, on=["hadm_id", "stem"], how="full", coalesce=True)
+    long = per_stem.collect().with_columns(pl.col("stem").replace_strict(stems, return_dtype=pl.String))
+    values = [c for c in long.columns if c not in ("hadm_id", "stem")]
+    # wide by one join per code stem on the admission key: several times faster than DataFrame.pivot
+    wide = cohort.select("hadm_id")
+    for (stem,), part in long.partition_by("stem", as_dict=True, include_key=False).items():
+        wide = wide.join(
+            part.rename({v: f"{stem}__{v}" for v in values}), on="hadm_id", how="left", coalesce=True
+        )
     out = cohort.select(
         *COHORT_KEYS, *[s for s in use_case.features.static if s not in STATIC_CATEGORIES]
     ).join(wide, on="hadm_id", how="left")
