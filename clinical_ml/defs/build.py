@@ -10,7 +10,18 @@ from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_datase
 from clinical_ml.defs.ingestion.assets import raw_assets
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.ingestion.sensors import landing_sensor
-from clinical_ml.defs.usecase.automation import lifecycle_job, nightly_retraining_schedule
+from clinical_ml.defs.monitoring.sensors import (
+    batch_monitoring_sensor,
+    build_drift_retraining_sensor,
+    build_run_failure_alert_sensor,
+    features_after_ingestion_sensor,
+)
+from clinical_ml.defs.usecase.automation import (
+    batch_monitoring_job,
+    feature_refresh_job,
+    lifecycle_job,
+    nightly_retraining_schedule,
+)
 from clinical_ml.defs.usecase.factory import build_use_case_assets
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 from clinical_ml.resources.zones import DataZones
@@ -38,8 +49,16 @@ def build_definitions(
             *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
         ],
         asset_checks=[a for a in use_case_assets if isinstance(a, dg.AssetChecksDefinition)],
-        jobs=[batch_ingestion_job, lifecycle_job],
-        sensors=[landing_sensor],
+        jobs=[batch_ingestion_job, lifecycle_job, feature_refresh_job, batch_monitoring_job],
+        sensors=[
+            landing_sensor,
+            features_after_ingestion_sensor,
+            batch_monitoring_sensor,
+            build_drift_retraining_sensor(load_use_cases(cases_dir)),
+            build_run_failure_alert_sensor(
+                root / "alerts" / "alerts.jsonl", os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")
+            ),
+        ],
         schedules=[nightly_retraining_schedule],
         resources={
             "zones": DataZones(root=str(root)),

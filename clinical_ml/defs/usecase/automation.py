@@ -2,11 +2,28 @@ import dagster as dg
 
 from clinical_ml.defs.conventions import Stage
 
+PER_BATCH = dg.AssetSelection.tag("monitoring", "per_batch")
+
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
-    selection=dg.AssetSelection.assets("meds_dataset")
-    | dg.AssetSelection.groups(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING),
-    description="Rebuild the MEDS layer, features, retrain, evaluate, gate promotion, and report drift.",
+    selection=(
+        dg.AssetSelection.assets("meds_dataset")
+        | dg.AssetSelection.groups(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING)
+    )
+    - PER_BATCH,
+    description="Rebuild the MEDS layer, features, retrain, evaluate, gate promotion, and report monitoring.",
+)
+
+feature_refresh_job = dg.define_asset_job(
+    "feature_refresh_job",
+    selection=dg.AssetSelection.assets("meds_dataset") | dg.AssetSelection.groups(Stage.FEATURES),
+    description="Rebuild the MEDS layer and every use case's cohort, labels and features after a new batch.",
+)
+
+batch_monitoring_job = dg.define_asset_job(
+    "batch_monitoring_job",
+    selection=PER_BATCH,
+    description="Score one batch with the champion, check it for drift, export FHIR RiskAssessments.",
 )
 
 nightly_retraining_schedule = dg.ScheduleDefinition(
@@ -15,5 +32,6 @@ nightly_retraining_schedule = dg.ScheduleDefinition(
     cron_schedule="0 2 * * *",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Every night at 02:00 UTC: retrain on every anonymized batch and refresh the reports.",
+    description="Every night at 02:00 UTC: retrain on every anonymized batch (new labels included) and refresh "
+    "the reports; promotion still goes through the gate.",
 )

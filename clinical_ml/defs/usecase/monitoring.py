@@ -1,4 +1,10 @@
-"""Drift of the newest batch against the derivation cohort."""
+"""Monitoring of one use case: each batch scored and checked for drift (one partition per batch), the FHIR
+export for the EHR, and performance over time; the newest-batch drift report is kept for the report set."""
+
+import json
+import os
+from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -7,22 +13,334 @@ import polars as pl
 from clinical_ml.core import plots, registry
 from clinical_ml.core.drift import PSI_ERROR, PSI_WARN, feature_drift
 from clinical_ml.core.explain import feature_label
-from clinical_ml.core.features import (
-    feature_matrix,
+from clinical_ml.core.features import feature_matrix
+from clinical_ml.core.fhir import ScoredAdmission, write_ndjson
+from clinical_ml.core.modeling import load_model
+from clinical_ml.core.monitoring import (
+    PREDICTION_COLUMN,
+    ConfidenceBasedEstimator,
+    MonitoringConfig,
+    MonitoringReference,
+    label_maturity,
+    load_monitoring_config,
+    monitor_batch,
+    monitoring_report,
+    performance_by_period,
+    prepare_reference,
 )
 from clinical_ml.core.reports import drift_report, write_report
-from clinical_ml.core.storage import code_version, write_json
+from clinical_ml.core.scoring import Scorer
+from clinical_ml.core.storage import code_version, read_json, write_json, write_parquet
 from clinical_ml.core.usecase import UseCase
-from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
-from clinical_ml.defs.usecase.paths import UseCasePaths, use_case_key
+from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
+from clinical_ml.defs.usecase.paths import UseCasePaths, md_table, use_case_key
 from clinical_ml.resources.zones import DataZones
+
+PER_BATCH_TAG = {"monitoring": "per_batch"}
+SUBGROUP_COLUMNS = ("sex", "age_band", "race_ethnicity")
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+def monitoring_config_path(uc: UseCase) -> Path:
+    """``usecases/monitoring/<name>.yaml``: the use case contract forbids extra sections, so monitoring
+    levels live beside it in a file of their own (defaults when absent)."""
+    base = Path(os.environ.get("CLINICAL_ML_USECASES") or PROJECT_ROOT / "usecases")
+    return base / "monitoring" / f"{uc.name}.yaml"
+
+
+def _champion(zones: DataZones, uc: UseCase) -> tuple[str, dict, Scorer]:
+    version = registry.champion(zones.registry, uc.name)
+    if version is None:
+        raise dg.Failure(f"{uc.name} has no champion model yet: run lifecycle_job first.")
+    card = registry.read_card(zones.registry, uc.name, version)
+    model = load_model(registry.read_model_text(zones.registry, uc.name, version))
+    ranges = {k: (float(v[0]), float(v[1])) for k, v in card.get("training_ranges", {}).items()}
+    return version, card, Scorer(model=model, threshold=float(card["threshold"]), training_ranges=ranges)
+
+
+def _frame(paths: UseCasePaths, zones: DataZones) -> pl.DataFrame:
+    """Features with batch, subgroup attributes, split and label of every admission."""
+    feats = pl.read_parquet(paths.deid(zones, "features.parquet"))
+    cohort = pl.read_parquet(paths.deid(zones, "cohort.parquet")).select(
+        "hadm_id", "batch_id", "admit_time", "discharge_time", "death_time", *SUBGROUP_COLUMNS
+    )
+    labels = pl.read_parquet(paths.deid(zones, "labels.parquet")).select(
+        "hadm_id", pl.col("boolean_value").alias("label")
+    )
+    splits = pl.read_parquet(paths.deid(zones, "subject_splits.parquet"))
+    return (
+        feats.join(cohort, on="hadm_id").join(labels, on="hadm_id", how="left").join(splits, on="subject_id")
+    )
+
+
+def _reference(
+    frame: pl.DataFrame, card: dict, scorer: Scorer, config: MonitoringConfig, exclude_batch: str
+) -> tuple[pl.DataFrame, MonitoringReference]:
+    lineage = card.get("lineage", {}).get("batch_ids") or frame["batch_id"].unique().to_list()
+    ref = frame.filter(
+        pl.col("split").is_in(["train", "tuning"])
+        & pl.col("batch_id").is_in(lineage)
+        & (pl.col("batch_id") != exclude_batch)
+    )
+    names = scorer.model.feature_names
+    ref = ref.with_columns(pl.Series(PREDICTION_COLUMN, scorer.model.predict(feature_matrix(ref, names))))
+    labels = ref["label"].cast(pl.Boolean).fill_null(False).to_numpy()
+    return ref, prepare_reference(ref, names, config=config, labels=labels)
 
 
 def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     paths = UseCasePaths(uc.name)
+    config = load_monitoring_config(monitoring_config_path(uc))
 
     def key(name: str) -> dg.AssetKey:
         return use_case_key(uc, name)
+
+    @dg.asset(
+        key=key("batch_predictions"),
+        deps=[key("patient_features"), key("model_registry")],
+        partitions_def=batch_partitions,
+        group_name=Stage.MONITORING,
+        kinds={"lightgbm", "parquet"},
+        tags={**tags(DataClass.DEIDENTIFIED), **PER_BATCH_TAG},
+        description="The batch's eligible admissions scored by the champion at their prediction time: risk, "
+        "operating-point flag, top reasons, guardrail flags, model version.",
+        owners=ML_OWNERS,
+    )
+    def batch_predictions(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
+        batch = context.partition_key
+        version, _, scorer = _champion(zones, uc)
+        frame = _frame(paths, zones).filter(pl.col("batch_id") == batch)
+        scores = scorer.score(feature_matrix(frame, scorer.model.feature_names)) if frame.height else []
+        out = frame.select(
+            "subject_id", "hadm_id", "prediction_time", "batch_id", *SUBGROUP_COLUMNS
+        ).with_columns(
+            pl.Series(PREDICTION_COLUMN, [s.risk for s in scores], dtype=pl.Float64),
+            pl.Series("flagged", [s.flagged for s in scores], dtype=pl.Boolean),
+            pl.Series("reasons", [json.dumps(s.reasons, default=str) for s in scores], dtype=pl.String),
+            pl.Series("flags", [json.dumps(list(s.flags)) for s in scores], dtype=pl.String),
+            pl.lit(version).alias("model_version"),
+        )
+        write_parquet(out, paths.deid(zones, f"predictions/{batch}.parquet"))
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": out.height,
+                "model_version": version,
+                "risk_mean": float(out[PREDICTION_COLUMN].mean() or 0.0),
+                "flagged_share": float(out["flagged"].mean() or 0.0),
+                "guardrail_flagged_share": float(np.mean([bool(s.flags) for s in scores])) if scores else 0.0,
+            }
+        )
+
+    @dg.asset(
+        key=key("batch_drift"),
+        deps=[key("batch_predictions")],
+        partitions_def=batch_partitions,
+        group_name=Stage.MONITORING,
+        kinds={"numpy"},
+        tags={**tags(DataClass.AGGREGATE), **PER_BATCH_TAG},
+        description="The batch against the champion's derivation cohort: every predictor (PSI, chi-square, KS, "
+        "missingness), the prediction distribution, label prevalence once known, overall and per subgroup.",
+        owners=ML_OWNERS,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "drift_below_error_level",
+                asset=key("batch_drift"),
+                blocking=True,
+                description="No predictor or prediction drift at ERROR level (significant after Bonferroni and "
+                "material); an ERROR requests retraining and holds the FHIR export of this batch.",
+            )
+        ],
+    )
+    def batch_drift(context: dg.AssetExecutionContext, zones: DataZones):
+        batch = context.partition_key
+        version, card, scorer = _champion(zones, uc)
+        frame = _frame(paths, zones)
+        ref_frame, reference = _reference(frame, card, scorer, config, batch)
+        preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet")).select(
+            "hadm_id", PREDICTION_COLUMN
+        )
+        current = frame.filter(pl.col("batch_id") == batch).join(preds, on="hadm_id")
+        as_of = datetime.combine(date.fromisoformat(batch) + timedelta(days=1), datetime.min.time())
+        matured = current.filter(label_maturity(current, as_of=as_of) & pl.col("label").is_not_null())
+        result = monitor_batch(
+            batch_id=batch,
+            reference=reference,
+            current=current,
+            config=config,
+            current_labels=matured["label"].to_numpy() if matured.height else None,
+        )
+        record = {**result.as_dict(), "model_version": version, "thresholds": config.drift.__dict__}
+        write_json(record, paths.deid(zones, f"monitoring/{batch}.json"))
+        moved = [d for d in result.features if d.level != "ok"][:10]
+        md = (
+            f"**Batch {batch}: {result.level.upper()}**"
+            + (" (retraining requested)" if result.retraining_requested else "")
+            + f"\n\n{config.drift.describe()}\n\n| Predictor | PSI | KS | p (min) | Level |\n|---|---|---|---|---|\n"
+            + "".join(
+                f"| {feature_label(d.feature)} | {d.psi:.2f} | {d.ks_statistic:.2f} | {d.p_min:.2g} | {d.level} |\n"
+                for d in moved
+            )
+        )
+        context.log.info(f"batch {batch}: drift level {result.level}")
+        yield dg.MaterializeResult(
+            metadata={
+                "level": result.level,
+                "retraining_requested": result.retraining_requested,
+                "features_drift_error": sum(d.level == "error" for d in result.features),
+                "features_drift_warn": sum(d.level == "warn" for d in result.features),
+                "psi_max": max((d.psi for d in result.features), default=0.0),
+                "prediction_psi": result.prediction.psi if result.prediction else 0.0,
+                "n_current": result.n_current,
+                "n_reference": ref_frame.height,
+                "model_version": version,
+                "report": dg.MetadataValue.md(md),
+            }
+        )
+        yield dg.AssetCheckResult(
+            check_name="drift_below_error_level",
+            passed=result.level != "error",
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"level": result.level, "reasons": dg.MetadataValue.json(list(result.reasons))},
+        )
+
+    @dg.asset(
+        key=key("risk_assessment_export"),
+        deps=[key("batch_drift")],
+        partitions_def=batch_partitions,
+        group_name=Stage.MONITORING,
+        kinds={"fhir", "ndjson"},
+        tags={**tags(DataClass.DEIDENTIFIED), **PER_BATCH_TAG},
+        description="FHIR R4 RiskAssessment resources (NDJSON, validated with fhir.resources) for the EHR "
+        "interface engine; subject = pseudonym. Held when the batch's drift check fails.",
+        owners=ML_OWNERS,
+    )
+    def risk_assessment_export(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
+        batch = context.partition_key
+        preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
+        version = preds["model_version"][0] if preds.height else "none"
+        card = registry.read_card(zones.registry, uc.name, version) if preds.height else {"threshold": 0.5}
+        rows = (
+            ScoredAdmission(
+                subject_id=str(r["subject_id"]),
+                encounter_id=str(r["hadm_id"]),
+                prediction_time=r["prediction_time"],
+                risk=r[PREDICTION_COLUMN],
+                flagged=r["flagged"],
+                reasons=tuple(str(x.get("label", x.get("feature", x))) for x in json.loads(r["reasons"])),
+                flags=tuple(json.loads(r["flags"])),
+            )
+            for r in preds.iter_rows(named=True)
+        )
+        out = paths.deid(zones, f"fhir/{batch}.ndjson")
+        n = write_ndjson(
+            rows,
+            out,
+            use_case=uc.name,
+            outcome=uc.outcome.name,
+            model_version=version,
+            threshold=float(card["threshold"]),
+        )
+        return dg.MaterializeResult(
+            metadata={"dagster/row_count": n, "path": str(out.relative_to(zones.deid))}
+        )
+
+    @dg.asset(
+        key=key("monitoring_report"),
+        deps=[key("batch_drift"), key("model_registry")],
+        group_name=Stage.MONITORING,
+        kinds={"html"},
+        tags=tags(DataClass.AGGREGATE),
+        description="Trends over batches: drift, prediction distribution, realised performance where labels "
+        "have matured and a label-free estimate where not, per subgroup, and the decisions taken.",
+        owners=ML_OWNERS,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "realised_performance_meets_minimums",
+                asset=key("monitoring_report"),
+                description="In every mature period, realised AUROC, sensitivity, O/E and calibration slope are "
+                "not wholly below their minimums (95% CI), overall and per subgroup.",
+            )
+        ],
+    )
+    def monitoring_report_asset(context: dg.AssetExecutionContext, zones: DataZones):
+        files = sorted(paths.deid(zones, "predictions").glob("*.parquet"))
+        if registry.champion(zones.registry, uc.name) is None:
+            yield dg.MaterializeResult(
+                metadata={"report": dg.MetadataValue.md("No champion yet: nothing deployed.")}
+            )
+            yield dg.AssetCheckResult(
+                check_name="realised_performance_meets_minimums",
+                passed=True,
+                metadata={"note": "no champion model deployed yet"},
+            )
+            return
+        version, card, scorer = _champion(zones, uc)
+        frame = _frame(paths, zones)
+        held = frame.filter((pl.col("split") == "held_out") & pl.col("label").is_not_null())
+        estimator = (
+            ConfidenceBasedEstimator.fit(
+                scorer.model.predict(feature_matrix(held, scorer.model.feature_names)),
+                held["label"].cast(pl.Boolean).to_numpy(),
+                threshold=float(card["threshold"]),
+            )
+            if held.height >= 20
+            else None
+        )
+        batches = [read_json(p) for p in sorted(paths.deid(zones, "monitoring").glob("*.json"))]
+        rows: list[dict] = []
+        if files:
+            preds = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+            newest = max(preds["batch_id"].to_list())
+            as_of = datetime.combine(date.fromisoformat(newest) + timedelta(days=1), datetime.min.time())
+            info = frame.select("hadm_id", "label", "admit_time", "discharge_time", "death_time")
+            preds = preds.join(info, on="hadm_id", how="left")
+            preds = preds.with_columns(label_maturity(preds, as_of=as_of).alias("matured"))
+            rows = performance_by_period(
+                preds, threshold=float(card["threshold"]), estimator=estimator, config=config
+            )
+        decisions_file = zones.registry / uc.name / "decisions.jsonl"
+        decisions = (
+            [json.loads(line) for line in decisions_file.read_text().splitlines() if line]
+            if decisions_file.exists()
+            else []
+        )
+        html, md = monitoring_report(
+            use_case=uc,
+            batches=batches,
+            performance=rows,
+            decisions=decisions,
+            config=config,
+            model_version=version,
+            code_version=code_version(),
+        )
+        out = write_report(paths.reports(zones, "monitoring_report.html"), html)
+        failing = [r for r in rows if r["level"] == "error"]
+        yield dg.MaterializeResult(
+            metadata={
+                "report": dg.MetadataValue.md(md),
+                "report_path": dg.MetadataValue.path(str(out)),
+                "batches_monitored": len(batches),
+                "batches_drift_error": sum(b["level"] == "error" for b in batches),
+                "periods_mature": sum(r["status"] == "mature" for r in rows if r["attribute"] == "all"),
+            }
+        )
+        yield dg.AssetCheckResult(
+            check_name="realised_performance_meets_minimums",
+            passed=not failing,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "failing": dg.MetadataValue.json(
+                    [
+                        {
+                            "period": r["period"],
+                            "group": f"{r['attribute']}={r['group']}",
+                            "reasons": r["reasons"],
+                        }
+                        for r in failing
+                    ][:20]
+                )
+            },
+        )
 
     @dg.asset(
         key=key("feature_drift_report"),
@@ -48,10 +366,12 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             for c in feats.columns
             if "__" in c and not c.startswith(("sex__", "unit__", "admission_type__"))
         ]
-        drift = feature_drift(feature_matrix(reference, cols), feature_matrix(current, cols), cols)
+        drift = feature_drift(
+            feature_matrix(reference, cols), feature_matrix(current, cols), cols, thresholds=config.drift
+        )
         rows = [{**d.__dict__, "label": feature_label(d.feature)} for d in drift]
         write_json({"batch_id": newest, "features": rows}, paths.deid(zones, "feature_drift.json"))
-        top = rows[:15]
+        top = sorted(rows, key=lambda r: -r["psi"])[:15]
         png = plots.drift_plot(
             [r["label"] for r in top], [r["psi"] for r in top], warn=PSI_WARN, error=PSI_ERROR
         )
@@ -77,7 +397,14 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
                 "psi_max": float(np.max([r["psi"] for r in rows])) if rows else 0.0,
                 "features_drift_error": sum(r["level"] == "error" for r in rows),
                 "features_drift_warn": sum(r["level"] == "warn" for r in rows),
+                "thresholds": dg.MetadataValue.md(md_table(list(config.drift.__dict__.items()))),
             }
         )
 
-    return [feature_drift_report]
+    return [
+        batch_predictions,
+        batch_drift,
+        risk_assessment_export,
+        monitoring_report_asset,
+        feature_drift_report,
+    ]

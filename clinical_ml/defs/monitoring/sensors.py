@@ -1,0 +1,124 @@
+"""Monitoring that acts: a new batch is scored and checked; a drift ERROR requests retraining (through the
+promotion gate of lifecycle_job); every failed run writes an alert."""
+
+import json
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+
+from clinical_ml.core.usecase import UseCase
+from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
+from clinical_ml.defs.usecase.automation import batch_monitoring_job, feature_refresh_job, lifecycle_job
+
+PARTITION_TAG = "dagster/partition"
+RETRAIN_REASON_TAG = "clinical_ml/retraining_reason"
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[batch_ingestion_job],
+    request_job=feature_refresh_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After a batch is ingested and anonymized, rebuild features so the batch can be monitored.",
+)
+def features_after_ingestion_sensor(context: dg.RunStatusSensorContext):
+    batch = context.dagster_run.tags.get(PARTITION_TAG)
+    if batch:
+        return dg.RunRequest(run_key=f"features-{context.dagster_run.run_id}", tags={"batch_id": batch})
+    return dg.SkipReason("ingestion run without a batch partition")
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[feature_refresh_job],
+    request_job=batch_monitoring_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Once features include a new batch, score it and check it for drift (one partition per batch).",
+)
+def batch_monitoring_sensor(context: dg.RunStatusSensorContext):
+    batch = context.dagster_run.tags.get("batch_id")
+    if batch:
+        return dg.RunRequest(run_key=f"monitor-{context.dagster_run.run_id}", partition_key=batch)
+    return dg.SkipReason("feature refresh not tied to a batch")
+
+
+def retraining_requests(
+    instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
+) -> tuple[list[dg.RunRequest], int]:
+    """One lifecycle run per batch_drift materialization that requested retraining after ``cursor``."""
+    requests, newest = [], cursor
+    for key in keys:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
+        )
+        for record in result.records:
+            newest = max(newest, record.storage_id)
+            mat = record.asset_materialization
+            meta = mat.metadata if mat else {}
+            wanted = meta.get("retraining_requested")
+            if wanted is not None and bool(getattr(wanted, "value", wanted)):
+                batch = mat.partition if mat else None
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}",
+                        tags={RETRAIN_REASON_TAG: f"drift ERROR in batch {batch} ({key.to_user_string()})"},
+                    )
+                )
+    return requests, newest
+
+
+def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefinition:
+    keys = [dg.AssetKey([uc.name, "batch_drift"]) for uc in use_cases]
+
+    @dg.sensor(
+        name="drift_retraining_sensor",
+        job=lifecycle_job,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="A batch whose drift check reached ERROR requests retraining: lifecycle_job retrains, "
+        "evaluates and promotes the challenger only through the gate.",
+    )
+    def drift_retraining_sensor(context: dg.SensorEvaluationContext):
+        cursor = int(context.cursor or 0)
+        requests, newest = retraining_requests(context.instance, keys, cursor)
+        context.update_cursor(str(newest))
+        return requests or dg.SkipReason("no drift ERROR since the last check")
+
+    return drift_retraining_sensor
+
+
+def write_alert(alert: dict, *, file: Path, webhook: str | None = None) -> None:
+    """Append an alert to a JSON-lines file and, when configured, POST it to a webhook."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+        f.write(json.dumps(alert) + "\n")
+    if webhook:
+        req = urllib.request.Request(
+            webhook, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(req, timeout=10).close()
+
+
+def build_run_failure_alert_sensor(alert_file: Path, webhook: str | None = None) -> dg.SensorDefinition:
+    @dg.run_failure_sensor(
+        name="run_failure_alert_sensor",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        monitor_all_code_locations=False,
+        description="Every failed run (including a blocking check failure) writes an alert: log, file, webhook.",
+    )
+    def run_failure_alert_sensor(context: dg.RunFailureSensorContext):
+        run = context.dagster_run
+        alert = {
+            "at": datetime.now(UTC).isoformat(),
+            "job": run.job_name,
+            "run_id": run.run_id,
+            "partition": run.tags.get(PARTITION_TAG),
+            # the failure message names steps and checks; our code never puts patient values in errors
+            "message": (context.failure_event.message or "")[:500],
+        }
+        context.log.error(f"run {run.run_id} of {run.job_name} failed; alert written")
+        write_alert(alert, file=alert_file, webhook=webhook)
+
+    return run_failure_alert_sensor
