@@ -1,0 +1,89 @@
+"""A short drift scenario through the real graph, in process: the batch check fails on the first drifted
+day, retraining is requested and goes through the promotion gate, the stable day's FHIR export validates."""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from clinical_ml.core import registry
+from clinical_ml.core.fhir import read_ndjson
+from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml.defs.build import build_definitions
+from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+from clinical_ml.defs.monitoring.sensors import RETRAIN_REASON_TAG, retraining_requests
+from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
+
+pytestmark = pytest.mark.slow
+UC = "icu_mortality_24h"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _decisions(root: Path) -> list[str]:
+    return (root / "registry" / UC / "decisions.jsonl").read_text().splitlines()
+
+
+# the calibration fit of the fairness stage (not monitoring) may overflow exp() on a small hospital
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path):
+    root = tmp_path / "data"
+    hospital = generate_hospital(
+        root / "landing",
+        SyntheticConfig(n_patients=1500, n_batches=5, seed=11, scenario="drift", drift_from_batch=4),
+    )
+    cases = tmp_path / "usecases"
+    cases.mkdir()
+    shutil.copy(PROJECT_ROOT / "usecases" / f"{UC}.yaml", cases)
+    defs = build_definitions(
+        data_root=root,
+        usecases_dir=cases,
+        evaluation=EvaluationSettings(n_bootstrap=20),
+        anonymization=AnonymizationSettings(pseudonym_seed=1),
+    )
+    batches = find_complete_batches(root / "landing")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, [b.batch_id for b in batches])
+
+        def ingest(batch_id: str) -> None:
+            res = defs.resolve_job_def("batch_ingestion_job").execute_in_process(
+                instance=instance, partition_key=batch_id
+            )
+            assert res.success
+
+        for b in batches[:4]:
+            ingest(b.batch_id)
+        lifecycle = defs.resolve_job_def("lifecycle_job")
+        # the run fails when the gate refuses the challenger (a blocking check): that is a decision too
+        lifecycle.execute_in_process(instance=instance, raise_on_error=False)
+        if registry.champion(root / "registry", UC) is None:  # a small hospital may miss the gate
+            version = json.loads(_decisions(root)[-1])["challenger"]
+            registry.record_decision(
+                root / "registry", UC, registry.PromotionDecision(True, version, None, ("test setup",))
+            )
+        monitor = defs.resolve_job_def("batch_monitoring_job")
+        stable, drifted = hospital.batch_ids[3], hospital.manifest["drift"]["first_batch_id"]
+
+        ok = monitor.execute_in_process(instance=instance, partition_key=stable, raise_on_error=False)
+        assert ok.success
+        exported = read_ndjson(root / "deid" / "usecases" / UC / "fhir" / f"{stable}.ndjson")
+        assert exported and all(r.prediction[0].probabilityDecimal is not None for r in exported)
+
+        ingest(drifted)
+        assert defs.resolve_job_def("feature_refresh_job").execute_in_process(instance=instance).success
+        bad = monitor.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
+        assert not bad.success
+        checks = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
+        assert checks == {"drift_below_error_level": False}
+        # downstream of the failed blocking check, the FHIR export of that day is held
+        assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
+
+        requests, _ = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], 0)
+        assert len(requests) == 1 and drifted in requests[0].tags[RETRAIN_REASON_TAG]
+        decisions_before = len(_decisions(root))
+        lifecycle.execute_in_process(instance=instance, raise_on_error=False)
+        assert len(_decisions(root)) == decisions_before + 1
+        html = (root / "reports" / UC / "monitoring_report.html").read_text()
+        assert drifted in html and "derivation cohort" in html
