@@ -142,7 +142,7 @@ def feature_columns(use_case: UseCase) -> list[str]:
 
 
 def _aggregations(use_case: UseCase) -> list[str]:
-    aggs = list(use_case.features.aggregations)
+    aggs: list[str] = list(use_case.features.aggregations)
     return [*aggs, "missing"] if use_case.features.missing_indicators else aggs
 
 
@@ -223,10 +223,10 @@ def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase
     aggs = _aggregations(use_case)
     # one scan of the filtered events serves every window
     ev = ev.cache() if len(use_case.features.window_hours) > 1 else ev
-    parts = [_window_aggregates(ev, w, aggs) for w in use_case.features.window_hours]
-    per_stem = parts[0]
-    for part in parts[1:]:
-        per_stem = per_stem.join(part, on=["hadm_id", "stem"], how="full", coalesce=True)
+    windows = [_window_aggregates(ev, w, aggs) for w in use_case.features.window_hours]
+    per_stem = windows[0]
+    for window in windows[1:]:
+        per_stem = per_stem.join(window, on=["hadm_id", "stem"], how="full", coalesce=True)
     long = per_stem.collect().with_columns(pl.col("stem").replace_strict(stems, return_dtype=pl.String))
     values = [c for c in long.columns if c not in ("hadm_id", "stem")]
     # wide by one join per code stem on the admission key: several times faster than DataFrame.pivot

@@ -93,10 +93,13 @@ class Scorer:
         # one pass: SHAP contributions plus the bias sum to the log-odds, so risk needs no second predict
         # a few rows: one thread, as OpenMP start-up costs more than the trees (22 ms vs 1.5 ms measured
         # for one patient on a loaded 2-core machine)
-        threads = {"num_threads": 1} if x.shape[0] <= 64 else {}
+        threads: dict[str, object] = {"num_threads": 1} if x.shape[0] <= 64 else {}
         raw = np.asarray(
             self.model.booster.predict(
-                x, num_iteration=self.model.best_iteration, pred_contrib=True, **threads
+                x,
+                num_iteration=self.model.best_iteration,
+                pred_contrib=True,
+                **threads,  # type: ignore[arg-type]  # LightGBM passes extra keywords as parameters
             )
         )
         risk = 1.0 / (1.0 + np.exp(-raw.sum(axis=1)))
