@@ -104,7 +104,8 @@ def load_monitoring_config(path: Path | str | None) -> MonitoringConfig:
 
 def split_columns(columns: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
     """Numeric predictors and one-hot groups (``sex__f``, ``sex__m`` -> categorical ``sex``)."""
-    numeric, groups = [], {}
+    numeric: list[str] = []
+    groups: dict[str, list[str]] = {}
     for c in columns:
         stem = c.partition("__")[0]
         if stem in STATIC_CATEGORIES and "__" in c:

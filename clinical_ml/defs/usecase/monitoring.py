@@ -125,8 +125,10 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             metadata={
                 "dagster/row_count": out.height,
                 "model_version": version,
-                "risk_mean": float(out[PREDICTION_COLUMN].mean() or 0.0),
-                "flagged_share": float(out["flagged"].mean() or 0.0),
+                "risk_mean": float(np.nan_to_num(out[PREDICTION_COLUMN].to_numpy().mean()))
+                if out.height
+                else 0.0,
+                "flagged_share": float(out["flagged"].to_numpy().mean()) if out.height else 0.0,
                 "guardrail_flagged_share": float(np.mean([bool(s.flags) for s in scores])) if scores else 0.0,
             }
         )
