@@ -32,10 +32,12 @@ PG_VARS = (
     "DAGSTER_PG_PASSWORD",
     "DAGSTER_PG_DB",
 )
-N_BATCHES = 3
-# The hospital of the other end-to-end tests (conftest.SMALL): large enough for a model that passes the
-# promotion gate, so the lifecycle runs to the end.
-HOSPITAL = SyntheticConfig(n_patients=1500, n_batches=N_BATCHES, n_sites=3, seed=11)
+# Batch partitions run at once. 3 keeps CI within a few minutes on 2 CPUs; a backfill of 20 concurrent
+# partition runs is `CLINICAL_ML_PG_TEST_BATCHES=20` (docs/scaling.md).
+N_BATCHES = int(os.environ.get("CLINICAL_ML_PG_TEST_BATCHES", "3"))
+# The hospital of the other end-to-end tests (conftest.SMALL, 500 patients per batch): large enough for a
+# model that passes the promotion gate, so the lifecycle runs to the end.
+HOSPITAL = SyntheticConfig(n_patients=500 * N_BATCHES, n_batches=N_BATCHES, n_sites=3, seed=11)
 USECASE = PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml"
 # Storage and DuckDB lock failures as SQLite, PostgreSQL and DuckDB word them.
 LOCK_ERROR = re.compile(
