@@ -210,23 +210,35 @@ def _shift(col: str) -> pl.Expr:
     return pl.col(col) + pl.duration(days=pl.col("shift_days"))
 
 
-def _join_to_admissions(events: pl.DataFrame, keys: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """Attach ``subject_id``, ``hadm_id`` and ``shift_days`` to events by encounter number.
+# (code column, event time, availability time, MEDS code prefix) of each measurement source
+_LAB = ("loinc_code", "specimen_time", "result_time", "LAB//")
+_VITAL = ("code", "charted_time", "stored_time", "VITAL//")
 
-    The exact join on the number as delivered is the common case and touches no string on the event rows;
-    only events left unmatched are normalized and joined again. Returns the joined rows and how many events
-    have no admission in this batch (they are not released).
+
+def _measurements(
+    events: pl.DataFrame, keys: pl.LazyFrame, spec: tuple[str, ...], *, on: str
+) -> pl.LazyFrame:
+    """Lab or vital rows joined to their admission's pseudonyms and shift, in MEDS form, in one lazy pass.
+
+    The MEDS code is gathered from the few distinct prefixed codes instead of concatenated row by row:
+    a code longer than 12 bytes would otherwise cost one string allocation per event.
     """
-    exact = events.join(keys.drop("encounter_id"), left_on="encounter_id", right_on="_raw", how="inner")
-    if exact.height == events.height:
-        return exact, 0
-    rest = (
-        events.join(keys.select("_raw"), left_on="encounter_id", right_on="_raw", how="anti")
-        .with_columns(normalize_identifier(pl.col("encounter_id")).alias("encounter_id"))
-        .join(keys.drop("_raw"), on="encounter_id", how="inner")
+    code, at, available, prefix = spec
+    distinct = events[code].drop_nulls().unique().sort()
+    meds_code = pl.lit(prefix + distinct).gather(pl.col(code).cast(pl.Enum(distinct.to_list())).to_physical())
+    return (
+        events.lazy()
+        .join(keys, left_on="encounter_id", right_on=on, how="inner")
+        .select(
+            "subject_id",
+            _shift(at).alias("time"),
+            meds_code.alias("code"),
+            pl.col("value").cast(pl.Float32).alias("numeric_value"),
+            "hadm_id",
+            _shift(available).alias("available_time"),
+            "implausible",
+        )
     )
-    joined = pl.concat([exact, rest.select(exact.columns)])
-    return joined, events.height - joined.height
 
 
 def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
@@ -317,31 +329,9 @@ def anonymize_batch(
     deid_pat = pat.select(DEID_COLUMNS["patients"])
 
     keys = enc.select("_raw", "encounter_id", "subject_id", "hadm_id", "shift_days").unique("_raw")
-    lab_rows, lab_orphans = _join_to_admissions(
-        labs.select("encounter_id", "loinc_code", "value", "specimen_time", "result_time", "implausible"),
-        keys,
-    )
-    vital_rows, vital_orphans = _join_to_admissions(
-        vitals.select("encounter_id", "code", "value", "charted_time", "stored_time", "implausible"), keys
-    )
-    lab_events = lab_rows.lazy().select(
-        "subject_id",
-        _shift("specimen_time").alias("time"),
-        (pl.lit("LAB//") + pl.col("loinc_code")).alias("code"),
-        pl.col("value").cast(pl.Float32).alias("numeric_value"),
-        "hadm_id",
-        _shift("result_time").alias("available_time"),
-        "implausible",
-    )
-    vital_events = vital_rows.lazy().select(
-        "subject_id",
-        _shift("charted_time").alias("time"),
-        (pl.lit("VITAL//") + pl.col("code")).alias("code"),
-        pl.col("value").cast(pl.Float32).alias("numeric_value"),
-        "hadm_id",
-        _shift("stored_time").alias("available_time"),
-        "implausible",
-    )
+    sources = ((labs, _LAB), (vitals, _VITAL))
+    # The common case joins on the encounter number as delivered: no string work on the event rows.
+    measured = [_measurements(f, keys.drop("encounter_id").lazy(), spec, on="_raw") for f, spec in sources]
     stay = enc.lazy().select(
         "subject_id",
         "hadm_id",
@@ -381,24 +371,44 @@ def anonymize_batch(
         pl.lit(None, dtype=pl.Datetime("us")).alias("available_time"),
         pl.lit(False).alias("implausible"),
     )
-    events = pl.concat(
+    stay_events = pl.concat(
         [
             birth,
             _stay_event("admit_time", pl.format("ADMISSION//{}", pl.col("admission_type"))),
             _stay_event("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit"))),
-            lab_events,
-            vital_events,
             _stay_event(
                 "discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))
             ),
             _stay_event("death_time", pl.lit("MEDS_DEATH")),
         ],
         how="vertical_relaxed",
-    ).select(DEID_COLUMNS["events"])
+    ).collect()
+    events = (
+        pl.concat([stay_events.lazy(), *measured], how="vertical_relaxed")
+        .select(DEID_COLUMNS["events"])
+        .collect()
+    )
+    unmatched = labs.height + vitals.height - (events.height - stay_events.height)
+    if unmatched:
+        # Another spelling of the encounter number (case, spaces), or an admission not in this batch.
+        respelled = [
+            _measurements(
+                f.join(keys.select("_raw"), left_on="encounter_id", right_on="_raw", how="anti").with_columns(
+                    normalize_identifier(pl.col("encounter_id")).alias("encounter_id")
+                ),
+                keys.drop("_raw").unique("encounter_id").lazy(),
+                spec,
+                on="encounter_id",
+            )
+            for f, spec in sources
+        ]
+        extra = pl.concat(respelled, how="vertical_relaxed").select(DEID_COLUMNS["events"]).collect()
+        events = pl.concat([events, extra], how="vertical_relaxed")
+        unmatched -= extra.height
     return DeidBatch(
         patients=deid_pat,
         encounters=deid_enc,
-        events=events.collect(),
+        events=events,
         vault=mapping,
         dropped_columns=dropped,
         free_text_dropped=free_text,
@@ -406,7 +416,7 @@ def anonymize_batch(
         zip3_restricted=zip_restricted,
         new_pseudonyms=new_pseudonyms,
         pseudonym_mode="vault" if hmac_key is None else "hmac",
-        orphan_events=lab_orphans + vital_orphans,
+        orphan_events=unmatched,
         persist_vault=hmac_key is None,
     )
 
