@@ -83,7 +83,8 @@ class RiskSummary:
         return self.records == 0 or (self.k_min is not None and self.k_min >= k)
 
     def as_dict(self) -> dict[str, int | float | None]:
-        return dict(self.__dict__)
+        """Counts as they are, shares and risks to 6 decimals (a report needs no more)."""
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
