@@ -22,7 +22,10 @@ from clinical_ml.core.usecase import Features, load_use_case
 
 ROOT = Path(__file__).resolve().parents[1]
 AGGS = ["last", "min", "max", "mean", "count", "slope", "time_since_last"]
-SCALES = {"small": (5_000, 120), "default": (100_000, 320)}  # admissions, events per admission
+SCALES = {
+    "small": (5_000, 120),
+    "default": (100_000, 200),
+}  # admissions, events per admission (20M: pandas fits)
 
 
 def _use_case():

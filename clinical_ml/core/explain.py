@@ -74,12 +74,23 @@ def top_reasons(
         if contributions[i] <= 0:
             break
         v = row[i]
+        label = feature_label(feature_names[i])
+        value = None if not np.isfinite(v) else float(v)
         out.append(
             {
                 "feature": feature_names[i],
-                "label": feature_label(feature_names[i]),
-                "value": None if not np.isfinite(v) else float(v),
+                "label": label,
+                "value": value,
                 "contribution": float(contributions[i]),
+                "text": reason_text(label, value),
             }
         )
     return out
+
+
+def reason_text(label: str, value: float | None) -> str:
+    """One reason as a clinician reads it: ``highest lactate (last 24 h) was 4.2, which raises the risk``."""
+    if value is None:
+        return f"{label}: not measured, which raises the risk"
+    shown = f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{label} was {shown}, which raises the risk"

@@ -35,6 +35,10 @@ def test_risk_matches_the_model_and_reasons_are_plain_words(fitted):
     high = max(scores, key=lambda s: s.risk)
     assert high.reasons and all(r["contribution"] > 0 for r in high.reasons)
     assert high.reasons[0]["label"].startswith("average code")
+    assert (
+        high.reasons[0]["text"].startswith(high.reasons[0]["label"])
+        and "raises the risk" in high.reasons[0]["text"]
+    )
 
 
 def test_positional_three_argument_scorer_still_scores_everything(fitted):
