@@ -341,12 +341,14 @@ def derivation_validation_split(
     """The use case's split: by patient at random, or temporal on the latest period.
 
     Temporal falls back to the patient split when the cohort holds a single period (nothing to validate
-    over time) or when a requested validation period is absent.
+    over time) or when no period matches the requested ones (a requested ``"2015"`` matches ``"2015Q1"``...).
     """
     periods = sorted(cohort["period"].drop_nulls().unique().to_list())
     if strategy == "temporal":
-        val = list(validation_periods) if validation_periods else periods[-1:]
-        if len(periods) >= 2 and set(val) <= set(periods) and set(val) != set(periods):
+        wanted = list(validation_periods) if validation_periods else periods[-1:]
+        # "2015" names every period of 2015 ("2015Q1" ... "2015Q4"); "2015Q3" names one
+        val = [p for p in periods if any(p == w or p.startswith(w) for w in wanted)]
+        if val and len(val) < len(periods):
             splits = temporal_split(
                 cohort, validation_periods=val, tuning_fraction=tuning_fraction, seed=seed
             )

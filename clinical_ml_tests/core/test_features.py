@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from polars.testing import assert_frame_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
 from clinical_ml.core.features import (
     build_features,
@@ -230,3 +230,13 @@ def test_patient_split_is_stable_when_new_patients_arrive():
     assert a.join(b, on="subject_id", suffix="_b").filter(pl.col("split") != pl.col("split_b")).height == 0
     c = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=6)
     assert not a.equals(c)
+
+
+def test_a_year_names_every_quarter_of_it():
+    cohort = _multi_period_cohort().with_columns(
+        pl.col("period").replace_strict({"2014": "2014Q2", "2015": "2015Q3"}, return_dtype=pl.String)
+    )
+    _, info = derivation_validation_split(
+        cohort, strategy="temporal", validation_periods=["2015"], fraction=0.3, tuning_fraction=0.2, seed=0
+    )
+    assert info.strategy == "temporal" and info.validation_periods == ("2015Q3",)
