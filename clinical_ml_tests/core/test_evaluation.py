@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from clinical_ml.core.evaluation import (
-    auroc,
     auprc,
+    auroc,
     bootstrap_metrics,
     calibration_curve,
     calibration_slope_intercept,
