@@ -11,12 +11,14 @@ days train the first champion.
 """
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from clinical_ml.core.drift import worst_level
 from clinical_ml.core.landing import find_complete_batches
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
@@ -57,9 +59,14 @@ def replay(
         requests, cursor = retraining_requests(instance, keys, cursor)
         for req in requests:
             jobs["lifecycle_job"].execute_in_process(tags=req.tags, **run)
-        level = "error" if requests else "ok"
+        files = sorted((root / "deid" / "usecases").glob(f"*/monitoring/{b.batch_id}.json"))
+        level = worst_level([json.loads(f.read_text())["level"] for f in files]) if files else "not monitored"
         days.append({"batch_id": b.batch_id, "level": level, "retrained": bool(requests)})
-        print(f"{b.batch_id}: drift {'ERROR -> retraining requested' if requests else 'below ERROR'}")
+        print(
+            f"{b.batch_id}: drift {level}"
+            + (" -> retraining requested, lifecycle_job run (promotion gate)" if requests else "")
+            + ("" if files else " (no champion yet, or the run failed: see the UI)")
+        )
     return days
 
 
