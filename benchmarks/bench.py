@@ -154,8 +154,8 @@ def _fmt_ratio(r: dict) -> str:
     if r["ratio"] is None:
         return "-"
     if r.get("higher_is_better"):
-        return f"{1 / r['ratio']:.2f}x faster" if r["ratio"] > 0 else "-"
-    return f"{r['ratio']:.2f}"
+        return f"{1 / r['ratio']:.3g}x faster" if r["ratio"] > 0 else "-"
+    return f"{r['ratio']:.3g}"
 
 
 def _fmt_extra(extra: dict) -> str:
@@ -201,7 +201,7 @@ def render_markdown(report: dict) -> str:
             continue
         for r in m["rows"]:
             met = {True: "yes", False: "**no**", None: "-"}[r["goal_met"]]
-            cpu = f"{r['cpu_ratio']:.2f}" if r.get("cpu_ratio") is not None else "-"
+            cpu = f"{r['cpu_ratio']:.3g}" if r.get("cpu_ratio") is not None else "-"
             lines.append(
                 f"| {m['stage']} | {r['name']} | {r.get('ours', '')} | {_fmt_s(r['ours_stats'])} | "
                 f"{r.get('baseline', '-')} | {_fmt_s(r['baseline_stats'])} | {_fmt_ratio(r)} | {cpu} | "
@@ -250,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated stages to run (default: every module)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: benchmarks/.work/<scale>)")
     p.add_argument("--results", default=str(RESULTS), help="where latest.md and latest.json go")
+    p.add_argument("--render", help="only rewrite the Markdown next to this results JSON")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     reps = args.repetitions or DEFAULT_REPETITIONS[args.scale]
     if args.child:
         return child(args.child, Path(args.workdir), args.scale, reps, Path(args.out))
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(render_markdown(report))
+        return 0
 
     started = time.perf_counter()
     work = Path(args.workdir or BENCH_DIR / ".work" / args.scale).resolve()

@@ -129,7 +129,10 @@ def _build(runner, batches: list[str], times: dict[str, list[float]], cpu: dict[
         for b in [None] if name == "whole" else batches:
             runner.phase(name, b)
             if name != "whole" and len(batches) > 20 and batches.index(b) % 25 == 0:
-                print(f"    {name}: {batches.index(b) + 1}/{len(batches)} batches", flush=True)
+                done = batches.index(b) + 1
+                print(
+                    f"    {name}: {done}/{len(batches)} batches, {time.perf_counter() - t:.0f} s", flush=True
+                )
         times[name].append(time.perf_counter() - t)
         cpu[name].append(time.process_time() - c)
 
