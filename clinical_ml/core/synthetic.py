@@ -13,8 +13,9 @@ Scenarios
     From ``drift_from_batch`` on, the case mix shifts (older, sicker patients) and the lactate assay reads
     ``LACTATE_ASSAY_BIAS`` mmol/L higher at every site.
 ``bias``
-    Patients of ``BIAS_GROUP`` are under-measured (lactate drawn a third as often) and their pulse oximetry
-    over-reads by ``SPO2_OVERREAD`` points (occult hypoxaemia), so a model misses more of their deaths.
+    Patients of ``BIAS_GROUP`` are under-measured (lactate drawn a third as often), their pulse oximetry
+    over-reads by ``SPO2_OVERREAD`` points (occult hypoxaemia), and part of their risk is visible in no
+    measurement (``UNMEASURED_RISK_LOGIT``, under-triage), so a model misses more of their deaths.
 
 The ground truth of a scenario is written to ``_manifest.json`` at the root of the output folder.
 """
@@ -39,6 +40,7 @@ SOURCES = ("patients", "encounters", "labs", "vitals")
 
 LACTATE_ASSAY_BIAS = 0.8
 SPO2_OVERREAD = 3.0
+UNMEASURED_RISK_LOGIT = 1.6
 BIAS_GROUP = {"race": "Black or African American"}
 
 RACES = (
@@ -221,7 +223,9 @@ def _encounters(cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Gen
     return enc.sort("admit_time")
 
 
-def _physiology(enc: pl.DataFrame, patients: pl.DataFrame, rng: np.random.Generator) -> dict:
+def _physiology(
+    enc: pl.DataFrame, patients: pl.DataFrame, rng: np.random.Generator, *, scenario: str = "default"
+) -> dict:
     """Latent severity and the true state at 24 h; mortality from the known risk model."""
     m = enc.height
     age = enc["age"].to_numpy()
@@ -268,6 +272,11 @@ def _physiology(enc: pl.DataFrame, patients: pl.DataFrame, rng: np.random.Genera
         - 0.20 * (np.log(t["platelets"]) - np.log(215)) / 0.45
         + 0.90 * trend
     )
+    if scenario == "bias":
+        # Under-triage: part of the affected group's risk is not visible in any measurement (later
+        # presentation, access barriers), so a model calibrated on everyone under-estimates it.
+        group = patients["race"].to_numpy()[enc["patient_index"].to_numpy()] == BIAS_GROUP["race"]
+        logit = logit + np.where(group, UNMEASURED_RISK_LOGIT, 0.0)
     risk = 1 / (1 + np.exp(-logit))
     died = rng.random(m) < risk
     return {"severity": sev, "trend": trend, "true": t, "risk": risk, "died": died}
@@ -475,7 +484,7 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
     rng = np.random.default_rng(cfg.seed)
     patients = _patients(cfg, rng)
     enc = _encounters(cfg, patients, rng)
-    phys = _physiology(enc, patients, rng)
+    phys = _physiology(enc, patients, rng, scenario=cfg.scenario)
     enc = _stay_times(enc, phys, rng)
     black = patients["race"].to_numpy()[enc["patient_index"].to_numpy()] == BIAS_GROUP["race"]
     labs = _labs(cfg, enc, phys, black, rng)
@@ -582,6 +591,8 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
             "mechanisms": [
                 {"kind": "under_measurement", "name": "lactate", "draw_rate_factor": 1 / 3},
                 {"kind": "measurement_bias", "name": "spo2", "overread_points": SPO2_OVERREAD},
+                {"kind": "unmeasured_risk", "logit_shift": UNMEASURED_RISK_LOGIT,
+                 "effect": "model under-estimates the group's risk: lower sensitivity, observed/expected above 1"},
             ],
         }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))

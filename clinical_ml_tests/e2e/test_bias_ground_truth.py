@@ -1,0 +1,62 @@
+"""Ground truth of the synthetic `bias` scenario: the injected group is flagged, with a CI excluding parity.
+
+Runs the core lifecycle functions (no Dagster) on a hospital large enough for the group's interval to be
+informative: about 430 validation admissions of the affected group.
+"""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from clinical_ml.core.anonymization import Vault, anonymize_batch
+from clinical_ml.core.fairness import subgroup_table
+from clinical_ml.core.features import build_cohort, build_features, build_labels, patient_grouped_split
+from clinical_ml.core.ingestion import ingest_file
+from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml.core.training import fit_model, operating_threshold, predict_frame, training_frame
+from clinical_ml.core.usecase import load_use_case
+from clinical_ml_tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+SOURCES = ("patients", "encounters", "labs", "vitals")
+
+
+def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
+    h = generate_hospital(tmp_path, SyntheticConfig(n_patients=8000, n_batches=3, seed=7, scenario="bias"))
+    group = h.manifest["bias"]["group"]["race"]
+    vault, pats, encs, evs = Vault.empty(), [], [], []
+    for b in h.batch_ids:
+        raw = {s: ingest_file(tmp_path / b / f"{s}.csv", s).accepted for s in SOURCES}
+        out = anonymize_batch(**raw, vault=vault, batch_id=b, rng=np.random.default_rng(1))
+        vault = out.vault
+        pats.append(out.patients)
+        encs.append(out.encounters)
+        evs.append(out.events)
+    uc = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
+    cohort, _ = build_cohort(pl.concat(encs), pl.concat(pats), uc)
+    feats = build_features(pl.concat(evs), cohort, uc)
+    splits = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=1)
+    frame = training_frame(feats, build_labels(cohort), splits)
+    model, _ = fit_model(frame, uc)
+    preds = predict_frame(model, frame.filter(pl.col("split").is_in(["tuning", "held_out"])), cohort)
+    threshold = operating_threshold(preds, uc)
+    val = preds.filter(pl.col("split") == "held_out")
+    analysis = subgroup_table(
+        val["label"].cast(pl.Int8).to_numpy(),
+        val["risk"].to_numpy(),
+        threshold,
+        {a: val[a].fill_null("Unknown").to_numpy() for a in ("sex", "race_ethnicity", "age_band")},
+        intersections=False,
+        n_boot=300,
+    )
+    row = next(r for r in analysis.rows if r.attribute == "race_ethnicity" and r.group == group)
+    oe, lower, _upper = row.metrics["observed_expected_ratio"]
+    assert lower > 1.0 and oe > 1.0  # more deaths than predicted: the 95% CI excludes parity
+    assert row.p_values["observed_expected_ratio"] < 0.05
+    others = [
+        r
+        for r in analysis.rows
+        if r.attribute == "race_ethnicity" and r.group != group and not r.suppressed and r.n >= 200
+    ]
+    assert others, "the comparison needs other groups of adequate size"
+    assert all(r.metrics["observed_expected_ratio"][1] <= 1.0 for r in others)
