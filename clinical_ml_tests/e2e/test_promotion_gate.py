@@ -13,7 +13,7 @@ from clinical_ml.core.storage import read_json
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
-from clinical_ml.defs.usecase.training import GATE_CHECKS
+from clinical_ml.defs.usecase.training import GATE_CHECKS, refused_by_gate_only
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_worl
     ).write_parquet(uc_dir / "labels.parquet")
     bad = _retrain(defs, instance)
 
-    assert not bad.success
+    assert not bad.success and refused_by_gate_only(bad) and not refused_by_gate_only(good)
     failed = _failed(bad)
     assert failed and all(any(f.endswith(n) for n in GATE_CHECKS.values()) for f in failed)
     assert any(f.endswith(GATE_CHECKS["non_inferiority"]) for f in failed)

@@ -30,6 +30,15 @@ GATE_CHECKS = {
 }
 
 
+def refused_by_gate_only(result: dg.ExecuteInProcessResult) -> bool:
+    """True when a run failed only because a promotion gate refused a challenger (the expected outcome for a
+    model that is not better), so callers such as the demo CLI can report "not promoted" instead of a failure."""
+    failed = {e.step_key for e in result.all_events if e.is_step_failure and e.step_key}
+    return bool(failed) and all(
+        any(k.endswith(f"__promotion_decision_{name}") for name in GATE_CHECKS.values()) for k in failed
+    )
+
+
 def _gate_markdown(decision: dict, champion_now: str | None) -> str:
     verdict = "Promoted" if decision["promoted"] else "Not promoted"
     rows = "".join(
