@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import polars as pl
 
 from clinical_ml.core.explain import top_reasons
 from clinical_ml.core.modeling import TrainedModel
@@ -134,6 +135,19 @@ class Scorer:
                 )
             )
         return out
+
+
+def score_rows(scorer: Scorer, rows: pl.DataFrame, *, n_reasons: int = 3) -> list[Score]:
+    """``score(patient_rows)``: score feature rows (a frame with the model's feature columns, any order,
+    as written by ``patient_features``); a column the model needs and the frame lacks counts as missing."""
+    names = scorer.model.feature_names
+    x = rows.select(
+        [
+            pl.col(n).cast(pl.Float64) if n in rows.columns else pl.lit(None, dtype=pl.Float64).alias(n)
+            for n in names
+        ]
+    ).to_numpy()
+    return scorer.score(x.astype(np.float64), n_reasons=n_reasons)
 
 
 def abstention_rate(scores: list[Score]) -> float:

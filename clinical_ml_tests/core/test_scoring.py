@@ -11,6 +11,7 @@ from clinical_ml.core.scoring import (
     Guardrails,
     Scorer,
     abstention_rate,
+    score_rows,
     scoring_latency_ms,
 )
 from clinical_ml.core.training import training_ranges
@@ -92,3 +93,15 @@ def test_latency_measurement_reports_percentiles(fitted):
     model, x, ranges = fitted
     lat = scoring_latency_ms(Scorer(model, 0.5, ranges, Guardrails()), x[:10], repeats=30, warmup=2)
     assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+
+
+def test_score_rows_takes_a_feature_frame_in_any_column_order(fitted):
+    import polars as pl
+
+    model, x, ranges = fitted
+    scorer = Scorer(model, 0.3, ranges, Guardrails())
+    frame = pl.DataFrame(x[:5], schema=NAMES).select(list(reversed(NAMES))).drop(NAMES[5])
+    by_frame = score_rows(scorer, frame)
+    expected = x[:5].copy()
+    expected[:, 5] = np.nan
+    assert [s.risk for s in by_frame] == [s.risk for s in scorer.score(expected)]
