@@ -155,7 +155,8 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
     t = pl.col("t_h")
     v = pl.col("v")
     exprs = {
-        "last": v.sort_by(t).last(),
+        # ties at the latest time (same charted minute) resolve to the highest value, whatever the row order
+        "last": v.sort_by(t, v).last(),
         "min": v.min(),
         "max": v.max(),
         "mean": v.mean(),
