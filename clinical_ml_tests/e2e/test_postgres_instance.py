@@ -21,6 +21,7 @@ import dagster as dg
 import pytest
 
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml_tests.conftest import failed_steps, promotion_gate_steps
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +200,20 @@ def test_full_graph_on_postgres_with_concurrent_runs_and_multiprocess_steps(pg_i
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
     assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
 
+    # Set each pool's limit once before runs start, as a deployment does with `dagster instance concurrency
+    # set <pool> 1`. Left to the default limit, concurrent runs that first meet a pool race to create its row,
+    # and dagster-postgres 0.29 fails the losers (UniqueViolation, then InFailedSqlTransaction: dagster-io/
+    # dagster#33552, seen here when three runs started at once on a fresh database).
+    pools = {
+        n.definition.pool
+        for job in (ingestion_job(), lifecycle_job())
+        for n in job.graph.nodes
+        if getattr(n.definition, "pool", None)
+    }
+    assert {"landing_ledger", "pseudonym_vault"} <= pools
+    for pool in pools:
+        instance.event_log_storage.set_concurrency_slots(pool, 1)
+
     hospital = generate_hospital(data_root / "landing", HOSPITAL)
     batches = list(hospital.batch_ids)
     instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, batches)
@@ -210,8 +225,10 @@ def test_full_graph_on_postgres_with_concurrent_runs_and_multiprocess_steps(pg_i
     assert all(ok for _, ok in outcomes), "a partition run failed"
 
     life = dg.execute_job(dg.reconstructable(lifecycle_job), instance, run_config={**MULTIPROCESS, **QUIET})
-    failed = [e.step_key for e in life.all_events if e.is_step_failure]
-    assert life.success, f"lifecycle_job failed at steps {failed}"
+    # As in the other end-to-end tests: a challenger refused by the promotion gate fails its blocking checks
+    # (and only those) on purpose; anything else failing is an error.
+    failed = failed_steps(life)
+    assert life.success or failed <= promotion_gate_steps(_definitions()), failed
 
     all_runs = [*ingest_runs, life.run_id]
     assert _lock_errors(instance, all_runs) == []
@@ -237,9 +254,7 @@ def test_full_graph_on_postgres_with_concurrent_runs_and_multiprocess_steps(pg_i
     # Every partition of every batch asset and every lifecycle asset is recorded in PostgreSQL.
     for key in ("raw_vitals", "landing_ledger", "anonymized_events"):
         assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(batches)
-    reports = data_root / "reports"
-    assert {p.name for p in reports.glob("*/*.html")} >= {
-        "performance_report.html",
-        "subcohort_fairness_report.html",
-        "feature_drift_report.html",
-    }
+    reports = {p.name for p in (data_root / "reports").glob("*/*.html")}
+    assert "performance_report.html" in reports
+    if life.success:
+        assert reports >= {"subcohort_fairness_report.html", "feature_drift_report.html"}
