@@ -218,25 +218,19 @@ _VITAL = ("code", "charted_time", "stored_time", "VITAL//")
 def _measurements(
     events: pl.DataFrame, keys: pl.DataFrame, spec: tuple[str, ...], *, on: str
 ) -> pl.LazyFrame:
-    """Lab or vital rows with their admission's pseudonyms and shift, in MEDS form, in one lazy pass.
+    """Lab or vital rows joined to their admission's pseudonyms and shift, in MEDS form, in one lazy pass.
 
-    The admission is looked up by casting the encounter number to an enum of the batch's admissions and
-    gathering from ``keys``: as fast as a hash join here, but it keeps the delivered row order, so the same
-    batch always gives the same file (and data version). The MEDS code is gathered the same way from the
-    few distinct prefixed codes: a code longer than 12 bytes would otherwise cost one allocation per event.
+    The MEDS code is gathered from the few distinct prefixed codes instead of concatenated row by row: a
+    code longer than 12 bytes would otherwise cost one string allocation per event. Row order follows the
+    parallel hash join (not the delivery): the MEDS writer sorts each shard.
     """
     code, at, available, prefix = spec
-    keys = keys.filter(pl.col(on).is_not_null())
-    slot = pl.col("encounter_id").cast(pl.Enum(keys[on].to_list()), strict=False).to_physical()
     distinct = events[code].drop_nulls().unique().sort()
     meds_code = pl.lit(prefix + distinct).gather(pl.col(code).cast(pl.Enum(distinct.to_list())).to_physical())
+    right = keys.filter(pl.col(on).is_not_null()).select(on, "subject_id", "hadm_id", "shift_days")
     return (
         events.lazy()
-        .with_columns(slot.alias("_slot"))
-        .filter(pl.col("_slot").is_not_null())
-        .with_columns(
-            pl.lit(keys[c]).gather(pl.col("_slot")).alias(c) for c in ("subject_id", "hadm_id", "shift_days")
-        )
+        .join(right.lazy(), left_on="encounter_id", right_on=on, how="inner")
         .select(
             "subject_id",
             _shift(at).alias("time"),
