@@ -18,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 
+from clinical_ml.core import registry
 from clinical_ml.core.drift import worst_level
 from clinical_ml.core.landing import find_complete_batches
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
@@ -28,8 +29,29 @@ from clinical_ml.defs.monitoring.sensors import retraining_requests
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
+def _approve_first_model(root: Path) -> None:
+    """Demo only (``--approve-first-model``): when the gate refused the first model, record a manual approval
+    as its own decision, with the gate's refusal kept in the log beside it."""
+    for uc_dir in sorted((root / "registry").glob("*")):
+        log = uc_dir / "decisions.jsonl"
+        if registry.champion(root / "registry", uc_dir.name) is None and log.exists():
+            last = json.loads(log.read_text().splitlines()[-1])
+            registry.record_decision(
+                root / "registry",
+                uc_dir.name,
+                registry.PromotionDecision(
+                    True, last["challenger"], None, ("manual approval for the demo; the gate had refused it",)
+                ),
+            )
+
+
 def replay(
-    root: Path, instance: dg.DagsterInstance, *, warmup: int, usecases_dir: Path | None = None
+    root: Path,
+    instance: dg.DagsterInstance,
+    *,
+    warmup: int,
+    usecases_dir: Path | None = None,
+    approve_first_model: bool = False,
 ) -> list[dict]:
     """Run every landed batch in order; returns one line per day (batch, drift level, retrained)."""
     defs = build_definitions(data_root=root, usecases_dir=usecases_dir)
@@ -51,6 +73,8 @@ def replay(
             jobs["lifecycle_job"].execute_in_process(
                 tags={"clinical_ml/retraining_reason": "first champion"}, **run
             )
+            if approve_first_model:
+                _approve_first_model(root)
         if i + 1 <= warmup:
             days.append({"batch_id": b.batch_id, "level": "warmup", "retrained": i + 1 == warmup})
             continue
@@ -79,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift-from-batch", type=int, default=20)
     p.add_argument("--warmup", type=int, default=7)
     p.add_argument(
+        "--approve-first-model",
+        action="store_true",
+        help="demo only: if the gate refuses the first model, approve it manually (recorded as a decision)",
+    )
+    p.add_argument(
         "--usecases-dir",
         help="use case folder (default: ./usecases); e.g. one holding only the "
         "synthetic hospital's icu_mortality_24h.yaml",
@@ -101,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         instance,
         warmup=args.warmup,
         usecases_dir=Path(args.usecases_dir) if args.usecases_dir else None,
+        approve_first_model=args.approve_first_model,
     )
     return 0
 
