@@ -12,7 +12,12 @@ from pathlib import Path
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REAL_DATA_USE_CASES = {"eicu": ("eicu_mortality_24h",), "mimic": ("icu_mortality_24h",)}
+# The use cases written for each kind of data: a use case's codes and gates only make sense on its own source.
+USE_CASES_BY_SOURCE = {
+    "synthetic": ("icu_mortality_24h",),
+    "eicu": ("eicu_mortality_24h",),
+    "mimic": ("icu_mortality_24h",),
+}
 
 
 def _data_root(arg: str | None) -> Path:
@@ -66,6 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from clinical_ml.core.storage import read_json
     from clinical_ml.defs.build import build_definitions
     from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+    from clinical_ml.defs.usecase.training import refused_by_gate_only
 
     root = _data_root(args.data_root)
     started = time.perf_counter()
@@ -98,22 +104,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         if not result.success:
             return 1
-    # A real source runs only the use cases written for it (the synthetic one's gates are not its own).
-    only = REAL_DATA_USE_CASES.get(args.data)
-    selection = (
-        [
-            k
-            for k in defs.resolve_all_asset_keys()
-            if (k.path[0] in only or k.path == ["meds_dataset"])
-            and defs.resolve_assets_def(k).partitions_def is None  # per-batch assets are not the lifecycle's
-        ]
-        if only
-        else None
-    )
-    result = defs.resolve_job_def("lifecycle_job").execute_in_process(
+    # Each source runs only the use cases written for it (another source's codes and gates are not its own).
+    only = USE_CASES_BY_SOURCE[args.data]
+    lifecycle = defs.resolve_job_def("lifecycle_job")
+    selection = [
+        k
+        for k in lifecycle.asset_layer.executable_asset_keys
+        if k.path[0] in only or k.path == ["meds_dataset"]
+    ]
+    result = lifecycle.execute_in_process(
         instance=instance, raise_on_error=False, run_config=quiet, asset_selection=selection
     )
-    if not result.success:
+    if not result.success and not refused_by_gate_only(result):
         print("lifecycle run failed; open the UI (make dev) for the run's logs", file=sys.stderr)
         return 1
     reports = root / "reports"
@@ -132,9 +134,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"operating point: risk >= {ev['threshold']:.3f} -> sensitivity {m['sensitivity']['value']:.2f}, "
             f"specificity {m['specificity']['value']:.2f}, PPV {m['ppv']['value']:.2f}"
         )
-        print(f"promotion: {'promoted to champion' if decision['promoted'] else 'not promoted'}")
-        for name in ("performance_report", "subcohort_fairness_report", "feature_drift_report"):
-            print(f"{name.replace('_', ' ')}: {reports / uc_dir.name / (name + '.html')}")
+        print(
+            f"promotion: {'promoted to champion' if decision['promoted'] else 'not promoted (the gate refused it)'}"
+        )
+        for reason in decision.get("reasons", []):
+            print(f"  - {reason}")
+        for name in (
+            "performance_report",
+            "subcohort_fairness_report",
+            "feature_drift_report",
+            "monitoring_report",
+        ):
+            path = reports / uc_dir.name / (name + ".html")
+            if path.exists():
+                print(f"{name.replace('_', ' ')}: {path}")
+        cards = sorted((reports / uc_dir.name).glob("report_card_*.html"))
+        if cards:
+            print(f"report card: {cards[-1]}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; open the UI with `make dev`")
     if args.json:
         print(json.dumps({k: v["metrics"]["auroc"] for k, v in summary.items()}))

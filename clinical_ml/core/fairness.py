@@ -280,6 +280,7 @@ def _calibration_fit(
     s00: np.ndarray = np.zeros(n_groups)
     s01: np.ndarray = np.zeros(n_groups)
     s11: np.ndarray = np.zeros(n_groups)
+    step = np.zeros((n_groups, 2))
     for _ in range(max_iter):
         eta = np.clip(beta[codes, 0] + beta[codes, 1] * lp, -30, 30)
         mu = 1 / (1 + np.exp(-eta))
@@ -293,13 +294,17 @@ def _calibration_fit(
         with np.errstate(invalid="ignore", divide="ignore"):
             step0 = (s11 * g0 - s01 * g1) / det
             step1 = (s00 * g1 - s01 * g0) / det
-        step = np.nan_to_num(np.column_stack([step0, step1]))
+        # Damped Newton: a group with (quasi-)separation has no finite estimate and would step to
+        # infinity; cap each step and report such groups as NaN instead of overflowing.
+        step = np.clip(np.nan_to_num(np.column_stack([step0, step1]), nan=0.0, posinf=0.0, neginf=0.0), -5, 5)
         beta += step
         if np.abs(step).max() < 1e-7:  # Newton converges quadratically: the error is now ~1e-14
             break
+    unconverged = np.abs(step).max(axis=1) >= 1e-4
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.sqrt(s00 / (s00 * s11 - s01 * s01))
-    return beta[:, 1], se
+    slope = np.where(unconverged, np.nan, beta[:, 1])
+    return slope, np.where(unconverged, np.nan, se)
 
 
 def _oe(y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:

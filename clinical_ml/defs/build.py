@@ -23,6 +23,7 @@ from clinical_ml.defs.usecase.automation import (
     nightly_retraining_schedule,
 )
 from clinical_ml.defs.usecase.factory import build_use_case_assets
+from clinical_ml.resources.pseudonym_secret import anonymization_settings_from_env
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
@@ -62,7 +63,7 @@ def build_definitions(
         schedules=[nightly_retraining_schedule],
         resources={
             "zones": DataZones(root=str(root)),
-            "anonymization": anonymization or AnonymizationSettings(),
+            "anonymization": anonymization or anonymization_settings_from_env(),
             "evaluation": evaluation or EvaluationSettings(),
         },
     )
