@@ -29,7 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 DEFAULT_REPETITIONS = {"small": 3, "default": 1}
-MODULE_TIMEOUT_S = {"small": 900, "default": 3600}
+MODULE_TIMEOUT_S = {"small": 1800, "default": 3600}
 RSS_BUDGET_MB = 4096
 
 
