@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -67,6 +68,15 @@ def _adapt_real_source(data: str, source: str | None, root: Path, *, seed: int) 
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
+    if os.environ.get("DAGSTER_HOME"):
+        return _demo(args, dg.DagsterInstance.get())
+    # Without DAGSTER_HOME the runs go to a throw-away instance whose files are removed on the way out.
+    with tempfile.TemporaryDirectory(prefix="clinical_ml_dagster_") as tmp:
+        return _demo(args, dg.DagsterInstance.ephemeral(tempdir=tmp))
+
+
+def _demo(args: argparse.Namespace, instance) -> int:
+
     from clinical_ml.core.landing import find_complete_batches
     from clinical_ml.core.storage import read_json
     from clinical_ml.defs.build import build_definitions
@@ -83,7 +93,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         generate_hospital(root / "landing", _synth_config(args))
         print(f"synthetic hospital written to {root / 'landing'}")
     defs = build_definitions(data_root=root)
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     batches = find_complete_batches(root / "landing")
     known = set(instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     instance.add_dynamic_partitions(
