@@ -591,8 +591,11 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
             "mechanisms": [
                 {"kind": "under_measurement", "name": "lactate", "draw_rate_factor": 1 / 3},
                 {"kind": "measurement_bias", "name": "spo2", "overread_points": SPO2_OVERREAD},
-                {"kind": "unmeasured_risk", "logit_shift": UNMEASURED_RISK_LOGIT,
-                 "effect": "model under-estimates the group's risk: lower sensitivity, observed/expected above 1"},
+                {
+                    "kind": "unmeasured_risk",
+                    "logit_shift": UNMEASURED_RISK_LOGIT,
+                    "effect": "model under-estimates the group's risk: lower sensitivity, observed/expected above 1",
+                },
             ],
         }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
