@@ -17,7 +17,7 @@ SCENARIO ?= default
 PATIENTS ?= 3000
 BATCHES ?= 5
 
-.PHONY: setup demo dev test lint synth bench clean-data
+.PHONY: setup demo demo-drift dev test lint synth bench clean-data
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -38,6 +38,17 @@ setup: $(VENV)/.synced $(DAGSTER_HOME)/dagster.yaml
 ## subset), mapped by its adapter into data/<DATA>/.
 demo: setup
 	$(VENV)/bin/clinical-ml demo --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES) --data $(or $(DATA),synthetic)
+
+## A month of daily batches with a drift from day 20, replayed day by day through the real jobs into the
+## instance (slow: tens of minutes); then `CLINICAL_ML_DATA_ROOT=data/drift make dev` shows the drift check
+## failing on the right day, the retraining run and the promotion decision.
+demo-drift: setup
+	mkdir -p .tools/usecases-synthetic/monitoring
+	cp usecases/icu_mortality_24h.yaml .tools/usecases-synthetic/
+	cp usecases/monitoring/icu_mortality_24h.yaml .tools/usecases-synthetic/monitoring/
+	CLINICAL_ML_USECASES=.tools/usecases-synthetic $(VENV)/bin/python -m clinical_ml.defs.monitoring.replay \
+		--data-root data/drift --usecases-dir .tools/usecases-synthetic --patients 6000 --batches 30 \
+		--drift-from-batch 20 --approve-first-model
 
 ## Dagster UI (asset graph, runs, reports) with the landing sensor and nightly schedule running.
 dev: setup
