@@ -223,24 +223,10 @@ def render_markdown(report: dict) -> str:
 
 
 def _git() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The code version the results belong to (the same string the model registry records)."""
+    from clinical_ml.core.storage import code_version
+
+    return code_version()
 
 
 def main(argv: list[str] | None = None) -> int:
