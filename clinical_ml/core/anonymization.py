@@ -435,8 +435,3 @@ def k_anonymity(frame: pl.DataFrame, quasi_identifiers: list[str], *, k: int = 5
         "max_prosecutor_risk": 1.0 / int(sizes.min()),  # type: ignore[arg-type]
         "n_classes": sizes.len(),
     }
-
-
-def shift_interval_preserved(a: pl.Series, b: pl.Series, shifted_a: pl.Series, shifted_b: pl.Series) -> bool:
-    """True when every interval b - a equals the shifted interval (used by tests and checks)."""
-    return bool(((b - a) == (shifted_b - shifted_a)).fill_null(True).all())

@@ -84,19 +84,8 @@ def performance_report(
     code_version: str,
 ) -> tuple[str, str]:
     """HTML performance report and its Markdown summary."""
-    crit = use_case.success_criteria.model_dump()
     metrics = evaluation["metrics"]
-    rows = []
-    for key, (name, meaning) in METRIC_MEANINGS.items():
-        minimum = ""
-        if key in _MIN_KEYS:
-            minimum = f"{crit[_MIN_KEYS[key]]:.2f} (lower bound)"
-        elif key == "brier":
-            minimum = f"at most {crit['brier_max']:.2f}"
-        elif key == "calibration_slope":
-            lo, hi = crit["calibration_slope_range"]
-            minimum = f"{lo:.1f} to {hi:.1f}"
-        rows.append({"name": name, "meaning": meaning, "metric": metrics[key], "minimum": minimum})
+    rows = _metric_rows(use_case, metrics)
     op = use_case.operating_point
     policy_words = (
         f"chosen so that at least {op.target:.0%} of deaths are flagged"
