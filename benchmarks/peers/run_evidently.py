@@ -3,6 +3,7 @@
 Prints one JSON line: seconds, the columns Evidently calls drifted."""
 
 import json
+import resource
 import sys
 import time
 
@@ -27,4 +28,5 @@ for m in snapshot.dict()["metrics"]:
         is_p = "p_value" in method or "test" in method.lower()
         if val is not None and thr is not None and ((val < thr) if is_p else (val >= thr)):
             drifted.append(col)
-print(json.dumps({"seconds": seconds, "drifted": sorted(drifted)}))
+peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "drifted": sorted(drifted), "peak_rss_mb": peak_rss_mb}))

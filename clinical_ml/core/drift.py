@@ -8,8 +8,14 @@ Binning and tests (stated in every report)
 - **Chi-square** test of homogeneity on the same bins (numeric columns) or on the categories plus a missing
   category (categorical columns): the reference is a sample too, not a set of exact proportions. Adjacent
   bins are merged until every expected count is at least 10.
-- **KS**: the two-sample Kolmogorov-Smirnov statistic on the observed values (the exact statistic of
-  ``scipy.stats.ks_2samp``, Kolmogorov's asymptotic p-value); PSI alone misses modest mean shifts.
+- **KS**: the two-sample Kolmogorov-Smirnov statistic on the observed values, Kolmogorov's asymptotic p-value;
+  PSI alone misses modest mean shifts. The reference keeps its ECDF at up to ``KS_GRID`` (10,000) of its
+  values: the statistic is exactly ``scipy.stats.ks_2samp``'s when a column has no more distinct values (every
+  derivation cohort of a hospital-sized use case), else within the reference mass between two grid points
+  (at most ~1e-4) below it.
+
+Speed: a reference profile is computed once per champion and holds no row; a batch costs one sort per column
+plus binary searches of the bin edges and the grid in it.
 - **Missingness**: the share of missing values, with a two-proportion z-test.
 
 Levels and multiple testing
@@ -34,6 +40,7 @@ from scipy import special
 PSI_WARN = 0.1
 PSI_ERROR = 0.25
 PSI_FLOOR = 1e-4
+KS_GRID = 10_000  # reference ECDF points kept per column (exact KS when a column has no more distinct values)
 LEVELS = ("ok", "warn", "error")
 
 
@@ -80,18 +87,26 @@ class DriftThresholds:
 
 @dataclass(frozen=True)
 class ColumnReference:
-    """What the tests need from one reference column, computed once."""
+    """What the tests need from one reference column, computed once (small: no row is kept).
+
+    For KS the reference ECDF is kept at a grid of its values: every distinct value when there are at most
+    ``KS_GRID`` of them (the statistic is then exact), else ``KS_GRID`` quantiles (then the statistic is
+    exact at the grid points and within ``ks_resolution``, the largest reference mass between two of them,
+    of the exact one).
+    """
 
     name: str
     kind: str  # numeric | categorical
     n_total: int
-    sorted_values: np.ndarray  # observed values, sorted (numeric)
-    unique_values: np.ndarray  # distinct observed values (numeric)
-    cdf_at_unique: np.ndarray  # reference ECDF at unique_values
+    n_observed: int
+    grid: np.ndarray  # sorted reference values at which its ECDF is known (numeric)
+    cdf_right: np.ndarray  # reference ECDF at grid, F(g)
+    cdf_left: np.ndarray  # reference ECDF just below grid, F(g-)
     edges: np.ndarray  # inner PSI bin edges (numeric)
     counts: np.ndarray  # bin (or category) counts, last entry = missing
     categories: tuple = ()
     mean: float = float("nan")
+    ks_resolution: float = 0.0
 
     @property
     def n_missing(self) -> int:
@@ -132,41 +147,78 @@ class FeatureDrift:
     level: str  # ok | warn | error
 
 
+def _observed_sorted(values: np.ndarray) -> np.ndarray:
+    """Finite values, sorted (NaN and +-inf, i.e. missing, dropped): one sort, no boolean copy."""
+    s = np.sort(np.asarray(values, dtype=np.float64))
+    # sort order: -inf, finite values, +inf, NaN
+    lo, hi = np.searchsorted(s, -np.inf, side="right"), np.searchsorted(s, np.inf, side="left")
+    return s[lo:hi]
+
+
 def _numeric_reference(name: str, values: np.ndarray, n_bins: int) -> ColumnReference:
     v = np.asarray(values, dtype=np.float64)
-    obs = np.sort(v[np.isfinite(v)])
-    if obs.size:
-        edges = np.unique(obs[np.minimum((np.arange(1, n_bins) * obs.size) // n_bins, obs.size - 1)])
+    obs = _observed_sorted(v)
+    n = obs.size
+    if n:
+        edges = np.unique(obs[np.minimum((np.arange(1, n_bins) * n) // n_bins, n - 1)])
         # drop an edge equal to the minimum, so the first bin is never empty by construction
         edges = edges[edges > obs[0]]
-        uniq, idx = np.unique(obs, return_index=True)
-        cdf = np.append(idx[1:], obs.size) / obs.size
-        counts = np.bincount(np.searchsorted(edges, obs, side="right"), minlength=edges.size + 1)
-        mean = float(obs.mean())
+        uniq = obs[np.concatenate([[True], obs[1:] != obs[:-1]])]
+        grid = (
+            uniq if uniq.size <= KS_GRID else np.unique(obs[(np.arange(1, KS_GRID + 1) * n) // KS_GRID - 1])
+        )
+        right = np.searchsorted(obs, grid, side="right") / n
+        left = np.searchsorted(obs, grid, side="left") / n
+        # reference mass strictly between consecutive grid points (zero when the grid is every value)
+        gaps = np.append(left, 1.0) - np.concatenate([[0.0], right])
+        counts = np.diff(np.concatenate([[0], np.searchsorted(obs, edges, side="left"), [n]]))
+        mean, resolution = float(obs.mean()), float(gaps.max())
     else:
-        edges = uniq = cdf = np.zeros(0)
+        edges = grid = right = left = np.zeros(0)
         counts = np.zeros(1, dtype=np.int64)
-        mean = float("nan")
+        mean, resolution = float("nan"), 0.0
     return ColumnReference(
         name=name,
         kind="numeric",
         n_total=v.size,
-        sorted_values=obs,
-        unique_values=uniq,
-        cdf_at_unique=cdf,
+        n_observed=n,
+        grid=grid,
+        cdf_right=right,
+        cdf_left=left,
         edges=edges,
-        counts=np.append(counts, v.size - obs.size).astype(np.int64),
+        counts=np.append(counts, v.size - n).astype(np.int64),
         mean=mean,
+        ks_resolution=resolution,
     )
+
+
+def _category_counts(values: np.ndarray, categories: tuple) -> tuple[np.ndarray, int]:
+    """Counts of each known category, and of values (>= 0) in none of them."""
+    v = np.asarray(values, dtype=np.int64)
+    observed = v[v >= 0]
+    per_code = np.bincount(observed) if observed.size else np.zeros(0, dtype=np.int64)
+    known = np.array([per_code[c] if c < per_code.size else 0 for c in categories], dtype=np.int64)
+    return known, int(observed.size - known.sum())
 
 
 def _categorical_reference(name: str, values: np.ndarray) -> ColumnReference:
     v = np.asarray(values, dtype=np.int64)
     observed = v[v >= 0]
-    cats = tuple(int(c) for c in np.unique(observed))
-    counts = np.array([np.sum(observed == c) for c in cats] + [v.size - observed.size], dtype=np.int64)
+    cats = tuple(int(c) for c in np.flatnonzero(np.bincount(observed))) if observed.size else ()
+    known, _ = _category_counts(v, cats)
     empty = np.zeros(0)
-    return ColumnReference(name, "categorical", v.size, empty, empty, empty, empty, counts, cats)
+    return ColumnReference(
+        name=name,
+        kind="categorical",
+        n_total=v.size,
+        n_observed=observed.size,
+        grid=empty,
+        cdf_right=empty,
+        cdf_left=empty,
+        edges=empty,
+        counts=np.append(known, v.size - observed.size).astype(np.int64),
+        categories=cats,
+    )
 
 
 def reference_profile(
@@ -241,15 +293,25 @@ def chi2_homogeneity_pvalue(
 
 
 def ks_two_sample(col: ColumnReference, cur_sorted: np.ndarray) -> tuple[float, float]:
-    """KS statistic (identical to ``scipy.stats.ks_2samp``) and its asymptotic (Kolmogorov) p-value."""
-    n, m = col.sorted_values.size, cur_sorted.size
+    """Two-sample KS statistic and its asymptotic (Kolmogorov) p-value, from the reference's ECDF grid and
+    the sorted current values: four binary searches per grid point, no pass over the reference rows.
+
+    Exact (identical to ``scipy.stats.ks_2samp``) when the grid holds every distinct reference value; else
+    exact at the grid points and within ``col.ks_resolution`` of the exact statistic (never above it).
+    """
+    n, m = col.n_observed, cur_sorted.size
     if n == 0 or m == 0:
         return float("nan"), float("nan")
-    # the ECDFs differ most at a sample point: check every reference and every current value
-    d_ref = np.abs(col.cdf_at_unique - np.searchsorted(cur_sorted, col.unique_values, side="right") / m)
-    f_ref_at_cur = np.searchsorted(col.sorted_values, cur_sorted, side="right") / n
-    f_cur_at_cur = np.searchsorted(cur_sorted, cur_sorted, side="right") / m
-    d = float(max(d_ref.max(initial=0.0), np.abs(f_ref_at_cur - f_cur_at_cur).max(initial=0.0)))
+    # both ECDFs are right-continuous steps: between two grid points the reference one is flat (exact grid),
+    # so the largest gap is at a grid point or just below one
+    cur_right = np.searchsorted(cur_sorted, col.grid, side="right") / m
+    cur_left = np.searchsorted(cur_sorted, col.grid, side="left") / m
+    d = float(
+        max(
+            np.abs(col.cdf_right - cur_right).max(initial=0.0),
+            np.abs(col.cdf_left - cur_left).max(initial=0.0),
+        )
+    )
     en = n * m / (n + m)
     return d, float(np.clip(special.kolmogorov(np.sqrt(en) * d), 0.0, 1.0))
 
@@ -265,30 +327,24 @@ def _two_proportion_pvalue(k1: int, n1: int, k2: int, n2: int) -> float:
 
 
 def _column_stats(col: ColumnReference, values: np.ndarray) -> dict:
-    th_rows = 1
     if col.kind == "numeric":
-        v = np.asarray(values, dtype=np.float64)
-        obs = np.sort(v[np.isfinite(v)])
-        counts = np.bincount(np.searchsorted(col.edges, obs, side="right"), minlength=col.edges.size + 1)
-        counts = np.append(counts[: col.edges.size + 1], v.size - obs.size)
-        ks_d, ks_p = (
-            ks_two_sample(col, obs) if min(obs.size, col.sorted_values.size) > th_rows else (np.nan,) * 2
-        )
-        mean = float(obs.mean()) if obs.size else float("nan")
-        n_obs, n_total = obs.size, v.size
+        obs = _observed_sorted(values)
+        n_obs, n_total = obs.size, int(np.asarray(values).size)
+        # bin k holds edges[k-1] <= x < edges[k]: counts from binary searches of the edges in sorted values
+        counts = np.diff(np.concatenate([[0], np.searchsorted(obs, col.edges, side="left"), [n_obs]]))
+        counts = np.append(counts, n_total - n_obs)
+        ks_d, ks_p = ks_two_sample(col, obs) if min(n_obs, col.n_observed) > 1 else (np.nan,) * 2
+        mean = float(obs.mean()) if n_obs else float("nan")
     else:
         v = np.asarray(values, dtype=np.int64)
-        cats = np.array(col.categories, dtype=np.int64)
-        known = np.isin(v, cats)
-        counts = np.array(
-            [np.sum(v == c) for c in cats] + [int(np.sum(v < 0))], dtype=np.int64
-        )  # unseen categories are counted as their own bin below
-        unseen = int(np.sum(~known & (v >= 0)))
-        if unseen:
+        known, unseen = _category_counts(v, col.categories)
+        n_total = v.size
+        n_obs = int(known.sum()) + unseen
+        counts = np.append(known, n_total - n_obs)
+        if unseen:  # categories the reference never had are a bin of their own
             counts = np.insert(counts, -1, unseen)
         ks_d = ks_p = float("nan")
         mean = float("nan")
-        n_obs, n_total = int(np.sum(v >= 0)), v.size
     ref_counts = col.counts if counts.size == col.counts.size else np.insert(col.counts, -1, 0)
     return {
         "psi": psi_from_counts(ref_counts, counts),
@@ -307,7 +363,7 @@ def _column_stats(col: ColumnReference, values: np.ndarray) -> dict:
 def _level(s: dict, col: ColumnReference, th: DriftThresholds, n_tests: int) -> tuple[float, bool, str]:
     if s["n_current"] < th.min_rows:
         return 1.0, False, "ok"
-    testable = s["n_observed"] >= th.min_rows and (col.n_total - col.n_missing) >= th.min_rows
+    testable = s["n_observed"] >= th.min_rows and col.n_observed >= th.min_rows
     # each test is paired with its own effect size: significant AND material in the same respect
     tests = [
         (s["chi2_pvalue"], s["psi"] >= th.psi_error),
@@ -342,7 +398,8 @@ def batch_drift(
     profile
         From :func:`reference_profile` (its thresholds apply).
     current
-        The batch's rows x numeric columns, in the profile's numeric column order.
+        The batch's rows x numeric columns, in the profile's numeric column order (column-major, as
+        ``polars.DataFrame.to_numpy`` returns it, reads fastest).
     categorical
         The batch's categorical columns as integer codes (``-1`` = missing), by name.
     n_tests

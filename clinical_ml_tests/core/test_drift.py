@@ -76,3 +76,23 @@ def test_categorical_unseen_category_is_drift():
     prof = reference_profile(np.zeros((3000, 0)), [], categorical={"unit": rng.integers(0, 3, 3000)})
     cur = {"unit": np.where(rng.random(500) < 0.5, 7, rng.integers(0, 3, 500))}
     assert batch_drift(prof, np.zeros((500, 0)), categorical=cur)[0].level == "error"
+
+
+def test_ks_on_a_large_reference_is_within_its_stated_resolution_below_the_exact_statistic():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=60_000)  # more distinct values than the grid keeps
+    b = rng.normal(0.05, 1.0, size=5_000)
+    col = reference_profile(a[:, None], ["x"]).columns[0]
+    assert col.grid.size < np.unique(a).size and col.ks_resolution > 0
+    d, _ = ks_two_sample(col, np.sort(b))
+    exact = stats.ks_2samp(a, b).statistic
+    assert exact - col.ks_resolution - 1e-12 <= d <= exact + 1e-12
+
+
+def test_missing_and_infinite_values_are_missing_and_sorting_keeps_the_rest():
+    ref = np.array([1.0, 2.0, 3.0, 4.0, np.nan] * 40)
+    cur = np.array([1.0, 2.0, np.inf, -np.inf, np.nan] * 40)
+    d = batch_drift(reference_profile(ref[:, None], ["x"]), cur[:, None])[0]
+    assert d.missing_reference == pytest.approx(0.2)
+    assert d.missing_current == pytest.approx(0.6)
+    assert d.mean_current == pytest.approx(1.5)
