@@ -86,6 +86,9 @@ class DeidBatch:
     pseudonym_mode: str = "vault"
     persist_vault: bool = True
     orphan_events: int = 0
+    events_plan: pl.LazyFrame | None = None
+    """Streaming mode (labs and vitals given as LazyFrames): every event of the batch as a lazy plan, to be
+    sunk (``sink_parquet``) rather than held; ``events`` is then empty. ``None`` otherwise."""
 
 
 def _fresh_ids(n: int, taken: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -216,16 +219,23 @@ _VITAL = ("code", "charted_time", "stored_time", "VITAL//")
 
 
 def _measurements(
-    events: pl.DataFrame, keys: pl.DataFrame, spec: tuple[str, ...], *, on: str
+    events: pl.DataFrame | pl.LazyFrame,
+    keys: pl.DataFrame,
+    spec: tuple[str, ...],
+    *,
+    on: str,
+    distinct: pl.Series | None = None,
 ) -> pl.LazyFrame:
     """Lab or vital rows joined to their admission's pseudonyms and shift, in MEDS form, in one lazy pass.
 
     The MEDS code is gathered from the few distinct prefixed codes instead of concatenated row by row: a
     code longer than 12 bytes would otherwise cost one string allocation per event. Row order follows the
-    parallel hash join (not the delivery): the MEDS writer sorts each shard.
+    parallel hash join (not the delivery): the MEDS writer sorts each shard. ``distinct`` (the sorted
+    distinct codes) is computed from ``events`` when not given.
     """
     code, at, available, prefix = spec
-    distinct = events[code].drop_nulls().unique().sort()
+    if distinct is None:
+        distinct = _distinct_codes(events, code)
     meds_code = pl.lit(prefix + distinct).gather(pl.col(code).cast(pl.Enum(distinct.to_list())).to_physical())
     right = keys.filter(pl.col(on).is_not_null()).select(on, "subject_id", "hadm_id", "shift_days")
     return (
@@ -243,6 +253,53 @@ def _measurements(
     )
 
 
+def _distinct_codes(events: pl.DataFrame | pl.LazyFrame, code: str) -> pl.Series:
+    if isinstance(events, pl.DataFrame):
+        return events[code].drop_nulls().unique().sort()
+    return events.select(pl.col(code).drop_nulls().unique().sort()).collect(engine="streaming").to_series()
+
+
+def _streamed_measurements(
+    sources: tuple[tuple[pl.LazyFrame, tuple[str, ...]], ...], keys: pl.DataFrame
+) -> tuple[list[pl.LazyFrame], int]:
+    """The streaming form of the event join: lazy plans that never hold the events, and the orphan count.
+
+    One pass per source over its encounter numbers finds the few spellings that are not the delivered
+    ``_raw`` ones (with their row counts); those that normalize to an admission of the batch are added to
+    the lookup table, so that a single hash join per source gives exactly the rows of the in-memory path
+    (delivered spelling, then normalized spelling); the others, and null encounter numbers, are orphans.
+    """
+    raw_keys = keys["_raw"].drop_nulls().implode()
+    odd = pl.concat(
+        [
+            f.select("encounter_id")
+            .filter(pl.col("encounter_id").is_null() | ~pl.col("encounter_id").is_in(raw_keys))
+            .group_by("encounter_id")
+            .len()
+            for f, _ in sources
+        ]
+    ).collect(engine="streaming")
+    by_norm = keys.unique("encounter_id", keep="first", maintain_order=True).select(
+        "encounter_id", "subject_id", "hadm_id", "shift_days"
+    )
+    respelled = (
+        odd.filter(pl.col("encounter_id").is_not_null())
+        .with_columns(normalize_identifier(pl.col("encounter_id")).alias("_norm"))
+        .join(by_norm.filter(pl.col("encounter_id").is_not_null()), left_on="_norm", right_on="encounter_id")
+    )
+    orphans = int(odd["len"].sum()) - int(respelled["len"].sum())
+    lookup = pl.concat(
+        [
+            keys.select("_raw", "subject_id", "hadm_id", "shift_days"),
+            respelled.select(pl.col("encounter_id").alias("_raw"), "subject_id", "hadm_id", "shift_days"),
+        ]
+    )
+    plans = [
+        _measurements(f, lookup, spec, on="_raw", distinct=_distinct_codes(f, spec[0])) for f, spec in sources
+    ]
+    return plans, orphans
+
+
 def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
     return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key", "_raw"})
 
@@ -251,8 +308,8 @@ def anonymize_batch(
     *,
     patients: pl.DataFrame,
     encounters: pl.DataFrame,
-    labs: pl.DataFrame,
-    vitals: pl.DataFrame,
+    labs: pl.DataFrame | pl.LazyFrame,
+    vitals: pl.DataFrame | pl.LazyFrame,
     vault: Vault,
     batch_id: str,
     max_shift_weeks: int = 52,
@@ -264,7 +321,10 @@ def anonymize_batch(
     Parameters
     ----------
     patients, encounters, labs, vitals
-        Validated raw frames of one batch (any of them may have zero rows).
+        Validated raw frames of one batch (any of them may have zero rows). ``labs`` and ``vitals`` may
+        be LazyFrames (e.g. ``pl.scan_parquet`` of the raw zone): the events are then returned as a lazy
+        plan in ``events_plan``, never held in memory (``events`` is empty), with the same rows and the
+        same ``orphan_events`` as the in-memory path.
     vault
         Random-surrogate mappings so far (vault mode); unused and returned unchanged in HMAC mode.
     batch_id
@@ -331,9 +391,7 @@ def anonymize_batch(
     deid_pat = pat.select(DEID_COLUMNS["patients"])
 
     keys = enc.select("_raw", "encounter_id", "subject_id", "hadm_id", "shift_days").unique("_raw")
-    sources = ((labs, _LAB), (vitals, _VITAL))
-    # The common case looks up the encounter number as delivered: no string work on the event rows.
-    measured = [_measurements(f, keys, spec, on="_raw") for f, spec in sources]
+    streaming = isinstance(labs, pl.LazyFrame) or isinstance(vitals, pl.LazyFrame)
     stay = enc.lazy().select(
         "subject_id",
         "hadm_id",
@@ -385,12 +443,46 @@ def anonymize_batch(
         ],
         how="vertical_relaxed",
     ).collect()
+    if streaming:
+        lazy_sources = ((labs.lazy(), _LAB), (vitals.lazy(), _VITAL))
+        plans, unmatched = _streamed_measurements(lazy_sources, keys)
+        events_plan: pl.LazyFrame | None = pl.concat(
+            [stay_events.lazy(), *plans], how="vertical_relaxed"
+        ).select(DEID_COLUMNS["events"])
+        events = stay_events.select(DEID_COLUMNS["events"]).head(0)
+    else:
+        assert isinstance(labs, pl.DataFrame) and isinstance(vitals, pl.DataFrame)
+        events, unmatched = _measured_in_memory(((labs, _LAB), (vitals, _VITAL)), keys, stay_events)
+        events_plan = None
+    return DeidBatch(
+        patients=deid_pat,
+        encounters=deid_enc,
+        events=events,
+        vault=mapping,
+        dropped_columns=dropped,
+        free_text_dropped=free_text,
+        ages_capped=ages_capped,
+        zip3_restricted=zip_restricted,
+        new_pseudonyms=new_pseudonyms,
+        pseudonym_mode="vault" if hmac_key is None else "hmac",
+        orphan_events=unmatched,
+        persist_vault=hmac_key is None,
+        events_plan=events_plan,
+    )
+
+
+def _measured_in_memory(
+    sources: tuple[tuple[pl.DataFrame, tuple[str, ...]], ...], keys: pl.DataFrame, stay_events: pl.DataFrame
+) -> tuple[pl.DataFrame, int]:
+    """Stay and measurement events in one frame, and how many measurements found no admission."""
+    # The common case looks up the encounter number as delivered: no string work on the event rows.
+    measured = [_measurements(f, keys, spec, on="_raw") for f, spec in sources]
     events = (
         pl.concat([stay_events.lazy(), *measured], how="vertical_relaxed")
         .select(DEID_COLUMNS["events"])
         .collect()
     )
-    unmatched = labs.height + vitals.height - (events.height - stay_events.height)
+    unmatched = sum(f.height for f, _ in sources) - (events.height - stay_events.height)
     if unmatched:
         # Another spelling of the encounter number (case, spaces), or an admission not in this batch.
         respelled = [
@@ -407,20 +499,7 @@ def anonymize_batch(
         extra = pl.concat(respelled, how="vertical_relaxed").select(DEID_COLUMNS["events"]).collect()
         events = pl.concat([events, extra], how="vertical_relaxed")
         unmatched -= extra.height
-    return DeidBatch(
-        patients=deid_pat,
-        encounters=deid_enc,
-        events=events,
-        vault=mapping,
-        dropped_columns=dropped,
-        free_text_dropped=free_text,
-        ages_capped=ages_capped,
-        zip3_restricted=zip_restricted,
-        new_pseudonyms=new_pseudonyms,
-        pseudonym_mode="vault" if hmac_key is None else "hmac",
-        orphan_events=unmatched,
-        persist_vault=hmac_key is None,
-    )
+    return events, unmatched
 
 
 def k_anonymity(frame: pl.DataFrame, quasi_identifiers: list[str], *, k: int = 5) -> dict[str, float]:

@@ -22,7 +22,7 @@ published frames again, independently of the remedy code.
 """
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -102,6 +102,8 @@ class Remedied:
     subjects_withheld: int
     admissions_withheld: int
     events_withheld: int
+    withheld_subjects: pl.Series = field(default_factory=lambda: pl.Series("subject_id", [], dtype=pl.Int64))
+    """The ``subject_id`` of the people withheld (step 3), for :func:`withhold_events` on a lazy plan."""
 
 
 def age_band_expr(age: pl.Expr, edges: tuple[int, ...]) -> pl.Expr:
@@ -259,4 +261,15 @@ def enforce_k_anonymity(
         subjects_withheld=len(withheld),
         admissions_withheld=admissions_in - encounters.height,
         events_withheld=events.height - kept_events.height,
+        withheld_subjects=pl.Series("subject_id", sorted(withheld), dtype=pl.Int64),
     )
+
+
+def withhold_events(events: pl.LazyFrame, remedied: Remedied) -> pl.LazyFrame:
+    """A lazy events plan (``DeidBatch.events_plan``) without the events of the people ``remedied`` withheld.
+
+    ``enforce_k_anonymity`` needs only the patients and admissions to decide; the events follow.
+    """
+    if remedied.withheld_subjects.len() == 0:
+        return events
+    return events.filter(~pl.col("subject_id").is_in(remedied.withheld_subjects.implode()))

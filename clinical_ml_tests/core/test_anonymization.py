@@ -351,3 +351,47 @@ def test_the_same_batch_gives_the_same_events():
     key = ["subject_id", "time", "code", "available_time"]
     first = runs[0].events.sort(key)
     assert all(r.events.sort(key).equals(first) for r in runs[1:])
+
+
+def test_streaming_mode_gives_the_same_events_and_orphans_as_the_in_memory_path():
+    from clinical_ml.core.reidentification import RiskPolicy, enforce_k_anonymity, withhold_events
+
+    specs = [
+        {
+            "age_days": 15000 + 400 * i,
+            "admit_min": 30 * i,
+            "stay_h": 40,
+            "lab_offsets_h": [1.0, 2.5],
+            "died": i == 3,
+        }
+        for i in range(12)
+    ]
+    raw = raw_frames(_people(specs))
+    labs = raw["labs"]
+    raw["labs"] = pl.concat(
+        [
+            labs.with_columns(pl.col("encounter_id").str.to_lowercase()),  # another source's spelling
+            labs.head(2).with_columns(pl.lit(" e99999").alias("encounter_id")),  # not in this batch
+            labs.head(1).with_columns(pl.lit(None, dtype=pl.String).alias("encounter_id")),
+        ]
+    )
+    mem = anonymize_batch(**raw, vault=Vault.empty(), batch_id="b1", rng=np.random.default_rng(4))
+    lazy_raw = raw | {"labs": raw["labs"].lazy(), "vitals": raw["vitals"].lazy()}
+    streamed = anonymize_batch(**lazy_raw, vault=Vault.empty(), batch_id="b1", rng=np.random.default_rng(4))
+    assert mem.events_plan is None and streamed.events_plan is not None and streamed.events.height == 0
+    assert streamed.orphan_events == mem.orphan_events == 3
+    key = ["subject_id", "time", "code", "available_time", "numeric_value"]
+    got = streamed.events_plan.collect()
+    assert got.schema == mem.events.schema and got.height == mem.events.height > 0
+    assert got.sort(key).equals(mem.events.sort(key))
+    policy = RiskPolicy(k=20)  # more than the batch's people: everyone is withheld
+    a = enforce_k_anonymity(
+        patients=mem.patients, encounters=mem.encounters, events=mem.events, policy=policy
+    )
+    b = enforce_k_anonymity(
+        patients=streamed.patients, encounters=streamed.encounters, events=streamed.events, policy=policy
+    )
+    assert a.subjects_withheld == int(b.withheld_subjects.len()) == 12
+    kept = withhold_events(streamed.events_plan, b).collect()
+    assert kept.height == a.events.height < got.height
+    assert kept.sort(key).equals(a.events.sort(key))
