@@ -143,3 +143,82 @@ def test_hmac_mode_without_a_secret_fails_before_reading_any_data(landed):
     while error is not None:
         message, error = message + error.message, error.cause
     assert "CLINICAL_ML_PSEUDONYM_KEY" in message and "no default" in message.lower()
+
+
+def test_a_ranged_run_gates_each_batch_on_its_own(tmp_path, monkeypatch):
+    """A backfill run over several batches (BackfillPolicy) releases exactly what one run per batch would:
+    the batch that fails k-anonymity is withheld, the others are released, each batch is recorded with its
+    own figures, and the run's blocking check fails naming that batch only."""
+    h = generate_hospital(tmp_path / "landing", SyntheticConfig(n_patients=600, n_batches=3, seed=6))
+    batches, held = h.batch_ids, h.batch_ids[1]
+    real_remedy = anon.enforce_k_anonymity
+
+    def remedy_all_but_one(*, patients, encounters, events, policy) -> Remedied:
+        if encounters.height and encounters["batch_id"][0] == held:
+            return _no_remedy(patients=patients, encounters=encounters, events=events, policy=policy)
+        return real_remedy(patients=patients, encounters=encounters, events=events, policy=policy)
+
+    monkeypatch.setattr(anon, "enforce_k_anonymity", remedy_all_but_one)
+    roots = {"ranged": tmp_path / "ranged", "single": tmp_path / "single"}
+    for root in roots.values():
+        root.mkdir()
+        (root / "landing").symlink_to(tmp_path / "landing", target_is_directory=True)
+        for b in batches:
+            _stage_raw(root, b)
+    resources = {"anonymization": AnonymizationSettings(pseudonym_seed=3)}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, batches)
+        ranged = dg.materialize(
+            [anon.anonymized_cohort],
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": batches[0],
+                "dagster/asset_partition_range_end": batches[-1],
+            },
+            resources={**resources, "zones": DataZones(root=str(roots["ranged"]))},
+            raise_on_error=False,
+        )
+        singles = [
+            dg.materialize(
+                [anon.anonymized_cohort],
+                partition_key=b,
+                instance=instance,
+                resources={**resources, "zones": DataZones(root=str(roots["single"]))},
+                raise_on_error=False,
+            )
+            for b in batches
+        ]
+    assert [s.success for s in singles] == [b != held for b in batches]
+    assert not ranged.success  # the failed blocking check fails the run's step, as for the one batch
+
+    meta = {
+        (e.asset_key.to_user_string(), e.partition): e.event_specific_data.materialization.metadata
+        for e in ranged.get_asset_materialization_events()
+    }
+    assert set(meta) == {(f"anonymized_{t}", b) for t in TABLES for b in batches}
+    for t in TABLES:
+        for b in batches:
+            assert meta[(f"anonymized_{t}", b)]["released"].value is (b != held)
+            assert (meta[(f"anonymized_{t}", b)]["dagster/row_count"].value > 0) is (b != held)
+    assert meta[("anonymized_encounters", held)]["k_min"].value < 5
+    assert all(meta[("anonymized_encounters", b)]["k_min"].value >= 5 for b in batches if b != held)
+
+    checks = {(e.asset_key.to_user_string(), e.check_name): e for e in ranged.get_asset_check_evaluations()}
+    assert len(checks) == len(ranged.get_asset_check_evaluations())  # one result per check for the run
+    for t in TABLES:
+        gate = checks[(f"anonymized_{t}", "k_anonymity_meets_minimum")]
+        assert gate.passed is False and gate.metadata["batches_failed"].value == [held]
+        assert gate.metadata["failures"].value[held]["k_min"] < 5
+        assert checks[(f"anonymized_{t}", "no_direct_identifiers")].passed is True
+
+    # what was released, withheld and pseudonymized is what one run per batch gives
+    for t in TABLES:
+        for b in batches:
+            paths = [root / "deid" / t / f"{b}.parquet" for root in roots.values()]
+            assert [p.exists() for p in paths] == [b != held] * 2
+            if b != held:  # row order is not part of the contract (the MEDS writer sorts)
+                ranged_rows, single_rows = (pl.read_parquet(p).sort(pl.all()) for p in paths)
+                same = ranged_rows.equals(single_rows)
+                assert same, f"{t} of batch {b} differs between the ranged run and the single runs"
+    for root in roots.values():
+        assert read_json(root / "deid" / "privacy" / f"{held}.json")["released"] is False

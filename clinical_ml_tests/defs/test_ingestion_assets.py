@@ -94,3 +94,66 @@ def test_unchanged_input_keeps_its_data_versions(delivered):
             )
         assert versions[0] == versions[1]
         assert len(set(versions[0].values())) == 4
+
+
+RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+
+
+def test_a_ranged_run_ingests_each_batch_on_its_own(tmp_path):
+    """A backfill run over several batches (BackfillPolicy): one materialization per batch with that batch's
+    own figures, the quarantined file of one batch fails the check for that batch only, one ledger entry per
+    file of every batch."""
+    h = generate_hospital(tmp_path / "landing", SyntheticConfig(n_patients=90, n_batches=3, seed=7))
+    batches, bad = h.batch_ids, h.batch_ids[1]
+    labs = tmp_path / "landing" / bad / "labs.csv"
+    labs.write_bytes(labs.read_bytes()[:-25])  # cut mid-row
+    write_completion_marker(tmp_path / "landing" / bad)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, batches)
+        result = dg.materialize(
+            raw_assets,
+            instance=instance,
+            tags=dict(zip(RANGE_TAGS, (batches[0], batches[-1]), strict=True)),
+            resources={"zones": DataZones(root=str(tmp_path))},
+            raise_on_error=False,
+        )
+        assert result.success  # delivered_file_accepted is not blocking: the batch's other sources proceed
+        assert len({r.run_id for r in instance.get_runs()}) == 1
+        meta = {
+            (e.asset_key.to_user_string(), e.partition): e.event_specific_data.materialization.metadata
+            for e in result.get_asset_materialization_events()
+        }
+        assert set(meta) == {(f"raw_{s}", b) for s in SOURCES for b in batches} | {
+            ("landing_ledger", b) for b in batches
+        }
+        for b in batches:
+            status = meta[("raw_labs", b)]["status"].value
+            assert status == ("quarantined" if b == bad else "accepted")
+            assert meta[("raw_labs", b)]["batches_in_run"].value == 3
+            assert meta[("raw_vitals", b)]["dagster/row_count"].value > 0
+        assert meta[("raw_labs", bad)]["reason_code"].value == "truncated_file"
+        assert meta[("raw_labs", bad)]["dagster/row_count"].value == 0
+        # each batch's own figures, not one copy for the range
+        assert len({meta[("raw_vitals", b)]["sha256"].value for b in batches}) == 3
+
+        checks = {
+            (e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()
+        }
+        accepted = checks[("raw_labs", "delivered_file_accepted")]
+        assert accepted.passed is False
+        assert accepted.metadata["batches_failed"].value == [bad]
+        assert accepted.metadata["failures"].value[bad]["reason_code"] == "truncated_file"
+        assert bad in (accepted.description or "")
+        for s in ("patients", "encounters", "vitals"):
+            assert checks[(f"raw_{s}", "delivered_file_accepted")].passed is True
+        assert checks[("landing_ledger", "every_row_accounted_for")].passed is True
+        assert checks[("landing_ledger", "every_row_accounted_for")].metadata["batches"].value == 3
+
+    for b in batches:
+        ledger = read_ledger(tmp_path / "archive" / "ledger.duckdb", batch_id=b)
+        assert dict(zip(ledger["source"], ledger["status"], strict=True)) == {
+            "patients": "accepted",
+            "encounters": "accepted",
+            "labs": "quarantined" if b == bad else "accepted",
+            "vitals": "accepted",
+        }

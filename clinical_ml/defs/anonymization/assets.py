@@ -12,7 +12,8 @@ from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.reidentification import RiskPolicy, enforce_k_anonymity, measure_risk, quasi_identifiers
 from clinical_ml.core.storage import code_version, write_json, write_parquet
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
-from clinical_ml.resources.pseudonym_secret import hmac_key_for
+from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result
+from clinical_ml.resources.pseudonym_secret import HmacKey, hmac_key_for
 from clinical_ml.resources.settings import AnonymizationSettings
 from clinical_ml.resources.zones import DataZones
 
@@ -149,13 +150,34 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
         )
     ],
     partitions_def=batch_partitions,
+    backfill_policy=BATCH_BACKFILL_POLICY,
     pool="pseudonym_vault",
 )
 def anonymized_cohort(
     context: dg.AssetExecutionContext, zones: DataZones, anonymization: AnonymizationSettings
 ):
-    batch_id = context.partition_key
     key = hmac_key_for(anonymization)
+    batches = context.partition_keys
+    # Batch by batch, in order (the vault grows with each), each gated on its own: a batch that fails a check
+    # is withheld whatever else the run holds (see clinical_ml.defs.ingestion.ranges for runs of many).
+    per_batch = {b: _anonymize_batch(context, zones, anonymization, key, b) for b in batches}
+    for table, asset_key in DEID_TABLES.items():
+        if len(batches) == 1:
+            (outcome,) = (o[table] for o in per_batch.values())
+            yield dg.MaterializeResult(asset_key=asset_key, metadata=dict(outcome.metadata))
+            yield from outcome.checks
+        else:
+            yield batch_result(context, {b: o[table] for b, o in per_batch.items()}, asset_key=asset_key)
+
+
+def _anonymize_batch(
+    context: dg.AssetExecutionContext,
+    zones: DataZones,
+    anonymization: AnonymizationSettings,
+    key: HmacKey | None,
+    batch_id: str,
+) -> dict[str, BatchOutcome]:
+    """Anonymize, remedy, gate and (when it passes) release one batch; what each table reports."""
     raw = {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")}
     policy = _policy(anonymization)
     result = anonymize_batch(
@@ -216,14 +238,14 @@ def anonymized_cohort(
         "free_text_removed": result.free_text_dropped,
     }
     write_json(risk_record, zones.deid / "privacy" / f"{batch_id}.json")
+    outcomes = {}
     for table, frame in frames.items():
         target = zones.deid / table / f"{batch_id}.parquet"
         if release:
             write_parquet(frame, target)
         else:
             target.unlink(missing_ok=True)  # a failed re-run must not leave an older release behind
-        yield dg.MaterializeResult(
-            asset_key=DEID_TABLES[table],
+        outcomes[table] = BatchOutcome(
             metadata={
                 "dagster/row_count": frame.height if release else 0,
                 "dagster/column_schema": _table_schema(frame),
@@ -242,45 +264,48 @@ def anonymized_cohort(
                 "race_generalized": remedied.race_generalized,
                 "report": dg.MetadataValue.md(summary),
             },
-        )
-        yield dg.AssetCheckResult(
-            asset_key=DEID_TABLES[table],
-            check_name="no_direct_identifiers",
-            passed=not leaks[table],
-            metadata={
-                "problems": dg.MetadataValue.json(leaks[table]),
-                "columns": dg.MetadataValue.json(frame.columns),
-            },
-        )
-        yield dg.AssetCheckResult(
-            asset_key=DEID_TABLES[table],
-            check_name="k_anonymity_meets_minimum",
-            passed=published.meets(policy.k),
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={
-                "k_min": published.k_min if published.k_min is not None else 0,
-                "k_required": policy.k,
-                "records": published.records,
-                "share_below_k": published.share_below_k,
-                "max_prosecutor_risk": published.max_prosecutor_risk,
-                "subjects_withheld": remedied.subjects_withheld,
-            },
-        )
-        yield dg.AssetCheckResult(
-            asset_key=DEID_TABLES[table],
-            check_name="suppression_within_limit",
-            passed=withheld_share <= anonymization.max_withheld_share,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "withheld_share": withheld_share,
-                "max_withheld_share": anonymization.max_withheld_share,
-                "subjects_withheld": remedied.subjects_withheld,
-            },
+            checks=[
+                dg.AssetCheckResult(
+                    asset_key=DEID_TABLES[table],
+                    check_name="no_direct_identifiers",
+                    passed=not leaks[table],
+                    metadata={
+                        "problems": dg.MetadataValue.json(leaks[table]),
+                        "columns": dg.MetadataValue.json(frame.columns),
+                    },
+                ),
+                dg.AssetCheckResult(
+                    asset_key=DEID_TABLES[table],
+                    check_name="k_anonymity_meets_minimum",
+                    passed=published.meets(policy.k),
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={
+                        "k_min": published.k_min if published.k_min is not None else 0,
+                        "k_required": policy.k,
+                        "records": published.records,
+                        "share_below_k": published.share_below_k,
+                        "max_prosecutor_risk": published.max_prosecutor_risk,
+                        "subjects_withheld": remedied.subjects_withheld,
+                    },
+                ),
+                dg.AssetCheckResult(
+                    asset_key=DEID_TABLES[table],
+                    check_name="suppression_within_limit",
+                    passed=withheld_share <= anonymization.max_withheld_share,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "withheld_share": withheld_share,
+                        "max_withheld_share": anonymization.max_withheld_share,
+                        "subjects_withheld": remedied.subjects_withheld,
+                    },
+                ),
+            ],
         )
     context.log.info(
         f"batch {batch_id}: {remedied.encounters.height} admissions, k = {published.k_min}, "
         f"{remedied.subjects_withheld} patients withheld, released = {release}"
     )
+    return outcomes
 
 
 @dg.asset(

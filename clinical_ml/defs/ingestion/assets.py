@@ -18,6 +18,7 @@ from clinical_ml.core.landing import fingerprint, read_batch, read_unmarked_batc
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
+from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result
 from clinical_ml.resources.zones import DataZones
 
 SOURCE_DESCRIPTIONS = {
@@ -92,6 +93,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
         deps=[f"raw_{u}" for u in UPSTREAM[source]],
         group_name=Stage.INGESTION,
         partitions_def=batch_partitions,
+        backfill_policy=BATCH_BACKFILL_POLICY,
         kinds={"polars", "parquet"},
         owners=ML_OWNERS,
         tags=tags(DataClass.PHI),
@@ -111,7 +113,9 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
         ],
     )
     def _raw(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
-        batch_id = context.partition_key
+        return batch_result(context, {b: _ingest(context, zones, b) for b in context.partition_keys})
+
+    def _ingest(context: dg.AssetExecutionContext, zones: DataZones, batch_id: str) -> BatchOutcome:
         paths = zone_paths(zones)
         batch, upstream_versions = batch_context(paths, source, batch_id)
         outcome, accepted = process_file(
@@ -151,10 +155,10 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
             metadata["reason_code"] = outcome.reason_code
         if outcome.quarantined_as:
             metadata["quarantined_as"] = outcome.quarantined_as
-        return dg.MaterializeResult(
+        return BatchOutcome(
             metadata=metadata,
-            data_version=dg.DataVersion(outcome.data_version),
-            check_results=_checks(source, outcome, accepted),
+            checks=_checks(source, outcome, accepted),
+            data_version=outcome.data_version,
         )
 
     return _raw
@@ -189,6 +193,7 @@ def _batch_problems(zones: DataZones, batch_id: str) -> list[dict]:
     deps=[a.key for a in raw_assets],
     group_name=Stage.INGESTION,
     partitions_def=batch_partitions,
+    backfill_policy=BATCH_BACKFILL_POLICY,
     kinds={"duckdb"},
     owners=ML_OWNERS,
     tags=tags(DataClass.AGGREGATE),
@@ -205,7 +210,10 @@ def _batch_problems(zones: DataZones, batch_id: str) -> list[dict]:
     ],
 )
 def landing_ledger(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
-    batch_id = context.partition_key
+    return batch_result(context, {b: _ledger_batch(zones, b) for b in context.partition_keys})
+
+
+def _ledger_batch(zones: DataZones, batch_id: str) -> BatchOutcome:
     paths = zone_paths(zones)
     entries = [e for s in SOURCE_COLUMNS if (e := read_ledger_entry(paths, batch_id, s)) is not None]
     rejects = {}
@@ -217,7 +225,7 @@ def landing_ledger(context: dg.AssetExecutionContext, zones: DataZones) -> dg.Ma
     record_batch(paths.archive / "ledger.duckdb", entries + problems, rejects)
     unaccounted = [e["source"] for e in entries if e["rows_in"] != e["rows_accepted"] + e["rows_rejected"]]
     statuses = {e["source"]: e["status"] for e in entries}
-    return dg.MaterializeResult(
+    return BatchOutcome(
         metadata={
             "files": len(entries),
             "statuses": dg.MetadataValue.json(statuses),
@@ -227,7 +235,7 @@ def landing_ledger(context: dg.AssetExecutionContext, zones: DataZones) -> dg.Ma
             "rows_rejected": sum(e["rows_rejected"] for e in entries),
             "path": "ledger.duckdb",
         },
-        check_results=[
+        checks=[
             dg.AssetCheckResult(
                 check_name="every_row_accounted_for",
                 passed=not unaccounted,
