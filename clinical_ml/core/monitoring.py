@@ -19,7 +19,7 @@ Pieces
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,10 @@ class MonitoringConfig:
         A period is "mature" when at least this share of its admissions have their outcome known.
     retrain_on
         Levels that request retraining (``error`` by default).
+    min_reference_rows
+        After a drift-triggered retraining, the drift reference is the derivation cohort from the batch
+        where the drift began (the accepted new normal) when it has at least this many admissions; else
+        the whole derivation cohort.
     """
 
     drift: DriftThresholds = field(default_factory=DriftThresholds)
@@ -75,6 +79,7 @@ class MonitoringConfig:
     min_matured_share: float = 0.9
     n_bootstrap: int = 200
     retrain_on: tuple[str, ...] = ("error",)
+    min_reference_rows: int = 100
 
 
 def load_monitoring_config(path: Path | str | None) -> MonitoringConfig:
@@ -327,6 +332,15 @@ def monitor_batch(
 # --- labels, performance and its estimate ----------------------------------------------------------
 
 
+def newly_labelled(cohort: pl.DataFrame, *, trained_on: Sequence[str], as_of: date | datetime) -> int:
+    """Admissions whose outcome is known by ``as_of`` and whose batch the model was not trained on: what
+    makes a nightly retraining worth running."""
+    if cohort.height == 0:
+        return 0
+    matured = label_maturity(cohort, as_of=as_of)
+    return int((matured & ~cohort["batch_id"].is_in(list(trained_on))).sum())
+
+
 def label_maturity(cohort: pl.DataFrame, *, as_of: date | datetime) -> pl.Series:
     """True where the outcome window (until discharge or death) has closed by ``as_of``.
 
@@ -334,6 +348,8 @@ def label_maturity(cohort: pl.DataFrame, *, as_of: date | datetime) -> pl.Series
     the batch's delivery date (its id) plus the preserved interval from admission to the end of the stay.
     """
     as_of_dt = as_of if isinstance(as_of, datetime) else datetime.combine(as_of, datetime.min.time())
+    if as_of_dt.tzinfo is not None:  # the data's times are naive UTC
+        as_of_dt = as_of_dt.astimezone(UTC).replace(tzinfo=None)
     end = pl.min_horizontal(
         pl.col("discharge_time"), pl.col("death_time").fill_null(pl.col("discharge_time"))
     )

@@ -362,3 +362,22 @@ def decision_history(root: Path, use_case: str) -> list[dict]:
 def registered_versions(root: Path, use_case: str) -> list[str]:
     d = Path(root) / use_case / "models"
     return sorted(p.name for p in d.iterdir() if (p / "card.json").exists()) if d.exists() else []
+
+
+def refused_drift_retraining(root: Path, use_case: str) -> dict | None:
+    """The newest model retrained because of drift, registered after the current champion and not promoted.
+
+    While one exists, a drift ERROR of the same episode does not request retraining again: the gate has
+    already judged a model trained on the drifted data and refused it; a person looks at the alert, and the
+    nightly schedule retrains when newly labelled admissions arrive. Returns its card, or None.
+    """
+    champ = champion(root, use_case)
+    champ_from = read_card(root, use_case, champ).get("drift_reference_from") if champ else None
+    for version in reversed(registered_versions(root, use_case)):
+        if champ is not None and version <= champ:
+            return None
+        card = read_card(root, use_case, version)
+        episode = card.get("drift_reference_from")
+        if episode and (champ_from is None or episode > champ_from):
+            return card
+    return None

@@ -18,9 +18,9 @@ from clinical_ml.defs.monitoring.sensors import (
 )
 from clinical_ml.defs.usecase.automation import (
     batch_monitoring_job,
+    build_nightly_retraining_schedule,
     feature_refresh_job,
     lifecycle_job,
-    nightly_retraining_schedule,
 )
 from clinical_ml.defs.usecase.factory import build_use_case_assets
 from clinical_ml.resources.pseudonym_secret import anonymization_settings_from_env
@@ -41,7 +41,8 @@ def build_definitions(
     ``./usecases``."""
     root = Path(data_root or os.environ.get("CLINICAL_ML_DATA_ROOT") or PROJECT_ROOT / "data")
     cases_dir = Path(usecases_dir or os.environ.get("CLINICAL_ML_USECASES") or PROJECT_ROOT / "usecases")
-    use_case_assets = [a for uc in load_use_cases(cases_dir) for a in build_use_case_assets(uc)]
+    use_cases = load_use_cases(cases_dir)
+    use_case_assets = [a for uc in use_cases for a in build_use_case_assets(uc)]
     return dg.Definitions(
         assets=[
             *raw_assets,
@@ -55,12 +56,12 @@ def build_definitions(
             landing_sensor,
             features_after_ingestion_sensor,
             batch_monitoring_sensor,
-            build_drift_retraining_sensor(load_use_cases(cases_dir)),
+            build_drift_retraining_sensor(use_cases),
             build_run_failure_alert_sensor(
                 root / "alerts" / "alerts.jsonl", os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")
             ),
         ],
-        schedules=[nightly_retraining_schedule],
+        schedules=[build_nightly_retraining_schedule(use_cases)],
         resources={
             "zones": DataZones(root=str(root)),
             "anonymization": anonymization or anonymization_settings_from_env(),

@@ -33,6 +33,11 @@ DATA_CLASS_TAG = "data_class"
 ML_OWNERS = ["team:clinical-ml"]
 PRIVACY_OWNERS = ["team:privacy-office", "team:clinical-ml"]
 
+# run tags of a retraining run: why it runs, and (drift) the batch where the drift began, which becomes the
+# start of the new model's drift reference once the gate promotes it
+RETRAIN_REASON_TAG = "clinical_ml/retraining_reason"
+DRIFT_FROM_TAG = "clinical_ml/drift_from_batch"
+
 BATCH_PARTITIONS_NAME = "batches"
 batch_partitions = dg.DynamicPartitionsDefinition(name=BATCH_PARTITIONS_NAME)
 

@@ -12,6 +12,7 @@ from clinical_ml.core.monitoring import (
     label_maturity,
     load_monitoring_config,
     monitor_batch,
+    newly_labelled,
     performance_by_period,
     prepare_reference,
     split_columns,
@@ -53,6 +54,22 @@ def test_label_maturity_uses_the_batch_date_and_the_stay_length():
     )
     assert label_maturity(cohort, as_of=date(2026, 1, 7)).to_list() == [True, False]
     assert label_maturity(cohort, as_of=date(2026, 1, 8)).to_list() == [True, True]
+
+
+def test_newly_labelled_counts_matured_admissions_of_batches_the_model_never_saw():
+    admit = datetime(2020, 3, 1)
+    cohort = pl.DataFrame(
+        {
+            "batch_id": ["2026-01-04", "2026-01-05", "2026-01-05", "2026-01-06"],
+            "admit_time": [admit] * 4,
+            "discharge_time": [admit + timedelta(days=d) for d in (1, 1, 9, 1)],
+            "death_time": [None] * 4,
+        }
+    )
+    as_of = date(2026, 1, 7)  # 01-05 + 9 days has not closed; 01-06 + 1 day has
+    assert newly_labelled(cohort, trained_on=["2026-01-04"], as_of=as_of) == 2
+    assert newly_labelled(cohort, trained_on=["2026-01-04", "2026-01-05", "2026-01-06"], as_of=as_of) == 0
+    assert newly_labelled(cohort.head(0), trained_on=[], as_of=as_of) == 0
 
 
 def test_one_hot_groups_become_categoricals():

@@ -138,3 +138,24 @@ def test_pointer_moves_only_by_set_champion_when_recording_without_move(tmp_path
 def test_gate_result_round_trips():
     gate = registry.evaluate_gate(registry.latency_criterion(1.0, slo_ms=10))
     assert registry.GateResult.from_dict(gate.as_dict()) == gate
+
+
+def test_a_refused_drift_retraining_is_remembered_until_a_newer_champion(tmp_path):
+    def reg(version, drift_from=None):
+        registry.register_model(
+            tmp_path, "uc", version, model_text="tree\n", card={"drift_reference_from": drift_from}
+        )
+
+    reg("v1")
+    registry.set_champion(tmp_path, "uc", "v1")
+    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    reg("v2")  # a nightly retraining that was refused is not a drift retraining
+    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    reg("v3", "2026-01-20")  # retrained for the drift of 01-20 and not promoted
+    assert registry.refused_drift_retraining(tmp_path, "uc")["drift_reference_from"] == "2026-01-20"
+    registry.set_champion(tmp_path, "uc", "v3")  # once a model of that episode is champion, nothing pending
+    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    reg("v4", "2026-01-20")  # a later (nightly) model inherits the episode: not a new refused drift retraining
+    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    reg("v5", "2026-02-02")  # a new episode, refused
+    assert registry.refused_drift_retraining(tmp_path, "uc")["drift_reference_from"] == "2026-02-02"

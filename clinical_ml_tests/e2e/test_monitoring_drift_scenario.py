@@ -1,5 +1,6 @@
 """A short drift scenario through the real graph, in process: the batch check fails on the first drifted
-day, retraining is requested and goes through the promotion gate, the stable day's FHIR export validates."""
+day, retraining is requested and goes through the promotion gate, the stable day's FHIR export validates, a
+later run cannot release the held export, and the next drifted day does not retrain again."""
 
 import json
 import shutil
@@ -14,7 +15,7 @@ from clinical_ml.core.landing import find_complete_batches
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
-from clinical_ml.defs.monitoring.sensors import RETRAIN_REASON_TAG, retraining_requests
+from clinical_ml.defs.monitoring.sensors import DRIFT_FROM_TAG, RETRAIN_REASON_TAG, retraining_requests
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
     root = tmp_path / "data"
     hospital = generate_hospital(
         root / "landing",
-        SyntheticConfig(n_patients=1500, n_batches=5, seed=11, scenario="drift", drift_from_batch=4),
+        SyntheticConfig(n_patients=1800, n_batches=6, seed=11, scenario="drift", drift_from_batch=4),
     )
     cases = tmp_path / "usecases"
     cases.mkdir()
@@ -80,10 +81,40 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         # downstream of the failed blocking check, the FHIR export of that day is held
         assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
 
-        requests, _ = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], 0)
+        requests, cursor = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], 0)
         assert len(requests) == 1 and drifted in requests[0].tags[RETRAIN_REASON_TAG]
+        assert requests[0].tags[DRIFT_FROM_TAG] == drifted
+
+        # a later run cannot release what the failed blocking check held
+        export = defs.resolve_job_def("batch_monitoring_job").get_subset(
+            asset_selection={dg.AssetKey([UC, "risk_assessment_export"])}
+        )
+        held = export.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
+        assert not held.success
+        failure = held.get_step_failure_events()[0].step_failure_data.error
+        assert failure is not None and "held" in failure.message
+        assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
+
         decisions_before = len(_decisions(root))
-        lifecycle.execute_in_process(instance=instance, raise_on_error=False)
+        lifecycle.execute_in_process(instance=instance, raise_on_error=False, tags=requests[0].tags)
         assert len(_decisions(root)) == decisions_before + 1
         html = (root / "reports" / UC / "monitoring_report.html").read_text()
         assert drifted in html and "derivation cohort" in html
+        latest = json.loads(_decisions(root)[-1])
+        card = registry.read_card(root / "registry", UC, latest["challenger"])
+        assert card["drift_reference_from"] == drifted
+        assert card["lineage"]["retraining_reason"] == requests[0].tags[RETRAIN_REASON_TAG]
+
+        # the next day is drifted too, but the drift was answered: no second retraining for one episode
+        next_day = hospital.batch_ids[5]
+        ingest(next_day)
+        assert defs.resolve_job_def("feature_refresh_job").execute_in_process(instance=instance).success
+        monitor.execute_in_process(instance=instance, partition_key=next_day, raise_on_error=False)
+        record = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{next_day}.json").read_text())
+        again, _ = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], cursor)
+        assert again == [] and record["retraining_requested"] is False
+        if latest["promoted"]:
+            # the new champion's reference starts at the drift: the new normal is no longer an ERROR
+            assert record["level"] != "error" and f"from batch {drifted}" in record["reference"]
+        else:
+            assert record["level"] == "error" and "refused by the promotion gate" in record["retraining_note"]

@@ -1,6 +1,7 @@
 """The run-failure sensor writes an alert; the monitoring chain's sensors ask for the right runs."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -10,6 +11,8 @@ from clinical_ml.defs.monitoring.sensors import (
     features_after_ingestion_sensor,
     write_alert,
 )
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dg.op
@@ -77,3 +80,65 @@ def test_ingestion_then_features_then_batch_monitoring_are_chained():
         )
         req2 = batch_monitoring_sensor(ctx2)
         assert isinstance(req2, dg.RunRequest) and req2.partition_key == "2026-01-09"
+
+
+def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    import polars as pl
+
+    from clinical_ml.core import registry
+    from clinical_ml.core.usecase import load_use_case
+    from clinical_ml.defs.conventions import RETRAIN_REASON_TAG
+    from clinical_ml.defs.usecase.automation import build_nightly_retraining_schedule
+    from clinical_ml.resources.zones import DataZones
+
+    uc = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
+    zones = DataZones(root=str(tmp_path))
+    schedule = build_nightly_retraining_schedule([uc])
+    night = datetime(2026, 1, 10, 2, tzinfo=UTC)
+
+    def evaluate():
+        with dg.instance_for_test() as instance:
+            ctx = dg.build_schedule_context(
+                instance=instance, scheduled_execution_time=night, resources={"zones": zones}
+            )
+            return schedule.evaluate_tick(ctx)
+
+    assert evaluate().run_requests == []  # no cohort yet: nothing to learn from
+    admit = datetime(2020, 3, 1)
+    cohort = pl.DataFrame(
+        {
+            "batch_id": ["2026-01-05", "2026-01-08"],
+            "admit_time": [admit, admit],
+            "discharge_time": [admit + timedelta(days=1), admit + timedelta(days=1)],
+            "death_time": [None, None],
+        }
+    )
+    out = tmp_path / "deid" / "usecases" / uc.name / "cohort.parquet"
+    out.parent.mkdir(parents=True)
+    cohort.write_parquet(out)
+    first = evaluate().run_requests
+    assert len(first) == 1 and "no champion yet" in first[0].tags[RETRAIN_REASON_TAG]
+
+    registry.register_model(
+        tmp_path / "registry",
+        uc.name,
+        "v1",
+        model_text="t\n",
+        card={"lineage": {"batch_ids": ["2026-01-05"]}},
+    )
+    registry.set_champion(tmp_path / "registry", uc.name, "v1")
+    new = evaluate().run_requests
+    assert len(new) == 1 and "1 newly labelled admissions" in new[0].tags[RETRAIN_REASON_TAG]
+
+    registry.register_model(
+        tmp_path / "registry",
+        uc.name,
+        "v2",
+        model_text="t\n",
+        card={"lineage": {"batch_ids": ["2026-01-05", "2026-01-08"]}},
+    )
+    registry.set_champion(tmp_path / "registry", uc.name, "v2")
+    tick = evaluate()
+    assert tick.run_requests == [] and "no newly labelled" in (tick.skip_message or "")

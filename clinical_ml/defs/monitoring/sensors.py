@@ -9,11 +9,12 @@ from pathlib import Path
 import dagster as dg
 
 from clinical_ml.core.usecase import UseCase
+from clinical_ml.defs.conventions import DRIFT_FROM_TAG, RETRAIN_REASON_TAG
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.usecase.automation import batch_monitoring_job, feature_refresh_job, lifecycle_job
 
 PARTITION_TAG = "dagster/partition"
-RETRAIN_REASON_TAG = "clinical_ml/retraining_reason"
+__all__ = ["DRIFT_FROM_TAG", "RETRAIN_REASON_TAG", "retraining_requests"]
 
 
 @dg.run_status_sensor(
@@ -63,7 +64,10 @@ def retraining_requests(
                 requests.append(
                     dg.RunRequest(
                         run_key=f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}",
-                        tags={RETRAIN_REASON_TAG: f"drift ERROR in batch {batch} ({key.to_user_string()})"},
+                        tags={
+                            RETRAIN_REASON_TAG: f"drift ERROR in batch {batch} ({key.to_user_string()})",
+                            DRIFT_FROM_TAG: str(batch),
+                        },
                     )
                 )
     return requests, newest

@@ -75,17 +75,35 @@ def _frame(paths: UseCasePaths, zones: DataZones) -> pl.DataFrame:
 
 def _reference(
     frame: pl.DataFrame, card: dict, scorer: Scorer, config: MonitoringConfig, exclude_batch: str
-) -> tuple[pl.DataFrame, MonitoringReference]:
+) -> tuple[pl.DataFrame, MonitoringReference, str]:
+    """The champion's derivation cohort (train and tuning patients of the batches it was trained on), from
+    the batch where a drift it was retrained for began when that window is large enough; with a sentence
+    saying which."""
     lineage = card.get("lineage", {}).get("batch_ids") or frame["batch_id"].unique().to_list()
     ref = frame.filter(
         pl.col("split").is_in(["train", "tuning"])
         & pl.col("batch_id").is_in(lineage)
         & (pl.col("batch_id") != exclude_batch)
     )
+    since = card.get("drift_reference_from")
+    described = f"the derivation cohort of model {card.get('version', '?')} ({ref.height} admissions)"
+    if since:
+        recent = ref.filter(pl.col("batch_id") >= since)
+        if recent.height >= config.min_reference_rows:
+            ref = recent
+            described = (
+                f"the derivation cohort of model {card.get('version', '?')} from batch {since}, where the drift "
+                f"it was retrained for began ({ref.height} admissions: the accepted new normal)"
+            )
+        else:
+            described += (
+                f"; only {recent.height} admissions since the drift of {since}, fewer than "
+                f"{config.min_reference_rows}, so the whole cohort is the reference"
+            )
     names = scorer.model.feature_names
     ref = ref.with_columns(pl.Series(PREDICTION_COLUMN, scorer.model.predict(feature_matrix(ref, names))))
     labels = ref["label"].cast(pl.Boolean).fill_null(False).to_numpy()
-    return ref, prepare_reference(ref, names, config=config, labels=labels)
+    return ref, prepare_reference(ref, names, config=config, labels=labels), described
 
 
 def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -157,7 +175,7 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         batch = context.partition_key
         version, card, scorer = _champion(zones, uc)
         frame = _frame(paths, zones)
-        ref_frame, reference = _reference(frame, card, scorer, config, batch)
+        ref_frame, reference, described = _reference(frame, card, scorer, config, batch)
         preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet")).select(
             "hadm_id", PREDICTION_COLUMN
         )
@@ -171,13 +189,33 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             config=config,
             current_labels=matured["label"].to_numpy() if matured.height else None,
         )
-        record = {**result.as_dict(), "model_version": version, "thresholds": config.drift.__dict__}
+        requested, note = result.retraining_requested, ""
+        tried = registry.refused_drift_retraining(zones.registry, uc.name) if requested else None
+        if requested and batch in card.get("lineage", {}).get("batch_ids", []):
+            requested = False
+            note = f"Retraining not requested: the champion ({version}) was already trained on this batch."
+        elif tried is not None:
+            requested = False
+            note = (
+                f"Retraining not requested again: model {tried['version']}, retrained for the drift that began "
+                f"in batch {tried['drift_reference_from']}, was refused by the promotion gate. The check fails "
+                "until a model passes; the nightly schedule retrains when newly labelled admissions arrive."
+            )
+        record = {
+            **result.as_dict(),
+            "retraining_requested": requested,
+            "retraining_note": note,
+            "reference": described,
+            "model_version": version,
+            "thresholds": config.drift.__dict__,
+        }
         write_json(record, paths.deid(zones, f"monitoring/{batch}.json"))
         moved = [d for d in result.features if d.level != "ok"][:10]
         md = (
             f"**Batch {batch}: {result.level.upper()}**"
-            + (" (retraining requested)" if result.retraining_requested else "")
-            + f"\n\n{config.drift.describe()}\n\n| Predictor | PSI | KS | p (min) | Level |\n|---|---|---|---|---|\n"
+            + (" (retraining requested)" if requested else "")
+            + (f"\n\n{note}" if note else "")
+            + f"\n\nReference: {described}.\n\n{config.drift.describe()}\n\n| Predictor | PSI | KS | p (min) | Level |\n|---|---|---|---|---|\n"
             + "".join(
                 f"| {feature_label(d.feature)} | {d.psi:.2f} | {d.ks_statistic:.2f} | {d.p_min:.2g} | {d.level} |\n"
                 for d in moved
@@ -187,7 +225,8 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         yield dg.MaterializeResult(
             metadata={
                 "level": result.level,
-                "retraining_requested": result.retraining_requested,
+                "retraining_requested": requested,
+                "reference": described,
                 "features_drift_error": sum(d.level == "error" for d in result.features),
                 "features_drift_warn": sum(d.level == "warn" for d in result.features),
                 "psi_max": max((d.psi for d in result.features), default=0.0),
@@ -218,6 +257,16 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     )
     def risk_assessment_export(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch = context.partition_key
+        checked = paths.deid(zones, f"monitoring/{batch}.json")
+        drift_level = read_json(checked)["level"] if checked.exists() else None
+        if drift_level != "ok" and drift_level != "warn":
+            # a later run (a manual materialization, a backfill) must not release what the failed blocking
+            # check held: the file written by batch_drift is the record, whatever run wrote it
+            raise dg.Failure(
+                f"FHIR export of batch {batch} held: its drift check "
+                + ("has not run" if drift_level is None else f"is at {drift_level.upper()}")
+                + "; rerun batch_drift for this batch (after retraining, with the new champion) first."
+            )
         preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
         version = preds["model_version"][0] if preds.height else "none"
         card = registry.read_card(zones.registry, uc.name, version) if preds.height else {"threshold": 0.5}

@@ -17,7 +17,14 @@ from clinical_ml.core.reports import md_escape
 from clinical_ml.core.storage import code_version, read_json, write_json, write_parquet
 from clinical_ml.core.training import GateInputs, fit_model, judge_challenger, training_frame
 from clinical_ml.core.usecase import UseCase
-from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
+from clinical_ml.defs.conventions import (
+    DRIFT_FROM_TAG,
+    ML_OWNERS,
+    RETRAIN_REASON_TAG,
+    DataClass,
+    Stage,
+    tags,
+)
 from clinical_ml.defs.usecase.paths import UseCasePaths, load_challenger, sha256_file, use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
@@ -214,7 +221,12 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 "use_case_sha256": uc.source_sha256,
                 "dagster_run_id": context.run.run_id,
                 "champion_at_training": champ_version,
+                "retraining_reason": context.run.tags.get(RETRAIN_REASON_TAG, "manual or scheduled"),
             },
+            # where this model's drift reference starts: the batch of the drift episode it was retrained for,
+            # else inherited from the champion it would replace (None: the whole derivation cohort)
+            "drift_reference_from": context.run.tags.get(DRIFT_FROM_TAG)
+            or (champ_card or {}).get("drift_reference_from"),
         }
         registry.register_model(
             root,
