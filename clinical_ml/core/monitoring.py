@@ -479,6 +479,9 @@ def performance_by_period(
                 "n_labelled": lab.height,
                 "matured_share": share,
                 "status": "mature" if share >= config.min_matured_share else "maturing",
+                "model_versions": sorted(s["model_version"].unique().to_list())
+                if "model_version" in s.columns
+                else [],
                 "estimated": estimator.estimate(risk) if estimator else None,
                 "realised": None,
                 "level": "ok",

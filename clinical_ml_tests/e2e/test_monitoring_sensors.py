@@ -142,3 +142,33 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
     registry.set_champion(tmp_path / "registry", uc.name, "v2")
     tick = evaluate()
     assert tick.run_requests == [] and "no newly labelled" in (tick.skip_message or "")
+
+
+def test_drift_and_performance_errors_request_one_retraining_each_and_only_drift_starts_an_episode():
+    from clinical_ml.defs.conventions import DRIFT_FROM_TAG, RETRAIN_REASON_TAG
+    from clinical_ml.defs.monitoring.sensors import retraining_requests
+
+    drift_key, report_key = dg.AssetKey(["uc", "batch_drift"]), dg.AssetKey(["uc", "monitoring_report"])
+    with dg.instance_for_test() as instance:
+
+        def materialize(key, partition=None, **meta):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key=key, partition=partition, metadata=meta)
+            )
+
+        instance.add_dynamic_partitions("batches", ["2026-01-20", "2026-01-21"])
+        materialize(drift_key, "2026-01-20", retraining_requested=True, level="error")
+        materialize(drift_key, "2026-01-21", retraining_requested=False, level="error")
+        materialize(
+            report_key,
+            retraining_requested=True,
+            retraining_reason="realised performance below its minimums in 2026-01-05 (model v1)",
+        )
+        requests, cursor = retraining_requests(instance, [drift_key, report_key], 0)
+        by_reason = {r.tags[RETRAIN_REASON_TAG]: r for r in requests}
+        assert len(requests) == 2
+        drift = by_reason["drift ERROR in batch 2026-01-20 (uc/batch_drift)"]
+        assert drift.tags[DRIFT_FROM_TAG] == "2026-01-20"
+        perf = by_reason["realised performance below its minimums in 2026-01-05 (model v1)"]
+        assert DRIFT_FROM_TAG not in perf.tags
+        assert retraining_requests(instance, [drift_key, report_key], cursor)[0] == []

@@ -64,7 +64,11 @@ def replay(
         n: defs.resolve_job_def(n)
         for n in ("batch_ingestion_job", "feature_refresh_job", "batch_monitoring_job", "lifecycle_job")
     }
-    keys = [k for k in defs.resolve_asset_graph().get_all_asset_keys() if k.path[-1] == "batch_drift"]
+    keys = [
+        k
+        for k in defs.resolve_asset_graph().get_all_asset_keys()
+        if k.path[-1] in ("batch_drift", "monitoring_report")
+    ]
     cursor, days = 0, []
     for i, b in enumerate(batches):
         run: dict[str, Any] = {"instance": instance, "raise_on_error": False, "run_config": QUIET}

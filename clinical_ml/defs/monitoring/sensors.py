@@ -48,7 +48,8 @@ def batch_monitoring_sensor(context: dg.RunStatusSensorContext):
 def retraining_requests(
     instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
 ) -> tuple[list[dg.RunRequest], int]:
-    """One lifecycle run per batch_drift materialization that requested retraining after ``cursor``."""
+    """One lifecycle run per materialization of ``keys`` (each use case's batch_drift and monitoring_report)
+    that requested retraining after ``cursor``."""
     requests, newest = [], cursor
     for key in keys:
         result = instance.fetch_materializations(
@@ -61,28 +62,32 @@ def retraining_requests(
             wanted = meta.get("retraining_requested")
             if wanted is not None and bool(getattr(wanted, "value", wanted)):
                 batch = mat.partition if mat else None
+                given = meta.get("retraining_reason")
+                reason = str(getattr(given, "value", given) or "") or (
+                    f"drift ERROR in batch {batch} ({key.to_user_string()})"
+                )
+                # a batch's drift starts an episode: the retrained model's drift reference begins there
+                episode = {DRIFT_FROM_TAG: str(batch)} if key.path[-1] == "batch_drift" and batch else {}
                 requests.append(
                     dg.RunRequest(
                         run_key=f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}",
-                        tags={
-                            RETRAIN_REASON_TAG: f"drift ERROR in batch {batch} ({key.to_user_string()})",
-                            DRIFT_FROM_TAG: str(batch),
-                        },
+                        tags={RETRAIN_REASON_TAG: reason[:400], **episode},
                     )
                 )
     return requests, newest
 
 
 def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefinition:
-    keys = [dg.AssetKey([uc.name, "batch_drift"]) for uc in use_cases]
+    keys = [dg.AssetKey([uc.name, name]) for uc in use_cases for name in ("batch_drift", "monitoring_report")]
 
     @dg.sensor(
         name="drift_retraining_sensor",
         job=lifecycle_job,
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="A batch whose drift check reached ERROR requests retraining: lifecycle_job retrains, "
-        "evaluates and promotes the challenger only through the gate.",
+        description="A batch whose drift check reached ERROR, or realised performance of the champion below "
+        "its minimums (overall or in a subgroup), requests retraining: lifecycle_job retrains, evaluates and "
+        "promotes the challenger only through the gate.",
     )
     def drift_retraining_sensor(context: dg.SensorEvaluationContext):
         cursor = int(context.cursor or 0)

@@ -366,10 +366,29 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         )
         out = write_report(paths.reports(zones, "monitoring_report.html"), html)
         failing = [r for r in rows if r["level"] == "error"]
+        # retrain for periods the champion itself scored badly, once: not when the newest registered model
+        # (promoted or refused) was already trained on them
+        newest = registry.registered_versions(zones.registry, uc.name)[-1]
+        seen = set(
+            registry.read_card(zones.registry, uc.name, newest).get("lineage", {}).get("batch_ids", [])
+        )
+        retrain_for = sorted(
+            {
+                r["period"]
+                for r in failing
+                if version in r.get("model_versions", []) and r["period"] not in seen
+            }
+        )
         yield dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
+                "retraining_requested": bool(retrain_for),
+                "retraining_reason": (
+                    f"realised performance below its minimums in {', '.join(retrain_for)} (model {version})"
+                    if retrain_for
+                    else ""
+                ),
                 "batches_monitored": len(batches),
                 "batches_drift_error": sum(b["level"] == "error" for b in batches),
                 "periods_mature": sum(r["status"] == "mature" for r in rows if r["attribute"] == "all"),
