@@ -12,7 +12,7 @@ six people were changing them).
 import inspect
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -28,36 +28,53 @@ class _Run:
 
 class BareContext:
     """What the asset bodies read from their context; anything else fails loudly, so a body that starts to
-    need more shows up here rather than silently doing something else."""
+    need more shows up here rather than silently doing something else.
 
-    def __init__(self, partition_key: str | None) -> None:
-        self._partition_key = partition_key
+    ``partition_keys`` is the run's batches: one for a run of one partition, several for a ranged run (a
+    backfill under a ``BackfillPolicy``); per-partition metadata is accepted and dropped, as all metadata is.
+    """
+
+    def __init__(self, partition_keys: Sequence[str] | None) -> None:
+        self._partition_keys = list(partition_keys) if partition_keys else None
         self.log = LOG
         self.run = _Run(run_id=uuid.uuid4().hex)
         self.dagster_run = self.run
 
     @property
     def partition_key(self) -> str:
-        if self._partition_key is None:
+        if self._partition_keys is None:
             raise AttributeError("this asset is not partitioned")
-        return self._partition_key
+        if len(self._partition_keys) != 1:
+            raise AttributeError("a ranged run has no single partition key: use partition_keys")
+        return self._partition_keys[0]
+
+    @property
+    def partition_keys(self) -> list[str]:
+        if self._partition_keys is None:
+            raise AttributeError("this asset is not partitioned")
+        return self._partition_keys
 
     @property
     def has_partition_key(self) -> bool:
-        return self._partition_key is not None
+        return self._partition_keys is not None and len(self._partition_keys) == 1
+
+    def add_asset_metadata(self, metadata: Mapping[str, object], **_: object) -> None:
+        pass
 
     def __getattr__(self, name: str):
         raise AttributeError(f"bare_pipeline's context has no {name!r}; add it to BareContext")
 
 
-def _call(node: dg.OpDefinition, resources: Mapping[str, object], partition_key: str | None) -> None:
+def _call(
+    node: dg.OpDefinition, resources: Mapping[str, object], partition_keys: Sequence[str] | None
+) -> None:
     compute = node.compute_fn
-    fn = getattr(compute, "decorated_fn", compute)
+    fn: Callable[..., object] = getattr(compute, "decorated_fn", None) or compute  # type: ignore[assignment]
     params = list(inspect.signature(fn).parameters.values())
     args: list[object] = []
     kwargs: dict[str, object] = {}
     if params and getattr(compute, "has_context_arg", lambda: params[0].name == "context")():
-        args.append(BareContext(partition_key))
+        args.append(BareContext(partition_keys))
         params = params[1:]
     for p in params:
         if p.name not in resources:
@@ -72,13 +89,20 @@ def _call(node: dg.OpDefinition, resources: Mapping[str, object], partition_key:
 
 
 def run_job(
-    job: dg.JobDefinition, resources: Mapping[str, object], *, partition_key: str | None = None
+    job: dg.JobDefinition,
+    resources: Mapping[str, object],
+    *,
+    partition_key: str | None = None,
+    partition_keys: Sequence[str] | None = None,
 ) -> int:
-    """Call every op of ``job`` in dependency order; returns how many were called."""
+    """Call every op of ``job`` in dependency order, for one partition or a range of them (as one ranged
+    run does); returns how many were called."""
+    if partition_key is not None:
+        partition_keys = [partition_key]
     nodes = job.graph.nodes_in_topological_order
     for node in nodes:
         definition = node.definition
         if not isinstance(definition, dg.OpDefinition):
             raise NotImplementedError(f"{node.name} is a graph-backed asset")
-        _call(definition, resources, partition_key)
+        _call(definition, resources, partition_keys)
     return len(nodes)
