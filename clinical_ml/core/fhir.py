@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import polars as pl
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 MODEL_SYSTEM = "urn:clinical-ml:model"
 OUTCOME_SYSTEM = "urn:clinical-ml:outcome"
 SUBJECT_SYSTEM_PSEUDONYM = "urn:clinical-ml:pseudonym"
+SUBJECT_SYSTEM_SITE = "urn:site:mrn"  # default; a site sets its own (its MRN's identifier system)
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,41 @@ def write_ndjson(
 def read_ndjson(path: Path) -> list[RiskAssessment]:
     """Parse and validate every line of an NDJSON export."""
     return [RiskAssessment.model_validate_json(line) for line in path.read_text().splitlines() if line]
+
+
+def reidentify_for_ehr(
+    predictions: pl.DataFrame, vault_patients: pl.DataFrame, vault_encounters: pl.DataFrame
+) -> pl.DataFrame:
+    """Inside the PHI boundary only: scored admissions back to the site's own patient and encounter ids,
+    and the prediction time back to the hospital's clock (de-identified times are shifted per patient), so
+    the EHR can file each result against the right chart.
+
+    ``predictions`` has ``subject_id``, ``hadm_id`` and ``prediction_time`` (de-identified); the vault
+    frames map ``subject_id`` to ``mrn`` and ``shift_days``, ``hadm_id`` to ``encounter_id``. The result has
+    ``mrn``, ``encounter_id`` and the real ``prediction_time`` in place of the pseudonyms.
+
+    Raises
+    ------
+    ValueError
+        When a scored admission has no vault entry (counts only: no identifier in the message).
+    """
+    out = predictions.join(
+        vault_patients.select("subject_id", "mrn", "shift_days"), on="subject_id", how="left"
+    ).join(
+        vault_encounters.select("hadm_id", pl.col("encounter_id").alias("site_encounter_id")),
+        on="hadm_id",
+        how="left",
+    )
+    missing = out.filter(pl.col("mrn").is_null() | pl.col("site_encounter_id").is_null()).height
+    if missing:
+        raise ValueError(
+            f"{missing} of {out.height} scored admissions have no entry in the pseudonym vault: "
+            "cannot deliver them under the site's ids"
+        )
+    return (
+        out.with_columns(
+            (pl.col("prediction_time") - pl.duration(days=pl.col("shift_days"))).alias("prediction_time")
+        )
+        .drop("subject_id", "hadm_id", "shift_days")
+        .rename({"site_encounter_id": "encounter_id"})
+    )

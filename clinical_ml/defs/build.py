@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from clinical_ml.core.fhir import SUBJECT_SYSTEM_SITE
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_dataset
 from clinical_ml.defs.ingestion.assets import raw_assets
@@ -36,13 +37,21 @@ def build_definitions(
     usecases_dir: str | Path | None = None,
     evaluation: EvaluationSettings | None = None,
     anonymization: AnonymizationSettings | None = None,
+    fhir_subject: str | None = None,
 ) -> dg.Definitions:
     """The whole graph. Defaults: ``$CLINICAL_ML_DATA_ROOT`` or ``./data``, ``$CLINICAL_ML_USECASES`` or
-    ``./usecases``."""
+    ``./usecases``, ``$CLINICAL_ML_FHIR_SUBJECT`` or ``pseudonym`` (``site``: also deliver RiskAssessments
+    under the site's ids, identifier system ``$CLINICAL_ML_FHIR_SITE_SYSTEM``, to the phi zone's outbox)."""
+    subject = fhir_subject or os.environ.get("CLINICAL_ML_FHIR_SUBJECT") or "pseudonym"
+    if subject not in ("pseudonym", "site"):
+        raise ValueError(f"CLINICAL_ML_FHIR_SUBJECT must be 'pseudonym' or 'site', not {subject!r}")
+    site_system = (
+        (os.environ.get("CLINICAL_ML_FHIR_SITE_SYSTEM") or SUBJECT_SYSTEM_SITE) if subject == "site" else None
+    )
     root = Path(data_root or os.environ.get("CLINICAL_ML_DATA_ROOT") or PROJECT_ROOT / "data")
     cases_dir = Path(usecases_dir or os.environ.get("CLINICAL_ML_USECASES") or PROJECT_ROOT / "usecases")
     use_cases = load_use_cases(cases_dir)
-    use_case_assets = [a for uc in use_cases for a in build_use_case_assets(uc)]
+    use_case_assets = [a for uc in use_cases for a in build_use_case_assets(uc, ehr_site_system=site_system)]
     return dg.Definitions(
         assets=[
             *raw_assets,

@@ -19,8 +19,10 @@ class Stage:
     TRAINING: Final = "training"
     EVALUATION: Final = "evaluation"
     MONITORING: Final = "monitoring"
+    # opt-in re-identified delivery to the EHR (phi zone outbox), see build_ehr_delivery_asset
+    DELIVERY: Final = "delivery"
 
-    ALL: Final = (INGESTION, ANONYMIZATION, FEATURES, TRAINING, EVALUATION, MONITORING)
+    ALL: Final = (INGESTION, ANONYMIZATION, FEATURES, TRAINING, EVALUATION, MONITORING, DELIVERY)
 
 
 class DataClass(StrEnum):

@@ -62,3 +62,31 @@ def test_an_invalid_probability_is_rejected():
             model_version="v",
             threshold=0.3,
         )
+
+
+def test_reidentify_for_ehr_restores_site_ids_and_the_real_clock():
+    from datetime import datetime
+
+    import polars as pl
+    import pytest
+
+    from clinical_ml.core.fhir import reidentify_for_ehr
+
+    preds = pl.DataFrame(
+        {
+            "subject_id": [11, 12],
+            "hadm_id": [101, 102],
+            "prediction_time": [datetime(2030, 1, 15, 8), datetime(2030, 2, 1, 0)],
+            "predicted_risk": [0.1, 0.7],
+        }
+    )
+    patients = pl.DataFrame({"mrn": ["0042", "0077"], "subject_id": [11, 12], "shift_days": [14, -7]})
+    encounters = pl.DataFrame({"encounter_id": ["E-9", "E-8"], "hadm_id": [101, 102]})
+    site = reidentify_for_ehr(preds, patients, encounters)
+    assert site["mrn"].to_list() == ["0042", "0077"]
+    assert site["encounter_id"].to_list() == ["E-9", "E-8"]
+    assert site["prediction_time"].to_list() == [datetime(2030, 1, 1, 8), datetime(2030, 2, 8, 0)]
+    assert "subject_id" not in site.columns and "hadm_id" not in site.columns
+    with pytest.raises(ValueError, match="1 of 2 scored admissions") as err:
+        reidentify_for_ehr(preds, patients.head(1), encounters)
+    assert "0042" not in str(err.value) and "12" not in str(err.value)

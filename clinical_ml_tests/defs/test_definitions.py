@@ -61,6 +61,22 @@ def test_no_asset_outside_ingestion_and_anonymization_reads_phi(defs, specs):
     assert {s.group_name for s in specs if s.tags[DATA_CLASS_TAG] == DataClass.PHI} == {Stage.INGESTION}
 
 
+def test_site_id_delivery_is_the_only_phi_asset_outside_ingestion_and_a_leaf(tmp_path):
+    site = build_definitions(data_root=tmp_path, fhir_subject="site")
+    graph = site.resolve_asset_graph()
+    phi_outside = {
+        k
+        for k in graph.get_all_asset_keys()
+        if graph.get(k).tags.get(DATA_CLASS_TAG) == DataClass.PHI
+        and graph.get(k).group_name != Stage.INGESTION
+    }
+    assert phi_outside and all(k.path[-1] == "ehr_delivery" for k in phi_outside)
+    for k in phi_outside:
+        assert graph.get(k).group_name == Stage.DELIVERY and not graph.get(k).child_keys
+    with pytest.raises(ValueError, match="CLINICAL_ML_FHIR_SUBJECT"):
+        build_definitions(data_root=tmp_path, fhir_subject="mrn")
+
+
 def test_graph_shape_snapshot(defs, specs, snapshot):
     graph = defs.resolve_asset_graph()
     shape = {

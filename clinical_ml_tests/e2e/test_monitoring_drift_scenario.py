@@ -43,6 +43,7 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         usecases_dir=cases,
         evaluation=EvaluationSettings(n_bootstrap=20),
         anonymization=AnonymizationSettings(pseudonym_seed=1),
+        fhir_subject="site",  # also deliver under the site's ids to the phi zone's outbox
     )
     batches = find_complete_batches(root / "landing")
     with dg.instance_for_test() as instance:
@@ -71,6 +72,17 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         assert ok.success
         exported = read_ndjson(root / "deid" / "usecases" / UC / "fhir" / f"{stable}.ndjson")
         assert exported and all(r.prediction[0].probabilityDecimal is not None for r in exported)
+        # the EHR copy: the same assessments under the site's MRNs and encounter ids, in the phi zone only
+        delivered = read_ndjson(root / "phi" / "outbox" / UC / f"{stable}.ndjson")
+        mrns = {
+            line.split(",")[0]
+            for b in hospital.batch_ids
+            for line in (root / "landing" / b / "patients.csv").read_text().splitlines()[1:]
+        }
+        assert len(delivered) == len(exported)
+        assert {r.subject.identifier.value for r in delivered} <= mrns
+        assert not {r.subject.identifier.value for r in exported} & mrns
+        assert not list((root / "deid").rglob("outbox"))
 
         ingest(drifted)
         assert defs.resolve_job_def("feature_refresh_job").execute_in_process(instance=instance).success
@@ -80,6 +92,7 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         assert checks == {"drift_below_error_level": False}
         # downstream of the failed blocking check, the FHIR export of that day is held
         assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
+        assert not (root / "phi" / "outbox" / UC / f"{drifted}.ndjson").exists()
 
         requests, cursor = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], 0)
         assert len(requests) == 1 and drifted in requests[0].tags[RETRAIN_REASON_TAG]

@@ -6,13 +6,17 @@ from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.usecase.evaluation import build_evaluation_assets
 from clinical_ml.defs.usecase.fairness import build_fairness_assets
 from clinical_ml.defs.usecase.features import build_features_assets
-from clinical_ml.defs.usecase.monitoring import build_monitoring_assets
+from clinical_ml.defs.usecase.monitoring import build_ehr_delivery_asset, build_monitoring_assets
 from clinical_ml.defs.usecase.report_card import build_report_card_assets
 from clinical_ml.defs.usecase.training import build_training_assets
 
 
-def build_use_case_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    """Assets and checks of one use case, keyed under its name."""
+def build_use_case_assets(
+    uc: UseCase, *, ehr_site_system: str | None = None
+) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    """Assets and checks of one use case, keyed under its name; with ``ehr_site_system``, also the delivery
+    of its RiskAssessments under the site's ids (that identifier system) to the phi zone's outbox."""
+    delivery = [build_ehr_delivery_asset(uc, ehr_site_system)] if ehr_site_system else []
     return [
         *build_features_assets(uc),
         *build_training_assets(uc),
@@ -20,4 +24,5 @@ def build_use_case_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         *build_fairness_assets(uc),
         *build_report_card_assets(uc),
         *build_monitoring_assets(uc),
+        *delivery,
     ]

@@ -14,7 +14,7 @@ from clinical_ml.core import plots, registry
 from clinical_ml.core.drift import PSI_ERROR, PSI_WARN, feature_drift
 from clinical_ml.core.explain import feature_label
 from clinical_ml.core.features import feature_matrix
-from clinical_ml.core.fhir import ScoredAdmission, write_ndjson
+from clinical_ml.core.fhir import ScoredAdmission, reidentify_for_ehr, write_ndjson
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.monitoring import (
     PREDICTION_COLUMN,
@@ -32,7 +32,15 @@ from clinical_ml.core.reports import drift_report, write_report
 from clinical_ml.core.scoring import Scorer
 from clinical_ml.core.storage import code_version, read_json, write_json, write_parquet
 from clinical_ml.core.usecase import UseCase
-from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
+from clinical_ml.defs.anonymization.assets import load_vault
+from clinical_ml.defs.conventions import (
+    ML_OWNERS,
+    PRIVACY_OWNERS,
+    DataClass,
+    Stage,
+    batch_partitions,
+    tags,
+)
 from clinical_ml.defs.usecase.paths import UseCasePaths, md_table, use_case_key
 from clinical_ml.resources.zones import DataZones
 
@@ -104,6 +112,81 @@ def _reference(
     ref = ref.with_columns(pl.Series(PREDICTION_COLUMN, scorer.model.predict(feature_matrix(ref, names))))
     labels = ref["label"].cast(pl.Boolean).fill_null(False).to_numpy()
     return ref, prepare_reference(ref, names, config=config, labels=labels), described
+
+
+def _hold_unless_drift_passed(paths: UseCasePaths, zones: DataZones, batch: str, what: str) -> None:
+    """A later run (a manual materialization, a backfill) must not release what a failed blocking drift check
+    held: the record written by batch_drift is the judge, whatever run wrote it."""
+    checked = paths.deid(zones, f"monitoring/{batch}.json")
+    drift_level = read_json(checked)["level"] if checked.exists() else None
+    if drift_level not in ("ok", "warn"):
+        raise dg.Failure(
+            f"{what} of batch {batch} held: its drift check "
+            + ("has not run" if drift_level is None else f"is at {str(drift_level).upper()}")
+            + "; rerun batch_drift for this batch (after retraining, with the new champion) first."
+        )
+
+
+def _scored(preds: pl.DataFrame, subject: str, encounter: str) -> list[ScoredAdmission]:
+    return [
+        ScoredAdmission(
+            subject_id=str(r[subject]),
+            encounter_id=str(r[encounter]),
+            prediction_time=r["prediction_time"],
+            risk=r[PREDICTION_COLUMN],
+            flagged=r["flagged"],
+            reasons=tuple(str(x.get("label", x.get("feature", x))) for x in json.loads(r["reasons"])),
+            flags=tuple(json.loads(r["flags"])),
+        )
+        for r in preds.iter_rows(named=True)
+    ]
+
+
+def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefinition:
+    """Opt-in (``CLINICAL_ML_FHIR_SUBJECT=site``): the batch's RiskAssessments under the site's own patient and
+    encounter ids and real times, written to the phi zone's outbox for the EHR interface engine. The one
+    asset outside ingestion that reads the pseudonym vault: it re-crosses the boundary on purpose, and
+    only into the phi zone."""
+    paths = UseCasePaths(uc.name)
+
+    @dg.asset(
+        key=use_case_key(uc, "ehr_delivery"),
+        deps=[use_case_key(uc, "risk_assessment_export")],
+        partitions_def=batch_partitions,
+        group_name=Stage.DELIVERY,
+        kinds={"fhir", "ndjson"},
+        tags={**tags(DataClass.PHI), **PER_BATCH_TAG},
+        description="FHIR R4 RiskAssessments of the batch with the site's patient id (its MRN system) and "
+        "encounter id and the real prediction time, in the phi zone's outbox for the EHR interface engine.",
+        owners=PRIVACY_OWNERS,
+    )
+    def ehr_delivery(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
+        batch = context.partition_key
+        _hold_unless_drift_passed(paths, zones, batch, "EHR delivery")
+        preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
+        vault = load_vault(zones)
+        if preds.height and vault.patients.height == 0:
+            raise dg.Failure(
+                "No pseudonym vault in the phi zone: site ids need the vault pseudonym mode (HMAC mode keeps no "
+                "mapping). Set CLINICAL_ML_FHIR_SUBJECT=pseudonym or use the vault mode."
+            )
+        site = reidentify_for_ehr(preds, vault.patients, vault.encounters)
+        version = preds["model_version"][0] if preds.height else "none"
+        card = registry.read_card(zones.registry, uc.name, version) if preds.height else {"threshold": 0.5}
+        out = zones.phi / "outbox" / uc.name / f"{batch}.ndjson"
+        n = write_ndjson(
+            _scored(site, "mrn", "encounter_id"),
+            out,
+            use_case=uc.name,
+            outcome=uc.outcome.name,
+            model_version=version,
+            threshold=float(card["threshold"]),
+            subject_system=site_system,
+        )
+        # counts only: the file holds identifiers, its metadata does not
+        return dg.MaterializeResult(metadata={"dagster/row_count": n, "subject_system": site_system})
+
+    return ehr_delivery
 
 
 def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -257,31 +340,11 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     )
     def risk_assessment_export(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch = context.partition_key
-        checked = paths.deid(zones, f"monitoring/{batch}.json")
-        drift_level = read_json(checked)["level"] if checked.exists() else None
-        if drift_level != "ok" and drift_level != "warn":
-            # a later run (a manual materialization, a backfill) must not release what the failed blocking
-            # check held: the file written by batch_drift is the record, whatever run wrote it
-            raise dg.Failure(
-                f"FHIR export of batch {batch} held: its drift check "
-                + ("has not run" if drift_level is None else f"is at {drift_level.upper()}")
-                + "; rerun batch_drift for this batch (after retraining, with the new champion) first."
-            )
+        _hold_unless_drift_passed(paths, zones, batch, "FHIR export")
         preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
         version = preds["model_version"][0] if preds.height else "none"
         card = registry.read_card(zones.registry, uc.name, version) if preds.height else {"threshold": 0.5}
-        rows = (
-            ScoredAdmission(
-                subject_id=str(r["subject_id"]),
-                encounter_id=str(r["hadm_id"]),
-                prediction_time=r["prediction_time"],
-                risk=r[PREDICTION_COLUMN],
-                flagged=r["flagged"],
-                reasons=tuple(str(x.get("label", x.get("feature", x))) for x in json.loads(r["reasons"])),
-                flags=tuple(json.loads(r["flags"])),
-            )
-            for r in preds.iter_rows(named=True)
-        )
+        rows = _scored(preds, "subject_id", "hadm_id")
         out = paths.deid(zones, f"fhir/{batch}.ndjson")
         n = write_ndjson(
             rows,
@@ -355,6 +418,10 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             if decisions_file.exists()
             else []
         )
+        for d in decisions:
+            card_file = zones.registry / uc.name / "models" / str(d.get("challenger")) / "card.json"
+            if card_file.exists():
+                d["why"] = read_json(card_file).get("lineage", {}).get("retraining_reason")
         html, md = monitoring_report(
             use_case=uc,
             batches=batches,
