@@ -155,7 +155,8 @@ def test_a_refused_drift_retraining_is_remembered_until_a_newer_champion(tmp_pat
     assert registry.refused_drift_retraining(tmp_path, "uc")["drift_reference_from"] == "2026-01-20"
     registry.set_champion(tmp_path, "uc", "v3")  # once a model of that episode is champion, nothing pending
     assert registry.refused_drift_retraining(tmp_path, "uc") is None
-    reg("v4", "2026-01-20")  # a later (nightly) model inherits the episode: not a new refused drift retraining
+    # a later (nightly) model inherits the episode: not a new refused drift retraining
+    reg("v4", "2026-01-20")
     assert registry.refused_drift_retraining(tmp_path, "uc") is None
     reg("v5", "2026-02-02")  # a new episode, refused
     assert registry.refused_drift_retraining(tmp_path, "uc")["drift_reference_from"] == "2026-02-02"
