@@ -192,7 +192,9 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
     return agg.select("hadm_id", "stem", *[pl.col(a).cast(pl.Float64).alias(f"{a}{suffix}") for a in aggs])
 
 
-def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase) -> pl.DataFrame:
+def build_features(
+    events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame, use_case: UseCase
+) -> pl.DataFrame:
     """One row per cohort admission: keys plus :func:`feature_columns`, nulls where nothing was measured.
 
     Only events with ``available_time <= prediction_time`` and not flagged implausible contribute.
@@ -200,7 +202,8 @@ def build_features(events: pl.DataFrame, cohort: pl.DataFrame, use_case: UseCase
     ``time_since_last`` (hours from the last charted value to the prediction time) and, when the use case
     asks for them, ``missing`` indicators (1 when the code has no value in the window).
     Polars was measured against hand-written DuckDB SQL and pandas on the same Parquet
-    (``benchmarks/bench_features.py``); polars is kept as it was at least as fast.
+    (``benchmarks/bench_features.py``); polars is kept as it was at least as fast. ``events`` may be a
+    LazyFrame (``pl.scan_parquet``): only the columns and rows used are then read.
     """
     codes = use_case.features.codes
     stems = {c: feature_stem(c) for c in codes}

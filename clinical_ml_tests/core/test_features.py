@@ -97,6 +97,14 @@ def test_missing_indicators_and_counts_for_unmeasured_codes():
     assert feats.columns[3:] == feature_columns(_use_case())
 
 
+def test_a_lazy_scan_of_the_events_gives_the_same_features(tmp_path):
+    path = tmp_path / "events.parquet"
+    _events(BASE_ROWS).write_parquet(path)
+    eager = build_features(_events(BASE_ROWS), _cohort(3), _use_case())
+    lazy = build_features(pl.scan_parquet(path), _cohort(3), _use_case())
+    assert eager.height == 3 and lazy.equals(eager)
+
+
 def test_without_missing_indicators_no_indicator_columns():
     cols = feature_columns(_use_case(missing_indicators=False))
     assert not [c for c in cols if "__missing_" in c]
