@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from clinical_ml.core import registry
@@ -90,6 +91,10 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         assert not bad.success
         checks = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
         assert checks == {"drift_below_error_level": False}
+        # every eligible admission of the day is monitored, patients never seen in training included
+        cohort = pl.read_parquet(root / "deid" / "usecases" / UC / "cohort.parquet")
+        checked = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{drifted}.json").read_text())
+        assert checked["n_current"] == cohort.filter(pl.col("batch_id") == drifted).height > 50
         # downstream of the failed blocking check, the FHIR export of that day is held
         assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
         assert not (root / "phi" / "outbox" / UC / f"{drifted}.ndjson").exists()

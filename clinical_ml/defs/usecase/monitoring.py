@@ -77,7 +77,10 @@ def _frame(paths: UseCasePaths, zones: DataZones) -> pl.DataFrame:
     )
     splits = pl.read_parquet(paths.deid(zones, "subject_splits.parquet"))
     return (
-        feats.join(cohort, on="hadm_id").join(labels, on="hadm_id", how="left").join(splits, on="subject_id")
+        feats.join(cohort, on="hadm_id")
+        .join(labels, on="hadm_id", how="left")
+        # patients first seen after the last training have no split yet: they are monitored all the same
+        .join(splits, on="subject_id", how="left")
     )
 
 
@@ -492,7 +495,7 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         feats = pl.read_parquet(paths.deid(zones, "features.parquet"))
         cohort_df = pl.read_parquet(paths.deid(zones, "cohort.parquet"), columns=["hadm_id", "batch_id"])
         splits = pl.read_parquet(paths.deid(zones, "subject_splits.parquet"))
-        feats = feats.join(cohort_df, on="hadm_id").join(splits, on="subject_id")
+        feats = feats.join(cohort_df, on="hadm_id").join(splits, on="subject_id", how="left")
         newest = max(cohort_df["batch_id"].unique().to_list())
         reference = feats.filter(pl.col("split").is_in(["train", "tuning"]) & (pl.col("batch_id") != newest))
         if reference.height == 0:
