@@ -1,5 +1,7 @@
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clinical_ml.core.ingestion import FileRejected, ingest_file
 
@@ -78,3 +80,15 @@ def test_clean_synthetic_batch_is_fully_accepted(tmp_path):
         r = ingest_file(tmp_path / h.batch_ids[0] / f"{source}.csv", source)
         assert r.rows_rejected == 0, (source, r.rejected_by_reason)
         assert isinstance(r.accepted, pl.DataFrame)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    keys=st.lists(st.text("0123456789AB-", min_size=1, max_size=6), unique=True, max_size=30),
+    values=st.lists(st.one_of(st.none(), st.text("0123456789AB-", min_size=1, max_size=6)), max_size=60),
+)
+def test_encounter_lookup_finds_each_known_id_and_nothing_else(keys, values):
+    from clinical_ml.core.ingestion import _row_index_in
+
+    found = _row_index_in(pl.Series(values, dtype=pl.String), pl.Series(keys, dtype=pl.String)).to_list()
+    assert found == [keys.index(v) if v in keys else None for v in values]
