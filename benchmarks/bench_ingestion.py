@@ -2,9 +2,17 @@
 
 Ours is :func:`clinical_ml.core.ingestion.ingest_file` on a vitals file with the batch's encounters and patients
 as context: safety checks, sha256, field-count check, parsing, pandera schema, unit harmonization, plausibility
-flags, cross-file temporal checks, duplicates and the per-batch unit-switch check. The baseline is
-``polars.read_csv`` with its default type inference on the same file. Each measurement runs in its own
-process, so each has its own peak RSS. Goal (issue 3): within 2x of the baseline.
+flags, cross-file temporal checks, duplicates and the per-batch unit-switch check. Each measurement runs in its
+own process, so each has its own peak RSS. Goal (issue 3): within 2x of the baseline.
+
+The baseline is polars reading the file into the columns and types ours delivers, with no check at all:
+``polars.read_csv`` with the encounter id read as text, then the two timestamps parsed with the contract's
+format (``str.strptime``). A first version timed ``polars.read_csv`` with its default inference alone; that
+output is not the same (the zero-padded encounter ids become integers and lose their zeros, the timestamps
+stay text), so it did less work than any correct reader. Its time is still reported (``untyped_read_csv_s``
+and the ratio to it) for comparison with earlier runs. Letting polars parse the timestamps while reading
+(``schema=`` or ``try_parse_dates``) was measured too and is several times slower than reading text and
+parsing with the known format, so it is not used as the baseline.
 """
 
 import json
@@ -45,6 +53,13 @@ if mode == "ours":
     r = ingest_file(vitals, "vitals", batch=ctx, now=datetime(2026, 6, 1))
     s = time.perf_counter() - t
     out = {"s": s, "rows_in": r.rows_in, "rows_accepted": r.rows_accepted, "rows_rejected": r.rows_rejected}
+elif mode == "baseline":
+    t = time.perf_counter()
+    df = pl.read_csv(vitals, schema_overrides={"encounter_id": pl.String}).with_columns(
+        pl.col(c).str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S") for c in ("charted_time", "stored_time")
+    )
+    s = time.perf_counter() - t
+    out = {"s": s, "rows_in": df.height}
 else:
     t = time.perf_counter()
     df = pl.read_csv(vitals)
@@ -139,17 +154,18 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
     t = time.perf_counter()
     files = write_batch(Path(workdir) / "batch", rows=rows, n_encounters=N_ENCOUNTERS[scale])
     gen_s = time.perf_counter() - t
-    ours, base = [], []
+    ours, base, untyped = [], [], []
     for _ in range(repetitions):
         # Alternate so page cache and machine noise favour neither side.
         base.append(_measure("baseline", files))
         ours.append(_measure("ours", files))
+        untyped.append(_measure("untyped", files))
     return [
         {
             "name": f"ingestion: read + validate {rows:,} vitals rows (CSV)",
             "ours": "ingest_file (safety, sha256, pandera, units, cross-file and duplicate checks)",
             "ours_s": [o["s"] for o in ours],
-            "baseline": "polars read_csv alone",
+            "baseline": "polars read_csv + strptime of the timestamps (same columns and types, no checks)",
             "baseline_s": [b["s"] for b in base],
             "goal": "<= 2x baseline",
             "goal_ratio": 2.0,
@@ -160,6 +176,10 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
                 "rows_rejected": ours[-1]["rows_rejected"],
                 "peak_rss_mb_ours": round(max(o["peak_rss_mb"] for o in ours), 1),
                 "peak_rss_mb_baseline": round(max(b["peak_rss_mb"] for b in base), 1),
+                "untyped_read_csv_s": [u["s"] for u in untyped],
+                "ratio_to_untyped_read_csv": round(
+                    float(np.median([o["s"] for o in ours]) / np.median([u["s"] for u in untyped])), 2
+                ),
                 "generate_s": round(gen_s, 1),
             },
         }
