@@ -309,9 +309,7 @@ def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], di
             warnings["utf8_bom"] = 1
     scan = BackgroundScan(path)
     try:
-        # One chunk per column: the parallel reader leaves hundreds, and every enum cast and gather below
-        # pays per chunk (about 2x on the unit harmonization at 10M rows).
-        raw = pl.read_csv(path, infer_schema=False, encoding="utf8", truncate_ragged_lines=True).rechunk()
+        raw = pl.read_csv(path, infer_schema=False, encoding="utf8", truncate_ragged_lines=True)
     except pl.exceptions.NoDataError:
         scan.result()
         raise FileRejected("empty_file", "no header and no rows") from None
@@ -333,6 +331,11 @@ def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], di
             "the last line has no line end: the file is cut short",
             byte_offset=result.n_bytes,
         )
+    # One chunk for the text columns kept as delivered (ids, codes, units): the parallel reader leaves
+    # hundreds, and every enum cast, lookup and gather on them pays per chunk (2x on the unit harmonization
+    # at 10M rows). Typed columns are parsed into new arrays anyway.
+    kept_text = [c for c, t in SOURCE_COLUMNS[source].items() if t == pl.String() and c in raw.columns]
+    raw = raw.with_columns(raw.select(kept_text).rechunk())
     records = raw.height + 1
     bad_rows: list[int] = []
     if result.n_newlines != records or result.n_separators != (len(columns) - 1) * records:
