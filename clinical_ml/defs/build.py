@@ -12,8 +12,8 @@ from clinical_ml.defs.ingestion.assets import raw_assets
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.ingestion.sensors import landing_sensor
 from clinical_ml.defs.monitoring.sensors import (
-    batch_monitoring_sensor,
     build_drift_retraining_sensor,
+    build_monitoring_chain_sensors,
     build_run_failure_alert_sensor,
     features_after_ingestion_sensor,
 )
@@ -22,6 +22,7 @@ from clinical_ml.defs.usecase.automation import (
     build_nightly_retraining_schedule,
     feature_refresh_job,
     lifecycle_job,
+    monitoring_report_job,
 )
 from clinical_ml.defs.usecase.factory import build_use_case_assets
 from clinical_ml.resources.pseudonym_secret import anonymization_settings_from_env
@@ -60,11 +61,17 @@ def build_definitions(
             *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
         ],
         asset_checks=[a for a in use_case_assets if isinstance(a, dg.AssetChecksDefinition)],
-        jobs=[batch_ingestion_job, lifecycle_job, feature_refresh_job, batch_monitoring_job],
+        jobs=[
+            batch_ingestion_job,
+            lifecycle_job,
+            feature_refresh_job,
+            batch_monitoring_job,
+            monitoring_report_job,
+        ],
         sensors=[
             landing_sensor,
             features_after_ingestion_sensor,
-            batch_monitoring_sensor,
+            *build_monitoring_chain_sensors(use_cases, root),
             build_drift_retraining_sensor(use_cases),
             build_run_failure_alert_sensor(
                 root / "alerts" / "alerts.jsonl", os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")

@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from clinical_ml.defs.monitoring.sensors import (
-    batch_monitoring_sensor,
+    build_monitoring_chain_sensors,
     build_run_failure_alert_sensor,
     features_after_ingestion_sensor,
     write_alert,
@@ -60,26 +60,38 @@ def _ok_job() -> None:
     _ok()
 
 
-def test_ingestion_then_features_then_batch_monitoring_are_chained():
+def test_ingestion_then_features_then_batch_monitoring_then_reports_are_chained(tmp_path):
+    from clinical_ml.core import registry
+    from clinical_ml.core.usecase import load_use_case
+
+    ours = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
+    other = load_use_case(PROJECT_ROOT / "usecases" / "eicu_mortality_24h.yaml")
+    sensors = {s.name: s for s in build_monitoring_chain_sensors([ours, other], tmp_path)}
     with dg.instance_for_test() as instance:
+
+        def context(run):
+            return dg.build_run_status_sensor_context(
+                sensor_name="s",
+                dagster_instance=instance,
+                dagster_run=run.dagster_run,
+                dagster_event=run.get_run_success_event(),
+            )
+
         run = _ok_job.execute_in_process(instance=instance, tags={"dagster/partition": "2026-01-09"})
-        ctx = dg.build_run_status_sensor_context(
-            sensor_name="s",
-            dagster_instance=instance,
-            dagster_run=run.dagster_run,
-            dagster_event=run.get_run_success_event(),
-        )
-        req = features_after_ingestion_sensor(ctx)
+        req = features_after_ingestion_sensor(context(run))
         assert isinstance(req, dg.RunRequest) and req.tags["batch_id"] == "2026-01-09"
         run2 = _ok_job.execute_in_process(instance=instance, tags={"batch_id": "2026-01-09"})
-        ctx2 = dg.build_run_status_sensor_context(
-            sensor_name="s",
-            dagster_instance=instance,
-            dagster_run=run2.dagster_run,
-            dagster_event=run2.get_run_success_event(),
-        )
-        req2 = batch_monitoring_sensor(ctx2)
+        # no champion anywhere yet: nothing to score
+        assert isinstance(sensors["batch_monitoring_sensor"](context(run2)), dg.SkipReason)
+        registry.register_model(tmp_path / "registry", ours.name, "v1", model_text="t\n", card={})
+        registry.set_champion(tmp_path / "registry", ours.name, "v1")
+        req2 = sensors["batch_monitoring_sensor"](context(run2))
         assert isinstance(req2, dg.RunRequest) and req2.partition_key == "2026-01-09"
+        # only the use case with a champion is scored: the other source's branch is left alone
+        assert {k.path[0] for k in req2.asset_selection} == {ours.name}
+        req3 = sensors["monitoring_report_after_batch_sensor"](context(run2))
+        assert {k.path[-1] for k in req3.asset_selection} == {"monitoring_report", "feature_drift_report"}
+        assert {k.path[0] for k in req3.asset_selection} == {ours.name}
 
 
 def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_path):

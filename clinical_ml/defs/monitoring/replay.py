@@ -5,8 +5,9 @@ promotion decisions::
     DAGSTER_HOME=$PWD/.dagster_home .venv/bin/python -m clinical_ml.defs.monitoring.replay \
         --scenario drift --batches 30 --drift-from-batch 20 --warmup 7
 
-Day by day: ingest the batch; rebuild features; score and check the batch (``batch_monitoring_job``); if the
-drift check requested retraining, run ``lifecycle_job`` (the promotion gate decides). The first ``--warmup``
+Day by day: ingest the batch; rebuild features; score and check the batch (``batch_monitoring_job``) and
+refresh the monitoring reports (``monitoring_report_job``); if the drift check or the report requested
+retraining, run ``lifecycle_job`` (the promotion gate decides). The first ``--warmup``
 days train the first champion.
 """
 
@@ -62,7 +63,13 @@ def replay(
     )
     jobs = {
         n: defs.resolve_job_def(n)
-        for n in ("batch_ingestion_job", "feature_refresh_job", "batch_monitoring_job", "lifecycle_job")
+        for n in (
+            "batch_ingestion_job",
+            "feature_refresh_job",
+            "batch_monitoring_job",
+            "monitoring_report_job",
+            "lifecycle_job",
+        )
     }
     keys = [
         k
@@ -84,6 +91,7 @@ def replay(
             continue
         jobs["feature_refresh_job"].execute_in_process(tags={"batch_id": b.batch_id}, **run)
         jobs["batch_monitoring_job"].execute_in_process(partition_key=b.batch_id, **run)
+        jobs["monitoring_report_job"].execute_in_process(**run)
         requests, cursor = retraining_requests(instance, keys, cursor)
         for req in requests:
             jobs["lifecycle_job"].execute_in_process(tags=req.tags, **run)

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import dagster as dg
 
+from clinical_ml.core import registry
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import DRIFT_FROM_TAG, RETRAIN_REASON_TAG
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
-from clinical_ml.defs.usecase.automation import batch_monitoring_job, feature_refresh_job, lifecycle_job
+from clinical_ml.defs.usecase.automation import (
+    batch_monitoring_job,
+    feature_refresh_job,
+    lifecycle_job,
+    monitoring_report_job,
+)
 
 PARTITION_TAG = "dagster/partition"
 __all__ = ["DRIFT_FROM_TAG", "RETRAIN_REASON_TAG", "retraining_requests"]
@@ -31,18 +37,80 @@ def features_after_ingestion_sensor(context: dg.RunStatusSensorContext):
     return dg.SkipReason("ingestion run without a batch partition")
 
 
-@dg.run_status_sensor(
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[feature_refresh_job],
-    request_job=batch_monitoring_job,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Once features include a new batch, score it and check it for drift (one partition per batch).",
-)
-def batch_monitoring_sensor(context: dg.RunStatusSensorContext):
-    batch = context.dagster_run.tags.get("batch_id")
-    if batch:
-        return dg.RunRequest(run_key=f"monitor-{context.dagster_run.run_id}", partition_key=batch)
-    return dg.SkipReason("feature refresh not tied to a batch")
+def _monitored_use_cases(use_cases: list[UseCase], data_root: Path) -> list[UseCase]:
+    """Use cases with a champion in this data root: the others (e.g. another source's) have nothing to score."""
+    return [uc for uc in use_cases if registry.champion(data_root / "registry", uc.name) is not None]
+
+
+def build_monitoring_chain_sensors(use_cases: list[UseCase], data_root: Path) -> list[dg.SensorDefinition]:
+    """features refreshed -> the batch scored and checked (use cases with a champion only) -> their
+    monitoring reports refreshed, after a passed or a failed (blocking drift check) batch alike."""
+
+    @dg.run_status_sensor(
+        name="batch_monitoring_sensor",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[feature_refresh_job],
+        request_job=batch_monitoring_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Once features include a new batch, score it and check it for drift (one partition per "
+        "batch), for every use case that has a champion.",
+    )
+    def batch_monitoring_sensor(context: dg.RunStatusSensorContext):
+        batch = context.dagster_run.tags.get("batch_id")
+        if not batch:
+            return dg.SkipReason("feature refresh not tied to a batch")
+        monitored = _monitored_use_cases(use_cases, data_root)
+        if not monitored:
+            return dg.SkipReason("no use case has a champion yet: run lifecycle_job first")
+        return dg.RunRequest(
+            run_key=f"monitor-{context.dagster_run.run_id}",
+            partition_key=batch,
+            asset_selection=[
+                dg.AssetKey([uc.name, name])
+                for uc in monitored
+                for name in ("batch_predictions", "batch_drift", "risk_assessment_export")
+            ],
+        )
+
+    def report_request(context) -> dg.RunRequest | dg.SkipReason:
+        monitored = _monitored_use_cases(use_cases, data_root)
+        if not monitored:
+            return dg.SkipReason("no use case has a champion yet")
+        return dg.RunRequest(
+            run_key=f"report-{context.dagster_run.run_id}",
+            asset_selection=[
+                dg.AssetKey([uc.name, name])
+                for uc in monitored
+                for name in ("monitoring_report", "feature_drift_report")
+            ],
+        )
+
+    @dg.run_status_sensor(
+        name="monitoring_report_after_batch_sensor",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[batch_monitoring_job],
+        request_job=monitoring_report_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="After a batch has been scored and checked, refresh the monitoring reports.",
+    )
+    def monitoring_report_after_batch_sensor(context: dg.RunStatusSensorContext):
+        return report_request(context)
+
+    @dg.run_failure_sensor(
+        name="monitoring_report_after_failed_batch_sensor",
+        monitored_jobs=[batch_monitoring_job],
+        request_job=monitoring_report_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="A batch whose drift check failed (the run fails on the blocking check) is reported too.",
+    )
+    def monitoring_report_after_failed_batch_sensor(context: dg.RunFailureSensorContext):
+        return report_request(context)
+
+    return [
+        batch_monitoring_sensor,
+        monitoring_report_after_batch_sensor,
+        monitoring_report_after_failed_batch_sensor,
+    ]
 
 
 def retraining_requests(

@@ -35,6 +35,14 @@ batch_monitoring_job = dg.define_asset_job(
 )
 
 
+monitoring_report_job = dg.define_asset_job(
+    "monitoring_report_job",
+    selection=dg.AssetSelection.groups(Stage.MONITORING) - PER_BATCH,
+    description="Refresh each use case's monitoring report (trends, performance over time, decisions) and "
+    "newest-batch drift report after a batch has been checked.",
+)
+
+
 def nightly_retraining_reasons(zones: DataZones, use_cases: list[UseCase], as_of: datetime) -> list[str]:
     """Why tonight's retraining should run, one line per use case with something new to learn from:
     no champion yet, or admissions whose outcome is now known from batches the champion never saw."""
