@@ -1,21 +1,24 @@
 """Anonymization of one batch vs a bare polars join-and-shift over the same events, Parquet to Parquet.
 
-Ours is what the `anonymized_*` asset computes for a batch: allowlist, pseudonyms (vault mode, new random
-surrogates for every patient and admission), per-patient week shifts of every timestamp, ages, ZIP3, MEDS
-codes, stay and birth events, then k-anonymity measured and remedied (`anonymize_batch` +
-`enforce_k_anonymity` + `withhold_events`). The baseline is the least any de-identification must do to the
-events: join each lab and vital to an existing pseudonym/shift mapping by encounter and add the shift to its
-two timestamps (one polars join, no new ids, no checks). Goal from issue 4: ours <= 1.5x the baseline at
-50M events. The HMAC mode is timed too (extra), as is the peak RSS.
+Ours is what the `anonymized_*` asset computes for a batch, with the same core functions: allowlist,
+pseudonyms (vault mode, new random surrogates for every patient and admission), per-patient week shifts of
+every timestamp, ages, ZIP3, MEDS codes, stay and birth events, then k-anonymity measured and remedied
+(`anonymize_batch` + `enforce_k_anonymity` + `withhold_events`). The baseline is the least any
+de-identification must do to the events: join each lab and vital to an existing pseudonym/shift mapping by
+encounter and add the shift to its two timestamps (one polars join, no new ids, no checks). Goal from
+issue 4: ours <= 1.5x the baseline at 50M events. The HMAC mode is timed too (extra), as is the peak RSS.
 
 Both sides read the batch's labs and vitals from the same Parquet files (the raw zone's form) and write their
 events to Parquet, streaming: 50M events take about 2 GB in memory and their de-identified form 2.5 GB more,
 over the 4 GB budget of issue 6 when held together. A first version handed both sides in-memory frames and
-collected the output (peak RSS 5.6 GB at 50M, ratio 1.95); since the streaming version, ours runs
-`anonymize_batch` with ``pl.scan_parquet`` inputs (the events come back as a lazy plan, `events_plan`) and
-the baseline is the same join-and-shift as a lazy scan sunk to Parquet, so both pay the same reading and
-writing, and the baseline writes the same columns and types as ours (values as Float32, the implausible
-flag; only the MEDS code prefix is missing). The events are generated in chunks straight to Parquet, so the generator's peak stays low too.
+collected the output (peak RSS 5.6 GB at 50M, ratio 1.95). Since then ours calls `anonymize_batch` with
+``pl.scan_parquet`` inputs (its streaming mode: the events come back as a lazy plan, `events_plan`, with
+the same rows and orphan count as the in-memory mode, which a unit test checks) and sinks the plan; the
+baseline is the same join-and-shift as a lazy scan sunk to Parquet. Both pay the same reading and writing,
+and the baseline writes the same columns and types as ours (values as Float32, the implausible flag; only the
+MEDS code prefix is missing). The events are generated in chunks straight to Parquet, so the generator's
+peak stays low too. (The asset itself still hands in-memory frames to `anonymize_batch`: a daily batch is
+small; at this size it would need the streaming mode too.)
 """
 
 import gc
