@@ -92,3 +92,22 @@ def test_encounter_lookup_finds_each_known_id_and_nothing_else(keys, values):
 
     found = _row_index_in(pl.Series(values, dtype=pl.String), pl.Series(keys, dtype=pl.String)).to_list()
     assert found == [keys.index(v) if v in keys else None for v in values]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    drop=st.lists(st.integers(1, 40), max_size=15),
+    max_slices=st.sampled_from([0, 3, 10_000]),
+    shuffled=st.booleans(),
+)
+def test_rejected_rows_leave_the_accepted_frame_in_order(n, drop, max_slices, shuffled):
+    from clinical_ml.core.ingestion import _without_rows
+
+    frame = pl.DataFrame({"row_number": pl.int_range(1, n + 1, dtype=pl.Int64, eager=True)})
+    frame = frame.with_columns((pl.col("row_number") * 10).alias("v"))
+    if shuffled:
+        frame = frame.reverse()
+    out = _without_rows(frame, pl.Series(drop, dtype=pl.Int64), max_slices=max_slices)
+    expected = frame.filter(~pl.col("row_number").is_in(drop))
+    assert out.equals(expected)
