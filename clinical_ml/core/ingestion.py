@@ -756,7 +756,7 @@ def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Serie
     return bad.select("row_number", pl.lit("undeclared_unit_switch").alias("reason"))
 
 
-def _without_rows(frame: pl.DataFrame, row_numbers: pl.Series, *, max_slices: int = 10_000) -> pl.DataFrame:
+def _without_rows(frame: pl.DataFrame, row_numbers: pl.Series, *, max_slices: int = 1_000) -> pl.DataFrame:
     """``frame`` without the rows whose ``row_number`` (1-based position) is listed, in order.
 
     A few rejects out of millions are cut out as zero-copy slices around them (a filter or anti join copies
