@@ -110,14 +110,13 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
     schedule = build_nightly_retraining_schedule([uc])
     night = datetime(2026, 1, 10, 2, tzinfo=UTC)
 
-    def evaluate():
-        with dg.instance_for_test() as instance:
-            ctx = dg.build_schedule_context(
-                instance=instance, scheduled_execution_time=night, resources={"zones": zones}
-            )
-            return schedule.evaluate_tick(ctx)
+    def evaluate() -> list:
+        # direct invocation (evaluate_tick would leave a definitions-load context on a closed instance)
+        ctx = dg.build_schedule_context(scheduled_execution_time=night, resources={"zones": zones})
+        return [schedule(ctx)]
 
-    assert evaluate().run_requests == []  # no cohort yet: nothing to learn from
+    (skipped,) = evaluate()
+    assert isinstance(skipped, dg.SkipReason)  # no cohort yet: nothing to learn from
     admit = datetime(2020, 3, 1)
     cohort = pl.DataFrame(
         {
@@ -130,8 +129,9 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
     out = tmp_path / "deid" / "usecases" / uc.name / "cohort.parquet"
     out.parent.mkdir(parents=True)
     cohort.write_parquet(out)
-    first = evaluate().run_requests
-    assert len(first) == 1 and "no champion yet" in first[0].tags[RETRAIN_REASON_TAG]
+    first = evaluate()
+    assert len(first) == 1 and isinstance(first[0], dg.RunRequest)
+    assert "no champion yet" in first[0].tags[RETRAIN_REASON_TAG]
 
     registry.register_model(
         tmp_path / "registry",
@@ -141,8 +141,9 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
         card={"lineage": {"batch_ids": ["2026-01-05"]}},
     )
     registry.set_champion(tmp_path / "registry", uc.name, "v1")
-    new = evaluate().run_requests
-    assert len(new) == 1 and "1 newly labelled admissions" in new[0].tags[RETRAIN_REASON_TAG]
+    new = evaluate()
+    assert len(new) == 1 and isinstance(new[0], dg.RunRequest)
+    assert "1 newly labelled admissions" in new[0].tags[RETRAIN_REASON_TAG]
 
     registry.register_model(
         tmp_path / "registry",
@@ -152,8 +153,8 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
         card={"lineage": {"batch_ids": ["2026-01-05", "2026-01-08"]}},
     )
     registry.set_champion(tmp_path / "registry", uc.name, "v2")
-    tick = evaluate()
-    assert tick.run_requests == [] and "no newly labelled" in (tick.skip_message or "")
+    (tick,) = evaluate()
+    assert isinstance(tick, dg.SkipReason) and "no newly labelled" in (tick.skip_message or "")
 
 
 def test_drift_and_performance_errors_request_one_retraining_each_and_only_drift_starts_an_episode():
