@@ -76,6 +76,16 @@ def child(stage: str, workdir: Path, scale: str, repetitions: int, out: Path) ->
         report["traceback"] = traceback.format_exc()[-4000:]
     report["wall_s"] = time.perf_counter() - started
     report["peak_rss_mb"] = _peak_rss_mb()
+    # a module that runs a peer tool (Evidently, NannyML) in a child process reports its own peak before the
+    # peer ran: the budget is ours, the peer's memory is the peer's (kept beside it)
+    ours = [
+        r["extra"]["peak_rss_mb_ours"]
+        for r in report.get("rows", [])
+        if "peak_rss_mb_ours" in (r.get("extra") or {})
+    ]
+    if ours:
+        report["peak_rss_mb_with_peers"] = report["peak_rss_mb"]
+        report["peak_rss_mb"] = max(ours)
     out.write_text(json.dumps(report, default=str, indent=1))
     return 0 if "error" not in report else 1
 
@@ -188,7 +198,8 @@ def render_markdown(report: dict) -> str:
         "",
         "Times are wall-clock medians [min-max] over the repetitions; `ratio` = ours / baseline (medians). "
         "`cpu ratio` is the same on process CPU time where a module reports it: this machine is shared, and "
-        "CPU time is less disturbed by other work than wall time. Peak RSS is the module's whole process.",
+        "CPU time is less disturbed by other work than wall time. Peak RSS is the module's whole process (a peer "
+        "tool run in a process of its own, e.g. Evidently, is shown apart).",
         "",
         "| stage | measurement | ours | time | baseline | time | ratio | cpu ratio | goal | met | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -196,6 +207,8 @@ def render_markdown(report: dict) -> str:
     notes = []
     for m in report["modules"]:
         rss = f"{m.get('peak_rss_mb', 0):,.0f} MB" if m.get("peak_rss_mb") else "-"
+        if m.get("peak_rss_mb_with_peers"):
+            rss += f" (peer tool's process: {m['peak_rss_mb_with_peers']:,.0f} MB)"
         if m.get("error"):
             lines.append(f"| {m['stage']} | **did not finish**: {m['error'][:160]} | | | | | | | | | {rss} |")
             continue
