@@ -130,6 +130,17 @@ def _hold_unless_drift_passed(paths: UseCasePaths, zones: DataZones, batch: str,
         )
 
 
+def _batch_predictions(
+    paths: UseCasePaths, zones: DataZones, uc: UseCase, batch: str
+) -> tuple[pl.DataFrame, str, float]:
+    """The batch's scored admissions, the model version that scored them and its operating threshold."""
+    preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
+    if preds.height == 0:
+        return preds, "none", 0.5
+    version = str(preds["model_version"][0])
+    return preds, version, float(registry.read_card(zones.registry, uc.name, version)["threshold"])
+
+
 def _scored(preds: pl.DataFrame, subject: str, encounter: str) -> list[ScoredAdmission]:
     return [
         ScoredAdmission(
@@ -166,7 +177,7 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
     def ehr_delivery(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch = context.partition_key
         _hold_unless_drift_passed(paths, zones, batch, "EHR delivery")
-        preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
+        preds, version, threshold = _batch_predictions(paths, zones, uc, batch)
         vault = load_vault(zones)
         if preds.height and vault.patients.height == 0:
             raise dg.Failure(
@@ -174,8 +185,6 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
                 "mapping). Set CLINICAL_ML_FHIR_SUBJECT=pseudonym or use the vault mode."
             )
         site = reidentify_for_ehr(preds, vault.patients, vault.encounters)
-        version = preds["model_version"][0] if preds.height else "none"
-        card = registry.read_card(zones.registry, uc.name, version) if preds.height else {"threshold": 0.5}
         out = zones.phi / "outbox" / uc.name / f"{batch}.ndjson"
         n = write_ndjson(
             _scored(site, "mrn", "encounter_id"),
@@ -183,7 +192,7 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
             use_case=uc.name,
             outcome=uc.outcome.name,
             model_version=version,
-            threshold=float(card["threshold"]),
+            threshold=threshold,
             subject_system=site_system,
         )
         # counts only: the file holds identifiers, its metadata does not
@@ -344,9 +353,7 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     def risk_assessment_export(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch = context.partition_key
         _hold_unless_drift_passed(paths, zones, batch, "FHIR export")
-        preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet"))
-        version = preds["model_version"][0] if preds.height else "none"
-        card = registry.read_card(zones.registry, uc.name, version) if preds.height else {"threshold": 0.5}
+        preds, version, threshold = _batch_predictions(paths, zones, uc, batch)
         rows = _scored(preds, "subject_id", "hadm_id")
         out = paths.deid(zones, f"fhir/{batch}.ndjson")
         n = write_ndjson(
@@ -355,7 +362,7 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             use_case=uc.name,
             outcome=uc.outcome.name,
             model_version=version,
-            threshold=float(card["threshold"]),
+            threshold=threshold,
         )
         return dg.MaterializeResult(
             metadata={"dagster/row_count": n, "path": str(out.relative_to(zones.deid))}
