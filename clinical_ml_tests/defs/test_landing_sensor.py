@@ -104,3 +104,28 @@ def test_odd_and_symlinked_batch_folders_are_never_read(landing):
         shutil.copytree(src, landing / "landing" / "batch 7")
         (landing / "landing" / "2026-01-10").symlink_to(src, target_is_directory=True)
         assert _tick(instance, landing, first.cursor).run_requests == []
+
+
+@dg.op
+def _ingested() -> None:
+    return None
+
+
+@dg.job
+def _ingestion_stand_in() -> None:
+    _ingested()
+
+
+def test_a_batch_ingested_outside_the_sensor_is_not_ingested_again(landing):
+    from clinical_ml.core.landing import find_complete_batches
+
+    batches = {b.batch_id: b for b in find_complete_batches(landing / "landing")}
+    done = batches["2026-01-05"]
+    with dg.instance_for_test() as instance:
+        # as `make demo` tags its runs: same batch, same content
+        _ingestion_stand_in.execute_in_process(
+            instance=instance, tags={"batch_id": done.batch_id, "content_sha256": done.content_hash}
+        )
+        first = _tick(instance, landing)
+        assert [r.partition_key for r in first.run_requests] == ["2026-01-06"]
+        assert _tick(instance, landing, first.cursor).run_requests == []

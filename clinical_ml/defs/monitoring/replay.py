@@ -79,7 +79,9 @@ def replay(
     cursor, days = 0, []
     for i, b in enumerate(batches):
         run: dict[str, Any] = {"instance": instance, "raise_on_error": False, "run_config": QUIET}
-        jobs["batch_ingestion_job"].execute_in_process(partition_key=b.batch_id, **run)
+        jobs["batch_ingestion_job"].execute_in_process(
+            partition_key=b.batch_id, tags={"batch_id": b.batch_id, "content_sha256": b.content_hash}, **run
+        )
         if i + 1 == warmup:
             jobs["lifecycle_job"].execute_in_process(
                 tags={"clinical_ml/retraining_reason": "first champion"}, **run
