@@ -19,6 +19,7 @@ monitoring of a batch with the champion). Every repetition starts from empty zon
 """
 
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -175,8 +176,12 @@ def build_plan(defs: dg.Definitions, phases: dict, batches: list[str]) -> tuple[
     return plan, covers
 
 
+PEAK_RSS_AFTER: dict[str, float] = {}  # "<runner> <phase>" -> this process's peak RSS (MB) once it ended
+
+
 def _build(runner, batches: list[str], plan: Plan, times: dict, cpu: dict) -> None:
-    """Every phase's runs, timing each phase (wall and CPU)."""
+    """Every phase's runs, timing each phase (wall and CPU) and noting the process's peak RSS after it (the
+    peak only grows: the first phase after which it jumps is the one that needed the memory)."""
     runner.add_batches(batches)
     for name in PHASES:
         t, c = time.perf_counter(), time.process_time()
@@ -190,6 +195,8 @@ def _build(runner, batches: list[str], plan: Plan, times: dict, cpu: dict) -> No
                 )
         times[name].append(time.perf_counter() - t)
         cpu[name].append(time.process_time() - c)
+        label = f"{type(runner).__name__.strip('_').lower()} {name} ({len(batches)} batches)"
+        PEAK_RSS_AFTER[label] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
@@ -248,6 +255,7 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
                 if p != "whole" and plan[p] and covers[p] > sum(len(k or []) for k in plan[p])
             }
             extra = {
+                "peak_rss_mb_after_phase": PEAK_RSS_AFTER,
                 "batches_full_build": len(history),
                 "assets_per_phase": {p: len(phases[p]) for p in PHASES},
                 "runs_per_phase": {p: len(plan[p]) for p in PHASES},
