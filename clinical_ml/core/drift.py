@@ -10,9 +10,9 @@ Binning and tests (stated in every report)
   bins are merged until every expected count is at least 10.
 - **KS**: the two-sample Kolmogorov-Smirnov statistic on the observed values, Kolmogorov's asymptotic p-value;
   PSI alone misses modest mean shifts. The reference keeps its ECDF at up to ``KS_GRID`` (10,000) of its
-  values: the statistic is exactly ``scipy.stats.ks_2samp``'s when a column has no more distinct values (every
-  derivation cohort of a hospital-sized use case), else within the reference mass between two grid points
-  (at most ~1e-4) below it.
+  values: the statistic is exactly ``scipy.stats.ks_2samp``'s when a column has no more distinct values (small
+  cohorts, and recorded values rounded to the assay's precision), else within the reference mass between two
+  grid points (at most ~1e-4 for a large continuous column, e.g. a slope) below it.
 
 Speed: a reference profile is computed once per champion and holds no row; a batch costs one sort per column
 plus binary searches of the bin edges and the grid in it.
