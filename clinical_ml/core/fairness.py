@@ -477,25 +477,14 @@ def _analyse_partition(
                 v, vb, va = point[name][i], point[name][b], overall[name]
                 bd = bounds_disp[name]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    d_best = (
-                        float(v - vb),
-                        float(bd["difference_to_best"][0][i]),
-                        float(bd["difference_to_best"][1][i]),
-                    )
-                    r_best = (
-                        float(v / vb),
-                        float(bd["ratio_to_best"][0][i]),
-                        float(bd["ratio_to_best"][1][i]),
-                    )
-                    d_all = (
-                        float(v - va),
-                        float(bd["difference_to_overall"][0][i]),
-                        float(bd["difference_to_overall"][1][i]),
-                    )
-                    r_all = (
-                        float(v / va),
-                        float(bd["ratio_to_overall"][0][i]),
-                        float(bd["ratio_to_overall"][1][i]),
+                    d_best, r_best, d_all, r_all = (
+                        (float(est), float(bd[key][0][i]), float(bd[key][1][i]))
+                        for key, est in (
+                            ("difference_to_best", v - vb),
+                            ("ratio_to_best", v / vb),
+                            ("difference_to_overall", v - va),
+                            ("ratio_to_overall", v / va),
+                        )
                     )
             disp[name] = {
                 "difference_to_best": d_best,

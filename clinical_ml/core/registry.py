@@ -198,7 +198,7 @@ def non_inferiority_criteria(
         ok_auc = bool(d["lower"] >= -auroc_margin)
         sd = comparison["slope_error_difference"]["value"]
         idf = comparison["intercept_error_difference"]["value"]
-        ok_s, ok_i = bool(sd <= slope_margin), bool(idf <= intercept_margin)
+        ok_i = bool(idf <= intercept_margin)
         return [
             GateCriterion(
                 "non_inferiority",
@@ -208,13 +208,7 @@ def non_inferiority_criteria(
                 f"(95% CI {d['lower']:+.3f} to {d['upper']:+.3f}): "
                 f"{'non-inferior' if ok_auc else 'not shown non-inferior'} within a margin of {auroc_margin:.2f}",
             ),
-            GateCriterion(
-                "non_inferiority",
-                "calibration_slope_non_inferior",
-                ok_s,
-                f"calibration slope error {'changes' if ok_s else 'grows'} by {sd:+.3f} vs the champion "
-                f"(margin {slope_margin:.2f})",
-            ),
+            _slope_criterion(sd, slope_margin),
             GateCriterion(
                 "non_inferiority",
                 "calibration_intercept_non_inferior",
@@ -239,17 +233,20 @@ def non_inferiority_criteria(
         sd = abs(challenger_metrics["calibration_slope"]["value"] - 1) - abs(
             cm["calibration_slope"]["value"] - 1
         )
-        ok_s = bool(sd <= slope_margin)
-        out.append(
-            GateCriterion(
-                "non_inferiority",
-                "calibration_slope_non_inferior",
-                ok_s,
-                f"calibration slope error {'changes' if ok_s else 'grows'} by {sd:+.3f} vs the champion "
-                f"(margin {slope_margin:.2f})",
-            )
-        )
+        out.append(_slope_criterion(sd, slope_margin))
     return out
+
+
+def _slope_criterion(slope_error_change: float, margin: float) -> GateCriterion:
+    """The challenger's calibration slope error (|slope - 1|) may not grow by more than ``margin``."""
+    ok = bool(slope_error_change <= margin)
+    return GateCriterion(
+        "non_inferiority",
+        "calibration_slope_non_inferior",
+        ok,
+        f"calibration slope error {'changes' if ok else 'grows'} by {slope_error_change:+.3f} vs the champion "
+        f"(margin {margin:.2f})",
+    )
 
 
 def subgroup_criteria(rows: list[dict], *, min_cell_size: int) -> list[GateCriterion]:
