@@ -17,6 +17,7 @@ Mechanisms (see DESIGN.md):
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -304,6 +305,35 @@ def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
     return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key", "_raw"})
 
 
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
+
+
+def encounter_events(stays: Frame) -> Frame:
+    """Admission, ICU unit, discharge and death events of each stay (``subject_id``, ``hadm_id``, the stay's
+    times and coded columns), as MEDS rows: available when they happen, never implausible. Shared by the
+    anonymizer and the real-data adapters."""
+
+    def one(time_col: str, code: pl.Expr) -> Frame:
+        return stays.filter(pl.col(time_col).is_not_null()).select(
+            "subject_id",
+            pl.col(time_col).alias("time"),
+            code.alias("code"),
+            pl.lit(None, dtype=pl.Float32).alias("numeric_value"),
+            "hadm_id",
+            pl.col(time_col).alias("available_time"),
+            pl.lit(False).alias("implausible"),
+        )
+
+    return pl.concat(
+        [
+            one("admit_time", pl.format("ADMISSION//{}", pl.col("admission_type"))),
+            one("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit"))),
+            one("discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))),
+            one("death_time", pl.lit("MEDS_DEATH")),
+        ]
+    )
+
+
 def anonymize_batch(
     *,
     patients: pl.DataFrame,
@@ -406,17 +436,6 @@ def anonymize_batch(
         "shift_days",
     )
 
-    def _stay_event(time_col: str, code: pl.Expr) -> pl.LazyFrame:
-        return stay.filter(pl.col(time_col).is_not_null()).select(
-            "subject_id",
-            pl.col(time_col).alias("time"),
-            code.alias("code"),
-            pl.lit(None, dtype=pl.Float32).alias("numeric_value"),
-            "hadm_id",
-            pl.col(time_col).alias("available_time"),
-            pl.lit(False).alias("implausible"),
-        )
-
     # Birth: the shifted birth date, except at 90+ where it is set so that it implies exactly 90.
     birth = stay.filter(pl.col("birth_date").is_not_null()).select(
         "subject_id",
@@ -431,18 +450,7 @@ def anonymize_batch(
         pl.lit(None, dtype=pl.Datetime("us")).alias("available_time"),
         pl.lit(False).alias("implausible"),
     )
-    stay_events = pl.concat(
-        [
-            birth,
-            _stay_event("admit_time", pl.format("ADMISSION//{}", pl.col("admission_type"))),
-            _stay_event("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit"))),
-            _stay_event(
-                "discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))
-            ),
-            _stay_event("death_time", pl.lit("MEDS_DEATH")),
-        ],
-        how="vertical_relaxed",
-    ).collect()
+    stay_events = pl.concat([birth, encounter_events(stay)], how="vertical_relaxed").collect()
     if streaming:
         lazy_sources = ((labs.lazy(), _LAB), (vitals.lazy(), _VITAL))
         plans, unmatched = _streamed_measurements(lazy_sources, keys)

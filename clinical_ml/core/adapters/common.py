@@ -150,29 +150,6 @@ def finish_events(events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def stay_events(encounters: pl.DataFrame) -> pl.DataFrame:
-    """Admission, ICU unit, discharge and death events of each encounter, as the anonymizer writes them."""
-
-    def one(time_col: str, code: pl.Expr) -> pl.DataFrame:
-        return encounters.filter(pl.col(time_col).is_not_null()).select(
-            "subject_id",
-            pl.col(time_col).alias("time"),
-            code.alias("code"),
-            pl.lit(None, dtype=pl.Float32).alias("numeric_value"),
-            "hadm_id",
-            pl.col(time_col).alias("available_time"),
-        )
-
-    return pl.concat(
-        [
-            one("admit_time", pl.format("ADMISSION//{}", pl.col("admission_type"))),
-            one("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit"))),
-            one("discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))),
-            one("death_time", pl.lit("MEDS_DEATH")),
-        ]
-    )
-
-
 def cap_age(age: pl.Expr) -> pl.Expr:
     """Ages at or over 90 become 90 (read "90+"), as in the anonymizer; negative ages become null."""
     return pl.when(age < 0).then(None).otherwise(pl.min_horizontal(age, pl.lit(AGE_CAP))).cast(pl.Int32)

@@ -35,9 +35,9 @@ from clinical_ml.core.adapters.common import (
     finish_encounters,
     finish_events,
     read_table,
-    stay_events,
     surrogate_ids,
 )
+from clinical_ml.core.anonymization import encounter_events
 
 SOURCE = "eicu"
 ANCHOR_MONTH_DAY = (7, 1)
@@ -361,7 +361,7 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
     apache, apache_counts = _apache_events(aps, stays)
     events = finish_events(
         pl.concat(
-            [stay_events(encounters), apache, _vital_events(vitals, stays)],
+            [encounter_events(encounters), apache, _vital_events(vitals, stays)],
             how="diagonal_relaxed",
         )
     )

@@ -36,10 +36,9 @@ from clinical_ml.core.adapters.common import (
     finish_encounters,
     finish_events,
     read_table,
-    stay_events,
     surrogate_ids,
 )
-from clinical_ml.core.anonymization import age_in_years
+from clinical_ml.core.anonymization import age_in_years, encounter_events
 from clinical_ml.core.units import LAB_CODES, UNIT_CONVERSIONS
 
 SOURCE = "mimic"
@@ -308,7 +307,9 @@ def adapt(
         )
     )
     events = finish_events(
-        pl.concat([stay_events(encounters), lab_events, vital_events, gcs_events], how="diagonal_relaxed")
+        pl.concat(
+            [encounter_events(encounters), lab_events, vital_events, gcs_events], how="diagonal_relaxed"
+        )
     )
     id_map = pl.concat(
         [
