@@ -1,8 +1,10 @@
 """Monitoring of one use case: each batch scored and checked for drift (one partition per batch), the FHIR
 export for the EHR, and performance over time; the newest-batch drift report is kept for the report set."""
 
+import hashlib
 import json
 import os
+import pickle
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -66,27 +68,30 @@ def _champion(zones: DataZones, uc: UseCase) -> tuple[str, dict, Scorer]:
     return version, card, Scorer(model=model, threshold=float(card["threshold"]), training_ranges=ranges)
 
 
-def _frame(paths: UseCasePaths, zones: DataZones) -> pl.DataFrame:
-    """Features with batch, subgroup attributes, split and label of every admission."""
-    feats = pl.read_parquet(paths.deid(zones, "features.parquet"))
-    cohort = pl.read_parquet(paths.deid(zones, "cohort.parquet")).select(
+def _frame(paths: UseCasePaths, zones: DataZones, batch: str | None = None) -> pl.DataFrame:
+    """Features with batch, subgroup attributes, split and label of every admission (of ``batch`` only when
+    given: the filter is pushed into the Parquet scans)."""
+    cohort = pl.scan_parquet(paths.deid(zones, "cohort.parquet")).select(
         "hadm_id", "batch_id", "admit_time", "discharge_time", "death_time", *SUBGROUP_COLUMNS
     )
-    labels = pl.read_parquet(paths.deid(zones, "labels.parquet")).select(
+    if batch is not None:
+        cohort = cohort.filter(pl.col("batch_id") == batch)
+    labels = pl.scan_parquet(paths.deid(zones, "labels.parquet")).select(
         "hadm_id", pl.col("boolean_value").alias("label")
     )
-    splits = pl.read_parquet(paths.deid(zones, "subject_splits.parquet"))
     return (
-        feats.join(cohort, on="hadm_id")
+        pl.scan_parquet(paths.deid(zones, "features.parquet"))
+        .join(cohort, on="hadm_id")
         .join(labels, on="hadm_id", how="left")
         # patients first seen after the last training have no split yet: they are monitored all the same
-        .join(splits, on="subject_id", how="left")
+        .join(pl.scan_parquet(paths.deid(zones, "subject_splits.parquet")), on="subject_id", how="left")
+        .collect()
     )
 
 
 def _reference(
     frame: pl.DataFrame, card: dict, scorer: Scorer, config: MonitoringConfig, exclude_batch: str
-) -> tuple[pl.DataFrame, MonitoringReference, str]:
+) -> tuple[MonitoringReference, str]:
     """The champion's derivation cohort (train and tuning patients of the batches it was trained on), from
     the batch where a drift it was retrained for began when that window is large enough; with a sentence
     saying which."""
@@ -114,7 +119,30 @@ def _reference(
     names = scorer.model.feature_names
     ref = ref.with_columns(pl.Series(PREDICTION_COLUMN, scorer.model.predict(feature_matrix(ref, names))))
     labels = ref["label"].cast(pl.Boolean).fill_null(False).to_numpy()
-    return ref, prepare_reference(ref, names, config=config, labels=labels), described
+    return prepare_reference(ref, names, config=config, labels=labels), described
+
+
+def _cached_reference(
+    paths: UseCasePaths, zones: DataZones, card: dict, scorer: Scorer, config: MonitoringConfig, batch: str
+) -> tuple[MonitoringReference, str]:
+    """The champion's reference profile, built once per champion (and drift baseline) and kept beside the
+    batch records; rebuilt without the batch when the champion was trained on it (a re-check)."""
+    if batch in card.get("lineage", {}).get("batch_ids", []):
+        return _reference(_frame(paths, zones), card, scorer, config, batch)
+    levels = hashlib.sha256(repr(config).encode()).hexdigest()[:12]  # new monitoring levels: a new profile
+    since = card.get("drift_reference_from") or "all"
+    cache = paths.deid(zones, f"monitoring/reference/{card['version']}_{since}_{levels}.pkl")
+    if cache.exists():
+        with cache.open("rb") as f:
+            reference, described = pickle.load(f)
+        return reference, described
+    built = _reference(_frame(paths, zones), card, scorer, config, batch)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(built, f)
+    tmp.replace(cache)
+    return built
 
 
 def _hold_unless_drift_passed(paths: UseCasePaths, zones: DataZones, batch: str, what: str) -> None:
@@ -222,7 +250,7 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     def batch_predictions(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch = context.partition_key
         version, _, scorer = _champion(zones, uc)
-        frame = _frame(paths, zones).filter(pl.col("batch_id") == batch)
+        frame = _frame(paths, zones, batch)
         scores = scorer.score(feature_matrix(frame, scorer.model.feature_names)) if frame.height else []
         out = frame.select(
             "subject_id", "hadm_id", "prediction_time", "batch_id", *SUBGROUP_COLUMNS
@@ -269,12 +297,11 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     def batch_drift(context: dg.AssetExecutionContext, zones: DataZones):
         batch = context.partition_key
         version, card, scorer = _champion(zones, uc)
-        frame = _frame(paths, zones)
-        ref_frame, reference, described = _reference(frame, card, scorer, config, batch)
+        reference, described = _cached_reference(paths, zones, card, scorer, config, batch)
         preds = pl.read_parquet(paths.deid(zones, f"predictions/{batch}.parquet")).select(
             "hadm_id", PREDICTION_COLUMN
         )
-        current = frame.filter(pl.col("batch_id") == batch).join(preds, on="hadm_id")
+        current = _frame(paths, zones, batch).join(preds, on="hadm_id")
         as_of = datetime.combine(date.fromisoformat(batch) + timedelta(days=1), datetime.min.time())
         matured = current.filter(label_maturity(current, as_of=as_of) & pl.col("label").is_not_null())
         result = monitor_batch(
@@ -327,7 +354,7 @@ def build_monitoring_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
                 "psi_max": max((d.psi for d in result.features), default=0.0),
                 "prediction_psi": result.prediction.psi if result.prediction else 0.0,
                 "n_current": result.n_current,
-                "n_reference": ref_frame.height,
+                "n_reference": reference.profile.n_rows,
                 "model_version": version,
                 "report": dg.MetadataValue.md(md),
             }
