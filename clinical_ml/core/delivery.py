@@ -35,7 +35,7 @@ from clinical_ml.core.safety import (
     extract_zip_member,
     safe_name,
 )
-from clinical_ml.core.storage import write_json, write_parquet
+from clinical_ml.core.storage import sha256_file, write_json, write_parquet
 
 DELIVERY_SUFFIXES = (".csv", ".parquet", ".zip")
 STATUSES = ("accepted", "quarantined", "missing", "duplicate_delivery")
@@ -170,14 +170,6 @@ def _quarantine(
     return dest
 
 
-def _sha_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def process_file(
     *,
     zones: ZonePaths,
@@ -266,7 +258,7 @@ def process_file(
                     byte_offset=n_bytes,
                 )
         if path.suffix == ".zip":
-            sha = _sha_of(path)
+            sha = sha256_file(path)
             work = zones.phi / ".work"
             work.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -281,7 +273,7 @@ def process_file(
             raise FileRejected("checksum_mismatch", "sha256 differs from the one listed in the marker")
     except FileRejected as exc:
         if sha is None and n_bytes and os.path.isfile(path) and not os.path.islink(path):
-            sha = _sha_of(path)
+            sha = sha256_file(path)
         regular = exc.reason_code not in (
             "symlink",
             "not_regular_file",

@@ -16,7 +16,6 @@ Row reasons (first matching wins, in this order): ``wrong_field_count``, ``repea
 ``duplicate_row`` and ``undeclared_unit_switch``.
 """
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +36,7 @@ from clinical_ml.core.safety import (
     safe_column_label,
     sniff_text,
 )
+from clinical_ml.core.storage import sha256_file
 from clinical_ml.core.units import (
     LAB_CODES,
     MISSING_NUMERIC_SENTINELS,
@@ -214,14 +214,6 @@ class IngestResult:
         return self.rejects.height
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def empty_accepted(source: str) -> pl.DataFrame:
     """The accepted-rows frame of ``source`` with no rows: the contract of ``phi/raw/<source>/*.parquet``
     when a file was quarantined or not delivered."""
@@ -296,7 +288,7 @@ def _read_parquet(path: Path) -> tuple[pl.DataFrame, str]:
         else:
             text = pl.col(name).cast(pl.String)
             exprs.append(pl.when(text == "").then(None).otherwise(text).alias(name))
-    return df.select(exprs), file_sha256(path)
+    return df.select(exprs), sha256_file(path)
 
 
 def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinical_ml.core.safety import safe_name
+from clinical_ml.core.storage import sha256_file
 
 COMPLETION_MARKER = "_SUCCESS"
 SOURCES = ("patients", "encounters", "labs", "vitals")
@@ -51,14 +52,6 @@ class LandingBatch:
 def _listing_hash(listing: dict[str, dict]) -> str:
     canon = sorted((name, int(info["bytes"]), str(info.get("sha256", ""))) for name, info in listing.items())
     return hashlib.sha256(json.dumps(canon).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def entry_problem(path: Path) -> str | None:
@@ -151,7 +144,7 @@ def read_unmarked_batch(
         if problem is not None:
             problems.append(problem)
         elif p.name.startswith(SOURCES) and p.name.endswith(DATA_SUFFIXES):
-            listing[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            listing[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         else:
             problems.append("unlisted_file")
     if not listing:

@@ -1,5 +1,6 @@
 """Small file helpers shared by the stages: atomic writes and the code version for lineage."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -73,3 +74,12 @@ def code_version() -> str:
         from importlib.metadata import version
 
         return version("clinical-ml")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (delivered files can be gigabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -21,7 +21,6 @@ The ground truth of a scenario is written to ``_manifest.json`` at the root of t
 """
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -31,6 +30,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from faker import Faker
+
+from clinical_ml.core.storage import sha256_file
 
 Scenario = Literal["default", "drift", "bias"]
 
@@ -447,19 +448,11 @@ def _fmt_times(df: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
     return df.with_columns(pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S") for c in cols)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_completion_marker(batch_dir: Path) -> None:
     """Write the marker last, listing each file with its size and sha256, so a reader can tell a complete
     batch from one still being copied."""
     files = sorted(p for p in batch_dir.iterdir() if p.is_file() and p.name != COMPLETION_MARKER)
-    listing = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    listing = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     (batch_dir / COMPLETION_MARKER).write_text(json.dumps({"files": listing}, indent=2))
 
 

@@ -1,6 +1,5 @@
 """Where one use case keeps its files, and small helpers shared by its stage modules."""
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +34,6 @@ def use_case_key(uc: UseCase, name: str) -> dg.AssetKey:
 def load_challenger(paths: UseCasePaths, zones: DataZones) -> tuple[TrainedModel, dict]:
     d = paths.deid(zones, "challenger")
     return load_model((d / "model.txt").read_text()), read_json(d / "fit.json")
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def md_table(rows: list[tuple[str, object]]) -> str:

@@ -14,7 +14,7 @@ from clinical_ml.core import registry
 from clinical_ml.core.features import derivation_validation_split, feature_matrix
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.reports import md_escape
-from clinical_ml.core.storage import code_version, read_json, write_json, write_parquet
+from clinical_ml.core.storage import code_version, read_json, sha256_file, write_json, write_parquet
 from clinical_ml.core.training import GateInputs, fit_model, judge_challenger, training_frame
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import (
@@ -25,7 +25,7 @@ from clinical_ml.defs.conventions import (
     Stage,
     tags,
 )
-from clinical_ml.defs.usecase.paths import UseCasePaths, load_challenger, sha256_file, use_case_key
+from clinical_ml.defs.usecase.paths import UseCasePaths, load_challenger, use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
