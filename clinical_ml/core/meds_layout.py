@@ -52,7 +52,7 @@ def check_meds_shard(events: pl.DataFrame) -> None:
 
 
 def write_meds_dataset(
-    events: pl.DataFrame,
+    events: pl.DataFrame | pl.LazyFrame,
     root: Path,
     *,
     splits: pl.DataFrame | None = None,
@@ -61,19 +61,22 @@ def write_meds_dataset(
     dataset_version: str = "",
 ) -> dict[str, int]:
     """Write ``data/<shard>.parquet`` (subjects hashed to shards), ``metadata/codes.parquet``,
-    ``metadata/dataset.json`` and, when given, ``metadata/subject_splits.parquet``."""
+    ``metadata/dataset.json`` and, when given, ``metadata/subject_splits.parquet``.
+
+    ``events`` may be lazy (``pl.scan_parquet`` over every batch): one shard is then in memory at a time."""
     root = Path(root)
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     for old in (root / "data").glob("*.parquet"):
         old.unlink()
-    ev = events.unique(maintain_order=True).with_columns((pl.col("subject_id") % n_shards).alias("_shard"))
+    ev = events.lazy()
     counts = {}
     for shard in range(n_shards):
         part = (
-            ev.filter(pl.col("_shard") == shard)
-            .drop("_shard")
-            .sort("subject_id", "time", "code", nulls_last=False)
+            ev.filter(pl.col("subject_id") % n_shards == shard)
+            .unique()  # duplicates share a subject, so per shard is the same as over all events
+            .sort("subject_id", "time", "code", nulls_last=False, maintain_order=True)
+            .collect()
         )
         check_meds_shard(part)
         table = to_meds_table(part)
@@ -83,6 +86,7 @@ def write_meds_dataset(
         ev.select("code")
         .unique()
         .sort("code")
+        .collect()
         .with_columns(
             pl.col("code").map_elements(plain_name, return_dtype=pl.String).alias("description"),
             pl.lit(None, dtype=pl.List(pl.String)).alias("parent_codes"),

@@ -314,8 +314,10 @@ def _anonymize_batch(
     kinds={"polars", "parquet"},
     owners=PRIVACY_OWNERS,
     tags=tags(DataClass.DEIDENTIFIED),
-    description="Every de-identified batch assembled into one MEDS dataset (sharded by subject, sorted, "
-    "validated with the meds package plus sort-order and subject-contiguity checks).",
+    description="Every de-identified batch assembled into one MEDS dataset for MEDS tools (sharded by "
+    "subject, sorted, validated with the meds package plus sort-order and subject-contiguity checks). Rebuilt "
+    "with the nightly lifecycle_job; the features read the per-batch event files, so a new batch does not "
+    "wait for this export.",
 )
 def meds_dataset(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
     files = sorted((zones.deid / "events").glob("*.parquet"))
@@ -323,15 +325,19 @@ def meds_dataset(context: dg.AssetExecutionContext, zones: DataZones) -> dg.Mate
         raise dg.Failure(
             "No anonymized batches yet: materialize the ingestion and anonymization assets first."
         )
-    events = pl.concat([pl.read_parquet(f) for f in files])
+    events = pl.scan_parquet(files)  # one shard in memory at a time
     counts = write_meds_dataset(events, zones.deid / "meds", dataset_version=code_version())
     context.log.info(f"MEDS dataset written from {len(files)} batches")
+    shards = pl.scan_parquet(zones.deid / "meds" / "data" / "*.parquet")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(counts.values()),
             "batches": len(files),
-            "subjects": events["subject_id"].n_unique(),
-            "codes": events["code"].n_unique(),
+            "subjects": shards.select(pl.col("subject_id").n_unique()).collect().item(),
+            "codes": pl.scan_parquet(zones.deid / "meds" / "metadata" / "codes.parquet")
+            .select(pl.len())
+            .collect()
+            .item(),
             "path": "meds",
         }
     )

@@ -24,8 +24,10 @@ lifecycle_job = dg.define_asset_job(
 
 feature_refresh_job = dg.define_asset_job(
     "feature_refresh_job",
-    selection=dg.AssetSelection.assets("meds_dataset") | dg.AssetSelection.groups(Stage.FEATURES),
-    description="Rebuild the MEDS layer and every use case's cohort, labels and features after a new batch.",
+    selection=dg.AssetSelection.groups(Stage.FEATURES),
+    description="Bring every use case's cohort, labels and features up to date after a new batch (features "
+    "compute only the batches whose inputs changed). The MEDS dataset export is rebuilt with the nightly "
+    "lifecycle_job, not per batch: nothing downstream reads it.",
 )
 
 batch_monitoring_job = dg.define_asset_job(

@@ -3,12 +3,8 @@
 import dagster as dg
 import polars as pl
 
-from clinical_ml.core.features import (
-    build_cohort,
-    build_features,
-    build_labels,
-)
-from clinical_ml.core.meds_layout import read_meds_events
+from clinical_ml.core.feature_cache import build_features_incremental
+from clinical_ml.core.features import build_cohort, build_labels
 from clinical_ml.core.storage import write_json, write_parquet
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
@@ -71,25 +67,36 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
 
     @dg.asset(
         key=key("patient_features"),
-        deps=[key("cohort"), "meds_dataset"],
+        deps=[key("cohort"), "anonymized_events"],
         group_name=Stage.FEATURES,
         kinds={"polars"},
         tags=tags(DataClass.DEIDENTIFIED),
         description="Windowed aggregates of each code before the prediction time, only from values available "
-        "by then (result or stored time), plus static attributes.",
+        "by then (result or stored time), plus static attributes. Incremental: kept per delivery batch and "
+        "recomputed only for batches whose cohort rows or events changed (a new batch computes its own part).",
         owners=ML_OWNERS,
     )
-    def patient_features(zones: DataZones) -> dg.MaterializeResult:
-        feats = build_features(
-            read_meds_events(zones.deid / "meds"), pl.read_parquet(paths.deid(zones, "cohort.parquet")), uc
+    def patient_features(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
+        files = sorted((zones.deid / "events").glob("*.parquet"))
+        feats, stats = build_features_incremental(
+            files,
+            pl.read_parquet(paths.deid(zones, "cohort.parquet")),
+            uc,
+            paths.deid(zones, "feature_cache"),
         )
         write_parquet(feats, paths.deid(zones, "features.parquet"))
+        context.log.info(
+            f"features: {stats.computed} batches computed, {stats.reused} reused from the cache "
+            f"({stats.event_files_indexed} of {stats.event_files} event files indexed)"
+        )
         missing = {c: float(feats[c].null_count() / max(feats.height, 1)) for c in feats.columns[3:]}
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": feats.height,
                 "features": len(feats.columns) - 3,
                 "share_missing_max": max(missing.values(), default=0.0),
+                "batches_computed": stats.computed,
+                "batches_reused": stats.reused,
             }
         )
 
