@@ -17,7 +17,7 @@ Pieces
 """
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -37,7 +37,12 @@ from clinical_ml.core.drift import (
     reference_profile,
     worst_level,
 )
-from clinical_ml.core.evaluation import auroc, calibration_slope_intercept, confusion
+from clinical_ml.core.evaluation import (
+    auroc,
+    calibration_slope_intercept,
+    calibration_slopes_weighted,
+    confusion,
+)
 from clinical_ml.core.features import STATIC_CATEGORIES
 
 PREDICTION_COLUMN = "predicted_risk"
@@ -399,43 +404,88 @@ class ConfidenceBasedEstimator:
         }
 
 
-def _bootstrap_ci(
-    y: np.ndarray, p: np.ndarray, fn, *, n_boot: int, seed: int, alpha: float = 0.05
-) -> tuple[float, float]:
+_METRICS = ("auroc", "sensitivity", "observed_expected", "calibration_slope")
+
+
+def _bootstrap_counts(n: int, *, n_boot: int, seed: int, max_cells: int = 2**20) -> Iterator[np.ndarray]:
+    """Bootstrap multiplicities, (replicates, rows) blocks of at most ``max_cells`` cells.
+
+    The resamples are those of ``n_boot`` draws of ``rng.integers(0, n, n)`` from ``default_rng(seed)``:
+    a block of draws continues the same stream, so the replicates do not depend on the block size.
+    """
     rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, y.size, y.size)
-        v = fn(y[idx], p[idx])
-        if np.isfinite(v):
-            vals.append(v)
-    if len(vals) < max(10, n_boot // 4):
+    per_block = max(1, max_cells // max(n, 1))
+    for first in range(0, n_boot, per_block):
+        k = min(per_block, n_boot - first)
+        idx = rng.integers(0, n, (k, n)) + n * np.arange(k)[:, None]
+        yield np.bincount(idx.ravel(), minlength=k * n).reshape(k, n).astype(np.float64)
+
+
+def _weighted_auroc(y: np.ndarray, p: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC of each resample given by a row of ``counts`` (Mann-Whitney with ties counted half).
+
+    Equals :func:`auroc` on the repeated rows: a positive scores the weight of negatives with a lower risk
+    plus half of those with the same risk. NaN where one class has no weight.
+    """
+    order = np.argsort(p, kind="mergesort")
+    sp, ys, c = p[order], y[order], counts[:, order]
+    new_value = np.r_[True, sp[1:] != sp[:-1]]
+    starts = np.flatnonzero(new_value)
+    ends = np.r_[starts[1:], sp.size]
+    group = np.cumsum(new_value) - 1
+    neg_below = np.zeros((c.shape[0], sp.size + 1))
+    np.cumsum(c * ~ys, axis=1, out=neg_below[:, 1:])
+    pos = np.flatnonzero(ys)
+    lo, hi = starts[group[pos]], ends[group[pos]]
+    beaten = neg_below[:, lo] + 0.5 * (neg_below[:, hi] - neg_below[:, lo])
+    n1 = c[:, pos].sum(axis=1)
+    n0 = neg_below[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((n1 > 0) & (n0 > 0), (c[:, pos] * beaten).sum(axis=1) / (n1 * n0), np.nan)
+
+
+def _bootstrap_replicates(
+    y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    """The four metrics on each of ``n_boot`` resamples of the rows, all replicates at once (NaN: undefined)."""
+    y = np.asarray(y, dtype=bool)
+    p = np.asarray(p, dtype=np.float64)
+    events_flagged = (y & (p >= threshold)).astype(np.float64)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in _METRICS}
+    for c in _bootstrap_counts(y.size, n_boot=n_boot, seed=seed):
+        events = c @ y.astype(np.float64)
+        expected = c @ p
+        with np.errstate(divide="ignore", invalid="ignore"):
+            parts["sensitivity"].append(np.where(events > 0, (c @ events_flagged) / events, np.nan))
+            parts["observed_expected"].append(np.where(expected > 0, events / expected, np.nan))
+        parts["auroc"].append(_weighted_auroc(y, p, c))
+        parts["calibration_slope"].append(calibration_slopes_weighted(y, p, c))
+    return {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items()}
+
+
+def _percentile_ci(replicates: np.ndarray, *, n_boot: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of the finite replicates; NaN when fewer than max(10, n_boot // 4) are finite."""
+    vals = replicates[np.isfinite(replicates)]
+    if vals.size < max(10, n_boot // 4):
         return float("nan"), float("nan")
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 
 def _metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int, seed: int) -> dict:
-    def sens(yy: np.ndarray, pp: np.ndarray) -> float:
-        tp, _, _, fn = confusion(yy, pp, threshold)
-        return tp / (tp + fn) if tp + fn else float("nan")
-
-    def oe(yy: np.ndarray, pp: np.ndarray) -> float:
-        return float(yy.sum() / pp.sum()) if pp.sum() > 0 else float("nan")
-
-    def slope(yy: np.ndarray, pp: np.ndarray) -> float:
-        return calibration_slope_intercept(yy, pp)[0]
-
+    tp, _, _, fn = confusion(y, p, threshold)
+    value = {
+        "auroc": auroc(y, p),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "observed_expected": float(y.sum() / p.sum()) if p.sum() > 0 else float("nan"),
+        "calibration_slope": calibration_slope_intercept(y, p)[0],
+    }
+    reps = _bootstrap_replicates(y, p, threshold, n_boot=n_boot, seed=seed)
     out = {}
-    for name, fn in (
-        ("auroc", auroc),
-        ("sensitivity", sens),
-        ("observed_expected", oe),
-        ("calibration_slope", slope),
-    ):
-        value = fn(y, p)
-        lo, hi = _bootstrap_ci(y, p, fn, n_boot=n_boot, seed=seed) if np.isfinite(value) else (np.nan, np.nan)
-        out[name] = {"value": float(value), "lower": lo, "upper": hi}
+    for name in _METRICS:
+        v = value[name]
+        lo, hi = _percentile_ci(reps[name], n_boot=n_boot) if np.isfinite(v) else (np.nan, np.nan)
+        out[name] = {"value": float(v), "lower": lo, "upper": hi}
     return out
 
 

@@ -4,10 +4,19 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clinical_ml.core.evaluation import auroc
+from clinical_ml.core.evaluation import (
+    auroc,
+    calibration_slope_intercept,
+    calibration_slopes_weighted,
+    confusion,
+)
 from clinical_ml.core.monitoring import (
     ConfidenceBasedEstimator,
     MonitoringConfig,
+    _bootstrap_counts,
+    _bootstrap_replicates,
+    _metrics_with_ci,
+    _percentile_ci,
     categorical_codes,
     label_maturity,
     load_monitoring_config,
@@ -137,3 +146,129 @@ def test_monitoring_config_reads_levels_and_rejects_unknown_keys(tmp_path):
     bad.write_text("drift:\n  psi_eror: 0.3\n")
     with pytest.raises(ValueError, match="psi_eror"):
         load_monitoring_config(bad)
+
+
+def _loop_metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int, seed: int) -> dict:
+    """Reference: one Python-loop bootstrap per metric, each replicate through the scalar metric functions."""
+
+    def sens(yy: np.ndarray, pp: np.ndarray) -> float:
+        tp, _, _, fn = confusion(yy, pp, threshold)
+        return tp / (tp + fn) if tp + fn else float("nan")
+
+    def oe(yy: np.ndarray, pp: np.ndarray) -> float:
+        return float(yy.sum() / pp.sum()) if pp.sum() > 0 else float("nan")
+
+    def slope(yy: np.ndarray, pp: np.ndarray) -> float:
+        return calibration_slope_intercept(yy, pp)[0]
+
+    out = {}
+    for name, fn in (
+        ("auroc", auroc),
+        ("sensitivity", sens),
+        ("observed_expected", oe),
+        ("calibration_slope", slope),
+    ):
+        rng = np.random.default_rng(seed)
+        vals = []
+        for _ in range(n_boot):
+            idx = rng.integers(0, y.size, y.size)
+            v = fn(y[idx], p[idx])
+            if np.isfinite(v):
+                vals.append(v)
+        value = fn(y, p)
+        if not np.isfinite(value) or len(vals) < max(10, n_boot // 4):
+            lo, hi = np.nan, np.nan
+        else:
+            lo, hi = np.quantile(vals, [0.025, 0.975])
+        out[name] = {"value": float(value), "lower": float(lo), "upper": float(hi)}
+    return out
+
+
+def _case(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "calibrated":
+        p, y = _calibrated(500, 11)
+    elif kind == "overconfident":
+        p, y = _calibrated(300, 12)
+        p = 1 / (1 + np.exp(-1.5 * np.log(p / (1 - p))))  # slope ~0.6; steeper diverges in the Newton fit
+    elif kind == "tied_risks":
+        p, y = _calibrated(400, 13)
+        p = np.round(p, 2)
+    else:  # rare: two events in 25 rows, so many replicates have one class only
+        p, y = _calibrated(25, 14)
+        y = np.zeros(25, dtype=bool)
+        y[[3, 17]] = True
+    return p, y
+
+
+@pytest.mark.parametrize("kind", ["calibrated", "overconfident", "tied_risks", "rare"])
+def test_vectorized_bootstrap_equals_the_per_replicate_loop_on_the_same_resamples(kind):
+    p, y = _case(kind)
+    got = _metrics_with_ci(y, p, 0.2, n_boot=200, seed=3)
+    want = _loop_metrics_with_ci(y, p, 0.2, n_boot=200, seed=3)
+    for name, m in want.items():
+        for key, v in m.items():
+            assert got[name][key] == pytest.approx(v, rel=1e-9, abs=1e-9, nan_ok=True), (name, key)
+    assert np.isfinite(got["auroc"]["lower"])
+
+
+def test_vectorized_bootstrap_auroc_ci_agrees_with_an_independent_loop_within_monte_carlo_error():
+    p, y = _calibrated(500, 21)
+    got = _metrics_with_ci(y, p, 0.2, n_boot=2000, seed=1)["auroc"]
+    rng = np.random.default_rng(2)  # other resamples: agreement is up to Monte-Carlo error only
+    reps = [auroc(y[idx], p[idx]) for idx in (rng.integers(0, y.size, y.size) for _ in range(2000))]
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    assert got["lower"] == pytest.approx(lo, abs=0.02) and got["upper"] == pytest.approx(hi, abs=0.02)
+    assert got["lower"] < got["value"] < got["upper"]
+
+
+def test_bootstrap_is_deterministic_for_a_seed_and_does_not_depend_on_the_block_size():
+    p, y = _calibrated(300, 22)
+    a = _metrics_with_ci(y, p, 0.2, n_boot=100, seed=5)
+    assert a == _metrics_with_ci(y, p, 0.2, n_boot=100, seed=5)
+    assert a != _metrics_with_ci(y, p, 0.2, n_boot=100, seed=6)
+    small = np.concatenate(list(_bootstrap_counts(300, n_boot=100, seed=5, max_cells=7 * 300)))
+    whole = np.concatenate(list(_bootstrap_counts(300, n_boot=100, seed=5)))
+    assert small.shape == (100, 300) and (small == whole).all() and (whole.sum(axis=1) == 300).all()
+
+
+def test_batched_calibration_slope_equals_the_fit_on_each_resample():
+    p, y = _calibrated(200, 23)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, y.size, (60, y.size))
+    idx[0] = np.flatnonzero(~y)[0]  # one outcome class only
+    counts = np.stack([np.bincount(i, minlength=y.size) for i in idx])
+    got = calibration_slopes_weighted(y, p, counts)
+    want = np.array([calibration_slope_intercept(y[i], p[i])[0] for i in idx])
+    assert np.isnan(got[0]) and np.isnan(want[0])
+    np.testing.assert_allclose(got[1:], want[1:], rtol=0, atol=1e-6)
+
+
+def test_replicates_with_one_outcome_class_are_undefined_and_dropped():
+    y = np.zeros(40, dtype=bool)
+    y[7] = True  # one event: a resample without it has one class
+    p = np.linspace(0.05, 0.6, 40)
+    reps = _bootstrap_replicates(y, p, 0.2, n_boot=300, seed=0)
+    without_event = next(_bootstrap_counts(40, n_boot=300, seed=0))[:, 7] == 0
+    assert 0 < without_event.sum() < 300
+    for name in ("auroc", "sensitivity", "calibration_slope"):
+        assert np.isnan(reps[name][without_event]).all(), name
+        assert np.isfinite(reps[name][~without_event]).all(), name
+    assert np.isfinite(reps["observed_expected"]).all()
+
+
+def test_too_few_finite_replicates_give_no_interval():
+    vals = np.full(200, np.nan)
+    vals[:49] = np.linspace(0.6, 0.8, 49)
+    assert np.isnan(_percentile_ci(vals, n_boot=200)).all()  # 49 < 200 // 4
+    vals[49] = 0.7
+    assert np.isfinite(_percentile_ci(vals, n_boot=200)).all()
+    few = np.r_[np.linspace(0.6, 0.8, 9), np.full(11, np.nan)]
+    assert np.isnan(_percentile_ci(few, n_boot=20)).all()  # the floor of 10 finite replicates
+
+
+def test_a_slice_with_one_outcome_class_has_no_auroc_slope_or_sensitivity():
+    p, _ = _calibrated(50, 24)
+    m = _metrics_with_ci(np.zeros(50, dtype=bool), p, 0.2, n_boot=100, seed=0)
+    for name in ("auroc", "sensitivity", "calibration_slope"):
+        assert np.isnan([m[name]["value"], m[name]["lower"], m[name]["upper"]]).all(), name
+    assert m["observed_expected"]["value"] == 0.0 and m["observed_expected"]["upper"] == 0.0
