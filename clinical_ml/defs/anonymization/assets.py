@@ -12,7 +12,7 @@ from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.reidentification import RiskPolicy, enforce_k_anonymity, measure_risk, quasi_identifiers
 from clinical_ml.core.storage import code_version, write_json, write_parquet
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
-from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result
+from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.pseudonym_secret import HmacKey, hmac_key_for
 from clinical_ml.resources.settings import AnonymizationSettings
 from clinical_ml.resources.zones import DataZones
@@ -160,7 +160,9 @@ def anonymized_cohort(
     batches = context.partition_keys
     # Batch by batch, in order (the vault grows with each), each gated on its own: a batch that fails a check
     # is withheld whatever else the run holds (see clinical_ml.defs.ingestion.ranges for runs of many).
-    per_batch = {b: _anonymize_batch(context, zones, anonymization, key, b) for b in batches}
+    lines: list[str] = []
+    per_batch = {b: _anonymize_batch(context, zones, anonymization, key, b, lines) for b in batches}
+    log_batches(context, lines)
     for table, asset_key in DEID_TABLES.items():
         if len(batches) == 1:
             (outcome,) = (o[table] for o in per_batch.values())
@@ -176,6 +178,7 @@ def _anonymize_batch(
     anonymization: AnonymizationSettings,
     key: HmacKey | None,
     batch_id: str,
+    lines: list[str],
 ) -> dict[str, BatchOutcome]:
     """Anonymize, remedy, gate and (when it passes) release one batch; what each table reports."""
     raw = {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")}
@@ -301,7 +304,7 @@ def _anonymize_batch(
                 ),
             ],
         )
-    context.log.info(
+    lines.append(
         f"batch {batch_id}: {remedied.encounters.height} admissions, k = {published.k_min}, "
         f"{remedied.subjects_withheld} patients withheld, released = {release}"
     )

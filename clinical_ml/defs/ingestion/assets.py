@@ -18,7 +18,7 @@ from clinical_ml.core.landing import fingerprint, read_batch, read_unmarked_batc
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
-from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result
+from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.zones import DataZones
 
 SOURCE_DESCRIPTIONS = {
@@ -113,9 +113,14 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
         ],
     )
     def _raw(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
-        return batch_result(context, {b: _ingest(context, zones, b) for b in context.partition_keys})
+        lines: list[str] = []
+        outcomes = {b: _ingest(context, zones, b, lines) for b in context.partition_keys}
+        log_batches(context, lines)
+        return batch_result(context, outcomes)
 
-    def _ingest(context: dg.AssetExecutionContext, zones: DataZones, batch_id: str) -> BatchOutcome:
+    def _ingest(
+        context: dg.AssetExecutionContext, zones: DataZones, batch_id: str, lines: list[str]
+    ) -> BatchOutcome:
         paths = zone_paths(zones)
         batch, upstream_versions = batch_context(paths, source, batch_id)
         outcome, accepted = process_file(
@@ -127,7 +132,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
             limits=limits_of(zones),
         )
         if outcome.status == "accepted":
-            context.log.info(
+            lines.append(
                 f"{source} batch {batch_id}: {outcome.rows_in} rows in, {outcome.rows_accepted} accepted, "
                 f"{outcome.rows_rejected} rejected"
             )
