@@ -12,10 +12,17 @@ monitoring of a batch with the champion). Every repetition starts from empty zon
   per batch since its assets take one batch per run: on an evenly spaced sample of `MAX_SINGLE_BATCH_RUNS`
   batches, the whole phase extrapolated from it (reported apart, never mixed into the measured ratio). In
   process, on a fresh SQLite-backed instance with the repository's `dagster.yaml`, as `make demo` runs;
-* full build, bare: the same functions over the same batches and ranges with no Dagster run
-  (`benchmarks/bare_pipeline.py`);
-* incremental, graph: the newest batch lands; its partition is added and phases 1, 2 and 3 run for that one
-  batch (one run each, as the landing sensor starts them), measured as a share of the full build it follows.
+* full build, bare: the same functions with no Dagster run (`benchmarks/bare_pipeline.py`): phase 1 over the
+  first `BARE_PHASE1_RUNS` ranges of the same plan (the same batches as the graph's first runs, from the same
+  empty state), phases 2 and 3 on a copy of the graph's zones taken when its phase 1 ended (so both sides
+  start phase 2 from the same files). The measured ratio compares the same work on both sides; the full
+  build of each side, scaled from what was sampled, is reported apart;
+* incremental, graph: the newest batch lands; then the runs the landing sensor chain starts for it: phase 1
+  for its partition, `feature_refresh_job` (cohort, labels, features: only the new batch's features compute),
+  phase 3 for the batch and `monitoring_report_job`, measured as a share of the full build it follows.
+  Retraining is not in it: the model retrains by policy (the nightly schedule when newly labelled admissions
+  exist, drift, realised performance), through the promotion gate, never merely because a batch arrived;
+  what a retraining costs is the phase-2 row.
 """
 
 import os
@@ -35,6 +42,10 @@ USECASE_FILE = PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml"
 PSEUDONYM_SEED = 1
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 PHASES = ("per_batch", "whole", "per_batch_after")
+# What the landing sensor chain runs for one new batch (clinical_ml.defs.*.sensors), in order.
+INCREMENTAL = ("per_batch", "refresh", "per_batch_after", "reports")
+# Phase 1 without Dagster: the first ranges of the plan only at the default scale (the graph builds them all).
+BARE_PHASE1_RUNS = {"small": None, "default": 3}
 
 
 def _landing(workdir: Path, scale: str) -> Path:
@@ -77,7 +88,15 @@ def phased_definitions(root: Path) -> tuple[dg.Definitions, dict[str, set[dg.Ass
     partitioned = {k for k in keys if graph.get(k).is_partitioned}
     whole = keys - partitioned
     below = dg.AssetSelection.assets(*whole).downstream().resolve(graph) if whole else set()
-    phases = {"per_batch": partitioned - below, "whole": whole, "per_batch_after": partitioned & below}
+    from clinical_ml.defs.usecase.automation import feature_refresh_job, monitoring_report_job
+
+    phases = {
+        "per_batch": partitioned - below,
+        "whole": whole,
+        "per_batch_after": partitioned & below,
+        "refresh": set(feature_refresh_job.selection.resolve(graph)) & whole,
+        "reports": set(monitoring_report_job.selection.resolve(graph)) & whole,
+    }
     jobs = [
         dg.define_asset_job(f"bench_{name}", selection=dg.AssetSelection.assets(*ks))
         for name, ks in phases.items()
@@ -90,7 +109,7 @@ RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_ra
 # Per-batch phases whose assets take one batch per run (no ranged backfill policy: the scoring and monitoring
 # assets) run on an evenly spaced sample of this many batches; the full build's cost of that phase is
 # extrapolated from it and said so.
-MAX_SINGLE_BATCH_RUNS = 10
+MAX_SINGLE_BATCH_RUNS = {"small": 10, "default": 4}
 # The same update without Dagster is reported beside the incremental row at the small scale only: at the
 # default scale it is another whole lifecycle (minutes) and not part of any ratio.
 BARE_INCREMENTAL = {"small": True, "default": False}
@@ -102,7 +121,7 @@ def _sample(batches: list[str], n: int) -> list[str]:
     return sorted({batches[round(i * (len(batches) - 1) / (n - 1))] for i in range(n)})
 
 
-def plan_runs(job: dg.JobDefinition, batches: list[str]) -> tuple[list[list[str]], int]:
+def plan_runs(job: dg.JobDefinition, batches: list[str], scale: str = "small") -> tuple[list[list[str]], int]:
     """The runs a backfill of ``batches`` launches for ``job`` (its assets' BackfillPolicy: ranges of up to
     max_partitions_per_run batches, or one run per batch), and how many batches they stand for (a phase of
     one-batch runs is sampled, see MAX_SINGLE_BATCH_RUNS)."""
@@ -111,7 +130,7 @@ def plan_runs(job: dg.JobDefinition, batches: list[str]) -> tuple[list[list[str]
         return [list(batches)], len(batches)
     if per_run > 1:
         return [batches[i : i + per_run] for i in range(0, len(batches), per_run)], len(batches)
-    return [[b] for b in _sample(batches, MAX_SINGLE_BATCH_RUNS)], len(batches)
+    return [[b] for b in _sample(batches, MAX_SINGLE_BATCH_RUNS[scale])], len(batches)
 
 
 class _Graph:
@@ -161,17 +180,19 @@ class _Bare:
 Plan = dict[str, list[list[str] | None]]
 
 
-def build_plan(defs: dg.Definitions, phases: dict, batches: list[str]) -> tuple[Plan, dict[str, int]]:
+def build_plan(
+    defs: dg.Definitions, phases: dict, batches: list[str], names=PHASES, scale: str = "small"
+) -> tuple[Plan, dict[str, int]]:
     """Runs per phase for ``batches``, and how many batches each phase's runs stand for."""
     plan: Plan = {}
     covers: dict[str, int] = {}
-    for name in PHASES:
+    for name in names:
         if not phases[name]:
             plan[name], covers[name] = [], 0
-        elif name == "whole":
+        elif name in ("whole", "refresh", "reports"):
             plan[name], covers[name] = [None], len(batches)
         else:
-            runs, covers[name] = plan_runs(defs.resolve_job_def(f"bench_{name}"), batches)
+            runs, covers[name] = plan_runs(defs.resolve_job_def(f"bench_{name}"), batches, scale)
             plan[name] = list(runs)
     return plan, covers
 
@@ -179,14 +200,20 @@ def build_plan(defs: dg.Definitions, phases: dict, batches: list[str]) -> tuple[
 PEAK_RSS_AFTER: dict[str, float] = {}  # "<runner> <phase>" -> this process's peak RSS (MB) once it ended
 
 
-def _build(runner, batches: list[str], plan: Plan, times: dict, cpu: dict) -> None:
+def _build(
+    runner, batches: list[str], plan: Plan, times: dict, cpu: dict, names=PHASES, per_run: list | None = None
+) -> None:
     """Every phase's runs, timing each phase (wall and CPU) and noting the process's peak RSS after it (the
-    peak only grows: the first phase after which it jumps is the one that needed the memory)."""
+    peak only grows: the first phase after which it jumps is the one that needed the memory). ``per_run``
+    collects (wall, cpu) of each run of the first phase."""
     runner.add_batches(batches)
-    for name in PHASES:
+    for name in names:
         t, c = time.perf_counter(), time.process_time()
         for i, keys in enumerate(plan[name]):
+            rt, rc = time.perf_counter(), time.process_time()
             runner.phase(name, keys)
+            if per_run is not None and name == names[0]:
+                per_run.append((time.perf_counter() - rt, time.process_time() - rc))
             if len(plan[name]) > 3:
                 print(
                     f"    {name}: run {i + 1}/{len(plan[name])} ({len(keys or [])} batches), "
@@ -199,36 +226,69 @@ def _build(runner, batches: list[str], plan: Plan, times: dict, cpu: dict) -> No
         PEAK_RSS_AFTER[label] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _snapshot(root: Path, dest: Path) -> None:
+    """A copy of the zones for the bare side's phases 2 and 3: everything but the landing zone (symlinks) and
+    the archive of delivered files, which nothing after phase 1 reads."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(
+        root, dest, symlinks=True, ignore=lambda d, names: {"archive"} if Path(d) == root else set()
+    )
+
+
+def _share(part: list[float], whole: list[float]) -> list[float]:
+    return [a / b for a, b in zip(part, whole, strict=True)]
+
+
 def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
     landing = _landing(workdir, scale)
     batches = batch_ids(landing)
     history, newest = batches[:-1], batches[-1]
-    keys = [*(f"g_{p}" for p in PHASES), *(f"b_{p}" for p in PHASES), "g_inc", "b_inc"]
+    keys = [*(f"g_{p}" for p in PHASES), *(f"b_{p}" for p in PHASES), "g1_sampled", "g_inc", "b_inc"]
     t: dict[str, list[float]] = {k: [] for k in keys}
     cpu: dict[str, list[float]] = {k: [] for k in keys}
     extra: dict[str, object] = {}
-    g_inc_by_phase: dict[str, list[float]] = {p: [] for p in PHASES}
+    g_inc_by_phase: dict[str, list[float]] = {p: [] for p in INCREMENTAL}
     for rep in range(repetitions):
         print(f"  repetition {rep + 1}/{repetitions}: graph", flush=True)
         root = _zones_root(workdir / "graph", landing, history)
+        snap = workdir / "bare_after_phase1"
         home = workdir / "graph_instance"
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)
         shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # the instance `make demo` uses
         with dg.DagsterInstance.local_temp(str(home)) as instance:
             defs, phases = phased_definitions(root)
-            plan, covers = build_plan(defs, phases, history)
+            plan, covers = build_plan(defs, phases, history, scale=scale)
             graph = _Graph(defs, phases, instance)
-            _build(graph, history, plan, {p: t[f"g_{p}"] for p in PHASES}, {p: cpu[f"g_{p}"] for p in PHASES})
+            g1_runs: list = []
+            _build(
+                graph,
+                history,
+                plan,
+                {"per_batch": t["g_per_batch"]},
+                {"per_batch": cpu["g_per_batch"]},
+                names=("per_batch",),
+                per_run=g1_runs,
+            )
+            _snapshot(root, snap)
+            _build(
+                graph,
+                [],
+                plan,
+                {p: t[f"g_{p}"] for p in PHASES[1:]},
+                {p: cpu[f"g_{p}"] for p in PHASES[1:]},
+                names=PHASES[1:],
+            )
             full_materializations, full_runs = graph.materializations, graph.runs
             _land(root, landing, newest)
-            inc_plan, _ = build_plan(defs, phases, [newest])
-            inc: dict[str, list[float]] = {p: [] for p in PHASES}
-            incc: dict[str, list[float]] = {p: [] for p in PHASES}
-            _build(graph, [newest], inc_plan, inc, incc)
+            inc_plan, _ = build_plan(defs, phases, [newest], names=INCREMENTAL, scale=scale)
+            inc: dict[str, list[float]] = {p: [] for p in INCREMENTAL}
+            incc: dict[str, list[float]] = {p: [] for p in INCREMENTAL}
+            _build(graph, [newest], inc_plan, inc, incc, names=INCREMENTAL)
             t["g_inc"].append(sum(v[0] for v in inc.values()))
             cpu["g_inc"].append(sum(v[0] for v in incc.values()))
-            for p in PHASES:
+            for p in INCREMENTAL:
                 g_inc_by_phase[p] += inc[p]
             inc_materializations = graph.materializations - full_materializations
             inc_runs = graph.runs - full_runs
@@ -236,50 +296,83 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
         shutil.rmtree(root, ignore_errors=True)
 
         print(f"  repetition {rep + 1}/{repetitions}: bare", flush=True)
-        broot = _zones_root(workdir / "bare", landing, history)
+        n_bare1 = BARE_PHASE1_RUNS[scale] or len(plan["per_batch"])
+        bplan = {**plan, "per_batch": plan["per_batch"][:n_bare1]}
+        t["g1_sampled"].append(sum(w for w, _ in g1_runs[:n_bare1]))
+        cpu["g1_sampled"].append(sum(c for _, c in g1_runs[:n_bare1]))
+        bare1 = [b for keys_ in bplan["per_batch"] for b in (keys_ or [])]
+        broot = _zones_root(workdir / "bare", landing, bare1)
         bdefs, bphases = phased_definitions(broot)
-        bare = _Bare(bdefs, bphases)
-        _build(bare, history, plan, {p: t[f"b_{p}"] for p in PHASES}, {p: cpu[f"b_{p}"] for p in PHASES})
-        if BARE_INCREMENTAL[scale]:  # informational only; at the default scale it costs a whole lifecycle
-            _land(broot, landing, newest)
-            inc = {p: [] for p in PHASES}
-            incc = {p: [] for p in PHASES}
-            _build(bare, [newest], inc_plan, inc, incc)
-            t["b_inc"].append(sum(v[0] for v in inc.values()))
-            cpu["b_inc"].append(sum(v[0] for v in incc.values()))
+        _build(
+            _Bare(bdefs, bphases),
+            bare1,
+            bplan,
+            {"per_batch": t["b_per_batch"]},
+            {"per_batch": cpu["b_per_batch"]},
+            names=("per_batch",),
+        )
         shutil.rmtree(broot, ignore_errors=True)
+        sdefs, sphases = phased_definitions(snap)
+        bare = _Bare(sdefs, sphases)
+        _build(
+            bare,
+            [],
+            plan,
+            {p: t[f"b_{p}"] for p in PHASES[1:]},
+            {p: cpu[f"b_{p}"] for p in PHASES[1:]},
+            names=PHASES[1:],
+        )
+        if BARE_INCREMENTAL[scale]:  # informational only
+            _land(snap, landing, newest)
+            binc: dict[str, list[float]] = {p: [] for p in INCREMENTAL}
+            bincc: dict[str, list[float]] = {p: [] for p in INCREMENTAL}
+            _build(bare, [newest], inc_plan, binc, bincc, names=INCREMENTAL)
+            t["b_inc"].append(sum(v[0] for v in binc.values()))
+            cpu["b_inc"].append(sum(v[0] for v in bincc.values()))
+        shutil.rmtree(snap, ignore_errors=True)
         if rep == 0:
             sampled = {
                 p: len(plan[p])
-                for p in PHASES
-                if p != "whole" and plan[p] and covers[p] > sum(len(k or []) for k in plan[p])
+                for p in ("per_batch_after",)
+                if plan[p] and covers[p] > sum(len(k or []) for k in plan[p])
             }
             extra = {
                 "peak_rss_mb_after_phase": PEAK_RSS_AFTER,
                 "batches_full_build": len(history),
-                "assets_per_phase": {p: len(phases[p]) for p in PHASES},
+                "assets_per_phase": {p: len(phases[p]) for p in (*PHASES, "refresh", "reports")},
                 "runs_per_phase": {p: len(plan[p]) for p in PHASES},
                 "batches_per_run": {p: max((len(k or []) for k in plan[p]), default=0) for p in PHASES},
                 "sampled_phases": {p: f"{n} of {covers[p]} batches" for p, n in sampled.items()},
+                "bare_phase1_batches": len(bare1),
                 "runs_full_build": full_runs,
                 "runs_incremental": inc_runs,
                 "asset_materializations_full_build": full_materializations,
                 "asset_materializations_incremental": inc_materializations,
             }
 
-    def total(prefix: str, d: dict[str, list[float]], scale: dict[str, float] | None = None) -> list[float]:
-        f = scale or {}
-        return [
-            sum(x * f.get(p, 1.0) for p, x in zip(PHASES, xs, strict=True))
-            for xs in zip(*(d[f"{prefix}_{p}"] for p in PHASES), strict=True)
-        ]
-
     n = len(history)
     runs = extra.get("runs_per_phase", {})
     per_run = extra.get("batches_per_run", {})
     assert isinstance(runs, dict) and isinstance(per_run, dict)
+    n_b1 = int(extra.get("bare_phase1_batches", n))  # type: ignore[call-overload]
+    p1_measured = "g1_sampled" if n_b1 < n else "g_per_batch"
     # a sampled phase scaled to every batch: what the full build would cost (extrapolated, not measured)
-    to_all = {p: covers[p] / sum(len(k or []) for k in plan[p]) for p in PHASES if plan[p] and p != "whole"}
+    n3 = sum(len(k or []) for k in plan["per_batch_after"]) if plan["per_batch_after"] else 0
+    to_all3 = covers["per_batch_after"] / n3 if n3 else 1.0
+
+    def measured(side: str, c: dict) -> list[float]:
+        """What both sides ran: phase 1 on the bare side's ranges, phase 2, phase 3 as sampled."""
+        first = c[p1_measured] if side == "g" else c["b_per_batch"]
+        return [
+            a + b + d for a, b, d in zip(first, c[f"{side}_whole"], c[f"{side}_per_batch_after"], strict=True)
+        ]
+
+    def full(side: str) -> list[float]:
+        first = t["g_per_batch"] if side == "g" else [x * n / n_b1 for x in t["b_per_batch"]]
+        return [
+            a + b + d * to_all3
+            for a, b, d in zip(first, t[f"{side}_whole"], t[f"{side}_per_batch_after"], strict=True)
+        ]
 
     def how(p: str) -> str:
         if runs.get(p, 0) and per_run.get(p, 1) > 1:
@@ -288,31 +381,39 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
             return f"one run per batch, sampled: {runs.get(p, 0)} of {n} batches"
         return f"one run per batch x {n}"
 
+    p1_label = (
+        f"per-batch assets upstream (ingestion, anonymization): the first {n_b1} of {n} batches "
+        f"({BARE_PHASE1_RUNS[scale]} ranged runs of up to {per_run.get('per_batch')}, the assets' BackfillPolicy), "
+        "both sides; the graph built every batch"
+        if n_b1 < n
+        else f"per-batch assets upstream (ingestion, anonymization), {how('per_batch')}"
+    )
     labels = {
-        "per_batch": f"per-batch assets upstream (ingestion, anonymization), {how('per_batch')}",
-        "whole": "unpartitioned assets (MEDS, features, training, evaluation, reports), one run",
+        "per_batch": p1_label,
+        "whole": "unpartitioned assets (MEDS export, features, training, evaluation, reports), one run: what a "
+        "retraining costs",
         "per_batch_after": f"per-batch assets downstream of the model (scoring, monitoring), {how('per_batch_after')}",
     }
-    sampled_note = (
-        f"; phase 3 on {runs.get('per_batch_after', 0)} sampled batches"
-        if runs.get("per_batch_after", 0) < n
-        else ""
+    measured_note = (
+        f"measured on the same work both sides: phase 1 on {n_b1} of {n} batches, phase 3 on "
+        f"{runs.get('per_batch_after', 0)} sampled batches"
     )
     rows = [
         {
-            "name": f"full graph: {n} batches, every asset{sampled_note}",
+            "name": f"full graph: {n} batches, every asset; {measured_note}",
             "ours": "Dagster graph (in process, SQLite instance)",
-            "ours_s": total("g", t),
-            "ours_cpu_s": total("g", cpu),
+            "ours_s": measured("g", t),
+            "ours_cpu_s": measured("g", cpu),
             "baseline": "same functions called directly, no Dagster run",
-            "baseline_s": total("b", t),
-            "baseline_cpu_s": total("b", cpu),
+            "baseline_s": measured("b", t),
+            "baseline_cpu_s": measured("b", cpu),
             "goal": "<= 1.25x baseline",
             "goal_ratio": 1.25,
             "extra": {
                 **extra,
-                "graph_full_build_extrapolated_s": total("g", t, to_all),
-                "bare_full_build_extrapolated_s": total("b", t, to_all),
+                "graph_full_build_s": full("g"),
+                "bare_full_build_scaled_s": full("b"),
+                "graph_phase1_all_batches_s": t["g_per_batch"],
             },
         }
     ]
@@ -322,8 +423,8 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
                 {
                     "name": f"graph phase: {labels[p]}",
                     "ours": "Dagster runs",
-                    "ours_s": t[f"g_{p}"],
-                    "ours_cpu_s": cpu[f"g_{p}"],
+                    "ours_s": t[p1_measured] if p == "per_batch" else t[f"g_{p}"],
+                    "ours_cpu_s": cpu[p1_measured] if p == "per_batch" else cpu[f"g_{p}"],
                     "baseline": "direct calls",
                     "baseline_s": t[f"b_{p}"],
                     "baseline_cpu_s": cpu[f"b_{p}"],
@@ -331,24 +432,27 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
                     "goal_ratio": 1.25,
                 }
             )
-    full_extrapolated = total("g", t, to_all)
+    g_full = full("g")
     rows.append(
         {
-            "name": "incremental: one new daily batch, every asset brought up to date",
-            "ours": "graph: new partition + everything downstream",
+            "name": "incremental: one new daily batch brought up to date (ingestion, anonymization, features, "
+            "scoring, drift, FHIR export, monitoring reports; retraining is by policy, see phase 2)",
+            "ours": "graph: the landing sensor chain's runs for the new batch",
             "ours_s": t["g_inc"],
             "ours_cpu_s": cpu["g_inc"],
-            "baseline": f"graph: full build as measured{sampled_note}",
-            "baseline_s": total("g", t),
-            "baseline_cpu_s": total("g", cpu),
+            "baseline": "graph: full build (phase 3 scaled from its sample to every batch)",
+            "baseline_s": g_full,
             "goal": "<= 5% of the full build",
             "goal_ratio": 0.05,
             "extra": {
                 "direct_calls_incremental_s": t["b_inc"] or "not measured at this scale",
-                "graph_incremental_by_phase_s": g_inc_by_phase,
-                "share_of_extrapolated_full_build": [
-                    i / f for i, f in zip(t["g_inc"], full_extrapolated, strict=True)
-                ],
+                "graph_incremental_by_run_s": g_inc_by_phase,
+                "share_of_full_build_without_phase3_scaling": _share(t["g_inc"], measured("g", t))
+                if n_b1 == n
+                else "n/a",
+                "with_a_retraining_share": _share(
+                    [a + b for a, b in zip(t["g_inc"], t["g_whole"], strict=True)], g_full
+                ),
             },
         }
     )
