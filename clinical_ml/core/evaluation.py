@@ -62,33 +62,155 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
+_NEWTON_STEPS = 100
+_STEP_HALVINGS = 60
+_STEP_TOL = 1e-9
+_RIDGE = 1e-9
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    pc = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(pc / (1 - pc))
+
+
+def _separated(lp: np.ndarray, y: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Whether, per row of weights ``c``, the logits (quasi-)completely separate the outcomes.
+
+    With one covariate and an intercept the logistic maximum-likelihood fit exists exactly when the weighted
+    rows of the two classes overlap on ``lp`` (Albert and Anderson, 1984): some event lies strictly below some
+    non-event and some non-event strictly below some event. Otherwise a threshold splits them (ties allowed)
+    and the slope runs off to infinity. One class only, or one logit value only, counts as separated.
+    """
+    on = c > 0
+    pos = y != 0
+    lp1, lp0 = lp[pos], lp[~pos]
+    hi1 = np.where(on[:, pos], lp1, -np.inf).max(axis=1, initial=-np.inf)
+    lo1 = np.where(on[:, pos], lp1, np.inf).min(axis=1, initial=np.inf)
+    hi0 = np.where(on[:, ~pos], lp0, -np.inf).max(axis=1, initial=-np.inf)
+    lo0 = np.where(on[:, ~pos], lp0, np.inf).min(axis=1, initial=np.inf)
+    return (hi0 <= lo1) | (hi1 <= lo0)
+
+
+def _log_likelihood(eta: np.ndarray, mu: np.ndarray, y: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Weighted Bernoulli log-likelihood per row of linear predictors ``eta`` with ``mu = expit(eta)``.
+
+    log(1 + exp(eta)) is taken as eta - log(mu) where eta > 0 and -log(1 - mu) elsewhere: both accurate and
+    free of overflow, and ``mu`` is needed for the next Newton step anyway.
+    """
+    pos = eta > 0
+    return (c * (y * eta - np.where(pos, eta, 0.0) + np.log(np.where(pos, mu, 1 - mu)))).sum(axis=1)
+
+
+def _recalibration_slopes(lp: np.ndarray, y: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood slope of y on ``lp`` (with intercept) for each row of case weights ``c``.
+
+    Newton-Raphson from intercept 0, slope 1, damped by step-halving: a step is taken whole if it does not
+    lower the log-likelihood (up to rounding, 1e-12 relative), else halved until it does (at most 60 times).
+    A replicate stops once a Newton step moves neither coefficient by 1e-9. NaN where the fit does not exist
+    (:func:`_separated`) or has not converged within 100 steps.
+    """
+    beta = np.tile([0.0, 1.0], (c.shape[0], 1))
+    active = ~_separated(lp, y, c)
+    converged = np.zeros(c.shape[0], dtype=bool)
+    mu = np.zeros_like(c)
+    mu[active] = expit(lp)
+    ll = np.full(c.shape[0], -np.inf)
+    ll[active] = _log_likelihood(np.broadcast_to(lp, c.shape)[active], mu[active], y, c[active])
+    for _ in range(_NEWTON_STEPS):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        cr = c[rows]
+        mr = mu[rows]
+        w = cr * (mr * (1 - mr))
+        r = cr * (y - mr)
+        h = np.empty((rows.size, 2, 2))
+        h[:, 0, 0] = w.sum(axis=1) + _RIDGE
+        h[:, 0, 1] = h[:, 1, 0] = w @ lp
+        h[:, 1, 1] = w @ (lp * lp) + _RIDGE
+        g = np.stack([r.sum(axis=1), r @ lp], axis=1)
+        step = np.linalg.solve(h, g[:, :, None])[:, :, 0]
+        done = np.abs(step).max(axis=1) < _STEP_TOL
+        beta[rows[done]] += step[done]
+        converged[rows[done]] = True
+        scale = np.ones(rows.size)
+        pending = ~done
+        for _ in range(_STEP_HALVINGS + 1):
+            k = np.flatnonzero(pending)
+            if k.size == 0:
+                break
+            rk = rows[k]
+            cand = beta[rk] + scale[k, None] * step[k]
+            e = cand[:, :1] + cand[:, 1:] * lp
+            m = expit(e)
+            new_ll = _log_likelihood(e, m, y, c[rk])
+            take = new_ll >= ll[rk] - 1e-12 * np.abs(ll[rk])
+            took = rk[take]
+            beta[took], mu[took], ll[took] = cand[take], m[take], new_ll[take]
+            pending[k[take]] = False
+            scale[k[~take]] /= 2
+        # converged, or no ascent along the Newton direction even after halving (gives up: NaN)
+        active[rows] = ~done & ~pending
+    return np.where(converged, beta[:, 1], np.nan)
+
+
+def _calibration_in_the_large(lp: np.ndarray, y: np.ndarray) -> float:
+    """Intercept ``a`` of the offset model logit P(y) = a + lp: the root of sum(y) = sum(expit(a + lp)).
+
+    The score is decreasing in ``a`` and, with both classes present, changes sign inside
+    [logit(k/n) - max(lp), logit(k/n) - min(lp)] (k events in n rows), so Newton steps are kept inside that
+    shrinking bracket and replaced by bisection where they would leave it. NaN with one class only.
+    """
+    n, k = y.size, float(y.sum())
+    if k == 0 or k == n:
+        return float("nan")
+    base = float(np.log(k / (n - k)))
+    lo, hi = base - float(lp.max()), base - float(lp.min())
+    a = min(max(0.0, lo), hi)
+    for _ in range(200):
+        mu = expit(a + lp)
+        score = k - float(mu.sum())
+        if score > 0:
+            lo = a
+        elif score < 0:
+            hi = a
+        else:
+            break
+        info = float((mu * (1 - mu)).sum())
+        nxt = a + score / info if info > 0 else np.inf
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        if abs(nxt - a) < 1e-12 * max(1.0, abs(a)) or hi - lo < 1e-12:
+            a = nxt
+            break
+        a = nxt
+    return float(a)
+
+
 def calibration_slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """Logistic recalibration: slope of outcome on logit(p), and calibration-in-the-large (offset fit).
 
-    Fitted by Newton-Raphson; a slope below 1 means predictions are too extreme (overfitting).
+    Parameters
+    ----------
+    y, p
+        Outcome labels (0/1) and predicted risks; risks are clipped to [1e-6, 1 - 1e-6] before the logit.
+
+    Returns
+    -------
+    tuple of float
+        ``(slope, intercept)``. The slope is the maximum-likelihood coefficient of logit(p) in a logistic
+        regression with intercept (damped Newton-Raphson, see :func:`_recalibration_slopes`); below 1 means
+        predictions too extreme (overfitting). It is NaN when that fit does not exist: one outcome class, or
+        logit(p) separating events from non-events completely or quasi-completely (the slope would be
+        infinite). The intercept is calibration-in-the-large, the intercept with the slope fixed at 1;
+        NaN with one outcome class only.
     """
     y = np.asarray(y, dtype=np.float64)
-    lp = np.log(np.clip(p, _EPS, 1 - _EPS) / (1 - np.clip(p, _EPS, 1 - _EPS)))
-    if y.min() == y.max():
+    lp = _logit(p)
+    if y.size == 0:
         return float("nan"), float("nan")
-    x = np.column_stack([np.ones_like(lp), lp])
-    beta = np.array([0.0, 1.0])
-    for _ in range(50):
-        mu = expit(x @ beta)
-        w = mu * (1 - mu) + 1e-12
-        step = np.linalg.solve((x * w[:, None]).T @ x + 1e-9 * np.eye(2), x.T @ (y - mu))
-        beta += step
-        if np.abs(step).max() < 1e-8:
-            break
-    # calibration-in-the-large: intercept with the slope fixed at 1 (offset logit)
-    a = 0.0
-    for _ in range(50):
-        mu = expit(a + lp)
-        step = (y - mu).sum() / max((mu * (1 - mu)).sum(), 1e-12)
-        a += step
-        if abs(step) < 1e-10:
-            break
-    return float(beta[1]), float(a)
+    slope = _recalibration_slopes(lp, y, np.ones((1, y.size)))[0]
+    return float(slope), _calibration_in_the_large(lp, y)
 
 
 def calibration_slopes_weighted(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -105,35 +227,14 @@ def calibration_slopes_weighted(y: np.ndarray, p: np.ndarray, weights: np.ndarra
     Returns
     -------
     numpy.ndarray
-        One slope per replicate: the same Newton-Raphson as :func:`calibration_slope_intercept` (start,
-        ridge, tolerance and 50 steps), run on all replicates at once with batched 2x2 solves, a replicate
-        frozen once its step is below the tolerance. NaN where one outcome class has no weight.
+        One slope per replicate, from the same damped Newton-Raphson as :func:`calibration_slope_intercept`
+        (shared code), run on all replicates at once with batched 2x2 solves, a replicate frozen once it has
+        converged. NaN where the fit does not exist for that weighting (one outcome class with weight, or
+        separation) or did not converge.
     """
     y = np.asarray(y, dtype=np.float64)
     c = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    pc = np.clip(p, _EPS, 1 - _EPS)
-    lp = np.log(pc / (1 - pc))
-    n_pos = c @ (y != 0)
-    two_classes = (n_pos > 0) & (c.sum(axis=1) - n_pos > 0)
-    beta = np.tile([0.0, 1.0], (c.shape[0], 1))
-    active = two_classes.copy()
-    for _ in range(50):
-        rows = np.flatnonzero(active)
-        if rows.size == 0:
-            break
-        cr = c[rows]
-        mu = expit(beta[rows, :1] + beta[rows, 1:] * lp)
-        w = cr * (mu * (1 - mu) + 1e-12)
-        r = cr * (y - mu)
-        h = np.empty((rows.size, 2, 2))
-        h[:, 0, 0] = w.sum(axis=1) + 1e-9
-        h[:, 0, 1] = h[:, 1, 0] = w @ lp
-        h[:, 1, 1] = w @ (lp * lp) + 1e-9
-        g = np.stack([r.sum(axis=1), r @ lp], axis=1)
-        step = np.linalg.solve(h, g[:, :, None])[:, :, 0]
-        beta[rows] += step
-        active[rows] = np.abs(step).max(axis=1) >= 1e-8
-    return np.where(two_classes, beta[:, 1], np.nan)
+    return _recalibration_slopes(_logit(p), y, c)
 
 
 def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
