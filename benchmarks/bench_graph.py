@@ -35,6 +35,7 @@ import dagster as dg
 
 from benchmarks import bare_pipeline
 from benchmarks.hospital import SCALES, batch_ids, write_hospital
+from clinical_ml.instance_storage import instance_yaml_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The synthetic hospital's use case; the others (e.g. eICU's) are written for their own data.
@@ -256,7 +257,10 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
         home = workdir / "graph_instance"
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)
-        shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")  # the instance `make demo` uses
+        # the instance `make demo` uses, its event log under this home rather than $DAGSTER_HOME
+        (home / "dagster.yaml").write_text(
+            instance_yaml_for((PROJECT_ROOT / "dagster.yaml").read_text(), str(home))
+        )
         with dg.DagsterInstance.local_temp(str(home)) as instance:
             defs, phases = phased_definitions(root)
             plan, covers = build_plan(defs, phases, history, scale=scale)
