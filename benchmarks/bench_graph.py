@@ -228,13 +228,12 @@ def _build(
 
 
 def _snapshot(root: Path, dest: Path) -> None:
-    """A copy of the zones for the bare side's phases 2 and 3: everything but the landing zone (symlinks) and
-    the archive of delivered files, which nothing after phase 1 reads."""
+    """A copy of the zones for the bare side's phases 2 and 3: everything but the landing zone's symlinks'
+    targets, the archive of delivered files and the raw (phi) zone, which nothing after phase 1 reads."""
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(
-        root, dest, symlinks=True, ignore=lambda d, names: {"archive"} if Path(d) == root else set()
-    )
+    skip = {root: {"archive"}, root / "phi": {"raw"}}
+    shutil.copytree(root, dest, symlinks=True, ignore=lambda d, names: skip.get(Path(d), set()) & set(names))
 
 
 def _share(part: list[float], whole: list[float]) -> list[float]:
