@@ -436,6 +436,11 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
                 }
             )
     g_full = full("g")
+    # the full build as the graph ran it: every batch through phase 1, phase 2, phase 3 on its sample only
+    # (the smaller, so the share below is the conservative one); phase 3 scaled to every batch is beside it
+    g_ran = [
+        a + b + d for a, b, d in zip(t["g_per_batch"], t["g_whole"], t["g_per_batch_after"], strict=True)
+    ]
     rows.append(
         {
             "name": "incremental: one new daily batch brought up to date (ingestion, anonymization, features, "
@@ -443,18 +448,17 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
             "ours": "graph: the landing sensor chain's runs for the new batch",
             "ours_s": t["g_inc"],
             "ours_cpu_s": cpu["g_inc"],
-            "baseline": "graph: full build (phase 3 scaled from its sample to every batch)",
-            "baseline_s": g_full,
+            "baseline": f"graph: full build as run (every batch through phase 1; phase 3 on its "
+            f"{runs.get('per_batch_after', 0)} sampled batches)",
+            "baseline_s": g_ran,
             "goal": "<= 5% of the full build",
             "goal_ratio": 0.05,
             "extra": {
                 "direct_calls_incremental_s": t["b_inc"] or "not measured at this scale",
                 "graph_incremental_by_run_s": g_inc_by_phase,
-                "share_of_full_build_without_phase3_scaling": _share(t["g_inc"], measured("g", t))
-                if n_b1 == n
-                else "n/a",
-                "with_a_retraining_share": _share(
-                    [a + b for a, b in zip(t["g_inc"], t["g_whole"], strict=True)], g_full
+                "share_of_full_build_with_phase3_scaled_to_every_batch": _share(t["g_inc"], g_full),
+                "with_a_retraining_share_of_full_build_as_run": _share(
+                    [a + b for a, b in zip(t["g_inc"], t["g_whole"], strict=True)], g_ran
                 ),
             },
         }
