@@ -2,7 +2,10 @@
 once, each with the multiprocess executor, then the lifecycle, with zero storage lock errors and the
 single-writer pools (DuckDB landing ledger, pseudonym vault) holding across runs.
 
-Needs a PostgreSQL server: CI starts one (`.ci/postgres.sh`, sourced by `.ci/run`) and exports
+The same scenario runs on the repository's SQLite instance (dagster.yaml), whose event log keeps its
+connections open between statements; that test needs no server.
+
+The PostgreSQL test needs a server: CI starts one (`.ci/postgres.sh`, sourced by `.ci/run`) and exports
 DAGSTER_PG_HOST, DAGSTER_PG_PORT, DAGSTER_PG_USERNAME, DAGSTER_PG_PASSWORD, DAGSTER_PG_DB. Without them the
 test skips and says so. Locally: `source .ci/postgres.sh && .venv/bin/pytest -p no:logging <this file>`.
 """
@@ -193,12 +196,45 @@ def _lock_errors(instance: dg.DagsterInstance, run_ids: list[str]) -> list[str]:
 def test_full_graph_on_postgres_with_concurrent_runs_and_multiprocess_steps(pg_instance):
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
-    from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
-
     instance, data_root = pg_instance
     assert isinstance(instance.run_storage, PostgresRunStorage)
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
     assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+    _concurrent_runs_then_lifecycle(instance, data_root)
+
+
+@pytest.fixture
+def sqlite_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[dg.DagsterInstance, Path]]:
+    """The repository's own `dagster.yaml` (what `make demo` and `make dev` use), on a fresh $DAGSTER_HOME."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    data_root = tmp_path / "data"
+    usecases = tmp_path / "usecases"
+    usecases.mkdir()
+    shutil.copy(USECASE, usecases / USECASE.name)
+    monkeypatch.setenv("CLINICAL_ML_USECASES", str(usecases))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CLINICAL_ML_DATA_ROOT", str(data_root))
+    with dg.DagsterInstance.get() as instance:
+        yield instance, data_root
+
+
+def test_full_graph_on_the_sqlite_instance_with_kept_open_connections_and_concurrent_runs(sqlite_instance):
+    """The same scenario on `dagster.yaml`'s SQLite event log, whose connections stay open between
+    statements (clinical_ml/instance_storage.py): several processes write the same index database."""
+    from clinical_ml.instance_storage import PooledSqliteEventLogStorage
+
+    instance, data_root = sqlite_instance
+    assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
+    assert (Path(instance.root_directory) / "history" / "runs" / "index.db").exists()
+    _concurrent_runs_then_lifecycle(instance, data_root)
+
+
+def _concurrent_runs_then_lifecycle(instance: dg.DagsterInstance, data_root: Path) -> None:
+    from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 
     # Set each pool's limit once before runs start, as a deployment does with `dagster instance concurrency
     # set <pool> 1`. Left to the default limit, concurrent runs that first meet a pool race to create its row,
@@ -251,7 +287,7 @@ def test_full_graph_on_postgres_with_concurrent_runs_and_multiprocess_steps(pg_i
     }
     assert len(pids) > 1 and os.getpid() not in pids
 
-    # Every partition of every batch asset and every lifecycle asset is recorded in PostgreSQL.
+    # Every partition of every batch asset and every lifecycle asset is recorded in the instance.
     for key in ("raw_vitals", "landing_ledger", "anonymized_events"):
         assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(batches)
     reports = {p.name for p in (data_root / "reports").glob("*/*.html")}
