@@ -129,7 +129,10 @@ def _demo(args: argparse.Namespace, instance) -> int:
         return 1
     reports = root / "reports"
     summary = {}
-    for uc_dir in sorted(p for p in (root / "deid" / "usecases").iterdir() if p.is_dir()):
+    # Only the use cases this run trained: another's folder may hold features from `make dev`'s refresh.
+    for uc_dir in sorted(p for p in (root / "deid" / "usecases").iterdir() if p.is_dir() and p.name in only):
+        if not (uc_dir / "evaluation.json").exists():
+            continue
         ev = read_json(uc_dir / "evaluation.json")
         decision = read_json(uc_dir / "decision.json")
         m = ev["metrics"]
