@@ -60,8 +60,8 @@ class MonitoringConfig:
         Cohort columns whose groups are tested separately (their own Bonferroni family).
     min_subgroup_rows
         Groups smaller than this in the batch are not tested.
-    performance_alpha
-        Two-sided level of the bootstrap CIs of realised performance.
+    n_bootstrap
+        Bootstrap replicates of the 95% CIs of realised performance (per period and subgroup).
     auroc_min, sensitivity_min, calibration_slope_range, oe_range
         Minimums of realised performance: a period whose CI lies wholly below (or outside) is an ERROR.
     min_matured_share
