@@ -227,6 +227,20 @@ def _build(
         PEAK_RSS_AFTER[label] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _side(runner, batches: list[str], plan: Plan, t: dict, cpu: dict, side: str, names, per_run=None) -> None:
+    """``_build`` of ``names`` on one side ("g" graph, "b" bare), timing into ``t`` / ``cpu`` under
+    ``<side>_<phase>``."""
+    _build(
+        runner,
+        batches,
+        plan,
+        {p: t[f"{side}_{p}"] for p in names},
+        {p: cpu[f"{side}_{p}"] for p in names},
+        names=names,
+        per_run=per_run,
+    )
+
+
 def _snapshot(root: Path, dest: Path) -> None:
     """A copy of the zones for the bare side's phases 2 and 3: everything but the landing zone's symlinks'
     targets, the archive of delivered files and the raw (phi) zone, which nothing after phase 1 reads."""
@@ -265,24 +279,9 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
             plan, covers = build_plan(defs, phases, history, scale=scale)
             graph = _Graph(defs, phases, instance)
             g1_runs: list = []
-            _build(
-                graph,
-                history,
-                plan,
-                {"per_batch": t["g_per_batch"]},
-                {"per_batch": cpu["g_per_batch"]},
-                names=("per_batch",),
-                per_run=g1_runs,
-            )
+            _side(graph, history, plan, t, cpu, "g", ("per_batch",), per_run=g1_runs)
             _snapshot(root, snap)
-            _build(
-                graph,
-                [],
-                plan,
-                {p: t[f"g_{p}"] for p in PHASES[1:]},
-                {p: cpu[f"g_{p}"] for p in PHASES[1:]},
-                names=PHASES[1:],
-            )
+            _side(graph, [], plan, t, cpu, "g", PHASES[1:])
             full_materializations, full_runs = graph.materializations, graph.runs
             _land(root, landing, newest)
             inc_plan, _ = build_plan(defs, phases, [newest], names=INCREMENTAL, scale=scale)
@@ -306,25 +305,11 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
         bare1 = [b for keys_ in bplan["per_batch"] for b in (keys_ or [])]
         broot = _zones_root(workdir / "bare", landing, bare1)
         bdefs, bphases = phased_definitions(broot)
-        _build(
-            _Bare(bdefs, bphases),
-            bare1,
-            bplan,
-            {"per_batch": t["b_per_batch"]},
-            {"per_batch": cpu["b_per_batch"]},
-            names=("per_batch",),
-        )
+        _side(_Bare(bdefs, bphases), bare1, bplan, t, cpu, "b", ("per_batch",))
         shutil.rmtree(broot, ignore_errors=True)
         sdefs, sphases = phased_definitions(snap)
         bare = _Bare(sdefs, sphases)
-        _build(
-            bare,
-            [],
-            plan,
-            {p: t[f"b_{p}"] for p in PHASES[1:]},
-            {p: cpu[f"b_{p}"] for p in PHASES[1:]},
-            names=PHASES[1:],
-        )
+        _side(bare, [], plan, t, cpu, "b", PHASES[1:])
         if BARE_INCREMENTAL[scale]:  # informational only
             _land(snap, landing, newest)
             binc: dict[str, list[float]] = {p: [] for p in INCREMENTAL}

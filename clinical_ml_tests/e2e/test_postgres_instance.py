@@ -142,22 +142,28 @@ def postgres_db() -> Iterator[str]:
         conn.close()
 
 
+def _home_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_yaml: str) -> Path:
+    """A fresh $DAGSTER_HOME with the repository's ``instance_yaml``, the synthetic hospital's use case only,
+    and an empty data root (returned); run processes and step processes inherit the environment."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / instance_yaml, home / "dagster.yaml")
+    data_root = tmp_path / "data"
+    usecases = tmp_path / "usecases"
+    usecases.mkdir()
+    shutil.copy(USECASE, usecases / USECASE.name)
+    monkeypatch.setenv("CLINICAL_ML_USECASES", str(usecases))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CLINICAL_ML_DATA_ROOT", str(data_root))
+    return data_root
+
+
 @pytest.fixture
 def pg_instance(
     tmp_path: Path, postgres_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[dg.DagsterInstance, Path]]:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROJECT_ROOT / "dagster_postgres.yaml", home / "dagster.yaml")
-    data_root = tmp_path / "data"
-    usecases = tmp_path / "usecases"
-    usecases.mkdir()
-    shutil.copy(USECASE, usecases / USECASE.name)  # the synthetic hospital's use case only
-    # Run processes and step processes inherit these.
-    monkeypatch.setenv("CLINICAL_ML_USECASES", str(usecases))
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("DAGSTER_PG_DB", postgres_db)
-    monkeypatch.setenv("CLINICAL_ML_DATA_ROOT", str(data_root))
+    data_root = _home_with(tmp_path, monkeypatch, "dagster_postgres.yaml")
     with dg.DagsterInstance.get() as instance:
         yield instance, data_root
 
@@ -208,16 +214,7 @@ def sqlite_instance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[dg.DagsterInstance, Path]]:
     """The repository's own `dagster.yaml` (what `make demo` and `make dev` use), on a fresh $DAGSTER_HOME."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    data_root = tmp_path / "data"
-    usecases = tmp_path / "usecases"
-    usecases.mkdir()
-    shutil.copy(USECASE, usecases / USECASE.name)
-    monkeypatch.setenv("CLINICAL_ML_USECASES", str(usecases))
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("CLINICAL_ML_DATA_ROOT", str(data_root))
+    data_root = _home_with(tmp_path, monkeypatch, "dagster.yaml")
     with dg.DagsterInstance.get() as instance:
         yield instance, data_root
 
