@@ -40,7 +40,7 @@ _CODES = {
 }
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import polars as pl
 mode, vitals, enc, pts = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
@@ -65,7 +65,10 @@ else:
     df = pl.read_csv(vitals)
     s = time.perf_counter() - t
     out = {"s": s, "rows_in": df.height}
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts from its parent's peak at fork
+out["peak_rss_mb"] = next(
+    int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")
+)
 print(json.dumps(out))
 """
 

@@ -3,7 +3,6 @@
 Prints one JSON line: seconds, the columns Evidently calls drifted."""
 
 import json
-import resource
 import sys
 import time
 
@@ -28,5 +27,7 @@ for m in snapshot.dict()["metrics"]:
         is_p = "p_value" in method or "test" in method.lower()
         if val is not None and thr is not None and ((val < thr) if is_p else (val >= thr)):
             drifted.append(col)
-peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts from its parent's peak at fork
+with open("/proc/self/status") as status:
+    peak_rss_mb = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "drifted": sorted(drifted), "peak_rss_mb": peak_rss_mb}))
