@@ -29,7 +29,7 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	sed 's|dagster_home: {env: DAGSTER_HOME}|dagster_home: $(DAGSTER_HOME)|' dagster.yaml > $@
 
 setup: $(VENV)/.synced $(DAGSTER_HOME)/dagster.yaml
 

@@ -24,6 +24,7 @@ import dagster as dg
 import pytest
 
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml.instance_storage import instance_yaml_for
 from clinical_ml_tests.conftest import failed_steps, promotion_gate_steps
 
 pytestmark = pytest.mark.slow
@@ -147,7 +148,9 @@ def _home_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_yaml: s
     and an empty data root (returned); run processes and step processes inherit the environment."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(PROJECT_ROOT / instance_yaml, home / "dagster.yaml")
+    # the event log's dagster_home written as an absolute path, as `make setup` does
+    text = instance_yaml_for((PROJECT_ROOT / instance_yaml).read_text(), str(home))
+    (home / "dagster.yaml").write_text(text)
     data_root = tmp_path / "data"
     usecases = tmp_path / "usecases"
     usecases.mkdir()
