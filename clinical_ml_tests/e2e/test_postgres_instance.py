@@ -57,7 +57,9 @@ MULTIPROCESS = {
         "config": {
             "multiprocess": {
                 "max_concurrent": 2,
-                "start_method": {"forkserver": {"preload_modules": ["clinical_ml.defs.build"]}},
+                # spawn, not forkserver: a forkserver is one per test process and keeps the environment
+                # (DAGSTER_HOME, CLINICAL_ML_DATA_ROOT) of the first test that started it
+                "start_method": {"spawn": {}},
             }
         }
     }
