@@ -50,8 +50,7 @@ LOCK_ERROR = re.compile(
     r"|lock timeout|could not obtain lock|canceling statement due to lock",
     re.IGNORECASE,
 )
-# Each step in its own process (the multiprocess executor), forked from a server that has imported the code
-# location once, two steps at a time per run.
+# Each step in its own process (the multiprocess executor), two steps at a time per run.
 MULTIPROCESS = {
     "execution": {
         "config": {
