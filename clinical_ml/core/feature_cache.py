@@ -50,9 +50,6 @@ class IncrementalStats:
     event_files: int
     event_files_indexed: int
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
 
 def _fingerprint(path: Path) -> str:
     st = path.stat()
