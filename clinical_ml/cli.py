@@ -1,5 +1,6 @@
 """Command line: ``clinical-ml synth`` writes a synthetic hospital into the landing zone; ``clinical-ml demo``
-runs the whole lifecycle on it and prints where the reports are."""
+runs the whole lifecycle on it and prints where the reports are; ``clinical-ml replay`` runs a synthetic month
+day by day through the jobs the sensors start (see :mod:`clinical_ml.replay`)."""
 
 import argparse
 import json
@@ -7,22 +8,24 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.locations import resolve_data_root, resolve_usecases_dir
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:  # dagster is imported by the commands that run jobs, so `clinical-ml synth` starts fast
+    import dagster as dg
+
 # The use cases written for each kind of data: a use case's codes and gates only make sense on its own source.
 USE_CASES_BY_SOURCE = {
     "synthetic": ("icu_mortality_24h",),
     "eicu": ("eicu_mortality_24h",),
     "mimic": ("icu_mortality_24h",),
 }
-
-
-def _data_root(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("CLINICAL_ML_DATA_ROOT") or PROJECT_ROOT / "data").resolve()
 
 
 def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
@@ -38,7 +41,7 @@ def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    landing = _data_root(args.data_root) / "landing"
+    landing = resolve_data_root(args.data_root) / "landing"
     hospital = generate_hospital(landing, _synth_config(args))
     print(f"wrote {len(hospital.batch_ids)} batches to {landing} (scenario {args.scenario})")
     return 0
@@ -65,25 +68,48 @@ def _adapt_real_source(data: str, source: str | None, root: Path, *, seed: int) 
     print(f"{data}: {adapted.counts['encounters']} encounters mapped into {root / 'deid'}")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _with_instance(run: Callable[["dg.DagsterInstance"], int]) -> int:
+    """``run`` on the instance of ``$DAGSTER_HOME``; without it, on a throw-away instance whose files are
+    removed on the way out."""
     import dagster as dg
 
     if os.environ.get("DAGSTER_HOME"):
-        return _demo(args, dg.DagsterInstance.get())
-    # Without DAGSTER_HOME the runs go to a throw-away instance whose files are removed on the way out.
+        return run(dg.DagsterInstance.get())
     with tempfile.TemporaryDirectory(prefix="clinical_ml_dagster_") as tmp:
-        return _demo(args, dg.DagsterInstance.ephemeral(tempdir=tmp))
+        return run(dg.DagsterInstance.ephemeral(tempdir=tmp))
 
 
-def _demo(args: argparse.Namespace, instance) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _with_instance(lambda instance: _demo(args, instance))
 
-    from clinical_ml.core.landing import find_complete_batches
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from clinical_ml.replay import replay
+
+    root = resolve_data_root(args.data_root)
+    if not find_complete_batches(root / "landing"):
+        generate_hospital(root / "landing", _synth_config(args))
+
+    def run(instance: "dg.DagsterInstance") -> int:
+        replay(
+            root,
+            instance,
+            warmup=args.warmup,
+            usecases_dir=resolve_usecases_dir(args.usecases_dir),
+            approve_first_model=args.approve_first_model,
+        )
+        return 0
+
+    return _with_instance(run)
+
+
+def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     from clinical_ml.core.storage import read_json
     from clinical_ml.defs.build import build_definitions
     from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
     from clinical_ml.defs.usecase.training import refused_by_gate_only
 
-    root = _data_root(args.data_root)
+    root = resolve_data_root(args.data_root)
     started = time.perf_counter()
     if args.data != "synthetic":
         # A real source gets its own data root (data/<source>) unless one is given: never mix sources.
@@ -92,7 +118,7 @@ def _demo(args: argparse.Namespace, instance) -> int:
     elif not find_complete_batches(root / "landing"):
         generate_hospital(root / "landing", _synth_config(args))
         print(f"synthetic hospital written to {root / 'landing'}")
-    defs = build_definitions(data_root=root)
+    defs = build_definitions(data_root=root, usecases_dir=resolve_usecases_dir())
     batches = find_complete_batches(root / "landing")
     known = set(instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     instance.add_dynamic_partitions(
@@ -169,36 +195,55 @@ def _demo(args: argparse.Namespace, instance) -> int:
     return 0
 
 
+def _hospital_options(
+    p: argparse.ArgumentParser, *, scenario: str, patients: int, batches: int, drift_from_batch: int | None
+) -> None:
+    """The data root and the synthetic hospital written into its landing zone when that is empty."""
+    p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or <project>/data)")
+    p.add_argument("--patients", type=int, default=patients)
+    p.add_argument("--batches", type=int, default=batches)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--scenario", choices=["default", "drift", "bias"], default=scenario)
+    p.add_argument("--start-date", default="2026-01-05")
+    p.add_argument("--drift-from-batch", type=int, default=drift_from_batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinical-ml", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (
-        ("synth", "write a synthetic hospital into the landing zone"),
-        ("demo", "run the whole lifecycle on the landing zone (synthetic if empty)"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or ./data)")
-        p.add_argument("--patients", type=int, default=3000)
-        p.add_argument("--batches", type=int, default=5)
-        p.add_argument("--sites", type=int, default=3)
-        p.add_argument("--seed", type=int, default=7)
-        p.add_argument("--scenario", choices=["default", "drift", "bias"], default="default")
-        p.add_argument("--start-date", default="2026-01-05")
-        p.add_argument("--drift-from-batch", type=int, default=None)
-        if name == "demo":
-            p.add_argument("--json", action="store_true", help="also print the AUROCs as JSON")
-            p.add_argument(
-                "--data",
-                choices=["synthetic", "eicu", "mimic"],
-                default="synthetic",
-                help="synthetic hospital through the landing zone, or a real de-identified database "
-                "(eICU-CRD, MIMIC-III) mapped by its adapter into <data root>/<data>",
-            )
-            p.add_argument(
-                "--source", help="folder of the real database's Parquet tables (default: ../shared/data)"
-            )
+    synth = sub.add_parser("synth", help="write a synthetic hospital into the landing zone")
+    p = sub.add_parser("demo", help="run the whole lifecycle on the landing zone (synthetic if empty)")
+    for each in (synth, p):
+        _hospital_options(each, scenario="default", patients=3000, batches=5, drift_from_batch=None)
+    p.add_argument("--json", action="store_true", help="also print the AUROCs as JSON")
+    p.add_argument(
+        "--data",
+        choices=["synthetic", "eicu", "mimic"],
+        default="synthetic",
+        help="synthetic hospital through the landing zone, or a real de-identified database "
+        "(eICU-CRD, MIMIC-III) mapped by its adapter into <data root>/<data>",
+    )
+    p.add_argument("--source", help="folder of the real database's Parquet tables (default: ../shared/data)")
+    p = sub.add_parser(
+        "replay",
+        help="replay the landing zone's batches day by day through the sensors' jobs into the instance "
+        "($DAGSTER_HOME); a synthetic drift month when the landing zone is empty",
+    )
+    _hospital_options(p, scenario="drift", patients=6000, batches=30, drift_from_batch=20)
+    p.add_argument("--warmup", type=int, default=7, help="days before the first champion is trained")
+    p.add_argument(
+        "--approve-first-model",
+        action="store_true",
+        help="demo only: if the gate refuses the first model, approve it manually (recorded as a decision)",
+    )
+    p.add_argument(
+        "--usecases-dir",
+        help="use case folder (default: $CLINICAL_ML_USECASES or <project>/usecases); e.g. one holding only "
+        "the synthetic hospital's icu_mortality_24h.yaml",
+    )
     args = parser.parse_args(argv)
-    return {"synth": cmd_synth, "demo": cmd_demo}[args.command](args)
+    return {"synth": cmd_synth, "demo": cmd_demo, "replay": cmd_replay}[args.command](args)
 
 
 if __name__ == "__main__":
