@@ -28,7 +28,7 @@ from scipy import special
 
 from clinical_ml.core.drift import batch_drift, reference_profile
 from clinical_ml.core.evaluation import auroc
-from clinical_ml.core.monitoring import ConfidenceBasedEstimator
+from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
 
 PEERS_PYTHON = Path(__file__).resolve().parent / ".peers-venv" / "bin" / "python"
 N_NUMERIC, N_CATEGORICAL = 50, 5

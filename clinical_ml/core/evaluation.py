@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from clinical_ml.core import bootstrap
+
 METRIC_NAMES = (
     "auroc",
     "auprc",
@@ -276,21 +278,23 @@ def bootstrap_metrics(
     y = np.asarray(y)
     p = np.asarray(p)
     point = point_metrics(y, p, threshold)
-    rng = np.random.default_rng(seed)
-    reps = {k: np.empty(n_boot) for k in METRIC_NAMES}
-    n = len(y)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
+
+    def metrics(idx: np.ndarray) -> tuple[float, ...]:
         m = point_metrics(y[idx], p[idx], threshold)
-        for k in METRIC_NAMES:
-            reps[k][b] = m[k]
-    alpha = (1 - level) / 2
-    out = {}
-    for k in METRIC_NAMES:
-        r = reps[k][np.isfinite(reps[k])]
-        lo, hi = np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan)
-        out[k] = MetricWithCI(point[k], float(lo), float(hi))
-    return out
+        return tuple(m[k] for k in METRIC_NAMES)
+
+    reps = bootstrap.replicates(metrics, len(y), n_boot=n_boot, rng=np.random.default_rng(seed))
+    return _with_ci(point, reps, METRIC_NAMES, level=level)
+
+
+def _with_ci(
+    point: dict[str, float] | tuple[float, ...], reps: np.ndarray, names: tuple[str, ...], *, level: float
+) -> dict[str, MetricWithCI]:
+    """Point estimates (by name or position) with percentile intervals of the columns of ``reps``."""
+    values = [point[k] for k in names] if isinstance(point, dict) else list(point)
+    reps = reps.reshape(-1, len(names))
+    lo, hi = bootstrap.percentile_interval(reps, level=level)
+    return {k: MetricWithCI(float(values[j]), float(lo[j]), float(hi[j])) for j, k in enumerate(names)}
 
 
 def choose_threshold(y: np.ndarray, p: np.ndarray, *, policy: str, target: float) -> float:
@@ -398,12 +402,5 @@ def paired_comparison(
 
     names = ("auroc_difference", "slope_error_difference", "intercept_error_difference")
     point = diffs(np.arange(len(y)))
-    rng = np.random.default_rng(seed)
-    reps = np.array([diffs(rng.integers(0, len(y), len(y))) for _ in range(n_boot)])
-    alpha = (1 - level) / 2
-    out = {}
-    for j, name in enumerate(names):
-        r = reps[:, j][np.isfinite(reps[:, j])] if n_boot else np.empty(0)
-        lo, hi = np.quantile(r, [alpha, 1 - alpha]) if r.size else (np.nan, np.nan)
-        out[name] = MetricWithCI(float(point[j]), float(lo), float(hi))
-    return out
+    reps = bootstrap.replicates(diffs, len(y), n_boot=n_boot, rng=np.random.default_rng(seed))
+    return _with_ci(point, reps, names, level=level)

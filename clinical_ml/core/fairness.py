@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from clinical_ml.core import bootstrap
 from clinical_ml.core.evaluation import choose_threshold, confusion
 
 RATE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "prevalence")
@@ -151,36 +152,6 @@ def _counts_by_group(y: np.ndarray, flag: np.ndarray, codes: np.ndarray, n_group
     return np.bincount(codes * 4 + cell, minlength=n_groups * 4).reshape(n_groups, 4)
 
 
-def _multinomial_replicates(counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, n_groups, 4) bootstrap counts, each group resampled within itself (stratified)."""
-    out = np.zeros((n_boot, counts.shape[0], 4), dtype=np.int64)
-    for g, c in enumerate(counts):
-        n = int(c.sum())
-        if n:
-            out[:, g, :] = rng.multinomial(n, c / n, size=n_boot)
-    return out
-
-
-def _percentile(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval along axis 0, ignoring non-finite replicates (same interpolation as
-    ``np.nanquantile``, without its per-column Python loop)."""
-    alpha = (1 - level) / 2
-    a = np.asarray(reps, dtype=np.float64)
-    shape = a.shape[1:]
-    a = a.reshape(a.shape[0], -1)
-    a = np.sort(np.where(np.isfinite(a), a, np.nan), axis=0)  # NaN sorts last
-    k = np.isfinite(a).sum(axis=0)
-    cols = np.arange(a.shape[1])
-    out = []
-    for q in (alpha, 1 - alpha):
-        pos = q * np.maximum(k - 1, 0)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, np.maximum(k - 1, 0))
-        v = a[lo, cols] + (a[hi, cols] - a[lo, cols]) * (pos - lo)
-        out.append(np.where(k > 0, v, np.nan).reshape(shape))
-    return out[0], out[1]
-
-
 def delong_auroc(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     """AUROC and its DeLong variance (Sun and Xu's fast algorithm); NaNs with one class only.
 
@@ -228,7 +199,7 @@ def _delong_sorted(ps: np.ndarray, ys: np.ndarray) -> tuple[float, float]:
 
 
 def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """AUROC of ``n_boot`` row resamples, from the scores sorted once (weighted Mann-Whitney).
+    """AUROC of ``n_boot`` row resamples (:func:`clinical_ml.core.bootstrap.weighted_auroc`).
 
     Parameters
     ----------
@@ -237,7 +208,7 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int, rng: np.random
     n_boot : int
         Replicates.
     rng : numpy.random.Generator
-        Seeded generator.
+        Seeded generator, advanced as by ``n_boot`` draws of ``rng.integers(0, n, n)``.
 
     Returns
     -------
@@ -245,22 +216,11 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, *, n_boot: int, rng: np.random
         ``n_boot`` AUROC values (NaN for a replicate with one class only).
     """
     y = np.asarray(y, dtype=bool)
-    _, level = np.unique(np.asarray(p), return_inverse=True)
-    n_levels = int(level.max()) + 1 if level.size else 0
-    n = y.size
-    out = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        yb, lb = y[idx], level[idx]
-        wpos = np.bincount(lb[yb], minlength=n_levels).astype(np.float64)
-        wneg = np.bincount(lb[~yb], minlength=n_levels).astype(np.float64)
-        n1, n0 = wpos.sum(), wneg.sum()
-        if n1 == 0 or n0 == 0:
-            out[b] = np.nan
-            continue
-        below = np.cumsum(wneg) - wneg
-        out[b] = float(wpos @ (below + 0.5 * wneg)) / (n1 * n0)
-    return out
+    p = np.asarray(p, dtype=np.float64)
+    parts = [
+        bootstrap.weighted_auroc(y, p, c) for c in bootstrap.resample_counts(y.size, n_boot=n_boot, rng=rng)
+    ]
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -383,7 +343,7 @@ def _analyse_partition(
     events = counts[:, 0] + counts[:, 2]
     suppressed = (n < min_cell_size) | (events < min_cell_size) | (n - events < min_cell_size)
     point = _rates(counts)
-    reps = _multinomial_replicates(counts, n_boot, rng)
+    reps = bootstrap.multinomial_counts(counts, n_boot=n_boot, rng=rng)
     rep_rates = _rates(reps)  # name -> (n_boot, g)
     # the population as the sum of its groups: replicates of "all patients" consistent with each group's
     rep_all = _rates(reps.sum(axis=1))  # name -> (n_boot,)
@@ -404,7 +364,9 @@ def _analyse_partition(
         idx = order[bounds[i] : bounds[i + 1]]
         auc[i], auc_var[i] = _delong_sorted(p[idx], y[idx])
         if auroc_ci == "bootstrap":
-            lo, hi = _percentile(bootstrap_auroc(y[idx], p[idx], n_boot=n_boot, rng=rng), level)
+            lo, hi = bootstrap.percentile_interval(
+                bootstrap_auroc(y[idx], p[idx], n_boot=n_boot, rng=rng), level=level
+            )
             auc_ci[i] = (float(auc[i]), float(lo), float(hi))
         else:
             auc_ci[i] = _normal_ci(auc[i], float(np.sqrt(auc_var[i])), z, lo=0.0, hi=1.0)
@@ -417,7 +379,7 @@ def _analyse_partition(
         if finite:
             best[name] = int(max(finite, key=lambda i: vals[i]))
     # every percentile interval of the partition in one call per quantity (bounds arrays of shape (2, g))
-    bounds_rate = {name: _percentile(rep_rates[name], level) for name in RATE_METRICS}
+    bounds_rate = {name: bootstrap.percentile_interval(rep_rates[name], level=level) for name in RATE_METRICS}
     bounds_disp: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for name in DISPARITY_METRICS:
@@ -426,10 +388,10 @@ def _analyse_partition(
             reps_g, reps_b = rep_rates[name], rep_rates[name][:, [best[name]]]
             reps_a = rep_all[name][:, None]
             bounds_disp[name] = {
-                "difference_to_best": _percentile(reps_g - reps_b, level),
-                "ratio_to_best": _percentile(reps_g / reps_b, level),
-                "difference_to_overall": _percentile(reps_g - reps_a, level),
-                "ratio_to_overall": _percentile(reps_g / reps_a, level),
+                "difference_to_best": bootstrap.percentile_interval(reps_g - reps_b, level=level),
+                "ratio_to_best": bootstrap.percentile_interval(reps_g / reps_b, level=level),
+                "difference_to_overall": bootstrap.percentile_interval(reps_g - reps_a, level=level),
+                "ratio_to_overall": bootstrap.percentile_interval(reps_g / reps_a, level=level),
             }
         sd_sens = np.full(g, np.nan)
         if ok.size:
@@ -526,7 +488,7 @@ def _analyse_partition(
         rt = rep_rates["sensitivity"][:, ok]
         rf = 1 - rep_rates["specificity"][:, ok]
         eod_reps = np.maximum(np.nanmax(rt, 1) - np.nanmin(rt, 1), np.nanmax(rf, 1) - np.nanmin(rf, 1))
-        lo, hi = _percentile(eod_reps, level)
+        lo, hi = bootstrap.percentile_interval(eod_reps, level=level)
         eod_ci: Estimate = (eod, float(lo), float(hi))
     else:
         eod_ci = _NAN3
@@ -616,19 +578,19 @@ def subgroup_table(
     all_codes = np.zeros(y.size, dtype=np.int64)
     c_all = _counts_by_group(y, flag, all_codes, 1)
     r_all = _rates(c_all)
-    rep_all = _rates(_multinomial_replicates(c_all, n_boot, rng))
+    rep_all = _rates(bootstrap.multinomial_counts(c_all, n_boot=n_boot, rng=rng))
     p_order = np.argsort(p, kind="stable")
     auc_all, var_all = _delong_sorted(p[p_order], y[p_order])
     oe_all, oe_se_all = _oe(y, p, all_codes, 1)
     slope_all, slope_se_all = _calibration_fit(y, p, all_codes, 1)
     m_all: dict[str, Estimate] = {}
     if auroc_ci == "bootstrap":
-        lo, hi = _percentile(bootstrap_auroc(y, p, n_boot=n_boot, rng=rng), level)
+        lo, hi = bootstrap.percentile_interval(bootstrap_auroc(y, p, n_boot=n_boot, rng=rng), level=level)
         m_all["auroc"] = (auc_all, float(lo), float(hi))
     else:
         m_all["auroc"] = _normal_ci(auc_all, float(np.sqrt(var_all)), z, lo=0.0, hi=1.0)
     for name in RATE_METRICS:
-        lo, hi = _percentile(rep_all[name][:, 0], level)
+        lo, hi = bootstrap.percentile_interval(rep_all[name][:, 0], level=level)
         m_all[name] = (float(r_all[name][0]), float(lo), float(hi))
     m_all["observed_expected_ratio"] = _log_ci(float(oe_all[0]), float(oe_se_all[0]), z)
     m_all["calibration_slope"] = _normal_ci(float(slope_all[0]), float(slope_se_all[0]), z)
@@ -881,11 +843,15 @@ def group_thresholds(
                 )
                 continue
             t = choose_threshold(ygt, pgt, policy=policy, target=target)
-            reps = np.empty(n_boot)
-            for b in range(n_boot):
-                idx = rng.integers(0, ygt.size, ygt.size)
-                reps[b] = choose_threshold(ygt[idx], pgt[idx], policy=policy, target=target)
-            lo, hi = np.quantile(reps, [0.025, 0.975])
+            reps = bootstrap.replicates(
+                lambda idx, ygt=ygt, pgt=pgt: choose_threshold(
+                    ygt[idx], pgt[idx], policy=policy, target=target
+                ),
+                ygt.size,
+                n_boot=n_boot,
+                rng=rng,
+            )
+            lo, hi = bootstrap.percentile_interval(reps, level=0.95)
 
             s1, sp1 = _sens_spec_at(ygv, pgv, threshold, z)
             s2, sp2 = _sens_spec_at(ygv, pgv, t, z)

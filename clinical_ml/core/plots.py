@@ -1,6 +1,7 @@
 """PNG plots for reports (matplotlib, headless). Each function returns PNG bytes."""
 
 import io
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -145,4 +146,54 @@ def subgroup_forest_plot(
     ax.set_xlabel(f"{metric} (95% CI); red = flagged")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
+def drift_trend_plot(batches: Sequence[dict]) -> bytes:
+    """Per batch: -log10 of the smallest drift p-value, coloured by level, and mean predicted risk."""
+    colours = {"ok": _BLUE, "warn": "#d08a1a", "error": _RED}
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    xs = np.arange(len(batches))
+    score = [
+        min(-np.log10(max(min((f["p_min"] for f in b["features"]), default=1.0), 1e-300)), 50)
+        for b in batches
+    ]
+    ax1.bar(xs, score, color=[colours[b["level"]] for b in batches])
+    ax1.set_ylabel("-log10 smallest p")
+    ax1.set_title("Drift per batch (red: ERROR, amber: WARN)")
+    pm = [(b["prediction"] or {}).get("mean_current", np.nan) for b in batches]
+    ax2.plot(xs, pm, marker="o", color=_BLUE, label="mean predicted risk")
+    ref = next(((b["prediction"] or {}).get("mean_reference") for b in batches if b.get("prediction")), None)
+    if ref is not None:
+        ax2.axhline(ref, color=_GREY, ls=":", label="derivation cohort")
+    ax2.legend(fontsize=8)
+    ax2.set_xticks(xs, [b["batch_id"][5:] for b in batches], rotation=90, fontsize=7)
+    return _png(fig)
+
+
+def performance_plot(rows: Sequence[dict]) -> bytes:
+    """Realised AUROC with 95% CI per period (mature: filled) and the label-free estimate."""
+    overall = [r for r in rows if r["attribute"] == "all"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    xs = np.arange(len(overall))
+    for x, r in zip(xs, overall, strict=True):
+        if r["realised"]:
+            a = r["realised"]["auroc"]
+            if np.isfinite(a["value"]):
+                ax.errorbar(
+                    x,
+                    a["value"],
+                    yerr=[[a["value"] - a["lower"]], [a["upper"] - a["value"]]]
+                    if np.isfinite(a["lower"])
+                    else None,
+                    fmt="o",
+                    mfc=_BLUE if r["status"] == "mature" else "white",
+                    color=_BLUE,
+                )
+    est = [(r["estimated"] or {}).get("auroc", np.nan) for r in overall]
+    ax.plot(xs, est, ls="--", color="#d08a1a", label="estimated (no labels, CBPE-like)")
+    ax.set_xticks(xs, [r["period"][5:] for r in overall], rotation=90, fontsize=7)
+    ax.set_ylabel("AUROC")
+    ax.set_title("Realised AUROC (filled: labels mature; hollow: maturing)")
+    ax.legend(fontsize=8)
     return _png(fig)

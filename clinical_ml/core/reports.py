@@ -5,11 +5,15 @@ Jinja2 renders with autoescaping on for every template, so a value that came fro
 """
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from clinical_ml.core import plots
+from clinical_ml.core.monitoring_config import MonitoringConfig
+from clinical_ml.core.usecase import UseCase
 
 _ENV = Environment(
     loader=FileSystemLoader(Path(__file__).with_name("templates")),
@@ -588,3 +592,80 @@ def report_card(
         + "".join(f"- {md_escape(r)}\n" for r in fairness["reasons"])
     )
     return html, md
+
+
+def monitoring_report(
+    *,
+    use_case: UseCase,
+    batches: Sequence[dict],
+    performance: Sequence[dict],
+    decisions: Sequence[dict],
+    config: MonitoringConfig,
+    model_version: str,
+    code_version: str,
+) -> tuple[str, str]:
+    """HTML monitoring report and its Markdown summary (aggregates only).
+
+    Parameters
+    ----------
+    use_case
+        The use case (its title, name and contract hash go into the report).
+    batches
+        :meth:`clinical_ml.core.batch_monitoring.BatchMonitoring.as_dict` of each monitored batch.
+    performance
+        Rows of :func:`clinical_ml.core.performance_monitoring.performance_by_period`.
+    decisions
+        Promotion decisions, newest last (the last 20 are shown).
+    config
+        The monitoring levels the batches were judged by.
+    model_version, code_version
+        Lineage shown in the footer.
+
+    Returns
+    -------
+    tuple of str
+        The HTML report and its Markdown summary.
+    """
+    overall = [r for r in performance if r["attribute"] == "all"]
+    subgroups = [r for r in performance if r["attribute"] != "all"]
+    n_error = sum(b["level"] == "error" for b in batches)
+    first_error = next((b["batch_id"] for b in batches if b["level"] == "error"), None)
+    html = render(
+        "monitoring.html.j2",
+        title=f"{use_case.title}: monitoring",
+        subtitle="Drift per batch against the derivation cohort, performance over time, decisions",
+        batches=list(batches),
+        overall=overall,
+        subgroups=subgroups,
+        decisions=list(decisions)[-20:],
+        n_error=n_error,
+        first_error=first_error,
+        binning=config.drift.describe(),
+        drift_plot=b64(plots.drift_trend_plot(batches)) if batches else None,
+        performance_plot=b64(plots.performance_plot(performance)) if overall else None,
+        use_case_name=use_case.name,
+        use_case_hash=use_case.source_sha256[:12],
+        model_version=model_version,
+        code_version=code_version,
+    )
+    lines = [
+        f"### Monitoring of {md_escape(use_case.name)}",
+        "",
+        f"{len(batches)} batches monitored, {n_error} at ERROR"
+        + (f" (first: {md_escape(first_error)})" if first_error else "")
+        + ".",
+        "",
+        "| Batch | Level | Retraining requested | Top reason |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {md_escape(b['batch_id'])} | {b['level']} | {'yes' if b['retraining_requested'] else 'no'} | "
+        f"{md_escape((b['reasons'] or [''])[0])} |"
+        for b in batches[-15:]
+    ]
+    lines += ["", "| Period | Labels | Realised AUROC | Estimated AUROC |", "|---|---|---|---|"]
+    for r in overall[-15:]:
+        real = r["realised"]["auroc"]["value"] if r["realised"] else float("nan")
+        est = (r["estimated"] or {}).get("auroc", float("nan"))
+        lines.append(f"| {md_escape(r['period'])} | {r['status']} | {real:.3f} | {est:.3f} |")
+    return html, "\n".join(lines) + "\n"

@@ -4,27 +4,27 @@ import numpy as np
 import polars as pl
 import pytest
 
+from clinical_ml.core.batch_monitoring import (
+    categorical_codes,
+    monitor_batch,
+    prepare_reference,
+    split_columns,
+)
+from clinical_ml.core.bootstrap import resample_counts
 from clinical_ml.core.evaluation import (
     auroc,
     calibration_slope_intercept,
     calibration_slopes_weighted,
     confusion,
 )
-from clinical_ml.core.monitoring import (
-    ConfidenceBasedEstimator,
-    MonitoringConfig,
-    _bootstrap_counts,
-    _bootstrap_replicates,
-    _metrics_with_ci,
-    _percentile_ci,
-    categorical_codes,
+from clinical_ml.core.monitoring_config import MonitoringConfig, load_monitoring_config
+from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
+from clinical_ml.core.performance_monitoring import (
     label_maturity,
-    load_monitoring_config,
-    monitor_batch,
+    metric_replicates,
+    metrics_with_ci,
     newly_labelled,
     performance_by_period,
-    prepare_reference,
-    split_columns,
 )
 
 
@@ -203,7 +203,7 @@ def _case(kind: str) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("kind", ["calibrated", "overconfident", "tied_risks", "rare"])
 def test_vectorized_bootstrap_equals_the_per_replicate_loop_on_the_same_resamples(kind):
     p, y = _case(kind)
-    got = _metrics_with_ci(y, p, 0.2, n_boot=200, seed=3)
+    got = metrics_with_ci(y, p, 0.2, n_boot=200, seed=3)
     want = _loop_metrics_with_ci(y, p, 0.2, n_boot=200, seed=3)
     for name, m in want.items():
         for key, v in m.items():
@@ -213,7 +213,7 @@ def test_vectorized_bootstrap_equals_the_per_replicate_loop_on_the_same_resample
 
 def test_vectorized_bootstrap_auroc_ci_agrees_with_an_independent_loop_within_monte_carlo_error():
     p, y = _calibrated(500, 21)
-    got = _metrics_with_ci(y, p, 0.2, n_boot=2000, seed=1)["auroc"]
+    got = metrics_with_ci(y, p, 0.2, n_boot=2000, seed=1)["auroc"]
     rng = np.random.default_rng(2)  # other resamples: agreement is up to Monte-Carlo error only
     reps = [auroc(y[idx], p[idx]) for idx in (rng.integers(0, y.size, y.size) for _ in range(2000))]
     lo, hi = np.quantile(reps, [0.025, 0.975])
@@ -223,11 +223,13 @@ def test_vectorized_bootstrap_auroc_ci_agrees_with_an_independent_loop_within_mo
 
 def test_bootstrap_is_deterministic_for_a_seed_and_does_not_depend_on_the_block_size():
     p, y = _calibrated(300, 22)
-    a = _metrics_with_ci(y, p, 0.2, n_boot=100, seed=5)
-    assert a == _metrics_with_ci(y, p, 0.2, n_boot=100, seed=5)
-    assert a != _metrics_with_ci(y, p, 0.2, n_boot=100, seed=6)
-    small = np.concatenate(list(_bootstrap_counts(300, n_boot=100, seed=5, max_cells=7 * 300)))
-    whole = np.concatenate(list(_bootstrap_counts(300, n_boot=100, seed=5)))
+    a = metrics_with_ci(y, p, 0.2, n_boot=100, seed=5)
+    assert a == metrics_with_ci(y, p, 0.2, n_boot=100, seed=5)
+    assert a != metrics_with_ci(y, p, 0.2, n_boot=100, seed=6)
+    small = np.concatenate(
+        list(resample_counts(300, n_boot=100, rng=np.random.default_rng(5), max_cells=7 * 300))
+    )
+    whole = np.concatenate(list(resample_counts(300, n_boot=100, rng=np.random.default_rng(5))))
     assert small.shape == (100, 300) and (small == whole).all() and (whole.sum(axis=1) == 300).all()
 
 
@@ -247,8 +249,8 @@ def test_replicates_with_one_outcome_class_are_undefined_and_dropped():
     y = np.zeros(40, dtype=bool)
     y[7] = True  # one event: a resample without it has one class
     p = np.linspace(0.05, 0.6, 40)
-    reps = _bootstrap_replicates(y, p, 0.2, n_boot=300, seed=0)
-    without_event = next(_bootstrap_counts(40, n_boot=300, seed=0))[:, 7] == 0
+    reps = metric_replicates(y, p, 0.2, n_boot=300, seed=0)
+    without_event = next(resample_counts(40, n_boot=300, rng=np.random.default_rng(0)))[:, 7] == 0
     assert 0 < without_event.sum() < 300
     for name in ("auroc", "sensitivity", "calibration_slope"):
         assert np.isnan(reps[name][without_event]).all(), name
@@ -256,19 +258,19 @@ def test_replicates_with_one_outcome_class_are_undefined_and_dropped():
     assert np.isfinite(reps["observed_expected"]).all()
 
 
-def test_too_few_finite_replicates_give_no_interval():
-    vals = np.full(200, np.nan)
-    vals[:49] = np.linspace(0.6, 0.8, 49)
-    assert np.isnan(_percentile_ci(vals, n_boot=200)).all()  # 49 < 200 // 4
-    vals[49] = 0.7
-    assert np.isfinite(_percentile_ci(vals, n_boot=200)).all()
-    few = np.r_[np.linspace(0.6, 0.8, 9), np.full(11, np.nan)]
-    assert np.isnan(_percentile_ci(few, n_boot=20)).all()  # the floor of 10 finite replicates
+@pytest.mark.parametrize(("rows", "n_boot"), [(3, 16), (3, 60), (40, 200), (12, 40)])
+def test_an_interval_needs_a_quarter_of_the_replicates_finite_and_at_least_ten(rows, n_boot):
+    p = np.linspace(0.05, 0.6, rows)
+    y = np.zeros(rows, dtype=bool)
+    y[-1] = True  # one event: a resample without it has no AUROC
+    finite = int(np.isfinite(metric_replicates(y, p, 0.2, n_boot=n_boot, seed=4)["auroc"]).sum())
+    m = metrics_with_ci(y, p, 0.2, n_boot=n_boot, seed=4)["auroc"]
+    assert np.isfinite(m["lower"]) == (finite >= max(10, n_boot // 4)), finite
 
 
 def test_a_slice_with_one_outcome_class_has_no_auroc_slope_or_sensitivity():
     p, _ = _calibrated(50, 24)
-    m = _metrics_with_ci(np.zeros(50, dtype=bool), p, 0.2, n_boot=100, seed=0)
+    m = metrics_with_ci(np.zeros(50, dtype=bool), p, 0.2, n_boot=100, seed=0)
     for name in ("auroc", "sensitivity", "calibration_slope"):
         assert np.isnan([m[name]["value"], m[name]["lower"], m[name]["upper"]]).all(), name
     assert m["observed_expected"]["value"] == 0.0 and m["observed_expected"]["upper"] == 0.0

@@ -8,9 +8,10 @@ import polars as pl
 import pytest
 
 from clinical_ml.core.anonymization import Vault, anonymize_batch
+from clinical_ml.core.batch_monitoring import monitor_batch, prepare_reference
 from clinical_ml.core.features import build_cohort, build_features, feature_columns
 from clinical_ml.core.ingestion import ingest_file
-from clinical_ml.core.monitoring import MonitoringConfig, monitor_batch, prepare_reference
+from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.synthetic import SyntheticConfig, SyntheticHospital, generate_hospital
 from clinical_ml.core.usecase import UseCase, load_use_case
 
