@@ -185,7 +185,8 @@ def percentile_interval(
     alpha = (1 - level) / 2
     a = np.asarray(replicates, dtype=np.float64)
     shape = a.shape[1:]
-    a = np.sort(np.where(np.isfinite(a), a, np.nan).reshape(a.shape[0], -1), axis=0)  # NaN sorts last
+    a = np.where(np.isfinite(a), a, np.nan).reshape(a.shape[0], int(np.prod(shape)))
+    a = np.sort(a, axis=0)  # NaN sorts last
     k = np.isfinite(a).sum(axis=0)
     cols = np.arange(a.shape[1])
     last = np.maximum(k - 1, 0)
