@@ -37,8 +37,14 @@ from clinical_ml.core.features import (
     derivation_validation_split,
     validation_rows,
 )
-from clinical_ml.core.training import evaluate_validation, fit_model, operating_threshold, predict_frame
+from clinical_ml.core.training import fit_model
 from clinical_ml.core.usecase import load_use_case
+from clinical_ml.core.validation import (
+    OperatingThreshold,
+    evaluate_validation,
+    operating_threshold,
+    predict_frame,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -110,7 +116,8 @@ def compare(
 ) -> dict:
     model, _ = fit_model(frame, uc)
     preds = predict_frame(model, frame, cohort)
-    ours = evaluate_validation(preds, operating_threshold(preds, uc), n_boot=n_boot, seed=SEED)
+    threshold = OperatingThreshold(operating_threshold(preds, uc), "baseline")
+    ours = evaluate_validation(preds, threshold, n_boot=n_boot, seed=SEED).as_dict()
     val = preds.filter(pl.col("split") == "held_out").select("hadm_id", "label", "risk")
     data = frame.select("hadm_id", "split", "boolean_value").join(plain, on="hadm_id", how="inner")
     cols = [c for c in plain.columns if c != "hadm_id"]

@@ -37,6 +37,10 @@ class CohortFlow:
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CohortFlow":
+        return cls(**{k: int(v) for k, v in d.items()})
+
 
 def age_band_expr(age: pl.Expr, bands: list[int]) -> pl.Expr:
     """Label ages by the use case's band edges, e.g. [18, 45, 65, 80] -> 18-44, 45-64, 65-79, 80+."""

@@ -6,6 +6,8 @@ from pathlib import Path
 import dagster as dg
 
 from clinical_ml.core.fhir import SUBJECT_SYSTEM_SITE
+from clinical_ml.core.locations import monitoring_config_file, resolve_data_root, resolve_usecases_dir
+from clinical_ml.core.monitoring_config import load_monitoring_config
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_dataset
 from clinical_ml.defs.ingestion.assets import raw_assets
@@ -29,8 +31,6 @@ from clinical_ml.resources.pseudonym_secret import anonymization_settings_from_e
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 
 def build_definitions(
     *,
@@ -40,8 +40,9 @@ def build_definitions(
     anonymization: AnonymizationSettings | None = None,
     fhir_subject: str | None = None,
 ) -> dg.Definitions:
-    """The whole graph. Defaults: ``$CLINICAL_ML_DATA_ROOT`` or ``./data``, ``$CLINICAL_ML_USECASES`` or
-    ``./usecases``, ``$CLINICAL_ML_FHIR_SUBJECT`` or ``pseudonym`` (``site``: also deliver RiskAssessments
+    """The whole graph; every setting is resolved here, once, and passed down. Defaults:
+    ``$CLINICAL_ML_DATA_ROOT`` or ``./data``, ``$CLINICAL_ML_USECASES`` or ``./usecases`` (with each use
+    case's monitoring levels in ``<usecases>/monitoring/<name>.yaml``), ``$CLINICAL_ML_FHIR_SUBJECT`` or ``pseudonym`` (``site``: also deliver RiskAssessments
     under the site's ids, identifier system ``$CLINICAL_ML_FHIR_SITE_SYSTEM``, to the phi zone's outbox)."""
     subject = fhir_subject or os.environ.get("CLINICAL_ML_FHIR_SUBJECT") or "pseudonym"
     if subject not in ("pseudonym", "site"):
@@ -49,10 +50,18 @@ def build_definitions(
     site_system = (
         (os.environ.get("CLINICAL_ML_FHIR_SITE_SYSTEM") or SUBJECT_SYSTEM_SITE) if subject == "site" else None
     )
-    root = Path(data_root or os.environ.get("CLINICAL_ML_DATA_ROOT") or PROJECT_ROOT / "data")
-    cases_dir = Path(usecases_dir or os.environ.get("CLINICAL_ML_USECASES") or PROJECT_ROOT / "usecases")
+    root = resolve_data_root(data_root)
+    cases_dir = resolve_usecases_dir(usecases_dir)
     use_cases = load_use_cases(cases_dir)
-    use_case_assets = [a for uc in use_cases for a in build_use_case_assets(uc, ehr_site_system=site_system)]
+    use_case_assets = [
+        a
+        for uc in use_cases
+        for a in build_use_case_assets(
+            uc,
+            monitoring=load_monitoring_config(monitoring_config_file(cases_dir, uc.name)),
+            ehr_site_system=site_system,
+        )
+    ]
     return dg.Definitions(
         assets=[
             *raw_assets,
@@ -71,7 +80,7 @@ def build_definitions(
         sensors=[
             landing_sensor,
             features_after_ingestion_sensor,
-            *build_monitoring_chain_sensors(use_cases, root),
+            *build_monitoring_chain_sensors(use_cases),
             build_drift_retraining_sensor(use_cases),
             build_run_failure_alert_sensor(
                 root / "alerts" / "alerts.jsonl", os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")

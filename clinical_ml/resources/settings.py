@@ -3,6 +3,8 @@
 import dagster as dg
 from pydantic import Field
 
+from clinical_ml.core.promotion import GateSettings
+
 
 class AnonymizationSettings(dg.ConfigurableResource):
     """Knobs of the anonymization boundary.
@@ -69,3 +71,11 @@ class EvaluationSettings(dg.ConfigurableResource):
     latency_repeats: int = Field(
         default=300, description="One-patient scoring calls timed for the latency SLO of the promotion gate."
     )
+
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(
+            n_bootstrap=self.n_bootstrap,
+            seed=self.bootstrap_seed,
+            latency_repeats=self.latency_repeats,
+            auroc_margin=self.auroc_non_inferiority_margin,
+        )

@@ -1,9 +1,12 @@
-"""Where each data zone lives. Every asset finds its files through this resource."""
+"""Where each data zone lives. Every asset finds its files through the typed stores this resource hands out."""
 
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
+
+from clinical_ml.core.artifacts import DeidStore, PhiStore, UseCaseStore
+from clinical_ml.core.registry import Registry
 
 ZONES = ("landing", "archive", "quarantine", "phi", "deid", "registry", "reports")
 
@@ -62,3 +65,17 @@ class DataZones(dg.ConfigurableResource):
     @property
     def reports(self) -> Path:
         return self.zone("reports")
+
+    def phi_store(self) -> PhiStore:
+        return PhiStore(self.phi)
+
+    def deid_store(self) -> DeidStore:
+        return DeidStore(self.deid, self.reports)
+
+    def use_case(self, name: str) -> UseCaseStore:
+        """The artifacts of one use case (de-identified tables and reports)."""
+        return self.deid_store().use_case(name)
+
+    def model_registry(self, use_case: str) -> Registry:
+        """The model registry of one use case: models, cards, champion pointer, decisions."""
+        return Registry(self.registry, use_case)

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from clinical_ml.core import registry
+from clinical_ml.core import gate
 from clinical_ml.core.evaluation import bootstrap_metrics, paired_comparison
 from clinical_ml.core.fairness import subgroup_table
+from clinical_ml.core.registry import ModelCard, PromotionDecision, Registry
 
 CRITERIA = {
     "auroc_min": 0.7,
@@ -35,31 +36,31 @@ def _metrics(y, p):
 
 def test_a_good_first_model_passes_minimums_and_has_no_champion_to_beat():
     y, good, _ = _cohort()
-    gate = registry.evaluate_gate(
-        registry.minimum_criteria(_metrics(y, good), CRITERIA),
-        registry.non_inferiority_criteria(_metrics(y, good), None, comparison=None, auroc_margin=0.02),
-        registry.latency_criterion(1.2, slo_ms=10),
+    result = gate.evaluate_gate(
+        gate.minimum_criteria(_metrics(y, good), CRITERIA),
+        gate.non_inferiority_criteria(_metrics(y, good), None, comparison=None, auroc_margin=0.02),
+        gate.latency_criterion(1.2, slo_ms=10),
     )
-    assert gate.passed, gate.reasons()
-    assert any("no champion yet" in r for r in gate.reasons("non_inferiority"))
+    assert result.passed, result.reasons()
+    assert any("no champion yet" in r for r in result.reasons("non_inferiority"))
 
 
 def test_degraded_challenger_is_refused_against_the_champion():
     y, good, degraded = _cohort()
     comp = {k: v.as_dict() for k, v in paired_comparison(y, degraded, good, n_boot=100, seed=2).items()}
     assert comp["auroc_difference"]["upper"] < 0
-    gate = registry.evaluate_gate(
-        registry.minimum_criteria(_metrics(y, degraded), {**CRITERIA, "auroc_min": 0.6}),
-        registry.non_inferiority_criteria(
+    result = gate.evaluate_gate(
+        gate.minimum_criteria(_metrics(y, degraded), {**CRITERIA, "auroc_min": 0.6}),
+        gate.non_inferiority_criteria(
             _metrics(y, degraded),
             {"version": "v1", "metrics": _metrics(y, good)},
             comparison=comp,
             auroc_margin=0.02,
         ),
     )
-    assert not gate.passed
-    assert not gate.group_passed("non_inferiority")
-    assert any("not shown non-inferior" in r for r in gate.reasons())
+    assert not result.passed
+    assert not result.group_passed("non_inferiority")
+    assert any("not shown non-inferior" in r for r in result.reasons())
 
 
 def test_an_equal_challenger_is_non_inferior():
@@ -67,7 +68,7 @@ def test_an_equal_challenger_is_non_inferior():
     rng = np.random.default_rng(5)
     twin = np.clip(good + rng.normal(0, 0.005, len(good)), 1e-4, 1 - 1e-4)
     comp = {k: v.as_dict() for k, v in paired_comparison(y, twin, good, n_boot=100, seed=2).items()}
-    crit = registry.non_inferiority_criteria(
+    crit = gate.non_inferiority_criteria(
         _metrics(y, twin), {"version": "v1", "metrics": _metrics(y, good)}, comparison=comp, auroc_margin=0.02
     )
     assert all(c.passed for c in crit), [c.reason for c in crit]
@@ -77,7 +78,7 @@ def test_minimums_are_judged_on_the_lower_bound_not_the_point():
     y, good, _ = _cohort(n=300, seed=3)
     m = _metrics(y, good)
     floor = (m["auroc"]["lower"] + m["auroc"]["value"]) / 2  # between the lower bound and the point
-    crit = registry.minimum_criteria(m, {**CRITERIA, "auroc_min": floor})
+    crit = gate.minimum_criteria(m, {**CRITERIA, "auroc_min": floor})
     auc = next(c for c in crit if c.name == "auroc_lower_bound")
     assert m["auroc"]["value"] > floor and not auc.passed
 
@@ -85,7 +86,7 @@ def test_minimums_are_judged_on_the_lower_bound_not_the_point():
 def test_miscalibrated_model_fails_the_observed_expected_range():
     y, good, _ = _cohort()
     m = _metrics(y, np.clip(good * 2.5, 0, 0.99))
-    crit = registry.minimum_criteria(m, {**CRITERIA, "observed_expected_range": (0.8, 1.25)})
+    crit = gate.minimum_criteria(m, {**CRITERIA, "observed_expected_range": (0.8, 1.25)})
     assert not next(c for c in crit if c.name == "observed_expected_ratio_in_range").passed
 
 
@@ -109,54 +110,80 @@ def test_subgroup_minimums_use_the_fairness_table_and_skip_small_groups():
         }
         for r in rows
     ]
-    crit = registry.subgroup_criteria(as_dicts, min_cell_size=11)[0]
+    crit = gate.subgroup_criteria(as_dicts, min_cell_size=11)[0]
     assert not crit.passed and "sex = F" in crit.reason and "sex = M" not in crit.reason
     assert "too small to judge" in crit.reason
 
 
 @pytest.mark.parametrize(("p99", "ok"), [(3.0, True), (25.0, False)])
 def test_latency_slo(p99, ok):
-    assert registry.latency_criterion(p99, slo_ms=10)[0].passed is ok
+    assert gate.latency_criterion(p99, slo_ms=10)[0].passed is ok
 
 
 def test_pointer_moves_only_by_set_champion_when_recording_without_move(tmp_path):
-    registry.register_model(tmp_path, "uc", "v1", model_text="tree\n", card={"metrics": {}})
-    d = registry.PromotionDecision(True, "v1", None, ("ok",), ({"name": "x"},))
-    registry.record_decision(tmp_path, "uc", d, move_pointer=False)
-    assert registry.champion(tmp_path, "uc") is None
-    registry.set_champion(tmp_path, "uc", "v1")
-    assert registry.champion(tmp_path, "uc") == "v1"
-    hist = registry.decision_history(tmp_path, "uc")
-    assert len(hist) == 1 and hist[0]["criteria"] == [{"name": "x"}]
+    reg = Registry(tmp_path, "uc")
+    reg.register(ModelCard("uc", "v1"), model_text="tree\n")
+    d = PromotionDecision(True, "v1", None, ("ok",), ({"name": "x"},))
+    recorded = reg.record_decision(d, move_pointer=False)
+    assert reg.champion() is None
+    reg.set_champion("v1")
+    assert reg.champion() == "v1"
+    hist = reg.decisions()
+    assert hist == [recorded] and hist[0].criteria == ({"name": "x"},) and hist[0].at
     with pytest.raises(FileNotFoundError):
-        registry.set_champion(tmp_path, "uc", "v404")
+        reg.set_champion("v404")
     with pytest.raises(FileExistsError):
-        registry.register_model(tmp_path, "uc", "v1", model_text="tree\n", card={})
+        reg.register(ModelCard("uc", "v1"), model_text="tree\n")
     assert json.loads((tmp_path / "uc" / "champion.json").read_text())["version"] == "v1"
 
 
 def test_gate_result_round_trips():
-    gate = registry.evaluate_gate(registry.latency_criterion(1.0, slo_ms=10))
-    assert registry.GateResult.from_dict(gate.as_dict()) == gate
+    result = gate.evaluate_gate(gate.latency_criterion(1.0, slo_ms=10))
+    assert gate.GateResult.from_dict(result.as_dict()) == result
+
+
+def test_model_card_round_trips_and_reads_cards_of_older_versions(tmp_path):
+    reg = Registry(tmp_path, "uc")
+    card = ModelCard(
+        "uc",
+        "v1",
+        feature_names=("a__last",),
+        training_ranges={"a__last": (0.5, 2.0)},
+        threshold=0.2,
+        gate=gate.evaluate_gate(gate.latency_criterion(1.0, slo_ms=10)),
+        drift_reference_from="2026-01-20",
+    )
+    reg.register(card, model_text="tree\n")
+    assert reg.card("v1") == card
+    # a card written before the typed cards, without most fields, still reads back
+    old = tmp_path / "uc" / "models" / "v0"
+    old.mkdir(parents=True)
+    (old / "card.json").write_text(json.dumps({"lineage": {"batch_ids": ["2026-01-05"]}, "extra": 1}))
+    legacy = reg.card("v0")
+    assert legacy.version == "v0" and legacy.trained_on("2026-01-05") and not legacy.trained_on("2026-01-06")
 
 
 def test_a_refused_drift_retraining_is_remembered_until_a_newer_champion(tmp_path):
+    registry = Registry(tmp_path, "uc")
+
     def reg(version, drift_from=None):
-        registry.register_model(
-            tmp_path, "uc", version, model_text="tree\n", card={"drift_reference_from": drift_from}
-        )
+        registry.register(ModelCard("uc", version, drift_reference_from=drift_from), model_text="tree\n")
+
+    def refused():
+        card = registry.refused_drift_retraining()
+        return card.drift_reference_from if card else None
 
     reg("v1")
-    registry.set_champion(tmp_path, "uc", "v1")
-    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    registry.set_champion("v1")
+    assert refused() is None
     reg("v2")  # a nightly retraining that was refused is not a drift retraining
-    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    assert refused() is None
     reg("v3", "2026-01-20")  # retrained for the drift of 01-20 and not promoted
-    assert registry.refused_drift_retraining(tmp_path, "uc")["drift_reference_from"] == "2026-01-20"
-    registry.set_champion(tmp_path, "uc", "v3")  # once a model of that episode is champion, nothing pending
-    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    assert refused() == "2026-01-20"
+    registry.set_champion("v3")  # once a model of that episode is champion, nothing pending
+    assert refused() is None
     # a later (nightly) model inherits the episode: not a new refused drift retraining
     reg("v4", "2026-01-20")
-    assert registry.refused_drift_retraining(tmp_path, "uc") is None
+    assert refused() is None
     reg("v5", "2026-02-02")  # a new episode, refused
-    assert registry.refused_drift_retraining(tmp_path, "uc")["drift_reference_from"] == "2026-02-02"
+    assert refused() == "2026-02-02"

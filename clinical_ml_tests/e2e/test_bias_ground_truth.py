@@ -13,8 +13,9 @@ from clinical_ml.core.fairness import subgroup_table
 from clinical_ml.core.features import build_cohort, build_features, build_labels, patient_grouped_split
 from clinical_ml.core.ingestion import ingest_file
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
-from clinical_ml.core.training import fit_model, operating_threshold, predict_frame, training_frame
+from clinical_ml.core.training import fit_model, training_frame
 from clinical_ml.core.usecase import load_use_case
+from clinical_ml.core.validation import operating_threshold, predict_frame
 from clinical_ml_tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow

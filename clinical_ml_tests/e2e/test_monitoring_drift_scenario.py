@@ -10,9 +10,9 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from clinical_ml.core import registry
 from clinical_ml.core.fhir import read_ndjson
 from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.registry import PromotionDecision, Registry
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
@@ -61,11 +61,10 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         lifecycle = defs.resolve_job_def("lifecycle_job")
         # the run fails when the gate refuses the challenger (a blocking check): that is a decision too
         lifecycle.execute_in_process(instance=instance, raise_on_error=False)
-        if registry.champion(root / "registry", UC) is None:  # a small hospital may miss the gate
+        models = Registry(root / "registry", UC)
+        if models.champion() is None:  # a small hospital may miss the gate
             version = json.loads(_decisions(root)[-1])["challenger"]
-            registry.record_decision(
-                root / "registry", UC, registry.PromotionDecision(True, version, None, ("test setup",))
-            )
+            models.record_decision(PromotionDecision(True, version, None, ("test setup",)))
         monitor = defs.resolve_job_def("batch_monitoring_job")
         stable, drifted = hospital.batch_ids[3], hospital.manifest["drift"]["first_batch_id"]
 
@@ -119,9 +118,9 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         html = (root / "reports" / UC / "monitoring_report.html").read_text()
         assert drifted in html and "derivation cohort" in html
         latest = json.loads(_decisions(root)[-1])
-        card = registry.read_card(root / "registry", UC, latest["challenger"])
-        assert card["drift_reference_from"] == drifted
-        assert card["lineage"]["retraining_reason"] == requests[0].tags[RETRAIN_REASON_TAG]
+        card = models.card(latest["challenger"])
+        assert card.drift_reference_from == drifted
+        assert card.lineage.retraining_reason == requests[0].tags[RETRAIN_REASON_TAG]
 
         # the next day is drifted too, but the drift was answered: no second retraining for one episode
         next_day = hospital.batch_ids[5]

@@ -61,12 +61,14 @@ def _ok_job() -> None:
 
 
 def test_ingestion_then_features_then_batch_monitoring_then_reports_are_chained(tmp_path):
-    from clinical_ml.core import registry
+    from clinical_ml.core.registry import ModelCard
     from clinical_ml.core.usecase import load_use_case
+    from clinical_ml.resources.zones import DataZones
 
     ours = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
     other = load_use_case(PROJECT_ROOT / "usecases" / "eicu_mortality_24h.yaml")
-    sensors = {s.name: s for s in build_monitoring_chain_sensors([ours, other], tmp_path)}
+    sensors = {s.name: s for s in build_monitoring_chain_sensors([ours, other])}
+    zones = DataZones(root=str(tmp_path))
     with dg.instance_for_test() as instance:
 
         def context(run):
@@ -75,6 +77,7 @@ def test_ingestion_then_features_then_batch_monitoring_then_reports_are_chained(
                 dagster_instance=instance,
                 dagster_run=run.dagster_run,
                 dagster_event=run.get_run_success_event(),
+                resources={"zones": zones},
             )
 
         run = _ok_job.execute_in_process(instance=instance, tags={"dagster/partition": "2026-01-09"})
@@ -83,8 +86,9 @@ def test_ingestion_then_features_then_batch_monitoring_then_reports_are_chained(
         run2 = _ok_job.execute_in_process(instance=instance, tags={"batch_id": "2026-01-09"})
         # no champion anywhere yet: nothing to score
         assert isinstance(sensors["batch_monitoring_sensor"](context(run2)), dg.SkipReason)
-        registry.register_model(tmp_path / "registry", ours.name, "v1", model_text="t\n", card={})
-        registry.set_champion(tmp_path / "registry", ours.name, "v1")
+        models = zones.model_registry(ours.name)
+        models.register(ModelCard(ours.name, "v1"), model_text="t\n")
+        models.set_champion("v1")
         req2 = sensors["batch_monitoring_sensor"](context(run2))
         assert isinstance(req2, dg.RunRequest) and req2.partition_key == "2026-01-09"
         # only the use case with a champion is scored: the other source's branch is left alone
@@ -99,7 +103,7 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
 
     import polars as pl
 
-    from clinical_ml.core import registry
+    from clinical_ml.core.registry import Lineage, ModelCard
     from clinical_ml.core.usecase import load_use_case
     from clinical_ml.defs.conventions import RETRAIN_REASON_TAG
     from clinical_ml.defs.usecase.automation import build_nightly_retraining_schedule
@@ -133,26 +137,21 @@ def test_nightly_retraining_runs_only_when_newly_labelled_admissions_exist(tmp_p
     assert len(first) == 1 and isinstance(first[0], dg.RunRequest)
     assert "no champion yet" in first[0].tags[RETRAIN_REASON_TAG]
 
-    registry.register_model(
-        tmp_path / "registry",
-        uc.name,
-        "v1",
-        model_text="t\n",
-        card={"lineage": {"batch_ids": ["2026-01-05"]}},
+    models = zones.model_registry(uc.name)
+    models.register(
+        ModelCard(uc.name, "v1", lineage=Lineage(batch_ids=tuple(["2026-01-05"]))), model_text="t\n"
     )
-    registry.set_champion(tmp_path / "registry", uc.name, "v1")
+    models.set_champion("v1")
     new = evaluate()
     assert len(new) == 1 and isinstance(new[0], dg.RunRequest)
     assert "1 newly labelled admissions" in new[0].tags[RETRAIN_REASON_TAG]
 
-    registry.register_model(
-        tmp_path / "registry",
-        uc.name,
-        "v2",
+    models = zones.model_registry(uc.name)
+    models.register(
+        ModelCard(uc.name, "v2", lineage=Lineage(batch_ids=tuple(["2026-01-05", "2026-01-08"]))),
         model_text="t\n",
-        card={"lineage": {"batch_ids": ["2026-01-05", "2026-01-08"]}},
     )
-    registry.set_champion(tmp_path / "registry", uc.name, "v2")
+    models.set_champion("v2")
     (tick,) = evaluate()
     assert isinstance(tick, dg.SkipReason) and "no newly labelled" in (tick.skip_message or "")
 

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clinical_ml.core import registry
+from clinical_ml.core.registry import Registry
 from clinical_ml.core.storage import read_json
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
@@ -108,7 +108,7 @@ def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_worl
     assert good.success, _failed(good)
     first = read_json(uc_dir / "decision.json")
     assert first["promoted"] and "champion_model" in _materialized(good)
-    assert registry.champion(root / "registry", UC) == first["challenger"]
+    assert Registry(root / "registry", UC).champion() == first["challenger"]
 
     # degrade the challenger deliberately: training labels shuffled, so it learns noise
     labels = pl.read_parquet(uc_dir / "labels.parquet")
@@ -126,13 +126,13 @@ def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_worl
     assert {"model_registry", "promotion_decision"} <= _materialized(bad)
     second = read_json(uc_dir / "decision.json")
     assert not second["promoted"] and second["champion_before"] == first["challenger"]
-    assert registry.champion(root / "registry", UC) == first["challenger"]
+    assert Registry(root / "registry", UC).champion() == first["challenger"]
     assert any("not shown non-inferior" in r for r in second["reasons"])
 
     # the refused challenger is registered with its lineage, and both decisions are in the history
-    card = registry.read_card(root / "registry", UC, second["challenger"])
-    assert card["gate"]["passed"] is False and card["lineage"]["champion_at_training"] == first["challenger"]
-    history = [h["challenger"] for h in registry.decision_history(root / "registry", UC)]
+    card = Registry(root / "registry", UC).card(second["challenger"])
+    assert card.gate.passed is False and card.lineage.champion_at_training == first["challenger"]
+    history = [h.challenger for h in Registry(root / "registry", UC).decisions()]
     assert history[-2:] == [first["challenger"], second["challenger"]]
 
     # the decision is on the asset pages (Markdown metadata), with metrics, CIs and curves on the evaluation's

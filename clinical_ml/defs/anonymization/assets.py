@@ -1,16 +1,16 @@
 import re
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import DEID_COLUMNS, Vault, anonymize_batch
+from clinical_ml.core.artifacts import DictRecord
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.reidentification import RiskPolicy, enforce_k_anonymity, measure_risk, quasi_identifiers
-from clinical_ml.core.storage import code_version, write_json, write_parquet
+from clinical_ml.core.storage import code_version
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.pseudonym_secret import HmacKey, hmac_key_for
@@ -28,21 +28,10 @@ _IDENTIFIER_PATTERNS = {
 }
 
 
-def _vault_paths(zones: DataZones) -> tuple[Path, Path]:
-    return zones.phi / "vault" / "patients.parquet", zones.phi / "vault" / "encounters.parquet"
-
-
-def load_vault(zones: DataZones) -> Vault:
-    pp, ep = _vault_paths(zones)
-    if not pp.exists():
-        return Vault.empty()
-    return Vault(pl.read_parquet(pp), pl.read_parquet(ep))
-
-
 def _raw(zones: DataZones, source: str, batch_id: str) -> pl.DataFrame:
     """The batch's accepted rows; no rows when the file was quarantined or never delivered."""
-    path = zones.phi / "raw" / source / f"{batch_id}.parquet"
-    return pl.read_parquet(path) if path.exists() else empty_accepted(source)
+    part = zones.phi_store().raw(source).part(batch_id)
+    return part.read() if part.exists() else empty_accepted(source)
 
 
 def identifier_leaks(
@@ -188,7 +177,7 @@ def _anonymize_batch(
         encounters=raw["encounters"],
         labs=raw["labs"],
         vitals=raw["vitals"],
-        vault=load_vault(zones) if key is None else Vault.empty(),
+        vault=zones.phi_store().read_vault() if key is None else Vault.empty(),
         batch_id=batch_id,
         max_shift_weeks=anonymization.max_shift_weeks,
         rng=np.random.default_rng(
@@ -199,9 +188,7 @@ def _anonymize_batch(
         hmac_key=key,
     )
     if result.persist_vault:
-        pp, ep = _vault_paths(zones)
-        write_parquet(result.vault.patients, pp)
-        write_parquet(result.vault.encounters, ep)
+        zones.phi_store().write_vault(result.vault)
     remedied = enforce_k_anonymity(
         patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
     )
@@ -240,20 +227,21 @@ def _anonymize_batch(
         "columns_removed": result.dropped_columns,
         "free_text_removed": result.free_text_dropped,
     }
-    write_json(risk_record, zones.deid / "privacy" / f"{batch_id}.json")
+    deid = zones.deid_store()
+    deid.privacy.part(batch_id).write(DictRecord(risk_record))
     outcomes = {}
     for table, frame in frames.items():
-        target = zones.deid / table / f"{batch_id}.parquet"
+        target = deid.table(table).part(batch_id)
         if release:
-            write_parquet(frame, target)
+            target.write(frame)
         else:
-            target.unlink(missing_ok=True)  # a failed re-run must not leave an older release behind
+            target.remove()  # a failed re-run must not leave an older release behind
         outcomes[table] = BatchOutcome(
             metadata={
                 "dagster/row_count": frame.height if release else 0,
                 "dagster/column_schema": _table_schema(frame),
                 "released": release,
-                "path": str(target.relative_to(zones.deid)) if release else "",
+                "path": str(target.path.relative_to(zones.deid)) if release else "",
                 "pseudonym_mode": result.pseudonym_mode,
                 "k_min": published.k_min if published.k_min is not None else 0,
                 "k_required": policy.k,
@@ -323,24 +311,22 @@ def _anonymize_batch(
     "wait for this export.",
 )
 def meds_dataset(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
-    files = sorted((zones.deid / "events").glob("*.parquet"))
+    deid = zones.deid_store()
+    files = deid.events.files()
     if not files:
         raise dg.Failure(
             "No anonymized batches yet: materialize the ingestion and anonymization assets first."
         )
     events = pl.scan_parquet(files)  # one shard in memory at a time
-    counts = write_meds_dataset(events, zones.deid / "meds", dataset_version=code_version())
+    counts = write_meds_dataset(events, deid.meds, dataset_version=code_version())
     context.log.info(f"MEDS dataset written from {len(files)} batches")
-    shards = pl.scan_parquet(zones.deid / "meds" / "data" / "*.parquet")
+    shards = pl.scan_parquet(deid.meds_shards())
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": sum(counts.values()),
             "batches": len(files),
             "subjects": shards.select(pl.col("subject_id").n_unique()).collect().item(),
-            "codes": pl.scan_parquet(zones.deid / "meds" / "metadata" / "codes.parquet")
-            .select(pl.len())
-            .collect()
-            .item(),
+            "codes": deid.meds_codes.scan().select(pl.len()).collect().item(),
             "path": "meds",
         }
     )

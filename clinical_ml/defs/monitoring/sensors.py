@@ -8,7 +8,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from clinical_ml.core import registry
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import DRIFT_FROM_TAG, RETRAIN_REASON_TAG
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
@@ -18,6 +17,7 @@ from clinical_ml.defs.usecase.automation import (
     lifecycle_job,
     monitoring_report_job,
 )
+from clinical_ml.resources.zones import DataZones
 
 PARTITION_TAG = "dagster/partition"
 __all__ = ["DRIFT_FROM_TAG", "RETRAIN_REASON_TAG", "retraining_requests"]
@@ -37,12 +37,12 @@ def features_after_ingestion_sensor(context: dg.RunStatusSensorContext):
     return dg.SkipReason("ingestion run without a batch partition")
 
 
-def _monitored_use_cases(use_cases: list[UseCase], data_root: Path) -> list[UseCase]:
+def _monitored_use_cases(use_cases: list[UseCase], zones: DataZones) -> list[UseCase]:
     """Use cases with a champion in this data root: the others (e.g. another source's) have nothing to score."""
-    return [uc for uc in use_cases if registry.champion(data_root / "registry", uc.name) is not None]
+    return [uc for uc in use_cases if zones.model_registry(uc.name).champion() is not None]
 
 
-def build_monitoring_chain_sensors(use_cases: list[UseCase], data_root: Path) -> list[dg.SensorDefinition]:
+def build_monitoring_chain_sensors(use_cases: list[UseCase]) -> list[dg.SensorDefinition]:
     """features refreshed -> the batch scored and checked (use cases with a champion only) -> their
     monitoring reports refreshed, after a passed or a failed (blocking drift check) batch alike."""
 
@@ -55,11 +55,11 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase], data_root: Path) ->
         description="Once features include a new batch, score it and check it for drift (one partition per "
         "batch), for every use case that has a champion.",
     )
-    def batch_monitoring_sensor(context: dg.RunStatusSensorContext):
+    def batch_monitoring_sensor(context: dg.RunStatusSensorContext, zones: DataZones):
         batch = context.dagster_run.tags.get("batch_id")
         if not batch:
             return dg.SkipReason("feature refresh not tied to a batch")
-        monitored = _monitored_use_cases(use_cases, data_root)
+        monitored = _monitored_use_cases(use_cases, zones)
         if not monitored:
             return dg.SkipReason("no use case has a champion yet: run lifecycle_job first")
         return dg.RunRequest(
@@ -72,8 +72,8 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase], data_root: Path) ->
             ],
         )
 
-    def report_request(context) -> dg.RunRequest | dg.SkipReason:
-        monitored = _monitored_use_cases(use_cases, data_root)
+    def report_request(context, zones: DataZones) -> dg.RunRequest | dg.SkipReason:
+        monitored = _monitored_use_cases(use_cases, zones)
         if not monitored:
             return dg.SkipReason("no use case has a champion yet")
         return dg.RunRequest(
@@ -93,8 +93,8 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase], data_root: Path) ->
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="After a batch has been scored and checked, refresh the monitoring reports.",
     )
-    def monitoring_report_after_batch_sensor(context: dg.RunStatusSensorContext):
-        return report_request(context)
+    def monitoring_report_after_batch_sensor(context: dg.RunStatusSensorContext, zones: DataZones):
+        return report_request(context, zones)
 
     @dg.run_failure_sensor(
         name="monitoring_report_after_failed_batch_sensor",
@@ -103,8 +103,8 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase], data_root: Path) ->
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="A batch whose drift check failed (the run fails on the blocking check) is reported too.",
     )
-    def monitoring_report_after_failed_batch_sensor(context: dg.RunFailureSensorContext):
-        return report_request(context)
+    def monitoring_report_after_failed_batch_sensor(context: dg.RunFailureSensorContext, zones: DataZones):
+        return report_request(context, zones)
 
     return [
         batch_monitoring_sensor,

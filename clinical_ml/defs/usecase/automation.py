@@ -1,13 +1,10 @@
 from datetime import UTC, datetime
 
 import dagster as dg
-import polars as pl
 
-from clinical_ml.core import registry
-from clinical_ml.core.monitoring import newly_labelled
+from clinical_ml.core.champion_monitoring import nightly_retraining_reason
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import RETRAIN_REASON_TAG, Stage
-from clinical_ml.defs.usecase.paths import UseCasePaths
 from clinical_ml.resources.zones import DataZones
 
 PER_BATCH = dg.AssetSelection.tag("monitoring", "per_batch")
@@ -46,27 +43,12 @@ monitoring_report_job = dg.define_asset_job(
 
 
 def nightly_retraining_reasons(zones: DataZones, use_cases: list[UseCase], as_of: datetime) -> list[str]:
-    """Why tonight's retraining should run, one line per use case with something new to learn from:
-    no champion yet, or admissions whose outcome is now known from batches the champion never saw."""
-    reasons = []
-    for uc in use_cases:
-        cohort_file = UseCasePaths(uc.name).deid(zones, "cohort.parquet")
-        if not cohort_file.exists():
-            continue
-        version = registry.champion(zones.registry, uc.name)
-        if version is None:
-            reasons.append(f"{uc.name}: no champion yet")
-            continue
-        trained_on = (
-            registry.read_card(zones.registry, uc.name, version).get("lineage", {}).get("batch_ids", [])
-        )
-        cohort = pl.read_parquet(
-            cohort_file, columns=["batch_id", "admit_time", "discharge_time", "death_time"]
-        )
-        n = newly_labelled(cohort, trained_on=trained_on, as_of=as_of)
-        if n:
-            reasons.append(f"{uc.name}: {n} newly labelled admissions since model {version} was trained")
-    return reasons
+    """Why tonight's retraining should run, one line per use case with something new to learn from."""
+    reasons = (
+        nightly_retraining_reason(zones.use_case(uc.name), zones.model_registry(uc.name), as_of=as_of)
+        for uc in use_cases
+    )
+    return [r for r in reasons if r]
 
 
 def build_nightly_retraining_schedule(use_cases: list[UseCase]) -> dg.ScheduleDefinition:

@@ -4,26 +4,27 @@ import dagster as dg
 import polars as pl
 
 from clinical_ml.core import plots
+from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
-from clinical_ml.core.features import SplitInfo, feature_matrix, validation_rows
-from clinical_ml.core.reports import b64, fmt_ci, performance_report, write_report
-from clinical_ml.core.storage import code_version, read_json, write_json, write_parquet
-from clinical_ml.core.training import (
+from clinical_ml.core.features import feature_matrix, validation_rows
+from clinical_ml.core.modeling import load_model
+from clinical_ml.core.reports import evaluation_markdown, performance_report
+from clinical_ml.core.storage import code_version
+from clinical_ml.core.training import training_frame
+from clinical_ml.core.usecase import UseCase
+from clinical_ml.core.validation import (
+    OperatingThreshold,
     evaluate_validation,
     operating_threshold,
     predict_frame,
-    training_frame,
 )
-from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
-from clinical_ml.defs.usecase.paths import UseCasePaths, load_challenger, use_case_key
+from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
 
 def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    paths = UseCasePaths(uc.name)
-
     def key(name: str) -> dg.AssetKey:
         return use_case_key(uc, name)
 
@@ -38,28 +39,19 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         owners=ML_OWNERS,
     )
     def validation_predictions(zones: DataZones) -> dg.MaterializeResult:
-        model, fit = load_challenger(paths, zones)
-        frame = training_frame(
-            pl.read_parquet(paths.deid(zones, "features.parquet")),
-            pl.read_parquet(paths.deid(zones, "labels.parquet")),
-            pl.read_parquet(paths.deid(zones, "subject_splits.parquet")),
-        ).filter(pl.col("split").is_in(["tuning", "held_out"]))
-        info = SplitInfo.from_dict(read_json(paths.deid(zones, "split_info.json")))
-        preds = predict_frame(model, frame, pl.read_parquet(paths.deid(zones, "cohort.parquet")))
-        # temporal validation: a held-out patient's admissions before the validation period are not scored
-        preds = preds.filter(validation_rows(info))
-        threshold = operating_threshold(preds, uc)
-        preds = preds.with_columns((pl.col("risk") >= threshold).alias("flagged"))
-        write_parquet(preds, paths.deid(zones, "validation_predictions.parquet"))
-        write_json(
-            {"threshold": threshold, "model_version": fit["version"]}, paths.deid(zones, "threshold.json")
+        store = zones.use_case(uc.name)
+        model, fit = load_model(store.challenger.model_text()), store.challenger.fit.read()
+        frame = training_frame(store.features.read(), store.labels.read(), store.subject_splits.read())
+        preds = predict_frame(
+            model, frame.filter(pl.col("split").is_in(["tuning", "held_out"])), store.cohort.read()
         )
+        # temporal validation: a held-out patient's admissions before the validation period are not scored
+        preds = preds.filter(validation_rows(store.split_info.read()))
+        threshold = operating_threshold(preds, uc)
+        store.validation_predictions.write(preds.with_columns((pl.col("risk") >= threshold).alias("flagged")))
+        store.threshold.write(OperatingThreshold(threshold, fit.version))
         return dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": preds.height,
-                "threshold": threshold,
-                "model_version": fit["version"],
-            }
+            metadata={"dagster/row_count": preds.height, "threshold": threshold, "model_version": fit.version}
         )
 
     @dg.asset(
@@ -73,43 +65,31 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         owners=ML_OWNERS,
     )
     def model_evaluation(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
-        preds = pl.read_parquet(paths.deid(zones, "validation_predictions.parquet"))
-        t = read_json(paths.deid(zones, "threshold.json"))
-        result = evaluate_validation(
-            preds, t["threshold"], n_boot=evaluation.n_bootstrap, seed=evaluation.bootstrap_seed
+        store = zones.use_case(uc.name)
+        preds = store.validation_predictions.read()
+        ev = evaluate_validation(
+            preds, store.threshold.read(), n_boot=evaluation.n_bootstrap, seed=evaluation.bootstrap_seed
         )
-        result["model_version"] = t["model_version"]
-        write_json(result, paths.deid(zones, "evaluation.json"))
+        store.evaluation.write(ev)
         val = preds.filter(pl.col("split") == "held_out")
-        plot_dir = paths.reports(zones, "plots")
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        (plot_dir / "roc.png").write_bytes(
-            plots.roc_plot(val["label"].to_numpy(), val["risk"].to_numpy(), threshold=t["threshold"])
+        figures = store.reports
+        figures.write_plot(
+            "roc", plots.roc_plot(val["label"].to_numpy(), val["risk"].to_numpy(), threshold=ev.threshold)
         )
-        (plot_dir / "calibration.png").write_bytes(plots.calibration_plot(result["calibration_curve"]))
-        (plot_dir / "decision_curve.png").write_bytes(plots.decision_curve_plot(result["decision_curve"]))
-        m = result["metrics"]
-        rows = "".join(f"| {k.replace('_', ' ')} | {fmt_ci(v)} |\n" for k, v in m.items())
-        md = (
-            f"**Validation cohort**: {result['n_validation']} admissions, {result['events_validation']} events; "
-            f"operating threshold {t['threshold']:.3f} (chosen on the tuning part of the derivation cohort); "
-            f"{evaluation.n_bootstrap} bootstrap replicates.\n\n"
-            f"| measure | value (95% CI) |\n|---|---|\n{rows}\n"
-            f"**Calibration curve**\n\n![calibration](data:image/png;base64,"
-            f"{b64((plot_dir / 'calibration.png').read_bytes())})\n\n"
-            f"**Decision curve** (net benefit vs treat all and treat none)\n\n![decision curve](data:image/png;base64,"
-            f"{b64((plot_dir / 'decision_curve.png').read_bytes())})\n"
-        )
+        figures.write_plot("calibration", plots.calibration_plot(list(ev.calibration_curve)))
+        figures.write_plot("decision_curve", plots.decision_curve_plot(list(ev.decision_curve)))
         return dg.MaterializeResult(
             metadata={
-                "report": dg.MetadataValue.md(md),
-                "calibration_plot_path": dg.MetadataValue.path(str(plot_dir / "calibration.png")),
-                "decision_curve_plot_path": dg.MetadataValue.path(str(plot_dir / "decision_curve.png")),
-                **{f"{k}_validation": v["value"] for k, v in m.items()},
-                "auroc_validation_lower": m["auroc"]["lower"],
-                "auroc_validation_upper": m["auroc"]["upper"],
-                "threshold": t["threshold"],
-                "model_version": t["model_version"],
+                "report": dg.MetadataValue.md(
+                    evaluation_markdown(ev.as_dict(), figures.read_plots("calibration", "decision_curve"))
+                ),
+                "calibration_plot_path": dg.MetadataValue.path(str(figures.plot("calibration"))),
+                "decision_curve_plot_path": dg.MetadataValue.path(str(figures.plot("decision_curve"))),
+                **{f"{k}_validation": v.value for k, v in ev.metrics.items()},
+                "auroc_validation_lower": ev.metric("auroc").lower,
+                "auroc_validation_upper": ev.metric("auroc").upper,
+                "threshold": ev.threshold,
+                "model_version": ev.model_version,
             }
         )
 
@@ -121,15 +101,11 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         "reports be written).",
     )
     def auroc_lower_bound_meets_minimum(zones: DataZones) -> dg.AssetCheckResult:
-        m = read_json(paths.deid(zones, "evaluation.json"))["metrics"]["auroc"]
+        m = zones.use_case(uc.name).evaluation.read().metric("auroc")
         return dg.AssetCheckResult(
-            passed=bool(m["lower"] >= uc.success_criteria.auroc_min),
+            passed=bool(m.lower >= uc.success_criteria.auroc_min),
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "auroc_lower": m["lower"],
-                "auroc": m["value"],
-                "minimum": uc.success_criteria.auroc_min,
-            },
+            metadata={"auroc_lower": m.lower, "auroc": m.value, "minimum": uc.success_criteria.auroc_min},
         )
 
     @dg.asset(
@@ -142,20 +118,19 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         owners=ML_OWNERS,
     )
     def shap_explanations(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
-        model, fit = load_challenger(paths, zones)
-        feats = pl.read_parquet(paths.deid(zones, "features.parquet"))
-        held = pl.read_parquet(paths.deid(zones, "validation_predictions.parquet")).filter(
-            pl.col("split") == "held_out"
+        store = zones.use_case(uc.name)
+        model, fit = load_model(store.challenger.model_text()), store.challenger.fit.read()
+        held = store.validation_predictions.read().filter(pl.col("split") == "held_out")
+        rows = store.features.read().join(held.select("hadm_id"), on="hadm_id", how="semi")
+        _, values = shap_values(
+            model,
+            feature_matrix(rows, model.feature_names),
+            max_rows=evaluation.shap_max_rows,
+            seed=evaluation.bootstrap_seed,
         )
-        x = feature_matrix(feats.join(held.select("hadm_id"), on="hadm_id", how="semi"), model.feature_names)
-        _, values = shap_values(model, x, max_rows=evaluation.shap_max_rows, seed=evaluation.bootstrap_seed)
         importance = global_importance(values, model.feature_names)
-        write_json(
-            {"model_version": fit["version"], "importance": importance}, paths.deid(zones, "shap.json")
-        )
-        png = plots.importance_plot(importance)
-        paths.reports(zones, "plots").mkdir(parents=True, exist_ok=True)
-        paths.reports(zones, "plots/shap_importance.png").write_bytes(png)
+        store.shap.write(ShapImportance(fit.version, tuple(importance)))
+        store.reports.write_plot("shap_importance", plots.importance_plot(importance))
         top = "".join(
             f"{i + 1}. {r['label']} ({r['mean_abs_shap']:.3f})\n" for i, r in enumerate(importance[:8])
         )
@@ -177,31 +152,25 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         owners=ML_OWNERS,
     )
     def performance_report_asset(zones: DataZones) -> dg.MaterializeResult:
-        ev = read_json(paths.deid(zones, "evaluation.json"))
-        fit = read_json(paths.deid(zones, "challenger/fit.json"))
-        plot_dir = paths.reports(zones, "plots")
+        store = zones.use_case(uc.name)
+        ev, fit = store.evaluation.read(), store.challenger.fit.read()
         html, md = performance_report(
             use_case=uc,
-            evaluation=ev,
-            plots={
-                "roc": (plot_dir / "roc.png").read_bytes(),
-                "calibration": (plot_dir / "calibration.png").read_bytes(),
-                "decision": (plot_dir / "decision_curve.png").read_bytes(),
-                "importance": (plot_dir / "shap_importance.png").read_bytes(),
-            },
-            importance=read_json(paths.deid(zones, "shap.json"))["importance"],
-            decision=read_json(paths.deid(zones, "decision.json")),
-            flow=read_json(paths.deid(zones, "cohort_flow.json")),
-            fit=fit["fit"],
-            model_version=fit["version"],
+            evaluation=ev.as_dict(),
+            plots=store.reports.performance_plots(),
+            importance=list(store.shap.read().importance),
+            decision=store.decision.read().as_dict(),
+            flow=store.cohort_flow.read().as_dict(),
+            fit=fit.fit.as_dict(),
+            model_version=fit.version,
             code_version=code_version(),
         )
-        out = write_report(paths.reports(zones, "performance_report.html"), html)
+        out = store.reports.write_report("performance_report", html)
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                "auroc_validation": ev["metrics"]["auroc"]["value"],
+                "auroc_validation": ev.metric("auroc").value,
             }
         )
 

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.usecase.evaluation import build_evaluation_assets
 from clinical_ml.defs.usecase.fairness import build_fairness_assets
@@ -12,10 +13,11 @@ from clinical_ml.defs.usecase.training import build_training_assets
 
 
 def build_use_case_assets(
-    uc: UseCase, *, ehr_site_system: str | None = None
+    uc: UseCase, *, monitoring: MonitoringConfig, ehr_site_system: str | None = None
 ) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    """Assets and checks of one use case, keyed under its name; with ``ehr_site_system``, also the delivery
-    of its RiskAssessments under the site's ids (that identifier system) to the phi zone's outbox."""
+    """Assets and checks of one use case, keyed under its name, monitored at the ``monitoring`` levels; with
+    ``ehr_site_system``, also the delivery of its RiskAssessments under the site's ids (that identifier
+    system) to the phi zone's outbox."""
     delivery = [build_ehr_delivery_asset(uc, ehr_site_system)] if ehr_site_system else []
     return [
         *build_features_assets(uc),
@@ -23,6 +25,6 @@ def build_use_case_assets(
         *build_evaluation_assets(uc),
         *build_fairness_assets(uc),
         *build_report_card_assets(uc),
-        *build_monitoring_assets(uc),
+        *build_monitoring_assets(uc, monitoring),
         *delivery,
     ]

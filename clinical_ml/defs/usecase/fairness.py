@@ -4,6 +4,7 @@ import dagster as dg
 import polars as pl
 
 from clinical_ml.core import plots
+from clinical_ml.core.artifacts import FairnessSummary
 from clinical_ml.core.fairness import (
     analysis_summary,
     group_thresholds,
@@ -11,18 +12,16 @@ from clinical_ml.core.fairness import (
     threshold_recommendation,
     verdict,
 )
-from clinical_ml.core.reports import attribute_title, fairness_report, write_report
-from clinical_ml.core.storage import code_version, read_json, write_json
+from clinical_ml.core.reports import attribute_title, fairness_report
+from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
-from clinical_ml.defs.usecase.paths import UseCasePaths, use_case_key
+from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
 
 def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    paths = UseCasePaths(uc.name)
-
     def key(name: str) -> dg.AssetKey:
         return use_case_key(uc, name)
 
@@ -38,10 +37,11 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         owners=ML_OWNERS,
     )
     def subcohort_fairness_report(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
-        preds = pl.read_parquet(paths.deid(zones, "validation_predictions.parquet"))
+        store = zones.use_case(uc.name)
+        preds = store.validation_predictions.read()
         held = preds.filter(pl.col("split") == "held_out")
         tune = preds.filter(pl.col("split") == "tuning")
-        t = read_json(paths.deid(zones, "threshold.json"))
+        t = store.threshold.read()
         sg = uc.subgroups
 
         def groups(frame: pl.DataFrame) -> dict:
@@ -50,7 +50,7 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         analysis = subgroup_table(
             held["label"].cast(pl.Int8).to_numpy(),
             held["risk"].to_numpy(),
-            t["threshold"],
+            t.threshold,
             groups(held),
             min_cell_size=sg.min_cell_size,
             auroc_min=sg.auroc_min,
@@ -67,7 +67,7 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             held["label"].cast(pl.Int8).to_numpy(),
             held["risk"].to_numpy(),
             groups(held),
-            threshold=t["threshold"],
+            threshold=t.threshold,
             policy=op.policy,
             target=op.target,
             min_cell_size=sg.min_cell_size,
@@ -85,10 +85,8 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             )
             for a in analysis.attributes
         }
-        plot_dir = paths.reports(zones, "plots")
-        plot_dir.mkdir(parents=True, exist_ok=True)
         for a in sg.attributes:
-            (plot_dir / f"forest_{a}.png").write_bytes(forests[a])
+            store.reports.write_plot(store.reports.forest_plot_name(a), forests[a])
         html, md = fairness_report(
             use_case=uc,
             analysis=analysis,
@@ -97,17 +95,12 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             thresholds=thresholds,
             recommendations=recommendations,
             forest_plots=forests,
-            model_version=t["model_version"],
+            model_version=t.model_version,
             code_version=code_version(),
         )
-        write_json(
-            {
-                "model_version": t["model_version"],
-                **analysis_summary(analysis, v, reasons, thresholds, recommendations),
-            },
-            paths.deid(zones, "fairness.json"),
-        )
-        out = write_report(paths.reports(zones, "subcohort_fairness_report.html"), html)
+        summary = analysis_summary(analysis, v, reasons, thresholds, recommendations)
+        store.fairness.write(FairnessSummary(t.model_version, v, summary))
+        out = store.reports.write_report("subcohort_fairness_report", html)
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(md),
@@ -117,7 +110,7 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 "groups_suppressed": sum(r.suppressed for r in analysis.rows),
                 "groups_audited": len(analysis.rows) - 1,
                 "comparisons_tested": analysis.tests,
-                "model_version": t["model_version"],
+                "model_version": t.model_version,
             }
         )
 

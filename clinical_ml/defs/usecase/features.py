@@ -5,16 +5,13 @@ import polars as pl
 
 from clinical_ml.core.feature_cache import build_features_incremental
 from clinical_ml.core.features import build_cohort, build_labels
-from clinical_ml.core.storage import write_json, write_parquet
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
-from clinical_ml.defs.usecase.paths import UseCasePaths, md_table, use_case_key
+from clinical_ml.defs.usecase.paths import md_table, use_case_key
 from clinical_ml.resources.zones import DataZones
 
 
 def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    paths = UseCasePaths(uc.name)
-
     def key(name: str) -> dg.AssetKey:
         return use_case_key(uc, name)
 
@@ -28,11 +25,10 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         owners=ML_OWNERS,
     )
     def cohort(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
-        enc = pl.read_parquet(zones.deid / "encounters" / "*.parquet")
-        pat = pl.read_parquet(zones.deid / "patients" / "*.parquet")
-        frame, flow = build_cohort(enc, pat, uc)
-        write_parquet(frame, paths.deid(zones, "cohort.parquet"))
-        write_json(flow.as_dict(), paths.deid(zones, "cohort_flow.json"))
+        deid, store = zones.deid_store(), zones.use_case(uc.name)
+        frame, flow = build_cohort(deid.encounters.read_all(), deid.patients.read_all(), uc)
+        store.cohort.write(frame)
+        store.cohort_flow.write(flow)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": frame.height,
@@ -54,8 +50,9 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         owners=ML_OWNERS,
     )
     def labels(zones: DataZones) -> dg.MaterializeResult:
-        lab = build_labels(pl.read_parquet(paths.deid(zones, "cohort.parquet")))
-        write_parquet(lab, paths.deid(zones, "labels.parquet"))
+        store = zones.use_case(uc.name)
+        lab = build_labels(store.cohort.read())
+        store.labels.write(lab)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": lab.height,
@@ -77,14 +74,10 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         owners=ML_OWNERS,
     )
     def patient_features(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
-        files = sorted((zones.deid / "events").glob("*.parquet"))
-        feats, stats = build_features_incremental(
-            files,
-            pl.read_parquet(paths.deid(zones, "cohort.parquet")),
-            uc,
-            paths.deid(zones, "feature_cache"),
-        )
-        write_parquet(feats, paths.deid(zones, "features.parquet"))
+        store = zones.use_case(uc.name)
+        files = zones.deid_store().events.files()
+        feats, stats = build_features_incremental(files, store.cohort.read(), uc, store.feature_cache)
+        store.features.write(feats)
         context.log.info(
             f"features: {stats.computed} batches computed, {stats.reused} reused from the cache "
             f"({stats.event_files_indexed} of {stats.event_files} event files indexed)"

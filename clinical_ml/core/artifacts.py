@@ -1,0 +1,334 @@
+"""One typed owner per artifact: where each file of the zones lives and how it is read and written.
+
+Assets, sensors, the command line and the benchmarks ask a store for an artifact (``store.evaluation.read()``,
+``store.batch_predictions(batch).write(frame)``) instead of building paths and parsing dicts. Every file is
+written atomically (a temporary file renamed into place) and readers list only committed files: names that
+begin with a dot (the temporary files of a write in progress or of a killed process) are never read.
+"""
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+import polars as pl
+
+from clinical_ml.core.anonymization import Vault
+from clinical_ml.core.features import CohortFlow, SplitInfo
+from clinical_ml.core.registry import PromotionDecision
+from clinical_ml.core.storage import atomic_write_bytes, read_json, sha256_file, write_json, write_parquet
+from clinical_ml.core.training import ChallengerFit
+from clinical_ml.core.validation import Evaluation, OperatingThreshold
+
+LANDING_SOURCES = ("patients", "encounters", "labs", "vitals")
+# report role -> plot file written by the evaluation assets
+PERFORMANCE_PLOTS = {
+    "roc": "roc",
+    "calibration": "calibration",
+    "decision": "decision_curve",
+    "importance": "shap_importance",
+}
+
+
+class JsonCodec(Protocol):
+    def as_dict(self) -> dict: ...
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Self: ...
+
+
+T = TypeVar("T", bound=JsonCodec)
+
+
+def committed(folder: Path, suffix: str) -> list[Path]:
+    """Files of ``folder`` ending in ``suffix``, sorted; never a temporary file of an unfinished write."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class ParquetFile:
+    path: Path
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self, columns: list[str] | None = None) -> pl.DataFrame:
+        return pl.read_parquet(self.path, columns=columns)
+
+    def scan(self) -> pl.LazyFrame:
+        return pl.scan_parquet(self.path)
+
+    def write(self, frame: pl.DataFrame) -> Path:
+        return write_parquet(frame, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class JsonFile(Generic[T]):
+    """A JSON file holding one typed value (a frozen dataclass with ``as_dict``/``from_dict``)."""
+
+    path: Path
+    kind: type[T]
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> T:
+        return self.kind.from_dict(read_json(self.path))
+
+    def write(self, value: T) -> Path:
+        return write_json(value.as_dict(), self.path)
+
+
+@dataclass(frozen=True)
+class ParquetParts:
+    """One Parquet file per delivery batch in a folder."""
+
+    folder: Path
+
+    def part(self, batch_id: str) -> ParquetFile:
+        return ParquetFile(self.folder / f"{batch_id}.parquet")
+
+    def files(self) -> list[Path]:
+        return committed(self.folder, ".parquet")
+
+    def batch_ids(self) -> list[str]:
+        return [p.name.removesuffix(".parquet") for p in self.files()]
+
+    def data_versions(self, batch_ids: list[str]) -> dict[str, str]:
+        """SHA-256 of each named part that exists (the data versions a model's lineage records)."""
+        return {b: sha256_file(self.part(b).path) for b in batch_ids if self.part(b).exists()}
+
+    def read_all(self, *, relaxed: bool = False) -> pl.DataFrame:
+        """Every committed part in one frame (empty when there is none). ``relaxed``: parts whose columns
+        differ are aligned (missing columns become null) instead of refused."""
+        files = self.files()
+        if not files:
+            return pl.DataFrame()
+        if relaxed:
+            return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        return pl.read_parquet(files)
+
+
+@dataclass(frozen=True)
+class JsonParts(Generic[T]):
+    """One typed JSON file per delivery batch in a folder."""
+
+    folder: Path
+    kind: type[T]
+
+    def part(self, batch_id: str) -> JsonFile[T]:
+        return JsonFile(self.folder / f"{batch_id}.json", self.kind)
+
+    def read_all(self) -> list[T]:
+        return [self.kind.from_dict(read_json(p)) for p in committed(self.folder, ".json")]
+
+
+@dataclass(frozen=True)
+class DictRecord:
+    """A JSON record whose shape belongs to another module (a privacy record, a fairness summary)."""
+
+    data: dict
+
+    def as_dict(self) -> dict:
+        return self.data
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DictRecord":
+        return cls(d)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
+@dataclass(frozen=True)
+class FairnessSummary:
+    """What the subcohort fairness report found, as the report card reads it back."""
+
+    model_version: str
+    verdict: str
+    details: dict  # clinical_ml.core.fairness.analysis_summary
+
+    def as_dict(self) -> dict:
+        return {**self.details, "model_version": self.model_version, "verdict": self.verdict}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FairnessSummary":
+        return cls(str(d["model_version"]), str(d["verdict"]), dict(d))
+
+
+@dataclass(frozen=True)
+class ShapImportance:
+    """Global SHAP importance of each predictor of a model version, most important first."""
+
+    model_version: str
+    importance: tuple[dict, ...]
+
+    def as_dict(self) -> dict:
+        return {"model_version": self.model_version, "importance": list(self.importance)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShapImportance":
+        return cls(str(d["model_version"]), tuple(d["importance"]))
+
+
+@dataclass(frozen=True)
+class ChallengerStore:
+    """The challenger being judged: its LightGBM text and its fit, before it is registered."""
+
+    folder: Path
+
+    @property
+    def fit(self) -> JsonFile[ChallengerFit]:
+        return JsonFile(self.folder / "fit.json", ChallengerFit)
+
+    def model_text(self) -> str:
+        return (self.folder / "model.txt").read_text()
+
+    def write(self, model_text: str, fit: ChallengerFit) -> None:
+        atomic_write_bytes(self.folder / "model.txt", model_text.encode())
+        self.fit.write(fit)
+
+
+@dataclass(frozen=True)
+class PickleCache:
+    """A value computed once and kept (a drift reference profile); derived data only, never an input."""
+
+    path: Path
+
+    def get_or_build(self, build: Callable[[], Any]) -> Any:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                return pickle.load(f)
+        value = build()
+        atomic_write_bytes(self.path, pickle.dumps(value))
+        return value
+
+
+class ReportFiles:
+    """HTML reports and PNG plots of one use case in the reports zone."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def plot(self, name: str) -> Path:
+        return self.folder / "plots" / f"{name}.png"
+
+    def write_plot(self, name: str, png: bytes) -> Path:
+        return atomic_write_bytes(self.plot(name), png)
+
+    def read_plots(self, *names: str) -> dict[str, bytes]:
+        """The named plots that exist, as PNG bytes."""
+        return {n: self.plot(n).read_bytes() for n in names if self.plot(n).exists()}
+
+    def performance_plots(self) -> dict[str, bytes]:
+        """The validation plots under the names the performance report and report card place them."""
+        return {role: self.plot(name).read_bytes() for role, name in PERFORMANCE_PLOTS.items()}
+
+    def forest_plot_name(self, attribute: str) -> str:
+        return f"forest_{attribute}"
+
+    def forest_plots(self, attributes: list[str]) -> dict[str, bytes]:
+        """Sensitivity forest plots of the audited attributes that have one."""
+        return {
+            a: self.plot(self.forest_plot_name(a)).read_bytes()
+            for a in attributes
+            if self.plot(self.forest_plot_name(a)).exists()
+        }
+
+    def report(self, name: str, suffix: str = "html") -> Path:
+        return self.folder / f"{name}.{suffix}"
+
+    def write_report(self, name: str, text: str, suffix: str = "html") -> Path:
+        return atomic_write_bytes(self.report(name, suffix), text.encode("utf-8"))
+
+
+class UseCaseStore:
+    """Every artifact of one use case: de-identified tables in ``deid/usecases/<name>``, reports in
+    ``reports/<name>``."""
+
+    def __init__(self, deid_root: Path, reports_root: Path, name: str) -> None:
+        self.name = name
+        self.folder = Path(deid_root) / "usecases" / name
+        self.reports = ReportFiles(Path(reports_root) / name)
+        f = self.folder
+        self.cohort = ParquetFile(f / "cohort.parquet")
+        self.cohort_flow = JsonFile(f / "cohort_flow.json", CohortFlow)
+        self.labels = ParquetFile(f / "labels.parquet")
+        self.features = ParquetFile(f / "features.parquet")
+        self.feature_cache = f / "feature_cache"
+        self.subject_splits = ParquetFile(f / "subject_splits.parquet")
+        self.split_info = JsonFile(f / "split_info.json", SplitInfo)
+        self.challenger = ChallengerStore(f / "challenger")
+        self.validation_predictions = ParquetFile(f / "validation_predictions.parquet")
+        self.threshold = JsonFile(f / "threshold.json", OperatingThreshold)
+        self.evaluation = JsonFile(f / "evaluation.json", Evaluation)
+        self.shap = JsonFile(f / "shap.json", ShapImportance)
+        self.decision = JsonFile(f / "decision.json", PromotionDecision)
+        self.fairness = JsonFile(f / "fairness.json", FairnessSummary)
+        self.feature_drift = JsonFile(f / "feature_drift.json", DictRecord)
+        self.batch_predictions = ParquetParts(f / "predictions")
+        self.fhir_exports = f / "fhir"
+
+    def batch_drift_records(self, kind: type[T]) -> JsonParts[T]:
+        """One drift record per checked batch (the record type belongs to the batch check)."""
+        return JsonParts(self.folder / "monitoring", kind)
+
+    def drift_reference_cache(self, key: str) -> PickleCache:
+        return PickleCache(self.folder / "monitoring" / "reference" / f"{key}.pkl")
+
+    def fhir_export(self, batch_id: str) -> Path:
+        return self.fhir_exports / f"{batch_id}.ndjson"
+
+
+class PhiStore:
+    """The phi zone: raw cohorts per source and batch, the pseudonym vault, the EHR outbox."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.vault_patients = ParquetFile(self.root / "vault" / "patients.parquet")
+        self.vault_encounters = ParquetFile(self.root / "vault" / "encounters.parquet")
+
+    def raw(self, source: str) -> ParquetParts:
+        return ParquetParts(self.root / "raw" / source)
+
+    def read_vault(self) -> Vault:
+        """The pseudonym vault, empty before the first batch (or in HMAC mode, which keeps none)."""
+        if not self.vault_patients.exists():
+            return Vault.empty()
+        return Vault(self.vault_patients.read(), self.vault_encounters.read())
+
+    def write_vault(self, vault: Vault) -> None:
+        self.vault_patients.write(vault.patients)
+        self.vault_encounters.write(vault.encounters)
+
+    def ehr_outbox(self, use_case: str, batch_id: str) -> Path:
+        return self.root / "outbox" / use_case / f"{batch_id}.ndjson"
+
+
+class DeidStore:
+    """The de-identified zone: anonymized tables per batch, privacy records, the MEDS export, use cases."""
+
+    def __init__(self, root: Path, reports_root: Path) -> None:
+        self.root = Path(root)
+        self._reports_root = Path(reports_root)
+        self.patients = ParquetParts(self.root / "patients")
+        self.encounters = ParquetParts(self.root / "encounters")
+        self.events = ParquetParts(self.root / "events")
+        self.privacy = JsonParts(self.root / "privacy", DictRecord)
+        self.meds = self.root / "meds"
+        self.meds_codes = ParquetFile(self.meds / "metadata" / "codes.parquet")
+
+    def table(self, name: str) -> ParquetParts:
+        return {"patients": self.patients, "encounters": self.encounters, "events": self.events}[name]
+
+    def meds_shards(self) -> list[Path]:
+        return committed(self.meds / "data", ".parquet")
+
+    def use_case(self, name: str) -> UseCaseStore:
+        return UseCaseStore(self.root, self._reports_root, name)

@@ -1,0 +1,374 @@
+"""The deployed champion of a use case in service: how its batches are scored, which reference a batch is
+judged against, when a batch is held back from the EHR, and when monitoring asks for retraining.
+
+These are the rules the monitoring assets and the nightly schedule apply; they are plain functions over the
+use case's store and registry, tested directly.
+"""
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from clinical_ml.core.artifacts import UseCaseStore
+from clinical_ml.core.batch_monitoring import PREDICTION_COLUMN, MonitoringReference, prepare_reference
+from clinical_ml.core.drift import FeatureDrift, feature_drift
+from clinical_ml.core.features import feature_matrix
+from clinical_ml.core.fhir import ScoredAdmission
+from clinical_ml.core.monitoring_config import MonitoringConfig
+from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
+from clinical_ml.core.performance_monitoring import label_maturity, newly_labelled, performance_by_period
+from clinical_ml.core.registry import ModelCard, Registry
+from clinical_ml.core.scoring import Scorer
+
+SUBGROUP_COLUMNS = ("sex", "age_band", "race_ethnicity")
+RELEASED_LEVELS = ("ok", "warn")
+
+
+class NoChampionError(RuntimeError):
+    """The use case has no approved model yet, so there is nothing to score or monitor."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    card: ModelCard
+    scorer: Scorer
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+
+def load_champion(registry: Registry) -> Champion:
+    """The approved model with its operating threshold and training ranges, ready to score."""
+    version = registry.champion()
+    if version is None:
+        raise NoChampionError(f"{registry.use_case} has no champion model yet: run lifecycle_job first.")
+    card = registry.card(version)
+    scorer = Scorer(
+        model=registry.model(version), threshold=card.threshold, training_ranges=card.training_ranges
+    )
+    return Champion(card, scorer)
+
+
+def day_after(batch_id: str) -> datetime:
+    """What is known once a daily batch has landed: everything before the start of the next day."""
+    return datetime.combine(date.fromisoformat(batch_id) + timedelta(days=1), datetime.min.time())
+
+
+def monitoring_frame(store: UseCaseStore, batch_id: str | None = None) -> pl.DataFrame:
+    """Features with batch, subgroup attributes, split and label of every admission (of ``batch_id`` only
+    when given: the filter is pushed into the Parquet scans)."""
+    cohort = store.cohort.scan().select(
+        "hadm_id", "batch_id", "admit_time", "discharge_time", "death_time", *SUBGROUP_COLUMNS
+    )
+    if batch_id is not None:
+        cohort = cohort.filter(pl.col("batch_id") == batch_id)
+    labels = store.labels.scan().select("hadm_id", pl.col("boolean_value").alias("label"))
+    return (
+        store.features.scan()
+        .join(cohort, on="hadm_id")
+        .join(labels, on="hadm_id", how="left")
+        # patients first seen after the last training have no split yet: they are monitored all the same
+        .join(store.subject_splits.scan(), on="subject_id", how="left")
+        .collect()
+    )
+
+
+def score_batch(frame: pl.DataFrame, champion: Champion) -> pl.DataFrame:
+    """The batch's admissions scored at their prediction time: risk, flag, reasons, guardrail flags."""
+    scorer = champion.scorer
+    scores = scorer.score(feature_matrix(frame, scorer.model.feature_names)) if frame.height else []
+    return frame.select(
+        "subject_id", "hadm_id", "prediction_time", "batch_id", *SUBGROUP_COLUMNS
+    ).with_columns(
+        pl.Series(PREDICTION_COLUMN, [s.risk for s in scores], dtype=pl.Float64),
+        pl.Series("flagged", [s.flagged for s in scores], dtype=pl.Boolean),
+        pl.Series("reasons", [json.dumps(s.reasons, default=str) for s in scores], dtype=pl.String),
+        pl.Series("flags", [json.dumps(list(s.flags)) for s in scores], dtype=pl.String),
+        pl.lit(champion.version).alias("model_version"),
+    )
+
+
+def scored_summary(scored: pl.DataFrame) -> dict[str, float]:
+    """Aggregates of a scored batch for the asset's metadata (no row values)."""
+    if scored.height == 0:
+        return {"risk_mean": 0.0, "flagged_share": 0.0, "guardrail_flagged_share": 0.0}
+    return {
+        "risk_mean": float(np.nan_to_num(scored[PREDICTION_COLUMN].to_numpy().mean())),
+        "flagged_share": float(scored["flagged"].to_numpy().mean()),
+        "guardrail_flagged_share": float((scored["flags"] != "[]").to_numpy().mean()),
+    }
+
+
+def scored_admissions(preds: pl.DataFrame, *, subject: str, encounter: str) -> list[ScoredAdmission]:
+    """Scored rows as the FHIR export takes them, under the given subject and encounter id columns."""
+    return [
+        ScoredAdmission(
+            subject_id=str(r[subject]),
+            encounter_id=str(r[encounter]),
+            prediction_time=r["prediction_time"],
+            risk=r[PREDICTION_COLUMN],
+            flagged=r["flagged"],
+            reasons=tuple(str(x.get("label", x.get("feature", x))) for x in json.loads(r["reasons"])),
+            flags=tuple(json.loads(r["flags"])),
+        )
+        for r in preds.iter_rows(named=True)
+    ]
+
+
+def drift_reference(
+    frame: pl.DataFrame, champion: Champion, config: MonitoringConfig, *, exclude_batch: str
+) -> tuple[MonitoringReference, str]:
+    """Which reference a batch is judged against, profiled, with a sentence saying which.
+
+    The champion's derivation cohort (train and tuning patients of the batches it was trained on, never the
+    batch being judged), from the batch where a drift it was retrained for began when that window holds at
+    least ``config.min_reference_rows`` admissions (the accepted new normal).
+    """
+    card = champion.card
+    lineage = list(card.lineage.batch_ids) or frame["batch_id"].unique().to_list()
+    ref = frame.filter(
+        pl.col("split").is_in(["train", "tuning"])
+        & pl.col("batch_id").is_in(lineage)
+        & (pl.col("batch_id") != exclude_batch)
+    )
+    since = card.drift_reference_from
+    described = f"the derivation cohort of model {card.version} ({ref.height} admissions)"
+    if since:
+        recent = ref.filter(pl.col("batch_id") >= since)
+        if recent.height >= config.min_reference_rows:
+            ref = recent
+            described = (
+                f"the derivation cohort of model {card.version} from batch {since}, where the drift "
+                f"it was retrained for began ({ref.height} admissions: the accepted new normal)"
+            )
+        else:
+            described += (
+                f"; only {recent.height} admissions since the drift of {since}, fewer than "
+                f"{config.min_reference_rows}, so the whole cohort is the reference"
+            )
+    model = champion.scorer.model
+    ref = ref.with_columns(
+        pl.Series(PREDICTION_COLUMN, model.predict(feature_matrix(ref, model.feature_names)))
+    )
+    labels = ref["label"].cast(pl.Boolean).fill_null(False).to_numpy()
+    return prepare_reference(ref, model.feature_names, config=config, labels=labels), described
+
+
+def cached_drift_reference(
+    store: UseCaseStore, champion: Champion, config: MonitoringConfig, batch_id: str
+) -> tuple[MonitoringReference, str]:
+    """:func:`drift_reference`, profiled once per champion, drift baseline and monitoring levels; rebuilt
+    without the batch when the champion was trained on it (a re-check)."""
+    if champion.card.trained_on(batch_id):
+        return drift_reference(monitoring_frame(store), champion, config, exclude_batch=batch_id)
+    levels = hashlib.sha256(repr(config).encode()).hexdigest()[:12]  # new monitoring levels: a new profile
+    since = champion.card.drift_reference_from or "all"
+    cache = store.drift_reference_cache(f"{champion.version}_{since}_{levels}")
+    return cache.get_or_build(
+        lambda: drift_reference(monitoring_frame(store), champion, config, exclude_batch=batch_id)
+    )
+
+
+@dataclass(frozen=True)
+class DriftRecord:
+    """What a batch's drift check decided, kept beside the batch (the judge of its release)."""
+
+    batch_id: str
+    level: str
+    retraining_requested: bool
+    retraining_note: str
+    reference: str
+    model_version: str
+    thresholds: dict
+    check: dict = field(default_factory=dict)  # clinical_ml.core.batch_monitoring.BatchMonitoring.as_dict()
+
+    @property
+    def released(self) -> bool:
+        return self.level in RELEASED_LEVELS
+
+    def as_dict(self) -> dict:
+        return {
+            **self.check,
+            "batch_id": self.batch_id,
+            "level": self.level,
+            "retraining_requested": self.retraining_requested,
+            "retraining_note": self.retraining_note,
+            "reference": self.reference,
+            "model_version": self.model_version,
+            "thresholds": self.thresholds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DriftRecord":
+        top = ("batch_id", "level", "retraining_requested", "retraining_note", "reference", "model_version")
+        return cls(
+            batch_id=str(d["batch_id"]),
+            level=str(d["level"]),
+            retraining_requested=bool(d.get("retraining_requested", False)),
+            retraining_note=str(d.get("retraining_note", "")),
+            reference=str(d.get("reference", "")),
+            model_version=str(d.get("model_version", "")),
+            thresholds=dict(d.get("thresholds", {})),
+            check={k: v for k, v in d.items() if k not in (*top, "thresholds")},
+        )
+
+
+def drift_records(store: UseCaseStore):
+    return store.batch_drift_records(DriftRecord)
+
+
+def drift_retraining_decision(
+    *, requested: bool, batch_id: str, champion: ModelCard, refused: ModelCard | None
+) -> tuple[bool, str]:
+    """Whether a batch's drift ERROR requests retraining, and why not when it does not.
+
+    Not when the champion was already trained on this batch (retraining on the same data changes nothing),
+    nor again while a model retrained for this drift episode stands refused by the promotion gate (``refused``,
+    from :meth:`Registry.refused_drift_retraining`): the check keeps failing until a model passes.
+    """
+    if not requested:
+        return False, ""
+    if champion.trained_on(batch_id):
+        return (
+            False,
+            f"Retraining not requested: the champion ({champion.version}) was already trained on this batch.",
+        )
+    if refused is not None:
+        return False, (
+            f"Retraining not requested again: model {refused.version}, retrained for the drift that began "
+            f"in batch {refused.drift_reference_from}, was refused by the promotion gate. The check fails "
+            "until a model passes; the nightly schedule retrains when newly labelled admissions arrive."
+        )
+    return True, ""
+
+
+def hold_reason(record: DriftRecord | None, *, batch_id: str, what: str) -> str | None:
+    """Why ``what`` of a batch is held back (None: released).
+
+    A later run (a manual materialization, a backfill) must not release what a failed blocking drift check
+    held: the record written by the batch's drift check is the judge, whatever run wrote it.
+    """
+    if record is not None and record.released:
+        return None
+    state = "has not run" if record is None else f"is at {record.level.upper()}"
+    return (
+        f"{what} of batch {batch_id} held: its drift check {state}; rerun batch_drift for this batch "
+        "(after retraining, with the new champion) first."
+    )
+
+
+def periods_to_retrain(rows: Sequence[dict], *, champion: str, newest: ModelCard | None) -> list[str]:
+    """Periods whose realised performance failed while the champion scored them, once.
+
+    Not when the newest registered model (promoted or refused) was already trained on them: the gate has
+    judged a model that learnt from those periods.
+    """
+    seen = set(newest.lineage.batch_ids) if newest is not None else set()
+    return sorted(
+        {
+            r["period"]
+            for r in rows
+            if r["level"] == "error" and champion in r.get("model_versions", []) and r["period"] not in seen
+        }
+    )
+
+
+def nightly_retraining_reason(store: UseCaseStore, registry: Registry, *, as_of: datetime) -> str | None:
+    """Why tonight's retraining should run for this use case (None: nothing new to learn from): no champion
+    yet, or admissions whose outcome is now known from batches the champion never saw."""
+    if not store.cohort.exists():
+        return None
+    card = registry.champion_card()
+    if card is None:
+        return f"{store.name}: no champion yet"
+    cohort = store.cohort.read(columns=["batch_id", "admit_time", "discharge_time", "death_time"])
+    n = newly_labelled(cohort, trained_on=list(card.lineage.batch_ids), as_of=as_of)
+    return (
+        f"{store.name}: {n} newly labelled admissions since model {card.version} was trained" if n else None
+    )
+
+
+def matured_labels(current: pl.DataFrame, *, batch_id: str) -> np.ndarray | None:
+    """Outcomes of the batch's admissions already known the day after it landed (None: none yet)."""
+    matured = current.filter(
+        label_maturity(current, as_of=day_after(batch_id)) & pl.col("label").is_not_null()
+    )
+    return matured["label"].to_numpy() if matured.height else None
+
+
+def realised_performance(
+    store: UseCaseStore, champion: Champion, frame: pl.DataFrame, config: MonitoringConfig
+) -> list[dict]:
+    """Performance of the scored batches by period and subgroup: realised where outcomes have matured (as of
+    the day after the newest batch), estimated without labels (confidence-based, fitted on the validation
+    cohort when it holds at least 20 labelled admissions) where not."""
+    preds = store.batch_predictions.read_all(relaxed=True)
+    if preds.height == 0:
+        return []
+    held = frame.filter((pl.col("split") == "held_out") & pl.col("label").is_not_null())
+    model = champion.scorer.model
+    estimator = (
+        ConfidenceBasedEstimator.fit(
+            model.predict(feature_matrix(held, model.feature_names)),
+            held["label"].cast(pl.Boolean).to_numpy(),
+            threshold=champion.card.threshold,
+        )
+        if held.height >= 20
+        else None
+    )
+    info = frame.select("hadm_id", "label", "admit_time", "discharge_time", "death_time")
+    preds = preds.join(info, on="hadm_id", how="left")
+    as_of = day_after(max(preds["batch_id"].to_list()))
+    preds = preds.with_columns(label_maturity(preds, as_of=as_of).alias("matured"))
+    return performance_by_period(preds, threshold=champion.card.threshold, estimator=estimator, config=config)
+
+
+def decisions_with_reasons(registry: Registry) -> list[dict]:
+    """Every promotion decision, oldest first, with why its challenger was trained (``why``)."""
+    out = []
+    for d in registry.decisions():
+        why = (
+            registry.card(d.challenger).lineage.retraining_reason if registry.has_card(d.challenger) else None
+        )
+        out.append({**d.as_dict(), "why": why})
+    return out
+
+
+@dataclass(frozen=True)
+class NewestBatchDrift:
+    """Each predictor of the newest batch against the derivation cohort (for the feature drift report)."""
+
+    batch_id: str
+    n_reference: int
+    n_current: int
+    features: list[FeatureDrift]
+
+
+def newest_batch_drift(store: UseCaseStore, config: MonitoringConfig) -> NewestBatchDrift:
+    """The newest batch's measured predictors (one-hot static attributes left out) against the derivation
+    cohort of the other batches (all of it when the newest batch is the only one)."""
+    cohort = store.cohort.read(columns=["hadm_id", "batch_id"])
+    feats = (
+        store.features.read()
+        .join(cohort, on="hadm_id")
+        .join(store.subject_splits.read(), on="subject_id", how="left")
+    )
+    newest = max(cohort["batch_id"].unique().to_list())
+    derivation = feats.filter(pl.col("split").is_in(["train", "tuning"]))
+    reference = derivation.filter(pl.col("batch_id") != newest)
+    if reference.height == 0:
+        reference = derivation
+    current = feats.filter(pl.col("batch_id") == newest)
+    cols = [
+        c for c in feats.columns if "__" in c and not c.startswith(("sex__", "unit__", "admission_type__"))
+    ]
+    drift = feature_drift(
+        feature_matrix(reference, cols), feature_matrix(current, cols), cols, thresholds=config.drift
+    )
+    return NewestBatchDrift(newest, reference.height, current.height, drift)

@@ -1,0 +1,413 @@
+"""The promotion gate: every condition a challenger must meet to become champion, and the verdict.
+
+A challenger becomes champion only when it meets every absolute minimum of its use case (on the lower 95%
+bound where a bound is judged), is non-inferior to the champion on the same patients, meets the subgroup
+minimums where groups are large enough to judge, and scores one patient within the latency SLO. Each
+condition is a :class:`GateCriterion` with its outcome in words; the Dagster graph turns each group of
+criteria into one blocking asset check.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from clinical_ml.core.evaluation import paired_comparison
+from clinical_ml.core.fairness import subgroup_table
+from clinical_ml.core.features import feature_matrix
+from clinical_ml.core.modeling import TrainedModel
+from clinical_ml.core.reports import md_escape
+from clinical_ml.core.scoring import (
+    Guardrails,
+    Scorer,
+    abstention_rate,
+    reason_code_counts,
+    scoring_latency_ms,
+)
+from clinical_ml.core.usecase import UseCase
+
+GATE_GROUPS = ("minimums", "non_inferiority", "subgroups", "latency")
+
+
+@dataclass(frozen=True)
+class GateCriterion:
+    """One condition of the promotion gate and its outcome in words."""
+
+    group: str  # one of GATE_GROUPS
+    name: str
+    passed: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Every criterion of the promotion gate; the challenger passes only if all pass."""
+
+    criteria: tuple[GateCriterion, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.criteria)
+
+    def group_passed(self, group: str) -> bool:
+        return all(c.passed for c in self.criteria if c.group == group)
+
+    def reasons(self, group: str | None = None) -> list[str]:
+        return [c.reason for c in self.criteria if group is None or c.group == group]
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "criteria": [c.as_dict() for c in self.criteria]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateResult":
+        return cls(tuple(GateCriterion(**c) for c in d["criteria"]))
+
+
+def _in_range(v: float, rng: tuple[float, float] | list[float]) -> bool:
+    return bool(rng[0] <= v <= rng[1])
+
+
+def minimum_criteria(metrics: dict, criteria: dict) -> list[GateCriterion]:
+    """Absolute minimums of the use case: AUROC, sensitivity and specificity on the lower 95% bound, Brier
+    on the upper bound; calibration slope (and intercept, observed/expected where set) point estimates in
+    their ranges."""
+    out = []
+    for metric, key, words in (
+        ("auroc", "auroc_min", "AUROC"),
+        ("sensitivity", "sensitivity_min", "sensitivity"),
+        ("specificity", "specificity_min", "specificity"),
+    ):
+        lo, minimum = metrics[metric]["lower"], float(criteria[key])
+        ok = bool(lo >= minimum)
+        out.append(
+            GateCriterion(
+                "minimums",
+                f"{metric}_lower_bound",
+                ok,
+                f"{words} lower 95% bound {lo:.3f} {'meets' if ok else 'is below'} the minimum {minimum:.2f}",
+            )
+        )
+    brier_max = float(criteria.get("brier_max", 1.0))
+    b = metrics["brier"]["upper"]
+    ok = bool(b <= brier_max)
+    out.append(
+        GateCriterion(
+            "minimums",
+            "brier_upper_bound",
+            ok,
+            f"Brier score upper 95% bound {b:.3f} {'within' if ok else 'above'} the maximum {brier_max:.2f}",
+        )
+    )
+    for metric, key, words in (
+        ("calibration_slope", "calibration_slope_range", "calibration slope"),
+        ("calibration_intercept", "calibration_intercept_range", "calibration intercept"),
+        ("observed_expected_ratio", "observed_expected_range", "observed/expected ratio"),
+    ):
+        rng = criteria.get(key)
+        if rng is None:
+            continue
+        v = metrics[metric]["value"]
+        ok = _in_range(v, rng)
+        out.append(
+            GateCriterion(
+                "minimums",
+                f"{metric}_in_range",
+                ok,
+                f"{words} {v:.2f} {'within' if ok else 'outside'} the range {rng[0]:g} to {rng[1]:g}",
+            )
+        )
+    return out
+
+
+def non_inferiority_criteria(
+    challenger_metrics: dict,
+    champion_card: dict | None,
+    *,
+    comparison: dict | None,
+    auroc_margin: float,
+    slope_margin: float = 0.1,
+    intercept_margin: float = 0.1,
+) -> list[GateCriterion]:
+    """Non-inferiority to the champion.
+
+    With ``comparison`` (:func:`clinical_ml.core.evaluation.paired_comparison` of both models on the same
+    validation patients, each ``{"value", "lower", "upper"}``): the lower 95% bound of the AUROC difference
+    must be above ``-auroc_margin`` and the calibration errors (|slope - 1|, |intercept|) may grow by at most
+    their margins. Without it (the champion cannot score these rows), the champion card's own validation
+    figures are compared, point to point.
+    """
+    if champion_card is None:
+        return [
+            GateCriterion(
+                "non_inferiority",
+                "no_champion",
+                True,
+                "no champion yet: the first model meeting every minimum becomes champion",
+            )
+        ]
+    champ = champion_card.get("version", "champion")
+    if comparison is not None:
+        d = comparison["auroc_difference"]
+        ok_auc = bool(d["lower"] >= -auroc_margin)
+        sd = comparison["slope_error_difference"]["value"]
+        idf = comparison["intercept_error_difference"]["value"]
+        ok_i = bool(idf <= intercept_margin)
+        return [
+            GateCriterion(
+                "non_inferiority",
+                "auroc_non_inferior",
+                ok_auc,
+                f"AUROC difference vs champion {champ} on the same patients {d['value']:+.3f} "
+                f"(95% CI {d['lower']:+.3f} to {d['upper']:+.3f}): "
+                f"{'non-inferior' if ok_auc else 'not shown non-inferior'} within a margin of {auroc_margin:.2f}",
+            ),
+            _slope_criterion(sd, slope_margin),
+            GateCriterion(
+                "non_inferiority",
+                "calibration_intercept_non_inferior",
+                ok_i,
+                f"calibration-in-the-large error {'changes' if ok_i else 'grows'} by {idf:+.3f} vs the champion "
+                f"(margin {intercept_margin:.2f})",
+            ),
+        ]
+    cm = champion_card["metrics"]
+    chal, ref = challenger_metrics["auroc"]["value"], cm["auroc"]["value"]
+    ok_auc = bool(chal >= ref - auroc_margin)
+    out = [
+        GateCriterion(
+            "non_inferiority",
+            "auroc_non_inferior",
+            ok_auc,
+            f"AUROC {chal:.3f} vs champion {ref:.3f} (each on its own validation cohort): "
+            f"{'non-inferior' if ok_auc else 'inferior'} within a margin of {auroc_margin:.2f}",
+        )
+    ]
+    if "calibration_slope" in cm and "calibration_slope" in challenger_metrics:
+        sd = abs(challenger_metrics["calibration_slope"]["value"] - 1) - abs(
+            cm["calibration_slope"]["value"] - 1
+        )
+        out.append(_slope_criterion(sd, slope_margin))
+    return out
+
+
+def _slope_criterion(slope_error_change: float, margin: float) -> GateCriterion:
+    """The challenger's calibration slope error (|slope - 1|) may not grow by more than ``margin``."""
+    ok = bool(slope_error_change <= margin)
+    return GateCriterion(
+        "non_inferiority",
+        "calibration_slope_non_inferior",
+        ok,
+        f"calibration slope error {'changes' if ok else 'grows'} by {slope_error_change:+.3f} vs the champion "
+        f"(margin {margin:.2f})",
+    )
+
+
+def subgroup_criteria(rows: list[dict], *, min_cell_size: int) -> list[GateCriterion]:
+    """Subgroup minimums where groups are large enough.
+
+    ``rows`` are subgroup rows (``attribute``, ``group``, ``n``, ``suppressed``, ``flags``) as produced by
+    :func:`clinical_ml.core.fairness.subgroup_table`; a group fails when a flag says its CI lies wholly
+    below a use-case minimum. Groups under ``min_cell_size`` (or without both outcomes) are not judged.
+    """
+    judged = [r for r in rows if r["attribute"] != "overall" and not r["suppressed"]]
+    skipped = [r for r in rows if r["attribute"] != "overall" and r["suppressed"]]
+    failing = [
+        f"{r['attribute']} = {r['group']}: {f}" for r in judged for f in r["flags"] if "subgroup minimum" in f
+    ]
+    ok = not failing
+    tail = f"; {len(skipped)} groups too small to judge (under {min_cell_size} or one outcome only)"
+    return [
+        GateCriterion(
+            "subgroups",
+            "subgroup_minimums",
+            ok,
+            (
+                f"every one of {len(judged)} audited groups meets the subgroup minimums"
+                if ok
+                else f"{len(failing)} subgroup minimum(s) missed: " + "; ".join(failing)
+            )
+            + tail,
+        )
+    ]
+
+
+def latency_criterion(
+    p99_ms: float, *, slo_ms: float, wall_p99_ms: float | None = None
+) -> list[GateCriterion]:
+    """Scoring latency SLO: one patient scored with reasons, 99th percentile, in process.
+
+    Judge the scorer's own time (CPU time of the scoring thread) so that a busy shared machine cannot refuse
+    a model; the wall-clock p99, when given, is reported beside it.
+    """
+    ok = bool(p99_ms <= slo_ms)
+    wall = f" (wall clock {wall_p99_ms:.2f} ms on this machine)" if wall_p99_ms is not None else ""
+    return [
+        GateCriterion(
+            "latency",
+            "scoring_latency_p99",
+            ok,
+            f"one-patient score with reasons p99 {p99_ms:.2f} ms {'within' if ok else 'above'} the SLO of "
+            f"{slo_ms:g} ms{wall}",
+        )
+    ]
+
+
+def evaluate_gate(*criteria_lists: list[GateCriterion]) -> GateResult:
+    """Combine the gate's criteria (from the functions above) into one result."""
+    return GateResult(tuple(c for lst in criteria_lists for c in lst))
+
+
+def _subgroup_dicts(rows: list) -> list[dict]:
+    return [
+        {
+            "attribute": r.attribute,
+            "group": r.group,
+            "n": r.n,
+            "suppressed": r.suppressed,
+            "flags": list(r.flags),
+        }
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """What the promotion gate judges: the challenger on the validation cohort, and the champion if any."""
+
+    y: np.ndarray  # outcome labels of the validation rows
+    x: np.ndarray  # their feature matrix, in the challenger's feature order
+    groups: dict[str, np.ndarray]  # audited attribute -> group label per validation row
+    metrics: dict  # the challenger's validation metrics with CIs
+    challenger: TrainedModel
+    threshold: float
+    training_ranges: dict[str, tuple[float, float]]
+    champion: TrainedModel | None = None
+    champion_card: dict | None = None
+    champion_x: np.ndarray | None = None  # validation rows in the champion's feature order
+
+
+def judge_challenger(
+    inputs: GateInputs,
+    use_case: UseCase,
+    *,
+    n_boot: int,
+    seed: int,
+    latency_repeats: int = 300,
+    auroc_margin: float | None = None,
+) -> tuple[GateResult, dict]:
+    """Run every criterion of the promotion gate; returns the result and the figures behind it
+    (paired comparison, latency, abstention on the validation cohort)."""
+    promo = use_case.promotion
+    sg = use_case.subgroups
+    p = inputs.challenger.predict(inputs.x)
+    comparison = None
+    if inputs.champion is not None and inputs.champion_x is not None:
+        p_champ = inputs.champion.predict(inputs.champion_x)
+        comparison = {
+            k: v.as_dict()
+            for k, v in paired_comparison(inputs.y, p, p_champ, n_boot=n_boot, seed=seed).items()
+        }
+    rows = subgroup_table(
+        inputs.y,
+        p,
+        inputs.threshold,
+        inputs.groups,
+        intersections=False,
+        min_cell_size=sg.min_cell_size,
+        auroc_min=sg.auroc_min,
+        sensitivity_min=sg.sensitivity_min,
+        n_boot=n_boot,
+        seed=seed,
+    ).rows
+    scorer = Scorer(
+        inputs.challenger,
+        inputs.threshold,
+        inputs.training_ranges,
+        Guardrails(**use_case.guardrails.model_dump()),
+    )
+    latency = scoring_latency_ms(scorer, inputs.x[:200], repeats=latency_repeats)
+    scores = scorer.score(inputs.x, n_reasons=0)
+    gate = evaluate_gate(
+        minimum_criteria(inputs.metrics, use_case.success_criteria.model_dump()),
+        non_inferiority_criteria(
+            inputs.metrics,
+            inputs.champion_card,
+            comparison=comparison,
+            auroc_margin=promo.auroc_non_inferiority_margin if auroc_margin is None else auroc_margin,
+            slope_margin=promo.calibration_slope_margin,
+            intercept_margin=promo.calibration_intercept_margin,
+        ),
+        subgroup_criteria(_subgroup_dicts(list(rows)), min_cell_size=sg.min_cell_size),
+        latency_criterion(
+            latency["p99_cpu_ms"], slo_ms=promo.latency_p99_ms_max, wall_p99_ms=latency["p99_ms"]
+        ),
+    )
+    extras = {
+        "paired_comparison": comparison,
+        "latency_ms": latency,
+        "abstention_rate_validation": abstention_rate(scores),
+        "reason_codes_validation": reason_code_counts(scores),
+    }
+    return gate, extras
+
+
+def gate_inputs(
+    validation_predictions: pl.DataFrame,
+    features: pl.DataFrame,
+    *,
+    use_case: UseCase,
+    metrics: dict,
+    threshold: float,
+    challenger: TrainedModel,
+    training_ranges: dict[str, tuple[float, float]],
+    champion: TrainedModel | None = None,
+    champion_card: dict | None = None,
+) -> GateInputs:
+    """The validation cohort as the gate judges it: the challenger's rows, and the champion's where it can
+    score them (every feature it needs still exists; otherwise it is compared on its card's figures)."""
+    held = validation_predictions.filter(pl.col("split") == "held_out")
+    rows = held.select("hadm_id", "label", *use_case.subgroups.attributes).join(
+        features, on="hadm_id", how="inner"
+    )
+    champion_x = (
+        feature_matrix(rows, champion.feature_names)
+        if champion is not None and set(champion.feature_names) <= set(rows.columns)
+        else None
+    )
+    return GateInputs(
+        y=rows["label"].cast(pl.Int8).to_numpy(),
+        x=feature_matrix(rows, challenger.feature_names),
+        groups={
+            a: rows[a].cast(pl.String).fill_null("Unknown").to_numpy() for a in use_case.subgroups.attributes
+        },
+        metrics=metrics,
+        challenger=challenger,
+        threshold=threshold,
+        training_ranges=training_ranges,
+        champion=champion,
+        champion_card=champion_card,
+        champion_x=champion_x,
+    )
+
+
+def gate_markdown(decision: dict, *, champion_now: str | None, history: list[dict] | None = None) -> str:
+    """The decision and each part of the gate in a Markdown table (newest decisions after it, if given)."""
+    verdict = "Promoted" if decision["promoted"] else "Not promoted"
+    rows = "".join(
+        f"| {c['group'].replace('_', ' ')} | {'pass' if c['passed'] else '**FAIL**'} | {md_escape(c['reason'])} |\n"
+        for c in decision.get("criteria", [])
+    )
+    md = (
+        f"**{verdict}**: challenger {decision['challenger']} "
+        f"(champion before: {decision['champion_before'] or 'none'}; now: {champion_now or 'none'})\n\n"
+        f"| part of the gate | result | reason |\n|---|---|---|\n{rows}"
+    )
+    if history:
+        md += "\n**Recent decisions**\n\n| decided at | challenger | promoted |\n|---|---|---|\n" + "".join(
+            f"| {h['at'][:19]} | {h['challenger']} | {'yes' if h['promoted'] else 'no'} |\n"
+            for h in reversed(history)
+        )
+    return md
