@@ -1,4 +1,7 @@
-"""Has a batch moved away from the derivation cohort? Per-column tests with a per-batch false alarm budget.
+"""Has a batch moved away from the derivation cohort? Per-column statistics with a per-batch false alarm budget.
+
+The statistics are registered objects (:mod:`clinical_ml.core.drift_statistics`: what each measures, how it
+is computed and shown, whether it can raise a level); this module is the engine that runs them.
 
 Binning and tests (stated in every report)
 ------------------------------------------
@@ -13,10 +16,12 @@ Binning and tests (stated in every report)
   values: the statistic is exactly ``scipy.stats.ks_2samp``'s when a column has no more distinct values (small
   cohorts, and recorded values rounded to the assay's precision), else within the reference mass between two
   grid points (at most ~1e-4 for a large continuous column, e.g. a slope) below it.
+- **Missingness**: the change of the share missing, with a two-proportion z-test.
+- **Wasserstein** distance on observed values over the reference's standard deviation, from the same ECDF
+  grid; reported only (no test of its own).
 
 Speed: a reference profile is computed once per champion and holds no row; a batch costs one sort per column
 plus binary searches of the bin edges and the grid in it.
-- **Missingness**: the share of missing values, with a two-proportion z-test.
 
 Levels and multiple testing
 ---------------------------
@@ -30,87 +35,28 @@ Significance guards small batches (PSI of 100 stable rows is ~0.1 by chance alon
 large ones (with a million rows every trivial change is significant).
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
-from scipy import special
 
-PSI_WARN = 0.1
-PSI_ERROR = 0.25
-PSI_FLOOR = 1e-4
-KS_GRID = 10_000  # reference ECDF points kept per column (exact KS when a column has no more distinct values)
+from clinical_ml.core.drift_statistics import (
+    CATEGORICAL,
+    KS_GRID,
+    NUMERIC,
+    ColumnReference,
+    ColumnSample,
+    DriftStatistic,
+    DriftThresholds,
+)
+
+# kept importable from here while defs/ still names them (the levels come from DriftThresholds)
+from clinical_ml.core.drift_statistics import PSI_ERROR as PSI_ERROR
+from clinical_ml.core.drift_statistics import PSI_WARN as PSI_WARN
+
 LEVELS = ("ok", "warn", "error")
-
-
-@dataclass(frozen=True)
-class DriftThresholds:
-    """WARN and ERROR levels of the drift tests; read from the use case's monitoring file.
-
-    Parameters
-    ----------
-    alpha_warn, alpha_error
-        Family-wise false alarm rate per batch for a warning and for an error (Bonferroni over tests).
-    psi_warn, psi_error
-        PSI at which a significant change is worth watching / material.
-    ks_error
-        KS statistic at which a significant change is material.
-    missing_error
-        Absolute change of the missing share at which a significant change is material.
-    n_bins
-        Quantile bins of the reference for PSI and chi-square (plus one for missing values).
-    min_rows
-        Columns with fewer observed values than this in either sample are not tested.
-    """
-
-    alpha_warn: float = 0.05
-    alpha_error: float = 0.01
-    psi_warn: float = PSI_WARN
-    psi_error: float = PSI_ERROR
-    ks_error: float = 0.2
-    missing_error: float = 0.2
-    n_bins: int = 10
-    min_rows: int = 20
-
-    def describe(self) -> str:
-        """The binning and thresholds in words, for reports."""
-        return (
-            f"PSI over the reference's {self.n_bins} quantile bins plus a missing-value bin (empty bins floored "
-            f"at {PSI_FLOOR:g}); chi-square on the same bins or on categories; two-sample KS on observed "
-            f"values; two-proportion z-test on the missing share. A column is flagged when a test is "
-            f"significant at {self.alpha_warn:g}/m (Bonferroni over the m tests of the batch), an ERROR when "
-            f"significant at {self.alpha_error:g}/m and material (PSI >= {self.psi_error:g}, KS >= "
-            f"{self.ks_error:g} or missing share changed by >= {self.missing_error:g})."
-        )
-
-
-@dataclass(frozen=True)
-class ColumnReference:
-    """What the tests need from one reference column, computed once (small: no row is kept).
-
-    For KS the reference ECDF is kept at a grid of its values: every distinct value when there are at most
-    ``KS_GRID`` of them (the statistic is then exact), else ``KS_GRID`` quantiles (then the statistic is
-    exact at the grid points and within ``ks_resolution``, the largest reference mass between two of them,
-    of the exact one).
-    """
-
-    name: str
-    kind: str  # numeric | categorical
-    n_total: int
-    n_observed: int
-    grid: np.ndarray  # sorted reference values at which its ECDF is known (numeric)
-    cdf_right: np.ndarray  # reference ECDF at grid, F(g)
-    cdf_left: np.ndarray  # reference ECDF just below grid, F(g-)
-    edges: np.ndarray  # inner PSI bin edges (numeric)
-    counts: np.ndarray  # bin (or category) counts, last entry = missing
-    categories: tuple = ()
-    mean: float = float("nan")
-    ks_resolution: float = 0.0
-
-    @property
-    def n_missing(self) -> int:
-        return int(self.counts[-1])
 
 
 @dataclass(frozen=True)
@@ -126,25 +72,48 @@ class ReferenceProfile:
         return [c.name for c in self.columns]
 
 
+# statistic outputs that earlier records held as fields of their own; kept as flat copies while defs/ reads
+# ``FeatureDrift.__dict__`` (drop them once it calls ``as_dict``)
+_FLAT = ("psi", "ks_statistic", "ks_pvalue", "chi2_pvalue", "missing_pvalue")
+
+
 @dataclass(frozen=True)
 class FeatureDrift:
-    """Drift of one column of one batch."""
+    """Drift of one column of one batch.
+
+    ``values`` holds every computed statistic's value and p-value by their keys (``psi``, ``chi2_pvalue``,
+    ``ks_statistic``, ...; NaN where a statistic does not apply to the column's kind).
+    """
 
     feature: str
     kind: str
-    psi: float
-    ks_statistic: float
-    ks_pvalue: float
-    chi2_pvalue: float
+    values: Mapping[str, float]
     missing_reference: float
     missing_current: float
-    missing_pvalue: float
     mean_reference: float
     mean_current: float
     n_current: int
     p_min: float  # smallest p-value of the column's tests
     drifted: bool
     level: str  # ok | warn | error
+    psi: float = field(init=False, repr=False, compare=False)
+    ks_statistic: float = field(init=False, repr=False, compare=False)
+    ks_pvalue: float = field(init=False, repr=False, compare=False)
+    chi2_pvalue: float = field(init=False, repr=False, compare=False)
+    missing_pvalue: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in _FLAT:
+            object.__setattr__(self, key, self.value(key))
+
+    def value(self, key: str) -> float:
+        """A statistic's value or p-value by its key; NaN when it was not computed."""
+        return float(self.values.get(key, math.nan))
+
+    def as_dict(self) -> dict:
+        """Flat record: the descriptive fields and every statistic's value and p-value by key."""
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "values" and f.init}
+        return {**plain, **self.values}
 
 
 def _observed_sorted(values: np.ndarray) -> np.ndarray:
@@ -155,7 +124,9 @@ def _observed_sorted(values: np.ndarray) -> np.ndarray:
     return s[lo:hi]
 
 
-def _numeric_reference(name: str, values: np.ndarray, n_bins: int) -> ColumnReference:
+def _numeric_reference(
+    name: str, values: np.ndarray, n_bins: int, statistics: Sequence[DriftStatistic]
+) -> ColumnReference:
     v = np.asarray(values, dtype=np.float64)
     obs = _observed_sorted(v)
     n = obs.size
@@ -179,7 +150,7 @@ def _numeric_reference(name: str, values: np.ndarray, n_bins: int) -> ColumnRefe
         mean, resolution = float("nan"), 0.0
     return ColumnReference(
         name=name,
-        kind="numeric",
+        kind=NUMERIC,
         n_total=v.size,
         n_observed=n,
         grid=grid,
@@ -189,6 +160,7 @@ def _numeric_reference(name: str, values: np.ndarray, n_bins: int) -> ColumnRefe
         counts=np.append(counts, v.size - n).astype(np.int64),
         mean=mean,
         ks_resolution=resolution,
+        summaries={s.name: s.summarise(obs) for s in statistics if NUMERIC in s.kinds},
     )
 
 
@@ -209,7 +181,7 @@ def _categorical_reference(name: str, values: np.ndarray) -> ColumnReference:
     empty = np.zeros(0)
     return ColumnReference(
         name=name,
-        kind="categorical",
+        kind=CATEGORICAL,
         n_total=v.size,
         n_observed=observed.size,
         grid=empty,
@@ -239,139 +211,75 @@ def reference_profile(
     categorical
         Optional categorical columns as integer codes (``-1`` = missing), by name.
     thresholds
-        Levels and binning; :class:`DriftThresholds` defaults when omitted.
+        Levels, binning and the statistics computed; :class:`DriftThresholds` defaults when omitted.
     """
     th = thresholds or DriftThresholds()
     ref = np.asarray(reference, dtype=np.float64)
-    cols = [_numeric_reference(n, ref[:, j], th.n_bins) for j, n in enumerate(feature_names)]
+    stats = th.selected
+    cols = [_numeric_reference(n, ref[:, j], th.n_bins, stats) for j, n in enumerate(feature_names)]
     cols += [_categorical_reference(n, v) for n, v in (categorical or {}).items()]
     return ReferenceProfile(columns=tuple(cols), n_rows=ref.shape[0], thresholds=th)
 
 
-def psi_from_counts(ref_counts: np.ndarray, cur_counts: np.ndarray) -> float:
-    """PSI of two count vectors over the same bins (shares floored at ``PSI_FLOOR``)."""
-    r = np.maximum(ref_counts / max(ref_counts.sum(), 1), PSI_FLOOR)
-    c = np.maximum(cur_counts / max(cur_counts.sum(), 1), PSI_FLOOR)
-    return float(np.sum((c - r) * np.log(c / r)))
-
-
-def chi2_homogeneity_pvalue(
-    ref_counts: np.ndarray, cur_counts: np.ndarray, *, min_expected: float = 10.0
-) -> float:
-    """Chi-square test that two samples share one distribution over the bins.
-
-    Adjacent bins (all but the last, the missing bin) are merged until every expected count is at least
-    ``min_expected``, so the chi-square approximation holds for small batches too.
-    """
-    table = np.vstack([ref_counts, cur_counts]).astype(np.float64)
-    if (table.sum(axis=1) == 0).any():
-        return 1.0
-    share = table.sum(axis=0) / table.sum()
-    need = min_expected / max(table.sum(axis=1).min(), 1.0)
-    merged, acc, acc_share = [], np.zeros(2), 0.0
-    for j in range(table.shape[1] - 1):
-        acc, acc_share = acc + table[:, j], acc_share + share[j]
-        if acc_share >= need:
-            merged.append(acc)
-            acc, acc_share = np.zeros(2), 0.0
-    if acc_share > 0:
-        if merged:
-            merged[-1] = merged[-1] + acc
-        else:
-            merged.append(acc)
-    if share[-1] >= need:
-        merged.append(table[:, -1])
-    elif merged:
-        merged[-1] = merged[-1] + table[:, -1]
-    t = np.array(merged).T
-    t = t[:, t.sum(axis=0) > 0]
-    if t.shape[1] < 2:
-        return 1.0
-    expected = t.sum(axis=1, keepdims=True) * t.sum(axis=0, keepdims=True) / t.sum()
-    stat = float(np.sum((t - expected) ** 2 / expected))
-    return float(special.chdtrc(t.shape[1] - 1, stat))
-
-
-def ks_two_sample(col: ColumnReference, cur_sorted: np.ndarray) -> tuple[float, float]:
-    """Two-sample KS statistic and its asymptotic (Kolmogorov) p-value, from the reference's ECDF grid and
-    the sorted current values: four binary searches per grid point, no pass over the reference rows.
-
-    Exact (identical to ``scipy.stats.ks_2samp``) when the grid holds every distinct reference value; else
-    exact at the grid points and within ``col.ks_resolution`` of the exact statistic (never above it).
-    """
-    n, m = col.n_observed, cur_sorted.size
-    if n == 0 or m == 0:
-        return float("nan"), float("nan")
-    # both ECDFs are right-continuous steps: between two grid points the reference one is flat (exact grid),
-    # so the largest gap is at a grid point or just below one
-    cur_right = np.searchsorted(cur_sorted, col.grid, side="right") / m
-    cur_left = np.searchsorted(cur_sorted, col.grid, side="left") / m
-    d = float(
-        max(
-            np.abs(col.cdf_right - cur_right).max(initial=0.0),
-            np.abs(col.cdf_left - cur_left).max(initial=0.0),
-        )
-    )
-    en = n * m / (n + m)
-    return d, float(np.clip(special.kolmogorov(np.sqrt(en) * d), 0.0, 1.0))
-
-
-def _two_proportion_pvalue(k1: int, n1: int, k2: int, n2: int) -> float:
-    if n1 == 0 or n2 == 0:
-        return 1.0
-    p = (k1 + k2) / (n1 + n2)
-    se = np.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 1.0
-    return float(2 * special.ndtr(-abs(k1 / n1 - k2 / n2) / se))
-
-
-def _column_stats(col: ColumnReference, values: np.ndarray) -> dict:
-    if col.kind == "numeric":
+def _column_sample(col: ColumnReference, values: np.ndarray) -> ColumnSample:
+    """The batch's column prepared once for every statistic: sorted observed values, counts on the bins."""
+    if col.kind == NUMERIC:
         obs = _observed_sorted(values)
         n_obs, n_total = obs.size, int(np.asarray(values).size)
         # bin k holds edges[k-1] <= x < edges[k]: counts from binary searches of the edges in sorted values
         counts = np.diff(np.concatenate([[0], np.searchsorted(obs, col.edges, side="left"), [n_obs]]))
         counts = np.append(counts, n_total - n_obs)
-        ks_d, ks_p = ks_two_sample(col, obs) if min(n_obs, col.n_observed) > 1 else (np.nan,) * 2
-        mean = float(obs.mean()) if n_obs else float("nan")
+        at_grid = np.searchsorted(obs, col.grid, side="right")
     else:
         v = np.asarray(values, dtype=np.int64)
         known, unseen = _category_counts(v, col.categories)
-        n_total = v.size
+        obs, n_total, at_grid = np.zeros(0), v.size, np.zeros(0, dtype=np.int64)
         n_obs = int(known.sum()) + unseen
         counts = np.append(known, n_total - n_obs)
         if unseen:  # categories the reference never had are a bin of their own
             counts = np.insert(counts, -1, unseen)
-        ks_d = ks_p = float("nan")
-        mean = float("nan")
     ref_counts = col.counts if counts.size == col.counts.size else np.insert(col.counts, -1, 0)
-    return {
-        "psi": psi_from_counts(ref_counts, counts),
-        "chi2_pvalue": chi2_homogeneity_pvalue(ref_counts, counts),
-        "ks_statistic": float(ks_d),
-        "ks_pvalue": float(ks_p),
-        "missing_reference": col.n_missing / max(col.n_total, 1),
-        "missing_current": (n_total - n_obs) / max(n_total, 1),
-        "missing_pvalue": _two_proportion_pvalue(col.n_missing, col.n_total, n_total - n_obs, n_total),
-        "mean_current": mean,
-        "n_current": int(n_total),
-        "n_observed": int(n_obs),
-    }
+    return ColumnSample(
+        observed=obs,
+        counts=counts,
+        reference_counts=ref_counts,
+        n_total=int(n_total),
+        n_observed=int(n_obs),
+        at_grid=at_grid,
+    )
 
 
-def _level(s: dict, col: ColumnReference, th: DriftThresholds, n_tests: int) -> tuple[float, bool, str]:
-    if s["n_current"] < th.min_rows:
+def _measure(
+    col: ColumnReference, sample: ColumnSample, statistics: Sequence[DriftStatistic]
+) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for s in statistics:
+        m = s.measure(col, sample) if col.kind in s.kinds else None
+        values[s.key] = float(m.value) if m else math.nan
+        if s.pvalue_key is not None:
+            values[s.pvalue_key] = float(m.pvalue) if m else math.nan
+    return values
+
+
+def _level(
+    values: Mapping[str, float],
+    sample: ColumnSample,
+    col: ColumnReference,
+    th: DriftThresholds,
+    statistics: Sequence[DriftStatistic],
+    n_tests: int,
+) -> tuple[float, bool, str]:
+    if sample.n_total < th.min_rows:
         return 1.0, False, "ok"
-    testable = s["n_observed"] >= th.min_rows and col.n_observed >= th.min_rows
-    # each test is paired with its own effect size: significant AND material in the same respect
-    tests = [
-        (s["chi2_pvalue"], s["psi"] >= th.psi_error),
-        (s["missing_pvalue"], abs(s["missing_current"] - s["missing_reference"]) >= th.missing_error),
-    ]
-    if col.kind == "numeric" and testable and np.isfinite(s["ks_pvalue"]):
-        tests.append((s["ks_pvalue"], s["ks_statistic"] >= th.ks_error))
-    p_min = float(min(p for p, _ in tests))
+    testable = sample.n_observed >= th.min_rows and col.n_observed >= th.min_rows
+    # each test is paired with its own statistic's size: significant AND material in the same respect
+    tests = []
+    for s in statistics:
+        p = values[s.pvalue_key] if s.pvalue_key is not None else math.nan
+        if math.isfinite(p) and (testable or not s.on_observed_values):
+            error = s.error_level(th)
+            tests.append((p, error is not None and abs(values[s.key]) >= error))
+    p_min = float(min((p for p, _ in tests), default=1.0))
     drifted = p_min < th.alpha_warn / n_tests
     if any(p < th.alpha_error / n_tests and material for p, material in tests):
         return p_min, True, "error"
@@ -379,8 +287,10 @@ def _level(s: dict, col: ColumnReference, th: DriftThresholds, n_tests: int) -> 
 
 
 def n_tests_for(profile: ReferenceProfile) -> int:
-    """Tests one batch runs: chi-square and missingness per column, plus KS per numeric column."""
-    return sum(3 if c.kind == "numeric" else 2 for c in profile.columns)
+    """Tests one batch runs: one per statistic with a test that applies to a column's kind (by default
+    chi-square and missingness per column, plus KS per numeric column)."""
+    tested = [s for s in profile.thresholds.selected if s.pvalue_key is not None]
+    return sum(sum(c.kind in s.kinds for s in tested) for c in profile.columns)
 
 
 def batch_drift(
@@ -396,7 +306,7 @@ def batch_drift(
     Parameters
     ----------
     profile
-        From :func:`reference_profile` (its thresholds apply).
+        From :func:`reference_profile` (its thresholds, and the statistics they select, apply).
     current
         The batch's rows x numeric columns, in the profile's numeric column order (column-major, as
         ``polars.DataFrame.to_numpy`` returns it, reads fastest).
@@ -409,32 +319,30 @@ def batch_drift(
         Threads over columns (numpy releases the GIL while sorting and searching).
     """
     th = profile.thresholds
+    statistics = th.selected
     cur = np.asarray(current, dtype=np.float64)
     if cur.ndim == 1:
         cur = cur[:, None]
-    numeric = [c for c in profile.columns if c.kind == "numeric"]
+    numeric = [c for c in profile.columns if c.kind == NUMERIC]
     cats = categorical or {}
     m = n_tests or n_tests_for(profile)
     jobs = [(c, cur[:, j]) for j, c in enumerate(numeric)]
-    jobs += [(c, cats[c.name]) for c in profile.columns if c.kind == "categorical" and c.name in cats]
+    jobs += [(c, cats[c.name]) for c in profile.columns if c.kind == CATEGORICAL and c.name in cats]
 
     def one(job: tuple[ColumnReference, np.ndarray]) -> FeatureDrift:
-        col, values = job
-        s = _column_stats(col, values)
-        p_min, drifted, level = _level(s, col, th, m)
+        col, raw = job
+        sample = _column_sample(col, raw)
+        values = _measure(col, sample, statistics)
+        p_min, drifted, level = _level(values, sample, col, th, statistics, m)
         return FeatureDrift(
             feature=col.name,
             kind=col.kind,
-            psi=s["psi"],
-            ks_statistic=s["ks_statistic"],
-            ks_pvalue=s["ks_pvalue"],
-            chi2_pvalue=s["chi2_pvalue"],
-            missing_reference=s["missing_reference"],
-            missing_current=s["missing_current"],
-            missing_pvalue=s["missing_pvalue"],
+            values=values,
+            missing_reference=col.n_missing / max(col.n_total, 1),
+            missing_current=(sample.n_total - sample.n_observed) / max(sample.n_total, 1),
             mean_reference=col.mean,
-            mean_current=s["mean_current"],
-            n_current=s["n_current"],
+            mean_current=float(sample.observed.mean()) if sample.observed.size else math.nan,
+            n_current=sample.n_total,
             p_min=p_min,
             drifted=drifted,
             level=level,
@@ -446,7 +354,19 @@ def batch_drift(
     else:
         out = [one(j) for j in jobs]
     rank = {lvl: i for i, lvl in enumerate(LEVELS)}
-    return sorted(out, key=lambda d: (-rank[d.level], d.p_min, -d.psi))
+    # ties in level and p-value: the larger first statistic (PSI by default) first
+    first = statistics[0].key if statistics else ""
+    return sorted(out, key=lambda d: (-rank[d.level], d.p_min, -np.nan_to_num(d.value(first))))
+
+
+def drift_reason(drift: FeatureDrift, *, statistics: Sequence[DriftStatistic]) -> str:
+    """One column's level in words with the statistics that judge it, e.g. for a batch's reasons."""
+    shown = [
+        f"{s.label} {s.format(drift.value(s.key))}"
+        for s in statistics
+        if s.pvalue_key is not None and math.isfinite(drift.value(s.key))
+    ]
+    return f"{drift.feature}: {drift.level.upper()} (p = {drift.p_min:.2g}, {', '.join(shown)})"
 
 
 def worst_level(levels: Sequence[str]) -> str:
@@ -456,8 +376,10 @@ def worst_level(levels: Sequence[str]) -> str:
 
 def psi(reference: np.ndarray, current: np.ndarray, *, n_bins: int = 10) -> float:
     """Population stability index with reference-quantile bins and a missing-value bin."""
-    col = _numeric_reference("x", np.asarray(reference, dtype=np.float64), n_bins)
-    return _column_stats(col, np.asarray(current, dtype=np.float64))["psi"]
+    profile = reference_profile(
+        np.asarray(reference, dtype=np.float64)[:, None], ["x"], thresholds=DriftThresholds(n_bins=n_bins)
+    )
+    return batch_drift(profile, np.asarray(current, dtype=np.float64)[:, None])[0].psi
 
 
 def feature_drift(
