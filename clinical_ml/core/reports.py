@@ -5,13 +5,17 @@ Jinja2 renders with autoescaping on for every template, so a value that came fro
 """
 
 import base64
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from clinical_ml.core import plots
+from clinical_ml.core.drift import FeatureDrift
+from clinical_ml.core.drift_statistics import DriftStatistic, DriftThresholds
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.usecase import UseCase
 
@@ -334,33 +338,103 @@ def _policy_words(use_case) -> str:
     return f"at least {op.target:.0%} of survivors not flagged"
 
 
+def drift_rows(
+    drift: Sequence[FeatureDrift | Mapping[str, Any]],
+    *,
+    statistics: Sequence[DriftStatistic],
+    label: Callable[[str], str] = str,
+) -> list[dict]:
+    """One row per column for the drift tables: its label, every statistic formatted by the statistic
+    itself, the means and missing shares, the smallest p-value and the level. ``drift`` holds
+    :class:`FeatureDrift` or their flat records (``FeatureDrift.as_dict``, as stored in JSON)."""
+    rows = []
+    for d in drift:
+        r = d.as_dict() if isinstance(d, FeatureDrift) else dict(d)
+        rows.append(
+            {
+                **r,
+                "label": r.get("label") or label(r["feature"]),
+                "cells": [s.format(float(r.get(s.key, math.nan))) for s in statistics],
+            }
+        )
+    return rows
+
+
+def drift_markdown(
+    drift: Sequence[FeatureDrift | Mapping[str, Any]],
+    *,
+    thresholds: DriftThresholds,
+    label: Callable[[str], str] = str,
+    limit: int = 10,
+) -> str:
+    """Markdown table of the first ``limit`` columns: predictor, every computed statistic, p (min), level."""
+    stats = thresholds.selected
+    head = ["Predictor", *(s.label for s in stats), "p (min)", "Level"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in drift_rows(list(drift)[:limit], statistics=stats, label=label):
+        cells = [md_escape(r["label"]), *r["cells"], f"{r['p_min']:.2g}", r["level"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def drift_report(
     *,
     use_case,
     batch_id: str,
-    rows: list[dict],
+    drift: Sequence[FeatureDrift | Mapping[str, Any]] | None = None,
+    thresholds: DriftThresholds | None = None,
     n_reference: int,
     n_current: int,
-    plot: bytes,
-    warn: float,
-    error: float,
     model_version: str,
     code_version: str,
+    label: Callable[[str], str] = str,
+    rows: Sequence[Mapping[str, Any]] | None = None,
+    plot: bytes | None = None,
+    warn: float | None = None,
+    error: float | None = None,
 ) -> tuple[str, str]:
-    """HTML feature drift report and its Markdown summary; ``rows`` are drift dicts with a ``label``."""
-    n_error = sum(r["level"] == "error" for r in rows)
-    n_warn = sum(r["level"] == "warn" for r in rows)
+    """HTML feature drift report and its Markdown summary, judged by ``thresholds`` (the use case's).
+
+    Parameters
+    ----------
+    drift
+        Per column, from :func:`clinical_ml.core.drift.batch_drift` (or their flat records).
+    thresholds
+        The levels the drift was judged by (``MonitoringConfig.drift``); the report states them, and its
+        tables have one column per statistic they select.
+    label
+        Display name of a column (e.g. :func:`clinical_ml.core.explain.feature_label`); its name by default.
+    rows, plot, warn, error
+        The former call (flat records with a ``label``, a PSI plot and PSI levels): kept until defs/ passes
+        ``drift`` and ``thresholds``; ``warn`` and ``error`` then stand for ``psi_warn`` and ``psi_error``.
+    """
+    if thresholds is None:
+        legacy = {k: v for k, v in (("psi_warn", warn), ("psi_error", error)) if v is not None}
+        thresholds = DriftThresholds(**legacy)
+    stats = thresholds.selected
+    table = drift_rows(list(drift if drift is not None else rows or []), statistics=stats, label=label)
+    n_error = sum(r["level"] == "error" for r in table)
+    n_warn = sum(r["level"] == "warn" for r in table)
+    if plot is None:
+        top = sorted(table, key=lambda r: -float(r.get("psi", 0.0)))[:15]
+        plot = plots.drift_plot(
+            [r["label"] for r in top],
+            [float(r.get("psi", 0.0)) for r in top],
+            warn=thresholds.psi_warn,
+            error=thresholds.psi_error,
+        )
     html = render(
         "drift.html.j2",
         title=f"{use_case.title}: data drift, batch {batch_id}",
         subtitle="Newest batch compared with the derivation cohort",
         batch_id=batch_id,
-        rows=rows,
+        rows=table,
+        statistics=[{"label": s.label, "meaning": s.meaning, "judged": s.judged(thresholds)} for s in stats],
+        thresholds=thresholds,
+        described=thresholds.describe(),
         n_reference=n_reference,
         n_current=n_current,
         plot=b64(plot),
-        warn=warn,
-        error=error,
         n_error=n_error,
         n_warn=n_warn,
         use_case_name=use_case.name,
@@ -370,12 +444,8 @@ def drift_report(
     )
     md = (
         f"### Drift of batch {md_escape(batch_id)} vs the derivation cohort\n\n"
-        f"{n_error} predictors moved substantially (PSI >= {error}), {n_warn} somewhat.\n\n"
-        "| Predictor | PSI | KS | Level |\n|---|---|---|---|\n"
-        + "".join(
-            f"| {md_escape(r['label'])} | {r['psi']:.3f} | {r['ks_statistic']:.3f} | {r['level']} |\n"
-            for r in rows[:10]
-        )
+        f"{n_error} predictors at ERROR (a significant and material change), {n_warn} at WARN "
+        "(significant only).\n\n" + drift_markdown(table, thresholds=thresholds, label=label)
     )
     return html, md
 
