@@ -6,6 +6,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from clinical_ml.core import deid_release
+from clinical_ml.core.anonymization import DEID_COLUMNS
 from clinical_ml.core.ingestion import empty_accepted, ingest_file
 from clinical_ml.core.reidentification import Remedied, measure_risk, quasi_identifiers
 from clinical_ml.core.storage import read_json, write_parquet
@@ -73,10 +75,10 @@ def test_the_gate_withholds_a_batch_whose_release_is_not_k_anonymous(landed, mon
         published = {t: root / "deid" / t / f"{batch}.parquet" for t in TABLES}
         assert all(p.exists() for p in published.values())
         enc = pl.read_parquet(published["encounters"])
-        assert tuple(enc.columns) == anon.DEID_COLUMNS["encounters"]
+        assert tuple(enc.columns) == DEID_COLUMNS["encounters"]
 
         # the same batch again, with the remedies switched off: the gate must measure and refuse it
-        monkeypatch.setattr(anon, "enforce_k_anonymity", _no_remedy)
+        monkeypatch.setattr(deid_release, "enforce_k_anonymity", _no_remedy)
         blocked = _materialize(root, batch, instance)
     assert not blocked.success  # a failed blocking check fails the run, so nothing downstream runs
     checks = _checks(blocked)
@@ -95,7 +97,7 @@ def test_an_empty_partition_is_anonymized_to_empty_tables(landed):
     assert res.success and all(_checks(res).values())
     for t in TABLES:
         frame = pl.read_parquet(root / "deid" / t / f"{batch}.parquet")
-        assert frame.height == 0 and tuple(frame.columns) == anon.DEID_COLUMNS[t]
+        assert frame.height == 0 and tuple(frame.columns) == DEID_COLUMNS[t]
 
 
 def test_a_quarantined_file_leaves_the_rest_of_the_batch_anonymized(landed):
@@ -151,14 +153,14 @@ def test_a_ranged_run_gates_each_batch_on_its_own(tmp_path, monkeypatch):
     own figures, and the run's blocking check fails naming that batch only."""
     h = generate_hospital(tmp_path / "landing", SyntheticConfig(n_patients=600, n_batches=3, seed=6))
     batches, held = h.batch_ids, h.batch_ids[1]
-    real_remedy = anon.enforce_k_anonymity
+    real_remedy = deid_release.enforce_k_anonymity
 
     def remedy_all_but_one(*, patients, encounters, events, policy) -> Remedied:
         if encounters.height and encounters["batch_id"][0] == held:
             return _no_remedy(patients=patients, encounters=encounters, events=events, policy=policy)
         return real_remedy(patients=patients, encounters=encounters, events=events, policy=policy)
 
-    monkeypatch.setattr(anon, "enforce_k_anonymity", remedy_all_but_one)
+    monkeypatch.setattr(deid_release, "enforce_k_anonymity", remedy_all_but_one)
     roots = {"ranged": tmp_path / "ranged", "single": tmp_path / "single"}
     for root in roots.values():
         root.mkdir()

@@ -1,15 +1,12 @@
-import re
-
 import dagster as dg
-import numpy as np
 import polars as pl
 
-from clinical_ml.core.anonymization import DEID_COLUMNS, Vault, anonymize_batch
+from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.artifacts import DictRecord
+from clinical_ml.core.deid_release import BatchRelease, batch_rng, release_batch
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.meds_layout import write_meds_dataset
-from clinical_ml.core.privacy_report import privacy_summary_markdown
-from clinical_ml.core.reidentification import RiskPolicy, enforce_k_anonymity, measure_risk, quasi_identifiers
+from clinical_ml.core.reidentification import RiskPolicy
 from clinical_ml.core.storage import code_version
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
@@ -22,51 +19,12 @@ DEID_TABLES = {
     "encounters": "anonymized_encounters",
     "events": "anonymized_events",
 }
-_IDENTIFIER_PATTERNS = {
-    "email address": re.compile(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", re.I),
-    "phone number": re.compile(r"\(?\d{3}\)?[ .-]\d{3}-\d{4}"),
-}
 
 
 def _raw(zones: DataZones, source: str, batch_id: str) -> pl.DataFrame:
     """The batch's accepted rows; no rows when the file was quarantined or never delivered."""
     part = zones.phi_store().raw(source).part(batch_id)
     return part.read() if part.exists() else empty_accepted(source)
-
-
-def identifier_leaks(
-    deid: pl.DataFrame, table: str, raw_identifiers: set[str], raw_numeric_ids: set[int]
-) -> list[str]:
-    """Reasons why a de-identified table is unsafe; empty when it is safe. Never returns a value."""
-    problems = []
-    extra = sorted(set(deid.columns) - set(DEID_COLUMNS[table]))
-    if extra:
-        problems.append(f"columns outside the allowlist: {extra}")
-    for name, dtype in deid.schema.items():
-        if dtype == pl.String:
-            values = set(deid[name].drop_nulls().unique().to_list())
-            if values & raw_identifiers:
-                problems.append(f"column {name} holds raw identifier values")
-            for kind, pattern in _IDENTIFIER_PATTERNS.items():
-                if any(pattern.search(v) for v in values):
-                    problems.append(f"column {name} holds text shaped like a {kind}")
-        elif dtype.is_integer() and raw_numeric_ids and deid[name].is_in(list(raw_numeric_ids)).any():
-            problems.append(f"column {name} holds a raw MRN or encounter number")
-    return problems
-
-
-def _raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> tuple[set[str], set[int]]:
-    strings: set[str] = set()
-    # Names are left out of the exact-value comparison: "White" is both a surname and a race category.
-    for col in ("mrn", "address", "phone", "email", "zip"):
-        strings |= set(patients[col].drop_nulls().cast(pl.String).to_list())
-    strings |= set(patients["birth_date"].drop_nulls().cast(pl.String).to_list())
-    strings |= set(encounters["encounter_id"].drop_nulls().to_list())
-    numeric = set()
-    for v in [*patients["mrn"].to_list(), *encounters["encounter_id"].to_list()]:
-        if v and v.isdigit():
-            numeric.add(int(v))
-    return strings, numeric
 
 
 def _policy(settings: AnonymizationSettings) -> RiskPolicy:
@@ -170,133 +128,98 @@ def _anonymize_batch(
     lines: list[str],
 ) -> dict[str, BatchOutcome]:
     """Anonymize, remedy, gate and (when it passes) release one batch; what each table reports."""
-    raw = {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")}
-    policy = _policy(anonymization)
-    result = anonymize_batch(
-        patients=raw["patients"],
-        encounters=raw["encounters"],
-        labs=raw["labs"],
-        vitals=raw["vitals"],
-        vault=zones.phi_store().read_vault() if key is None else Vault.empty(),
+    phi, deid = zones.phi_store(), zones.deid_store()
+    release = release_batch(
+        {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")},
+        vault=phi.read_vault() if key is None else Vault.empty(),
         batch_id=batch_id,
+        policy=_policy(anonymization),
         max_shift_weeks=anonymization.max_shift_weeks,
-        rng=np.random.default_rng(
-            None
-            if anonymization.pseudonym_seed is None
-            else [anonymization.pseudonym_seed, *map(int, batch_id.encode())]
-        ),
+        rng=batch_rng(anonymization.pseudonym_seed, batch_id),
         hmac_key=key,
     )
-    if result.persist_vault:
-        zones.phi_store().write_vault(result.vault)
-    remedied = enforce_k_anonymity(
-        patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
-    )
-    frames = {"patients": remedied.patients, "encounters": remedied.encounters, "events": remedied.events}
-    # The gate measures the frames as released, independently of the remedy that produced them.
-    published = measure_risk(
-        quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k
-    )
-    ids, numeric_ids = _raw_identifier_values(raw["patients"], raw["encounters"])
-    leaks = {t: identifier_leaks(f, t, ids, numeric_ids) for t, f in frames.items()}
-    all_leaks = [f"{t}: {p}" for t, ps in leaks.items() for p in ps]
-    release = published.meets(policy.k) and not all_leaks
-    withheld_share = remedied.subjects_withheld / max(remedied.before.subjects, 1)
-    summary = privacy_summary_markdown(
-        batch_id=batch_id,
-        deid=result,
-        remedied=remedied,
-        published=published,
-        policy=policy,
-        max_shift_weeks=anonymization.max_shift_weeks,
-        leaks=all_leaks,
-    )
-    risk_record = {
-        "batch_id": batch_id,
-        "released": release,
-        "k_required": policy.k,
-        "pseudonym_mode": result.pseudonym_mode,
-        "before_suppression": remedied.before.as_dict(),
-        "published": published.as_dict(),
-        "race_generalized": remedied.race_generalized,
-        "zip3_suppressed": remedied.zip3_suppressed,
-        "race_suppressed": remedied.race_suppressed,
-        "subjects_withheld": remedied.subjects_withheld,
-        "admissions_withheld": remedied.admissions_withheld,
-        "events_withheld": remedied.events_withheld,
-        "columns_removed": result.dropped_columns,
-        "free_text_removed": result.free_text_dropped,
-    }
-    deid = zones.deid_store()
-    deid.privacy.part(batch_id).write(DictRecord(risk_record))
-    outcomes = {}
-    for table, frame in frames.items():
+    if release.deid.persist_vault:
+        phi.write_vault(release.deid.vault)
+    deid.privacy.part(batch_id).write(DictRecord(release.privacy_record()))
+    for table, frame in release.frames.items():
         target = deid.table(table).part(batch_id)
-        if release:
+        if release.released:
             target.write(frame)
         else:
             target.remove()  # a failed re-run must not leave an older release behind
-        outcomes[table] = BatchOutcome(
-            metadata={
-                "dagster/row_count": frame.height if release else 0,
-                "dagster/column_schema": _table_schema(frame),
-                "released": release,
-                "path": str(target.path.relative_to(zones.deid)) if release else "",
-                "pseudonym_mode": result.pseudonym_mode,
-                "k_min": published.k_min if published.k_min is not None else 0,
-                "k_required": policy.k,
-                "share_below_k_before_suppression": remedied.before.share_below_k,
-                "max_prosecutor_risk": published.max_prosecutor_risk,
-                "mean_prosecutor_risk": published.mean_prosecutor_risk,
-                "subjects_withheld": remedied.subjects_withheld,
-                "withheld_share": withheld_share,
-                "zip3_suppressed": remedied.zip3_suppressed,
-                "race_suppressed": remedied.race_suppressed,
-                "race_generalized": remedied.race_generalized,
-                "report": dg.MetadataValue.md(summary),
-            },
-            checks=[
-                dg.AssetCheckResult(
-                    asset_key=DEID_TABLES[table],
-                    check_name="no_direct_identifiers",
-                    passed=not leaks[table],
-                    metadata={
-                        "problems": dg.MetadataValue.json(leaks[table]),
-                        "columns": dg.MetadataValue.json(frame.columns),
-                    },
-                ),
-                dg.AssetCheckResult(
-                    asset_key=DEID_TABLES[table],
-                    check_name="k_anonymity_meets_minimum",
-                    passed=published.meets(policy.k),
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={
-                        "k_min": published.k_min if published.k_min is not None else 0,
-                        "k_required": policy.k,
-                        "records": published.records,
-                        "share_below_k": published.share_below_k,
-                        "max_prosecutor_risk": published.max_prosecutor_risk,
-                        "subjects_withheld": remedied.subjects_withheld,
-                    },
-                ),
-                dg.AssetCheckResult(
-                    asset_key=DEID_TABLES[table],
-                    check_name="suppression_within_limit",
-                    passed=withheld_share <= anonymization.max_withheld_share,
-                    severity=dg.AssetCheckSeverity.WARN,
-                    metadata={
-                        "withheld_share": withheld_share,
-                        "max_withheld_share": anonymization.max_withheld_share,
-                        "subjects_withheld": remedied.subjects_withheld,
-                    },
-                ),
-            ],
-        )
-    lines.append(
-        f"batch {batch_id}: {remedied.encounters.height} admissions, k = {published.k_min}, "
-        f"{remedied.subjects_withheld} patients withheld, released = {release}"
+    lines.append(release.log_line())
+    return {t: _table_outcome(t, release, anonymization, zones) for t in release.frames}
+
+
+def _table_outcome(
+    table: str, release: BatchRelease, anonymization: AnonymizationSettings, zones: DataZones
+) -> BatchOutcome:
+    """The metadata and the three checks of one de-identified table of a batch."""
+    frame, remedied, published, k = (
+        release.frames[table],
+        release.remedied,
+        release.published,
+        release.policy.k,
     )
-    return outcomes
+    asset = DEID_TABLES[table]
+    return BatchOutcome(
+        metadata={
+            "dagster/row_count": frame.height if release.released else 0,
+            "dagster/column_schema": _table_schema(frame),
+            "released": release.released,
+            "path": str(zones.deid_store().table(table).part(release.batch_id).path.relative_to(zones.deid))
+            if release.released
+            else "",
+            "pseudonym_mode": release.deid.pseudonym_mode,
+            "k_min": published.k_min if published.k_min is not None else 0,
+            "k_required": k,
+            "share_below_k_before_suppression": remedied.before.share_below_k,
+            "max_prosecutor_risk": published.max_prosecutor_risk,
+            "mean_prosecutor_risk": published.mean_prosecutor_risk,
+            "subjects_withheld": remedied.subjects_withheld,
+            "withheld_share": release.withheld_share,
+            "zip3_suppressed": remedied.zip3_suppressed,
+            "race_suppressed": remedied.race_suppressed,
+            "race_generalized": remedied.race_generalized,
+            "report": dg.MetadataValue.md(release.summary),
+        },
+        checks=[
+            dg.AssetCheckResult(
+                asset_key=asset,
+                check_name="no_direct_identifiers",
+                passed=not release.leaks[table],
+                metadata={
+                    "problems": dg.MetadataValue.json(release.leaks[table]),
+                    "columns": dg.MetadataValue.json(frame.columns),
+                },
+            ),
+            dg.AssetCheckResult(
+                asset_key=asset,
+                check_name="k_anonymity_meets_minimum",
+                passed=release.meets_k,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "k_min": published.k_min if published.k_min is not None else 0,
+                    "k_required": k,
+                    "records": published.records,
+                    "share_below_k": published.share_below_k,
+                    "max_prosecutor_risk": published.max_prosecutor_risk,
+                    "subjects_withheld": remedied.subjects_withheld,
+                },
+            ),
+            dg.AssetCheckResult(
+                asset_key=asset,
+                check_name="suppression_within_limit",
+                passed=release.withheld_share <= anonymization.max_withheld_share,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "withheld_share": release.withheld_share,
+                    "max_withheld_share": anonymization.max_withheld_share,
+                    "subjects_withheld": remedied.subjects_withheld,
+                },
+            ),
+        ],
+    )
 
 
 @dg.asset(

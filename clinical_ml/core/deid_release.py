@@ -1,0 +1,172 @@
+"""Releasing one batch across the anonymization boundary: de-identify, remedy (generalize and suppress),
+measure the release as it would be published, look for identifiers, and decide.
+
+A batch is released only when every equivalence class over the quasi-identifiers holds at least k people
+and no de-identified table holds a raw identifier value or identifier-shaped text. The decision and its
+counts (never a value) are the batch's privacy record.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anonymize_batch
+from clinical_ml.core.privacy_report import privacy_summary_markdown
+from clinical_ml.core.pseudonyms import HmacKey
+from clinical_ml.core.reidentification import (
+    Remedied,
+    RiskPolicy,
+    RiskSummary,
+    enforce_k_anonymity,
+    measure_risk,
+    quasi_identifiers,
+)
+
+DEID_TABLE_NAMES = ("patients", "encounters", "events")
+_IDENTIFIER_PATTERNS = {
+    "email address": re.compile(r"[^@\s]+@[^@\s]+\.[a-z]{2,}", re.I),
+    "phone number": re.compile(r"\(?\d{3}\)?[ .-]\d{3}-\d{4}"),
+}
+
+
+def identifier_leaks(
+    deid: pl.DataFrame, table: str, raw_identifiers: set[str], raw_numeric_ids: set[int]
+) -> list[str]:
+    """Reasons why a de-identified table is unsafe; empty when it is safe. Never returns a value."""
+    problems = []
+    extra = sorted(set(deid.columns) - set(DEID_COLUMNS[table]))
+    if extra:
+        problems.append(f"columns outside the allowlist: {extra}")
+    for name, dtype in deid.schema.items():
+        if dtype == pl.String:
+            values = set(deid[name].drop_nulls().unique().to_list())
+            if values & raw_identifiers:
+                problems.append(f"column {name} holds raw identifier values")
+            for kind, pattern in _IDENTIFIER_PATTERNS.items():
+                if any(pattern.search(v) for v in values):
+                    problems.append(f"column {name} holds text shaped like a {kind}")
+        elif dtype.is_integer() and raw_numeric_ids and deid[name].is_in(list(raw_numeric_ids)).any():
+            problems.append(f"column {name} holds a raw MRN or encounter number")
+    return problems
+
+
+def raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> tuple[set[str], set[int]]:
+    """The batch's identifier values (as text, and the numeric ones as integers), to look for downstream."""
+    strings: set[str] = set()
+    # Names are left out of the exact-value comparison: "White" is both a surname and a race category.
+    for col in ("mrn", "address", "phone", "email", "zip"):
+        strings |= set(patients[col].drop_nulls().cast(pl.String).to_list())
+    strings |= set(patients["birth_date"].drop_nulls().cast(pl.String).to_list())
+    strings |= set(encounters["encounter_id"].drop_nulls().to_list())
+    numeric = set()
+    for v in [*patients["mrn"].to_list(), *encounters["encounter_id"].to_list()]:
+        if v and v.isdigit():
+            numeric.add(int(v))
+    return strings, numeric
+
+
+@dataclass(frozen=True)
+class BatchRelease:
+    """One batch after anonymization and remedies, with the release decision and what it rests on."""
+
+    batch_id: str
+    deid: DeidBatch
+    remedied: Remedied
+    published: RiskSummary
+    policy: RiskPolicy
+    frames: dict[str, pl.DataFrame]  # patients, encounters, events as they would be released
+    leaks: dict[str, list[str]]  # per table, why it is unsafe (empty: safe)
+    summary: str  # Markdown for the asset pages
+
+    @property
+    def meets_k(self) -> bool:
+        return self.published.meets(self.policy.k)
+
+    @property
+    def released(self) -> bool:
+        return self.meets_k and not any(self.leaks.values())
+
+    @property
+    def withheld_share(self) -> float:
+        return self.remedied.subjects_withheld / max(self.remedied.before.subjects, 1)
+
+    def privacy_record(self) -> dict:
+        """Counts only: what was released, withheld, generalized and removed, and why."""
+        r = self.remedied
+        return {
+            "batch_id": self.batch_id,
+            "released": self.released,
+            "k_required": self.policy.k,
+            "pseudonym_mode": self.deid.pseudonym_mode,
+            "before_suppression": r.before.as_dict(),
+            "published": self.published.as_dict(),
+            "race_generalized": r.race_generalized,
+            "zip3_suppressed": r.zip3_suppressed,
+            "race_suppressed": r.race_suppressed,
+            "subjects_withheld": r.subjects_withheld,
+            "admissions_withheld": r.admissions_withheld,
+            "events_withheld": r.events_withheld,
+            "columns_removed": self.deid.dropped_columns,
+            "free_text_removed": self.deid.free_text_dropped,
+        }
+
+    def log_line(self) -> str:
+        return (
+            f"batch {self.batch_id}: {self.remedied.encounters.height} admissions, k = {self.published.k_min}, "
+            f"{self.remedied.subjects_withheld} patients withheld, released = {self.released}"
+        )
+
+
+def batch_rng(seed: int | None, batch_id: str) -> np.random.Generator:
+    """Surrogates and shifts from operating-system entropy, or reproducibly from ``seed`` and the batch."""
+    return np.random.default_rng(None if seed is None else [seed, *map(int, batch_id.encode())])
+
+
+def release_batch(
+    raw: Mapping[str, pl.DataFrame],
+    *,
+    vault: Vault,
+    batch_id: str,
+    policy: RiskPolicy,
+    max_shift_weeks: int,
+    rng: np.random.Generator,
+    hmac_key: HmacKey | None,
+) -> BatchRelease:
+    """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals).
+
+    The gate measures the frames as they would be released, independently of the remedy that produced them.
+    Nothing is written here: the caller persists the vault and the release.
+    """
+    result = anonymize_batch(
+        patients=raw["patients"],
+        encounters=raw["encounters"],
+        labs=raw["labs"],
+        vitals=raw["vitals"],
+        vault=vault,
+        batch_id=batch_id,
+        max_shift_weeks=max_shift_weeks,
+        rng=rng,
+        hmac_key=hmac_key,
+    )
+    remedied = enforce_k_anonymity(
+        patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
+    )
+    frames = {"patients": remedied.patients, "encounters": remedied.encounters, "events": remedied.events}
+    published = measure_risk(
+        quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k
+    )
+    ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"])
+    leaks = {t: identifier_leaks(f, t, ids, numeric_ids) for t, f in frames.items()}
+    summary = privacy_summary_markdown(
+        batch_id=batch_id,
+        deid=result,
+        remedied=remedied,
+        published=published,
+        policy=policy,
+        max_shift_weeks=max_shift_weeks,
+        leaks=[f"{t}: {p}" for t, ps in leaks.items() for p in ps],
+    )
+    return BatchRelease(batch_id, result, remedied, published, policy, frames, leaks, summary)
