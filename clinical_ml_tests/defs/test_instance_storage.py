@@ -1,13 +1,26 @@
-"""The repository's instance (dagster.yaml): event log with kept-open connections, same files and behaviour."""
+"""The repository's instance (dagster.yaml): event log with kept-open connections, same files and behaviour;
+the Dagster release and the private members it relies on (docs/instance-storage.md)."""
 
+import inspect
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import tomllib
 
 import dagster as dg
+import yaml
+from dagster._core.storage.event_log.sqlite import sqlite_event_log
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
-from clinical_ml.instance_storage import MAX_OPEN_SHARDS, PooledSqliteEventLogStorage, instance_yaml_for
+from clinical_ml import instance_storage
+from clinical_ml.instance_storage import (
+    MAX_OPEN_SHARDS,
+    TESTED_DAGSTER_VERSION,
+    PooledSqliteEventLogStorage,
+    instance_yaml_for,
+)
 from clinical_ml_tests.conftest import PROJECT_ROOT
 
 days = dg.DynamicPartitionsDefinition(name="days")
@@ -72,3 +85,92 @@ def test_another_process_writes_are_seen_through_the_open_connections(tmp_path):
         latest = instance.get_latest_materialization_event(counted.key)
         assert latest is not None and latest.asset_materialization.partition == "b"
         assert len(instance.get_run_records(dg.RunsFilter(), limit=10)) == 2
+
+
+FALL_BACK = (
+    "clinical_ml/instance_storage.py overrides private members of Dagster's SqliteEventLogStorage and was tested "
+    "against dagster {tested}; {found}. Check the members it relies on (docs/instance-storage.md), rerun "
+    "benchmarks/bench_instance_storage.py, then set TESTED_DAGSTER_VERSION; or fall back to the stock storage: "
+    "delete the event_log_storage block from dagster.yaml."
+)
+
+
+def test_the_installed_and_pinned_dagster_is_the_release_the_storage_was_tested_against():
+    pins = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "dagster==" + TESTED_DAGSTER_VERSION in pins, FALL_BACK.format(
+        tested=TESTED_DAGSTER_VERSION,
+        found=f"pyproject.toml pins {[d for d in pins if d.startswith('dagster')]}",
+    )
+    assert dg.__version__ == TESTED_DAGSTER_VERSION, FALL_BACK.format(
+        tested=TESTED_DAGSTER_VERSION, found=f"dagster {dg.__version__} is installed"
+    )
+
+
+def _params(function) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def test_the_private_members_it_overrides_keep_their_signatures(tmp_path):
+    empty = inspect.Parameter.empty
+    assert _params(SqliteEventLogStorage._connect) == [("self", empty), ("shard", empty)]
+    assert _params(SqliteEventLogStorage._initdb) == [
+        ("self", empty),
+        ("engine", empty),
+        ("for_index_shard", False),
+    ]
+    assert _params(SqliteEventLogStorage.conn_string_for_shard) == [("self", empty), ("shard_name", empty)]
+    assert _params(SqliteEventLogStorage.__init__) == [
+        ("self", empty),
+        ("base_dir", empty),
+        ("inst_data", None),
+    ]
+    assert _params(SqliteEventLogStorage.wipe) == _params(SqliteEventLogStorage.dispose) == [("self", empty)]
+    assert _params(SqliteEventLogStorage.has_table) == [("self", empty), ("table_name", empty)]
+    assert isinstance(sqlite_event_log.SQLITE_BUSY_TIMEOUT_SECONDS, int)
+    storage = SqliteEventLogStorage(str(tmp_path))
+    assert isinstance(storage._db_lock, type(threading.Lock()))
+    assert isinstance(storage._initialized_dbs, set)
+
+
+def test_a_runs_events_open_one_engine_per_shard_not_one_per_statement(tmp_path, monkeypatch):
+    """Dagster's own code paths (run and index connections, table checks) still reach the overridden members:
+    once the index is open and its tables seen, a run opens its own shard's engine and nothing else."""
+    home = _home(tmp_path)
+    opened: list[str] = []
+    stock: list[str] = []
+
+    def spy(create, urls: list[str]):
+        def create_engine(url: str, **kwargs):
+            urls.append(url)
+            return create(url, **kwargs)
+
+        return create_engine
+
+    monkeypatch.setattr(instance_storage, "create_engine", spy(instance_storage.create_engine, opened))
+    monkeypatch.setattr(sqlite_event_log, "create_engine", spy(sqlite_event_log.create_engine, stock))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("days", ["a", "b"])
+        assert dg.materialize([counted], instance=instance, partition_key="a").success
+        opened.clear()
+        stock.clear()
+        result = dg.materialize([counted], instance=instance, partition_key="b")
+        assert result.success
+        assert len(instance.all_logs(result.run_id)) > 10
+    assert [u.rsplit("/", 1)[-1] for u in opened] == [f"{result.run_id}.db"]
+    assert stock == []
+
+
+def test_falling_back_to_the_stock_storage_reads_the_same_history(tmp_path):
+    home = _home(tmp_path)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("days", ["a"])
+        run_id = dg.materialize([counted], instance=instance, partition_key="a").run_id
+    config = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    del config["event_log_storage"]  # the fallback docs/instance-storage.md gives
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.event_log_storage) is SqliteEventLogStorage
+        assert any(e.user_message == "partition a" for e in instance.all_logs(run_id))
+        latest = instance.get_latest_materialization_event(counted.key)
+        assert latest is not None and latest.asset_materialization is not None
+        assert latest.asset_materialization.partition == "a"
