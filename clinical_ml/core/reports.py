@@ -5,6 +5,7 @@ Jinja2 renders with autoescaping on for every template, so a value that came fro
 """
 
 import base64
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -409,8 +410,12 @@ def drift_report(
         ``drift`` and ``thresholds``; ``warn`` and ``error`` then stand for ``psi_warn`` and ``psi_error``.
     """
     if thresholds is None:
-        legacy = {k: v for k, v in (("psi_warn", warn), ("psi_error", error)) if v is not None}
-        thresholds = DriftThresholds(**legacy)
+        default = DriftThresholds()
+        thresholds = dataclasses.replace(
+            default,
+            psi_warn=default.psi_warn if warn is None else warn,
+            psi_error=default.psi_error if error is None else error,
+        )
     stats = thresholds.selected
     table = drift_rows(list(drift if drift is not None else rows or []), statistics=stats, label=label)
     n_error = sum(r["level"] == "error" for r in table)

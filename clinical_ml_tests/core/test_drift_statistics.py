@@ -138,3 +138,21 @@ def test_drift_report_states_the_configured_thresholds_it_judges_by():
     assert "Wasserstein (SD): reported only" in html
     n_error = sum(d.level == "error" for d in _drift())
     assert f"{n_error} predictors at ERROR" in md
+
+
+def test_the_former_drift_report_call_still_renders_and_states_its_psi_levels():
+    use_case = parse_use_case(USECASE.read_text(), source="test.yaml")
+    rows = [{**d.__dict__, "label": d.feature.upper()} for d in _drift()]
+    html, md = drift_report(
+        use_case=use_case,
+        batch_id="2024-01-01",
+        rows=rows,
+        n_reference=2000,
+        n_current=2000,
+        plot=b"png",
+        warn=0.12,
+        error=0.27,
+        model_version="v1",
+        code_version="c1",
+    )
+    assert "0.12 to 0.27" in html and rows[0]["label"] in md
