@@ -1,0 +1,83 @@
+"""The typed stores: each artifact has one owner, round-trips its type, and readers see committed files only."""
+
+import polars as pl
+from polars.testing import assert_frame_equal
+
+from clinical_ml.core.artifacts import DeidStore, PhiStore, UseCaseStore, committed
+from clinical_ml.core.evaluation import MetricWithCI
+from clinical_ml.core.features import CohortFlow, SplitInfo
+from clinical_ml.core.registry import PromotionDecision
+from clinical_ml.core.training import ChallengerFit, FitSummary
+from clinical_ml.core.validation import Evaluation, OperatingThreshold
+
+
+def _store(tmp_path) -> UseCaseStore:
+    return DeidStore(tmp_path / "deid", tmp_path / "reports").use_case("uc")
+
+
+def test_typed_artifacts_round_trip_through_their_files(tmp_path):
+    store = _store(tmp_path)
+    values = {
+        store.cohort_flow: CohortFlow(10, 1, 2, 0, 7),
+        store.split_info: SplitInfo("temporal", "temporal", ("2026Q2",), ("2026Q1",), "a note"),
+        store.threshold: OperatingThreshold(0.25, "v1"),
+        store.evaluation: Evaluation(
+            "v1", 0.25, 100, 12, {"auroc": MetricWithCI(0.8, 0.7, 0.9)}, ({"bin": 1.0},), ({"t": 0.1},), 200
+        ),
+        store.decision: PromotionDecision(False, "v2", "v1", ("AUROC too low",), ({"group": "minimums"},)),
+        store.challenger.fit: ChallengerFit(
+            "v1", FitSummary(50, 10, 5, 1, 30, {"a__last": (0.0, 1.0)}), ("a__last",)
+        ),
+    }
+    for handle, value in values.items():
+        assert not handle.exists()
+        handle.write(value)
+        assert handle.read() == value
+    # every artifact of the use case lives under its own folder, nothing elsewhere
+    written = {p.relative_to(tmp_path).parts[:3] for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {("deid", "usecases", "uc")}
+
+
+def test_readers_never_see_the_temporary_file_of_an_unfinished_write(tmp_path):
+    events = DeidStore(tmp_path / "deid", tmp_path / "reports").events
+    events.part("2026-01-01").write(pl.DataFrame({"subject_id": [1], "code": ["A"]}))
+    # what a killed writer leaves behind: a dot-named temporary file beside the data, possibly empty
+    (events.folder / ".2026-01-02.parquet.abc123.parquet").write_bytes(b"")
+    assert events.batch_ids() == ["2026-01-01"]
+    assert_frame_equal(events.read_all(), pl.DataFrame({"subject_id": [1], "code": ["A"]}))
+    assert committed(tmp_path / "missing", ".parquet") == []
+
+
+def test_batch_parts_read_all_aligns_columns_only_when_asked(tmp_path):
+    preds = _store(tmp_path).batch_predictions
+    preds.part("2026-01-01").write(pl.DataFrame({"hadm_id": [1], "risk": [0.1]}))
+    preds.part("2026-01-02").write(pl.DataFrame({"hadm_id": [2], "risk": [0.2], "extra": ["x"]}))
+    relaxed = preds.read_all(relaxed=True)
+    assert relaxed.height == 2 and relaxed["extra"].to_list() == [None, "x"]
+    assert pl.DataFrame().equals(_store(tmp_path / "empty").batch_predictions.read_all())
+
+
+def test_the_vault_is_empty_before_the_first_batch_and_reads_back_what_was_written(tmp_path):
+    from clinical_ml.core.anonymization import Vault
+
+    phi = PhiStore(tmp_path / "phi")
+    assert phi.read_vault().patients.height == 0
+    empty = Vault.empty()
+    grown = Vault(
+        empty.patients.extend(
+            pl.DataFrame([[None] * len(empty.patients.columns)], schema=empty.patients.schema, orient="row")
+        ),
+        empty.encounters,
+    )
+    phi.write_vault(grown)
+    assert phi.read_vault().patients.height == 1
+
+
+def test_data_versions_hash_the_committed_parts_named(tmp_path):
+    events = DeidStore(tmp_path / "deid", tmp_path / "reports").events
+    events.part("b1").write(pl.DataFrame({"x": [1]}))
+    events.part("b2").write(pl.DataFrame({"x": [2]}))
+    versions = events.data_versions(["b1", "b2", "missing"])
+    assert set(versions) == {"b1", "b2"} and versions["b1"] != versions["b2"]
+    events.part("b1").write(pl.DataFrame({"x": [1]}))
+    assert events.data_versions(["b1"]) == {"b1": versions["b1"]}  # same data, same version
