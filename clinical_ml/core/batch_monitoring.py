@@ -16,6 +16,7 @@ from clinical_ml.core.drift import (
     FeatureDrift,
     ReferenceProfile,
     batch_drift,
+    drift_reason,
     n_tests_for,
     reference_profile,
     worst_level,
@@ -91,8 +92,8 @@ class BatchMonitoring:
             "level": self.level,
             "retraining_requested": self.retraining_requested,
             "reasons": list(self.reasons),
-            "features": [d.__dict__ for d in self.features],
-            "prediction": self.prediction.__dict__ if self.prediction else None,
+            "features": [d.as_dict() for d in self.features],
+            "prediction": self.prediction.as_dict() if self.prediction else None,
             "label_prevalence": self.label_prevalence,
             "subgroups": list(self.subgroups),
         }
@@ -217,8 +218,7 @@ def monitor_batch(
         )
 
     reasons = [
-        f"{d.feature}: {d.level.upper()} (p = {d.p_min:.2g}, PSI {d.psi:.2f}"
-        + (f", KS {d.ks_statistic:.2f})" if np.isfinite(d.ks_statistic) else ")")
+        drift_reason(d, statistics=config.drift.selected)
         for d in drift
         if d.level != "ok"
     ][:10]
