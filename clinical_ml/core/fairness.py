@@ -5,19 +5,32 @@ table gives patients, events, prevalence, AUROC, sensitivity, specificity, PPV, 
 (observed/expected ratio, calibration slope), each with a 95% confidence interval, plus disparity measures
 (difference and ratio to the best group and to all patients, equalized odds difference).
 
+Point estimates: fairlearn's MetricFrame
+----------------------------------------
+The confusion-matrix metrics are disaggregated by ``fairlearn.metrics.MetricFrame``: by group, for all
+patients, across the groups of an intersection (MetricFrame crosses the sensitive features) and the range
+between groups behind the equalized odds difference. MetricFrame is given each group's four confusion cells
+weighted by their patient counts, which is exact and costs the same for a thousand patients or a million.
+What fairlearn does not have stays here: DeLong's AUROC variance, the observed/expected ratio and the
+calibration slope with their intervals, per-group disparities with intervals, and Holm's correction.
+
 How the intervals are computed, and why it is fast
 ---------------------------------------------------
+All resampling goes through :mod:`clinical_ml.core.bootstrap`.
+
 * Confusion-matrix metrics (sensitivity, specificity, PPV, NPV, prevalence): a stratified bootstrap. A
   resample of a group's rows only changes how many of them fall into each of the four confusion cells, so
   each replicate is drawn directly as a multinomial over the group's (tp, fp, fn, tn) counts: exactly the
-  distribution of a row bootstrap within the group, at a cost independent of the number of rows.
+  distribution of a row bootstrap within the group, at a cost independent of the number of rows
+  (fairlearn's own ``MetricFrame(n_boot=...)`` rebuilds a frame per replicate; see
+  ``benchmarks/bench_fairness.py``).
 * AUROC: DeLong's variance (``auroc_ci="delong"``, default) or a row bootstrap of the group
   (``"bootstrap"``), which needs the rows and is measured separately in ``benchmarks/bench_fairness.py``.
 * Observed/expected ratio: delta method on the log scale; calibration slope: Wald interval of the logistic
   recalibration fit, all groups of an attribute fitted at once.
 
-fairlearn's ``MetricFrame`` is the reference implementation: the point estimates match it (tested), and
-:func:`reference_metric_frame` builds the equivalent frame for comparisons.
+:func:`reference_metric_frame` builds fairlearn's frame over the patients' rows, unweighted: the test oracle
+and the benchmark's baseline.
 
 Small cells
 -----------
@@ -34,10 +47,12 @@ and metric tested, so that on a fair model the chance of any false flag stays at
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from fairlearn.metrics import MetricFrame
 from scipy import stats
 
 from clinical_ml.core import bootstrap
@@ -298,24 +313,96 @@ def _log_ci(value: float, se_log: float, z: float) -> Estimate:
 
 @dataclass(frozen=True)
 class _Partition:
-    attribute: str
-    labels: list[str]
+    """Groups of the patients: ``codes[i]`` is row i's group; ``keys[g]`` its label per sensitive feature."""
+
+    features: tuple[str, ...]
+    keys: list[tuple[str, ...]]
     codes: np.ndarray
-    intersection: bool
+
+    @property
+    def attribute(self) -> str:
+        return INTERSECTION_SEP.join(self.features)
+
+    @property
+    def labels(self) -> list[str]:
+        return [INTERSECTION_SEP.join(k) for k in self.keys]
+
+    @property
+    def intersection(self) -> bool:
+        return len(self.features) > 1
 
 
-def _partition(attribute: str, values: np.ndarray, *, intersection: bool) -> _Partition:
+def _partition(attribute: str, values: np.ndarray) -> _Partition:
     # hash-based factorization: sorting a million strings (np.unique) costs seconds
     codes, uniques = pd.factorize(np.asarray(values), sort=True, use_na_sentinel=False)
-    return _Partition(attribute, [str(v) for v in uniques], codes.astype(np.int64), intersection)
+    return _Partition((attribute,), [(str(v),) for v in uniques], codes.astype(np.int64))
 
 
 def _cross(a: _Partition, b: _Partition) -> _Partition:
     """The intersection of two partitions, from their codes (groups ordered by a's, then b's label)."""
-    kb = len(b.labels)
+    kb = len(b.keys)
     present, codes = np.unique(a.codes * kb + b.codes, return_inverse=True)
-    labels = [f"{a.labels[c // kb]}{INTERSECTION_SEP}{b.labels[c % kb]}" for c in present.tolist()]
-    return _Partition(f"{a.attribute}{INTERSECTION_SEP}{b.attribute}", labels, codes.astype(np.int64), True)
+    keys = [a.keys[c // kb] + b.keys[c % kb] for c in present.tolist()]
+    return _Partition(a.features + b.features, keys, codes.astype(np.int64))
+
+
+# --- disaggregation by fairlearn's MetricFrame ----------------------------------------------------------
+
+
+def _weighted_rate(name: str) -> Callable[..., float]:
+    """The rate ``name`` of :func:`_rates` as a fairlearn metric of rows weighted by ``sample_weight``."""
+
+    def rate(y_true: np.ndarray, y_pred: np.ndarray, sample_weight: np.ndarray) -> float:
+        t, f = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+        cell = np.where(t, np.where(f, 0, 2), np.where(f, 1, 3))  # (tp, fp, fn, tn), as _counts_by_group
+        counts = np.bincount(cell, weights=np.asarray(sample_weight, dtype=np.float64), minlength=4)
+        return float(_rates(counts)[name])
+
+    rate.__name__ = name
+    return rate
+
+
+_FRAME_METRICS = {name: _weighted_rate(name) for name in RATE_METRICS}
+
+
+def _metric_frame(
+    part: _Partition,
+    counts: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    metrics: tuple[str, ...] = RATE_METRICS,
+) -> MetricFrame:
+    """fairlearn ``MetricFrame`` of the confusion-matrix metrics of a partition (or of some of its groups).
+
+    At a fixed threshold every patient of a group falls in one of four cells (tp, fp, fn, tn), and each of
+    these metrics is a ratio of cell counts. So MetricFrame is given the non-empty cells of each group with
+    their patient counts as sample weights: the same disaggregation as over the patients' rows (exactly:
+    the weighted sums are integer counts), at a cost that does not grow with the number of patients.
+    An intersection is handed over as its sensitive features, so MetricFrame does the crossing.
+    MetricFrame calls each metric once per group, so ``metrics`` (names of :data:`RATE_METRICS`) is what
+    costs; ``groups`` restricts the frame to some groups.
+    """
+    keep = np.arange(len(part.keys)) if groups is None else np.asarray(groups)
+    group, cell = np.nonzero(counts[keep])
+    weight = counts[keep][group, cell].astype(np.float64)
+    return MetricFrame(
+        metrics={name: _FRAME_METRICS[name] for name in metrics},
+        y_true=(cell == 0) | (cell == 2),
+        y_pred=(cell == 0) | (cell == 1),
+        sensitive_features=pd.DataFrame([part.keys[g] for g in keep[group]], columns=list(part.features)),
+        sample_params={name: {"sample_weight": weight} for name in metrics},
+    )
+
+
+def _by_group(frame: MetricFrame, part: _Partition) -> dict[str, np.ndarray]:
+    """``frame.by_group`` as one array per metric, in the partition's group order."""
+    index = (
+        pd.Index([k[0] for k in part.keys], name=part.features[0])
+        if len(part.features) == 1
+        else pd.MultiIndex.from_tuples(part.keys, names=list(part.features))
+    )
+    table = frame.by_group.reindex(index)
+    return {name: table[name].to_numpy(dtype=np.float64) for name in table.columns}
 
 
 def _two_sided_p(z: float) -> float:
@@ -339,10 +426,10 @@ def _analyse_partition(
     g = len(part.labels)
     z = float(stats.norm.ppf(0.5 + level / 2))
     counts = _counts_by_group(y, flag, part.codes, g)
+    point = _by_group(_metric_frame(part, counts), part)
     n = counts.sum(axis=1)
     events = counts[:, 0] + counts[:, 2]
     suppressed = (n < min_cell_size) | (events < min_cell_size) | (n - events < min_cell_size)
-    point = _rates(counts)
     reps = bootstrap.multinomial_counts(counts, n_boot=n_boot, rng=rng)
     rep_rates = _rates(reps)  # name -> (n_boot, g)
     # the population as the sum of its groups: replicates of "all patients" consistent with each group's
@@ -483,8 +570,11 @@ def _analyse_partition(
 
     # equalized odds difference: the larger of the ranges of TPR and FPR over the reportable groups
     if ok.size >= 2:
-        tpr, fpr = point["sensitivity"][ok], 1 - point["specificity"][ok]
-        eod = float(max(np.ptp(tpr), np.ptp(fpr)))
+        # the range of FPR over groups is that of specificity
+        between = _metric_frame(part, counts, groups=ok, metrics=("sensitivity", "specificity")).difference(
+            method="between_groups"
+        )
+        eod = float(max(between["sensitivity"], between["specificity"]))
         rt = rep_rates["sensitivity"][:, ok]
         rf = 1 - rep_rates["specificity"][:, ok]
         eod_reps = np.maximum(np.nanmax(rt, 1) - np.nanmin(rt, 1), np.nanmax(rf, 1) - np.nanmin(rf, 1))
@@ -577,7 +667,8 @@ def subgroup_table(
     # all patients
     all_codes = np.zeros(y.size, dtype=np.int64)
     c_all = _counts_by_group(y, flag, all_codes, 1)
-    r_all = _rates(c_all)
+    everyone = _Partition(("overall",), [("All patients",)], all_codes)
+    r_all = {name: np.array([v]) for name, v in _metric_frame(everyone, c_all).overall.items()}
     rep_all = _rates(bootstrap.multinomial_counts(c_all, n_boot=n_boot, rng=rng))
     p_order = np.argsort(p, kind="stable")
     auc_all, var_all = _delong_sorted(p[p_order], y[p_order])
@@ -603,7 +694,7 @@ def subgroup_table(
         oe_se_log=float(oe_se_all[0]),
     )
 
-    parts = [_partition(a, v, intersection=False) for a, v in attributes.items()]
+    parts = [_partition(a, v) for a, v in attributes.items()]
     if intersections:
         parts += [_cross(a, b) for a, b in itertools.combinations(list(parts), 2)]
 
@@ -730,8 +821,6 @@ def reference_metric_frame(
 
     The reference that :func:`subgroup_table` is tested against (and benchmarked against, with ``n_boot``).
     """
-    from fairlearn.metrics import MetricFrame
-
     flag = (np.asarray(p) >= threshold).astype(int)
     kwargs = {"n_boot": n_boot, "ci_quantiles": [0.025, 0.975], "random_state": seed} if n_boot else {}
     return MetricFrame(
