@@ -46,6 +46,7 @@ and metric tested, so that on a fair model the chance of any false flag stays at
 """
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -870,6 +871,12 @@ def _sens_spec_at(y: np.ndarray, p: np.ndarray, threshold: float, z: float) -> t
     return _rate_ci(tp, tp + fn, z), _rate_ci(tn, tn + fp, z)
 
 
+def _resample_threshold(
+    idx: np.ndarray, *, y: np.ndarray, p: np.ndarray, policy: str, target: float
+) -> float:
+    return choose_threshold(y[idx], p[idx], policy=policy, target=target)
+
+
 def group_thresholds(
     y_tuning: np.ndarray,
     p_tuning: np.ndarray,
@@ -933,9 +940,7 @@ def group_thresholds(
                 continue
             t = choose_threshold(ygt, pgt, policy=policy, target=target)
             reps = bootstrap.replicates(
-                lambda idx, ygt=ygt, pgt=pgt: choose_threshold(
-                    ygt[idx], pgt[idx], policy=policy, target=target
-                ),
+                functools.partial(_resample_threshold, y=ygt, p=pgt, policy=policy, target=target),
                 ygt.size,
                 n_boot=n_boot,
                 rng=rng,
