@@ -217,11 +217,7 @@ def monitor_batch(
             np.asarray(reference.labels, bool), np.asarray(current_labels, bool), config.drift.alpha_warn
         )
 
-    reasons = [
-        drift_reason(d, statistics=config.drift.selected)
-        for d in drift
-        if d.level != "ok"
-    ][:10]
+    reasons = [drift_reason(d, statistics=config.drift.selected) for d in drift if d.level != "ok"][:10]
     reasons += [
         f"subgroup {s['attribute']}={s['group']}: {s['level'].upper()} ({s['n_drifted']} columns moved)"
         for s in subgroups

@@ -72,11 +72,6 @@ class ReferenceProfile:
         return [c.name for c in self.columns]
 
 
-# statistic outputs that earlier records held as fields of their own; kept as flat copies while defs/ reads
-# ``FeatureDrift.__dict__`` (drop them once it calls ``as_dict``)
-_FLAT = ("psi", "ks_statistic", "ks_pvalue", "chi2_pvalue", "missing_pvalue")
-
-
 @dataclass(frozen=True)
 class FeatureDrift:
     """Drift of one column of one batch.
@@ -96,15 +91,6 @@ class FeatureDrift:
     p_min: float  # smallest p-value of the column's tests
     drifted: bool
     level: str  # ok | warn | error
-    psi: float = field(init=False, repr=False, compare=False)
-    ks_statistic: float = field(init=False, repr=False, compare=False)
-    ks_pvalue: float = field(init=False, repr=False, compare=False)
-    chi2_pvalue: float = field(init=False, repr=False, compare=False)
-    missing_pvalue: float = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for key in _FLAT:
-            object.__setattr__(self, key, self.value(key))
 
     def value(self, key: str) -> float:
         """A statistic's value or p-value by its key; NaN when it was not computed."""
@@ -112,7 +98,7 @@ class FeatureDrift:
 
     def as_dict(self) -> dict:
         """Flat record: the descriptive fields and every statistic's value and p-value by key."""
-        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "values" and f.init}
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "values"}
         return {**plain, **self.values}
 
 
@@ -379,7 +365,7 @@ def psi(reference: np.ndarray, current: np.ndarray, *, n_bins: int = 10) -> floa
     profile = reference_profile(
         np.asarray(reference, dtype=np.float64)[:, None], ["x"], thresholds=DriftThresholds(n_bins=n_bins)
     )
-    return batch_drift(profile, np.asarray(current, dtype=np.float64)[:, None])[0].psi
+    return batch_drift(profile, np.asarray(current, dtype=np.float64)[:, None])[0].value("psi")
 
 
 def feature_drift(

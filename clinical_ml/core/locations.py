@@ -26,3 +26,8 @@ def monitoring_config_file(usecases_dir: Path, use_case: str) -> Path:
     """``<usecases>/monitoring/<name>.yaml``: the use-case contract forbids extra sections, so its monitoring
     levels live beside it in a file of their own (defaults when absent)."""
     return Path(usecases_dir) / "monitoring" / f"{use_case}.yaml"
+
+
+def alerts_file(data_root: Path) -> Path:
+    """The JSON-lines log every failed run appends an alert to (beside the zones, not in one)."""
+    return Path(data_root) / "alerts" / "alerts.jsonl"

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from clinical_ml.core import plots
@@ -744,3 +745,55 @@ def monitoring_report(
         est = (r["estimated"] or {}).get("auroc", float("nan"))
         lines.append(f"| {md_escape(r['period'])} | {r['status']} | {real:.3f} | {est:.3f} |")
     return html, "\n".join(lines) + "\n"
+
+
+def evaluation_markdown(evaluation: Mapping, curves: Mapping[str, bytes]) -> str:
+    """The validation metrics with CIs and the calibration and decision curves, for the asset's page."""
+    rows = "".join(f"| {k.replace('_', ' ')} | {fmt_ci(v)} |\n" for k, v in evaluation["metrics"].items())
+    md = (
+        f"**Validation cohort**: {evaluation['n_validation']} admissions, {evaluation['events_validation']} "
+        f"events; operating threshold {evaluation['threshold']:.3f} (chosen on the tuning part of the derivation "
+        f"cohort); {evaluation['n_bootstrap']} bootstrap replicates.\n\n"
+        f"| measure | value (95% CI) |\n|---|---|\n{rows}\n"
+    )
+    if "calibration" in curves:
+        md += f"**Calibration curve**\n\n{md_image('calibration', curves['calibration'])}\n\n"
+    if "decision_curve" in curves:
+        md += (
+            "**Decision curve** (net benefit vs treat all and treat none)\n\n"
+            f"{md_image('decision curve', curves['decision_curve'])}\n"
+        )
+    return md
+
+
+_SPLIT_WORDS = {
+    "train": "Derivation cohort (training set)",
+    "tuning": "Derivation cohort, held back (tuning set)",
+    "held_out": "Validation cohort (test set)",
+}
+
+
+def data_periods(cohort_periods: pl.DataFrame, splits: pl.DataFrame) -> list[tuple[str, list[str]]]:
+    """The periods each part of the data comes from, in clinical words (derivation and validation cohort)."""
+    periods = (
+        cohort_periods.join(splits, on="subject_id", how="inner")
+        .group_by("split")
+        .agg(pl.col("period").cast(pl.String).unique().sort())
+    )
+    by_split = dict(zip(periods["split"].to_list(), periods["period"].to_list(), strict=True))
+    return [(words, by_split.get(s, [])) for s, words in _SPLIT_WORDS.items()]
+
+
+def predictor_labels(feature_names: Sequence[str], *, static: Sequence[str]) -> list[str]:
+    """One readable name per measured predictor (its windows and statistics folded), static ones left out."""
+    stems = dict.fromkeys(
+        n.partition("__")[0] for n in feature_names if n.partition("__")[0] not in set(static)
+    )
+    return [s.replace("_", " ") for s in stems]
+
+
+def report_card_markdown(md: str, calibration_png: bytes, forest_plots: Mapping[str, bytes]) -> str:
+    """The report card's Markdown with its calibration and forest plots embedded (for the asset's page)."""
+    images = [md_image("Calibration, validation cohort", calibration_png)]
+    images += [md_image(f"Sensitivity by {a.replace('_', ' ')}", png) for a, png in forest_plots.items()]
+    return md + "\n" + "\n\n".join(images) + "\n"

@@ -6,7 +6,12 @@ from pathlib import Path
 import dagster as dg
 
 from clinical_ml.core.fhir import SUBJECT_SYSTEM_SITE
-from clinical_ml.core.locations import monitoring_config_file, resolve_data_root, resolve_usecases_dir
+from clinical_ml.core.locations import (
+    alerts_file,
+    monitoring_config_file,
+    resolve_data_root,
+    resolve_usecases_dir,
+)
 from clinical_ml.core.monitoring_config import load_monitoring_config
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_dataset
@@ -82,9 +87,7 @@ def build_definitions(
             features_after_ingestion_sensor,
             *build_monitoring_chain_sensors(use_cases),
             build_drift_retraining_sensor(use_cases),
-            build_run_failure_alert_sensor(
-                root / "alerts" / "alerts.jsonl", os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")
-            ),
+            build_run_failure_alert_sensor(alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")),
         ],
         schedules=[build_nightly_retraining_schedule(use_cases)],
         resources={

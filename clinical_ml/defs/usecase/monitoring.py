@@ -2,10 +2,9 @@
 export for the EHR, and performance over time; the newest-batch drift report is kept for the report set."""
 
 import dagster as dg
-import numpy as np
 
 from clinical_ml.core.artifacts import DictRecord
-from clinical_ml.core.batch_monitoring import monitor_batch
+from clinical_ml.core.batch_monitoring import BatchMonitoring, monitor_batch
 from clinical_ml.core.champion_monitoring import (
     Champion,
     DriftRecord,
@@ -28,7 +27,7 @@ from clinical_ml.core.champion_monitoring import (
 from clinical_ml.core.explain import feature_label
 from clinical_ml.core.fhir import reidentify_for_ehr, write_ndjson
 from clinical_ml.core.monitoring_config import MonitoringConfig
-from clinical_ml.core.reports import drift_report, monitoring_report
+from clinical_ml.core.reports import drift_markdown, drift_report, monitoring_report
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import (
@@ -108,17 +107,14 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
     return ehr_delivery
 
 
-def _drift_markdown(record: DriftRecord, result, config: MonitoringConfig) -> str:
-    moved = [d for d in result.features if d.level != "ok"][:10]
+def _drift_markdown(record: DriftRecord, result: BatchMonitoring, config: MonitoringConfig) -> str:
+    moved = [d for d in result.features if d.level != "ok"]
     return (
         f"**Batch {record.batch_id}: {record.level.upper()}**"
         + (" (retraining requested)" if record.retraining_requested else "")
         + (f"\n\n{record.retraining_note}" if record.retraining_note else "")
-        + f"\n\nReference: {record.reference}.\n\n{config.drift.describe()}\n\n| Predictor | PSI | KS | p (min) | Level |\n|---|---|---|---|---|\n"
-        + "".join(
-            f"| {feature_label(d.feature)} | {d.psi:.2f} | {d.ks_statistic:.2f} | {d.p_min:.2g} | {d.level} |\n"
-            for d in moved
-        )
+        + f"\n\nReference: {record.reference}.\n\n{config.drift.describe()}\n\n"
+        + drift_markdown(moved, thresholds=config.drift, label=feature_label)
     )
 
 
@@ -209,8 +205,8 @@ def build_monitoring_assets(
                 "reference": described,
                 "features_drift_error": sum(d.level == "error" for d in result.features),
                 "features_drift_warn": sum(d.level == "warn" for d in result.features),
-                "psi_max": max((d.psi for d in result.features), default=0.0),
-                "prediction_psi": result.prediction.psi if result.prediction else 0.0,
+                "psi_max": max((d.value("psi") for d in result.features), default=0.0),
+                "prediction_psi": result.prediction.value("psi") if result.prediction else 0.0,
                 "n_current": result.n_current,
                 "n_reference": reference.profile.n_rows,
                 "model_version": champion.version,
@@ -341,7 +337,7 @@ def build_monitoring_assets(
     def feature_drift_report(zones: DataZones) -> dg.MaterializeResult:
         store = zones.use_case(uc.name)
         drift = newest_batch_drift(store, config)
-        rows = [{**d.__dict__, "label": feature_label(d.feature)} for d in drift.features]
+        rows = [{**d.as_dict(), "label": feature_label(d.feature)} for d in drift.features]
         store.feature_drift.write(DictRecord({"batch_id": drift.batch_id, "features": rows}))
         html, md = drift_report(
             use_case=uc,
@@ -360,7 +356,7 @@ def build_monitoring_assets(
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
                 "batch_id": drift.batch_id,
-                "psi_max": float(np.max([r["psi"] for r in rows])) if rows else 0.0,
+                "psi_max": max((d.value("psi") for d in drift.features), default=0.0),
                 "features_drift_error": sum(r["level"] == "error" for r in rows),
                 "features_drift_warn": sum(r["level"] == "warn" for r in rows),
                 "thresholds": dg.MetadataValue.md(md_table(list(config.drift.__dict__.items()))),
