@@ -53,11 +53,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import polars as pl
 from fairlearn.metrics import MetricFrame
 from scipy import stats
 
 from clinical_ml.core import bootstrap
 from clinical_ml.core.evaluation import choose_threshold, confusion
+from clinical_ml.core.usecase import OperatingPoint, Subgroups
 
 RATE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "prevalence")
 METRICS = (
@@ -1060,3 +1062,79 @@ def analysis_summary(
         "group_thresholds": [dataclasses.asdict(t) for t in thresholds],
         "recommendations": recommendations,
     }
+
+
+@dataclass(frozen=True)
+class FairnessAudit:
+    """The subcohort analysis of a model on its validation cohort, with its verdict and per-group
+    operating points chosen on the tuning rows (what the fairness report and the report card show)."""
+
+    analysis: SubgroupAnalysis
+    verdict: str
+    reasons: list[str]
+    thresholds: list[GroupThreshold]
+    recommendations: list[str]
+
+    def summary(self) -> dict:
+        return analysis_summary(
+            self.analysis, self.verdict, self.reasons, self.thresholds, self.recommendations
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Aggregates for the asset's page: groups audited, flagged, suppressed, comparisons tested."""
+        rows = self.analysis.rows
+        return {
+            "groups_flagged": sum(bool(r.flags) for r in rows),
+            "groups_suppressed": sum(r.suppressed for r in rows),
+            "groups_audited": len(rows) - 1,
+            "comparisons_tested": self.analysis.tests,
+        }
+
+
+def audit_subcohorts(
+    predictions: pl.DataFrame,
+    *,
+    threshold: float,
+    subgroups: Subgroups,
+    operating_point: OperatingPoint,
+    n_boot: int,
+    seed: int,
+) -> FairnessAudit:
+    """Audit the validation cohort (``held_out`` rows of ``predictions``) by the use case's subgroups, and
+    choose per-group operating points on the ``tuning`` rows (checked on the validation rows)."""
+    held = predictions.filter(pl.col("split") == "held_out")
+    tune = predictions.filter(pl.col("split") == "tuning")
+
+    def groups(frame: pl.DataFrame) -> dict:
+        return {a: frame[a].cast(pl.String).fill_null("Unknown").to_numpy() for a in subgroups.attributes}
+
+    def yp(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        return frame["label"].cast(pl.Int8).to_numpy(), frame["risk"].to_numpy()
+
+    analysis = subgroup_table(
+        *yp(held),
+        threshold,
+        groups(held),
+        min_cell_size=subgroups.min_cell_size,
+        auroc_min=subgroups.auroc_min,
+        sensitivity_min=subgroups.sensitivity_min,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    v, reasons = verdict(analysis)
+    thresholds = group_thresholds(
+        *yp(tune),
+        groups(tune),
+        *yp(held),
+        groups(held),
+        threshold=threshold,
+        policy=operating_point.policy,
+        target=operating_point.target,
+        min_cell_size=subgroups.min_cell_size,
+        n_boot=min(n_boot, 200),
+        seed=seed,
+    )
+    recommendations = threshold_recommendation(
+        thresholds, policy=operating_point.policy, target=operating_point.target
+    )
+    return FairnessAudit(analysis, v, reasons, thresholds, recommendations)

@@ -797,3 +797,17 @@ def report_card_markdown(md: str, calibration_png: bytes, forest_plots: Mapping[
     images = [md_image("Calibration, validation cohort", calibration_png)]
     images += [md_image(f"Sensitivity by {a.replace('_', ' ')}", png) for a, png in forest_plots.items()]
     return md + "\n" + "\n\n".join(images) + "\n"
+
+
+def sensitivity_forest_plots(analysis, *, minimum: float | None) -> dict[str, bytes]:
+    """One sensitivity forest plot per audited attribute (and intersection) of a subgroup analysis."""
+    return {
+        a.attribute: plots.subgroup_forest_plot(
+            analysis.rows_of(a.attribute),
+            metric="sensitivity",
+            title=f"Sensitivity by {attribute_title(a.attribute)}",
+            overall=analysis.overall.metrics["sensitivity"],
+            minimum=minimum,
+        )
+        for a in analysis.attributes
+    }

@@ -245,3 +245,42 @@ def test_rejects_an_unknown_auroc_interval_method(cohort):
     y, p, attrs = cohort
     with pytest.raises(ValueError, match="auroc_ci"):
         subgroup_table(y, p, 0.15, attrs, auroc_ci="wald")
+
+
+def test_the_audit_judges_the_validation_cohort_and_chooses_group_thresholds_on_the_tuning_rows():
+    import polars as pl
+
+    from clinical_ml.core.fairness import audit_subcohorts
+    from clinical_ml.core.usecase import OperatingPoint, Subgroups
+
+    rng = np.random.default_rng(4)
+    n = 1200
+    risk = rng.random(n)
+    frame = pl.DataFrame(
+        {
+            "split": np.where(np.arange(n) < 600, "tuning", "held_out"),
+            "label": rng.random(n) < risk * 0.6,
+            "risk": risk,
+            "sex": rng.choice(["F", "M"], n),
+        }
+    )
+    kwargs = {
+        "threshold": 0.5,
+        "subgroups": Subgroups(
+            attributes=["sex"], age_bands=[0, 65], min_cell_size=11, auroc_min=0.6, sensitivity_min=0.5
+        ),
+        "operating_point": OperatingPoint(policy="min_sensitivity", target=0.8),
+        "n_boot": 50,
+        "seed": 1,
+    }
+    audit = audit_subcohorts(frame, **kwargs)
+    assert audit.analysis.rows[0].n == 600  # all patients of the validation cohort, none of the tuning rows
+    assert audit.counts()["groups_audited"] == len(audit.analysis.rows) - 1
+    assert audit.summary()["verdict"] == audit.verdict
+    # other tuning rows move the per-group thresholds, never the validation analysis
+    tuned = frame.with_columns(
+        pl.when(pl.col("split") == "tuning").then(pl.col("risk") ** 3).otherwise(pl.col("risk")).alias("risk")
+    )
+    other = audit_subcohorts(tuned, **kwargs)
+    assert other.analysis == audit.analysis
+    assert [t.threshold for t in other.thresholds] != [t.threshold for t in audit.thresholds]

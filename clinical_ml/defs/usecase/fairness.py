@@ -1,18 +1,10 @@
 """The subcohort fairness report: subgroup table, disparities, per-group operating points, verdict."""
 
 import dagster as dg
-import polars as pl
 
-from clinical_ml.core import plots
 from clinical_ml.core.artifacts import FairnessSummary
-from clinical_ml.core.fairness import (
-    analysis_summary,
-    group_thresholds,
-    subgroup_table,
-    threshold_recommendation,
-    verdict,
-)
-from clinical_ml.core.reports import attribute_title, fairness_report
+from clinical_ml.core.fairness import audit_subcohorts
+from clinical_ml.core.reports import fairness_report, sensitivity_forest_plots
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
@@ -37,79 +29,37 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         owners=ML_OWNERS,
     )
     def subcohort_fairness_report(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
-        store = zones.use_case(uc.name)
-        preds = store.validation_predictions.read()
-        held = preds.filter(pl.col("split") == "held_out")
-        tune = preds.filter(pl.col("split") == "tuning")
-        t = store.threshold.read()
-        sg = uc.subgroups
-
-        def groups(frame: pl.DataFrame) -> dict:
-            return {a: frame[a].cast(pl.String).fill_null("Unknown").to_numpy() for a in sg.attributes}
-
-        analysis = subgroup_table(
-            held["label"].cast(pl.Int8).to_numpy(),
-            held["risk"].to_numpy(),
-            t.threshold,
-            groups(held),
-            min_cell_size=sg.min_cell_size,
-            auroc_min=sg.auroc_min,
-            sensitivity_min=sg.sensitivity_min,
+        store, t = zones.use_case(uc.name), zones.use_case(uc.name).threshold.read()
+        audit = audit_subcohorts(
+            store.validation_predictions.read(),
+            threshold=t.threshold,
+            subgroups=uc.subgroups,
+            operating_point=uc.operating_point,
             n_boot=evaluation.n_bootstrap,
             seed=evaluation.bootstrap_seed,
         )
-        v, reasons = verdict(analysis)
-        op = uc.operating_point
-        thresholds = group_thresholds(
-            tune["label"].cast(pl.Int8).to_numpy(),
-            tune["risk"].to_numpy(),
-            groups(tune),
-            held["label"].cast(pl.Int8).to_numpy(),
-            held["risk"].to_numpy(),
-            groups(held),
-            threshold=t.threshold,
-            policy=op.policy,
-            target=op.target,
-            min_cell_size=sg.min_cell_size,
-            n_boot=min(evaluation.n_bootstrap, 200),
-            seed=evaluation.bootstrap_seed,
-        )
-        recommendations = threshold_recommendation(thresholds, policy=op.policy, target=op.target)
-        forests = {
-            a.attribute: plots.subgroup_forest_plot(
-                analysis.rows_of(a.attribute),
-                metric="sensitivity",
-                title=f"Sensitivity by {attribute_title(a.attribute)}",
-                overall=analysis.overall.metrics["sensitivity"],
-                minimum=sg.sensitivity_min,
-            )
-            for a in analysis.attributes
-        }
-        for a in sg.attributes:
-            store.reports.write_plot(store.reports.forest_plot_name(a), forests[a])
+        forests = sensitivity_forest_plots(audit.analysis, minimum=uc.subgroups.sensitivity_min)
+        for attribute in uc.subgroups.attributes:
+            store.reports.write_plot(store.reports.forest_plot_name(attribute), forests[attribute])
         html, md = fairness_report(
             use_case=uc,
-            analysis=analysis,
-            verdict=v,
-            reasons=reasons,
-            thresholds=thresholds,
-            recommendations=recommendations,
+            analysis=audit.analysis,
+            verdict=audit.verdict,
+            reasons=audit.reasons,
+            thresholds=audit.thresholds,
+            recommendations=audit.recommendations,
             forest_plots=forests,
             model_version=t.model_version,
             code_version=code_version(),
         )
-        summary = analysis_summary(analysis, v, reasons, thresholds, recommendations)
-        store.fairness.write(FairnessSummary(t.model_version, v, summary))
+        store.fairness.write(FairnessSummary(t.model_version, audit.verdict, audit.summary()))
         out = store.reports.write_report("subcohort_fairness_report", html)
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                "verdict": v,
-                "groups_flagged": sum(bool(r.flags) for r in analysis.rows),
-                "groups_suppressed": sum(r.suppressed for r in analysis.rows),
-                "groups_audited": len(analysis.rows) - 1,
-                "comparisons_tested": analysis.tests,
+                "verdict": audit.verdict,
+                **audit.counts(),
                 "model_version": t.model_version,
             }
         )
