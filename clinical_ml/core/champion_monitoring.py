@@ -15,7 +15,13 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.artifacts import UseCaseStore
-from clinical_ml.core.batch_monitoring import PREDICTION_COLUMN, MonitoringReference, prepare_reference
+from clinical_ml.core.batch_monitoring import (
+    PREDICTION_COLUMN,
+    BatchMonitoring,
+    MonitoringReference,
+    monitor_batch,
+    prepare_reference,
+)
 from clinical_ml.core.drift import FeatureDrift, feature_drift
 from clinical_ml.core.features import feature_matrix
 from clinical_ml.core.fhir import ScoredAdmission
@@ -372,3 +378,86 @@ def newest_batch_drift(store: UseCaseStore, config: MonitoringConfig) -> NewestB
         feature_matrix(reference, cols), feature_matrix(current, cols), cols, thresholds=config.drift
     )
     return NewestBatchDrift(newest, reference.height, current.height, drift)
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    """One batch's drift check against the champion's reference, and what it decided."""
+
+    record: DriftRecord
+    result: BatchMonitoring
+    n_reference: int
+
+
+def check_batch(
+    store: UseCaseStore, registry: Registry, champion: Champion, config: MonitoringConfig, batch_id: str
+) -> BatchCheck:
+    """Judge a scored batch against the champion's reference (outcomes known the day after it landed
+    included), decide whether it requests retraining, and keep the record beside the batch."""
+    reference, described = cached_drift_reference(store, champion, config, batch_id)
+    preds = store.batch_predictions.part(batch_id).read().select("hadm_id", PREDICTION_COLUMN)
+    current = monitoring_frame(store, batch_id).join(preds, on="hadm_id")
+    result = monitor_batch(
+        batch_id=batch_id,
+        reference=reference,
+        current=current,
+        config=config,
+        current_labels=matured_labels(current, batch_id=batch_id),
+    )
+    requested, note = drift_retraining_decision(
+        requested=result.retraining_requested,
+        batch_id=batch_id,
+        champion=champion.card,
+        refused=registry.refused_drift_retraining() if result.retraining_requested else None,
+    )
+    record = DriftRecord(
+        batch_id,
+        result.level,
+        requested,
+        note,
+        described,
+        champion.version,
+        {k: list(v) if isinstance(v, tuple) else v for k, v in config.drift.__dict__.items()},
+        result.as_dict(),
+    )
+    drift_records(store).part(batch_id).write(record)
+    return BatchCheck(record, result, reference.profile.n_rows)
+
+
+@dataclass(frozen=True)
+class PerformanceReview:
+    """The champion's record in service: every batch's drift check, performance by period, and which
+    periods ask for retraining."""
+
+    champion: str
+    batches: list[dict]
+    rows: list[dict]
+    retrain_for: list[str]
+
+    @property
+    def failing(self) -> list[dict]:
+        return [r for r in self.rows if r["level"] == "error"]
+
+    @property
+    def retraining_reason(self) -> str:
+        if not self.retrain_for:
+            return ""
+        return f"realised performance below its minimums in {', '.join(self.retrain_for)} (model {self.champion})"
+
+    def failing_summary(self, limit: int = 20) -> list[dict]:
+        return [
+            {"period": r["period"], "group": f"{r['attribute']}={r['group']}", "reasons": r["reasons"]}
+            for r in self.failing
+        ][:limit]
+
+
+def review_performance(
+    store: UseCaseStore, registry: Registry, champion: Champion, config: MonitoringConfig
+) -> PerformanceReview:
+    rows = realised_performance(store, champion, monitoring_frame(store), config)
+    return PerformanceReview(
+        champion=champion.version,
+        batches=[r.as_dict() for r in drift_records(store).read_all()],
+        rows=rows,
+        retrain_for=periods_to_retrain(rows, champion=champion.version, newest=registry.newest_card()),
+    )

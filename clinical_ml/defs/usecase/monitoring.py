@@ -4,22 +4,19 @@ export for the EHR, and performance over time; the newest-batch drift report is 
 import dagster as dg
 
 from clinical_ml.core.artifacts import DictRecord
-from clinical_ml.core.batch_monitoring import BatchMonitoring, monitor_batch
+from clinical_ml.core.batch_monitoring import BatchMonitoring
 from clinical_ml.core.champion_monitoring import (
     Champion,
     DriftRecord,
     NoChampionError,
-    cached_drift_reference,
+    check_batch,
     decisions_with_reasons,
     drift_records,
-    drift_retraining_decision,
     hold_reason,
     load_champion,
-    matured_labels,
     monitoring_frame,
     newest_batch_drift,
-    periods_to_retrain,
-    realised_performance,
+    review_performance,
     score_batch,
     scored_admissions,
     scored_summary,
@@ -168,47 +165,21 @@ def build_monitoring_assets(
         ],
     )
     def batch_drift(context: dg.AssetExecutionContext, zones: DataZones):
-        batch, store, registry = context.partition_key, zones.use_case(uc.name), zones.model_registry(uc.name)
-        champion = _champion(zones, uc)
-        reference, described = cached_drift_reference(store, champion, config, batch)
-        preds = store.batch_predictions.part(batch).read().select("hadm_id", "predicted_risk")
-        current = monitoring_frame(store, batch).join(preds, on="hadm_id")
-        result = monitor_batch(
-            batch_id=batch,
-            reference=reference,
-            current=current,
-            config=config,
-            current_labels=matured_labels(current, batch_id=batch),
-        )
-        requested, note = drift_retraining_decision(
-            requested=result.retraining_requested,
-            batch_id=batch,
-            champion=champion.card,
-            refused=registry.refused_drift_retraining() if result.retraining_requested else None,
-        )
-        record = DriftRecord(
-            batch,
-            result.level,
-            requested,
-            note,
-            described,
-            champion.version,
-            config.drift.__dict__,
-            result.as_dict(),
-        )
-        drift_records(store).part(batch).write(record)
+        batch, champion = context.partition_key, _champion(zones, uc)
+        check = check_batch(zones.use_case(uc.name), zones.model_registry(uc.name), champion, config, batch)
+        result, record = check.result, check.record
         context.log.info(f"batch {batch}: drift level {result.level}")
         yield dg.MaterializeResult(
             metadata={
                 "level": result.level,
-                "retraining_requested": requested,
-                "reference": described,
+                "retraining_requested": record.retraining_requested,
+                "reference": record.reference,
                 "features_drift_error": sum(d.level == "error" for d in result.features),
                 "features_drift_warn": sum(d.level == "warn" for d in result.features),
                 "psi_max": max((d.value("psi") for d in result.features), default=0.0),
                 "prediction_psi": result.prediction.value("psi") if result.prediction else 0.0,
                 "n_current": result.n_current,
-                "n_reference": reference.profile.n_rows,
+                "n_reference": check.n_reference,
                 "model_version": champion.version,
                 "report": dg.MetadataValue.md(_drift_markdown(record, result, config)),
             }
@@ -277,52 +248,35 @@ def build_monitoring_assets(
                 metadata={"note": "no champion model deployed yet"},
             )
             return
-        champion = _champion(zones, uc)
-        batches = [r.as_dict() for r in drift_records(store).read_all()]
-        rows = realised_performance(store, champion, monitoring_frame(store), config)
+        review = review_performance(store, registry, _champion(zones, uc), config)
         html, md = monitoring_report(
             use_case=uc,
-            batches=batches,
-            performance=rows,
+            batches=review.batches,
+            performance=review.rows,
             decisions=decisions_with_reasons(registry),
             config=config,
-            model_version=champion.version,
+            model_version=review.champion,
             code_version=code_version(),
         )
         out = store.reports.write_report("monitoring_report", html)
-        failing = [r for r in rows if r["level"] == "error"]
-        retrain_for = periods_to_retrain(rows, champion=champion.version, newest=registry.newest_card())
         yield dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                "retraining_requested": bool(retrain_for),
-                "retraining_reason": (
-                    f"realised performance below its minimums in {', '.join(retrain_for)} (model {champion.version})"
-                    if retrain_for
-                    else ""
+                "retraining_requested": bool(review.retrain_for),
+                "retraining_reason": review.retraining_reason,
+                "batches_monitored": len(review.batches),
+                "batches_drift_error": sum(b["level"] == "error" for b in review.batches),
+                "periods_mature": sum(
+                    r["status"] == "mature" for r in review.rows if r["attribute"] == "all"
                 ),
-                "batches_monitored": len(batches),
-                "batches_drift_error": sum(b["level"] == "error" for b in batches),
-                "periods_mature": sum(r["status"] == "mature" for r in rows if r["attribute"] == "all"),
             }
         )
         yield dg.AssetCheckResult(
             check_name="realised_performance_meets_minimums",
-            passed=not failing,
+            passed=not review.failing,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={
-                "failing": dg.MetadataValue.json(
-                    [
-                        {
-                            "period": r["period"],
-                            "group": f"{r['attribute']}={r['group']}",
-                            "reasons": r["reasons"],
-                        }
-                        for r in failing
-                    ][:20]
-                )
-            },
+            metadata={"failing": dg.MetadataValue.json(review.failing_summary())},
         )
 
     @dg.asset(
