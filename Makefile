@@ -46,7 +46,7 @@ demo-drift: setup
 	mkdir -p .tools/usecases-synthetic/monitoring
 	cp usecases/icu_mortality_24h.yaml .tools/usecases-synthetic/
 	cp usecases/monitoring/icu_mortality_24h.yaml .tools/usecases-synthetic/monitoring/
-	CLINICAL_ML_USECASES=.tools/usecases-synthetic $(VENV)/bin/clinical-ml replay \
+	$(VENV)/bin/clinical-ml replay \
 		--data-root data/drift --usecases-dir .tools/usecases-synthetic --patients 6000 --batches 30 \
 		--drift-from-batch 20 --approve-first-model
 

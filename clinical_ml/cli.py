@@ -104,7 +104,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
-    from clinical_ml.core.storage import read_json
+    from clinical_ml.core.artifacts import DeidStore
     from clinical_ml.defs.build import build_definitions
     from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
     from clinical_ml.defs.usecase.training import refused_by_gate_only
@@ -153,45 +153,44 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     if not result.success and not refused_by_gate_only(result):
         print("lifecycle run failed; open the UI (make dev) for the run's logs", file=sys.stderr)
         return 1
-    reports = root / "reports"
+    deid = DeidStore(root / "deid", root / "reports")
     summary = {}
     # Only the use cases this run trained: another's folder may hold features from `make dev`'s refresh.
-    for uc_dir in sorted(p for p in (root / "deid" / "usecases").iterdir() if p.is_dir() and p.name in only):
-        if not (uc_dir / "evaluation.json").exists():
+    for name in sorted(only):
+        store = deid.use_case(name)
+        if not store.evaluation.exists():
             continue
-        ev = read_json(uc_dir / "evaluation.json")
-        decision = read_json(uc_dir / "decision.json")
-        m = ev["metrics"]
-        summary[uc_dir.name] = ev
-        print(f"\n== {uc_dir.name} ==")
+        ev, decision = store.evaluation.read(), store.decision.read()
+        auroc = summary[name] = ev.metric("auroc")
+        print(f"\n== {name} ==")
         print(
-            f"validation AUROC {m['auroc']['value']:.3f} (95% CI {m['auroc']['lower']:.3f} to {m['auroc']['upper']:.3f}), "
-            f"{ev['n_validation']} admissions, {ev['events_validation']} deaths"
+            f"validation AUROC {auroc.value:.3f} (95% CI {auroc.lower:.3f} to {auroc.upper:.3f}), "
+            f"{ev.n_validation} admissions, {ev.events_validation} deaths"
         )
         print(
-            f"operating point: risk >= {ev['threshold']:.3f} -> sensitivity {m['sensitivity']['value']:.2f}, "
-            f"specificity {m['specificity']['value']:.2f}, PPV {m['ppv']['value']:.2f}"
+            f"operating point: risk >= {ev.threshold:.3f} -> sensitivity {ev.metric('sensitivity').value:.2f}, "
+            f"specificity {ev.metric('specificity').value:.2f}, PPV {ev.metric('ppv').value:.2f}"
         )
         print(
-            f"promotion: {'promoted to champion' if decision['promoted'] else 'not promoted (the gate refused it)'}"
+            f"promotion: {'promoted to champion' if decision.promoted else 'not promoted (the gate refused it)'}"
         )
-        for reason in decision.get("reasons", []):
+        for reason in decision.reasons:
             print(f"  - {reason}")
-        for name in (
+        for report in (
             "performance_report",
             "subcohort_fairness_report",
             "feature_drift_report",
             "monitoring_report",
         ):
-            path = reports / uc_dir.name / (name + ".html")
+            path = store.reports.report(report)
             if path.exists():
-                print(f"{name.replace('_', ' ')}: {path}")
-        cards = sorted((reports / uc_dir.name).glob("report_card_*.html"))
+                print(f"{report.replace('_', ' ')}: {path}")
+        cards = store.reports.report_cards()
         if cards:
             print(f"report card: {cards[-1]}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; open the UI with `make dev`")
     if args.json:
-        print(json.dumps({k: v["metrics"]["auroc"] for k, v in summary.items()}))
+        print(json.dumps({k: v.as_dict() for k, v in summary.items()}))
     return 0
 
 

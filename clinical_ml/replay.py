@@ -14,15 +14,16 @@ A command-line driver of the Dagster jobs, not wiring: it lives beside ``cli.py`
 rather than in ``defs/``, which nothing of the package imports upwards.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from clinical_ml.core import registry
+from clinical_ml.core.artifacts import DeidStore
+from clinical_ml.core.champion_monitoring import drift_records
 from clinical_ml.core.drift import worst_level
 from clinical_ml.core.landing import find_complete_batches
+from clinical_ml.core.registry import PromotionDecision, Registry
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
@@ -45,23 +46,21 @@ def record_manual_approvals(registry_root: Path, use_cases: list[str]) -> list[s
     log beside it). Returns the use cases approved."""
     approved = []
     for name in use_cases:
-        history = registry.decision_history(registry_root, name)
-        if registry.champion(registry_root, name) is not None or not history:
+        models = Registry(registry_root, name)
+        history = models.decisions()
+        if models.champion() is not None or not history:
             continue
-        registry.record_decision(
-            registry_root,
-            name,
-            registry.PromotionDecision(True, history[-1]["challenger"], None, (MANUAL_APPROVAL,)),
-        )
+        models.record_decision(PromotionDecision(True, history[-1].challenger, None, (MANUAL_APPROVAL,)))
         approved.append(name)
     return approved
 
 
-def batch_drift_level(data_root: Path, batch_id: str) -> str | None:
-    """The worst drift level any use case's monitoring recorded for ``batch_id``; None when none did (no
+def batch_drift_level(deid: DeidStore, use_cases: list[str], batch_id: str) -> str | None:
+    """The worst drift level the use cases' checks recorded for ``batch_id``; None when none did (no
     champion yet, or the run failed)."""
-    files = sorted((data_root / "deid" / "usecases").glob(f"*/monitoring/{batch_id}.json"))
-    return worst_level([json.loads(f.read_text())["level"] for f in files]) if files else None
+    parts = [drift_records(deid.use_case(name)).part(batch_id) for name in use_cases]
+    levels = [p.read().level for p in parts if p.exists()]
+    return worst_level(levels) if levels else None
 
 
 def replay(
@@ -108,7 +107,7 @@ def replay(
         requests, cursor = retraining_requests(instance, keys, cursor)
         for req in requests:
             jobs["lifecycle_job"].execute_in_process(tags=req.tags, **run)
-        level = batch_drift_level(root, b.batch_id)
+        level = batch_drift_level(DeidStore(root / "deid", root / "reports"), use_cases, b.batch_id)
         days.append({"batch_id": b.batch_id, "level": level or "not monitored", "retrained": bool(requests)})
         print(
             f"{b.batch_id}: drift {level or 'not monitored'}"

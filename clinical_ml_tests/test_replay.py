@@ -1,7 +1,6 @@
 """``clinical-ml replay``: settings resolved like every entry point, the demo's manual approval recorded through
 the registry, the per-day drift level, and a short replay through the real jobs."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -9,58 +8,61 @@ import dagster as dg
 import pytest
 
 from clinical_ml import cli, replay
-from clinical_ml.core import registry
+from clinical_ml.core.artifacts import DeidStore
+from clinical_ml.core.champion_monitoring import DriftRecord, drift_records
 from clinical_ml.core.locations import DATA_ROOT_ENV, USECASES_ENV
+from clinical_ml.core.registry import ModelCard, PromotionDecision, Registry
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml_tests.conftest import PROJECT_ROOT
 
 UC = "icu_mortality_24h"
 
 
-def _refused(registry_root: Path, version: str) -> None:
-    registry.register_model(registry_root, UC, version, model_text="tree", card={"version": version})
-    registry.record_decision(
-        registry_root, UC, registry.PromotionDecision(False, version, None, ("AUROC lower bound below 0.7",))
-    )
+def _refused(registry_root: Path, version: str) -> Registry:
+    models = Registry(registry_root, UC)
+    models.register(ModelCard(UC, version), model_text="tree")
+    models.record_decision(PromotionDecision(False, version, None, ("AUROC lower bound below 0.7",)))
+    return models
 
 
 def test_manual_approval_promotes_the_refused_first_model_and_keeps_the_refusal(tmp_path):
     root = tmp_path / "registry"
-    _refused(root, "v1")
+    models = _refused(root, "v1")
 
     assert replay.record_manual_approvals(root, [UC, "no_model_yet"]) == [UC]
 
-    assert registry.champion(root, UC) == "v1"
-    refusal, approval = registry.decision_history(root, UC)
-    assert not refusal["promoted"] and refusal["reasons"] == ["AUROC lower bound below 0.7"]
-    assert approval["promoted"] and approval["challenger"] == "v1"
-    assert approval["reasons"] == [replay.MANUAL_APPROVAL]
-    assert registry.decision_history(root, "no_model_yet") == []
+    assert models.champion() == "v1"
+    refusal, approval = models.decisions()
+    assert not refusal.promoted and refusal.reasons == ("AUROC lower bound below 0.7",)
+    assert approval.promoted and approval.challenger == "v1"
+    assert approval.reasons == (replay.MANUAL_APPROVAL,)
+    assert Registry(root, "no_model_yet").decisions() == []
 
 
 def test_manual_approval_leaves_a_use_case_with_a_champion_alone(tmp_path):
     root = tmp_path / "registry"
-    _refused(root, "v1")
-    registry.set_champion(root, UC, "v1")
+    models = _refused(root, "v1")
+    models.set_champion("v1")
 
     assert replay.record_manual_approvals(root, [UC]) == []
-    assert len(registry.decision_history(root, UC)) == 1
-
-
-def _monitoring(root: Path, use_case: str, batch: str, level: str) -> None:
-    path = root / "deid" / "usecases" / use_case / "monitoring" / f"{batch}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"level": level}))
+    assert len(models.decisions()) == 1
 
 
 def test_batch_drift_level_is_the_worst_over_use_cases_and_none_when_unmonitored(tmp_path):
-    _monitoring(tmp_path, "a", "2026-01-05", "warn")
-    _monitoring(tmp_path, "b", "2026-01-05", "error")
-    _monitoring(tmp_path, "a", "2026-01-06", "ok")
+    deid = DeidStore(tmp_path / "deid", tmp_path / "reports")
+    for use_case, batch, level in (
+        ("a", "2026-01-05", "warn"),
+        ("b", "2026-01-05", "error"),
+        ("a", "2026-01-06", "ok"),
+    ):
+        drift_records(deid.use_case(use_case)).part(batch).write(
+            DriftRecord(batch, level, False, "", "", "v1", {})
+        )
 
-    assert replay.batch_drift_level(tmp_path, "2026-01-05") == "error"
-    assert replay.batch_drift_level(tmp_path, "2026-01-06") == "ok"
-    assert replay.batch_drift_level(tmp_path, "2026-01-07") is None
+    assert replay.batch_drift_level(deid, ["a", "b"], "2026-01-05") == "error"
+    assert replay.batch_drift_level(deid, ["a", "b"], "2026-01-06") == "ok"
+    assert replay.batch_drift_level(deid, ["a"], "2026-01-07") is None
+    assert replay.batch_drift_level(deid, ["a"], "2026-01-05") == "warn"  # only the use cases named
 
 
 def test_the_subcommand_resolves_the_data_root_and_use_cases_like_every_entry_point(tmp_path, monkeypatch):
@@ -116,6 +118,7 @@ def test_a_short_replay_trains_the_first_champion_then_monitors_each_later_day(t
 
     assert [d["level"] for d in days[:3]] == ["warmup"] * 3
     assert [d["retrained"] for d in days[:3]] == [False, False, True]
-    assert registry.champion(root / "registry", UC) is not None
+    assert Registry(root / "registry", UC).champion() is not None
     assert days[3]["level"] in ("ok", "warn", "error")
-    assert days[3]["level"] == replay.batch_drift_level(root, days[3]["batch_id"])
+    deid = DeidStore(root / "deid", root / "reports")
+    assert days[3]["level"] == replay.batch_drift_level(deid, [UC], days[3]["batch_id"])

@@ -7,7 +7,7 @@ begin with a dot (the temporary files of a write in progress or of a killed proc
 """
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -233,7 +233,7 @@ class ReportFiles:
     def forest_plot_name(self, attribute: str) -> str:
         return f"forest_{attribute}"
 
-    def forest_plots(self, attributes: list[str]) -> dict[str, bytes]:
+    def forest_plots(self, attributes: Sequence[str]) -> dict[str, bytes]:
         """Sensitivity forest plots of the audited attributes that have one."""
         return {
             a: self.plot(self.forest_plot_name(a)).read_bytes()
@@ -243,6 +243,10 @@ class ReportFiles:
 
     def report(self, name: str, suffix: str = "html") -> Path:
         return self.folder / f"{name}.{suffix}"
+
+    def report_cards(self) -> list[Path]:
+        """The HTML report card of every model version, oldest first."""
+        return [p for p in committed(self.folder, ".html") if p.name.startswith("report_card_")]
 
     def write_report(self, name: str, text: str, suffix: str = "html") -> Path:
         return atomic_write_bytes(self.report(name, suffix), text.encode("utf-8"))

@@ -46,7 +46,7 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             decision=decision.as_dict(),
             flow=store.cohort_flow.read().as_dict(),
             fit=card.fit,
-            training_ranges={k: list(v) for k, v in card.training_ranges.items()},
+            training_ranges=card.training_ranges,
             importance=list(store.shap.read().importance),
             plots=plots,
             forest_plots=forests,
