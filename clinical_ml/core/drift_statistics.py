@@ -357,12 +357,36 @@ def _prefix_sums(x: np.ndarray, at: np.ndarray) -> np.ndarray:
     return np.concatenate([before, np.full(at.size - inside.size, head + seg.sum())])
 
 
+class JensenShannon(DriftStatistic):
+    """Jensen-Shannon distance (base 2, so between 0 and 1) between the shares of the reference's bins (or
+    categories) and the missing bin; symmetric and finite where PSI needs a floor for empty bins. Reported
+    only: it has no test of its own."""
+
+    name, key, label = "jensen_shannon", "jensen_shannon", "Jensen-Shannon"
+    meaning = "how far apart the two spreads over the same bins are (0 = the same, 1 = no bin in common)"
+    method = "Jensen-Shannon distance (base 2) over the same bins as PSI"
+
+    def measure(self, reference: ColumnReference, sample: ColumnSample) -> Measurement:
+        ref, cur = sample.reference_counts.astype(np.float64), sample.counts.astype(np.float64)
+        if ref.sum() == 0 or cur.sum() == 0:
+            return Measurement(float("nan"))
+        p, q = ref / ref.sum(), cur / cur.sum()
+        m = (p + q) / 2
+
+        def kl(a: np.ndarray) -> float:  # to the mixture, over the bins a has (the mixture has them too)
+            has = a > 0
+            return float(np.sum(a[has] * np.log2(a[has] / m[has])))
+
+        return Measurement(float(np.sqrt(max((kl(p) + kl(q)) / 2, 0.0))))
+
+
 # The registry: the engine, the reports and the records iterate over these, in this order.
 STATISTICS: tuple[DriftStatistic, ...] = (
     PopulationStabilityIndex(),
     KolmogorovSmirnov(),
     Missingness(),
     Wasserstein(),
+    JensenShannon(),
 )
 
 

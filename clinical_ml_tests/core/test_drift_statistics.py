@@ -156,3 +156,19 @@ def test_the_former_drift_report_call_still_renders_and_states_its_psi_levels():
         code_version="c1",
     )
     assert "0.12 to 0.27" in html and rows[0]["label"] in md
+
+
+def test_jensen_shannon_equals_scipy_on_the_psi_bins_and_is_bounded():
+    from scipy.spatial import distance
+
+    rng = np.random.default_rng(9)
+    a = rng.normal(size=2000)
+    b = np.concatenate([rng.normal(0.5, 1.3, size=900), [np.nan] * 100])
+    profile = reference_profile(a[:, None], ["x"])
+    col = profile.columns[0]
+    observed = np.bincount(np.searchsorted(col.edges, b[np.isfinite(b)]), minlength=col.counts.size - 1)
+    expected = distance.jensenshannon(col.counts, np.append(observed, np.isnan(b).sum()), base=2)
+    assert batch_drift(profile, b[:, None])[0].value("jensen_shannon") == pytest.approx(expected, rel=1e-9)
+    assert batch_drift(profile, a[:, None])[0].value("jensen_shannon") == pytest.approx(0.0, abs=1e-7)
+    # nothing in common (every value missing against a fully measured reference): the maximum, 1
+    assert batch_drift(profile, np.full((50, 1), np.nan))[0].value("jensen_shannon") == pytest.approx(1.0)
