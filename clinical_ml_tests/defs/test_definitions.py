@@ -1,6 +1,7 @@
 """The code location loads, every asset is labelled, the graph shape is reviewed, the PHI boundary holds."""
 
 import ast
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -114,3 +115,17 @@ def test_dagster_facing_modules_do_not_postpone_annotations():
     for folder in ("defs", "resources"):
         for path in (PACKAGE / folder).rglob("*.py"):
             assert "from __future__ import annotations" not in path.read_text(), path
+
+
+def test_defs_name_no_artifact_file_and_never_import_upwards():
+    """Artifacts are reached through the typed stores and the Registry (core/artifacts.py, core/registry.py):
+    no file name of an artifact in the wiring, and nothing in defs/ imports the command-line modules."""
+    file_name = re.compile(r"""["'][\w./-]*\.(json|jsonl|parquet|txt|pkl|ndjson|html|png)["']""")
+    offenders = []
+    for path in (PACKAGE / "defs").rglob("*.py"):
+        text = path.read_text()
+        offenders += [f"{path.name}: {m.group(0)}" for m in file_name.finditer(text)]
+        offenders += [
+            f"{path.name}: imports the CLI" for m in re.finditer(r"from clinical_ml\.(cli|replay)\b", text)
+        ]
+    assert offenders == []
