@@ -1,5 +1,6 @@
 """LightGBM training and scoring. Models are stored in LightGBM's text format, never pickled."""
 
+import json
 from dataclasses import dataclass, field
 
 import lightgbm as lgb
@@ -73,7 +74,25 @@ def train_model(
     return TrainedModel(booster=booster, feature_names=list(feature_names), best_iteration=best, params=p)
 
 
+def is_complete_model_text(text: str) -> bool:
+    """Whether ``text`` has the shape of a whole LightGBM text model: its header, the end of its trees and of
+    its parameters, and the closing line. LightGBM aborts the process on some truncated models instead of
+    raising, so a file is checked before it is parsed."""
+    lines = text.rstrip("\n").splitlines()
+    if not lines or lines[0] != "tree" or "end of trees" not in lines or "end of parameters" not in lines:
+        return False
+    head, _, tail = lines[-1].partition(":")
+    try:
+        json.loads(tail)
+    except ValueError:
+        return False
+    return head == "pandas_categorical"
+
+
 def load_model(text: str) -> TrainedModel:
+    """A model from its LightGBM text; ``ValueError`` when the text is not a whole model."""
+    if not is_complete_model_text(text):
+        raise ValueError("not a complete LightGBM text model (empty, truncated or another file)")
     booster = lgb.Booster(model_str=text)
     return TrainedModel(
         booster=booster,

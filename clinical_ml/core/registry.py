@@ -5,11 +5,20 @@
     <use_case>/models/<version>/model.txt      LightGBM text format (never pickle)
     <use_case>/models/<version>/card.json      the model card: features, training ranges, metrics with CIs,
                                                the gate's verdict, lineage
+    <use_case>/models/<version>/SHA256SUMS     sha256 of both, written last: the version is complete
     <use_case>/champion.json                   the version currently approved for use
-    <use_case>/decisions.jsonl                 every promotion decision with its reasons
+    <use_case>/decisions.jsonl                 every promotion decision with its reasons, one framed record
+                                               (with the sha256 of its content) per line
+
+Files are checked on load: a model file or card that no longer matches its sha256, or that cannot be read,
+raises :class:`RegistryIntegrityError` naming the file; a torn or altered line of the decision log is left
+in place, skipped and reported (:meth:`Registry.decision_log_problems`), and the next record starts on a line
+of its own. Versions registered before the checksums existed read back unverified.
 """
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +34,21 @@ from clinical_ml.core.validation import Evaluation
 
 MODEL_FILE = "model.txt"
 CARD_FILE = "card.json"
+SUMS_FILE = "SHA256SUMS"
 CHAMPION_FILE = "champion.json"
 DECISIONS_FILE = "decisions.jsonl"
+
+
+class RegistryIntegrityError(RuntimeError):
+    """A registry file is damaged or was changed after it was written (the message names it)."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _record_digest(record: dict) -> str:
+    return _sha256(json.dumps(record, sort_keys=True, default=str).encode())
 
 
 @dataclass(frozen=True)
@@ -213,27 +235,69 @@ class Registry:
         return self._base / "models" / version
 
     def register(self, card: ModelCard, *, model_text: str) -> Path:
-        """Write a model version; an existing version is never overwritten."""
+        """Write a model version; an existing version is never overwritten. The checksums are written last,
+        so a registration cut short leaves a version that is not listed."""
         d = self._version_dir(card.version)
         if d.exists():
             raise FileExistsError(f"model version {card.version} of {self.use_case} is already registered")
         d.mkdir(parents=True)
-        atomic_write_bytes(d / MODEL_FILE, model_text.encode())
-        atomic_write_bytes(d / CARD_FILE, json.dumps(card.as_dict(), indent=2, default=str).encode())
+        files = {
+            MODEL_FILE: model_text.encode(),
+            CARD_FILE: json.dumps(card.as_dict(), indent=2, default=str).encode(),
+        }
+        for name, data in files.items():
+            atomic_write_bytes(d / name, data)
+        sums = "".join(f"{_sha256(data)}  {name}\n" for name, data in files.items())
+        atomic_write_bytes(d / SUMS_FILE, sums.encode())
         return d
 
+    def _where(self, version: str, name: str) -> str:
+        return f"registry file {self.use_case}/models/{version}/{name}"
+
+    def _read_verified(self, version: str, name: str) -> bytes:
+        """A file of a version, checked against its recorded sha256 (unverified for older versions)."""
+        d = self._version_dir(version)
+        try:
+            data = (d / name).read_bytes()
+        except OSError as e:
+            raise RegistryIntegrityError(
+                f"{self._where(version, name)} cannot be read ({type(e).__name__})"
+            ) from e
+        sums = d / SUMS_FILE
+        if sums.exists():
+            expected: dict[str, str] = {}
+            for line in sums.read_text().splitlines():
+                digest, _, file_name = line.partition("  ")
+                expected[file_name] = digest
+            if expected.get(name) != _sha256(data):
+                raise RegistryIntegrityError(
+                    f"{self._where(version, name)} does not match the sha256 recorded at registration: it was "
+                    "changed or damaged since; restore it from a backup, or retrain and register a new version"
+                )
+        return data
+
     def card(self, version: str) -> ModelCard:
-        raw = json.loads((self._version_dir(version) / CARD_FILE).read_text())
+        data = self._read_verified(version, CARD_FILE)
+        try:
+            raw = json.loads(data)
+        except ValueError as e:
+            raise RegistryIntegrityError(f"{self._where(version, CARD_FILE)} is not valid JSON") from e
         return ModelCard.from_dict(raw, use_case=self.use_case, version=version)
 
     def has_card(self, version: str) -> bool:
         return (self._version_dir(version) / CARD_FILE).exists()
 
     def model_text(self, version: str) -> str:
-        return (self._version_dir(version) / MODEL_FILE).read_text()
+        return self._read_verified(version, MODEL_FILE).decode("utf-8", errors="replace")
 
     def model(self, version: str) -> TrainedModel:
-        return load_model(self.model_text(version))
+        text = self.model_text(version)
+        try:
+            return load_model(text)
+        except Exception as e:  # LightGBM raises its own error types for an unreadable model
+            raise RegistryIntegrityError(
+                f"{self._where(version, MODEL_FILE)} is not a readable LightGBM model"
+            ) from e
 
     def champion(self) -> str | None:
         p = self._base / CHAMPION_FILE
@@ -255,26 +319,68 @@ class Registry:
 
         The Dagster graph records with ``move_pointer=False`` and moves the pointer in a separate step that
         runs only after the blocking gate checks pass (:meth:`set_champion`). Returns the decision as
-        recorded (with its time).
+        recorded (with its time). The record is one line with the sha256 of its content, written in one
+        append; after a torn last line the record starts on a new line, so the fragment never swallows it.
         """
         self._base.mkdir(parents=True, exist_ok=True)
         entry = PromotionDecision(**{**decision.__dict__, "at": datetime.now(UTC).isoformat()})
-        with (self._base / DECISIONS_FILE).open("a") as f:
-            f.write(json.dumps(entry.as_dict()) + "\n")
+        record = entry.as_dict()
+        line = json.dumps({**record, "sha256": _record_digest(record)}) + "\n"
+        path = self._base / DECISIONS_FILE
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if decision.promoted and move_pointer:
             self.set_champion(decision.challenger)
         return entry
 
-    def decisions(self) -> list[PromotionDecision]:
-        """Every recorded decision, oldest first."""
+    def _decision_lines(self) -> tuple[list[PromotionDecision], list[str]]:
         p = self._base / DECISIONS_FILE
         if not p.exists():
-            return []
-        return [PromotionDecision.from_dict(json.loads(line)) for line in p.read_text().splitlines() if line]
+            return [], []
+        decisions, problems = [], []
+        for number, line in enumerate(p.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"registry file {self.use_case}/{DECISIONS_FILE} line {number}"
+            try:
+                raw = json.loads(line)
+                digest = raw.pop("sha256", None)
+                if digest is not None and digest != _record_digest(raw):
+                    problems.append(f"{where}: does not match its sha256 (altered); skipped")
+                    continue
+                decisions.append(PromotionDecision.from_dict(raw))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                problems.append(
+                    f"{where}: not a whole decision record (torn by a crash?); kept in the file, skipped"
+                )
+        return decisions, problems
+
+    def decisions(self) -> list[PromotionDecision]:
+        """Every readable recorded decision, oldest first (see :meth:`decision_log_problems` for the others)."""
+        return self._decision_lines()[0]
+
+    def decision_log_problems(self) -> list[str]:
+        """Lines of the decision log that could not be read, with where they are (no content)."""
+        return self._decision_lines()[1]
 
     def versions(self) -> list[str]:
+        """Registered versions, oldest first; a registration cut short (no checksums and a file missing) is
+        not one."""
         d = self._base / "models"
-        return sorted(p.name for p in d.iterdir() if (p / CARD_FILE).exists()) if d.exists() else []
+        if not d.exists():
+            return []
+        return sorted(
+            p.name
+            for p in d.iterdir()
+            if (p / SUMS_FILE).exists() or ((p / CARD_FILE).exists() and (p / MODEL_FILE).exists())
+        )
 
     def newest_card(self) -> ModelCard | None:
         versions = self.versions()

@@ -136,6 +136,9 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         )
         card, decision = judged.card, judged.decision
         history = [d.as_dict() for d in registry.decisions()[-10:]]
+        problems = registry.decision_log_problems()
+        for problem in problems:  # where the line is, never its content
+            context.log.warning(problem)
         return dg.MaterializeResult(
             metadata={
                 "model_version": card.version,
@@ -146,6 +149,7 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 "scoring_latency_p99_ms": card.latency_ms["p99_ms"],
                 "abstention_rate_validation": card.abstention_rate_validation,
                 "models_registered": len(registry.versions()),
+                "decision_log_lines_skipped": len(problems),
                 "report": dg.MetadataValue.md(
                     gate_markdown(decision.as_dict(), champion_now=registry.champion(), history=history)
                 ),
