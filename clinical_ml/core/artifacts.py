@@ -17,7 +17,14 @@ import polars as pl
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.features import CohortFlow, SplitInfo
 from clinical_ml.core.registry import PromotionDecision
-from clinical_ml.core.storage import atomic_write_bytes, read_json, sha256_file, write_json, write_parquet
+from clinical_ml.core.storage import (
+    atomic_write_bytes,
+    committed,
+    read_json,
+    sha256_file,
+    write_json,
+    write_parquet,
+)
 from clinical_ml.core.training import ChallengerFit
 from clinical_ml.core.validation import Evaluation, OperatingThreshold
 
@@ -39,13 +46,6 @@ class JsonCodec(Protocol):
 
 
 T = TypeVar("T", bound=JsonCodec)
-
-
-def committed(folder: Path, suffix: str) -> list[Path]:
-    """Files of ``folder`` ending in ``suffix``, sorted; never a temporary file of an unfinished write."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
 
 
 @dataclass(frozen=True)

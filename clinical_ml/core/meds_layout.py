@@ -13,6 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clinical_ml.core.storage import committed
 from clinical_ml.core.units import plain_name
 
 EXTENSION_COLUMNS = ["hadm_id", "available_time", "implausible"]
@@ -67,7 +68,7 @@ def write_meds_dataset(
     root = Path(root)
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
-    for old in (root / "data").glob("*.parquet"):
+    for old in (root / "data").glob("*.parquet"):  # leftovers of an interrupted export included
         old.unlink()
     ev = events.lazy()
     counts = {}
@@ -112,4 +113,4 @@ def write_meds_dataset(
 
 
 def read_meds_events(root: Path) -> pl.DataFrame:
-    return pl.read_parquet(Path(root) / "data" / "*.parquet")
+    return pl.read_parquet(committed(Path(root) / "data", ".parquet"))

@@ -26,6 +26,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def committed(folder: Path, suffix: str) -> list[Path]:
+    """Files of ``folder`` ending in ``suffix``, sorted; never a temporary file of an unfinished write (the
+    writers here name those with a leading dot, and a glob such as ``*.parquet`` would match them)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+
+
 def write_parquet(df: pl.DataFrame, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

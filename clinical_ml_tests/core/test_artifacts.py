@@ -3,10 +3,11 @@
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from clinical_ml.core.artifacts import DeidStore, PhiStore, UseCaseStore, committed
+from clinical_ml.core.artifacts import DeidStore, PhiStore, UseCaseStore
 from clinical_ml.core.evaluation import MetricWithCI
 from clinical_ml.core.features import CohortFlow, SplitInfo
 from clinical_ml.core.registry import PromotionDecision
+from clinical_ml.core.storage import committed
 from clinical_ml.core.training import ChallengerFit, FitSummary
 from clinical_ml.core.validation import Evaluation, OperatingThreshold
 

@@ -3,6 +3,7 @@ registration cut short is not a version, and a torn or altered decision record i
 every other record (and the next one) stays readable."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_a_damaged_registry_file_is_named_on_load(tmp_path, model_text, file, ho
     registry.register(ModelCard("uc", "v1", threshold=0.3), model_text=model_text)
     assert registry.model("v1").predict(np.zeros((1, 2))).shape == (1,)
     _damage(tmp_path / "uc" / "models" / "v1" / file, how)
-    with pytest.raises(RegistryIntegrityError, match=f"uc/models/v1/{file}"):
+    with pytest.raises(RegistryIntegrityError, match=re.escape(f"uc/models/v1/{file}")):
         registry.model("v1") if file == "model.txt" else registry.card("v1")
 
 
@@ -54,7 +55,7 @@ def test_an_unverified_older_version_still_fails_with_the_file_named(tmp_path, m
     (tmp_path / "uc" / "models" / "v1" / "SHA256SUMS").unlink()  # as registered before the checksums
     assert registry.card("v1").version == "v1" and registry.versions() == ["v1"]
     _damage(tmp_path / "uc" / "models" / "v1" / "model.txt", how)
-    with pytest.raises(RegistryIntegrityError, match="uc/models/v1/model.txt"):
+    with pytest.raises(RegistryIntegrityError, match=re.escape("uc/models/v1/model.txt")):
         registry.model("v1")
 
 
