@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import AGE_CAP, DEID_COLUMNS, year_quarter
-from clinical_ml.core.storage import write_json, write_parquet
+from clinical_ml.core.storage import committed, write_json, write_parquet
 from clinical_ml.core.units import PLAUSIBLE_RANGES
 
 # Plausible ranges for codes the shared vocabulary (core/units.py) does not list; same rule: outside the
@@ -176,7 +176,7 @@ def write_deid_layer(adapted: AdaptedSource, *, data_root: Path) -> dict[str, li
     """
     deid = Path(data_root) / "deid"
     prefix = f"{adapted.source}_"
-    foreign = [p.name for p in (deid / "events").glob("*.parquet") if not p.name.startswith(prefix)]
+    foreign = [p.name for p in committed(deid / "events", ".parquet") if not p.name.startswith(prefix)]
     if foreign:
         raise AdapterError(
             f"{deid} already holds {len(foreign)} batches of another source; use a separate data root"
