@@ -163,6 +163,21 @@ class FairnessSummary:
 
 
 @dataclass(frozen=True)
+class FeatureDriftSnapshot:
+    """Each predictor of the newest batch against the derivation cohort, as the feature drift report shows."""
+
+    batch_id: str
+    features: tuple[dict, ...]  # clinical_ml.core.drift.FeatureDrift.as_dict() with a readable ``label``
+
+    def as_dict(self) -> dict:
+        return {"batch_id": self.batch_id, "features": list(self.features)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureDriftSnapshot":
+        return cls(str(d["batch_id"]), tuple(d["features"]))
+
+
+@dataclass(frozen=True)
 class ShapImportance:
     """Global SHAP importance of each predictor of a model version, most important first."""
 
@@ -275,7 +290,7 @@ class UseCaseStore:
         self.shap = JsonFile(f / "shap.json", ShapImportance)
         self.decision = JsonFile(f / "decision.json", PromotionDecision)
         self.fairness = JsonFile(f / "fairness.json", FairnessSummary)
-        self.feature_drift = JsonFile(f / "feature_drift.json", DictRecord)
+        self.feature_drift = JsonFile(f / "feature_drift.json", FeatureDriftSnapshot)
         self.batch_predictions = ParquetParts(f / "predictions")
         self.fhir_exports = f / "fhir"
 

@@ -3,7 +3,7 @@ export for the EHR, and performance over time; the newest-batch drift report is 
 
 import dagster as dg
 
-from clinical_ml.core.artifacts import DictRecord
+from clinical_ml.core.artifacts import FeatureDriftSnapshot
 from clinical_ml.core.batch_monitoring import BatchMonitoring
 from clinical_ml.core.champion_monitoring import (
     Champion,
@@ -292,7 +292,7 @@ def build_monitoring_assets(
         store = zones.use_case(uc.name)
         drift = newest_batch_drift(store, config)
         rows = [{**d.as_dict(), "label": feature_label(d.feature)} for d in drift.features]
-        store.feature_drift.write(DictRecord({"batch_id": drift.batch_id, "features": rows}))
+        store.feature_drift.write(FeatureDriftSnapshot(drift.batch_id, tuple(rows)))
         html, md = drift_report(
             use_case=uc,
             batch_id=drift.batch_id,
