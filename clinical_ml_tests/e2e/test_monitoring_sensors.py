@@ -184,3 +184,37 @@ def test_drift_and_performance_errors_request_one_retraining_each_and_only_drift
         perf = by_reason["realised performance below its minimums in 2026-01-05 (model v1)"]
         assert DRIFT_FROM_TAG not in perf.tags
         assert retraining_requests(instance, [drift_key, report_key], cursor)[0] == []
+
+
+def test_the_retraining_sensor_says_which_drift_errors_did_not_request_retraining():
+    from clinical_ml.defs.monitoring.sensors import (
+        build_drift_retraining_sensor,
+        drift_errors_without_retraining,
+    )
+
+    drift_key = dg.AssetKey(["icu_mortality_24h", "batch_drift"])
+    from clinical_ml.core.usecase import load_use_case
+
+    sensor = build_drift_retraining_sensor(
+        [load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")]
+    )
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str | None = None):
+            return sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+
+        quiet = tick()
+        assert isinstance(quiet, dg.SkipReason) and "no drift ERROR" in (quiet.skip_message or "")
+        instance.add_dynamic_partitions("batches", ["2026-01-21", "2026-01-22"])
+        for batch, level in (("2026-01-21", "error"), ("2026-01-22", "warn")):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset_key=drift_key,
+                    partition=batch,
+                    metadata={"level": level, "retraining_requested": False},
+                )
+            )
+        assert drift_errors_without_retraining(instance, [drift_key], 0) == ["2026-01-21"]
+        said = tick()
+        assert isinstance(said, dg.SkipReason)
+        assert "1 drift ERROR(s)" in (said.skip_message or "") and "2026-01-21" in (said.skip_message or "")

@@ -145,6 +145,25 @@ def retraining_requests(
     return requests, newest
 
 
+def drift_errors_without_retraining(
+    instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
+) -> list[str]:
+    """Batches whose drift check reached ERROR after ``cursor`` without requesting retraining (the champion
+    was trained on the batch, or a model retrained for the same episode stands refused)."""
+    batches = []
+    for key in (k for k in keys if k.path[-1] == "batch_drift"):
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
+        )
+        for record in result.records:
+            mat = record.asset_materialization
+            meta = mat.metadata if mat else {}
+            level, wanted = meta.get("level"), meta.get("retraining_requested")
+            if str(getattr(level, "value", level)) == "error" and not bool(getattr(wanted, "value", wanted)):
+                batches.append(str(mat.partition if mat else "?"))
+    return batches
+
+
 def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefinition:
     keys = [dg.AssetKey([uc.name, name]) for uc in use_cases for name in ("batch_drift", "monitoring_report")]
 
@@ -159,9 +178,17 @@ def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefiniti
     )
     def drift_retraining_sensor(context: dg.SensorEvaluationContext):
         cursor = int(context.cursor or 0)
+        unrequested = drift_errors_without_retraining(context.instance, keys, cursor)
         requests, newest = retraining_requests(context.instance, keys, cursor)
         context.update_cursor(str(newest))
-        return requests or dg.SkipReason("no drift ERROR since the last check")
+        if requests:
+            return requests
+        if unrequested:
+            return dg.SkipReason(
+                f"{len(unrequested)} drift ERROR(s) since the last check did not request retraining "
+                f"(batches {', '.join(unrequested[:10])}); each batch_drift page says why"
+            )
+        return dg.SkipReason("no retraining requested and no drift ERROR since the last check")
 
     return drift_retraining_sensor
 
