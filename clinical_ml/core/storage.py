@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def committed(folder: Path, suffix: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+
+
+def sweep_leftovers(root: Path, *, older_than_seconds: float, now: float | None = None) -> list[Path]:
+    """Remove the temporary files of writes that never finished (dot-named, untouched for longer than any
+    write takes) anywhere under ``root``; returns what was removed, so the caller can say so. Readers never
+    read them (see :func:`committed`): this only gives the disk space back and makes the crash visible."""
+    cutoff = (time.time() if now is None else now) - older_than_seconds
+    removed = []
+    for path in Path(root).rglob(".*"):
+        if path.is_file() and path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
 
 
 def write_parquet(df: pl.DataFrame, path: Path) -> Path:

@@ -82,3 +82,23 @@ def test_data_versions_hash_the_committed_parts_named(tmp_path):
     assert set(versions) == {"b1", "b2"} and versions["b1"] != versions["b2"]
     events.part("b1").write(pl.DataFrame({"x": [1]}))
     assert events.data_versions(["b1"]) == {"b1": versions["b1"]}  # same data, same version
+
+
+def test_leftovers_of_writes_that_never_finished_are_swept_only_when_old(tmp_path):
+    import os
+
+    from clinical_ml.core.storage import sweep_leftovers
+
+    events = DeidStore(tmp_path / "deid", tmp_path / "reports").events
+    events.part("2026-01-01").write(pl.DataFrame({"x": [1]}))
+    old = events.folder / ".2026-01-02.parquet.a1.parquet"
+    fresh = events.folder / ".2026-01-03.parquet.b2.parquet"  # a write in progress right now
+    nested = tmp_path / "deid" / "usecases" / "uc" / "predictions" / ".2026-01-02.parquet.c3.parquet"
+    for path in (old, fresh, nested):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    now = os.path.getmtime(fresh)
+    for path in (old, nested):
+        os.utime(path, (now - 7200, now - 7200))
+    assert sweep_leftovers(tmp_path / "deid", older_than_seconds=3600, now=now) == sorted([old, nested])
+    assert fresh.exists() and events.batch_ids() == ["2026-01-01"]

@@ -7,13 +7,15 @@ from clinical_ml.core.deid_release import BatchRelease, batch_rng, release_batch
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.reidentification import RiskPolicy
-from clinical_ml.core.storage import code_version
+from clinical_ml.core.storage import code_version, sweep_leftovers
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.pseudonym_secret import HmacKey, hmac_key_for
 from clinical_ml.resources.settings import AnonymizationSettings
 from clinical_ml.resources.zones import DataZones
 
+# a temporary file this old belongs to a write that died: the nightly MEDS export removes it
+LEFTOVER_AGE_SECONDS = 6 * 3600
 DEID_TABLES = {
     "patients": "anonymized_patients",
     "encounters": "anonymized_encounters",
@@ -235,6 +237,12 @@ def _table_outcome(
 )
 def meds_dataset(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
     deid = zones.deid_store()
+    leftovers = sweep_leftovers(deid.root, older_than_seconds=LEFTOVER_AGE_SECONDS)
+    if leftovers:  # batch ids and artifact names only, never a value
+        context.log.warning(
+            f"removed {len(leftovers)} temporary files of writes that never finished (a killed run): "
+            + ", ".join(str(p.relative_to(deid.root)) for p in leftovers[:20])
+        )
     files = deid.events.files()
     if not files:
         raise dg.Failure(
