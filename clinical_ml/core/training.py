@@ -73,8 +73,17 @@ def fit_model(frame: pl.DataFrame, use_case: UseCase) -> tuple[TrainedModel, Fit
     cols = feature_columns(use_case)
     x_tr, y_tr = _xy(frame, "train", cols)
     x_tu, y_tu = _xy(frame, "tuning", cols)
+    if len(y_tr) == 0 or len(y_tu) == 0:
+        raise ValueError(
+            f"the derivation cohort is empty ({len(y_tr)} training and {len(y_tu)} tuning admissions): no "
+            "admission is eligible; the cohort's participant flow says why (e.g. every stay ended before the "
+            f"prediction time, {use_case.prediction_time.offset_hours:g} h after admission)"
+        )
     if y_tr.sum() == 0 or y_tu.sum() == 0:
-        raise ValueError("the derivation cohort has no outcome events in its training or tuning part")
+        raise ValueError(
+            f"the derivation cohort has {int(y_tr.sum())} outcome events in its {len(y_tr)} training and "
+            f"{int(y_tu.sum())} in its {len(y_tu)} tuning admissions: a model needs events in both"
+        )
     model = train_model(x_tr, y_tr, x_tu, y_tu, feature_names=cols, seed=use_case.validation.seed)
     summary = FitSummary(
         n_train=len(y_tr),

@@ -24,10 +24,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Ages leave the anonymization boundary capped at this value ("90+", HIPAA Safe Harbor).
+AGE_CAP_YEARS = 90
+
+
 class Population(_Strict):
-    min_age_years: int = Field(18, ge=0, le=120)
+    min_age_years: int = Field(18, ge=0)
     inclusion: str
     exclusion: str
+
+    @field_validator("min_age_years")
+    @classmethod
+    def _below_the_age_cap(cls, v: int) -> int:
+        if v > AGE_CAP_YEARS:
+            raise ValueError(
+                f"must be at most {AGE_CAP_YEARS}: de-identified ages are capped at {AGE_CAP_YEARS} ('90+'), so "
+                f"a minimum of {v} would select nobody"
+            )
+        return v
 
 
 class PredictionTime(_Strict):

@@ -1,5 +1,6 @@
 """Windowed features: the leakage rule, each aggregate, missingness indicators, and the splits."""
 
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -248,3 +249,28 @@ def test_a_year_names_every_quarter_of_it():
         cohort, strategy="temporal", validation_periods=["2015"], fraction=0.3, tuning_fraction=0.2, seed=0
     )
     assert info.strategy == "temporal" and info.validation_periods == ("2015Q3",)
+
+
+@pytest.mark.parametrize(
+    ("rows", "events", "says"),
+    [
+        ({"train": 0, "tuning": 0}, {}, "derivation cohort is empty (0 training and 0 tuning"),
+        ({"train": 40, "tuning": 0}, {"train": 5}, "derivation cohort is empty (40 training and 0 tuning"),
+        ({"train": 40, "tuning": 20}, {"train": 5}, "0 in its 20 tuning admissions"),
+        ({"train": 40, "tuning": 20}, {"tuning": 3}, "has 0 outcome events in its 40 training"),
+    ],
+)
+def test_a_cohort_a_model_cannot_learn_from_is_refused_with_its_counts(rows, events, says):
+    from clinical_ml.core.features import feature_columns
+    from clinical_ml.core.training import fit_model
+
+    cols = feature_columns(USE_CASE)
+    n = sum(rows.values())
+    split = [s for s, k in rows.items() for _ in range(k)]
+    label = [i < events.get(s, 0) for s, k in rows.items() for i in range(k)]
+    frame = pl.DataFrame(
+        {c: np.zeros(n) for c in cols} | {"split": split, "boolean_value": label},
+        schema_overrides={"split": pl.String, "boolean_value": pl.Boolean},
+    )
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fit_model(frame, USE_CASE)

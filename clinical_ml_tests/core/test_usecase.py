@@ -25,6 +25,8 @@ def test_repository_use_cases_load():
         ("    - LAB//2160-0    # creatinine", "    - creatinine", "features.codes"),
         ("age_bands: [18, 45, 65, 80]", "age_bands: [18, 65, 45]", "subgroups.age_bands"),
         ("min_cell_size: 11", "min_cell_size: 11\n  colour: blue", "subgroups.colour"),
+        ("min_age_years: 18", "min_age_years: 100", "population.min_age_years"),
+        ("min_age_years: 18", "min_age_years: 91", "population.min_age_years"),
     ],
 )
 def test_bad_file_names_the_field(old, new, field):
@@ -45,3 +47,11 @@ def test_hash_changes_with_the_contract():
     a = parse_use_case(GOOD)
     b = parse_use_case(GOOD.replace("auroc_min: 0.75", "auroc_min: 0.76"))
     assert a.source_sha256 != b.source_sha256
+
+
+def test_a_minimum_age_at_the_cap_is_allowed_and_above_it_says_why():
+    assert (
+        parse_use_case(GOOD.replace("min_age_years: 18", "min_age_years: 90")).population.min_age_years == 90
+    )
+    with pytest.raises(UseCaseError, match="capped at 90"):
+        parse_use_case(GOOD.replace("min_age_years: 18", "min_age_years: 100"))
