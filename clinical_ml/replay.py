@@ -20,7 +20,6 @@ from typing import Any
 import dagster as dg
 
 from clinical_ml.core.artifacts import DeidStore
-from clinical_ml.core.champion_monitoring import drift_records
 from clinical_ml.core.drift import worst_level
 from clinical_ml.core.landing import find_complete_batches
 from clinical_ml.core.registry import PromotionDecision, Registry
@@ -58,7 +57,7 @@ def record_manual_approvals(registry_root: Path, use_cases: list[str]) -> list[s
 def batch_drift_level(deid: DeidStore, use_cases: list[str], batch_id: str) -> str | None:
     """The worst drift level the use cases' checks recorded for ``batch_id``; None when none did (no
     champion yet, or the run failed)."""
-    parts = [drift_records(deid.use_case(name)).part(batch_id) for name in use_cases]
+    parts = [deid.use_case(name).drift_records.part(batch_id) for name in use_cases]
     levels = [p.read().level for p in parts if p.exists()]
     return worst_level(levels) if levels else None
 

@@ -8,8 +8,7 @@ import dagster as dg
 import pytest
 
 from clinical_ml import cli, replay
-from clinical_ml.core.artifacts import DeidStore
-from clinical_ml.core.champion_monitoring import DriftRecord, drift_records
+from clinical_ml.core.artifacts import DeidStore, DriftRecord
 from clinical_ml.core.locations import DATA_ROOT_ENV, USECASES_ENV
 from clinical_ml.core.registry import ModelCard, PromotionDecision, Registry
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
@@ -55,7 +54,7 @@ def test_batch_drift_level_is_the_worst_over_use_cases_and_none_when_unmonitored
         ("b", "2026-01-05", "error"),
         ("a", "2026-01-06", "ok"),
     ):
-        drift_records(deid.use_case(use_case)).part(batch).write(
+        deid.use_case(use_case).drift_records.part(batch).write(
             DriftRecord(batch, level, False, "", "", "v1", {})
         )
 

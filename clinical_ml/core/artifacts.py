@@ -8,7 +8,7 @@ begin with a dot (the temporary files of a write in progress or of a killed proc
 
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, Self, TypeVar
 
@@ -162,6 +162,53 @@ class FairnessSummary:
         return cls(str(d["model_version"]), str(d["verdict"]), dict(d))
 
 
+RELEASED_LEVELS = ("ok", "warn")
+
+
+@dataclass(frozen=True)
+class DriftRecord:
+    """What a batch's drift check decided, kept beside the batch (the judge of its release)."""
+
+    batch_id: str
+    level: str
+    retraining_requested: bool
+    retraining_note: str
+    reference: str
+    model_version: str
+    thresholds: dict
+    check: dict = field(default_factory=dict)  # clinical_ml.core.batch_monitoring.BatchMonitoring.as_dict()
+
+    @property
+    def released(self) -> bool:
+        return self.level in RELEASED_LEVELS
+
+    def as_dict(self) -> dict:
+        return {
+            **self.check,
+            "batch_id": self.batch_id,
+            "level": self.level,
+            "retraining_requested": self.retraining_requested,
+            "retraining_note": self.retraining_note,
+            "reference": self.reference,
+            "model_version": self.model_version,
+            "thresholds": self.thresholds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DriftRecord":
+        top = ("batch_id", "level", "retraining_requested", "retraining_note", "reference", "model_version")
+        return cls(
+            batch_id=str(d["batch_id"]),
+            level=str(d["level"]),
+            retraining_requested=bool(d.get("retraining_requested", False)),
+            retraining_note=str(d.get("retraining_note", "")),
+            reference=str(d.get("reference", "")),
+            model_version=str(d.get("model_version", "")),
+            thresholds=dict(d.get("thresholds", {})),
+            check={k: v for k, v in d.items() if k not in (*top, "thresholds")},
+        )
+
+
 @dataclass(frozen=True)
 class FeatureDriftSnapshot:
     """Each predictor of the newest batch against the derivation cohort, as the feature drift report shows."""
@@ -292,11 +339,8 @@ class UseCaseStore:
         self.fairness = JsonFile(f / "fairness.json", FairnessSummary)
         self.feature_drift = JsonFile(f / "feature_drift.json", FeatureDriftSnapshot)
         self.batch_predictions = ParquetParts(f / "predictions")
+        self.drift_records = JsonParts(f / "monitoring", DriftRecord)
         self.fhir_exports = f / "fhir"
-
-    def batch_drift_records(self, kind: type[T]) -> JsonParts[T]:
-        """One drift record per checked batch (the record type belongs to the batch check)."""
-        return JsonParts(self.folder / "monitoring", kind)
 
     def drift_reference_cache(self, key: str) -> PickleCache:
         return PickleCache(self.folder / "monitoring" / "reference" / f"{key}.pkl")

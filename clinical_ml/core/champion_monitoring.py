@@ -8,13 +8,13 @@ use case's store and registry, tested directly.
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.artifacts import UseCaseStore
+from clinical_ml.core.artifacts import DriftRecord, UseCaseStore
 from clinical_ml.core.batch_monitoring import (
     PREDICTION_COLUMN,
     BatchMonitoring,
@@ -32,7 +32,6 @@ from clinical_ml.core.registry import ModelCard, Registry
 from clinical_ml.core.scoring import Scorer
 
 SUBGROUP_COLUMNS = ("sex", "age_band", "race_ethnicity")
-RELEASED_LEVELS = ("ok", "warn")
 
 
 class NoChampionError(RuntimeError):
@@ -179,54 +178,6 @@ def cached_drift_reference(
     return cache.get_or_build(
         lambda: drift_reference(monitoring_frame(store), champion, config, exclude_batch=batch_id)
     )
-
-
-@dataclass(frozen=True)
-class DriftRecord:
-    """What a batch's drift check decided, kept beside the batch (the judge of its release)."""
-
-    batch_id: str
-    level: str
-    retraining_requested: bool
-    retraining_note: str
-    reference: str
-    model_version: str
-    thresholds: dict
-    check: dict = field(default_factory=dict)  # clinical_ml.core.batch_monitoring.BatchMonitoring.as_dict()
-
-    @property
-    def released(self) -> bool:
-        return self.level in RELEASED_LEVELS
-
-    def as_dict(self) -> dict:
-        return {
-            **self.check,
-            "batch_id": self.batch_id,
-            "level": self.level,
-            "retraining_requested": self.retraining_requested,
-            "retraining_note": self.retraining_note,
-            "reference": self.reference,
-            "model_version": self.model_version,
-            "thresholds": self.thresholds,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DriftRecord":
-        top = ("batch_id", "level", "retraining_requested", "retraining_note", "reference", "model_version")
-        return cls(
-            batch_id=str(d["batch_id"]),
-            level=str(d["level"]),
-            retraining_requested=bool(d.get("retraining_requested", False)),
-            retraining_note=str(d.get("retraining_note", "")),
-            reference=str(d.get("reference", "")),
-            model_version=str(d.get("model_version", "")),
-            thresholds=dict(d.get("thresholds", {})),
-            check={k: v for k, v in d.items() if k not in (*top, "thresholds")},
-        )
-
-
-def drift_records(store: UseCaseStore):
-    return store.batch_drift_records(DriftRecord)
 
 
 def drift_retraining_decision(
@@ -420,7 +371,7 @@ def check_batch(
         {k: list(v) if isinstance(v, tuple) else v for k, v in config.drift.__dict__.items()},
         result.as_dict(),
     )
-    drift_records(store).part(batch_id).write(record)
+    store.drift_records.part(batch_id).write(record)
     return BatchCheck(record, result, reference.profile.n_rows)
 
 
@@ -444,6 +395,16 @@ class PerformanceReview:
             return ""
         return f"realised performance below its minimums in {', '.join(self.retrain_for)} (model {self.champion})"
 
+    def summary(self) -> dict:
+        """Aggregates for the asset's page (no row values)."""
+        return {
+            "retraining_requested": bool(self.retrain_for),
+            "retraining_reason": self.retraining_reason,
+            "batches_monitored": len(self.batches),
+            "batches_drift_error": sum(b["level"] == "error" for b in self.batches),
+            "periods_mature": sum(r["status"] == "mature" for r in self.rows if r["attribute"] == "all"),
+        }
+
     def failing_summary(self, limit: int = 20) -> list[dict]:
         return [
             {"period": r["period"], "group": f"{r['attribute']}={r['group']}", "reasons": r["reasons"]}
@@ -457,7 +418,7 @@ def review_performance(
     rows = realised_performance(store, champion, monitoring_frame(store), config)
     return PerformanceReview(
         champion=champion.version,
-        batches=[r.as_dict() for r in drift_records(store).read_all()],
+        batches=[r.as_dict() for r in store.drift_records.read_all()],
         rows=rows,
         retrain_for=periods_to_retrain(rows, champion=champion.version, newest=registry.newest_card()),
     )

@@ -340,7 +340,8 @@ class Registry:
             self.set_champion(decision.challenger)
         return entry
 
-    def _decision_lines(self) -> tuple[list[PromotionDecision], list[str]]:
+    def decision_log(self) -> tuple[list[PromotionDecision], list[str]]:
+        """The readable decisions, oldest first, and where the unreadable lines are (no content), in one read."""
         p = self._base / DECISIONS_FILE
         if not p.exists():
             return [], []
@@ -364,11 +365,11 @@ class Registry:
 
     def decisions(self) -> list[PromotionDecision]:
         """Every readable recorded decision, oldest first (see :meth:`decision_log_problems` for the others)."""
-        return self._decision_lines()[0]
+        return self.decision_log()[0]
 
     def decision_log_problems(self) -> list[str]:
         """Lines of the decision log that could not be read, with where they are (no content)."""
-        return self._decision_lines()[1]
+        return self.decision_log()[1]
 
     def versions(self) -> list[str]:
         """Registered versions, oldest first; a registration cut short (no checksums and a file missing) is

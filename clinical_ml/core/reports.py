@@ -59,12 +59,6 @@ def render(template: str, **context: object) -> str:
     return _ENV.get_template(template).render(**context)
 
 
-def write_report(path: Path, html: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
-    return path
-
-
 def md_escape(text: object) -> str:
     """Neutralize Markdown and HTML control characters in a value placed in a Markdown summary."""
     s = str(text)

@@ -7,10 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clinical_ml.core.artifacts import DeidStore
+from clinical_ml.core.artifacts import DeidStore, DriftRecord
 from clinical_ml.core.champion_monitoring import (
     Champion,
-    DriftRecord,
     drift_reference,
     drift_retraining_decision,
     hold_reason,

@@ -73,16 +73,16 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         store.evaluation.write(ev)
         val = preds.filter(pl.col("split") == "held_out")
         figures = store.reports
-        figures.write_plot(
-            "roc", plots.roc_plot(val["label"].to_numpy(), val["risk"].to_numpy(), threshold=ev.threshold)
-        )
-        figures.write_plot("calibration", plots.calibration_plot(list(ev.calibration_curve)))
-        figures.write_plot("decision_curve", plots.decision_curve_plot(list(ev.decision_curve)))
+        curves = {
+            "roc": plots.roc_plot(val["label"].to_numpy(), val["risk"].to_numpy(), threshold=ev.threshold),
+            "calibration": plots.calibration_plot(list(ev.calibration_curve)),
+            "decision_curve": plots.decision_curve_plot(list(ev.decision_curve)),
+        }
+        for name, png in curves.items():
+            figures.write_plot(name, png)
         return dg.MaterializeResult(
             metadata={
-                "report": dg.MetadataValue.md(
-                    evaluation_markdown(ev.as_dict(), figures.read_plots("calibration", "decision_curve"))
-                ),
+                "report": dg.MetadataValue.md(evaluation_markdown(ev.as_dict(), curves)),
                 "calibration_plot_path": dg.MetadataValue.path(str(figures.plot("calibration"))),
                 "decision_curve_plot_path": dg.MetadataValue.path(str(figures.plot("decision_curve"))),
                 **{f"{k}_validation": v.value for k, v in ev.metrics.items()},

@@ -3,15 +3,13 @@ export for the EHR, and performance over time; the newest-batch drift report is 
 
 import dagster as dg
 
-from clinical_ml.core.artifacts import FeatureDriftSnapshot
+from clinical_ml.core.artifacts import DriftRecord, FeatureDriftSnapshot
 from clinical_ml.core.batch_monitoring import BatchMonitoring
 from clinical_ml.core.champion_monitoring import (
     Champion,
-    DriftRecord,
     NoChampionError,
     check_batch,
     decisions_with_reasons,
-    drift_records,
     hold_reason,
     load_champion,
     monitoring_frame,
@@ -51,7 +49,7 @@ def _champion(zones: DataZones, uc: UseCase) -> Champion:
 def _released_predictions(zones: DataZones, uc: UseCase, batch: str, what: str):
     """The batch's scored admissions, unless its drift check holds them back (then the run fails, saying why)."""
     store = zones.use_case(uc.name)
-    part = drift_records(store).part(batch)
+    part = store.drift_records.part(batch)
     held = hold_reason(part.read() if part.exists() else None, batch_id=batch, what=what)
     if held:
         raise dg.Failure(held)
@@ -263,13 +261,7 @@ def build_monitoring_assets(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                "retraining_requested": bool(review.retrain_for),
-                "retraining_reason": review.retraining_reason,
-                "batches_monitored": len(review.batches),
-                "batches_drift_error": sum(b["level"] == "error" for b in review.batches),
-                "periods_mature": sum(
-                    r["status"] == "mature" for r in review.rows if r["attribute"] == "all"
-                ),
+                **review.summary(),
             }
         )
         yield dg.AssetCheckResult(

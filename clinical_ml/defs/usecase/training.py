@@ -135,8 +135,8 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             drift_from=context.run.tags.get(DRIFT_FROM_TAG),
         )
         card, decision = judged.card, judged.decision
-        history = [d.as_dict() for d in registry.decisions()[-10:]]
-        problems = registry.decision_log_problems()
+        decisions, problems = registry.decision_log()
+        history = [d.as_dict() for d in decisions[-10:]]
         for problem in problems:  # where the line is, never its content
             context.log.warning(problem)
         return dg.MaterializeResult(
