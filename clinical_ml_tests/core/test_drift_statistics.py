@@ -172,3 +172,26 @@ def test_jensen_shannon_equals_scipy_on_the_psi_bins_and_is_bounded():
     assert batch_drift(profile, a[:, None])[0].value("jensen_shannon") == pytest.approx(0.0, abs=1e-7)
     # nothing in common (every value missing against a fully measured reference): the maximum, 1
     assert batch_drift(profile, np.full((50, 1), np.nan))[0].value("jensen_shannon") == pytest.approx(1.0)
+
+
+def test_the_drift_table_is_in_the_order_its_report_says():
+    """The report says ERROR first, then WARN, then the others, each by smallest p-value: the rows are."""
+    import re
+
+    drift = _drift()
+    html, _ = drift_report(
+        use_case=parse_use_case(USECASE.read_text()),
+        batch_id="b1",
+        drift=drift,
+        thresholds=DriftThresholds(),
+        n_reference=3000,
+        n_current=3000,
+        model_version="v1",
+        code_version="test",
+    )
+    assert "smallest p-value) first" in html
+    rank = {"error": 0, "warn": 1, "ok": 2}
+    keys = [(rank[d.level], d.p_min) for d in drift]
+    assert keys == sorted(keys)
+    shown = re.findall(r"<tr><td>(\w+)</td><td class=\"num\">", html)
+    assert shown == [d.feature for d in drift]
