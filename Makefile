@@ -16,6 +16,8 @@ PORT ?= 3000
 SCENARIO ?= default
 PATIENTS ?= 3000
 BATCHES ?= 5
+# Days of admissions per batch of demo and synth (5 x 14 days: long enough for 30-day readmissions).
+DAYS_PER_BATCH ?= 14
 
 .PHONY: setup demo demo-drift dev test lint synth bench clean-data
 
@@ -37,7 +39,8 @@ setup: $(VENV)/.synced $(DAGSTER_HOME)/dagster.yaml
 ## DATA=eicu|mimic runs it instead on a real de-identified demo database (../shared/data, else the committed
 ## subset), mapped by its adapter into data/<DATA>/.
 demo: setup
-	$(VENV)/bin/clinical-ml demo --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES) --data $(or $(DATA),synthetic)
+	$(VENV)/bin/clinical-ml demo --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES) \
+		--days-per-batch $(DAYS_PER_BATCH) --data $(or $(DATA),synthetic)
 
 ## A month of daily batches with a drift from day 20, replayed day by day through the real jobs into the
 ## instance (slow: tens of minutes); then `CLINICAL_ML_DATA_ROOT=data/drift make dev` shows the drift check
@@ -54,9 +57,11 @@ demo-drift: setup
 dev: setup
 	cd $(CURDIR) && exec $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
-## Write a synthetic hospital into the landing zone (SCENARIO=default|drift|bias, PATIENTS, BATCHES).
+## Write a synthetic hospital into the landing zone (SCENARIO=default|drift|bias, PATIENTS, BATCHES,
+## DAYS_PER_BATCH).
 synth: setup
-	$(VENV)/bin/clinical-ml synth --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES)
+	$(VENV)/bin/clinical-ml synth --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES) \
+		--days-per-batch $(DAYS_PER_BATCH)
 
 test: setup
 	$(VENV)/bin/pytest

@@ -37,6 +37,7 @@ def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
         scenario=args.scenario,
         start_date=date.fromisoformat(args.start_date),
         drift_from_batch=args.drift_from_batch,
+        days_per_batch=args.days_per_batch,
     )
 
 
@@ -206,6 +207,12 @@ def _hospital_options(
     p.add_argument("--scenario", choices=["default", "drift", "bias"], default=scenario)
     p.add_argument("--start-date", default="2026-01-05")
     p.add_argument("--drift-from-batch", type=int, default=drift_from_batch)
+    p.add_argument(
+        "--days-per-batch",
+        type=int,
+        default=1,
+        help="days of admissions per batch (30-day readmissions need a span of weeks: e.g. 14)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,33 @@
 """A seeded synthetic hospital that writes exports in the landing contract.
 
 Every patient carries real-looking direct identifiers (names, MRN, birth date, address, ZIP, phone, email)
-so that the anonymization boundary is exercised on every run. In-hospital mortality is drawn from a known
-logistic risk model over the patient's physiology at 24 h, so a model trained on the measurements can
-reach an AUROC of about 0.85 while no single measurement gives the outcome away.
+so that the anonymization boundary is exercised on every run. Three outcomes are drawn from known logistic
+risk models over the physiology, each learnable from the measurements (validation AUROC about 0.7 to 0.9)
+while no single measurement gives it away:
+
+In-hospital mortality, predicted 24 h after admission
+    Over the physiology at 24 h (lactate, creatinine, MAP, GCS, respiratory and heart rate, SpO2,
+    bilirubin, platelets), age and the 24 h trajectory (``trend``).
+30-day readmission, predicted at discharge
+    Every stay discharged alive and not transferred (disposition neither ``EXPIRED`` nor ``TRANSFER``) may
+    be followed by a new encounter of the same patient: an unplanned readmission within 30 days (gap at
+    most 30 days after the discharge time) from a risk model over the physiology at discharge (hemoglobin,
+    creatinine, BUN, sodium, heart rate), age, length of stay, admission type, prior admissions in the data
+    and an unmeasured frailty; else a planned (``ELECTIVE``) readmission within 30 days; else a late return
+    31 to 45 days after discharge (not a 30-day readmission: the boundary matters). A readmission is a
+    stay of its own (physiology, death, further readmissions, up to ``MAX_ENCOUNTERS_PER_PATIENT`` per
+    patient). It is written only when it falls inside the generated span, in the batch of its admission;
+    later ones are right-censored.
+Acute kidney injury (KDIGO creatinine criterion) within 48 h, predicted 24 h after admission
+    From a risk model over severity, age, MAP, lactate, baseline creatinine and trajectory, creatinine rises
+    to 1.6 to 3 times its baseline from an onset that lies between 24 h and 56 h after admission (a few
+    onsets lie before 24 h: those stays already meet the criterion at the prediction time). Creatinine is
+    drawn every 10 h (never more than 12 h apart) through the first 72 h, so the rise is observable.
+
+Labs are drawn every 10 h for the first 72 h, then daily until discharge; vitals hourly for the first 48 h,
+then every 4 h until discharge, so the last day before discharge is measured. Batch ``b`` holds the
+admissions of days ``[b * days_per_batch, (b + 1) * days_per_batch)`` from ``start_date``, with all their
+labs and vitals (even those charted after the batch's last day).
 
 Scenarios
 ---------
@@ -17,7 +41,8 @@ Scenarios
     over-reads by ``SPO2_OVERREAD`` points (occult hypoxaemia), and part of their risk is visible in no
     measurement (``UNMEASURED_RISK_LOGIT``, under-triage), so a model misses more of their deaths.
 
-The ground truth of a scenario is written to ``_manifest.json`` at the root of the output folder.
+The ground truth (scenario, outcome rates as drawn and as a correct labeller finds them in the exports,
+risk model descriptions) is written to ``_manifest.json`` at the root of the output folder.
 """
 
 import dataclasses
@@ -44,6 +69,20 @@ SPO2_OVERREAD = 3.0
 UNMEASURED_RISK_LOGIT = 1.6
 BIAS_GROUP = {"race": "Black or African American"}
 
+EXPIRED = "EXPIRED"
+TRANSFER = "TRANSFER"
+PLANNED_ADMISSION_TYPE = "ELECTIVE"
+MAX_ENCOUNTERS_PER_PATIENT = 4
+READMISSION_DAYS = 30
+PLANNED_READMISSION_P = 0.03
+PLANNED_GAP_DAYS = (5.0, 30.0)
+LATE_RETURN_P = 0.07
+LATE_RETURN_GAP_DAYS = (31.0, 45.0)
+AKI_RATIO = 1.5
+AKI_PREDICTION_HOURS = 24
+AKI_WINDOW_HOURS = 48
+CREATININE_LOINC = "2160-0"
+
 RACES = (
     ("White", 0.64),
     ("Black or African American", 0.16),
@@ -66,6 +105,8 @@ CATCHMENT_ZIP3 = (
     ("606", 0.02),
 )
 ADMISSION_TYPES = (("EMERGENCY", 0.72), ("URGENT", 0.12), ("ELECTIVE", 0.16))
+UNPLANNED_ADMISSION_TYPES = (("EMERGENCY", 0.85), ("URGENT", 0.15))
+ALIVE_DISPOSITIONS = (("HOME", 0.53), ("SNF", 0.24), ("REHAB", 0.11), ("HOSPICE", 0.07), (TRANSFER, 0.05))
 UNITS = (("MICU", 0.4), ("SICU", 0.25), ("CCU", 0.2), ("NEURO_ICU", 0.15))
 
 # (LOINC, name, unit, conversion from canonical unit) per lab; canonical units are the ones listed.
@@ -101,9 +142,10 @@ class SyntheticConfig:
     Parameters
     ----------
     n_patients
-        Distinct patients; about 15% come back for a second admission in a later batch.
+        Distinct patients, each first admitted on a uniformly drawn day of the span; readmissions (see the
+        module docstring) add encounters of the same patients.
     n_batches
-        Daily batches, one folder each, starting at ``start_date``.
+        Batches, one folder each, starting at ``start_date``.
     n_sites
         Hospitals of the network. Odd-numbered sites report creatinine in umol/L, every third site
         reports temperature in degrees Fahrenheit.
@@ -111,8 +153,14 @@ class SyntheticConfig:
         Everything is a function of this seed.
     scenario
         ``default``, ``drift`` or ``bias`` (see the module docstring).
+    start_date
+        First day of the first batch.
     drift_from_batch
         First affected batch (0-based) of the ``drift`` scenario; the middle batch when not given.
+    days_per_batch
+        Days of admissions per batch: batch ``b`` covers days ``[b * d, (b + 1) * d)`` from ``start_date``,
+        so the data span ``n_batches * days_per_batch`` days. 30-day readmissions need a span of months
+        (e.g. 5 batches of 14 days); the drift replay keeps daily batches.
     """
 
     n_patients: int = 2000
@@ -122,12 +170,15 @@ class SyntheticConfig:
     scenario: Scenario = "default"
     start_date: date = date(2026, 1, 5)
     drift_from_batch: int | None = None
+    days_per_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.n_patients < 10:
             raise ValueError("n_patients must be at least 10")
         if self.n_batches < 1 or self.n_sites < 1:
             raise ValueError("n_batches and n_sites must be at least 1")
+        if self.days_per_batch < 1:
+            raise ValueError("days_per_batch must be at least 1")
         if self.scenario not in ("default", "drift", "bias"):
             raise ValueError(f"unknown scenario {self.scenario!r}; expected default, drift or bias")
 
@@ -136,6 +187,11 @@ class SyntheticConfig:
         if self.scenario != "drift":
             return None
         return self.drift_from_batch if self.drift_from_batch is not None else self.n_batches // 2
+
+    @property
+    def span_days(self) -> int:
+        """Days from ``start_date`` to the end (exclusive) of the last batch."""
+        return self.n_batches * self.days_per_batch
 
 
 @dataclass(frozen=True)
@@ -147,8 +203,13 @@ class SyntheticHospital:
     manifest: dict
 
 
-def batch_id_for(start: date, index: int) -> str:
-    return (start + timedelta(days=index)).isoformat()
+def batch_id_for(start: date, index: int, *, days_per_batch: int = 1) -> str:
+    """The ISO date of the first day of batch ``index``."""
+    return (start + timedelta(days=index * days_per_batch)).isoformat()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
 
 
 def _choice(rng: np.random.Generator, options: tuple[tuple[str, float], ...], size: int) -> np.ndarray:
@@ -188,46 +249,60 @@ def _patients(cfg: SyntheticConfig, rng: np.random.Generator) -> pl.DataFrame:
     )
 
 
-def _encounters(cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
-    n = patients.height
-    first_batch = rng.integers(0, cfg.n_batches, n)
-    readmit = (rng.random(n) < 0.15) & (first_batch < cfg.n_batches - 1)
-    idx = np.concatenate([np.arange(n), np.flatnonzero(readmit)])
-    batch = np.concatenate(
-        [first_batch, rng.integers(first_batch[readmit] + 1, cfg.n_batches, readmit.sum()).astype(int)]
-        if readmit.any()
-        else [first_batch]
-    )
-    m = idx.size
-    start = datetime.combine(cfg.start_date, datetime.min.time())
-    admit = np.array([start + timedelta(days=int(b)) for b in batch], dtype="datetime64[us]")
-    admit = admit + (rng.uniform(0, 24 * 3600, m) * 1e6).astype("timedelta64[us]")
-    gap_years = np.where(np.arange(m) >= n, rng.uniform(0, 0.01, m), 0.0)
-    age = patients["age_at_first_admission"].to_numpy()[idx] + (batch - first_batch[idx]) / 365.25 + gap_years
+def _new_encounters(
+    cfg: SyntheticConfig,
+    patients: pl.DataFrame,
+    rng: np.random.Generator,
+    *,
+    patient_index: np.ndarray,
+    admit_s: np.ndarray,
+    admission_type: np.ndarray,
+    prior: np.ndarray,
+) -> pl.DataFrame:
+    """Encounters admitted ``admit_s`` seconds after the start of the span, in the batch of that day."""
+    m = patient_index.size
+    batch = admit_s // (86400 * cfg.days_per_batch)
+    age = patients["age_at_first_admission"].to_numpy()[patient_index] + admit_s / (86400 * 365.25)
     drift_from = cfg.first_drift_batch
     shifted = (batch >= drift_from) if drift_from is not None else np.zeros(m, dtype=bool)
     age = np.where(shifted, np.minimum(age + 6.0, 103), age)
-    enc = pl.DataFrame(
+    return pl.DataFrame(
         {
-            "patient_index": idx,
+            "patient_index": patient_index,
             "batch": batch,
-            "encounter_id": [f"{x:010d}" for x in rng.choice(10**10, size=m, replace=False)],
-            "mrn": patients["mrn"].to_numpy()[idx],
-            "admit_time": admit,
+            "admit_s": admit_s,
+            "prior_admissions": prior,
             "age": age,
-            "admission_type": _choice(rng, ADMISSION_TYPES, m),
+            "admission_type": admission_type,
             "unit": _choice(rng, UNITS, m),
             "site": [f"SITE_{chr(ord('A') + s)}" for s in rng.integers(0, cfg.n_sites, m)],
             "case_mix_shift": shifted,
-        }
+        },
+        schema_overrides={"batch": pl.Int64, "admit_s": pl.Int64, "prior_admissions": pl.Int64},
     )
-    return enc.sort("admit_time")
+
+
+def _first_encounters(cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
+    """Each patient's first admission in the data, on a uniformly drawn day of the span."""
+    n = patients.height
+    day = rng.integers(0, cfg.span_days, n)
+    admit_s = day * 86400 + rng.integers(0, 86400, n)
+    return _new_encounters(
+        cfg,
+        patients,
+        rng,
+        patient_index=np.arange(n),
+        admit_s=admit_s.astype(np.int64),
+        admission_type=_choice(rng, ADMISSION_TYPES, n),
+        prior=np.zeros(n, dtype=np.int64),
+    )
 
 
 def _physiology(
     enc: pl.DataFrame, patients: pl.DataFrame, rng: np.random.Generator, *, scenario: str = "default"
 ) -> dict:
-    """Latent severity and the true state at 24 h; mortality from the known risk model."""
+    """Latent severity and the true state at 24 h; mortality and acute kidney injury from their known
+    risk models."""
     m = enc.height
     age = enc["age"].to_numpy()
     adm = enc["admission_type"].to_numpy()
@@ -278,52 +353,107 @@ def _physiology(
         # presentation, access barriers), so a model calibrated on everyone under-estimates it.
         group = patients["race"].to_numpy()[enc["patient_index"].to_numpy()] == BIAS_GROUP["race"]
         logit = logit + np.where(group, UNMEASURED_RISK_LOGIT, 0.0)
-    risk = 1 / (1 + np.exp(-logit))
+    risk = _sigmoid(logit)
     died = rng.random(m) < risk
-    return {"severity": sev, "trend": trend, "true": t, "risk": risk, "died": died}
+    # Acute kidney injury: hypoperfusion (MAP, lactate), severity, age, a modest share for a high baseline
+    # creatinine, and a deteriorating trajectory. Most onsets lie after the 24 h prediction time.
+    aki_logit = (
+        -2.55
+        + 0.75 * sev
+        + 0.02 * (age - 63)
+        - 0.45 * (t["mean_bp"] - 82) / 10
+        + 0.45 * (np.log(t["lactate"]) - np.log(1.5)) / 0.42
+        + 0.20 * np.log(t["creatinine"]) / 0.46
+        + 1.4 * trend
+    )
+    aki_risk = _sigmoid(aki_logit)
+    aki = rng.random(m) < aki_risk
+    onset = np.where(rng.random(m) < 0.12, rng.uniform(3, 20, m), rng.uniform(24, 56, m))
+    return {
+        "severity": sev,
+        "trend": trend,
+        "true": t,
+        "risk": risk,
+        "died": died,
+        "aki_risk": aki_risk,
+        "aki": aki,
+        "aki_onset_h": onset,
+        "aki_peak": rng.uniform(1.6, 3.0, m),  # times the baseline creatinine
+        "aki_ramp_h": rng.uniform(8, 20, m),
+        "aki_residual": rng.uniform(0.1, 0.6, m),  # share of the rise left once it has resolved
+    }
 
 
 def _stay_times(enc: pl.DataFrame, phys: dict, rng: np.random.Generator) -> pl.DataFrame:
+    """Length of stay, disposition and death; adds the stay's end and its trajectory to ``phys``."""
     m = enc.height
     died = phys["died"]
-    admit = enc["admit_time"].to_numpy()
     # A few deaths happen before the 24 h prediction time (excluded by the use case), most later.
     death_h = np.where(rng.random(m) < 0.12, rng.uniform(2, 23.5, m), 24 + rng.exponential(110, m))
     alive_los_h = np.where(rng.random(m) < 0.08, rng.uniform(4, 23.5, m), rng.lognormal(np.log(85), 0.6, m))
+    # Nobody goes home while their kidneys are failing: an injury prolongs the stay past its course.
+    aki_stay_h = phys["aki_onset_h"] + rng.uniform(36, 120, m)
+    alive_los_h = np.where(phys["aki"], np.maximum(alive_los_h, aki_stay_h), alive_los_h)
     los_h = np.where(died, death_h, np.maximum(alive_los_h, 4))
-    discharge = admit + (los_h * 3600 * 10**6).astype("timedelta64[us]")
-    disposition = np.where(
-        died, "EXPIRED", _choice(rng, (("HOME", 0.55), ("SNF", 0.25), ("REHAB", 0.12), ("HOSPICE", 0.08)), m)
-    )
+    los_s = np.floor(los_h * 3600).astype(np.int64)
+    disposition = np.where(died, EXPIRED, _choice(rng, ALIVE_DISPOSITIONS, m))
     # Deaths are charted at or a few minutes before the discharge time of the stay.
-    death_time = discharge - (rng.uniform(0, 20, m) * 60e6).astype("timedelta64[us]")
-    return enc.with_columns(
-        pl.Series("discharge_time", discharge),
-        pl.Series("discharge_disposition", disposition),
-        pl.when(pl.Series(died)).then(pl.Series(death_time)).otherwise(None).alias("death_time"),
-        pl.Series("los_hours", los_h),
+    death_s = los_s - np.floor(rng.uniform(0, 20, m) * 60).astype(np.int64)
+    # After 72 h the state moves from its 72 h value to the one at discharge: survivors recover (with a
+    # spread that matters for readmission), deaths deteriorate.
+    shift_72 = 2 * phys["trend"]
+    phys["shift_end"] = np.where(
+        died, np.maximum(shift_72, 0) + 1.0, -0.4 + 0.3 * phys["trend"] + rng.normal(0, 0.5, m)
     )
+    phys["los_h"] = los_s / 3600
+    return enc.with_columns(
+        pl.Series("discharge_s", enc["admit_s"].to_numpy() + los_s),
+        pl.Series("discharge_disposition", disposition),
+        pl.Series("death_s", np.where(died, enc["admit_s"].to_numpy() + death_s, -1)),
+        pl.Series("los_hours", los_s / 3600),
+    )
+
+
+def _shift(phys: dict, rows: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """Change of severity since 24 h: the 24 h trend up to 72 h, then a linear move to the end state."""
+    trend = phys["trend"][rows]
+    early = trend * (np.minimum(hours, 72) - 24) / 24
+    late = np.clip((hours - 72) / np.maximum(phys["los_h"][rows] - 72, 24), 0, 1)
+    return np.where(hours <= 72, early, early + (phys["shift_end"][rows] - early) * late)
+
+
+def _kidney_ratio(phys: dict, rows: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """Creatinine over its baseline: a rise from the onset to the peak, a plateau of a day, then a partial
+    recovery over two days."""
+    since = hours - phys["aki_onset_h"][rows]
+    rise = np.clip(since / phys["aki_ramp_h"][rows], 0, 1)
+    recover = np.clip((since - phys["aki_ramp_h"][rows] - 24) / 48, 0, 1)
+    level = (phys["aki_peak"][rows] - 1) * rise * (1 - (1 - phys["aki_residual"][rows]) * recover)
+    return 1 + np.where(phys["aki"][rows], level, 0.0)
+
+
+def _true_value(phys: dict, name: str, rows: np.ndarray, hours: np.ndarray) -> np.ndarray:
+    """True value (before measurement noise) of a variable at ``hours`` after admission."""
+    base = phys["true"][name][rows]
+    per_severity = {"heart_rate": 9, "mean_bp": -6, "resp_rate": 2.5, "spo2": -1.3, "gcs_total": -1.2}
+    shift = _shift(phys, rows, hours)
+    if name in per_severity:
+        return base + per_severity[name] * shift
+    if name in ("lactate", "bun", "bilirubin", "wbc"):
+        value = base * np.exp(0.25 * shift)
+        return value * _kidney_ratio(phys, rows, hours) ** 0.6 if name == "bun" else value
+    if name == "creatinine":
+        # Creatinine follows the kidneys more than the overall severity, so that only an injury (not the
+        # trajectory or the assay noise) moves it past 1.5 times its baseline.
+        return base * np.exp(0.08 * shift) * _kidney_ratio(phys, rows, hours)
+    return base.copy()
 
 
 def _value_at(
     phys: dict, name: str, rows: np.ndarray, hours: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """Measured value of a variable at ``hours`` after admission for encounter ``rows``."""
-    base = phys["true"][name][rows]
-    drift_sd = {
-        "heart_rate": 9,
-        "mean_bp": -6,
-        "resp_rate": 2.5,
-        "spo2": -1.3,
-        "gcs_total": -1.2,
-    }
-    shift = phys["trend"][rows] * (hours - 24) / 24
-    if name in drift_sd:
-        value = base + drift_sd[name] * shift
-    elif name in ("lactate", "creatinine", "bun", "bilirubin", "wbc"):
-        value = base * np.exp(0.25 * shift)
-    else:
-        value = base.copy()
+    value = _true_value(phys, name, rows, hours)
     noise = {
         "heart_rate": 5,
         "mean_bp": 5,
@@ -337,30 +467,157 @@ def _value_at(
         "hemoglobin": 0.4,
     }.get(name)
     if noise is not None:
-        value = value + rng.normal(0, noise, value.size)
-    else:
-        value = value * np.exp(rng.normal(0, 0.1, value.size))
-    return value
+        return value + rng.normal(0, noise, value.size)
+    return value * np.exp(rng.normal(0, 0.05 if name == "creatinine" else 0.1, value.size))
 
 
-def _labs(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarray, rng: np.random.Generator):
+def _next_encounters(
+    cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, patients: pl.DataFrame, rng: np.random.Generator
+) -> tuple[pl.DataFrame, dict]:
+    """Draw what follows each stay discharged alive and not transferred, and the encounters of those that
+    fall inside the span.
+
+    Returns the new encounters and, per stay of ``enc``, the drawn outcome: ``readmit_risk`` (the 30-day
+    unplanned readmission risk model), ``readmit_kind`` (``unplanned``, ``planned``, ``late`` or empty) and
+    ``readmit_eligible``.
+    """
     m = enc.height
+    rows = np.arange(m)
+    los_h = phys["los_h"]
+    at_discharge = {
+        name: _true_value(phys, name, rows, los_h)
+        for name in ("hemoglobin", "creatinine", "bun", "sodium", "heart_rate")
+    }
+    adm = enc["admission_type"].to_numpy()
+    prior = enc["prior_admissions"].to_numpy()
+    frailty = patients["frailty"].to_numpy()[enc["patient_index"].to_numpy()]
+    # The known risk model of 30-day unplanned readmission, over what is known at discharge (and an
+    # unmeasured frailty that also shows as prior admissions).
+    logit = (
+        -2.3
+        + 0.02 * (enc["age"].to_numpy() - 63)
+        + 0.55 * (11.6 - at_discharge["hemoglobin"]) / 1.6
+        + 0.45 * np.log(at_discharge["creatinine"]) / 0.46
+        + 0.25 * (np.log(at_discharge["bun"]) - np.log(19)) / 0.45
+        + 0.50 * np.maximum(0, 137 - at_discharge["sodium"]) / 3
+        + 0.45 * (at_discharge["heart_rate"] - 86) / 12
+        + 0.30 * np.log(np.maximum(los_h, 4) / 85) / 0.6
+        + np.where(adm == "EMERGENCY", 0.25, 0.0)
+        + np.where(adm == "ELECTIVE", -0.45, 0.0)
+        + 0.35 * np.minimum(prior, 3)
+        + 0.40 * frailty
+    )
+    risk = _sigmoid(logit)
+    disposition = enc["discharge_disposition"].to_numpy()
+    eligible = (disposition != EXPIRED) & (disposition != TRANSFER)
+    can_return = eligible & (prior + 1 < MAX_ENCOUNTERS_PER_PATIENT)
+    unplanned = can_return & (rng.random(m) < risk)
+    planned = can_return & ~unplanned & (rng.random(m) < PLANNED_READMISSION_P)
+    late = can_return & ~unplanned & ~planned & (rng.random(m) < LATE_RETURN_P)
+    # Most unplanned readmissions come in the first two weeks, some in the last days of the 30.
+    gap_days = np.select(
+        [unplanned, planned],
+        [0.25 + (READMISSION_DAYS - 0.25) * rng.beta(0.9, 1.4, m), rng.uniform(*PLANNED_GAP_DAYS, m)],
+        rng.uniform(*LATE_RETURN_GAP_DAYS, m),
+    )
+    admission_type = np.select(
+        [unplanned, planned],
+        [_choice(rng, UNPLANNED_ADMISSION_TYPES, m), np.full(m, PLANNED_ADMISSION_TYPE)],
+        _choice(rng, ADMISSION_TYPES, m),
+    )
+    admit_s = enc["discharge_s"].to_numpy() + np.floor(gap_days * 86400).astype(np.int64)
+    inside = (unplanned | planned | late) & (admit_s < cfg.span_days * 86400)
+    drawn = {
+        "readmit_risk": risk,
+        "readmit_kind": np.select([unplanned, planned, late], ["unplanned", "planned", "late"], ""),
+        "readmit_eligible": eligible,
+    }
+    nxt = _new_encounters(
+        cfg,
+        patients,
+        rng,
+        patient_index=enc["patient_index"].to_numpy()[inside],
+        admit_s=admit_s[inside],
+        admission_type=admission_type[inside],
+        prior=prior[inside] + 1,
+    )
+    return nxt, drawn
+
+
+def _take(phys: dict, order: np.ndarray) -> dict:
+    return {k: _take(v, order) if isinstance(v, dict) else v[order] for k, v in phys.items()}
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {
+        k: _concat([p[k] for p in parts]) if isinstance(v, dict) else np.concatenate([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
+
+
+def _hospital_stays(
+    cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Generator
+) -> tuple[pl.DataFrame, dict]:
+    """Every encounter of the span with its physiology: first admissions, then each generation of
+    readmissions, in admission order."""
+    frames, states = [], []
+    enc = _first_encounters(cfg, patients, rng)
+    while enc.height:
+        phys = _physiology(enc, patients, rng, scenario=cfg.scenario)
+        enc = _stay_times(enc, phys, rng)
+        nxt, drawn = _next_encounters(cfg, enc, phys, patients, rng)
+        frames.append(enc)
+        states.append(phys | drawn)
+        enc = nxt
+    all_enc = pl.concat(frames)
+    order = np.argsort(all_enc["admit_s"].to_numpy(), kind="stable")
+    all_enc = all_enc[order]
+    ids = rng.choice(10**10, size=all_enc.height, replace=False)
+    all_enc = all_enc.with_columns(pl.Series("encounter_id", [f"{x:010d}" for x in ids]))
+    return all_enc, _take(_concat(states), order)
+
+
+def _clock(start: datetime, seconds: np.ndarray) -> np.ndarray:
+    """Wall-clock times ``seconds`` after ``start`` (whole seconds, as the exports write them)."""
+    return np.datetime64(start, "us") + seconds.astype("timedelta64[s]").astype("timedelta64[us]")
+
+
+def _labs(
+    cfg: SyntheticConfig,
+    enc: pl.DataFrame,
+    phys: dict,
+    black: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    start: datetime,
+) -> pl.DataFrame:
     los_h = enc["los_hours"].to_numpy()
-    draws_per = np.maximum(1, np.ceil(np.minimum(los_h, 72) / 10).astype(int))
-    rows = np.repeat(np.arange(m), draws_per)
-    k = np.concatenate([np.arange(d) for d in draws_per])
-    hours = np.clip(1.0 + 10 * k + rng.normal(0, 1.5, rows.size), 0.2, None)
+    # Every 10 h through 72 h (at most 1 h early or late, so draws are never more than 12 h apart), then
+    # daily until discharge.
+    draws_per = 8 + np.maximum(0, np.ceil((los_h - 71) / 24)).astype(int)
+    rows = np.repeat(np.arange(enc.height), draws_per)
+    k = np.arange(rows.size) - np.repeat(np.cumsum(draws_per) - draws_per, draws_per)
+    hours = np.where(
+        k < 8,
+        1.0 + 10 * k + rng.uniform(-1, 1, rows.size),
+        71.0 + 24 * (k - 7) + rng.uniform(-2, 2, rows.size),
+    )
+    hours = np.clip(hours, 0.2, None)
     keep = hours < los_h[rows]
     rows, hours, k = rows[keep], hours[keep], k[keep]
     frames = []
-    admit = enc["admit_time"].to_numpy()
+    admit_s = enc["admit_s"].to_numpy()
     site_idx = np.array([ord(s[-1]) - ord("A") for s in enc["site"].to_list()])
     batch = enc["batch"].to_numpy()
     drift_from = cfg.first_drift_batch
     for name, (loinc, _, unit) in LABS.items():
-        p = {"lactate": 0.55, "bilirubin": 0.35}.get(name, 0.93)
-        p_row = np.full(rows.size, p)
-        p_row[k == 0] = 0.97 if name != "bilirubin" else 0.6
+        p_row = np.where(
+            k < 8,
+            {"lactate": 0.55, "bilirubin": 0.35, "creatinine": 1.0}.get(name, 0.93),
+            {"lactate": 0.3, "bilirubin": 0.35}.get(name, 0.93),
+        )
+        if name != "creatinine":  # every creatinine of the first 72 h is drawn: the injury must be observable
+            p_row[k == 0] = 0.97 if name != "bilirubin" else 0.6
         if name == "lactate" and cfg.scenario == "bias":
             p_row = np.where(black[rows], p_row / 3, p_row)
         take = rng.random(rows.size) < p_row
@@ -374,9 +631,7 @@ def _labs(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarray
             value = np.where(umol, value * CREATININE_UMOL_PER_MGDL, value)
             units = np.where(umol, "umol/L", unit)
         decimals = 0 if name in ("sodium", "platelets", "glucose", "bun") else 2
-        if name == "creatinine":
-            decimals = 2
-        specimen = admit[r] + (h * 3600e6).astype("timedelta64[us]")
+        specimen_s = admit_s[r] + np.floor(h * 3600).astype(np.int64)
         turnaround_min = rng.lognormal(np.log(25 if name == "lactate" else 55), 0.35, r.size)
         frames.append(
             pl.DataFrame(
@@ -386,8 +641,8 @@ def _labs(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarray
                     "lab_name": np.full(r.size, LABS[name][1]),
                     "value": np.round(value, decimals),
                     "unit": units.astype(str),
-                    "specimen_time": specimen,
-                    "result_time": specimen + (turnaround_min * 60e6).astype("timedelta64[us]"),
+                    "specimen_time": _clock(start, specimen_s),
+                    "result_time": _clock(start, specimen_s + np.floor(turnaround_min * 60).astype(np.int64)),
                     "_batch": batch[r],
                 }
             )
@@ -395,15 +650,27 @@ def _labs(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarray
     return pl.concat(frames).sort("specimen_time")
 
 
-def _vitals(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarray, rng: np.random.Generator):
-    m = enc.height
+def _vitals(
+    cfg: SyntheticConfig,
+    enc: pl.DataFrame,
+    phys: dict,
+    black: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    start: datetime,
+) -> pl.DataFrame:
     los_h = enc["los_hours"].to_numpy()
-    n_hours = np.maximum(1, np.floor(np.minimum(los_h, 48)).astype(int))
-    rows = np.repeat(np.arange(m), n_hours)
-    hours = np.concatenate([np.arange(n) for n in n_hours]) + rng.uniform(0, 0.25, rows.size)
+    # Hourly for the first 48 h, then every 4 h until discharge.
+    hourly = np.maximum(1, np.floor(np.minimum(los_h, 48)).astype(int))
+    later = np.where(los_h > 48, np.ceil((los_h - 48) / 4), 0).astype(int)
+    per = hourly + later
+    rows = np.repeat(np.arange(enc.height), per)
+    j = np.arange(rows.size) - np.repeat(np.cumsum(per) - per, per)
+    slot = np.where(j < hourly[rows], j, 48 + 4 * (j - hourly[rows]))
+    hours = slot + rng.uniform(0, 0.25, rows.size)
     keep = hours < los_h[rows]
     rows, hours = rows[keep], hours[keep]
-    admit = enc["admit_time"].to_numpy()
+    admit_s = enc["admit_s"].to_numpy()
     site_idx = np.array([ord(s[-1]) - ord("A") for s in enc["site"].to_list()])
     frames = []
     for name, unit in VITALS.items():
@@ -427,7 +694,8 @@ def _vitals(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarr
             fahrenheit = site_idx[r] % 3 == 2
             value = np.where(fahrenheit, value * 9 / 5 + 32, value)
             units = np.where(fahrenheit, "[degF]", unit)
-        charted = admit[r] + (h * 3600e6).astype("timedelta64[us]")
+        charted_s = admit_s[r] + np.floor(h * 3600).astype(np.int64)
+        stored_s = charted_s + np.floor(rng.uniform(0.5, 20, r.size) * 60).astype(np.int64)
         frames.append(
             pl.DataFrame(
                 {
@@ -435,13 +703,65 @@ def _vitals(cfg: SyntheticConfig, enc: pl.DataFrame, phys: dict, black: np.ndarr
                     "code": np.full(r.size, name),
                     "value": np.round(value, 1),
                     "unit": units.astype(str),
-                    "charted_time": charted,
-                    "stored_time": charted + (rng.uniform(0.5, 20, r.size) * 60e6).astype("timedelta64[us]"),
+                    "charted_time": _clock(start, charted_s),
+                    "stored_time": _clock(start, stored_s),
                     "_batch": enc["batch"].to_numpy()[r],
                 }
             )
         )
     return pl.concat(frames).sort("charted_time")
+
+
+def _observed_readmissions(enc: pl.DataFrame, *, span_end: datetime) -> dict:
+    """30-day readmission as a correct labeller finds it in the exports, over the index stays whose 30 days
+    lie inside the span (the others are right-censored)."""
+    window = pl.duration(days=READMISSION_DAYS)
+    index = enc.filter(
+        ~pl.col("discharge_disposition").is_in([EXPIRED, TRANSFER])
+        & (pl.col("discharge_time") + window <= span_end)
+    ).select("encounter_id", "mrn", "discharge_time")
+    later = enc.select("mrn", pl.col("admit_time").alias("_admit"), pl.col("admission_type").alias("_type"))
+    within = index.join(later, on="mrn").filter(
+        (pl.col("_admit") > pl.col("discharge_time"))
+        & (pl.col("_admit") <= pl.col("discharge_time") + window)
+    )
+    anyone = within["encounter_id"].n_unique()
+    unplanned = within.filter(pl.col("_type") != PLANNED_ADMISSION_TYPE)["encounter_id"].n_unique()
+    return {
+        "observed_index_stays": index.height,
+        "observed_unplanned_rate": round(unplanned / index.height, 4) if index.height else None,
+        "observed_any_rate": round(anyone / index.height, 4) if index.height else None,
+    }
+
+
+def _observed_kidney_injury(enc: pl.DataFrame, labs: pl.DataFrame) -> dict:
+    """KDIGO creatinine AKI within 48 h of the 24 h prediction time as a correct labeller finds it in the
+    exports (each stay reports creatinine in one unit, so ratios need no conversion)."""
+    t0 = pl.col("admit_time") + pl.duration(hours=AKI_PREDICTION_HOURS)
+    stays = enc.filter(
+        (pl.col("discharge_time") > t0) & (pl.col("death_time").is_null() | (pl.col("death_time") > t0))
+    ).select("encounter_id", t0.alias("_t0"))
+    creat = labs.filter(pl.col("loinc_code") == CREATININE_LOINC).join(stays, on="encounter_id")
+    known = creat.filter(pl.col("result_time") <= pl.col("_t0")).sort("encounter_id", "specimen_time")
+    prevalent = known.filter(
+        pl.col("value") >= AKI_RATIO * pl.col("value").cum_min().shift(1).over("encounter_id")
+    )["encounter_id"]
+    baseline = known.group_by("encounter_id").agg(pl.col("value").min().alias("_baseline"))
+    cohort = baseline.filter(~pl.col("encounter_id").is_in(prevalent.implode()))
+    events = (
+        creat.join(cohort, on="encounter_id")
+        .filter(
+            (pl.col("specimen_time") > pl.col("_t0"))
+            & (pl.col("specimen_time") <= pl.col("_t0") + pl.duration(hours=AKI_WINDOW_HOURS))
+            & (pl.col("value") >= AKI_RATIO * pl.col("_baseline"))
+        )["encounter_id"]
+        .n_unique()
+    )
+    return {
+        "observed_cohort_stays": cohort.height,
+        "observed_prevalent_excluded": prevalent.n_unique(),
+        "observed_rate": round(events / cohort.height, 4) if cohort.height else None,
+    }
 
 
 def _fmt_times(df: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
@@ -457,12 +777,12 @@ def write_completion_marker(batch_dir: Path) -> None:
 
 
 def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None) -> SyntheticHospital:
-    """Write ``config.n_batches`` daily batch folders of CSV exports under ``out_dir``.
+    """Write ``config.n_batches`` batch folders of CSV exports under ``out_dir``.
 
     Parameters
     ----------
     out_dir
-        The landing zone (or any folder); batch folders are named by their ISO date.
+        The landing zone (or any folder); batch folders are named by the ISO date of their first day.
     config
         Generator knobs; defaults to :class:`SyntheticConfig` ().
 
@@ -476,25 +796,36 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     patients = _patients(cfg, rng)
-    enc = _encounters(cfg, patients, rng)
-    phys = _physiology(enc, patients, rng, scenario=cfg.scenario)
-    enc = _stay_times(enc, phys, rng)
-    black = patients["race"].to_numpy()[enc["patient_index"].to_numpy()] == BIAS_GROUP["race"]
-    labs = _labs(cfg, enc, phys, black, rng)
-    vitals = _vitals(cfg, enc, phys, black, rng)
+    patients = patients.with_columns(pl.Series("frailty", rng.normal(0, 1, patients.height)))
+    enc, phys = _hospital_stays(cfg, patients, rng)
+    start = datetime.combine(cfg.start_date, datetime.min.time())
+    span_end = start + timedelta(days=cfg.span_days)
+    pidx = enc["patient_index"].to_numpy()
+    death_s = enc["death_s"].to_numpy()
+    enc = enc.with_columns(
+        pl.Series("mrn", patients["mrn"].to_numpy()[pidx]),
+        pl.Series("admit_time", _clock(start, enc["admit_s"].to_numpy())),
+        pl.Series("discharge_time", _clock(start, enc["discharge_s"].to_numpy())),
+        pl.when(pl.Series(death_s >= 0))
+        .then(pl.Series(_clock(start, death_s)))
+        .otherwise(None)
+        .alias("death_time"),
+    )
+    black = patients["race"].to_numpy()[pidx] == BIAS_GROUP["race"]
+    labs = _labs(cfg, enc, phys, black, rng, start=start)
+    vitals = _vitals(cfg, enc, phys, black, rng, start=start)
 
     notes = [
         f"Seen by Dr. {ln}; family contact {ph}. Pt {fn} {pl_} transferred from ED."
         for ln, ph, fn, pl_ in zip(
-            patients["last_name"].shuffle(seed=cfg.seed).to_numpy()[enc["patient_index"].to_numpy()],
-            patients["phone"].to_numpy()[enc["patient_index"].to_numpy()],
-            patients["first_name"].to_numpy()[enc["patient_index"].to_numpy()],
-            patients["last_name"].to_numpy()[enc["patient_index"].to_numpy()],
+            patients["last_name"].shuffle(seed=cfg.seed).to_numpy()[pidx],
+            patients["phone"].to_numpy()[pidx],
+            patients["first_name"].to_numpy()[pidx],
+            patients["last_name"].to_numpy()[pidx],
             strict=True,
         )
     ]
     enc = enc.with_columns(pl.Series("note", notes))
-    start = datetime.combine(cfg.start_date, datetime.min.time())
     birth = [
         (start - timedelta(days=float(a) * 365.25)).date()
         for a in patients["age_at_first_admission"].to_numpy()
@@ -503,7 +834,7 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
 
     batch_ids = []
     for b in range(cfg.n_batches):
-        bid = batch_id_for(cfg.start_date, b)
+        bid = batch_id_for(cfg.start_date, b, days_per_batch=cfg.days_per_batch)
         batch_ids.append(bid)
         bdir = out / bid
         bdir.mkdir(parents=True, exist_ok=True)
@@ -546,15 +877,62 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
         write_completion_marker(bdir)
 
     died = phys["died"]
+    eligible = phys["readmit_eligible"]
+    kind = phys["readmit_kind"]
+    los_h = phys["los_h"]
+    onset = phys["aki_onset_h"]
+    death_h = (enc["death_s"] - enc["admit_s"]).to_numpy() / 3600
+    in_at_24h = (los_h > AKI_PREDICTION_HOURS) & (~died | (death_h > AKI_PREDICTION_HOURS))
+    aki_cohort = in_at_24h & ~(phys["aki"] & (onset < AKI_PREDICTION_HOURS))
+    aki_in_window = phys["aki"] & (onset >= AKI_PREDICTION_HOURS) & (onset < los_h)
     manifest = {
         "generator": "clinical_ml.core.synthetic",
         "config": {k: str(v) if isinstance(v, date) else v for k, v in dataclasses.asdict(cfg).items()},
         "batch_ids": batch_ids,
+        "span": {"first_day": cfg.start_date.isoformat(), "end_exclusive": span_end.date().isoformat()},
         "n_patients": cfg.n_patients,
         "n_encounters": enc.height,
         "in_hospital_mortality": round(float(died.mean()), 4),
         "risk_model": "logistic over lactate, creatinine, MAP, GCS, RR, HR, SpO2, bilirubin, platelets, "
         "age and 24 h trajectory",
+        "readmission_30d": {
+            "definition": "a new encounter of the same MRN admitted after the index stay's discharge_time and at "
+            f"most {READMISSION_DAYS} days after it; index stays discharged {EXPIRED} or {TRANSFER} are "
+            f"excluded; unplanned: admission_type not {PLANNED_ADMISSION_TYPE}",
+            "risk_model": "logistic over hemoglobin, creatinine, BUN, sodium below 137 and heart rate at "
+            "discharge, age, length of stay, admission type, prior admissions in the data and an unmeasured "
+            "patient frailty",
+            "eligible_index_stays": int(eligible.sum()),
+            "unplanned_rate": round(float((kind[eligible] == "unplanned").mean()), 4)
+            if eligible.any()
+            else None,
+            "mean_risk": round(float(phys["readmit_risk"][eligible].mean()), 4) if eligible.any() else None,
+            "planned_rate": round(float((kind[eligible] == "planned").mean()), 4) if eligible.any() else None,
+            "late_return_rate": round(float((kind[eligible] == "late").mean()), 4)
+            if eligible.any()
+            else None,
+            "gap_days": {
+                "unplanned": [0.25, READMISSION_DAYS],
+                "planned": list(PLANNED_GAP_DAYS),
+                "late_return": list(LATE_RETURN_GAP_DAYS),
+            },
+            "max_encounters_per_patient": MAX_ENCOUNTERS_PER_PATIENT,
+            "note": "rates as drawn count readmissions after the span too (they are not delivered); the "
+            "observed ones are over index stays whose 30 days end inside the span",
+            **_observed_readmissions(enc, span_end=span_end),
+        },
+        "acute_kidney_injury_48h": {
+            "definition": f"a creatinine ({CREATININE_LOINC}) with specimen_time in (t0, t0 + "
+            f"{AKI_WINDOW_HOURS} h] at least {AKI_RATIO} times the baseline (lowest creatinine with "
+            f"result_time <= t0), t0 = admit_time + {AKI_PREDICTION_HOURS} h; stays not in hospital alive at "
+            f"t0 or already meeting the criterion by t0 (a value >= {AKI_RATIO} x the minimum of the earlier "
+            "values) are excluded",
+            "risk_model": "logistic over severity, age, MAP, lactate, baseline creatinine and 24 h trajectory; "
+            "creatinine rises to 1.6-3 x baseline from the onset (24 to 56 h after admission, some before 24 h)",
+            "cohort_stays": int(aki_cohort.sum()),
+            "rate": round(float(aki_in_window[aki_cohort].mean()), 4) if aki_cohort.any() else None,
+            **_observed_kidney_injury(enc, labs),
+        },
         "units": {
             "creatinine_umol_per_l_sites": [f"SITE_{chr(65 + s)}" for s in range(cfg.n_sites) if s % 2 == 1],
             "temperature_fahrenheit_sites": [f"SITE_{chr(65 + s)}" for s in range(cfg.n_sites) if s % 3 == 2],
