@@ -21,7 +21,7 @@ from clinical_ml.core.drift import (
     reference_profile,
     worst_level,
 )
-from clinical_ml.core.features import STATIC_CATEGORIES
+from clinical_ml.core.features import CATEGORICAL_STATIC
 from clinical_ml.core.monitoring_config import MonitoringConfig
 
 PREDICTION_COLUMN = "predicted_risk"
@@ -36,7 +36,7 @@ def split_columns(columns: Sequence[str]) -> tuple[list[str], dict[str, list[str
     groups: dict[str, list[str]] = {}
     for c in columns:
         stem = c.partition("__")[0]
-        if stem in STATIC_CATEGORIES and "__" in c:
+        if stem in CATEGORICAL_STATIC and "__" in c:
             groups.setdefault(stem, []).append(c)
         else:
             numeric.append(c)

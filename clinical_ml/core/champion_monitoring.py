@@ -23,8 +23,9 @@ from clinical_ml.core.batch_monitoring import (
     prepare_reference,
 )
 from clinical_ml.core.drift import FeatureDrift, feature_drift
-from clinical_ml.core.features import feature_matrix
+from clinical_ml.core.features import CATEGORICAL_STATIC, ROW_KEY, feature_matrix
 from clinical_ml.core.fhir import ScoredAdmission
+from clinical_ml.core.labeling import LABEL_WINDOW_END
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
 from clinical_ml.core.performance_monitoring import label_maturity, newly_labelled, performance_by_period
@@ -69,15 +70,21 @@ def monitoring_frame(store: UseCaseStore, batch_id: str | None = None) -> pl.Dat
     """Features with batch, subgroup attributes, split and label of every admission (of ``batch_id`` only
     when given: the filter is pushed into the Parquet scans)."""
     cohort = store.cohort.scan().select(
-        "hadm_id", "batch_id", "admit_time", "discharge_time", "death_time", *SUBGROUP_COLUMNS
+        *ROW_KEY,
+        "batch_id",
+        "admit_time",
+        "discharge_time",
+        "death_time",
+        *_window_end(store),
+        *SUBGROUP_COLUMNS,
     )
     if batch_id is not None:
         cohort = cohort.filter(pl.col("batch_id") == batch_id)
-    labels = store.labels.scan().select("hadm_id", pl.col("boolean_value").alias("label"))
+    labels = store.labels.scan().select(*ROW_KEY, pl.col("boolean_value").alias("label"))
     return (
         store.features.scan()
-        .join(cohort, on="hadm_id")
-        .join(labels, on="hadm_id", how="left")
+        .join(cohort, on=ROW_KEY)
+        .join(labels, on=ROW_KEY, how="left")
         # patients first seen after the last training have no split yet: they are monitored all the same
         .join(store.subject_splits.scan(), on="subject_id", how="left")
         .collect()
@@ -279,8 +286,8 @@ def realised_performance(
         if held.height >= 20
         else None
     )
-    info = frame.select("hadm_id", "label", "admit_time", "discharge_time", "death_time")
-    preds = preds.join(info, on="hadm_id", how="left")
+    info = frame.select(*ROW_KEY, "label", "admit_time", "discharge_time", "death_time", *_window_end(frame))
+    preds = preds.join(info, on=ROW_KEY, how="left")
     as_of = day_after(max(preds["batch_id"].to_list()))
     preds = preds.with_columns(label_maturity(preds, as_of=as_of).alias("matured"))
     return performance_by_period(preds, threshold=champion.card.threshold, estimator=estimator, config=config)
@@ -310,10 +317,10 @@ class NewestBatchDrift:
 def newest_batch_drift(store: UseCaseStore, config: MonitoringConfig) -> NewestBatchDrift:
     """The newest batch's measured predictors (one-hot static attributes left out) against the derivation
     cohort of the other batches (all of it when the newest batch is the only one)."""
-    cohort = store.cohort.read(columns=["hadm_id", "batch_id"])
+    cohort = store.cohort.read(columns=[*ROW_KEY, "batch_id"])
     feats = (
         store.features.read()
-        .join(cohort, on="hadm_id")
+        .join(cohort, on=ROW_KEY)
         .join(store.subject_splits.read(), on="subject_id", how="left")
     )
     newest = max(cohort["batch_id"].unique().to_list())
@@ -323,7 +330,9 @@ def newest_batch_drift(store: UseCaseStore, config: MonitoringConfig) -> NewestB
         reference = derivation
     current = feats.filter(pl.col("batch_id") == newest)
     cols = [
-        c for c in feats.columns if "__" in c and not c.startswith(("sex__", "unit__", "admission_type__"))
+        c
+        for c in feats.columns
+        if "__" in c and not c.startswith(tuple(f"{s}__" for s in CATEGORICAL_STATIC))
     ]
     drift = feature_drift(
         feature_matrix(reference, cols), feature_matrix(current, cols), cols, thresholds=config.drift
@@ -346,8 +355,8 @@ def check_batch(
     """Judge a scored batch against the champion's reference (outcomes known the day after it landed
     included), decide whether it requests retraining, and keep the record beside the batch."""
     reference, described = cached_drift_reference(store, champion, config, batch_id)
-    preds = store.batch_predictions.part(batch_id).read().select("hadm_id", PREDICTION_COLUMN)
-    current = monitoring_frame(store, batch_id).join(preds, on="hadm_id")
+    preds = store.batch_predictions.part(batch_id).read().select(*ROW_KEY, PREDICTION_COLUMN)
+    current = monitoring_frame(store, batch_id).join(preds, on=ROW_KEY)
     result = monitor_batch(
         batch_id=batch_id,
         reference=reference,
@@ -422,3 +431,9 @@ def review_performance(
         rows=rows,
         retrain_for=periods_to_retrain(rows, champion=champion.version, newest=registry.newest_card()),
     )
+
+
+def _window_end(frame: "UseCaseStore | pl.DataFrame") -> list[str]:
+    """The label window end column where the cohort has it (cohorts written before outcome types do not)."""
+    names = frame.cohort.scan().collect_schema().names() if isinstance(frame, UseCaseStore) else frame.columns
+    return [LABEL_WINDOW_END] if LABEL_WINDOW_END in names else []

@@ -25,7 +25,7 @@ import polars as pl
 
 from clinical_ml.core import features as features_module
 from clinical_ml.core import units as units_module
-from clinical_ml.core.features import build_features
+from clinical_ml.core.features import ROW_KEY, build_features, learn_categories
 from clinical_ml.core.storage import read_json, write_json, write_parquet
 from clinical_ml.core.usecase import UseCase
 
@@ -56,14 +56,16 @@ def _fingerprint(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def feature_code_version(use_case: UseCase) -> str:
-    """Changes when the feature code, polars or the use case's feature specification change."""
+def feature_code_version(use_case: UseCase, categories: dict[str, list[str]] | None = None) -> str:
+    """Changes when the feature code, polars, the use case's feature specification or the one-hot
+    categories change."""
     h = hashlib.sha256()
     for module in (features_module, units_module):
         h.update(Path(str(module.__file__)).read_bytes())
     h.update(pl.__version__.encode())
     h.update(json.dumps(use_case.features.model_dump(mode="json"), sort_keys=True).encode())
     h.update(json.dumps(use_case.prediction_time.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(json.dumps(categories or {}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -112,7 +114,9 @@ def build_features_incremental(
     files = sorted(Path(f) for f in event_files)
     index, indexed = _admission_index(files, cache_dir, manifest)
     fingerprints = manifest["index"]
-    version = feature_code_version(use_case)
+    # categories of the whole cohort, so that every part has the same one-hot columns
+    categories = learn_categories(cohort, use_case)
+    version = feature_code_version(use_case, categories)
 
     cohort_batches = cohort.select("hadm_id", "batch_id")
     files_of_batch = {
@@ -149,8 +153,8 @@ def build_features_incremental(
         group_files = sorted({f for b in group for f in files_of_batch.get(b, [])})
         sub = cohort.filter(pl.col("batch_id").is_in(group))
         events = pl.scan_parquet([by_name[f] for f in group_files]) if group_files else _NO_EVENTS.lazy()
-        feats = build_features(events, sub, use_case).join(
-            sub.select("hadm_id", "batch_id"), on="hadm_id", how="left", maintain_order="left"
+        feats = build_features(events, sub, use_case, categories).join(
+            sub.select(*ROW_KEY, "batch_id"), on=ROW_KEY, how="left", maintain_order="left"
         )
         for (b,), part in feats.partition_by("batch_id", as_dict=True, include_key=False).items():
             write_parquet(part, parts_dir / _part_name(str(b)))
@@ -165,10 +169,10 @@ def build_features_incremental(
     write_json(manifest, manifest_path)
 
     if not keys:
-        out = build_features(_NO_EVENTS.lazy(), cohort, use_case)
+        out = build_features(_NO_EVENTS.lazy(), cohort, use_case, categories)
     else:
         stacked = pl.concat([pl.scan_parquet(parts_dir / _part_name(b)) for b in keys]).collect()
-        out = cohort.select("hadm_id").join(stacked, on="hadm_id", how="left", maintain_order="left")
+        out = cohort.select(ROW_KEY).join(stacked, on=ROW_KEY, how="left", maintain_order="left")
         out = out.select(stacked.columns)
     stats = IncrementalStats(
         batches=len(keys),

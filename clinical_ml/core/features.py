@@ -6,142 +6,93 @@ A value drawn before the prediction time but resulted after it is not known to t
 moment, so it is not known to the model either.
 """
 
-import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from clinical_ml.core.labeling import (  # noqa: F401  (re-exported: the cohort's home was this module)
+    COHORT_KEYS,
+    ROW_KEY,
+    CohortFlow,
+    age_band_expr,
+    build_cohort,
+    build_labels,
+    events_of,
+    race_ethnicity_expr,
+)
 from clinical_ml.core.units import feature_stem
 from clinical_ml.core.usecase import UseCase
 
-STATIC_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "sex": ("F", "M"),
-    "admission_type": ("ELECTIVE", "EMERGENCY", "URGENT"),
-    "unit": ("CCU", "MICU", "NEURO_ICU", "SICU"),
-}
-COHORT_KEYS = ("subject_id", "hadm_id", "prediction_time")
+# Static attributes one-hot encoded with categories taken from the data (see :func:`learn_categories`).
+CATEGORICAL_STATIC = ("sex", "admission_type", "unit", "site")
+# A category value becomes a feature column only when it is a short code (no free text: a value typed into
+# a coded field never becomes a column name) seen on at least this many admissions.
+CATEGORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _./+\-]{0,39}$"
+MIN_CATEGORY_ADMISSIONS = 11
 
 
-@dataclass(frozen=True)
-class CohortFlow:
-    """Participant flow: how many admissions entered, were excluded and why, and remain."""
-
-    admissions: int
-    excluded_under_age: int
-    excluded_stay_ended_before_prediction: int
-    excluded_missing_demographics: int
-    included: int
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CohortFlow":
-        return cls(**{k: int(v) for k, v in d.items()})
+def category_slug(value: str) -> str:
+    """Column-safe form of a category value: ``NEURO ICU`` -> ``neuro_icu``."""
+    return re.sub(r"[^a-z0-9]+", "_", value.lower()).strip("_") or "blank"
 
 
-def age_band_expr(age: pl.Expr, bands: list[int]) -> pl.Expr:
-    """Label ages by the use case's band edges, e.g. [18, 45, 65, 80] -> 18-44, 45-64, 65-79, 80+."""
-    labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(bands)] + [f"{bands[-1]}+"]
-    expr = pl.lit(None, dtype=pl.String)
-    # The outermost condition must test the highest edge first, so wrap from the lowest band upwards.
-    for lo, label in zip(bands, labels, strict=True):
-        expr = pl.when(age >= lo).then(pl.lit(label)).otherwise(expr)
-    return expr
+def learn_categories(cohort: pl.DataFrame, use_case: UseCase) -> dict[str, list[str]]:
+    """Categories of each categorical static feature: values that look like codes, seen on at least
+    ``MIN_CATEGORY_ADMISSIONS`` admissions, the ``features.max_categories`` most frequent, sorted. Other
+    values get no column (all of the attribute's columns are 0: "other")."""
+    out: dict[str, list[str]] = {}
+    for attr in use_case.features.static:
+        if attr not in CATEGORICAL_STATIC or attr not in cohort.columns:
+            continue
+        counts = (
+            cohort.unique("hadm_id")
+            .filter(pl.col(attr).is_not_null() & pl.col(attr).str.contains(CATEGORY_PATTERN))
+            .group_by(attr)
+            .agg(pl.len().alias("n"))
+            .filter(pl.col("n") >= MIN_CATEGORY_ADMISSIONS)
+            .sort(["n", attr], descending=[True, False])
+            .head(use_case.features.max_categories)
+        )
+        # two values with the same slug would give one column twice: keep the first
+        seen: dict[str, str] = {}
+        for v in sorted(counts[attr].to_list()):
+            seen.setdefault(category_slug(v), v)
+        out[attr] = sorted(seen.values())
+    return out
 
 
-def race_ethnicity_expr() -> pl.Expr:
-    """One attribute as reported in US clinical audits: Hispanic or Latino of any race, else race."""
-    return (
-        pl.when(pl.col("ethnicity") == "Hispanic or Latino")
-        .then(pl.lit("Hispanic or Latino"))
-        .otherwise(pl.col("race").fill_null("Unknown"))
-    )
+def one_hot_columns(categories: dict[str, list[str]]) -> list[str]:
+    return [f"{attr}__{category_slug(v)}" for attr, values in categories.items() for v in values]
 
 
-def build_cohort(
-    encounters: pl.DataFrame, patients: pl.DataFrame, use_case: UseCase
-) -> tuple[pl.DataFrame, CohortFlow]:
-    """Eligible admissions with their prediction time and audit attributes.
-
-    Parameters
-    ----------
-    encounters, patients
-        De-identified encounters and patients of every batch (re-deliveries collapse onto ``hadm_id``).
-    use_case
-        Supplies the minimum age, the prediction time offset and the age bands.
-    """
-    enc = encounters.unique("hadm_id", keep="last").sort("admit_time", "hadm_id")
-    pat = patients.unique("subject_id", keep="last").select("subject_id", "sex", "race", "ethnicity")
-    offset = pl.duration(minutes=round(use_case.prediction_time.offset_hours * 60))
-    df = enc.join(pat, on="subject_id", how="left").with_columns(
-        (pl.col("admit_time") + offset).alias("prediction_time")
-    )
-    n0 = df.height
-    under_age = df["age_years"] < use_case.population.min_age_years
-    df = df.filter(~under_age)
-    end = pl.min_horizontal(
-        pl.col("discharge_time"), pl.col("death_time").fill_null(pl.col("discharge_time"))
-    )
-    ended = df.select(end <= pl.col("prediction_time")).to_series()
-    df = df.filter(~ended)
-    missing = df["sex"].is_null()
-    df = df.filter(~missing)
-    cohort = df.with_columns(
-        race_ethnicity_expr().alias("race_ethnicity"),
-        age_band_expr(pl.col("age_years"), use_case.subgroups.age_bands).alias("age_band"),
-    ).select(
-        *COHORT_KEYS,
-        "admit_time",
-        "discharge_time",
-        "death_time",
-        "age_years",
-        "age_band",
-        "sex",
-        "race",
-        "ethnicity",
-        "race_ethnicity",
-        "admission_type",
-        "unit",
-        "site",
-        "period",
-        "batch_id",
-    )
-    flow = CohortFlow(
-        admissions=n0,
-        excluded_under_age=int(under_age.sum()),
-        excluded_stay_ended_before_prediction=int(ended.sum()),
-        excluded_missing_demographics=int(missing.sum()),
-        included=cohort.height,
-    )
-    return cohort, flow
+def history_columns(use_case: UseCase) -> list[str]:
+    cols = []
+    for h in use_case.features.history:
+        what = "admissions" if h.code is None else feature_stem(h.code)
+        cols.append(f"history__{what}_{h.days:g}d")
+    return cols
 
 
-def build_labels(cohort: pl.DataFrame) -> pl.DataFrame:
-    """MEDS labels: ``boolean_value`` is true when death is recorded before or at hospital discharge."""
-    died = pl.col("death_time").is_not_null() & (pl.col("death_time") <= pl.col("discharge_time"))
-    return cohort.select(
-        "subject_id",
-        pl.col("prediction_time").cast(pl.Datetime("us")),
-        died.alias("boolean_value"),
-        "hadm_id",
-    )
-
-
-def feature_columns(use_case: UseCase) -> list[str]:
-    """The model's feature columns in a fixed order, derived from the use case alone."""
+def feature_columns(use_case: UseCase, frame: pl.DataFrame | None = None) -> list[str]:
+    """The model's feature columns in a fixed order: windowed aggregates of each code, numeric static
+    attributes, history features and, given a feature ``frame`` (the derivation rows), the one-hot columns
+    of categories set on at least ``MIN_CATEGORY_ADMISSIONS`` of its admissions (learned on them)."""
     cols: list[str] = []
     for w in use_case.features.window_hours:
         for code in use_case.features.codes:
             for agg in _aggregations(use_case):
                 cols.append(f"{feature_stem(code)}__{agg}_{w:g}h")
-    for s in use_case.features.static:
-        if s in STATIC_CATEGORIES:
-            cols += [f"{s}__{c.lower()}" for c in STATIC_CATEGORIES[s]]
-        else:
-            cols.append(s)
+    cols += [s for s in use_case.features.static if s not in CATEGORICAL_STATIC]
+    cols += history_columns(use_case)
+    if frame is not None:
+        prefixes = tuple(f"{s}__" for s in use_case.features.static if s in CATEGORICAL_STATIC)
+        one_hot = [c for c in frame.columns if prefixes and c.startswith(prefixes)]
+        if one_hot:
+            sums = frame.unique("hadm_id").select(pl.col(one_hot).fill_null(0).sum()).row(0)
+            cols += [c for c, n in zip(one_hot, sums, strict=True) if n >= MIN_CATEGORY_ADMISSIONS]
     return cols
 
 
@@ -182,7 +133,7 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
         else []
     )
     in_window = events.filter(pl.col("t_h") >= -window_h)
-    agg = in_window.group_by("hadm_id", "stem").agg(*[exprs[a].alias(a) for a in wanted], *sums)
+    agg = in_window.group_by(*ROW_KEY, "stem").agg(*[exprs[a].alias(a) for a in wanted], *sums)
     if "slope" in aggs:
         # slope = cov(t, v) / var(t); a window whose times are (nearly) all equal has no slope
         n, var = pl.col("_n"), pl.col("_var")
@@ -190,11 +141,14 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
             pl.when((n >= 2) & (var > 1e-9)).then(pl.col("_cov") / var).otherwise(None).alias("slope")
         ).drop("_n", "_cov", "_var")
     suffix = f"_{window_h:g}h"
-    return agg.select("hadm_id", "stem", *[pl.col(a).cast(pl.Float64).alias(f"{a}{suffix}") for a in aggs])
+    return agg.select(*ROW_KEY, "stem", *[pl.col(a).cast(pl.Float64).alias(f"{a}{suffix}") for a in aggs])
 
 
 def build_features(
-    events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame, use_case: UseCase
+    events: pl.DataFrame | pl.LazyFrame,
+    cohort: pl.DataFrame,
+    use_case: UseCase,
+    categories: dict[str, list[str]] | None = None,
 ) -> pl.DataFrame:
     """One row per cohort admission: keys plus :func:`feature_columns`, nulls where nothing was measured.
 
@@ -204,21 +158,27 @@ def build_features(
     asks for them, ``missing`` indicators (1 when the code has no value in the window).
     Polars was measured against hand-written DuckDB SQL and pandas on the same Parquet
     (``benchmarks/bench_features.py``); polars is kept as it was at least as fast. ``events`` may be a
-    LazyFrame (``pl.scan_parquet``): only the columns and rows used are then read.
+    LazyFrame (``pl.scan_parquet``): only the columns and rows used are then read. ``categories`` are the
+    one-hot categories (:func:`learn_categories` of the whole cohort, so that parts built apart agree;
+    learned from ``cohort`` when not given). History features are added apart (:func:`history_features`).
+    One row per cohort row (a stay predicted at several times has several).
     """
+    if categories is None:
+        categories = learn_categories(cohort, use_case)
     codes = use_case.features.codes
     stems = {c: feature_stem(c) for c in codes}
     ev = (
         events.lazy()
         .select("hadm_id", "code", "numeric_value", "implausible", "time", "available_time")
         .filter(pl.col("code").is_in(codes) & ~pl.col("implausible") & pl.col("numeric_value").is_not_null())
-        .join(cohort.lazy().select("hadm_id", "prediction_time"), on="hadm_id", how="inner")
+        .join(cohort.lazy().select(ROW_KEY), on="hadm_id", how="inner")
         .filter(
             (pl.col("available_time") <= pl.col("prediction_time"))
             & (pl.col("time") <= pl.col("prediction_time"))
         )
         .select(
             "hadm_id",
+            "prediction_time",
             pl.col("code").alias("stem"),  # grouped by code; renamed to the stem after aggregation
             pl.col("numeric_value").cast(pl.Float64).alias("v"),
             (pl.col("time") - pl.col("prediction_time")).dt.total_microseconds().alias("t_us"),
@@ -231,24 +191,25 @@ def build_features(
     windows = [_window_aggregates(ev, w, aggs) for w in use_case.features.window_hours]
     per_stem = windows[0]
     for window in windows[1:]:
-        per_stem = per_stem.join(window, on=["hadm_id", "stem"], how="full", coalesce=True)
+        per_stem = per_stem.join(window, on=[*ROW_KEY, "stem"], how="full", coalesce=True)
     long = per_stem.collect().with_columns(pl.col("stem").replace_strict(stems, return_dtype=pl.String))
-    values = [c for c in long.columns if c not in ("hadm_id", "stem")]
-    # wide by one join per code stem on the admission key: several times faster than DataFrame.pivot
-    wide = cohort.select("hadm_id")
+    values = [c for c in long.columns if c not in (*ROW_KEY, "stem")]
+    # wide by one join per code stem on the row key: several times faster than DataFrame.pivot
+    wide = cohort.select(ROW_KEY)
     for (stem,), part in long.partition_by("stem", as_dict=True, include_key=False).items():
         wide = wide.join(
-            part.rename({v: f"{stem}__{v}" for v in values}), on="hadm_id", how="left", coalesce=True
+            part.rename({v: f"{stem}__{v}" for v in values}), on=ROW_KEY, how="left", coalesce=True
         )
     out = cohort.select(
-        *COHORT_KEYS, *[s for s in use_case.features.static if s not in STATIC_CATEGORIES]
-    ).join(wide, on="hadm_id", how="left")
-    for s in use_case.features.static:
-        if s in STATIC_CATEGORIES:
-            out = out.with_columns(
-                (cohort[s] == c).cast(pl.Float64).alias(f"{s}__{c.lower()}") for c in STATIC_CATEGORIES[s]
-            )
-    cols = feature_columns(use_case)
+        *COHORT_KEYS, *[s for s in use_case.features.static if s not in CATEGORICAL_STATIC]
+    ).join(wide, on=ROW_KEY, how="left", maintain_order="left")
+    for attr, values_ in categories.items():
+        out = out.with_columns(
+            (cohort[attr] == v).fill_null(False).cast(pl.Float64).alias(f"{attr}__{category_slug(v)}")
+            for v in values_
+        )
+    cols = [c for c in feature_columns(use_case) if c not in history_columns(use_case)]
+    cols += one_hot_columns(categories)
     count_cols = [c for c in cols if "__count_" in c]
     missing_cols = [c for c in cols if "__missing_" in c]
     out = out.with_columns(
@@ -386,3 +347,42 @@ def validation_rows(info: SplitInfo) -> pl.Expr:
 def feature_matrix(features: pl.DataFrame, columns: list[str]) -> np.ndarray:
     """Float matrix in ``columns`` order; NaN for missing (LightGBM treats it as missing)."""
     return features.select([pl.col(c).cast(pl.Float64) for c in columns]).to_numpy().astype(np.float64)
+
+
+def history_features(
+    cohort: pl.DataFrame,
+    encounters: pl.DataFrame,
+    events: pl.DataFrame | pl.LazyFrame | None,
+    use_case: UseCase,
+) -> pl.DataFrame:
+    """The use case's history features per cohort row (:func:`history_columns`), from the patient's other
+    stays and events: the number of earlier admissions begun in the ``days`` before the prediction time, or
+    1 when ``code`` was available in those days (0 otherwise). Only what was known by the prediction time
+    counts: an earlier stay by its admission time, a code by its available time."""
+    out = cohort.select(*ROW_KEY, "subject_id", "admit_time")
+    stays = encounters.unique("hadm_id", keep="last").select(
+        "subject_id", pl.col("hadm_id").alias("_other"), pl.col("admit_time").alias("_admit")
+    )
+    for h, col in zip(use_case.features.history, history_columns(use_case), strict=True):
+        since = pl.col("prediction_time") - pl.duration(minutes=round(h.days * 1440))
+        if h.code is None:
+            hits = (
+                out.join(stays, on="subject_id", how="inner")
+                .filter(
+                    (pl.col("_other") != pl.col("hadm_id"))
+                    & (pl.col("_admit") < pl.col("admit_time"))
+                    & (pl.col("_admit") >= since)
+                )
+                .group_by(ROW_KEY)
+                .agg(pl.len().cast(pl.Float64).alias(col))
+            )
+        else:
+            ev = events_of(events, [h.code]).select("subject_id", "time", "available_time")
+            hits = (
+                out.join(ev, on="subject_id", how="inner")
+                .filter((pl.col("available_time") <= pl.col("prediction_time")) & (pl.col("time") >= since))
+                .group_by(ROW_KEY)
+                .agg(pl.lit(1.0).alias(col))
+            )
+        out = out.join(hits, on=ROW_KEY, how="left").with_columns(pl.col(col).fill_null(0.0))
+    return out.select(*ROW_KEY, *history_columns(use_case))

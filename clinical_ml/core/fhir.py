@@ -47,6 +47,7 @@ def risk_assessment(
     model_version: str,
     threshold: float,
     subject_system: str = SUBJECT_SYSTEM_PSEUDONYM,
+    outcome_text: str | None = None,
 ) -> dict:
     """One validated ``RiskAssessment`` as a JSON-ready dict.
 
@@ -63,7 +64,11 @@ def risk_assessment(
         "resourceType": "RiskAssessment",
         "status": "final",
         "identifier": [
-            {"system": f"{MODEL_SYSTEM}:{use_case}", "value": f"{row.encounter_id}-{model_version}"}
+            {
+                "system": f"{MODEL_SYSTEM}:{use_case}",
+                # one per encounter and prediction time (a use case may predict a stay several times)
+                "value": f"{row.encounter_id}-{model_version}-{_iso(row.prediction_time)}",
+            }
         ],
         "method": {
             "coding": [{"system": MODEL_SYSTEM, "code": use_case, "version": model_version}],
@@ -77,7 +82,10 @@ def risk_assessment(
         "occurrenceDateTime": _iso(row.prediction_time),
         "prediction": [
             {
-                "outcome": {"coding": [{"system": OUTCOME_SYSTEM, "code": outcome}], "text": outcome},
+                "outcome": {
+                    "coding": [{"system": OUTCOME_SYSTEM, "code": outcome}],
+                    "text": outcome_text or outcome,
+                },
                 "probabilityDecimal": round(float(row.risk), 6),
                 "qualitativeRisk": {
                     "coding": [
@@ -105,6 +113,7 @@ def write_ndjson(
     threshold: float,
     subject_ids: Mapping[str, str] | None = None,
     subject_system: str = SUBJECT_SYSTEM_PSEUDONYM,
+    outcome_text: str | None = None,
 ) -> int:
     """Write one validated resource per line; returns how many were written.
 
@@ -122,6 +131,7 @@ def write_ndjson(
                 row,
                 use_case=use_case,
                 outcome=outcome,
+                outcome_text=outcome_text,
                 model_version=model_version,
                 threshold=threshold,
                 subject_system=subject_system,

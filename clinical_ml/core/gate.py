@@ -14,7 +14,7 @@ import polars as pl
 
 from clinical_ml.core.evaluation import paired_comparison
 from clinical_ml.core.fairness import subgroup_table
-from clinical_ml.core.features import feature_matrix
+from clinical_ml.core.features import ROW_KEY, feature_matrix
 from clinical_ml.core.modeling import TrainedModel
 from clinical_ml.core.reports import md_escape
 from clinical_ml.core.scoring import (
@@ -369,8 +369,8 @@ def gate_inputs(
     """The validation cohort as the gate judges it: the challenger's rows, and the champion's where it can
     score them (every feature it needs still exists; otherwise it is compared on its card's figures)."""
     held = validation_predictions.filter(pl.col("split") == "held_out")
-    rows = held.select("hadm_id", "label", *use_case.subgroups.attributes).join(
-        features, on="hadm_id", how="inner"
+    rows = held.select(*ROW_KEY, "label", *use_case.subgroups.attributes).join(
+        features, on=ROW_KEY, how="inner"
     )
     champion_x = (
         feature_matrix(rows, champion.feature_names)

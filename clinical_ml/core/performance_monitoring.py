@@ -21,6 +21,7 @@ from clinical_ml.core.evaluation import (
     calibration_slopes_weighted,
     confusion,
 )
+from clinical_ml.core.labeling import label_known_at
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
 
@@ -37,7 +38,8 @@ def newly_labelled(cohort: pl.DataFrame, *, trained_on: Sequence[str], as_of: da
 
 
 def label_maturity(cohort: pl.DataFrame, *, as_of: date | datetime) -> pl.Series:
-    """True where the outcome window (until discharge or death) has closed by ``as_of``.
+    """True where the outcome window (the use case's: until discharge, N days after discharge, N hours after
+    the prediction time...; the cohort's ``label_window_end``) has closed by ``as_of``.
 
     Dates in the de-identified layer are shifted per patient, so the real day an outcome became known is
     the batch's delivery date (its id) plus the preserved interval from admission to the end of the stay.
@@ -45,10 +47,7 @@ def label_maturity(cohort: pl.DataFrame, *, as_of: date | datetime) -> pl.Series
     as_of_dt = as_of if isinstance(as_of, datetime) else datetime.combine(as_of, datetime.min.time())
     if as_of_dt.tzinfo is not None:  # the data's times are naive UTC
         as_of_dt = as_of_dt.astimezone(UTC).replace(tzinfo=None)
-    end = pl.min_horizontal(
-        pl.col("discharge_time"), pl.col("death_time").fill_null(pl.col("discharge_time"))
-    )
-    known_at = pl.col("batch_id").str.to_date().cast(pl.Datetime("us")) + (end - pl.col("admit_time"))
+    known_at = label_known_at(cohort, whole_export=False)
     return cohort.select((known_at <= as_of_dt).fill_null(False).alias("matured")).to_series()
 
 

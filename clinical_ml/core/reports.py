@@ -18,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from clinical_ml.core import plots
 from clinical_ml.core.drift import FeatureDrift
 from clinical_ml.core.drift_statistics import DriftStatistic, DriftThresholds
+from clinical_ml.core.labeling import CohortFlow
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.usecase import UseCase
 
@@ -96,18 +97,11 @@ def performance_report(
         if op.policy == "min_sensitivity"
         else f"chosen so that at least {op.target:.0%} of survivors are not flagged"
     )
-    flow_rows = [
-        ("Admissions in the de-identified data", flow["admissions"]),
-        (f"Excluded: under {use_case.population.min_age_years} years", flow["excluded_under_age"]),
-        ("Excluded: stay ended before the prediction time", flow["excluded_stay_ended_before_prediction"]),
-        ("Excluded: demographics missing", flow["excluded_missing_demographics"]),
-        ("Included", flow["included"]),
-    ]
+    flow_rows = _flow_rows(use_case, flow)
     html = render(
         "performance.html.j2",
         title=f"{use_case.title}: model performance",
-        subtitle=f"Prediction {use_case.prediction_time.offset_hours:g} h after admission; outcome: "
-        f"{use_case.outcome.description}",
+        subtitle=f"Prediction {use_case.prediction_time.describe()}; outcome: {use_case.outcome.description}",
         question=use_case.clinical_question,
         metrics=metrics,
         threshold=evaluation["threshold"],
@@ -450,14 +444,9 @@ def drift_report(
     return html, md
 
 
-def _flow_rows(use_case, flow: dict[str, int]) -> list[tuple[str, int]]:
-    return [
-        ("Admissions in the de-identified data", flow["admissions"]),
-        (f"Excluded: under {use_case.population.min_age_years} years", flow["excluded_under_age"]),
-        ("Excluded: stay ended before the prediction time", flow["excluded_stay_ended_before_prediction"]),
-        ("Excluded: demographics missing", flow["excluded_missing_demographics"]),
-        ("Included", flow["included"]),
-    ]
+def _flow_rows(use_case, flow: dict) -> list[tuple[str, int]]:
+    """The participant flow's rows (exclusions in the order the use case applies them)."""
+    return CohortFlow.from_dict(flow).rows()
 
 
 def _metric_rows(use_case, metrics: dict) -> list[dict]:
@@ -576,8 +565,7 @@ def report_card(
         HTML and Markdown.
     """
     m = evaluation["metrics"]
-    hours = use_case.prediction_time.offset_hours
-    prediction_words = f"{hours:g} hours after admission"
+    prediction_words = use_case.prediction_time.describe()
     inter = [a for a in fairness["attributes"] if a["intersection"]]
     inter_names = {a["attribute"] for a in inter}
     inter_rows = [r for r in fairness["rows"] if r["attribute"] in inter_names]

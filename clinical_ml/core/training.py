@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.features import feature_columns, feature_matrix
+from clinical_ml.core.features import ROW_KEY, feature_columns, feature_matrix
 from clinical_ml.core.modeling import TrainedModel, train_model
 from clinical_ml.core.usecase import UseCase
 
@@ -47,8 +47,8 @@ class ChallengerFit:
 
 
 def training_frame(features: pl.DataFrame, labels: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
-    """Features with the label and the split of each admission."""
-    return features.join(labels.select("hadm_id", "boolean_value"), on="hadm_id", how="inner").join(
+    """Features with the label and the split of each prediction row (rows without a known label left out)."""
+    return features.join(labels.select(*ROW_KEY, "boolean_value"), on=ROW_KEY, how="inner").join(
         splits, on="subject_id", how="inner"
     )
 
@@ -70,14 +70,15 @@ def training_ranges(x: np.ndarray, cols: list[str]) -> dict[str, tuple[float, fl
 
 def fit_model(frame: pl.DataFrame, use_case: UseCase) -> tuple[TrainedModel, FitSummary]:
     """Fit on ``train`` rows, early-stop on ``tuning`` rows; the ``held_out`` rows are not touched."""
-    cols = feature_columns(use_case)
+    # one-hot categories are those set on enough admissions of the derivation cohort
+    cols = feature_columns(use_case, frame.filter(pl.col("split").is_in(["train", "tuning"])))
     x_tr, y_tr = _xy(frame, "train", cols)
     x_tu, y_tu = _xy(frame, "tuning", cols)
     if len(y_tr) == 0 or len(y_tu) == 0:
         raise ValueError(
             f"the derivation cohort is empty ({len(y_tr)} training and {len(y_tu)} tuning admissions): no "
             "admission is eligible; the cohort's participant flow says why (e.g. every stay ended before the "
-            f"prediction time, {use_case.prediction_time.offset_hours:g} h after admission)"
+            f"prediction time, {use_case.prediction_time.describe()})"
         )
     if y_tr.sum() == 0 or y_tu.sum() == 0:
         raise ValueError(

@@ -29,6 +29,44 @@ VITAL_CODES: dict[str, tuple[str, str]] = {
     "gcs_total": ("Glasgow Coma Scale", "{score}"),
 }
 
+# Codes the real-data adapters (eICU, MIMIC) bring beyond the landing contract's labs and vitals:
+# MEDS code -> (plain name, unit). They are part of the vocabulary a use case may name.
+EXTRA_CODE_NAMES: dict[str, tuple[str, str]] = {
+    "LAB//2744-1": ("arterial pH", "[pH]"),
+    "LAB//2703-7": ("PaO2", "mm[Hg]"),
+    "LAB//2019-8": ("PaCO2", "mm[Hg]"),
+    "LAB//3150-0": ("FiO2", "%"),
+    "LAB//4544-3": ("hematocrit", "%"),
+    "LAB//1751-7": ("albumin", "g/dL"),
+    "VITAL//urine_output_24h": ("urine output over the first 24 h", "mL"),
+    "VITAL//intubated": ("intubated on day 1", "{flag}"),
+    "VITAL//mechanical_ventilation": ("mechanical ventilation on day 1", "{flag}"),
+    "VITAL//dialysis": ("dialysis on day 1", "{flag}"),
+}
+
+# Codes of the stay itself (written by the anonymizer and the adapters, see anonymization.encounter_events):
+# a prefix followed by the coded value, e.g. ``ICU_UNIT//MICU``; ``MEDS_DEATH`` alone.
+STAY_CODE_PREFIXES: tuple[str, ...] = ("ADMISSION//", "ICU_UNIT//", "HOSPITAL_DISCHARGE//")
+STAY_CODES: tuple[str, ...] = ("MEDS_DEATH", "MEDS_BIRTH")
+
+
+def measurement_codes() -> dict[str, tuple[str, str]]:
+    """Every numeric MEDS code of the vocabulary: ``LAB//<LOINC>`` and ``VITAL//<name>`` -> (name, unit)."""
+    codes = {f"LAB//{k}": v for k, v in LAB_CODES.items()}
+    codes |= {f"VITAL//{k}": v for k, v in VITAL_CODES.items()}
+    return codes | EXTRA_CODE_NAMES
+
+
+def is_known_code(code: str, *, measurements_only: bool = False) -> bool:
+    """True when ``code`` is in the vocabulary: a measurement code, or (unless ``measurements_only``) a
+    stay code such as ``ICU_UNIT//MICU``, ``ICU_UNIT//`` (any unit) or ``MEDS_DEATH``."""
+    if code in measurement_codes():
+        return True
+    if measurements_only:
+        return False
+    return code in STAY_CODES or any(code.startswith(p) for p in STAY_CODE_PREFIXES)
+
+
 # (code, delivered unit) -> conversion into the canonical unit. Anything not listed and not canonical is
 # rejected as an unknown unit: guessing a unit is how a tenfold error reaches a model.
 UNIT_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
@@ -71,6 +109,8 @@ def canonical_unit(code: str) -> str:
 
 def plain_name(meds_code: str) -> str:
     """Plain-word name of a MEDS code such as ``LAB//2160-0`` for reports."""
+    if meds_code in EXTRA_CODE_NAMES:
+        return EXTRA_CODE_NAMES[meds_code][0]
     _, _, code = meds_code.partition("//")
     if code in LAB_CODES:
         return LAB_CODES[code][0]

@@ -8,10 +8,20 @@ import hashlib
 import itertools
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from clinical_ml.core.units import is_known_code, plain_name
 
 CODE_PATTERN = re.compile(r"^(LAB|VITAL)//[A-Za-z0-9_.\-]+$")
 
@@ -28,31 +38,244 @@ class _Strict(BaseModel):
 AGE_CAP_YEARS = 90
 
 
+def _known_codes(codes: list[str], *, measurements_only: bool) -> list[str]:
+    unknown = [c for c in codes if not is_known_code(c, measurements_only=measurements_only)]
+    if unknown:
+        kind = "measurement codes (LAB//<LOINC>, VITAL//<name>)" if measurements_only else "codes"
+        raise ValueError(
+            f"{', '.join(map(repr, unknown))} not in the vocabulary of {kind}; known codes are listed in "
+            "docs/usecases.md (clinical_ml/core/units.py)"
+        )
+    return codes
+
+
 class Population(_Strict):
+    """Who the question is asked about. Every filter is optional; an unset list keeps everyone.
+
+    Values of ``units``, ``admission_types``, ``sites`` and ``discharge_dispositions`` are compared with the
+    de-identified data exactly (the hospital's coded values). ``discharge_dispositions`` is only known at
+    discharge: use it with ``prediction_time.anchor: discharge`` (it is refused for earlier predictions).
+    """
+
     min_age_years: int = Field(18, ge=0)
+    max_age_years: int | None = Field(None, ge=0)
+    units: list[str] | None = Field(None, min_length=1)
+    admission_types: list[str] | None = Field(None, min_length=1)
+    sites: list[str] | None = Field(None, min_length=1)
+    discharge_dispositions: list[str] | None = Field(None, min_length=1)
+    min_observed_hours: float = Field(
+        0, ge=0, description="hours the stay must have been observed (since admission) by the prediction time"
+    )
+    no_prior_codes: list[str] = Field(
+        [], description="exclude patients with any of these codes (any earlier stay or earlier in this one)"
+    )
     inclusion: str
     exclusion: str
 
-    @field_validator("min_age_years")
+    @field_validator("min_age_years", "max_age_years")
     @classmethod
-    def _below_the_age_cap(cls, v: int) -> int:
-        if v > AGE_CAP_YEARS:
+    def _below_the_age_cap(cls, v: int | None) -> int | None:
+        if v is not None and v > AGE_CAP_YEARS:
             raise ValueError(
                 f"must be at most {AGE_CAP_YEARS}: de-identified ages are capped at {AGE_CAP_YEARS} ('90+'), so "
                 f"a minimum of {v} would select nobody"
             )
         return v
 
+    @field_validator("no_prior_codes")
+    @classmethod
+    def _vocabulary(cls, codes: list[str]) -> list[str]:
+        return _known_codes(codes, measurements_only=False)
+
+    @model_validator(mode="after")
+    def _age_range(self) -> "Population":
+        if self.max_age_years is not None and self.max_age_years < self.min_age_years:
+            raise ValueError("max_age_years must be at least min_age_years")
+        return self
+
 
 class PredictionTime(_Strict):
-    anchor: Literal["admission"] = "admission"
-    offset_hours: float = Field(gt=0, le=24 * 30)
+    """When the model is asked: an anchor of the stay plus an offset, once or repeatedly.
+
+    Anchors: ``admission`` (hospital admission), ``icu_admission`` (the first ICU unit event of the stay),
+    ``discharge`` (hospital discharge, alive), ``first_code`` (the moment the first value of ``code`` in the
+    stay is available, e.g. a first lactate result). ``every_hours`` repeats the prediction during the stay
+    (one row per stay and time) until the stay ends or ``max_predictions`` is reached.
+    """
+
+    anchor: Literal["admission", "icu_admission", "discharge", "first_code"] = "admission"
+    code: str | None = None
+    offset_hours: float = Field(0, ge=0, le=24 * 30)
+    every_hours: float | None = Field(None, gt=0, le=24 * 7)
+    max_predictions: int = Field(60, ge=1, le=1000)
+
+    @field_validator("code")
+    @classmethod
+    def _vocabulary(cls, code: str | None) -> str | None:
+        return code if code is None else _known_codes([code], measurements_only=False)[0]
+
+    @model_validator(mode="after")
+    def _anchor_fields(self) -> "PredictionTime":
+        if (self.anchor == "first_code") != (self.code is not None):
+            raise ValueError("code is required with anchor first_code and only then")
+        if self.anchor == "discharge" and self.every_hours is not None:
+            raise ValueError("every_hours repeats predictions during the stay; it cannot follow discharge")
+        return self
+
+    def describe(self) -> str:
+        """Plain words, e.g. '24 h after ICU admission, then every 4 h'."""
+        anchor = {
+            "admission": "hospital admission",
+            "icu_admission": "ICU admission",
+            "discharge": "hospital discharge",
+            "first_code": f"the first {plain_name(self.code or '')} result",
+        }[self.anchor]
+        when = f"{self.offset_hours:g} h after {anchor}" if self.offset_hours else f"at {anchor}"
+        return when + (f", then every {self.every_hours:g} h during the stay" if self.every_hours else "")
 
 
-class Outcome(_Strict):
-    name: Literal["in_hospital_death"]
+class ValueRule(_Strict):
+    """Which values of a code count as the event: absolute bounds, or a ratio to the patient's baseline
+    (the lowest value available by the prediction time in the stay), e.g. KDIGO creatinine >= 1.5x."""
+
+    at_least: float | None = None
+    at_most: float | None = None
+    at_least_times_baseline: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> "ValueRule":
+        if self.at_least is None and self.at_most is None and self.at_least_times_baseline is None:
+            raise ValueError("give at least one of at_least, at_most, at_least_times_baseline")
+        return self
+
+
+class OutcomeWords(_Strict):
+    """How reports, the CLI and the FHIR output name the outcome."""
+
+    event: str = Field(description="one occurrence, e.g. 'death', 'readmission'")
+    events: str = Field(description="plural, e.g. 'deaths'")
+    non_events: str = Field(description="patients without it, e.g. 'survivors'")
+    with_event: str = Field(description="e.g. 'patients who died'")
+    without_event: str = Field(description="e.g. 'patients who survived'")
+
+
+class _OutcomeBase(_Strict):
     description: str
-    window: str
+    words: OutcomeWords | None = None
+
+
+class DeathOutcome(_OutcomeBase):
+    """Death before hospital discharge (``within_days`` unset) or within N days of the prediction time,
+    wherever it happens (a death recorded on any stay of the patient)."""
+
+    type: Literal["death"]
+    within_days: float | None = Field(None, gt=0, le=3650)
+
+    @property
+    def outcome_code(self) -> str:
+        return "death_in_hospital" if self.within_days is None else f"death_within_{self.within_days:g}d"
+
+    @property
+    def window(self) -> str:
+        if self.within_days is None:
+            return "until hospital discharge"
+        return f"within {self.within_days:g} days of the prediction time, in or out of hospital"
+
+
+class ReadmissionOutcome(_OutcomeBase):
+    """A new admission of the same patient within N days after discharge of the index stay (day N counts).
+    Index stays ending in death or in a transfer (``transfer_dispositions``) are excluded from the cohort."""
+
+    type: Literal["readmission"]
+    within_days: float = Field(gt=0, le=3650)
+    unplanned_only: bool = False
+    planned_admission_types: list[str] = ["ELECTIVE"]
+    transfer_dispositions: list[str] = ["TRANSFER", "TRANSFERRED", "ACUTE_CARE_TRANSFER"]
+
+    @property
+    def outcome_code(self) -> str:
+        return f"{'unplanned_' if self.unplanned_only else ''}readmission_within_{self.within_days:g}d"
+
+    @property
+    def window(self) -> str:
+        kind = "unplanned " if self.unplanned_only else ""
+        return f"an {kind}admission within {self.within_days:g} days after discharge (day {self.within_days:g} counts)"
+
+
+class EventOutcome(_OutcomeBase):
+    """A code (optionally with a value rule) occurring within ``window_hours`` after the prediction time.
+    Stays that already have the event by the prediction time are excluded unless ``exclude_prevalent`` is
+    false."""
+
+    type: Literal["event"]
+    code: str
+    value: ValueRule | None = None
+    window_hours: float = Field(gt=0, le=24 * 365)
+    exclude_prevalent: bool = True
+
+    @property
+    def outcome_code(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "_", self.code.lower()).strip("_")
+        return f"event_{slug}_within_{self.window_hours:g}h"
+
+    @property
+    def window(self) -> str:
+        return f"within {self.window_hours:g} h after the prediction time"
+
+    @field_validator("code")
+    @classmethod
+    def _vocabulary(cls, code: str) -> str:
+        return _known_codes([code], measurements_only=False)[0]
+
+    @model_validator(mode="after")
+    def _value_rule_needs_values(self) -> "EventOutcome":
+        if self.value is not None and not is_known_code(self.code, measurements_only=True):
+            raise ValueError("a value rule needs a measurement code (LAB//..., VITAL//...)")
+        return self
+
+
+class LengthOfStayOutcome(_OutcomeBase):
+    """The stay lasting more than ``beyond_hours`` after the prediction time (a death before then is not a
+    prolonged stay)."""
+
+    type: Literal["length_of_stay"]
+    beyond_hours: float = Field(gt=0, le=24 * 365)
+
+    @property
+    def outcome_code(self) -> str:
+        return f"stay_beyond_{self.beyond_hours:g}h"
+
+    @property
+    def window(self) -> str:
+        return f"still in hospital {self.beyond_hours:g} h after the prediction time"
+
+
+Outcome = Annotated[
+    DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome, Field(discriminator="type")
+]
+
+
+def _legacy_outcome(raw: object) -> object:
+    """Use case files written before outcome types (``name: in_hospital_death``) still load."""
+    if isinstance(raw, dict) and raw.get("name") == "in_hospital_death" and "type" not in raw:
+        return {"type": "death", "description": raw.get("description", "")}
+    return raw
+
+
+class HistoryFeature(_Strict):
+    """A feature from the patient's earlier care: the number of earlier admissions in ``days`` (``code``
+    unset), or whether ``code`` occurred in the ``days`` before the prediction time (earlier stays included)."""
+
+    days: float = Field(gt=0, le=3650)
+    code: str | None = None
+
+    @field_validator("code")
+    @classmethod
+    def _vocabulary(cls, code: str | None) -> str | None:
+        return code if code is None else _known_codes([code], measurements_only=False)[0]
+
+
+STATIC_FEATURES = ("age_years", "sex", "admission_type", "unit", "site")
 
 
 class Features(_Strict):
@@ -61,9 +284,13 @@ class Features(_Strict):
         min_length=1
     )
     codes: list[str] = Field(min_length=1)
-    static: list[Literal["age_years", "sex", "admission_type", "unit"]] = []
+    static: list[Literal["age_years", "sex", "admission_type", "unit", "site"]] = []
+    history: list[HistoryFeature] = []
     missing_indicators: bool = Field(
         True, description="Add <code>__missing_<w>h = 1 when a code has no available value in a window."
+    )
+    max_categories: int = Field(
+        12, ge=1, le=100, description="categories of a static attribute kept (most frequent in derivation)"
     )
 
     @field_validator("codes")
@@ -74,7 +301,7 @@ class Features(_Strict):
             raise ValueError(f"codes must look like LAB//<LOINC> or VITAL//<name>, got {bad}")
         if len(set(codes)) != len(codes):
             raise ValueError("codes must not repeat")
-        return codes
+        return _known_codes(codes, measurements_only=True)
 
 
 class OperatingPoint(_Strict):
@@ -90,6 +317,16 @@ class SuccessCriteria(_Strict):
     calibration_intercept_range: tuple[float, float] | None = None
     observed_expected_range: tuple[float, float] | None = None
     brier_max: float = Field(1.0, gt=0, le=1)
+    # Operational limits at the operating point, judged on the validation cohort (optional).
+    alerts_per_100_patient_days_max: float | None = Field(
+        None, gt=0, description="flagged predictions per 100 patient-days of the stays scored"
+    )
+    alerts_per_unit_day_max: float | None = Field(
+        None, gt=0, description="flagged predictions per ward or ICU unit per calendar day"
+    )
+    number_needed_to_evaluate_max: float | None = Field(
+        None, ge=1, description="patients flagged per true event found (1 / PPV)"
+    )
 
     @field_validator("calibration_slope_range", "calibration_intercept_range", "observed_expected_range")
     @classmethod
@@ -167,10 +404,16 @@ class UseCase(_Strict):
     title: str
     clinical_question: str
     owner: str
+    datasets: list[str] = Field(
+        [],
+        description="the data this question is written for (`clinical-ml run --data`: synthetic, eicu, mimic, "
+        "or a hospital's own name); empty: any. `clinical-ml run` without --usecase runs the use cases "
+        "written for the data it runs on.",
+    )
     population: Population
     prediction_time: PredictionTime
     observation_window_hours: float = Field(gt=0)
-    outcome: Outcome
+    outcome: Annotated[Outcome, BeforeValidator(_legacy_outcome)]
     features: Features
     operating_point: OperatingPoint
     success_criteria: SuccessCriteria
@@ -185,6 +428,71 @@ class UseCase(_Strict):
         if max(self.features.window_hours) > self.observation_window_hours:
             raise ValueError("features.window_hours cannot exceed observation_window_hours")
         return self
+
+    @model_validator(mode="after")
+    def _parts_agree(self) -> "UseCase":
+        anchor = self.prediction_time.anchor
+        if self.population.discharge_dispositions is not None and anchor != "discharge":
+            raise ValueError(
+                "population.discharge_dispositions is only known at discharge: use it with "
+                "prediction_time.anchor: discharge"
+            )
+        if isinstance(self.outcome, LengthOfStayOutcome) and anchor == "discharge":
+            raise ValueError("outcome length_of_stay cannot be predicted at or after discharge")
+        if (
+            isinstance(self.outcome, DeathOutcome)
+            and self.outcome.within_days is None
+            and anchor == "discharge"
+        ):
+            raise ValueError(
+                "outcome death before discharge cannot be predicted at discharge; set outcome.within_days"
+            )
+        return self
+
+    @property
+    def words(self) -> OutcomeWords:
+        """How reports name the outcome (the file's ``outcome.words``, else the outcome type's defaults)."""
+        return outcome_words(self.outcome)
+
+
+def outcome_words(
+    outcome: "DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome",
+) -> OutcomeWords:
+    """The outcome's own words when the file gives them, else defaults of its type."""
+    if outcome.words is not None:
+        return outcome.words
+    if isinstance(outcome, DeathOutcome):
+        return OutcomeWords(
+            event="death",
+            events="deaths",
+            non_events="survivors",
+            with_event="patients who died",
+            without_event="patients who survived",
+        )
+    if isinstance(outcome, ReadmissionOutcome):
+        return OutcomeWords(
+            event="readmission",
+            events="readmissions",
+            non_events="patients not readmitted",
+            with_event="patients who were readmitted",
+            without_event="patients who were not readmitted",
+        )
+    if isinstance(outcome, LengthOfStayOutcome):
+        return OutcomeWords(
+            event="prolonged stay",
+            events="prolonged stays",
+            non_events="shorter stays",
+            with_event="patients who stayed longer",
+            without_event="patients who left or died sooner",
+        )
+    name = plain_name(outcome.code)
+    return OutcomeWords(
+        event=f"{name} event",
+        events=f"{name} events",
+        non_events=f"patients without a {name} event",
+        with_event=f"patients with a {name} event",
+        without_event=f"patients without a {name} event",
+    )
 
 
 def _location(loc: tuple) -> str:

@@ -12,7 +12,7 @@ from clinical_ml.core.evaluation import (
     choose_threshold,
     decision_curve,
 )
-from clinical_ml.core.features import feature_matrix
+from clinical_ml.core.features import ROW_KEY, feature_matrix
 from clinical_ml.core.modeling import TrainedModel
 from clinical_ml.core.usecase import UseCase
 
@@ -82,13 +82,13 @@ class Evaluation:
 def predict_frame(model: TrainedModel, frame: pl.DataFrame, cohort: pl.DataFrame) -> pl.DataFrame:
     """Risk for each admission of ``frame`` with its label, split and audit attributes."""
     risk = model.predict(feature_matrix(frame, model.feature_names))
-    audit = cohort.select("hadm_id", *AUDIT_COLUMNS)
+    audit = cohort.select(*ROW_KEY, *AUDIT_COLUMNS)
     return (
         frame.select(
             "subject_id", "hadm_id", "prediction_time", "split", pl.col("boolean_value").alias("label")
         )
         .with_columns(pl.Series("risk", risk))
-        .join(audit, on="hadm_id", how="left")
+        .join(audit, on=ROW_KEY, how="left")
     )
 
 

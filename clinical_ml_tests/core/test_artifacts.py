@@ -19,7 +19,9 @@ def _store(tmp_path) -> UseCaseStore:
 def test_typed_artifacts_round_trip_through_their_files(tmp_path):
     store = _store(tmp_path)
     values = {
-        store.cohort_flow: CohortFlow(10, 1, 2, 0, 7),
+        store.cohort_flow: CohortFlow(
+            10, (("under 18 years", 1), ("stay ended before the prediction time", 2)), 7, 9
+        ),
         store.split_info: SplitInfo("temporal", "temporal", ("2026Q2",), ("2026Q1",), "a note"),
         store.threshold: OperatingThreshold(0.25, "v1"),
         store.evaluation: Evaluation(

@@ -32,21 +32,6 @@ EXTRA_PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
     "dialysis": (0, 1),
 }
 
-# Plain names of the codes the adapters add beyond core/units.py (used in docs and adapter summaries;
-# the ingestion engineer may move them into the shared vocabulary).
-EXTRA_CODE_NAMES: dict[str, tuple[str, str]] = {
-    "LAB//2744-1": ("arterial pH", "[pH]"),
-    "LAB//2703-7": ("PaO2", "mm[Hg]"),
-    "LAB//2019-8": ("PaCO2", "mm[Hg]"),
-    "LAB//3150-0": ("FiO2", "%"),
-    "LAB//4544-3": ("hematocrit", "%"),
-    "LAB//1751-7": ("albumin", "g/dL"),
-    "VITAL//urine_output_24h": ("urine output, first 24 h", "mL"),
-    "VITAL//intubated": ("intubated on day 1", "{flag}"),
-    "VITAL//mechanical_ventilation": ("mechanical ventilation on day 1", "{flag}"),
-    "VITAL//dialysis": ("dialysis on day 1", "{flag}"),
-}
-
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "subject_id": pl.Int64(),
     "time": pl.Datetime("us"),

@@ -6,7 +6,7 @@ import polars as pl
 from clinical_ml.core import plots
 from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
-from clinical_ml.core.features import feature_matrix, validation_rows
+from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_rows
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.reports import evaluation_markdown, performance_report
 from clinical_ml.core.storage import code_version
@@ -121,7 +121,7 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         store = zones.use_case(uc.name)
         model, fit = load_model(store.challenger.model_text()), store.challenger.fit.read()
         held = store.validation_predictions.read().filter(pl.col("split") == "held_out")
-        rows = store.features.read().join(held.select("hadm_id"), on="hadm_id", how="semi")
+        rows = store.features.read().join(held.select(ROW_KEY), on=ROW_KEY, how="semi")
         _, values = shap_values(
             model,
             feature_matrix(rows, model.feature_names),
