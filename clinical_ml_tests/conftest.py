@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic hospital and one full in-process run of the graph per session."""
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,38 @@ class GraphRun:
     results: dict[str, dg.ExecuteInProcessResult]
 
 
+# The use cases of the shared graph run: three daily batches serve the 24 h mortality questions; 30-day
+# readmission needs months of data (clinical_ml_tests/e2e/test_any_question.py runs the other questions).
+GRAPH_USE_CASES = ("icu_mortality_24h", "eicu_mortality_24h")
+
+
+def use_case_folder(folder: Path, names: tuple[str, ...]) -> Path:
+    """A use case folder holding copies of the named shipped use cases (and their monitoring settings)."""
+    (folder / "monitoring").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(PROJECT_ROOT / "usecases" / f"{name}.yaml", folder / f"{name}.yaml")
+        monitoring = PROJECT_ROOT / "usecases" / "monitoring" / f"{name}.yaml"
+        if monitoring.exists():
+            shutil.copy(monitoring, folder / "monitoring" / f"{name}.yaml")
+    return folder
+
+
 def run_full_graph(
-    data_root: Path, instance: dg.DagsterInstance, *, n_bootstrap: int = 100
+    data_root: Path,
+    instance: dg.DagsterInstance,
+    *,
+    n_bootstrap: int = 100,
+    use_cases: tuple[str, ...] = GRAPH_USE_CASES,
 ) -> dg.Definitions:
-    """Ingest every complete batch of the landing zone, then run the lifecycle job, in process."""
+    """Ingest every complete batch of the landing zone, then run the lifecycle job of ``use_cases``, in
+    process."""
     from clinical_ml.defs.build import build_definitions
     from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
     from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
     defs = build_definitions(
         data_root=data_root,
+        usecases_dir=use_case_folder(data_root / "usecases", use_cases),
         evaluation=EvaluationSettings(n_bootstrap=n_bootstrap),
         anonymization=AnonymizationSettings(pseudonym_seed=1),
     )

@@ -514,13 +514,16 @@ def label_known_at(cohort: pl.DataFrame, *, whole_export: bool = True) -> pl.Exp
 
 
 def data_end(encounters: pl.DataFrame) -> datetime | None:
-    """The real time up to which the data are complete: the day after the latest batch named by date;
-    else (an export delivered whole, batches not dated) the latest admission or discharge in the data."""
+    """The real time up to which the data are complete. Batches named by date: the latest batch's date plus
+    the batch cadence (the gap between the last two batch dates; a day for a single or daily batch), as a
+    batch named by its first day covers the days up to the next one. Otherwise (an export delivered whole,
+    batches not dated): the latest admission or discharge in the data."""
     if encounters.height == 0:
         return None
-    dates = encounters.select(_batch_date().max()).item()
-    if dates is not None:
-        return dates + timedelta(days=1)
+    dates = encounters.select(_batch_date().unique().drop_nulls().sort()).to_series().to_list()
+    if dates:
+        cadence = dates[-1] - dates[-2] if len(dates) > 1 else timedelta(days=1)
+        return dates[-1] + max(cadence, timedelta(days=1))
     return encounters.select(
         pl.max_horizontal(pl.col("admit_time").max(), pl.col("discharge_time").max())
     ).item()

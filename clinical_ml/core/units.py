@@ -172,3 +172,13 @@ MISSING_TEXT_SENTINELS: tuple[str, ...] = (
     "-",
 )
 MISSING_NUMERIC_SENTINELS: tuple[float, ...] = (-999.0, -9999.0, -99999.0, -99.0)
+
+
+def vocabulary_markdown() -> str:
+    """The measurement codes a use case may name, as a Markdown table (docs/usecases.md holds this text;
+    a test keeps the two the same)."""
+    lines = ["| code | name | unit |", "|---|---|---|"]
+    lines += [
+        f"| `{code}` | {name} | `{unit}` |" for code, (name, unit) in sorted(measurement_codes().items())
+    ]
+    return "\n".join(lines)

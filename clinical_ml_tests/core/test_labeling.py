@@ -184,10 +184,12 @@ def test_dated_batches_hold_a_label_back_until_the_data_cover_its_window():
             {"s": 3, "a": 3, "in": d(40), "out": d(41), "batch": "2026-02-14"},
         ]
     )
-    assert data_end(enc) == datetime(2026, 2, 15)
+    # the last batch (2026-02-14) covers as long as the gap before it (26 days)
+    assert data_end(enc) == datetime(2026, 3, 12)
     got = labels_of(readmission(), enc, pat)
-    # stay 1: known at 2026-01-05 + 33 days = 2026-02-07 <= 2026-02-15; stay 2: 2026-01-19 + 33 days > end
-    assert got == {1: False}
+    # stay 1: known 2026-01-05 + 33 days = 2026-02-07; stay 2: 2026-01-19 + 33 days = 2026-02-21, both by
+    # the end; stay 3: 2026-02-14 + 32 days = 2026-03-18, after it
+    assert got == {1: False, 2: False}
     assert labels_of(readmission(), enc, pat, known_by=datetime(2026, 3, 31)) == {
         1: False,
         2: False,
@@ -389,3 +391,11 @@ def test_a_file_written_before_outcome_types_still_loads():
     legacy = text.replace("type: death", "name: in_hospital_death\n  window: until hospital discharge")
     uc = parse_use_case(legacy)
     assert uc.outcome.type == "death" and uc.words.events == "deaths"
+
+
+def test_the_documented_vocabulary_is_the_one_the_code_checks_against():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "usecases.md").read_text()
+    table = doc.split("<!-- vocabulary:start -->\n", 1)[1].split("\n<!-- vocabulary:end -->", 1)[0]
+    from clinical_ml.core.units import vocabulary_markdown
+
+    assert table == vocabulary_markdown()
