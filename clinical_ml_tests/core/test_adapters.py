@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from clinical_ml.core.adapters import eicu, mimic
-from clinical_ml.core.adapters.common import AdapterError, write_deid_layer
+from clinical_ml.core.adapters.common import DISCHARGE_DISPOSITIONS, AdapterError, write_deid_layer
 from clinical_ml.core.anonymization import DEID_COLUMNS
+from clinical_ml.core.labeling import build_cohort, build_labels
 from clinical_ml.core.meds_layout import check_meds_shard, to_meds_table
+from clinical_ml.core.usecase import UseCase, parse_use_case
 
 RNG_SEED = 3
 
@@ -203,6 +206,46 @@ def test_eicu_output_does_not_depend_on_leakage_columns(eicu_small: Path, tmp_pa
     assert changed.encounters.equals(base.encounters)
 
 
+def test_eicu_every_unit_stay_is_an_icu_admission_event_at_its_own_admission(eicu_small: Path):
+    out = eicu.adapt(eicu_small, rng=np.random.default_rng(RNG_SEED))
+    died = out.encounters.filter(pl.col("death_time").is_not_null()).row(0, named=True)
+    icu = out.events.filter(
+        (pl.col("hadm_id") == died["hadm_id"]) & pl.col("code").str.starts_with("ICU_UNIT//")
+    ).sort("time")
+    # unit stays 11 (the index, the encounter's admission) and 12, admitted 600 min later
+    assert (icu["time"] - died["admit_time"]).to_list() == [timedelta(0), timedelta(minutes=600)]
+    assert icu["code"].to_list() == ["ICU_UNIT//MICU", "ICU_UNIT//MICU"]
+    assert out.counts["unit_stays_mapped"] == 3  # stay 31's hospital stay has no known outcome
+
+
+@pytest.mark.parametrize(
+    ("location", "disposition"),
+    [
+        ("Other Hospital", "ACUTE_CARE_TRANSFER"),
+        ("Skilled Nursing Facility", "SKILLED_NURSING_FACILITY"),
+        ("HOME ", "HOME"),
+        ("Grandma's house, Springfield", "OTHER"),  # a value the table does not name: never its text
+        (None, "UNKNOWN"),
+    ],
+)
+def test_eicu_discharge_dispositions_come_from_an_explicit_table(
+    eicu_small: Path, location: str | None, disposition: str
+):
+    tables = {p.stem: pl.read_parquet(p) for p in (eicu_small / "tables").glob("*.parquet")}
+    tables["patient"] = tables["patient"].with_columns(
+        pl.when(pl.col("patienthealthsystemstayid") == 201)
+        .then(pl.lit(location, dtype=pl.String))
+        .otherwise(pl.col("hospitaldischargelocation"))
+        .alias("hospitaldischargelocation")
+    )
+    out = eicu.adapt(_write(eicu_small.parent / "recoded", tables), rng=np.random.default_rng(RNG_SEED))
+    by_death = dict(
+        out.encounters.select(pl.col("death_time").is_not_null(), "discharge_disposition").iter_rows()
+    )
+    assert by_death == {True: "EXPIRED", False: disposition}
+    assert out.counts["discharge_locations_unmapped"] == (disposition == "OTHER")
+
+
 def test_eicu_race_and_ethnicity_are_split_from_one_field(eicu_small: Path):
     out = eicu.adapt(eicu_small, rng=np.random.default_rng(RNG_SEED))
     pairs = set(out.patients.select("race", "ethnicity").iter_rows())
@@ -274,22 +317,133 @@ def mimic_small(tmp_path: Path) -> Path:
     return _write(tmp_path / "mimic", tables)
 
 
-def test_mimic_shifted_ages_are_capped_and_admissions_without_icu_dropped(mimic_small: Path):
+def test_mimic_every_admission_is_an_encounter_with_or_without_an_icu_stay(mimic_small: Path):
     out = mimic.adapt(mimic_small, rng=np.random.default_rng(RNG_SEED))
-    assert out.encounters.height == 2
+    assert out.encounters.height == 3  # hadm 21 never reached an ICU: a readmission all the same
     assert out.counts["admissions_without_icu_stay"] == 1
-    assert sorted(out.encounters["age_years"].to_list()) == [60, 90]  # dob 1850: ~300 years
+    assert out.counts["icu_stays"] == 2
+    no_icu = out.encounters.filter(pl.col("unit") == mimic.NO_ICU_STAY).row(0, named=True)
+    # the ICU information system of its patient's ICU stay nearest in time
+    assert (no_icu["site"], no_icu["batch_id"]) == ("BIDMC/metavision", "mimic_metavision")
+    assert sorted(out.encounters["age_years"].to_list()) == [60, 60, 90]  # dob 1850: ~300 years
     assert out.counts["ages_shifted_over_89"] == 1
     assert tuple(out.encounters.columns) == DEID_COLUMNS["encounters"]
 
 
-def test_mimic_death_never_after_discharge_and_icu_admission_is_the_anchor(mimic_small: Path):
+def test_mimic_hospital_admission_is_admit_time_and_each_icu_stay_an_icu_event(mimic_small: Path):
     out = mimic.adapt(mimic_small, rng=np.random.default_rng(RNG_SEED))
     died = out.encounters.filter(pl.col("death_time").is_not_null()).row(0, named=True)
     assert died["death_time"] == died["discharge_time"]
-    assert died["admit_time"] == datetime(2150, 3, 1, 8, 0)
+    assert died["admit_time"] == datetime(2150, 3, 1, 3, 0)  # admittime, 5 h before the ICU
     assert died["unit"] == "SICU"
+    icu = out.events.filter(pl.col("code").str.starts_with("ICU_UNIT//"))
+    assert icu.height == 2  # one per ICU stay, none for the admission without one
+    mine = icu.filter(pl.col("hadm_id") == died["hadm_id"])
+    assert mine.select("time", "code").rows() == [(datetime(2150, 3, 1, 8, 0), "ICU_UNIT//SICU")]
     assert set(out.encounters["batch_id"]) == {"mimic_carevue", "mimic_metavision"}
+
+
+@pytest.mark.parametrize(
+    ("location", "admission_type", "disposition", "coded_type"),
+    [
+        ("SHORT TERM HOSPITAL", "EMERGENCY", "ACUTE_CARE_TRANSFER", "EMERGENCY"),
+        ("DISCH-TRAN TO PSYCH HOSP", "URGENT", "PSYCHIATRIC_HOSPITAL_TRANSFER", "URGENT"),
+        ("  snf ", "elective", "SKILLED_NURSING_FACILITY", "ELECTIVE"),  # case and blanks do not matter
+        ("Mrs Smith's cottage by the sea", "WALK IN", "OTHER", "OTHER"),  # free text never passes
+        (None, None, "UNKNOWN", "UNKNOWN"),
+    ],
+)
+def test_mimic_dispositions_and_admission_types_come_from_explicit_tables(
+    mimic_small: Path, location: str | None, admission_type: str | None, disposition: str, coded_type: str
+):
+    tables = {p.stem: pl.read_parquet(p) for p in (mimic_small / "tables").glob("*.parquet")}
+    tables["admissions"] = tables["admissions"].with_columns(
+        pl.when(pl.col("hadm_id") == 20)
+        .then(pl.lit(location, dtype=pl.String))
+        .otherwise(pl.col("discharge_location"))
+        .alias("discharge_location"),
+        pl.when(pl.col("hadm_id") == 20)
+        .then(pl.lit(admission_type, dtype=pl.String))
+        .otherwise(pl.col("admission_type"))
+        .alias("admission_type"),
+    )
+    out = mimic.adapt(_write(mimic_small.parent / "recoded", tables), rng=np.random.default_rng(RNG_SEED))
+    enc = out.encounters.sort("admit_time")
+    assert enc.row(1, named=True)["discharge_disposition"] == disposition
+    assert enc.row(1, named=True)["admission_type"] == coded_type
+    assert set(enc["discharge_disposition"]) <= set(DISCHARGE_DISPOSITIONS)
+    assert out.counts["discharge_locations_unmapped"] == (disposition == "OTHER")
+    assert out.counts["admission_types_unmapped"] == (coded_type == "OTHER")
+    discharged = out.events.filter(pl.col("code").str.starts_with("HOSPITAL_DISCHARGE//"))
+    assert set(discharged["code"].str.strip_prefix("HOSPITAL_DISCHARGE//")) <= set(DISCHARGE_DISPOSITIONS)
+
+
+def test_mimic_transfer_dispositions_are_the_transfers_of_the_table():
+    assert set(mimic.TRANSFER_DISPOSITIONS) == {
+        v for v in mimic.DISCHARGE_DISPOSITIONS.values() if v.endswith("_TRANSFER")
+    }
+    assert set(mimic.DISCHARGE_DISPOSITIONS.values()) <= set(DISCHARGE_DISPOSITIONS)
+    assert set(eicu.DISCHARGE_DISPOSITIONS.values()) <= set(DISCHARGE_DISPOSITIONS)
+
+
+def _readmission_use_case(**outcome) -> UseCase:
+    return parse_use_case(
+        yaml.safe_dump(
+            {
+                "name": "readmission",
+                "title": "t",
+                "clinical_question": "q",
+                "owner": "o",
+                "population": {"min_age_years": 18, "inclusion": "i", "exclusion": "e"},
+                "prediction_time": {"anchor": "discharge"},
+                "observation_window_hours": 48,
+                "outcome": {"type": "readmission", "within_days": 30, "description": "d", **outcome},
+                "features": {"window_hours": [48], "aggregations": ["last"], "codes": ["LAB//2160-0"]},
+                "operating_point": {"policy": "min_sensitivity", "target": 0.8},
+                "success_criteria": {"auroc_min": 0.5, "sensitivity_min": 0, "specificity_min": 0},
+                "subgroups": {"attributes": ["sex"], "age_bands": [18, 65]},
+            }
+        )
+    )
+
+
+def test_mimic_readmission_labels_from_the_adapted_admissions(mimic_small: Path):
+    out = mimic.adapt(mimic_small, rng=np.random.default_rng(RNG_SEED))
+    uc = _readmission_use_case(unplanned_only=True, transfer_dispositions=list(mimic.TRANSFER_DISPOSITIONS))
+    cohort, flow = build_cohort(out.encounters, out.patients, uc, out.events)
+    # a year later every 30-day window has closed
+    labels = build_labels(
+        cohort, uc, encounters=out.encounters, events=out.events, known_by=datetime(2151, 3, 1)
+    )
+    assert flow.excluded("died in hospital") == 1  # hadm 10
+    # hadm 20 (discharged home on day 5) -> hadm 21, URGENT, on day 30 without an ICU stay: readmitted
+    first, second = (
+        out.encounters.filter(pl.col("death_time").is_null()).sort("admit_time").iter_rows(named=True)
+    )
+    assert labels.sort("prediction_time")["boolean_value"].to_list() == [True, False]
+    assert labels.sort("prediction_time")["hadm_id"].to_list() == [first["hadm_id"], second["hadm_id"]]
+    assert cohort.filter(pl.col("hadm_id") == first["hadm_id"])["prediction_time"].to_list() == [
+        first["discharge_time"]
+    ]
+
+
+def test_mimic_icu_anchor_predicts_from_the_icu_admission_not_the_hospital_admission(mimic_small: Path):
+    out = mimic.adapt(mimic_small, rng=np.random.default_rng(RNG_SEED))
+    spec = yaml.safe_load(yaml.safe_dump(_readmission_use_case().model_dump(exclude={"source_sha256"})))
+    spec |= {
+        "prediction_time": {"anchor": "icu_admission", "offset_hours": 24},
+        "outcome": {"type": "death", "description": "d"},
+        "observation_window_hours": 24,
+        "features": {"window_hours": [24], "aggregations": ["last"], "codes": ["LAB//2160-0"]},
+    }
+    cohort, flow = build_cohort(
+        out.encounters, out.patients, parse_use_case(yaml.safe_dump(spec)), out.events
+    )
+    assert flow.excluded("no anchor event") == 1  # the admission without an ICU stay
+    died = out.encounters.filter(pl.col("death_time").is_not_null()).row(0, named=True)
+    assert cohort.filter(pl.col("hadm_id") == died["hadm_id"])["prediction_time"].to_list() == [
+        datetime(2150, 3, 2, 8, 0)
+    ]
 
 
 def test_mimic_units_loinc_error_rows_and_availability(mimic_small: Path):
@@ -358,6 +512,11 @@ def test_real_source_maps_into_a_valid_meds_layer(module, path: Path):
     assert set(out.events["hadm_id"].drop_nulls()) <= set(out.encounters["hadm_id"])
     check_meds_shard(out.events)
     to_meds_table(out.events)
+    assert set(out.encounters["discharge_disposition"]) <= set(DISCHARGE_DISPOSITIONS)
+    assert out.counts["discharge_locations_unmapped"] == 0  # every value of the real data is in the table
+    icu = out.events.filter(pl.col("code").str.starts_with("ICU_UNIT//"))
+    with_icu = out.encounters.filter(~pl.col("unit").is_in([mimic.NO_ICU_STAY]))
+    assert set(icu["hadm_id"]) == set(with_icu["hadm_id"])
     measured = out.events.filter(pl.col("code").str.contains("^(LAB|VITAL)//"))
     assert measured["numeric_value"].is_not_null().all()
     assert (measured["available_time"] >= measured["time"]).all()

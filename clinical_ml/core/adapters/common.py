@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.anonymization import AGE_CAP, DEID_COLUMNS, year_quarter
+from clinical_ml.core.anonymization import AGE_CAP, DEID_COLUMNS, encounter_events, year_quarter
 from clinical_ml.core.storage import committed, write_json, write_parquet
 from clinical_ml.core.units import PLAUSIBLE_RANGES
 
@@ -41,6 +41,58 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "available_time": pl.Datetime("us"),
     "implausible": pl.Boolean(),
 }
+
+
+# The coded discharge dispositions of the de-identified layer, shared by every adapter (each maps its source's
+# values onto them with an explicit table; the synthetic hospital's HOME, EXPIRED, TRANSFER ... are the same
+# kind of codes). Transfers to another inpatient hospital are ``*_TRANSFER`` so that a readmission question
+# can exclude them (``outcome.transfer_dispositions``).
+DISCHARGE_DISPOSITIONS: tuple[str, ...] = (
+    "HOME",
+    "HOME_HEALTH_CARE",
+    "SKILLED_NURSING_FACILITY",
+    "INTERMEDIATE_CARE_FACILITY",
+    "NURSING_HOME",
+    "REHABILITATION",
+    "LONG_TERM_CARE_HOSPITAL",
+    "HOSPICE",
+    "ACUTE_CARE_TRANSFER",
+    "PSYCHIATRIC_HOSPITAL_TRANSFER",
+    "LEFT_AGAINST_MEDICAL_ADVICE",
+    "OTHER_FACILITY",
+    "EXPIRED",
+    "OTHER",
+    "UNKNOWN",
+)
+# A source value that its adapter's table does not name, and a missing one.
+OTHER = "OTHER"
+UNKNOWN = "UNKNOWN"
+
+
+def _normalised(col: pl.Expr) -> pl.Expr:
+    """Case, blanks and runs of spaces do not make a different value (exports differ in them)."""
+    return col.str.strip_chars().str.replace_all(r"\s+", " ").str.to_uppercase()
+
+
+def coded(col: pl.Expr, table: dict[str, str], *, missing: str = UNKNOWN) -> pl.Expr:
+    """A source column recoded by an explicit ``table`` (keys compared without regard to case or blanks):
+    values the table does not name become :data:`OTHER`, missing or blank ones ``missing``; never the
+    source's own text, which may be free text."""
+    keys = {" ".join(k.split()).upper(): v for k, v in table.items()}
+    norm = _normalised(col)
+    return (
+        pl.when(norm.is_null() | (norm == ""))
+        .then(pl.lit(missing))
+        .otherwise(norm.replace_strict(keys, default=OTHER, return_dtype=pl.String))
+    )
+
+
+def count_unmapped(values: pl.Series, table: dict[str, str]) -> int:
+    """How many present values ``table`` does not name (they became :data:`OTHER`): counted, never listed."""
+    keys = {" ".join(k.split()).upper() for k in table}
+    norm = values.to_frame("v").select(_normalised(pl.col("v"))).to_series().drop_nulls()
+    norm = norm.filter(norm != "")
+    return int((~norm.is_in(list(keys))).sum())
 
 
 class AdapterError(ValueError):
@@ -133,6 +185,24 @@ def finish_events(events: pl.DataFrame) -> pl.DataFrame:
         .select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
         .sort("subject_id", "time", "code", nulls_last=False)
     )
+
+
+def stay_events(encounters: pl.DataFrame, icu_stays: pl.DataFrame) -> pl.DataFrame:
+    """The stay's own events (admission, discharge, death: :func:`encounter_events`) and one
+    ``ICU_UNIT//<unit>`` event per ICU stay at its ICU admission (``icu_stays``: ``subject_id``, ``hadm_id``,
+    ``time``, ``unit``), so that a prediction anchored at ICU admission finds every ICU admission of the
+    hospital stay, wherever in it they fall."""
+    stay = encounter_events(encounters).filter(~pl.col("code").str.starts_with("ICU_UNIT//"))
+    icu = icu_stays.select(
+        "subject_id",
+        pl.col("time").cast(pl.Datetime("us")),
+        pl.format("ICU_UNIT//{}", pl.col("unit")).alias("code"),
+        pl.lit(None, dtype=pl.Float32).alias("numeric_value"),
+        "hadm_id",
+        pl.col("time").cast(pl.Datetime("us")).alias("available_time"),
+        pl.lit(False).alias("implausible"),
+    )
+    return pl.concat([stay, icu], how="diagonal_relaxed")
 
 
 def cap_age(age: pl.Expr) -> pl.Expr:

@@ -29,15 +29,18 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.adapters.common import (
+    UNKNOWN,
     AdaptedSource,
     AdapterError,
     cap_age,
+    coded,
+    count_unmapped,
     finish_encounters,
     finish_events,
     read_table,
+    stay_events,
     surrogate_ids,
 )
-from clinical_ml.core.anonymization import encounter_events
 
 SOURCE = "eicu"
 ANCHOR_MONTH_DAY = (7, 1)
@@ -101,6 +104,18 @@ UNIT_TYPES: dict[str, str] = {
     "CCU-CTICU": "CCU",
     "CSICU": "CTICU",
     "CTICU": "CTICU",
+}
+# patient.hospitaldischargelocation -> coded discharge disposition (adapters/common.py:
+# DISCHARGE_DISPOSITIONS; anything else: OTHER). "Other Hospital" is a transfer to another hospital.
+DISCHARGE_DISPOSITIONS: dict[str, str] = {
+    "Home": "HOME",
+    "Skilled Nursing Facility": "SKILLED_NURSING_FACILITY",
+    "Nursing Home": "NURSING_HOME",
+    "Rehabilitation": "REHABILITATION",
+    "Other Hospital": "ACUTE_CARE_TRANSFER",
+    "Other External": "OTHER_FACILITY",
+    "Other": "OTHER",
+    "Death": "EXPIRED",
 }
 SEX = {"Male": "M", "Female": "F"}
 # eICU records one "ethnicity" field mixing race and ethnicity.
@@ -335,11 +350,7 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
             pl.format(
                 "{}/hospital-{}", pl.col("region").fill_null("Unknown region"), pl.col("hospitalid")
             ).alias("site"),
-            pl.col("hospitaldischargelocation")
-            .fill_null("Unknown")
-            .str.to_uppercase()
-            .str.replace_all(r"[^A-Z0-9]+", "_")
-            .alias("discharge_disposition"),
+            coded(pl.col("hospitaldischargelocation"), DISCHARGE_DISPOSITIONS).alias("discharge_disposition"),
             _age(pl.col("age")).alias("age_years"),
             pl.format("{}_{}", pl.lit(SOURCE), pl.col("hospitaldischargeyear")).alias("batch_id"),
         )
@@ -359,9 +370,18 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
         )
     )
     apache, apache_counts = _apache_events(aps, stays)
+    # every unit stay of the hospital stay is an ICU admission (a later one too), at its own admission
+    icu_admissions = stays.select(
+        "subject_id",
+        "hadm_id",
+        pl.col("unit_admit").alias("time"),
+        pl.col("unittype")
+        .replace_strict(UNIT_TYPES, default="OTHER_ICU", return_dtype=pl.String)
+        .alias("unit"),
+    )
     events = finish_events(
         pl.concat(
-            [encounter_events(encounters), apache, _vital_events(vitals, stays)],
+            [stay_events(encounters, icu_admissions), apache, _vital_events(vitals, stays)],
             how="diagonal_relaxed",
         )
     )
@@ -379,6 +399,11 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
         "deaths": int(encounters["death_time"].is_not_null().sum()),
         "ages_90_or_over": int((encounters["age_years"] >= 90).sum()),
         "ages_missing": int(encounters["age_years"].is_null().sum()),
+        "unit_stays_mapped": icu_admissions.height,
+        "discharge_locations_unmapped": count_unmapped(
+            index.filter(known_outcome)["hospitaldischargelocation"], DISCHARGE_DISPOSITIONS
+        ),
+        "discharge_locations_missing": int((encounters["discharge_disposition"] == UNKNOWN).sum()),
         "events": events.height,
         "events_implausible": int(events["implausible"].sum()),
         **apache_counts,

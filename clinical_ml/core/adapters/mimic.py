@@ -3,26 +3,34 @@
 Mapping (``docs/adapters.md`` has the full tables):
 
 * **Units of analysis.** ``subject_id`` -> ``subject_id``, ``hadm_id`` -> ``hadm_id``, both replaced by
-  random surrogates. One encounter per hospital admission with at least one ICU stay; its ``admit_time``
-  is the first ICU ``intime`` (the use cases' anchor), its ``unit`` the first care unit, its ``site``
-  ``BIDMC/<ICU information system>`` (CareVue 2001-2008, MetaVision 2008-2012) and its batch
-  ``mimic_carevue`` or ``mimic_metavision``: the two systems are MIMIC's real "sources".
+  random surrogates. One encounter per hospital admission, **every** admission of a patient (a readmission
+  is an admission, whether or not it reached an ICU): ``admit_time`` is the hospital ``admittime``,
+  ``discharge_time`` the ``dischtime``. Each ICU stay (``icustays.intime``) is an ``ICU_UNIT//<unit>`` event
+  at its ICU admission, so a prediction anchored at ICU admission (``anchor: icu_admission``) finds it.
+  The encounter's ``unit`` is the first care unit of its first ICU stay (``NO_ICU_STAY`` without one), its
+  ``site`` ``BIDMC/<ICU information system>`` (CareVue 2001-2008, MetaVision 2008-2012) and its batch
+  ``mimic_carevue`` or ``mimic_metavision``: the two systems are MIMIC's real "sources" (an admission
+  without an ICU stay takes the system of its patient's ICU stay nearest in time).
+* **Coded values.** ``admission_type`` and ``discharge_location`` are recoded by the explicit tables
+  :data:`ADMISSION_TYPES` and :data:`DISCHARGE_DISPOSITIONS`; a value they do not name becomes ``OTHER``
+  (counted), a missing one ``UNKNOWN``: never the source's text.
 * **Time.** MIMIC dates are already shifted per patient into 2100-2200; they are kept as they are
   (intervals are real). ``period`` is therefore the *shifted* year-quarter: no temporal validation on MIMIC.
-* **Ages.** ``admit_time - dob`` in completed years; patients over 89 have a shifted ``dob`` giving about
+* **Ages.** ``admittime - dob`` in completed years; patients over 89 have a shifted ``dob`` giving about
   300 years: every age of 90 or more becomes 90 (read "90+").
 * **Outcome.** ``hospital_expire_flag == 1`` -> ``death_time`` = ``deathtime`` (or ``dischtime`` when it is
   missing), never after ``dischtime``.
-* **Labs** (``labevents``): items whose ``d_labitems.loinc_code`` is a LOINC of the shared vocabulary, plus
-  :data:`LAB_ITEM_LOINC` for items without it; ``labevents`` has no result time, so ``available_time`` is
-  ``charttime`` plus an assumed turnaround (``lab_result_delay_minutes``, 60 by default).
+* **Labs** (``labevents``, the whole admission): items whose ``d_labitems.loinc_code`` is a LOINC of the
+  shared vocabulary (``core/units.py``), plus :data:`LAB_ITEM_LOINC` for items without it; ``labevents``
+  has no result time, so ``available_time`` is ``charttime`` plus an assumed turnaround
+  (``lab_result_delay_minutes``, 60 by default). Labs without an admission (outpatient) are left out.
 * **Vitals** (``chartevents``): CareVue and MetaVision item ids in :data:`CHART_ITEMS`; rows flagged
   ``error == 1`` are dropped; Fahrenheit converted to Celsius; ``available_time`` = ``storetime``
   (``charttime`` when stored before it was charted).
 * **Leakage, excluded by design**: ``admissions.discharge_location`` / ``deathtime`` / ``dischtime`` /
-  ``hospital_expire_flag`` are used only for the outcome and the discharge event; ``patients.dod*`` and
-  ``expire_flag`` are never read; ``diagnoses_icd``, ``procedures_icd``, ``drgcodes`` (coded at discharge)
-  and ``callout`` are not read.
+  ``hospital_expire_flag`` are used only for the outcome, the stay end and the discharge event;
+  ``patients.dod*`` and ``expire_flag`` are never read; ``diagnoses_icd``, ``procedures_icd``, ``drgcodes``
+  (coded at discharge) and ``callout`` are not read.
 """
 
 from pathlib import Path
@@ -31,15 +39,19 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.adapters.common import (
+    UNKNOWN,
     AdaptedSource,
     AdapterError,
+    coded,
+    count_unmapped,
     finish_encounters,
     finish_events,
     read_table,
+    stay_events,
     surrogate_ids,
 )
-from clinical_ml.core.anonymization import age_in_years, encounter_events
-from clinical_ml.core.units import LAB_CODES, UNIT_CONVERSIONS
+from clinical_ml.core.anonymization import age_in_years
+from clinical_ml.core.units import UNIT_CONVERSIONS, measurement_codes
 
 SOURCE = "mimic"
 
@@ -90,7 +102,41 @@ CHART_ITEMS: dict[int, tuple[str, str]] = {
 GCS_COMPONENT_ITEMS = (220739, 223900, 223901)
 
 UNITS: dict[str, str] = {"MICU": "MICU", "SICU": "SICU", "TSICU": "SICU", "CCU": "CCU", "CSRU": "CTICU"}
-ADMISSION_TYPES = {"EMERGENCY": "EMERGENCY", "URGENT": "URGENT", "ELECTIVE": "ELECTIVE", "NEWBORN": "NEWBORN"}
+NO_ICU_STAY = "NO_ICU_STAY"
+
+# admissions.admission_type -> coded admission type (anything else: OTHER).
+ADMISSION_TYPES: dict[str, str] = {
+    "EMERGENCY": "EMERGENCY",
+    "URGENT": "URGENT",
+    "ELECTIVE": "ELECTIVE",
+    "NEWBORN": "NEWBORN",
+}
+# admissions.discharge_location (every value of MIMIC-III 1.4) -> coded discharge disposition
+# (adapters/common.py: DISCHARGE_DISPOSITIONS; anything else: OTHER). Transfers to another inpatient
+# hospital are *_TRANSFER: the patient's hospital care goes on elsewhere, so a readmission question
+# excludes them (``transfer_dispositions``); long-term care hospitals, rehabilitation and nursing
+# facilities are discharges to post-acute care, not transfers.
+DISCHARGE_DISPOSITIONS: dict[str, str] = {
+    "HOME": "HOME",
+    "HOME HEALTH CARE": "HOME_HEALTH_CARE",
+    "HOME WITH HOME IV PROVIDR": "HOME_HEALTH_CARE",
+    "SNF": "SKILLED_NURSING_FACILITY",
+    "SNF-MEDICAID ONLY CERTIF": "SKILLED_NURSING_FACILITY",
+    "ICF": "INTERMEDIATE_CARE_FACILITY",
+    "REHAB/DISTINCT PART HOSP": "REHABILITATION",
+    "LONG TERM CARE HOSPITAL": "LONG_TERM_CARE_HOSPITAL",
+    "HOSPICE-HOME": "HOSPICE",
+    "HOSPICE-MEDICAL FACILITY": "HOSPICE",
+    "SHORT TERM HOSPITAL": "ACUTE_CARE_TRANSFER",
+    "DISC-TRAN CANCER/CHLDRN H": "ACUTE_CARE_TRANSFER",
+    "DISC-TRAN TO FEDERAL HC": "ACUTE_CARE_TRANSFER",
+    "DISCH-TRAN TO PSYCH HOSP": "PSYCHIATRIC_HOSPITAL_TRANSFER",
+    "LEFT AGAINST MEDICAL ADVI": "LEFT_AGAINST_MEDICAL_ADVICE",
+    "OTHER FACILITY": "OTHER_FACILITY",
+    "DEAD/EXPIRED": "EXPIRED",
+}
+# The dispositions above that are transfers to another inpatient hospital (for transfer_dispositions).
+TRANSFER_DISPOSITIONS: tuple[str, ...] = ("ACUTE_CARE_TRANSFER", "PSYCHIATRIC_HOSPITAL_TRANSFER")
 
 
 def default_source() -> Path:
@@ -131,10 +177,12 @@ def _race_ethnicity(col: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
 
 
 def _lab_item_codes(d_labitems: pl.DataFrame) -> dict[int, str]:
+    """Item id -> ``LAB//<LOINC>`` for every item whose LOINC is a lab code of the shared vocabulary."""
+    vocabulary = {c for c in measurement_codes() if c.startswith("LAB//")}
     by_loinc = {
         int(i): f"LAB//{c}"
         for i, c in d_labitems.select("itemid", "loinc_code").iter_rows()
-        if c in LAB_CODES and i not in LAB_ITEMS_EXCLUDED
+        if f"LAB//{c}" in vocabulary and i not in LAB_ITEMS_EXCLUDED
     }
     return {**by_loinc, **{i: f"LAB//{c}" for i, c in LAB_ITEM_LOINC.items()}}
 
@@ -142,6 +190,22 @@ def _lab_item_codes(d_labitems: pl.DataFrame) -> dict[int, str]:
 def _convert(code: str, unit: str, value: pl.Expr) -> pl.Expr:
     conv = UNIT_CONVERSIONS.get((code, unit))
     return value if conv is None else conv(value)  # type: ignore[arg-type,return-value]
+
+
+def _icu_system(admissions: pl.DataFrame, icu: pl.DataFrame) -> pl.DataFrame:
+    """``hadm_id`` -> the ICU information system of the admission's first ICU stay; for an admission without
+    one, that of its patient's ICU stay nearest in time (the systems replaced each other in 2008)."""
+    own = icu.sort("intime").unique("hadm_id", keep="first").select("hadm_id", "dbsource")
+    without = admissions.join(own, on="hadm_id", how="anti").select("subject_id", "hadm_id", "admittime")
+    if without.height == 0:
+        return own
+    nearest = (
+        without.join(icu.select("subject_id", "intime", "dbsource"), on="subject_id", how="inner")
+        .with_columns((pl.col("intime") - pl.col("admittime")).abs().alias("_gap"))
+        .sort("hadm_id", "_gap", "intime")
+        .unique("hadm_id", keep="first")
+    )
+    return pl.concat([own, nearest.select("hadm_id", "dbsource")])
 
 
 def adapt(
@@ -162,7 +226,8 @@ def adapt(
     Returns
     -------
     AdaptedSource
-        One encounter per hospital admission with an ICU stay.
+        One encounter per hospital admission (with or without an ICU stay); one ``ICU_UNIT//<unit>``
+        event per ICU stay at its ICU admission.
     """
     rng = rng or np.random.default_rng()
     source = Path(source)
@@ -195,9 +260,16 @@ def adapt(
 
     subjects = surrogate_ids(admissions["subject_id"], rng=rng)
     hadms = surrogate_ids(admissions["hadm_id"], rng=rng)
-    first_icu = icustays.sort("intime").unique("hadm_id", keep="first")
+    # ICU stays of admissions that are not in the admissions table have no stay to belong to
+    icu = icustays.join(admissions.select("hadm_id", "subject_id"), on="hadm_id", how="inner").with_columns(
+        pl.col("first_careunit")
+        .replace_strict(UNITS, default="OTHER_ICU", return_dtype=pl.String)
+        .alias("unit")
+    )
+    first_unit = icu.sort("intime").unique("hadm_id", keep="first").select("hadm_id", "unit")
     adm = (
-        admissions.join(first_icu, on="hadm_id", how="inner")
+        admissions.join(first_unit, on="hadm_id", how="left")
+        .join(_icu_system(admissions, icu), on="hadm_id", how="left")
         .join(patients_raw, on="subject_id", how="left")
         .with_columns(
             pl.col("subject_id").cast(pl.String).alias("subject_key"),
@@ -216,20 +288,16 @@ def adapt(
         adm.select(
             "subject_id",
             "hadm_id",
-            pl.col("intime").alias("admit_time"),
+            pl.col("admittime").alias("admit_time"),
             pl.col("dischtime").alias("discharge_time"),
             pl.when(died)
             .then(pl.min_horizontal(pl.col("deathtime").fill_null(pl.col("dischtime")), pl.col("dischtime")))
             .alias("death_time"),
-            pl.col("admission_type").replace_strict(ADMISSION_TYPES, default="OTHER").alias("admission_type"),
-            pl.col("first_careunit").replace_strict(UNITS, default="OTHER_ICU").alias("unit"),
-            pl.format("BIDMC/{}", pl.col("dbsource")).alias("site"),
-            pl.col("discharge_location")
-            .fill_null("UNKNOWN")
-            .str.replace_all(r"[^A-Za-z0-9]+", "_")
-            .str.to_uppercase()
-            .alias("discharge_disposition"),
-            age_in_years(pl.col("dob"), pl.col("intime")).alias("age_years"),
+            coded(pl.col("admission_type"), ADMISSION_TYPES).alias("admission_type"),
+            pl.col("unit").fill_null(NO_ICU_STAY),
+            pl.format("BIDMC/{}", pl.col("dbsource").fill_null("unknown")).alias("site"),
+            coded(pl.col("discharge_location"), DISCHARGE_DISPOSITIONS).alias("discharge_disposition"),
+            age_in_years(pl.col("dob"), pl.col("admittime")).alias("age_years"),
             pl.format("{}_{}", pl.lit(SOURCE), pl.col("dbsource").fill_null("unknown")).alias("batch_id"),
         )
     )
@@ -246,6 +314,12 @@ def adapt(
         )
     )
     keys = adm.select(pl.col("hadm_key").cast(pl.Int64).alias("source_hadm"), "subject_id", "hadm_id")
+    icu_events = icu.join(keys, left_on="hadm_id", right_on="source_hadm", how="inner", suffix="_new").select(
+        pl.col("subject_id_new").alias("subject_id"),
+        pl.col("hadm_id_new").alias("hadm_id"),
+        pl.col("intime").alias("time"),
+        "unit",
+    )
 
     lab_codes = _lab_item_codes(d_labitems)
     lab_events = (
@@ -308,7 +382,8 @@ def adapt(
     )
     events = finish_events(
         pl.concat(
-            [encounter_events(encounters), lab_events, vital_events, gcs_events], how="diagonal_relaxed"
+            [stay_events(encounters, icu_events), lab_events, vital_events, gcs_events],
+            how="diagonal_relaxed",
         )
     )
     id_map = pl.concat(
@@ -317,14 +392,20 @@ def adapt(
             hadms.with_columns(pl.lit("hadm").alias("kind")),
         ]
     ).select("source_key", "kind", "surrogate_id")
-    raw_age_years = adm.select(((pl.col("intime") - pl.col("dob")).dt.total_days() / 365.25).alias("years"))[
-        "years"
-    ]
+    raw_age_years = adm.select(
+        ((pl.col("admittime") - pl.col("dob")).dt.total_days() / 365.25).alias("years")
+    )["years"]
     counts = {
         "admissions": admissions.height,
-        "admissions_without_icu_stay": admissions.height - adm.height,
+        "admissions_without_icu_stay": int((encounters["unit"] == NO_ICU_STAY).sum()),
+        "icu_stays": icu_events.height,
         "encounters": encounters.height,
         "deaths": int(encounters["death_time"].is_not_null().sum()),
+        "admission_types_unmapped": count_unmapped(admissions["admission_type"], ADMISSION_TYPES),
+        "discharge_locations_unmapped": count_unmapped(
+            admissions["discharge_location"], DISCHARGE_DISPOSITIONS
+        ),
+        "discharge_locations_missing": int((encounters["discharge_disposition"] == UNKNOWN).sum()),
         "ages_shifted_over_89": int((raw_age_years > 89).sum()),
         "ages_90_or_over": int((encounters["age_years"] >= 90).sum()),
         "chart_rows_flagged_error": int((chart["error"] == 1).sum()),
