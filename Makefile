@@ -37,10 +37,11 @@ setup: $(VENV)/.synced $(DAGSTER_HOME)/dagster.yaml
 
 ## Run the whole lifecycle on the embedded synthetic hospital and print where the reports are.
 ## DATA=eicu|mimic runs it instead on a real de-identified demo database (../shared/data, else the committed
-## subset), mapped by its adapter into data/<DATA>/.
+## subset), mapped by its adapter into data/<DATA>/. USECASE=name (or "a b") runs those use cases of usecases/
+## instead of every one written for DATA.
 demo: setup
 	$(VENV)/bin/clinical-ml demo --scenario $(SCENARIO) --patients $(PATIENTS) --batches $(BATCHES) \
-		--days-per-batch $(DAYS_PER_BATCH) --data $(or $(DATA),synthetic)
+		--days-per-batch $(DAYS_PER_BATCH) --data $(or $(DATA),synthetic) $(foreach u,$(USECASE),--usecase $(u))
 
 ## A month of daily batches with a drift from day 20, replayed day by day through the real jobs into the
 ## instance (slow: tens of minutes); then `CLINICAL_ML_DATA_ROOT=data/drift make dev` shows the drift check

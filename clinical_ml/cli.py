@@ -1,6 +1,8 @@
-"""Command line: ``clinical-ml synth`` writes a synthetic hospital into the landing zone; ``clinical-ml demo``
-runs the whole lifecycle on it and prints where the reports are; ``clinical-ml replay`` runs a synthetic month
-day by day through the jobs the sensors start (see :mod:`clinical_ml.replay`)."""
+"""Command line: ``clinical-ml run`` (alias ``demo``) runs the lifecycle of any use case in the use-case folder
+on the landing zone (a synthetic hospital when it is empty) or a real database and prints where the reports
+are; ``clinical-ml usecase check FILE`` validates a use-case file and says how much data there is for its
+question; ``clinical-ml synth`` writes a synthetic hospital into the landing zone; ``clinical-ml replay`` runs a
+synthetic month day by day through the jobs the sensors start (see :mod:`clinical_ml.replay`)."""
 
 import argparse
 import json
@@ -14,18 +16,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clinical_ml.core.landing import find_complete_batches
-from clinical_ml.core.locations import resolve_data_root, resolve_usecases_dir
+from clinical_ml.core.locations import monitoring_config_file, resolve_data_root, resolve_usecases_dir
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml.core.usecase import UseCase, UseCaseError, load_use_case, load_use_cases
 
 if TYPE_CHECKING:  # dagster is imported by the commands that run jobs, so `clinical-ml synth` starts fast
     import dagster as dg
+    import polars as pl
 
-# The use cases written for each kind of data: a use case's codes and gates only make sense on its own source.
-USE_CASES_BY_SOURCE = {
-    "synthetic": ("icu_mortality_24h",),
-    "eicu": ("eicu_mortality_24h",),
-    "mimic": ("icu_mortality_24h",),
-}
+    from clinical_ml.core.artifacts import DeidStore
+    from clinical_ml.core.feasibility import Feasibility
+
+DATA_SOURCES = ("synthetic", "eicu", "mimic")
+
+
+class CommandError(Exception):
+    """Bad input to a command: printed as one line, exit status 2, no traceback."""
 
 
 def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
@@ -80,7 +86,35 @@ def _with_instance(run: Callable[["dg.DagsterInstance"], int]) -> int:
         return run(dg.DagsterInstance.ephemeral(tempdir=tmp))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def use_case_files(usecases_dir: Path) -> dict[str, Path]:
+    """Every use case of the folder by name, with its file (validated: a bad file names itself and the field)."""
+    if not usecases_dir.is_dir():
+        raise CommandError(f"use case folder {usecases_dir} not found")
+    load_use_cases(usecases_dir)  # unique names
+    return {load_use_case(p).name: p for p in sorted(usecases_dir.glob("*.yaml"))}
+
+
+def select_use_cases(use_cases: list[UseCase], *, names: list[str] | None, data: str) -> list[UseCase]:
+    """The use cases named (in the order given), else those written for ``data`` (``datasets`` empty or
+    naming it): a use case's codes and gates only make sense on the data it was written for."""
+    by_name = {uc.name: uc for uc in use_cases}
+    if names:
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise CommandError(
+                f"no use case named {', '.join(unknown)}; available: {', '.join(sorted(by_name)) or 'none'}"
+            )
+        return [by_name[n] for n in dict.fromkeys(names)]
+    chosen = [uc for uc in use_cases if not uc.datasets or data in uc.datasets]
+    if not chosen:
+        raise CommandError(
+            f"no use case is written for --data {data} (their `datasets` field); name one with --usecase "
+            f"(available: {', '.join(sorted(by_name)) or 'none'})"
+        )
+    return chosen
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     return _with_instance(lambda instance: _demo(args, instance))
 
 
@@ -108,9 +142,14 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     from clinical_ml.core.artifacts import DeidStore
     from clinical_ml.defs.build import build_definitions
     from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
-    from clinical_ml.defs.usecase.training import refused_by_gate_only
 
     root = resolve_data_root(args.data_root)
+    usecases_dir = resolve_usecases_dir(args.usecases_dir)
+    files = use_case_files(usecases_dir)
+    chosen = select_use_cases([load_use_case(f) for f in files.values()], names=args.usecase, data=args.data)
+    for uc in chosen:
+        if uc.datasets and args.data not in uc.datasets:
+            print(f"{uc.name}: written for {', '.join(uc.datasets)}; run on {args.data} as asked")
     started = time.perf_counter()
     if args.data != "synthetic":
         # A real source gets its own data root (data/<source>) unless one is given: never mix sources.
@@ -119,7 +158,7 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     elif not find_complete_batches(root / "landing"):
         generate_hospital(root / "landing", _synth_config(args))
         print(f"synthetic hospital written to {root / 'landing'}")
-    defs = build_definitions(data_root=root, usecases_dir=resolve_usecases_dir())
+    defs = build_definitions(data_root=root, usecases_dir=usecases_dir)
     batches = find_complete_batches(root / "landing")
     known = set(instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     instance.add_dynamic_partitions(
@@ -140,24 +179,38 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
         )
         if not result.success:
             return 1
-    # Each source runs only the use cases written for it (another source's codes and gates are not its own).
-    only = USE_CASES_BY_SOURCE[args.data]
+    deid = DeidStore(root / "deid", root / "reports")
+    # A use case the data cannot serve (no eligible stay, no outcome event) ends here with its reason, before
+    # a training step fails on it; the others run.
+    not_run = _unservable(deid, chosen)
+    for name, reason in not_run.items():
+        print(f"{name}: not run: {reason}; `clinical-ml usecase check {files[name]}` shows the counts")
+    names = [uc.name for uc in chosen if uc.name not in not_run]
+    if not names:
+        print("no use case to run on these data", file=sys.stderr)
+        return 1
     lifecycle = defs.resolve_job_def("lifecycle_job")
     selection = [
         k
         for k in lifecycle.asset_layer.executable_asset_keys
-        if k.path[0] in only or k.path == ["meds_dataset"]
+        if k.path[0] in names or k.path == ["meds_dataset"]
     ]
     result = lifecycle.execute_in_process(
         instance=instance, raise_on_error=False, run_config=quiet, asset_selection=selection
     )
-    if not result.success and not refused_by_gate_only(result):
-        print("lifecycle run failed; open the UI (make dev) for the run's logs", file=sys.stderr)
+    failures = _failures_by_use_case(result, names)
+    if "" in failures:  # a step shared by every use case (the MEDS export)
+        print(
+            f"lifecycle run failed: {failures['']}; open the UI (make dev) for the run's logs",
+            file=sys.stderr,
+        )
         return 1
-    deid = DeidStore(root / "deid", root / "reports")
+    for name, reason in failures.items():
+        print(f"{name}: lifecycle run failed: {reason}; open the UI (make dev) for the run's logs")
+    not_run |= failures
     summary = {}
     # Only the use cases this run trained: another's folder may hold features from `make dev`'s refresh.
-    for name in sorted(only):
+    for name in sorted(n for n in names if n not in failures):
         store = deid.use_case(name)
         if not store.evaluation.exists():
             continue
@@ -192,7 +245,150 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     print(f"\ndone in {time.perf_counter() - started:.0f} s; open the UI with `make dev`")
     if args.json:
         print(json.dumps({k: v.as_dict() for k, v in summary.items()}))
+    return 1 if not_run else 0
+
+
+def _deid_tables(deid: "DeidStore") -> tuple["pl.DataFrame", "pl.DataFrame", "pl.LazyFrame | None"]:
+    """Encounters and patients of every batch, and the events as one lazy scan (read only for the codes a
+    use case needs)."""
+    import polars as pl
+
+    files = deid.events.files()
+    events = pl.scan_parquet(files) if files else None
+    return deid.encounters.read_all(), deid.patients.read_all(), events
+
+
+def _unservable(deid: "DeidStore", use_cases: list[UseCase]) -> dict[str, str]:
+    """Why each use case the de-identified data cannot serve cannot be trained on them (counts only)."""
+    from clinical_ml.core.feasibility import why_not_servable
+
+    encounters, patients, events = _deid_tables(deid)
+    if encounters.height == 0:
+        return {uc.name: f"no de-identified data under {deid.root}" for uc in use_cases}
+    reasons = {uc.name: why_not_servable(encounters, patients, events, uc) for uc in use_cases}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+def _failures_by_use_case(result: "dg.ExecuteInProcessResult", names: list[str]) -> dict[str, str]:
+    """The first failed step of each use case's part of the run and why ("" for a step of no use case); a
+    promotion gate refusing a challenger is a decision, not a failure. Only our own ``ValueError`` messages
+    are repeated (they name counts); another error is named by its class, the UI has the rest."""
+    from clinical_ml.defs.usecase.training import GATE_CHECKS
+
+    gates = tuple(f"__promotion_decision_{g}" for g in GATE_CHECKS.values())
+    failures: dict[str, str] = {}
+    for event in result.all_events:
+        step = event.step_key
+        if not (event.is_step_failure and step) or step.endswith(gates):
+            continue
+        owner = next((n for n in names if step.startswith(f"{n}__")), "")
+        error = event.step_failure_data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is None:
+            why = "a blocking check failed"
+        elif error.cls_name == "ValueError":
+            why = error.message.strip().removeprefix("ValueError: ").splitlines()[0]
+        else:
+            why = error.cls_name or "error"
+        failures.setdefault(owner, f"step {step.removeprefix(f'{owner}__')} failed ({why})")
+    return failures
+
+
+def cmd_usecase_check(args: argparse.Namespace) -> int:
+    """Validate one use-case file (and its monitoring levels beside it); with de-identified data under the
+    data root, say how much data there is for its question."""
+    from clinical_ml.core.artifacts import DeidStore
+    from clinical_ml.core.feasibility import assess_feasibility
+    from clinical_ml.core.monitoring_config import load_monitoring_config
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    try:
+        uc = load_use_case(path)
+        load_monitoring_config(monitoring_config_file(path.parent, uc.name))
+    except (UseCaseError, ValueError) as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    root = resolve_data_root(args.data_root)
+    deid = DeidStore(root / "deid", root / "reports")
+    found = bool(deid.encounters.files())
+    feasibility = assess_feasibility(*_deid_tables(deid), uc) if found else None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "valid": True,
+                    "use_case": uc.name,
+                    "data": str(deid.root),
+                    "feasibility": feasibility.as_dict() if feasibility else None,
+                }
+            )
+        )
+        return 0
+    print(f"{path}: valid use case {uc.name}: {uc.outcome.window}, predicted {uc.prediction_time.describe()}")
+    if feasibility is None:
+        print(
+            f"no de-identified data found under {deid.root} (no encounters/*.parquet): run `clinical-ml run` "
+            "first, or give --data-root (e.g. data/eicu after `clinical-ml run --data eicu`)"
+        )
+        return 0
+    print(f"data: {deid.root} ({len(deid.encounters.files())} batches)\n")
+    _print_feasibility(feasibility)
     return 0
+
+
+def _print_feasibility(f: "Feasibility") -> None:
+    from clinical_ml.core.feasibility import EVENTS_PER_FEATURE_MIN
+    from clinical_ml.core.units import plain_name
+
+    c, k = f.counts, f.min_cell_size
+
+    def pct(share: float | None) -> str:
+        return "-" if share is None else f"{100 * share:.1f}%"
+
+    print("participant flow")
+    for label, n in f.flow.rows():
+        print(f"  {label:<58} {n:>9,}")
+    print(f"\neligible stays {c.eligible_stays:,}; prediction rows {c.prediction_rows:,}")
+    print(
+        f"outcome known for {c.labelled_rows:,} rows; {c.label_unknown_rows:,} not yet known (outcome window "
+        "still open at the end of the data)"
+    )
+    print(f"{f.events_word}: {c.events:,} in {c.event_stays:,} stays; prevalence {pct(c.prevalence)}")
+    epf = f.events_per_feature
+    print(
+        f"candidate features: {f.candidate_features:,} (one-hot categories estimated on the whole cohort); "
+        f"{'-' if epf is None else f'{epf:.1f}'} stays with {f.event_word} per candidate feature"
+        + (
+            f": thin (rule of thumb: fewer than {EVENTS_PER_FEATURE_MIN} events per candidate feature "
+            "risks overfitting)"
+            if f.thin
+            else f" (rule of thumb: at least {EVENTS_PER_FEATURE_MIN})"
+        )
+    )
+    print(f'\nby site and period (cells under {k} shown as "< {k}")')
+    print(f"  {'':<8} {'':<24} {'stays':>9} {f.events_word:>14} {'prevalence':>11}")
+    for g in f.groups:
+        print(
+            f"  {g.attribute:<8} {g.value:<24} {g.stays.text:>9} {g.events.text:>14} {pct(g.prevalence):>11}"
+        )
+    print(
+        f"\nfeature codes: share of eligible stays with a value in the {f.longest_window_hours:g} h before the "
+        "(first) prediction time"
+    )
+    for a in f.codes:
+        note = "  absent from the data" if a.events_in_data == 0 else ""
+        print(f"  {a.code:<24} {plain_name(a.code):<28} {pct(a.share_of_stays):>7}{note}")
+    others = [(field, v) for field, v in f.absent if field != "features.codes"]
+    if others:
+        print("\nnamed in the file, never in the data:")
+        for field, v in others:
+            print(f"  {field}: {v}")
+    reason = f.cannot_serve()
+    print(f"\n{'cannot be trained on these data: ' + reason if reason else 'can be trained on these data'}")
 
 
 def _hospital_options(
@@ -219,18 +415,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinical-ml", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="write a synthetic hospital into the landing zone")
-    p = sub.add_parser("demo", help="run the whole lifecycle on the landing zone (synthetic if empty)")
+    p = sub.add_parser(
+        "run",
+        aliases=["demo"],
+        help="run the lifecycle of use cases on the landing zone (a synthetic hospital if empty) or a real "
+        "database, and print where the reports are",
+    )
     for each in (synth, p):
         _hospital_options(each, scenario="default", patients=3000, batches=5, drift_from_batch=None)
+    p.add_argument(
+        "--usecase",
+        action="append",
+        metavar="NAME",
+        help="a use case of the folder to run (repeatable; default: every one whose `datasets` is empty or "
+        "names --data)",
+    )
+    p.add_argument(
+        "--usecases-dir", help="use case folder (default: $CLINICAL_ML_USECASES or <project>/usecases)"
+    )
     p.add_argument("--json", action="store_true", help="also print the AUROCs as JSON")
     p.add_argument(
         "--data",
-        choices=["synthetic", "eicu", "mimic"],
+        choices=DATA_SOURCES,
         default="synthetic",
         help="synthetic hospital through the landing zone, or a real de-identified database "
         "(eICU-CRD, MIMIC-III) mapped by its adapter into <data root>/<data>",
     )
     p.add_argument("--source", help="folder of the real database's Parquet tables (default: ../shared/data)")
+    usecase = sub.add_parser("usecase", help="work with a use-case file").add_subparsers(
+        dest="usecase_command", required=True
+    )
+    p = usecase.add_parser(
+        "check",
+        help="validate a use-case file and, on the de-identified data present, say how much data there is "
+        "for its question (eligible stays, outcome events, prevalence, per site and period, feature codes)",
+    )
+    p.add_argument("file", help="the use case YAML")
+    p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or <project>/data)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser(
         "replay",
         help="replay the landing zone's batches day by day through the sensors' jobs into the instance "
@@ -249,7 +471,18 @@ def main(argv: list[str] | None = None) -> int:
         "the synthetic hospital's icu_mortality_24h.yaml",
     )
     args = parser.parse_args(argv)
-    return {"synth": cmd_synth, "demo": cmd_demo, "replay": cmd_replay}[args.command](args)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "synth": cmd_synth,
+        "run": cmd_run,
+        "demo": cmd_run,
+        "usecase": cmd_usecase_check,
+        "replay": cmd_replay,
+    }
+    try:
+        return commands[args.command](args)
+    except (CommandError, UseCaseError) as exc:
+        print(f"clinical-ml: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

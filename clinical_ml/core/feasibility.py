@@ -142,6 +142,19 @@ def cannot_serve(counts: LabelCounts, *, flow: CohortFlow, events_word: str) -> 
     return None
 
 
+def why_not_servable(
+    encounters: pl.DataFrame,
+    patients: pl.DataFrame,
+    events: pl.DataFrame | pl.LazyFrame | None,
+    use_case: UseCase,
+) -> str | None:
+    """Why a model of ``use_case`` cannot be trained on these de-identified tables (:func:`cannot_serve`), from
+    its cohort and labels only; ``None`` when it can."""
+    cohort, flow = build_cohort(encounters, patients, use_case, events)
+    labels = build_labels(cohort, use_case, encounters=encounters, events=events)
+    return cannot_serve(label_counts(cohort, labels), flow=flow, events_word=use_case.words.events)
+
+
 @dataclass(frozen=True)
 class Feasibility:
     """How much data there is for one use case (see the module docstring)."""
