@@ -158,8 +158,8 @@ def main() -> None:
     source = args.source if args.source.exists() else eicu.committed_subset()
     uc = load_use_case(args.use_case)
     adapted = eicu.adapt(source, rng=np.random.default_rng(SEED))
-    cohort, flow = build_cohort(adapted.encounters, adapted.patients, uc)
-    labels = build_labels(cohort)
+    cohort, flow = build_cohort(adapted.encounters, adapted.patients, uc, adapted.events)
+    labels = build_labels(cohort, uc, encounters=adapted.encounters, events=adapted.events)
     feats = build_features(adapted.events, cohort, uc).join(
         labels.select("hadm_id", "boolean_value"), on="hadm_id"
     )

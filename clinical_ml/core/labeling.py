@@ -27,6 +27,7 @@ from clinical_ml.core.usecase import (
     EventOutcome,
     LengthOfStayOutcome,
     ReadmissionOutcome,
+    SuppliedLabelOutcome,
     UseCase,
 )
 
@@ -317,7 +318,7 @@ def build_cohort(
         age_band_expr(pl.col("age_years"), use_case.subgroups.age_bands).alias("age_band"),
         pl.col("prediction_time").cast(pl.Datetime("us")),
     )
-    cohort = cohort.with_columns(_window_end(outcome, cohort, encounters).alias(LABEL_WINDOW_END))
+    cohort = cohort.with_columns(_window_end(outcome, cohort, encounters, events).alias(LABEL_WINDOW_END))
     return cohort.select(COHORT_COLUMNS).sort("admit_time", *ROW_KEY), flow.result()
 
 
@@ -408,7 +409,12 @@ def _subject_deaths(encounters: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _window_end(outcome: object, cohort: pl.DataFrame, encounters: pl.DataFrame) -> pl.Series:
+def _window_end(
+    outcome: object,
+    cohort: pl.DataFrame,
+    encounters: pl.DataFrame,
+    events: pl.DataFrame | pl.LazyFrame | None = None,
+) -> pl.Series:
     """When each row's label becomes final (the outcome window closes, or the event happens first)."""
     pt = pl.col("prediction_time")
     if isinstance(outcome, DeathOutcome):
@@ -434,6 +440,19 @@ def _window_end(outcome: object, cohort: pl.DataFrame, encounters: pl.DataFrame)
         return cohort.select(
             pl.min_horizontal(_stay_end(), pt + pl.duration(minutes=round(outcome.beyond_hours * 60)))
         ).to_series()
+    if isinstance(outcome, SuppliedLabelOutcome):
+        # known once the hospital recorded it; until then open (a date beyond any data)
+        recorded = (
+            events_of(events, [outcome.code])
+            .group_by("hadm_id")
+            .agg(pl.col("available_time").max().alias("_rec"))
+        )
+        return (
+            cohort.select("hadm_id")
+            .join(recorded, on="hadm_id", how="left", maintain_order="left")
+            .select(pl.col("_rec").fill_null(datetime(9999, 12, 31)))
+            .to_series()
+        )
     assert isinstance(outcome, EventOutcome)
     return cohort.select(pt + pl.duration(minutes=round(outcome.window_hours * 60))).to_series()
 
@@ -480,6 +499,21 @@ def build_labels(
     elif isinstance(outcome, LengthOfStayOutcome):
         horizon = pt + pl.duration(minutes=round(outcome.beyond_hours * 60))
         value = _stay_end() > horizon
+    elif isinstance(outcome, SuppliedLabelOutcome):
+        # only stays the hospital has labelled; the latest label recorded for the stay wins
+        supplied = (
+            events_of(events, [outcome.code])
+            .sort("available_time", "numeric_value")
+            .group_by("hadm_id")
+            .agg(pl.col("numeric_value").last().alias("_supplied"))
+        )
+        labelled = cohort.join(supplied, on="hadm_id", how="inner")
+        return labelled.select(
+            "subject_id",
+            pl.col("prediction_time").cast(pl.Datetime("us")),
+            (pl.col("_supplied") > 0).alias("boolean_value"),
+            "hadm_id",
+        )
     else:
         assert isinstance(outcome, EventOutcome)
         cohort = cohort.join(

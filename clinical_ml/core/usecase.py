@@ -250,8 +250,30 @@ class LengthOfStayOutcome(_OutcomeBase):
         return f"still in hospital {self.beyond_hours:g} h after the prediction time"
 
 
+class SuppliedLabelOutcome(_OutcomeBase):
+    """A label the hospital supplies per stay (e.g. from chart review), delivered as the optional ``labels``
+    landing source and stored as ``LABEL//<label>`` events: the value of the latest one recorded for the
+    stay. Stays without one wait for it (scored, not trained on)."""
+
+    type: Literal["supplied_label"]
+    label: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+
+    @property
+    def code(self) -> str:
+        return f"LABEL//{self.label}"
+
+    @property
+    def outcome_code(self) -> str:
+        return f"supplied_{self.label}"
+
+    @property
+    def window(self) -> str:
+        return "as recorded by the hospital for the stay (e.g. chart review)"
+
+
 Outcome = Annotated[
-    DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome, Field(discriminator="type")
+    DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome | SuppliedLabelOutcome,
+    Field(discriminator="type"),
 ]
 
 
@@ -456,7 +478,7 @@ class UseCase(_Strict):
 
 
 def outcome_words(
-    outcome: "DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome",
+    outcome: "DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome | SuppliedLabelOutcome",
 ) -> OutcomeWords:
     """The outcome's own words when the file gives them, else defaults of its type."""
     if outcome.words is not None:
@@ -484,6 +506,15 @@ def outcome_words(
             non_events="shorter stays",
             with_event="patients who stayed longer",
             without_event="patients who left or died sooner",
+        )
+    if isinstance(outcome, SuppliedLabelOutcome):
+        name = outcome.label.replace("_", " ")
+        return OutcomeWords(
+            event=f"positive {name}",
+            events=f"positive {name} labels",
+            non_events=f"patients with a negative {name} label",
+            with_event=f"patients labelled positive ({name})",
+            without_event=f"patients labelled negative ({name})",
         )
     name = plain_name(outcome.code)
     return OutcomeWords(

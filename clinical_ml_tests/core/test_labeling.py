@@ -399,3 +399,21 @@ def test_the_documented_vocabulary_is_the_one_the_code_checks_against():
     from clinical_ml.core.units import vocabulary_markdown
 
     assert table == vocabulary_markdown()
+
+
+def test_a_supplied_label_is_the_latest_one_recorded_for_the_stay_and_unlabelled_stays_wait():
+    uc = use_case(outcome={"type": "supplied_label", "label": "delirium_review", "description": "chart review"})
+    enc, pat = stays([{"s": i, "a": i, "in": h(0), "out": h(100)} for i in (1, 2, 3)])
+    ev = events(
+        [
+            (1, 1, "LABEL//delirium_review", 0.0, h(50), d(20)),
+            (1, 1, "LABEL//delirium_review", 1.0, h(50), d(30)),  # a second review overrules the first
+            (2, 2, "LABEL//delirium_review", 0.0, None, d(25)),
+            (3, 3, "LABEL//other_review", 1.0, h(50), d(20)),  # another label: stay 3 waits for its own
+        ]
+    )
+    cohort, _ = build_cohort(enc, pat, uc, ev)
+    assert labels_of(uc, enc, pat, ev) == {1: True, 2: False}
+    ends = dict(zip(cohort["hadm_id"].to_list(), cohort["label_window_end"].to_list(), strict=True))
+    assert ends[1] == d(30) and ends[2] == d(25) and ends[3].year == 9999
+    assert uc.words.events == "positive delirium review labels"
