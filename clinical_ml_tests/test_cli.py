@@ -12,7 +12,7 @@ import yaml
 
 from clinical_ml import cli
 from clinical_ml.core.artifacts import DeidStore
-from clinical_ml.core.usecase import UseCaseError, load_use_case, parse_use_case
+from clinical_ml.core.usecase import UseCaseError, load_use_case, load_use_cases, parse_use_case
 from clinical_ml_tests.conftest import PROJECT_ROOT
 from clinical_ml_tests.core.test_feasibility import DEATHS, EVENTS, SITES, hospital
 
@@ -302,12 +302,13 @@ def test_the_readme_example_is_a_valid_use_case_and_its_commands_exist(capsys):
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     uc = parse_use_case(example, source="README.md")
     assert (uc.name, uc.outcome.type, uc.prediction_time.anchor) == (
-        "readmission_30d",
+        "readmission_30d_older",
         "readmission",
         "discharge",
     )
-    assert "clinical-ml usecase check usecases/readmission_30d.yaml" in section
-    assert "make demo USECASE=readmission_30d" in section
+    assert uc.name not in {u.name for u in load_use_cases(PROJECT_ROOT / "usecases")}  # a new question
+    assert f"clinical-ml usecase check usecases/{uc.name}.yaml" in section
+    assert f"make demo USECASE={uc.name} " in section
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
     assert "--usecase NAME" in capsys.readouterr().out
