@@ -17,6 +17,7 @@ import polars as pl
 from clinical_ml.core.features import COHORT_KEYS, feature_columns, patient_grouped_split
 from clinical_ml.core.modeling import DEFAULT_PARAMS
 from clinical_ml.core.usecase import load_use_case
+from clinical_ml.defs.usecase.paths import use_case_key
 
 ROOT = Path(__file__).resolve().parents[1]
 UC_FILE = ROOT / "usecases" / "icu_mortality_24h.yaml"
@@ -88,9 +89,7 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
     with dg.instance_for_test() as instance:
         for _ in range(repetitions):
             c0, t0 = time.process_time(), time.perf_counter()
-            res = job.execute_in_process(
-                instance=instance, asset_selection=[dg.AssetKey([uc.name, "risk_model"])]
-            )
+            res = job.execute_in_process(instance=instance, asset_selection=[use_case_key(uc, "risk_model")])
             ours.append(time.perf_counter() - t0)
             ours_cpu.append(time.process_time() - c0)
             assert res.success

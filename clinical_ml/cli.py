@@ -291,7 +291,9 @@ def _failures_by_use_case(result: "dg.ExecuteInProcessResult", names: list[str])
             why = error.message.strip().removeprefix("ValueError: ").splitlines()[0]
         else:
             why = error.cls_name or "error"
-        failures.setdefault(owner, f"step {step.removeprefix(f'{owner}__')} failed ({why})")
+        # a use case's step key is <name>__<name>__<stage>: name the stage
+        stage = step.removeprefix(f"{owner}__").removeprefix(f"{owner}__") if owner else step
+        failures.setdefault(owner, f"step {stage} failed ({why})")
     return failures
 
 

@@ -27,6 +27,7 @@ from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 from clinical_ml.defs.monitoring.sensors import retraining_requests
+from clinical_ml.defs.usecase.paths import stage_of
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 JOBS = (
@@ -83,7 +84,7 @@ def replay(
     keys = [
         k
         for k in defs.resolve_asset_graph().get_all_asset_keys()
-        if k.path[-1] in ("batch_drift", "monitoring_report")
+        if stage_of(k) in ("batch_drift", "monitoring_report")
     ]
     cursor, days = 0, []
     for i, b in enumerate(batches):

@@ -251,7 +251,9 @@ def nightly_retraining_reason(store: UseCaseStore, registry: Registry, *, as_of:
     card = registry.champion_card()
     if card is None:
         return f"{store.name}: no champion yet"
-    cohort = store.cohort.read(columns=["batch_id", "admit_time", "discharge_time", "death_time"])
+    cohort = store.cohort.read(
+        columns=["batch_id", "admit_time", "discharge_time", "death_time", *_window_end(store)]
+    )
     n = newly_labelled(cohort, trained_on=list(card.lineage.batch_ids), as_of=as_of)
     return (
         f"{store.name}: {n} newly labelled admissions since model {card.version} was trained" if n else None

@@ -3,10 +3,10 @@ never leave the analysis with their size, and one report card per model version.
 
 import json
 
-import dagster as dg
 import pytest
 
 from clinical_ml.core.storage import read_json
+from clinical_ml.defs.usecase.paths import use_case_key
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_one_report_card_per_model_version(graph_run, fairness):
     md = (reports / f"report_card_{fairness['model_version']}.md").read_text()
     assert fairness["verdict"].upper() in md
     mats = graph_run.instance.fetch_materializations(
-        records_filter=dg.AssetKey([USE_CASE, "model_report_card"]), limit=1
+        records_filter=use_case_key(USE_CASE, "model_report_card"), limit=1
     ).records
     meta = mats[0].asset_materialization.metadata
     assert meta["model_version"].value == fairness["model_version"]

@@ -402,7 +402,9 @@ def test_the_documented_vocabulary_is_the_one_the_code_checks_against():
 
 
 def test_a_supplied_label_is_the_latest_one_recorded_for_the_stay_and_unlabelled_stays_wait():
-    uc = use_case(outcome={"type": "supplied_label", "label": "delirium_review", "description": "chart review"})
+    uc = use_case(
+        outcome={"type": "supplied_label", "label": "delirium_review", "description": "chart review"}
+    )
     enc, pat = stays([{"s": i, "a": i, "in": h(0), "out": h(100)} for i in (1, 2, 3)])
     ev = events(
         [
@@ -417,3 +419,21 @@ def test_a_supplied_label_is_the_latest_one_recorded_for_the_stay_and_unlabelled
     ends = dict(zip(cohort["hadm_id"].to_list(), cohort["label_window_end"].to_list(), strict=True))
     assert ends[1] == d(30) and ends[2] == d(25) and ends[3].year == 9999
     assert uc.words.events == "positive delirium review labels"
+
+
+def test_monitoring_counts_a_readmission_outcome_only_30_days_after_discharge():
+    from clinical_ml.core.performance_monitoring import label_maturity
+
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": d(0), "out": d(3), "batch": "2026-01-05"},
+            {"s": 9, "a": 9, "in": d(120), "out": d(121), "batch": "2026-05-05"},
+        ]
+    )
+    cohort, _ = build_cohort(enc, pat, readmission())
+    first = cohort.filter(pl.col("hadm_id") == 1)
+    # discharged on day 3 of a batch delivered 2026-01-05: known at the end of day 30 after discharge
+    assert not label_maturity(first, as_of=datetime(2026, 2, 7)).item()
+    assert label_maturity(first, as_of=datetime(2026, 2, 8)).item()
+    mortality, _ = build_cohort(enc, pat, BASE)
+    assert label_maturity(mortality.filter(pl.col("hadm_id") == 1), as_of=datetime(2026, 1, 8, 9)).item()

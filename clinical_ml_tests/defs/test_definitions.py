@@ -9,6 +9,7 @@ import pytest
 
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import DATA_CLASS_TAG, DataClass, Stage
+from clinical_ml.defs.usecase.paths import stage_of
 
 PACKAGE = Path(__file__).resolve().parents[2] / "clinical_ml"
 PHI_READERS = {Stage.INGESTION, Stage.ANONYMIZATION}
@@ -71,7 +72,7 @@ def test_site_id_delivery_is_the_only_phi_asset_outside_ingestion_and_a_leaf(tmp
         if graph.get(k).tags.get(DATA_CLASS_TAG) == DataClass.PHI
         and graph.get(k).group_name != Stage.INGESTION
     }
-    assert phi_outside and all(k.path[-1] == "ehr_delivery" for k in phi_outside)
+    assert phi_outside and all(stage_of(k) == "ehr_delivery" for k in phi_outside)
     for k in phi_outside:
         assert graph.get(k).group_name == Stage.DELIVERY and not graph.get(k).child_keys
     with pytest.raises(ValueError, match="CLINICAL_ML_FHIR_SUBJECT"):

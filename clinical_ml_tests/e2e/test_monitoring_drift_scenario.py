@@ -17,6 +17,7 @@ from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 from clinical_ml.defs.monitoring.sensors import DRIFT_FROM_TAG, RETRAIN_REASON_TAG, retraining_requests
+from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
 pytestmark = pytest.mark.slow
@@ -98,13 +99,13 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
         assert not (root / "phi" / "outbox" / UC / f"{drifted}.ndjson").exists()
 
-        requests, cursor = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], 0)
+        requests, cursor = retraining_requests(instance, [use_case_key(UC, "batch_drift")], 0)
         assert len(requests) == 1 and drifted in requests[0].tags[RETRAIN_REASON_TAG]
         assert requests[0].tags[DRIFT_FROM_TAG] == drifted
 
         # a later run cannot release what the failed blocking check held
         export = defs.resolve_job_def("batch_monitoring_job").get_subset(
-            asset_selection={dg.AssetKey([UC, "risk_assessment_export"])}
+            asset_selection={use_case_key(UC, "risk_assessment_export")}
         )
         held = export.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
         assert not held.success
@@ -128,7 +129,7 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         assert defs.resolve_job_def("feature_refresh_job").execute_in_process(instance=instance).success
         monitor.execute_in_process(instance=instance, partition_key=next_day, raise_on_error=False)
         record = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{next_day}.json").read_text())
-        again, _ = retraining_requests(instance, [dg.AssetKey([UC, "batch_drift"])], cursor)
+        again, _ = retraining_requests(instance, [use_case_key(UC, "batch_drift")], cursor)
         assert again == [] and record["retraining_requested"] is False
         if latest["promoted"]:
             # the new champion's reference starts at the drift: the new normal is no longer an ERROR

@@ -11,6 +11,7 @@ from clinical_ml.defs.monitoring.sensors import (
     features_after_ingestion_sensor,
     write_alert,
 )
+from clinical_ml.defs.usecase.paths import stage_of, use_case_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def test_ingestion_then_features_then_batch_monitoring_then_reports_are_chained(
         # only the use case with a champion is scored: the other source's branch is left alone
         assert {k.path[0] for k in req2.asset_selection} == {ours.name}
         req3 = sensors["monitoring_report_after_batch_sensor"](context(run2))
-        assert {k.path[-1] for k in req3.asset_selection} == {"monitoring_report", "feature_drift_report"}
+        assert {stage_of(k) for k in req3.asset_selection} == {"monitoring_report", "feature_drift_report"}
         assert {k.path[0] for k in req3.asset_selection} == {ours.name}
 
 
@@ -160,7 +161,7 @@ def test_drift_and_performance_errors_request_one_retraining_each_and_only_drift
     from clinical_ml.defs.conventions import DRIFT_FROM_TAG, RETRAIN_REASON_TAG
     from clinical_ml.defs.monitoring.sensors import retraining_requests
 
-    drift_key, report_key = dg.AssetKey(["uc", "batch_drift"]), dg.AssetKey(["uc", "monitoring_report"])
+    drift_key, report_key = use_case_key("uc", "batch_drift"), use_case_key("uc", "monitoring_report")
     with dg.instance_for_test() as instance:
 
         def materialize(key, partition=None, **meta):
@@ -179,7 +180,7 @@ def test_drift_and_performance_errors_request_one_retraining_each_and_only_drift
         requests, cursor = retraining_requests(instance, [drift_key, report_key], 0)
         by_reason = {r.tags[RETRAIN_REASON_TAG]: r for r in requests}
         assert len(requests) == 2
-        drift = by_reason["drift ERROR in batch 2026-01-20 (uc/batch_drift)"]
+        drift = by_reason[f"drift ERROR in batch 2026-01-20 ({drift_key.to_user_string()})"]
         assert drift.tags[DRIFT_FROM_TAG] == "2026-01-20"
         perf = by_reason["realised performance below its minimums in 2026-01-05 (model v1)"]
         assert DRIFT_FROM_TAG not in perf.tags
@@ -192,7 +193,7 @@ def test_the_retraining_sensor_says_which_drift_errors_did_not_request_retrainin
         drift_errors_without_retraining,
     )
 
-    drift_key = dg.AssetKey(["icu_mortality_24h", "batch_drift"])
+    drift_key = use_case_key("icu_mortality_24h", "batch_drift")
     from clinical_ml.core.usecase import load_use_case
 
     sensor = build_drift_retraining_sensor(

@@ -13,6 +13,7 @@ from clinical_ml.core.storage import read_json
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+from clinical_ml.defs.usecase.paths import stage_of, use_case_key
 from clinical_ml.defs.usecase.training import GATE_CHECKS, refused_by_gate_only
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
@@ -54,7 +55,7 @@ def _lenient_use_case(directory: Path) -> Path:
 def _retrain(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
     return defs.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance,
-        asset_selection=[dg.AssetKey([UC, a]) for a in RETRAIN],
+        asset_selection=[use_case_key(UC, a) for a in RETRAIN],
         raise_on_error=False,
     )
 
@@ -64,7 +65,7 @@ def _failed(res: dg.ExecuteInProcessResult) -> set[str]:
 
 
 def _materialized(res: dg.ExecuteInProcessResult) -> set[str]:
-    return {e.asset_key.path[-1] for e in res.get_asset_materialization_events()}
+    return {stage_of(e.asset_key) for e in res.get_asset_materialization_events()}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_worl
 
     # the use case's branch up to the champion pointer, from the (unpartitioned) MEDS layer
     upstream = dg.AssetSelection.assets(
-        dg.AssetKey([UC, "champion_model"])
+        use_case_key(UC, "champion_model")
     ).upstream() - dg.AssetSelection.groups("ingestion", "anonymization") | dg.AssetSelection.assets(
         "meds_dataset"
     )
@@ -137,10 +138,10 @@ def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_worl
 
     # the decision is on the asset pages (Markdown metadata), with metrics, CIs and curves on the evaluation's
     for asset in ("promotion_decision", "model_registry"):
-        ev = instance.get_latest_materialization_event(dg.AssetKey([UC, asset]))
+        ev = instance.get_latest_materialization_event(use_case_key(UC, asset))
         assert ev is not None
         md = ev.asset_materialization.metadata["report"].value
         assert "Not promoted" in md and "FAIL" in md
-    ev = instance.get_latest_materialization_event(dg.AssetKey([UC, "model_evaluation"]))
+    ev = instance.get_latest_materialization_event(use_case_key(UC, "model_evaluation"))
     md = ev.asset_materialization.metadata["report"].value
     assert "95% CI" in md and md.count("data:image/png;base64,") == 2

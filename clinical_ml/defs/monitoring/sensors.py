@@ -17,6 +17,7 @@ from clinical_ml.defs.usecase.automation import (
     lifecycle_job,
     monitoring_report_job,
 )
+from clinical_ml.defs.usecase.paths import stage_of, use_case_key
 from clinical_ml.resources.zones import DataZones
 
 PARTITION_TAG = "dagster/partition"
@@ -66,7 +67,7 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase]) -> list[dg.SensorDe
             run_key=f"monitor-{context.dagster_run.run_id}",
             partition_key=batch,
             asset_selection=[
-                dg.AssetKey([uc.name, name])
+                use_case_key(uc, name)
                 for uc in monitored
                 for name in ("batch_predictions", "batch_drift", "risk_assessment_export")
             ],
@@ -79,7 +80,7 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase]) -> list[dg.SensorDe
         return dg.RunRequest(
             run_key=f"report-{context.dagster_run.run_id}",
             asset_selection=[
-                dg.AssetKey([uc.name, name])
+                use_case_key(uc, name)
                 for uc in monitored
                 for name in ("monitoring_report", "feature_drift_report")
             ],
@@ -135,7 +136,7 @@ def retraining_requests(
                     f"drift ERROR in batch {batch} ({key.to_user_string()})"
                 )
                 # a batch's drift starts an episode: the retrained model's drift reference begins there
-                episode = {DRIFT_FROM_TAG: str(batch)} if key.path[-1] == "batch_drift" and batch else {}
+                episode = {DRIFT_FROM_TAG: str(batch)} if stage_of(key) == "batch_drift" and batch else {}
                 requests.append(
                     dg.RunRequest(
                         run_key=f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}",
@@ -151,7 +152,7 @@ def drift_errors_without_retraining(
     """Batches whose drift check reached ERROR after ``cursor`` without requesting retraining (the champion
     was trained on the batch, or a model retrained for the same episode stands refused)."""
     batches = []
-    for key in (k for k in keys if k.path[-1] == "batch_drift"):
+    for key in (k for k in keys if stage_of(k) == "batch_drift"):
         result = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
         )
@@ -165,7 +166,7 @@ def drift_errors_without_retraining(
 
 
 def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefinition:
-    keys = [dg.AssetKey([uc.name, name]) for uc in use_cases for name in ("batch_drift", "monitoring_report")]
+    keys = [use_case_key(uc, name) for uc in use_cases for name in ("batch_drift", "monitoring_report")]
 
     @dg.sensor(
         name="drift_retraining_sensor",
