@@ -267,6 +267,174 @@ class MetricWithCI:
         return {"value": self.value, "lower": self.lower, "upper": self.upper}
 
 
+def _metric_or_none(d: dict | None) -> MetricWithCI | None:
+    return None if d is None else MetricWithCI(float(d["value"]), float(d["lower"]), float(d["upper"]))
+
+
+# Each alert burden measure, the success criterion (a maximum) that limits it, and its name in words.
+ALERT_BURDEN_LIMITS = (
+    ("alerts_per_100_patient_days", "alerts_per_100_patient_days_max", "alerts per 100 patient-days"),
+    ("alerts_per_unit_day", "alerts_per_unit_day_max", "alerts per unit per day"),
+    ("number_needed_to_evaluate", "number_needed_to_evaluate_max", "number needed to evaluate"),
+)
+
+
+@dataclass(frozen=True)
+class AlertBurden:
+    """The alerts a model raises at its operating point on the validation cohort, with 95% CIs.
+
+    ``alerts`` are flagged prediction rows and ``true_alerts`` those whose outcome occurred. ``patient_days``
+    is the time at risk summed over the stays: from a stay's first prediction to its end (discharge or
+    death), or one day per stay when the prediction is made once, at discharge (``one_day_per_stay``).
+    ``unit_days`` counts the distinct (unit, calendar day of the prediction time) pairs with at least one
+    prediction. A rate is None when its denominator is zero; the number needed to evaluate (alerts per true
+    alert, 1 / PPV) is None when nothing was flagged and infinite when alerts were raised but none was true.
+    """
+
+    prediction_rows: int
+    stays: int
+    patients: int
+    alerts: int
+    true_alerts: int
+    patient_days: float
+    unit_days: int
+    one_day_per_stay: bool
+    alerts_per_100_patient_days: MetricWithCI | None
+    alerts_per_unit_day: MetricWithCI | None
+    number_needed_to_evaluate: MetricWithCI | None
+    n_bootstrap: int
+    stays_ending_in_death: int = 0
+
+    @property
+    def judged(self) -> bool:
+        """Whether there is a burden to judge: at least one prediction was flagged."""
+        return self.alerts > 0
+
+    @property
+    def one_row_per_stay(self) -> bool:
+        """Whether each stay was predicted once (an alert is then a patient flagged)."""
+        return self.prediction_rows == self.stays
+
+    def as_dict(self) -> dict:
+        def m(x: MetricWithCI | None) -> dict | None:
+            return None if x is None else x.as_dict()
+
+        return {
+            "prediction_rows": self.prediction_rows,
+            "stays": self.stays,
+            "patients": self.patients,
+            "alerts": self.alerts,
+            "true_alerts": self.true_alerts,
+            "patient_days": self.patient_days,
+            "unit_days": self.unit_days,
+            "one_day_per_stay": self.one_day_per_stay,
+            "alerts_per_100_patient_days": m(self.alerts_per_100_patient_days),
+            "alerts_per_unit_day": m(self.alerts_per_unit_day),
+            "number_needed_to_evaluate": m(self.number_needed_to_evaluate),
+            "n_bootstrap": self.n_bootstrap,
+            "stays_ending_in_death": self.stays_ending_in_death,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlertBurden":
+        return cls(
+            prediction_rows=int(d["prediction_rows"]),
+            stays=int(d["stays"]),
+            patients=int(d["patients"]),
+            alerts=int(d["alerts"]),
+            true_alerts=int(d["true_alerts"]),
+            patient_days=float(d["patient_days"]),
+            unit_days=int(d["unit_days"]),
+            one_day_per_stay=bool(d["one_day_per_stay"]),
+            alerts_per_100_patient_days=_metric_or_none(d.get("alerts_per_100_patient_days")),
+            alerts_per_unit_day=_metric_or_none(d.get("alerts_per_unit_day")),
+            number_needed_to_evaluate=_metric_or_none(d.get("number_needed_to_evaluate")),
+            n_bootstrap=int(d["n_bootstrap"]),
+            stays_ending_in_death=int(d.get("stays_ending_in_death", 0)),
+        )
+
+
+def _inverse(x: float) -> float:
+    """1 / x, infinite at 0 (a PPV of 0: no alert was true), NaN stays NaN."""
+    if np.isnan(x):
+        return float("nan")
+    return float("inf") if x == 0 else 1.0 / x
+
+
+def alert_burden(
+    *,
+    alerts: np.ndarray,
+    true_alerts: np.ndarray,
+    patient_days: np.ndarray,
+    unit_day_shares: np.ndarray,
+    prediction_rows: int,
+    stays: int,
+    unit_days: int,
+    one_day_per_stay: bool,
+    stays_ending_in_death: int = 0,
+    n_boot: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+) -> AlertBurden:
+    """Alerts per 100 patient-days, alerts per unit per day and the number needed to evaluate, with
+    percentile bootstrap CIs that resample patients (a patient's stays and prediction rows stay together).
+
+    Parameters
+    ----------
+    alerts, true_alerts, patient_days : numpy.ndarray
+        Per patient: flagged prediction rows, flagged rows whose outcome occurred, days at risk of their stays.
+    unit_day_shares : numpy.ndarray
+        Per patient: their share of the unit-days. Each unit-day is shared among the prediction rows made on
+        it, so the shares of all patients add up to ``unit_days`` and a resample counts the unit-days of the
+        patients it draws (counting only the distinct unit-days a resample covers would drop a unit-day with
+        every patient left out while keeping the alerts of those drawn twice, and bias the rate upwards).
+    prediction_rows, stays, unit_days : int
+        Totals of the validation cohort (the denominators of the point estimates).
+    one_day_per_stay : bool
+        Whether ``patient_days`` counted one day per stay (prediction at discharge); kept for the reports.
+    stays_ending_in_death : int
+        Stays whose time at risk ended in death rather than discharge; kept for the reports.
+    n_boot, seed, level
+        Bootstrap replicates, seed and coverage.
+
+    Returns
+    -------
+    AlertBurden
+        The NNE interval is that of the PPV inverted (1 / upper, 1 / lower); a replicate that flags nobody
+        has no PPV and is left out, and a PPV bound of 0 gives an infinite NNE bound.
+    """
+    per = np.stack([alerts, true_alerts, patient_days, unit_day_shares], axis=1).astype(np.float64)
+    n_alerts, n_true, days = int(per[:, 0].sum()), int(per[:, 1].sum()), float(per[:, 2].sum())
+    blocks = []
+    for counts in bootstrap.resample_counts(per.shape[0], n_boot=n_boot, rng=np.random.default_rng(seed)):
+        s = counts @ per
+        with np.errstate(divide="ignore", invalid="ignore"):
+            blocks.append(np.stack([100 * s[:, 0] / s[:, 2], s[:, 0] / s[:, 3], s[:, 1] / s[:, 0]], axis=1))
+    reps = np.concatenate(blocks) if blocks else np.empty((0, 3))
+    lo, hi = bootstrap.percentile_interval(reps, level=level)
+    per_days = MetricWithCI(100 * n_alerts / days, float(lo[0]), float(hi[0])) if days > 0 else None
+    per_unit_day = MetricWithCI(n_alerts / unit_days, float(lo[1]), float(hi[1])) if unit_days > 0 else None
+    nne = None
+    if n_alerts > 0:
+        value = n_alerts / n_true if n_true else float("inf")
+        nne = MetricWithCI(float(value), _inverse(float(hi[2])), _inverse(float(lo[2])))
+    return AlertBurden(
+        prediction_rows=int(prediction_rows),
+        stays=int(stays),
+        patients=int(per.shape[0]),
+        alerts=n_alerts,
+        true_alerts=n_true,
+        patient_days=days,
+        unit_days=int(unit_days),
+        one_day_per_stay=bool(one_day_per_stay),
+        alerts_per_100_patient_days=per_days,
+        alerts_per_unit_day=per_unit_day,
+        number_needed_to_evaluate=nne,
+        n_bootstrap=int(n_boot),
+        stays_ending_in_death=int(stays_ending_in_death),
+    )
+
+
 def bootstrap_metrics(
     y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 500, seed: int = 0, level: float = 0.95
 ) -> dict[str, MetricWithCI]:

@@ -59,7 +59,7 @@ from scipy import stats
 
 from clinical_ml.core import bootstrap
 from clinical_ml.core.evaluation import choose_threshold, confusion
-from clinical_ml.core.usecase import OperatingPoint, Subgroups
+from clinical_ml.core.usecase import OperatingPoint, OutcomeWords, Subgroups
 
 RATE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "prevalence")
 METRICS = (
@@ -625,6 +625,7 @@ def subgroup_table(
     alpha: float = 0.05,
     auroc_ci: str = "delong",
     seed: int = 0,
+    words: OutcomeWords | None = None,
 ) -> SubgroupAnalysis:
     """Per-group metrics with CIs for each attribute and pairwise intersection, plus all patients.
 
@@ -654,6 +655,8 @@ def subgroup_table(
         How AUROC intervals are computed.
     seed : int
         Seed of the bootstrap.
+    words : OutcomeWords, optional
+        How the flags name the outcome ("more readmissions than predicted"); deaths when not given.
 
     Returns
     -------
@@ -724,6 +727,7 @@ def subgroup_table(
     tests = [(i, k) for i, r in enumerate(rows) for k in FLAG_METRICS if k in r.p_values]
     adjusted = _holm([rows[i].p_values[k] for i, k in tests])
     worse: dict[int, list[str]] = {}
+    events = words.events if words is not None else "deaths"
     for (i, k), padj in zip(tests, adjusted, strict=True):
         if not (np.isfinite(padj) and padj < alpha):
             continue
@@ -731,7 +735,7 @@ def subgroup_table(
         if k == "observed_expected_ratio":
             direction = "more" if r.metrics[k][0] > overall[k] else "fewer"
             worse.setdefault(i, []).append(
-                f"{direction} deaths than predicted, relative to all patients (O/E "
+                f"{direction} {events} than predicted, relative to all patients (O/E "
                 f"{r.metrics[k][0]:.2f} vs {overall[k]:.2f}, adjusted p = {padj:.3g})"
             )
         elif r.metrics[k][0] < overall[k]:
@@ -1099,9 +1103,11 @@ def audit_subcohorts(
     operating_point: OperatingPoint,
     n_boot: int,
     seed: int,
+    words: OutcomeWords | None = None,
 ) -> FairnessAudit:
     """Audit the validation cohort (``held_out`` rows of ``predictions``) by the use case's subgroups, and
-    choose per-group operating points on the ``tuning`` rows (checked on the validation rows)."""
+    choose per-group operating points on the ``tuning`` rows (checked on the validation rows); ``words``
+    name the outcome in the flags (deaths when not given)."""
     held = predictions.filter(pl.col("split") == "held_out")
     tune = predictions.filter(pl.col("split") == "tuning")
 
@@ -1120,6 +1126,7 @@ def audit_subcohorts(
         sensitivity_min=subgroups.sensitivity_min,
         n_boot=n_boot,
         seed=seed,
+        words=words,
     )
     v, reasons = verdict(analysis)
     thresholds = group_thresholds(

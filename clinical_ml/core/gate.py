@@ -5,14 +5,20 @@ bound where a bound is judged), is non-inferior to the champion on the same pati
 minimums where groups are large enough to judge, and scores one patient within the latency SLO. Each
 condition is a :class:`GateCriterion` with its outcome in words; the Dagster graph turns each group of
 criteria into one blocking asset check.
+
+Operational limits of the use case (alert burden: alerts per 100 patient-days, alerts per unit per day,
+number needed to evaluate) are judged with the minimums, on the upper 95% bound. A limit with nothing to
+judge (no alert raised on the validation cohort, or no burden measured) is recorded as *not judged*: it
+does not block, and it is never reported as met.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.evaluation import paired_comparison
+from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, MetricWithCI, paired_comparison
 from clinical_ml.core.fairness import subgroup_table
 from clinical_ml.core.features import ROW_KEY, feature_matrix
 from clinical_ml.core.modeling import TrainedModel
@@ -24,19 +30,21 @@ from clinical_ml.core.scoring import (
     reason_code_counts,
     scoring_latency_ms,
 )
-from clinical_ml.core.usecase import UseCase
+from clinical_ml.core.usecase import OutcomeWords, UseCase
 
 GATE_GROUPS = ("minimums", "non_inferiority", "subgroups", "latency")
 
 
 @dataclass(frozen=True)
 class GateCriterion:
-    """One condition of the promotion gate and its outcome in words."""
+    """One condition of the promotion gate and its outcome in words. ``judged`` is False for a condition
+    with nothing to judge: it passes (it does not block) and its reason says it was not judged."""
 
     group: str  # one of GATE_GROUPS
     name: str
     passed: bool
     reason: str
+    judged: bool = True
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -117,6 +125,87 @@ def minimum_criteria(metrics: dict, criteria: dict) -> list[GateCriterion]:
                 f"{metric}_in_range",
                 ok,
                 f"{words} {v:.2f} {'within' if ok else 'outside'} the range {rng[0]:g} to {rng[1]:g}",
+            )
+        )
+    return out
+
+
+def _bound_words(bound: float, limit: float) -> str:
+    """``bound`` with enough digits that it reads as above ``limit`` when it is (4.001 is not "4.00")."""
+    if math.isinf(bound):
+        return "infinite"
+    for digits in range(2, 9):
+        text = f"{bound:.{digits}f}"
+        if (float(text) > limit) == (bound > limit):
+            return text
+    return repr(bound)
+
+
+def operational_criteria(
+    burden: AlertBurden | dict | None, criteria: dict, *, words: OutcomeWords | None = None
+) -> list[GateCriterion]:
+    """The use case's operational limits (alert burden at the operating point), one criterion per limit set.
+
+    A maximum is met when the upper bound of its 95% CI is at or below it. A limit is *not judged* (passes,
+    does not block, says so) when no burden was measured, when no prediction of the validation cohort was
+    flagged (there is no burden to judge), or when its value or interval could not be computed.
+
+    Parameters
+    ----------
+    burden
+        :class:`clinical_ml.core.evaluation.AlertBurden` of the validation cohort (or its ``as_dict``).
+    criteria
+        The use case's success criteria (``SuccessCriteria.model_dump()``).
+    words
+        The outcome's words (the number needed to evaluate is "patients flagged per <event> found").
+    """
+    if isinstance(burden, dict):
+        burden = AlertBurden.from_dict(burden)
+    event = words.event if words is not None else "event"
+    out = []
+    for metric, key, name in ALERT_BURDEN_LIMITS:
+        limit = criteria.get(key)
+        if limit is None:
+            continue
+        limit = float(limit)
+        flagged = "patients flagged" if burden is None or burden.one_row_per_stay else "alerts"
+        label = f"{name} ({flagged} per {event} found)" if metric == "number_needed_to_evaluate" else name
+        estimate: MetricWithCI | None = None if burden is None else getattr(burden, metric)
+        why = None
+        if burden is None:
+            why = "the alert burden was not measured for this model"
+        elif not burden.judged:
+            why = (
+                "no prediction of the validation cohort was flagged at the operating point, so there is no "
+                "alert burden to judge"
+            )
+        elif estimate is None or math.isnan(estimate.upper):
+            why = "its value or 95% confidence interval could not be computed"
+        if why is not None:
+            out.append(
+                GateCriterion(
+                    "minimums",
+                    f"{metric}_upper_bound",
+                    True,
+                    f"{label}: not judged ({why}); the maximum is {limit:g}",
+                    judged=False,
+                )
+            )
+            continue
+        assert estimate is not None
+        ok = bool(estimate.upper <= limit)
+        if math.isinf(estimate.upper):
+            which = "no" if math.isinf(estimate.value) else "in some resamples of the patients no"
+            why = f" ({which} flagged prediction was followed by the outcome, {event})"
+        else:
+            why = ""
+        out.append(
+            GateCriterion(
+                "minimums",
+                f"{metric}_upper_bound",
+                ok,
+                f"{label} upper 95% bound {_bound_words(estimate.upper, limit)}{why} "
+                f"{'at or below' if ok else 'above'} the maximum {limit:g}",
             )
         )
     return out
@@ -287,6 +376,7 @@ class GateInputs:
     champion: TrainedModel | None = None
     champion_card: dict | None = None
     champion_x: np.ndarray | None = None  # validation rows in the champion's feature order
+    alert_burden: AlertBurden | None = None  # at the operating point on the validation cohort
 
 
 def judge_challenger(
@@ -321,6 +411,7 @@ def judge_challenger(
         sensitivity_min=sg.sensitivity_min,
         n_boot=n_boot,
         seed=seed,
+        words=use_case.words,
     ).rows
     scorer = Scorer(
         inputs.challenger,
@@ -330,8 +421,10 @@ def judge_challenger(
     )
     latency = scoring_latency_ms(scorer, inputs.x[:200], repeats=latency_repeats)
     scores = scorer.score(inputs.x, n_reasons=0)
+    criteria = use_case.success_criteria.model_dump()
     gate = evaluate_gate(
-        minimum_criteria(inputs.metrics, use_case.success_criteria.model_dump()),
+        minimum_criteria(inputs.metrics, criteria),
+        operational_criteria(inputs.alert_burden, criteria, words=use_case.words),
         non_inferiority_criteria(
             inputs.metrics,
             inputs.champion_card,
@@ -365,9 +458,11 @@ def gate_inputs(
     training_ranges: dict[str, tuple[float, float]],
     champion: TrainedModel | None = None,
     champion_card: dict | None = None,
+    alert_burden: AlertBurden | None = None,
 ) -> GateInputs:
     """The validation cohort as the gate judges it: the challenger's rows, and the champion's where it can
-    score them (every feature it needs still exists; otherwise it is compared on its card's figures)."""
+    score them (every feature it needs still exists; otherwise it is compared on its card's figures); the
+    challenger's alert burden (``Evaluation.alert_burden``) for the operational limits."""
     held = validation_predictions.filter(pl.col("split") == "held_out")
     rows = held.select(*ROW_KEY, "label", *use_case.subgroups.attributes).join(
         features, on=ROW_KEY, how="inner"
@@ -390,14 +485,22 @@ def gate_inputs(
         champion=champion,
         champion_card=champion_card,
         champion_x=champion_x,
+        alert_burden=alert_burden,
     )
+
+
+def criterion_result(criterion: dict) -> str:
+    """A recorded criterion's result in words: pass, **FAIL**, or not judged (nothing to judge)."""
+    if not criterion.get("judged", True):
+        return "not judged"
+    return "pass" if criterion["passed"] else "**FAIL**"
 
 
 def gate_markdown(decision: dict, *, champion_now: str | None, history: list[dict] | None = None) -> str:
     """The decision and each part of the gate in a Markdown table (newest decisions after it, if given)."""
     verdict = "Promoted" if decision["promoted"] else "Not promoted"
     rows = "".join(
-        f"| {c['group'].replace('_', ' ')} | {'pass' if c['passed'] else '**FAIL**'} | {md_escape(c['reason'])} |\n"
+        f"| {c['group'].replace('_', ' ')} | {criterion_result(c)} | {md_escape(c['reason'])} |\n"
         for c in decision.get("criteria", [])
     )
     md = (

@@ -9,6 +9,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from clinical_ml.core.usecase import DeathOutcome, OutcomeWords, outcome_words
+
+# The words of plots drawn without a use case: the mortality question's (deaths, survivors).
+DEFAULT_WORDS = outcome_words(DeathOutcome(type="death", description="death before hospital discharge"))
+
 _BLUE, _GREY, _RED = "#1f5fa8", "#888888", "#b33a3a"
 
 
@@ -20,7 +25,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float) -> bytes:
+def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float, words: OutcomeWords | None = None) -> bytes:
+    """ROC curve with the operating point; axes name the outcome by ``words`` (the use case's)."""
+    w = words or DEFAULT_WORDS
     y = np.asarray(y, dtype=bool)
     order = np.argsort(-np.asarray(p))
     ys = y[order]
@@ -37,14 +44,16 @@ def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float) -> bytes:
         zorder=3,
         label="operating point",
     )
-    ax.set_xlabel("1 - specificity (false alarms among survivors)")
-    ax.set_ylabel("sensitivity (deaths flagged)")
+    ax.set_xlabel(f"1 - specificity (false alarms among {w.non_events})")
+    ax.set_ylabel(f"sensitivity ({w.events} flagged)")
     ax.set_title("ROC curve, validation cohort")
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
 
-def calibration_plot(curve: list[dict[str, float]]) -> bytes:
+def calibration_plot(curve: list[dict[str, float]], *, words: OutcomeWords | None = None) -> bytes:
+    """Observed vs predicted risk per bin with 95% CIs; axes name the outcome by ``words``."""
+    w = words or DEFAULT_WORDS
     fig, ax = plt.subplots(figsize=(4.2, 4))
     pred = [r["predicted"] for r in curve]
     obs = [r["observed"] for r in curve]
@@ -55,8 +64,8 @@ def calibration_plot(curve: list[dict[str, float]]) -> bytes:
     top = max([*pred, *obs, 0.1]) * 1.1
     ax.plot([0, top], [0, top], color=_GREY, ls="--", label="perfect calibration")
     ax.errorbar(pred, obs, yerr=err, fmt="o-", color=_BLUE, capsize=3, label="observed (95% CI)")
-    ax.set_xlabel("predicted risk of death")
-    ax.set_ylabel("observed proportion who died")
+    ax.set_xlabel(f"predicted risk of {w.event}")
+    ax.set_ylabel(f"observed proportion of {w.with_event}")
     ax.set_title("Calibration, validation cohort")
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)

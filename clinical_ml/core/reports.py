@@ -18,9 +18,10 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from clinical_ml.core import plots
 from clinical_ml.core.drift import FeatureDrift
 from clinical_ml.core.drift_statistics import DriftStatistic, DriftThresholds
+from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, MetricWithCI
 from clinical_ml.core.labeling import CohortFlow
 from clinical_ml.core.monitoring_config import MonitoringConfig
-from clinical_ml.core.usecase import UseCase
+from clinical_ml.core.usecase import OutcomeWords, UseCase
 
 _ENV = Environment(
     loader=FileSystemLoader(Path(__file__).with_name("templates")),
@@ -28,24 +29,234 @@ _ENV = Environment(
     undefined=StrictUndefined,
 )
 
-METRIC_MEANINGS = {
-    "auroc": ("AUROC", "chance that a patient who died was ranked above one who survived"),
-    "auprc": ("AUPRC", "average precision across thresholds (compare with the death rate)"),
-    "sensitivity": ("Sensitivity", "share of patients who died that the model flagged"),
-    "specificity": ("Specificity", "share of survivors the model did not flag"),
-    "ppv": ("Positive predictive value", "share of flagged patients who died"),
-    "npv": ("Negative predictive value", "share of unflagged patients who survived"),
-    "brier": ("Brier score", "mean squared error of predicted risk (lower is better)"),
-    "calibration_slope": ("Calibration slope", "1 is ideal; below 1 means predictions too extreme"),
-    "calibration_intercept": (
-        "Calibration intercept",
-        "0 is ideal; above 0 means risk underestimated overall",
-    ),
-    "observed_expected_ratio": (
-        "Observed / expected deaths",
-        "1 is ideal; above 1 means more deaths than predicted",
-    ),
-}
+
+def metric_meanings(words: OutcomeWords) -> dict[str, tuple[str, str]]:
+    """Each validation metric's name and what it means at the bedside, in the outcome's words."""
+    return {
+        "auroc": (
+            "AUROC",
+            f"chance that one of the {words.with_event} was ranked above one of the {words.without_event}",
+        ),
+        "auprc": ("AUPRC", f"average precision across thresholds (compare with the {words.event} rate)"),
+        "sensitivity": ("Sensitivity", f"share of {words.with_event} that the model flagged"),
+        "specificity": ("Specificity", f"share of {words.non_events} the model did not flag"),
+        "ppv": ("Positive predictive value", f"among flagged patients, the share of {words.with_event}"),
+        "npv": ("Negative predictive value", f"among unflagged patients, the share of {words.without_event}"),
+        "brier": ("Brier score", "mean squared error of predicted risk (lower is better)"),
+        "calibration_slope": ("Calibration slope", "1 is ideal; below 1 means predictions too extreme"),
+        "calibration_intercept": (
+            "Calibration intercept",
+            "0 is ideal; above 0 means risk underestimated overall",
+        ),
+        "observed_expected_ratio": (
+            f"Observed / expected {words.events}",
+            f"1 is ideal; above 1 means more {words.events} than predicted",
+        ),
+    }
+
+
+# The mortality question's meanings (deaths, survivors); reports take theirs from the use case.
+METRIC_MEANINGS = metric_meanings(plots.DEFAULT_WORDS)
+
+
+def sentence_case(text: str) -> str:
+    """``text`` with its first letter capitalized and the rest untouched (``"LDL events"`` stays)."""
+    return text[:1].upper() + text[1:]
+
+
+def _words_context(words: OutcomeWords) -> dict[str, object]:
+    """What every report template needs to name the outcome."""
+    return {"words": words, "events_heading": sentence_case(words.events)}
+
+
+# --- alert burden -------------------------------------------------------------------------------------
+
+
+def _num(x: float) -> str:
+    """A rate in plain figures: two significant digits, whole numbers from 100 on."""
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.2g}"
+
+
+def _one_decimal(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _ci_words(m: MetricWithCI, fmt: Callable[[float], str] = _num) -> str:
+    if math.isnan(m.lower) or math.isnan(m.upper):
+        return "no 95% CI could be computed"
+    if math.isinf(m.upper):
+        return f"95% CI {fmt(m.lower)} to no upper limit"
+    return f"95% CI {fmt(m.lower)} to {fmt(m.upper)}"
+
+
+def _value_with_ci(m: MetricWithCI | None, *, undefined: str = "n/a") -> str:
+    if m is None:
+        return undefined
+    if math.isinf(m.value):
+        return "no finite value"
+    if math.isnan(m.lower) or math.isnan(m.upper):
+        return f"{m.value:.2f} (no interval)"
+    upper = "no upper limit" if math.isinf(m.upper) else f"{m.upper:.2f}"
+    return f"{m.value:.2f} ({m.lower:.2f} to {upper})"
+
+
+def _days(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def _burden_parts(burden: AlertBurden | None, words: OutcomeWords) -> dict[str, str]:
+    """The alert burden's sentences by role, in reading order: ``rate`` (alerts per 100 patient-days, or
+    why there is none), ``days`` (its denominator), ``unit`` and ``unit_days`` (alerts per unit per day and
+    its denominator), ``nne`` (number needed to evaluate)."""
+    if burden is None:
+        return {"rate": "The alert burden was not measured for this evaluation."}
+    parts: dict[str, str] = {}
+    rate = burden.alerts_per_100_patient_days
+    if not burden.judged:
+        parts["rate"] = (
+            f"No prediction of the validation cohort was flagged at the operating point: 0 alerts over "
+            f"{_days(burden.patient_days)} patient-days at risk, so there is no alert burden to judge."
+        )
+    elif rate is None:
+        parts["rate"] = (
+            f"{burden.alerts} alerts; alerts per 100 patient-days cannot be computed (the validation stays hold "
+            "no time at risk)."
+        )
+    else:
+        parts["rate"] = (
+            f"About {_num(rate.value)} alerts per 100 patient-days ({_ci_words(rate)}): {burden.alerts} alerts "
+            f"over {_days(burden.patient_days)} patient-days at risk."
+        )
+    if burden.one_day_per_stay:
+        parts["days"] = (
+            f"Patient-days at risk: one day per stay ({burden.stays} stays), since the prediction is made at "
+            "hospital discharge, with no time in hospital after it."
+        )
+    else:
+        ends = (
+            f"discharge, or death for {burden.stays_ending_in_death} of them"
+            if burden.stays_ending_in_death
+            else "discharge"
+        )
+        parts["days"] = (
+            f"Patient-days at risk: for each of the {burden.stays} stays, the time from its first prediction to "
+            f"the end of the stay ({ends})."
+        )
+    if not burden.judged:
+        return parts
+    unit = burden.alerts_per_unit_day
+    if unit is not None:
+        parts["unit"] = (
+            f"About {_num(unit.value)} alerts per unit per day ({_ci_words(unit)}): {burden.alerts} alerts over "
+            f"{burden.unit_days} unit-days."
+        )
+        parts["unit_days"] = (
+            "A unit-day is one unit (the unit recorded for the stay) on one calendar day on which at least one "
+            "of its stays had a prediction in the validation cohort. Dates are shifted per patient for "
+            "de-identification, so predictions made on the same real day can fall on different days here: the "
+            "count of unit-days can be higher, and this rate lower, than on the ward."
+        )
+    nne = burden.number_needed_to_evaluate
+    flagged = "patients flagged" if burden.one_row_per_stay else "alerts"
+    if nne is None or burden.true_alerts == 0:
+        parts["nne"] = (
+            f"None of the {burden.alerts} patients flagged is among the {words.with_event}: the number needed "
+            "to evaluate has no finite value."
+            if burden.one_row_per_stay
+            else f"None of the {burden.alerts} alerts was followed by the outcome ({words.event}) in its window: "
+            "the number needed to evaluate has no finite value."
+        )
+    else:
+        whom = (
+            f"one is among the {words.with_event}"
+            if burden.one_row_per_stay
+            else f"one is followed by the outcome ({words.event}) in its window"
+        )
+        parts["nne"] = (
+            f"For every {_num(nne.value)} {flagged}, {whom} (number needed to evaluate {nne.value:.1f}, "
+            f"{_ci_words(nne, _one_decimal)}; {burden.true_alerts} of {burden.alerts} {flagged})."
+        )
+    return parts
+
+
+def alert_burden_sentences(burden: AlertBurden | None, words: OutcomeWords) -> list[str]:
+    """The alert burden in plain words, each sentence with the figures it rests on.
+
+    Parameters
+    ----------
+    burden
+        ``Evaluation.alert_burden``; None for an evaluation written before the burden was measured.
+    words
+        The outcome's words.
+    """
+    return list(_burden_parts(burden, words).values())
+
+
+def alert_burden_headline(burden: AlertBurden | None, words: OutcomeWords) -> str:
+    """The burden in one or two sentences: alerts per 100 patient-days and the number needed to evaluate."""
+    parts = _burden_parts(burden, words)
+    return " ".join(parts[k] for k in ("rate", "nne") if k in parts)
+
+
+def alert_burden_rows(burden: AlertBurden | None, use_case: UseCase) -> list[dict[str, str]]:
+    """Table rows of the alert burden: measure, meaning, value (95% CI) and the use case's maximum."""
+    words, crit = use_case.words, use_case.success_criteria.model_dump()
+    per_stay = burden is None or burden.one_row_per_stay
+    meanings = {
+        "alerts_per_100_patient_days": (
+            "Alerts per 100 patient-days",
+            "flagged predictions per 100 days at risk (one day per stay when predicted at discharge)",
+        ),
+        "alerts_per_unit_day": ("Alerts per unit per day", "flagged predictions per unit-day (see below)"),
+        "number_needed_to_evaluate": (
+            "Number needed to evaluate",
+            f"{'patients flagged' if per_stay else 'alerts'} for each one among the {words.with_event} "
+            "(1 / positive predictive value)",
+        ),
+    }
+    rows = []
+    for metric, key, _ in ALERT_BURDEN_LIMITS:
+        name, meaning = meanings[metric]
+        estimate = None if burden is None else getattr(burden, metric)
+        undefined = "n/a (nothing flagged)" if burden is not None and not burden.judged else "n/a"
+        limit = crit.get(key)
+        rows.append(
+            {
+                "name": name,
+                "meaning": meaning,
+                "value": _value_with_ci(estimate, undefined=undefined),
+                "maximum": f"at most {limit:g} (upper bound)" if limit is not None else "none set",
+            }
+        )
+    return rows
+
+
+def alert_burden_context(evaluation: Mapping, use_case: UseCase) -> dict[str, object]:
+    """Template-ready alert burden of an ``Evaluation.as_dict``: rows, sentences, and whether limits are set."""
+    raw = evaluation.get("alert_burden")
+    burden = AlertBurden.from_dict(raw) if raw else None
+    crit = use_case.success_criteria.model_dump()
+    return {
+        "measured": burden is not None,
+        "rows": alert_burden_rows(burden, use_case),
+        "sentences": alert_burden_sentences(burden, use_case.words),
+        "headline": alert_burden_headline(burden, use_case.words),
+        "limits_set": any(crit.get(key) is not None for _, key, _ in ALERT_BURDEN_LIMITS),
+        "n_bootstrap": burden.n_bootstrap if burden is not None else 0,
+        "threshold": evaluation["threshold"],
+    }
+
+
+def alert_burden_markdown(evaluation: Mapping, words: OutcomeWords) -> str:
+    """The alert burden's sentences as a Markdown block (shown whether or not the use case limits it)."""
+    raw = evaluation.get("alert_burden")
+    burden = AlertBurden.from_dict(raw) if raw else None
+    lines = "".join(f"- {md_escape(s)}\n" for s in alert_burden_sentences(burden, words))
+    return f"**Alert burden at the operating point** (validation cohort)\n\n{lines}"
 
 
 def b64(png: bytes) -> str:
@@ -91,12 +302,13 @@ def performance_report(
     """HTML performance report and its Markdown summary."""
     metrics = evaluation["metrics"]
     rows = _metric_rows(use_case, metrics)
-    op = use_case.operating_point
+    op, words = use_case.operating_point, use_case.words
     policy_words = (
-        f"chosen so that at least {op.target:.0%} of deaths are flagged"
+        f"chosen so that at least {op.target:.0%} of {words.events} are flagged"
         if op.policy == "min_sensitivity"
-        else f"chosen so that at least {op.target:.0%} of survivors are not flagged"
+        else f"chosen so that at least {op.target:.0%} of {words.non_events} are not flagged"
     )
+    meanings = metric_meanings(words)
     flow_rows = _flow_rows(use_case, flow)
     html = render(
         "performance.html.j2",
@@ -116,6 +328,8 @@ def performance_report(
         metric_rows=rows,
         plots={k: b64(v) for k, v in plots.items()},
         importance=importance,
+        burden=alert_burden_context(evaluation, use_case),
+        **_words_context(words),
         limitations=[
             "Validated on patients of the same hospitals and period as the derivation cohort (internal validation).",
             "Values measured after the prediction time are never used; values missing by then count as missing.",
@@ -131,11 +345,12 @@ def performance_report(
     md = (
         f"### {md_escape(use_case.title)}\n\n"
         f"Validation cohort (test set): {evaluation['n_validation']} admissions, "
-        f"{evaluation['events_validation']} deaths.\n\n"
+        f"{evaluation['events_validation']} {md_escape(words.events)}.\n\n"
         f"| Measure | Value (95% CI) |\n|---|---|\n"
-        + "".join(f"| {METRIC_MEANINGS[k][0]} | {fmt_ci(m[k])} |\n" for k in METRIC_MEANINGS)
-        + f"\nOperating point: risk >= {evaluation['threshold']:.3f} ({policy_words}).\n\n"
-        f"**Promotion:** {'promoted to champion' if decision['promoted'] else 'not promoted'}\n\n"
+        + "".join(f"| {md_escape(meanings[k][0])} | {fmt_ci(m[k])} |\n" for k in meanings)
+        + f"\nOperating point: risk >= {evaluation['threshold']:.3f} ({md_escape(policy_words)}).\n\n"
+        + alert_burden_markdown(evaluation, words)
+        + f"\n**Promotion:** {'promoted to champion' if decision['promoted'] else 'not promoted'}\n\n"
         + "".join(f"- {md_escape(r)}\n" for r in decision["reasons"])
     )
     return html, md
@@ -302,6 +517,7 @@ def fairness_report(
         sensitivity_min=use_case.subgroups.sensitivity_min,
         n_boot=analysis.n_boot,
         tests=analysis.tests,
+        **_words_context(use_case.words),
         use_case_name=use_case.name,
         use_case_hash=use_case.source_sha256[:12],
         model_version=model_version,
@@ -322,10 +538,10 @@ def _estimate_row(row) -> dict:
 
 
 def _policy_words(use_case) -> str:
-    op = use_case.operating_point
+    op, words = use_case.operating_point, use_case.words
     if op.policy == "min_sensitivity":
-        return f"at least {op.target:.0%} of deaths flagged, as few false alarms as possible"
-    return f"at least {op.target:.0%} of survivors not flagged"
+        return f"at least {op.target:.0%} of {words.events} flagged, as few false alarms as possible"
+    return f"at least {op.target:.0%} of {words.non_events} not flagged"
 
 
 def drift_rows(
@@ -452,7 +668,7 @@ def _flow_rows(use_case, flow: dict) -> list[tuple[str, int]]:
 def _metric_rows(use_case, metrics: dict) -> list[dict]:
     crit = use_case.success_criteria.model_dump()
     rows = []
-    for key, (name, meaning) in METRIC_MEANINGS.items():
+    for key, (name, meaning) in metric_meanings(use_case.words).items():
         minimum = ""
         if key in _MIN_KEYS:
             minimum = f"{crit[_MIN_KEYS[key]]:.2f} (lower bound)"
@@ -565,6 +781,7 @@ def report_card(
         HTML and Markdown.
     """
     m = evaluation["metrics"]
+    words = use_case.words
     prediction_words = use_case.prediction_time.describe()
     inter = [a for a in fairness["attributes"] if a["intersection"]]
     inter_names = {a["attribute"] for a in inter}
@@ -622,6 +839,8 @@ def report_card(
         ],
         recommendations=fairness.get("recommendations", []),
         importance=importance,
+        burden=alert_burden_context(evaluation, use_case),
+        **_words_context(words),
         ranges=[(k, v[0], v[1]) for k, v in training_ranges.items() if not k.endswith("__count_24h")],
         limitations=[
             "Internal validation only: patients of the same hospitals and period as the derivation cohort. "
@@ -640,11 +859,13 @@ def report_card(
     md = (
         f"### Report card: {md_escape(use_case.title)}\n\n"
         f"Model {md_escape(model_version)}. Validation cohort (test set): {evaluation['n_validation']} "
-        f"admissions, {evaluation['events_validation']} deaths.\n\n"
+        f"admissions, {evaluation['events_validation']} {md_escape(words.events)}.\n\n"
         "| Measure | Value (95% CI) |\n|---|---|\n"
         + "".join(
             f"| {METRIC_MEANINGS[k][0]} | {fmt_ci(m[k])} |\n" for k in ("auroc", "sensitivity", "specificity")
         )
+        + "\n"
+        + alert_burden_markdown(evaluation, words)
         + f"\n**Promotion:** {'promoted to champion' if decision['promoted'] else 'not promoted'}. "
         f"**Subcohorts:** {fairness['verdict'].upper()}\n\n"
         + "".join(f"- {md_escape(r)}\n" for r in fairness["reasons"])
@@ -729,14 +950,24 @@ def monitoring_report(
     return html, "\n".join(lines) + "\n"
 
 
-def evaluation_markdown(evaluation: Mapping, curves: Mapping[str, bytes]) -> str:
-    """The validation metrics with CIs and the calibration and decision curves, for the asset's page."""
+def evaluation_markdown(
+    evaluation: Mapping, curves: Mapping[str, bytes], *, words: OutcomeWords | None = None
+) -> str:
+    """The validation metrics with CIs, the alert burden, and the calibration and decision curves, for the
+    asset's page; ``words`` name the outcome (the use case's; "events" when not given)."""
+    w = words or OutcomeWords(
+        event="event",
+        events="events",
+        non_events="non-events",
+        with_event="patients with the outcome",
+        without_event="patients without the outcome",
+    )
     rows = "".join(f"| {k.replace('_', ' ')} | {fmt_ci(v)} |\n" for k, v in evaluation["metrics"].items())
     md = (
         f"**Validation cohort**: {evaluation['n_validation']} admissions, {evaluation['events_validation']} "
-        f"events; operating threshold {evaluation['threshold']:.3f} (chosen on the tuning part of the derivation "
-        f"cohort); {evaluation['n_bootstrap']} bootstrap replicates.\n\n"
-        f"| measure | value (95% CI) |\n|---|---|\n{rows}\n"
+        f"{md_escape(w.events)}; operating threshold {evaluation['threshold']:.3f} (chosen on the tuning part of "
+        f"the derivation cohort); {evaluation['n_bootstrap']} bootstrap replicates.\n\n"
+        f"| measure | value (95% CI) |\n|---|---|\n{rows}\n" + alert_burden_markdown(evaluation, w) + "\n"
     )
     if "calibration" in curves:
         md += f"**Calibration curve**\n\n{md_image('calibration', curves['calibration'])}\n\n"

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from clinical_ml.core.evaluation import (
+    AlertBurden,
     MetricWithCI,
+    alert_burden,
     bootstrap_metrics,
     calibration_curve,
     choose_threshold,
@@ -17,6 +19,8 @@ from clinical_ml.core.modeling import TrainedModel
 from clinical_ml.core.usecase import UseCase
 
 AUDIT_COLUMNS = ("sex", "race_ethnicity", "age_band", "period", "batch_id", "site")
+# what the alert burden needs of each cohort row besides the row key
+STAY_COLUMNS = ("discharge_time", "death_time", "unit")
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class OperatingThreshold:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The challenger on the validation cohort: metrics with 95% CIs, calibration and decision curves."""
+    """The challenger on the validation cohort: metrics with 95% CIs, calibration and decision curves, and
+    the alert burden at the operating point (None in files written before it was measured)."""
 
     model_version: str
     threshold: float
@@ -46,6 +51,7 @@ class Evaluation:
     calibration_curve: tuple[dict[str, float], ...]
     decision_curve: tuple[dict[str, float], ...]
     n_bootstrap: int
+    alert_burden: AlertBurden | None = None
 
     def metric(self, name: str) -> MetricWithCI:
         return self.metrics[name]
@@ -63,6 +69,7 @@ class Evaluation:
             "calibration_curve": list(self.calibration_curve),
             "decision_curve": list(self.decision_curve),
             "n_bootstrap": self.n_bootstrap,
+            **({"alert_burden": self.alert_burden.as_dict()} if self.alert_burden is not None else {}),
         }
 
     @classmethod
@@ -76,6 +83,7 @@ class Evaluation:
             calibration_curve=tuple(d["calibration_curve"]),
             decision_curve=tuple(d["decision_curve"]),
             n_bootstrap=int(d["n_bootstrap"]),
+            alert_burden=AlertBurden.from_dict(d["alert_burden"]) if d.get("alert_burden") else None,
         )
 
 
@@ -103,13 +111,110 @@ def operating_threshold(predictions: pl.DataFrame, use_case: UseCase) -> float:
     )
 
 
+def validation_alert_burden(
+    rows: pl.DataFrame,
+    stays: pl.DataFrame,
+    *,
+    threshold: float,
+    one_day_per_stay: bool,
+    n_boot: int,
+    seed: int,
+) -> AlertBurden:
+    """The alert burden of the validation rows at ``threshold`` (see :func:`evaluation.alert_burden`).
+
+    Parameters
+    ----------
+    rows
+        Validation prediction rows: ``subject_id``, ``hadm_id``, ``prediction_time``, ``label``, ``risk``.
+    stays
+        Cohort rows with ``discharge_time``, ``death_time`` and ``unit``, joined on ``hadm_id`` and
+        ``prediction_time`` (a stay may have several prediction rows).
+    threshold
+        Risk at and above which a row is an alert.
+    one_day_per_stay
+        Count one patient-day per stay (the prediction is made at discharge, so no time at risk follows it
+        in hospital); otherwise a stay's days at risk run from its first prediction time to its end, the
+        earlier of discharge and death.
+    n_boot, seed
+        Bootstrap replicates (resampling patients) and seed.
+    """
+    df = (
+        rows.select("subject_id", *ROW_KEY, "label", "risk")
+        .join(stays.select(*ROW_KEY, *STAY_COLUMNS), on=ROW_KEY, how="left")
+        .with_columns(
+            (pl.col("risk") >= threshold).alias("_alert"),
+            pl.col("prediction_time").dt.date().alias("_day"),
+        )
+        .with_columns(
+            (pl.col("_alert") & pl.col("label").cast(pl.Boolean)).alias("_true"),
+            # each unit-day shared among the rows predicted on it: the patients' shares add up to the count
+            (1.0 / pl.len().over("unit", "_day")).alias("_share"),
+        )
+    )
+    end = pl.min_horizontal(
+        pl.col("discharge_time"), pl.col("death_time").fill_null(pl.col("discharge_time"))
+    )
+    at_risk = (
+        pl.lit(1.0)
+        if one_day_per_stay
+        else ((end - pl.col("_first")).dt.total_microseconds() / 86_400e6).clip(lower_bound=0).fill_null(0.0)
+    )
+    per_stay = (
+        df.group_by("subject_id", "hadm_id")
+        .agg(pl.col("prediction_time").min().alias("_first"), pl.col(STAY_COLUMNS[:2]).first())
+        .with_columns(
+            at_risk.alias("_days"),
+            (pl.col("death_time") <= pl.col("discharge_time")).fill_null(False).alias("_death_ends"),
+        )
+    )
+    per_patient = (
+        df.group_by("subject_id")
+        .agg(pl.col("_alert").sum(), pl.col("_true").sum(), pl.col("_share").sum())
+        .join(per_stay.group_by("subject_id").agg(pl.col("_days").sum()), on="subject_id", how="left")
+        .sort("subject_id")
+    )
+    return alert_burden(
+        alerts=per_patient["_alert"].to_numpy(),
+        true_alerts=per_patient["_true"].to_numpy(),
+        patient_days=per_patient["_days"].to_numpy(),
+        unit_day_shares=per_patient["_share"].to_numpy(),
+        prediction_rows=df.height,
+        stays=per_stay.height,
+        unit_days=df.select(pl.struct("unit", "_day").n_unique()).item() if df.height else 0,
+        one_day_per_stay=one_day_per_stay,
+        stays_ending_in_death=0 if one_day_per_stay else int(per_stay["_death_ends"].sum()),
+        n_boot=n_boot,
+        seed=seed,
+    )
+
+
 def evaluate_validation(
-    predictions: pl.DataFrame, threshold: OperatingThreshold, *, n_boot: int, seed: int
+    predictions: pl.DataFrame,
+    threshold: OperatingThreshold,
+    *,
+    n_boot: int,
+    seed: int,
+    stays: pl.DataFrame | None = None,
+    one_day_per_stay: bool = False,
 ) -> Evaluation:
-    """Metrics with 95% CIs, calibration and decision curves on the ``held_out`` (validation) rows."""
+    """Metrics with 95% CIs, calibration and decision curves on the ``held_out`` (validation) rows, and the
+    alert burden at the operating threshold when the cohort's ``stays`` are given
+    (:func:`validation_alert_burden`)."""
     val = predictions.filter(pl.col("split") == "held_out")
     y = val["label"].cast(pl.Int8).to_numpy()
     p = val["risk"].to_numpy()
+    burden = (
+        validation_alert_burden(
+            val,
+            stays,
+            threshold=threshold.threshold,
+            one_day_per_stay=one_day_per_stay,
+            n_boot=n_boot,
+            seed=seed,
+        )
+        if stays is not None
+        else None
+    )
     return Evaluation(
         model_version=threshold.model_version,
         threshold=threshold.threshold,
@@ -119,4 +224,5 @@ def evaluate_validation(
         calibration_curve=tuple(calibration_curve(y, p)),
         decision_curve=tuple(decision_curve(y, p)),
         n_bootstrap=n_boot,
+        alert_burden=burden,
     )

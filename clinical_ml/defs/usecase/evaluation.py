@@ -1,5 +1,7 @@
 """Validation predictions, metrics with CIs, SHAP, and the performance report."""
 
+import math
+
 import dagster as dg
 import polars as pl
 
@@ -13,6 +15,7 @@ from clinical_ml.core.storage import code_version
 from clinical_ml.core.training import training_frame
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.core.validation import (
+    STAY_COLUMNS,
     OperatingThreshold,
     evaluate_validation,
     operating_threshold,
@@ -61,33 +64,52 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         kinds={"numpy", "matplotlib"},
         tags=tags(DataClass.AGGREGATE),
         description="AUROC, AUPRC, sensitivity, specificity, PPV, NPV, Brier and calibration on the validation "
-        "cohort with bootstrap 95% CIs; calibration and decision curves.",
+        "cohort with bootstrap 95% CIs; calibration and decision curves; the alert burden at the operating point "
+        "(alerts per 100 patient-days, per unit per day, number needed to evaluate).",
         owners=ML_OWNERS,
     )
     def model_evaluation(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
         store = zones.use_case(uc.name)
         preds = store.validation_predictions.read()
         ev = evaluate_validation(
-            preds, store.threshold.read(), n_boot=evaluation.n_bootstrap, seed=evaluation.bootstrap_seed
+            preds,
+            store.threshold.read(),
+            n_boot=evaluation.n_bootstrap,
+            seed=evaluation.bootstrap_seed,
+            stays=store.cohort.read(columns=[*ROW_KEY, *STAY_COLUMNS]),
+            one_day_per_stay=uc.prediction_time.anchor == "discharge",
         )
         store.evaluation.write(ev)
         val = preds.filter(pl.col("split") == "held_out")
         figures = store.reports
         curves = {
-            "roc": plots.roc_plot(val["label"].to_numpy(), val["risk"].to_numpy(), threshold=ev.threshold),
-            "calibration": plots.calibration_plot(list(ev.calibration_curve)),
+            "roc": plots.roc_plot(
+                val["label"].to_numpy(), val["risk"].to_numpy(), threshold=ev.threshold, words=uc.words
+            ),
+            "calibration": plots.calibration_plot(list(ev.calibration_curve), words=uc.words),
             "decision_curve": plots.decision_curve_plot(list(ev.decision_curve)),
         }
         for name, png in curves.items():
             figures.write_plot(name, png)
+        burden = ev.alert_burden
+        burden_metrics = {
+            f"{name}_validation": m.value
+            for name, m in (
+                ("alerts_per_100_patient_days", burden.alerts_per_100_patient_days if burden else None),
+                ("alerts_per_unit_day", burden.alerts_per_unit_day if burden else None),
+                ("number_needed_to_evaluate", burden.number_needed_to_evaluate if burden else None),
+            )
+            if m is not None and math.isfinite(m.value)
+        }
         return dg.MaterializeResult(
             metadata={
-                "report": dg.MetadataValue.md(evaluation_markdown(ev.as_dict(), curves)),
+                "report": dg.MetadataValue.md(evaluation_markdown(ev.as_dict(), curves, words=uc.words)),
                 "calibration_plot_path": dg.MetadataValue.path(str(figures.plot("calibration"))),
                 "decision_curve_plot_path": dg.MetadataValue.path(str(figures.plot("decision_curve"))),
                 **{f"{k}_validation": v.value for k, v in ev.metrics.items()},
                 "auroc_validation_lower": ev.metric("auroc").lower,
                 "auroc_validation_upper": ev.metric("auroc").upper,
+                **burden_metrics,
                 "threshold": ev.threshold,
                 "model_version": ev.model_version,
             }

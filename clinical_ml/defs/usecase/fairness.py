@@ -37,6 +37,7 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             operating_point=uc.operating_point,
             n_boot=evaluation.n_bootstrap,
             seed=evaluation.bootstrap_seed,
+            words=uc.words,
         )
         forests = sensitivity_forest_plots(audit.analysis, minimum=uc.subgroups.sensitivity_min)
         for attribute in uc.subgroups.attributes:
