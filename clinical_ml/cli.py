@@ -219,7 +219,8 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
         print(f"\n== {name} ==")
         print(
             f"validation AUROC {auroc.value:.3f} (95% CI {auroc.lower:.3f} to {auroc.upper:.3f}), "
-            f"{ev.n_validation} admissions, {ev.events_validation} deaths"
+            f"{ev.n_validation} admissions, {ev.events_validation} "
+            f"{next(uc.words.events for uc in chosen if uc.name == name)}"
         )
         print(
             f"operating point: risk >= {ev.threshold:.3f} -> sensitivity {ev.metric('sensitivity').value:.2f}, "
