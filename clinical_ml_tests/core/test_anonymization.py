@@ -21,7 +21,10 @@ from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 
 
 def _batches(tmp_path, n_batches=2):
-    h = generate_hospital(tmp_path, SyntheticConfig(n_patients=400, n_batches=n_batches, seed=21))
+    # batches of two weeks: patients come back within the span (readmissions)
+    h = generate_hospital(
+        tmp_path, SyntheticConfig(n_patients=400, n_batches=n_batches, seed=21, days_per_batch=14)
+    )
     return [
         {
             s: ingest_file(tmp_path / b / f"{s}.csv", s).accepted

@@ -37,7 +37,7 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
     cohort, _ = build_cohort(pl.concat(encs), pl.concat(pats), uc)
     feats = build_features(pl.concat(evs), cohort, uc)
     splits = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=1)
-    frame = training_frame(feats, build_labels(cohort), splits)
+    frame = training_frame(feats, build_labels(cohort, uc), splits)
     model, _ = fit_model(frame, uc)
     preds = predict_frame(model, frame.filter(pl.col("split").is_in(["tuning", "held_out"])), cohort)
     threshold = operating_threshold(preds, uc)
