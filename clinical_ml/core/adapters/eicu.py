@@ -5,12 +5,17 @@ Mapping (the tables in ``docs/adapters.md`` say the same in full):
 * **Units of analysis.** ``uniquepid`` (patient) -> ``subject_id``; ``patienthealthsystemstayid``
   (hospital stay) -> ``hadm_id``; both replaced by random surrogates. The *index ICU stay* of a hospital
   stay is its first unit stay (earliest unit admission, then lowest ``unitvisitnumber``); its ICU admission
-  is the encounter's ``admit_time``, the anchor of the use cases' prediction time.
+  is the encounter's ``admit_time``. Every unit stay is an ``ICU_UNIT//<unit type>`` event at its own unit
+  admission (``anchor: icu_admission`` predicts from the first).
+* **Coded values.** ``hospitaldischargelocation`` is recoded by :data:`DISCHARGE_DISPOSITIONS` (anything else
+  ``OTHER``, missing ``UNKNOWN``; never the source's text); the admission type is ``ELECTIVE``,
+  ``EMERGENCY`` or ``OTHER`` (below).
 * **Time.** eICU gives minute offsets from each unit admission and only the hospital discharge *year*. Each
   hospital stay is placed on a synthetic calendar: the index unit admission is on 1 July of the discharge
   year at its real clock time (``unitadmittime24``); every other time is that anchor plus its offset, the
   other unit stays of the same hospital stay placed through their ``hospitaladmitoffset``. Intervals are
   exact; the year (``period`` = ``<year>Q3``) supports temporal validation 2014 vs 2015; the date is not real.
+  A patient's hospital stays are therefore not ordered in time: no readmission or history question on eICU.
 * **Outcome.** ``hospitaldischargestatus == "Expired"`` -> ``death_time`` = hospital discharge time. Stays
   without a discharge status are dropped (outcome unknown), never counted as survivors.
 * **Ages.** ``"> 89"`` -> 90 (read "90+"); other non-numeric or empty ages -> null.
