@@ -1,0 +1,154 @@
+"""The landing contract as a document, generated from the objects ingestion validates with.
+
+``docs/landing-contract.md`` holds the text of :func:`contract_markdown` between two markers; a test fails when
+they differ, so the document cannot drift from the schemas, vocabularies and rules the code applies.
+"""
+
+from collections.abc import Iterable
+
+import polars as pl
+
+from clinical_ml.core import ingestion, landing, safety, units
+
+_TYPES = {
+    pl.String: "text",
+    pl.Float64: "number",
+    pl.Int64: "integer",
+    pl.Boolean: "boolean (1/0, true/false)",
+    pl.Date: "date `YYYY-MM-DD`",
+}
+_PURPOSE = {
+    "patients": "EHR demographics, one row per patient (MRN). Direct identifiers never leave the phi zone.",
+    "encounters": "EHR/ADT hospital stays, one row per encounter.",
+    "labs": "Laboratory results (lab system), one row per result.",
+    "vitals": "ICU monitoring (PDMS) in long format, one row per charted value.",
+    "labels": "Hospital-supplied labels (e.g. chart review), one row per encounter and label.",
+}
+
+
+def _type(dtype: object) -> str:
+    dtype = getattr(dtype, "type", dtype)  # pandera wraps the polars dtype
+    if isinstance(dtype, pl.Datetime):
+        return "timestamp `YYYY-MM-DD HH:MM:SS` (naive, the site's clock)"
+    return _TYPES.get(type(dtype), _TYPES.get(dtype, str(dtype)))  # type: ignore[call-overload]
+
+
+def _rule(checks: Iterable) -> str:
+    parts = []
+    for check in checks:
+        stats = check.statistics or {}
+        if "allowed_values" in stats:
+            values = sorted(map(str, stats["allowed_values"]))
+            shown = ", ".join(f"`{v}`" for v in values[:12])
+            parts.append(f"one of {shown}" + (f" and {len(values) - 12} more" if len(values) > 12 else ""))
+        elif "pattern" in stats:
+            parts.append(f"matches `{stats['pattern']}`")
+    return "; ".join(parts)
+
+
+def _table(source: str) -> list[str]:
+    schema = ingestion.SCHEMAS[source]
+    lines = [
+        f"### `{source}`" + (" (optional)" if source in landing.OPTIONAL_SOURCES else ""),
+        "",
+        _PURPOSE.get(source, ""),
+        "",
+        "| column | type | required | rule |",
+        "|---|---|---|---|",
+    ]
+    for name, col in schema.columns.items():
+        required = "may be empty" if col.nullable else "yes"
+        notes = [_rule(col.checks)]
+        if name in ingestion.ID_COLUMNS:
+            notes.append("an identifier: checked for spreadsheet mangling (scientific notation, lost zeros)")
+        if name in ingestion.FREE_TEXT:
+            notes.append("text: formulas and markup rejected")
+        lines.append(f"| `{name}` | {_type(col.dtype)} | {required} | {'; '.join(n for n in notes if n)} |")
+    keys = ingestion.DUPLICATE_KEYS.get(source)
+    if keys:
+        lines += [
+            "",
+            f"Rows sharing ({', '.join(f'`{k}`' for k in keys)}) are duplicates: identical ones are "
+            "kept once, differing ones rejected as `conflicting_duplicate`.",
+        ]
+    if source in ingestion.REVISION_COLUMN:
+        lines.append(
+            f"A later `{ingestion.REVISION_COLUMN[source]}` of the same key supersedes the earlier rows "
+            "(`superseded`)."
+        )
+    if source in ingestion.EVENT_TIME:
+        lines.append(
+            f"`{ingestion.EVENT_TIME[source]}` must fall within its encounter (after birth and admission, at most "
+            f"{ingestion.EVENT_GRACE.total_seconds() / 3600:g} h after discharge or death)."
+        )
+    return [*lines, ""]
+
+
+def _codes() -> list[str]:
+    lines = [
+        "## Codes and units",
+        "",
+        "`labs.loinc_code` and `vitals.code` take the codes below, each with its canonical unit. Values in a "
+        "listed variant unit are converted (the delivered value and unit are kept); any other unit is rejected "
+        "as `unknown_unit`. Values outside the plausible range are kept, flagged and never used as features.",
+        "",
+        "| source | code | name | canonical unit | also accepted | plausible range |",
+        "|---|---|---|---|---|---|",
+    ]
+    variants: dict[str, list[str]] = {}
+    for code, unit in units.UNIT_CONVERSIONS:
+        variants.setdefault(code, []).append(f"`{unit}`")
+    for source, table in (("labs", units.LAB_CODES), ("vitals", units.VITAL_CODES)):
+        for code, (name, unit) in table.items():
+            lo, hi = units.PLAUSIBLE_RANGES.get(code, (None, None))
+            rng = f"{lo:g} to {hi:g}" if lo is not None and hi is not None else ""
+            lines.append(
+                f"| {source} | `{code}` | {name} | `{unit}` | {', '.join(variants.get(code, []))} | {rng} |"
+            )
+    return [*lines, ""]
+
+
+def contract_markdown() -> str:
+    """The generated part of ``docs/landing-contract.md``."""
+    limits = safety.Limits()
+    required = [s for s in landing.SOURCES if s not in landing.OPTIONAL_SOURCES]
+    lines = [
+        "## A batch",
+        "",
+        f"One folder per delivery under `landing/`, named by the batch (e.g. its date). One file per source, "
+        f"named `<source>` + one of {', '.join(f'`{s}`' for s in landing.DATA_SUFFIXES)} (CSV with a header row, "
+        f"UTF-8, or Parquet; a zip holds one such file). Required sources: "
+        f"{', '.join(f'`{s}`' for s in required)}; optional: "
+        f"{', '.join(f'`{s}`' for s in landing.OPTIONAL_SOURCES)}.",
+        "",
+        f"Completion: a `{landing.COMPLETION_MARKER}` file written last, JSON "
+        '`{"files": {"<name>": {"bytes": <size>, "sha256": "<hex>"}}}` listing every file; without it a batch '
+        "is read once its files' names, sizes and times stayed the same across two checks and a quiet period. "
+        "The same delivery copied again is recognised by its content hash and not ingested twice.",
+        "",
+        f"Limits: files up to {limits.max_file_bytes / 2**30:g} GiB; a zip member up to "
+        f"{limits.max_uncompressed_bytes / 2**30:g} GiB decompressed and at most {limits.max_zip_ratio:g} times "
+        "its compressed size.",
+        "",
+        "Cross-file checks look inside the batch: a lab, vital or encounter must name a patient or encounter "
+        "delivered in the same batch (a batch is self-contained); only `labels` may name an encounter of an "
+        "earlier batch.",
+        "",
+        "Time rules: timestamps are naive and in the site's clock; a timestamp more than one day after the "
+        "time of ingestion is rejected (`future_date:<column>`), so exports whose dates were shifted into the "
+        "future (as public research databases are) come in through an adapter, not the landing zone. Missing "
+        f"values may be empty or one of {', '.join(f'`{s}`' for s in units.MISSING_TEXT_SENTINELS)}; numeric "
+        f"sentinels {', '.join(f'`{v:g}`' for v in units.MISSING_NUMERIC_SENTINELS)} in a value column reject "
+        "the row.",
+        "",
+        "## Sources",
+        "",
+    ]
+    for source in landing.SOURCES:
+        lines += _table(source)
+    lines += _codes()
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(contract_markdown(), end="")
