@@ -30,7 +30,8 @@ def _type(dtype: object) -> str:
     dtype = getattr(dtype, "type", dtype)  # pandera wraps the polars dtype
     if isinstance(dtype, pl.Datetime):
         return "timestamp `YYYY-MM-DD HH:MM:SS` (naive, the site's clock)"
-    return _TYPES.get(type(dtype), _TYPES.get(dtype, str(dtype)))  # type: ignore[call-overload]
+    types: dict = _TYPES
+    return types.get(type(dtype), types.get(dtype, str(dtype)))
 
 
 def _rule(checks: Iterable) -> str:
@@ -90,7 +91,9 @@ def _codes() -> list[str]:
         "",
         "`labs.loinc_code` and `vitals.code` take the codes below, each with its canonical unit. Values in a "
         "listed variant unit are converted (the delivered value and unit are kept); any other unit is rejected "
-        "as `unknown_unit`. Values outside the plausible range are kept, flagged and never used as features.",
+        "as `unknown_unit`. Values outside the plausible range are kept, flagged and never used as features. "
+        "The list is the shipped vocabulary (`clinical_ml/core/vocabulary.yaml`); a hospital adds codes, units "
+        "and conversions with its own YAML files named in `CLINICAL_ML_VOCABULARY` (see docs/usecases.md).",
         "",
         "| source | code | name | canonical unit | also accepted | plausible range |",
         "|---|---|---|---|---|---|",

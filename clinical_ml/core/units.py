@@ -1,60 +1,116 @@
-"""Clinical vocabulary: canonical units, known unit variants, plausible ranges and plain-word names."""
+"""Clinical vocabulary: canonical units, known unit variants, plausible ranges and plain-word names.
 
+The codes live in a data file (``vocabulary.yaml`` beside this module) that a hospital extends by
+configuration (``CLINICAL_ML_VOCABULARY``: YAML files of the same shape merged over it); the tables below are
+read from it once, when the module is imported.
+"""
+
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+VOCABULARY_FILE = Path(__file__).with_name("vocabulary.yaml")
+VOCABULARY_ENV = "CLINICAL_ML_VOCABULARY"
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file that cannot be used, naming the file, the code and the field."""
+
+
+class _Conversion(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    add: float = 0.0
+    multiply: float = 1.0
+    divide: float = Field(1.0, gt=0)
+
+    def __call__(self, v: Any) -> Any:  # floats and polars expressions alike
+        return (v + self.add) * self.multiply / self.divide if self.add else v * self.multiply / self.divide
+
+
+class VocabularyEntry(BaseModel):
+    """One measurement code: plain name, canonical unit, plausible range, unit variants."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, max_length=80)
+    unit: str = Field(min_length=1, max_length=20)
+    plausible: tuple[float, float]
+    typical_median: tuple[float, float] | None = None
+    convert: dict[str, _Conversion] = {}
+
+    @field_validator("plausible", "typical_median")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError("a range must be [low, high] with low <= high")
+        return v
+
+
+class Vocabulary(BaseModel):
+    """Labs by LOINC and vitals by name (see ``vocabulary.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    labs: dict[str, VocabularyEntry] = {}
+    vitals: dict[str, VocabularyEntry] = {}
+
+    @field_validator("labs", "vitals")
+    @classmethod
+    def _code_names(cls, v: dict[str, VocabularyEntry]) -> dict[str, VocabularyEntry]:
+        bad = [c for c in v if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,40}", c)]
+        if bad:
+            raise ValueError(f"codes must be 1-40 letters, digits, '_', '.', '-': {bad[:5]}")
+        return v
+
+
+def load_vocabulary(extensions: Sequence[Path | str] = ()) -> Vocabulary:
+    """The shipped vocabulary with each extension file merged over it, code by code (an extension may add
+    codes or replace a shipped code's entry). Raises :class:`VocabularyError` naming the file and field."""
+    merged: dict[str, dict[str, dict]] = {"labs": {}, "vitals": {}}
+    for path in (VOCABULARY_FILE, *map(Path, extensions)):
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            if not isinstance(raw, dict):
+                raise VocabularyError(f"{path}: expected a mapping with 'labs' and/or 'vitals'")
+            part = Vocabulary.model_validate(raw)
+        except (OSError, yaml.YAMLError) as exc:
+            raise VocabularyError(f"{path}: cannot be read ({type(exc).__name__})") from None
+        except ValidationError as exc:
+            where = "; ".join(".".join(map(str, e["loc"])) + f": {e['msg']}" for e in exc.errors())
+            raise VocabularyError(f"{path}: {where}") from None
+        for kind in ("labs", "vitals"):
+            merged[kind].update({k: e.model_dump() for k, e in getattr(part, kind).items()})
+        clash = sorted(set(merged["labs"]) & set(merged["vitals"]))
+        if clash:
+            raise VocabularyError(f"{path}: codes listed both as labs and as vitals: {clash[:5]}")
+    return Vocabulary.model_validate(merged)
+
+
+def _extensions() -> list[str]:
+    return [p for p in os.environ.get(VOCABULARY_ENV, "").split(os.pathsep) if p]
+
+
+VOCABULARY = load_vocabulary(_extensions())
 
 # LOINC -> (plain name, canonical UCUM unit)
-LAB_CODES: dict[str, tuple[str, str]] = {
-    "2160-0": ("creatinine", "mg/dL"),
-    "3094-0": ("urea nitrogen (BUN)", "mg/dL"),
-    "2951-2": ("sodium", "mmol/L"),
-    "2823-3": ("potassium", "mmol/L"),
-    "2345-7": ("glucose", "mg/dL"),
-    "6690-2": ("white cell count", "10*3/uL"),
-    "718-7": ("hemoglobin", "g/dL"),
-    "777-3": ("platelets", "10*3/uL"),
-    "2524-7": ("lactate", "mmol/L"),
-    "1975-2": ("bilirubin", "mg/dL"),
-}
-
+LAB_CODES: dict[str, tuple[str, str]] = {k: (e.name, e.unit) for k, e in VOCABULARY.labs.items()}
 # vital code -> (plain name, canonical UCUM unit)
-VITAL_CODES: dict[str, tuple[str, str]] = {
-    "heart_rate": ("heart rate", "/min"),
-    "systolic_bp": ("systolic blood pressure", "mm[Hg]"),
-    "diastolic_bp": ("diastolic blood pressure", "mm[Hg]"),
-    "mean_bp": ("mean arterial pressure", "mm[Hg]"),
-    "resp_rate": ("respiratory rate", "/min"),
-    "spo2": ("oxygen saturation (SpO2)", "%"),
-    "temperature": ("temperature", "Cel"),
-    "gcs_total": ("Glasgow Coma Scale", "{score}"),
-}
-
-# Codes the real-data adapters (eICU, MIMIC) bring beyond the landing contract's labs and vitals:
-# MEDS code -> (plain name, unit). They are part of the vocabulary a use case may name.
-EXTRA_CODE_NAMES: dict[str, tuple[str, str]] = {
-    "LAB//2744-1": ("arterial pH", "[pH]"),
-    "LAB//2703-7": ("PaO2", "mm[Hg]"),
-    "LAB//2019-8": ("PaCO2", "mm[Hg]"),
-    "LAB//3150-0": ("FiO2", "%"),
-    "LAB//4544-3": ("hematocrit", "%"),
-    "LAB//1751-7": ("albumin", "g/dL"),
-    "VITAL//urine_output_24h": ("urine output over the first 24 h", "mL"),
-    "VITAL//intubated": ("intubated on day 1", "{flag}"),
-    "VITAL//mechanical_ventilation": ("mechanical ventilation on day 1", "{flag}"),
-    "VITAL//dialysis": ("dialysis on day 1", "{flag}"),
-}
+VITAL_CODES: dict[str, tuple[str, str]] = {k: (e.name, e.unit) for k, e in VOCABULARY.vitals.items()}
+_ENTRIES = {**VOCABULARY.labs, **VOCABULARY.vitals}
 
 # Codes of the stay itself (written by the anonymizer and the adapters, see anonymization.encounter_events):
 # a prefix followed by the coded value, e.g. ``ICU_UNIT//MICU``; ``MEDS_DEATH`` alone.
-STAY_CODE_PREFIXES: tuple[str, ...] = ("ADMISSION//", "ICU_UNIT//", "HOSPITAL_DISCHARGE//")
+STAY_CODE_PREFIXES: tuple[str, ...] = ("ADMISSION//", "ICU_UNIT//", "HOSPITAL_DISCHARGE//", "LABEL//")
 STAY_CODES: tuple[str, ...] = ("MEDS_DEATH", "MEDS_BIRTH")
 
 
 def measurement_codes() -> dict[str, tuple[str, str]]:
     """Every numeric MEDS code of the vocabulary: ``LAB//<LOINC>`` and ``VITAL//<name>`` -> (name, unit)."""
     codes = {f"LAB//{k}": v for k, v in LAB_CODES.items()}
-    codes |= {f"VITAL//{k}": v for k, v in VITAL_CODES.items()}
-    return codes | EXTRA_CODE_NAMES
+    return codes | {f"VITAL//{k}": v for k, v in VITAL_CODES.items()}
 
 
 def is_known_code(code: str, *, measurements_only: bool = False) -> bool:
@@ -70,34 +126,12 @@ def is_known_code(code: str, *, measurements_only: bool = False) -> bool:
 # (code, delivered unit) -> conversion into the canonical unit. Anything not listed and not canonical is
 # rejected as an unknown unit: guessing a unit is how a tenfold error reaches a model.
 UNIT_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
-    ("2160-0", "umol/L"): lambda v: v / 88.42,
-    ("2345-7", "mmol/L"): lambda v: v * 18.016,
-    ("3094-0", "mmol/L"): lambda v: v * 2.801,
-    ("temperature", "[degF]"): lambda v: (v - 32) * 5 / 9,
+    (code, unit): conversion for code, e in _ENTRIES.items() for unit, conversion in e.convert.items()
 }
 
 # Physiologically possible range in the canonical unit; values outside are flagged, kept raw, and not
 # used as features.
-PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
-    "2160-0": (0.1, 30),
-    "3094-0": (1, 300),
-    "2951-2": (90, 200),
-    "2823-3": (1, 12),
-    "2345-7": (10, 2000),
-    "6690-2": (0, 500),
-    "718-7": (1, 25),
-    "777-3": (1, 2000),
-    "2524-7": (0.1, 40),
-    "1975-2": (0.05, 80),
-    "heart_rate": (0, 300),
-    "systolic_bp": (0, 300),
-    "diastolic_bp": (0, 250),
-    "mean_bp": (0, 250),
-    "resp_rate": (0, 80),
-    "spo2": (0, 100),
-    "temperature": (25, 45),
-    "gcs_total": (3, 15),
-}
+PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {code: e.plausible for code, e in _ENTRIES.items()}
 
 
 def canonical_unit(code: str) -> str:
@@ -109,8 +143,6 @@ def canonical_unit(code: str) -> str:
 
 def plain_name(meds_code: str) -> str:
     """Plain-word name of a MEDS code such as ``LAB//2160-0`` for reports."""
-    if meds_code in EXTRA_CODE_NAMES:
-        return EXTRA_CODE_NAMES[meds_code][0]
     _, _, code = meds_code.partition("//")
     if code in LAB_CODES:
         return LAB_CODES[code][0]
@@ -132,24 +164,7 @@ def feature_stem(meds_code: str) -> str:
 # in umol/L labelled mg/dL lands near 90; temperature in Fahrenheit labelled Cel near 98; SpO2 as a fraction
 # near 1). Bands are wide on purpose: they catch unit switches, not sick cohorts.
 TYPICAL_MEDIAN_RANGES: dict[str, tuple[float, float]] = {
-    "2160-0": (0.3, 10),
-    "3094-0": (4, 150),
-    "2951-2": (115, 165),
-    "2823-3": (2.5, 7),
-    "2345-7": (45, 600),
-    "6690-2": (0.5, 80),
-    "718-7": (4, 20),
-    "777-3": (10, 900),
-    "2524-7": (0.3, 15),
-    "1975-2": (0.1, 25),
-    "heart_rate": (30, 180),
-    "systolic_bp": (60, 220),
-    "diastolic_bp": (25, 140),
-    "mean_bp": (35, 160),
-    "resp_rate": (5, 50),
-    "spo2": (60, 100),
-    "temperature": (33, 41),
-    "gcs_total": (3, 15),
+    code: e.typical_median or e.plausible for code, e in _ENTRIES.items()
 }
 
 # Values that exports use for "missing". Text sentinels empty a nullable column and reject a row whose column
