@@ -11,7 +11,10 @@ Mechanisms (see DESIGN.md):
 * dates: one random shift per patient, a whole number of weeks (weekday kept), intervals preserved
   exactly; the real year-quarter of admission is kept as ``period`` for temporal validation and drift;
 * ages 90 and over become 90 (read "90+"), and no birth date implies an older age;
-* ZIP codes cut to 3 digits, ``000`` for the sparsely populated prefixes of ``RESTRICTED_ZIP3``.
+* ZIP codes cut to 3 digits, ``000`` for the sparsely populated prefixes of ``RESTRICTED_ZIP3``;
+* hospital-supplied labels become events ``LABEL//<name>`` of their stay (the name a code of the hospital's
+  vocabulary, checked again here), at the shifted event time (or review time) and available at the shifted
+  review time; their encounter may be one of an earlier batch, tied to its patient at validation.
 """
 
 import json
@@ -22,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 import polars as pl
 
+from clinical_ml.core.ingestion import LABEL_NAME_PATTERN, LABEL_PATIENT
 from clinical_ml.core.pseudonyms import HmacKey, hmac_ids, hmac_shift_days, normalize_identifier
 
 AGE_CAP = 90
@@ -87,6 +91,11 @@ class DeidBatch:
     pseudonym_mode: str = "vault"
     persist_vault: bool = True
     orphan_events: int = 0
+    label_events: int = 0
+    """Hospital-supplied labels released as ``LABEL//<name>`` events (before any suppression)."""
+    orphan_labels: int = 0
+    """Labels whose encounter could not be tied to a patient, or whose name is not a label code: not
+    released."""
     events_plan: pl.LazyFrame | None = None
     """Streaming mode (labs and vitals given as LazyFrames): every event of the batch as a lazy plan, to be
     sunk (``sink_parquet``) rather than held; ``events`` is then empty. ``None`` otherwise."""
@@ -301,6 +310,59 @@ def _streamed_measurements(
     return plans, orphans
 
 
+LABEL_CODE_PREFIX = "LABEL//"
+
+
+def _label_rows(labels: pl.DataFrame | None, encounters: pl.DataFrame) -> pl.DataFrame:
+    """Label rows keyed as pseudonyms are: ``encounter_id`` normalized and ``_key`` the normalized MRN of its
+    patient (found at validation, else the batch's admission with that number; null when neither)."""
+    columns: dict[str, pl.DataType | type[pl.DataType]] = {
+        "encounter_id": pl.String,
+        "label": pl.String,
+        "value": pl.Boolean,
+        "event_time": pl.Datetime("us"),
+        "recorded_time": pl.Datetime("us"),
+    }
+    if labels is None:
+        return pl.DataFrame(schema={**columns, "_key": pl.String})
+    mrn = pl.col(LABEL_PATIENT) if LABEL_PATIENT in labels.columns else pl.lit(None, dtype=pl.String)
+    rows = labels.select(
+        normalize_identifier(pl.col("encounter_id")).alias("encounter_id"),
+        pl.col("label").cast(pl.String),
+        pl.col("value").cast(pl.Boolean),
+        pl.col("event_time").cast(pl.Datetime("us")),
+        pl.col("recorded_time").cast(pl.Datetime("us")),
+        normalize_identifier(mrn).alias("_key"),
+    )
+    in_batch = encounters.select("encounter_id", pl.col("_key").alias("_batch_key")).unique("encounter_id")
+    return (
+        rows.join(in_batch, on="encounter_id", how="left", maintain_order="left")
+        .with_columns(pl.coalesce("_key", "_batch_key").alias("_key"))
+        .drop("_batch_key")
+    )
+
+
+def _label_events(rows: pl.DataFrame, patients: pl.DataFrame, encounters: pl.DataFrame) -> pl.DataFrame:
+    """Labels in MEDS form: the patient's pseudonym and shift, the stay's ``hadm_id``; only names that are
+    label codes (any other text is treated as PHI and never crosses)."""
+    return (
+        rows.filter(pl.col("label").str.contains(LABEL_NAME_PATTERN) & pl.col("value").is_not_null())
+        .join(patients, on="_key", how="inner")
+        .join(encounters, on="encounter_id", how="inner")
+        .select(
+            "subject_id",
+            (pl.coalesce("event_time", "recorded_time") + pl.duration(days=pl.col("shift_days"))).alias(
+                "time"
+            ),
+            (pl.lit(LABEL_CODE_PREFIX) + pl.col("label")).alias("code"),
+            pl.col("value").cast(pl.Float32).alias("numeric_value"),
+            "hadm_id",
+            _shift("recorded_time").alias("available_time"),
+            pl.lit(False).alias("implausible"),
+        )
+    )
+
+
 def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
     return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key", "_raw"})
 
@@ -342,6 +404,7 @@ def anonymize_batch(
     vitals: pl.DataFrame | pl.LazyFrame,
     vault: Vault,
     batch_id: str,
+    labels: pl.DataFrame | None = None,
     max_shift_weeks: int = 52,
     rng: np.random.Generator | None = None,
     hmac_key: HmacKey | None = None,
@@ -359,6 +422,11 @@ def anonymize_batch(
         Random-surrogate mappings so far (vault mode); unused and returned unchanged in HMAC mode.
     batch_id
         Kept as a column so every row can be traced to its delivery.
+    labels
+        Validated hospital-supplied labels of the batch (``encounter_id``, ``label``, ``value``,
+        ``event_time``, ``recorded_time`` and the ``mrn`` of the encounter's patient found at validation), or
+        ``None``. The encounter may be one of an earlier batch: the patient's pseudonym and shift are then
+        the ones it got there.
     max_shift_weeks
         Per-patient date shifts are whole weeks in ``[-max, -1] U [1, max]``.
     rng
@@ -379,10 +447,12 @@ def anonymize_batch(
         pl.col("encounter_id").alias("_raw"),
         normalize_identifier(pl.col("encounter_id")).alias("encounter_id"),
     )
-    mrns = pl.concat([patients["_key"], encounters["_key"]])
+    label_rows = _label_rows(labels, encounters)
+    tied = label_rows.filter(pl.col("_key").is_not_null())
+    mrns = pl.concat([patients["_key"], encounters["_key"], tied["_key"]])
     # Events of an encounter not delivered in this batch cannot be tied to a patient: they get no hadm_id
-    # here and are counted as orphans below.
-    enc_ids = encounters["encounter_id"]
+    # here and are counted as orphans below. Labels can: validation found their patient.
+    enc_ids = pl.concat([encounters["encounter_id"], tied["encounter_id"]])
     if hmac_key is None:
         known_before = vault.patients.height
         vault = extend_vault(
@@ -450,7 +520,10 @@ def anonymize_batch(
         pl.lit(None, dtype=pl.Datetime("us")).alias("available_time"),
         pl.lit(False).alias("implausible"),
     )
-    stay_events = pl.concat([birth, encounter_events(stay)], how="vertical_relaxed").collect()
+    labelled = _label_events(label_rows, pseud, mapping.encounters)
+    stay_events = pl.concat(
+        [birth, encounter_events(stay), labelled.lazy()], how="vertical_relaxed"
+    ).collect()
     if streaming:
         lazy_sources = ((labs.lazy(), _LAB), (vitals.lazy(), _VITAL))
         plans, unmatched = _streamed_measurements(lazy_sources, keys)
@@ -474,6 +547,8 @@ def anonymize_batch(
         new_pseudonyms=new_pseudonyms,
         pseudonym_mode="vault" if hmac_key is None else "hmac",
         orphan_events=unmatched,
+        label_events=labelled.height,
+        orphan_labels=label_rows.height - labelled.height,
         persist_vault=hmac_key is None,
         events_plan=events_plan,
     )

@@ -53,18 +53,24 @@ def identifier_leaks(
     return problems
 
 
-def raw_identifier_values(patients: pl.DataFrame, encounters: pl.DataFrame) -> tuple[set[str], set[int]]:
-    """The batch's identifier values (as text, and the numeric ones as integers), to look for downstream."""
+def raw_identifier_values(
+    patients: pl.DataFrame, encounters: pl.DataFrame, labels: pl.DataFrame | None = None
+) -> tuple[set[str], set[int]]:
+    """The batch's identifier values (as text, and the numeric ones as integers), to look for downstream;
+    with ``labels``, also the encounter numbers and MRNs they name (which may be of earlier batches)."""
     strings: set[str] = set()
     # Names are left out of the exact-value comparison: "White" is both a surname and a race category.
     for col in ("mrn", "address", "phone", "email", "zip"):
         strings |= set(patients[col].drop_nulls().cast(pl.String).to_list())
     strings |= set(patients["birth_date"].drop_nulls().cast(pl.String).to_list())
-    strings |= set(encounters["encounter_id"].drop_nulls().to_list())
+    ids = [patients["mrn"], encounters["encounter_id"]]
+    if labels is not None:
+        ids += [labels[c] for c in ("encounter_id", "mrn") if c in labels.columns]
     numeric = set()
-    for v in [*patients["mrn"].to_list(), *encounters["encounter_id"].to_list()]:
-        if v and v.isdigit():
-            numeric.add(int(v))
+    for column in ids:
+        values = column.drop_nulls().cast(pl.String).to_list()
+        strings |= set(values)
+        numeric |= {int(v) for v in values if v.isdigit()}
     return strings, numeric
 
 
@@ -109,6 +115,8 @@ class BatchRelease:
             "subjects_withheld": r.subjects_withheld,
             "admissions_withheld": r.admissions_withheld,
             "events_withheld": r.events_withheld,
+            "label_events": self.deid.label_events,
+            "labels_not_released": self.deid.orphan_labels,  # no patient found, or not a label code
             "columns_removed": self.deid.dropped_columns,
             "free_text_removed": self.deid.free_text_dropped,
         }
@@ -135,7 +143,8 @@ def release_batch(
     rng: np.random.Generator,
     hmac_key: HmacKey | None,
 ) -> BatchRelease:
-    """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals).
+    """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
+    when delivered, labels).
 
     The gate measures the frames as they would be released, independently of the remedy that produced them.
     Nothing is written here: the caller persists the vault and the release.
@@ -145,6 +154,7 @@ def release_batch(
         encounters=raw["encounters"],
         labs=raw["labs"],
         vitals=raw["vitals"],
+        labels=raw.get("labels"),
         vault=vault,
         batch_id=batch_id,
         max_shift_weeks=max_shift_weeks,
@@ -158,7 +168,7 @@ def release_batch(
     published = measure_risk(
         quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k
     )
-    ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"])
+    ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"], raw.get("labels"))
     leaks = {t: identifier_leaks(f, t, ids, numeric_ids) for t, f in frames.items()}
     summary = privacy_summary_markdown(
         batch_id=batch_id,

@@ -3,7 +3,8 @@
 The landing zone is only read. An accepted original is copied read-only into ``archive/files/<sha256>``; a
 rejected one into ``quarantine/<batch>/`` beside a JSON reason (code, counts, line or byte offset, no values).
 Either way the accepted-rows Parquet of the source is written (empty, with the contract's columns, when the
-file was quarantined or missing), so the other sources of the batch proceed.
+file was quarantined or missing), so the other sources of the batch proceed. An optional source (labels) that a
+batch does not deliver is ``not_delivered``: empty accepted rows, no ledger entry, nothing wrong.
 """
 
 import hashlib
@@ -26,7 +27,7 @@ from clinical_ml.core.ingestion import (
     empty_rejects,
     ingest_file,
 )
-from clinical_ml.core.landing import COMPLETION_MARKER, read_marker
+from clinical_ml.core.landing import COMPLETION_MARKER, OPTIONAL_SOURCES, read_marker
 from clinical_ml.core.safety import (
     FileRejected,
     Limits,
@@ -38,7 +39,7 @@ from clinical_ml.core.safety import (
 from clinical_ml.core.storage import sha256_file, write_json, write_parquet
 
 DELIVERY_SUFFIXES = (".csv", ".parquet", ".zip")
-STATUSES = ("accepted", "quarantined", "missing", "duplicate_delivery")
+STATUSES = ("accepted", "quarantined", "missing", "duplicate_delivery", "not_delivered")
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,10 @@ def process_file(
     batch_id
         The batch folder's name.
     source
-        ``patients``, ``encounters``, ``labs`` or ``vitals``.
+        ``patients``, ``encounters``, ``labs``, ``vitals`` or ``labels`` (optional).
     batch
-        Accepted patients/encounters of the batch for cross-file checks.
+        Accepted patients/encounters of the batch (and for labels those of the earlier batches) for cross-file
+        checks.
     upstream_versions
         Data versions this file's validation depends on (the batch's patients/encounters), folded into its
         data version.
@@ -229,6 +231,17 @@ def process_file(
         "accepted_path": str(acc_path.relative_to(zones.phi)),
         "rejects_path": str(rej_path.relative_to(zones.phi)),
     }
+    if not candidates and source in OPTIONAL_SOURCES:
+        # nothing to account for; an entry left by an earlier delivery of the batch no longer holds
+        ledger_entry_path(zones, batch_id, source).unlink(missing_ok=True)
+        outcome = FileOutcome(
+            **common, status="not_delivered", file=None, sha256=None, n_bytes=0, rows_in=0, rows_accepted=0,
+            rows_rejected=0, rejected_by_reason={}, warnings={}, data_version=_data_version(None, upstream),
+            detail=f"the batch has no {source} file (optional)",
+        )  # fmt: skip
+        write_parquet(empty_accepted(source), acc_path)
+        write_parquet(empty_rejects(), rej_path)
+        return outcome, empty_accepted(source)
     if not candidates:
         outcome = FileOutcome(
             **common, status="missing", file=None, sha256=None, n_bytes=0, rows_in=0, rows_accepted=0,
@@ -322,13 +335,40 @@ UPSTREAM: dict[str, list[str]] = {
     "encounters": ["patients"],
     "labs": ["patients", "encounters"],
     "vitals": ["patients", "encounters"],
+    "labels": ["encounters"],
 }
+
+
+def earlier_encounters(zones: ZonePaths, batch_id: str) -> tuple[pl.DataFrame, list[str]]:
+    """``encounter_id`` and ``mrn`` of the encounters accepted in the earlier batches (batch ids that sort
+    before ``batch_id``: ISO dates sort chronologically), newest batch first, and the data versions they come
+    from: the encounters a label may name besides its own batch's.
+
+    Read from the accepted encounters of the phi zone, not from the pseudonym vault: the vault maps an
+    encounter to its ``hadm_id`` only (the patient, and so the date shift, is not in it), and HMAC mode keeps
+    no vault at all. Later batches are left out so that a label's validation does not depend on what was
+    delivered after it.
+    """
+    ledger = zones.archive / "ledger"
+    folders = [d.name for d in ledger.iterdir() if d.is_dir()] if ledger.is_dir() else []
+    frames, versions = [], []
+    for other in sorted((b for b in folders if b < batch_id), reverse=True):
+        entry = read_ledger_entry(zones, other, "encounters") if safe_name(other) else None
+        part = accepted_path(zones, "encounters", other)
+        if entry is None or entry.get("status") != "accepted" or not part.is_file():
+            continue
+        frames.append(pl.read_parquet(part, columns=["encounter_id", "mrn"]))
+        versions.append(f"{other}={entry.get('data_version')}")
+    if not frames:
+        return pl.DataFrame(schema={"encounter_id": pl.String, "mrn": pl.String}), versions
+    return pl.concat(frames), versions
 
 
 def batch_context(
     zones: ZonePaths, source: str, batch_id: str
 ) -> tuple[BatchContext | None, list[str | None]]:
-    """The accepted upstream rows of ``source`` in batch ``batch_id`` and their data versions."""
+    """The accepted upstream rows of ``source`` in batch ``batch_id`` and their data versions (for labels that
+    are delivered, also the encounters of the earlier batches, folded into one more version)."""
     ups = UPSTREAM[source]
     if not ups:
         return None, []
@@ -341,18 +381,28 @@ def batch_context(
         if entries[u].get("status") == "accepted"
     }
     versions = [entries[u].get("data_version") for u in ups]
-    return BatchContext(patients=frames.get("patients"), encounters=frames.get("encounters")), versions
+    earlier = None
+    if source in OPTIONAL_SOURCES and _candidates(zones.landing / batch_id, source):
+        earlier, earlier_versions = earlier_encounters(zones, batch_id)
+        versions.append(hashlib.sha256("\n".join(earlier_versions).encode()).hexdigest())
+    context = BatchContext(
+        patients=frames.get("patients"), encounters=frames.get("encounters"), earlier_encounters=earlier
+    )
+    return context, versions
 
 
 def process_batch(
     *, zones: ZonePaths, batch_id: str, limits: Limits | None = None, now: datetime | None = None
 ) -> dict[str, FileOutcome]:
-    """Every source of one batch in dependency order (what the ingestion assets do, without Dagster)."""
+    """Every source of one batch in dependency order (what the ingestion assets do, without Dagster); an
+    optional source the batch does not deliver is left out."""
     out = {}
     for source in UPSTREAM:
         batch, versions = batch_context(zones, source, batch_id)
-        out[source], _ = process_file(
+        outcome, _ = process_file(
             zones=zones, batch_id=batch_id, source=source, batch=batch, upstream_versions=versions,
             limits=limits, now=now,
         )  # fmt: skip
+        if outcome.status != "not_delivered":
+            out[source] = outcome
     return out

@@ -10,10 +10,16 @@ Row reasons (first matching wins, in this order): ``wrong_field_count``, ``repea
 ``id_scientific_notation:<col>``, ``id_decimal_suffix:<col>``, ``id_leading_zeros_lost:<col>``,
 ``formula_cell:<col>``, ``markup_in_cell:<col>``, ``future_date:<col>``, source rules
 (``discharge_before_admission``, ``death_before_admission``, ``unknown_unit``, ``result_before_specimen``,
-``stored_before_charted``), cross-file rules against the batch (``unknown_patient``, ``unknown_encounter``,
+``stored_before_charted``, ``recorded_before_event``), cross-file rules against the batch (``unknown_patient``, ``unknown_encounter``,
 ``event_before_birth``, ``event_after_death``, ``event_after_discharge``), pandera schema reasons
-(``missing_value:<col>``, ``not_allowed:<col>``, ``bad_format:<col>``), ``conflicting_duplicate``,
+(``missing_value:<col>``, ``not_allowed:<col>``, ``bad_format:<col>``), ``superseded`` (labels only: a
+later ``recorded_time`` of the same encounter and label is in the file), ``conflicting_duplicate``,
 ``duplicate_row`` and ``undeclared_unit_switch``.
+
+The optional ``labels`` source (hospital-supplied labels, e.g. from chart review) may name an encounter
+delivered in an earlier batch: it is looked up in the batch's encounters, then in the encounters accepted in
+the earlier batches (:attr:`BatchContext.earlier_encounters`), and the patient found is kept with the accepted
+row (``mrn``) for the anonymizer.
 """
 
 from dataclasses import dataclass, field
@@ -23,6 +29,7 @@ from pathlib import Path
 import pandera.polars as pa
 import polars as pl
 
+from clinical_ml.core.pseudonyms import normalize_identifier
 from clinical_ml.core.safety import (
     PARQUET_MAGIC,
     BackgroundScan,
@@ -54,7 +61,7 @@ TS = pl.Datetime("us")
 TS_FORMAT = "%Y-%m-%d %H:%M:%S"
 DATE_FORMAT = "%Y-%m-%d"
 # Bumped whenever a rule changes what is accepted, so data versions change with it.
-RULES_VERSION = "2"
+RULES_VERSION = "3"
 
 # source -> column -> polars dtype after parsing. Every column listed is required.
 SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
@@ -98,9 +105,35 @@ SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
         "charted_time": TS,
         "stored_time": TS,
     },
+    # Optional: a hospital-supplied label of an encounter (this batch's or an earlier one's).
+    "labels": {
+        "encounter_id": pl.String(),
+        "label": pl.String(),
+        "value": pl.Boolean(),
+        "event_time": TS,
+        "recorded_time": TS,
+    },
 }
+# A label's name is a code of the hospital's own vocabulary, never free text (it crosses the boundary as
+# ``LABEL//<name>``): anything else rejects the row.
+LABEL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+# Delivered text of a boolean column (compared in lower case).
+BOOLEAN_TEXT = {"1": True, "0": False, "true": True, "false": False}
+# The patient of a label's encounter, resolved at validation and kept with the accepted row (phi zone only).
+LABEL_PATIENT = "mrn"
 # Columns that may be empty in a valid row.
-NULLABLE = {"death_time", "race", "ethnicity", "address", "zip", "phone", "email", "first_name", "last_name"}
+NULLABLE = {
+    "event_time",
+    "death_time",
+    "race",
+    "ethnicity",
+    "address",
+    "zip",
+    "phone",
+    "email",
+    "first_name",
+    "last_name",
+}
 # Identifier columns: checked for spreadsheet mangling.
 ID_COLUMNS = {"mrn", "encounter_id"}
 # Free-text columns of the contract (no allowed-values check): checked for formulas and markup, as are extras.
@@ -123,7 +156,11 @@ DUPLICATE_KEYS = {
     "encounters": ["encounter_id"],
     "labs": ["encounter_id", "loinc_code", "specimen_time"],
     "vitals": ["encounter_id", "code", "charted_time"],
+    "labels": ["encounter_id", "label"],
 }
+# Sources whose keys may be delivered again with a later revision: of the rows of a key, those before the
+# latest value of this column are ``superseded``; only rows at the latest one are compared as duplicates.
+REVISION_COLUMN = {"labels": "recorded_time"}
 # The time of an event used for the temporal checks against its encounter.
 EVENT_TIME = {"labs": "specimen_time", "vitals": "charted_time"}
 CODE_COLUMN = {"labs": "loinc_code", "vitals": "code"}
@@ -161,6 +198,7 @@ def _schema(source: str) -> pa.DataFrameSchema:
         "encounter_id": [pa.Check.str_matches(r"^[0-9A-Za-z\-]{4,32}$")],
         "loinc_code": [pa.Check.isin(list(LAB_CODES))],
         "code": [pa.Check.isin(list(VITAL_CODES))],
+        "label": [pa.Check.str_matches(LABEL_NAME_PATTERN)],
     }
     return pa.DataFrameSchema(
         {
@@ -186,10 +224,14 @@ class BatchContext:
     encounters
         At least ``encounter_id``, ``mrn``, ``admit_time``, ``discharge_time``, ``death_time`` and ``site`` of
         the batch's accepted encounters, or ``None`` when not checked.
+    earlier_encounters
+        ``encounter_id`` and ``mrn`` of the encounters accepted in earlier batches, newest delivery first:
+        the encounters a label may name besides the batch's own. ``None`` when not looked up.
     """
 
     patients: pl.DataFrame | None = None
     encounters: pl.DataFrame | None = None
+    earlier_encounters: pl.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +272,8 @@ def empty_accepted(source: str) -> pl.DataFrame:
         schema["unit_known"] = pl.Boolean()
         schema["value"] = pl.Float64()
         schema["implausible"] = pl.Boolean()
+    if source == "labels":
+        schema[LABEL_PATIENT] = pl.String()
     return pl.DataFrame(schema=schema)
 
 
@@ -399,6 +443,8 @@ def _parse_one(text: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         return text.str.strptime(TS, TS_FORMAT, strict=False, cache=False)
     if dtype == pl.Date():
         return text.str.strptime(pl.Date, DATE_FORMAT, strict=False, cache=False)
+    if dtype == pl.Boolean():
+        return text.str.to_lowercase().replace_strict(BOOLEAN_TEXT, default=None, return_dtype=pl.Boolean)
     return text.cast(pl.Float64, strict=False)
 
 
@@ -458,7 +504,7 @@ def _id_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
     """Zero-padded fixed-width ids of which some got shorter. Only for the files that own the ids: event
     files are matched against the batch's encounters instead (see :func:`_zero_padded_match`)."""
     rules: list[tuple[pl.Expr, str]] = []
-    if source in EVENT_TIME:
+    if source in EVENT_TIME or source == "labels":
         return rules
     for name in sorted(ID_COLUMNS & set(SOURCE_COLUMNS[source])):
         col = pl.col(name)
@@ -521,6 +567,8 @@ def _source_rules(source: str) -> list[tuple[pl.Expr, str]]:
             (~pl.col("unit_known") & known_code & pl.col("value_raw").is_not_null(), "unknown_unit"),
             (pl.col("stored_time") < pl.col("charted_time"), "stored_before_charted"),
         ]
+    if source == "labels":
+        return [(pl.col("recorded_time") < pl.col("event_time"), "recorded_before_event")]
     return []
 
 
@@ -622,6 +670,43 @@ def _with_batch(
             (t > pl.col("_death") + EVENT_GRACE, "event_after_death"),
             (t > pl.col("_discharge") + EVENT_GRACE, "event_after_discharge"),
         ]
+    if source == "labels":
+        parsed, rules = _with_labelled_encounters(parsed, batch)
+    return parsed, rules
+
+
+def _with_labelled_encounters(
+    parsed: pl.DataFrame, batch: BatchContext
+) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str]]]:
+    """Each label's encounter looked up (trimmed, upper case, as pseudonyms are keyed) in the batch's
+    encounters, then in those of the earlier batches; its patient is gathered into ``_mrn``."""
+    frames = [
+        f.select(pl.col("encounter_id").cast(pl.String), pl.col("mrn").cast(pl.String))
+        for f in (batch.encounters, batch.earlier_encounters)
+        if f is not None
+    ]
+    known = (
+        pl.concat(frames) if frames else pl.DataFrame(schema={"encounter_id": pl.String, "mrn": pl.String})
+    )
+    known = (
+        known.with_columns(normalize_identifier(pl.col("encounter_id")).alias("_key"))
+        .filter(pl.col("_key").is_not_null())
+        .unique("_key", keep="first", maintain_order=True)  # the batch's own, then the newest delivery
+    )
+    if known.height:
+        keys = parsed.select(normalize_identifier(pl.col("encounter_id")))[:, 0]
+        parsed = parsed.with_columns(_row_index_in(keys, known["_key"]).alias("_label_idx"))
+        parsed = parsed.with_columns(pl.lit(known["mrn"]).gather(pl.col("_label_idx")).alias("_mrn"))
+    else:
+        parsed = parsed.with_columns(pl.lit(None, dtype=pl.String).alias("_mrn"))
+    parsed = parsed.with_columns(pl.col("_mrn").is_not_null().alias("_known_encounter"))
+    rules = [
+        (
+            ~pl.col("_known_encounter") & _zero_padded_match("encounter_id", known["encounter_id"]),
+            "id_leading_zeros_lost:encounter_id",
+        ),
+        (~pl.col("_known_encounter") & pl.col("encounter_id").is_not_null(), "unknown_encounter"),
+    ]
     return parsed, rules
 
 
@@ -685,8 +770,12 @@ def _pandera_rejects(parsed: pl.DataFrame, source: str) -> pl.DataFrame:
 
 def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series) -> pl.DataFrame:
     """Identical repeats of a key after its first row -> ``duplicate_row``; rows of a key with differing
-    content -> ``conflicting_duplicate`` (all of them: which one is right is unknown)."""
+    content -> ``conflicting_duplicate`` (all of them: which one is right is unknown). For a source with a
+    revision column, rows of a key before its latest revision -> ``superseded``, and the duplicate rules
+    apply to the rows of the latest revision (conflicting ones there leave the key without a row: an older
+    revision was replaced, whatever the newer one says)."""
     key = DUPLICATE_KEYS[source]
+    revision = REVISION_COLUMN.get(source)
     # Per-column hashes combined: several times faster than hashing a struct; a collision only costs a
     # closer look below, where rows are grouped by their real key values.
     combined = pl.lit(0, dtype=pl.UInt64)
@@ -694,21 +783,30 @@ def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series)
         combined = combined ^ (pl.col(k).hash(seed=i + 1) * pl.lit(0x9E3779B97F4A7C15 >> i, dtype=pl.UInt64))
     h = parsed.select(pl.when(pl.lit(candidates)).then(combined))[:, 0]
     ordered = h.drop_nulls().sort()
-    repeated = ordered.filter(ordered.diff() == 0)  # sorting beats a hash table here (~4x at 10M rows)
+    # Sorting beats a hash table here (~4x at 10M rows). Neighbours are compared, not subtracted: diff()
+    # of a UInt64 goes through Int64 and gives null above 2**63, which missed half of all duplicate keys.
+    repeated = ordered.filter(ordered == ordered.shift(1))
     if repeated.len() == 0:
         return empty_rejects()
     dup = h.is_in(repeated.unique().implode()).fill_null(False)
     content = [c for c in SOURCE_COLUMNS[source] if c in parsed.columns]
     if source in CODE_COLUMN:
         content = [c for c in content if c not in ("value", "unit")] + ["value_raw", "unit_raw"]
-    sub = parsed.filter(dup).select("row_number", *key, pl.struct(content).hash().alias("_content"))
-    sub = sub.with_columns(
-        (pl.col("_content").n_unique().over(key) > 1).alias("_conflict"),
-        pl.int_range(pl.len()).over(key).alias("_nth"),
+    sub = parsed.filter(dup).select(
+        "row_number", *key, *([revision] if revision else []), pl.struct(content).hash().alias("_content")
     )
-    return sub.filter(pl.col("_conflict") | (pl.col("_nth") > 0)).select(
+    group = [*key, revision] if revision else key
+    superseded = pl.col(revision) < pl.col(revision).max().over(key) if revision else pl.lit(False)
+    sub = sub.with_columns(
+        superseded.alias("_superseded"),
+        (pl.col("_content").n_unique().over(group) > 1).alias("_conflict"),
+        pl.int_range(pl.len()).over(group).alias("_nth"),
+    )
+    return sub.filter(pl.col("_superseded") | pl.col("_conflict") | (pl.col("_nth") > 0)).select(
         "row_number",
-        pl.when(pl.col("_conflict"))
+        pl.when(pl.col("_superseded"))
+        .then(pl.lit("superseded"))
+        .when(pl.col("_conflict"))
         .then(pl.lit("conflicting_duplicate"))
         .otherwise(pl.lit("duplicate_row"))
         .alias("reason"),
@@ -787,10 +885,11 @@ def ingest_file(
     path
         A CSV or Parquet file in the landing contract.
     source
-        One of ``patients``, ``encounters``, ``labs``, ``vitals``.
+        One of ``patients``, ``encounters``, ``labs``, ``vitals``, ``labels``.
     batch
         Accepted patients/encounters of the same batch for cross-file checks (unknown patient or encounter,
-        events before birth or after death/discharge, unit switches per site). ``None`` skips them.
+        events before birth or after death/discharge, unit switches per site), and for labels the encounters
+        of the earlier batches. ``None`` skips them.
     now
         Time of ingestion for the future-date check (defaults to the current UTC time).
     limits
@@ -846,6 +945,8 @@ def ingest_file(
     needs = "patients" if source == "encounters" else "encounters" if source in EVENT_TIME else None
     if needs is not None and (batch is None or getattr(batch, needs) is None):
         warnings["cross_file_checks_skipped"] = parsed.height
+    if source == "labels" and batch is None:
+        warnings["cross_file_checks_skipped"] = parsed.height
     extra_rules: list[tuple[pl.Expr, str]] = []
     if batch is not None:
         parsed, extra_rules = _with_batch(parsed, source, batch)
@@ -869,6 +970,9 @@ def ingest_file(
         candidates = ~parsed["row_number"].is_in(parts[1]["row_number"].implode()) & candidates
         parts.append(_unit_switch_rejects(parsed, source, candidates))
     rejects = pl.concat(parts).sort("row_number")
+    if source == "labels":  # the patient found for the label's encounter, not a delivered column
+        mrn = pl.col("_mrn") if "_mrn" in parsed.columns else pl.lit(None, dtype=pl.String)
+        parsed = parsed.drop(LABEL_PATIENT, strict=False).with_columns(mrn.alias(LABEL_PATIENT))
     helper = [c for c in parsed.columns if c.startswith("_")]
     accepted = _without_rows(parsed.drop(helper), rejects["row_number"])
     by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())

@@ -19,7 +19,9 @@ from clinical_ml.core.safety import safe_name
 from clinical_ml.core.storage import sha256_file
 
 COMPLETION_MARKER = "_SUCCESS"
-SOURCES = ("patients", "encounters", "labs", "vitals")
+SOURCES = ("patients", "encounters", "labs", "vitals", "labels")
+# Sources a batch may leave out without being incomplete: hospital-supplied labels (e.g. from chart review).
+OPTIONAL_SOURCES = ("labels",)
 DATA_SUFFIXES = (".csv", ".parquet", ".zip")
 
 

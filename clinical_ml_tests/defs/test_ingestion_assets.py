@@ -123,10 +123,11 @@ def test_a_ranged_run_ingests_each_batch_on_its_own(tmp_path):
             (e.asset_key.to_user_string(), e.partition): e.event_specific_data.materialization.metadata
             for e in result.get_asset_materialization_events()
         }
-        assert set(meta) == {(f"raw_{s}", b) for s in SOURCES for b in batches} | {
+        assert set(meta) == {(f"raw_{s}", b) for s in (*SOURCES, "labels") for b in batches} | {
             ("landing_ledger", b) for b in batches
         }
         for b in batches:
+            assert meta[("raw_labels", b)]["status"].value == "not_delivered"  # optional: nothing wrong
             status = meta[("raw_labs", b)]["status"].value
             assert status == ("quarantined" if b == bad else "accepted")
             assert meta[("raw_labs", b)]["batches_in_run"].value == 3
@@ -144,7 +145,7 @@ def test_a_ranged_run_ingests_each_batch_on_its_own(tmp_path):
         assert accepted.metadata["batches_failed"].value == [bad]
         assert accepted.metadata["failures"].value[bad]["reason_code"] == "truncated_file"
         assert bad in (accepted.description or "")
-        for s in ("patients", "encounters", "vitals"):
+        for s in ("patients", "encounters", "vitals", "labels"):
             assert checks[(f"raw_{s}", "delivered_file_accepted")].passed is True
         assert checks[("landing_ledger", "every_row_accounted_for")].passed is True
         assert checks[("landing_ledger", "every_row_accounted_for")].metadata["batches"].value == 3

@@ -5,6 +5,7 @@ from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.artifacts import DictRecord
 from clinical_ml.core.deid_release import BatchRelease, batch_rng, release_batch
 from clinical_ml.core.ingestion import empty_accepted
+from clinical_ml.core.landing import SOURCES
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.reidentification import RiskPolicy
 from clinical_ml.core.storage import code_version, sweep_leftovers
@@ -64,8 +65,9 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
         ),
         dg.AssetSpec(
             DEID_TABLES["events"],
-            deps=["raw_patients", "raw_encounters", "raw_labs", "raw_vitals"],
-            description="Labs, vitals and stay events in MEDS form with their availability time.",
+            deps=[f"raw_{s}" for s in SOURCES],
+            description="Labs, vitals, stay events and hospital-supplied labels (LABEL//<name>) in MEDS form "
+            "with their availability time.",
             group_name=Stage.ANONYMIZATION,
             kinds={"polars", "parquet"},
             owners=PRIVACY_OWNERS,
@@ -132,7 +134,7 @@ def _anonymize_batch(
     """Anonymize, remedy, gate and (when it passes) release one batch; what each table reports."""
     phi, deid = zones.phi_store(), zones.deid_store()
     release = release_batch(
-        {s: _raw(zones, s, batch_id) for s in ("patients", "encounters", "labs", "vitals")},
+        {s: _raw(zones, s, batch_id) for s in SOURCES},
         vault=phi.read_vault() if key is None else Vault.empty(),
         batch_id=batch_id,
         policy=_policy(anonymization),
@@ -183,6 +185,7 @@ def _table_outcome(
             "zip3_suppressed": remedied.zip3_suppressed,
             "race_suppressed": remedied.race_suppressed,
             "race_generalized": remedied.race_generalized,
+            **({"label_events": release.deid.label_events} if table == "events" else {}),
             "report": dg.MetadataValue.md(release.summary),
         },
         checks=[

@@ -14,7 +14,7 @@ from clinical_ml.core.delivery import (
     rejects_path,
 )
 from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS
-from clinical_ml.core.landing import fingerprint, read_batch, read_unmarked_batch
+from clinical_ml.core.landing import OPTIONAL_SOURCES, fingerprint, read_batch, read_unmarked_batch
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
@@ -28,7 +28,12 @@ SOURCE_DESCRIPTIONS = {
     "against the batch's encounters (no result before birth or after death/discharge).",
     "vitals": "ICU monitoring in long format, units harmonized (delivered value and unit kept), validated against "
     "the batch's encounters.",
+    "labels": "Hospital-supplied labels (e.g. from chart review), optional: a coded label name and a yes/no value "
+    "per encounter, validated against the encounters of the batch and of earlier batches; the latest review of "
+    "an encounter and label wins.",
 }
+# outcome statuses that need no attention: an optional source may be left out of a batch
+FINE = ("accepted", "not_delivered")
 LEDGER_POOL = "landing_ledger"
 
 
@@ -68,10 +73,10 @@ def _checks(source: str, outcome: FileOutcome, accepted: pl.DataFrame) -> list[d
         ),
         dg.AssetCheckResult(
             check_name="delivered_file_accepted",
-            passed=outcome.status == "accepted",
+            passed=outcome.status in FINE,
             severity=dg.AssetCheckSeverity.ERROR,
             description=None
-            if outcome.status == "accepted"
+            if outcome.status in FINE
             else f"{source} file of batch {outcome.batch_id} {outcome.status} ({outcome.reason_code}): "
             f"{outcome.detail}",
             metadata={
@@ -108,7 +113,8 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
                 "delivered_file_accepted",
                 asset=key,
                 description="The batch delivered this source and the file was accepted (not quarantined, missing "
-                "or a duplicate). Not blocking: the other sources of the batch proceed; this one is empty.",
+                "or a duplicate). Not blocking: the other sources of the batch proceed; this one is empty."
+                + (" Optional source: a batch without it passes." if source in OPTIONAL_SOURCES else ""),
             ),
         ],
     )
@@ -136,6 +142,8 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
                 f"{source} batch {batch_id}: {outcome.rows_in} rows in, {outcome.rows_accepted} accepted, "
                 f"{outcome.rows_rejected} rejected"
             )
+        elif outcome.status == "not_delivered":
+            lines.append(f"{source} batch {batch_id}: not delivered (optional)")
         else:
             context.log.error(
                 f"{source} file of batch {batch_id} {outcome.status} ({outcome.reason_code}): {outcome.detail}"
