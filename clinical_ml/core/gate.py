@@ -344,6 +344,26 @@ def latency_criterion(
     ]
 
 
+def ranking_criterion(
+    p: np.ndarray, y: np.ndarray, *, best_iteration: int, words: str
+) -> list[GateCriterion]:
+    """A model giving (nearly) every validation patient the same risk learned nothing: say so, with the
+    counts, before the minimums it then misses (an AUROC of exactly 0.500 reads like a coin, not a cause)."""
+    distinct = int(np.unique(np.round(p, 12)).size) if p.size else 0
+    if distinct > 1:
+        return []
+    return [
+        GateCriterion(
+            "minimums",
+            "model_ranks_patients",
+            False,
+            f"the model gives every one of the {len(y)} validation patients the same risk (it stopped after "
+            f"{best_iteration} boosting rounds): with {int(y.sum())} {words} in validation it learned nothing "
+            "to rank them by; more outcome events (more data or a longer period) are needed",
+        )
+    ]
+
+
 def evaluate_gate(*criteria_lists: list[GateCriterion]) -> GateResult:
     """Combine the gate's criteria (from the functions above) into one result."""
     return GateResult(tuple(c for lst in criteria_lists for c in lst))
@@ -423,6 +443,9 @@ def judge_challenger(
     scores = scorer.score(inputs.x, n_reasons=0)
     criteria = use_case.success_criteria.model_dump()
     gate = evaluate_gate(
+        ranking_criterion(
+            p, inputs.y, best_iteration=inputs.challenger.best_iteration, words=use_case.words.events
+        ),
         minimum_criteria(inputs.metrics, criteria),
         operational_criteria(inputs.alert_burden, criteria, words=use_case.words),
         non_inferiority_criteria(

@@ -268,18 +268,19 @@ def build_cohort(
     flow.exclude(f"under {pop.min_age_years} years", pl.col("age_years") < pop.min_age_years)
     if pop.max_age_years is not None:
         flow.exclude(f"over {pop.max_age_years} years", pl.col("age_years") > pop.max_age_years)
+    if isinstance(outcome, ReadmissionOutcome):
+        # before the population's disposition list, so that a death is counted as a death
+        flow.exclude("died in hospital (no readmission possible)", pl.col("death_time").is_not_null())
+        flow.exclude(
+            "transferred to another hospital",
+            pl.col("discharge_disposition").is_in(outcome.transfer_dispositions),
+        )
     flow.keep_values("unit", pop.units, "unit not in the population")
     flow.keep_values("admission_type", pop.admission_types, "admission type not in the population")
     flow.keep_values("site", pop.sites, "site not in the population")
     flow.keep_values(
         "discharge_disposition", pop.discharge_dispositions, "discharge disposition not in the population"
     )
-    if isinstance(outcome, ReadmissionOutcome):
-        flow.exclude("died in hospital (no readmission possible)", pl.col("death_time").is_not_null())
-        flow.exclude(
-            "transferred to another hospital",
-            pl.col("discharge_disposition").is_in(outcome.transfer_dispositions),
-        )
     flow.df = _anchor_time(flow.df, use_case, events)
     if pt.anchor in ("icu_admission", "first_code"):
         flow.exclude("no anchor event (" + pt.describe() + ")", pl.col("anchor_time").is_null())
@@ -432,10 +433,21 @@ def _window_end(
             .to_series()
         )
     if isinstance(outcome, ReadmissionOutcome):
-        # readmission counts by calendar day: the window closes at the end of day N after discharge
-        return cohort.select(
-            pl.col("discharge_time").dt.truncate("1d") + pl.duration(days=int(outcome.within_days) + 1)
-        ).to_series()
+        # readmission counts by calendar day: the window closes at the end of day N after discharge, or
+        # earlier when the patient is readmitted (the answer is then known)
+        readmitted = _next_admissions(cohort, encounters, outcome)
+        return (
+            cohort.select(*ROW_KEY, "discharge_time")
+            .join(readmitted, on=ROW_KEY, how="left", maintain_order="left")
+            .select(
+                pl.min_horizontal(
+                    pl.col("discharge_time").dt.truncate("1d")
+                    + pl.duration(days=int(outcome.within_days) + 1),
+                    pl.col("_readmit_time"),
+                )
+            )
+            .to_series()
+        )
     if isinstance(outcome, LengthOfStayOutcome):
         return cohort.select(
             pl.min_horizontal(_stay_end(), pt + pl.duration(minutes=round(outcome.beyond_hours * 60)))

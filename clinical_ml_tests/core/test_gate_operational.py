@@ -3,6 +3,7 @@ there is nothing to judge (never a pass), the words of the reasons, and old deci
 
 import math
 
+import numpy as np
 import pytest
 
 from clinical_ml.core import gate
@@ -129,3 +130,13 @@ def test_the_burden_is_read_from_its_stored_form_and_old_records_read_as_judged(
     assert gate.GateResult.from_dict({"criteria": [old]}).criteria[0].judged
     assert gate.criterion_result(old) == "pass"
     assert gate.criterion_result({**old, "passed": False}) == "**FAIL**"
+
+
+def test_a_model_that_gives_everyone_the_same_risk_is_refused_for_that_reason():
+    from clinical_ml.core.gate import ranking_criterion
+
+    y = np.array([0, 0, 1, 0, 1])
+    flat = ranking_criterion(np.full(5, 0.2), y, best_iteration=1, words="readmissions")
+    assert len(flat) == 1 and not flat[0].passed
+    assert "same risk" in flat[0].reason and "2 readmissions" in flat[0].reason
+    assert ranking_criterion(np.array([0.1, 0.2, 0.3, 0.2, 0.5]), y, best_iteration=40, words="deaths") == []

@@ -437,3 +437,34 @@ def test_monitoring_counts_a_readmission_outcome_only_30_days_after_discharge():
     assert label_maturity(first, as_of=datetime(2026, 2, 8)).item()
     mortality, _ = build_cohort(enc, pat, BASE)
     assert label_maturity(mortality.filter(pl.col("hadm_id") == 1), as_of=datetime(2026, 1, 8, 9)).item()
+
+
+def test_a_readmission_near_the_end_of_the_data_is_known_when_it_happens():
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": d(100), "out": d(102)},
+            {"s": 1, "a": 11, "in": d(110), "out": d(112)},  # readmitted 8 days later, 11 days before the end
+            {"s": 2, "a": 2, "in": d(100), "out": d(102)},  # not readmitted: its 30 days are still open
+            {"s": 9, "a": 9, "in": d(120), "out": d(121)},
+        ]
+    )
+    got = labels_of(readmission(), enc, pat)
+    assert got.get(1) is True and 2 not in got
+
+
+def test_a_death_is_counted_as_a_death_before_the_population_disposition_list():
+    uc = use_case(
+        prediction_time={"anchor": "discharge"},
+        outcome={"type": "readmission", "within_days": 30, "description": "r"},
+        population={**BASE.population.model_dump(mode="json"), "discharge_dispositions": ["HOME"]},
+    )
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": d(0), "out": d(2), "died": d(2)},
+            {"s": 2, "a": 2, "in": d(0), "out": d(2), "disp": "SNF"},
+            {"s": 3, "a": 3, "in": d(0), "out": d(2)},
+        ]
+    )
+    _, flow = build_cohort(enc, pat, uc)
+    assert flow.excluded("died in hospital") == 1
+    assert flow.excluded("discharge disposition") == 1 and flow.included == 1
