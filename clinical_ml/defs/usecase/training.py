@@ -10,7 +10,7 @@ A refusal therefore fails the run on purpose: the failed check is the alert.
 import dagster as dg
 
 from clinical_ml.core.features import derivation_validation_split
-from clinical_ml.core.gate import gate_markdown
+from clinical_ml.core.gate import criterion_result, gate_markdown
 from clinical_ml.core.promotion import register_challenger
 from clinical_ml.core.registry import new_version
 from clinical_ml.core.reports import md_escape
@@ -193,7 +193,11 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 severity=dg.AssetCheckSeverity.ERROR,
                 metadata={
                     "model_version": decision.challenger,
-                    "report": dg.MetadataValue.md("".join(f"- {md_escape(c['reason'])}\n" for c in crit)),
+                    # a part with nothing to judge passes without being met: counted apart, never as a pass
+                    "criteria_not_judged": sum(not c.get("judged", True) for c in crit),
+                    "report": dg.MetadataValue.md(
+                        "".join(f"- {criterion_result(c)}: {md_escape(c['reason'])}\n" for c in crit)
+                    ),
                 },
             )
 
