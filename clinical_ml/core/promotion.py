@@ -69,6 +69,7 @@ def register_challenger(
         training_ranges=fit.fit.training_ranges,
         champion=registry.model(champ.version) if champ else None,
         champion_card=champ.as_dict() if champ else None,
+        alert_burden=ev.alert_burden,
     )
     gate, figures = judge_challenger(
         inputs,

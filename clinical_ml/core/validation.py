@@ -20,7 +20,7 @@ from clinical_ml.core.usecase import UseCase
 
 AUDIT_COLUMNS = ("sex", "race_ethnicity", "age_band", "period", "batch_id", "site")
 # what the alert burden needs of each cohort row besides the row key
-STAY_COLUMNS = ("discharge_time", "death_time", "unit")
+STAY_COLUMNS = ("discharge_time", "death_time", "unit", "admit_time", "batch_id")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,18 @@ def operating_threshold(predictions: pl.DataFrame, use_case: UseCase) -> float:
     )
 
 
+def _real_day() -> pl.Expr:
+    """The calendar day a prediction was made on the ward. De-identified times are shifted per patient (by
+    up to a year), so their dates would spread one ward day over many; the batch's delivery date (its id,
+    when it is a date) plus the preserved interval from admission is the real day, up to the batch's own
+    span (a batch of several days counts its predictions on fewer days: a higher, cautious rate). Batches
+    not named by date fall back to the shifted date."""
+    batch_day = pl.col("batch_id").str.to_date(strict=False).cast(pl.Datetime("us"))
+    return pl.coalesce(
+        batch_day + (pl.col("prediction_time") - pl.col("admit_time")), pl.col("prediction_time")
+    ).dt.date()
+
+
 def validation_alert_burden(
     rows: pl.DataFrame,
     stays: pl.DataFrame,
@@ -140,10 +152,16 @@ def validation_alert_burden(
     """
     df = (
         rows.select("subject_id", *ROW_KEY, "label", "risk")
-        .join(stays.select(*ROW_KEY, *STAY_COLUMNS), on=ROW_KEY, how="left")
+        .join(
+            stays.select(*ROW_KEY, *[c for c in STAY_COLUMNS if c in stays.columns]), on=ROW_KEY, how="left"
+        )
         .with_columns(
             (pl.col("risk") >= threshold).alias("_alert"),
-            pl.col("prediction_time").dt.date().alias("_day"),
+            (
+                _real_day()
+                if {"batch_id", "admit_time"} <= set(stays.columns)
+                else pl.col("prediction_time").dt.date()
+            ).alias("_day"),
         )
         .with_columns(
             (pl.col("_alert") & pl.col("label").cast(pl.Boolean)).alias("_true"),

@@ -272,3 +272,37 @@ def test_sentences_for_deaths_at_discharge_repeated_predictions_and_edge_cases()
     assert alert_burden_sentences(None, READMISSION) == [
         "The alert burden was not measured for this evaluation."
     ]
+
+
+def test_unit_days_are_counted_on_the_ward_calendar_not_the_shifted_one():
+    """Two patients of one daily batch, shifted a year apart by de-identification, were scored on the same
+    ward day: one unit-day, not two."""
+    from datetime import datetime, timedelta
+
+    import polars as pl
+
+    from clinical_ml.core.validation import validation_alert_burden
+
+    admits = [datetime(2026, 6, 1, 8), datetime(2025, 6, 3, 8)]  # shifted dates of the same real day
+    rows = pl.DataFrame(
+        {
+            "subject_id": [1, 2],
+            "hadm_id": [11, 12],
+            "prediction_time": [a + timedelta(hours=24) for a in admits],
+            "label": [True, False],
+            "risk": [0.9, 0.8],
+        }
+    )
+    stays = rows.select("hadm_id", "prediction_time").with_columns(
+        pl.Series("admit_time", admits),
+        pl.Series("discharge_time", [a + timedelta(days=3) for a in admits]),
+        pl.lit(None, dtype=pl.Datetime("us")).alias("death_time"),
+        pl.lit("MICU").alias("unit"),
+        pl.lit("2026-01-05").alias("batch_id"),
+    )
+    burden = validation_alert_burden(rows, stays, threshold=0.5, one_day_per_stay=False, n_boot=20, seed=1)
+    assert burden.alerts_per_unit_day.value == 2.0
+    shifted = validation_alert_burden(
+        rows, stays.drop("batch_id"), threshold=0.5, one_day_per_stay=False, n_boot=20, seed=1
+    )
+    assert shifted.alerts_per_unit_day.value == 1.0
