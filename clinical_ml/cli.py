@@ -174,9 +174,24 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
             run_config=quiet,
             tags={"batch_id": b.batch_id, "content_sha256": b.content_hash},
         )
-        print(
-            f"batch {b.batch_id}: ingestion and anonymization {'succeeded' if result.success else 'FAILED'}"
+        from clinical_ml.core.delivery import ZonePaths  # pandera: imported by the commands that ingest
+        from clinical_ml.core.row_accounting import batch_account
+
+        account = batch_account(
+            ZonePaths(root / "landing", root / "archive", root / "quarantine", root / "phi"),
+            root / "deid",
+            b.batch_id,
         )
+        if not result.success:
+            verdict = "FAILED (open the UI, make dev, for the run's logs)"
+        elif account.clean:
+            verdict = "every row accepted and released"
+        else:
+            verdict = "ingested and anonymized, with rows rejected or withheld"
+        # never "succeeded" alone: where every delivered row went, in counts and reason codes
+        print(f"batch {b.batch_id}: {verdict}")
+        for line in account.lines():
+            print(line)
         if not result.success:
             return 1
     deid = DeidStore(root / "deid", root / "reports")

@@ -1,0 +1,142 @@
+"""Where every delivered row of a batch went, in counts a user reads: delivered, accepted, rejected (by reason),
+withheld by the privacy gate, released into the de-identified layer.
+
+Built from the ledger entries ingestion writes per source (``archive/ledger/<batch>/<source>.json``) and the
+privacy record anonymization writes per batch (``deid/privacy/<batch>.json``): counts and reason codes only,
+never a delivered value. The CLI prints it after each batch, so a run never says "succeeded" alone when rows
+were rejected or withheld.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from clinical_ml.core.delivery import ZonePaths, read_ledger_entry
+from clinical_ml.core.landing import SOURCES
+
+
+@dataclass(frozen=True)
+class SourceAccount:
+    """One source file of a batch."""
+
+    source: str
+    status: str  # accepted, quarantined, missing, not_delivered, ...
+    rows_in: int
+    rows_accepted: int
+    rows_rejected: int
+    rejected_by_reason: tuple[tuple[str, int], ...]  # most frequent first
+
+    @property
+    def accounted(self) -> bool:
+        return self.rows_in == self.rows_accepted + self.rows_rejected
+
+    def words(self, *, top: int = 3) -> str:
+        if self.status not in ("accepted", "ok") and self.rows_in == 0:
+            return f"{self.source} {self.status.replace('_', ' ')}"
+        text = f"{self.source} {self.rows_in:,} delivered, {self.rows_accepted:,} accepted"
+        if self.rows_rejected:
+            reasons = ", ".join(f"{n:,} {r}" for r, n in self.rejected_by_reason[:top])
+            more = len(self.rejected_by_reason) - top
+            text += (
+                f", {self.rows_rejected:,} rejected ({reasons}{f', {more} more reasons' if more > 0 else ''})"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class BatchAccount:
+    """A batch's rows from delivery to the de-identified layer."""
+
+    batch_id: str
+    sources: tuple[SourceAccount, ...]
+    released: bool | None  # the privacy gate's verdict (None: anonymization has not run)
+    admissions_withheld: int
+    events_withheld: int
+    admissions_released: int | None
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(s.rows_rejected for s in self.sources)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing rejected, withheld or quarantined, and the batch released."""
+        return (
+            self.released is True
+            and self.rows_rejected == 0
+            and self.admissions_withheld == 0
+            and self.events_withheld == 0
+            and all(s.status in ("accepted", "ok", "not_delivered") for s in self.sources)
+        )
+
+    def lines(self) -> list[str]:
+        """Plain-word lines for the CLI: one per source, then the privacy gate."""
+        out = [f"  {s.words()}" for s in self.sources]
+        if self.released is None:
+            out.append("  not anonymized yet")
+        elif not self.released:
+            out.append("  withheld by the privacy gate: nothing of this batch was released")
+        else:
+            withheld = (
+                f"; the privacy gate withheld {self.admissions_withheld:,} admissions "
+                f"({self.events_withheld:,} events) of patients too easy to single out"
+                if self.admissions_withheld or self.events_withheld
+                else ""
+            )
+            released = (
+                f"{self.admissions_released:,} admissions" if self.admissions_released is not None else ""
+            )
+            out.append(f"  released to the de-identified layer: {released}{withheld}")
+        return out
+
+    def as_dict(self) -> dict:
+        return {
+            "batch_id": self.batch_id,
+            "sources": [
+                {**s.__dict__, "rejected_by_reason": dict(s.rejected_by_reason)} for s in self.sources
+            ],
+            "released": self.released,
+            "admissions_withheld": self.admissions_withheld,
+            "events_withheld": self.events_withheld,
+            "admissions_released": self.admissions_released,
+        }
+
+
+def _source_account(entry: dict | None, source: str) -> SourceAccount:
+    if entry is None:
+        return SourceAccount(source, "not_recorded", 0, 0, 0, ())
+    reasons = sorted(
+        ((str(r), int(n)) for r, n in (entry.get("rejected_by_reason") or {}).items()),
+        key=lambda x: (-x[1], x[0]),
+    )
+    return SourceAccount(
+        source,
+        str(entry.get("status", "")),
+        int(entry.get("rows_in") or 0),
+        int(entry.get("rows_accepted") or 0),
+        int(entry.get("rows_rejected") or 0),
+        tuple(reasons),
+    )
+
+
+def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAccount:
+    """The batch's account from its ledger entries and privacy record (sources never delivered and
+    optional ones left out are shown as such)."""
+    sources = tuple(
+        _source_account(read_ledger_entry(zones, batch_id, s), s)
+        for s in SOURCES
+        if read_ledger_entry(zones, batch_id, s) is not None or s != "labels"
+    )
+    privacy_file = Path(deid_root) / "privacy" / f"{batch_id}.json"
+    privacy = json.loads(privacy_file.read_text()) if privacy_file.is_file() else None
+    if privacy is None:
+        return BatchAccount(batch_id, sources, None, 0, 0, None)
+    published = privacy.get("published") or {}
+    return BatchAccount(
+        batch_id,
+        sources,
+        bool(privacy.get("released")),
+        int(privacy.get("admissions_withheld") or 0),
+        int(privacy.get("events_withheld") or 0),
+        int(published["records"]) if privacy.get("released") and "records" in published else None,
+    )

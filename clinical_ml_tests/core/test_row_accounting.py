@@ -1,0 +1,67 @@
+"""Where every delivered row went, as the CLI prints it."""
+
+import json
+from pathlib import Path
+
+from clinical_ml.core.delivery import ZonePaths, ledger_entry_path
+from clinical_ml.core.row_accounting import batch_account
+
+
+def _zones(root: Path) -> ZonePaths:
+    return ZonePaths(root / "landing", root / "archive", root / "quarantine", root / "phi")
+
+
+def _entry(
+    zones: ZonePaths, source: str, rows_in: int, rejected: dict[str, int], status: str = "accepted"
+) -> None:
+    path = ledger_entry_path(zones, "b1", source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = sum(rejected.values())
+    entry = {
+        "source": source,
+        "status": status,
+        "rows_in": rows_in,
+        "rows_accepted": rows_in - n,
+        "rows_rejected": n,
+        "rejected_by_reason": rejected,
+    }
+    path.write_text(json.dumps(entry))
+
+
+def _privacy(root: Path, **record) -> None:
+    (root / "deid" / "privacy").mkdir(parents=True, exist_ok=True)
+    (root / "deid" / "privacy" / "b1.json").write_text(json.dumps(record))
+
+
+def test_rejected_and_withheld_rows_are_counted_by_reason_and_the_batch_is_not_clean(tmp_path):
+    zones = _zones(tmp_path)
+    _entry(zones, "patients", 10, {})
+    _entry(zones, "encounters", 12, {"unknown_patient": 1})
+    _entry(zones, "labs", 100, {"unknown_unit": 5, "future_date:result_time": 2, "duplicate_row": 1, "x": 1})
+    _entry(zones, "vitals", 0, {}, status="quarantined")
+    _privacy(tmp_path, released=True, admissions_withheld=2, events_withheld=30, published={"records": 9})
+    account = batch_account(zones, tmp_path / "deid", "b1")
+    assert not account.clean and account.rows_rejected == 10
+    text = "\n".join(account.lines())
+    assert "encounters 12 delivered, 11 accepted, 1 rejected (1 unknown_patient)" in text
+    assert "labs 100 delivered, 91 accepted, 9 rejected (5 unknown_unit, 2 future_date:result_time, " in text
+    assert "1 more reasons" in text
+    assert "vitals quarantined" in text
+    assert (
+        "released to the de-identified layer: 9 admissions; the privacy gate withheld 2 admissions (30 events)"
+        in text
+    )
+    assert all(s.accounted for s in account.sources)
+
+
+def test_a_clean_batch_and_one_the_privacy_gate_held_back(tmp_path):
+    zones = _zones(tmp_path)
+    for source in ("patients", "encounters", "labs", "vitals"):
+        _entry(zones, source, 5, {})
+    _privacy(tmp_path, released=True, admissions_withheld=0, events_withheld=0, published={"records": 5})
+    assert batch_account(zones, tmp_path / "deid", "b1").clean
+    _privacy(tmp_path, released=False, admissions_withheld=0, events_withheld=0, published={})
+    held = batch_account(zones, tmp_path / "deid", "b1")
+    assert not held.clean and "nothing of this batch was released" in "\n".join(held.lines())
+    (tmp_path / "deid" / "privacy" / "b1.json").unlink()
+    assert "not anonymized yet" in "\n".join(batch_account(zones, tmp_path / "deid", "b1").lines())
