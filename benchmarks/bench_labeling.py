@@ -22,6 +22,17 @@ including the 30th and the 31st calendar day after discharge, and overlapping st
 after discharge (recorded on the stay), transfers, ages under 18, missing sex, ICU unit events on most stays,
 vital signs every ~3 h and lab panels every ~10 h over the first week, creatinine series rising on a share of
 stays. Default scale 100k admissions (~30M events), small ~5k.
+
+First default-scale run (2 shared cores, load 6-9): ours / DuckDB 2.16 (death in hospital), 1.46 (death
+within 30 days), 2.56 (readmission), 1.79 (creatinine event), 1.83 (length of stay); the repeated feature build
+peaked at 9,064 MB (DuckDB's query 5,335 MB) while taking 0.45x DuckDB's time. Where ours' time goes, measured
+beside this module: parsing every batch id as a date with format inference (``data_end`` and
+``label_known_at``: ~30 ms and ~20 ms of ~190 ms), two ``n_unique`` per exclusion step, a sort before the
+exclusions; for the event outcome three scans of the events Parquet (ICU anchor, then the outcome code in
+``build_cohort`` and again in ``build_labels``: ~0.9 s CPU each, ~75% of the row). In ``build_features`` the
+long intermediate (events x prediction times, then prediction rows x codes) is held for the whole cohort at
+once; built a part of ~10k stays at a time (each part's events scanned with a predicate on its stays) the same
+output took 2,667 MB and 54 s CPU instead of 8,811 MB and 65 s.
 """
 
 import json
