@@ -262,7 +262,14 @@ def build_cohort(
         anchors, ``no_prior_codes`` and event outcomes, unused otherwise.
     """
     pop, pt, outcome = use_case.population, use_case.prediction_time, use_case.outcome
-    enc = encounters.unique("hadm_id", keep="last").sort("admit_time", "hadm_id")
+    # one read of the events the question needs (anchor, prior history, event outcome), then filters in memory
+    needed = [*pop.no_prior_codes]
+    if pt.anchor in ("icu_admission", "first_code"):
+        needed.append("ICU_UNIT//" if pt.anchor == "icu_admission" else str(pt.code))
+    if isinstance(outcome, (EventOutcome, SuppliedLabelOutcome)):
+        needed.append(outcome.code)
+    events = events_of(events, needed) if needed and events is not None else None
+    enc = encounters.unique("hadm_id", keep="last")
     pat = patients.unique("subject_id", keep="last").select("subject_id", "sex", "race", "ethnicity")
     flow = _Flow(enc.join(pat, on="subject_id", how="left"))
     flow.exclude(f"under {pop.min_age_years} years", pl.col("age_years") < pop.min_age_years)
@@ -270,7 +277,10 @@ def build_cohort(
         flow.exclude(f"over {pop.max_age_years} years", pl.col("age_years") > pop.max_age_years)
     if isinstance(outcome, ReadmissionOutcome):
         # before the population's disposition list, so that a death is counted as a death
-        flow.exclude("died in hospital (no readmission possible)", pl.col("death_time").is_not_null())
+        died_in_hospital = pl.col("death_time").is_not_null() & (
+            pl.col("death_time") <= pl.col("discharge_time")
+        )
+        flow.exclude("died in hospital (no readmission possible)", died_in_hospital)
         flow.exclude(
             "transferred to another hospital",
             pl.col("discharge_disposition").is_in(outcome.transfer_dispositions),
@@ -348,7 +358,10 @@ def _event_status(
     before = stay_ev.filter(pl.col("available_time") <= pl.col("prediction_time"))
     baseline = before.group_by(ROW_KEY).agg(pl.col("numeric_value").min().alias("_baseline"))
     # prevalent: an event by the prediction time; against a baseline, a value >= ratio x the lowest earlier one
-    prior = stay_ev.filter(pl.col("time") <= pl.col("prediction_time")).sort(*ROW_KEY, "time")
+    prior = stay_ev.filter(pl.col("time") <= pl.col("prediction_time"))
+    if ratio is not None:  # a result without a value has no place in a running minimum
+        prior = prior.filter(pl.col("numeric_value").is_not_null())
+    prior = prior.sort(*ROW_KEY, "time")
     prior_hit = _value_hits(outcome)
     if ratio is not None:
         running_min = pl.col("numeric_value").cum_min().shift(1).over(ROW_KEY)
@@ -546,7 +559,8 @@ def build_labels(
 
 
 def _batch_date() -> pl.Expr:
-    return pl.col("batch_id").str.to_date(strict=False).cast(pl.Datetime("us"))
+    """The batch id as a date when it is an ISO date (``2026-01-05``), else null."""
+    return pl.col("batch_id").str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("us"))
 
 
 def label_known_at(cohort: pl.DataFrame, *, whole_export: bool = True) -> pl.Expr:
@@ -566,7 +580,8 @@ def data_end(encounters: pl.DataFrame) -> datetime | None:
     batches not dated): the latest admission or discharge in the data."""
     if encounters.height == 0:
         return None
-    dates = encounters.select(_batch_date().unique().drop_nulls().sort()).to_series().to_list()
+    ids = encounters.select(pl.col("batch_id").unique())
+    dates = ids.select(_batch_date().drop_nulls().sort()).to_series().to_list()
     if dates:
         cadence = dates[-1] - dates[-2] if len(dates) > 1 else timedelta(days=1)
         return dates[-1] + max(cadence, timedelta(days=1))

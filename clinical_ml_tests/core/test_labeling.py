@@ -468,3 +468,41 @@ def test_a_death_is_counted_as_a_death_before_the_population_disposition_list():
     _, flow = build_cohort(enc, pat, uc)
     assert flow.excluded("died in hospital") == 1
     assert flow.excluded("discharge disposition") == 1 and flow.included == 1
+
+
+def test_a_result_without_a_value_does_not_hide_a_prevalent_event_and_a_death_after_discharge_keeps_the_index():
+    uc = use_case(outcome=AKI)
+    enc, pat = stays([{"s": 1, "a": 1, "in": h(0), "out": h(200)}])
+    ev = events(
+        [(1, 1, CREAT, 1.0, h(2), None), (1, 1, CREAT, None, h(5), None), (1, 1, CREAT, 1.6, h(10), None)]
+    )
+    _, flow = build_cohort(enc, pat, uc, ev)
+    assert flow.excluded("outcome already present") == 1
+    # an index stay whose encounter records a death after its discharge (e.g. a death registry) is an index
+    # stay: only a death in hospital rules a readmission out
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": d(0), "out": d(3), "died": d(40)},
+            {"s": 9, "a": 9, "in": d(120), "out": d(121)},
+        ]
+    )
+    assert labels_of(readmission(), enc, pat) == {1: False}
+
+
+def test_repeated_predictions_built_in_parts_equal_the_whole(monkeypatch):
+    from clinical_ml.core import features
+
+    uc = use_case(prediction_time={"anchor": "admission", "offset_hours": 2, "every_hours": 3})
+    enc, pat = stays([{"s": i, "a": i, "in": h(0), "out": h(20 + i)} for i in range(1, 9)])
+    ev = events(
+        [
+            (i, i, "VITAL//heart_rate", float(60 + i + t), h(t), None)
+            for i in range(1, 9)
+            for t in range(0, 26, 2)
+        ]
+    )
+    cohort, _ = build_cohort(enc, pat, uc)
+    whole = build_features(ev, cohort, uc)
+    monkeypatch.setattr(features, "MAX_ROWS_PER_PART", 7)
+    parts = build_features(ev.lazy(), cohort, uc)
+    assert parts.equals(whole) and whole.height == cohort.height > 8
