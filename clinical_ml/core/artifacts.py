@@ -16,6 +16,7 @@ import polars as pl
 
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.features import CohortFlow, SplitInfo
+from clinical_ml.core.quality import QualityProfile
 from clinical_ml.core.registry import PromotionDecision
 from clinical_ml.core.storage import (
     atomic_write_bytes,
@@ -386,6 +387,9 @@ class DeidStore:
         self.privacy = JsonParts(self.root / "privacy", DictRecord)
         self.meds = self.root / "meds"
         self.meds_codes = ParquetFile(self.meds / "metadata" / "codes.parquet")
+        # data quality profiles per batch (aggregates only) and their pages
+        self.quality = JsonParts(self.root / "quality", QualityProfile)
+        self.quality_reports = ReportFiles(self._reports_root / "quality")
 
     def table(self, name: str) -> ParquetParts:
         return {"patients": self.patients, "encounters": self.encounters, "events": self.events}[name]

@@ -17,6 +17,7 @@ from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_dataset
 from clinical_ml.defs.ingestion.assets import raw_assets
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
+from clinical_ml.defs.ingestion.quality import quality_assets
 from clinical_ml.defs.ingestion.sensors import landing_sensor
 from clinical_ml.defs.monitoring.sensors import (
     build_drift_retraining_sensor,
@@ -70,6 +71,7 @@ def build_definitions(
     return dg.Definitions(
         assets=[
             *raw_assets,
+            *quality_assets,
             anonymized_cohort,
             meds_dataset,
             *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
