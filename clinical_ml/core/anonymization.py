@@ -2,7 +2,13 @@
 
 Mechanisms (see DESIGN.md):
 
-* allowlist: only the columns named in ``DEID_COLUMNS`` leave; everything else is dropped and counted;
+* allowlist: only the columns named in ``DEID_COLUMNS`` leave; everything else is dropped and counted (a
+  dropped column is named only when its name is one of the contract's or a known extra, else by position:
+  a delivered header can hold anything);
+* controlled values: the coded columns (sex, race, ethnicity, admission type, unit, unit type, site,
+  discharge disposition) leave only as values of their vocabularies or the site's declared codes
+  (:mod:`clinical_ml.core.site_mapping`, applied again here whatever ingestion did); anything else becomes
+  ``unmapped`` and is counted;
 * pseudonyms, two modes: random surrogate ids (not derived from any identifier), the mapping kept in a
   vault that lives in the phi zone (the default, HIPAA Safe Harbor); or keyed HMAC-SHA256 under a secret
   (GDPR pseudonymisation, :mod:`clinical_ml.core.pseudonyms`). Either way the same MRN (trimmed, upper
@@ -18,6 +24,7 @@ Mechanisms (see DESIGN.md):
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -25,8 +32,21 @@ from typing import TypeVar
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.ingestion import LABEL_NAME_PATTERN, LABEL_PATIENT
+from clinical_ml.core.ingestion import (
+    KNOWN_EXTRA_COLUMNS,
+    LABEL_NAME_PATTERN,
+    LABEL_PATIENT,
+    SOURCE_COLUMNS,
+    default_site_mapping,
+)
 from clinical_ml.core.pseudonyms import HmacKey, hmac_ids, hmac_shift_days, normalize_identifier
+from clinical_ml.core.site_mapping import (
+    CODED_FIELDS,
+    UNMAPPED,
+    SiteMapping,
+    delivered,
+    enforce_controlled_values,
+)
 
 AGE_CAP = 90
 RESTRICTED_ZIP3_FILE = Path(__file__).with_name("restricted_zip3.json")
@@ -43,6 +63,7 @@ DEID_COLUMNS: dict[str, tuple[str, ...]] = {
         "death_time",
         "admission_type",
         "unit",
+        "unit_type",
         "site",
         "discharge_disposition",
         "age_years",
@@ -96,6 +117,11 @@ class DeidBatch:
     orphan_labels: int = 0
     """Labels whose encounter could not be tied to a patient, or whose name is not a label code: not
     released."""
+    unmapped_at_boundary: dict[str, int] = field(default_factory=dict)
+    """Per coded field, values that were not controlled values when they reached the boundary and left as
+    ``unmapped`` (ingestion maps them first, so this is zero unless a caller bypassed it)."""
+    unmapped_released: dict[str, int] = field(default_factory=dict)
+    """Per coded field, rows leaving with the value ``unmapped``."""
     events_plan: pl.LazyFrame | None = None
     """Streaming mode (labs and vitals given as LazyFrames): every event of the batch as a lazy plan, to be
     sunk (``sink_parquet``) rather than held; ``events`` is then empty. ``None`` otherwise."""
@@ -363,8 +389,23 @@ def _label_events(rows: pl.DataFrame, patients: pl.DataFrame, encounters: pl.Dat
     )
 
 
+# Column names that may be repeated in the privacy record: the contract's, ingestion's own and known extras.
+_NAMEABLE = (
+    {c for cols in SOURCE_COLUMNS.values() for c in cols}
+    | KNOWN_EXTRA_COLUMNS
+    | {delivered(f) for fields in CODED_FIELDS.values() for f in fields}
+    | {"unit_type", "value_raw", "unit_raw", "unit_known", "implausible", LABEL_PATIENT}
+)
+
+
 def _dropped(frame: pl.DataFrame, table: str) -> list[str]:
-    return sorted(set(frame.columns) - set(DEID_COLUMNS[table]) - {"row_number", "_key", "_raw"})
+    """The columns the allowlist drops: by name when the name is a known one, else ``column_<position>``."""
+    out = []
+    for i, name in enumerate(frame.columns):
+        if name in DEID_COLUMNS[table] or name in ("row_number", "_key", "_raw"):
+            continue
+        out.append(name if name in _NAMEABLE or re.fullmatch(r"extra_\d{1,4}", name) else f"column_{i + 1}")
+    return sorted(out)
 
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
@@ -408,6 +449,7 @@ def anonymize_batch(
     max_shift_weeks: int = 52,
     rng: np.random.Generator | None = None,
     hmac_key: HmacKey | None = None,
+    site_mapping: SiteMapping | None = None,
 ) -> DeidBatch:
     """De-identify one batch of raw cohorts.
 
@@ -433,6 +475,10 @@ def anonymize_batch(
         Randomness of new surrogates and shifts (vault mode); OS entropy when not given.
     hmac_key
         When given, pseudonyms and shifts are keyed HMAC-SHA256 instead of random.
+    site_mapping
+        The batch's site mapping (its unit and site codes, unit types and value tables); the default
+        mapping when not given. Coded values are recoded by it again here: only controlled values and
+        ``unmapped`` leave.
 
     Returns
     -------
@@ -441,6 +487,10 @@ def anonymize_batch(
         ``numeric_value``) with ``hadm_id`` and ``available_time`` (when the value could first be seen by a
         clinician or a model) as extension columns. Events are not sorted: the MEDS writer sorts each shard.
     """
+    site = site_mapping or default_site_mapping()
+    dropped = {"patients": _dropped(patients, "patients"), "encounters": _dropped(encounters, "encounters")}
+    patients, unmapped_pat = enforce_controlled_values(patients, "patients", site)
+    encounters, unmapped_enc = enforce_controlled_values(encounters, "encounters", site)
     patients = patients.with_columns(normalize_identifier(pl.col("mrn")).alias("_key"))
     encounters = encounters.with_columns(
         normalize_identifier(pl.col("mrn")).alias("_key"),
@@ -464,7 +514,6 @@ def anonymize_batch(
             mrns=mrns, encounter_ids=enc_ids, key=hmac_key, max_shift_weeks=max_shift_weeks
         )
         new_pseudonyms = 0
-    dropped = {"patients": _dropped(patients, "patients"), "encounters": _dropped(encounters, "encounters")}
     free_text = {t: [c for c in cols if c in FREE_TEXT_COLUMNS] for t, cols in dropped.items()}
     pseud = mapping.patients.rename({"mrn": "_key"})
     births = patients.select("_key", "birth_date").unique("_key", keep="first")
@@ -550,8 +599,16 @@ def anonymize_batch(
         label_events=labelled.height,
         orphan_labels=label_rows.height - labelled.height,
         persist_vault=hmac_key is None,
+        unmapped_at_boundary=unmapped_pat | unmapped_enc,
+        unmapped_released=_unmapped_rows(deid_pat) | _unmapped_rows(deid_enc),
         events_plan=events_plan,
     )
+
+
+def _unmapped_rows(frame: pl.DataFrame) -> dict[str, int]:
+    coded = [c for c in frame.columns if frame[c].dtype == pl.String and c not in ("period", "batch_id")]
+    counts = frame.select((pl.col(c) == UNMAPPED).sum() for c in coded).row(0, named=True) if coded else {}
+    return {c: int(n) for c, n in counts.items() if n}
 
 
 def _measured_in_memory(

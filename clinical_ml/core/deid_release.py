@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anonymize_batch
+from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.pseudonyms import HmacKey
 from clinical_ml.core.reidentification import (
@@ -24,6 +25,7 @@ from clinical_ml.core.reidentification import (
     measure_risk,
     quasi_identifiers,
 )
+from clinical_ml.core.site_mapping import CODED_FIELDS, UNMAPPED, SiteMapping
 
 DEID_TABLE_NAMES = ("patients", "encounters", "events")
 _IDENTIFIER_PATTERNS = {
@@ -33,13 +35,26 @@ _IDENTIFIER_PATTERNS = {
 
 
 def identifier_leaks(
-    deid: pl.DataFrame, table: str, raw_identifiers: set[str], raw_numeric_ids: set[int]
+    deid: pl.DataFrame,
+    table: str,
+    raw_identifiers: set[str],
+    raw_numeric_ids: set[int],
+    *,
+    mapping: SiteMapping | None = None,
 ) -> list[str]:
-    """Reasons why a de-identified table is unsafe; empty when it is safe. Never returns a value."""
+    """Reasons why a de-identified table is unsafe; empty when it is safe. Never returns a value (nor a column
+    name outside the allowlist: those are counted). With ``mapping``, a coded column holding a value outside
+    its controlled vocabulary is a finding too."""
     problems = []
-    extra = sorted(set(deid.columns) - set(DEID_COLUMNS[table]))
+    extra = set(deid.columns) - set(DEID_COLUMNS[table])
     if extra:
-        problems.append(f"columns outside the allowlist: {extra}")
+        problems.append(f"{len(extra)} column(s) outside the allowlist")
+    if mapping is not None:
+        fields = [*CODED_FIELDS.get(table, ())] + (["unit_type"] if table == "encounters" else [])
+        for name in (f for f in fields if f in deid.columns):
+            allowed = [*mapping.allowed(name), UNMAPPED]
+            if deid.select((pl.col(name).is_not_null() & ~pl.col(name).is_in(allowed)).any()).item():
+                problems.append(f"column {name} holds values outside its controlled vocabulary")
     for name, dtype in deid.schema.items():
         if dtype == pl.String:
             values = set(deid[name].drop_nulls().unique().to_list())
@@ -86,6 +101,7 @@ class BatchRelease:
     frames: dict[str, pl.DataFrame]  # patients, encounters, events as they would be released
     leaks: dict[str, list[str]]  # per table, why it is unsafe (empty: safe)
     summary: str  # Markdown for the asset pages
+    mapping_name: str = "default"
 
     @property
     def meets_k(self) -> bool:
@@ -119,6 +135,9 @@ class BatchRelease:
             "labels_not_released": self.deid.orphan_labels,  # no patient found, or not a label code
             "columns_removed": self.deid.dropped_columns,
             "free_text_removed": self.deid.free_text_dropped,
+            "site_mapping": self.mapping_name,
+            "coded_values_unmapped_at_boundary": self.deid.unmapped_at_boundary,
+            "coded_values_unmapped_released": self.deid.unmapped_released,
         }
 
     def log_line(self) -> str:
@@ -142,6 +161,7 @@ def release_batch(
     max_shift_weeks: int,
     rng: np.random.Generator,
     hmac_key: HmacKey | None,
+    mapping: SiteMapping | None = None,
 ) -> BatchRelease:
     """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
     when delivered, labels).
@@ -160,6 +180,7 @@ def release_batch(
         max_shift_weeks=max_shift_weeks,
         rng=rng,
         hmac_key=hmac_key,
+        site_mapping=mapping,
     )
     remedied = enforce_k_anonymity(
         patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
@@ -169,7 +190,8 @@ def release_batch(
         quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k
     )
     ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"], raw.get("labels"))
-    leaks = {t: identifier_leaks(f, t, ids, numeric_ids) for t, f in frames.items()}
+    used = mapping or default_site_mapping()
+    leaks = {t: identifier_leaks(f, t, ids, numeric_ids, mapping=used) for t, f in frames.items()}
     summary = privacy_summary_markdown(
         batch_id=batch_id,
         deid=result,
@@ -179,4 +201,4 @@ def release_batch(
         max_shift_weeks=max_shift_weeks,
         leaks=[f"{t}: {p}" for t, ps in leaks.items() for p in ps],
     )
-    return BatchRelease(batch_id, result, remedied, published, policy, frames, leaks, summary)
+    return BatchRelease(batch_id, result, remedied, published, policy, frames, leaks, summary, used.name)

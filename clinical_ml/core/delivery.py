@@ -5,6 +5,11 @@ rejected one into ``quarantine/<batch>/`` beside a JSON reason (code, counts, li
 Either way the accepted-rows Parquet of the source is written (empty, with the contract's columns, when the
 file was quarantined or missing), so the other sources of the batch proceed. An optional source (labels) that a
 batch does not deliver is ``not_delivered``: empty accepted rows, no ledger entry, nothing wrong.
+
+Each batch is read through the site mapping its marker names (else ``default``); the mapping's name is in the
+ledger entry and its content hash in the data version. The delivered values of coded fields that no mapping
+names (which may be PHI) are listed, with their row counts, in ``phi/unmapped/<source>/<batch>.parquet`` for
+the data steward; the ledger and the asset pages carry their counts only.
 """
 
 import hashlib
@@ -23,11 +28,12 @@ from clinical_ml.core.ingestion import (
     RULES_VERSION,
     BatchContext,
     IngestResult,
+    default_site_mapping,
     empty_accepted,
     empty_rejects,
     ingest_file,
 )
-from clinical_ml.core.landing import COMPLETION_MARKER, OPTIONAL_SOURCES, read_marker
+from clinical_ml.core.landing import COMPLETION_MARKER, OPTIONAL_SOURCES, marker_site_mapping, read_marker
 from clinical_ml.core.safety import (
     FileRejected,
     Limits,
@@ -36,6 +42,7 @@ from clinical_ml.core.safety import (
     extract_zip_member,
     safe_name,
 )
+from clinical_ml.core.site_mapping import DEFAULT_MAPPING, SiteMapping, load_site_mapping
 from clinical_ml.core.storage import sha256_file, write_json, write_parquet
 
 DELIVERY_SUFFIXES = (".csv", ".parquet", ".zip")
@@ -76,6 +83,8 @@ class FileOutcome:
     archived_as: str | None = None
     accepted_path: str = ""
     rejects_path: str = ""
+    site_mapping: str = DEFAULT_MAPPING
+    unmapped_values_path: str = ""
     recorded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def ledger_row(self) -> dict:
@@ -92,6 +101,35 @@ def accepted_path(zones: ZonePaths, source: str, batch_id: str) -> Path:
 
 def rejects_path(zones: ZonePaths, source: str, batch_id: str) -> Path:
     return zones.phi / "rejects" / source / f"{batch_id}.parquet"
+
+
+def unmapped_values_path(zones: ZonePaths, source: str, batch_id: str) -> Path:
+    """The delivered coded values no mapping names, with their row counts: phi zone only (they may be PHI)."""
+    return zones.phi / "unmapped" / source / f"{batch_id}.parquet"
+
+
+def batch_site_mapping(zones: ZonePaths, batch_id: str, *, folder: str | Path | None = None) -> SiteMapping:
+    """The mapping batch ``batch_id`` is read with: the one its marker names, else ``default``.
+
+    Raises
+    ------
+    SiteMappingError
+        When that mapping is missing or invalid (naming the file and field): the batch waits for a fix,
+        nothing of it is read.
+    """
+    return load_site_mapping(marker_site_mapping(zones.landing / batch_id) or DEFAULT_MAPPING, folder=folder)
+
+
+def ingested_site_mapping(
+    zones: ZonePaths, batch_id: str, *, folder: str | Path | None = None
+) -> SiteMapping:
+    """The mapping batch ``batch_id`` was ingested with (its ledger entries name it), for the boundary to
+    apply again; the batch's own choice when no entry names one."""
+    for source in ("encounters", "patients"):
+        entry = read_ledger_entry(zones, batch_id, source)
+        if entry is not None and entry.get("site_mapping"):
+            return load_site_mapping(str(entry["site_mapping"]), folder=folder)
+    return batch_site_mapping(zones, batch_id, folder=folder)
 
 
 def ledger_entry_path(zones: ZonePaths, batch_id: str, source: str) -> Path:
@@ -180,6 +218,7 @@ def process_file(
     upstream_versions: list[str | None] | None = None,
     limits: Limits | None = None,
     now: datetime | None = None,
+    mapping: SiteMapping | None = None,
 ) -> tuple[FileOutcome, pl.DataFrame]:
     """Ingest the ``source`` file of batch ``batch_id`` and file the outcome.
 
@@ -201,6 +240,8 @@ def process_file(
         Size limits for files and zip members.
     now
         Ingestion time for the future-date check.
+    mapping
+        The batch's site mapping (:func:`batch_site_mapping`); the default mapping when not given.
 
     Returns
     -------
@@ -213,7 +254,8 @@ def process_file(
     limits = limits or Limits()
     batch_dir = zones.landing / batch_id
     candidates = _candidates(batch_dir, source)
-    upstream = upstream_versions or []
+    mapping = mapping or default_site_mapping()
+    upstream = [*(upstream_versions or []), f"mapping={mapping.digest()}"]
     acc_path = accepted_path(zones, source, batch_id)
     rej_path = rejects_path(zones, source, batch_id)
 
@@ -228,6 +270,7 @@ def process_file(
     common: dict[str, Any] = {
         "batch_id": batch_id,
         "source": source,
+        "site_mapping": mapping.name,
         "accepted_path": str(acc_path.relative_to(zones.phi)),
         "rejects_path": str(rej_path.relative_to(zones.phi)),
     }
@@ -278,9 +321,11 @@ def process_file(
                 member = extract_zip_member(path, workdir=Path(tmp), limits=limits)
                 if not member.name.startswith(f"{source}."):
                     raise FileRejected("odd_file_name", "the archive member is not named after its source")
-                result: IngestResult = ingest_file(member, source, batch=batch, now=now, limits=limits)
+                result: IngestResult = ingest_file(
+                    member, source, batch=batch, now=now, limits=limits, mapping=mapping
+                )
         else:
-            result = ingest_file(path, source, batch=batch, now=now, limits=limits)
+            result = ingest_file(path, source, batch=batch, now=now, limits=limits, mapping=mapping)
             sha = result.sha256
         if listing is not None and listing[path.name]["sha256"] and listing[path.name]["sha256"] != sha:
             raise FileRejected("checksum_mismatch", "sha256 differs from the one listed in the marker")
@@ -320,6 +365,12 @@ def process_file(
         return finish(outcome, empty_accepted(source), rejects)
 
     archived = _archive(zones, path, sha, batch_id, source)
+    unmapped_path = unmapped_values_path(zones, source, batch_id)
+    if result.unmapped_values is not None and result.unmapped_values.height:
+        write_parquet(result.unmapped_values, unmapped_path)
+        common["unmapped_values_path"] = str(unmapped_path.relative_to(zones.phi))
+    else:
+        unmapped_path.unlink(missing_ok=True)  # a re-run under a fixed mapping leaves no stale list
     outcome = FileOutcome(
         **common, status="accepted", file=path.name, sha256=sha, n_bytes=n_bytes, rows_in=result.rows_in,
         rows_accepted=result.rows_accepted, rows_rejected=result.rows_rejected,
@@ -392,16 +443,22 @@ def batch_context(
 
 
 def process_batch(
-    *, zones: ZonePaths, batch_id: str, limits: Limits | None = None, now: datetime | None = None
+    *,
+    zones: ZonePaths,
+    batch_id: str,
+    limits: Limits | None = None,
+    now: datetime | None = None,
+    mappings_dir: str | Path | None = None,
 ) -> dict[str, FileOutcome]:
     """Every source of one batch in dependency order (what the ingestion assets do, without Dagster); an
     optional source the batch does not deliver is left out."""
     out = {}
+    mapping = batch_site_mapping(zones, batch_id, folder=mappings_dir)
     for source in UPSTREAM:
         batch, versions = batch_context(zones, source, batch_id)
         outcome, _ = process_file(
             zones=zones, batch_id=batch_id, source=source, batch=batch, upstream_versions=versions,
-            limits=limits, now=now,
+            limits=limits, now=now, mapping=mapping,
         )  # fmt: skip
         if outcome.status != "not_delivered":
             out[source] = outcome

@@ -20,6 +20,14 @@ The optional ``labels`` source (hospital-supplied labels, e.g. from chart review
 delivered in an earlier batch: it is looked up in the batch's encounters, then in the encounters accepted in
 the earlier batches (:attr:`BatchContext.earlier_encounters`), and the patient found is kept with the accepted
 row (``mrn``) for the anonymizer.
+
+A site mapping (:mod:`clinical_ml.core.site_mapping`) is applied on the way in: delivered headers renamed onto
+the contract's columns, local lab and vital codes onto vocabulary codes, and the coded fields (sex, race,
+ethnicity, admission type, unit, site, discharge disposition) recoded onto controlled values; a value no
+mapping names becomes ``unmapped`` (the row is kept, the delivered text stays beside it in
+``<field>_delivered``, phi zone only) and is counted (``unmapped:<field>`` among the warnings). A delivered
+column the contract does not know is kept under its position (``extra_<n>``), never under its header, which
+can hold anything (a patient's name); only the few names of :data:`KNOWN_EXTRA_COLUMNS` are kept as they are.
 """
 
 from dataclasses import dataclass, field
@@ -42,6 +50,15 @@ from clinical_ml.core.safety import (
     header_names,
     safe_column_label,
     sniff_text,
+)
+from clinical_ml.core.site_mapping import (
+    CODED_FIELDS,
+    SiteMapping,
+    delivered,
+    load_site_mapping,
+    map_coded_values,
+    site_mappings_dir,
+    unmapped_counts,
 )
 from clinical_ml.core.storage import sha256_file
 from clinical_ml.core.units import (
@@ -171,7 +188,10 @@ DERIVED_COLUMNS: dict[str, pl.DataType] = {
     "implausible": pl.Boolean(),
 }
 
-SEXES = ["M", "F", "U"]
+# Extra column names that say nothing about a patient and name what they hold in the privacy report; any
+# other extra header is replaced by its position (``extra_<n>``).
+KNOWN_EXTRA_COLUMNS = frozenset({"note", "notes", "comment", "comments", "free_text", "ssn"})
+DEFAULT_ID_PATTERNS = {"mrn": r"^[0-9A-Za-z]{4,20}$", "encounter_id": r"^[0-9A-Za-z\-]{4,32}$"}
 # pandera check name -> reason code in the rejects table
 _CHECK_REASONS = {
     "isin": "not_allowed",
@@ -180,7 +200,6 @@ _CHECK_REASONS = {
     "in_range": "out_of_range",
     "dtype": "wrong_type",
 }
-ADMISSION_TYPES = ["EMERGENCY", "URGENT", "ELECTIVE"]
 _FORMULA = r"^[=+@\t\r]|^-[^0-9. ]"
 _MARKUP = r"(?i)<\s*/?\s*(script|iframe|img|svg|a|object|embed|style|html|body|meta|link)\b|javascript:|\bon[a-z]+\s*="
 _AMBIGUOUS_DATE = r"^\s*\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}"
@@ -189,17 +208,19 @@ EVENT_GRACE = timedelta(hours=1)
 MIN_ROWS_FOR_MEDIAN_CHECK = 10
 
 
-def _schema(source: str) -> pa.DataFrameSchema:
+def _schema(source: str, mapping: SiteMapping) -> pa.DataFrameSchema:
     cols = SOURCE_COLUMNS[source]
+    ids = DEFAULT_ID_PATTERNS | dict(mapping.id_patterns)
     checks: dict[str, list[pa.Check]] = {
-        "sex": [pa.Check.isin(SEXES)],
-        "admission_type": [pa.Check.isin(ADMISSION_TYPES)],
-        "mrn": [pa.Check.str_matches(r"^[0-9A-Za-z]{4,20}$")],
-        "encounter_id": [pa.Check.str_matches(r"^[0-9A-Za-z\-]{4,32}$")],
+        "mrn": [pa.Check.str_matches(ids["mrn"])],
+        "encounter_id": [pa.Check.str_matches(ids["encounter_id"])],
         "loinc_code": [pa.Check.isin(list(LAB_CODES))],
         "code": [pa.Check.isin(list(VITAL_CODES))],
         "label": [pa.Check.str_matches(LABEL_NAME_PATTERN)],
     }
+    for coded in CODED_FIELDS.get(source, ()):
+        # the mapping's controlled values, or unmapped: never delivered text
+        checks[coded] = [pa.Check.isin([*sorted(mapping.allowed(coded)), "unmapped"])]
     return pa.DataFrameSchema(
         {
             name: pa.Column(dtype, checks=checks.get(name, []), nullable=name in NULLABLE)
@@ -210,7 +231,28 @@ def _schema(source: str) -> pa.DataFrameSchema:
     )
 
 
-SCHEMAS: dict[str, pa.DataFrameSchema] = {s: _schema(s) for s in SOURCE_COLUMNS}
+_DEFAULT_MAPPINGS: dict[Path, SiteMapping] = {}
+_SCHEMAS: dict[tuple[str, str], pa.DataFrameSchema] = {}
+
+
+def default_site_mapping() -> SiteMapping:
+    """The ``default`` mapping of the configured mapping folder (read once per folder)."""
+    folder = site_mappings_dir()
+    if folder not in _DEFAULT_MAPPINGS:
+        _DEFAULT_MAPPINGS[folder] = load_site_mapping(folder=folder)
+    return _DEFAULT_MAPPINGS[folder]
+
+
+def schema_for(source: str, mapping: SiteMapping | None = None) -> pa.DataFrameSchema:
+    """The pandera schema of ``source`` under a site mapping (its controlled values and id patterns)."""
+    mapping = mapping or default_site_mapping()
+    key = (source, mapping.digest())
+    if key not in _SCHEMAS:
+        _SCHEMAS[key] = _schema(source, mapping)
+    return _SCHEMAS[key]
+
+
+SCHEMAS: dict[str, pa.DataFrameSchema] = {s: schema_for(s) for s in SOURCE_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -246,6 +288,9 @@ class IngestResult:
     n_bytes: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
+    unmapped_values: pl.DataFrame | None = None
+    """``field``, ``value`` (as delivered: may be PHI, phi zone only), ``rows`` of the coded values no mapping
+    names."""
 
     @property
     def rows_accepted(self) -> int:
@@ -274,6 +319,10 @@ def empty_accepted(source: str) -> pl.DataFrame:
         schema["implausible"] = pl.Boolean()
     if source == "labels":
         schema[LABEL_PATIENT] = pl.String()
+    for coded in CODED_FIELDS.get(source, ()):
+        schema[delivered(coded)] = pl.String()
+    if source == "encounters":
+        schema["unit_type"] = pl.String()
     return pl.DataFrame(schema=schema)
 
 
@@ -281,10 +330,15 @@ def empty_rejects() -> pl.DataFrame:
     return pl.DataFrame(schema={"row_number": pl.Int64, "reason": pl.String})
 
 
-def _check_columns(columns: list[str], source: str) -> dict[str, int]:
+def _check_columns(columns: list[str], source: str, *, header: list[str] | None = None) -> dict[str, int]:
+    """Duplicate, missing and extra columns of ``columns`` (the contract's names of the delivered ``header``)."""
+    header = columns if header is None else header
     seen: set[str] = set()
     # Positions, not names: a file without a header has patient values where the names should be.
     dup_positions = [i + 1 for i, c in enumerate(columns) if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+    seen = set()
+    dup_positions += [i + 1 for i, c in enumerate(header) if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+    dup_positions = sorted(set(dup_positions))
     if dup_positions:
         raise FileRejected(
             "duplicate_columns",
@@ -293,7 +347,7 @@ def _check_columns(columns: list[str], source: str) -> dict[str, int]:
         )
     missing = [c for c in SOURCE_COLUMNS[source] if c not in columns]
     if missing:
-        if len(columns) == 1 and any(s in columns[0] for s in (";", "\t", "|")):
+        if len(header) == 1 and any(s in header[0] for s in (";", "\t", "|")):
             raise FileRejected(
                 "wrong_delimiter",
                 "the header is one field holding ';', tab or '|': not comma-separated",
@@ -302,6 +356,21 @@ def _check_columns(columns: list[str], source: str) -> dict[str, int]:
         raise FileRejected("missing_columns", f"required columns absent: {missing}", line=1)
     extra = [c for c in columns if c not in SOURCE_COLUMNS[source]]
     return {"extra_columns": len(extra)} if extra else {}
+
+
+def contract_header(columns: list[str], source: str, mapping: SiteMapping) -> list[str]:
+    """Delivered headers as the contract names them: renamed by the site mapping (exact, or ignoring case and
+    surrounding blanks), contract columns as they are, a known extra name as it is, any other header as its
+    position ``extra_<n>`` (1-based): a header can hold anything, and it is never repeated."""
+    renames = dict(mapping.columns.get(source, {}))  # type: ignore[call-overload]
+    loose = {k.strip().lower(): v for k, v in renames.items()}
+    out = []
+    for i, name in enumerate(columns):
+        target = renames.get(name) or loose.get(name.strip().lower()) or name
+        if target not in SOURCE_COLUMNS[source] and target not in KNOWN_EXTRA_COLUMNS:
+            target = f"extra_{i + 1}"
+        out.append(target)
+    return out
 
 
 def _read_parquet(path: Path) -> tuple[pl.DataFrame, str]:
@@ -335,11 +404,15 @@ def _read_parquet(path: Path) -> tuple[pl.DataFrame, str]:
     return df.select(exprs), sha256_file(path)
 
 
-def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:
-    """Text columns of a CSV, its sha256, the rows with a wrong field count, and warnings."""
+def _read_csv(
+    path: Path, source: str, mapping: SiteMapping
+) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:
+    """Text columns of a CSV (under the contract's column names), its sha256, the rows with a wrong field
+    count, and warnings."""
     sniff_text(path)
-    columns = header_names(path)
-    warnings = _check_columns(columns, source)
+    header = header_names(path)
+    columns = contract_header(header, source, mapping)
+    warnings = _check_columns(columns, source, header=header)
     with path.open("rb") as f:
         if f.read(3) == b"\xef\xbb\xbf":
             warnings["utf8_bom"] = 1
@@ -361,6 +434,8 @@ def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], di
             line=first_malformed_line(path, n_columns=len(columns)),
         ) from None
     result = scan.result()
+    if len(raw.columns) == len(columns):
+        raw.columns = columns
     if not result.ends_with_newline:
         raise FileRejected(
             "truncated_file",
@@ -386,13 +461,18 @@ def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, str, list[int], di
     return raw, result.sha256, bad_rows, warnings
 
 
-def _read(path: Path, source: str, limits: Limits) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:
+def _read(
+    path: Path, source: str, limits: Limits, mapping: SiteMapping
+) -> tuple[pl.DataFrame, str, list[int], dict[str, int]]:
     check_size(path, limits=limits)
     if path.suffix == ".parquet":
         raw, sha = _read_parquet(path)
-        return raw, sha, [], _check_columns(raw.columns, source)
+        columns = contract_header(raw.columns, source, mapping)
+        warnings = _check_columns(columns, source, header=raw.columns)
+        raw.columns = columns
+        return raw, sha, [], warnings
     if path.suffix == ".csv":
-        return _read_csv(path, source)
+        return _read_csv(path, source, mapping)
     raise FileRejected(
         "unsupported_file_type", "only .csv and .parquet files (or one of them zipped) are read"
     )
@@ -407,6 +487,8 @@ def _text_of(source: str, name: str) -> pl.Expr:
     """The delivered text of a contract column at rule time (after parsing and unit harmonization)."""
     if source in CODE_COLUMN and name == "unit":
         return pl.col("unit_raw")
+    if name in CODED_FIELDS.get(source, ()):
+        return pl.col(delivered(name))
     return pl.col(name) if SOURCE_COLUMNS[source][name] == pl.String() else pl.col(_txt(name))
 
 
@@ -527,14 +609,18 @@ def _id_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
 def _text_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
     """Spreadsheet formulas and markup in free-text columns (constrained columns cannot hold them)."""
     rules: list[tuple[pl.Expr, str]] = []
+    coded = CODED_FIELDS.get(source, ())
     for name in text.columns:
         if name in SOURCE_COLUMNS[source] and (
             name not in FREE_TEXT or (source in CODE_COLUMN and name == "unit")
         ):
             continue
+        if name in {delivered(f) for f in coded} or (source == "encounters" and name == "unit_type"):
+            continue  # the delivered text of a coded field: checked under the field's name
+        col = pl.col(delivered(name)) if name in coded else pl.col(name)
         label = safe_column_label(name)
-        rules.append((pl.col(name).str.contains(_FORMULA), f"formula_cell:{label}"))
-        rules.append((pl.col(name).str.contains(_MARKUP), f"markup_in_cell:{label}"))
+        rules.append((col.str.contains(_FORMULA), f"formula_cell:{label}"))
+        rules.append((col.str.contains(_MARKUP), f"markup_in_cell:{label}"))
     return rules
 
 
@@ -752,9 +838,9 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     )
 
 
-def _pandera_rejects(parsed: pl.DataFrame, source: str) -> pl.DataFrame:
+def _pandera_rejects(parsed: pl.DataFrame, source: str, mapping: SiteMapping) -> pl.DataFrame:
     try:
-        SCHEMAS[source].validate(parsed, lazy=True)
+        schema_for(source, mapping).validate(parsed, lazy=True)
     except pa.errors.SchemaErrors as exc:
         fc = exc.failure_cases.filter(pl.col("index").is_not_null())
         return fc.select(
@@ -877,6 +963,7 @@ def ingest_file(
     batch: BatchContext | None = None,
     now: datetime | None = None,
     limits: Limits | None = None,
+    mapping: SiteMapping | None = None,
 ) -> IngestResult:
     """Read, parse, validate and harmonize one delivered file of ``source``.
 
@@ -894,6 +981,8 @@ def ingest_file(
         Time of ingestion for the future-date check (defaults to the current UTC time).
     limits
         File size limits (defaults to :class:`~clinical_ml.core.safety.Limits` ()).
+    mapping
+        The site's mapping (defaults to :func:`default_site_mapping`).
 
     Returns
     -------
@@ -909,11 +998,16 @@ def ingest_file(
     if source not in SOURCE_COLUMNS:
         raise ValueError(f"unknown source {source!r}")
     now = now or datetime.now(UTC).replace(tzinfo=None)
-    raw, sha, ragged, warnings = _read(p, source, limits or Limits())
+    mapping = mapping or default_site_mapping()
+    raw, sha, ragged, warnings = _read(p, source, limits or Limits(), mapping)
     if raw.height == 0:
         raise FileRejected("no_data_rows", "the file has a header and no rows", line=1)
     text = _clean(raw, source)
     del raw
+    local_codes = mapping.codes.get(source, {})  # type: ignore[call-overload]
+    if local_codes:
+        text = text.with_columns(pl.col(CODE_COLUMN[source]).replace(dict(local_codes)))
+    text = map_coded_values(text, source, mapping, keep_delivered=True)
     parsed = text.with_columns(*_parse_exprs(source)).with_columns(
         pl.int_range(1, text.height + 1, dtype=pl.Int64).alias("row_number")
     )
@@ -954,7 +1048,7 @@ def ingest_file(
     # A zero-padded match is an unknown patient/encounter too (the next rule): naming it is detail only.
     rules += [(c, r, r.startswith("id_leading_zeros_lost")) for c, r in extra_rules]
 
-    schema_rejects = _pandera_rejects(parsed.select(*SOURCE_COLUMNS[source]), source)
+    schema_rejects = _pandera_rejects(parsed.select(*SOURCE_COLUMNS[source]), source, mapping)
     flagged = pl.any_horizontal([c.fill_null(False) for c, _, detail_only in rules if not detail_only])
     if schema_rejects.height:
         flagged = flagged | pl.col("row_number").is_in(schema_rejects["row_number"].implode())
@@ -976,6 +1070,8 @@ def ingest_file(
     helper = [c for c in parsed.columns if c.startswith("_")]
     accepted = _without_rows(parsed.drop(helper), rejects["row_number"])
     by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())
+    unmapped, unmapped_values = unmapped_counts(accepted, source)
+    warnings |= unmapped
     if source in CODE_COLUMN:
         n_implausible = int(accepted["implausible"].sum())
         if n_implausible:
@@ -989,4 +1085,5 @@ def ingest_file(
         n_bytes=p.stat().st_size,
         rejected_by_reason={str(k): int(v) for k, v in by_reason.items()},
         warnings=warnings,
+        unmapped_values=unmapped_values,
     )

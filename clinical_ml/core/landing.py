@@ -88,6 +88,18 @@ def read_marker(batch_dir: Path) -> dict[str, dict] | None:
         return None
 
 
+def marker_site_mapping(batch_dir: Path) -> str | None:
+    """The site mapping a batch's completion marker names (``"site_mapping": "<name>"``), or ``None``."""
+    marker = batch_dir / COMPLETION_MARKER
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode):
+            return None
+        name = json.loads(marker.read_bytes()).get("site_mapping")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 def read_batch(batch_dir: Path) -> LandingBatch | None:
     """A batch with a completion marker, complete when every plainly named file it lists exists with the listed
     size. Returns ``None`` for an incomplete batch or one without a usable marker."""

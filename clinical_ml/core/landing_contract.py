@@ -8,7 +8,8 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from clinical_ml.core import ingestion, landing, safety, units
+from clinical_ml.core import ingestion, landing, safety, site_mapping, units
+from clinical_ml.core.locations import PROJECT_ROOT
 
 _TYPES = {
     pl.String: "text",
@@ -59,11 +60,20 @@ def _table(source: str) -> list[str]:
     ]
     for name, col in schema.columns.items():
         required = "may be empty" if col.nullable else "yes"
-        notes = [_rule(col.checks)]
+        coded = name in site_mapping.CODED_FIELDS.get(source, ())
+        notes = [
+            "coded: recoded by the site mapping (see *Coded values*); a value it does not name becomes "
+            "`unmapped`, never passed on as text"
+            if coded
+            else _rule(col.checks)
+        ]
         if name in ingestion.ID_COLUMNS:
-            notes.append("an identifier: checked for spreadsheet mangling (scientific notation, lost zeros)")
+            notes.append(
+                "an identifier: checked for spreadsheet mangling (scientific notation, lost zeros); the site "
+                "mapping may declare the site's own pattern"
+            )
         if name in ingestion.FREE_TEXT:
-            notes.append("text: formulas and markup rejected")
+            notes.append("formulas and markup rejected" if coded else "text: formulas and markup rejected")
         lines.append(f"| `{name}` | {_type(col.dtype)} | {required} | {'; '.join(n for n in notes if n)} |")
     keys = ingestion.DUPLICATE_KEYS.get(source)
     if keys:
@@ -111,6 +121,36 @@ def _codes() -> list[str]:
     return [*lines, ""]
 
 
+def _coded_values() -> list[str]:
+    default = site_mapping.load_site_mapping(folder=PROJECT_ROOT / "site_mappings")
+    return [
+        "## Coded values and the site mapping",
+        "",
+        "Each site maps its export onto this contract in a mapping file (`site_mappings/<name>.yaml`; the folder "
+        f"is `${site_mapping.SITE_MAPPINGS_ENV}` or the data zones resource's `site_mappings_dir`). A batch names "
+        f'its mapping in its `{landing.COMPLETION_MARKER}` marker (`"site_mapping": "<name>"`), else '
+        f"`{site_mapping.DEFAULT_MAPPING}` applies. The mapping renames delivered columns per source, maps local "
+        "lab and vital codes onto the codes below, local values of the coded columns onto the values of this "
+        "table, declares the site's units (each with a code and a unit type) and sites, and may declare the "
+        "site's identifier patterns. Values are compared without regard to case, surrounding blanks or runs of "
+        "spaces; a contract value always maps to itself.",
+        "",
+        site_mapping.mapping_markdown(),
+        "",
+        f"The shipped `{site_mapping.DEFAULT_MAPPING}` mapping (`site_mappings/default.yaml`, the synthetic demo "
+        f"hospital's) declares the units {', '.join(f'`{u}` ({t})' for u, t in default.unit_types().items())} "
+        f"and the sites {', '.join(f'`{c}`' for c in sorted(default.allowed('site')))}.",
+        "",
+        "`unit` and `site` take the codes the site's mapping declares; `unit_type` is derived from the unit. A "
+        f"value no mapping names becomes `{site_mapping.UNMAPPED}`: the row is kept, the value is counted per "
+        "column on the ingestion page (`unmapped:<column>` among the warnings; a warning check fires above a "
+        "set share), and the delivered text is listed only in the phi zone (`phi/unmapped/<source>/<batch>"
+        ".parquet`) for the data steward: it never crosses the anonymization boundary. A delivered column the "
+        "contract does not know is kept in the phi zone under its position (`extra_<n>`), never its header.",
+        "",
+    ]
+
+
 def contract_markdown() -> str:
     """The generated part of ``docs/landing-contract.md``."""
     limits = safety.Limits()
@@ -149,6 +189,7 @@ def contract_markdown() -> str:
     ]
     for source in landing.SOURCES:
         lines += _table(source)
+    lines += _coded_values()
     lines += _codes()
     return "\n".join(lines).rstrip() + "\n"
 

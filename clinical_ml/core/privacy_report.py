@@ -17,6 +17,10 @@ def _names(cols: list[str]) -> str:
     return ", ".join(f"`{c}`" for c in cols) if cols else "none"
 
 
+def _counts(by_field: dict[str, int]) -> str:
+    return ", ".join(f"`{f}` {n}" for f, n in sorted(by_field.items())) if by_field else "none"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -76,6 +80,11 @@ def privacy_summary_markdown(
         f"- encounters: {_names(deid.dropped_columns.get('encounters', []))}",
         f"- free text dropped, never passed or scrubbed: {_names(free_text)}",
         f"- events of an admission not delivered in this batch (not released): {deid.orphan_events}",
+        "",
+        "**Coded values** (only controlled values or `unmapped` leave; the delivered text of an unmapped value "
+        "stays in the phi zone)",
+        f"- leaving as `unmapped`, per field: {_counts(deid.unmapped_released)}",
+        f"- not controlled values on reaching the boundary (made `unmapped` here): {_counts(deid.unmapped_at_boundary)}",
         "",
         "**Pseudonymized**",
         f"- {_MODES[deid.pseudonym_mode]}; the same patient keeps one pseudonym across batches and sources",

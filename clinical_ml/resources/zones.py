@@ -31,6 +31,18 @@ class DataZones(dg.ConfigurableResource):
         "the same across two sensor checks and for this long.",
     )
 
+    site_mappings_dir: str | None = Field(
+        default=None,
+        description="Folder of the site mapping files (<name>.yaml; a batch's _SUCCESS marker names its mapping, "
+        "else default.yaml). Unset: $CLINICAL_ML_SITE_MAPPINGS, else the project's site_mappings/.",
+    )
+    max_unmapped_share: float = Field(
+        default=0.05,
+        description="Share of a coded field (sex, race, ethnicity, admission type, unit, site, disposition) "
+        "that the site mapping may leave unmapped or send to Other/Unknown before the WARN check "
+        "coded_values_mapped fails.",
+    )
+
     def zone(self, name: str) -> Path:
         if name not in ZONES:
             raise ValueError(f"unknown zone {name!r}")

@@ -1,7 +1,8 @@
 """Canary test of the PHI boundary.
 
 Unique fake identifiers (names, MRNs, encounter numbers, phone, email, address, free text, and the HMAC
-secret itself) are planted into the synthetic exports; the real graph runs in process in HMAC mode; then
+secret itself) are planted into the synthetic exports, as are free text typed into the coded fields
+(discharge disposition, unit, site) and a patient's name used as a column header; the real graph runs in process in HMAC mode; then
 every file of every zone below the boundary (deid, registry, reports), every file of the Dagster instance
 (event log database, compute logs) and every event log record are scanned. Zero hits allowed.
 
@@ -29,6 +30,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BELOW_BOUNDARY = ("deid", "registry", "reports")
 CANARY_SECRET = "CNRYSECRET" + "7f3a9c2e1b" * 4
 CONFIG = SyntheticConfig(n_patients=900, n_batches=2, n_sites=2, seed=29)
+# Free text typed into coded fields of the canary patients' stays, and a name as a column header: none of it
+# is in a controlled vocabulary, so none of it may cross (issue 17, class 1).
+CODED_FIELD_CANARIES = {
+    "discharge_disposition": "HOME with daughter Alice Canarybeak",
+    "unit": "Ward 3 of Dr Canaryfeather",
+    "site": "Canarynest Clinic of Alice Canarybeak",
+}
+HEADER_CANARY = "Zephyrine Headerwood"
 
 
 @dataclass(frozen=True)
@@ -118,9 +127,15 @@ def _plant(landing: Path) -> tuple[list[Canary], str]:
             .otherwise(pl.lit("no remarks"))
             .alias("comment")
         )
-        pats.write_csv(b / "patients.csv")
+        # a patient's name as the header of a column the contract does not know
+        pats.with_columns(pl.lit("seen").alias(HEADER_CANARY)).write_csv(b / "patients.csv")
         encs = encs.with_columns(
             pl.col("mrn").replace(replace_mrn), pl.col("encounter_id").replace(replace_enc)
+        )
+        canary_stay = pl.col("mrn").is_in(list(replace_mrn.values()))
+        encs = encs.with_columns(
+            pl.when(canary_stay).then(pl.lit(text)).otherwise(pl.col(field)).alias(field)
+            for field, text in CODED_FIELD_CANARIES.items()
         )
         note = pl.col("note")
         for old, new in replace_text.items():
@@ -178,6 +193,8 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> CanaryRun:
     generate_hospital(root / "landing", CONFIG)
     canaries, secret = _plant(root / "landing")
     needles = {f"{i}:{k}": v for i, c in enumerate(canaries) for k, v in c.tokens().items()}
+    needles |= {f"coded:{field}": text for field, text in CODED_FIELD_CANARIES.items()}
+    needles["column_header"] = HEADER_CANARY
     needles["hmac_secret"] = secret
     with pytest.MonkeyPatch.context() as mp, dg.instance_for_test() as instance:
         mp.setenv(SECRET_ENV_VAR, secret)
@@ -220,6 +237,19 @@ def test_the_scanner_finds_the_canaries_where_they_are_allowed(canary_run):
     assert identifiers <= found, identifiers - found
     phi = _scan_tree(canary_run.data_root / "phi" / "raw", canary_run.needles)
     assert {k for k in identifiers if k.endswith(":mrn")} <= set().union(*phi.values())
+    # the delivered text of the coded fields stays in the phi zone, where the data steward reads it
+    assert {f"coded:{f}" for f in CODED_FIELD_CANARIES} <= set().union(*phi.values())
+    unmapped = _scan_tree(canary_run.data_root / "phi" / "unmapped", canary_run.needles)
+    assert {f"coded:{f}" for f in CODED_FIELD_CANARIES} <= set().union(*unmapped.values())
+
+
+def test_the_coded_fields_left_as_unmapped_and_were_counted(canary_run):
+    frames = [pl.read_parquet(p) for p in (canary_run.data_root / "deid" / "encounters").glob("*.parquet")]
+    enc = pl.concat(frames)
+    for field in CODED_FIELD_CANARIES:
+        assert (enc[field] == "unmapped").sum() > 0, field
+    assert (enc["unit_type"] == "unmapped").sum() == (enc["unit"] == "unmapped").sum()
+    assert "unmapped:discharge_disposition" in canary_run.event_log_text
 
 
 @pytest.mark.parametrize("zone", BELOW_BOUNDARY)

@@ -5,8 +5,12 @@ MIMIC-III) straight into the de-identified layer (``deid/patients``, ``deid/enco
 with exactly the allowlisted columns of :data:`clinical_ml.core.anonymization.DEID_COLUMNS`), so the graph
 from ``meds_dataset`` down runs on it unchanged. Source identifiers are still replaced by random surrogate
 ids (the pipeline's rule: codes not derived from identifiers); the mapping is written to the phi zone only.
+Coded values pass the same value allowlist as the landing zone's (:mod:`clinical_ml.core.site_mapping`): each
+adapter recodes its source's values with explicit tables and declares its unit codes (with their types) and
+site codes in an :func:`adapter_mapping`; anything else would leave as ``unmapped``.
 """
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import AGE_CAP, DEID_COLUMNS, encounter_events, year_quarter
+from clinical_ml.core.site_mapping import CONTRACT, SiteMapping, UnitEntry, enforce_controlled_values
 from clinical_ml.core.storage import committed, write_json, write_parquet
 from clinical_ml.core.units import PLAUSIBLE_RANGES
 
@@ -43,27 +48,11 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-# The coded discharge dispositions of the de-identified layer, shared by every adapter (each maps its source's
-# values onto them with an explicit table; the synthetic hospital's HOME, EXPIRED, TRANSFER ... are the same
-# kind of codes). Transfers to another inpatient hospital are ``*_TRANSFER`` so that a readmission question
-# can exclude them (``outcome.transfer_dispositions``).
-DISCHARGE_DISPOSITIONS: tuple[str, ...] = (
-    "HOME",
-    "HOME_HEALTH_CARE",
-    "SKILLED_NURSING_FACILITY",
-    "INTERMEDIATE_CARE_FACILITY",
-    "NURSING_HOME",
-    "REHABILITATION",
-    "LONG_TERM_CARE_HOSPITAL",
-    "HOSPICE",
-    "ACUTE_CARE_TRANSFER",
-    "PSYCHIATRIC_HOSPITAL_TRANSFER",
-    "LEFT_AGAINST_MEDICAL_ADVICE",
-    "OTHER_FACILITY",
-    "EXPIRED",
-    "OTHER",
-    "UNKNOWN",
-)
+# The coded discharge dispositions of the de-identified layer, shared by every adapter and the landing zone
+# (clinical_ml/core/contract_vocabulary.yaml; each adapter maps its source's values onto them with an explicit
+# table, a site with its mapping file). Transfers to another inpatient hospital are ``*_TRANSFER`` (or
+# ``TRANSFER``) so that a readmission question can exclude them (``outcome.transfer_dispositions``).
+DISCHARGE_DISPOSITIONS: tuple[str, ...] = CONTRACT.discharge_disposition
 # A source value that its adapter's table does not name, and a missing one.
 OTHER = "OTHER"
 UNKNOWN = "UNKNOWN"
@@ -210,12 +199,30 @@ def cap_age(age: pl.Expr) -> pl.Expr:
     return pl.when(age < 0).then(None).otherwise(pl.min_horizontal(age, pl.lit(AGE_CAP))).cast(pl.Int32)
 
 
-def finish_encounters(encounters: pl.DataFrame) -> pl.DataFrame:
-    """Encounters with the real year-quarter as ``period`` and exactly the allowlisted columns."""
-    return encounters.with_columns(
+def adapter_mapping(source: str, *, units: Mapping[str, str], sites: Iterable[str]) -> SiteMapping:
+    """An adapter's declared codes as a site mapping: ``units`` (unit code -> unit type) and ``sites``."""
+    return SiteMapping(
+        name=source,
+        units={u: UnitEntry(type=t) for u, t in units.items()},
+        sites={s: s for s in sites},
+    )
+
+
+def finish_encounters(encounters: pl.DataFrame, *, mapping: SiteMapping) -> pl.DataFrame:
+    """Encounters with the real year-quarter as ``period``, the unit's type, coded values held to their
+    vocabularies (anything else ``unmapped``) and exactly the allowlisted columns."""
+    out = encounters.with_columns(
         year_quarter(pl.col("admit_time")).alias("period"),
         pl.col("age_years").cast(pl.Int32),
-    ).select(DEID_COLUMNS["encounters"])
+    )
+    out, _ = enforce_controlled_values(out, "encounters", mapping)
+    return out.select(DEID_COLUMNS["encounters"])
+
+
+def finish_patients(patients: pl.DataFrame, *, mapping: SiteMapping) -> pl.DataFrame:
+    """Patients with sex, race and ethnicity held to their vocabularies and exactly the allowlisted columns."""
+    out, _ = enforce_controlled_values(patients, "patients", mapping)
+    return out.select(DEID_COLUMNS["patients"])
 
 
 def write_deid_layer(adapted: AdaptedSource, *, data_root: Path) -> dict[str, list[Path]]:

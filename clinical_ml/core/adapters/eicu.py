@@ -37,11 +37,13 @@ from clinical_ml.core.adapters.common import (
     UNKNOWN,
     AdaptedSource,
     AdapterError,
+    adapter_mapping,
     cap_age,
     coded,
     count_unmapped,
     finish_encounters,
     finish_events,
+    finish_patients,
     read_table,
     stay_events,
     surrogate_ids,
@@ -122,6 +124,10 @@ DISCHARGE_DISPOSITIONS: dict[str, str] = {
     "Other": "OTHER",
     "Death": "EXPIRED",
 }
+# Every eICU unit is an intensive care unit.
+UNIT_CODES: dict[str, str] = {code: "ICU" for code in (*UNIT_TYPES.values(), "OTHER_ICU")}
+# hospital.region -> the region part of the site code (anything else: OTHER; missing: Unknown region).
+REGIONS: dict[str, str] = {r: r for r in ("Midwest", "Northeast", "South", "West")}
 SEX = {"Male": "M", "Female": "F"}
 # eICU records one "ethnicity" field mixing race and ethnicity.
 RACE = {
@@ -338,8 +344,15 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
     race, ethnicity = _race_ethnicity(pl.col("ethnicity"))
     discharge = _offset_time("hospitaldischargeoffset")
     admit_source = pl.col("unitadmitsource")
+    stays_known = index.filter(known_outcome).with_columns(
+        pl.format(
+            "{}/hospital-{}", coded(pl.col("region"), REGIONS, missing="Unknown region"), pl.col("hospitalid")
+        ).alias("_site")
+    )
+    # the site codes are made of a coded region and the hospital's number: declared, not delivered text
+    mapping = adapter_mapping(SOURCE, units=UNIT_CODES, sites=stays_known["_site"].drop_nulls().unique())
     encounters = finish_encounters(
-        index.filter(known_outcome).select(
+        stays_known.select(
             "subject_id",
             "hadm_id",
             pl.col("unit_admit").alias("admit_time"),
@@ -352,17 +365,16 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
             .otherwise(pl.lit("OTHER"))
             .alias("admission_type"),
             pl.col("unittype").replace_strict(UNIT_TYPES, default="OTHER_ICU").alias("unit"),
-            pl.format(
-                "{}/hospital-{}", pl.col("region").fill_null("Unknown region"), pl.col("hospitalid")
-            ).alias("site"),
+            pl.col("_site").alias("site"),
             coded(pl.col("hospitaldischargelocation"), DISCHARGE_DISPOSITIONS).alias("discharge_disposition"),
             _age(pl.col("age")).alias("age_years"),
             pl.format("{}_{}", pl.lit(SOURCE), pl.col("hospitaldischargeyear")).alias("batch_id"),
-        )
+        ),
+        mapping=mapping,
     )
     kept_hadm = encounters["hadm_id"].implode()
     stays = stays.filter(pl.col("hadm_id").is_in(kept_hadm))
-    patients = (
+    patients = finish_patients(
         index.filter(known_outcome)
         .sort("hospitaldischargeyear", "unit_admit")
         .unique("subject_id", keep="first", maintain_order=True)
@@ -372,7 +384,8 @@ def adapt(source: Path | str, *, rng: np.random.Generator | None = None) -> Adap
             race.alias("race"),
             ethnicity.alias("ethnicity"),
             pl.lit(None, dtype=pl.String).alias("zip3"),
-        )
+        ),
+        mapping=mapping,
     )
     apache, apache_counts = _apache_events(aps, stays)
     # every unit stay of the hospital stay is an ICU admission (a later one too), at its own admission

@@ -42,10 +42,12 @@ from clinical_ml.core.adapters.common import (
     UNKNOWN,
     AdaptedSource,
     AdapterError,
+    adapter_mapping,
     coded,
     count_unmapped,
     finish_encounters,
     finish_events,
+    finish_patients,
     read_table,
     stay_events,
     surrogate_ids,
@@ -103,6 +105,13 @@ GCS_COMPONENT_ITEMS = (220739, 223900, 223901)
 
 UNITS: dict[str, str] = {"MICU": "MICU", "SICU": "SICU", "TSICU": "SICU", "CCU": "CCU", "CSRU": "CTICU"}
 NO_ICU_STAY = "NO_ICU_STAY"
+# Unit codes with their types: an admission without an ICU stay was a ward stay.
+UNIT_CODES: dict[str, str] = {code: "ICU" for code in (*UNITS.values(), "OTHER_ICU")} | {NO_ICU_STAY: "WARD"}
+# icustays.dbsource -> the ICU information system part of the site code (anything else: OTHER).
+ICU_SYSTEMS: dict[str, str] = {s: s for s in ("carevue", "metavision", "both")}
+MAPPING = adapter_mapping(
+    SOURCE, units=UNIT_CODES, sites=[f"BIDMC/{s}" for s in (*ICU_SYSTEMS.values(), "OTHER", "unknown")]
+)
 
 # admissions.admission_type -> coded admission type (anything else: OTHER).
 ADMISSION_TYPES: dict[str, str] = {
@@ -295,14 +304,15 @@ def adapt(
             .alias("death_time"),
             coded(pl.col("admission_type"), ADMISSION_TYPES).alias("admission_type"),
             pl.col("unit").fill_null(NO_ICU_STAY),
-            pl.format("BIDMC/{}", pl.col("dbsource").fill_null("unknown")).alias("site"),
+            pl.format("BIDMC/{}", coded(pl.col("dbsource"), ICU_SYSTEMS, missing="unknown")).alias("site"),
             coded(pl.col("discharge_location"), DISCHARGE_DISPOSITIONS).alias("discharge_disposition"),
             age_in_years(pl.col("dob"), pl.col("admittime")).alias("age_years"),
             pl.format("{}_{}", pl.lit(SOURCE), pl.col("dbsource").fill_null("unknown")).alias("batch_id"),
-        )
+        ),
+        mapping=MAPPING,
     )
     race, ethnicity = _race_ethnicity(pl.col("ethnicity"))
-    patients = (
+    patients = finish_patients(
         adm.sort("admittime")
         .unique("subject_id", keep="first", maintain_order=True)
         .select(
@@ -311,7 +321,8 @@ def adapt(
             race.alias("race"),
             ethnicity.alias("ethnicity"),
             pl.lit(None, dtype=pl.String).alias("zip3"),
-        )
+        ),
+        mapping=MAPPING,
     )
     keys = adm.select(pl.col("hadm_key").cast(pl.Int64).alias("source_hadm"), "subject_id", "hadm_id")
     icu_events = icu.join(keys, left_on="hadm_id", right_on="source_hadm", how="inner", suffix="_new").select(

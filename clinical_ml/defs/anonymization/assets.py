@@ -4,6 +4,7 @@ import polars as pl
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.artifacts import DictRecord
 from clinical_ml.core.deid_release import BatchRelease, batch_rng, release_batch
+from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
 from clinical_ml.core.meds_layout import write_meds_dataset
@@ -133,6 +134,9 @@ def _anonymize_batch(
 ) -> dict[str, BatchOutcome]:
     """Anonymize, remedy, gate and (when it passes) release one batch; what each table reports."""
     phi, deid = zones.phi_store(), zones.deid_store()
+    paths = ZonePaths(
+        landing=zones.landing, archive=zones.archive, quarantine=zones.quarantine, phi=zones.phi
+    )
     release = release_batch(
         {s: _raw(zones, s, batch_id) for s in SOURCES},
         vault=phi.read_vault() if key is None else Vault.empty(),
@@ -141,6 +145,7 @@ def _anonymize_batch(
         max_shift_weeks=anonymization.max_shift_weeks,
         rng=batch_rng(anonymization.pseudonym_seed, batch_id),
         hmac_key=key,
+        mapping=ingested_site_mapping(paths, batch_id, folder=zones.site_mappings_dir),
     )
     if release.deid.persist_vault:
         phi.write_vault(release.deid.vault)
@@ -185,6 +190,8 @@ def _table_outcome(
             "zip3_suppressed": remedied.zip3_suppressed,
             "race_suppressed": remedied.race_suppressed,
             "race_generalized": remedied.race_generalized,
+            "site_mapping": release.mapping_name,
+            "coded_values_unmapped": dg.MetadataValue.json(release.deid.unmapped_released),
             **({"label_events": release.deid.label_events} if table == "events" else {}),
             "report": dg.MetadataValue.md(release.summary),
         },

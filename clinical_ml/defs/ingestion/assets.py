@@ -9,14 +9,16 @@ from clinical_ml.core.delivery import (
     FileOutcome,
     ZonePaths,
     batch_context,
+    batch_site_mapping,
     process_file,
     read_ledger_entry,
     rejects_path,
 )
-from clinical_ml.core.ingestion import SCHEMAS, SOURCE_COLUMNS
+from clinical_ml.core.ingestion import SOURCE_COLUMNS, schema_for
 from clinical_ml.core.landing import OPTIONAL_SOURCES, fingerprint, read_batch, read_unmarked_batch
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
+from clinical_ml.core.site_mapping import CODED_FIELDS, SiteMapping, unmapped_shares
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.zones import DataZones
@@ -53,13 +55,42 @@ def _column_schema(df: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in df.schema.items()])
 
 
-def _checks(source: str, outcome: FileOutcome, accepted: pl.DataFrame) -> list[dg.AssetCheckResult]:
+def _coded_values_check(outcome: FileOutcome, max_share: float) -> dg.AssetCheckResult:
+    """WARN when the mapping left more than ``max_share`` of a coded field ``unmapped`` or sent it to
+    Other/Unknown: counts per field only; the values themselves are in the phi zone's list."""
+    shares = unmapped_shares(outcome.warnings, outcome.rows_accepted)
+    over = sorted(f for f, share in shares.items() if share > max_share)
+    counts = {k: v for k, v in outcome.warnings.items() if k.startswith(("unmapped:", "mapped_to_other:"))}
+    return dg.AssetCheckResult(
+        check_name="coded_values_mapped",
+        passed=not over,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=None
+        if not over
+        else f"the site mapping '{outcome.site_mapping}' leaves more than {max_share:.0%} of {', '.join(over)} "
+        "unmapped or sends it to Other/Unknown; the delivered values are listed for the data steward in the "
+        f"phi zone ({outcome.unmapped_values_path or 'no unmapped value'}). Extend the site mapping.",
+        metadata={
+            "site_mapping": outcome.site_mapping,
+            "max_share": max_share,
+            "share_by_field": dg.MetadataValue.json({f: round(v, 4) for f, v in sorted(shares.items())}),
+            "rows_by_field": dg.MetadataValue.json(counts),
+            "unmapped_values_path": outcome.unmapped_values_path,
+        },
+    )
+
+
+def _checks(
+    source: str, outcome: FileOutcome, accepted: pl.DataFrame, mapping: SiteMapping, max_unmapped_share: float
+) -> list[dg.AssetCheckResult]:
     schema_ok = True
     try:
-        SCHEMAS[source].validate(accepted.select(*SOURCE_COLUMNS[source]), lazy=True)
+        schema_for(source, mapping).validate(accepted.select(*SOURCE_COLUMNS[source]), lazy=True)
     except Exception:
         schema_ok = False
+    coded = [_coded_values_check(outcome, max_unmapped_share)] if source in CODED_FIELDS else []
     return [
+        *coded,
         dg.AssetCheckResult(
             check_name="matches_source_schema",
             passed=schema_ok and outcome.accounted,
@@ -116,6 +147,20 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
                 "or a duplicate). Not blocking: the other sources of the batch proceed; this one is empty."
                 + (" Optional source: a batch without it passes." if source in OPTIONAL_SOURCES else ""),
             ),
+            *(
+                [
+                    dg.AssetCheckSpec(
+                        "coded_values_mapped",
+                        asset=key,
+                        description="The site mapping maps the coded fields (sex, race, ethnicity, admission "
+                        "type, unit, site, discharge disposition): WARN when more than max_unmapped_share of a "
+                        "field is unmapped or sent to Other/Unknown by the mapping. Counts only; the unmapped "
+                        "values are listed in the phi zone (phi/unmapped/<source>/<batch>.parquet).",
+                    )
+                ]
+                if source in CODED_FIELDS
+                else []
+            ),
         ],
     )
     def _raw(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
@@ -128,6 +173,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, zones: DataZones, batch_id: str, lines: list[str]
     ) -> BatchOutcome:
         paths = zone_paths(zones)
+        mapping = batch_site_mapping(paths, batch_id, folder=zones.site_mappings_dir)
         batch, upstream_versions = batch_context(paths, source, batch_id)
         outcome, accepted = process_file(
             zones=paths,
@@ -136,11 +182,12 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
             batch=batch,
             upstream_versions=upstream_versions,
             limits=limits_of(zones),
+            mapping=mapping,
         )
         if outcome.status == "accepted":
             lines.append(
                 f"{source} batch {batch_id}: {outcome.rows_in} rows in, {outcome.rows_accepted} accepted, "
-                f"{outcome.rows_rejected} rejected"
+                f"{outcome.rows_rejected} rejected (site mapping {mapping.name})"
             )
         elif outcome.status == "not_delivered":
             lines.append(f"{source} batch {batch_id}: not delivered (optional)")
@@ -161,7 +208,11 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
             "warnings": dg.MetadataValue.json(outcome.warnings),
             "sha256": outcome.sha256 or "",
             "path": outcome.accepted_path,
+            "site_mapping": outcome.site_mapping,
         }
+        # where the data steward finds the unmapped values; the page itself shows counts only
+        if outcome.unmapped_values_path:
+            metadata["unmapped_values_path"] = outcome.unmapped_values_path
         if outcome.archived_as:
             metadata["archived_as"] = outcome.archived_as
         if outcome.reason_code:
@@ -170,7 +221,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
             metadata["quarantined_as"] = outcome.quarantined_as
         return BatchOutcome(
             metadata=metadata,
-            checks=_checks(source, outcome, accepted),
+            checks=_checks(source, outcome, accepted, mapping, zones.max_unmapped_share),
             data_version=outcome.data_version,
         )
 
