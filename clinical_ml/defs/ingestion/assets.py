@@ -69,7 +69,7 @@ def _coded_values_check(outcome: FileOutcome, max_share: float) -> dg.AssetCheck
         if not over
         else f"the site mapping '{outcome.site_mapping}' leaves more than {max_share:.0%} of {', '.join(over)} "
         "unmapped or sends it to Other/Unknown; the delivered values are listed for the data steward in the "
-        f"phi zone ({outcome.unmapped_values_path or 'no unmapped value'}). Extend the site mapping.",
+        f"phi zone (phi/{outcome.unmapped_values_path or 'unmapped'}). Extend the site mapping.",
         metadata={
             "site_mapping": outcome.site_mapping,
             "max_share": max_share,
