@@ -78,7 +78,7 @@ TS = pl.Datetime("us")
 TS_FORMAT = "%Y-%m-%d %H:%M:%S"
 DATE_FORMAT = "%Y-%m-%d"
 # Bumped whenever a rule changes what is accepted, so data versions change with it.
-RULES_VERSION = "3"
+RULES_VERSION = "4"
 
 # source -> column -> polars dtype after parsing. Every column listed is required.
 SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
