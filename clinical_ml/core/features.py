@@ -174,18 +174,18 @@ def build_features(
         # (at 100k stays x 14 times: 2.7 GB peak instead of 8.8 GB, same output)
         ids = cohort["hadm_id"].unique().sort()
         per_part = max(1, MAX_ROWS_PER_PART * stays // cohort.height)
-        parts = [
-            _build_features(
-                events.lazy().filter(pl.col("hadm_id").is_in(part.implode())),
-                cohort.filter(pl.col("hadm_id").is_in(part.implode())),
-                use_case,
-                categories,
+        rows = cohort.with_row_index("_row")
+        parts = []
+        for i in range(0, ids.len(), per_part):
+            part = ids.slice(i, per_part).implode()
+            sub = rows.filter(pl.col("hadm_id").is_in(part))
+            built = _build_features(
+                events.lazy().filter(pl.col("hadm_id").is_in(part)), sub.drop("_row"), use_case, categories
             )
-            for part in (ids.slice(i, per_part) for i in range(0, ids.len(), per_part))
-        ]
-        stacked = pl.concat(parts)
-        out = cohort.select(ROW_KEY).join(stacked, on=ROW_KEY, how="left", maintain_order="left")
-        return out.select(stacked.columns)
+            # each part keeps its cohort rows' order: their row numbers put the parts back in cohort order
+            parts.append(built.with_columns(sub["_row"]))
+        # no rechunk: the parts are not copied into one block before the sort writes the result
+        return pl.concat(parts, rechunk=False).sort("_row").drop("_row")
     return _build_features(events, cohort, use_case, categories)
 
 

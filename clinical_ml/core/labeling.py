@@ -224,20 +224,23 @@ class _Flow:
 
     def __init__(self, df: pl.DataFrame) -> None:
         self.df = df
-        self.admissions = df["hadm_id"].n_unique()
+        self.admissions = self.stays = df["hadm_id"].n_unique()
         self.steps: list[tuple[str, int]] = []
+        # one row per stay until repeated prediction times are laid out: the height is then the count
+        self.repeated = False
 
     def exclude(self, label: str, mask: pl.Series | pl.Expr) -> None:
         if isinstance(mask, pl.Expr):
             mask = self.df.select(mask.fill_null(False)).to_series()
-        mask = mask.fill_null(False)
-        before = self.df["hadm_id"].n_unique()
-        self.df = self.df.filter(~mask)
-        self.steps.append((label, before - self.df["hadm_id"].n_unique()))
+        before = self.stays
+        self.df = self.df.filter(~mask.fill_null(False))
+        self.stays = self.df["hadm_id"].n_unique() if self.repeated else self.df.height
+        self.steps.append((label, before - self.stays))
 
-    def keep_values(self, column: str, values: list[str] | None, label: str) -> None:
+    def keep_values(self, column: str, values: Sequence[str] | None, label: str) -> None:
         if values is not None:
-            self.exclude(label, ~pl.col(column).is_in(values))
+            # a stay without a value is not in a list of values
+            self.exclude(label, ~pl.col(column).is_in(list(values)).fill_null(False))
 
     def result(self) -> CohortFlow:
         return CohortFlow(self.admissions, tuple(self.steps), self.df["hadm_id"].n_unique(), self.df.height)
@@ -286,6 +289,9 @@ def build_cohort(
             pl.col("discharge_disposition").is_in(outcome.transfer_dispositions),
         )
     flow.keep_values("unit", pop.units, "unit not in the population")
+    if pop.unit_types is not None and "unit_type" not in flow.df.columns:  # data from before unit types
+        flow.df = flow.df.with_columns(pl.lit(None, dtype=pl.String).alias("unit_type"))
+    flow.keep_values("unit_type", pop.unit_types, "unit type not in the population")
     flow.keep_values("admission_type", pop.admission_types, "admission type not in the population")
     flow.keep_values("site", pop.sites, "site not in the population")
     flow.keep_values(
@@ -295,6 +301,8 @@ def build_cohort(
     if pt.anchor in ("icu_admission", "first_code"):
         flow.exclude("no anchor event (" + pt.describe() + ")", pl.col("anchor_time").is_null())
     flow.df = _prediction_times(flow.df, use_case)
+    # stays given no prediction time (the stay ends before the first) are counted by the next step
+    flow.repeated = pt.every_hours is not None
     if pt.anchor == "discharge":
         flow.exclude(
             "died before discharge",

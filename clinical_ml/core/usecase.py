@@ -60,6 +60,11 @@ class Population(_Strict):
     min_age_years: int = Field(18, ge=0)
     max_age_years: int | None = Field(None, ge=0)
     units: list[str] | None = Field(None, min_length=1)
+    unit_types: list[Literal["ICU", "STEP_DOWN", "WARD", "ED", "OTHER"]] | None = Field(
+        None,
+        min_length=1,
+        description="keep stays whose unit is of these types (the site mapping's unit types)",
+    )
     admission_types: list[str] | None = Field(None, min_length=1)
     sites: list[str] | None = Field(None, min_length=1)
     discharge_dispositions: list[str] | None = Field(None, min_length=1)

@@ -506,3 +506,14 @@ def test_repeated_predictions_built_in_parts_equal_the_whole(monkeypatch):
     monkeypatch.setattr(features, "MAX_ROWS_PER_PART", 7)
     parts = build_features(ev.lazy(), cohort, uc)
     assert parts.equals(whole) and whole.height == cohort.height > 8
+
+
+def test_a_population_of_icu_stays_only_by_the_site_mapping_unit_types():
+    uc = use_case(population={**BASE.population.model_dump(mode="json"), "unit_types": ["ICU"]})
+    enc, pat = stays([{"s": i, "a": i, "in": h(0), "out": h(100)} for i in (1, 2, 3)])
+    typed = enc.with_columns(pl.Series("unit_type", ["ICU", "WARD", None]))
+    cohort, flow = build_cohort(typed, pat, uc)
+    assert cohort["hadm_id"].to_list() == [1] and flow.excluded("unit type") == 2
+    # data written before units had types: nobody can be shown to be in an ICU, and the flow says so
+    _, old = build_cohort(enc, pat, uc)
+    assert old.included == 0 and old.excluded("unit type") == 3
