@@ -304,10 +304,11 @@ def build_cohort(
     # stays given no prediction time (the stay ends before the first) are counted by the next step
     flow.repeated = pt.every_hours is not None
     if pt.anchor == "discharge":
-        flow.exclude(
-            "died before discharge",
-            pl.col("death_time").is_not_null() & (pl.col("death_time") <= pl.col("prediction_time")),
-        )
+        if not isinstance(outcome, ReadmissionOutcome):  # a readmission cohort has counted them already
+            flow.exclude(
+                "died before discharge",
+                pl.col("death_time").is_not_null() & (pl.col("death_time") <= pl.col("prediction_time")),
+            )
     else:
         # also removes stays whose repeated prediction times all fall after the stay
         flow.exclude("stay ended before the prediction time", _stay_end() <= pl.col("prediction_time"))
