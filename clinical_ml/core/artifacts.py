@@ -385,6 +385,8 @@ class DeidStore:
         self.encounters = ParquetParts(self.root / "encounters")
         self.events = ParquetParts(self.root / "events")
         self.privacy = JsonParts(self.root / "privacy", DictRecord)
+        # where each delivery's rows went (counts and reason codes: core.row_accounting.BatchAccount.as_dict)
+        self.accounting = JsonParts(self.root / "accounting", DictRecord)
         self.meds = self.root / "meds"
         self.meds_codes = ParquetFile(self.meds / "metadata" / "codes.parquet")
         # data quality profiles per batch (aggregates only) and their pages

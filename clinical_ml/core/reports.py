@@ -740,6 +740,7 @@ def report_card(
     predictor_labels: list[str],
     model_version: str,
     code_version: str,
+    deliveries: list[dict] | None = None,
 ) -> tuple[str, str]:
     """The HCP report card of one model version (HTML, self-contained) and its Markdown summary.
 
@@ -810,6 +811,7 @@ def report_card(
         batch_ids=batch_ids,
         data_periods=data_periods,
         flow=_flow_rows(use_case, flow),
+        deliveries=deliveries or [],
         predictors=predictor_labels,
         windows=" and ".join(f"the last {w:g} h" for w in f.window_hours),
         aggregations=", ".join(f.aggregations),

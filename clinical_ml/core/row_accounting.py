@@ -140,3 +140,26 @@ def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAcco
         int(privacy.get("events_withheld") or 0),
         int(published["records"]) if privacy.get("released") and "records" in published else None,
     )
+
+
+def delivery_rows(accounts: list[dict], in_cohort: dict[str, int]) -> list[dict]:
+    """One row per delivery for the report card's participant flow, in admissions (encounter rows):
+    delivered, accepted, rejected (with the most frequent reasons), withheld by the privacy gate, released,
+    and in this use case's cohort. ``accounts`` are :meth:`BatchAccount.as_dict` records."""
+    rows = []
+    for a in accounts:
+        enc: dict = next((s for s in a.get("sources", []) if s.get("source") == "encounters"), {})
+        reasons = sorted((enc.get("rejected_by_reason") or {}).items(), key=lambda x: (-x[1], x[0]))
+        rows.append(
+            {
+                "batch_id": a["batch_id"],
+                "delivered": int(enc.get("rows_in") or 0),
+                "accepted": int(enc.get("rows_accepted") or 0),
+                "rejected": int(enc.get("rows_rejected") or 0),
+                "reasons": ", ".join(f"{n} {r}" for r, n in reasons[:3]),
+                "withheld": int(a.get("admissions_withheld") or 0) if a.get("released") else None,
+                "released": a.get("admissions_released") if a.get("released") else 0,
+                "in_cohort": int(in_cohort.get(a["batch_id"], 0)),
+            }
+        )
+    return rows

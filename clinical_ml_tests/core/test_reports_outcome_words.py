@@ -191,6 +191,7 @@ def _render(uc: UseCase, *, decision_criteria: list[dict] | None = None) -> dict
         predictor_labels=["lactate"],
         model_version="v1",
         code_version="abc",
+        deliveries=DELIVERIES,
     )
     return {
         "performance": text_of(perf_html),
@@ -201,6 +202,36 @@ def _render(uc: UseCase, *, decision_criteria: list[dict] | None = None) -> dict
         "card_md": card_md,
         "evaluation_md": evaluation_markdown(evaluation, {}, words=uc.words),
     }
+
+
+DELIVERIES = [
+    {
+        "batch_id": "2026-01-05",
+        "delivered": 627,
+        "accepted": 620,
+        "rejected": 7,
+        "reasons": "5 unknown_patient, 2 future_date:admit_time",
+        "withheld": 4,
+        "released": 616,
+        "in_cohort": 402,
+    },
+    {
+        "batch_id": "2026-01-19",
+        "delivered": 30,
+        "accepted": 30,
+        "rejected": 0,
+        "reasons": "",
+        "withheld": None,
+        "released": 0,
+        "in_cohort": 0,
+    },
+]
+
+
+def test_the_report_card_follows_each_delivery_from_export_to_cohort(readmission):
+    card = readmission["card"]
+    assert "2026-01-05 627 620 7 (5 unknown_patient, 2 future_date:admit_time) 4 616 402" in card
+    assert "2026-01-19 30 30 0 the whole batch 0 0" in card
 
 
 @pytest.fixture(scope="module")

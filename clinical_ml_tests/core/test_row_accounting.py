@@ -65,3 +65,19 @@ def test_a_clean_batch_and_one_the_privacy_gate_held_back(tmp_path):
     assert not held.clean and "nothing of this batch was released" in "\n".join(held.lines())
     (tmp_path / "deid" / "privacy" / "b1.json").unlink()
     assert "not anonymized yet" in "\n".join(batch_account(zones, tmp_path / "deid", "b1").lines())
+
+
+def test_delivery_rows_count_admissions_from_export_to_cohort(tmp_path):
+    from clinical_ml.core.row_accounting import delivery_rows
+
+    zones = _zones(tmp_path)
+    for source in ("patients", "labs", "vitals"):
+        _entry(zones, source, 5, {})
+    _entry(zones, "encounters", 12, {"unknown_patient": 1, "future_date:admit_time": 2})
+    _privacy(tmp_path, released=True, admissions_withheld=2, events_withheld=30, published={"records": 7})
+    account = batch_account(zones, tmp_path / "deid", "b1").as_dict()
+    (row,) = delivery_rows([account], {"b1": 5})
+    assert row == {
+        "batch_id": "b1", "delivered": 12, "accepted": 9, "rejected": 3,
+        "reasons": "2 future_date:admit_time, 1 unknown_patient", "withheld": 2, "released": 7, "in_cohort": 5,
+    }  # fmt: skip

@@ -9,6 +9,7 @@ from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.reidentification import RiskPolicy
+from clinical_ml.core.row_accounting import batch_account
 from clinical_ml.core.storage import code_version, sweep_leftovers
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
@@ -150,6 +151,8 @@ def _anonymize_batch(
     if release.deid.persist_vault:
         phi.write_vault(release.deid.vault)
     deid.privacy.part(batch_id).write(DictRecord(release.privacy_record()))
+    # counts and reason codes only: what the report card's participant flow shows per delivery
+    deid.accounting.part(batch_id).write(DictRecord(batch_account(paths, zones.deid, batch_id).as_dict()))
     for table, frame in release.frames.items():
         target = deid.table(table).part(batch_id)
         if release.released:

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from clinical_ml.core.reports import data_periods, predictor_labels, report_card, report_card_markdown
+from clinical_ml.core.row_accounting import delivery_rows
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
@@ -57,6 +58,7 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             predictor_labels=predictor_labels(card.feature_names, static=uc.features.static),
             model_version=card.version,
             code_version=code_version(),
+            deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
         )
         out = store.reports.write_report(f"report_card_{card.version}", html)
         store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
@@ -71,3 +73,15 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
         )
 
     return [model_report_card]
+
+
+def _deliveries(zones: DataZones, uc: UseCase, batch_ids: list[str]) -> list[dict]:
+    """Each delivery the model was trained on, from export to cohort (counts recorded at anonymization;
+    batches anonymized before that record existed, or adapted from a research export, are left out)."""
+    deid = zones.deid_store()
+    accounts = [
+        deid.accounting.part(b).read().as_dict() for b in batch_ids if deid.accounting.part(b).exists()
+    ]
+    cohort = zones.use_case(uc.name).cohort.read(columns=["hadm_id", "batch_id"]).unique("hadm_id")
+    counts = dict(cohort.group_by("batch_id").len().iter_rows())
+    return delivery_rows(accounts, counts)
