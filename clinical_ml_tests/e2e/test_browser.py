@@ -130,16 +130,19 @@ def _dismiss_community_modal(page, *, wait_ms: int = 5000) -> None:
 
 def test_fairness_report_asset_page_shows_its_latest_materialization(webserver, browser_context):
     page = browser_context.new_page()
-    page.goto(f"{webserver}/assets/{USE_CASE}/subcohort_fairness_report", wait_until="domcontentloaded")
+    # use-case asset keys are <use case>/<use case>__<stage> (the UI labels nodes by the last part)
+    page.goto(
+        f"{webserver}/assets/{USE_CASE}/{USE_CASE}__subcohort_fairness_report", wait_until="domcontentloaded"
+    )
     _dismiss_community_modal(page)
-    page.get_by_text("subcohort_fairness_report").first.wait_for(state="visible", timeout=30000)
+    # the page title is the key's last part, middle-truncated when long: wait for the metadata instead
     # metadata of the latest materialization: the verdict and the report's path
     page.get_by_text("verdict", exact=True).first.wait_for(state="visible", timeout=30000)
     page.get_by_text("subcohort_fairness_report.html").first.wait_for(state="visible", timeout=30000)
     page.screenshot(path=str(ARTIFACTS / "fairness_asset_page.png"), full_page=True)
     assert page.get_by_text("groups_suppressed").first.is_visible()
     # the report card's Markdown summary carries its plots as embedded PNGs
-    page.goto(f"{webserver}/assets/{USE_CASE}/model_report_card", wait_until="domcontentloaded")
+    page.goto(f"{webserver}/assets/{USE_CASE}/{USE_CASE}__model_report_card", wait_until="domcontentloaded")
     _dismiss_community_modal(page, wait_ms=1000)
     page.get_by_text("[Show Markdown]").first.click(timeout=30000)
     dialog = page.get_by_role("dialog")
