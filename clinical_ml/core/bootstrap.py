@@ -205,3 +205,36 @@ def percentile_interval(
         v = np.where(t >= 0.5, vb - d * (1 - t), va + d * t)
         bounds.append(np.where(k >= max(min_finite, 1), v, np.nan).reshape(shape))
     return bounds[0], bounds[1]
+
+
+def cluster_replicates(
+    statistic: Callable[[np.ndarray], float | tuple[float, ...]],
+    groups: np.ndarray,
+    *,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Like :func:`replicates`, resampling whole groups (patients) instead of rows: a patient with several
+    rows (several stays, or a stay predicted at several times) is drawn with all of them, so rows that are
+    not independent do not narrow the interval. When every group has one row this is :func:`replicates`
+    itself (the same resamples, the same numbers).
+
+    Parameters
+    ----------
+    groups : numpy.ndarray
+        The group of each row (e.g. the patient's pseudonym).
+    """
+    groups = np.asarray(groups)
+    uniq, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    if sizes.size == 0 or sizes.max() <= 1:
+        return replicates(statistic, len(groups), n_boot=n_boot, rng=rng)
+    order = np.argsort(inverse, kind="stable")  # rows grouped, each group's rows contiguous
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    values = []
+    for block in resample_indices(uniq.size, n_boot=n_boot, rng=rng):
+        for chosen in block:
+            lengths = sizes[chosen]
+            # row positions: each chosen group's start, plus 0 .. size-1
+            offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            values.append(statistic(order[np.repeat(starts[chosen], lengths) + offsets]))
+    return np.asarray(values, dtype=np.float64) if values else np.empty((0, 0))

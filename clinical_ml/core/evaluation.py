@@ -436,9 +436,17 @@ def alert_burden(
 
 
 def bootstrap_metrics(
-    y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: int = 500, seed: int = 0, level: float = 0.95
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict[str, MetricWithCI]:
-    """Point estimates with percentile bootstrap CIs (resampling patients' rows with replacement).
+    """Point estimates with percentile bootstrap CIs (resampling rows with replacement; with ``groups``,
+    resampling whole patients, so that a patient's several stays or prediction times count once).
 
     The threshold stays fixed across replicates: it was chosen on other data, so its uncertainty is not
     part of the validation estimate.
@@ -451,7 +459,12 @@ def bootstrap_metrics(
         m = point_metrics(y[idx], p[idx], threshold)
         return tuple(m[k] for k in METRIC_NAMES)
 
-    reps = bootstrap.replicates(metrics, len(y), n_boot=n_boot, rng=np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    reps = (
+        bootstrap.cluster_replicates(metrics, groups, n_boot=n_boot, rng=rng)
+        if groups is not None
+        else bootstrap.replicates(metrics, len(y), n_boot=n_boot, rng=rng)
+    )
     return _with_ci(point, reps, METRIC_NAMES, level=level)
 
 

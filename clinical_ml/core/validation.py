@@ -238,7 +238,10 @@ def evaluate_validation(
         threshold=threshold.threshold,
         n_validation=len(y),
         events_validation=int(y.sum()),
-        metrics=bootstrap_metrics(y, p, threshold.threshold, n_boot=n_boot, seed=seed),
+        # a patient's several stays or prediction times are resampled together
+        metrics=bootstrap_metrics(
+            y, p, threshold.threshold, n_boot=n_boot, seed=seed, groups=val["subject_id"].to_numpy()
+        ),
         calibration_curve=tuple(calibration_curve(y, p)),
         decision_curve=tuple(decision_curve(y, p)),
         n_bootstrap=n_boot,
