@@ -3,6 +3,7 @@
 All functions take outcome labels ``y`` (0/1) and predicted risks ``p`` as numpy arrays.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -304,6 +305,15 @@ class AlertBurden:
     number_needed_to_evaluate: MetricWithCI | None
     n_bootstrap: int
     stays_ending_in_death: int = 0
+
+    def finite_values(self) -> dict[str, float]:
+        """The measured rates by name (``alerts_per_100_patient_days``...), those that exist and are finite."""
+        named = {
+            "alerts_per_100_patient_days": self.alerts_per_100_patient_days,
+            "alerts_per_unit_day": self.alerts_per_unit_day,
+            "number_needed_to_evaluate": self.number_needed_to_evaluate,
+        }
+        return {k: m.value for k, m in named.items() if m is not None and math.isfinite(m.value)}
 
     @property
     def judged(self) -> bool:

@@ -567,7 +567,7 @@ def build_labels(
     )
 
 
-def _batch_date() -> pl.Expr:
+def batch_date() -> pl.Expr:
     """The batch id as a date when it is an ISO date (``2026-01-05``), else null."""
     return pl.col("batch_id").str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("us"))
 
@@ -578,7 +578,7 @@ def label_known_at(cohort: pl.DataFrame, *, whole_export: bool = True) -> pl.Exp
     shift. For batches not named by date (a research export delivered whole), the window end itself when
     ``whole_export``, else null (never known)."""
     end = pl.col(LABEL_WINDOW_END) if LABEL_WINDOW_END in cohort.columns else _stay_end()
-    known = _batch_date() + (end - pl.col("admit_time"))
+    known = batch_date() + (end - pl.col("admit_time"))
     return pl.coalesce(known, end) if whole_export else known
 
 
@@ -590,7 +590,7 @@ def data_end(encounters: pl.DataFrame) -> datetime | None:
     if encounters.height == 0:
         return None
     ids = encounters.select(pl.col("batch_id").unique())
-    dates = ids.select(_batch_date().drop_nulls().sort()).to_series().to_list()
+    dates = ids.select(batch_date().drop_nulls().sort()).to_series().to_list()
     if dates:
         cadence = dates[-1] - dates[-2] if len(dates) > 1 else timedelta(days=1)
         return dates[-1] + max(cadence, timedelta(days=1))

@@ -122,10 +122,10 @@ def _source_account(entry: dict | None, source: str) -> SourceAccount:
 def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAccount:
     """The batch's account from its ledger entries and privacy record (sources never delivered and
     optional ones left out are shown as such)."""
+    entries = {s: read_ledger_entry(zones, batch_id, s) for s in SOURCES}
+    # the optional labels source is listed only when it was delivered
     sources = tuple(
-        _source_account(read_ledger_entry(zones, batch_id, s), s)
-        for s in SOURCES
-        if read_ledger_entry(zones, batch_id, s) is not None or s != "labels"
+        _source_account(entry, s) for s, entry in entries.items() if entry is not None or s != "labels"
     )
     privacy_file = Path(deid_root) / "privacy" / f"{batch_id}.json"
     privacy = json.loads(privacy_file.read_text()) if privacy_file.is_file() else None

@@ -482,52 +482,56 @@ class UseCase(_Strict):
         return outcome_words(self.outcome)
 
 
+# Default words per outcome type (event, events, non_events, with_event, without_event); ``{name}`` is the
+# event's code name or the supplied label's name.
+_DEFAULT_WORDS: dict[str, tuple[str, str, str, str, str]] = {
+    "death": ("death", "deaths", "survivors", "patients who died", "patients who survived"),
+    "readmission": (
+        "readmission",
+        "readmissions",
+        "patients not readmitted",
+        "patients who were readmitted",
+        "patients who were not readmitted",
+    ),
+    "length_of_stay": (
+        "prolonged stay",
+        "prolonged stays",
+        "shorter stays",
+        "patients who stayed longer",
+        "patients who left or died sooner",
+    ),
+    "supplied_label": (
+        "positive {name}",
+        "positive {name} labels",
+        "patients with a negative {name} label",
+        "patients labelled positive ({name})",
+        "patients labelled negative ({name})",
+    ),
+    "event": (
+        "{name} event",
+        "{name} events",
+        "patients without a {name} event",
+        "patients with a {name} event",
+        "patients without a {name} event",
+    ),
+}
+
+
 def outcome_words(
     outcome: "DeathOutcome | ReadmissionOutcome | EventOutcome | LengthOfStayOutcome | SuppliedLabelOutcome",
 ) -> OutcomeWords:
     """The outcome's own words when the file gives them, else defaults of its type."""
     if outcome.words is not None:
         return outcome.words
-    if isinstance(outcome, DeathOutcome):
-        return OutcomeWords(
-            event="death",
-            events="deaths",
-            non_events="survivors",
-            with_event="patients who died",
-            without_event="patients who survived",
-        )
-    if isinstance(outcome, ReadmissionOutcome):
-        return OutcomeWords(
-            event="readmission",
-            events="readmissions",
-            non_events="patients not readmitted",
-            with_event="patients who were readmitted",
-            without_event="patients who were not readmitted",
-        )
-    if isinstance(outcome, LengthOfStayOutcome):
-        return OutcomeWords(
-            event="prolonged stay",
-            events="prolonged stays",
-            non_events="shorter stays",
-            with_event="patients who stayed longer",
-            without_event="patients who left or died sooner",
-        )
     if isinstance(outcome, SuppliedLabelOutcome):
         name = outcome.label.replace("_", " ")
-        return OutcomeWords(
-            event=f"positive {name}",
-            events=f"positive {name} labels",
-            non_events=f"patients with a negative {name} label",
-            with_event=f"patients labelled positive ({name})",
-            without_event=f"patients labelled negative ({name})",
-        )
-    name = plain_name(outcome.code)
+    elif isinstance(outcome, EventOutcome):
+        name = plain_name(outcome.code)
+    else:
+        name = ""
+    fields = ("event", "events", "non_events", "with_event", "without_event")
     return OutcomeWords(
-        event=f"{name} event",
-        events=f"{name} events",
-        non_events=f"patients without a {name} event",
-        with_event=f"patients with a {name} event",
-        without_event=f"patients without a {name} event",
+        **{f: w.format(name=name) for f, w in zip(fields, _DEFAULT_WORDS[outcome.type], strict=True)}
     )
 
 

@@ -15,6 +15,7 @@ from clinical_ml.core.evaluation import (
     decision_curve,
 )
 from clinical_ml.core.features import ROW_KEY, feature_matrix
+from clinical_ml.core.labeling import batch_date
 from clinical_ml.core.modeling import TrainedModel
 from clinical_ml.core.usecase import UseCase
 
@@ -117,10 +118,8 @@ def _real_day() -> pl.Expr:
     when it is a date) plus the preserved interval from admission is the real day, up to the batch's own
     span (a batch of several days counts its predictions on fewer days: a higher, cautious rate). Batches
     not named by date fall back to the shifted date."""
-    batch_day = pl.col("batch_id").str.to_date(strict=False).cast(pl.Datetime("us"))
-    return pl.coalesce(
-        batch_day + (pl.col("prediction_time") - pl.col("admit_time")), pl.col("prediction_time")
-    ).dt.date()
+    real = batch_date() + (pl.col("prediction_time") - pl.col("admit_time"))
+    return pl.coalesce(real, pl.col("prediction_time")).dt.date()
 
 
 def validation_alert_burden(

@@ -1,7 +1,5 @@
 """Validation predictions, metrics with CIs, SHAP, and the performance report."""
 
-import math
-
 import dagster as dg
 import polars as pl
 
@@ -91,16 +89,6 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         }
         for name, png in curves.items():
             figures.write_plot(name, png)
-        burden = ev.alert_burden
-        burden_metrics = {
-            f"{name}_validation": m.value
-            for name, m in (
-                ("alerts_per_100_patient_days", burden.alerts_per_100_patient_days if burden else None),
-                ("alerts_per_unit_day", burden.alerts_per_unit_day if burden else None),
-                ("number_needed_to_evaluate", burden.number_needed_to_evaluate if burden else None),
-            )
-            if m is not None and math.isfinite(m.value)
-        }
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(evaluation_markdown(ev.as_dict(), curves, words=uc.words)),
@@ -109,7 +97,10 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
                 **{f"{k}_validation": v.value for k, v in ev.metrics.items()},
                 "auroc_validation_lower": ev.metric("auroc").lower,
                 "auroc_validation_upper": ev.metric("auroc").upper,
-                **burden_metrics,
+                **{
+                    f"{k}_validation": v
+                    for k, v in (ev.alert_burden.finite_values() if ev.alert_burden else {}).items()
+                },
                 "threshold": ev.threshold,
                 "model_version": ev.model_version,
             }
