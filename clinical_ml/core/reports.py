@@ -279,6 +279,28 @@ def md_escape(text: object) -> str:
     return s.replace("\n", " ")
 
 
+def decision_in_words(decision: Mapping) -> str:
+    """The promotion decision as one sentence: what was decided, why, and which model is champion after it.
+
+    A refusal is a decision, not a failure: its sentence names every part of the gate that did not pass."""
+    challenger, before = decision["challenger"], decision.get("champion_before")
+    if decision["promoted"]:
+        replaced = f"replaces {before}" if before else "becomes the first champion"
+        return f"Promoted: challenger {challenger} {replaced}; every part of the promotion gate passed."
+    failed = [c["reason"] for c in decision.get("criteria", ()) if not c["passed"]]
+    reasons = [str(r).rstrip(".") for r in failed or decision.get("reasons", ()) if str(r).strip()]
+    because = "; ".join(reasons) if reasons else "the gate did not pass (no reason recorded)"
+    stays = f"the champion stays {before}" if before else "there is still no champion"
+    return f"Refused: challenger {challenger} is not promoted, because {because}. So {stays}."
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    """A metric as shown in the Dagster UI: rounded to ``digits`` decimals (None and NaN kept as they are)."""
+    if value is None or not math.isfinite(value):
+        return value
+    return round(float(value), digits)
+
+
 def fmt_ci(m: dict[str, float] | tuple[float, float, float], digits: int = 3) -> str:
     v, lo, hi = (m["value"], m["lower"], m["upper"]) if isinstance(m, dict) else m
     return f"{v:.{digits}f} ({lo:.{digits}f} to {hi:.{digits}f})"

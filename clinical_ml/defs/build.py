@@ -22,6 +22,7 @@ from clinical_ml.defs.ingestion.sensors import landing_sensor
 from clinical_ml.defs.monitoring.sensors import (
     build_drift_retraining_sensor,
     build_monitoring_chain_sensors,
+    build_promotion_refusal_alert_sensor,
     build_run_failure_alert_sensor,
     features_after_ingestion_sensor,
 )
@@ -90,6 +91,9 @@ def build_definitions(
             *build_monitoring_chain_sensors(use_cases),
             build_drift_retraining_sensor(use_cases),
             build_run_failure_alert_sensor(alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")),
+            build_promotion_refusal_alert_sensor(
+                use_cases, alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")
+            ),
         ],
         schedules=[build_nightly_retraining_schedule(use_cases)],
         resources={

@@ -1,5 +1,6 @@
 """Monitoring that acts: a new batch is scored and checked; a drift ERROR requests retraining (through the
-promotion gate of lifecycle_job); every failed run writes an alert."""
+promotion gate of lifecycle_job); every failed run, and every challenger the promotion gate refused, writes an
+alert."""
 
 import json
 import urllib.request
@@ -227,3 +228,61 @@ def build_run_failure_alert_sensor(alert_file: Path, webhook: str | None = None)
         write_alert(alert, file=alert_file, webhook=webhook)
 
     return run_failure_alert_sensor
+
+
+def promotion_refusals(
+    instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
+) -> tuple[list[dict], int]:
+    """An alert for each promotion_decision materialized after ``cursor`` that refused its challenger (the run
+    succeeded: a refusal is a decision), saying why in the decision's own words."""
+    alerts, newest = [], cursor
+    for key in keys:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
+        )
+        for record in result.records:
+            newest = max(newest, record.storage_id)
+            mat = record.asset_materialization
+            meta = mat.metadata if mat else {}
+            decision = meta.get("decision")
+            if str(getattr(decision, "value", decision)) != "refused":
+                continue
+            words = meta.get("decision_in_words")
+            alerts.append(
+                {
+                    "at": datetime.now(UTC).isoformat(),
+                    "kind": "promotion_refused",
+                    "job": "lifecycle_job",
+                    "run_id": record.run_id,
+                    "asset": key.to_user_string(),
+                    "message": str(getattr(words, "value", words) or "challenger refused")[:1000],
+                }
+            )
+    return alerts, newest
+
+
+def build_promotion_refusal_alert_sensor(
+    use_cases: list[UseCase], alert_file: Path, webhook: str | None = None
+) -> dg.SensorDefinition:
+    keys = [use_case_key(uc, "promotion_decision") for uc in use_cases]
+
+    @dg.sensor(
+        name="promotion_refusal_alert_sensor",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="A challenger refused by the promotion gate (a decision: the run succeeds and the champion "
+        "stays) writes an alert naming the model and the reasons: log, file, webhook.",
+    )
+    def promotion_refusal_alert_sensor(context: dg.SensorEvaluationContext):
+        alerts, newest = promotion_refusals(context.instance, keys, int(context.cursor or 0))
+        for alert in alerts:
+            context.log.warning(f"{alert['asset']}: {alert['message']}")
+            write_alert(alert, file=alert_file, webhook=webhook)
+        context.update_cursor(str(newest))
+        if not alerts:
+            return dg.SkipReason("no challenger refused since the last check")
+        return dg.SkipReason(
+            f"{len(alerts)} refusal alert(s) written: " + " | ".join(a["message"] for a in alerts)[:900]
+        )
+
+    return promotion_refusal_alert_sensor

@@ -1,11 +1,14 @@
 """Derivation/validation split, the challenger model, the registry, and the champion/challenger gate.
 
 The gate is three steps so that a refused challenger still gets its reports: ``model_registry`` registers
-every challenger and judges it (decision with reasons, shown on its page and in the reports);
-``promotion_decision`` carries the blocking checks, one per part of the gate; ``champion_model`` moves
-the champion pointer and, being downstream of those checks, never runs for a refused challenger.
-A refusal therefore fails the run on purpose: the failed check is the alert.
+every challenger and judges it; ``promotion_decision`` records the decision in words ("Refused: ... because
+...") with one check per part of the gate (WARN when that part failed, so the run shows where); and
+``champion_model`` moves the champion pointer only for a promoted challenger. A refusal is a decision, not a
+failure: the run succeeds, ``champion_model`` is not materialized (the pointer stays), and the refusal alert
+sensor writes the alert.
 """
+
+from collections.abc import Iterator
 
 import dagster as dg
 
@@ -13,7 +16,7 @@ from clinical_ml.core.features import derivation_validation_split
 from clinical_ml.core.gate import criterion_result, gate_markdown
 from clinical_ml.core.promotion import register_challenger
 from clinical_ml.core.registry import new_version
-from clinical_ml.core.reports import md_escape
+from clinical_ml.core.reports import decision_in_words, md_escape, rounded
 from clinical_ml.core.training import ChallengerFit, fit_model, training_frame
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import (
@@ -34,15 +37,6 @@ GATE_CHECKS = {
     "subgroups": "challenger_meets_subgroup_minimums",
     "latency": "challenger_scoring_latency_within_slo",
 }
-
-
-def refused_by_gate_only(result: dg.ExecuteInProcessResult) -> bool:
-    """True when a run failed only because a promotion gate refused a challenger (the expected outcome for a
-    model that is not better), so callers such as the demo CLI can report "not promoted" instead of a failure."""
-    failed = {e.step_key for e in result.all_events if e.is_step_failure and e.step_key}
-    return bool(failed) and all(
-        any(k.endswith(f"__promotion_decision_{name}") for name in GATE_CHECKS.values()) for k in failed
-    )
 
 
 def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -144,10 +138,10 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 "model_version": card.version,
                 "gate_passed": decision.promoted,
                 "champion_version": decision.champion_before or "none",
-                "auroc_validation": card.metrics["auroc"].value,
-                "auroc_validation_lower": card.metrics["auroc"].lower,
-                "scoring_latency_p99_ms": card.latency_ms["p99_ms"],
-                "abstention_rate_validation": card.abstention_rate_validation,
+                "auroc_validation": rounded(card.metrics["auroc"].value),
+                "auroc_validation_lower": rounded(card.metrics["auroc"].lower),
+                "scoring_latency_p99_ms": rounded(card.latency_ms["p99_ms"], 2),
+                "abstention_rate_validation": rounded(card.abstention_rate_validation),
                 "models_registered": len(registry.versions()),
                 "decision_log_lines_skipped": len(problems),
                 "report": dg.MetadataValue.md(
@@ -163,18 +157,25 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         group_name=Stage.TRAINING,
         kinds={"lightgbm"},
         tags=tags(DataClass.AGGREGATE),
-        description="The champion/challenger decision with its reasons; its blocking checks stop a challenger "
-        "that fails any part of the gate from becoming champion.",
+        description="The champion/challenger decision in words, with its reasons: promoted, or refused "
+        "because ... (one check per part of the gate says which part refused). A refusal keeps the champion.",
         owners=ML_OWNERS,
     )
-    def promotion_decision(zones: DataZones) -> dg.MaterializeResult:
+    def promotion_decision(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         decision = zones.use_case(uc.name).decision.read()
         champion_now = zones.model_registry(uc.name).champion()
+        words = decision_in_words(decision.as_dict())
+        (context.log.info if decision.promoted else context.log.warning)(words)
         return dg.MaterializeResult(
             metadata={
+                "decision": "promoted" if decision.promoted else "refused",
+                "decision_in_words": dg.MetadataValue.text(words),
                 "model_version": decision.challenger,
+                "champion_before": decision.champion_before or "none",
                 "promoted": decision.promoted,
-                "report": dg.MetadataValue.md(gate_markdown(decision.as_dict(), champion_now=champion_now)),
+                "report": dg.MetadataValue.md(
+                    f"{md_escape(words)}\n\n{gate_markdown(decision.as_dict(), champion_now=champion_now)}"
+                ),
             }
         )
 
@@ -183,16 +184,24 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             asset=key("promotion_decision"),
             name=name,
             blocking=True,
-            description=f"Promotion gate, {group.replace('_', ' ')}: blocks the champion pointer when it fails.",
+            description=f"Promotion gate, {group.replace('_', ' ')}: a WARN here is a reason the challenger "
+            "was refused (the run still succeeds; the champion pointer does not move).",
         )
         def _check(zones: DataZones) -> dg.AssetCheckResult:
             decision = zones.use_case(uc.name).decision.read()
             crit = decision.criteria_of(group)
+            passed = all(c["passed"] for c in crit)
             return dg.AssetCheckResult(
-                passed=all(c["passed"] for c in crit),
-                severity=dg.AssetCheckSeverity.ERROR,
+                passed=passed,
+                # a refusal is a decision, not a crash: WARN shows the part that refused without failing the run
+                severity=dg.AssetCheckSeverity.WARN,
+                description=(
+                    f"{'passed' if passed else 'refused'}: "
+                    + "; ".join(f"{criterion_result(c)}, {c['reason']}" for c in crit)
+                )[:1000],
                 metadata={
                     "model_version": decision.challenger,
+                    "decision": "promoted" if decision.promoted else "refused",
                     # a part with nothing to judge passes without being met: counted apart, never as a pass
                     "criteria_not_judged": sum(not c.get("judged", True) for c in crit),
                     "report": dg.MetadataValue.md(
@@ -209,15 +218,18 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         group_name=Stage.TRAINING,
         kinds={"lightgbm"},
         tags=tags(DataClass.AGGREGATE),
-        description="The champion pointer: moved to the challenger only after every blocking gate check passed.",
+        description="The champion pointer: moved to the challenger only when the promotion decision promoted "
+        "it; after a refusal this step materializes nothing and the champion stays.",
         owners=ML_OWNERS,
+        output_required=False,
     )
-    def champion_model(zones: DataZones) -> dg.MaterializeResult:
+    def champion_model(context: dg.AssetExecutionContext, zones: DataZones) -> Iterator[dg.MaterializeResult]:
         decision = zones.use_case(uc.name).decision.read()
         if not decision.promoted:
-            raise dg.Failure(f"challenger {decision.challenger} did not pass the promotion gate")
+            context.log.warning(f"champion pointer not moved. {decision_in_words(decision.as_dict())}")
+            return
         zones.model_registry(uc.name).set_champion(decision.challenger)
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             metadata={
                 "champion_version": decision.challenger,
                 "champion_before": decision.champion_before or "none",

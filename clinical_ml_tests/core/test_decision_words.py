@@ -1,0 +1,51 @@
+"""The promotion decision and the UI's metric values in words and rounded numbers."""
+
+import math
+
+import pytest
+
+from clinical_ml.core.reports import decision_in_words, rounded
+
+
+def _criterion(reason: str, *, passed: bool) -> dict:
+    return {"group": "minimums", "passed": passed, "reason": reason}
+
+
+def test_a_refusal_names_only_the_parts_that_failed_and_the_champion_that_stays():
+    decision = {
+        "promoted": False,
+        "challenger": "v2",
+        "champion_before": "v1",
+        "reasons": ["AUROC lower 95% bound 0.61 is below the minimum 0.70", "latency within the SLO"],
+        "criteria": [
+            _criterion("AUROC lower 95% bound 0.61 is below the minimum 0.70", passed=False),
+            _criterion("latency within the SLO", passed=True),
+        ],
+    }
+    words = decision_in_words(decision)
+    assert words == (
+        "Refused: challenger v2 is not promoted, because AUROC lower 95% bound 0.61 is below the minimum "
+        "0.70. So the champion stays v1."
+    )
+
+
+def test_a_refusal_without_a_champion_says_there_is_none():
+    words = decision_in_words(
+        {"promoted": False, "challenger": "v1", "champion_before": None, "reasons": ["Brier too high."]}
+    )
+    assert words.endswith("because Brier too high. So there is still no champion.")
+
+
+@pytest.mark.parametrize(
+    ("before", "expected"),
+    [("v1", "challenger v2 replaces v1"), (None, "challenger v2 becomes the first champion")],
+)
+def test_a_promotion_says_what_it_replaces(before, expected):
+    words = decision_in_words({"promoted": True, "challenger": "v2", "champion_before": before})
+    assert words.startswith("Promoted: ") and expected in words
+
+
+def test_rounded_keeps_three_decimals_and_leaves_missing_values_alone():
+    assert rounded(0.8933541908462431) == 0.893
+    assert rounded(12.3456, 2) == 12.35
+    assert rounded(None) is None and math.isnan(rounded(float("nan")))
