@@ -373,6 +373,72 @@ def contract_header(columns: list[str], source: str, mapping: SiteMapping) -> li
     return out
 
 
+# Parquet column types read as text (then parsed like a CSV's); anything else (lists, structs, binary,
+# durations, objects) is not a value of the contract.
+_TEXT_LIKE = (
+    pl.String,
+    pl.Categorical,
+    pl.Enum,
+    pl.Boolean,
+    pl.Null,
+    pl.Decimal,
+    pl.Date,
+    pl.Datetime,
+    pl.Time,
+)
+# Text columns whose leading zeros matter: typed as numbers in Parquet, they are gone.
+_ZERO_SENSITIVE = ID_COLUMNS | {"zip"}
+
+
+def _type_name(dtype: pl.DataType) -> str:
+    """A dtype's base name (``List``, ``Struct``, ``Int64``), without inner fields (they can be named anything)."""
+    return type(dtype).__name__
+
+
+def _parquet_text(df: pl.DataFrame, source: str, mapping: SiteMapping) -> tuple[pl.DataFrame, dict[str, int]]:
+    """A Parquet file's columns (already under contract names) as text, like a CSV's.
+
+    Contract columns of a type that is not a value (lists, structs, binary) refuse the file, as do identifier
+    and zip columns typed as numbers (leading zeros lost) and zoned timestamps without the site's time zone.
+    Extra columns of such types are emptied with a warning (the original file is archived)."""
+    warnings: dict[str, int] = {}
+    exprs = []
+    for name, dtype in df.schema.items():
+        contract = SOURCE_COLUMNS[source].get(name)
+        if not (dtype.is_numeric() or isinstance(dtype, _TEXT_LIKE)):
+            if contract is None:
+                warnings["extra_column_unreadable_type"] = warnings.get("extra_column_unreadable_type", 0) + 1
+                exprs.append(pl.lit(None, dtype=pl.String).alias(name))
+                continue
+            raise FileRejected(
+                "wrong_column_type",
+                f"column {name} holds {_type_name(dtype)} values; the contract expects {_type_name(contract)}",
+            )
+        if name in _ZERO_SENSITIVE and contract is not None and dtype.is_numeric():
+            raise FileRejected(
+                "numeric_identifier",
+                f"column {name} is typed {_type_name(dtype)}: leading zeros are lost; deliver it as text",
+            )
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+            if mapping.time_zone is None:
+                raise FileRejected(
+                    "time_zone_undeclared",
+                    f"column {name} holds timestamps with a time zone, and the site mapping "
+                    f"'{mapping.name}' declares no time_zone to convert them to",
+                )
+            warnings[f"time_zone_converted:{name}"] = df.height
+            col = pl.col(name).dt.convert_time_zone(mapping.time_zone).dt.replace_time_zone(None)
+            exprs.append(col.dt.strftime(TS_FORMAT).alias(name))
+        elif isinstance(dtype, pl.Datetime):
+            exprs.append(pl.col(name).dt.strftime(TS_FORMAT))
+        elif isinstance(dtype, pl.Date):
+            exprs.append(pl.col(name).dt.strftime(DATE_FORMAT))
+        else:
+            text = pl.col(name).cast(pl.String)
+            exprs.append(pl.when(text == "").then(None).otherwise(text).alias(name))
+    return df.select(exprs), warnings
+
+
 def _read_parquet(path: Path) -> tuple[pl.DataFrame, str]:
     with path.open("rb") as f:
         head = f.read(4)
@@ -388,20 +454,12 @@ def _read_parquet(path: Path) -> tuple[pl.DataFrame, str]:
         )
     try:
         df = pl.read_parquet(path)
-    except (pl.exceptions.PolarsError, OSError) as exc:
+    except (pl.exceptions.PolarsError, OSError, ValueError, pl.exceptions.PanicException) as exc:
+        # PanicException is a BaseException: a malformed footer can make the decoder panic
         raise FileRejected(
             "unreadable_parquet", f"Parquet could not be decoded ({type(exc).__name__})"
         ) from None
-    exprs = []
-    for name, dtype in df.schema.items():
-        if isinstance(dtype, pl.Datetime):
-            exprs.append(pl.col(name).dt.strftime(TS_FORMAT))
-        elif isinstance(dtype, pl.Date):
-            exprs.append(pl.col(name).dt.strftime(DATE_FORMAT))
-        else:
-            text = pl.col(name).cast(pl.String)
-            exprs.append(pl.when(text == "").then(None).otherwise(text).alias(name))
-    return df.select(exprs), sha256_file(path)
+    return df, sha256_file(path)
 
 
 def _read_csv(
@@ -467,10 +525,13 @@ def _read(
     check_size(path, limits=limits)
     if path.suffix == ".parquet":
         raw, sha = _read_parquet(path)
-        columns = contract_header(raw.columns, source, mapping)
-        warnings = _check_columns(columns, source, header=raw.columns)
+        # as a CSV header's: surrounding blanks and a byte-order mark are not part of a name
+        header = [c.strip().lstrip("\ufeff").strip() for c in raw.columns]
+        columns = contract_header(header, source, mapping)
+        warnings = _check_columns(columns, source, header=header)
         raw.columns = columns
-        return raw, sha, [], warnings
+        raw, type_warnings = _parquet_text(raw, source, mapping)
+        return raw, sha, [], warnings | type_warnings
     if path.suffix == ".csv":
         return _read_csv(path, source, mapping)
     raise FileRejected(

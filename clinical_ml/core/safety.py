@@ -128,6 +128,17 @@ def sniff_text(path: Path) -> None:
         # Every other byte NUL is UTF-16 without a byte-order mark.
         code = "utf16_encoding" if head[1::2].count(0) > len(head) // 4 else "binary_content"
         raise FileRejected(code, "NUL bytes in a text file", byte_offset=nul)
+    first_line = head.split(b"\n", 1)[0]
+    bare_cr = first_line.find(b"\r")
+    if 0 <= bare_cr < len(first_line) - 1 or (bare_cr >= 0 and b"\n" not in head):
+        # A carriage return that ends the header (old Mac exports end every line so): the CSV readers would
+        # see one long line, or stop at the first record.
+        raise FileRejected(
+            "cr_line_endings",
+            "lines end with a bare carriage return (CR): re-export with LF or CRLF line ends",
+            line=1,
+            byte_offset=bare_cr,
+        )
 
 
 def first_invalid_utf8(path: Path) -> int | None:
@@ -201,13 +212,23 @@ def field_count_problems(path: Path, *, n_columns: int, limit: int = 1_000_000) 
     (at most ``limit``) and the number of records read.
     """
     bad: list[int] = []
-    with path.open("r", encoding="utf-8-sig", newline="") as f:
+    with path.open("r", encoding="utf-8-sig", newline="", errors="replace") as f:
         reader = csv.reader(f, strict=False)
-        next(reader, None)
         n = 0
-        for n, rec in enumerate(reader, start=1):
-            if len(rec) != n_columns and len(bad) < limit:
-                bad.append(n)
+        try:
+            next(reader, None)
+            for n, rec in enumerate(reader, start=1):
+                if len(rec) != n_columns and len(bad) < limit:
+                    bad.append(n)
+        except csv.Error:
+            # a field over the reader's size limit (a runaway quote swallowing the rest of the file) or a
+            # line break where none may be
+            raise FileRejected(
+                "malformed_csv",
+                f"record {n + 1} cannot be split into fields (a runaway quote or a field over "
+                f"{csv.field_size_limit()} characters)",
+                line=reader.line_num,
+            ) from None
     return bad, n
 
 
@@ -232,8 +253,14 @@ def header_names(path: Path) -> list[str]:
     """Column names of a CSV's first record (read with the standard library; a BOM is dropped)."""
     with path.open("r", encoding="utf-8-sig", newline="", errors="replace") as f:
         head = f.read(1 << 16)
-    first = next(csv.reader(io.StringIO(head)), [])
-    return [c.strip() for c in first]
+    try:
+        first = next(csv.reader(io.StringIO(head, newline="")), [])
+    except csv.Error:
+        raise FileRejected(
+            "malformed_header", "the header line cannot be split into column names", line=1
+        ) from None
+    # surrounding blanks and a byte-order mark left inside a quoted first name are not part of a name
+    return [c.strip().lstrip("\ufeff").strip() for c in first]
 
 
 def extract_zip_member(path: Path, *, workdir: Path, limits: Limits) -> Path:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -136,6 +137,19 @@ class SiteMapping(BaseModel):
     units: dict[str, UnitEntry] = {}
     sites: dict[str, str] = {}
     id_patterns: dict[Literal["mrn", "encounter_id"], str] = {}
+    time_zone: str | None = None
+    """The site's IANA time zone (``Europe/Paris``): Parquet timestamps that carry a zone are converted to its
+    wall-clock time, the time CSV exports and naive timestamps are in. Without it such a file is refused."""
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                zoneinfo.ZoneInfo(v)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError("not an IANA time zone name (e.g. America/New_York)") from None
+        return v
 
     @field_validator("values")
     @classmethod
@@ -227,7 +241,10 @@ class SiteMapping(BaseModel):
 
     def digest(self) -> str:
         """A short hash of the mapping's content (folded into the data version of what it maps)."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        content = self.model_dump()
+        if content["time_zone"] is None:  # mappings written before the field hash as they did
+            del content["time_zone"]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def site_mappings_dir(explicit: str | Path | None = None) -> Path:
