@@ -142,6 +142,7 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     from clinical_ml.core.artifacts import DeidStore
     from clinical_ml.defs.build import build_definitions
     from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+    from clinical_ml.resources.pseudonym_secret import anonymization_settings_from_env
 
     root = resolve_data_root(args.data_root)
     usecases_dir = resolve_usecases_dir(args.usecases_dir)
@@ -158,7 +159,11 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     elif not find_complete_batches(root / "landing"):
         generate_hospital(root / "landing", _synth_config(args))
         print(f"synthetic hospital written to {root / 'landing'}")
-    defs = build_definitions(data_root=root, usecases_dir=usecases_dir)
+    # The demo's hospital is synthetic (or a public de-identified database): its vault surrogates and date
+    # shifts are seeded from --seed, so every fresh `make demo` gives the same cohorts, split, model and
+    # numbers. A hospital's deployment leaves the seed unset (surrogates from OS entropy, see README).
+    anonymization = anonymization_settings_from_env(pseudonym_seed=args.seed)
+    defs = build_definitions(data_root=root, usecases_dir=usecases_dir, anonymization=anonymization)
     batches = find_complete_batches(root / "landing")
     known = set(instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     instance.add_dynamic_partitions(
@@ -241,6 +246,7 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
             f"operating point: risk >= {ev.threshold:.3f} -> sensitivity {ev.metric('sensitivity').value:.2f}, "
             f"specificity {ev.metric('specificity').value:.2f}, PPV {ev.metric('ppv').value:.2f}"
         )
+        print(f"model file sha256 {store.challenger.model_sha256()[:16]}... (the same on every fresh demo)")
         print(
             f"promotion: {'promoted to champion' if decision.promoted else 'not promoted (the gate refused it)'}"
         )

@@ -516,7 +516,7 @@ def anonymize_batch(
         new_pseudonyms = 0
     free_text = {t: [c for c in cols if c in FREE_TEXT_COLUMNS] for t, cols in dropped.items()}
     pseud = mapping.patients.rename({"mrn": "_key"})
-    births = patients.select("_key", "birth_date").unique("_key", keep="first")
+    births = patients.select("_key", "birth_date").unique("_key", keep="first", maintain_order=True)
     enc = (
         encounters.drop("mrn")
         .join(pseud, on="_key", how="left")
@@ -534,7 +534,7 @@ def anonymize_batch(
     ages_capped = int((enc["age_years"] >= AGE_CAP).sum())
     deid_enc = enc.select(DEID_COLUMNS["encounters"])
 
-    pat = patients.unique("_key", keep="first").join(pseud, on="_key", how="left")
+    pat = patients.unique("_key", keep="first", maintain_order=True).join(pseud, on="_key", how="left")
     pat = pat.with_columns(generalize_zip(pl.col("zip")).alias("zip3"))
     zip_restricted = int((pat["zip3"] == "000").sum())
     deid_pat = pat.select(DEID_COLUMNS["patients"])

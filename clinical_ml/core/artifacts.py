@@ -6,6 +6,7 @@ written atomically (a temporary file renamed into place) and readers list only c
 begin with a dot (the temporary files of a write in progress or of a killed process) are never read.
 """
 
+import hashlib
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,10 @@ class ChallengerStore:
 
     def model_text(self) -> str:
         return (self.folder / "model.txt").read_text()
+
+    def model_sha256(self) -> str:
+        """The model file's sha256: the same data, code and configuration give the same one."""
+        return hashlib.sha256((self.folder / "model.txt").read_bytes()).hexdigest()
 
     def write(self, model_text: str, fit: ChallengerFit) -> None:
         atomic_write_bytes(self.folder / "model.txt", model_text.encode())
