@@ -50,12 +50,40 @@ class VocabularyEntry(BaseModel):
         return v
 
 
+class NamedCode(BaseModel):
+    """A code that carries no value (a procedure, an imaging modality, body part or finding): its plain name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, max_length=80)
+
+
+class ImagingVocabulary(BaseModel):
+    """Imaging codes: DICOM modalities and body parts (defined terms) and coded findings ``<scheme>:<code>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    modalities: dict[str, NamedCode] = {}
+    body_parts: dict[str, NamedCode] = {}
+    findings: dict[str, NamedCode] = {}
+
+
+# ATC (WHO Anatomical Therapeutic Chemical) codes of a substance; ICD-10-PCS procedure codes; ICD-10-CM
+# diagnosis codes (validated by pattern: the classification has ~70,000 codes), in their dotted form.
+ATC_PATTERN = r"^[A-Z][0-9]{2}[A-Z]{2}[0-9]{2}$"
+ICD10PCS_PATTERN = r"^[0-9A-HJ-NP-Z]{7}$"
+ICD10CM_PATTERN = r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$"
+
+
 class Vocabulary(BaseModel):
-    """Labs by LOINC and vitals by name (see ``vocabulary.yaml``)."""
+    """Labs by LOINC, vitals by name, medications by ATC code (dose units), medication routes, procedures by
+    ICD-10-PCS code and imaging codes (see ``vocabulary.yaml``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     labs: dict[str, VocabularyEntry] = {}
     vitals: dict[str, VocabularyEntry] = {}
+    medications: dict[str, VocabularyEntry] = {}
+    routes: dict[str, NamedCode] = {}
+    procedures: dict[str, NamedCode] = {}
+    imaging: ImagingVocabulary = ImagingVocabulary()
 
     @field_validator("labs", "vitals")
     @classmethod
@@ -65,11 +93,39 @@ class Vocabulary(BaseModel):
             raise ValueError(f"codes must be 1-40 letters, digits, '_', '.', '-': {bad[:5]}")
         return v
 
+    @field_validator("medications")
+    @classmethod
+    def _atc(cls, v: dict[str, VocabularyEntry]) -> dict[str, VocabularyEntry]:
+        bad = [c for c in v if not re.fullmatch(ATC_PATTERN, c)]
+        if bad:
+            raise ValueError(f"medications are keyed by 7-character ATC codes (e.g. J01CA04): {bad[:5]}")
+        return v
+
+    @field_validator("procedures")
+    @classmethod
+    def _pcs(cls, v: dict[str, NamedCode]) -> dict[str, NamedCode]:
+        bad = [c for c in v if not re.fullmatch(ICD10PCS_PATTERN, c)]
+        if bad:
+            raise ValueError(f"procedures are keyed by 7-character ICD-10-PCS codes: {bad[:5]}")
+        return v
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, v: dict[str, NamedCode]) -> dict[str, NamedCode]:
+        bad = [c for c in v if not re.fullmatch(r"[A-Z]{2,6}", c)]
+        if bad:
+            raise ValueError(f"routes are 2-6 capital letters (e.g. IV, PO): {bad[:5]}")
+        return v
+
+
+_KINDS = ("labs", "vitals", "medications", "routes", "procedures")
+
 
 def load_vocabulary(extensions: Sequence[Path | str] = ()) -> Vocabulary:
     """The shipped vocabulary with each extension file merged over it, code by code (an extension may add
     codes or replace a shipped code's entry). Raises :class:`VocabularyError` naming the file and field."""
-    merged: dict[str, dict[str, dict]] = {"labs": {}, "vitals": {}}
+    merged: dict[str, dict] = {k: {} for k in _KINDS}
+    merged["imaging"] = {k: {} for k in ImagingVocabulary.model_fields}
     for path in (VOCABULARY_FILE, *map(Path, extensions)):
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -81,8 +137,12 @@ def load_vocabulary(extensions: Sequence[Path | str] = ()) -> Vocabulary:
         except ValidationError as exc:
             where = "; ".join(".".join(map(str, e["loc"])) + f": {e['msg']}" for e in exc.errors())
             raise VocabularyError(f"{path}: {where}") from None
-        for kind in ("labs", "vitals"):
+        for kind in _KINDS:
             merged[kind].update({k: e.model_dump() for k, e in getattr(part, kind).items()})
+        for kind in ImagingVocabulary.model_fields:
+            merged["imaging"][kind].update(
+                {k: e.model_dump() for k, e in getattr(part.imaging, kind).items()}
+            )
         clash = sorted(set(merged["labs"]) & set(merged["vitals"]))
         if clash:
             raise VocabularyError(f"{path}: codes listed both as labs and as vitals: {clash[:5]}")
@@ -100,26 +160,68 @@ LAB_CODES: dict[str, tuple[str, str]] = {k: (e.name, e.unit) for k, e in VOCABUL
 # vital code -> (plain name, canonical UCUM unit)
 VITAL_CODES: dict[str, tuple[str, str]] = {k: (e.name, e.unit) for k, e in VOCABULARY.vitals.items()}
 _ENTRIES = {**VOCABULARY.labs, **VOCABULARY.vitals}
+# ATC -> (plain name, canonical dose unit); dose conversions and plausible ranges per ATC code
+MEDICATION_CODES: dict[str, tuple[str, str]] = {
+    k: (e.name, e.unit) for k, e in VOCABULARY.medications.items()
+}
+MEDICATION_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
+    (code, unit): conversion
+    for code, e in VOCABULARY.medications.items()
+    for unit, conversion in e.convert.items()
+}
+MEDICATION_PLAUSIBLE: dict[str, tuple[float, float]] = {
+    k: e.plausible for k, e in VOCABULARY.medications.items()
+}
+ROUTES: dict[str, str] = {k: e.name for k, e in VOCABULARY.routes.items()}
+PROCEDURE_CODES: dict[str, str] = {k: e.name for k, e in VOCABULARY.procedures.items()}
+IMAGING_MODALITIES: dict[str, str] = {k: e.name for k, e in VOCABULARY.imaging.modalities.items()}
+IMAGING_BODY_PARTS: dict[str, str] = {k: e.name for k, e in VOCABULARY.imaging.body_parts.items()}
+IMAGING_FINDINGS: dict[str, str] = {k: e.name for k, e in VOCABULARY.imaging.findings.items()}
 
 # Codes of the stay itself (written by the anonymizer and the adapters, see anonymization.encounter_events):
 # a prefix followed by the coded value, e.g. ``ICU_UNIT//MICU``; ``MEDS_DEATH`` alone.
 STAY_CODE_PREFIXES: tuple[str, ...] = ("ADMISSION//", "ICU_UNIT//", "HOSPITAL_DISCHARGE//", "LABEL//")
 STAY_CODES: tuple[str, ...] = ("MEDS_DEATH", "MEDS_BIRTH")
+# Codes of the further sources (clinical_ml.core.clinical_sources, clinical_ml.core.dicom): a medication's dose
+# in its canonical unit, a device vital's hourly mean and its samples per hour (numeric); a diagnosis, a
+# procedure, an imaging study (``IMAGING//<modality>//<body part>``) and an imaging finding (no value).
+MED_PREFIX, DEVICE_PREFIX, DEVICE_RATE_PREFIX = "MED//", "DEVICE//", "DEVICE_RATE//"
+DX_PREFIX, PROC_PREFIX, IMAGING_PREFIX, FINDING_PREFIX = "DX//", "PROC//", "IMAGING//", "IMAGING_FINDING//"
 
 
 def measurement_codes() -> dict[str, tuple[str, str]]:
-    """Every numeric MEDS code of the vocabulary: ``LAB//<LOINC>`` and ``VITAL//<name>`` -> (name, unit)."""
+    """Every numeric MEDS code of the vocabulary -> (name, unit): ``LAB//<LOINC>``, ``VITAL//<name>``,
+    ``MED//<ATC>`` (dose), ``DEVICE//<vital>`` (hourly mean of device data), ``DEVICE_RATE//<vital>``."""
     codes = {f"LAB//{k}": v for k, v in LAB_CODES.items()}
-    return codes | {f"VITAL//{k}": v for k, v in VITAL_CODES.items()}
+    codes |= {f"VITAL//{k}": v for k, v in VITAL_CODES.items()}
+    codes |= {f"{MED_PREFIX}{k}": (f"{name} dose", unit) for k, (name, unit) in MEDICATION_CODES.items()}
+    codes |= {
+        f"{DEVICE_PREFIX}{k}": (f"{name} (device, hourly mean)", u) for k, (name, u) in VITAL_CODES.items()
+    }
+    return codes | {
+        f"{DEVICE_RATE_PREFIX}{k}": (f"{name} (device samples per hour)", "/h")
+        for k, (name, _) in VITAL_CODES.items()
+    }
 
 
 def is_known_code(code: str, *, measurements_only: bool = False) -> bool:
     """True when ``code`` is in the vocabulary: a measurement code, or (unless ``measurements_only``) a
-    stay code such as ``ICU_UNIT//MICU``, ``ICU_UNIT//`` (any unit) or ``MEDS_DEATH``."""
+    stay code such as ``ICU_UNIT//MICU``, ``ICU_UNIT//`` (any unit) or ``MEDS_DEATH``, a diagnosis
+    ``DX//<ICD-10-CM>``, a procedure ``PROC//<ICD-10-PCS>`` of the vocabulary, an imaging study
+    ``IMAGING//<modality>//<body part>`` or finding ``IMAGING_FINDING//<scheme>:<code>`` of the vocabulary."""
     if code in measurement_codes():
         return True
     if measurements_only:
         return False
+    if code.startswith(DX_PREFIX):
+        return re.fullmatch(ICD10CM_PATTERN, code.removeprefix(DX_PREFIX)) is not None
+    if code.startswith(PROC_PREFIX):
+        return code.removeprefix(PROC_PREFIX) in PROCEDURE_CODES
+    if code.startswith(FINDING_PREFIX):
+        return code.removeprefix(FINDING_PREFIX) in IMAGING_FINDINGS
+    if code.startswith(IMAGING_PREFIX):
+        modality, _, body = code.removeprefix(IMAGING_PREFIX).partition("//")
+        return modality in IMAGING_MODALITIES and body in {*IMAGING_BODY_PARTS, "unmapped"}
     return code in STAY_CODES or any(code.startswith(p) for p in STAY_CODE_PREFIXES)
 
 
@@ -143,7 +245,14 @@ def canonical_unit(code: str) -> str:
 
 def plain_name(meds_code: str) -> str:
     """Plain-word name of a MEDS code such as ``LAB//2160-0`` for reports."""
+    numeric = measurement_codes().get(meds_code)
+    if numeric is not None and not meds_code.startswith(("LAB//", "VITAL//")):
+        return numeric[0]
     _, _, code = meds_code.partition("//")
+    if meds_code.startswith(PROC_PREFIX) and code in PROCEDURE_CODES:
+        return PROCEDURE_CODES[code]
+    if meds_code.startswith(FINDING_PREFIX) and code in IMAGING_FINDINGS:
+        return IMAGING_FINDINGS[code]
     if code in LAB_CODES:
         return LAB_CODES[code][0]
     if code in VITAL_CODES:

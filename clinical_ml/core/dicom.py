@@ -1,0 +1,617 @@
+"""PACS imaging: DICOM headers de-identified per the DICOM PS3.15 Basic Application Level Confidentiality
+Profile and turned into MEDS events.
+
+A batch may carry a folder ``imaging/`` of DICOM files (``*.dcm``; headers alone, without pixel data, are
+fine). Each file is read with pydicom (phi zone only), tied to its patient (``PatientID``, the MRN) and stay
+(``AdmissionID``, else the patient's stay that holds the study time), and de-identified:
+
+* the attributes of :data:`BASIC_PROFILE` get the profile's action: ``X`` removed, ``Z`` emptied (``PatientID``
+  gets the patient's pseudonym instead, a dummy value the profile allows, so studies stay linkable), ``D``
+  replaced by a dummy;
+* every UID that is not a registered DICOM UID (``U``) is replaced by ``2.25.<int>``, the integer of a UUID
+  derived from the original UID under a secret key: the same study gets the same new UID in every file and
+  batch, and nobody without the key can recompute it (the key is a deployment secret: the HMAC pseudonym key,
+  or a random key kept in the phi zone, see :func:`uid_key`);
+* dates and date-times are shifted by the patient's shift (the anonymizer's whole-week shift, so weekdays and
+  intervals are kept: the profile's *Retain Longitudinal Temporal Information with Modified Dates* option);
+* private attributes are removed; then anything not on :data:`KEPT` (technical attributes, coded values,
+  structured findings) is removed too, so an attribute the table does not name cannot carry a name across;
+* ``BurnedInAnnotation`` ``YES`` (or ``RecognizableVisualFeatures`` ``YES``, or no flag at all on a modality
+  that usually burns text in, :data:`BURN_IN_MODALITIES`): the pixel data are dropped, with the reason
+  counted; the de-identified header is kept.
+
+The events (:func:`imaging_events`): ``IMAGING//<modality>//<body part>`` at the study time (shifted) and
+``IMAGING_FINDING//<scheme>:<code>`` for each coded finding of a structured report (``ContentSequence``
+items of value type ``CODE``) at the report time; modality, body part and finding codes outside the
+vocabulary (``vocabulary.yaml``, ``imaging``) become ``unmapped`` (never passed as text) or are dropped and
+counted.
+"""
+
+import copy
+import hashlib
+import hmac
+import os
+import secrets
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from clinical_ml.core.units import IMAGING_BODY_PARTS, IMAGING_FINDINGS, IMAGING_MODALITIES
+
+IMAGING_FOLDER = "imaging"
+DICOM_SUFFIX = ".dcm"
+UNMAPPED = "unmapped"
+UID_ROOT = "2.25."
+UID_KEY_FILE = "imaging_uid_key"
+_UID_DOMAIN = b"clinical_ml/dicom_uid/v1\x00"
+MIN_UID_KEY_BYTES = 32
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+IMAGING_CODE_PREFIX = "IMAGING//"
+FINDING_CODE_PREFIX = "IMAGING_FINDING//"
+
+# PS3.15 Annex E, Table E.1-1: the basic profile's action for the attributes handled here (keyword -> action).
+# X remove; Z zero length (PatientID: the pseudonym, a consistent dummy); D dummy value. UIDs (U) are handled by
+# value representation below: every non-standard UID in the dataset is replaced, whichever attribute holds it.
+BASIC_PROFILE: dict[str, str] = {
+    # the patient
+    "PatientName": "Z",
+    "PatientID": "Z",
+    "IssuerOfPatientID": "X",
+    "PatientBirthDate": "Z",
+    "PatientBirthTime": "X",
+    "PatientSex": "Z",
+    "PatientAge": "X",
+    "PatientSize": "X",
+    "PatientWeight": "X",
+    "OtherPatientIDs": "X",
+    "OtherPatientIDsSequence": "X",
+    "OtherPatientNames": "X",
+    "PatientBirthName": "X",
+    "PatientMotherBirthName": "X",
+    "PatientAddress": "X",
+    "PatientTelephoneNumbers": "X",
+    "CountryOfResidence": "X",
+    "RegionOfResidence": "X",
+    "MilitaryRank": "X",
+    "BranchOfService": "X",
+    "EthnicGroup": "X",
+    "Occupation": "X",
+    "PatientReligiousPreference": "X",
+    "MedicalRecordLocator": "X",
+    "MedicalAlerts": "X",
+    "Allergies": "X",
+    "PregnancyStatus": "X",
+    "SmokingStatus": "X",
+    "AdditionalPatientHistory": "X",
+    "PatientComments": "X",
+    "PatientState": "X",
+    "PatientInsurancePlanCodeSequence": "X",
+    "ResponsiblePerson": "X",
+    "ResponsibleOrganization": "X",
+    # the visit and the order
+    "AccessionNumber": "Z",
+    "StudyID": "Z",
+    "AdmissionID": "X",
+    "IssuerOfAdmissionIDSequence": "X",
+    "AdmittingDiagnosesDescription": "X",
+    "AdmittingDiagnosesCodeSequence": "X",
+    "RequestAttributesSequence": "X",
+    "RequestedProcedureID": "X",
+    "RequestedProcedureDescription": "X",
+    "ScheduledProcedureStepID": "X",
+    "PerformedProcedureStepID": "X",
+    "PerformedProcedureStepDescription": "X",
+    "ReasonForStudy": "X",
+    "ReasonForTheRequestedProcedure": "X",
+    "ReferencedPatientSequence": "X",
+    "ReferencedStudySequence": "X",
+    # institutions, people and devices
+    "InstitutionName": "X",
+    "InstitutionAddress": "X",
+    "InstitutionalDepartmentName": "X",
+    "InstitutionCodeSequence": "X",
+    "ReferringPhysicianName": "Z",
+    "ReferringPhysicianAddress": "X",
+    "ReferringPhysicianTelephoneNumbers": "X",
+    "ReferringPhysicianIdentificationSequence": "X",
+    "PhysiciansOfRecord": "X",
+    "PhysiciansOfRecordIdentificationSequence": "X",
+    "PerformingPhysicianName": "X",
+    "PerformingPhysicianIdentificationSequence": "X",
+    "NameOfPhysiciansReadingStudy": "X",
+    "PhysiciansReadingStudyIdentificationSequence": "X",
+    "RequestingPhysician": "X",
+    "RequestingService": "X",
+    "ScheduledPerformingPhysicianName": "X",
+    "OperatorsName": "X",
+    "OperatorIdentificationSequence": "X",
+    "VerifyingObserverName": "D",
+    "PersonName": "D",
+    "StationName": "X",
+    "DeviceSerialNumber": "X",
+    # free text
+    "StudyDescription": "X",
+    "SeriesDescription": "X",
+    "ProtocolName": "X",
+    "ImageComments": "X",
+    "DerivationDescription": "X",
+    "TextValue": "X",
+}
+# Dummy values of the ``D`` action, by value representation.
+_DUMMY = {"PN": "ANONYMIZED", "LO": "ANONYMIZED", "SH": "ANON", "DA": "19000101", "TM": "000000"}
+
+# What may leave: coded and technical attributes (everything else is removed after the profile's actions).
+KEPT = frozenset(
+    {
+        # identity of the object (UIDs replaced) and the pseudonym
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "PatientID",
+        "PatientName",
+        "PatientSex",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "StudyID",
+        "ReferringPhysicianName",
+        "VerifyingObserverName",
+        "PersonName",
+        # shifted dates and their times
+        "StudyDate",
+        "StudyTime",
+        "SeriesDate",
+        "SeriesTime",
+        "AcquisitionDate",
+        "AcquisitionTime",
+        "ContentDate",
+        "ContentTime",
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "AcquisitionDateTime",
+        # what the study is
+        "Modality",
+        "BodyPartExamined",
+        "SeriesNumber",
+        "InstanceNumber",
+        "ImageType",
+        "BurnedInAnnotation",
+        "RecognizableVisualFeatures",
+        "PatientIdentityRemoved",
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",
+        "LongitudinalTemporalInformationModified",
+        "SpecificCharacterSet",
+        # pixels
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelSpacing",
+        "SliceThickness",
+        "PixelData",
+        # structured findings (coded items only)
+        "ValueType",
+        "ContentSequence",
+        "ConceptNameCodeSequence",
+        "ConceptCodeSequence",
+        "CodeValue",
+        "CodingSchemeDesignator",
+        "RelationshipType",
+        "CompletionFlag",
+        "VerificationFlag",
+    }
+)
+# Text a coded item may carry beside its code (CodeMeaning): free text, dropped.
+_PIXEL_ATTRIBUTES = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Modalities that usually carry burned-in text (ultrasound, secondary capture, photographs): without a flag
+# saying otherwise, their pixels are not released.
+BURN_IN_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC"})
+DEIDENTIFICATION_METHOD = "DICOM PS3.15 E.1 basic profile; modified dates; clinical_ml"
+# PS3.16 CID 7050 codes of the profile and the option applied (DCM scheme).
+_METHOD_CODES = (
+    ("113100", "Basic Application Confidentiality Profile"),
+    ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+)
+
+
+class DicomRejected(ValueError):
+    """A file that is not usable DICOM; the message names a reason, never a value."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def uid_key(*, phi_dir: Path, hmac_secret: bytes | None = None) -> bytes:
+    """The secret that new UIDs are derived under.
+
+    In HMAC mode the pseudonym key (domain-separated below), so every deployment with the same key gives the
+    same UIDs; in vault mode a random key created once in the phi zone (``<phi>/imaging_uid_key``, owner-only),
+    the imaging counterpart of the vault: it never leaves the phi zone.
+    """
+    if hmac_secret is not None:
+        return hmac_secret
+    path = Path(phi_dir) / UID_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(MIN_UID_KEY_BYTES))
+    key = path.read_bytes()
+    if len(key) < MIN_UID_KEY_BYTES:
+        raise ValueError(f"the imaging UID key in the phi zone ({UID_KEY_FILE}) is shorter than 32 bytes")
+    return key
+
+
+def new_uid(original: str, *, key: bytes) -> str:
+    """``2.25.<int>`` of a UUID derived from ``original`` under ``key`` (PS3.5 B.2): consistent, not reversible."""
+    digest = hmac.new(key, _UID_DOMAIN + original.strip().encode(), hashlib.sha256).digest()
+    return UID_ROOT + str(uuid.UUID(bytes=digest[:16], version=4).int)
+
+
+def _shift_da(value: str, days: int) -> str:
+    return (datetime.strptime(value[:8], "%Y%m%d").date() + timedelta(days=days)).strftime("%Y%m%d")
+
+
+def _shift_dt(value: str, days: int) -> str:
+    return _shift_da(value[:8], days) + value[8:]
+
+
+@dataclass
+class DeidLog:
+    """What the de-identification of one or more datasets did (counts only)."""
+
+    actions: Counter = field(default_factory=Counter)
+    """``<action>:<keyword>`` -> times applied (``X:PatientAddress``, ``U`` for UIDs, ``shift`` for dates)."""
+    pixels_dropped: Counter = field(default_factory=Counter)
+    """reason -> instances whose pixel data were dropped."""
+
+    def merge(self, other: "DeidLog") -> None:
+        self.actions.update(other.actions)
+        self.pixels_dropped.update(other.pixels_dropped)
+
+
+def _burn_in_reason(ds: Dataset) -> str | None:
+    flag = str(ds.get("BurnedInAnnotation", "")).strip().upper()
+    faces = str(ds.get("RecognizableVisualFeatures", "")).strip().upper()
+    if flag == "YES":
+        return "burned_in_annotation"
+    if faces == "YES":
+        return "recognizable_visual_features"
+    if not flag and str(ds.get("Modality", "")).strip().upper() in BURN_IN_MODALITIES:
+        return "burned_in_annotation_unknown"
+    return None
+
+
+def deidentify(ds: Dataset, *, pseudonym: str, shift_days: int, key: bytes) -> tuple[Dataset, DeidLog]:
+    """A de-identified copy of ``ds`` (see the module docstring); ``ds`` is left as it is.
+
+    Parameters
+    ----------
+    ds
+        A dataset read from the landing zone (phi).
+    pseudonym
+        The patient's ``subject_id`` as text: the new ``PatientID`` (and ``PatientName``).
+    shift_days
+        The patient's date shift (whole weeks, from the anonymizer).
+    key
+        The UID secret (:func:`uid_key`).
+    """
+    out = _deep_copy(ds)
+    log = DeidLog()
+    reason = _burn_in_reason(out)
+    if reason is not None and any(a in out for a in _PIXEL_ATTRIBUTES):
+        for a in _PIXEL_ATTRIBUTES:
+            if a in out:
+                del out[a]
+        log.pixels_dropped[reason] += 1
+    private: list[int] = []
+    out.walk(lambda _d, e: private.append(1) if e.tag.is_private else None)
+    out.remove_private_tags()
+    if private:
+        log.actions["X:private"] += len(private)
+
+    def act(dataset: Dataset, elem: pydicom.DataElement) -> None:
+        keyword = elem.keyword
+        action = BASIC_PROFILE.get(keyword)
+        if elem.tag.is_private:
+            return
+        if action == "X":
+            del dataset[elem.tag]
+        elif action == "Z":
+            elem.value = pseudonym if keyword in ("PatientID", "PatientName") else ""
+        elif action == "D":
+            elem.value = _DUMMY.get(elem.VR, "")
+        elif elem.VR == "UI" and elem.value:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            replaced = [v if not UID(str(v)).is_private else new_uid(str(v), key=key) for v in values]
+            elem.value = replaced if elem.VM > 1 else replaced[0]
+            action = "U" if replaced != list(values) else None
+        elif elem.VR in ("DA", "DT") and elem.value:
+            try:
+                shift = _shift_da if elem.VR == "DA" else _shift_dt
+                elem.value = shift(str(elem.value), shift_days)
+                action = "shift"
+            except ValueError:
+                del dataset[elem.tag]  # a date that does not parse cannot be shifted: it does not leave
+                action = "X"
+        if action:
+            log.actions[f"{action}:{keyword}" if action not in ("U", "shift") else action] += 1
+
+    out.walk(act)
+
+    def allow(dataset: Dataset, elem: pydicom.DataElement) -> None:
+        if elem.keyword not in KEPT:
+            log.actions["removed_not_allowlisted"] += 1
+            del dataset[elem.tag]
+
+    out.walk(allow)
+    out.PatientIdentityRemoved = "YES"
+    out.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    out.LongitudinalTemporalInformationModified = "MODIFIED"
+    method = []
+    for value, meaning in _METHOD_CODES:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        method.append(item)
+    out.DeidentificationMethodCodeSequence = method
+    return out, log
+
+
+def _deep_copy(ds: Dataset) -> Dataset:
+    """A deep copy without the file meta (rebuilt for the de-identified file: it names the source's UIDs)."""
+    out = copy.deepcopy(ds)
+    if hasattr(out, "file_meta"):
+        del out.file_meta
+    return out
+
+
+@dataclass(frozen=True)
+class ImagingInstance:
+    """One DICOM file of a batch as read (phi zone): the dataset and the keys it is tied by."""
+
+    name: str
+    dataset: Dataset
+    mrn: str | None
+    admission_id: str | None
+
+
+def read_imaging(batch_dir: Path) -> tuple[list[ImagingInstance], Counter]:
+    """The DICOM files of ``<batch>/imaging/`` in name order, and files not read by reason
+    (``not_dicom``, ``not_regular_file``). Pixel data are read too (their burn-in flag decides)."""
+    folder = Path(batch_dir) / IMAGING_FOLDER
+    rejected: Counter = Counter()
+    out: list[ImagingInstance] = []
+    if not folder.is_dir() or folder.is_symlink():
+        return out, rejected
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() or not p.is_file():
+            rejected["not_regular_file"] += 1
+            continue
+        if p.suffix.lower() != DICOM_SUFFIX:
+            rejected["not_dicom"] += 1
+            continue
+        try:
+            ds = pydicom.dcmread(p)
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError):
+            rejected["not_dicom"] += 1
+            continue
+        mrn = str(ds.get("PatientID", "")).strip().upper() or None
+        adm = str(ds.get("AdmissionID", "")).strip().upper() or None
+        out.append(ImagingInstance(p.name, ds, mrn, adm))
+    return out, rejected
+
+
+def _study_time(ds: Dataset, date_kw: str = "StudyDate", time_kw: str = "StudyTime") -> datetime | None:
+    d = str(ds.get(date_kw, "")).strip()
+    if len(d) < 8:
+        return None
+    try:
+        day = datetime.strptime(d[:8], "%Y%m%d")
+    except ValueError:
+        return None
+    t = str(ds.get(time_kw, "")).strip().split(".")[0]
+    if len(t) >= 4 and t.isdigit():
+        t = t.ljust(6, "0")
+        try:
+            return day.replace(hour=int(t[:2]), minute=int(t[2:4]), second=int(t[4:6]))
+        except ValueError:
+            return day
+    return day
+
+
+def _findings(ds: Dataset) -> list[str]:
+    """``<scheme>:<code>`` of the coded findings (value type ``CODE``) of a structured report's content."""
+    out = []
+    for item in ds.get("ContentSequence", []) or []:
+        if str(item.get("ValueType", "")).upper() != "CODE":
+            continue
+        for concept in item.get("ConceptCodeSequence", []) or []:
+            scheme = str(concept.get("CodingSchemeDesignator", "")).strip().upper()
+            code = str(concept.get("CodeValue", "")).strip()
+            if scheme and code:
+                out.append(f"{scheme}:{code}")
+    return out
+
+
+@dataclass(frozen=True)
+class ImagingRelease:
+    """The imaging of one batch after de-identification.
+
+    ``datasets`` maps a new file name (the new SOP instance UID) to its de-identified dataset; ``events`` are
+    MEDS rows (``subject_id``, ``time``, ``code``, ``numeric_value``, ``hadm_id``, ``available_time``,
+    ``implausible``); ``counts`` are PHI-free counts by reason.
+    """
+
+    datasets: dict[str, Dataset]
+    events: pl.DataFrame
+    counts: dict[str, int]
+    log: DeidLog
+
+
+EVENT_SCHEMA = pl.Schema(
+    {
+        "subject_id": pl.Int64(),
+        "time": pl.Datetime("us"),
+        "code": pl.String(),
+        "numeric_value": pl.Float32(),
+        "hadm_id": pl.Int64(),
+        "available_time": pl.Datetime("us"),
+        "implausible": pl.Boolean(),
+    }
+)
+
+
+def _controlled(value: object, allowed: Iterable[str]) -> str:
+    v = str(value or "").strip().upper()
+    return v if v in allowed else UNMAPPED
+
+
+def _stay_of(
+    mrn: str, admission_id: str | None, at: datetime | None, stays: pl.DataFrame
+) -> tuple[str | None, str]:
+    """The encounter of a study: its ``AdmissionID`` when it is one of the patient's stays, else the stay whose
+    admission..discharge holds the study time; and how it was found."""
+    mine = stays.filter(pl.col("_mrn") == mrn)
+    if admission_id is not None and admission_id in mine["_enc"].to_list():
+        return admission_id, "by_admission_id"
+    if at is not None:
+        hit = mine.filter(
+            (pl.col("admit_time") <= at)
+            & (pl.col("discharge_time").is_null() | (pl.col("discharge_time") >= at))
+        )
+        if hit.height:
+            return str(hit["_enc"][0]), "by_study_time"
+    return None, "no_stay"
+
+
+def release_imaging(
+    instances: list[ImagingInstance],
+    *,
+    patients: pl.DataFrame,
+    encounters: pl.DataFrame,
+    raw_encounters: pl.DataFrame,
+    key: bytes,
+) -> ImagingRelease:
+    """De-identify a batch's DICOM files and turn them into events.
+
+    Parameters
+    ----------
+    instances
+        From :func:`read_imaging`.
+    patients, encounters
+        The pseudonym mapping of the batch as the anonymizer returns it (``DeidBatch.vault``, in vault or HMAC
+        mode): ``mrn`` (normalized), ``subject_id``, ``shift_days``; ``encounter_id`` (normalized), ``hadm_id``.
+    raw_encounters
+        The batch's accepted encounters (``encounter_id``, ``mrn``, ``admit_time``, ``discharge_time``), to tie a
+        study without an ``AdmissionID`` to its stay.
+    key
+        The UID secret (:func:`uid_key`).
+
+    A file whose patient has no pseudonym (not delivered, or withheld) is not released (``no_patient``).
+    """
+    pseud = {r["mrn"]: (r["subject_id"], r["shift_days"]) for r in patients.iter_rows(named=True)}
+    hadm = {r["encounter_id"]: r["hadm_id"] for r in encounters.iter_rows(named=True)}
+    stays = raw_encounters.select(
+        pl.col("encounter_id").cast(pl.String).str.strip_chars().str.to_uppercase().alias("_enc"),
+        pl.col("mrn").cast(pl.String).str.strip_chars().str.to_uppercase().alias("_mrn"),
+        "admit_time",
+        "discharge_time",
+    )
+    counts: Counter = Counter()
+    log = DeidLog()
+    datasets: dict[str, Dataset] = {}
+    rows: list[dict] = []
+    studies_seen: set[str] = set()
+    for inst in instances:
+        if inst.mrn is None or inst.mrn not in pseud:
+            counts["not_released:no_patient"] += 1
+            continue
+        subject_id, shift = pseud[inst.mrn]
+        at = _study_time(inst.dataset)
+        enc, how = _stay_of(inst.mrn, inst.admission_id, at, stays)
+        counts[f"stay:{how}"] += 1
+        deid, one_log = deidentify(inst.dataset, pseudonym=str(subject_id), shift_days=int(shift), key=key)
+        log.merge(one_log)
+        name = f"{deid.SOPInstanceUID}{DICOM_SUFFIX}" if "SOPInstanceUID" in deid else None
+        if name is None:
+            counts["not_released:no_sop_instance_uid"] += 1
+            continue
+        datasets[name] = deid
+        counts["instances_released"] += 1
+        study = str(deid.get("StudyInstanceUID", ""))
+        hadm_id = hadm.get(enc) if enc is not None else None
+        shifted = None if at is None else at + timedelta(days=int(shift))
+        if study and study not in studies_seen and shifted is not None:
+            studies_seen.add(study)
+            modality = _controlled(inst.dataset.get("Modality"), IMAGING_MODALITIES)
+            body = _controlled(inst.dataset.get("BodyPartExamined"), IMAGING_BODY_PARTS)
+            counts["unmapped:modality"] += modality == UNMAPPED
+            counts["unmapped:body_part"] += body == UNMAPPED
+            rows.append(
+                _event(subject_id, shifted, f"{IMAGING_CODE_PREFIX}{modality}//{body}", hadm_id, shifted)
+            )
+        elif shifted is None:
+            counts["no_study_time"] += 1
+        found = _findings(inst.dataset)
+        if found:
+            report = _study_time(inst.dataset, "ContentDate", "ContentTime") or at
+            when = None if report is None else report + timedelta(days=int(shift))
+            for code in found:
+                if code not in IMAGING_FINDINGS:
+                    counts["finding_not_in_vocabulary"] += 1
+                elif when is not None:
+                    rows.append(_event(subject_id, when, FINDING_CODE_PREFIX + code, hadm_id, when))
+    events = pl.DataFrame(rows, schema=EVENT_SCHEMA) if rows else pl.DataFrame(schema=EVENT_SCHEMA)
+    counts["studies"] = len(studies_seen)
+    counts["events"] = events.height
+    counts |= {f"pixels_dropped:{k}": v for k, v in log.pixels_dropped.items()}
+    return ImagingRelease(datasets, events, {k: int(v) for k, v in counts.items() if v}, log)
+
+
+def _event(subject_id: int, at: datetime, code: str, hadm_id: int | None, available: datetime) -> dict:
+    return {
+        "subject_id": subject_id,
+        "time": at,
+        "code": code,
+        "numeric_value": None,
+        "hadm_id": hadm_id,
+        "available_time": available,
+        "implausible": False,
+    }
+
+
+def write_dicom(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file (PS3.10: preamble, file meta from its own SOP class and instance UIDs,
+    explicit VR little endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(str(ds.get("SOPClassUID", "")) or SECONDARY_CAPTURE)
+    meta.MediaStorageSOPInstanceUID = UID(str(ds.get("SOPInstanceUID", "")))
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_released(datasets: Mapping[str, Dataset], folder: Path) -> list[Path]:
+    """Write de-identified datasets as DICOM files (names are new UIDs: nothing of the source's)."""
+    out = []
+    for name, ds in sorted(datasets.items()):
+        write_dicom(ds, folder / name)
+        out.append(folder / name)
+    return out

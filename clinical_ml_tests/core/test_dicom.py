@@ -1,0 +1,242 @@
+"""DICOM de-identification (PS3.15 basic profile: every attribute of the table handled), UIDs, dates,
+private attributes, burned-in annotations, and imaging events."""
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+
+from clinical_ml.core.dicom import (
+    BASIC_PROFILE,
+    IMAGING_FOLDER,
+    deidentify,
+    new_uid,
+    read_imaging,
+    release_imaging,
+    uid_key,
+    write_dicom,
+    write_released,
+)
+
+KEY = b"k" * 32
+CANARY = "Zorblatt"  # in every value a person could be identified by
+
+
+def _value(keyword: str, i: int):
+    vr = dictionary_VR(keyword)
+    if vr == "SQ":
+        item = Dataset()
+        item.PersonName = f"{CANARY}^Seq{i}"
+        item.CodeMeaning = f"{CANARY} meaning {i}"
+        return [item]
+    if vr == "DA":
+        return "19500101"
+    if vr == "TM":
+        return "101010"
+    if vr == "DS":
+        return "71.5"
+    if vr in ("US", "SS", "UL"):
+        return 4
+    if vr == "AS":
+        return "045Y"
+    if vr == "CS":
+        return "F"
+    if vr == "PN":
+        return f"{CANARY}^Person{i}"
+    return f"{CANARY}{i}"
+
+
+def _study(**extra) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.99.1.1.1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.99.1"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.99.1.1"
+    ds.PatientID = "MRN00042"
+    ds.AdmissionID = "ENC-0042"
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "CHEST"
+    ds.StudyDate = "20250310"
+    ds.StudyTime = "143015"
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _full() -> Dataset:
+    ds = _study()
+    for i, keyword in enumerate(BASIC_PROFILE):
+        if keyword not in ("PatientID", "AdmissionID"):
+            setattr(ds, keyword, _value(keyword, i))
+    return ds
+
+
+@pytest.mark.parametrize("keyword", sorted(BASIC_PROFILE))
+def test_every_attribute_of_the_profile_table_gets_its_action(keyword):
+    out, log = deidentify(_full(), pseudonym="777", shift_days=-14, key=KEY)
+    action = BASIC_PROFILE[keyword]
+    if action == "X":
+        assert keyword not in out
+    elif action == "Z":
+        assert str(out[keyword].value) == ("777" if keyword in ("PatientID", "PatientName") else "")
+    else:  # D: a dummy, nothing of the original
+        assert keyword in out and CANARY not in str(out[keyword].value) and str(out[keyword].value)
+    assert log.actions[f"{action}:{keyword}"] == 1
+
+
+def test_no_value_of_the_original_survives_in_the_written_file(tmp_path):
+    out, _ = deidentify(_full(), pseudonym="777", shift_days=-14, key=KEY)
+    (path,) = write_released({"x.dcm": out}, tmp_path)
+    data = path.read_bytes()
+    for needle in (CANARY, "MRN00042", "ENC-0042", "1.2.826.0.1.3680043.99", "19500101", "20250310"):
+        assert needle.encode() not in data
+    back = pydicom.dcmread(path)
+    assert back.PatientIdentityRemoved == "YES" and back.StudyDate == "20250224"
+
+
+def test_uids_are_replaced_consistently_and_standard_uids_kept():
+    a, log = deidentify(_study(), pseudonym="1", shift_days=7, key=KEY)
+    b, _ = deidentify(
+        _study(SOPInstanceUID="1.2.826.0.1.3680043.99.1.1.2"), pseudonym="1", shift_days=7, key=KEY
+    )
+    other_key, _ = deidentify(_study(), pseudonym="1", shift_days=7, key=b"o" * 32)
+    assert a.StudyInstanceUID == b.StudyInstanceUID == new_uid("1.2.826.0.1.3680043.99.1", key=KEY)
+    assert a.SOPInstanceUID != b.SOPInstanceUID
+    assert a.StudyInstanceUID.startswith("2.25.") and len(a.StudyInstanceUID) <= 64
+    assert other_key.StudyInstanceUID != a.StudyInstanceUID
+    assert a.SOPClassUID == CTImageStorage  # a registered DICOM UID names a kind of object, not a person
+    assert log.actions["U"] == 3
+
+
+@pytest.mark.parametrize("shift", [-21, 0, 35])
+def test_dates_move_by_the_patients_shift_and_times_stay(shift):
+    ds = _study(SeriesDate="20250310", AcquisitionDateTime="20250310143015.123")
+    out, _ = deidentify(ds, pseudonym="1", shift_days=shift, key=KEY)
+    expect = (datetime(2025, 3, 10) + timedelta(days=shift)).strftime("%Y%m%d")
+    assert out.StudyDate == out.SeriesDate == expect
+    assert out.AcquisitionDateTime == expect + "143015.123"
+    assert out.StudyTime == "143015"
+    assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+
+
+def test_private_attributes_are_removed_also_inside_sequences():
+    ds = _study()
+    block = ds.private_block(0x0011, "ACME HOSPITAL", create=True)
+    block.add_new(0x01, "LO", CANARY)
+    item = Dataset()
+    item.CodeValue = "233604007"
+    item.add_new(0x00290010, "LO", "ACME")
+    item.add_new(0x00291001, "LO", CANARY)
+    ds.ContentSequence = [Dataset()]
+    ds.ContentSequence[0].ValueType = "CODE"
+    ds.ContentSequence[0].ConceptCodeSequence = [item]
+    out, log = deidentify(ds, pseudonym="1", shift_days=7, key=KEY)
+    found = []
+    out.walk(lambda _d, e: found.append(e.tag) if e.tag.is_private else None)
+    assert found == [] and log.actions["X:private"] == 4
+    assert out.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "233604007"
+
+
+def test_an_attribute_the_table_does_not_name_is_removed_by_the_allowlist():
+    ds = _study(PatientSpeciesDescription=CANARY, ClinicalTrialSponsorName=CANARY)
+    out, log = deidentify(ds, pseudonym="1", shift_days=7, key=KEY)
+    assert "PatientSpeciesDescription" not in out and "ClinicalTrialSponsorName" not in out
+    assert log.actions["removed_not_allowlisted"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("attrs", "reason"),
+    [
+        ({"BurnedInAnnotation": "YES"}, "burned_in_annotation"),
+        ({"BurnedInAnnotation": "NO", "RecognizableVisualFeatures": "YES"}, "recognizable_visual_features"),
+        ({"Modality": "US"}, "burned_in_annotation_unknown"),
+        ({"BurnedInAnnotation": "NO"}, None),
+        ({}, None),  # CT without a flag: CT does not burn text into its pixels
+    ],
+)
+def test_burned_in_annotation_drops_the_pixels_with_a_reason(attrs, reason):
+    ds = _study(**attrs)
+    ds.Rows, ds.Columns, ds.BitsAllocated = 2, 2, 8
+    ds.PixelData = b"\x01\x02\x03\x04"
+    out, log = deidentify(ds, pseudonym="1", shift_days=7, key=KEY)
+    assert ("PixelData" in out) is (reason is None)
+    assert dict(log.pixels_dropped) == ({reason: 1} if reason else {})
+
+
+def _mapping():
+    patients = pl.DataFrame({"mrn": ["MRN00042"], "subject_id": [555], "shift_days": [-7]})
+    encounters = pl.DataFrame({"encounter_id": ["ENC-0042", "ENC-0043"], "hadm_id": [9001, 9002]})
+    raw = pl.DataFrame(
+        {
+            "encounter_id": ["ENC-0042", "ENC-0043"],
+            "mrn": ["MRN00042", "MRN00042"],
+            "admit_time": [datetime(2025, 3, 9), datetime(2025, 4, 1)],
+            "discharge_time": [datetime(2025, 3, 15), datetime(2025, 4, 9)],
+        }
+    )
+    return patients, encounters, raw
+
+
+def _write(folder: Path, name: str, ds: Dataset) -> None:
+    write_dicom(ds, folder / name)
+
+
+def test_release_turns_studies_and_coded_findings_into_events(tmp_path):
+    report = _study(
+        SOPInstanceUID="1.2.826.0.1.3680043.99.1.9",
+        Modality="SR",
+        ContentDate="20250311",
+        ContentTime="090000",
+    )
+    finding = Dataset()
+    finding.ValueType = "CODE"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "233604007", "SCT", "pneumonia"
+    finding.ConceptCodeSequence = [code]
+    unknown = Dataset()
+    unknown.ValueType = "CODE"
+    other = Dataset()
+    other.CodeValue, other.CodingSchemeDesignator = "999999", "SCT"
+    unknown.ConceptCodeSequence = [other]
+    report.ContentSequence = [finding, unknown]
+    no_adm = _study(
+        StudyInstanceUID="1.2.826.0.1.3680043.99.2",
+        SOPInstanceUID="1.2.826.0.1.3680043.99.2.1.1",
+        StudyDate="20250403",
+        BodyPartExamined="FOOT",
+    )
+    del no_adm.AdmissionID
+    stranger = _study(PatientID="MRN99999", SOPInstanceUID="1.2.826.0.1.3680043.99.3")
+    folder = tmp_path / IMAGING_FOLDER
+    for name, ds in {"a.dcm": _study(), "b.dcm": report, "c.dcm": no_adm, "d.dcm": stranger}.items():
+        _write(folder, name, ds)
+    (folder / "notes.txt").write_text(CANARY)
+    instances, not_read = read_imaging(tmp_path)
+    assert len(instances) == 4 and not_read == {"not_dicom": 1}
+    patients, encounters, raw = _mapping()
+    rel = release_imaging(instances, patients=patients, encounters=encounters, raw_encounters=raw, key=KEY)
+    ev = rel.events.sort("time")
+    assert ev["code"].to_list() == [
+        "IMAGING//CT//CHEST",
+        "IMAGING_FINDING//SCT:233604007",
+        "IMAGING//CT//unmapped",
+    ]
+    assert ev["subject_id"].to_list() == [555] * 3
+    assert ev["hadm_id"].to_list() == [9001, 9001, 9002]  # the last by its study time
+    assert ev["time"][0] == datetime(2025, 3, 10, 14, 30, 15) - timedelta(days=7)
+    assert rel.counts["not_released:no_patient"] == 1
+    assert rel.counts["finding_not_in_vocabulary"] == 1
+    assert rel.counts["stay:by_study_time"] == 1 and rel.counts["instances_released"] == 3
+    assert len(rel.datasets) == 3 and all(n.startswith("2.25.") for n in rel.datasets)
+
+
+def test_the_uid_key_of_the_vault_mode_is_made_once_and_kept_in_the_phi_zone(tmp_path):
+    first = uid_key(phi_dir=tmp_path)
+    assert uid_key(phi_dir=tmp_path) == first and len(first) == 32
+    assert (tmp_path / "imaging_uid_key").stat().st_mode & 0o077 == 0
+    assert uid_key(phi_dir=tmp_path, hmac_secret=KEY) == KEY
