@@ -24,6 +24,7 @@ from typing import Any
 
 import polars as pl
 
+from clinical_ml.core.clinical_sources import MORE_SOURCES
 from clinical_ml.core.ingestion import (
     RULES_VERSION,
     BatchContext,
@@ -327,7 +328,8 @@ def process_file(
         else:
             result = ingest_file(path, source, batch=batch, now=now, limits=limits, mapping=mapping)
             sha = result.sha256
-        if listing is not None and listing[path.name]["sha256"] and listing[path.name]["sha256"] != sha:
+        listed_sha = listing[path.name]["sha256"] if listing is not None else ""
+        if listed_sha and listed_sha != sha:
             raise FileRejected("checksum_mismatch", "sha256 differs from the one listed in the marker")
     except FileRejected as exc:
         if sha is None and n_bytes and os.path.isfile(path) and not os.path.islink(path):
@@ -371,10 +373,12 @@ def process_file(
         common["unmapped_values_path"] = str(unmapped_path.relative_to(zones.phi))
     else:
         unmapped_path.unlink(missing_ok=True)  # a re-run under a fixed mapping leaves no stale list
+    # no digest to compare with (a marker without one, or no marker): a transfer error would go unseen
+    unverified = {} if listed_sha else {"integrity_not_checked": 1}
     outcome = FileOutcome(
         **common, status="accepted", file=path.name, sha256=sha, n_bytes=n_bytes, rows_in=result.rows_in,
         rows_accepted=result.rows_accepted, rows_rejected=result.rows_rejected,
-        rejected_by_reason=result.rejected_by_reason, warnings=result.warnings,
+        rejected_by_reason=result.rejected_by_reason, warnings=result.warnings | unverified,
         data_version=_data_version(sha, upstream), archived_as=str(archived.relative_to(zones.archive)),
     )  # fmt: skip
     return finish(outcome, result.accepted, result.rejects)
@@ -387,7 +391,7 @@ UPSTREAM: dict[str, list[str]] = {
     "labs": ["patients", "encounters"],
     "vitals": ["patients", "encounters"],
     "labels": ["encounters"],
-}
+} | {s: ["patients", "encounters"] for s in MORE_SOURCES}
 
 
 def earlier_encounters(zones: ZonePaths, batch_id: str) -> tuple[pl.DataFrame, list[str]]:

@@ -5,24 +5,34 @@ files on disk have those sizes; or, without a marker, when the names, sizes and 
 stayed the same across two checks and nothing changed for a quiet period. A batch is identified by a content
 hash over its file names, sizes and sha256s, so the same delivery copied again hashes the same and changed
 content hashes differently. The landing zone is only ever read.
+
+A folder whose marker cannot be used (empty, not JSON, a folder or a symlink, digests that are not 64 hex
+digits) or whose listed files are absent or of another size is not started: :func:`inspect_batch` says why
+(:class:`NotStarted`, a reason code and counts), and :func:`overdue_batches` tells the sensor which of them have
+waited past the limit and must be reported. Digests are compared without regard to case (Windows tools write
+them in upper case); a file listed without a digest is read, with a warning that its integrity was not checked.
 """
 
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinical_ml.core.clinical_sources import MORE_SOURCES
 from clinical_ml.core.safety import safe_name
 from clinical_ml.core.storage import sha256_file
 
 COMPLETION_MARKER = "_SUCCESS"
-SOURCES = ("patients", "encounters", "labs", "vitals", "labels")
+SOURCES = ("patients", "encounters", "labs", "vitals", "labels", *MORE_SOURCES)
 # Sources a batch may leave out without being incomplete: hospital-supplied labels (e.g. from chart review).
-OPTIONAL_SOURCES = ("labels",)
+# Medications, diagnoses, procedures and device vitals (clinical_ml.core.clinical_sources) are optional too.
+OPTIONAL_SOURCES = ("labels", *MORE_SOURCES)
 DATA_SUFFIXES = (".csv", ".parquet", ".zip")
+SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,29 @@ class LandingBatch:
     files: tuple[str, ...]
     problems: tuple[str, ...] = ()
     has_marker: bool = True
+    unverified_files: int = 0
+    """Listed files without a sha256 in the marker: read, but their integrity was not checked."""
+
+
+@dataclass(frozen=True)
+class NotStarted:
+    """A batch folder that cannot be started, and why.
+
+    Attributes
+    ----------
+    batch_id
+        The folder name.
+    reason
+        ``marker_symlink``, ``marker_not_a_file``, ``marker_empty``, ``marker_invalid_json``,
+        ``marker_invalid_listing``, ``marker_invalid_digest``, ``listed_file_missing``, ``size_mismatch``,
+        ``files_still_changing`` or ``no_data_files``.
+    detail
+        What an operator reads: counts only, never a file name (a name can carry anything).
+    """
+
+    batch_id: str
+    reason: str
+    detail: str
 
 
 def _listing_hash(listing: dict[str, dict]) -> str:
@@ -71,21 +104,66 @@ def entry_problem(path: Path) -> str | None:
     return None
 
 
-def read_marker(batch_dir: Path) -> dict[str, dict] | None:
-    """The file listing of a batch's completion marker, or ``None`` when absent or unreadable."""
+def marker_listing(batch_dir: Path) -> dict[str, dict] | NotStarted | None:
+    """The file listing of a batch's completion marker (digests in lower case, ``""`` when not given),
+    :class:`NotStarted` when the marker cannot be used, ``None`` when there is none."""
     marker = batch_dir / COMPLETION_MARKER
+
+    def refused(reason: str, detail: str) -> NotStarted:
+        return NotStarted(batch_dir.name, reason, detail)
+
     try:
-        if not stat.S_ISREG(os.lstat(marker).st_mode):
-            return None  # a symlinked or special marker is not trusted
+        mode = os.lstat(marker).st_mode
     except FileNotFoundError:
         return None
+    if stat.S_ISLNK(mode):
+        return refused(
+            "marker_symlink", f"the {COMPLETION_MARKER} marker is a symbolic link (never followed)"
+        )
+    if not stat.S_ISREG(mode):
+        return refused("marker_not_a_file", f"the {COMPLETION_MARKER} marker is a folder or a special file")
     try:
-        listing = json.loads(marker.read_bytes())["files"]
-        return {
-            str(k): {"bytes": int(v["bytes"]), "sha256": str(v.get("sha256", ""))} for k, v in listing.items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+        data = marker.read_bytes()
+    except OSError:
+        return refused("marker_not_a_file", f"the {COMPLETION_MARKER} marker cannot be read")
+    if not data.strip():
+        return refused("marker_empty", f"the {COMPLETION_MARKER} marker is empty; it must list the files")
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return refused("marker_invalid_json", f"the {COMPLETION_MARKER} marker is not JSON")
+    files = doc.get("files") if isinstance(doc, dict) else None
+    listing: dict[str, dict] = {}
+    bad_digests = 0
+    for name, info in (files or {}).items() if isinstance(files, dict) else ():
+        size = info.get("bytes") if isinstance(info, dict) else None
+        size = int(size) if isinstance(size, str) and size.isdigit() else size
+        digest = info.get("sha256") if isinstance(info, dict) else None
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size < 0
+            or not isinstance(digest, str | None)
+        ):
+            files = None
+            break
+        if digest and not SHA256_HEX.match(digest):
+            bad_digests += 1
+        listing[str(name)] = {"bytes": size, "sha256": (digest or "").lower()}
+    if not isinstance(files, dict):
+        return refused(
+            "marker_invalid_listing",
+            'the marker has no "files" object of name -> {"bytes": <size>, "sha256": <hex digest>}',
+        )
+    if bad_digests:
+        return refused("marker_invalid_digest", f"{bad_digests} listed sha256 value(s) are not 64 hex digits")
+    return listing
+
+
+def read_marker(batch_dir: Path) -> dict[str, dict] | None:
+    """The file listing of a batch's completion marker, or ``None`` when absent or unusable."""
+    listing = marker_listing(batch_dir)
+    return listing if isinstance(listing, dict) else None
 
 
 def marker_site_mapping(batch_dir: Path) -> str | None:
@@ -100,13 +178,14 @@ def marker_site_mapping(batch_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def read_batch(batch_dir: Path) -> LandingBatch | None:
-    """A batch with a completion marker, complete when every plainly named file it lists exists with the listed
-    size. Returns ``None`` for an incomplete batch or one without a usable marker."""
-    listing = read_marker(batch_dir)
-    if listing is None:
-        return None
+def inspect_batch(batch_dir: Path) -> LandingBatch | NotStarted | None:
+    """A batch with a completion marker: complete when every plainly named file it lists exists with the
+    listed size; else why it is not started. ``None`` when the folder has no marker."""
+    listing = marker_listing(batch_dir)
+    if not isinstance(listing, dict):
+        return listing
     problems = []
+    missing = differing = 0
     for name, info in listing.items():
         if not safe_name(name):
             problems.append("odd_file_name")  # never opened: a listed '../x' must not reach the file system
@@ -114,12 +193,25 @@ def read_batch(batch_dir: Path) -> LandingBatch | None:
         f = batch_dir / name
         problem = entry_problem(f)
         if problem == "file_missing":
-            return None
-        if problem is not None:
+            missing += 1
+        elif problem is not None:
             problems.append(problem)
-            continue
-        if f.stat().st_size != info["bytes"]:
-            return None  # still being copied
+        elif f.stat().st_size != info["bytes"]:
+            differing += 1
+    if missing:
+        return NotStarted(
+            batch_dir.name,
+            "listed_file_missing",
+            f"{missing} of {len(listing)} listed file(s) absent: still being copied, or renamed or removed "
+            "after the marker was written",
+        )
+    if differing:
+        return NotStarted(
+            batch_dir.name,
+            "size_mismatch",
+            f"{differing} of {len(listing)} listed file(s) differ in size from the marker: still being copied, "
+            "or changed after it was written (line endings converted in transfer, for one)",
+        )
     for p in batch_dir.iterdir():
         if p.name != COMPLETION_MARKER and p.name not in listing:
             problems.append(entry_problem(p) or "unlisted_file")
@@ -128,7 +220,62 @@ def read_batch(batch_dir: Path) -> LandingBatch | None:
         _listing_hash(listing),
         tuple(sorted(n for n in listing if safe_name(n))),
         tuple(sorted(problems)),
+        unverified_files=sum(1 for n, info in listing.items() if safe_name(n) and not info["sha256"]),
     )
+
+
+def read_batch(batch_dir: Path) -> LandingBatch | None:
+    """A complete batch with a usable completion marker, else ``None`` (see :func:`inspect_batch`)."""
+    b = inspect_batch(batch_dir)
+    return b if isinstance(b, LandingBatch) else None
+
+
+def line_ending_conversions(batch_dir: Path) -> int:
+    """Listed files whose size differs from the marker's by exactly their line count: line ends converted
+    between LF and CRLF in transfer (the content is otherwise the same; the batch must be sent again)."""
+    listing = read_marker(batch_dir)
+    n = 0
+    for name, info in (listing or {}).items():
+        f = batch_dir / name
+        if not safe_name(name) or entry_problem(f) is not None or f.stat().st_size == info["bytes"]:
+            continue
+        data = f.read_bytes()
+        if f.stat().st_size - info["bytes"] in (data.count(b"\r\n"), -data.count(b"\n")):
+            n += 1
+    return n
+
+
+def overdue_batches(
+    waiting: dict[str, list], observed: dict[str, NotStarted], *, now: float, limit_seconds: float
+) -> tuple[dict[str, list], list[NotStarted]]:
+    """Which batch folders that are not started have waited past ``limit_seconds`` and are not yet reported.
+
+    Parameters
+    ----------
+    waiting
+        batch id -> ``[first seen (epoch seconds), reason already reported or ""]`` from the last check.
+    observed
+        The folders not started at this check, with why.
+    now
+        The time of this check.
+    limit_seconds
+        How long a folder may wait before it is reported.
+
+    Returns
+    -------
+    tuple
+        The waiting map for the next check (folders started or gone are dropped) and the folders to report
+        now: each once per reason, so a folder that changes reason is reported again.
+    """
+    out: dict[str, list] = {}
+    report = []
+    for batch_id, why in sorted(observed.items()):
+        since, reported = waiting.get(batch_id, [now, ""])
+        if now - since >= limit_seconds and reported != why.reason:
+            report.append(why)
+            reported = why.reason
+        out[batch_id] = [since, reported]
+    return out, report
 
 
 def fingerprint(batch_dir: Path) -> tuple[str, float]:

@@ -30,6 +30,12 @@ class DataZones(dg.ConfigurableResource):
         description="A batch folder without a _SUCCESS marker is read once its files' sizes and times stayed "
         "the same across two sensor checks and for this long.",
     )
+    stuck_batch_seconds: float = Field(
+        default=3600.0,
+        description="A batch folder the landing sensor has seen but not started for this long (a broken or "
+        "missing _SUCCESS marker, listed files absent or of another size, files that never stop changing) is "
+        "reported once per reason: a sensor log line and an alert in <data root>/alerts/alerts.jsonl.",
+    )
 
     site_mappings_dir: str | None = Field(
         default=None,

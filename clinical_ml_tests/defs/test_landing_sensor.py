@@ -129,3 +129,45 @@ def test_a_batch_ingested_outside_the_sensor_is_not_ingested_again(landing):
         first = _tick(instance, landing)
         assert [r.partition_key for r in first.run_requests] == ["2026-01-06"]
         assert _tick(instance, landing, first.cursor).run_requests == []
+
+
+def _alerts(root) -> list[dict]:
+    import json
+
+    from clinical_ml.core.locations import alerts_file
+
+    f = alerts_file(root)
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_every_batch_folder_seen_is_started_or_reported(tmp_path):
+    from clinical_ml_tests.core.test_landing_markers import BATCH, VARIANTS, make_variant
+
+    generate_hospital(tmp_path / "clean", SyntheticConfig(n_patients=40, n_batches=1, seed=5))
+    for name in VARIANTS:
+        make_variant(tmp_path / "clean" / BATCH, tmp_path / "landing", name)
+    unmarked = tmp_path / "landing" / "unmarked_no_data"
+    unmarked.mkdir()
+    (unmarked / "readme.txt").write_text("x")
+    with dg.instance_for_test() as instance:
+        quiet = _tick_with(instance, tmp_path, stuck_batch_seconds=3600)
+        assert _alerts(tmp_path) == []  # within the limit: nothing to report yet
+        first = _tick_with(instance, tmp_path, stuck_batch_seconds=0)
+        started = {r.partition_key for r in first.run_requests}
+        reported = {a["partition"]: a["reason"] for a in _alerts(tmp_path)}
+        assert started == {n for n, (_, why) in VARIANTS.items() if why == "started"}
+        expected = {n: why for n, (_, why) in VARIANTS.items() if why != "started"}
+        assert reported == expected | {"unmarked_no_data": "files_still_changing"}
+        assert {r.partition_key for r in quiet.run_requests} == started
+        # the stable unmarked folder is reported again for its new reason; nobody is reported twice
+        again = _tick_with(instance, tmp_path, first.cursor, stuck_batch_seconds=0)
+        assert again.run_requests == []
+        assert [a["reason"] for a in _alerts(tmp_path)[len(reported) :]] == ["no_data_files"]
+        assert any(
+            "crlf_in_transfer" in a["message"] and "line ends were converted" in a["message"]
+            for a in _alerts(tmp_path)
+        )
+        # a broken marker fixed later starts the batch
+        write_completion_marker(tmp_path / "landing" / "empty")
+        fixed = _tick_with(instance, tmp_path, again.cursor, stuck_batch_seconds=0)
+        assert [r.partition_key for r in fixed.run_requests] == ["empty"]
