@@ -40,9 +40,9 @@ from clinical_ml.core.features import (
 from clinical_ml.core.training import fit_model
 from clinical_ml.core.usecase import load_use_case
 from clinical_ml.core.validation import (
-    OperatingThreshold,
+    choose_operating_threshold,
     evaluate_validation,
-    operating_threshold,
+    out_of_fold_risk,
     predict_frame,
 )
 
@@ -115,8 +115,16 @@ def compare(
     name: str, frame: pl.DataFrame, cohort: pl.DataFrame, plain: pl.DataFrame, uc, n_boot: int
 ) -> dict:
     model, _ = fit_model(frame, uc)
-    preds = predict_frame(model, frame, cohort)
-    threshold = OperatingThreshold(operating_threshold(preds, uc), "baseline")
+    # the graph's way: the threshold on out-of-fold risk of the derivation cohort
+    deriv_rows = frame.filter(pl.col("split") != "held_out")
+    oof = out_of_fold_risk(deriv_rows, model, seed=uc.validation.seed)
+    preds = pl.concat(
+        [
+            predict_frame(model, deriv_rows, cohort, risk=oof),
+            predict_frame(model, frame.filter(pl.col("split") == "held_out"), cohort),
+        ]
+    )
+    threshold = choose_operating_threshold(preds, uc, model_version="baseline")
     ours = evaluate_validation(preds, threshold, n_boot=n_boot, seed=SEED).as_dict()
     val = preds.filter(pl.col("split") == "held_out").select("hadm_id", "label", "risk")
     data = frame.select("hadm_id", "split", "boolean_value").join(plain, on="hadm_id", how="inner")

@@ -74,6 +74,21 @@ def train_model(
     return TrainedModel(booster=booster, feature_names=list(feature_names), best_iteration=best, params=p)
 
 
+def refit_rounds(
+    x: np.ndarray, y: np.ndarray, *, like: TrainedModel, rounds: int | None = None
+) -> TrainedModel:
+    """A model with ``like``'s features and parameters fitted on ``x, y`` for a fixed number of rounds
+    (``like``'s best iteration by default): no early stopping, so no held-back rows are needed and none are
+    looked at (the out-of-fold fits that choose the operating threshold)."""
+    n = rounds or like.best_iteration
+    # a model read back from its text carries the parameters it was trained with; keep the ones we set
+    loaded = like.params or like.booster.params
+    params = {k: loaded[k] for k in [*DEFAULT_PARAMS, "seed"] if k in loaded} | {"verbosity": -1}
+    data = lgb.Dataset(x, label=y, feature_name=like.feature_names, free_raw_data=False)
+    booster = lgb.train(params, data, num_boost_round=n)
+    return TrainedModel(booster=booster, feature_names=like.feature_names, best_iteration=n, params=params)
+
+
 def is_complete_model_text(text: str) -> bool:
     """Whether ``text`` has the shape of a whole LightGBM text model: its header, the end of its trees and of
     its parameters, and the closing line. LightGBM aborts the process on some truncated models instead of

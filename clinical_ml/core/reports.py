@@ -326,9 +326,11 @@ def performance_report(
     rows = _metric_rows(use_case, metrics)
     op, words = use_case.operating_point, use_case.words
     policy_words = (
-        f"chosen so that at least {op.target:.0%} of {words.events} are flagged"
+        f"chosen on out-of-fold predictions of the derivation cohort so that at least {op.target:.0%} of "
+        f"{words.events} are flagged there"
         if op.policy == "min_sensitivity"
-        else f"chosen so that at least {op.target:.0%} of {words.non_events} are not flagged"
+        else f"chosen on out-of-fold predictions of the derivation cohort so that at least {op.target:.0%} of "
+        f"{words.non_events} are not flagged there"
     )
     meanings = metric_meanings(words)
     flow_rows = _flow_rows(use_case, flow)
@@ -989,8 +991,8 @@ def evaluation_markdown(
     rows = "".join(f"| {k.replace('_', ' ')} | {fmt_ci(v)} |\n" for k, v in evaluation["metrics"].items())
     md = (
         f"**Validation cohort**: {evaluation['n_validation']} admissions, {evaluation['events_validation']} "
-        f"{md_escape(w.events)}; operating threshold {evaluation['threshold']:.3f} (chosen on the tuning part of "
-        f"the derivation cohort); {evaluation['n_bootstrap']} bootstrap replicates.\n\n"
+        f"{md_escape(w.events)}; operating threshold {evaluation['threshold']:.3f} (chosen on out-of-fold "
+        f"predictions of the derivation cohort); {evaluation['n_bootstrap']} bootstrap replicates.\n\n"
         f"| measure | value (95% CI) |\n|---|---|\n{rows}\n" + alert_burden_markdown(evaluation, w) + "\n"
     )
     if "calibration" in curves:

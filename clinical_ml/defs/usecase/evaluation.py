@@ -6,19 +6,14 @@ import polars as pl
 from clinical_ml.core import plots
 from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
-from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_rows
+from clinical_ml.core.features import ROW_KEY, feature_matrix
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.reports import evaluation_markdown, performance_report
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.training import training_frame
 from clinical_ml.core.usecase import UseCase
-from clinical_ml.core.validation import (
-    STAY_COLUMNS,
-    OperatingThreshold,
-    evaluate_validation,
-    operating_threshold,
-    predict_frame,
-)
+from clinical_ml.core.validation import STAY_COLUMNS, evaluate_validation
+from clinical_ml.core.validation import validation_predictions as validation_predictions_of
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
 from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
@@ -35,24 +30,26 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         group_name=Stage.EVALUATION,
         kinds={"lightgbm", "polars"},
         tags=tags(DataClass.DEIDENTIFIED),
-        description="Predicted risk for the tuning part of the derivation cohort and the validation cohort, "
-        "with the operating threshold chosen on the tuning part.",
+        description="Predicted risk for the validation cohort and out-of-fold risk for the derivation cohort "
+        "(5 folds of patients), with the operating threshold chosen on the out-of-fold risk.",
         owners=ML_OWNERS,
     )
     def validation_predictions(zones: DataZones) -> dg.MaterializeResult:
         store = zones.use_case(uc.name)
         model, fit = load_model(store.challenger.model_text()), store.challenger.fit.read()
         frame = training_frame(store.features.read(), store.labels.read(), store.subject_splits.read())
-        preds = predict_frame(
-            model, frame.filter(pl.col("split").is_in(["tuning", "held_out"])), store.cohort.read()
+        preds, threshold = validation_predictions_of(
+            model, frame, store.cohort.read(), store.split_info.read(), uc, model_version=fit.version
         )
-        # temporal validation: a held-out patient's admissions before the validation period are not scored
-        preds = preds.filter(validation_rows(store.split_info.read()))
-        threshold = operating_threshold(preds, uc)
-        store.validation_predictions.write(preds.with_columns((pl.col("risk") >= threshold).alias("flagged")))
-        store.threshold.write(OperatingThreshold(threshold, fit.version))
+        store.validation_predictions.write(preds)
+        store.threshold.write(threshold)
         return dg.MaterializeResult(
-            metadata={"dagster/row_count": preds.height, "threshold": threshold, "model_version": fit.version}
+            metadata={
+                "dagster/row_count": preds.height,
+                "threshold": threshold.threshold,
+                "threshold_chosen_on": threshold.chosen_on,
+                "model_version": fit.version,
+            }
         )
 
     @dg.asset(
