@@ -100,6 +100,10 @@ class SubgroupRow:
     disparities: dict[str, dict[str, Estimate]] = field(default_factory=dict)
     p_values: dict[str, float] = field(default_factory=dict)
     intersection: bool = False
+    # the flags that miss a use-case minimum or range on the whole 95% CI (verdict "fail"), and point
+    # estimates beyond a minimum whose CI still reaches it (verdict at least "review"; not flags)
+    failures: tuple[str, ...] = ()
+    concerns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,9 @@ class SubgroupAnalysis:
     level: float
     auroc_ci: str
     tests: int
+    observed_expected_range: tuple[float, float] = (0.8, 1.2)
+    calibration_slope_range: tuple[float, float] = (0.7, 1.3)
+    calibration_n_boot: int = 0
 
     @property
     def overall(self) -> SubgroupRow:
@@ -247,8 +254,14 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def _calibration_fit(
-    y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_groups: int, *, max_iter: int = 30
-) -> tuple[np.ndarray, np.ndarray]:
+    y: np.ndarray,
+    p: np.ndarray,
+    codes: np.ndarray,
+    n_groups: int,
+    *,
+    max_iter: int = 30,
+    with_intercept: bool = False,
+):
     """Calibration slope and its standard error per group (logistic fit of y on logit(p), all groups at
     once by Newton-Raphson on per-group sums)."""
     lp = _logit(p)
@@ -282,6 +295,8 @@ def _calibration_fit(
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.sqrt(s00 / (s00 * s11 - s01 * s01))
     slope = np.where(unconverged, np.nan, beta[:, 1])
+    if with_intercept:
+        return slope, np.where(unconverged, np.nan, se), np.where(unconverged, np.nan, beta[:, 0])
     return slope, np.where(unconverged, np.nan, se)
 
 
@@ -305,10 +320,107 @@ def _normal_ci(value: float, se: float, z: float, *, lo: float = -np.inf, hi: fl
     return (float(value), float(max(lo, value - z * se)), float(min(hi, value + z * se)))
 
 
+def _bounded(value: float, lower: float, upper: float) -> Estimate:
+    """A point estimate with its bootstrap interval; no interval where the estimate itself is not finite."""
+    if not np.isfinite(value):
+        return (float(value), float("nan"), float("nan"))
+    return (float(value), float(lower), float(upper))
+
+
 def _log_ci(value: float, se_log: float, z: float) -> Estimate:
     if not np.isfinite(value) or not np.isfinite(se_log) or value <= 0:
         return (float(value), float("nan"), float("nan"))
     return (float(value), float(value * np.exp(-z * se_log)), float(value * np.exp(z * se_log)))
+
+
+CALIBRATION_BOOT_CELLS = 200_000_000
+"""Most (replicate, row) cells of the calibration bootstrap: a cohort of a million rows gets 200 replicates,
+a validation cohort of up to 200,000 rows all of them."""
+
+
+def calibration_replicates(
+    y: np.ndarray,
+    p: np.ndarray,
+    partitions: list[tuple[np.ndarray, int]],
+    *,
+    clusters: np.ndarray | None,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Observed/expected ratio and calibration slope of every group of every partition on bootstrap
+    resamples of the patients.
+
+    One set of resamples serves every partition (sex, race, their intersection...), as a patient is drawn
+    with all of their rows (:func:`clinical_ml.core.bootstrap.cluster_replicates`; with one row per patient
+    it is the row bootstrap). The O/E of a replicate is exact (a ratio of weighted sums). The slope is the
+    one-step estimate: one Newton step of the weighted logistic recalibration fit from the full-cohort fit,
+    which needs only weighted sums too, so that all groups and replicates come from sparse products instead
+    of a fit per group and replicate (asymptotically the same distribution as refitting).
+
+    Parameters
+    ----------
+    y, p : ndarray
+        Labels (bool) and predicted risks.
+    partitions : list of (codes, n_groups)
+        The group of each row, per partition.
+    clusters : ndarray, optional
+        The patient of each row; rows are resampled alone when not given.
+    n_boot : int
+        Replicates.
+    rng : numpy.random.Generator
+        Seeded generator of the resamples.
+
+    Returns
+    -------
+    list of (ndarray, ndarray)
+        Per partition, O/E and slope replicates, each of shape (n_boot, n_groups).
+    """
+    from scipy import sparse
+
+    n = y.size
+    lp = _logit(p)
+    yf = y.astype(np.float64)
+    stacks = []
+    for codes, g in partitions:
+        # full-cohort recalibration fit of each group, the point the one-step replicates start from
+        a, b = _calibration_intercept_slope(y, p, codes, g)
+        eta = np.clip(a[codes] + b[codes] * lp, -30, 30)
+        mu = 1 / (1 + np.exp(-eta))
+        w = mu * (1 - mu)
+        values = np.column_stack([yf, p, w, w * lp, w * lp * lp, yf - mu, (yf - mu) * lp])
+        k = values.shape[1]
+        cols = codes[:, None] * k + np.arange(k)[None, :]
+        m = sparse.csr_matrix(
+            (values.ravel(), (np.repeat(np.arange(n), k), cols.ravel())), shape=(n, g * k)
+        ).T.tocsr()
+        stacks.append((m, g, k, b))
+    if clusters is None:
+        row_of_unit, units = None, n
+    else:
+        _, row_of_unit = np.unique(np.asarray(clusters), return_inverse=True)
+        units = int(row_of_unit.max()) + 1 if n else 0
+    sums: list[list[np.ndarray]] = [[] for _ in stacks]
+    for counts in bootstrap.resample_counts(units, n_boot=n_boot, rng=rng):
+        weights = counts if row_of_unit is None else counts[:, row_of_unit]
+        for j, (m, g, k, _b) in enumerate(stacks):
+            sums[j].append(np.asarray(m @ weights.T).T.reshape(-1, g, k))
+    out = []
+    for (_m, g, k, b), parts in zip(stacks, sums, strict=True):
+        s = np.concatenate(parts) if parts else np.zeros((0, g, k))
+        o, e, s00, s01, s11, g0, g1 = (s[..., i] for i in range(k))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            oe = o / e
+            slope = b[None, :] + (s00 * g1 - s01 * g0) / (s00 * s11 - s01 * s01)
+        out.append((oe, slope))
+    return out
+
+
+def _calibration_intercept_slope(
+    y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Intercept and slope of each group's logistic recalibration fit (NaN where it has no finite fit)."""
+    slope, _se, intercept = _calibration_fit(y, p, codes, n_groups, with_intercept=True)
+    return intercept, slope
 
 
 # --- one partition of the patients (an attribute or an intersection) -----------------------------------
@@ -425,6 +537,7 @@ def _analyse_partition(
     level: float,
     auroc_ci: str,
     rng: np.random.Generator,
+    calibration: tuple[np.ndarray, np.ndarray],
 ) -> tuple[list[SubgroupRow], AttributeSummary]:
     g = len(part.labels)
     z = float(stats.norm.ppf(0.5 + level / 2))
@@ -438,7 +551,9 @@ def _analyse_partition(
     # the population as the sum of its groups: replicates of "all patients" consistent with each group's
     rep_all = _rates(reps.sum(axis=1))  # name -> (n_boot,)
     oe, oe_se = _oe(y, p, part.codes, g)
-    slope, slope_se = _calibration_fit(y, p, part.codes, g)
+    slope, _slope_se = _calibration_fit(y, p, part.codes, g)
+    oe_lo, oe_hi = bootstrap.percentile_interval(calibration[0], level=level)
+    slope_lo, slope_hi = bootstrap.percentile_interval(calibration[1], level=level)
     # rows grouped by group, each group's rows in ascending score order (p_order sorts all scores once)
     sorted_codes = part.codes[p_order]
     if g < 2**15:  # a stable sort of 16-bit integers is a radix sort: linear time
@@ -509,8 +624,8 @@ def _analyse_partition(
         for name in RATE_METRICS:
             lo, hi = bounds_rate[name]
             metrics[name] = (float(point[name][i]), float(lo[i]), float(hi[i]))
-        metrics["observed_expected_ratio"] = _log_ci(float(oe[i]), float(oe_se[i]), z)
-        metrics["calibration_slope"] = _normal_ci(float(slope[i]), float(slope_se[i]), z)
+        metrics["observed_expected_ratio"] = _bounded(oe[i], oe_lo[i], oe_hi[i])
+        metrics["calibration_slope"] = _bounded(slope[i], slope_lo[i], slope_hi[i])
         disp: dict[str, dict[str, Estimate]] = {}
         for name in DISPARITY_METRICS:
             if name not in best:
@@ -626,6 +741,9 @@ def subgroup_table(
     auroc_ci: str = "delong",
     seed: int = 0,
     words: OutcomeWords | None = None,
+    clusters: np.ndarray | None = None,
+    observed_expected_range: tuple[float, float] = (0.8, 1.2),
+    calibration_slope_range: tuple[float, float] = (0.7, 1.3),
 ) -> SubgroupAnalysis:
     """Per-group metrics with CIs for each attribute and pairwise intersection, plus all patients.
 
@@ -657,6 +775,10 @@ def subgroup_table(
         Seed of the bootstrap.
     words : OutcomeWords, optional
         How the flags name the outcome ("more readmissions than predicted"); deaths when not given.
+    clusters : ndarray, optional
+        The patient of each row: the calibration intervals resample patients with all their rows.
+    observed_expected_range, calibration_slope_range : tuple of float
+        Acceptable calibration of a group: it fails when its whole 95% CI lies outside a range.
 
     Returns
     -------
@@ -679,7 +801,22 @@ def subgroup_table(
     p_order = np.argsort(p, kind="stable")
     auc_all, var_all = _delong_sorted(p[p_order], y[p_order])
     oe_all, oe_se_all = _oe(y, p, all_codes, 1)
-    slope_all, slope_se_all = _calibration_fit(y, p, all_codes, 1)
+    slope_all, _ = _calibration_fit(y, p, all_codes, 1)
+
+    parts = [_partition(a, v) for a, v in attributes.items()]
+    if intersections:
+        parts += [_cross(a, b) for a, b in itertools.combinations(list(parts), 2)]
+    # calibration intervals: one patient bootstrap for every partition, on its own stream so that the
+    # other intervals do not depend on it; capped in cells so that a million rows stay cheap
+    n_cal = min(n_boot, max(1, CALIBRATION_BOOT_CELLS // max(y.size, 1)))
+    cal = calibration_replicates(
+        y,
+        p,
+        [(all_codes, 1)] + [(part.codes, len(part.keys)) for part in parts],
+        clusters=clusters,
+        n_boot=n_cal,
+        rng=np.random.default_rng([seed, 1]),
+    )
     m_all: dict[str, Estimate] = {}
     if auroc_ci == "bootstrap":
         lo, hi = bootstrap.percentile_interval(bootstrap_auroc(y, p, n_boot=n_boot, rng=rng), level=level)
@@ -689,8 +826,12 @@ def subgroup_table(
     for name in RATE_METRICS:
         lo, hi = bootstrap.percentile_interval(rep_all[name][:, 0], level=level)
         m_all[name] = (float(r_all[name][0]), float(lo), float(hi))
-    m_all["observed_expected_ratio"] = _log_ci(float(oe_all[0]), float(oe_se_all[0]), z)
-    m_all["calibration_slope"] = _normal_ci(float(slope_all[0]), float(slope_se_all[0]), z)
+    for name, value, reps in (
+        ("observed_expected_ratio", oe_all[0], cal[0][0]),
+        ("calibration_slope", slope_all[0], cal[0][1]),
+    ):
+        lo, hi = bootstrap.percentile_interval(reps[:, 0], level=level)
+        m_all[name] = _bounded(value, float(lo), float(hi))
     overall_row = SubgroupRow("overall", "All patients", int(y.size), int(y.sum()), False, m_all)
     overall = {name: float(r_all[name][0]) for name in RATE_METRICS}
     overall.update(
@@ -700,13 +841,9 @@ def subgroup_table(
         oe_se_log=float(oe_se_all[0]),
     )
 
-    parts = [_partition(a, v) for a, v in attributes.items()]
-    if intersections:
-        parts += [_cross(a, b) for a, b in itertools.combinations(list(parts), 2)]
-
     rows: list[SubgroupRow] = []
     summaries: list[AttributeSummary] = []
-    for part in parts:
+    for part, part_cal in zip(parts, cal[1:], strict=True):
         part_rows, part_summary = _analyse_partition(
             part,
             y,
@@ -719,6 +856,7 @@ def subgroup_table(
             level=level,
             auroc_ci=auroc_ci,
             rng=rng,
+            calibration=part_cal,
         )
         rows.extend(part_rows)
         summaries.append(part_summary)
@@ -746,31 +884,21 @@ def subgroup_table(
             )
     final: list[SubgroupRow] = [overall_row]
     for i, r in enumerate(rows):
-        flags: list[str] = []
+        failures: tuple[str, ...] = ()
+        concerns: tuple[str, ...] = ()
         if not r.suppressed:
-            if r.metrics["auroc"][2] < auroc_min:
-                flags.append(
-                    f"AUROC below the subgroup minimum of {auroc_min:.2f} (upper 95% bound "
-                    f"{r.metrics['auroc'][2]:.2f})"
-                )
-            if r.metrics["sensitivity"][2] < sensitivity_min:
-                flags.append(
-                    f"sensitivity below the subgroup minimum of {sensitivity_min:.2f} (upper 95% bound "
-                    f"{r.metrics['sensitivity'][2]:.2f})"
-                )
-            flags += worse.get(i, [])
-        final.append(
-            SubgroupRow(
-                r.attribute,
-                r.group,
-                r.n,
-                r.events,
-                r.suppressed,
+            failures, concerns = _judge_group(
                 r.metrics,
-                tuple(flags),
-                r.disparities,
-                r.p_values,
-                r.intersection,
+                minimums={"auroc": auroc_min, "sensitivity": sensitivity_min},
+                ranges={
+                    "observed_expected_ratio": observed_expected_range,
+                    "calibration_slope": calibration_slope_range,
+                },
+                events=events,
+            )
+        final.append(
+            dataclasses.replace(
+                r, flags=failures + tuple(worse.get(i, [])), failures=failures, concerns=concerns
             )
         )
     return SubgroupAnalysis(
@@ -782,7 +910,66 @@ def subgroup_table(
         level=level,
         auroc_ci=auroc_ci,
         tests=len(tests),
+        observed_expected_range=(float(observed_expected_range[0]), float(observed_expected_range[1])),
+        calibration_slope_range=(float(calibration_slope_range[0]), float(calibration_slope_range[1])),
+        calibration_n_boot=n_cal,
     )
+
+
+def _beyond(x: float, limit: float) -> str:
+    """``x`` with enough digits that it reads on the same side of ``limit`` as it is (1.2004 > 1.20)."""
+    for digits in range(2, 9):
+        text = f"{x:.{digits}f}"
+        if (float(text) > limit) == (x > limit) and (float(text) < limit) == (x < limit):
+            return text
+    return repr(x)
+
+
+def _judge_group(
+    metrics: dict[str, Estimate],
+    *,
+    minimums: dict[str, float],
+    ranges: dict[str, tuple[float, float]],
+    events: str,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A group's failures (its whole 95% CI misses a minimum or lies outside an acceptable range) and
+    concerns (a point estimate below a minimum whose CI still reaches it)."""
+    failures: list[str] = []
+    concerns: list[str] = []
+    for name, minimum in minimums.items():
+        v, lo, hi = metrics[name]
+        words = _WORDS[name]
+        if hi < minimum:
+            failures.append(
+                f"{words} below the subgroup minimum of {minimum:.2f} (upper 95% bound {_beyond(hi, minimum)})"
+            )
+        elif v < minimum:
+            concerns.append(
+                f"{words} {_beyond(v, minimum)} is below the subgroup minimum of {minimum:.2f}, but its 95% CI "
+                f"({lo:.2f} to {hi:.2f}) reaches the minimum: too uncertain to tell, so it needs review"
+            )
+    for name, (low, high) in ranges.items():
+        v, lo, hi = metrics[name]
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            continue
+        if name == "observed_expected_ratio":
+            head = f"observed/expected {events} {v:.2f} (95% CI {{lo}} to {{hi}})"
+            above, below = f"more {events} than predicted", f"fewer {events} than predicted"
+        else:
+            head = f"calibration slope {v:.2f} (95% CI {{lo}} to {{hi}})"
+            above = "predicted risks too close to the average in this group"
+            below = "predicted risks too extreme in this group"
+        if lo > high:
+            failures.append(
+                head.format(lo=_beyond(lo, high), hi=f"{hi:.2f}")
+                + f": {above}, the whole interval above the acceptable range {low:.2f} to {high:.2f}"
+            )
+        elif hi < low:
+            failures.append(
+                head.format(lo=f"{lo:.2f}", hi=_beyond(hi, low))
+                + f": {below}, the whole interval below the acceptable range {low:.2f} to {high:.2f}"
+            )
+    return tuple(failures), tuple(concerns)
 
 
 _WORDS = {"auroc": "AUROC", "sensitivity": "sensitivity", "observed_expected_ratio": "O/E ratio"}
@@ -1005,8 +1192,26 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
 # --- the verdict --------------------------------------------------------------------------------------
 
 
-def verdict(analysis: SubgroupAnalysis | list[SubgroupRow]) -> tuple[str, list[str]]:
-    """``pass`` when no group is flagged, ``fail`` when a group misses a use-case minimum, else ``review``.
+VERDICTS = ("pass", "insufficient data", "review", "fail")
+
+
+def verdict(
+    analysis: SubgroupAnalysis | list[SubgroupRow],
+    *,
+    min_events: int = 0,
+    min_non_events: int = 0,
+    words: OutcomeWords | None = None,
+) -> tuple[str, list[str]]:
+    """The subcohort verdict and its reasons in words.
+
+    * ``fail``: a group's whole 95% CI misses a subgroup minimum or lies outside an acceptable calibration
+      range.
+    * ``review``: a group is worse than all patients beyond chance (Holm), or a point estimate is below a
+      subgroup minimum while its CI still reaches it.
+    * ``insufficient data``: the validation cohort has fewer than ``min_events`` outcome events or
+      ``min_non_events`` patients without it (unless a group fails), or, instead of pass, an audited
+      attribute has fewer than two groups large enough to judge, so that its groups cannot be compared.
+    * ``pass``: none of these.
 
     Returns
     -------
@@ -1014,20 +1219,50 @@ def verdict(analysis: SubgroupAnalysis | list[SubgroupRow]) -> tuple[str, list[s
         The verdict and its reasons in words.
     """
     rows = analysis.rows if isinstance(analysis, SubgroupAnalysis) else analysis
-    reasons = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.flags]
+    ev, nev = (words.events, words.non_events) if words is not None else ("deaths", "survivors")
+    failures = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.failures]
+    flags = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.flags if f not in r.failures]
+    concerns = [f"{r.attribute} = {r.group}: {c}" for r in rows for c in r.concerns]
+    # rows built before failures existed name a missed minimum in their flags
+    failures += [f for f in flags if "subgroup minimum" in f]
+    flags = [f for f in flags if "subgroup minimum" not in f]
+    insufficient = []
+    overall = next((r for r in rows if r.attribute == "overall"), None)
+    too_few = overall is not None and (
+        overall.events < min_events or overall.n - overall.events < min_non_events
+    )
+    if overall is not None and too_few:
+        insufficient.append(
+            f"too few outcomes to judge: {overall.events} {ev} and {overall.n - overall.events} {nev} in the "
+            f"validation cohort, and at least {min_events} {ev} and {min_non_events} {nev} are needed"
+        )
+    for attribute in dict.fromkeys(
+        r.attribute for r in rows if r.attribute != "overall" and not r.intersection
+    ):
+        groups = [r for r in rows if r.attribute == attribute]
+        judged = [r for r in groups if not r.suppressed]
+        if len(judged) < 2:
+            insufficient.append(
+                f"{attribute}: {len(judged)} of {len(groups)} groups large enough to judge, so its groups "
+                "cannot be compared"
+            )
     suppressed = sum(r.suppressed for r in rows)
     tail = (
         [f"{suppressed} groups too small to judge (suppressed); they need more data before a verdict."]
         if suppressed
         else []
     )
-    if any("subgroup minimum" in reason for reason in reasons):
-        return "fail", reasons + tail
-    if reasons:
-        return "review", reasons + tail
+    if failures:
+        return "fail", failures + flags + concerns + insufficient + tail
+    if too_few:  # a review on a cohort too small to judge would read as a finding
+        return "insufficient data", insufficient + flags + concerns + tail
+    if flags or concerns:
+        return "review", flags + concerns + insufficient + tail
+    if insufficient:
+        return "insufficient data", insufficient + tail
     return "pass", [
-        "every audited group large enough to judge meets the subgroup minimums and none is worse than all "
-        "patients beyond chance",
+        "every audited group large enough to judge meets the subgroup minimums and the calibration ranges, "
+        "and none is worse than all patients beyond chance",
         *tail,
     ]
 
@@ -1104,10 +1339,13 @@ def audit_subcohorts(
     n_boot: int,
     seed: int,
     words: OutcomeWords | None = None,
+    min_events: int = 0,
+    min_non_events: int = 0,
 ) -> FairnessAudit:
     """Audit the validation cohort (``held_out`` rows of ``predictions``) by the use case's subgroups, and
     choose per-group operating points on the ``tuning`` rows (checked on the validation rows); ``words``
-    name the outcome in the flags (deaths when not given)."""
+    name the outcome in the flags (deaths when not given). Below ``min_events`` or ``min_non_events`` in
+    the validation cohort the verdict is "insufficient data" at best."""
     held = predictions.filter(pl.col("split") == "held_out")
     tune = predictions.filter(pl.col("split") == "tuning")
 
@@ -1127,8 +1365,11 @@ def audit_subcohorts(
         n_boot=n_boot,
         seed=seed,
         words=words,
+        clusters=held["subject_id"].to_numpy() if "subject_id" in held.columns else None,
+        observed_expected_range=subgroups.observed_expected_range,
+        calibration_slope_range=subgroups.calibration_slope_range,
     )
-    v, reasons = verdict(analysis)
+    v, reasons = verdict(analysis, min_events=min_events, min_non_events=min_non_events, words=words)
     thresholds = group_thresholds(
         *yp(tune),
         groups(tune),

@@ -1,8 +1,13 @@
 """The promotion gate: every condition a challenger must meet to become champion, and the verdict.
 
-A challenger becomes champion only when it meets every absolute minimum of its use case (on the lower 95%
-bound where a bound is judged), is non-inferior to the champion on the same patients, meets the subgroup
-minimums where groups are large enough to judge, and scores one patient within the latency SLO. Each
+A challenger becomes champion only when the validation cohort holds enough outcomes to judge it (at least
+``min_events`` events and ``min_non_events`` non-events: below either the gate refuses with "too few
+outcomes to judge"), when it meets every absolute minimum of its use case on its 95% CI (the lower bound of
+AUROC, sensitivity and specificity; the whole interval of the calibration slope, intercept and
+observed/expected ratio within their ranges: calibration is judged by the same logic as discrimination; a
+degenerate interval, such as AUROC 0.500 (0.500 to 0.500), is never judged as met), is non-inferior to
+the champion on the same patients, meets the subgroup minimums and calibration ranges where groups are large
+enough to judge, and scores one patient within the latency SLO. Each
 condition is a :class:`GateCriterion` with its outcome in words; the Dagster graph turns each group of
 criteria into one blocking asset check.
 
@@ -78,10 +83,47 @@ def _in_range(v: float, rng: tuple[float, float] | list[float]) -> bool:
     return bool(rng[0] <= v <= rng[1])
 
 
-def minimum_criteria(metrics: dict, criteria: dict) -> list[GateCriterion]:
-    """Absolute minimums of the use case: AUROC, sensitivity and specificity on the lower 95% bound, Brier
-    on the upper bound; calibration slope (and intercept, observed/expected where set) point estimates in
-    their ranges."""
+def evaluability_criterion(y: np.ndarray, criteria: dict, *, words: OutcomeWords) -> list[GateCriterion]:
+    """Enough outcomes to judge: at least ``min_events`` events and ``min_non_events`` non-events in the
+    validation cohort; below either the gate refuses, whatever the metrics say."""
+    events = int(np.sum(y))
+    non_events = int(np.size(y) - events)
+    need_e, need_n = int(criteria.get("min_events", 1)), int(criteria.get("min_non_events", 1))
+    ok = events >= need_e and non_events >= need_n
+    counts = (
+        f"{events} {words.event if events == 1 else words.events} and {non_events} {words.non_events} in "
+        "the validation cohort"
+    )
+    return [
+        GateCriterion(
+            "minimums",
+            "enough_outcomes_to_judge",
+            ok,
+            f"{counts}: at least {need_e} {words.events} and {need_n} {words.non_events} are needed to judge"
+            if ok
+            else f"too few outcomes to judge: {counts}, and at least {need_e} {words.events} and {need_n} "
+            f"{words.non_events} are needed; no metric is judged",
+        )
+    ]
+
+
+def _not_judged(name: str, label: str, why: str) -> GateCriterion:
+    """A minimum that cannot be judged: it blocks (the model has not shown it meets it) and says why."""
+    return GateCriterion("minimums", name, False, f"{label}: not judged ({why})", judged=False)
+
+
+def _degenerate(m: dict) -> bool:
+    return not (math.isfinite(m["lower"]) and math.isfinite(m["upper"])) or m["lower"] == m["upper"]
+
+
+def minimum_criteria(metrics: dict, criteria: dict, *, evaluable: bool = True) -> list[GateCriterion]:
+    """Absolute minimums of the use case, each judged on its 95% CI: AUROC, sensitivity and specificity on
+    the lower bound, Brier on the upper bound, and calibration (slope, and intercept and observed/expected
+    where set) by the same logic: the whole interval must lie within the range.
+
+    A metric whose interval is degenerate (no width, e.g. AUROC 0.500 (0.500 to 0.500) when every patient
+    gets the same risk) or not finite is not judged and blocks; with ``evaluable`` False (too few
+    outcomes, :func:`evaluability_criterion`) no metric is judged."""
     out = []
     for metric, key, words in (
         ("auroc", "auroc_min", "AUROC"),
@@ -89,6 +131,15 @@ def minimum_criteria(metrics: dict, criteria: dict) -> list[GateCriterion]:
         ("specificity", "specificity_min", "specificity"),
     ):
         lo, minimum = metrics[metric]["lower"], float(criteria[key])
+        if not evaluable or _degenerate(metrics[metric]):
+            out.append(
+                _not_judged(
+                    f"{metric}_lower_bound",
+                    f"{words} (minimum {minimum:.2f})",
+                    _why(metrics[metric], evaluable),
+                )
+            )
+            continue
         ok = bool(lo >= minimum)
         out.append(
             GateCriterion(
@@ -101,14 +152,23 @@ def minimum_criteria(metrics: dict, criteria: dict) -> list[GateCriterion]:
     brier_max = float(criteria.get("brier_max", 1.0))
     b = metrics["brier"]["upper"]
     ok = bool(b <= brier_max)
-    out.append(
-        GateCriterion(
-            "minimums",
-            "brier_upper_bound",
-            ok,
-            f"Brier score upper 95% bound {b:.3f} {'within' if ok else 'above'} the maximum {brier_max:.2f}",
+    if not evaluable or _degenerate(metrics["brier"]):
+        out.append(
+            _not_judged(
+                "brier_upper_bound",
+                f"Brier score (maximum {brier_max:.2f})",
+                _why(metrics["brier"], evaluable),
+            )
         )
-    )
+    else:
+        out.append(
+            GateCriterion(
+                "minimums",
+                "brier_upper_bound",
+                ok,
+                f"Brier score upper 95% bound {b:.3f} {'within' if ok else 'above'} the maximum {brier_max:.2f}",
+            )
+        )
     for metric, key, words in (
         ("calibration_slope", "calibration_slope_range", "calibration slope"),
         ("calibration_intercept", "calibration_intercept_range", "calibration intercept"),
@@ -117,17 +177,43 @@ def minimum_criteria(metrics: dict, criteria: dict) -> list[GateCriterion]:
         rng = criteria.get(key)
         if rng is None:
             continue
-        v = metrics[metric]["value"]
-        ok = _in_range(v, rng)
+        m = metrics[metric]
+        if not evaluable or _degenerate(m):
+            out.append(
+                _not_judged(
+                    f"{metric}_in_range", f"{words} (range {rng[0]:g} to {rng[1]:g})", _why(m, evaluable)
+                )
+            )
+            continue
+        v, lo, hi = m["value"], m["lower"], m["upper"]
+        ok = _in_range(lo, rng) and _in_range(hi, rng)
+        if ok:
+            verdict = "the whole interval lies within"
+        elif lo > rng[1] or hi < rng[0]:
+            verdict = "the whole interval lies outside"
+        else:
+            verdict = "the interval is not wholly within"
         out.append(
             GateCriterion(
                 "minimums",
                 f"{metric}_in_range",
                 ok,
-                f"{words} {v:.2f} {'within' if ok else 'outside'} the range {rng[0]:g} to {rng[1]:g}",
+                f"{words} {v:.2f} (95% CI {lo:.2f} to {hi:.2f}): {verdict} the range {rng[0]:g} to {rng[1]:g} "
+                "(calibration is judged like discrimination: the whole 95% CI must meet the criterion)",
             )
         )
     return out
+
+
+def _why(m: dict, evaluable: bool) -> str:
+    if not evaluable:
+        return "too few outcomes to judge"
+    if math.isfinite(m["lower"]) and m["lower"] == m["upper"]:
+        return (
+            f"its 95% CI {m['lower']:.3f} to {m['upper']:.3f} has no width: the validation cohort cannot "
+            "measure it"
+        )
+    return "its value or 95% confidence interval could not be computed"
 
 
 def _bound_words(bound: float, limit: float) -> str:
@@ -295,28 +381,41 @@ def _slope_criterion(slope_error_change: float, margin: float) -> GateCriterion:
 
 
 def subgroup_criteria(rows: list[dict], *, min_cell_size: int) -> list[GateCriterion]:
-    """Subgroup minimums where groups are large enough.
+    """Subgroup minimums and calibration ranges where groups are large enough.
 
-    ``rows`` are subgroup rows (``attribute``, ``group``, ``n``, ``suppressed``, ``flags``) as produced by
-    :func:`clinical_ml.core.fairness.subgroup_table`; a group fails when a flag says its CI lies wholly
-    below a use-case minimum. Groups under ``min_cell_size`` (or without both outcomes) are not judged.
+    ``rows`` are subgroup rows (``attribute``, ``group``, ``n``, ``suppressed``, ``flags``, ``failures``) as
+    produced by :func:`clinical_ml.core.fairness.subgroup_table`; a group fails when its whole CI lies
+    below a use-case minimum or outside an acceptable calibration range. Groups under ``min_cell_size``
+    (or without both outcomes) are not judged; with no group to judge the criterion is not judged.
     """
     judged = [r for r in rows if r["attribute"] != "overall" and not r["suppressed"]]
     skipped = [r for r in rows if r["attribute"] != "overall" and r["suppressed"]]
     failing = [
-        f"{r['attribute']} = {r['group']}: {f}" for r in judged for f in r["flags"] if "subgroup minimum" in f
+        f"{r['attribute']} = {r['group']}: {f}"
+        for r in judged
+        for f in (r["failures"] if "failures" in r else [f for f in r["flags"] if "subgroup minimum" in f])
     ]
-    ok = not failing
     tail = f"; {len(skipped)} groups too small to judge (under {min_cell_size} or one outcome only)"
+    if not judged:
+        return [
+            GateCriterion(
+                "subgroups",
+                "subgroup_minimums",
+                True,
+                "not judged: no audited group is large enough to judge" + tail,
+                judged=False,
+            )
+        ]
+    ok = not failing
     return [
         GateCriterion(
             "subgroups",
             "subgroup_minimums",
             ok,
             (
-                f"every one of {len(judged)} audited groups meets the subgroup minimums"
+                f"every one of {len(judged)} audited groups meets the subgroup minimums and calibration ranges"
                 if ok
-                else f"{len(failing)} subgroup minimum(s) missed: " + "; ".join(failing)
+                else f"{len(failing)} subgroup criteria missed: " + "; ".join(failing)
             )
             + tail,
         )
@@ -377,6 +476,7 @@ def _subgroup_dicts(rows: list) -> list[dict]:
             "n": r.n,
             "suppressed": r.suppressed,
             "flags": list(r.flags),
+            "failures": list(r.failures),
         }
         for r in rows
     ]
@@ -397,6 +497,7 @@ class GateInputs:
     champion_card: dict | None = None
     champion_x: np.ndarray | None = None  # validation rows in the champion's feature order
     alert_burden: AlertBurden | None = None  # at the operating point on the validation cohort
+    patients: np.ndarray | None = None  # the patient of each validation row (resampled together)
 
 
 def judge_challenger(
@@ -432,6 +533,9 @@ def judge_challenger(
         n_boot=n_boot,
         seed=seed,
         words=use_case.words,
+        observed_expected_range=sg.observed_expected_range,
+        calibration_slope_range=sg.calibration_slope_range,
+        clusters=inputs.patients,
     ).rows
     scorer = Scorer(
         inputs.challenger,
@@ -442,11 +546,13 @@ def judge_challenger(
     latency = scoring_latency_ms(scorer, inputs.x[:200], repeats=latency_repeats)
     scores = scorer.score(inputs.x, n_reasons=0)
     criteria = use_case.success_criteria.model_dump()
+    enough = evaluability_criterion(inputs.y, criteria, words=use_case.words)
     gate = evaluate_gate(
+        enough,
         ranking_criterion(
             p, inputs.y, best_iteration=inputs.challenger.best_iteration, words=use_case.words.events
         ),
-        minimum_criteria(inputs.metrics, criteria),
+        minimum_criteria(inputs.metrics, criteria, evaluable=enough[0].passed),
         operational_criteria(inputs.alert_burden, criteria, words=use_case.words),
         non_inferiority_criteria(
             inputs.metrics,
@@ -487,8 +593,9 @@ def gate_inputs(
     score them (every feature it needs still exists; otherwise it is compared on its card's figures); the
     challenger's alert burden (``Evaluation.alert_burden``) for the operational limits."""
     held = validation_predictions.filter(pl.col("split") == "held_out")
-    rows = held.select(*ROW_KEY, "label", *use_case.subgroups.attributes).join(
-        features, on=ROW_KEY, how="inner"
+    patient = ["subject_id"] if "subject_id" in held.columns else []
+    rows = held.select(*ROW_KEY, "label", *use_case.subgroups.attributes, *patient).join(
+        features.drop(patient, strict=False), on=ROW_KEY, how="inner"
     )
     champion_x = (
         feature_matrix(rows, champion.feature_names)
@@ -509,6 +616,7 @@ def gate_inputs(
         champion_card=champion_card,
         champion_x=champion_x,
         alert_burden=alert_burden,
+        patients=rows["subject_id"].to_numpy() if "subject_id" in rows.columns else None,
     )
 
 

@@ -158,6 +158,51 @@ def subgroup_forest_plot(
     return _png(fig)
 
 
+def ratio_forest_plot(
+    rows: list,
+    *,
+    metric: str,
+    label: str,
+    title: str,
+    overall: tuple[float, float, float],
+    acceptable: tuple[float, float],
+) -> bytes:
+    """Forest plot of a ratio (e.g. observed/expected) over the groups of an attribute, on a log scale
+    around parity, with the acceptable range shaded. ``rows`` are ``SubgroupRow``; a group whose calibration
+    fails (``failures``) is red; suppressed groups are listed as such, so no group silently disappears."""
+    fig, ax = plt.subplots(figsize=(6.4, 0.3 * len(rows) + 1.5))
+    ys = np.arange(len(rows))[::-1]
+    labels = []
+    ends: list[float] = [acceptable[0], acceptable[1]]
+    for yv, r in zip(ys, rows, strict=True):
+        v, lo, hi = r.metrics.get(metric, (np.nan, np.nan, np.nan)) if not r.suppressed else (np.nan,) * 3
+        if r.suppressed or not (np.isfinite(v) and v > 0):
+            labels.append(f"{r.group} ({'suppressed' if r.suppressed else 'no estimate'})")
+            continue
+        lo = lo if np.isfinite(lo) and lo > 0 else v
+        hi = hi if np.isfinite(hi) else v
+        color = _RED if getattr(r, "failures", ()) else _BLUE
+        ax.plot([lo, hi], [yv, yv], color=color)
+        ax.plot([v], [yv], "o", color=color)
+        ends += [lo, hi]
+        labels.append(f"{r.group} (n={r.n})")
+    ax.axvspan(acceptable[0], acceptable[1], color=_GREY, alpha=0.15, label="acceptable range")
+    ax.axvline(1.0, color=_GREY, lw=0.8)
+    if np.isfinite(overall[0]) and overall[0] > 0:
+        ax.axvline(overall[0], color=_GREY, ls="--", label="all patients")
+    ax.set_xscale("log")
+    low, high = min(ends) / 1.15, max(ends) * 1.15
+    ax.set_xlim(low, high)
+    ticks = [t for t in (0.25, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0) if low <= t <= high]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xlabel(f"{label} (95% CI, log scale); red = outside the acceptable range")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)
+
+
 def drift_trend_plot(batches: Sequence[dict]) -> bytes:
     """Per batch: -log10 of the smallest drift p-value, coloured by level, and mean predicted risk."""
     colours = {"ok": _BLUE, "warn": "#d08a1a", "error": _RED}

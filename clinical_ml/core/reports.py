@@ -408,8 +408,11 @@ def _estimate(e: tuple[float, float, float] | None) -> dict | None:
     return {"value": e[0], "lower": e[1], "upper": e[2]}
 
 
-def fairness_context(analysis, *, forest_plots: Mapping[str, bytes]) -> list[dict]:
-    """Template-ready sections (one per attribute and intersection) of a ``SubgroupAnalysis``."""
+def fairness_context(
+    analysis, *, forest_plots: Mapping[str, bytes], calibration_plots: Mapping[str, bytes] | None = None
+) -> list[dict]:
+    """Template-ready sections (one per attribute and intersection) of a ``SubgroupAnalysis``; the
+    observed/expected forest plot of an attribute beside its sensitivity one where given."""
     sections = []
     for summary in analysis.attributes:
         rows = []
@@ -438,6 +441,12 @@ def fairness_context(analysis, *, forest_plots: Mapping[str, bytes]) -> list[dic
                 "suppressed": summary.groups_suppressed,
                 "best": summary.best_group,
                 "forest": b64(png) if png else None,
+                "oe_forest": b64(calibration_plots[summary.attribute])
+                if calibration_plots and summary.attribute in calibration_plots
+                else None,
+                "concerns": [
+                    f"{r.group}: {c}" for r in analysis.rows_of(summary.attribute) for c in r.concerns
+                ],
             }
         )
     return sections
@@ -503,6 +512,7 @@ def fairness_report(
     code_version: str,
     rows=None,
     threshold: float | None = None,
+    calibration_plots: Mapping[str, bytes] | None = None,
 ) -> tuple[str, str]:
     """HTML subcohort fairness report and its Markdown summary.
 
@@ -531,7 +541,10 @@ def fairness_report(
         verdict=verdict,
         reasons=reasons,
         threshold=analysis.threshold,
-        sections=fairness_context(analysis, forest_plots=forest_plots),
+        sections=fairness_context(analysis, forest_plots=forest_plots, calibration_plots=calibration_plots),
+        oe_range=analysis.observed_expected_range,
+        slope_range=analysis.calibration_slope_range,
+        calibration_n_boot=analysis.calibration_n_boot,
         overall=_estimate_row(analysis.overall),
         group_thresholds=thresholds_context(list(thresholds)),
         recommendations=list(recommendations),
@@ -1036,6 +1049,22 @@ def report_card_markdown(md: str, calibration_png: bytes, forest_plots: Mapping[
     images = [md_image("Calibration, validation cohort", calibration_png)]
     images += [md_image(f"Sensitivity by {a.replace('_', ' ')}", png) for a, png in forest_plots.items()]
     return md + "\n" + "\n\n".join(images) + "\n"
+
+
+def observed_expected_forest_plots(analysis) -> dict[str, bytes]:
+    """One observed/expected forest plot per audited attribute (and intersection), with the acceptable range
+    of the analysis shaded."""
+    return {
+        a.attribute: plots.ratio_forest_plot(
+            analysis.rows_of(a.attribute),
+            metric="observed_expected_ratio",
+            label="observed / expected",
+            title=f"Observed / expected by {attribute_title(a.attribute)}",
+            overall=analysis.overall.metrics["observed_expected_ratio"],
+            acceptable=analysis.observed_expected_range,
+        )
+        for a in analysis.attributes
+    }
 
 
 def sensitivity_forest_plots(analysis, *, minimum: float | None) -> dict[str, bytes]:

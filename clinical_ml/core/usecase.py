@@ -344,6 +344,14 @@ class SuccessCriteria(_Strict):
     calibration_intercept_range: tuple[float, float] | None = None
     observed_expected_range: tuple[float, float] | None = None
     brier_max: float = Field(1.0, gt=0, le=1)
+    # Below these counts in the validation cohort the gate refuses: too few outcomes to judge (see
+    # docs/usecases.md for why 100 of each).
+    min_events: int = Field(
+        100, ge=1, description="outcome events needed in the validation cohort before any metric is judged"
+    )
+    min_non_events: int = Field(
+        100, ge=1, description="patients without the outcome needed in the validation cohort"
+    )
     # Operational limits at the operating point, judged on the validation cohort (optional).
     alerts_per_100_patient_days_max: float | None = Field(
         None, gt=0, description="flagged predictions per 100 patient-days of the stays scored"
@@ -369,6 +377,20 @@ class Subgroups(_Strict):
     min_cell_size: int = Field(11, ge=1)
     auroc_min: float = Field(0.5, ge=0.5, le=1)
     sensitivity_min: float = Field(0.0, ge=0, le=1)
+    # A group's calibration fails when its whole 95% CI lies outside the range (see docs/usecases.md).
+    observed_expected_range: tuple[float, float] = Field(
+        (0.8, 1.2), description="acceptable observed/expected ratio of a group"
+    )
+    calibration_slope_range: tuple[float, float] = Field(
+        (0.7, 1.3), description="acceptable calibration slope of a group"
+    )
+
+    @field_validator("observed_expected_range", "calibration_slope_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1]:
+            raise ValueError("a range must be [low, high] with 0 < low < high")
+        return v
 
     @field_validator("age_bands")
     @classmethod

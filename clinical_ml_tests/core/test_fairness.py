@@ -169,9 +169,18 @@ def test_group_with_under_estimated_deaths_is_flagged_with_a_ci_excluding_parity
     assert black.disparities["sensitivity"]["ratio_to_best"][2] < 1
     flagged_single = {(r.attribute, r.group) for r in a.rows if r.flags and not r.intersection}
     assert flagged_single == {("race_ethnicity", "Black")}
+    # its calibration fails too: the deaths' risks pushed down flatten its calibration slope, whose whole
+    # interval lies below the acceptable range
+    slope = black.metrics["calibration_slope"]
+    assert slope[2] < a.calibration_slope_range[0]
+    assert black.failures and all(f in black.flags for f in black.failures)
     v, reasons = verdict(a)
-    assert v == "review"
+    assert v == "fail"
     assert any("Black" in reason and "beyond chance" in reason for reason in reasons)
+    assert (
+        f"race_ethnicity = Black: calibration slope {slope[0]:.2f} (95% CI {slope[1]:.2f} to {slope[2]:.2f}): "
+        "predicted risks too extreme in this group, the whole interval below the acceptable range 0.70 to 1.30"
+    ) in reasons
 
 
 def test_fair_model_flags_no_group_beyond_chance():

@@ -9,6 +9,7 @@ from clinical_ml.core import gate
 from clinical_ml.core.evaluation import bootstrap_metrics, paired_comparison
 from clinical_ml.core.fairness import subgroup_table
 from clinical_ml.core.registry import ModelCard, PromotionDecision, Registry
+from clinical_ml.core.usecase import OutcomeWords
 
 CRITERIA = {
     "auroc_min": 0.7,
@@ -187,3 +188,110 @@ def test_a_refused_drift_retraining_is_remembered_until_a_newer_champion(tmp_pat
     assert refused() is None
     reg("v5", "2026-02-02")  # a new episode, refused
     assert refused() == "2026-02-02"
+
+
+WORDS = OutcomeWords(
+    event="death",
+    events="deaths",
+    non_events="survivors",
+    with_event="patients who died",
+    without_event="patients who survived",
+)
+
+
+def test_too_few_outcomes_refuse_the_gate_and_no_metric_is_judged():
+    # an export with 1 death in 29 stays: every interval degenerate or meaningless
+    y = np.zeros(29, dtype=int)
+    y[3] = 1
+    p = np.full(29, 0.05)
+    m = _metrics(y, p)
+    enough = gate.evaluability_criterion(
+        y, {**CRITERIA, "min_events": 100, "min_non_events": 100}, words=WORDS
+    )
+    assert not enough[0].passed
+    assert enough[0].reason == (
+        "too few outcomes to judge: 1 death and 28 survivors in the validation cohort, and at least 100 deaths "
+        "and 100 survivors are needed; no metric is judged"
+    )
+    mins = gate.minimum_criteria(m, CRITERIA, evaluable=False)
+    result = gate.evaluate_gate(enough, mins)
+    assert not result.passed
+    assert all(not c.judged and not c.passed for c in mins)
+    assert not any("meets" in c.reason or "within" in c.reason for c in mins)
+    assert all(gate.criterion_result(c.as_dict()) == "not judged" for c in mins)
+
+
+def test_enough_outcomes_say_how_many_were_needed():
+    y, _good, _ = _cohort()
+    enough = gate.evaluability_criterion(y, {"min_events": 100, "min_non_events": 100}, words=WORDS)[0]
+    events = int(y.sum())
+    assert enough.passed and enough.reason == (
+        f"{events} deaths and {len(y) - events} survivors in the validation cohort: at least 100 deaths and "
+        "100 survivors are needed to judge"
+    )
+
+
+def test_a_degenerate_interval_never_meets_a_minimum():
+    y, good, _ = _cohort(n=400, seed=2)
+    m = _metrics(y, good)
+    m["auroc"] = {"value": 0.5, "lower": 0.5, "upper": 0.5}
+    m["sensitivity"] = {"value": 1.0, "lower": 1.0, "upper": 1.0}
+    crit = {c.name: c for c in gate.minimum_criteria(m, {**CRITERIA, "auroc_min": 0.5})}
+    for name in ("auroc_lower_bound", "sensitivity_lower_bound"):
+        assert not crit[name].passed and not crit[name].judged
+        assert "meets" not in crit[name].reason
+        assert "has no width: the validation cohort cannot measure it" in crit[name].reason
+    assert crit["auroc_lower_bound"].reason.startswith(
+        "AUROC (minimum 0.50): not judged (its 95% CI 0.500 to 0.500"
+    )
+
+
+def test_calibration_is_judged_on_its_interval_like_discrimination():
+    # slope point estimate inside the range, interval reaching beyond it: refused, and the reason says why
+    m = {
+        **_metrics(*_cohort()[:2]),
+        "calibration_slope": {"value": 1.26, "lower": 1.11, "upper": 1.45},
+    }
+    slope = next(c for c in gate.minimum_criteria(m, CRITERIA) if c.name == "calibration_slope_in_range")
+    assert not slope.passed
+    assert slope.reason == (
+        "calibration slope 1.26 (95% CI 1.11 to 1.45): the interval is not wholly within the range 0.7 to 1.3 "
+        "(calibration is judged like discrimination: the whole 95% CI must meet the criterion)"
+    )
+    m["calibration_slope"] = {"value": 1.02, "lower": 0.9, "upper": 1.15}
+    slope = next(c for c in gate.minimum_criteria(m, CRITERIA) if c.name == "calibration_slope_in_range")
+    assert slope.passed and "the whole interval lies within the range 0.7 to 1.3" in slope.reason
+    m["calibration_slope"] = {"value": 0.5, "lower": 0.4, "upper": 0.6}
+    slope = next(c for c in gate.minimum_criteria(m, CRITERIA) if c.name == "calibration_slope_in_range")
+    assert not slope.passed and "the whole interval lies outside the range" in slope.reason
+
+
+def test_subgroups_with_none_large_enough_are_not_judged_never_met():
+    rows = [
+        {
+            "attribute": "overall",
+            "group": "All patients",
+            "n": 29,
+            "suppressed": False,
+            "flags": [],
+            "failures": [],
+        },
+        {"attribute": "sex", "group": "F", "n": 12, "suppressed": True, "flags": [], "failures": []},
+        {"attribute": "sex", "group": "M", "n": 17, "suppressed": True, "flags": [], "failures": []},
+    ]
+    crit = gate.subgroup_criteria(rows, min_cell_size=11)[0]
+    assert not crit.judged and "meets" not in crit.reason
+    assert crit.reason.startswith("not judged: no audited group is large enough to judge; 2 groups too small")
+
+
+def test_a_subgroup_whose_calibration_interval_lies_outside_the_range_blocks_the_gate():
+    y, good, _ = _cohort(n=6000, seed=7)
+    rng = np.random.default_rng(8)
+    race = rng.choice(["A", "B"], len(y), p=[0.7, 0.3])
+    p = np.where(race == "B", good / 2, good)  # group B's risks halved: twice the deaths predicted
+    rows = subgroup_table(y, p, 0.2, {"race": race}, n_boot=200, intersections=False).rows
+    b = next(r for r in rows if r.group == "B")
+    assert b.metrics["observed_expected_ratio"][1] > 1.2 and b.failures
+    crit = gate.subgroup_criteria(gate._subgroup_dicts(list(rows)), min_cell_size=11)[0]
+    assert not crit.passed and "race = B: observed/expected deaths" in crit.reason
+    assert "race = A" not in crit.reason

@@ -42,6 +42,9 @@ def _lenient_use_case(directory: Path) -> Path:
     for old, new in (
         ("auroc_min: 0.75", "auroc_min: 0.65"),
         ("sensitivity_min: 0.65", "sensitivity_min: 0.40"),
+        ("calibration_slope_range: [0.7, 1.5]", "calibration_slope_range: [0.3, 3.0]"),
+        ("min_events: 100", "min_events: 20"),
+        ("observed_expected_range: [0.8, 1.2]", "observed_expected_range: [0.3, 3.0]"),
         ("calibration_slope_range: [0.7, 1.3]", "calibration_slope_range: [0.3, 3.0]"),
         ("observed_expected_range: [0.7, 1.5]", "observed_expected_range: [0.3, 3.0]"),
         ("  auroc_min: 0.70\n", "  auroc_min: 0.5\n"),

@@ -4,7 +4,11 @@ import dagster as dg
 
 from clinical_ml.core.artifacts import FairnessSummary
 from clinical_ml.core.fairness import audit_subcohorts
-from clinical_ml.core.reports import fairness_report, sensitivity_forest_plots
+from clinical_ml.core.reports import (
+    fairness_report,
+    observed_expected_forest_plots,
+    sensitivity_forest_plots,
+)
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
@@ -24,8 +28,8 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         kinds={"fairlearn", "html"},
         tags=tags(DataClass.AGGREGATE),
         description="Performance by sex, race/ethnicity, age group and their intersections with 95% CIs, "
-        "disparities, small cells suppressed, per-group operating points, verdict against the subgroup "
-        "minimums.",
+        "disparities, calibration (observed/expected, slope) by group, small cells suppressed, per-group "
+        "operating points, verdict against the subgroup minimums and calibration ranges.",
         owners=ML_OWNERS,
     )
     def subcohort_fairness_report(zones: DataZones, evaluation: EvaluationSettings) -> dg.MaterializeResult:
@@ -38,6 +42,8 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             n_boot=evaluation.n_bootstrap,
             seed=evaluation.bootstrap_seed,
             words=uc.words,
+            min_events=uc.success_criteria.min_events,
+            min_non_events=uc.success_criteria.min_non_events,
         )
         forests = sensitivity_forest_plots(audit.analysis, minimum=uc.subgroups.sensitivity_min)
         for attribute in uc.subgroups.attributes:
@@ -50,6 +56,7 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
             thresholds=audit.thresholds,
             recommendations=audit.recommendations,
             forest_plots=forests,
+            calibration_plots=observed_expected_forest_plots(audit.analysis),
             model_version=t.model_version,
             code_version=code_version(),
         )
