@@ -24,8 +24,8 @@ from typing import Any
 
 import polars as pl
 
-from clinical_ml.core.clinical_sources import MORE_SOURCES
 from clinical_ml.core.ingestion import (
+    DUPLICATE_KEYS,
     RULES_VERSION,
     BatchContext,
     IngestResult,
@@ -35,18 +35,22 @@ from clinical_ml.core.ingestion import (
     ingest_file,
 )
 from clinical_ml.core.landing import COMPLETION_MARKER, OPTIONAL_SOURCES, marker_site_mapping, read_marker
+from clinical_ml.core.pseudonyms import normalize_identifier
 from clinical_ml.core.safety import (
     FileRejected,
     Limits,
     check_entry,
     check_size,
     extract_zip_member,
+    neutralize_formula,
     safe_name,
 )
 from clinical_ml.core.site_mapping import DEFAULT_MAPPING, SiteMapping, load_site_mapping
 from clinical_ml.core.storage import sha256_file, write_json, write_parquet
 
 DELIVERY_SUFFIXES = (".csv", ".parquet", ".zip")
+SHRINKING_REPLACEMENT = "replacement_drops_rows"
+REPLACEMENT_SUFFIX = ".replacement.json"
 STATUSES = ("accepted", "quarantined", "missing", "duplicate_delivery", "not_delivered")
 
 
@@ -140,6 +144,40 @@ def ledger_entry_path(zones: ZonePaths, batch_id: str, source: str) -> Path:
 def read_ledger_entry(zones: ZonePaths, batch_id: str, source: str) -> dict | None:
     p = ledger_entry_path(zones, batch_id, source)
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+def replacement_entry_path(zones: ZonePaths, batch_id: str, source: str) -> Path:
+    """The ledger entry of a replacement that was refused because it drops rows the batch had."""
+    return zones.archive / "ledger" / batch_id / f"{source}{REPLACEMENT_SUFFIX}"
+
+
+def replacement_entries(zones: ZonePaths, batch_id: str) -> list[dict]:
+    """The ledger entries of the batch's refused replacements (see :func:`replacement_entry_path`)."""
+    folder = zones.archive / "ledger" / batch_id
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"*{REPLACEMENT_SUFFIX}"))]
+
+
+def _refuse_shrinking_replacement(
+    zones: ZonePaths, batch_id: str, source: str, sha: str | None, accepted: pl.DataFrame
+) -> None:
+    """A new version of an accepted file of this batch that leaves out patients or stays the earlier one had
+    (a batch replaced in place with fewer encounters) is refused: rows are never silently taken back."""
+    previous = read_ledger_entry(zones, batch_id, source)
+    part = accepted_path(zones, source, batch_id)
+    if previous is None or previous.get("status") != "accepted" or previous.get("sha256") == sha:
+        return
+    if not part.is_file():
+        return
+    key = DUPLICATE_KEYS[source][0]
+    before = pl.read_parquet(part, columns=[key]).select(normalize_identifier(pl.col(key))).unique()[:, 0]
+    now = accepted.select(normalize_identifier(pl.col(key))).unique()[:, 0]
+    gone = int((~before.is_in(now.implode())).sum())
+    if gone:
+        raise FileRejected(
+            SHRINKING_REPLACEMENT,
+            f"{gone} of {before.len()} {key} values accepted from the earlier delivery of this batch are absent "
+            "from this one; the earlier delivery is kept (docs/operations.md: a replaced delivery)",
+        )
 
 
 def _candidates(batch_dir: Path, source: str) -> list[Path]:
@@ -331,6 +369,7 @@ def process_file(
         listed_sha = listing[path.name]["sha256"] if listing is not None else ""
         if listed_sha and listed_sha != sha:
             raise FileRejected("checksum_mismatch", "sha256 differs from the one listed in the marker")
+        _refuse_shrinking_replacement(zones, batch_id, source, sha, result.accepted)
     except FileRejected as exc:
         if sha is None and n_bytes and os.path.isfile(path) and not os.path.islink(path):
             sha = sha256_file(path)
@@ -343,12 +382,21 @@ def process_file(
         )
         copy = regular and 0 < n_bytes <= limits.max_file_bytes
         dest = _quarantine(zones, path, batch_id, source, exc, copy=copy, sha=sha)
+        previous = (
+            read_ledger_entry(zones, batch_id, source) if exc.reason_code == SHRINKING_REPLACEMENT else None
+        )
         outcome = FileOutcome(
             **common, status="quarantined", file=path.name if safe_name(path.name) else None, sha256=sha,
             n_bytes=n_bytes, rows_in=0, rows_accepted=0, rows_rejected=0, rejected_by_reason={}, warnings={},
-            data_version=_data_version(sha, upstream), reason_code=exc.reason_code, detail=exc.detail,
-            line=exc.line, byte_offset=exc.byte_offset, quarantined_as=str(dest.relative_to(zones.quarantine)),
+            data_version=previous["data_version"] if previous else _data_version(sha, upstream),
+            reason_code=exc.reason_code, detail=exc.detail, line=exc.line, byte_offset=exc.byte_offset,
+            quarantined_as=str(dest.relative_to(zones.quarantine)),
         )  # fmt: skip
+        if previous is not None:
+            # The earlier delivery stays what the batch holds (its rows, entry and data version, so nothing
+            # downstream changes); the refused replacement gets an entry of its own for the ledger.
+            write_json(outcome.ledger_row(), replacement_entry_path(zones, batch_id, source))
+            return outcome, pl.read_parquet(acc_path)
         return finish(outcome, empty_accepted(source), empty_rejects())
 
     assert sha is not None
@@ -369,7 +417,13 @@ def process_file(
     archived = _archive(zones, path, sha, batch_id, source)
     unmapped_path = unmapped_values_path(zones, source, batch_id)
     if result.unmapped_values is not None and result.unmapped_values.height:
-        write_parquet(result.unmapped_values, unmapped_path)
+        # the data steward's list: exported beside the exact value, neutralised for a spreadsheet
+        write_parquet(
+            result.unmapped_values.with_columns(
+                neutralize_formula(pl.col("value")).alias("value_for_spreadsheet")
+            ),
+            unmapped_path,
+        )
         common["unmapped_values_path"] = str(unmapped_path.relative_to(zones.phi))
     else:
         unmapped_path.unlink(missing_ok=True)  # a re-run under a fixed mapping leaves no stale list
@@ -391,7 +445,7 @@ UPSTREAM: dict[str, list[str]] = {
     "labs": ["patients", "encounters"],
     "vitals": ["patients", "encounters"],
     "labels": ["encounters"],
-} | {s: ["patients", "encounters"] for s in MORE_SOURCES}
+}
 
 
 def earlier_encounters(zones: ZonePaths, batch_id: str) -> tuple[pl.DataFrame, list[str]]:

@@ -8,12 +8,14 @@ never raise: each bad row goes to the rejects table with one reason, so that for
 Row reasons (first matching wins, in this order): ``wrong_field_count``, ``repeated_header``,
 ``missing_value_sentinel:<col>``, ``ambiguous_date:<col>``, ``unparseable_<col>``,
 ``id_scientific_notation:<col>``, ``id_decimal_suffix:<col>``, ``id_leading_zeros_lost:<col>``,
-``formula_cell:<col>``, ``markup_in_cell:<col>``, ``future_date:<col>``, source rules
+``future_date:<col>``, ``implausible_birth_date`` (more than :data:`MAX_AGE_YEARS` before ingestion), source rules
 (``discharge_before_admission``, ``death_before_admission``, ``unknown_unit``, ``result_before_specimen``,
 ``stored_before_charted``, ``recorded_before_event``), cross-file rules against the batch (``unknown_patient``, ``unknown_encounter``,
 ``event_before_birth``, ``event_after_death``, ``event_after_discharge``), pandera schema reasons
 (``missing_value:<col>``, ``not_allowed:<col>``, ``bad_format:<col>``), ``superseded`` (labels only: a
-later ``recorded_time`` of the same encounter and label is in the file), ``conflicting_duplicate``,
+later ``recorded_time`` of the same encounter and label is in the file), ``conflicting_case_variant:<id>``
+(patients and encounters: an MRN or encounter id repeated in another letter case with other facts),
+``conflicting_duplicate``,
 ``duplicate_row`` and ``undeclared_unit_switch``.
 
 The optional ``labels`` source (hospital-supplied labels, e.g. from chart review) may name an encounter
@@ -39,6 +41,7 @@ import polars as pl
 
 from clinical_ml.core.pseudonyms import normalize_identifier
 from clinical_ml.core.safety import (
+    FORMULA_START,
     PARQUET_MAGIC,
     BackgroundScan,
     FileRejected,
@@ -78,7 +81,7 @@ TS = pl.Datetime("us")
 TS_FORMAT = "%Y-%m-%d %H:%M:%S"
 DATE_FORMAT = "%Y-%m-%d"
 # Bumped whenever a rule changes what is accepted, so data versions change with it.
-RULES_VERSION = "4"
+RULES_VERSION = "5"
 
 # source -> column -> polars dtype after parsing. Every column listed is required.
 SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
@@ -200,12 +203,13 @@ _CHECK_REASONS = {
     "in_range": "out_of_range",
     "dtype": "wrong_type",
 }
-_FORMULA = r"^[=+@\t\r]|^-[^0-9. ]"
 _MARKUP = r"(?i)<\s*/?\s*(script|iframe|img|svg|a|object|embed|style|html|body|meta|link)\b|javascript:|\bon[a-z]+\s*="
 _AMBIGUOUS_DATE = r"^\s*\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}"
 # Events may be charted a little after the recorded discharge or death (documentation lag).
 EVENT_GRACE = timedelta(hours=1)
 MIN_ROWS_FOR_MEDIAN_CHECK = 10
+# A birth date more than this many years before ingestion is not plausible (the oldest people live ~120 y).
+MAX_AGE_YEARS = 120
 
 
 def _schema(source: str, mapping: SiteMapping) -> pa.DataFrameSchema:
@@ -667,27 +671,46 @@ def _id_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
     return rules
 
 
-def _text_rules(text: pl.DataFrame, source: str) -> list[tuple[pl.Expr, str]]:
-    """Spreadsheet formulas and markup in free-text columns (constrained columns cannot hold them)."""
-    rules: list[tuple[pl.Expr, str]] = []
+def _text_checks(columns: list[str], source: str) -> list[tuple[pl.Expr, str]]:
+    """Spreadsheet formulas and markup in free-text columns (constrained columns cannot hold them), as
+    warnings: no delivered free text crosses the boundary (coded fields are mapped onto controlled values or
+    ``unmapped``, the other text columns are dropped or generalized by the anonymizer), so such text costs no
+    row; an export that a spreadsheet may open neutralises it (:func:`clinical_ml.core.safety.neutralize_formula`).
+    A phone number ``+1 617 ...`` or a note starting ``- `` is data, not an attack."""
+    checks: list[tuple[pl.Expr, str]] = []
     coded = CODED_FIELDS.get(source, ())
-    for name in text.columns:
+    for name in columns:
         if name in SOURCE_COLUMNS[source] and (
             name not in FREE_TEXT or (source in CODE_COLUMN and name == "unit")
         ):
             continue
         if name in {delivered(f) for f in coded} or (source == "encounters" and name == "unit_type"):
             continue  # the delivered text of a coded field: checked under the field's name
+        if name == "row_number" or name in DERIVED_COLUMNS:
+            continue
         col = pl.col(delivered(name)) if name in coded else pl.col(name)
         label = safe_column_label(name)
-        rules.append((col.str.contains(_FORMULA), f"formula_cell:{label}"))
-        rules.append((col.str.contains(_MARKUP), f"markup_in_cell:{label}"))
-    return rules
+        checks.append((col.str.contains(FORMULA_START), f"formula_text:{label}"))
+        checks.append((col.str.contains(_MARKUP), f"markup_text:{label}"))
+    return checks
+
+
+def _text_warnings(accepted: pl.DataFrame, source: str) -> dict[str, int]:
+    """Accepted rows per free-text column holding formula-looking text or markup (kept, counted)."""
+    checks = _text_checks(accepted.columns, source)
+    if not checks or accepted.height == 0:
+        return {}
+    counts = accepted.select(c.fill_null(False).sum().alias(str(i)) for i, (c, _) in enumerate(checks)).row(0)
+    return {code: int(n) for (_, code), n in zip(checks, counts, strict=True) if n}
 
 
 def _future_rules(source: str, now: datetime) -> list[tuple[pl.Expr, str]]:
     limit = now + timedelta(days=1)
     rules = []
+    if source == "patients":
+        # 1870 or year 1 is a default or a typing error, not a patient of 150: kept, it would be "90+"
+        oldest = now.date().replace(year=now.year - MAX_AGE_YEARS, day=min(now.day, 28))
+        rules.append((pl.col("birth_date") < oldest, "implausible_birth_date"))
     for name, dtype in SOURCE_COLUMNS[source].items():
         if dtype == TS:
             rules.append((pl.col(name) > limit, f"future_date:{name}"))
@@ -923,11 +946,18 @@ def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series)
     revision was replaced, whatever the newer one says)."""
     key = DUPLICATE_KEYS[source]
     revision = REVISION_COLUMN.get(source)
+    # The file that owns an identifier compares it as pseudonyms are keyed (trimmed, upper case): 'ab12' and
+    # 'AB12' are one patient downstream, so they are one key here.
+    owned = {"patients": "mrn", "encounters": "encounter_id"}.get(source)
+
+    def key_col(k: str) -> pl.Expr:
+        return normalize_identifier(pl.col(k)).alias(k) if k == owned else pl.col(k)
+
     # Per-column hashes combined: several times faster than hashing a struct; a collision only costs a
     # closer look below, where rows are grouped by their real key values.
     combined = pl.lit(0, dtype=pl.UInt64)
     for i, k in enumerate(key):
-        combined = combined ^ (pl.col(k).hash(seed=i + 1) * pl.lit(0x9E3779B97F4A7C15 >> i, dtype=pl.UInt64))
+        combined = combined ^ (key_col(k).hash(seed=i + 1) * pl.lit(0x9E3779B97F4A7C15 >> i, dtype=pl.UInt64))
     h = parsed.select(pl.when(pl.lit(candidates)).then(combined))[:, 0]
     ordered = h.drop_nulls().sort()
     # Sorting beats a hash table here (~4x at 10M rows). Neighbours are compared, not subtracted: diff()
@@ -940,19 +970,28 @@ def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series)
     if source in CODE_COLUMN:
         content = [c for c in content if c not in ("value", "unit")] + ["value_raw", "unit_raw"]
     sub = parsed.filter(dup).select(
-        "row_number", *key, *([revision] if revision else []), pl.struct(content).hash().alias("_content")
+        "row_number",
+        *[key_col(k) for k in key],
+        *([revision] if revision else []),
+        pl.struct([key_col(c) for c in content]).hash().alias("_content"),
+        (pl.col(owned) if owned else pl.lit(None)).alias("_spelling"),
     )
     group = [*key, revision] if revision else key
     superseded = pl.col(revision) < pl.col(revision).max().over(key) if revision else pl.lit(False)
     sub = sub.with_columns(
         superseded.alias("_superseded"),
         (pl.col("_content").n_unique().over(group) > 1).alias("_conflict"),
+        (pl.col("_spelling").n_unique().over(group) > 1).alias("_case_variant"),
         pl.int_range(pl.len()).over(group).alias("_nth"),
     )
     return sub.filter(pl.col("_superseded") | pl.col("_conflict") | (pl.col("_nth") > 0)).select(
         "row_number",
         pl.when(pl.col("_superseded"))
         .then(pl.lit("superseded"))
+        .when(pl.col("_conflict") & pl.col("_case_variant"))
+        # the same identifier written in another case, with other facts (sex, birth date, times): which
+        # one is right is unknown, and downstream they would be one patient or stay
+        .then(pl.lit(f"conflicting_case_variant:{owned}"))
         .when(pl.col("_conflict"))
         .then(pl.lit("conflicting_duplicate"))
         .otherwise(pl.lit("duplicate_row"))
@@ -1086,7 +1125,7 @@ def ingest_file(
     rules += [(c, r, True) for c, r in parse_detail]
     rules += [(c, r, False) for c, r in parse_rules]
     rules += [(c, r, True) for c, r in _id_detail_rules(source)]
-    rules += [(c, r, False) for c, r in _id_rules(text, source) + _text_rules(text, source)]
+    rules += [(c, r, False) for c, r in _id_rules(text, source)]
     del text
     if source in CODE_COLUMN:
         parsed = _harmonize_units(parsed, CODE_COLUMN[source])
@@ -1132,7 +1171,7 @@ def ingest_file(
     accepted = _without_rows(parsed.drop(helper), rejects["row_number"])
     by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())
     unmapped, unmapped_values = unmapped_counts(accepted, source)
-    warnings |= unmapped
+    warnings |= unmapped | _text_warnings(accepted, source)
     if source in CODE_COLUMN:
         n_implausible = int(accepted["implausible"].sum())
         if n_implausible:

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 # Names a delivered file or batch folder may have: letters, digits, dot, dash, underscore; no leading dot.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAFE_COLUMN_NAME = re.compile(r"^[A-Za-z0-9_ .()/-]{1,64}$")
 PARQUET_MAGIC = b"PAR1"
+# Text a spreadsheet reads as a formula (OWASP CSV injection: =, +, -, @, tab, carriage return, and their
+# full-width forms, which some spreadsheets fold onto them).
+FORMULA_START = r"^[=+\-@\t\r\uff1d\uff0b\uff0d\uff20]"
 ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -78,6 +82,13 @@ def safe_name(name: str) -> bool:
 def safe_column_label(name: str) -> str:
     """A column name fit for a message: itself when plain, else a placeholder (headers can hold anything)."""
     return name if SAFE_COLUMN_NAME.match(name) else "<unprintable column name>"
+
+
+def neutralize_formula(text: pl.Expr) -> pl.Expr:
+    """Text that a spreadsheet would run as a formula, prefixed with a single quote (the OWASP way), so it
+    shows as text; everything else as it is. For exports a person may open in a spreadsheet: the data itself
+    keeps the delivered text (a phone number ``+1 617 ...`` is data)."""
+    return pl.when(text.str.contains(FORMULA_START)).then(pl.lit("'") + text).otherwise(text)
 
 
 def check_entry(path: Path, *, root: Path) -> None:

@@ -105,6 +105,7 @@ def test_bad_input_gives_its_reason_and_loses_nothing(case: Case, clean_batch: P
     elif case.level == "warning":
         assert outcome.status == "accepted"
         assert outcome.warnings.get(case.reason, 0) >= 1
+        assert outcome.rows_rejected == 0, outcome.rejected_by_reason  # a warning costs no row
     elif case.level == "status":
         assert outcome.status == case.reason
         assert outcome.rows_accepted > 0 and outcome.rows_rejected == 0

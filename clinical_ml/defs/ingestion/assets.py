@@ -13,6 +13,7 @@ from clinical_ml.core.delivery import (
     process_file,
     read_ledger_entry,
     rejects_path,
+    replacement_entries,
 )
 from clinical_ml.core.ingestion import SOURCE_COLUMNS, schema_for
 from clinical_ml.core.landing import OPTIONAL_SOURCES, fingerprint, read_batch, read_unmarked_batch
@@ -286,7 +287,8 @@ def _ledger_batch(zones: DataZones, batch_id: str) -> BatchOutcome:
         if p.exists():
             rejects[(e["source"], e.get("sha256") or "")] = pl.read_parquet(p)
     problems = _batch_problems(zones, batch_id)
-    record_batch(paths.archive / "ledger.duckdb", entries + problems, rejects)
+    refused = replacement_entries(paths, batch_id)  # replacements that would have dropped accepted rows
+    record_batch(paths.archive / "ledger.duckdb", entries + problems + refused, rejects)
     unaccounted = [e["source"] for e in entries if e["rows_in"] != e["rows_accepted"] + e["rows_rejected"]]
     statuses = {e["source"]: e["status"] for e in entries}
     return BatchOutcome(
@@ -294,6 +296,7 @@ def _ledger_batch(zones: DataZones, batch_id: str) -> BatchOutcome:
             "files": len(entries),
             "statuses": dg.MetadataValue.json(statuses),
             "entries_not_read": len(problems),
+            "replacements_refused": len(refused),
             "rows_in": sum(e["rows_in"] for e in entries),
             "rows_accepted": sum(e["rows_accepted"] for e in entries),
             "rows_rejected": sum(e["rows_rejected"] for e in entries),
