@@ -360,6 +360,45 @@ def derivation_validation_split(
     return splits, SplitInfo("patient", strategy, (), tuple(periods), note)
 
 
+DESIGN_NOT_RECORDED = (
+    "How the validation cohort was chosen is not recorded with this model: check it before relying on these "
+    "numbers at another hospital or in a later period."
+)
+
+
+def validation_design(info: SplitInfo, *, fraction: float | None = None) -> str:
+    """The validation design in a clinician's words, named from the split that was applied (not the one
+    asked for), with what it cannot tell."""
+    if info.strategy == "temporal":
+        derived = _period_span(info.derivation_periods)
+        validated = _period_span(info.validation_periods)
+        return (
+            f"Temporal validation: derived on patients admitted in {derived} and validated on patients admitted "
+            f"in {validated}, at the same hospitals. It shows how the model holds up over time; performance at "
+            "another hospital must be checked before use there."
+        )
+    share = (
+        f"a random {fraction:.0%} of the patients" if fraction is not None else "a random share of patients"
+    )
+    fallback = (
+        " (temporal validation was asked for, but the data do not span the periods it needs)"
+        if info.requested == "temporal"
+        else ""
+    )
+    return (
+        f"Internal validation: {share} of the same hospitals and period as the derivation cohort, held out "
+        f"before fitting{fallback}. Performance in a later period or at another hospital must be checked before "
+        "use there."
+    )
+
+
+def _period_span(periods: Sequence[str]) -> str:
+    ordered = sorted(periods)
+    if not ordered:
+        return "the periods of the data"
+    return ordered[0] if len(ordered) == 1 else f"{ordered[0]} to {ordered[-1]}"
+
+
 def validation_rows(info: SplitInfo) -> pl.Expr:
     """Predicate keeping derivation rows and, under temporal validation, only held-out rows admitted in a
     validation period (a held-out patient's earlier admission is neither derivation nor validation)."""

@@ -19,6 +19,7 @@ from clinical_ml.core import plots
 from clinical_ml.core.drift import FeatureDrift
 from clinical_ml.core.drift_statistics import DriftStatistic, DriftThresholds
 from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, MetricWithCI
+from clinical_ml.core.features import DESIGN_NOT_RECORDED
 from clinical_ml.core.labeling import CohortFlow
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.usecase import OutcomeWords, UseCase
@@ -320,8 +321,10 @@ def performance_report(
     fit: dict,
     model_version: str,
     code_version: str,
+    validation_design: str | None = None,
 ) -> tuple[str, str]:
-    """HTML performance report and its Markdown summary."""
+    """HTML performance report and its Markdown summary; ``validation_design`` is
+    :func:`clinical_ml.core.features.validation_design` of the split applied."""
     metrics = evaluation["metrics"]
     rows = _metric_rows(use_case, metrics)
     op, words = use_case.operating_point, use_case.words
@@ -355,7 +358,7 @@ def performance_report(
         burden=alert_burden_context(evaluation, use_case),
         **_words_context(words),
         limitations=[
-            "Validated on patients of the same hospitals and period as the derivation cohort (internal validation).",
+            validation_design or DESIGN_NOT_RECORDED,
             "Values measured after the prediction time are never used; values missing by then count as missing.",
             "Measurements outside physiologically possible ranges are flagged at ingestion and not used.",
             "Predicted risk supports, and does not replace, clinical judgement.",
@@ -778,6 +781,7 @@ def report_card(
     model_version: str,
     code_version: str,
     deliveries: list[dict] | None = None,
+    validation_design: str | None = None,
 ) -> tuple[str, str]:
     """The HCP report card of one model version (HTML, self-contained) and its Markdown summary.
 
@@ -849,6 +853,7 @@ def report_card(
         data_periods=data_periods,
         flow=_flow_rows(use_case, flow),
         deliveries=deliveries or [],
+        validation_design=validation_design or DESIGN_NOT_RECORDED,
         predictors=predictor_labels,
         windows=" and ".join(f"the last {w:g} h" for w in f.window_hours),
         aggregations=", ".join(f.aggregations),
@@ -882,8 +887,7 @@ def report_card(
         **_words_context(words),
         ranges=[(k, v[0], v[1]) for k, v in training_ranges.items() if not k.endswith("__count_24h")],
         limitations=[
-            "Internal validation only: patients of the same hospitals and period as the derivation cohort. "
-            "Performance at another hospital or in a later period must be checked before use there.",
+            validation_design or DESIGN_NOT_RECORDED,
             "Groups marked suppressed are too small to judge; the model's performance in them is unknown.",
             "The model cannot see what was not measured: groups measured less often, or whose devices read "
             "differently (e.g. pulse oximetry in darker skin), can be predicted less well.",

@@ -145,3 +145,28 @@ def test_after_a_drift_retraining_the_reference_starts_where_the_drift_began_whe
     assert reference.profile.n_rows == expected
     assert ("accepted new normal" in described) is (expected == 130)
     assert ("so the whole cohort is the reference" in described) is (expected == 180)
+
+
+def test_realised_performance_leaves_out_the_patients_the_champion_was_derived_on(tmp_path):
+    from clinical_ml.core.champion_monitoring import realised_performance, score_batch
+
+    store = DeidStore(tmp_path / "deid", tmp_path / "reports").use_case("uc")
+    trained, new = "2026-01-05", "2026-02-02"
+    frame = _frame({trained: 120, new: 120}).with_columns(
+        subject_id=pl.col("hadm_id") + 1000,
+        prediction_time=pl.lit(datetime(2020, 3, 1)),
+        admit_time=pl.lit(datetime(2020, 3, 1)),
+        discharge_time=pl.lit(datetime(2020, 3, 2)),
+        death_time=pl.lit(None, dtype=pl.Datetime("us")),
+        # the first 80 admissions of each batch are derivation patients
+        split=pl.when(pl.col("hadm_id") % 120 < 80).then(pl.lit("train")).otherwise(pl.lit("held_out")),
+    )
+    # the champion was trained on the first batch only
+    champion = Champion(_card(batches=(trained,)), _champion().scorer)
+    for batch in (trained, new):
+        part = frame.filter(pl.col("batch_id") == batch)
+        store.batch_predictions.part(batch).write(score_batch(part, champion))
+    rows = realised_performance(store, champion, frame, MonitoringConfig(min_matured_share=0.0))
+    overall = {r["period"]: r for r in rows if r["attribute"] == "all"}
+    assert overall[trained]["n"] == 40  # the 80 admissions it was fitted to are not counted
+    assert overall[new]["n"] == 120  # a batch it was not trained on counts whole, derivation split or not

@@ -17,6 +17,7 @@ from clinical_ml.core.features import (
     feature_columns,
     patient_grouped_split,
     temporal_split,
+    validation_design,
     validation_rows,
 )
 from clinical_ml.core.usecase import Features, load_use_case
@@ -218,6 +219,45 @@ def test_temporal_falls_back_to_patient_split_on_a_single_period():
     assert info.strategy == "patient" and info.requested == "temporal"
     assert "do not span" in info.note
     assert (splits["split"] == "held_out").any()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "periods", "words", "not_words"),
+    [
+        (
+            "temporal",
+            None,
+            ["Temporal validation", "admitted in 2014", "validated on patients admitted in 2015"],
+            ["Internal validation", "same hospitals and period"],
+        ),
+        (
+            "patient",
+            None,
+            ["Internal validation", "a random 30% of the patients", "same hospitals and period"],
+            ["Temporal", "asked for"],
+        ),
+        (
+            "temporal",
+            ["2030"],
+            ["Internal validation", "temporal validation was asked for"],
+            ["Temporal validation"],
+        ),
+    ],
+)
+def test_the_validation_design_is_named_from_the_split_applied(strategy, periods, words, not_words):
+    _, info = derivation_validation_split(
+        _multi_period_cohort(),
+        strategy=strategy,
+        validation_periods=periods,
+        fraction=0.3,
+        tuning_fraction=0.2,
+        seed=0,
+    )
+    sentence = validation_design(info, fraction=0.3)
+    for w in words:
+        assert w in sentence
+    for w in not_words:
+        assert w not in sentence
 
 
 def test_patient_split_is_stable_when_new_patients_arrive():

@@ -6,9 +6,9 @@ import polars as pl
 from clinical_ml.core import plots
 from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
-from clinical_ml.core.features import ROW_KEY, feature_matrix
+from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_design
 from clinical_ml.core.modeling import load_model
-from clinical_ml.core.reports import evaluation_markdown, performance_report
+from clinical_ml.core.reports import ci_text, evaluation_markdown, performance_report, rounded
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.training import training_frame
 from clinical_ml.core.usecase import UseCase
@@ -174,6 +174,7 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             fit=fit.fit.as_dict(),
             model_version=fit.version,
             code_version=code_version(),
+            validation_design=validation_design(store.split_info.read(), fraction=uc.validation.fraction),
         )
         out = store.reports.write_report("performance_report", html)
         return dg.MaterializeResult(

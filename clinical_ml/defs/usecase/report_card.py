@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from clinical_ml.core.features import validation_design
 from clinical_ml.core.reports import data_periods, predictor_labels, report_card, report_card_markdown
 from clinical_ml.core.row_accounting import delivery_rows
 from clinical_ml.core.storage import code_version
@@ -59,6 +60,7 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             model_version=card.version,
             code_version=code_version(),
             deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
+            validation_design=validation_design(store.split_info.read(), fraction=uc.validation.fraction),
         )
         out = store.reports.write_report(f"report_card_{card.version}", html)
         store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
