@@ -1,0 +1,202 @@
+"""The HTTP face of the CDS Hooks service (FastAPI under uvicorn): size limit, JSON, the EHR's JWT, routes.
+
+Routes: ``GET /cds-services`` (discovery), ``POST /cds-services/{id}`` (a hook call),
+``POST /cds-services/{id}/feedback`` (the feedback API), ``GET /reports/{use case}/{version}`` (the model's
+report card, aggregate data only, linked from cards) and ``GET /healthz``. Everything else is
+:mod:`clinical_ml.serve.service`.
+
+The log says per request: the route (service id, never the path as sent), the status, the time taken, the
+model version and an outcome code. It never holds an identifier, a value or a token: uvicorn's own access log
+is turned off, as it would print the path as sent.
+"""
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from clinical_ml.core.site_mapping import load_site_mapping
+from clinical_ml.core.usecase import load_use_cases
+from clinical_ml.serve.auth import AuthError, JwtVerifier, load_trust
+from clinical_ml.serve.chart import Issue
+from clinical_ml.serve.records import ServingRecords
+from clinical_ml.serve.service import CdsService, Reply, operation_outcome, rejected, settings_summary
+from clinical_ml.serve.settings import ServiceSettings, settings_from_env
+
+log = logging.getLogger("clinical_ml.serve")
+FHIR_JSON = "application/json"
+# Requests being worked on at once (beyond: HTTP 503 from uvicorn), so a burst never grows without bound.
+MAX_CONCURRENCY = 64
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it exceeds ``limit`` bytes (whatever Content-Length says)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or None when it is not (deep nesting and bad encodings included)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return None
+
+
+def create_app(
+    settings: ServiceSettings,
+    *,
+    service: CdsService | None = None,
+    verifier: JwtVerifier | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> FastAPI:
+    """The ASGI app. ``service``/``verifier``/``clock`` replace the ones built from ``settings`` (tests)."""
+    if service is None:
+        service = CdsService(
+            settings,
+            load_use_cases(settings.usecases_dir),
+            site_mapping=load_site_mapping(settings.site_mapping),
+            records=ServingRecords(settings.data_root / "phi"),
+        )
+    if verifier is None and settings.auth == "jwt":
+        assert settings.trust_file is not None
+        verifier = JwtVerifier(load_trust(settings.trust_file))
+    app = FastAPI(title="clinical_ml CDS Hooks service", version="2.0", docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    def reply(r: Reply, route: str, t0: float) -> Response:
+        ms = (time.perf_counter() - t0) * 1000
+        log.info("%s %d %.1f ms model=%s outcome=%s", route, r.status, ms, r.model_version or "-", r.outcome)
+        return JSONResponse(r.body, status_code=r.status, headers=r.headers)
+
+    def authenticate(request: Request, audience: list[str]) -> Reply | None:
+        if verifier is None:
+            return None
+        try:
+            verifier.verify(request.headers.get("authorization"), audience=audience)
+        except AuthError as exc:
+            r = rejected(
+                401,
+                [Issue("Authorization", "security", f"not accepted ({exc.reason})")],
+                f"auth:{exc.reason}",
+            )
+            return Reply(401, r.body, outcome=r.outcome, headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def body_of(request: Request) -> tuple[Any, Reply | None]:
+        try:
+            raw = await read_limited(request, settings.max_body_bytes)
+        except BodyTooLarge:
+            issue = Issue("request", "too-long", f"the body exceeds {settings.max_body_bytes} bytes")
+            return None, rejected(413, [issue], "too_large")
+        body = parse_json(raw)
+        if body is None:
+            return None, rejected(400, [Issue("request", "structure", "the body is not JSON")], "not_json")
+        return body, None
+
+    @app.get("/cds-services")
+    def discovery(request: Request) -> Response:
+        t0 = time.perf_counter()
+        denied = authenticate(request, service.audiences(None))
+        return reply(denied or service.discovery(), "discovery", t0)
+
+    @app.post("/cds-services/{service_id}")
+    async def hook(service_id: str, request: Request) -> Response:
+        t0 = time.perf_counter()
+        route = f"hook {service_id if service_id in service.use_cases else '<unknown>'}"
+        denied = authenticate(request, service.audiences(service_id))
+        if denied:
+            return reply(denied, route, t0)
+        body, bad = await body_of(request)
+        if bad:
+            return reply(bad, route, t0)
+        now = clock() if clock else None
+        r = await anyio.to_thread.run_sync(lambda: service.call(service_id, body, now=now))
+        return reply(r, route, t0)
+
+    @app.post("/cds-services/{service_id}/feedback")
+    async def feedback(service_id: str, request: Request) -> Response:
+        t0 = time.perf_counter()
+        route = f"feedback {service_id if service_id in service.use_cases else '<unknown>'}"
+        denied = authenticate(request, service.audiences(service_id, feedback=True))
+        if denied:
+            return reply(denied, route, t0)
+        body, bad = await body_of(request)
+        if bad:
+            return reply(bad, route, t0)
+        now = clock() if clock else None
+        r = await anyio.to_thread.run_sync(lambda: service.feedback(service_id, body, now=now))
+        return reply(r, route, t0)
+
+    @app.get("/reports/{use_case}/{version}")
+    def report_card(use_case: str, version: str) -> Response:
+        html = service.report_card(use_case, version)
+        if html is None:
+            return JSONResponse(
+                operation_outcome([Issue("report", "not-found", "no report card for this model")]),
+                status_code=404,
+            )
+        return HTMLResponse(
+            html,
+            headers={
+                "Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+            },
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # the type only: a message may quote a value of the request
+        log.error("unexpected %s on %s", type(exc).__name__, request.method)
+        return JSONResponse(
+            operation_outcome([Issue("request", "exception", "the service failed; the error was logged")]),
+            status_code=500,
+        )
+
+    log.info("CDS Hooks service ready: %s", settings_summary(settings))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """ASGI factory for ``uvicorn clinical_ml.serve.app:app_from_env --factory`` (settings from the
+    environment)."""
+    return create_app(settings_from_env())
+
+
+def run(settings: ServiceSettings, *, host: str, port: int) -> None:
+    """Serve under uvicorn until stopped (SIGINT or SIGTERM)."""
+    import uvicorn
+
+    settings.check(host=host)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        access_log=False,
+        limit_concurrency=MAX_CONCURRENCY,
+        timeout_keep_alive=5,
+        log_level="info",
+        server_header=False,
+    )

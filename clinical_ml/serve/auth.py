@@ -1,0 +1,222 @@
+"""Authenticating the EHR as CDS Hooks 2.0 requires: a JWT signed by a trusted CDS Client on every call.
+
+Checked: the issuer is on the allowlist (with its own JWK Set, from a file or a URL configured by the site,
+never from the token: a ``jku`` header must name the issuer's configured URL), the signature (ES384/RS384 as
+the specification names, ES256/RS256 also accepted; never ``none`` or a shared secret), ``aud`` is this
+service's URL, ``exp`` and ``iat`` are present and the token lives at most ``max_lifetime_s``, ``jti`` is
+present and never seen before from that issuer (replay), and ``sub`` is on the issuer's list when it has one.
+Every refusal is an :class:`AuthError` with a reason code (HTTP 401); no claim value is ever put in a message.
+"""
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+
+ALGORITHMS = ("ES384", "RS384", "ES256", "RS256")
+
+
+class AuthError(Exception):
+    """The request is not from a trusted CDS Client (HTTP 401); ``reason`` is a code, never a value."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TrustConfigError(ValueError):
+    """The trusted-issuer file cannot be used (the message names the file and the field)."""
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """One EHR allowed to call the service: its ``iss``, where its public keys are, its client ids."""
+
+    iss: str
+    jwks: dict | None = None  # a JWK Set, inline or read from a file
+    jwks_url: str | None = None
+    subjects: tuple[str, ...] = ()
+
+
+def load_trust(path: Path | str) -> list[TrustedIssuer]:
+    """Trusted issuers from a YAML or JSON file::
+
+    issuers:
+      - iss: https://ehr.hospital.example
+        jwks_file: /etc/clinical-ml/ehr-jwks.json   # or jwks_url: https://ehr.hospital.example/jwks
+        subjects: [cds-client-1]                     # optional: allowed client ids (sub)
+    """
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrustConfigError(f"{p}: cannot be read ({type(exc).__name__})") from None
+    entries = raw.get("issuers") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise TrustConfigError(f"{p}: expected 'issuers:' with at least one entry")
+    out = []
+    for i, e in enumerate(entries):
+        where = f"{p}: issuers.{i}"
+        if not isinstance(e, dict) or not isinstance(e.get("iss"), str) or not e["iss"]:
+            raise TrustConfigError(f"{where}.iss: required")
+        jwks = None
+        if "jwks_file" in e:
+            f = Path(e["jwks_file"])
+            f = f if f.is_absolute() else p.parent / f
+            try:
+                jwks = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TrustConfigError(f"{where}.jwks_file: cannot be read ({type(exc).__name__})") from None
+        elif isinstance(e.get("jwks"), dict):
+            jwks = e["jwks"]
+        if jwks is None and not e.get("jwks_url"):
+            raise TrustConfigError(f"{where}: give jwks_file, jwks or jwks_url")
+        if jwks is not None and not isinstance(jwks.get("keys"), list):
+            raise TrustConfigError(f"{where}: a JWK Set needs 'keys'")
+        out.append(
+            TrustedIssuer(
+                iss=e["iss"],
+                jwks=jwks,
+                jwks_url=e.get("jwks_url"),
+                subjects=tuple(str(s) for s in e.get("subjects", ())),
+            )
+        )
+    return out
+
+
+@dataclass
+class _Replay:
+    """``jti`` values seen per issuer until their token expires (bounded: the oldest are pruned)."""
+
+    max_entries: int = 100_000
+    seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def first_use(self, iss: str, jti: str, exp: float, now: float) -> bool:
+        with self.lock:
+            if len(self.seen) >= self.max_entries:
+                self.seen = {k: v for k, v in self.seen.items() if v >= now}
+                while len(self.seen) >= self.max_entries:
+                    self.seen.pop(next(iter(self.seen)))
+            key = (iss, jti)
+            if key in self.seen and self.seen[key] >= now:
+                return False
+            self.seen[key] = exp
+            return True
+
+
+class JwtVerifier:
+    """Verifies the CDS Client's bearer JWT of one request (see the module docstring)."""
+
+    def __init__(
+        self,
+        issuers: Sequence[TrustedIssuer],
+        *,
+        leeway_s: float = 30.0,
+        max_lifetime_s: float = 300.0,
+        clock: Any = time.time,
+    ) -> None:
+        self.issuers = {i.iss: i for i in issuers}
+        self.leeway_s = leeway_s
+        self.max_lifetime_s = max_lifetime_s
+        self.clock = clock
+        self._replay = _Replay()
+        self._key_sets: dict[str, jwt.PyJWKSet] = {}
+        self._clients: dict[str, jwt.PyJWKClient] = {}
+        for i in issuers:
+            if i.jwks is not None:
+                try:
+                    self._key_sets[i.iss] = jwt.PyJWKSet.from_dict(i.jwks)
+                except jwt.PyJWTError as exc:
+                    raise TrustConfigError(
+                        f"the JWK Set of a trusted issuer is unusable ({type(exc).__name__})"
+                    ) from None
+            elif i.jwks_url:
+                self._clients[i.iss] = jwt.PyJWKClient(i.jwks_url, cache_keys=True, lifespan=3600)
+
+    def _key(self, issuer: TrustedIssuer, header: dict) -> Any:
+        kid = header.get("kid")
+        jku = header.get("jku")
+        if jku is not None and jku != issuer.jwks_url:
+            raise AuthError("untrusted_jku")
+        try:
+            if issuer.iss in self._key_sets:
+                keys = self._key_sets[issuer.iss]
+                if kid is None:
+                    if len(keys.keys) != 1:
+                        raise AuthError("no_kid")
+                    return keys.keys[0].key
+                return keys[kid].key
+            if kid is None:
+                raise AuthError("no_kid")
+            return self._clients[issuer.iss].get_signing_key(kid).key
+        except KeyError:
+            raise AuthError("unknown_key") from None
+        except jwt.PyJWKClientError:
+            raise AuthError("keys_unavailable") from None
+
+    def verify(self, authorization: str | None, *, audience: Sequence[str]) -> dict:
+        """The token's claims when the request is from a trusted CDS Client.
+
+        Raises
+        ------
+        AuthError
+            ``no_token``, ``malformed_token``, ``unknown_issuer``, ``untrusted_jku``, ``no_kid``,
+            ``unknown_key``, ``keys_unavailable``, ``bad_signature``, ``expired``, ``wrong_audience``,
+            ``missing_claim``, ``lifetime_too_long``, ``not_yet_valid``, ``replayed_token``,
+            ``unknown_subject``.
+        """
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("no_token")
+        token = token.strip()
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise AuthError("malformed_token") from None
+        iss = unverified.get("iss")
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise AuthError("unknown_issuer")
+        if header.get("alg") not in ALGORITHMS:
+            raise AuthError("bad_signature")
+        key = self._key(issuer, header)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(ALGORITHMS),
+                audience=list(audience),
+                issuer=issuer.iss,
+                leeway=self.leeway_s,
+                options={"require": ["iss", "aud", "exp", "iat", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("expired") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("wrong_audience") from None
+        except jwt.MissingRequiredClaimError:
+            raise AuthError("missing_claim") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("not_yet_valid") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad_signature") from None
+        except jwt.PyJWTError:
+            raise AuthError("malformed_token") from None
+        exp, iat, jti = claims["exp"], claims["iat"], claims["jti"]
+        if not isinstance(jti, str) or not jti:
+            raise AuthError("missing_claim")
+        if float(exp) - float(iat) > self.max_lifetime_s + self.leeway_s:
+            raise AuthError("lifetime_too_long")
+        if issuer.subjects and claims.get("sub") not in issuer.subjects:
+            raise AuthError("unknown_subject")
+        if not self._replay.first_use(issuer.iss, jti, float(exp) + self.leeway_s, self.clock()):
+            raise AuthError("replayed_token")
+        return claims

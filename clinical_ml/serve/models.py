@@ -1,0 +1,160 @@
+"""The approved champion of each use case as the service scores with it, reloaded when the pointer moves.
+
+A model is served only when the registry's champion pointer names it and the decision log holds a decision
+that promoted it (the promotion gate's, or a recorded manual approval): a pointer written by hand without a
+decision, or a model file that no longer matches its checksum, is never served. The pointer file is checked
+on every request (one ``stat``); the model is loaded again only when it changed, so a promotion is served by
+the next request without a restart.
+"""
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from clinical_ml.core.features import (
+    CATEGORICAL_STATIC,
+    ROW_KEY,
+    build_features,
+    category_slug,
+    history_features,
+)
+from clinical_ml.core.registry import CHAMPION_FILE, ModelCard, Registry, RegistryIntegrityError
+from clinical_ml.core.scoring import Guardrails, Score, Scorer, score_rows
+from clinical_ml.core.usecase import UseCase
+from clinical_ml.serve.chart import Chart
+
+# CDS Hooks hook per prediction-time anchor: at discharge, when the discharge is being done; otherwise when
+# a clinician opens the chart during the stay.
+HOOK_BY_ANCHOR = {"discharge": "encounter-discharge"}
+DEFAULT_HOOK = "patient-view"
+
+
+def hook_for(use_case: UseCase) -> str:
+    return HOOK_BY_ANCHOR.get(use_case.prediction_time.anchor, DEFAULT_HOOK)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """An approved model with what scoring one chart needs."""
+
+    use_case: UseCase
+    card: ModelCard
+    scorer: Scorer
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    def categories(self, cohort: pl.DataFrame) -> dict[str, list[str]]:
+        """The one-hot categories as the model's columns name them (``unit__micu``), each given by a value
+        whose slug is the column's: the stay's own value where its slug matches, so its column is 1 and the
+        others 0, as in the batch path."""
+        out: dict[str, list[str]] = {}
+        row = cohort.row(0, named=True)
+        for attr in CATEGORICAL_STATIC:
+            slugs = [
+                n.removeprefix(f"{attr}__") for n in self.card.feature_names if n.startswith(f"{attr}__")
+            ]
+            if not slugs:
+                continue
+            own = row.get(attr)
+            own_slug = category_slug(own) if own is not None else None
+            out[attr] = [own if (own is not None and s == own_slug) else s for s in slugs]
+        return out
+
+    def features(self, chart: Chart) -> pl.DataFrame:
+        """The chart's feature row by the batch path's feature code."""
+        uc = self.use_case
+        feats = build_features(chart.events, chart.cohort, uc, self.categories(chart.cohort))
+        if uc.features.history:
+            history = history_features(chart.cohort, chart.encounters, chart.events, uc)
+            feats = feats.join(history, on=ROW_KEY, how="left", maintain_order="left")
+        return feats
+
+    def score(self, chart: Chart, *, n_reasons: int = 3) -> tuple[Score, pl.DataFrame]:
+        feats = self.features(chart)
+        return score_rows(self.scorer, feats, n_reasons=n_reasons)[0], feats
+
+
+def served_model(registry: Registry, use_case: UseCase, version: str) -> ServedModel:
+    card = registry.card(version)
+    scorer = Scorer(
+        model=registry.model(version),
+        threshold=card.threshold,
+        training_ranges=card.training_ranges,
+        guardrails=Guardrails(**card.guardrails) if card.guardrails else None,
+    )
+    return ServedModel(use_case, card, scorer)
+
+
+class NotServable(RuntimeError):
+    """The use case has no model the service may use (the message says why, without values)."""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    stamp: tuple[int, int, int]
+    model: ServedModel | None
+    problem: str | None
+
+
+class ChampionWatch:
+    """The served model of one use case: its approved champion, loaded again when the pointer changes."""
+
+    def __init__(self, registry_root: Path, use_case: UseCase) -> None:
+        self.registry = Registry(registry_root, use_case.name)
+        self.use_case = use_case
+        self._pointer = Path(registry_root) / use_case.name / CHAMPION_FILE
+        self._seen: _Seen | None = None
+        self._lock = threading.Lock()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._pointer.stat()
+        except FileNotFoundError:
+            return None
+        # the pointer is replaced atomically: a new inode even when the clock's resolution hides the change
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _load(self) -> tuple[ServedModel | None, str | None]:
+        version = self.registry.champion()
+        if version is None:
+            return None, "no champion model yet"
+        promoted = any(d.promoted and d.challenger == version for d in self.registry.decisions())
+        if not promoted:
+            return None, "the champion pointer names a model no recorded decision approved"
+        try:
+            return served_model(self.registry, self.use_case, version), None
+        except (RegistryIntegrityError, FileNotFoundError, ValueError) as exc:
+            return None, f"the champion model cannot be loaded ({type(exc).__name__})"
+
+    def current(self) -> ServedModel:
+        """The model to score with now.
+
+        Raises
+        ------
+        NotServable
+            No champion, an unapproved pointer, or a damaged model file.
+        """
+        stamp = self._stamp()
+        if stamp is None:
+            raise NotServable("no champion model yet")
+        seen = self._seen
+        if seen is None or seen.stamp != stamp:
+            with self._lock:
+                seen = self._seen
+                if seen is None or seen.stamp != stamp:
+                    model, problem = self._load()
+                    seen = self._seen = _Seen(stamp, model, problem)
+        if seen.model is None:
+            raise NotServable(seen.problem or "no champion model")
+        return seen.model
+
+    def servable(self) -> bool:
+        try:
+            self.current()
+        except NotServable:
+            return False
+        return True

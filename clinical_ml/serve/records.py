@@ -1,0 +1,73 @@
+"""What the service served and what clinicians answered, kept in the phi zone.
+
+Layout under ``<data root>/phi/serving/<use case>/``::
+
+    predictions/<YYYY-MM-DD>.jsonl   one line per card served (UTC day): the EHR's patient and encounter ids,
+                                     the hook call, the card's uuid, model version, risk, band, guardrail code,
+                                     the features' top reasons (feature names and values), observations not used
+    feedback/<YYYY-MM-DD>.jsonl      one line per feedback entry: the card's uuid, accepted or overridden, the
+                                     coded override reason, the clinician's free-text comment (phi only)
+
+Both hold identifiers and free text: they never leave the phi zone as they are. Each line is written with one
+``write`` on a file opened for appending, so concurrent requests never interleave within a line.
+"""
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from datetime import UTC, datetime
+from pathlib import Path
+
+PREDICTIONS = "predictions"
+FEEDBACK = "feedback"
+
+
+class ServingRecords:
+    """The phi-zone record of served predictions and clinician feedback, and the cards recently served."""
+
+    def __init__(self, phi_root: Path, *, remember_cards: int = 100_000) -> None:
+        self.root = Path(phi_root) / "serving"
+        self._lock = threading.Lock()
+        self._cards: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        self._remember = remember_cards
+
+    def path(self, use_case: str, kind: str, day: str) -> Path:
+        return self.root / use_case / kind / f"{day}.jsonl"
+
+    def _append(self, use_case: str, kind: str, record: dict, now: datetime) -> None:
+        path = self.path(use_case, kind, now.strftime("%Y-%m-%d"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def prediction(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
+        now = now or datetime.now(UTC)
+        with self._lock:
+            self._cards[record["card_uuid"]] = (use_case, record.get("model_version"))
+            while len(self._cards) > self._remember:
+                self._cards.popitem(last=False)
+        self._append(use_case, PREDICTIONS, {"served_at": now.isoformat(), **record}, now)
+
+    def served_card(self, card_uuid: str) -> tuple[str, str | None] | None:
+        """The use case and model version of a card this process served recently, else None."""
+        with self._lock:
+            return self._cards.get(card_uuid)
+
+    def feedback(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
+        now = now or datetime.now(UTC)
+        self._append(use_case, FEEDBACK, {"received_at": now.isoformat(), **record}, now)
+
+    def read(self, use_case: str, kind: str) -> list[dict]:
+        """Every record of a kind, oldest day first (for tests and the later pseudonymisation step)."""
+        folder = self.root / use_case / kind
+        if not folder.exists():
+            return []
+        out = []
+        for p in sorted(folder.glob("*.jsonl")):
+            out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return out

@@ -1,0 +1,92 @@
+"""Only a trusted EHR's fresh, signed, once-used token for this endpoint is accepted."""
+
+import json
+import time
+import uuid
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from clinical_ml.serve.auth import AuthError, JwtVerifier, TrustConfigError, TrustedIssuer, load_trust
+from clinical_ml_tests.serve.conftest import ISSUER, Ehr
+
+AUD = "https://cds.example.test/cds-services/icu_mortality_24h"
+
+
+@pytest.fixture
+def verifier(ehr: Ehr) -> JwtVerifier:
+    return JwtVerifier([TrustedIssuer(ISSUER, jwks=ehr.jwks(), subjects=("cds-client",))])
+
+
+def _reason(verifier: JwtVerifier, header: str | None, aud: str = AUD) -> str:
+    with pytest.raises(AuthError) as exc:
+        verifier.verify(header, audience=[aud])
+    return exc.value.reason
+
+
+def test_a_good_token_is_accepted_once(verifier: JwtVerifier, ehr: Ehr) -> None:
+    token = ehr.token(AUD)
+    assert verifier.verify(f"Bearer {token}", audience=[AUD])["iss"] == ISSUER
+    assert _reason(verifier, f"Bearer {token}") == "replayed_token"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda e: None, "no_token"),
+        (lambda e: "Basic abc", "no_token"),
+        (lambda e: "Bearer not.a.jwt", "malformed_token"),
+        (lambda e: "Bearer " + e.token(AUD, iss="https://evil.example"), "unknown_issuer"),
+        (lambda e: "Bearer " + e.token("https://cds.example.test/cds-services/other"), "wrong_audience"),
+        (lambda e: "Bearer " + e.token(AUD, lifetime=-120), "expired"),
+        (lambda e: "Bearer " + e.token(AUD, lifetime=3600), "lifetime_too_long"),
+        (lambda e: "Bearer " + e.token(AUD, sub="somebody"), "unknown_subject"),
+    ],
+)
+def test_refusals_carry_a_reason_code(verifier: JwtVerifier, ehr: Ehr, make, reason: str) -> None:
+    assert _reason(verifier, make(ehr)) == reason
+
+
+def test_a_token_signed_by_another_key_is_refused(verifier: JwtVerifier) -> None:
+    other = Ehr(ec.generate_private_key(ec.SECP384R1()), "ehr-key-1")  # same kid, wrong key
+    assert _reason(verifier, "Bearer " + other.token(AUD)) == "bad_signature"
+
+
+def test_shared_secret_and_unsigned_tokens_are_refused(verifier: JwtVerifier) -> None:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUD, "iat": now, "exp": now + 60, "jti": str(uuid.uuid4())}
+    hs = jwt.encode(claims, "a-shared-secret-of-32-bytes-or-more!!", algorithm="HS256")
+    assert _reason(verifier, f"Bearer {hs}") == "bad_signature"
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    assert _reason(verifier, f"Bearer {unsigned}") == "bad_signature"
+
+
+def test_a_jku_other_than_the_configured_one_is_refused(verifier: JwtVerifier, ehr: Ehr) -> None:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUD, "iat": now, "exp": now + 60, "jti": str(uuid.uuid4())}
+    token = jwt.encode(
+        claims, ehr.key, algorithm="ES384", headers={"kid": ehr.kid, "jku": "https://evil/jwks"}
+    )
+    assert _reason(verifier, f"Bearer {token}") == "untrusted_jku"
+
+
+def test_missing_jti_is_refused(verifier: JwtVerifier, ehr: Ehr) -> None:
+    now = int(time.time())
+    token = jwt.encode(
+        {"iss": ISSUER, "aud": AUD, "iat": now, "exp": now + 60},
+        ehr.key,
+        algorithm="ES384",
+        headers={"kid": ehr.kid},
+    )
+    assert _reason(verifier, f"Bearer {token}") == "missing_claim"
+
+
+def test_trust_file_errors_name_the_field(tmp_path, ehr: Ehr) -> None:
+    bad = tmp_path / "trust.yaml"
+    bad.write_text("issuers:\n  - iss: https://ehr\n")
+    with pytest.raises(TrustConfigError, match=r"issuers.0: give jwks_file"):
+        load_trust(bad)
+    (tmp_path / "k.json").write_text(json.dumps(ehr.jwks()))
+    bad.write_text("issuers:\n  - iss: https://ehr\n    jwks_file: k.json\n")
+    assert load_trust(bad)[0].jwks == ehr.jwks()
