@@ -19,6 +19,7 @@ from clinical_ml.core.landing import find_complete_batches
 from clinical_ml.core.locations import monitoring_config_file, resolve_data_root, resolve_usecases_dir
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.core.usecase import UseCase, UseCaseError, load_use_case, load_use_cases
+from clinical_ml.serve.command import add_serve_parser, cmd_serve
 
 if TYPE_CHECKING:  # dagster is imported by the commands that run jobs, so `clinical-ml synth` starts fast
     import dagster as dg
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         help="use case folder (default: $CLINICAL_ML_USECASES or <project>/usecases); e.g. one holding only "
         "the synthetic hospital's icu_mortality_24h.yaml",
     )
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "synth": cmd_synth,
@@ -501,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_run,
         "usecase": cmd_usecase_check,
         "replay": cmd_replay,
+        "serve": cmd_serve,
     }
     try:
         return commands[args.command](args)
