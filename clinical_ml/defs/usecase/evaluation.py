@@ -8,7 +8,7 @@ from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
 from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_design
 from clinical_ml.core.modeling import load_model
-from clinical_ml.core.reports import ci_text, evaluation_markdown, performance_report, rounded
+from clinical_ml.core.reports import evaluation_markdown, performance_report
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.training import training_frame
 from clinical_ml.core.usecase import UseCase
