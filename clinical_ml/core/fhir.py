@@ -48,8 +48,10 @@ def risk_assessment(
     threshold: float,
     subject_system: str = SUBJECT_SYSTEM_PSEUDONYM,
     outcome_text: str | None = None,
+    clinical_action: str | None = None,
 ) -> dict:
-    """One validated ``RiskAssessment`` as a JSON-ready dict.
+    """One validated ``RiskAssessment`` as a JSON-ready dict; a flagged admission carries the use case's
+    ``clinical_action`` (what the team does at the operating point) as its ``mitigation``.
 
     Raises
     ------
@@ -100,6 +102,8 @@ def risk_assessment(
         ],
         "note": notes,
     }
+    if row.flagged and clinical_action:
+        resource["mitigation"] = clinical_action
     return json.loads(RiskAssessment.model_validate(resource).model_dump_json(exclude_none=True))
 
 
@@ -114,6 +118,7 @@ def write_ndjson(
     subject_ids: Mapping[str, str] | None = None,
     subject_system: str = SUBJECT_SYSTEM_PSEUDONYM,
     outcome_text: str | None = None,
+    clinical_action: str | None = None,
 ) -> int:
     """Write one validated resource per line; returns how many were written.
 
@@ -135,6 +140,7 @@ def write_ndjson(
                 model_version=model_version,
                 threshold=threshold,
                 subject_system=subject_system,
+                clinical_action=clinical_action,
             )
             f.write(json.dumps(res, separators=(",", ":")) + "\n")
             n += 1

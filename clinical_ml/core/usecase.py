@@ -334,6 +334,13 @@ class Features(_Strict):
 class OperatingPoint(_Strict):
     policy: Literal["min_sensitivity", "min_specificity"]
     target: float = Field(gt=0, lt=1)
+    clinical_action: str | None = Field(
+        None,
+        min_length=3,
+        max_length=300,
+        description="what the team does for a patient flagged at the operating point, e.g. 'review goals of "
+        "care within 12 h' (shown in the reports, the Model Facts label and each flagged RiskAssessment)",
+    )
 
 
 class SuccessCriteria(_Strict):
@@ -428,6 +435,13 @@ class Promotion(_Strict):
         0.1, ge=0, description="allowed increase of |calibration intercept| over the champion's"
     )
     latency_p99_ms_max: float = Field(10.0, gt=0, description="one-patient score with reasons, in process")
+    approval: Literal["panel", "automatic"] = Field(
+        "panel",
+        description="'panel': a challenger that passed the gate becomes champion only after a recorded sign-off "
+        "(who, when, decision, note, the sha256 of the report card read); 'automatic': it becomes champion "
+        "when the gate passes and the subcohort fairness verdict is pass (any other verdict waits for the "
+        "panel)",
+    )
 
 
 class Guardrails(_Strict):

@@ -90,3 +90,16 @@ def test_reidentify_for_ehr_restores_site_ids_and_the_real_clock():
     with pytest.raises(ValueError, match="1 of 2 scored admissions") as err:
         reidentify_for_ehr(preds, patients.head(1), encounters)
     assert "0042" not in str(err.value) and "12" not in str(err.value)
+
+
+def test_a_flagged_admission_carries_the_clinical_action_and_an_unflagged_one_does_not(tmp_path):
+    action = "Review goals of care with the ICU team within 12 h"
+    rows = [ROW, ScoredAdmission(**{**ROW.__dict__, "encounter_id": "556", "risk": 0.1, "flagged": False})]
+    out = tmp_path / "x.ndjson"
+    write_ndjson(
+        rows, out, use_case="uc", outcome="death", model_version="v2", threshold=0.3, clinical_action=action
+    )
+    parsed = read_ndjson(out)
+    assert [r.mitigation for r in parsed] == [action, None]
+    bare = risk_assessment(ROW, use_case="uc", outcome="death", model_version="v1", threshold=0.3)
+    assert "mitigation" not in bare
