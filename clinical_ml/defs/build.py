@@ -18,7 +18,7 @@ from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_datase
 from clinical_ml.defs.ingestion.assets import raw_assets
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.ingestion.quality import quality_assets
-from clinical_ml.defs.ingestion.sensors import landing_sensor
+from clinical_ml.defs.ingestion.sensors import build_stuck_run_alert_sensor, landing_sensor
 from clinical_ml.defs.monitoring.sensors import (
     build_drift_retraining_sensor,
     build_monitoring_chain_sensors,
@@ -91,6 +91,11 @@ def build_definitions(
             *build_monitoring_chain_sensors(use_cases),
             build_drift_retraining_sensor(use_cases),
             build_run_failure_alert_sensor(alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")),
+            build_stuck_run_alert_sensor(
+                alerts_file(root),
+                os.environ.get("CLINICAL_ML_ALERT_WEBHOOK"),
+                limit_seconds=60 * float(os.environ.get("CLINICAL_ML_STUCK_RUN_MINUTES", "120")),
+            ),
             build_promotion_refusal_alert_sensor(
                 use_cases, alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")
             ),

@@ -17,6 +17,7 @@ from clinical_ml.core.landing import (
     read_unmarked_batch,
 )
 from clinical_ml.core.locations import alerts_file
+from clinical_ml.core.run_health import RUNNING, WAITING, RunView, stuck_runs
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME, batch_partitions
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.monitoring.sensors import write_alert
@@ -142,3 +143,61 @@ def landing_sensor(context: dg.SensorEvaluationContext, zones: DataZones) -> dg.
         dynamic_partitions_requests=[batch_partitions.build_add_request(to_add)] if to_add else [],
         cursor=json.dumps({"seen": seen, "pending": next_pending, "waiting": waiting}, sort_keys=True),
     )
+
+
+# Runs are looked at in pages; a stuck run is old, so the oldest in-progress runs come first.
+_RUN_PAGE = 200
+
+
+def build_stuck_run_alert_sensor(
+    alert_file: Path, webhook: str | None = None, *, limit_seconds: float = 7200.0
+) -> dg.SensorDefinition:
+    """A sensor that alerts once per run waiting to start, or running, for longer than ``limit_seconds``."""
+
+    @dg.sensor(
+        name="stuck_run_alert_sensor",
+        minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Every run queued, starting or started for more than {limit_seconds / 60:.0f} min writes "
+        "an alert (log, alerts/alerts.jsonl, webhook), once per run: a killed run holding a pool slot, or a run "
+        "waiting behind one. Dagster's run monitoring (dagster.yaml) fails the dead run after its max runtime "
+        "and frees its slots; docs/operations.md says what to do before that.",
+    )
+    def stuck_run_alert_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        reported = json.loads(context.cursor) if context.cursor else []
+        statuses = [dg.DagsterRunStatus(s) for s in sorted(WAITING | RUNNING)]
+        records = context.instance.get_run_records(
+            dg.RunsFilter(statuses=statuses), limit=_RUN_PAGE, ascending=True
+        )
+        runs = [
+            RunView(
+                run_id=r.dagster_run.run_id,
+                job_name=r.dagster_run.job_name,
+                status=r.dagster_run.status.value,
+                created_at=r.create_timestamp.timestamp(),
+                started_at=r.start_time,
+            )
+            for r in records
+        ]
+        stuck = stuck_runs(
+            runs, now=time.time(), limit_seconds=limit_seconds, already_reported=frozenset(reported)
+        )
+        for s in stuck:
+            context.log.warning(s.message)
+            alert = {
+                "at": datetime.now(UTC).isoformat(),
+                "job": s.run.job_name,
+                "run_id": s.run.run_id,
+                "reason": "run_stuck",
+                "message": s.message,
+            }
+            try:
+                write_alert(alert, file=alert_file, webhook=webhook)
+            except OSError as exc:
+                context.log.error(f"stuck-run alert for {s.run.run_id} not delivered ({type(exc).__name__})")
+        # remember only runs still in progress: the cursor stays small
+        in_progress = {r.run_id for r in runs}
+        keep = sorted((set(reported) & in_progress) | {s.run.run_id for s in stuck})
+        return dg.SensorResult(cursor=json.dumps(keep))
+
+    return stuck_run_alert_sensor
