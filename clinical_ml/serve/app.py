@@ -174,6 +174,8 @@ def create_app(
             status_code=500,
         )
 
+    if verifier is None:
+        log.warning("authentication is OFF (CLINICAL_ML_SERVE_AUTH=off): for a local trial only")
     log.info("CDS Hooks service ready: %s", settings_summary(settings))
     return app
 

@@ -7,7 +7,7 @@ naive site times, written with the site's offset.
 
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -175,3 +175,67 @@ def hook_request(
             "encounters": bundle([this, *others]),
         },
     }
+
+
+def example_request(*, now: datetime | None = None, tz: ZoneInfo | None = None) -> dict:
+    """A ``patient-view`` request for a made-up stay admitted 30 h before ``now`` (the documentation's curl
+    example): a day of labs and vitals, creatinine in umol/L."""
+    tz = tz or ZoneInfo("UTC")
+    now = (now or datetime.now(tz)).astimezone(tz).replace(tzinfo=None, microsecond=0)
+    admit = now - timedelta(hours=30)
+    labs = [
+        {
+            "loinc_code": code,
+            "value": value,
+            "unit": unit,
+            "specimen_time": admit + timedelta(hours=h),
+            "result_time": admit + timedelta(hours=h, minutes=45),
+        }
+        for h in (8, 20)
+        for code, value, unit in (
+            ("2160-0", 132.0, "umol/L"),
+            ("3094-0", 28.0, "mg/dL"),
+            ("2951-2", 137.0, "mmol/L"),
+            ("2823-3", 4.6, "mmol/L"),
+            ("2345-7", 160.0, "mg/dL"),
+            ("6690-2", 14.2, "10*3/uL"),
+            ("718-7", 10.1, "g/dL"),
+            ("777-3", 150.0, "10*3/uL"),
+            ("2524-7", 3.8, "mmol/L"),
+            ("1975-2", 1.4, "mg/dL"),
+        )
+    ]
+    vitals = [
+        {
+            "code": code,
+            "value": value,
+            "unit": unit,
+            "charted_time": admit + timedelta(hours=h),
+            "stored_time": admit + timedelta(hours=h, minutes=2),
+        }
+        for h in range(7, 30, 2)
+        for code, value, unit in (
+            ("heart_rate", 112.0, "/min"),
+            ("systolic_bp", 96.0, "mm[Hg]"),
+            ("diastolic_bp", 52.0, "mm[Hg]"),
+            ("mean_bp", 66.0, "mm[Hg]"),
+            ("resp_rate", 26.0, "/min"),
+            ("spo2", 91.0, "%"),
+            ("temperature", 38.6, "Cel"),
+            ("gcs_total", 12.0, "{score}"),
+        )
+    ]
+    return hook_request(
+        hook="patient-view",
+        patient={"birth_date": date(1948, 2, 11), "sex": "M"},
+        encounter={"admit_time": admit, "admission_type": "EMERGENCY", "unit": "MICU"},
+        labs=labs,
+        vitals=vitals,
+        tz=tz,
+    )
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(example_request(), indent=1))

@@ -1,0 +1,282 @@
+"""The CDS Hooks service at the point of care: a full hook round trip under 20 concurrent EHR clients.
+
+``clinical-ml serve`` runs under uvicorn in a subprocess on a free loopback port (JWT verification on, a
+trusted-issuer file with a generated ES384 key). 20 clients (asyncio + httpx, one connection each, every
+request with its own signed token, tokens made before the clock starts) each send ``REQUESTS[scale]``
+``patient-view`` calls with a realistic prefetch: a 30 h stay with about 24 h of labs and vitals, ~150
+Observations (every code of ``icu_mortality_24h``; creatinine in umol/L and temperature in degF, converted on
+the way). Reported: p50 and p99 of the round trip, errors (any status but 200), beside the same request parsed
+and scored in process (``chart_from_prefetch`` + ``ServedModel.score``, one at a time). Goal: p99 <= 50 ms
+with zero errors (issue 20).
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from clinical_ml.core.site_mapping import load_site_mapping
+from clinical_ml.core.units import LAB_CODES
+from clinical_ml.serve.chart import chart_from_prefetch
+from clinical_ml.serve.examples import hook_request
+from clinical_ml.serve.models import ChampionWatch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+USE_CASE = "icu_mortality_24h"
+CLIENTS = 20
+REQUESTS = {"small": 25, "default": 100}  # per client
+SLO_S = 0.050
+ADMIT = datetime(2026, 3, 2, 8, 0)
+NOW = ADMIT + timedelta(hours=30)
+UTC_TZ = ZoneInfo("UTC")
+ISSUER = "https://ehr.bench.local"
+
+
+def realistic_request(seed: int = 0) -> dict:
+    """A stay with ~24 h of labs (every 8 h) and vitals (hourly to 4-hourly): ~150 Observations."""
+    from clinical_ml.core.usecase import load_use_case
+
+    rng = np.random.default_rng(seed)
+    uc = load_use_case(PROJECT_ROOT / "usecases" / f"{USE_CASE}.yaml")
+    labs, vitals = [], []
+    typical = {
+        "heart_rate": ("/min", 90, 1),
+        "systolic_bp": ("mm[Hg]", 115, 1),
+        "diastolic_bp": ("mm[Hg]", 62, 1),
+        "mean_bp": ("mm[Hg]", 78, 1),
+        "resp_rate": ("/min", 19, 2),
+        "spo2": ("%", 96, 2),
+        "temperature": ("[degF]", 99.5, 4),
+        "gcs_total": ("{score}", 14, 4),
+    }
+    for code in uc.features.codes:
+        kind, _, c = code.partition("//")
+        if kind == "LAB":
+            for h in (7, 15, 23):
+                unit = "umol/L" if c == "2160-0" else LAB_CODES[c][1]
+                value = (
+                    1.1 * 88.42
+                    if c == "2160-0"
+                    else {"2524-7": 2.1, "2951-2": 139, "2823-3": 4.2}.get(c, 10.0)
+                )
+                t = ADMIT + timedelta(hours=h + 6)
+                labs.append(
+                    {
+                        "loinc_code": c,
+                        "value": float(value * rng.uniform(0.9, 1.1)),
+                        "unit": unit,
+                        "specimen_time": t,
+                        "result_time": t + timedelta(minutes=45),
+                    }
+                )
+        else:
+            unit, value, every = typical[c]
+            for h in range(6, 30, every):
+                t = ADMIT + timedelta(hours=h)
+                vitals.append(
+                    {
+                        "code": c,
+                        "value": float(value * rng.uniform(0.95, 1.05)),
+                        "unit": unit,
+                        "charted_time": t,
+                        "stored_time": t + timedelta(minutes=3),
+                    }
+                )
+    return hook_request(
+        hook="patient-view",
+        patient={"birth_date": date(1951, 7, 3), "sex": "M"},
+        encounter={"admit_time": ADMIT, "admission_type": "EMERGENCY", "unit": "MICU"},
+        labs=labs,
+        vitals=vitals,
+        tz=UTC_TZ,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _world(workdir: Path) -> tuple[Path, Path, object]:
+    """A data root whose registry holds one approved model, and a trust file for a generated EHR key."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from clinical_ml_tests.serve.conftest import train_and_register, use_case
+
+    root = workdir / "data"
+    train_and_register(root / "registry", use_case(), seed=1)
+    key = ec.generate_private_key(ec.SECP384R1())
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    (workdir / "jwks.json").write_text(json.dumps({"keys": [{**public, "kid": "k1", "alg": "ES384"}]}))
+    trust = workdir / "trust.yaml"
+    trust.write_text(f"issuers:\n  - iss: {ISSUER}\n    jwks_file: jwks.json\n")
+    usecases = workdir / "usecases"
+    usecases.mkdir()
+    (usecases / f"{USE_CASE}.yaml").write_text((PROJECT_ROOT / "usecases" / f"{USE_CASE}.yaml").read_text())
+    return root, trust, key
+
+
+def _tokens(key: object, aud: str, n: int) -> list[str]:
+    import uuid
+
+    import jwt
+
+    now = int(time.time())
+    return [
+        jwt.encode(
+            {"iss": ISSUER, "aud": aud, "iat": now, "exp": now + 290, "jti": str(uuid.uuid4())},
+            key,
+            algorithm="ES384",
+            headers={"kid": "k1"},
+        )  # type: ignore[arg-type]
+        for _ in range(n)
+    ]
+
+
+async def _clients(url: str, body: bytes, tokens: list[str], per_client: int) -> tuple[list[float], int]:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(c: int) -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(timeout=30) as client:
+            for i in range(per_client):
+                headers = {
+                    "Authorization": f"Bearer {tokens[c * per_client + i]}",
+                    "Content-Type": "application/json",
+                }
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, content=body, headers=headers)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                errors += not ok
+
+    await asyncio.gather(*(one(c) for c in range(CLIENTS)))
+    return latencies, errors
+
+
+def _in_process(root: Path, request: dict, n: int) -> list[float]:
+    from clinical_ml.core.usecase import load_use_case
+
+    served = ChampionWatch(
+        root / "registry", load_use_case(PROJECT_ROOT / "usecases" / f"{USE_CASE}.yaml")
+    ).current()
+    mapping = load_site_mapping()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        chart = chart_from_prefetch(
+            request["prefetch"],
+            context=request["context"],
+            prediction_time=NOW,
+            site_mapping=mapping,
+            tz=UTC_TZ,
+        )
+        served.score(chart)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
+    workdir = Path(workdir)
+    root, trust, key = _world(workdir)
+    request = realistic_request()
+    n_obs = len(request["prefetch"]["observations"]["entry"])
+    body = json.dumps(request).encode()
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/cds-services/{USE_CASE}"
+    env = {
+        **os.environ,
+        "CLINICAL_ML_DATA_ROOT": str(root),
+        "CLINICAL_ML_USECASES": str(workdir / "usecases"),
+        "CLINICAL_ML_SERVE_URL": base,
+        "CLINICAL_ML_SERVE_TRUST": str(trust),
+    }
+    log = (workdir / "service.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clinical_ml.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    per_client = REQUESTS[scale]
+    p50, p99, errs, inproc50, inproc99 = [], [], [], [], []
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start; see service.log")
+            time.sleep(0.3)
+        # warm-up: the model is loaded on the first call
+        asyncio.run(_clients(url, body, _tokens(key, url, CLIENTS), 1))
+        for _ in range(repetitions):
+            lat, errors = asyncio.run(
+                _clients(url, body, _tokens(key, url, CLIENTS * per_client), per_client)
+            )
+            p50.append(float(np.percentile(lat, 50)))
+            p99.append(float(np.percentile(lat, 99)))
+            errs.append(errors)
+            local = _in_process(root, request, 200)
+            inproc50.append(float(np.percentile(local, 50)) * 1000)
+            inproc99.append(float(np.percentile(local, 99)) * 1000)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return [
+        {
+            "name": f"serve: CDS Hooks round trip, {CLIENTS} concurrent clients x {per_client} calls, "
+            f"{n_obs} Observations per prefetch, JWT on",
+            "ours": "clinical-ml serve over loopback (p99 wall)",
+            "ours_s": p99,
+            "baseline": "the 50 ms goal",
+            "baseline_s": [SLO_S] * len(p99),
+            "goal": "p99 <= 50 ms, zero errors",
+            "goal_ratio": 1.0,
+            "extra": {
+                "p50_ms": [x * 1000 for x in p50],
+                "errors": errs,
+                "requests": CLIENTS * per_client,
+                "in_process_parse_score_p50_ms": inproc50,
+                "in_process_parse_score_p99_ms": inproc99,
+            },
+        }
+    ]
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as d:
+        print(
+            json.dumps(
+                run(Path(d), scale=sys.argv[1] if len(sys.argv) > 1 else "small", repetitions=1), indent=1
+            )
+        )
