@@ -168,8 +168,8 @@ def ratio_forest_plot(
     acceptable: tuple[float, float],
 ) -> bytes:
     """Forest plot of a ratio (e.g. observed/expected) over the groups of an attribute, on a log scale
-    around parity, with the acceptable range shaded. ``rows`` are ``SubgroupRow``; a group whose calibration
-    fails (``failures``) is red; suppressed groups are listed as such, so no group silently disappears."""
+    around parity, with the acceptable range shaded. ``rows`` are ``SubgroupRow``; a group whose whole interval
+    lies outside the range is red; suppressed groups are listed as such, so no group silently disappears."""
     fig, ax = plt.subplots(figsize=(6.4, 0.3 * len(rows) + 1.5))
     ys = np.arange(len(rows))[::-1]
     labels = []
@@ -181,7 +181,7 @@ def ratio_forest_plot(
             continue
         lo = lo if np.isfinite(lo) and lo > 0 else v
         hi = hi if np.isfinite(hi) else v
-        color = _RED if getattr(r, "failures", ()) else _BLUE
+        color = _RED if lo > acceptable[1] or hi < acceptable[0] else _BLUE
         ax.plot([lo, hi], [yv, yv], color=color)
         ax.plot([v], [yv], "o", color=color)
         ends += [lo, hi]
@@ -197,7 +197,7 @@ def ratio_forest_plot(
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_yticks(ys, labels, fontsize=8)
-    ax.set_xlabel(f"{label} (95% CI, log scale); red = outside the acceptable range")
+    ax.set_xlabel(f"{label} (95% CI, log scale); red = whole interval outside the acceptable range")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)

@@ -52,3 +52,18 @@ def test_one_report_card_per_model_version(graph_run, fairness):
     assert meta["model_version"].value == fairness["model_version"]
     assert "data:image/png;base64," in meta["report"].value
     assert json.dumps(meta["fairness_verdict"].value) == json.dumps(fairness["verdict"])
+
+
+def test_too_few_deaths_to_judge_give_insufficient_data_not_pass(graph_run, fairness):
+    # the session's small hospital has about 60 deaths in validation, under the use case's 100
+    overall = fairness["rows"][0]
+    events, survivors = overall["events"], overall["n"] - overall["events"]
+    assert events < 100 <= survivors
+    assert fairness["verdict"] in ("insufficient data", "fail")  # a group's failure would still be shown
+    assert (
+        f"too few outcomes to judge: {events} deaths and {survivors} survivors in the validation cohort, and at "
+        "least 100 deaths and 100 survivors are needed"
+    ) in fairness["reasons"]
+    html = (graph_run.data_root / "reports" / USE_CASE / "subcohort_fairness_report.html").read_text()
+    assert f'id="fairness-verdict">{fairness["verdict"].upper()}</span>' in html
+    assert html.count('alt="Observed / expected deaths by ') == len(fairness["attributes"])

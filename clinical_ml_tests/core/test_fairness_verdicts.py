@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from clinical_ml.core import bootstrap
-from clinical_ml.core.fairness import calibration_replicates, subgroup_table, verdict
+from clinical_ml.core.fairness import (
+    calibration_interval,
+    calibration_replicates,
+    subgroup_table,
+    verdict,
+)
 
 
 def _cohort(n: int, seed: int):
@@ -31,6 +36,21 @@ def test_observed_expected_replicates_are_those_of_the_patient_bootstrap():
         rng=np.random.default_rng(3),
     )
     np.testing.assert_allclose(oe, expected, rtol=1e-12)
+
+
+def test_few_calibration_replicates_give_a_normal_interval_with_the_bootstrap_standard_error():
+    rng = np.random.default_rng(0)
+    reps = np.exp(rng.normal(0.1, 0.05, (50, 2)))  # O/E replicates, log-normal
+    value = np.array([1.1, 1.2])
+    lo, hi = calibration_interval(reps, value, level=0.95, log=True)
+    sd = np.log(reps).std(axis=0, ddof=1)
+    np.testing.assert_allclose(lo, value * np.exp(-1.959964 * sd), rtol=1e-6)
+    np.testing.assert_allclose(hi, value * np.exp(1.959964 * sd), rtol=1e-6)
+    many = np.exp(rng.normal(0.1, 0.05, (400, 2)))
+    np.testing.assert_array_equal(
+        calibration_interval(many, value, level=0.95, log=True),
+        bootstrap.percentile_interval(many, level=0.95),
+    )
 
 
 def test_calibration_intervals_resample_patients_not_rows():
@@ -72,6 +92,25 @@ def test_a_group_with_twice_the_deaths_predicted_fails_with_the_interval_in_word
         r for r in a.rows if r.group != "Black" and not r.suppressed and r.attribute == "race_ethnicity"
     ]
     assert not any(r.failures for r in others)
+
+
+def test_an_intersection_outside_the_range_asks_for_review_and_the_attribute_carries_the_failure():
+    y, p, attrs = _cohort(6000, seed=3)
+    p = np.where(attrs["race_ethnicity"] == "Black", p / 2, p)
+    a = subgroup_table(y, p, 0.2, attrs, n_boot=200, seed=1)
+    crossed = [r for r in a.rows if r.intersection and "Black" in r.group and not r.suppressed]
+    judged = sum(r.intersection and not r.suppressed for r in a.rows)
+    assert crossed and all(not r.failures for r in crossed)
+    assert any(r.metrics["observed_expected_ratio"][1] > 1.2 for r in crossed)
+    for r in crossed:
+        oe = r.metrics["observed_expected_ratio"]
+        if oe[1] > 1.2:
+            assert any(
+                f.startswith("observed/expected deaths")
+                and f.endswith(f"(one of {judged} intersections judged: review, not a failure)")
+                for f in r.flags
+            )
+    assert any(r.failures for r in a.rows_of("race_ethnicity"))
 
 
 def test_a_calibrated_model_has_no_calibration_failure():

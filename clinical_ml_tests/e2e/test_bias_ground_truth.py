@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from clinical_ml.core.anonymization import Vault, anonymize_batch
-from clinical_ml.core.fairness import subgroup_table
+from clinical_ml.core.fairness import subgroup_table, verdict
 from clinical_ml.core.features import build_cohort, build_features, build_labels, patient_grouped_split
 from clinical_ml.core.ingestion import ingest_file
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
@@ -49,11 +49,31 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
         {a: val[a].fill_null("Unknown").to_numpy() for a in ("sex", "race_ethnicity", "age_band")},
         intersections=False,
         n_boot=300,
+        clusters=val["subject_id"].to_numpy(),
+        observed_expected_range=uc.subgroups.observed_expected_range,
+        calibration_slope_range=uc.subgroups.calibration_slope_range,
+        words=uc.words,
     )
     row = next(r for r in analysis.rows if r.attribute == "race_ethnicity" and r.group == group)
-    oe, lower, _upper = row.metrics["observed_expected_ratio"]
+    oe, lower, upper = row.metrics["observed_expected_ratio"]
     assert lower > 1.0 and oe > 1.0  # more deaths than predicted: the 95% CI excludes parity
     assert row.p_values["observed_expected_ratio"] < 0.05
+    # the group's calibration is flagged in words: a failure when the whole interval lies above the
+    # acceptable range, else more deaths than predicted relative to all patients beyond chance (Holm)
+    low, high = uc.subgroups.observed_expected_range
+    failure = (
+        f"observed/expected deaths {oe:.2f} (95% CI {lower:.2f} to {upper:.2f}): more deaths than predicted, "
+        f"the whole interval above the acceptable range {low:.2f} to {high:.2f}"
+    )
+    relative = f"more deaths than predicted, relative to all patients (O/E {oe:.2f} vs "
+    calibration_flags = [f for f in row.flags if f == failure or f.startswith(relative)]
+    assert calibration_flags
+    assert (failure in row.failures) == (lower > high)
+    v, reasons = verdict(
+        analysis, min_events=uc.success_criteria.min_events, min_non_events=uc.success_criteria.min_non_events
+    )
+    assert v == "fail" if row.failures else v in ("fail", "review")
+    assert all(f"race_ethnicity = {group}: {f}" in reasons for f in calibration_flags)
     others = [
         r
         for r in analysis.rows
@@ -61,3 +81,4 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
     ]
     assert others, "the comparison needs other groups of adequate size"
     assert all(r.metrics["observed_expected_ratio"][1] <= 1.0 for r in others)
+    assert not any(r.failures for r in others)
