@@ -6,10 +6,17 @@ secret itself) are planted into the synthetic exports, as are free text typed in
 every file of every zone below the boundary (deid, registry, reports), every file of the Dagster instance
 (event log database, compute logs) and every event log record are scanned. Zero hits allowed.
 
+The synthetic hospital also delivers medications, diagnoses, procedures, device vitals and DICOM headers; the
+canary patients' DICOM files carry their names, MRN, encounter number, accession number, study UIDs and a
+private attribute with the MRN. The landing sensor does not read imaging yet, so the DICOM files are
+de-identified here with the core functions (``clinical_ml.core.dicom``) under the run's HMAC pseudonyms and
+written into the deid zone before it is scanned: no tag identifying a person may survive.
+
 A positive control scans the landing and phi zones with the same scanner and must find the canaries, so a
 scanner that finds nothing proves nothing.
 """
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,10 +24,22 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pydicom
 import pytest
 
+from clinical_ml.core.anonymization import keyed_mapping
+from clinical_ml.core.clinical_sources import MORE_SOURCES
+from clinical_ml.core.delivery import ZonePaths, accepted_path
+from clinical_ml.core.dicom import (
+    IMAGING_FOLDER,
+    read_imaging,
+    release_imaging,
+    uid_key,
+    write_dicom,
+    write_released,
+)
 from clinical_ml.core.landing import find_complete_batches
-from clinical_ml.core.pseudonyms import SECRET_ENV_VAR
+from clinical_ml.core.pseudonyms import SECRET_ENV_VAR, HmacKey, normalize_identifier
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital, write_completion_marker
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 
@@ -29,7 +48,7 @@ pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BELOW_BOUNDARY = ("deid", "registry", "reports")
 CANARY_SECRET = "CNRYSECRET" + "7f3a9c2e1b" * 4
-CONFIG = SyntheticConfig(n_patients=900, n_batches=2, n_sites=2, seed=29)
+CONFIG = SyntheticConfig(n_patients=900, n_batches=2, n_sites=2, seed=29, more_sources=True, imaging=True)
 # Free text typed into coded fields of the canary patients' stays, and a name as a column header: none of it
 # is in a controlled vocabulary, so none of it may cross (issue 17, class 1).
 CODED_FIELD_CANARIES = {
@@ -49,6 +68,8 @@ class Canary:
     phone: str
     email: str
     address: str
+    dicom: tuple[str, ...] = ()
+    """Accession numbers and study/instance UIDs of the patient's DICOM files."""
 
     def tokens(self) -> dict[str, str]:
         full = f"{self.first_name} {self.last_name}"
@@ -62,7 +83,7 @@ class Canary:
             "address": self.address,
         }
         out |= {f"encounter_id_{i}": e for i, e in enumerate(self.encounter_ids)}
-        return out
+        return out | {f"dicom_{i}": v for i, v in enumerate(self.dicom)}
 
 
 def _plant(landing: Path) -> tuple[list[Canary], str]:
@@ -141,11 +162,59 @@ def _plant(landing: Path) -> tuple[list[Canary], str]:
         for old, new in replace_text.items():
             note = note.str.replace_all(old, new, literal=True)
         encs.with_columns(note.alias("note")).write_csv(b / "encounters.csv")
-        for s in ("labs", "vitals"):
+        for s in ("labs", "vitals", *MORE_SOURCES):
             ev = pl.read_csv(b / f"{s}.csv", infer_schema=False)
             ev.with_columns(pl.col("encounter_id").replace(replace_enc)).write_csv(b / f"{s}.csv")
         write_completion_marker(b)
-    return canaries, CANARY_SECRET
+    return _plant_dicom(batches, canaries, replace_mrn, replace_enc, replace_text), CANARY_SECRET
+
+
+def _plant_dicom(
+    batches: list[Path],
+    canaries: list[Canary],
+    replace_mrn: dict[str, str],
+    replace_enc: dict[str, str],
+    replace_text: dict[str, str],
+) -> list[Canary]:
+    """The canary patients' DICOM files carry the canaries; a canary patient without imaging gets a copy of
+    another patient's first file, made theirs."""
+    by_mrn = {c.mrn: c for c in canaries}
+    tokens: dict[str, list[str]] = {c.mrn: [] for c in canaries}
+    spare = sorted((batches[0] / IMAGING_FOLDER).glob("*.dcm"))[0]
+    for b in batches:
+        for path in sorted((b / IMAGING_FOLDER).glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            if ds.PatientID not in replace_mrn:
+                continue
+            c = by_mrn[replace_mrn[ds.PatientID]]
+            _make_theirs(
+                ds, c, replace_enc.get(str(ds.get("AdmissionID", "")), c.encounter_ids[0]), replace_text
+            )
+            write_dicom(ds, path)
+            tokens[c.mrn] += [ds.AccessionNumber, ds.StudyInstanceUID, ds.SOPInstanceUID]
+    for i, c in enumerate(canaries):
+        if not tokens[c.mrn]:
+            ds = pydicom.dcmread(spare)
+            uid = f"1.2.826.0.1.3680043.8.498.4417.{i}"
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, f"{uid}.1", f"{uid}.1.1"
+            ds.AccessionNumber = f"CNRYACC{4417 + i}"
+            _make_theirs(ds, c, c.encounter_ids[0], {})
+            write_dicom(ds, batches[0] / IMAGING_FOLDER / f"canary_{i}.dcm")
+            tokens[c.mrn] += [ds.AccessionNumber, uid, f"{uid}.1.1"]
+    for b in batches:
+        write_completion_marker(b)
+    return [dataclasses.replace(c, dicom=tuple(tokens[c.mrn])) for c in canaries]
+
+
+def _make_theirs(ds: pydicom.Dataset, c: Canary, encounter_id: str, replace_text: dict[str, str]) -> None:
+    ds.PatientID = c.mrn
+    ds.PatientName = f"{c.last_name}^{c.first_name}"
+    ds.AdmissionID = encounter_id
+    ds.StudyDescription = f"portable chest for {c.first_name} {c.last_name}, call {c.phone}"
+    ds.PatientAddress = c.address
+    ds.PatientTelephoneNumbers = c.phone
+    ds.OtherPatientIDs = c.email
+    ds.private_block(0x0011, "SYNTHETIC PACS", create=True).add_new(0x01, "LO", c.mrn)
 
 
 def _scan_file(path: Path, needles: dict[str, str]) -> set[str]:
@@ -179,6 +248,7 @@ class CanaryRun:
     event_log_text: str
     instance_files: int
     instance_hits: dict[str, set[str]]
+    dicom_released: int
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +297,38 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> CanaryRun:
         instance_root = Path(instance.root_directory)
         instance_files = [p for p in instance_root.rglob("*") if p.is_file()]
         instance_hits = _scan_tree(instance_root, needles)
-    return CanaryRun(root, needles, event_log_text, len(instance_files), instance_hits)
+    released = _release_dicom(root, batches, secret)
+    return CanaryRun(root, needles, event_log_text, len(instance_files), instance_hits, released)
+
+
+def _release_dicom(root: Path, batches: list[str], secret: str) -> int:
+    """De-identify each batch's DICOM files under the run's HMAC pseudonyms into ``deid/imaging/<batch>/``."""
+    zones = ZonePaths(
+        landing=root / "landing", archive=root / "archive", quarantine=root / "quarantine", phi=root / "phi"
+    )
+    key = HmacKey(secret.encode())
+    released = 0
+    for b in batches:
+        pats = pl.read_parquet(accepted_path(zones, "patients", b))
+        enc = pl.read_parquet(accepted_path(zones, "encounters", b))
+        mapping = keyed_mapping(
+            mrns=pl.concat([pats["mrn"], enc["mrn"]])
+            .to_frame()
+            .select(normalize_identifier(pl.col("mrn")))["mrn"],
+            encounter_ids=enc.select(normalize_identifier(pl.col("encounter_id")))["encounter_id"],
+            key=key,
+        )
+        instances, _ = read_imaging(root / "landing" / b)
+        release = release_imaging(
+            instances,
+            patients=mapping.patients,
+            encounters=mapping.encounters,
+            raw_encounters=enc,
+            key=uid_key(phi_dir=root / "phi", hmac_secret=key.secret),
+        )
+        write_released(release.datasets, root / "deid" / IMAGING_FOLDER / b)
+        released += len(release.datasets)
+    return released
 
 
 def test_the_scanner_finds_the_canaries_where_they_are_allowed(canary_run):
@@ -241,6 +342,22 @@ def test_the_scanner_finds_the_canaries_where_they_are_allowed(canary_run):
     assert {f"coded:{f}" for f in CODED_FIELD_CANARIES} <= set().union(*phi.values())
     unmapped = _scan_tree(canary_run.data_root / "phi" / "unmapped", canary_run.needles)
     assert {f"coded:{f}" for f in CODED_FIELD_CANARIES} <= set().union(*unmapped.values())
+    imaging = {k: v for k, v in landing.items() if k.endswith(".dcm")}
+    assert {k for k in identifiers if ":dicom_" in k} <= set().union(*imaging.values())
+    assert {k for k in identifiers if k.endswith((":last_name", ":mrn", ":phone"))} <= set().union(
+        *imaging.values()
+    )
+
+
+def test_the_canary_patients_dicom_files_were_released_de_identified(canary_run):
+    folder = canary_run.data_root / "deid" / IMAGING_FOLDER
+    files = sorted(folder.rglob("*.dcm"))
+    assert canary_run.dicom_released == len(files) > 0
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.StudyInstanceUID.startswith("2.25.")
+        assert "AdmissionID" not in ds and "PatientAddress" not in ds and "StudyDescription" not in ds
 
 
 def test_the_coded_fields_left_as_unmapped_and_were_counted(canary_run):
