@@ -96,7 +96,9 @@ def _plant(landing: Path) -> tuple[list[Canary], str]:
     first = read[batches[0]]
     chosen = first["patients"]["mrn"].head(4).to_list()
     canaries: list[Canary] = []
-    replace_mrn, replace_enc, replace_text = {}, {}, {}
+    replace_mrn: dict[str, str] = {}
+    replace_enc: dict[str, str] = {}
+    replace_text: dict[str, str] = {}
     for i, old_mrn in enumerate(chosen):
         # a numeric MRN shaped like the real ones, and alphanumeric ones that no generator would produce
         new_mrn = f"9{4417 + i:07d}" if i == 0 else f"CNRYMRN{4417 + i}"
