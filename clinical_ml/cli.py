@@ -119,6 +119,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _with_instance(lambda instance: _demo(args, instance))
 
 
+def cmd_approve(args: argparse.Namespace) -> int:
+    """The panel's sign-off from a terminal (the same as the use case's panel sign-off job in the UI)."""
+    from clinical_ml.core.approval import SignOffError, sign_off
+    from clinical_ml.core.artifacts import DeidStore
+    from clinical_ml.core.registry import Registry
+
+    root = resolve_data_root(args.data_root)
+    registry = Registry(root / "registry", args.usecase)
+    store = DeidStore(root / "deid", root / "reports").use_case(args.usecase)
+    try:
+        decision = sign_off(
+            registry, store, by=args.by, approve=args.approve, note=args.note, version=args.version
+        )
+    except SignOffError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"{args.usecase}: model {decision.challenger} {decision.reasons[0]}")
+    champion = registry.champion()
+    print(f"champion: {champion or 'none yet'}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from clinical_ml.replay import replay
 
@@ -248,9 +269,15 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
             f"specificity {ev.metric('specificity').value:.2f}, PPV {ev.metric('ppv').value:.2f}"
         )
         print(f"model file sha256 {store.challenger.model_sha256()[:16]}... (the same on every fresh demo)")
-        print(
-            f"promotion: {'promoted to champion' if decision.promoted else 'not promoted (the gate refused it)'}"
-        )
+        if decision.promoted:
+            print("promotion: promoted to champion")
+        elif decision.awaiting_sign_off:
+            print(
+                "promotion: passed the gate, awaiting the clinical panel's sign-off (read the report card, then "
+                f'clinical-ml approve {name} --by "NAME" --approve|--reject --note "...")'
+            )
+        else:
+            print("promotion: not promoted (the gate refused it)")
         for reason in decision.reasons:
             print(f"  - {reason}")
         for report in (
@@ -495,6 +522,19 @@ def main(argv: list[str] | None = None) -> int:
         help="use case folder (default: $CLINICAL_ML_USECASES or <project>/usecases); e.g. one holding only "
         "the synthetic hospital's icu_mortality_24h.yaml",
     )
+    p = sub.add_parser(
+        "approve",
+        help="record the clinical panel's sign-off of a model awaiting it (who, decision, note; the sha256 of "
+        "its report card), and on approval make it champion",
+    )
+    p.add_argument("usecase", help="the use case's name")
+    p.add_argument("--by", required=True, help="who signs off (name and role)")
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--approve", action="store_true", help="approve: the model becomes champion")
+    verdict.add_argument("--reject", action="store_true", help="reject: the champion stays")
+    p.add_argument("--note", default="", help="the panel's note (conditions, thresholds approved, ...)")
+    p.add_argument("--version", help="the model version (default: the one awaiting sign-off)")
+    p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or <project>/data)")
     add_serve_parser(sub)
     args = parser.parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -504,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "usecase": cmd_usecase_check,
         "replay": cmd_replay,
         "serve": cmd_serve,
+        "approve": cmd_approve,
     }
     try:
         return commands[args.command](args)

@@ -4,6 +4,7 @@ blocking gate checks passed)."""
 
 from dataclasses import dataclass
 
+from clinical_ml.core.approval import apply_approval_policy
 from clinical_ml.core.artifacts import ParquetParts, UseCaseStore
 from clinical_ml.core.gate import gate_inputs, judge_challenger
 from clinical_ml.core.modeling import load_model
@@ -101,8 +102,14 @@ def register_challenger(
         drift_from=drift_from,
     )
     registry.register(card, model_text=model_text)
+    fairness = store.fairness.read() if store.fairness.exists() else None
     decision = registry.record_decision(
-        decision_for(gate, challenger=fit.version, champion_before=champ.version if champ else None),
+        apply_approval_policy(
+            decision_for(gate, challenger=fit.version, champion_before=champ.version if champ else None),
+            approval=use_case.promotion.approval,
+            # the verdict of this challenger's subcohort analysis (a file left by an earlier model is not it)
+            fairness_verdict=fairness.verdict if fairness and fairness.model_version == fit.version else None,
+        ),
         move_pointer=False,
     )
     store.decision.write(decision)

@@ -145,6 +145,11 @@ class PromotionDecision:
     reasons: tuple[str, ...]
     criteria: tuple[dict, ...] = ()
     at: str = ""  # when it was recorded (ISO 8601, UTC); empty until recorded
+    awaiting_sign_off: bool = False
+    """The gate passed and the model waits for the panel (``promotion.approval: panel``, or a fairness
+    verdict other than pass under ``automatic``); not promoted until a sign-off approves it."""
+    sign_off: dict | None = None
+    """The panel's sign-off this decision records (:class:`clinical_ml.core.approval.SignOff`), else None."""
 
     def criteria_of(self, group: str) -> list[dict]:
         return [c for c in self.criteria if c["group"] == group]
@@ -157,6 +162,8 @@ class PromotionDecision:
             "reasons": list(self.reasons),
             "criteria": list(self.criteria),
             **({"at": self.at} if self.at else {}),
+            **({"awaiting_sign_off": True} if self.awaiting_sign_off else {}),
+            **({"sign_off": self.sign_off} if self.sign_off else {}),
         }
 
     @classmethod
@@ -168,6 +175,8 @@ class PromotionDecision:
             reasons=tuple(d.get("reasons", ())),
             criteria=tuple(d.get("criteria", ())),
             at=str(d.get("at", "")),
+            awaiting_sign_off=bool(d.get("awaiting_sign_off", False)),
+            sign_off=d.get("sign_off"),
         )
 
 
@@ -233,6 +242,13 @@ class Registry:
 
     def _version_dir(self, version: str) -> Path:
         return self._base / "models" / version
+
+    def version_dir(self, version: str) -> Path:
+        """The folder of a registered version (for files kept beside it, e.g. the signed report card)."""
+        d = self._version_dir(version)
+        if not d.is_dir():
+            raise FileNotFoundError(f"model version {version} of {self.use_case} is not registered")
+        return d
 
     def register(self, card: ModelCard, *, model_text: str) -> Path:
         """Write a model version; an existing version is never overwritten. The checksums are written last,

@@ -285,13 +285,30 @@ def decision_in_words(decision: Mapping) -> str:
 
     A refusal is a decision, not a failure: its sentence names every part of the gate that did not pass."""
     challenger, before = decision["challenger"], decision.get("champion_before")
+    signed = decision.get("sign_off")
+    stays = f"the champion stays {before}" if before else "there is still no champion"
     if decision["promoted"]:
         replaced = f"replaces {before}" if before else "becomes the first champion"
-        return f"Promoted: challenger {challenger} {replaced}; every part of the promotion gate passed."
+        how = (
+            f"the promotion gate passed and {signed['by']} approved it for the clinical panel on {signed['at'][:10]}"
+            if signed
+            else "every part of the promotion gate passed"
+        )
+        return f"Promoted: challenger {challenger} {replaced}; {how}."
+    if decision.get("awaiting_sign_off"):
+        return (
+            f"Awaiting sign-off: challenger {challenger} passed the promotion gate and becomes champion when the "
+            f"clinical panel approves it ({str(decision['reasons'][-1]).rstrip('.')}). Until then {stays}."
+        )
+    if signed:
+        note = f": {signed['note']}" if signed.get("note") else ""
+        return (
+            f"Rejected: {signed['by']} rejected challenger {challenger} for the clinical panel on "
+            f"{signed['at'][:10]}{note}. So {stays}."
+        )
     failed = [c["reason"] for c in decision.get("criteria", ()) if not c["passed"]]
     reasons = [str(r).rstrip(".") for r in failed or decision.get("reasons", ()) if str(r).strip()]
     because = "; ".join(reasons) if reasons else "the gate did not pass (no reason recorded)"
-    stays = f"the champion stays {before}" if before else "there is still no champion"
     return f"Refused: challenger {challenger} is not promoted, because {because}. So {stays}."
 
 

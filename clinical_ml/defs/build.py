@@ -34,6 +34,7 @@ from clinical_ml.defs.usecase.automation import (
     monitoring_report_job,
 )
 from clinical_ml.defs.usecase.factory import build_use_case_assets
+from clinical_ml.defs.usecase.training import build_sign_off_job
 from clinical_ml.resources.pseudonym_secret import anonymization_settings_from_env
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 from clinical_ml.resources.zones import DataZones
@@ -84,6 +85,7 @@ def build_definitions(
             feature_refresh_job,
             batch_monitoring_job,
             monitoring_report_job,
+            *[build_sign_off_job(uc) for uc in use_cases],
         ],
         sensors=[
             landing_sensor,

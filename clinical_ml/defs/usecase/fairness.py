@@ -23,7 +23,8 @@ def build_fairness_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
 
     @dg.asset(
         key=key("subcohort_fairness_report"),
-        deps=[key("validation_predictions"), key("model_registry")],
+        # before the registry: under promotion.approval automatic, a verdict other than pass waits for the panel
+        deps=[key("validation_predictions")],
         group_name=Stage.EVALUATION,
         kinds={"fairlearn", "html"},
         tags=tags(DataClass.AGGREGATE),

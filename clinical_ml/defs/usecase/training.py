@@ -9,9 +9,12 @@ sensor writes the alert.
 """
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
+from pydantic import Field
 
+from clinical_ml.core.approval import sign_off
 from clinical_ml.core.features import derivation_validation_split
 from clinical_ml.core.gate import criterion_result, gate_markdown
 from clinical_ml.core.promotion import register_challenger
@@ -30,6 +33,32 @@ from clinical_ml.defs.conventions import (
 from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
+
+if TYPE_CHECKING:  # the type define_asset_job returns; dagster does not export it
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+
+
+class SignOffConfig(dg.Config):
+    """The clinical panel's sign-off, given when launching the use case's panel sign-off job (empty in the
+    lifecycle: the promotion decision alone moves the pointer)."""
+
+    signed_off_by: str = Field("", description="who signs off, e.g. 'Dr A. Jones, for the ICU model panel'")
+    decision: Literal["approve", "reject"] = Field("approve", description="approve or reject the model")
+    note: str = Field("", description="the panel's note (conditions, per-group thresholds approved, ...)")
+    version: str = Field("", description="the model version signed off; empty: the one awaiting sign-off")
+
+
+def build_sign_off_job(uc: UseCase) -> "UnresolvedAssetJobDefinition":
+    """The panel's sign-off from the UI: launch it with ``signed_off_by``, ``decision`` and ``note`` in the
+    champion_model config (same as ``clinical-ml approve``)."""
+    return dg.define_asset_job(
+        f"{uc.name}__panel_sign_off",
+        selection=[use_case_key(uc, "champion_model")],
+        description=f"{uc.title}: record the clinical panel's sign-off of the model awaiting it (who, decision, "
+        "note; the sha256 of its report card is recorded) and, on approval, make it champion. Open the "
+        "Launchpad and fill the champion_model config.",
+    )
+
 
 GATE_CHECKS = {
     "minimums": "challenger_meets_minimums_on_lower_ci_bound",
@@ -105,7 +134,7 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
 
     @dg.asset(
         key=key("model_registry"),
-        deps=[key("model_evaluation"), key("shap_explanations")],
+        deps=[key("model_evaluation"), key("shap_explanations"), key("subcohort_fairness_report")],
         group_name=Stage.TRAINING,
         kinds={"lightgbm"},
         tags=tags(DataClass.AGGREGATE),
@@ -219,16 +248,31 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         kinds={"lightgbm"},
         tags=tags(DataClass.AGGREGATE),
         description="The champion pointer: moved to the challenger only when the promotion decision promoted "
-        "it; after a refusal this step materializes nothing and the champion stays.",
+        "it, or when the panel approves it (the use case's panel sign-off job, launched with the sign-off in "
+        "its config); after a refusal, or while a model awaits sign-off, it materializes nothing and the "
+        "champion stays.",
         owners=ML_OWNERS,
         output_required=False,
     )
-    def champion_model(context: dg.AssetExecutionContext, zones: DataZones) -> Iterator[dg.MaterializeResult]:
-        decision = zones.use_case(uc.name).decision.read()
+    def champion_model(
+        context: dg.AssetExecutionContext, zones: DataZones, config: SignOffConfig
+    ) -> Iterator[dg.MaterializeResult]:
+        store, registry = zones.use_case(uc.name), zones.model_registry(uc.name)
+        if config.signed_off_by:  # the panel's sign-off job: record it (and move the pointer on approval)
+            decision = sign_off(
+                registry,
+                store,
+                by=config.signed_off_by,
+                approve=config.decision == "approve",
+                note=config.note,
+                version=config.version or None,
+            )
+        else:
+            decision = store.decision.read()
         if not decision.promoted:
             context.log.warning(f"champion pointer not moved. {decision_in_words(decision.as_dict())}")
             return
-        zones.model_registry(uc.name).set_champion(decision.challenger)
+        registry.set_champion(decision.challenger)
         yield dg.MaterializeResult(
             metadata={
                 "champion_version": decision.challenger,
