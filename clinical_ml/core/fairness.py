@@ -104,6 +104,8 @@ class SubgroupRow:
     # estimates beyond a minimum whose CI still reaches it (verdict at least "review"; not flags)
     failures: tuple[str, ...] = ()
     concerns: tuple[str, ...] = ()
+    # bootstrap standard errors of the calibration estimates (log scale for O/E), for the intersections' test
+    calibration_se: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,21 @@ PERCENTILE_MIN_REPLICATES = 200
 the log scale for O/E): 50 replicates estimate a standard error well, a 2.5% quantile poorly."""
 
 
+def _replicate_sd(replicates: np.ndarray, *, log: bool) -> np.ndarray:
+    """Standard deviation of each column's finite replicates (of their logarithm with ``log``); NaN with
+    fewer than two."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = np.asarray(replicates, dtype=np.float64)
+        if log:
+            reps = np.log(np.where(reps > 0, reps, np.nan))
+        ok = np.isfinite(reps)
+        k = ok.sum(axis=0)
+        x = np.where(ok, reps, 0.0)
+        mean = x.sum(axis=0) / np.maximum(k, 1)
+        ss = (np.where(ok, reps - mean, 0.0) ** 2).sum(axis=0)
+        return np.where(k >= 2, np.sqrt(ss / np.maximum(k - 1, 1)), np.nan)
+
+
 def calibration_interval(
     replicates: np.ndarray, value: np.ndarray, *, level: float, log: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -349,12 +366,8 @@ def calibration_interval(
     if replicates.shape[0] >= PERCENTILE_MIN_REPLICATES:
         return bootstrap.percentile_interval(replicates, level=level)
     z = float(stats.norm.ppf(0.5 + level / 2))
+    sd = _replicate_sd(replicates, log=log)
     with np.errstate(invalid="ignore", divide="ignore"):
-        reps = np.where(np.isfinite(replicates), replicates, np.nan)
-        if log:
-            reps = np.log(np.where(reps > 0, reps, np.nan))
-        finite = np.isfinite(reps).sum(axis=0)
-        sd = np.where(finite >= 2, np.nanstd(np.where(finite >= 2, reps, 0.0), axis=0, ddof=1), np.nan)
         centre = np.log(value) if log else np.asarray(value, dtype=np.float64)
         lo, hi = centre - z * sd, centre + z * sd
     return (np.exp(lo), np.exp(hi)) if log else (lo, hi)
@@ -576,6 +589,8 @@ def _analyse_partition(
     slope, _slope_se = _calibration_fit(y, p, part.codes, g)
     oe_lo, oe_hi = calibration_interval(calibration[0], oe, level=level, log=True)
     slope_lo, slope_hi = calibration_interval(calibration[1], slope, level=level, log=False)
+    oe_se_boot = _replicate_sd(calibration[0], log=True)
+    slope_se_boot = _replicate_sd(calibration[1], log=False)
     # rows grouped by group, each group's rows in ascending score order (p_order sorts all scores once)
     sorted_codes = part.codes[p_order]
     if g < 2**15:  # a stable sort of 16-bit integers is a radix sort: linear time
@@ -705,6 +720,10 @@ def _analyse_partition(
                 disp,
                 p_values,
                 part.intersection,
+                calibration_se={
+                    "observed_expected_ratio": float(oe_se_boot[i]),
+                    "calibration_slope": float(slope_se_boot[i]),
+                },
             )
         )
 
@@ -907,33 +926,42 @@ def subgroup_table(
                 f"{_WORDS[k]} lower than in all patients beyond chance (difference {d[0]:+.2f}, "
                 f"95% CI {d[1]:+.2f} to {d[2]:+.2f}; adjusted p = {padj:.3g})"
             )
+    ranges = {
+        "observed_expected_ratio": observed_expected_range,
+        "calibration_slope": calibration_slope_range,
+    }
+    # intersections: many small groups at once, so a calibration beyond its range is flagged only beyond
+    # chance (one-sided tests of lying outside the range, Holm over every intersection and measure)
+    range_tests = [
+        (i, name, _outside_range_p(r, name, ranges[name]))
+        for i, r in enumerate(rows)
+        if r.intersection and not r.suppressed
+        for name in ranges
+    ]
+    range_tests = [t for t in range_tests if np.isfinite(t[2])]
+    range_adjusted = _holm([t[2] for t in range_tests])
+    crossed: dict[int, list[str]] = {}
+    for (i, name, _p), padj in zip(range_tests, range_adjusted, strict=True):
+        if np.isfinite(padj) and padj < alpha:
+            crossed.setdefault(i, []).append(
+                _range_words(rows[i].metrics[name], name, ranges[name], events=events)
+                + f", beyond chance among {len(range_tests)} intersection tests (adjusted p = {padj:.3g})"
+            )
     final: list[SubgroupRow] = [overall_row]
-    crossed = sum(r.intersection and not r.suppressed for r in rows)
     for i, r in enumerate(rows):
         failures: tuple[str, ...] = ()
         concerns: tuple[str, ...] = ()
-        review: tuple[str, ...] = ()
         if not r.suppressed:
             failures, concerns = _judge_group(
                 r.metrics,
                 minimums={"auroc": auroc_min, "sensitivity": sensitivity_min},
-                ranges={
-                    "observed_expected_ratio": observed_expected_range,
-                    "calibration_slope": calibration_slope_range,
-                },
+                ranges={} if r.intersection else ranges,
                 events=events,
             )
-        if r.intersection:
-            # many small intersections are compared at once: one whose interval misses a criterion is as
-            # likely chance as not, so it asks for review; the single attributes carry the verdict
-            review = tuple(
-                f"{f} (one of {crossed} intersections judged: review, not a failure)" for f in failures
-            )
-            failures = ()
         final.append(
             dataclasses.replace(
                 r,
-                flags=failures + review + tuple(worse.get(i, [])),
+                flags=failures + tuple(crossed.get(i, [])) + tuple(worse.get(i, [])),
                 failures=failures,
                 concerns=concerns,
             )
@@ -951,6 +979,41 @@ def subgroup_table(
         calibration_slope_range=(float(calibration_slope_range[0]), float(calibration_slope_range[1])),
         calibration_n_boot=n_cal,
     )
+
+
+def _outside_range_p(row: SubgroupRow, name: str, acceptable: tuple[float, float]) -> float:
+    """One-sided p-value that the group's calibration measure lies outside ``acceptable`` on the side of its
+    point estimate (normal, with the bootstrap standard error; log scale for O/E); NaN inside the range."""
+    value = row.metrics[name][0]
+    se = row.calibration_se.get(name, float("nan"))
+    log = name == "observed_expected_ratio"
+    if not (np.isfinite(value) and np.isfinite(se) and se > 0) or (log and value <= 0):
+        return float("nan")
+    v, low, high = (
+        (np.log(value), np.log(acceptable[0]), np.log(acceptable[1])) if log else (value, *acceptable)
+    )
+    if v > high:
+        return float(stats.norm.sf((v - high) / se))
+    if v < low:
+        return float(stats.norm.sf((low - v) / se))
+    return float("nan")
+
+
+def _range_words(estimate: Estimate, name: str, acceptable: tuple[float, float], *, events: str) -> str:
+    """A calibration measure beyond its acceptable range, in words."""
+    v, lo, hi = estimate
+    low, high = acceptable
+    if name == "observed_expected_ratio":
+        head = f"observed/expected {events} {v:.2f} (95% CI {lo:.2f} to {hi:.2f})"
+        side = f"more {events} than predicted" if v > high else f"fewer {events} than predicted"
+    else:
+        head = f"calibration slope {v:.2f} (95% CI {lo:.2f} to {hi:.2f})"
+        side = (
+            "predicted risks too close to the average in this group"
+            if v > high
+            else "predicted risks too extreme in this group"
+        )
+    return f"{head}: {side}, {'above' if v > high else 'below'} the acceptable range {low:.2f} to {high:.2f}"
 
 
 def _beyond(x: float, limit: float) -> str:

@@ -110,6 +110,22 @@ def test_subset_run_produces_the_report_card_with_subgroups(eicu_subset_run: Pat
     assert ev["events_validation"] > 0
 
 
+def test_subset_fairness_verdict_is_insufficient_data_not_pass(eicu_subset_run: Path):
+    # about 15 deaths in validation: too few outcomes to judge, whatever the groups show
+    fairness = read_json(_use_case_dir(eicu_subset_run, USE_CASE) / "fairness.json")
+    overall = fairness["rows"][0]
+    events, survivors = overall["events"], overall["n"] - overall["events"]
+    assert events < 100
+    assert fairness["verdict"] in ("insufficient data", "fail")
+    assert (
+        f"too few outcomes to judge: {events} deaths and {survivors} survivors in the validation cohort, and at "
+        "least 100 deaths and 100 survivors are needed"
+    ) in fairness["reasons"]
+    decision = read_json(_use_case_dir(eicu_subset_run, USE_CASE) / "decision.json")
+    assert not decision["promoted"]
+    assert any(r.startswith("too few outcomes to judge: ") for r in decision["reasons"])
+
+
 def test_subset_run_validates_2014_to_2015_and_drift_looks_at_the_newest_year(eicu_subset_run: Path):
     cohort = pl.read_parquet(_use_case_dir(eicu_subset_run, USE_CASE) / "cohort.parquet")
     assert set(cohort["period"].str.slice(0, 4)) == {"2014", "2015"}
