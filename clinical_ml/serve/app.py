@@ -54,11 +54,16 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 
 def parse_json(raw: bytes) -> Any:
-    """The body as JSON, or None when it is not (deep nesting and bad encodings included)."""
+    """The body as JSON, or None when it is not (deep nesting, bad encodings and NaN/Infinity included: JSON
+    has no such numbers, though Python's parser accepts them)."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError, UnicodeDecodeError):
         return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("not a JSON number")
 
 
 def create_app(

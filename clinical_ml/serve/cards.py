@@ -63,7 +63,12 @@ def percent(p: float) -> str:
 
 
 def clinical_action(use_case: UseCase) -> str | None:
-    """What the use case says the prediction is for: the clause after "so that" in its clinical question."""
+    """What the team does for a flagged patient: the use case's ``operating_point.clinical_action``, else what
+    its clinical question says the prediction is for (the clause after "so that")."""
+    stated = use_case.operating_point.clinical_action
+    if stated:
+        text = " ".join(stated.split())
+        return text if text.endswith(".") else text + "."
     m = re.search(r"\bso that\b\s*(.+?)[?.]?\s*$", use_case.clinical_question, flags=re.S)
     if not m:
         return None
@@ -157,7 +162,7 @@ def scored_card(
         lines += [f"- {md_escape(r['text'])}" for r in score.reasons]
     action = clinical_action(use_case)
     if action and score.flagged:
-        lines += ["", f"Suggested use: {md_escape(action)}"]
+        lines += ["", f"Suggested action: {md_escape(action)}"]
     if guardrail:
         lines += ["", f"Scored with a warning: {md_escape(guardrail)}."]
     lines += [

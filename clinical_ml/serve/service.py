@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -193,6 +194,8 @@ class CdsService:
         self.watches = {uc.name: ChampionWatch(settings.data_root / "registry", uc) for uc in use_cases}
         self.site_mapping = site_mapping
         self.records = records
+        # the site's clock: the service's setting, else the site mapping's, else UTC
+        self.tz = ZoneInfo(settings.site_timezone or site_mapping.time_zone or "UTC")
 
     # URLs ------------------------------------------------------------------------------------------------
     def service_url(self, service_id: str | None = None) -> str:
@@ -260,14 +263,14 @@ class CdsService:
                 uc, f"no approved model is available ({exc})", version=None, report_url=None
             )
             return Reply(200, hook_response([card], version=None), outcome="no_model")
-        predicted_at = now.astimezone(self.settings.tz).replace(tzinfo=None)
+        predicted_at = now.astimezone(self.tz).replace(tzinfo=None)
         try:
             chart = chart_from_prefetch(
                 req.prefetch or {},
                 context=req.context.model_dump(),
                 prediction_time=predicted_at,
                 site_mapping=self.site_mapping,
-                tz=self.settings.tz,
+                tz=self.tz,
                 with_history=bool(uc.features.history),
             )
         except PrefetchError as exc:
@@ -404,4 +407,4 @@ def _score_record(score: Score) -> dict:
 
 def settings_summary(settings: ServiceSettings) -> Mapping[str, object]:
     """What the service says about itself at start-up (no secret, no path to one)."""
-    return {"auth": settings.auth, "base_url": settings.base_url, "site_timezone": settings.site_timezone}
+    return {"auth": settings.auth, "base_url": settings.base_url, "max_body_bytes": settings.max_body_bytes}

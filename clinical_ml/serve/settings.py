@@ -11,8 +11,9 @@
 ``CLINICAL_ML_SERVE_AUTH``                ``jwt`` (default) or ``off``: no authentication, refused unless the
                                           service listens on a loopback address (local trials only)
 ``CLINICAL_ML_SERVE_MAX_BODY_BYTES``      largest request body accepted (default 2 MB; larger: HTTP 413)
-``CLINICAL_ML_SITE_TIMEZONE``             the site's clock (IANA name, default UTC): FHIR times are read on it,
-                                          as the landing contract's naive times are
+``CLINICAL_ML_SITE_TIMEZONE``             the site's clock (IANA name; default: the site mapping's
+                                          ``time_zone``, else UTC): FHIR times are read on it, as the landing
+                                          contract's naive times are
 ``CLINICAL_ML_SITE_MAPPING``              the site mapping recoding sex, admission type, unit and site
                                           (default ``default``)
 ``CLINICAL_ML_SERVE_CRITICAL_MULTIPLE``   a risk at or above this multiple of the operating threshold gets the
@@ -42,13 +43,9 @@ class ServiceSettings:
     trust_file: Path | None
     auth: str = "jwt"
     max_body_bytes: int = 2_000_000
-    site_timezone: str = "UTC"
+    site_timezone: str | None = None
     site_mapping: str = "default"
     critical_multiple: float = 2.0
-
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.site_timezone)
 
     def check(self, *, host: str) -> None:
         """Refuse settings that would run the service unsafely."""
@@ -65,7 +62,8 @@ class ServiceSettings:
         if self.max_body_bytes < 1024:
             raise SettingsError("CLINICAL_ML_SERVE_MAX_BODY_BYTES must be at least 1024")
         try:
-            ZoneInfo(self.site_timezone)
+            if self.site_timezone is not None:
+                ZoneInfo(self.site_timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise SettingsError("CLINICAL_ML_SITE_TIMEZONE is not an IANA time zone name") from None
 
@@ -98,7 +96,7 @@ def settings_from_env(
         trust_file=Path(trust) if trust else None,
         auth=e.get("CLINICAL_ML_SERVE_AUTH", "jwt"),
         max_body_bytes=max_body,
-        site_timezone=e.get("CLINICAL_ML_SITE_TIMEZONE", "UTC"),
+        site_timezone=e.get("CLINICAL_ML_SITE_TIMEZONE") or None,
         site_mapping=e.get("CLINICAL_ML_SITE_MAPPING", "default"),
         critical_multiple=critical,
     )

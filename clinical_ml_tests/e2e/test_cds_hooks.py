@@ -72,8 +72,13 @@ def _stays(run: GraphRun, n: int) -> list[dict]:
     phi = PhiStore(root / "phi")
     vault = phi.read_vault()
     raw = {s: phi.raw(s).read_all() for s in ("patients", "encounters", "labs", "vitals")}
+    wanted = vault.encounters.filter(pl.col("hadm_id").is_in(cohort["hadm_id"].implode()))["encounter_id"]
     for s in ("encounters", "labs", "vitals"):
-        raw[s] = raw[s].with_columns(normalize_identifier(pl.col("encounter_id")).alias("_enc"))
+        raw[s] = (
+            raw[s]
+            .with_columns(normalize_identifier(pl.col("encounter_id")).alias("_enc"))
+            .filter(pl.col("_enc").is_in(wanted.implode()))
+        )
     raw["patients"] = raw["patients"].with_columns(normalize_identifier(pl.col("mrn")).alias("_mrn"))
     out = []
     for row in cohort.iter_rows(named=True):

@@ -164,7 +164,11 @@ def test_the_log_holds_no_identifier(client: TestClient, ehr: Ehr, caplog: pytes
 # -- property-based: whatever the body, a bad request is a 4xx with an OperationOutcome, never a 500 ---------
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
     ),
@@ -244,3 +248,14 @@ def test_report_card_link_serves_the_models_report(client: TestClient, ehr: Ehr,
     r = client.get(path)
     assert r.status_code == 200 and "report card" in r.text
     assert client.get(f"/reports/{USE_CASE}/..%2F..%2Fetc").status_code == 404
+
+
+def test_nan_and_infinity_are_not_json(client: TestClient, ehr: Ehr) -> None:
+    body = json.dumps(stay_request()).replace('"value": 4.5', '"value": NaN', 1)
+    assert "NaN" in body
+    r = client.post(
+        f"/cds-services/{USE_CASE}",
+        content=body,
+        headers={**_auth(ehr, HOOK), "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"

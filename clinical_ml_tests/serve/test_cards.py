@@ -37,7 +37,13 @@ def test_percent_never_rounds_to_a_certainty() -> None:
 
 
 def test_clinical_action_is_the_use_cases_own() -> None:
-    assert clinical_action(use_case()) == "The team can review goals of care and escalation early."
+    uc = use_case()
+    stated = uc.operating_point.clinical_action
+    assert stated and clinical_action(uc) == stated.rstrip(".") + "."
+    unstated = uc.model_copy(
+        update={"operating_point": uc.operating_point.model_copy(update={"clinical_action": None})}
+    )
+    assert clinical_action(unstated) == "The team can review goals of care and escalation early."
 
 
 def test_scored_card_names_risk_band_reasons_action_version_and_report() -> None:
@@ -54,12 +60,12 @@ def test_scored_card_names_risk_band_reasons_action_version_and_report() -> None
     assert card["indicator"] == "critical"  # 0.31 >= 2 x 0.12
     assert len(card["summary"]) < 140 and "31%" in card["summary"]
     assert "31%" in card["detail"] and "12%" in card["detail"] and "highest lactate" in card["detail"]
-    assert "goals of care" in card["detail"] and "version v1" in card["detail"]
+    assert clinical_action(uc)[:-1] in card["detail"] and "version v1" in card["detail"]
     assert card["links"][0]["url"] == "http://x/reports/u/v1" and card["links"][0]["type"] == "absolute"
     assert card["extension"]["clinical-ml-model-version"] == "v1"
     assert {c["code"] for c in card["overrideReasons"]} == set(OVERRIDE_REASONS)
     low = scored_card(uc, Score(risk=0.05, flagged=False), version="v1", threshold=0.12, report_url=None)
-    assert low["indicator"] == "info" and "goals of care" not in low["detail"] and "below" in low["detail"]
+    assert low["indicator"] == "info" and "Suggested action" not in low["detail"] and "below" in low["detail"]
 
 
 def test_guardrail_reasons_in_words() -> None:
