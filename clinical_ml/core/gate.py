@@ -146,7 +146,8 @@ def minimum_criteria(metrics: dict, criteria: dict, *, evaluable: bool = True) -
                 "minimums",
                 f"{metric}_lower_bound",
                 ok,
-                f"{words} lower 95% bound {lo:.3f} {'meets' if ok else 'is below'} the minimum {minimum:.2f}",
+                f"{words} lower 95% bound {_sided(lo, (minimum,), 3)} {'meets' if ok else 'is below'} the "
+                f"minimum {minimum:.2f}",
             )
         )
     brier_max = float(criteria.get("brier_max", 1.0))
@@ -198,11 +199,22 @@ def minimum_criteria(metrics: dict, criteria: dict, *, evaluable: bool = True) -
                 "minimums",
                 f"{metric}_in_range",
                 ok,
-                f"{words} {v:.2f} (95% CI {lo:.2f} to {hi:.2f}): {verdict} the range {rng[0]:g} to {rng[1]:g} "
+                f"{words} {v:.2f} (95% CI {_sided(lo, tuple(rng))} to {_sided(hi, tuple(rng))}): {verdict} the "
+                f"range {rng[0]:g} to {rng[1]:g} "
                 "(calibration is judged like discrimination: the whole 95% CI must meet the criterion)",
             )
         )
     return out
+
+
+def _sided(x: float, limits: tuple[float, ...], digits: int = 2) -> str:
+    """``x`` with at least ``digits`` decimals and as many more as it takes to read on the same side of each
+    limit as it is (a lower bound of 0.6996 is not "0.70" beside a minimum of 0.70)."""
+    for d in range(digits, 9):
+        text = f"{x:.{d}f}"
+        if all((float(text) > t) == (x > t) and (float(text) < t) == (x < t) for t in limits):
+            return text
+    return repr(x)
 
 
 def _why(m: dict, evaluable: bool) -> str:

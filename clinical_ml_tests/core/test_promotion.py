@@ -295,3 +295,11 @@ def test_a_subgroup_whose_calibration_interval_lies_outside_the_range_blocks_the
     crit = gate.subgroup_criteria(gate._subgroup_dicts(list(rows)), min_cell_size=11)[0]
     assert not crit.passed and "race = B: observed/expected deaths" in crit.reason
     assert "race = A" not in crit.reason
+
+
+@pytest.mark.parametrize(("lower", "shown"), [(0.69996, "0.69996"), (0.7004, "0.7004"), (0.75, "0.75")])
+def test_a_calibration_bound_near_the_range_reads_on_its_side(lower, shown):
+    m = {**_metrics(*_cohort()[:2]), "calibration_slope": {"value": 1.0, "lower": lower, "upper": 1.2}}
+    slope = next(c for c in gate.minimum_criteria(m, CRITERIA) if c.name == "calibration_slope_in_range")
+    assert slope.passed is (lower >= 0.7)
+    assert f"(95% CI {shown} to 1.20)" in slope.reason
