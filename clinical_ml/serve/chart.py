@@ -140,7 +140,10 @@ def site_clock(ts: datetime | date | None, tz: ZoneInfo) -> datetime | None:
     if not isinstance(ts, datetime):
         return None
     if ts.tzinfo is not None:
-        ts = ts.astimezone(tz).replace(tzinfo=None)
+        try:
+            ts = ts.astimezone(tz).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:30:00+01:00 is before the first representable instant
+            return None
     return ts
 
 
@@ -266,19 +269,25 @@ def _events(rows: list[dict[str, Any]], not_used: dict[str, int]) -> pl.DataFram
     unknown = int((~harmonized["unit_known"]).sum())
     if unknown:
         not_used["unknown_unit"] = not_used.get("unknown_unit", 0) + unknown
+    # ingestion's duplicate rule among the rows it accepts: an identical repeat of a result is one result;
+    # results of one code at one time that differ are all left out (which one is right is unknown)
+    kept = harmonized.filter(pl.col("unit_known")).unique(
+        ["code", "time", "value_raw", "unit_raw", "available_time"], keep="first", maintain_order=True
+    )
+    conflicting = pl.len().over("code", "time") > 1
+    n_conflicting = int(kept.select(conflicting.sum()).item())
+    if n_conflicting:
+        not_used["conflicting_duplicate"] = n_conflicting
+        kept = kept.filter(~conflicting)
     prefix = pl.when(pl.col("code").is_in(list(LAB_CODES))).then(pl.lit("LAB//")).otherwise(pl.lit("VITAL//"))
-    return (
-        harmonized.filter(pl.col("unit_known"))
-        .unique(["code", "time", "value"], keep="first", maintain_order=True)  # repeats of one result
-        .select(
-            pl.lit(SUBJECT, dtype=pl.Int64).alias("subject_id"),
-            "time",
-            (prefix + pl.col("code")).alias("code"),
-            pl.col("value").cast(pl.Float32).alias("numeric_value"),
-            pl.lit(STAY, dtype=pl.Int64).alias("hadm_id"),
-            "available_time",
-            "implausible",
-        )
+    return kept.select(
+        pl.lit(SUBJECT, dtype=pl.Int64).alias("subject_id"),
+        "time",
+        (prefix + pl.col("code")).alias("code"),
+        pl.col("value").cast(pl.Float32).alias("numeric_value"),
+        pl.lit(STAY, dtype=pl.Int64).alias("hadm_id"),
+        "available_time",
+        "implausible",
     )
 
 

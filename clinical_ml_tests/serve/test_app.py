@@ -259,3 +259,21 @@ def test_nan_and_infinity_are_not_json(client: TestClient, ehr: Ehr) -> None:
         headers={**_auth(ehr, HOOK), "content-type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("encounter", "period", "start"), "0001-01-01T00:30:00+01:00"),
+        (("encounter", "period", "start"), "9999-12-31T23:30:00-05:00"),
+        (("observations", "entry", 0, "resource", "effectiveDateTime"), "0001-01-01T00:00:00+14:00"),
+        (("observations", "entry", 0, "resource", "issued"), "9999-12-31T23:59:59-12:00"),
+        (("observations", "entry", 0, "resource", "valueQuantity", "value"), 1e308),
+        (("patient", "birthDate"), "0001-01-01"),
+    ],
+)
+def test_edge_of_the_calendar_and_huge_values_are_never_a_500(
+    client: TestClient, ehr: Ehr, where, value
+) -> None:
+    r = _call(client, ehr, _mutate(("prefetch", *where), value))
+    assert r.status_code in (200, 400), r.text

@@ -115,3 +115,18 @@ def test_earlier_stays_feed_history_features(site_mapping) -> None:
     chart = _chart(req, site_mapping, with_history=True)
     assert chart.encounters.height == 2
     assert chart.encounters["hadm_id"].n_unique() == 2
+
+
+def test_duplicates_follow_ingestion_one_repeat_kept_conflicts_left_out(site_mapping) -> None:
+    req = stay_request()
+    entries = req["prefetch"]["observations"]["entry"]
+    lactate = [e for e in entries if e["resource"]["code"]["coding"][0]["code"] == "2524-7"]
+    repeat = copy.deepcopy(lactate[0])
+    conflict = copy.deepcopy(lactate[1])
+    conflict["resource"]["valueQuantity"]["value"] = 9.9
+    entries += [repeat, conflict]
+    chart = _chart(req, site_mapping)
+    assert (
+        len(_value(chart, "LAB//2524-7")) == 1
+    )  # the repeat counted once, both conflicting results left out
+    assert chart.not_used == {"conflicting_duplicate": 2}
