@@ -187,8 +187,10 @@ def create_app(
 
 def app_from_env() -> FastAPI:
     """ASGI factory for ``uvicorn clinical_ml.serve.app:app_from_env --factory`` (settings from the
-    environment)."""
-    return create_app(settings_from_env())
+    environment). It cannot know the address uvicorn listens on, so it never runs without authentication."""
+    settings = settings_from_env()
+    settings.check(host="0.0.0.0")  # as if public: CLINICAL_ML_SERVE_AUTH=off is refused
+    return create_app(settings)
 
 
 def run(settings: ServiceSettings, *, host: str, port: int) -> None:

@@ -52,3 +52,11 @@ def test_the_command_refuses_auth_off_on_a_public_address(monkeypatch, capsys) -
     monkeypatch.setenv("CLINICAL_ML_SERVE_AUTH", "off")
     assert main(["serve", "--host", "0.0.0.0", "--port", "8099"]) == 2
     assert "loopback" in capsys.readouterr().err
+
+
+def test_the_asgi_factory_never_runs_without_authentication(monkeypatch) -> None:
+    from clinical_ml.serve.app import app_from_env
+
+    monkeypatch.setenv("CLINICAL_ML_SERVE_AUTH", "off")
+    with pytest.raises(SettingsError, match="loopback"):
+        app_from_env()
