@@ -6,14 +6,17 @@ and no de-identified table holds a raw identifier value or identifier-shaped tex
 counts (never a value) are the batch's privacy record.
 """
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anonymize_batch
+from clinical_ml.core.clinical_sources import source_events
 from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.pseudonyms import HmacKey
@@ -26,6 +29,9 @@ from clinical_ml.core.reidentification import (
     quasi_identifiers,
 )
 from clinical_ml.core.site_mapping import CODED_FIELDS, UNMAPPED, SiteMapping
+
+if TYPE_CHECKING:
+    from clinical_ml.core.artifacts import DeidStore
 
 DEID_TABLE_NAMES = ("patients", "encounters", "events")
 _IDENTIFIER_PATTERNS = {
@@ -147,6 +153,67 @@ class BatchRelease:
         )
 
 
+class PseudonymContinuityError(RuntimeError):
+    """Releasing this batch would give a returning patient a second pseudonym (the vault was lost or replaced,
+    or the pseudonym mode changed in a running deployment). Nothing is written; the landing data stay."""
+
+
+def pseudonym_continuity_problem(
+    *,
+    batch_id: str,
+    mode: str,
+    released: Sequence[Mapping],
+    vault_subjects: pl.Series,
+    released_subjects: pl.Series,
+) -> str | None:
+    """Why releasing ``batch_id`` now would break pseudonym continuity, or None.
+
+    Parameters
+    ----------
+    mode
+        The pseudonym mode of this run (``vault`` or ``hmac``).
+    released
+        The privacy records of the batches already released (``batch_id``, ``released``, ``pseudonym_mode``).
+    vault_subjects
+        The subject ids the vault holds (vault mode; empty in HMAC mode).
+    released_subjects
+        Distinct subject ids of the de-identified patients already released.
+    """
+    earlier = [r for r in released if r.get("released") and r.get("batch_id") != batch_id]
+    other_mode = [r["batch_id"] for r in earlier if r.get("pseudonym_mode", mode) != mode]
+    if other_mode:
+        was = earlier[0].get("pseudonym_mode")
+        return (
+            f"batch {batch_id}: the pseudonym mode is '{mode}', but {len(other_mode)} batches already released "
+            f"were pseudonymised in '{was}' mode (first: {sorted(other_mode)[0]}); the same patient would get a "
+            f"second subject id. Keep one mode per deployment (CLINICAL_ML_PSEUDONYM_MODE={was}), or start a new "
+            "data root and re-release every batch from the archive in the new mode"
+        )
+    if mode != "vault" or released_subjects.len() == 0:
+        return None
+    missing = released_subjects.filter(~released_subjects.is_in(vault_subjects.implode())).len()
+    if missing:
+        state = (
+            "missing or empty"
+            if vault_subjects.len() == 0
+            else "not the vault these batches were released with"
+        )
+        return (
+            f"batch {batch_id}: the pseudonym vault is {state}: {missing} of the {released_subjects.len()} "
+            f"patients already released ({len(earlier)} batches) are not in it, so a returning patient would "
+            "get a second pseudonym. Restore data/phi/vault from the phi zone's backup, then run again"
+        )
+    return None
+
+
+def released_subject_ids(deid: "DeidStore") -> pl.Series:
+    """Distinct subject ids of every de-identified patient part released so far (empty before the first)."""
+    files = deid.patients.files()
+    if not files:
+        return pl.Series("subject_id", [], dtype=pl.Int64)
+    return pl.scan_parquet(files).select(pl.col("subject_id").unique()).collect()["subject_id"]
+
+
 def batch_rng(seed: int | None, batch_id: str) -> np.random.Generator:
     """Surrogates and shifts from operating-system entropy, or reproducibly from ``seed`` and the batch."""
     return np.random.default_rng(None if seed is None else [seed, *map(int, batch_id.encode())])
@@ -181,6 +248,13 @@ def release_batch(
         rng=rng,
         hmac_key=hmac_key,
         site_mapping=mapping,
+    )
+    # medications, diagnoses, procedures and device vitals join the events under the same pseudonyms and shifts
+    more = source_events(raw, patients=result.vault.patients, encounters=result.vault.encounters)
+    result = dataclasses.replace(
+        result,
+        events=pl.concat([result.events, more.events], how="vertical_relaxed"),
+        orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
     remedied = enforce_k_anonymity(
         patients=result.patients, encounters=result.encounters, events=result.events, policy=policy

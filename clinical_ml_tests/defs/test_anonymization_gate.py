@@ -224,3 +224,58 @@ def test_a_ranged_run_gates_each_batch_on_its_own(tmp_path, monkeypatch):
                 assert same, f"{t} of batch {b} differs between the ranged run and the single runs"
     for root in roots.values():
         assert read_json(root / "deid" / "privacy" / f"{held}.json")["released"] is False
+
+
+def _failure_message(res: dg.ExecuteInProcessResult) -> str:
+    failure = next(e for e in res.all_events if e.is_step_failure)
+    error, message = failure.step_failure_data.error, ""
+    while error is not None:
+        message, error = message + error.message, error.cause
+    return message
+
+
+@pytest.mark.parametrize("change", ["vault deleted", "vault replaced", "mode switched to hmac"])
+def test_a_returning_patient_never_gets_a_second_pseudonym(tmp_path, monkeypatch, change):
+    """Issue #17 class 7: a deleted or replaced vault, or a switch from vault to HMAC mode in a running
+    deployment, gave returning patients a second pseudonym. The next batch now stops with what to do, writes
+    nothing, and the released batches and the landing zone stay as they were."""
+    h = generate_hospital(tmp_path / "landing", SyntheticConfig(n_patients=400, n_batches=2, seed=8))
+    first, second = h.batch_ids
+    for b in (first, second):
+        _stage_raw(tmp_path, b)
+    with dg.instance_for_test() as instance:
+        assert _materialize(tmp_path, first, instance).success
+        vault = tmp_path / "phi" / "vault"
+        settings: dict = {}
+        if change == "vault deleted":
+            for f in vault.iterdir():
+                f.unlink()
+        elif change == "vault replaced":  # e.g. another deployment's vault restored by mistake
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "landing").symlink_to(tmp_path / "landing", target_is_directory=True)
+            _stage_raw(other, second)
+            assert _materialize(other, second, instance).success
+            for f in (other / "phi" / "vault").iterdir():
+                f.replace(vault / f.name)
+        else:
+            monkeypatch.setenv("CLINICAL_ML_PSEUDONYM_KEY", "k" * 40)
+            settings = {"pseudonym_mode": "hmac", "hmac_secret": "k" * 40}
+        landing_before = sorted(p.name for p in (tmp_path / "landing" / second).iterdir())
+        res = _materialize(tmp_path, second, instance, **settings)
+    assert not res.success
+    message = _failure_message(res)
+    if change == "mode switched to hmac":
+        assert (
+            "pseudonym mode is 'hmac', but 1 batches already released were pseudonymised in 'vault'"
+            in message
+        )
+        assert "CLINICAL_ML_PSEUDONYM_MODE=vault" in message
+    else:
+        assert "Restore data/phi/vault from the phi zone's backup" in message
+        assert ("missing or empty" in message) is (change == "vault deleted")
+    # nothing of the second batch was released; the first and the landing zone are untouched
+    for t in TABLES:
+        assert not (tmp_path / "deid" / t / f"{second}.parquet").exists()
+        assert (tmp_path / "deid" / t / f"{first}.parquet").exists()
+    assert sorted(p.name for p in (tmp_path / "landing" / second).iterdir()) == landing_before

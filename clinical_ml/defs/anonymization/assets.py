@@ -3,7 +3,14 @@ import polars as pl
 
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.artifacts import DictRecord
-from clinical_ml.core.deid_release import BatchRelease, batch_rng, release_batch
+from clinical_ml.core.deid_release import (
+    BatchRelease,
+    PseudonymContinuityError,
+    batch_rng,
+    pseudonym_continuity_problem,
+    release_batch,
+    released_subject_ids,
+)
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
@@ -138,9 +145,19 @@ def _anonymize_batch(
     paths = ZonePaths(
         landing=zones.landing, archive=zones.archive, quarantine=zones.quarantine, phi=zones.phi
     )
+    vault = phi.read_vault() if key is None else Vault.empty()
+    problem = pseudonym_continuity_problem(
+        batch_id=batch_id,
+        mode=anonymization.pseudonym_mode,
+        released=[r.data for r in deid.privacy.read_all()],
+        vault_subjects=vault.patients["subject_id"],
+        released_subjects=released_subject_ids(deid),
+    )
+    if problem:
+        raise PseudonymContinuityError(problem)
     release = release_batch(
         {s: _raw(zones, s, batch_id) for s in SOURCES},
-        vault=phi.read_vault() if key is None else Vault.empty(),
+        vault=vault,
         batch_id=batch_id,
         policy=_policy(anonymization),
         max_shift_weeks=anonymization.max_shift_weeks,
