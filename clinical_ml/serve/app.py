@@ -87,6 +87,18 @@ def create_app(
     app = FastAPI(title="clinical_ml CDS Hooks service", version="2.0", docs_url=None, redoc_url=None)
     app.state.service = service
 
+    def guarded(work: Callable[[], Reply]) -> Reply:
+        # an unexpected error is answered here, by its type only: left to the server, its traceback (which may
+        # quote a value of the request) would reach the log
+        try:
+            return work()
+        except Exception as exc:
+            return rejected(
+                500,
+                [Issue("request", "exception", "the service failed; the error was logged")],
+                f"error:{type(exc).__name__}",
+            )
+
     def reply(r: Reply, route: str, t0: float) -> Response:
         ms = (time.perf_counter() - t0) * 1000
         log.info("%s %d %.1f ms model=%s outcome=%s", route, r.status, ms, r.model_version or "-", r.outcome)
@@ -121,7 +133,7 @@ def create_app(
     def discovery(request: Request) -> Response:
         t0 = time.perf_counter()
         denied = authenticate(request, service.audiences(None))
-        return reply(denied or service.discovery(), "discovery", t0)
+        return reply(denied or guarded(service.discovery), "discovery", t0)
 
     @app.post("/cds-services/{service_id}")
     async def hook(service_id: str, request: Request) -> Response:
@@ -134,7 +146,7 @@ def create_app(
         if bad:
             return reply(bad, route, t0)
         now = clock() if clock else None
-        r = await anyio.to_thread.run_sync(lambda: service.call(service_id, body, now=now))
+        r = await anyio.to_thread.run_sync(lambda: guarded(lambda: service.call(service_id, body, now=now)))
         return reply(r, route, t0)
 
     @app.post("/cds-services/{service_id}/feedback")
@@ -148,7 +160,9 @@ def create_app(
         if bad:
             return reply(bad, route, t0)
         now = clock() if clock else None
-        r = await anyio.to_thread.run_sync(lambda: service.feedback(service_id, body, now=now))
+        r = await anyio.to_thread.run_sync(
+            lambda: guarded(lambda: service.feedback(service_id, body, now=now))
+        )
         return reply(r, route, t0)
 
     @app.get("/reports/{use_case}/{version}")

@@ -277,3 +277,17 @@ def test_edge_of_the_calendar_and_huge_values_are_never_a_500(
 ) -> None:
     r = _call(client, ehr, _mutate(("prefetch", *where), value))
     assert r.status_code in (200, 400), r.text
+
+
+def test_an_unexpected_error_is_a_500_whose_log_quotes_nothing(
+    client: TestClient, ehr: Ehr, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise ValueError("pat-4711 has value 4.5")
+
+    monkeypatch.setattr(client.app.state.service, "card_for", broken)
+    caplog.set_level(logging.INFO)
+    r = _call(client, ehr, stay_request())
+    assert r.status_code == 500 and r.json()["resourceType"] == "OperationOutcome"
+    assert "pat-4711" not in r.text and "pat-4711" not in caplog.text
+    assert "outcome=error:ValueError" in caplog.text
