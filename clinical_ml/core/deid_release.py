@@ -6,6 +6,7 @@ and no de-identified table holds a raw identifier value or identifier-shaped tex
 counts (never a value) are the batch's privacy record.
 """
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anonymize_batch
+from clinical_ml.core.clinical_sources import source_events
 from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.pseudonyms import HmacKey
@@ -246,6 +248,13 @@ def release_batch(
         rng=rng,
         hmac_key=hmac_key,
         site_mapping=mapping,
+    )
+    # medications, diagnoses, procedures and device vitals join the events under the same pseudonyms and shifts
+    more = source_events(raw, patients=result.vault.patients, encounters=result.vault.encounters)
+    result = dataclasses.replace(
+        result,
+        events=pl.concat([result.events, more.events], how="vertical_relaxed"),
+        orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
     remedied = enforce_k_anonymity(
         patients=result.patients, encounters=result.encounters, events=result.events, policy=policy

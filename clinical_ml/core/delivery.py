@@ -24,6 +24,7 @@ from typing import Any
 
 import polars as pl
 
+from clinical_ml.core.clinical_sources import MORE_SOURCES
 from clinical_ml.core.ingestion import (
     DUPLICATE_KEYS,
     RULES_VERSION,
@@ -445,7 +446,7 @@ UPSTREAM: dict[str, list[str]] = {
     "labs": ["patients", "encounters"],
     "vitals": ["patients", "encounters"],
     "labels": ["encounters"],
-}
+} | {s: ["patients", "encounters"] for s in MORE_SOURCES}
 
 
 def earlier_encounters(zones: ZonePaths, batch_id: str) -> tuple[pl.DataFrame, list[str]]:

@@ -39,6 +39,7 @@ from pathlib import Path
 import pandera.polars as pa
 import polars as pl
 
+from clinical_ml.core import clinical_sources
 from clinical_ml.core.pseudonyms import normalize_identifier
 from clinical_ml.core.safety import (
     FORMULA_START,
@@ -184,6 +185,14 @@ REVISION_COLUMN = {"labels": "recorded_time"}
 # The time of an event used for the temporal checks against its encounter.
 EVENT_TIME = {"labs": "specimen_time", "vitals": "charted_time"}
 CODE_COLUMN = {"labs": "loinc_code", "vitals": "code"}
+# Medications, diagnoses, procedures and device vitals: their tables and rules live in their own module.
+clinical_sources.register(
+    source_columns=SOURCE_COLUMNS,
+    nullable=NULLABLE,
+    duplicate_keys=DUPLICATE_KEYS,
+    event_time=EVENT_TIME,
+    code_column=CODE_COLUMN,
+)
 DERIVED_COLUMNS: dict[str, pl.DataType] = {
     "value_raw": pl.Float64(),
     "unit_raw": pl.String(),
@@ -221,7 +230,7 @@ def _schema(source: str, mapping: SiteMapping) -> pa.DataFrameSchema:
         "loinc_code": [pa.Check.isin(list(LAB_CODES))],
         "code": [pa.Check.isin(list(VITAL_CODES))],
         "label": [pa.Check.str_matches(LABEL_NAME_PATTERN)],
-    }
+    } | clinical_sources.column_checks()
     for coded in CODED_FIELDS.get(source, ()):
         # the mapping's controlled values, or unmapped: never delivered text
         checks[coded] = [pa.Check.isin([*sorted(mapping.allowed(coded)), "unmapped"])]
@@ -739,7 +748,7 @@ def _source_rules(source: str) -> list[tuple[pl.Expr, str]]:
         ]
     if source == "labels":
         return [(pl.col("recorded_time") < pl.col("event_time"), "recorded_before_event")]
-    return []
+    return clinical_sources.source_rules(source)
 
 
 def _zero_padded_match(column: str, known: pl.Series) -> pl.Expr:

@@ -22,13 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinical_ml.core.clinical_sources import MORE_SOURCES
 from clinical_ml.core.safety import safe_name
 from clinical_ml.core.storage import sha256_file
 
 COMPLETION_MARKER = "_SUCCESS"
-SOURCES = ("patients", "encounters", "labs", "vitals", "labels")
+SOURCES = ("patients", "encounters", "labs", "vitals", "labels", *MORE_SOURCES)
 # Sources a batch may leave out without being incomplete: hospital-supplied labels (e.g. from chart review).
-OPTIONAL_SOURCES = ("labels",)
+# Medications, diagnoses, procedures and device vitals (clinical_ml.core.clinical_sources) are optional too.
+OPTIONAL_SOURCES = ("labels", *MORE_SOURCES)
 DATA_SUFFIXES = (".csv", ".parquet", ".zip")
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from clinical_ml.core import ingestion, landing, safety, site_mapping, units
+from clinical_ml.core import clinical_sources, dicom, ingestion, landing, safety, site_mapping, units
 from clinical_ml.core.locations import PROJECT_ROOT
 
 _TYPES = {
@@ -24,7 +24,7 @@ _PURPOSE = {
     "labs": "Laboratory results (lab system), one row per result.",
     "vitals": "ICU monitoring (PDMS) in long format, one row per charted value.",
     "labels": "Hospital-supplied labels (e.g. chart review), one row per encounter and label.",
-}
+} | clinical_sources.PURPOSE
 
 
 def _type(dtype: object) -> str:
@@ -45,6 +45,8 @@ def _rule(checks: Iterable) -> str:
             parts.append(f"one of {shown}" + (f" and {len(values) - 12} more" if len(values) > 12 else ""))
         elif "pattern" in stats:
             parts.append(f"matches `{stats['pattern']}`")
+        elif "min_value" in stats:
+            parts.append(f"at least {stats['min_value']:g}")
     return "; ".join(parts)
 
 
@@ -87,6 +89,7 @@ def _table(source: str) -> list[str]:
             f"A later `{ingestion.REVISION_COLUMN[source]}` of the same key supersedes the earlier rows "
             "(`superseded`)."
         )
+    lines += clinical_sources.contract_notes(source)
     if source in ingestion.EVENT_TIME:
         lines.append(
             f"`{ingestion.EVENT_TIME[source]}` must fall within its encounter (after birth and admission, at most "
@@ -118,7 +121,71 @@ def _codes() -> list[str]:
             lines.append(
                 f"| {source} | `{code}` | {name} | `{unit}` | {', '.join(variants.get(code, []))} | {rng} |"
             )
+    lines += [
+        "",
+        "`medications.atc_code` takes the ATC codes below, each with the canonical unit of a dose; a dose in a "
+        "listed variant unit is converted at the boundary, any other unit rejects the row (`unknown_unit`). A "
+        "dose outside the plausible range is kept and flagged. `medications.route` takes "
+        f"{', '.join(f'`{r}` ({n})' for r, n in units.ROUTES.items())}.",
+        "",
+        "| code | name | canonical unit | also accepted | plausible dose |",
+        "|---|---|---|---|---|",
+    ]
+    med_variants: dict[str, list[str]] = {}
+    for code, unit in units.MEDICATION_CONVERSIONS:
+        med_variants.setdefault(code, []).append(f"`{unit}`")
+    for code, (name, unit) in units.MEDICATION_CODES.items():
+        lo, hi = units.MEDICATION_PLAUSIBLE[code]
+        lines.append(
+            f"| `{code}` | {name} | `{unit}` | {', '.join(med_variants.get(code, []))} | {lo:g} to {hi:g} |"
+        )
+    lines += [
+        "",
+        f"`diagnoses.icd10_code` is checked by pattern (`{clinical_sources.ICD10CM_DELIVERED}`), not against a "
+        "list. `procedures.procedure_code` takes the ICD-10-PCS codes below.",
+        "",
+        "| code | name |",
+        "|---|---|",
+        *(f"| `{code}` | {name} |" for code, name in units.PROCEDURE_CODES.items()),
+    ]
     return [*lines, ""]
+
+
+def _imaging() -> list[str]:
+    actions = {"X": "removed", "Z": "emptied", "D": "replaced by a dummy"}
+    by_action: dict[str, list[str]] = {}
+    for keyword, action in dicom.BASIC_PROFILE.items():
+        by_action.setdefault(action, []).append(f"`{keyword}`")
+    lines = [
+        "## Imaging (DICOM)",
+        "",
+        f"DICOM files (`*{dicom.DICOM_SUFFIX}`, headers alone are enough) in a batch's `{dicom.IMAGING_FOLDER}/` "
+        "folder are read and de-identified by `clinical_ml/core/dicom.py` following the DICOM PS3.15 Basic "
+        "Application Level Confidentiality Profile with the modified-dates option. The landing sensor does not "
+        f"read the folder yet (it is counted among the entries not read). `PatientID` (the MRN) ties a file to "
+        "its patient, `AdmissionID` (the encounter number) to its stay, else the patient's stay that holds "
+        "`StudyDate`/`StudyTime`.",
+        "",
+    ]
+    for action in ("X", "Z", "D"):
+        lines.append(f"- {actions[action]}: {', '.join(sorted(by_action.get(action, [])))}")
+    lines += [
+        "- `PatientID` and `PatientName` become the patient's pseudonym; every UID that is not a registered DICOM "
+        f"UID becomes `{dicom.UID_ROOT}<integer>` derived under a secret (the same in every file and batch); "
+        "dates and date-times move by the patient's date shift; private attributes are removed, then every "
+        f"attribute not among the {len(dicom.KEPT)} kept ones (coded and technical attributes, coded findings).",
+        "- `BurnedInAnnotation` `YES`, `RecognizableVisualFeatures` `YES`, or no flag on "
+        f"{', '.join(f'`{m}`' for m in sorted(dicom.BURN_IN_MODALITIES))}: the pixel data are dropped and counted "
+        "with the reason.",
+        f"- Events: `{dicom.IMAGING_CODE_PREFIX}<modality>//<body part>` per study (modality "
+        f"{', '.join(f'`{m}`' for m in units.IMAGING_MODALITIES)}; body part "
+        f"{', '.join(f'`{b}`' for b in units.IMAGING_BODY_PARTS)}; anything else `unmapped`) and "
+        f"`{dicom.FINDING_CODE_PREFIX}<scheme>:<code>` per coded finding of a structured report "
+        f"({', '.join(f'`{c}` ({n})' for c, n in units.IMAGING_FINDINGS.items())}; other codes are counted, "
+        "not released).",
+        "",
+    ]
+    return lines
 
 
 def _coded_values() -> list[str]:
@@ -191,6 +258,7 @@ def contract_markdown() -> str:
         lines += _table(source)
     lines += _coded_values()
     lines += _codes()
+    lines += _imaging()
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -161,6 +161,13 @@ class SyntheticConfig:
         Days of admissions per batch: batch ``b`` covers days ``[b * d, (b + 1) * d)`` from ``start_date``,
         so the data span ``n_batches * days_per_batch`` days. 30-day readmissions need a span of months
         (e.g. 5 batches of 14 days); the drift replay keeps daily batches.
+    more_sources
+        Also write medications, diagnoses, procedures and minute-level device vitals (their own random stream:
+        the other files of a seed do not change). Off by default, which keeps the many small test hospitals
+        small; the demo asks for them.
+    imaging
+        Also write DICOM headers of imaging studies under ``<batch>/imaging/`` (off by default: the landing
+        zone lists the folder among the entries it does not read until imaging is wired into the graph).
     """
 
     n_patients: int = 2000
@@ -171,6 +178,8 @@ class SyntheticConfig:
     start_date: date = date(2026, 1, 5)
     drift_from_batch: int | None = None
     days_per_batch: int = 1
+    more_sources: bool = False
+    imaging: bool = False
 
     def __post_init__(self) -> None:
         if self.n_patients < 10:
@@ -764,6 +773,382 @@ def _observed_kidney_injury(enc: pl.DataFrame, labs: pl.DataFrame) -> dict:
     }
 
 
+# The further sources (clinical_ml.core.clinical_sources, clinical_ml.core.dicom), drawn from their own random
+# stream so that the patients, stays, labs and vitals of a seed stay what they were.
+MORE_SOURCES_STREAM = 16
+# (ATC, dose, unit, route, every hours, share of stays): antibiotics, prophylaxis, analgesia.
+SCHEDULED_MEDICATIONS = (
+    ("J01DD04", 2000.0, "mg", "IV", 24, 0.35),
+    ("J01CR05", 4500.0, "mg", "IV", 8, 0.25),
+    ("J01XA01", 1000.0, "mg", "IV", 12, 0.2),
+    ("B01AB01", 5000.0, "[iU]", "SC", 12, 0.55),
+    ("N02BE01", 1000.0, "mg", "PO", 6, 0.4),
+    ("C03CA01", 40.0, "mg", "IV", 12, 0.2),
+)
+PRIMARY_DIAGNOSES = (
+    "A41.9",
+    "J18.9",
+    "I50.9",
+    "J44.1",
+    "I63.9",
+    "I21.4",
+    "K92.2",
+    "N17.9",
+    "J96.01",
+    "S06.5X0A",
+)
+SECONDARY_DIAGNOSES = (
+    "E11.9",
+    "I10",
+    "N18.3",
+    "E87.1",
+    "D64.9",
+    "I48.91",
+    "E78.5",
+    "F10.20",
+    "J96.00",
+    "R65.21",
+)
+# Minute-level device vitals for the first hours of some stays; the site that samples every other minute.
+DEVICE_CODES = ("heart_rate", "spo2")
+DEVICE_HOURS = 4
+DEVICE_SHARE = 0.2
+SLOW_DEVICE_SITE = "SITE_B"
+
+
+def _stay_arrays(enc: pl.DataFrame) -> dict[str, np.ndarray]:
+    death = enc["death_s"].to_numpy()
+    end = np.where(
+        death >= 0, np.minimum(enc["discharge_s"].to_numpy(), death), enc["discharge_s"].to_numpy()
+    )
+    return {
+        "admit": enc["admit_s"].to_numpy(),
+        "end": end,
+        "discharge": enc["discharge_s"].to_numpy(),
+        "enc": enc["encounter_id"].to_numpy(),
+        "batch": enc["batch"].to_numpy(),
+        "site": enc["site"].to_numpy(),
+    }
+
+
+def _medications(enc: pl.DataFrame, phys: dict, rng: np.random.Generator, *, start: datetime) -> pl.DataFrame:
+    """Scheduled doses (an eMAR) and a vasopressor infusion charted every 2 h for the sickest; some stays have no
+    medication record at all (their ward was not on the eMAR yet), one site charts antibiotics in grams."""
+    s = _stay_arrays(enc)
+    on_emar = rng.random(enc.height) > 0.1
+    frames = []
+    for atc, dose, unit, route, every, share in SCHEDULED_MEDICATIONS:
+        stays = np.flatnonzero(on_emar & (rng.random(enc.height) < share))
+        n = np.maximum(1, ((s["end"][stays] - s["admit"][stays]) // (every * 3600)).astype(int))
+        rows = np.repeat(stays, n)
+        k = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n)
+        t = s["admit"][rows] + 1800 + k * every * 3600 + rng.integers(0, 900, rows.size)
+        ok = t < s["end"][rows]
+        rows, t = rows[ok], t[ok]
+        grams = (s["site"][rows] == "SITE_C") & (unit == "mg") & (atc.startswith("J01"))
+        frames.append(
+            pl.DataFrame(
+                {
+                    "encounter_id": s["enc"][rows],
+                    "atc_code": np.full(rows.size, atc),
+                    "dose": np.where(grams, dose / 1000, dose),
+                    "dose_unit": np.where(grams, "g", unit),
+                    "route": np.full(rows.size, route),
+                    "admin_time": _clock(start, t),
+                    "recorded_time": _clock(start, t + rng.integers(60, 1800, rows.size)),
+                    "_batch": s["batch"][rows],
+                }
+            )
+        )
+    sick = np.flatnonzero(on_emar & (phys["severity"] > np.quantile(phys["severity"], 0.8)))
+    n = np.maximum(1, np.minimum(12, (s["end"][sick] - s["admit"][sick]) // 7200)).astype(int)
+    rows = np.repeat(sick, n)
+    k = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n)
+    t = s["admit"][rows] + 600 + k * 7200
+    ok = t < s["end"][rows]
+    rows, t = rows[ok], t[ok]
+    frames.append(
+        pl.DataFrame(
+            {
+                "encounter_id": s["enc"][rows],
+                "atc_code": np.full(rows.size, "C01CA03"),
+                "dose": np.round(np.clip(rng.lognormal(np.log(0.15), 0.6, rows.size), 0.01, 2.0), 3),
+                "dose_unit": np.full(rows.size, "ug/kg/min"),
+                "route": np.full(rows.size, "IV"),
+                "admin_time": _clock(start, t),
+                "recorded_time": _clock(start, t + rng.integers(60, 600, rows.size)),
+                "_batch": s["batch"][rows],
+            }
+        )
+    )
+    return pl.concat(frames).sort("admin_time")
+
+
+def _diagnoses(enc: pl.DataFrame, phys: dict, rng: np.random.Generator, *, start: datetime) -> pl.DataFrame:
+    """An admitting diagnosis for most stays, a primary and up to four secondary ones coded one to five days
+    after discharge; AKI stays carry N17.9. Some stays were never coded; one site writes codes without the dot."""
+    s = _stay_arrays(enc)
+    coded = rng.random(enc.height) > 0.08
+    stays, codes, kinds, times = [], [], [], []
+    primary = rng.choice(PRIMARY_DIAGNOSES, enc.height)
+    admitting = np.flatnonzero(coded & (rng.random(enc.height) < 0.6))
+    stays.append(admitting)
+    codes.append(primary[admitting])
+    kinds.append(np.full(admitting.size, "admitting"))
+    times.append(s["admit"][admitting] + rng.integers(600, 7200, admitting.size))
+    idx = np.flatnonzero(coded)
+    lag = rng.integers(86400, 5 * 86400, idx.size)
+    stays.append(idx)
+    codes.append(primary[idx])
+    kinds.append(np.full(idx.size, "primary"))
+    times.append(s["discharge"][idx] + lag)
+    n_sec = rng.integers(0, 5, idx.size)
+    rows = np.repeat(idx, n_sec)
+    sec = rng.choice(SECONDARY_DIAGNOSES, rows.size)
+    stays.append(rows)
+    codes.append(sec)
+    kinds.append(np.full(rows.size, "secondary"))
+    times.append(np.repeat(s["discharge"][idx] + lag, n_sec))
+    aki = np.flatnonzero(coded & phys["aki"] & (primary != "N17.9"))
+    stays.append(aki)
+    codes.append(np.full(aki.size, "N17.9"))
+    kinds.append(np.full(aki.size, "secondary"))
+    times.append(s["discharge"][aki] + 86400)
+    r = np.concatenate(stays)
+    out = pl.DataFrame(
+        {
+            "encounter_id": s["enc"][r],
+            "icd10_code": np.concatenate(codes),
+            "diagnosis_type": np.concatenate(kinds),
+            "recorded_time": _clock(start, np.concatenate(times)),
+            "_batch": s["batch"][r],
+            "_site": s["site"][r],
+        }
+    ).unique(["encounter_id", "icd10_code", "diagnosis_type"], keep="first", maintain_order=True)
+    undotted = pl.col("_site") == "SITE_A"
+    return out.with_columns(
+        pl.when(undotted)
+        .then(pl.col("icd10_code").str.replace(".", "", literal=True))
+        .otherwise("icd10_code")
+    ).drop("_site")
+
+
+def _procedures(enc: pl.DataFrame, phys: dict, rng: np.random.Generator, *, start: datetime) -> pl.DataFrame:
+    """Intubation and ventilation (by length), central lines, renal replacement for some AKI stays; some
+    ventilation episodes have no end recorded."""
+    s = _stay_arrays(enc)
+    parts = []
+
+    def add(rows: np.ndarray, code: str | np.ndarray, t0: np.ndarray, t1: np.ndarray | None) -> None:
+        end = np.full(rows.size, -1) if t1 is None else np.where(rng.random(rows.size) < 0.1, -1, t1)
+        parts.append(
+            pl.DataFrame(
+                {
+                    "encounter_id": s["enc"][rows],
+                    "procedure_code": np.broadcast_to(code, rows.shape),
+                    "start_time": _clock(start, t0),
+                    "end_time": pl.Series(_clock(start, np.maximum(end, 0))).set(pl.Series(end < 0), None),
+                    "recorded_time": _clock(start, np.maximum(t0, np.where(end < 0, t0, end)) + 1800),
+                    "_batch": s["batch"][rows],
+                }
+            )
+        )
+
+    sick = phys["severity"] > np.quantile(phys["severity"], 0.6)
+    vent = np.flatnonzero(sick & (rng.random(enc.height) < 0.6))
+    t0 = s["admit"][vent] + rng.integers(0, 6 * 3600, vent.size)
+    t0 = np.minimum(t0, s["end"][vent] - 60)
+    t1 = np.minimum(t0 + rng.integers(6, 200, vent.size) * 3600, s["end"][vent])
+    hours = (t1 - t0) / 3600
+    add(vent, np.full(vent.size, "0BH17EZ"), t0, None)
+    add(vent, np.where(hours > 96, "5A1955Z", np.where(hours >= 24, "5A1945Z", "5A1935Z")), t0, t1)
+    line = np.flatnonzero(rng.random(enc.height) < 0.45)
+    add(
+        line,
+        "02HV33Z",
+        np.minimum(s["admit"][line] + rng.integers(0, 4 * 3600, line.size), s["end"][line] - 60),
+        None,
+    )
+    crrt = np.flatnonzero(phys["aki"] & (rng.random(enc.height) < 0.3))
+    t0 = np.minimum(s["admit"][crrt] + rng.integers(24, 60, crrt.size) * 3600, s["end"][crrt] - 3600)
+    add(crrt, "5A1D90Z", t0, np.minimum(t0 + rng.integers(24, 96, crrt.size) * 3600, s["end"][crrt]))
+    out = pl.concat(parts).sort("start_time")
+    return out.filter(pl.col("start_time") >= pl.lit(start))
+
+
+def _device_vitals(
+    enc: pl.DataFrame, phys: dict, rng: np.random.Generator, *, start: datetime
+) -> pl.DataFrame:
+    """Minute-level heart rate and SpO2 for the first hours of some stays (``SLOW_DEVICE_SITE`` samples every
+    other minute), with dropped samples and a few disconnections of 10 to 30 minutes."""
+    s = _stay_arrays(enc)
+    stays = np.flatnonzero(rng.random(enc.height) < DEVICE_SHARE)
+    frames = []
+    for code in DEVICE_CODES:
+        step = np.where(s["site"][stays] == SLOW_DEVICE_SITE, 120, 60)
+        n = (DEVICE_HOURS * 3600 // step).astype(int)
+        rows = np.repeat(stays, n)
+        k = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n)
+        t = s["admit"][rows] + 300 + k * np.repeat(step, n)
+        gap_at = np.repeat(rng.integers(0, DEVICE_HOURS * 3600, stays.size), n)
+        gap_len = np.repeat(np.where(rng.random(stays.size) < 0.3, rng.integers(600, 1800, stays.size), 0), n)
+        off = (t - s["admit"][rows] >= gap_at) & (t - s["admit"][rows] < gap_at + gap_len)
+        keep = (t < s["end"][rows]) & ~off & (rng.random(rows.size) > 0.03)
+        rows, t = rows[keep], t[keep]
+        hours = (t - s["admit"][rows]) / 3600
+        value = _value_at(phys, code, rows, hours, rng) + rng.normal(0, 1.5, rows.size)
+        if code == "spo2":
+            value = np.clip(value, 70, 100)
+        frames.append(
+            pl.DataFrame(
+                {
+                    "encounter_id": s["enc"][rows],
+                    "code": np.full(rows.size, code),
+                    "value": np.round(value, 0),
+                    "unit": np.full(rows.size, VITALS[code]),
+                    "charted_time": _clock(start, t),
+                    "_batch": s["batch"][rows],
+                }
+            )
+        )
+    return pl.concat(frames).sort("charted_time")
+
+
+IMAGING_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+# (modality, body part, share of stays); a structured report with coded findings follows some chest images.
+IMAGING_STUDIES = (("DX", "CHEST", 0.35), ("CT", "HEAD", 0.08), ("US", "ABDOMEN", 0.05))
+REPORT_FINDINGS = ("233604007", "60046008", "36118008", "19242006", "2472002")
+
+
+def _imaging_studies(
+    enc: pl.DataFrame, patients: pl.DataFrame, rng: np.random.Generator, *, start: datetime
+) -> pl.DataFrame:
+    """One row per study: the stay, modality, body part, study time, and the gaps a PACS export has (no
+    admission number, no body part, ultrasound with burned-in annotations), and a report's finding or none."""
+    s = _stay_arrays(enc)
+    parts = []
+    for modality, body, share in IMAGING_STUDIES:
+        rows = np.flatnonzero(rng.random(enc.height) < share)
+        t = np.minimum(s["admit"][rows] + rng.integers(1800, 36 * 3600, rows.size), s["end"][rows] - 60)
+        parts.append(
+            pl.DataFrame(
+                {
+                    "_row": rows,
+                    "modality": np.full(rows.size, modality),
+                    "body_part": np.where(rng.random(rows.size) < 0.1, "", body),
+                    "study_s": t,
+                    "with_admission_id": rng.random(rows.size) > 0.15,
+                    "burned_in": np.full(rows.size, modality == "US") & (rng.random(rows.size) < 0.5),
+                    "finding": np.where(
+                        (modality == "DX") & (rng.random(rows.size) < 0.5),
+                        rng.choice([*REPORT_FINDINGS, "999999"], rows.size),
+                        "",
+                    ),
+                }
+            )
+        )
+    studies = pl.concat(parts).sort("study_s")
+    pidx = enc["patient_index"].to_numpy()[studies["_row"].to_numpy()]
+    return studies.with_columns(
+        pl.Series("encounter_id", s["enc"][studies["_row"].to_numpy()]),
+        pl.Series("_batch", s["batch"][studies["_row"].to_numpy()]),
+        pl.Series("site", s["site"][studies["_row"].to_numpy()]),
+        pl.Series("mrn", patients["mrn"].to_numpy()[pidx]),
+        pl.Series("first_name", patients["first_name"].to_numpy()[pidx]),
+        pl.Series("last_name", patients["last_name"].to_numpy()[pidx]),
+        pl.Series("birth_date", patients["birth_date"].to_numpy()[pidx]),
+        pl.Series("sex", patients["sex"].to_numpy()[pidx]),
+        pl.Series("study_time", _clock(start, studies["study_s"].to_numpy())),
+    )
+
+
+def _dicom_header(study: dict, *, seed: int, number: int, report: bool):
+    """A DICOM header (no pixel data, except a few bytes on burned-in ultrasound) with the identifiers a real
+    one carries: the patient's name, MRN, birth date, the admission and accession numbers, the institution, the
+    referring physician, a free-text description naming the patient, and a private attribute."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    uid = f"{IMAGING_UID_ROOT}{seed}.{number}"
+    ds.SOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.88.22"
+        if report
+        else (
+            "1.2.840.10008.5.1.4.1.1.1.1"
+            if study["modality"] == "DX"
+            else "1.2.840.10008.5.1.4.1.1.2"
+            if study["modality"] == "CT"
+            else "1.2.840.10008.5.1.4.1.1.6.1"
+        )
+    )
+    ds.StudyInstanceUID = uid
+    ds.SeriesInstanceUID = f"{uid}.{2 if report else 1}"
+    ds.SOPInstanceUID = f"{uid}.{2 if report else 1}.1"
+    ds.PatientName = f"{study['last_name']}^{study['first_name']}"
+    ds.PatientID = study["mrn"]
+    ds.PatientBirthDate = study["birth_date"].strftime("%Y%m%d")
+    ds.PatientSex = {"F": "F", "M": "M"}.get(str(study["sex"])[:1].upper(), "O")
+    if study["with_admission_id"]:
+        ds.AdmissionID = study["encounter_id"]
+    ds.AccessionNumber = f"A{seed % 100:02d}{number:07d}"
+    ds.InstitutionName = f"{study['site']} General Hospital"
+    ds.ReferringPhysicianName = f"Doe^{study['last_name'][:1]}"
+    ds.StudyDescription = (
+        f"{study['modality']} {study['body_part'] or ''} for {study['first_name']} {study['last_name']}"
+    )
+    ds.Modality = "SR" if report else study["modality"]
+    if study["body_part"]:
+        ds.BodyPartExamined = study["body_part"]
+    ds.StudyDate = study["study_time"].strftime("%Y%m%d")
+    ds.StudyTime = study["study_time"].strftime("%H%M%S")
+    ds.SeriesNumber, ds.InstanceNumber = (2 if report else 1), 1
+    block = ds.private_block(0x0011, "SYNTHETIC PACS", create=True)
+    block.add_new(0x01, "LO", study["mrn"])
+    if report:
+        when = study["study_time"] + timedelta(hours=2)
+        ds.ContentDate, ds.ContentTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+        ds.ValueType = "CONTAINER"
+        item, concept = Dataset(), Dataset()
+        item.ValueType, item.RelationshipType = "CODE", "CONTAINS"
+        concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = (
+            study["finding"],
+            "SCT",
+            "finding",
+        )
+        item.ConceptCodeSequence = [concept]
+        ds.ContentSequence = [item]
+    elif study["burned_in"]:
+        ds.BurnedInAnnotation = "YES"
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 8, 8, 7
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        ds.PixelData = bytes(4)
+    else:
+        ds.BurnedInAnnotation = "NO"
+    return ds
+
+
+def write_imaging(batch_dir: Path, studies: pl.DataFrame, *, seed: int) -> int:
+    """Write the batch's studies as DICOM files under ``<batch>/imaging/`` (and a structured report for those
+    with a finding); returns the number of files."""
+    from clinical_ml.core.dicom import DICOM_SUFFIX, IMAGING_FOLDER, write_dicom
+
+    n = 0
+    for study in studies.iter_rows(named=True):
+        number = int(study["_number"])
+        write_dicom(
+            _dicom_header(study, seed=seed, number=number, report=False),
+            batch_dir / IMAGING_FOLDER / f"{number:07d}{DICOM_SUFFIX}",
+        )
+        n += 1
+        if study["finding"]:
+            write_dicom(
+                _dicom_header(study, seed=seed, number=number, report=True),
+                batch_dir / IMAGING_FOLDER / f"{number:07d}_sr{DICOM_SUFFIX}",
+            )
+            n += 1
+    return n
+
+
 def _fmt_times(df: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
     return df.with_columns(pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S") for c in cols)
 
@@ -831,6 +1216,21 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
         for a in patients["age_at_first_admission"].to_numpy()
     ]
     patients = patients.with_columns(pl.Series("birth_date", birth))
+    more: dict[str, pl.DataFrame] = {}
+    if cfg.more_sources:
+        more_rng = np.random.default_rng([cfg.seed, MORE_SOURCES_STREAM])
+        more = {
+            "medications": _medications(enc, phys, more_rng, start=start),
+            "diagnoses": _diagnoses(enc, phys, more_rng, start=start),
+            "procedures": _procedures(enc, phys, more_rng, start=start),
+            "device_vitals": _device_vitals(enc, phys, more_rng, start=start),
+        }
+    studies = None
+    if cfg.imaging:
+        studies = _imaging_studies(
+            enc, patients, np.random.default_rng([cfg.seed, MORE_SOURCES_STREAM + 1]), start=start
+        )
+        studies = studies.with_columns(pl.int_range(1, pl.len() + 1).alias("_number"))
 
     batch_ids = []
     for b in range(cfg.n_batches):
@@ -874,6 +1274,13 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
         _fmt_times(
             vitals.filter(pl.col("_batch") == b).drop("_batch"), ["charted_time", "stored_time"]
         ).write_csv(bdir / "vitals.csv")
+        for name, frame in more.items():
+            times = [c for c, t in frame.schema.items() if isinstance(t, pl.Datetime)]
+            _fmt_times(frame.filter(pl.col("_batch") == b).drop("_batch"), times).write_csv(
+                bdir / f"{name}.csv"
+            )
+        if studies is not None:
+            write_imaging(bdir, studies.filter(pl.col("_batch") == b), seed=cfg.seed)
         write_completion_marker(bdir)
 
     died = phys["died"]

@@ -4,6 +4,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from clinical_ml.core.clinical_sources import DESCRIPTIONS
 from clinical_ml.core.delivery import (
     UPSTREAM,
     FileOutcome,
@@ -34,7 +35,7 @@ SOURCE_DESCRIPTIONS = {
     "labels": "Hospital-supplied labels (e.g. from chart review), optional: a coded label name and a yes/no value "
     "per encounter, validated against the encounters of the batch and of earlier batches; the latest review of "
     "an encounter and label wins.",
-}
+} | DESCRIPTIONS
 # outcome statuses that need no attention: an optional source may be left out of a batch
 FINE = ("accepted", "not_delivered")
 LEDGER_POOL = "landing_ledger"
