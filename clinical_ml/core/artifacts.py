@@ -362,6 +362,8 @@ class PhiStore:
         self.root = Path(root)
         self.vault_patients = ParquetFile(self.root / "vault" / "patients.parquet")
         self.vault_encounters = ParquetFile(self.root / "vault" / "encounters.parquet")
+        # the hospital's opt-out register (clinical_ml.core.consent): mrn, objected_on
+        self.consent_register = self.root / "consent" / "opt_out.csv"
 
     def raw(self, source: str) -> ParquetParts:
         return ParquetParts(self.root / "raw" / source)
@@ -392,6 +394,8 @@ class DeidStore:
         self.privacy = JsonParts(self.root / "privacy", DictRecord)
         # where each delivery's rows went (counts and reason codes: core.row_accounting.BatchAccount.as_dict)
         self.accounting = JsonParts(self.root / "accounting", DictRecord)
+        # what the opt-out register kept back and withdrew at each batch's anonymization (counts only)
+        self.consent = JsonParts(self.root / "consent", DictRecord)
         self.meds = self.root / "meds"
         self.meds_codes = ParquetFile(self.meds / "metadata" / "codes.parquet")
         # data quality profiles per batch (aggregates only) and their pages

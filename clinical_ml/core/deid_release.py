@@ -9,7 +9,7 @@ counts (never a value) are the batch's privacy record.
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +17,7 @@ import polars as pl
 
 from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anonymize_batch
 from clinical_ml.core.clinical_sources import source_events
+from clinical_ml.core.consent import ConsentWithheld, objecting_subjects, withhold_objecting
 from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.pseudonyms import HmacKey
@@ -108,6 +109,9 @@ class BatchRelease:
     leaks: dict[str, list[str]]  # per table, why it is unsafe (empty: safe)
     summary: str  # Markdown for the asset pages
     mapping_name: str = "default"
+    consent: ConsentWithheld = field(
+        default_factory=ConsentWithheld
+    )  # rows of patients who objected, kept back
 
     @property
     def meets_k(self) -> bool:
@@ -135,6 +139,7 @@ class BatchRelease:
             "zip3_suppressed": r.zip3_suppressed,
             "race_suppressed": r.race_suppressed,
             "subjects_withheld": r.subjects_withheld,
+            "withheld_by_consent": self.consent.as_dict(),
             "admissions_withheld": r.admissions_withheld,
             "events_withheld": r.events_withheld,
             "label_events": self.deid.label_events,
@@ -229,6 +234,7 @@ def release_batch(
     rng: np.random.Generator,
     hmac_key: HmacKey | None,
     mapping: SiteMapping | None = None,
+    opted_out: pl.Series | None = None,
 ) -> BatchRelease:
     """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
     when delivered, labels).
@@ -256,6 +262,13 @@ def release_batch(
         events=pl.concat([result.events, more.events], how="vertical_relaxed"),
         orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
+    # patients of the opt-out register (normalized MRNs) never cross: counted, kept in the phi zone only
+    objecting = objecting_subjects(
+        opted_out if opted_out is not None else pl.Series("mrn", [], dtype=pl.String),
+        vault=result.vault,
+        hmac_key=hmac_key,
+    )
+    result, consent = withhold_objecting(result, objecting)
     remedied = enforce_k_anonymity(
         patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
     )
@@ -275,4 +288,6 @@ def release_batch(
         max_shift_weeks=max_shift_weeks,
         leaks=[f"{t}: {p}" for t, ps in leaks.items() for p in ps],
     )
-    return BatchRelease(batch_id, result, remedied, published, policy, frames, leaks, summary, used.name)
+    return BatchRelease(
+        batch_id, result, remedied, published, policy, frames, leaks, summary, used.name, consent
+    )

@@ -53,6 +53,8 @@ class BatchAccount:
     admissions_withheld: int
     events_withheld: int
     admissions_released: int | None
+    consent_admissions: int = 0  # admissions of patients of the opt-out register, kept in the phi zone
+    consent_events: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -66,6 +68,8 @@ class BatchAccount:
             and self.rows_rejected == 0
             and self.admissions_withheld == 0
             and self.events_withheld == 0
+            and self.consent_admissions == 0
+            and self.consent_events == 0
             and all(s.status in ("accepted", "ok", "not_delivered") for s in self.sources)
         )
 
@@ -86,7 +90,13 @@ class BatchAccount:
             released = (
                 f"{self.admissions_released:,} admissions" if self.admissions_released is not None else ""
             )
-            out.append(f"  released to the de-identified layer: {released}{withheld}")
+            consent = (
+                f"; withheld by consent (the opt-out register): {self.consent_admissions:,} admissions "
+                f"({self.consent_events:,} events)"
+                if self.consent_admissions or self.consent_events
+                else ""
+            )
+            out.append(f"  released to the de-identified layer: {released}{withheld}{consent}")
         return out
 
     def as_dict(self) -> dict:
@@ -99,6 +109,8 @@ class BatchAccount:
             "admissions_withheld": self.admissions_withheld,
             "events_withheld": self.events_withheld,
             "admissions_released": self.admissions_released,
+            "consent_admissions": self.consent_admissions,
+            "consent_events": self.consent_events,
         }
 
 
@@ -139,6 +151,8 @@ def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAcco
         int(privacy.get("admissions_withheld") or 0),
         int(privacy.get("events_withheld") or 0),
         int(published["records"]) if privacy.get("released") and "records" in published else None,
+        int((privacy.get("withheld_by_consent") or {}).get("admissions") or 0),
+        int((privacy.get("withheld_by_consent") or {}).get("events") or 0),
     )
 
 

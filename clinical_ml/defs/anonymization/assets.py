@@ -3,6 +3,7 @@ import polars as pl
 
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.artifacts import DictRecord
+from clinical_ml.core.consent import read_register, withdraw_objections
 from clinical_ml.core.deid_release import (
     BatchRelease,
     PseudonymContinuityError,
@@ -155,8 +156,10 @@ def _anonymize_batch(
     )
     if problem:
         raise PseudonymContinuityError(problem)
+    opted_out = read_register(phi.consent_register)
     release = release_batch(
         {s: _raw(zones, s, batch_id) for s in SOURCES},
+        opted_out=opted_out,
         vault=vault,
         batch_id=batch_id,
         policy=_policy(anonymization),
@@ -176,6 +179,12 @@ def _anonymize_batch(
             target.write(frame)
         else:
             target.remove()  # a failed re-run must not leave an older release behind
+    withdrawal = withdraw_objections(deid, opted_out, vault=release.deid.vault, hmac_key=key)
+    deid.consent.part(batch_id).write(
+        DictRecord({"withheld_by_consent": release.consent.as_dict(), "withdrawn": withdrawal.as_dict()})
+    )
+    if withdrawal.removed:
+        context.log.warning(withdrawal.sentence())
     lines.append(release.log_line())
     return {t: _table_outcome(t, release, anonymization, zones) for t in release.frames}
 
