@@ -202,9 +202,11 @@ def _archive(zones: ZonePaths, path: Path, sha256: str, batch_id: str, source: s
         shutil.copyfile(path, tmp)
         os.chmod(tmp, 0o444)
         os.replace(tmp, dest)
-        write_json(
-            {"first_batch_id": batch_id, "source": source, "sha256": sha256}, dest.with_suffix(".json")
-        )
+    first = dest.with_suffix(".json")
+    if not first.exists():
+        # checked on its own: a run killed between the copy and this record would otherwise leave a copy
+        # without it for good, and the same bytes delivered in a later batch would be ingested twice
+        write_json({"first_batch_id": batch_id, "source": source, "sha256": sha256}, first)
     return dest
 
 
