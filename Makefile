@@ -55,8 +55,11 @@ demo-drift: setup
 		--drift-from-batch 20 --approve-first-model
 
 ## Dagster UI (asset graph, runs, reports) with the landing sensor and nightly schedule running.
+## SIGINT (Ctrl-C) or SIGTERM stops it within seconds (clinical_ml/devserver.py: dagster dev in its own process
+## group with default signal handling, stragglers killed after CLINICAL_ML_DEV_STOP_GRACE_S, default 6 s).
 dev: setup
-	cd $(CURDIR) && exec $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+	cd $(CURDIR) && exec $(VENV)/bin/python -m clinical_ml.devserver \
+		$(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
 ## Write a synthetic hospital into the landing zone (SCENARIO=default|drift|bias, PATIENTS, BATCHES,
 ## DAYS_PER_BATCH).
