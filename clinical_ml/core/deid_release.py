@@ -140,6 +140,8 @@ class BatchRelease:
             "race_suppressed": r.race_suppressed,
             "subjects_withheld": r.subjects_withheld,
             "withheld_by_consent": self.consent.as_dict(),
+            # per audited group (sex, race/ethnicity, age band as delivered): what the remedies took from the audit
+            "audited_groups": r.audited_groups,
             "admissions_withheld": r.admissions_withheld,
             "events_withheld": r.events_withheld,
             "label_events": self.deid.label_events,

@@ -104,6 +104,40 @@ class Remedied:
     events_withheld: int
     withheld_subjects: pl.Series = field(default_factory=lambda: pl.Series("subject_id", [], dtype=pl.Int64))
     """The ``subject_id`` of the people withheld (step 3), for :func:`withhold_events` on a lazy plan."""
+    audited_groups: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """Per audited attribute and group (as delivered, before any remedy): ``patients``, ``withheld`` (step
+    3) and ``race_not_released`` (generalized to Other in step 1 or suppressed in step 2: released outside
+    their race/ethnicity group, so outside its audit)."""
+
+
+AUDITED = ("sex", "race_ethnicity", "age_band")
+
+
+def audited_group_counts(
+    before: pl.DataFrame, *, withheld: set[int], race_suppressed: pl.Series
+) -> dict[str, dict[str, dict[str, int]]]:
+    """How many patients of each audited group the privacy remedies withheld or released without their
+    race (``before``: :func:`quasi_identifiers` before any remedy; counts only)."""
+    people = before.unique("subject_id", keep="first").with_columns(
+        pl.col("subject_id").is_in(pl.Series(list(withheld), dtype=pl.Int64).implode()).alias("_withheld"),
+        pl.col("subject_id").is_in(race_suppressed.implode()).alias("_race"),
+    )
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for attribute in AUDITED:
+        groups = (
+            people.group_by(pl.col(attribute).fill_null("Unknown"))
+            .agg(pl.len().alias("patients"), pl.col("_withheld").sum(), pl.col("_race").sum())
+            .sort(attribute)
+        )
+        out[attribute] = {
+            str(r[attribute]): {
+                "patients": int(r["patients"]),
+                "withheld": int(r["_withheld"]),
+                "race_not_released": int(r["_race"]),
+            }
+            for r in groups.iter_rows(named=True)
+        }
+    return out
 
 
 def age_band_expr(age: pl.Expr, edges: tuple[int, ...]) -> pl.Expr:
@@ -220,8 +254,11 @@ def enforce_k_anonymity(
         The frames to publish, the risk before any remedy (on the generalized ages only) and after all of
         them, and how many people or records each remedy touched.
     """
-    before = measure_risk(quasi_identifiers(patients, encounters, policy=policy), k=policy.k)
+    delivered_qi = quasi_identifiers(patients, encounters, policy=policy)
+    before = measure_risk(delivered_qi, k=policy.k)
     admissions_in = encounters.height
+    # each patient's race/ethnicity group as delivered: generalizing or suppressing it takes them from its audit
+    group_before = patients.select("subject_id", race_ethnicity_expr().alias("_group"))
     race_generalized = 0
     if policy.races_kept is not None:
         moved = pl.col("race").is_not_null() & ~pl.col("race").is_in(list({*policy.races_kept, OTHER_RACE}))
@@ -238,6 +275,10 @@ def enforce_k_anonymity(
         policy,
         {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
     )
+    # whose race/ethnicity group as released ("Other", "Unknown") differs from the one delivered
+    race_lost = group_before.join(
+        patients.select("subject_id", race_ethnicity_expr().alias("_now")), on="subject_id"
+    ).filter(pl.col("_group") != pl.col("_now"))["subject_id"]
     withheld: set[int] = set()
     for _ in range(50):
         small = _subjects_below(patients, encounters, policy)
@@ -262,6 +303,7 @@ def enforce_k_anonymity(
         admissions_withheld=admissions_in - encounters.height,
         events_withheld=events.height - kept_events.height,
         withheld_subjects=pl.Series("subject_id", sorted(withheld), dtype=pl.Int64),
+        audited_groups=audited_group_counts(delivered_qi, withheld=withheld, race_suppressed=race_lost),
     )
 
 

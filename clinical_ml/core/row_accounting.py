@@ -137,7 +137,9 @@ def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAcco
     entries = {s: read_ledger_entry(zones, batch_id, s) for s in SOURCES}
     # an optional source (labels, medications, ...) is listed only when it was delivered
     sources = tuple(
-        _source_account(entry, s) for s, entry in entries.items() if entry is not None or s not in OPTIONAL_SOURCES
+        _source_account(entry, s)
+        for s, entry in entries.items()
+        if entry is not None or s not in OPTIONAL_SOURCES
     )
     privacy_file = Path(deid_root) / "privacy" / f"{batch_id}.json"
     privacy = json.loads(privacy_file.read_text()) if privacy_file.is_file() else None
@@ -174,6 +176,42 @@ def delivery_rows(accounts: list[dict], in_cohort: dict[str, int]) -> list[dict]
                 "withheld": int(a.get("admissions_withheld") or 0) if a.get("released") else None,
                 "released": a.get("admissions_released") if a.get("released") else 0,
                 "in_cohort": int(in_cohort.get(a["batch_id"], 0)),
+            }
+        )
+    return rows
+
+
+PRIVACY_LOSS_LIMIT = 0.05
+"""Share of an audited group the privacy gate may take from the subcohort audit before the report card
+flags it (issue goal: no audited group loses more than 5% of its members)."""
+
+
+def privacy_by_group(records: list[dict]) -> list[dict]:
+    """What the privacy remedies took from each audited group over the batches of ``records`` (privacy
+    records, ``audited_groups``): patients delivered (once per batch they arrive in), withheld, released
+    without race (lost to the race/ethnicity audit only), the share lost to that attribute's audit, and
+    whether it is over :data:`PRIVACY_LOSS_LIMIT`. Records written before the counts existed are skipped."""
+    totals: dict[tuple[str, str], dict[str, int]] = {}
+    for record in records:
+        for attribute, groups in (record.get("audited_groups") or {}).items():
+            for group, counts in groups.items():
+                t = totals.setdefault(
+                    (attribute, group), {"patients": 0, "withheld": 0, "race_not_released": 0}
+                )
+                for k in t:
+                    t[k] += int(counts.get(k) or 0)
+    rows = []
+    for (attribute, group), t in sorted(totals.items()):
+        lost = t["withheld"] + (t["race_not_released"] if attribute == "race_ethnicity" else 0)
+        share = lost / t["patients"] if t["patients"] else 0.0
+        rows.append(
+            {
+                "attribute": attribute,
+                "group": group,
+                **t,
+                "lost": lost,
+                "share_lost": share,
+                "over_limit": share > PRIVACY_LOSS_LIMIT,
             }
         )
     return rows

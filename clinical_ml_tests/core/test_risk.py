@@ -139,3 +139,30 @@ def test_after_remedies_every_class_holds_k_people_and_the_counts_add_up(people,
     # remedies only generalize or withhold: no value appears that was not delivered or a generalization
     assert set(out.patients["zip3"].drop_nulls()) <= set(p["zip3"].drop_nulls()) | {WITHHELD_ZIP3}
     assert set(out.patients["race"].drop_nulls()) <= set(RACES) | {OTHER_RACE}
+
+
+def test_what_the_remedies_take_from_each_audited_group_is_counted_as_delivered():
+    from clinical_ml.core.row_accounting import privacy_by_group
+
+    white = [(i, 50, "F", "White", "N", "021", "2026Q1") for i in range(10)]
+    # three Asian women of 50 cannot form a class of 5: their race is not released (step 2)
+    asian = [(20 + i, 50, "F", "Asian", "N", "021", "2026Q1") for i in range(3)]
+    # a lone man of 20 cannot be hidden even without race: withheld (step 3)
+    lone = [(30, 20, "M", "White", "N", "021", "2026Q1")]
+    # ... and join two women of 50 whose race was never known
+    unknown = [(40 + i, 50, "F", None, "N", "021", "2026Q1") for i in range(2)]
+    p, e, ev = _release(white + asian + lone + unknown)
+    out = enforce_k_anonymity(patients=p, encounters=e, events=ev, policy=RiskPolicy(k=5))
+    groups = out.audited_groups
+    assert groups["race_ethnicity"]["Asian"] == {"patients": 3, "withheld": 0, "race_not_released": 3}
+    assert groups["sex"]["M"]["withheld"] == 1 and groups["age_band"]["18-44"]["withheld"] == 1
+    assert groups["race_ethnicity"]["Unknown"] == {"patients": 2, "withheld": 0, "race_not_released": 0}
+    assert sum(g["patients"] for g in groups["sex"].values()) == 16
+
+    rows = {(r["attribute"], r["group"]): r for r in privacy_by_group([{"audited_groups": groups}] * 2)}
+    asian_row = rows[("race_ethnicity", "Asian")]
+    assert asian_row["patients"] == 6 and asian_row["share_lost"] == 1.0 and asian_row["over_limit"]
+    # race not released costs the race audit only: the women stay in the sex and age audits
+    assert rows[("sex", "F")]["lost"] == 0 and not rows[("sex", "F")]["over_limit"]
+    assert rows[("sex", "M")]["share_lost"] == 1.0
+    assert privacy_by_group([{"batch_id": "old record without counts"}]) == []
