@@ -19,7 +19,7 @@ BATCHES ?= 5
 # Days of admissions per batch of demo and synth (5 x 14 days: long enough for 30-day readmissions).
 DAYS_PER_BATCH ?= 14
 
-.PHONY: setup demo demo-drift dev test lint synth bench clean-data
+.PHONY: setup demo demo-drift dev test lint synth bench peers clean-data
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -75,10 +75,20 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+## The peer tools of bench_drift (Evidently, NannyML) in their own environment, every package pinned in
+## benchmarks/peers/requirements.lock (Evidently does not import under the project's pandas 3).
+PEERS_VENV := $(CURDIR)/benchmarks/.peers-venv
+$(PEERS_VENV)/.synced: $(UV) benchmarks/peers/requirements.lock
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(PEERS_VENV)
+	$(UV) pip install --quiet --python $(PEERS_VENV)/bin/python -r benchmarks/peers/requirements.lock
+	touch $@
+
+peers: $(PEERS_VENV)/.synced
+
 ## Every stage beside its baseline on a synthetic hospital (SCALE=default: 100k admissions; SCALE=small: a
 ## quick run); writes benchmarks/results/latest.md and latest.json. Not part of `make test`.
 SCALE ?= default
-bench: setup
+bench: setup peers
 	$(VENV)/bin/python -m benchmarks.bench --scale $(SCALE)
 
 clean-data:
