@@ -45,6 +45,8 @@ def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
         start_date=date.fromisoformat(args.start_date),
         drift_from_batch=args.drift_from_batch,
         days_per_batch=args.days_per_batch,
+        # every source a hospital may deliver: medications, diagnoses, procedures, minute-level device vitals
+        more_sources=True,
     )
 
 

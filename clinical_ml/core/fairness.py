@@ -1131,7 +1131,8 @@ def reference_metric_frame(
 
 @dataclass(frozen=True)
 class GroupThreshold:
-    """A recommended threshold for one group, chosen on the tuning rows, judged on the validation rows."""
+    """A recommended threshold for one group, chosen on the out-of-fold risk of the group's derivation rows
+    (``n_tuning``, ``events_tuning``: the rows it was chosen on), judged on the validation rows."""
 
     attribute: str
     group: str
@@ -1187,10 +1188,11 @@ def group_thresholds(
 ) -> list[GroupThreshold]:
     """Per-group operating points that meet the use case's constraint in every group.
 
-    For each group the threshold is chosen by the use case's policy on the group's tuning rows (e.g.
+    For each group the threshold is chosen by the use case's policy on the group's derivation rows, scored
+    out of fold (``*_tuning`` arguments: :func:`clinical_ml.core.validation.out_of_fold_risk`; e.g.
     ``min_sensitivity``: the highest threshold whose sensitivity is at least ``target``, which maximizes
     specificity), deterministically. Its stability is the 95% range of the thresholds chosen on
-    ``n_boot`` resamples of those tuning rows. Sensitivity and specificity on the validation rows are given
+    ``n_boot`` resamples of those rows. Sensitivity and specificity on the validation rows are given
     at the single threshold and at the group's own, side by side. Nothing is applied: these are
     recommendations for the clinical team.
 
@@ -1403,7 +1405,8 @@ def analysis_summary(
 @dataclass(frozen=True)
 class FairnessAudit:
     """The subcohort analysis of a model on its validation cohort, with its verdict and per-group
-    operating points chosen on the tuning rows (what the fairness report and the report card show)."""
+    operating points chosen on the out-of-fold risk of the derivation cohort (what the fairness report and the
+    report card show)."""
 
     analysis: SubgroupAnalysis
     verdict: str
@@ -1440,11 +1443,13 @@ def audit_subcohorts(
     min_non_events: int = 0,
 ) -> FairnessAudit:
     """Audit the validation cohort (``held_out`` rows of ``predictions``) by the use case's subgroups, and
-    choose per-group operating points on the ``tuning`` rows (checked on the validation rows); ``words``
+    choose per-group operating points on the derivation rows' out-of-fold risk, as the single threshold is
+    (checked on the validation rows); ``words``
     name the outcome in the flags (deaths when not given). Below ``min_events`` or ``min_non_events`` in
     the validation cohort the verdict is "insufficient data" at best."""
     held = predictions.filter(pl.col("split") == "held_out")
-    tune = predictions.filter(pl.col("split") == "tuning")
+    # the derivation cohort scored out of fold (a fold too small to fit has no risk: left out)
+    tune = predictions.filter((pl.col("split") != "held_out") & pl.col("risk").is_not_nan())
 
     def groups(frame: pl.DataFrame) -> dict:
         return {a: frame[a].cast(pl.String).fill_null("Unknown").to_numpy() for a in subgroups.attributes}
