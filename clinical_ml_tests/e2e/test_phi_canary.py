@@ -17,6 +17,7 @@ scanner that finds nothing proves nothing.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -296,6 +297,7 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> CanaryRun:
         event_log_text += "\n".join(
             dg.serialize_value(r) for r in instance.get_runs()
         )  # run configs and tags
+        _sensor_reports(instance, root, canaries[0].last_name)
         instance_root = Path(instance.root_directory)
         instance_files = [p for p in instance_root.rglob("*") if p.is_file()]
         instance_hits = _scan_tree(instance_root, needles)
@@ -369,6 +371,28 @@ def test_the_coded_fields_left_as_unmapped_and_were_counted(canary_run):
         assert (enc[field] == "unmapped").sum() > 0, field
     assert (enc["unit_type"] == "unmapped").sum() == (enc["unit"] == "unmapped").sum()
     assert "unmapped:discharge_disposition" in canary_run.event_log_text
+
+
+def _sensor_reports(instance: dg.DagsterInstance, root: Path, name: str) -> None:
+    """The landing sensor forced to report (limit 0) on a folder whose marker lists a file named after a
+    patient that is not there: what it writes must name counts, never the file."""
+    from clinical_ml.defs.ingestion.sensors import landing_sensor
+    from clinical_ml.resources.zones import DataZones
+
+    stuck = root / "landing" / "2027-01-01"
+    stuck.mkdir()
+    (stuck / "_SUCCESS").write_text(json.dumps({"files": {f"{name}_chart.csv": {"bytes": 10}}}))
+    context = dg.build_sensor_context(
+        instance=instance, resources={"zones": DataZones(root=str(root), stuck_batch_seconds=0)}
+    )
+    landing_sensor(context)
+    shutil.rmtree(stuck)
+
+
+def test_no_canary_in_the_alerts_the_sensors_write(canary_run):
+    alerts = (canary_run.data_root / "alerts" / "alerts.jsonl").read_text()
+    assert "listed_file_missing" in alerts  # the sensor did report the stuck folder
+    assert {name for name, v in canary_run.needles.items() if v in alerts} == set()
 
 
 @pytest.mark.parametrize("zone", BELOW_BOUNDARY)
