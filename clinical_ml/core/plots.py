@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from clinical_ml.core.display_names import display_name
 from clinical_ml.core.usecase import DeathOutcome, OutcomeWords, outcome_words
 
 # The words of plots drawn without a use case: the mortality question's (deaths, survivors).
@@ -20,9 +21,15 @@ _BLUE, _GREY, _RED = "#1f5fa8", "#888888", "#b33a3a"
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    # "tight" keeps axis labels and legends placed outside the axes inside the image
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.08)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _legend_below(ax, *, ncol: int = 3) -> None:
+    """The legend under the axes, so that it never covers data."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
 
 
 def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float, words: OutcomeWords | None = None) -> bytes:
@@ -88,9 +95,10 @@ def decision_curve_plot(curve: list[dict[str, float]]) -> bytes:
 
 def importance_plot(importance: list[dict], *, top: int = 12) -> bytes:
     rows = importance[:top][::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.32 * len(rows) + 1.2))
-    ax.barh([r["label"] for r in rows], [r["mean_abs_shap"] for r in rows], color=_BLUE)
-    ax.set_xlabel("average influence on predicted risk (mean |SHAP|, log-odds)")
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.4))
+    names = [display_name(str(r["feature"])) if "feature" in r else str(r["label"]) for r in rows]
+    ax.barh(names, [r["mean_abs_shap"] for r in rows], color=_BLUE)
+    ax.set_xlabel("average influence on predicted risk\n(mean |SHAP|, in log-odds)")
     ax.set_title("What the model relies on most")
     return _png(fig)
 
@@ -110,7 +118,7 @@ def forest_plot(
         ax.axvline(minimum, color=_RED, ls=":", label="subgroup minimum")
     ax.set_yticks(ys, [r["label"] for r in rows])
     ax.set_xlabel(f"{metric} (95% CI)")
-    ax.legend(fontsize=8, loc="lower left")
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -121,7 +129,7 @@ def drift_plot(names: list[str], values: list[float], *, warn: float, error: flo
     ax.axvline(warn, color="#d08a1a", ls=":", label=f"warning ({warn})")
     ax.axvline(error, color=_RED, ls=":", label=f"action ({error})")
     ax.set_xlabel("population stability index (PSI)")
-    ax.legend(fontsize=8)
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -154,7 +162,7 @@ def subgroup_forest_plot(
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel(f"{metric} (95% CI); red = flagged")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -199,7 +207,7 @@ def ratio_forest_plot(
     ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlabel(f"{label} (95% CI, log scale); red = whole interval outside the acceptable range")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    _legend_below(ax)
     return _png(fig)
 
 
@@ -220,7 +228,11 @@ def drift_trend_plot(batches: Sequence[dict]) -> bytes:
     ref = next(((b["prediction"] or {}).get("mean_reference") for b in batches if b.get("prediction")), None)
     if ref is not None:
         ax2.axhline(ref, color=_GREY, ls=":", label="derivation cohort")
-    ax2.legend(fontsize=8)
+    # from zero: a change of 0.159 to 0.181 must look like the 14% it is, not like a spike
+    top = np.nanmax([*pm, ref if ref is not None else np.nan, 0.0])
+    ax2.set_ylim(0, max(top * 1.15, 0.05))
+    ax2.set_ylabel("mean predicted risk")
+    ax2.legend(fontsize=8, loc="lower left", ncol=2)
     ax2.set_xticks(xs, [b["batch_id"][5:] for b in batches], rotation=90, fontsize=7)
     return _png(fig)
 
@@ -248,6 +260,10 @@ def performance_plot(rows: Sequence[dict]) -> bytes:
     ax.plot(xs, est, ls="--", color="#d08a1a", label="estimated (no labels, CBPE-like)")
     ax.set_xticks(xs, [r["period"][5:] for r in overall], rotation=90, fontsize=7)
     ax.set_ylabel("AUROC")
+    # the whole scale from chance (0.5) to perfect, so that a small change looks small
+    lows = [v for r in overall if r["realised"] for v in (r["realised"]["auroc"]["lower"],) if np.isfinite(v)]
+    ax.set_ylim(min([0.5, *[v - 0.05 for v in lows], *[v - 0.05 for v in est if np.isfinite(v)]]), 1.02)
     ax.set_title("Realised AUROC (filled: labels mature; hollow: maturing)")
-    ax.legend(fontsize=8)
+    # beside the axes: the rotated period labels take the space below
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _png(fig)

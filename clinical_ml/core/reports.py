@@ -16,10 +16,12 @@ import polars as pl
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from clinical_ml.core import plots
+from clinical_ml.core.display_names import display_name_and_unit
 from clinical_ml.core.drift import FeatureDrift
 from clinical_ml.core.drift_statistics import DriftStatistic, DriftThresholds
 from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, MetricWithCI
 from clinical_ml.core.features import DESIGN_NOT_RECORDED
+from clinical_ml.core.glossary import glossary_for
 from clinical_ml.core.labeling import CohortFlow
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.usecase import OutcomeWords, UseCase
@@ -266,6 +268,7 @@ def b64(png: bytes) -> str:
 
 def render(template: str, **context: object) -> str:
     """Render a report template; common footer fields default to empty strings."""
+    context.setdefault("glossary", glossary_for(template))
     context.setdefault("generated_at", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     for key in ("code_version", "use_case_name", "use_case_hash", "model_version", "subtitle"):
         context.setdefault(key, "")
@@ -306,10 +309,30 @@ def decision_in_words(decision: Mapping) -> str:
             f"Rejected: {signed['by']} rejected challenger {challenger} for the clinical panel on "
             f"{signed['at'][:10]}{note}. So {stays}."
         )
-    failed = [c["reason"] for c in decision.get("criteria", ()) if not c["passed"]]
-    reasons = [str(r).rstrip(".") for r in failed or decision.get("reasons", ()) if str(r).strip()]
+    failed = [c for c in decision.get("criteria", ()) if not c["passed"]]
+    # the parts that were judged and failed say why; parts not judged follow from them (e.g. too few outcomes)
+    named = [c["reason"] for c in failed if c.get("judged", True)] or [c["reason"] for c in failed]
+    reasons = [str(r).rstrip(".") for r in named or decision.get("reasons", ()) if str(r).strip()]
     because = "; ".join(reasons) if reasons else "the gate did not pass (no reason recorded)"
     return f"Refused: challenger {challenger} is not promoted, because {because}. So {stays}."
+
+
+def drift_check_words(batch: str, level: str, reasons: Sequence[str]) -> str:
+    """A batch's drift check result in words: the batch, its level and what moved (for the check's
+    description and the alert), e.g. ``Batch 2026-01-20: drift ERROR. creatinine__last_24h: ERROR (...)``."""
+    head = f"Batch {batch}: drift {level.upper()}"
+    if not reasons:
+        return f"{head}: nothing moved enough to warn."
+    return f"{head}. " + "; ".join(reasons)[:900]
+
+
+def ci_text(m: MetricWithCI, digits: int = 3) -> str:
+    """A metric with its 95% CI as the UI shows it: ``0.893 (0.870 to 0.915)``; ``n/a`` when undefined."""
+    if not math.isfinite(m.value):
+        return "n/a"
+    lo = f"{m.lower:.{digits}f}" if math.isfinite(m.lower) else "n/a"
+    hi = f"{m.upper:.{digits}f}" if math.isfinite(m.upper) else "n/a"
+    return f"{m.value:.{digits}f} ({lo} to {hi})"
 
 
 def rounded(value: float | None, digits: int = 3) -> float | None:
@@ -356,6 +379,7 @@ def performance_report(
     flow_rows = _flow_rows(use_case, flow)
     html = render(
         "performance.html.j2",
+        clinical_action=use_case.operating_point.clinical_action,
         title=f"{use_case.title}: model performance",
         subtitle=f"Prediction {use_case.prediction_time.describe()}; outcome: {use_case.outcome.description}",
         question=use_case.clinical_question,
@@ -848,6 +872,7 @@ def report_card(
     f = use_case.features
     html = render(
         "report_card.html.j2",
+        clinical_action=use_case.operating_point.clinical_action,
         title=f"{use_case.title}: report card",
         subtitle=f"Model {model_version}, for the clinical review panel",
         question=use_case.clinical_question,
@@ -902,7 +927,11 @@ def report_card(
         importance=importance,
         burden=alert_burden_context(evaluation, use_case),
         **_words_context(words),
-        ranges=[(k, v[0], v[1]) for k, v in training_ranges.items() if not k.endswith("__count_24h")],
+        ranges=[
+            (*display_name_and_unit(k), v[0], v[1])
+            for k, v in training_ranges.items()
+            if not k.endswith("__count_24h")
+        ],
         limitations=[
             validation_design or DESIGN_NOT_RECORDED,
             "Groups marked suppressed are too small to judge; the model's performance in them is unknown.",

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from clinical_ml.core.reports import decision_in_words, rounded
+from clinical_ml.core.reports import ci_text, decision_in_words, rounded
 
 
 def _criterion(reason: str, *, passed: bool) -> dict:
@@ -49,3 +49,28 @@ def test_rounded_keeps_three_decimals_and_leaves_missing_values_alone():
     assert rounded(0.8933541908462431) == 0.893
     assert rounded(12.3456, 2) == 12.35
     assert rounded(None) is None and math.isnan(rounded(float("nan")))
+
+
+def test_ci_text_reads_value_then_interval_and_says_when_undefined():
+    from clinical_ml.core.evaluation import MetricWithCI
+
+    assert ci_text(MetricWithCI(0.8933, 0.8712, 0.9154)) == "0.893 (0.871 to 0.915)"
+    assert ci_text(MetricWithCI(0.5, float("nan"), 0.7), digits=2) == "0.50 (n/a to 0.70)"
+    assert ci_text(MetricWithCI(float("nan"), float("nan"), float("nan"))) == "n/a"
+
+
+def test_a_refusal_names_the_judged_failures_not_the_parts_left_unjudged_because_of_them():
+    decision = {
+        "promoted": False,
+        "challenger": "v2",
+        "champion_before": "v1",
+        "reasons": [],
+        "criteria": [
+            _criterion("too few outcomes to judge: 68 deaths, 100 needed", passed=False),
+            {**_criterion("AUROC: not judged (too few outcomes to judge)", passed=False), "judged": False},
+        ],
+    }
+    assert decision_in_words(decision) == (
+        "Refused: challenger v2 is not promoted, because too few outcomes to judge: 68 deaths, 100 needed. "
+        "So the champion stays v1."
+    )

@@ -1,4 +1,5 @@
-"""Seen in a real browser: the Dagster UI's page of the fairness report and the HTML reports themselves.
+"""Seen in a real browser: the Dagster UI's pages (the fairness report, the promotion decision) and the HTML
+reports themselves, on a 1280 px screen and printed to A4.
 
 Starts the real webserver on the instance the session's graph run wrote to, and drives Debian's headless
 Chromium with Playwright (the Playwright browser download does not work here). Screenshots are saved under
@@ -6,6 +7,7 @@ Chromium with Playwright (the Playwright browser download does not work here). S
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,9 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from clinical_ml_tests.conftest import PROJECT_ROOT
+from clinical_ml_tests.conftest import GRAPH_USE_CASES, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +36,18 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 USE_CASE = "icu_mortality_24h"
+# A4 is 210 mm wide; the reports' @page margins are 10 mm: 190 mm = 718 CSS px at 96 px per inch
+A4_PRINTABLE_PX = 718
+SCREEN_PX = 1280
+REPORTS = (
+    "report_card_v*.html",
+    "performance_report.html",
+    "subcohort_fairness_report.html",
+    "feature_drift_report.html",
+    "monitoring_report.html",
+    "model_facts_v*.html",
+)
+ONE_PAGE = ("model_facts",)  # the Model Facts label is one printed page
 
 
 def _free_port() -> int:
@@ -96,7 +111,8 @@ def webserver(graph_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser_context(tmp_path_factory):
+def browser_context(tmp_path_factory, monitored):
+    # ``monitored`` runs Dagster in process first: its event loops must not start beside Playwright's
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
@@ -172,6 +188,114 @@ def test_report_card_opens_in_the_browser_with_its_sections_and_plots(graph_run,
     assert page.locator("#fairness-verdict").is_visible()
     assert page.locator("table.subgroups").count() >= 6  # three attributes and three intersections
     page.screenshot(path=str(ARTIFACTS / "subcohort_fairness_report.png"), full_page=True)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def monitored(graph_run, tmp_path_factory) -> Path:
+    """A copy of the session's data root in which every batch was scored and checked, so that every report
+    exists, the monitoring report too. A challenger the gate refused on this small cohort is made champion
+    in the copy only: printing is what is tested here, not the gate (the session's run is left as it was)."""
+    from clinical_ml.core.registry import Registry
+    from clinical_ml.core.storage import read_json
+    from clinical_ml.defs.build import build_definitions
+    from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
+    from clinical_ml.defs.usecase.paths import use_case_key
+    from clinical_ml.resources.settings import AnonymizationSettings
+
+    root = tmp_path_factory.mktemp("monitored") / "data_root"
+    shutil.copytree(graph_run.data_root, root)
+    for uc in GRAPH_USE_CASES:
+        registry = Registry(root / "registry", uc)
+        if registry.champion() is None:
+            registry.set_champion(read_json(root / "deid" / "usecases" / uc / "decision.json")["challenger"])
+    defs = build_definitions(
+        data_root=root,
+        usecases_dir=root / "usecases",
+        anonymization=AnonymizationSettings(pseudonym_seed=1),
+    )
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, list(graph_run.hospital.batch_ids))
+        for batch in graph_run.hospital.batch_ids:
+            per_batch = [
+                use_case_key(uc, a) for uc in GRAPH_USE_CASES for a in ("batch_predictions", "batch_drift")
+            ]
+            job.execute_in_process(
+                instance=instance, asset_selection=per_batch, partition_key=batch, raise_on_error=False
+            )
+        reports = [
+            use_case_key(uc, a)
+            for uc in GRAPH_USE_CASES
+            for a in ("monitoring_report", "feature_drift_report")
+        ]
+        res = job.execute_in_process(instance=instance, asset_selection=reports, raise_on_error=False)
+        assert res.success
+    return root
+
+
+def _report_files(data_root: Path, use_case: str) -> list[Path]:
+    folder = data_root / "reports" / use_case
+    found = [sorted(folder.glob(pattern))[-1:] for pattern in REPORTS]
+    return [f for files in found for f in files]
+
+
+_TABLE_RIGHT_EDGES = (
+    "Array.from(document.querySelectorAll('table')).map(t => t.getBoundingClientRect().right)"
+)
+
+
+def test_each_report_fits_a_screen_and_prints_on_a4_without_clipped_tables(monitored, browser_context):
+    page = browser_context.new_page()
+    seen = []
+    for use_case in GRAPH_USE_CASES:
+        files = _report_files(monitored, use_case)
+        assert len(files) == len(REPORTS), [f.name for f in files]
+        for path in files:
+            stem = re.sub(r"_v\d{8}T\d+Z$", "", path.stem)  # a model version in the name
+            name = f"{use_case}__{stem}"
+            page.emulate_media(media="screen")
+            page.set_viewport_size({"width": SCREEN_PX, "height": 900})
+            page.goto(path.as_uri())
+            assert page.evaluate("document.documentElement.scrollWidth") <= SCREEN_PX, name
+            page.screenshot(path=str(ARTIFACTS / f"{name}_1280.png"), full_page=True)
+            # printed: laid out at the printable width of A4, every table within it
+            page.emulate_media(media="print")
+            page.set_viewport_size({"width": A4_PRINTABLE_PX, "height": 1123})
+            page.goto(path.as_uri())
+            edges = page.evaluate(_TABLE_RIGHT_EDGES)
+            assert edges, f"{name}: no table"
+            too_wide = [round(e) for e in edges if e > A4_PRINTABLE_PX + 0.5]
+            assert not too_wide, f"{name}: tables end at {too_wide} px, beyond {A4_PRINTABLE_PX} px"
+            assert page.evaluate("document.documentElement.scrollWidth") <= A4_PRINTABLE_PX, name
+            page.screenshot(path=str(ARTIFACTS / f"{name}_a4.png"), full_page=True)
+            pdf = page.pdf(format="A4", prefer_css_page_size=True, print_background=True)
+            pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf))
+            assert pdf.startswith(b"%PDF") and (pages == 1 if stem in ONE_PAGE else pages >= 2), (name, pages)
+            (ARTIFACTS / f"{name}_a4.pdf").write_bytes(pdf)
+            seen.append(name)
+    page.close()
+    assert len(seen) == len(GRAPH_USE_CASES) * len(REPORTS)
+
+
+def test_the_promotion_decision_page_says_what_was_decided_and_why(graph_run, webserver, browser_context):
+    from clinical_ml.core.reports import decision_in_words
+    from clinical_ml.core.storage import read_json
+
+    page = browser_context.new_page()
+    page.set_viewport_size({"width": SCREEN_PX, "height": 1000})
+    for use_case in GRAPH_USE_CASES:
+        decision = read_json(graph_run.data_root / "deid" / "usecases" / use_case / "decision.json")
+        words = decision_in_words(decision)
+        page.goto(
+            f"{webserver}/assets/{use_case}/{use_case}__promotion_decision", wait_until="domcontentloaded"
+        )
+        _dismiss_community_modal(page, wait_ms=3000)
+        page.get_by_text("decision_in_words", exact=True).first.wait_for(state="visible", timeout=30000)
+        # the sentence itself, as the UI shows it (a refusal reads "Refused: ... because ... stays ...")
+        page.get_by_text(words[:60]).first.wait_for(state="visible", timeout=15000)
+        verdict = "refused" if not decision["promoted"] else "promoted"
+        page.screenshot(path=str(ARTIFACTS / f"{use_case}__promotion_decision_{verdict}.png"), full_page=True)
     page.close()
 
 

@@ -60,7 +60,7 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         for b in batches[:4]:
             ingest(b.batch_id)
         lifecycle = defs.resolve_job_def("lifecycle_job")
-        # the run fails when the gate refuses the challenger (a blocking check): that is a decision too
+        # a challenger the gate refuses is a decision: the run succeeds and no champion is set
         lifecycle.execute_in_process(instance=instance, raise_on_error=False)
         models = Registry(root / "registry", UC)
         if models.champion() is None:  # a small hospital may miss the gate

@@ -207,6 +207,22 @@ def write_alert(alert: dict, *, file: Path, webhook: str | None = None) -> None:
         urllib.request.urlopen(req, timeout=10).close()
 
 
+def failed_check_words(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """Each asset check that failed in the run, as '<asset> <check> [<partition>]: <description>'."""
+    out = []
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        event = entry.dagster_event
+        evaluation = event.event_specific_data if event else None
+        if not isinstance(evaluation, dg.AssetCheckEvaluation) or evaluation.passed:
+            continue
+        where = f" [{evaluation.partition}]" if evaluation.partition else ""
+        out.append(
+            f"{evaluation.asset_key.to_user_string()} {evaluation.check_name}{where}: "
+            f"{evaluation.description or 'failed'}"[:1000]
+        )
+    return out
+
+
 def build_run_failure_alert_sensor(alert_file: Path, webhook: str | None = None) -> dg.SensorDefinition:
     @dg.run_failure_sensor(
         name="run_failure_alert_sensor",
@@ -223,6 +239,8 @@ def build_run_failure_alert_sensor(alert_file: Path, webhook: str | None = None)
             "partition": run.tags.get(PARTITION_TAG),
             # the failure message names steps and checks; our code never puts patient values in errors
             "message": (context.failure_event.message or "")[:500],
+            # why, in words: each failed check's description names its batch and what moved (codes, never values)
+            "failed_checks": failed_check_words(context.instance, run.run_id),
         }
         context.log.error(f"run {run.run_id} of {run.job_name} failed; alert written")
         write_alert(alert, file=alert_file, webhook=webhook)

@@ -8,7 +8,7 @@ from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
 from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_design
 from clinical_ml.core.modeling import load_model
-from clinical_ml.core.reports import evaluation_markdown, performance_report
+from clinical_ml.core.reports import ci_text, evaluation_markdown, performance_report, rounded
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.training import training_frame
 from clinical_ml.core.usecase import UseCase
@@ -91,14 +91,16 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
                 "report": dg.MetadataValue.md(evaluation_markdown(ev.as_dict(), curves, words=uc.words)),
                 "calibration_plot_path": dg.MetadataValue.path(str(figures.plot("calibration"))),
                 "decision_curve_plot_path": dg.MetadataValue.path(str(figures.plot("decision_curve"))),
-                **{f"{k}_validation": v.value for k, v in ev.metrics.items()},
-                "auroc_validation_lower": ev.metric("auroc").lower,
-                "auroc_validation_upper": ev.metric("auroc").upper,
+                # rounded for reading (3 decimals), each with its CI in words beside it
+                **{f"{k}_validation": rounded(v.value) for k, v in ev.metrics.items()},
+                **{f"{k}_validation_ci": ci_text(v) for k, v in ev.metrics.items()},
+                "auroc_validation_lower": rounded(ev.metric("auroc").lower),
+                "auroc_validation_upper": rounded(ev.metric("auroc").upper),
                 **{
-                    f"{k}_validation": v
+                    f"{k}_validation": rounded(v)
                     for k, v in (ev.alert_burden.finite_values() if ev.alert_burden else {}).items()
                 },
-                "threshold": ev.threshold,
+                "threshold": rounded(ev.threshold, 4),
                 "model_version": ev.model_version,
             }
         )
@@ -181,7 +183,7 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                "auroc_validation": ev.metric("auroc").value,
+                "auroc_validation": rounded(ev.metric("auroc").value),
             }
         )
 

@@ -1,6 +1,8 @@
 """Monitoring of one use case: each batch scored and checked for drift (one partition per batch), the FHIR
 export for the EHR, and performance over time; the newest-batch drift report is kept for the report set."""
 
+import warnings
+
 import dagster as dg
 
 from clinical_ml.core.artifacts import DriftRecord, FeatureDriftSnapshot
@@ -19,10 +21,17 @@ from clinical_ml.core.champion_monitoring import (
     scored_admissions,
     scored_summary,
 )
-from clinical_ml.core.explain import feature_label
+from clinical_ml.core.display_names import display_name
 from clinical_ml.core.fhir import reidentify_for_ehr, write_ndjson
 from clinical_ml.core.monitoring_config import MonitoringConfig
-from clinical_ml.core.reports import drift_markdown, drift_report, monitoring_report
+from clinical_ml.core.reports import (
+    drift_check_words,
+    drift_markdown,
+    drift_report,
+    md_escape,
+    monitoring_report,
+    rounded,
+)
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import (
@@ -94,6 +103,7 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
             outcome=uc.outcome.outcome_code,
             outcome_text=uc.outcome.description,
             model_version=version,
+            clinical_action=uc.operating_point.clinical_action,
             threshold=threshold,
             subject_system=site_system,
         )
@@ -103,6 +113,26 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
     return ehr_delivery
 
 
+def _rounded(metadata: dict) -> dict:
+    """Numbers as the UI shows them: floats to 3 decimals (counts and text as they are)."""
+    return {k: rounded(v) if isinstance(v, float) else v for k, v in metadata.items()}
+
+
+def _partitioned_check_spec(asset: dg.AssetKey) -> dg.AssetCheckSpec:
+    """The drift check, one result per batch (its partition shows beside the result in the UI)."""
+    with warnings.catch_warnings():
+        # partitioned asset checks are a preview in Dagster 1.13; their behaviour is tested here
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(
+            "drift_below_error_level",
+            asset=asset,
+            blocking=True,
+            partitions_def=batch_partitions,
+            description="No predictor or prediction drift at ERROR level (significant after Bonferroni and "
+            "material); an ERROR requests retraining and holds the FHIR export of this batch.",
+        )
+
+
 def _drift_markdown(record: DriftRecord, result: BatchMonitoring, config: MonitoringConfig) -> str:
     moved = [d for d in result.features if d.level != "ok"]
     return (
@@ -110,7 +140,7 @@ def _drift_markdown(record: DriftRecord, result: BatchMonitoring, config: Monito
         + (" (retraining requested)" if record.retraining_requested else "")
         + (f"\n\n{record.retraining_note}" if record.retraining_note else "")
         + f"\n\nReference: {record.reference}.\n\n{config.drift.describe()}\n\n"
-        + drift_markdown(moved, thresholds=config.drift, label=feature_label)
+        + drift_markdown(moved, thresholds=config.drift, label=display_name)
     )
 
 
@@ -139,7 +169,7 @@ def build_monitoring_assets(
             metadata={
                 "dagster/row_count": scored.height,
                 "model_version": champion.version,
-                **scored_summary(scored),
+                **_rounded(scored_summary(scored)),
             }
         )
 
@@ -153,15 +183,7 @@ def build_monitoring_assets(
         description="The batch against the champion's derivation cohort: every predictor (PSI, chi-square, KS, "
         "missingness), the prediction distribution, label prevalence once known, overall and per subgroup.",
         owners=ML_OWNERS,
-        check_specs=[
-            dg.AssetCheckSpec(
-                "drift_below_error_level",
-                asset=key("batch_drift"),
-                blocking=True,
-                description="No predictor or prediction drift at ERROR level (significant after Bonferroni and "
-                "material); an ERROR requests retraining and holds the FHIR export of this batch.",
-            )
-        ],
+        check_specs=[_partitioned_check_spec(key("batch_drift"))],
     )
     def batch_drift(context: dg.AssetExecutionContext, zones: DataZones):
         batch, champion = context.partition_key, _champion(zones, uc)
@@ -175,8 +197,8 @@ def build_monitoring_assets(
                 "reference": record.reference,
                 "features_drift_error": sum(d.level == "error" for d in result.features),
                 "features_drift_warn": sum(d.level == "warn" for d in result.features),
-                "psi_max": max((d.value("psi") for d in result.features), default=0.0),
-                "prediction_psi": result.prediction.value("psi") if result.prediction else 0.0,
+                "psi_max": rounded(max((d.value("psi") for d in result.features), default=0.0)),
+                "prediction_psi": rounded(result.prediction.value("psi")) if result.prediction else 0.0,
                 "n_current": result.n_current,
                 "n_reference": check.n_reference,
                 "model_version": champion.version,
@@ -187,7 +209,15 @@ def build_monitoring_assets(
             check_name="drift_below_error_level",
             passed=result.level != "error",
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"level": result.level, "reasons": dg.MetadataValue.json(list(result.reasons))},
+            # the batch and the columns that moved, in words: what the run's page and the alert show
+            description=drift_check_words(batch, result.level, result.reasons),
+            metadata={
+                "batch": batch,
+                "level": result.level,
+                "reasons": dg.MetadataValue.md(
+                    "".join(f"- {md_escape(r)}\n" for r in result.reasons) or "none"
+                ),
+            },
         )
 
     @dg.asset(
@@ -212,6 +242,7 @@ def build_monitoring_assets(
             outcome=uc.outcome.outcome_code,
             outcome_text=uc.outcome.description,
             model_version=version,
+            clinical_action=uc.operating_point.clinical_action,
             threshold=threshold,
         )
         return dg.MaterializeResult(
@@ -263,7 +294,7 @@ def build_monitoring_assets(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                **review.summary(),
+                **_rounded(review.summary()),
             }
         )
         yield dg.AssetCheckResult(
@@ -285,7 +316,7 @@ def build_monitoring_assets(
     def feature_drift_report(zones: DataZones) -> dg.MaterializeResult:
         store = zones.use_case(uc.name)
         drift = newest_batch_drift(store, config)
-        rows = [{**d.as_dict(), "label": feature_label(d.feature)} for d in drift.features]
+        rows = [{**d.as_dict(), "label": display_name(d.feature)} for d in drift.features]
         store.feature_drift.write(FeatureDriftSnapshot(drift.batch_id, tuple(rows)))
         html, md = drift_report(
             use_case=uc,
@@ -296,7 +327,7 @@ def build_monitoring_assets(
             n_current=drift.n_current,
             model_version=zones.model_registry(uc.name).champion() or "none",
             code_version=code_version(),
-            label=feature_label,
+            label=display_name,
         )
         out = store.reports.write_report("feature_drift_report", html)
         return dg.MaterializeResult(
@@ -304,7 +335,7 @@ def build_monitoring_assets(
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
                 "batch_id": drift.batch_id,
-                "psi_max": max((d.value("psi") for d in drift.features), default=0.0),
+                "psi_max": rounded(max((d.value("psi") for d in drift.features), default=0.0)),
                 "features_drift_error": sum(r["level"] == "error" for r in rows),
                 "features_drift_warn": sum(r["level"] == "warn" for r in rows),
                 "thresholds": dg.MetadataValue.md(md_table(list(config.drift.__dict__.items()))),

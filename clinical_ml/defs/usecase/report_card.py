@@ -1,8 +1,10 @@
-"""The HCP report card: one self-contained HTML file per model version for the clinical review panel."""
+"""The HCP report card (one self-contained HTML file per model version for the clinical review panel) and the
+Model Facts label beside it (one page for the clinicians who see the score)."""
 
 import dagster as dg
 
 from clinical_ml.core.features import validation_design
+from clinical_ml.core.model_facts import model_facts, model_facts_html, model_facts_markdown
 from clinical_ml.core.reports import data_periods, predictor_labels, report_card, report_card_markdown
 from clinical_ml.core.row_accounting import delivery_rows
 from clinical_ml.core.storage import code_version
@@ -30,7 +32,8 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
         tags=tags(DataClass.AGGREGATE),
         description="Report card of the model version for the clinical review panel, structured after "
         "TRIPOD+AI: intended use, data, flow, predictors, cohorts, performance with CIs, subgroups, per-group "
-        "thresholds, SHAP, limitations, promotion decision (one self-contained HTML file per version).",
+        "thresholds, SHAP, limitations, promotion decision (one self-contained HTML file per version); beside "
+        "it, the version's one-page Model Facts label for the clinicians who see the score (Sendak et al. 2020).",
         owners=ML_OWNERS,
     )
     def model_report_card(zones: DataZones) -> dg.MaterializeResult:
@@ -41,9 +44,11 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             store.reports.performance_plots(),
             store.reports.forest_plots(uc.subgroups.attributes),
         )
+        evaluation = store.evaluation.read().as_dict()
+        design = validation_design(store.split_info.read(), fraction=uc.validation.fraction)
         html, md = report_card(
             use_case=uc,
-            evaluation=store.evaluation.read().as_dict(),
+            evaluation=evaluation,
             fairness=fairness.as_dict(),
             decision=decision.as_dict(),
             flow=store.cohort_flow.read().as_dict(),
@@ -60,14 +65,34 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             model_version=card.version,
             code_version=code_version(),
             deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
-            validation_design=validation_design(store.split_info.read(), fraction=uc.validation.fraction),
+            validation_design=design,
         )
         out = store.reports.write_report(f"report_card_{card.version}", html)
         store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
+        facts = model_facts(
+            use_case=uc,
+            evaluation=evaluation,
+            fairness_verdict=fairness.verdict,
+            fairness_reasons=list(fairness.as_dict().get("reasons", [])),
+            decision=decision.as_dict(),
+            fit=card.fit,
+            importance=list(store.shap.read().importance),
+            n_predictors=len(card.feature_names),
+            batch_ids=list(card.lineage.batch_ids),
+            model_version=card.version,
+            code_version=code_version(),
+            report_card_file=out.name,
+            validation_design=design,
+        )
+        label = store.reports.write_report(
+            f"model_facts_{card.version}", model_facts_html(facts, use_case=uc, code_version=code_version())
+        )
         return dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(report_card_markdown(md, plots["calibration"], forests)),
                 "report_path": dg.MetadataValue.path(str(out)),
+                "model_facts": dg.MetadataValue.md(model_facts_markdown(facts)),
+                "model_facts_path": dg.MetadataValue.path(str(label)),
                 "model_version": card.version,
                 "fairness_verdict": fairness.verdict,
                 "promoted": decision.promoted,
