@@ -41,7 +41,7 @@ def _patients_csv(tmp_path: Path, rows: list[dict[str, str]], extra: dict[str, s
 FORMULA_TEXT = st.builds(
     lambda start, rest: start + rest,
     st.sampled_from(["=", "+", "-", "@", "\t", "\r", "＝", "+1 617 ", "- ", "=HYPERLINK(", "<script>"]),
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\n"), max_size=20),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00\n"), max_size=20),
 )
 
 

@@ -51,7 +51,8 @@ def test_the_instance_frees_slots_of_dead_runs_and_times_ingestion_out(tmp_path)
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
         assert instance.run_monitoring_max_runtime_seconds > 0
     assert (
-        float(batch_ingestion_job.tags["dagster/max_runtime"]) <= instance.run_monitoring_max_runtime_seconds
+        float((batch_ingestion_job.tags or {})["dagster/max_runtime"])
+        <= instance.run_monitoring_max_runtime_seconds
     )
 
 
@@ -65,18 +66,24 @@ def _job() -> None:
     _step()
 
 
+def _tick(sensor: dg.SensorDefinition, context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
 def test_a_run_left_started_is_alerted_once(tmp_path):
     sensor = build_stuck_run_alert_sensor(alerts_file(tmp_path), limit_seconds=0)
     with dg.instance_for_test() as instance:
         dead = instance.create_run_for_job(_job, status=dg.DagsterRunStatus.STARTED)
         done = instance.create_run_for_job(_job, status=dg.DagsterRunStatus.SUCCESS)
-        first = sensor(dg.build_sensor_context(instance=instance))
+        first = _tick(sensor, dg.build_sensor_context(instance=instance))
         alerts = [json.loads(line) for line in alerts_file(tmp_path).read_text().splitlines()]
         assert [(a["run_id"], a["reason"]) for a in alerts] == [(dead.run_id, "run_stuck")]
         assert done.run_id not in alerts_file(tmp_path).read_text()
-        sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+        _tick(sensor, dg.build_sensor_context(instance=instance, cursor=first.cursor))
         assert len(alerts_file(tmp_path).read_text().splitlines()) == 1  # once per run
         # once the run has ended (run monitoring failed it), it leaves the cursor
         instance.report_run_failed(dead, "run worker died")
-        later = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+        later = _tick(sensor, dg.build_sensor_context(instance=instance, cursor=first.cursor))
         assert json.loads(later.cursor or "[]") == []
