@@ -132,7 +132,13 @@ def cmd_approve(args: argparse.Namespace) -> int:
     store = DeidStore(root / "deid", root / "reports").use_case(args.usecase)
     try:
         decision = sign_off(
-            registry, store, by=args.by, approve=args.approve, note=args.note, version=args.version
+            registry,
+            store,
+            by=args.by,
+            approve=args.approve,
+            note=args.note,
+            version=args.version,
+            group_thresholds_for=args.group_thresholds,
         )
     except SignOffError as exc:
         raise CommandError(str(exc)) from exc
@@ -536,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     verdict.add_argument("--reject", action="store_true", help="reject: the champion stays")
     p.add_argument("--note", default="", help="the panel's note (conditions, thresholds approved, ...)")
     p.add_argument("--version", help="the model version (default: the one awaiting sign-off)")
+    p.add_argument(
+        "--group-thresholds",
+        metavar="ATTRIBUTE",
+        help="with --approve: also approve the fairness report's per-group thresholds of this audited attribute "
+        "(e.g. sex); scoring then flags each group at its own threshold",
+    )
     p.add_argument("--data-root", help="data root (default: $CLINICAL_ML_DATA_ROOT or <project>/data)")
     add_serve_parser(sub)
     args = parser.parse_args(argv)

@@ -25,6 +25,26 @@ class SignOffError(ValueError):
 
 
 @dataclass(frozen=True)
+class GroupThresholds:
+    """Per-group operating thresholds the panel approved for one audited attribute (e.g. ``sex``): a patient
+    of a listed group is flagged at its group's threshold, anyone else at the single threshold."""
+
+    attribute: str
+    thresholds: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"attribute": self.attribute, "thresholds": dict(self.thresholds)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GroupThresholds":
+        return cls(str(d["attribute"]), {str(k): float(v) for k, v in d["thresholds"].items()})
+
+    def words(self) -> str:
+        listed = ", ".join(f"{g} {t:.3f}" for g, t in sorted(self.thresholds.items()))
+        return f"per-group thresholds by {self.attribute.replace('_', ' ')} ({listed})"
+
+
+@dataclass(frozen=True)
 class SignOff:
     """One panel decision on one model version."""
 
@@ -33,20 +53,64 @@ class SignOff:
     note: str
     report_card_sha256: str
     at: str
+    group_thresholds: GroupThresholds | None = None
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "group_thresholds"}
+        if self.group_thresholds:
+            out["group_thresholds"] = self.group_thresholds.as_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "SignOff":
+        groups = d.get("group_thresholds")
         return cls(
-            str(d["by"]), bool(d["approved"]), str(d["note"]), str(d["report_card_sha256"]), str(d["at"])
+            str(d["by"]),
+            bool(d["approved"]),
+            str(d["note"]),
+            str(d["report_card_sha256"]),
+            str(d["at"]),
+            GroupThresholds.from_dict(groups) if groups else None,
         )
 
     def sentence(self) -> str:
         what = "approved" if self.approved else "rejected"
+        groups = f" with {self.group_thresholds.words()}" if self.group_thresholds else ""
         note = f": {self.note}" if self.note else ""
-        return f"{what} by {self.by} on {self.at[:10]}{note} (report card read: sha256 {self.report_card_sha256[:12]})"
+        return (
+            f"{what}{groups} by {self.by} on {self.at[:10]}{note} "
+            f"(report card read: sha256 {self.report_card_sha256[:12]})"
+        )
+
+
+def recommended_group_thresholds(fairness: dict, attribute: str) -> GroupThresholds:
+    """The fairness report's per-group thresholds for ``attribute`` (groups large enough to have one), as
+    the panel approves them.
+
+    Raises
+    ------
+    SignOffError
+        The attribute was not audited, or none of its groups is large enough to have a threshold.
+    """
+    rows = [t for t in fairness.get("group_thresholds", []) if t["attribute"] == attribute]
+    if not rows:
+        audited = sorted({t["attribute"] for t in fairness.get("group_thresholds", [])})
+        raise SignOffError(
+            f"no per-group thresholds for '{attribute}' in the fairness report (audited: {', '.join(audited)})"
+        )
+    usable = {t["group"]: float(t["threshold"]) for t in rows if not t["suppressed"]}
+    if not usable:
+        raise SignOffError(f"every group of '{attribute}' is too small to have its own threshold")
+    return GroupThresholds(attribute, usable)
+
+
+def approved_group_thresholds(registry: Registry, version: str) -> GroupThresholds | None:
+    """The per-group thresholds the panel approved with ``version``, if it did."""
+    for d in reversed(registry.decisions()):
+        if d.challenger == version and d.sign_off:
+            signed = SignOff.from_dict(d.sign_off)
+            return signed.group_thresholds if signed.approved else None
+    return None
 
 
 def apply_approval_policy(
@@ -86,11 +150,14 @@ def sign_off(
     approve: bool,
     note: str = "",
     version: str | None = None,
+    group_thresholds_for: str | None = None,
     now: datetime | None = None,
 ) -> PromotionDecision:
     """Record the panel's decision on ``version`` (default: the newest awaiting sign-off) and, when it
     approves, make it champion. The report card of that version must exist (the panel signs what it read):
-    its sha256 is recorded and the file is kept beside the model version.
+    its sha256 is recorded and the file is kept beside the model version. ``group_thresholds_for`` (an
+    audited attribute, with an approval) approves the fairness report's per-group thresholds of that
+    attribute with the model: scoring then flags each of its groups at the group's own threshold.
 
     Raises
     ------
@@ -127,6 +194,16 @@ def sign_off(
             f"the report card of model {version} has not been written: materialize model_report_card and read "
             "it first; the sign-off records the sha256 of the card read"
         )
+    groups = None
+    if group_thresholds_for:
+        if not approve:
+            raise SignOffError("per-group thresholds are approved with the model, not with a rejection")
+        fairness = store.fairness.read() if store.fairness.exists() else None
+        if fairness is None or fairness.model_version != version:
+            raise SignOffError(
+                f"the fairness report of model {version} has not been written: materialize it first"
+            )
+        groups = recommended_group_thresholds(fairness.as_dict(), group_thresholds_for)
     content = card.read_bytes()
     atomic_write_bytes(registry.version_dir(version) / SIGNED_REPORT_CARD, content)
     record = SignOff(
@@ -135,6 +212,7 @@ def sign_off(
         note=note,
         report_card_sha256=hashlib.sha256(content).hexdigest(),
         at=(now or datetime.now(UTC)).isoformat(),
+        group_thresholds=groups,
     )
     decision = PromotionDecision(
         approve,

@@ -14,6 +14,7 @@ from datetime import date, datetime, timedelta
 import numpy as np
 import polars as pl
 
+from clinical_ml.core.approval import GroupThresholds, approved_group_thresholds
 from clinical_ml.core.artifacts import DriftRecord, UseCaseStore
 from clinical_ml.core.batch_monitoring import (
     PREDICTION_COLUMN,
@@ -43,6 +44,8 @@ class NoChampionError(RuntimeError):
 class Champion:
     card: ModelCard
     scorer: Scorer
+    group_thresholds: GroupThresholds | None = None
+    """Per-group thresholds the panel approved with this model (applied in :func:`score_batch`)."""
 
     @property
     def version(self) -> str:
@@ -58,7 +61,7 @@ def load_champion(registry: Registry) -> Champion:
     scorer = Scorer(
         model=registry.model(version), threshold=card.threshold, training_ranges=card.training_ranges
     )
-    return Champion(card, scorer)
+    return Champion(card, scorer, approved_group_thresholds(registry, version))
 
 
 def day_after(batch_id: str) -> datetime:
@@ -95,7 +98,7 @@ def score_batch(frame: pl.DataFrame, champion: Champion) -> pl.DataFrame:
     """The batch's admissions scored at their prediction time: risk, flag, reasons, guardrail flags."""
     scorer = champion.scorer
     scores = scorer.score(feature_matrix(frame, scorer.model.feature_names)) if frame.height else []
-    return frame.select(
+    scored = frame.select(
         "subject_id", "hadm_id", "prediction_time", "batch_id", *SUBGROUP_COLUMNS
     ).with_columns(
         pl.Series(PREDICTION_COLUMN, [s.risk for s in scores], dtype=pl.Float64),
@@ -103,6 +106,30 @@ def score_batch(frame: pl.DataFrame, champion: Champion) -> pl.DataFrame:
         pl.Series("reasons", [json.dumps(s.reasons, default=str) for s in scores], dtype=pl.String),
         pl.Series("flags", [json.dumps(list(s.flags)) for s in scores], dtype=pl.String),
         pl.lit(champion.version).alias("model_version"),
+    )
+    return _apply_group_thresholds(scored, champion)
+
+
+def _apply_group_thresholds(scored: pl.DataFrame, champion: Champion) -> pl.DataFrame:
+    """Each row flagged at the threshold that applies to it: its group's, where the panel approved per-group
+    thresholds for one attribute, else the single one (``threshold_applied`` says which value)."""
+    single = pl.lit(champion.card.threshold, dtype=pl.Float64)
+    gt = champion.group_thresholds
+    if gt is None:
+        return scored.with_columns(single.alias("threshold_applied"))
+    if gt.attribute not in scored.columns:
+        raise ValueError(
+            f"the panel approved per-group thresholds by {gt.attribute}, which the scored rows do not carry"
+        )
+    applied = (
+        pl.col(gt.attribute)
+        .cast(pl.String)
+        .replace_strict(gt.thresholds, default=None, return_dtype=pl.Float64)
+        .fill_null(single)
+    )
+    risk = pl.col(PREDICTION_COLUMN)
+    return scored.with_columns(applied.alias("threshold_applied")).with_columns(
+        (risk.is_not_nan() & (risk >= pl.col("threshold_applied"))).fill_null(False).alias("flagged")
     )
 
 

@@ -51,11 +51,13 @@ def test_a_refusal_stays_a_refusal_whatever_the_approval_rule(approval):
     assert apply_approval_policy(REFUSED, approval=approval, fairness_verdict="pass") == REFUSED
 
 
-def _awaiting(tmp_path, *, card_text: str | None = "<html>report card of v2</html>"):
+def _awaiting(tmp_path, *, card_text: str | None = "<html>report card of v2</html>", model_text: str = ""):
     registry = Registry(tmp_path / "registry", "uc")
     store = DeidStore(tmp_path / "deid", tmp_path / "reports").use_case("uc")
     for version in ("v1", "v2"):
-        registry.register(ModelCard("uc", version), model_text=f"tree {version}\n")
+        registry.register(
+            ModelCard("uc", version, threshold=0.18), model_text=model_text or f"tree {version}\n"
+        )
     registry.record_decision(PromotionDecision(True, "v1", None, ("first",)))
     waiting = registry.record_decision(
         apply_approval_policy(PASSED, approval="panel", fairness_verdict="pass"), move_pointer=False
@@ -135,3 +137,68 @@ def test_the_cli_signs_off_and_fails_clearly(tmp_path, capsys):
     assert registry.champion() == "v2"
     assert cli.main([*argv, "--reject"]) == 2
     assert "no model of uc awaits sign-off" in capsys.readouterr().err
+
+
+def _fairness(store, version: str) -> None:
+    from clinical_ml.core.artifacts import FairnessSummary
+
+    rows = [
+        {"attribute": "sex", "group": "F", "suppressed": False, "threshold": 0.12},
+        {"attribute": "sex", "group": "M", "suppressed": False, "threshold": 0.25},
+        {"attribute": "age_band", "group": "18-44", "suppressed": True, "threshold": float("nan")},
+    ]
+    store.fairness.write(FairnessSummary(version, "review", {"group_thresholds": rows}))
+
+
+def test_approved_group_thresholds_are_recorded_and_applied_in_scoring(tmp_path):
+    import numpy as np
+    import polars as pl
+
+    from clinical_ml.core.approval import approved_group_thresholds
+    from clinical_ml.core.champion_monitoring import load_champion, score_batch
+    from clinical_ml.core.modeling import train_model
+
+    # a real model, so that the champion scores
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 2))
+    y = (x[:, 0] + rng.normal(size=600) > 0.5).astype(int)
+    model = train_model(x[:400], y[:400], x[400:], y[400:], feature_names=["a__last", "b__last"], seed=0)
+    registry, store = _awaiting(tmp_path, model_text=model.to_text())
+    _fairness(store, "v2")
+    with pytest.raises(SignOffError, match="not with a rejection"):
+        sign_off(registry, store, by="Dr A", approve=False, group_thresholds_for="sex")
+    with pytest.raises(SignOffError, match="audited: age_band, sex"):
+        sign_off(registry, store, by="Dr A", approve=True, group_thresholds_for="site")
+    with pytest.raises(SignOffError, match="every group of 'age_band' is too small"):
+        sign_off(registry, store, by="Dr A", approve=True, group_thresholds_for="age_band")
+
+    decision = sign_off(registry, store, by="Dr A", approve=True, group_thresholds_for="sex")
+    assert "approved with per-group thresholds by sex (F 0.120, M 0.250) by Dr A" in decision.reasons[0]
+    groups = approved_group_thresholds(registry, "v2")
+    assert groups is not None and groups.thresholds == {"F": 0.12, "M": 0.25}
+
+    # score the same rows as F, M and U: each flagged at its own group's threshold, U at the single one
+    champion = load_champion(registry)
+    assert champion.version == "v2" and champion.group_thresholds == groups
+    frame = pl.DataFrame(
+        {
+            "subject_id": [1, 2, 3] * 50,
+            "hadm_id": list(range(150)),
+            "prediction_time": [None] * 150,
+            "batch_id": ["b"] * 150,
+            "sex": ["F", "M", "U"] * 50,
+            "age_band": ["45-64"] * 150,
+            "race_ethnicity": ["White"] * 150,
+            "a__last": np.repeat(np.linspace(-2, 2, 50), 3),
+            "b__last": [0.0] * 150,
+        }
+    )
+    scored = score_batch(frame, champion)
+    for sex, threshold in (("F", 0.12), ("M", 0.25), ("U", 0.18)):
+        rows = scored.filter(pl.col("sex") == sex)
+        assert (rows["threshold_applied"] == threshold).all()
+        assert (rows["flagged"] == (rows["predicted_risk"] >= threshold)).all()
+    assert (
+        scored.filter(pl.col("sex") == "F")["flagged"].sum()
+        > scored.filter(pl.col("sex") == "M")["flagged"].sum()
+    )

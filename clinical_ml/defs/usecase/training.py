@@ -46,6 +46,11 @@ class SignOffConfig(dg.Config):
     decision: Literal["approve", "reject"] = Field("approve", description="approve or reject the model")
     note: str = Field("", description="the panel's note (conditions, per-group thresholds approved, ...)")
     version: str = Field("", description="the model version signed off; empty: the one awaiting sign-off")
+    group_thresholds_for: str = Field(
+        "",
+        description="with an approval: an audited attribute (e.g. sex) whose per-group thresholds from the fairness "
+        "report are approved too and applied in scoring; empty: the single threshold for everyone",
+    )
 
 
 def build_sign_off_job(uc: UseCase) -> "UnresolvedAssetJobDefinition":
@@ -266,6 +271,7 @@ def build_training_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
                 approve=config.decision == "approve",
                 note=config.note,
                 version=config.version or None,
+                group_thresholds_for=config.group_thresholds_for or None,
             )
         else:
             decision = store.decision.read()
