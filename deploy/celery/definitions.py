@@ -1,26 +1,24 @@
-"""The clinical_ml code location with steps executed by Celery workers (dagster-celery).
+"""The clinical_ml code location with every step executed by a Celery worker (dagster-celery), on the
+PostgreSQL instance of deploy/celery/dagster.yaml. Tested by clinical_ml_tests/e2e/test_celery.py; how to run
+it on several machines: deploy/celery/README.md.
 
-NOT TESTED HERE (no broker; dagster-celery is not installed in this environment). Start workers on each
-machine with the repository checked out, its .venv, the instance's DAGSTER_HOME and the shared data root:
-
-    DAGSTER_HOME=... CLINICAL_ML_DATA_ROOT=/data .venv/bin/celery -A deploy.celery.worker worker -l info
-
-and load this module as the code location (`--module-name deploy.celery.definitions`).
+Load it as the code location (``--module-name deploy.celery.definitions``); nothing else in the code changes.
 """
 
 import dagster as dg
 from dagster_celery import celery_executor
 
 from clinical_ml.defs.build import build_definitions
+from deploy.celery.settings import BACKEND_ENV, BROKER_ENV, CELERY_SETTINGS
 
 defs = dg.Definitions.merge(
     build_definitions(),
     dg.Definitions(
         executor=celery_executor.configured(
             {
-                "broker": {"env": "CLINICAL_ML_CELERY_BROKER"},  # e.g. redis://broker:6379/0
-                "backend": {"env": "CLINICAL_ML_CELERY_BACKEND"},  # e.g. redis://broker:6379/1
-                "include": ["clinical_ml.defs.build"],
+                "broker": {"env": BROKER_ENV},
+                "backend": {"env": BACKEND_ENV},
+                "config_source": CELERY_SETTINGS,
             }
         )
     ),

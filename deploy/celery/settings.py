@@ -1,0 +1,19 @@
+"""Settings shared by the Celery executor (deploy/celery/definitions.py) and the workers
+(deploy/celery/worker.py): both must agree on the broker, the result backend and how a task is acknowledged.
+
+The broker and backend come from the environment (no secret in code): ``CLINICAL_ML_CELERY_BROKER`` (e.g.
+``redis://broker:6379/0``) and ``CLINICAL_ML_CELERY_BACKEND`` (e.g. ``redis://broker:6379/1``).
+"""
+
+BROKER_ENV = "CLINICAL_ML_CELERY_BROKER"
+BACKEND_ENV = "CLINICAL_ML_CELERY_BACKEND"
+
+# A step's task is acknowledged when the step has finished, not when a worker takes it, and a task whose
+# worker process died (SIGKILL, the OOM killer) goes back on the queue for another worker instead of being
+# lost: without these two a killed worker process leaves its run waiting for a result that never comes.
+# One task at a time per worker process (no prefetching): a long step does not hold others hostage.
+CELERY_SETTINGS: dict[str, object] = {
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+}
