@@ -27,9 +27,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _legend_below(ax, *, ncol: int = 3) -> None:
-    """The legend under the axes, so that it never covers data."""
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, frameon=False)
+def _legend_outside(ax) -> None:
+    """The legend beside the axes (right), so that it covers neither data nor the axis label."""
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
 def roc_plot(y: np.ndarray, p: np.ndarray, *, threshold: float, words: OutcomeWords | None = None) -> bytes:
@@ -118,7 +118,7 @@ def forest_plot(
         ax.axvline(minimum, color=_RED, ls=":", label="subgroup minimum")
     ax.set_yticks(ys, [r["label"] for r in rows])
     ax.set_xlabel(f"{metric} (95% CI)")
-    _legend_below(ax)
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -129,7 +129,7 @@ def drift_plot(names: list[str], values: list[float], *, warn: float, error: flo
     ax.axvline(warn, color="#d08a1a", ls=":", label=f"warning ({warn})")
     ax.axvline(error, color=_RED, ls=":", label=f"action ({error})")
     ax.set_xlabel("population stability index (PSI)")
-    _legend_below(ax)
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -162,7 +162,7 @@ def subgroup_forest_plot(
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel(f"{metric} (95% CI); red = flagged")
     ax.set_title(title, fontsize=10)
-    _legend_below(ax)
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -207,7 +207,7 @@ def ratio_forest_plot(
     ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlabel(f"{label} (95% CI, log scale); red = whole interval outside the acceptable range")
     ax.set_title(title, fontsize=10)
-    _legend_below(ax)
+    _legend_outside(ax)
     return _png(fig)
 
 
