@@ -17,6 +17,7 @@ import polars as pl
 
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.features import CohortFlow, SplitInfo
+from clinical_ml.core.learning_curve import LearningCurve
 from clinical_ml.core.quality import QualityProfile
 from clinical_ml.core.registry import PromotionDecision
 from clinical_ml.core.storage import (
@@ -341,6 +342,7 @@ class UseCaseStore:
         self.threshold = JsonFile(f / "threshold.json", OperatingThreshold)
         self.evaluation = JsonFile(f / "evaluation.json", Evaluation)
         self.shap = JsonFile(f / "shap.json", ShapImportance)
+        self.learning_curve = JsonFile(f / "learning_curve.json", LearningCurve)
         self.decision = JsonFile(f / "decision.json", PromotionDecision)
         self.fairness = JsonFile(f / "fairness.json", FairnessSummary)
         self.feature_drift = JsonFile(f / "feature_drift.json", FeatureDriftSnapshot)

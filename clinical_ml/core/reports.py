@@ -23,7 +23,9 @@ from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, Metric
 from clinical_ml.core.features import DESIGN_NOT_RECORDED
 from clinical_ml.core.glossary import glossary_for
 from clinical_ml.core.labeling import CohortFlow
+from clinical_ml.core.learning_curve import LearningCurve
 from clinical_ml.core.monitoring_config import MonitoringConfig
+from clinical_ml.core.row_accounting import PRIVACY_LOSS_LIMIT
 from clinical_ml.core.usecase import OutcomeWords, UseCase
 
 _ENV = Environment(
@@ -823,6 +825,8 @@ def report_card(
     code_version: str,
     deliveries: list[dict] | None = None,
     validation_design: str | None = None,
+    privacy_groups: list[dict] | None = None,
+    learning_curve: LearningCurve | None = None,
 ) -> tuple[str, str]:
     """The HCP report card of one model version (HTML, self-contained) and its Markdown summary.
 
@@ -896,6 +900,11 @@ def report_card(
         flow=_flow_rows(use_case, flow),
         deliveries=deliveries or [],
         validation_design=validation_design or DESIGN_NOT_RECORDED,
+        # what the privacy gate took from each audited group (row_accounting.privacy_by_group)
+        privacy_groups=privacy_groups or [],
+        privacy_loss_limit=PRIVACY_LOSS_LIMIT,
+        learning_curve=learning_curve,
+        learning_curve_words=learning_curve.recommendation() if learning_curve else "",
         predictors=predictor_labels,
         windows=" and ".join(f"the last {w:g} h" for w in f.window_hours),
         aggregations=", ".join(f.aggregations),
@@ -971,6 +980,7 @@ def monitoring_report(
     config: MonitoringConfig,
     model_version: str,
     code_version: str,
+    feedback: dict | None = None,
 ) -> tuple[str, str]:
     """HTML monitoring report and its Markdown summary (aggregates only).
 
@@ -988,6 +998,9 @@ def monitoring_report(
         The monitoring levels the batches were judged by.
     model_version, code_version
         Lineage shown in the footer.
+    feedback
+        Clinicians' answers to the point-of-care cards
+        (:func:`clinical_ml.core.clinician_feedback.feedback_view`), or ``None`` when there are none.
 
     Returns
     -------
@@ -1011,6 +1024,7 @@ def monitoring_report(
         binning=config.drift.describe(),
         drift_plot=b64(plots.drift_trend_plot(batches)) if batches else None,
         performance_plot=b64(plots.performance_plot(performance)) if overall else None,
+        feedback=feedback,
         use_case_name=use_case.name,
         use_case_hash=use_case.source_sha256[:12],
         model_version=model_version,
@@ -1036,6 +1050,8 @@ def monitoring_report(
         real = r["realised"]["auroc"]["value"] if r["realised"] else float("nan")
         est = (r["estimated"] or {}).get("auroc", float("nan"))
         lines.append(f"| {md_escape(r['period'])} | {r['status']} | {real:.3f} | {est:.3f} |")
+    if feedback:
+        lines += ["", f"Clinician feedback: {md_escape(feedback['rising_sentence'])}."]
     return html, "\n".join(lines) + "\n"
 
 

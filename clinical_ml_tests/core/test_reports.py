@@ -17,7 +17,9 @@ from clinical_ml.core.fairness import (
     threshold_recommendation,
     verdict,
 )
+from clinical_ml.core.learning_curve import CurvePoint, LearningCurve
 from clinical_ml.core.reports import fairness_report, report_card
+from clinical_ml.core.row_accounting import privacy_by_group
 from clinical_ml.core.usecase import parse_use_case
 
 USECASE = Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml"
@@ -175,8 +177,45 @@ def _render(hostile: bool) -> dict[str, str]:
         predictor_labels=x["predictors"],
         model_version=f"v1 {IMG}" if hostile else "v1",
         code_version="abc",
+        privacy_groups=privacy_by_group(
+            [
+                {
+                    "audited_groups": {
+                        "race_ethnicity": {
+                            f"Asian{SCRIPT}" if hostile else "Asian": {
+                                "patients": 40,
+                                "withheld": 2,
+                                "race_not_released": 8,
+                            },
+                            "White": {"patients": 400, "withheld": 1, "race_not_released": 0},
+                        }
+                    }
+                }
+            ]
+        ),
+        learning_curve=LearningCurve(
+            tuple(
+                CurvePoint(f, int(1000 * f), int(1000 * f), int(150 * f), (a, a - 0.03, a + 0.03), 1.0)
+                for f, a in ((0.25, 0.78), (0.5, 0.81), (0.75, 0.83), (1.0, 0.85))
+            ),
+            400,
+            60,
+        ),
     )
     return {"fairness_html": html_f, "fairness_md": md_f, "card_html": html_c, "card_md": md_c}
+
+
+def test_report_card_says_what_privacy_took_from_each_group_and_whether_more_data_would_help(plain):
+    text = " ".join(_parse(plain["card_html"]).text)
+    # Asian: 2 withheld and 8 outside their group of 40 delivered = 25%, over the 5% limit; White 1 of 400
+    assert "What the privacy gate took from each audited group" in text
+    assert "25.0%" in text and "0.2%" in text
+    assert 'class="verdict review">25.0%' in plain["card_html"]
+    assert 'class="verdict review">0.2%' not in plain["card_html"]
+    assert (
+        "AUROC went from 0.830 with 75% of the derivation cohort (750 patients) to 0.850 with all of it (1,000): "
+        "still rising, so more data of the same kind would likely help."
+    ) in text
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import polars as pl
 from clinical_ml.core import plots
 from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
-from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_design
+from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_design, validation_rows
+from clinical_ml.core.learning_curve import learning_curve, learning_curve_markdown
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.reports import ci_text, evaluation_markdown, performance_report, rounded
 from clinical_ml.core.storage import code_version
@@ -49,6 +50,32 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
                 "threshold": threshold.threshold,
                 "threshold_chosen_on": threshold.chosen_on,
                 "model_version": fit.version,
+            }
+        )
+
+    @dg.asset(
+        key=key("learning_curve"),
+        deps=[key("risk_model"), key("subject_splits")],
+        group_name=Stage.EVALUATION,
+        kinds={"lightgbm"},
+        tags=tags(DataClass.AGGREGATE),
+        description="Would more data help? The challenger refitted on 25, 50, 75 and 100% of the derivation "
+        "cohort's patients, validation AUROC (95% CI) and calibration slope of each, and the recommendation.",
+        owners=ML_OWNERS,
+    )
+    def learning_curve_asset(zones: DataZones) -> dg.MaterializeResult:
+        store = zones.use_case(uc.name)
+        frame = training_frame(store.features.read(), store.labels.read(), store.subject_splits.read())
+        curve = learning_curve(
+            frame.filter(validation_rows(store.split_info.read())),
+            load_model(store.challenger.model_text()),
+            seed=uc.validation.seed,
+        )
+        store.learning_curve.write(curve)
+        return dg.MaterializeResult(
+            metadata={
+                "report": dg.MetadataValue.md(learning_curve_markdown(curve)),
+                "recommendation": dg.MetadataValue.text(curve.recommendation()),
             }
         )
 
@@ -189,6 +216,7 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
 
     return [
         validation_predictions,
+        learning_curve_asset,
         model_evaluation,
         auroc_lower_bound_meets_minimum,
         shap_explanations,

@@ -6,7 +6,7 @@ import dagster as dg
 from clinical_ml.core.features import validation_design
 from clinical_ml.core.model_facts import model_facts, model_facts_html, model_facts_markdown
 from clinical_ml.core.reports import data_periods, predictor_labels, report_card, report_card_markdown
-from clinical_ml.core.row_accounting import delivery_rows
+from clinical_ml.core.row_accounting import delivery_rows, privacy_by_group
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
@@ -26,6 +26,7 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             key("shap_explanations"),
             key("subcohort_fairness_report"),
             key("cohort"),
+            key("learning_curve"),
         ],
         group_name=Stage.EVALUATION,
         kinds={"html", "markdown"},
@@ -66,6 +67,8 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             code_version=code_version(),
             deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
             validation_design=design,
+            privacy_groups=_privacy_groups(zones, list(card.lineage.batch_ids)),
+            learning_curve=store.learning_curve.read() if store.learning_curve.exists() else None,
         )
         out = store.reports.write_report(f"report_card_{card.version}", html)
         store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
@@ -100,6 +103,12 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
         )
 
     return [model_report_card]
+
+
+def _privacy_groups(zones: DataZones, batch_ids: list[str]) -> list[dict]:
+    """What the privacy gate took from each audited group over the batches the model was trained on."""
+    privacy = zones.deid_store().privacy
+    return privacy_by_group([privacy.part(b).read().as_dict() for b in batch_ids if privacy.part(b).exists()])
 
 
 def _deliveries(zones: DataZones, uc: UseCase, batch_ids: list[str]) -> list[dict]:
