@@ -201,7 +201,7 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     )
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     ingest = defs.resolve_job_def("batch_ingestion_job")
-    for b in batches:
+    for i, b in enumerate(batches, start=1):
         result = ingest.execute_in_process(
             instance=instance,
             partition_key=b.batch_id,
@@ -224,7 +224,10 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
         else:
             verdict = "ingested and anonymized, with rows rejected or withheld"
         # never "succeeded" alone: where every delivered row went, in counts and reason codes
-        print(f"batch {b.batch_id}: {verdict}")
+        print(
+            f"[{time.perf_counter() - started:5.0f} s] batch {i}/{len(batches)} {b.batch_id}: {verdict}",
+            flush=True,
+        )
         for line in account.lines():
             print(line)
         if not result.success:
@@ -239,6 +242,11 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     if not names:
         print("no use case to run on these data", file=sys.stderr)
         return 1
+    print(
+        f"[{time.perf_counter() - started:5.0f} s] lifecycle of {', '.join(names)}: cohorts, features, training, "
+        "evaluation, fairness, reports (a few minutes)",
+        flush=True,
+    )
     lifecycle = defs.resolve_job_def("lifecycle_job")
     selection = [
         k
