@@ -112,7 +112,7 @@ def test_device_vitals_are_harmonized_like_vitals(tmp_path):
         "encounter_id,code,value,unit,charted_time\n"
         "E0001,temperature,98.6,[degF],2026-01-05 10:00:00\n"
         "E0001,heart_rate,80,/min,2026-01-05 10:01:00\n"
-        "E0001,heart_rate,80,bpm,2026-01-05 10:02:00\n"
+        "E0001,heart_rate,80,beats/h,2026-01-05 10:02:00\n"
         "E0001,heart_rate,80,/min,2026-01-12 10:02:00\n",
     )
     assert r.rows_accepted == 2
