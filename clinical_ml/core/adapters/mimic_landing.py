@@ -289,19 +289,16 @@ def export_tables(source: Path | str) -> tuple[dict[str, pl.DataFrame], ExportCo
         .alias("_offset")
     )
     over_89 = (pl.col("_first") - pl.col("dob")).dt.total_days() / 365.25 > SHIFTED_AGE_YEARS
-    pts = (
-        patients.join(offsets, on="subject_id", how="inner")
-        .with_columns(
-            pl.when(over_89)
-            .then(pl.col("_first").dt.offset_by(f"-{AGE_OVER_89}y"))
-            .otherwise(pl.col("dob"))
-            .alias("dob"),
-            over_89.alias("_over_89"),
-        )
-        .drop("_first")
+    # an age "over 89" becomes 90 on the re-dated calendar (a day-count shift would move a birthday)
+    pts = patients.join(offsets, on="subject_id", how="inner").with_columns(
+        pl.when(over_89)
+        .then((pl.col("_first") - pl.col("_offset")).dt.offset_by(f"-{AGE_OVER_89}y"))
+        .otherwise(pl.col("dob") - pl.col("_offset"))
+        .alias("dob"),
+        over_89.alias("_over_89"),
     )
     n_over_89 = int(pts["_over_89"].sum())
-    pts = pts.with_columns((pl.col("dob") - pl.col("_offset")).alias("dob")).drop("_offset", "_over_89")
+    pts = pts.drop("_first", "_offset", "_over_89")
     offsets = offsets.drop("_first")
     first_ethnicity = (
         admissions.sort("admittime").unique("subject_id", keep="first").select("subject_id", "ethnicity")
