@@ -1308,8 +1308,9 @@ def verdict(
 
     * ``fail``: a group of an audited attribute has its whole 95% CI below a subgroup minimum or outside an
       acceptable calibration range (in an intersection of two attributes, this asks for review).
-    * ``review``: a group is worse than all patients beyond chance (Holm), or a point estimate is below a
-      subgroup minimum while its CI still reaches it.
+    * ``review``: a group is worse than all patients beyond chance (Holm), or a point estimate of a group of
+      an audited attribute is below a subgroup minimum while its CI still reaches it (in an intersection this
+      is noted, not a review: among dozens of small intersections some are below by chance).
     * ``insufficient data``: the validation cohort has fewer than ``min_events`` outcome events or
       ``min_non_events`` patients without it (unless a group fails), or, instead of pass, an audited
       attribute has fewer than two groups large enough to judge, so that its groups cannot be compared.
@@ -1324,7 +1325,23 @@ def verdict(
     ev, nev = (words.events, words.non_events) if words is not None else ("deaths", "survivors")
     failures = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.failures]
     flags = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.flags if f not in r.failures]
-    concerns = [f"{r.attribute} = {r.group}: {c}" for r in rows for c in r.concerns]
+    concerns = [f"{r.attribute} = {r.group}: {c}" for r in rows if not r.intersection for c in r.concerns]
+    # An intersection's point estimate below a minimum, with a CI that reaches it, is expected by chance among
+    # dozens of small intersections: it is shown (in the table and here) but asks for review only beyond chance.
+    uncertain = [r for r in rows if r.intersection and r.concerns]
+    judged_intersections = sum(1 for r in rows if r.intersection and not r.suppressed)
+    note = (
+        [
+            f"{len(uncertain)} of {judged_intersections} intersections judged have a point estimate below a "
+            "subgroup minimum with a 95% CI that still reaches it ("
+            + "; ".join(f"{r.attribute} = {r.group}" for r in uncertain[:5])
+            + ("; ..." if len(uncertain) > 5 else "")
+            + "): with this many small intersections some fall below by chance, so they are shown but do not ask "
+            "for review on their own"
+        ]
+        if uncertain
+        else []
+    )
     insufficient = []
     overall = next((r for r in rows if r.attribute == "overall"), None)
     too_few = overall is not None and (
@@ -1346,7 +1363,7 @@ def verdict(
                 "cannot be compared"
             )
     suppressed = sum(r.suppressed for r in rows)
-    tail = (
+    tail = note + (
         [f"{suppressed} groups too small to judge (suppressed); they need more data before a verdict."]
         if suppressed
         else []

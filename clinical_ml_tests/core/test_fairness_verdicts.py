@@ -246,3 +246,33 @@ def test_site_is_an_audit_attribute_a_use_case_can_ask_for():
         "Female & SITE_B",
     ]
     assert {t.attribute for t in audit.thresholds} == {"sex", "site"}
+
+
+def test_an_intersection_below_a_minimum_by_a_wide_interval_is_noted_not_a_review():
+    from clinical_ml.core.fairness import SubgroupRow
+
+    concern = (
+        "sensitivity 0.53 is below the subgroup minimum of 0.60, but its 95% CI (0.29 to 0.76) reaches it"
+    )
+
+    def row(attribute, group, *, intersection=False, concerns=()):
+        return SubgroupRow(attribute, group, 200, 40, False, {}, intersection=intersection, concerns=concerns)
+
+    groups = [
+        row("overall", "all"),
+        row("sex", "F"),
+        row("sex", "M"),
+        row("age_band", "45-64"),
+        row("age_band", "65+"),
+    ]
+    crossed = [row("sex & age_band", "F & 45-64", intersection=True, concerns=(concern,))]
+    crossed += [row("sex & age_band", g, intersection=True) for g in ("M & 45-64", "F & 65+", "M & 65+")]
+
+    v, reasons = verdict(groups + crossed)
+    assert v == "pass"
+    note = next(r for r in reasons if "intersections judged" in r)
+    assert note.startswith("1 of 4 intersections judged have a point estimate below a subgroup minimum")
+    assert "sex & age_band = F & 45-64" in note and "do not ask for review on their own" in note
+    # the same concern on a group of an audited attribute asks for review
+    v, reasons = verdict([*groups[:1], row("sex", "F", concerns=(concern,)), *groups[2:], *crossed])
+    assert v == "review" and reasons[0] == f"sex = F: {concern}"
