@@ -3,7 +3,7 @@ same validation cohort: discrimination (AUROC, DeLong 95% CI) and calibration (s
 
 The model's features, parameters and number of trees are kept, so the curve shows what more patients of the
 same kind would add; a curve still rising at the full cohort says more data would likely help, a flat one says
-that new predictors or another population are the way forward, not more of the same patients.
+that more of the same patients will not do much (new predictors might).
 """
 
 from dataclasses import dataclass
@@ -68,7 +68,7 @@ class LearningCurve:
             return f"{step}: still rising, so more data of the same kind would likely help."
         return (
             f"{step}: flat (a gain under {STILL_RISING}), so more patients of the same kind are unlikely to help "
-            "much; new predictors or a population-specific model are more promising."
+            "much; new predictors are the next thing to try."
         )
 
 
