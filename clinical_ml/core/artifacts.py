@@ -28,6 +28,7 @@ from clinical_ml.core.storage import (
     write_json,
     write_parquet,
 )
+from clinical_ml.core.time_to_prediction import PredictionTiming
 from clinical_ml.core.training import ChallengerFit
 from clinical_ml.core.validation import Evaluation, OperatingThreshold
 
@@ -348,6 +349,10 @@ class UseCaseStore:
         self.feature_drift = JsonFile(f / "feature_drift.json", FeatureDriftSnapshot)
         self.batch_predictions = ParquetParts(f / "predictions")
         self.drift_records = JsonParts(f / "monitoring", DriftRecord)
+        # per batch: from its landing to its predictions (clinical_ml.core.time_to_prediction)
+        self.prediction_timing = JsonParts(f / "timing", PredictionTiming)
+        # clinicians' answers to the point-of-care cards, pseudonymised (clinical_ml.core.clinician_feedback)
+        self.clinician_feedback = ParquetFile(f / "clinician_feedback.parquet")
         self.fhir_exports = f / "fhir"
 
     def drift_reference_cache(self, key: str) -> PickleCache:

@@ -226,6 +226,11 @@ def pseudonymise_feedback(
     )
 
 
+def no_feedback() -> pl.DataFrame:
+    """The released table before the first feedback run: no rows."""
+    return pl.DataFrame(schema=FEEDBACK_SCHEMA)
+
+
 # monitoring -----------------------------------------------------------------------------------------------
 def wilson(k: int, n: int, *, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of the proportion k/n (``(nan, nan)`` when n is 0)."""
@@ -436,29 +441,61 @@ DIMENSION_WORDS = {
 }
 
 
+def masking_note(min_cell_size: int) -> str:
+    k = min_cell_size
+    return (
+        f"Counts from 1 to {k - 1} are shown as <{k}, and a rate is shown only where neither its overrides nor "
+        "its acceptances are such a count. Rates are overrides per card answered, with Wilson 95% intervals; "
+        f"unit and subgroups are those of the stay in the de-identified cohort ('{NOT_RELEASED}' until its "
+        "batch is delivered)."
+    )
+
+
+def feedback_sections(m: FeedbackMonitoring) -> list[dict]:
+    """Each dimension's title and rows of display cells (group, answered, accepted, overridden, rate with
+    its interval, then one per reason), masked cells already in words: what the Markdown and the HTML show."""
+    k = m.min_cell_size
+    sections = []
+    for dim in dict.fromkeys(g.dimension for g in m.groups):
+        rows = []
+        for g in m.by(dim):
+            if g.answered is None:
+                cells = [f"<{k}", "masked", "masked", "masked"] + ["masked"] * len(m.reasons)
+            else:
+                ci = "" if g.ci_low is None or g.ci_high is None else f" ({g.ci_low:.1%} to {g.ci_high:.1%})"
+                cells = [_cell(g.answered, k), _cell(g.accepted, k), _cell(g.overridden, k)]
+                cells += [_pct(g.override_rate) + ci] + [_cell(g.reasons.get(r, 0), k) for r in m.reasons]
+            rows.append({"group": g.group, "cells": cells})
+        sections.append({"title": DIMENSION_WORDS.get(dim, dim), "rows": rows})
+    return sections
+
+
+FEEDBACK_COLUMNS = ("answered", "accepted", "overridden", "override rate (95% CI)")
+
+
+def feedback_view(m: FeedbackMonitoring) -> dict:
+    """What the monitoring report's feedback section shows (plain values; the template escapes them)."""
+    return {
+        "rising": m.rising.rising,
+        "rising_sentence": m.rising.sentence(),
+        "note": masking_note(m.min_cell_size),
+        "columns": [*FEEDBACK_COLUMNS, *m.reasons],
+        "sections": feedback_sections(m),
+    }
+
+
 def feedback_markdown(m: FeedbackMonitoring) -> str:
     """The monitoring numbers as Markdown tables (every value escaped)."""
-    k = m.min_cell_size
     if m.overall().answered == 0:
         return "No clinician feedback recorded yet."
-    parts = [
-        f"**{md_escape(m.rising.sentence())}**\n",
-        f"Counts from 1 to {k - 1} are shown as <{k}, and a rate is shown only where neither its overrides "
-        "nor its acceptances are such a count. Rates are overrides per card answered, with Wilson 95% "
-        "intervals.\n",
-    ]
-    head = "| group | answered | accepted | overridden | override rate (95% CI) |" + "".join(
-        f" {md_escape(r)} |" for r in m.reasons
-    )
-    rule = "|---" * (5 + len(m.reasons)) + "|"
-    for dim in dict.fromkeys(g.dimension for g in m.groups):
-        parts.append(f"\n**{DIMENSION_WORDS.get(dim, md_escape(dim))}**\n\n{head}\n{rule}")
-        for g in m.by(dim):
-            ci = "" if g.ci_low is None or g.ci_high is None else f" ({g.ci_low:.1%} to {g.ci_high:.1%})"
-            rate = _pct(g.override_rate) + ci
-            cells = [_cell(g.answered, k), _cell(g.accepted, k), _cell(g.overridden, k), rate]
-            if g.answered is None:
-                cells = [f"<{k}", "masked", "masked", "masked"]
-            reasons = ["masked" if g.answered is None else _cell(g.reasons.get(r, 0), k) for r in m.reasons]
-            parts.append(f"| {md_escape(g.group)} | " + " | ".join(cells + reasons) + " |")
+    view = feedback_view(m)
+    parts = [f"**{md_escape(view['rising_sentence'])}**\n", md_escape(view["note"]) + "\n"]
+    head = "| group | " + " | ".join(md_escape(c) for c in view["columns"]) + " |"
+    rule = "|---" * (1 + len(view["columns"])) + "|"
+    for section in view["sections"]:
+        parts.append(f"\n**{md_escape(section['title'])}**\n\n{head}\n{rule}")
+        for row in section["rows"]:
+            parts.append(
+                f"| {md_escape(row['group'])} | " + " | ".join(md_escape(c) for c in row["cells"]) + " |"
+            )
     return "\n".join(parts) + "\n"

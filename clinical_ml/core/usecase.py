@@ -461,6 +461,17 @@ class Guardrails(_Strict):
     policy: Literal["warn", "abstain"] = "abstain"
 
 
+class Operations(_Strict):
+    """How the use case's predictions must run once deployed."""
+
+    max_hours_to_prediction: float = Field(
+        24.0,
+        gt=0,
+        description="hours from a batch landing (its first ledger entry) to its predictions being written; "
+        "judged per batch by the time_to_prediction_within_limit check",
+    )
+
+
 class UseCase(_Strict):
     """One clinical question, its prediction time, its data, and its success criteria."""
 
@@ -485,6 +496,7 @@ class UseCase(_Strict):
     validation: Validation = Validation()
     promotion: Promotion = Promotion()
     guardrails: Guardrails = Guardrails()
+    operations: Operations = Operations()
     source_sha256: str = ""
 
     @model_validator(mode="after")

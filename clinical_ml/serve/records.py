@@ -32,8 +32,11 @@ class ServingRecords:
         self._cards: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self._remember = remember_cards
 
+    def folder(self, use_case: str, kind: str) -> Path:
+        return self.root / use_case / kind
+
     def path(self, use_case: str, kind: str, day: str) -> Path:
-        return self.root / use_case / kind / f"{day}.jsonl"
+        return self.folder(use_case, kind) / f"{day}.jsonl"
 
     def _append(self, use_case: str, kind: str, record: dict, now: datetime) -> None:
         path = self.path(use_case, kind, now.strftime("%Y-%m-%d"))
@@ -64,7 +67,7 @@ class ServingRecords:
 
     def read(self, use_case: str, kind: str) -> list[dict]:
         """Every record of a kind, oldest day first (for tests and the later pseudonymisation step)."""
-        folder = self.root / use_case / kind
+        folder = self.folder(use_case, kind)
         if not folder.exists():
             return []
         out = []

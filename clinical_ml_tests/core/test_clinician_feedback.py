@@ -2,6 +2,7 @@
 with small cells masked and a stated rising-override rule."""
 
 import json
+from html import unescape
 from pathlib import Path
 
 import polars as pl
@@ -13,12 +14,17 @@ from clinical_ml.core.clinician_feedback import (
     NOT_RELEASED,
     feedback_markdown,
     feedback_monitoring,
+    feedback_view,
     pseudonymise_feedback,
     read_json_lines,
     rising_override,
     wilson,
 )
+from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.pseudonyms import HmacKey, hmac_ids
+from clinical_ml.core.reports import monitoring_report
+from clinical_ml.core.usecase import load_use_case
+from clinical_ml_tests.conftest import PROJECT_ROOT
 
 OFFERED = ("already-aware", "not-applicable", "data-wrong")
 KEY = HmacKey(b"s" * 40)
@@ -126,6 +132,10 @@ def test_reasons_not_offered_are_unmapped_and_objectors_unknown_cards_and_repeat
         ("overridden", "unmapped"),  # risk-disagree is not one this use case offers here
     ]
     assert (out.withheld_by_consent, out.card_not_served, out.repeated, out.reasons_unmapped) == (1, 1, 1, 2)
+    assert out.sentence().startswith(
+        "2 of 5 feedback entries released (1 withheld by consent, 1 on a card not recorded as served, "
+        "1 superseded by a later answer on the same card); 0 released without pseudonyms"
+    )
     assert hmac_ids(pl.Series(["B"]), key=KEY, kind="subject")[0] not in out.frame["subject_id"].to_list()
 
 
@@ -223,8 +233,8 @@ def test_rates_by_unit_subgroup_band_and_period_with_small_cells_masked():
     assert [g.dimension for g in m.groups][:2] == ["overall", "unit"] and m.by("risk_band")
     assert not m.by("race_ethnicity")  # not an attribute of this call
     md = feedback_markdown(m)
-    assert "| SICU | 19 | <11 | 14 | masked |" in md
-    assert "| MICU | 30 | 30 | 0 | 0.0% (" in md
+    assert r"| SICU | 19 | \<11 | 14 | masked |" in md  # Markdown-escaped
+    assert r"| MICU | 30 | 30 | 0 | 0.0% \(" in md
     assert m.rising.sentence() in md.replace("\\", "")
 
 
@@ -232,3 +242,26 @@ def test_no_feedback_says_so():
     m = feedback_monitoring(rows({}), None, attributes=["sex"], min_cell_size=11)
     assert feedback_markdown(m) == "No clinician feedback recorded yet."
     assert all(g.group == NOT_RELEASED for g in m.by("unit")) and m.metadata() == {"feedback_answered": 0}
+
+
+def test_the_monitoring_report_shows_the_feedback_section_escaped():
+    fb = rows({"2026Q1": (30, 12), "2026Q2": (20, 30)})
+    cohort = pl.DataFrame({"hadm_id": list(range(1, 93)), "unit": ["<b>ICU</b>"] * 92})
+    m = feedback_monitoring(fb, cohort, attributes=["sex"], min_cell_size=11, offered_reasons=OFFERED)
+    assert m.rising.rising  # 60% (CI 46% to 72%) against 29% before
+    uc = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
+    kw = {
+        "use_case": uc,
+        "batches": [],
+        "performance": [],
+        "decisions": [],
+        "config": MonitoringConfig(),
+        "model_version": "v1",
+        "code_version": "c",
+    }
+    html, md = monitoring_report(**kw, feedback=feedback_view(m))  # type: ignore[arg-type]
+    assert "Clinician feedback at the point of care" in html and m.rising.sentence() in unescape(html)
+    assert "&lt;b&gt;ICU&lt;/b&gt;" in html and "<b>ICU" not in html
+    assert 'class="verdict fail"' in html and "override rate rising" in md
+    without, _ = monitoring_report(**kw)  # type: ignore[arg-type]
+    assert "Clinician feedback" not in without

@@ -4,12 +4,14 @@ later run cannot release the held export, and the next drifted day does not retr
 
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
+from clinical_ml.core.artifacts import UseCaseStore
 from clinical_ml.core.fhir import read_ndjson
 from clinical_ml.core.landing import find_complete_batches
 from clinical_ml.core.registry import PromotionDecision, Registry
@@ -71,6 +73,13 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
 
         ok = monitor.execute_in_process(instance=instance, partition_key=stable, raise_on_error=False)
         assert ok.success
+        # time to prediction: from the batch's first ledger entry to its predictions, within the limit
+        timing = UseCaseStore(root / "deid", root / "reports", UC).prediction_timing.part(stable).read()
+        ledger = [json.loads(p.read_text()) for p in (root / "archive" / "ledger" / stable).glob("*.json")]
+        assert timing.landed_at == min(datetime.fromisoformat(e["recorded_at"]) for e in ledger).isoformat()
+        assert timing.hours is not None and 0 <= timing.hours <= 24
+        ok_checks = {e.check_name: e.passed for e in ok.get_asset_check_evaluations()}
+        assert ok_checks["time_to_prediction_within_limit"] is True
         exported = read_ndjson(root / "deid" / "usecases" / UC / "fhir" / f"{stable}.ndjson")
         assert exported and all(r.prediction[0].probabilityDecimal is not None for r in exported)
         # the EHR copy: the same assessments under the site's MRNs and encounter ids, in the phi zone only
@@ -90,7 +99,7 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         bad = monitor.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
         assert not bad.success
         checks = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
-        assert checks == {"drift_below_error_level": False}
+        assert checks == {"drift_below_error_level": False, "time_to_prediction_within_limit": True}
         # every eligible admission of the day is monitored, patients never seen in training included
         cohort = pl.read_parquet(root / "deid" / "usecases" / UC / "cohort.parquet")
         checked = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{drifted}.json").read_text())

@@ -8,12 +8,15 @@ from clinical_ml.defs.conventions import RETRAIN_REASON_TAG, Stage
 from clinical_ml.resources.zones import DataZones
 
 PER_BATCH = dg.AssetSelection.tag("monitoring", "per_batch")
+# the point-of-care service's feedback, pseudonymised (anonymization group) for the monitoring that reads it
+CLINICIAN_FEEDBACK = dg.AssetSelection.tag("source", "clinician_feedback")
 
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
     selection=(
         dg.AssetSelection.assets("meds_dataset")
         | dg.AssetSelection.groups(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING)
+        | CLINICIAN_FEEDBACK
     )
     - PER_BATCH,
     description="Rebuild the MEDS layer, features, retrain, evaluate, gate promotion, and report monitoring.",
@@ -36,9 +39,9 @@ batch_monitoring_job = dg.define_asset_job(
 
 monitoring_report_job = dg.define_asset_job(
     "monitoring_report_job",
-    selection=dg.AssetSelection.groups(Stage.MONITORING) - PER_BATCH,
+    selection=(dg.AssetSelection.groups(Stage.MONITORING) | CLINICIAN_FEEDBACK) - PER_BATCH,
     description="Refresh each use case's monitoring report (trends, performance over time, decisions) and "
-    "newest-batch drift report after a batch has been checked.",
+    "newest-batch drift report after a batch has been checked, and the clinicians' feedback.",
 )
 
 

@@ -7,6 +7,7 @@ from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.usecase.evaluation import build_evaluation_assets
 from clinical_ml.defs.usecase.fairness import build_fairness_assets
 from clinical_ml.defs.usecase.features import build_features_assets
+from clinical_ml.defs.usecase.feedback import build_feedback_assets
 from clinical_ml.defs.usecase.monitoring import build_ehr_delivery_asset, build_monitoring_assets
 from clinical_ml.defs.usecase.report_card import build_report_card_assets
 from clinical_ml.defs.usecase.training import build_training_assets
@@ -26,5 +27,6 @@ def build_use_case_assets(
         *build_fairness_assets(uc),
         *build_report_card_assets(uc),
         *build_monitoring_assets(uc, monitoring),
+        *build_feedback_assets(uc),
         *delivery,
     ]

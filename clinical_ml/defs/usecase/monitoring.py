@@ -2,6 +2,7 @@
 export for the EHR, and performance over time; the newest-batch drift report is kept for the report set."""
 
 import warnings
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -21,8 +22,11 @@ from clinical_ml.core.champion_monitoring import (
     scored_admissions,
     scored_summary,
 )
+from clinical_ml.core.clinician_feedback import feedback_view
+from clinical_ml.core.delivery import ZonePaths, read_ledger_entry
 from clinical_ml.core.display_names import display_name
 from clinical_ml.core.fhir import reidentify_for_ehr, write_ndjson
+from clinical_ml.core.ingestion import SOURCE_COLUMNS
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.reports import (
     drift_check_words,
@@ -33,6 +37,7 @@ from clinical_ml.core.reports import (
     rounded,
 )
 from clinical_ml.core.storage import code_version
+from clinical_ml.core.time_to_prediction import PredictionTiming, landed_at, prediction_timing
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import (
     ML_OWNERS,
@@ -42,6 +47,7 @@ from clinical_ml.defs.conventions import (
     batch_partitions,
     tags,
 )
+from clinical_ml.defs.usecase.feedback import clinician_feedback_monitoring
 from clinical_ml.defs.usecase.paths import md_table, use_case_key
 from clinical_ml.resources.zones import DataZones
 
@@ -133,6 +139,39 @@ def _partitioned_check_spec(asset: dg.AssetKey) -> dg.AssetCheckSpec:
         )
 
 
+TIME_TO_PREDICTION_CHECK = "time_to_prediction_within_limit"
+
+
+def _time_to_prediction_spec(asset: dg.AssetKey, uc: UseCase) -> dg.AssetCheckSpec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)  # partitioned checks: see _partitioned_check_spec
+        return dg.AssetCheckSpec(
+            TIME_TO_PREDICTION_CHECK,
+            asset=asset,
+            partitions_def=batch_partitions,
+            description="The batch's predictions were written within operations.max_hours_to_prediction "
+            f"({uc.operations.max_hours_to_prediction:g} h) of the batch landing (its first ledger entry); "
+            "a re-scoring keeps the first time. A warning: late predictions are still delivered.",
+        )
+
+
+def _timing(zones: DataZones, uc: UseCase, batch: str) -> PredictionTiming:
+    """This scoring's time to prediction, kept beside the batch's predictions."""
+    paths = ZonePaths(
+        landing=zones.landing, archive=zones.archive, quarantine=zones.quarantine, phi=zones.phi
+    )
+    part = zones.use_case(uc.name).prediction_timing.part(batch)
+    timing = prediction_timing(
+        batch_id=batch,
+        landed=landed_at(e for s in SOURCE_COLUMNS if (e := read_ledger_entry(paths, batch, s)) is not None),
+        now=datetime.now(UTC),
+        limit_hours=uc.operations.max_hours_to_prediction,
+        previous=part.read() if part.exists() else None,
+    )
+    part.write(timing)
+    return timing
+
+
 def _drift_markdown(record: DriftRecord, result: BatchMonitoring, config: MonitoringConfig) -> str:
     moved = [d for d in result.features if d.level != "ok"]
     return (
@@ -158,19 +197,30 @@ def build_monitoring_assets(
         kinds={"lightgbm", "parquet"},
         tags={**tags(DataClass.DEIDENTIFIED), **PER_BATCH_TAG},
         description="The batch's eligible admissions scored by the champion at their prediction time: risk, "
-        "operating-point flag, top reasons, guardrail flags, model version.",
+        "operating-point flag, top reasons, guardrail flags, model version; and the hours from the batch "
+        "landing to these predictions.",
         owners=ML_OWNERS,
+        check_specs=[_time_to_prediction_spec(key("batch_predictions"), uc)],
     )
-    def batch_predictions(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
+    def batch_predictions(context: dg.AssetExecutionContext, zones: DataZones):
         store, champion = zones.use_case(uc.name), _champion(zones, uc)
         scored = score_batch(monitoring_frame(store, context.partition_key), champion)
         store.batch_predictions.part(context.partition_key).write(scored)
-        return dg.MaterializeResult(
+        timing = _timing(zones, uc, context.partition_key)
+        yield dg.MaterializeResult(
             metadata={
                 "dagster/row_count": scored.height,
                 "model_version": champion.version,
                 **_rounded(scored_summary(scored)),
+                **_rounded({"hours_to_prediction": timing.hours} if timing.hours is not None else {}),
             }
+        )
+        yield dg.AssetCheckResult(
+            check_name=TIME_TO_PREDICTION_CHECK,
+            passed=timing.within_limit is not False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=timing.sentence(),
+            metadata=_rounded({**timing.as_dict(), "hours_to_prediction": timing.hours or 0.0}),
         )
 
     @dg.asset(
@@ -251,7 +301,7 @@ def build_monitoring_assets(
 
     @dg.asset(
         key=key("monitoring_report"),
-        deps=[key("batch_drift"), key("model_registry")],
+        deps=[key("batch_drift"), key("model_registry"), key("clinician_feedback")],
         group_name=Stage.MONITORING,
         kinds={"html"},
         tags=tags(DataClass.AGGREGATE),
@@ -280,6 +330,7 @@ def build_monitoring_assets(
             )
             return
         review = review_performance(store, registry, _champion(zones, uc), config)
+        feedback = clinician_feedback_monitoring(uc, store)
         html, md = monitoring_report(
             use_case=uc,
             batches=review.batches,
@@ -288,6 +339,7 @@ def build_monitoring_assets(
             config=config,
             model_version=review.champion,
             code_version=code_version(),
+            feedback=feedback_view(feedback) if feedback.overall().answered else None,
         )
         out = store.reports.write_report("monitoring_report", html)
         yield dg.MaterializeResult(
