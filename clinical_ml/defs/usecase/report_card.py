@@ -1,10 +1,14 @@
 """The HCP report card (one self-contained HTML file per model version for the clinical review panel) and the
 Model Facts label beside it (one page for the clinicians who see the score)."""
 
+from pathlib import Path
+
 import dagster as dg
 
+from clinical_ml.core.artifacts import UseCaseStore
 from clinical_ml.core.features import validation_design
-from clinical_ml.core.model_facts import model_facts, model_facts_html, model_facts_markdown
+from clinical_ml.core.model_facts import ModelFacts, model_facts, model_facts_html, model_facts_markdown
+from clinical_ml.core.registry import ModelCard
 from clinical_ml.core.reports import data_periods, predictor_labels, report_card, report_card_markdown
 from clinical_ml.core.row_accounting import delivery_rows, privacy_by_group
 from clinical_ml.core.storage import code_version
@@ -41,58 +45,15 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
         store = zones.use_case(uc.name)
         fairness, decision = store.fairness.read(), store.decision.read()
         card = zones.model_registry(uc.name).card(fairness.model_version)
-        plots, forests = (
-            store.reports.performance_plots(),
-            store.reports.forest_plots(uc.subgroups.attributes),
-        )
-        evaluation = store.evaluation.read().as_dict()
         design = validation_design(store.split_info.read(), fraction=uc.validation.fraction)
-        html, md = report_card(
-            use_case=uc,
-            evaluation=evaluation,
-            fairness=fairness.as_dict(),
-            decision=decision.as_dict(),
-            flow=store.cohort_flow.read().as_dict(),
-            fit=card.fit,
-            training_ranges=card.training_ranges,
-            importance=list(store.shap.read().importance),
-            plots=plots,
-            forest_plots=forests,
-            data_periods=data_periods(
-                store.cohort.read(columns=["subject_id", "period"]), store.subject_splits.read()
-            ),
-            batch_ids=list(card.lineage.batch_ids),
-            predictor_labels=predictor_labels(card.feature_names, static=uc.features.static),
-            model_version=card.version,
-            code_version=code_version(),
-            deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
-            validation_design=design,
-            privacy_groups=_privacy_groups(zones, list(card.lineage.batch_ids)),
-            learning_curve=store.learning_curve.read() if store.learning_curve.exists() else None,
-        )
-        out = store.reports.write_report(f"report_card_{card.version}", html)
-        store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
-        facts = model_facts(
-            use_case=uc,
-            evaluation=evaluation,
-            fairness_verdict=fairness.verdict,
-            fairness_reasons=list(fairness.as_dict().get("reasons", [])),
-            decision=decision.as_dict(),
-            fit=card.fit,
-            importance=list(store.shap.read().importance),
-            n_predictors=len(card.feature_names),
-            batch_ids=list(card.lineage.batch_ids),
-            model_version=card.version,
-            code_version=code_version(),
-            report_card_file=out.name,
-            validation_design=design,
-        )
+        out, summary = _write_report_card(zones, uc, card, design)
+        facts = _model_facts(store, uc, card, design, report_card_file=out.name)
         label = store.reports.write_report(
             f"model_facts_{card.version}", model_facts_html(facts, use_case=uc, code_version=code_version())
         )
         return dg.MaterializeResult(
             metadata={
-                "report": dg.MetadataValue.md(report_card_markdown(md, plots["calibration"], forests)),
+                "report": dg.MetadataValue.md(summary),
                 "report_path": dg.MetadataValue.path(str(out)),
                 "model_facts": dg.MetadataValue.md(model_facts_markdown(facts)),
                 "model_facts_path": dg.MetadataValue.path(str(label)),
@@ -103,6 +64,60 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
         )
 
     return [model_report_card]
+
+
+def _write_report_card(zones: DataZones, uc: UseCase, card: ModelCard, design: str) -> tuple[Path, str]:
+    """Render and write the version's report card (HTML and Markdown); its path and the asset page's summary."""
+    store = zones.use_case(uc.name)
+    plots, forests = store.reports.performance_plots(), store.reports.forest_plots(uc.subgroups.attributes)
+    html, md = report_card(
+        use_case=uc,
+        evaluation=store.evaluation.read().as_dict(),
+        fairness=store.fairness.read().as_dict(),
+        decision=store.decision.read().as_dict(),
+        flow=store.cohort_flow.read().as_dict(),
+        fit=card.fit,
+        training_ranges=card.training_ranges,
+        importance=list(store.shap.read().importance),
+        plots=plots,
+        forest_plots=forests,
+        data_periods=data_periods(
+            store.cohort.read(columns=["subject_id", "period"]), store.subject_splits.read()
+        ),
+        batch_ids=list(card.lineage.batch_ids),
+        predictor_labels=predictor_labels(card.feature_names, static=uc.features.static),
+        model_version=card.version,
+        code_version=code_version(),
+        deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
+        validation_design=design,
+        privacy_groups=_privacy_groups(zones, list(card.lineage.batch_ids)),
+        learning_curve=store.learning_curve.read() if store.learning_curve.exists() else None,
+    )
+    out = store.reports.write_report(f"report_card_{card.version}", html)
+    store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
+    return out, report_card_markdown(md, plots["calibration"], forests)
+
+
+def _model_facts(
+    store: UseCaseStore, uc: UseCase, card: ModelCard, design: str, *, report_card_file: str
+) -> ModelFacts:
+    """The version's Model Facts label content (Sendak et al. 2020), from what the report card shows."""
+    fairness = store.fairness.read()
+    return model_facts(
+        use_case=uc,
+        evaluation=store.evaluation.read().as_dict(),
+        fairness_verdict=fairness.verdict,
+        fairness_reasons=list(fairness.as_dict().get("reasons", [])),
+        decision=store.decision.read().as_dict(),
+        fit=card.fit,
+        importance=list(store.shap.read().importance),
+        n_predictors=len(card.feature_names),
+        batch_ids=list(card.lineage.batch_ids),
+        model_version=card.version,
+        code_version=code_version(),
+        report_card_file=report_card_file,
+        validation_design=design,
+    )
 
 
 def _privacy_groups(zones: DataZones, batch_ids: list[str]) -> list[dict]:
