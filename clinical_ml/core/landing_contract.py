@@ -75,7 +75,11 @@ def _table(source: str) -> list[str]:
                 "mapping may declare the site's own pattern"
             )
         if name in ingestion.FREE_TEXT:
-            notes.append("formulas and markup counted, never a reason to reject" if coded else "text: formulas and markup counted, never a reason to reject")
+            notes.append(
+                "formulas and markup counted, never a reason to reject"
+                if coded
+                else "text: formulas and markup counted, never a reason to reject"
+            )
         lines.append(f"| `{name}` | {_type(col.dtype)} | {required} | {'; '.join(n for n in notes if n)} |")
     keys = ingestion.DUPLICATE_KEYS.get(source)
     if keys:
