@@ -135,7 +135,8 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
         else []
     )
     in_window = events.filter(pl.col("t_h") >= -window_h)
-    agg = in_window.group_by(*ROW_KEY, "stem").agg(*[exprs[a].alias(a) for a in wanted], *sums)
+    # maintain_order keeps each group's rows in the sorted order (and the groups in a fixed order)
+    agg = in_window.group_by(*ROW_KEY, "stem", maintain_order=True).agg(*[exprs[a].alias(a) for a in wanted], *sums)
     if "slope" in aggs:
         # slope = cov(t, v) / var(t); a window whose times are (nearly) all equal has no slope
         n, var = pl.col("_n"), pl.col("_var")
@@ -209,6 +210,9 @@ def _build_features(
             (pl.col("time") - pl.col("prediction_time")).dt.total_microseconds().alias("t_us"),
         )
         .with_columns((pl.col("t_us") / 3.6e9).alias("t_h"))
+        # Same inputs, same outputs: slopes and means are sums of floats whose rounding follows the row order,
+        # and the events arrive in the order of a parallel join; in a fixed order every run agrees bit for bit
+        .sort(*ROW_KEY, "stem", "t_us", "v")
     )
     aggs = _aggregations(use_case)
     # one scan of the filtered events serves every window

@@ -314,3 +314,27 @@ def test_a_cohort_a_model_cannot_learn_from_is_refused_with_its_counts(rows, eve
     )
     with pytest.raises(ValueError, match=re.escape(says)):
         fit_model(frame, USE_CASE)
+
+
+def test_features_do_not_depend_on_the_order_the_events_arrive_in():
+    """Same inputs, same outputs: the de-identified events are written in the order of a parallel join, so
+    two runs deliver the same rows in different orders; every aggregate (slopes and means are sums of
+    floats, whose rounding depends on the order) must come out bit for bit the same."""
+    rng = np.random.default_rng(5)
+    n = 6000
+    rows = [
+        (
+            int(101 + rng.integers(0, 40)),
+            str(rng.choice(["LAB//2524-7", "VITAL//heart_rate"])),
+            float(rng.normal(80, 25)),
+            float(rng.uniform(0, 23.5)),
+            0.0,
+        )
+        for _ in range(n)
+    ]
+    events = _events([(h, c, v, t, t) for h, c, v, t, _ in rows])
+    cohort, uc = _cohort(40), _use_case()
+    reference = build_features(events, cohort, uc)
+    for seed in (1, 2, 3):
+        shuffled = events.sample(fraction=1.0, shuffle=True, seed=seed)
+        assert_frame_equal(build_features(shuffled, cohort, uc), reference, check_exact=True)
