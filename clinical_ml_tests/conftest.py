@@ -67,8 +67,8 @@ def run_full_graph(
         )
         assert res.success
     res = defs.resolve_job_def("lifecycle_job").execute_in_process(instance=instance, raise_on_error=False)
-    # a challenger refused by the promotion gate fails its blocking checks (and only those) on purpose
-    assert res.success or failed_steps(res) <= promotion_gate_steps(defs), failed_steps(res)
+    # a refusal is a decision, not a failure: the run succeeds whatever the gate decided
+    assert res.success, failed_steps(res)
     return defs
 
 

@@ -333,8 +333,8 @@ class Registry:
     def record_decision(self, decision: PromotionDecision, *, move_pointer: bool = True) -> PromotionDecision:
         """Append the decision to the log and, when promoted and ``move_pointer``, move the champion pointer.
 
-        The Dagster graph records with ``move_pointer=False`` and moves the pointer in a separate step that
-        runs only after the blocking gate checks pass (:meth:`set_champion`). Returns the decision as
+        The Dagster graph records with ``move_pointer=False`` and moves the pointer in a separate step
+        (``champion_model``, :meth:`set_champion`) only for a promoted decision. Returns the decision as
         recorded (with its time). The record is one line with the sha256 of its content, written in one
         append; after a torn last line the record starts on a new line, so the fragment never swallows it.
         """
