@@ -6,6 +6,7 @@ Every worker inherits the caller's environment: ``DAGSTER_HOME`` (with deploy/ce
 ``DAGSTER_PG_*``, ``CLINICAL_ML_DATA_ROOT``, ``CLINICAL_ML_USECASES`` and the broker variables.
 """
 
+import hashlib
 import os
 import shutil
 import signal
@@ -81,6 +82,24 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, str] | None:
             raise RuntimeError(f"redis-server did not answer on 127.0.0.1:{port}")
         time.sleep(0.1)
     return proc, url
+
+
+def deid_digests(data_root: Path, pattern: str = "*/*") -> dict[str, str]:
+    """What the de-identified files matching ``pattern`` under ``<data root>/deid`` hold, by path: a table's rows
+    in any order (the same run can write a Parquet table's rows in another order), any other file's bytes."""
+    import polars as pl
+
+    deid = data_root / "deid"
+    out = {}
+    for path in sorted(p for p in deid.glob(pattern) if p.is_file()):
+        if path.suffix == ".parquet":
+            frame = pl.read_parquet(path)
+            rows = frame.sort(frame.columns).hash_rows().to_list() if frame.height else []
+            blob = repr((frame.schema, rows)).encode()
+        else:
+            blob = path.read_bytes()
+        out[str(path.relative_to(deid))] = hashlib.sha256(blob).hexdigest()
+    return out
 
 
 class LocalWorkers:
