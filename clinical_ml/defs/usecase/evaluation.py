@@ -65,8 +65,11 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
     )
     def learning_curve_asset(zones: DataZones) -> dg.MaterializeResult:
         store = zones.use_case(uc.name)
-        frame = training_frame(store.features.read(), store.labels.read(), store.subject_splits.read())
+        frame = training_frame(store.features.read(), store.labels.read(), store.subject_splits.read()).join(
+            store.cohort.read(columns=[*ROW_KEY, "period"]), on=ROW_KEY, how="left"
+        )
         curve = learning_curve(
+            # under temporal validation, a held-out patient's earlier admissions are neither cohort
             frame.filter(validation_rows(store.split_info.read())),
             load_model(store.challenger.model_text()),
             seed=uc.validation.seed,
