@@ -71,7 +71,10 @@ def build_feedback_assets(uc: UseCase) -> list[dg.AssetsDefinition]:
             hmac_key=key_,
             opted_out=read_register(phi.consent_register),
         )
-        zones.use_case(uc.name).clinician_feedback.write(release.frame)
+        store = zones.use_case(uc.name)
+        # a use case never served has nothing to release: no table (and no folder in the deid zone) for it
+        if served.records or answers.records or store.clinician_feedback.exists():
+            store.clinician_feedback.write(release.frame)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": release.released,
