@@ -136,7 +136,9 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
     )
     in_window = events.filter(pl.col("t_h") >= -window_h)
     # maintain_order keeps each group's rows in the sorted order (and the groups in a fixed order)
-    agg = in_window.group_by(*ROW_KEY, "stem", maintain_order=True).agg(*[exprs[a].alias(a) for a in wanted], *sums)
+    agg = in_window.group_by(*ROW_KEY, "stem", maintain_order=True).agg(
+        *[exprs[a].alias(a) for a in wanted], *sums
+    )
     if "slope" in aggs:
         # slope = cov(t, v) / var(t); a window whose times are (nearly) all equal has no slope
         n, var = pl.col("_n"), pl.col("_var")
