@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -146,6 +146,9 @@ class FeedbackRequest(BaseModel):
     feedback: list[FeedbackEntry] = Field(min_length=1, max_length=100)
 
 
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
 def observation_query(use_case: UseCase) -> str:
     """The FHIR search for the Observations a use case's features need, by LOINC (labs and vital signs with
     one) or by vocabulary name (:data:`VITAL_SYSTEM`)."""
@@ -235,17 +238,27 @@ class CdsService:
             )
         return Reply(200, {"services": services}, outcome="discovery")
 
-    # hook call ---------------------------------------------------------------------------------------------
-    def call(self, service_id: str, body: Any, *, now: datetime | None = None) -> Reply:
+    def _parsed(
+        self, service_id: str, body: Any, model: type[_Body], *, bad: str
+    ) -> tuple[UseCase, _Body] | Reply:
+        """The use case and the validated request body, or the refusal to send (unknown service, not a JSON
+        object, a body the model refuses: ``bad`` is the outcome recorded for the last)."""
         uc = self.use_cases.get(service_id)
         if uc is None:
             return rejected(404, [Issue("service", "not-found", "no such CDS service")], "unknown_service")
         if not isinstance(body, dict):
             return rejected(400, [Issue("request", "structure", "expected a JSON object")], "bad_request")
         try:
-            req = HookRequest.model_validate(body)
+            return uc, model.model_validate(body)
         except ValidationError as exc:
-            return rejected(400, _pydantic_issues(exc, "request"), "bad_request")
+            return rejected(400, _pydantic_issues(exc, "request"), bad)
+
+    # hook call ---------------------------------------------------------------------------------------------
+    def call(self, service_id: str, body: Any, *, now: datetime | None = None) -> Reply:
+        parsed = self._parsed(service_id, body, HookRequest, bad="bad_request")
+        if isinstance(parsed, Reply):
+            return parsed
+        uc, req = parsed
         if req.hook != hook_for(uc):
             return rejected(
                 400,
@@ -351,15 +364,10 @@ class CdsService:
 
     # feedback ----------------------------------------------------------------------------------------------
     def feedback(self, service_id: str, body: Any, *, now: datetime | None = None) -> Reply:
-        uc = self.use_cases.get(service_id)
-        if uc is None:
-            return rejected(404, [Issue("service", "not-found", "no such CDS service")], "unknown_service")
-        if not isinstance(body, dict):
-            return rejected(400, [Issue("request", "structure", "expected a JSON object")], "bad_request")
-        try:
-            req = FeedbackRequest.model_validate(body)
-        except ValidationError as exc:
-            return rejected(400, _pydantic_issues(exc, "request"), "bad_feedback")
+        parsed = self._parsed(service_id, body, FeedbackRequest, bad="bad_feedback")
+        if isinstance(parsed, Reply):
+            return parsed
+        uc, req = parsed
         for entry in req.feedback:
             card = entry.card.removeprefix("urn:uuid:")
             served = self.records.served_card(card)
