@@ -13,7 +13,7 @@ from clinical_ml.core.reports import ci_text, evaluation_markdown, performance_r
 from clinical_ml.core.storage import code_version
 from clinical_ml.core.training import training_frame
 from clinical_ml.core.usecase import UseCase
-from clinical_ml.core.validation import STAY_COLUMNS, evaluate_validation
+from clinical_ml.core.validation import STAY_COLUMNS, Evaluation, evaluate_validation
 from clinical_ml.core.validation import validation_predictions as validation_predictions_of
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, tags
 from clinical_ml.defs.usecase.paths import use_case_key
@@ -121,17 +121,7 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
                 "report": dg.MetadataValue.md(evaluation_markdown(ev.as_dict(), curves, words=uc.words)),
                 "calibration_plot_path": dg.MetadataValue.path(str(figures.plot("calibration"))),
                 "decision_curve_plot_path": dg.MetadataValue.path(str(figures.plot("decision_curve"))),
-                # rounded for reading (3 decimals), each with its CI in words beside it
-                **{f"{k}_validation": rounded(v.value) for k, v in ev.metrics.items()},
-                **{f"{k}_validation_ci": ci_text(v) for k, v in ev.metrics.items()},
-                "auroc_validation_lower": rounded(ev.metric("auroc").lower),
-                "auroc_validation_upper": rounded(ev.metric("auroc").upper),
-                **{
-                    f"{k}_validation": rounded(v)
-                    for k, v in (ev.alert_burden.finite_values() if ev.alert_burden else {}).items()
-                },
-                "threshold": rounded(ev.threshold, 4),
-                "model_version": ev.model_version,
+                **_metric_metadata(ev),
             }
         )
 
@@ -225,3 +215,18 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         shap_explanations,
         performance_report_asset,
     ]
+
+
+def _metric_metadata(ev: Evaluation) -> dict:
+    """The validation metrics for the asset page: rounded for reading (3 decimals), each with its CI in words
+    beside it, the alert burden's finite rates, the threshold and the model version."""
+    burden = ev.alert_burden.finite_values() if ev.alert_burden else {}
+    return {
+        **{f"{k}_validation": rounded(v.value) for k, v in ev.metrics.items()},
+        **{f"{k}_validation_ci": ci_text(v) for k, v in ev.metrics.items()},
+        "auroc_validation_lower": rounded(ev.metric("auroc").lower),
+        "auroc_validation_upper": rounded(ev.metric("auroc").upper),
+        **{f"{k}_validation": rounded(v) for k, v in burden.items()},
+        "threshold": rounded(ev.threshold, 4),
+        "model_version": ev.model_version,
+    }
