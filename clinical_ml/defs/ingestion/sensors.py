@@ -26,6 +26,39 @@ from clinical_ml.resources.zones import DataZones
 ALERT_WEBHOOK_ENV = "CLINICAL_ML_ALERT_WEBHOOK"
 
 
+def _sort_folders(
+    context: dg.SensorEvaluationContext,
+    zones: DataZones,
+    folders: list[Path],
+    seen: dict[str, str],
+    pending: dict,
+) -> tuple[list[LandingBatch], dict, dict[str, NotStarted]]:
+    """The landing folders sorted out: complete batches new to the sensor (``seen`` is updated), unmarked
+    folders still settling, and folders that are not started (with why)."""
+    new: list[LandingBatch] = []
+    next_pending: dict = {}
+    not_started: dict[str, NotStarted] = {}
+    for d in folders:
+        b = inspect_batch(d)
+        if b is None:
+            b, next_pending[d.name] = _unmarked(d, pending.get(d.name), zones.unmarked_batch_quiet_seconds)
+        if isinstance(b, NotStarted):  # a folder already ingested too: a redelivery may be the one stuck
+            not_started[d.name] = b
+            continue
+        next_pending.pop(d.name, None)
+        if seen.get(b.batch_id) == b.content_hash:
+            continue
+        seen[b.batch_id] = b.content_hash
+        if _already_ingested(context.instance, b.batch_id, b.content_hash):
+            continue  # e.g. by `make demo` or a replay, outside this sensor: same content, nothing to redo
+        if b.unverified_files:
+            context.log.warning(
+                f"batch {b.batch_id}: {b.unverified_files} file(s) listed without a sha256; integrity not checked"
+            )
+        new.append(b)
+    return new, next_pending, not_started
+
+
 def _load_cursor(raw: str | None) -> tuple[dict[str, str], dict[str, str], dict[str, list]]:
     """(batch -> content hash launched, batch -> fingerprint of an unmarked batch seen last tick,
     batch -> [first seen, reason reported] of folders not started)."""
@@ -106,25 +139,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, zones: DataZones) -> dg.
     folders, skipped = batch_folders(zones.landing)
     if skipped:
         context.log.warning(f"{skipped} landing entries skipped: odd folder names or symlinks are never read")
-    new, next_pending, not_started = [], {}, {}
-    for d in folders:
-        b = inspect_batch(d)
-        if b is None:
-            b, next_pending[d.name] = _unmarked(d, pending.get(d.name), zones.unmarked_batch_quiet_seconds)
-        if isinstance(b, NotStarted):  # a folder already ingested too: a redelivery may be the one stuck
-            not_started[d.name] = b
-            continue
-        next_pending.pop(d.name, None)
-        if seen.get(b.batch_id) == b.content_hash:
-            continue
-        seen[b.batch_id] = b.content_hash
-        if _already_ingested(context.instance, b.batch_id, b.content_hash):
-            continue  # e.g. by `make demo` or a replay, outside this sensor: same content, nothing to redo
-        if b.unverified_files:
-            context.log.warning(
-                f"batch {b.batch_id}: {b.unverified_files} file(s) listed without a sha256; integrity not checked"
-            )
-        new.append(b)
+    new, next_pending, not_started = _sort_folders(context, zones, folders, seen, pending)
     now = time.time()
     waiting, overdue = overdue_batches(waiting, not_started, now=now, limit_seconds=zones.stuck_batch_seconds)
     for why in overdue:
