@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,6 +73,9 @@ ICD10PCS_PATTERN = r"^[0-9A-HJ-NP-Z]{7}$"
 ICD10CM_PATTERN = r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$"
 
 
+_Entry = TypeVar("_Entry")
+
+
 class Vocabulary(BaseModel):
     """Labs by LOINC, vitals by name, medications by ATC code (dose units), medication routes, procedures by
     ICD-10-PCS code and imaging codes (see ``vocabulary.yaml``)."""
@@ -88,34 +91,30 @@ class Vocabulary(BaseModel):
     @field_validator("labs", "vitals")
     @classmethod
     def _code_names(cls, v: dict[str, VocabularyEntry]) -> dict[str, VocabularyEntry]:
-        bad = [c for c in v if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,40}", c)]
-        if bad:
-            raise ValueError(f"codes must be 1-40 letters, digits, '_', '.', '-': {bad[:5]}")
-        return v
+        return _keyed_by(v, r"[A-Za-z0-9_.\-]{1,40}", "codes must be 1-40 letters, digits, '_', '.', '-'")
 
     @field_validator("medications")
     @classmethod
     def _atc(cls, v: dict[str, VocabularyEntry]) -> dict[str, VocabularyEntry]:
-        bad = [c for c in v if not re.fullmatch(ATC_PATTERN, c)]
-        if bad:
-            raise ValueError(f"medications are keyed by 7-character ATC codes (e.g. J01CA04): {bad[:5]}")
-        return v
+        return _keyed_by(v, ATC_PATTERN, "medications are keyed by 7-character ATC codes (e.g. J01CA04)")
 
     @field_validator("procedures")
     @classmethod
     def _pcs(cls, v: dict[str, NamedCode]) -> dict[str, NamedCode]:
-        bad = [c for c in v if not re.fullmatch(ICD10PCS_PATTERN, c)]
-        if bad:
-            raise ValueError(f"procedures are keyed by 7-character ICD-10-PCS codes: {bad[:5]}")
-        return v
+        return _keyed_by(v, ICD10PCS_PATTERN, "procedures are keyed by 7-character ICD-10-PCS codes")
 
     @field_validator("routes")
     @classmethod
     def _routes(cls, v: dict[str, NamedCode]) -> dict[str, NamedCode]:
-        bad = [c for c in v if not re.fullmatch(r"[A-Z]{2,6}", c)]
-        if bad:
-            raise ValueError(f"routes are 2-6 capital letters (e.g. IV, PO): {bad[:5]}")
-        return v
+        return _keyed_by(v, r"[A-Z]{2,6}", "routes are 2-6 capital letters (e.g. IV, PO)")
+
+
+def _keyed_by(codes: dict[str, _Entry], pattern: str, rule: str) -> dict[str, _Entry]:
+    """``codes`` when every key matches ``pattern`` whole, else the rule and the first offending keys."""
+    bad = [c for c in codes if not re.fullmatch(pattern, c)]
+    if bad:
+        raise ValueError(f"{rule}: {bad[:5]}")
+    return codes
 
 
 _KINDS = ("labs", "vitals", "medications", "routes", "procedures")
