@@ -267,7 +267,10 @@ def test_full_eicu_demo_runs_both_questions_and_decides_with_reasons(tmp_path: P
     decision = read_json(_use_case_dir(root, USE_CASE) / "decision.json")
     assert decision["reasons"]
     if not decision["promoted"]:
-        assert any(("below" in r or "outside" in r or "above" in r) for r in decision["reasons"]), decision
+        # a refusal names a criterion missed, or says the cohort holds too few outcomes to judge any (68 deaths
+        # in the 2015 validation cohort is under the 100 the use case's success criteria ask for)
+        missed = ("below", "outside", "above", "too few outcomes to judge")
+        assert any(word in r for r in decision["reasons"] for word in missed), decision
     assert (root / "reports" / USE_CASE / "subcohort_fairness_report.html").exists()
     cohort = pl.read_parquet(_use_case_dir(root, USE_CASE) / "cohort.parquet")
     assert set(cohort["period"]) == {"2014Q3", "2015Q3"}
