@@ -34,8 +34,11 @@ Scenarios
 ``default``
     Stationary case mix, every site declares its units.
 ``drift``
-    From ``drift_from_batch`` on, the case mix shifts (older, sicker patients) and the lactate assay reads
-    ``LACTATE_ASSAY_BIAS`` mmol/L higher at every site.
+    From ``drift_from_batch`` on, three changes (``drift_changes``, all by default), each declared in the
+    manifest with where it shows in the exports: the lactate assay reads ``LACTATE_ASSAY_BIAS`` mmol/L higher
+    at every site (``assay_change``); patients first admitted from then on are ``DRIFT_AGE_YEARS`` older
+    (``age_shift``: their birth dates, capped at 103 years of age); every admission from then on is
+    ``DRIFT_SEVERITY_SD`` standard deviations sicker (``severity_shift``: more deaths).
 ``bias``
     Patients of ``BIAS_GROUP`` are under-measured (lactate drawn a third as often), their pulse oximetry
     over-reads by ``SPO2_OVERREAD`` points (occult hypoxaemia), and part of their risk is visible in no
@@ -65,6 +68,11 @@ MANIFEST_NAME = "_manifest.json"
 SOURCES = ("patients", "encounters", "labs", "vitals")
 
 LACTATE_ASSAY_BIAS = 0.8
+DRIFT_AGE_YEARS = 6.0
+DRIFT_SEVERITY_SD = 0.35
+MAX_AGE_YEARS = 103
+DriftChange = Literal["assay_change", "age_shift", "severity_shift"]
+DRIFT_CHANGES: tuple[DriftChange, ...] = ("assay_change", "age_shift", "severity_shift")
 SPO2_OVERREAD = 3.0
 UNMEASURED_RISK_LOGIT = 1.6
 BIAS_GROUP = {"race": "Black or African American"}
@@ -157,6 +165,8 @@ class SyntheticConfig:
         First day of the first batch.
     drift_from_batch
         First affected batch (0-based) of the ``drift`` scenario; the middle batch when not given.
+    drift_changes
+        The changes the ``drift`` scenario injects (see the module docstring); all of them by default.
     days_per_batch
         Days of admissions per batch: batch ``b`` covers days ``[b * d, (b + 1) * d)`` from ``start_date``,
         so the data span ``n_batches * days_per_batch`` days. 30-day readmissions need a span of months
@@ -177,6 +187,7 @@ class SyntheticConfig:
     scenario: Scenario = "default"
     start_date: date = date(2026, 1, 5)
     drift_from_batch: int | None = None
+    drift_changes: tuple[DriftChange, ...] = DRIFT_CHANGES
     days_per_batch: int = 1
     more_sources: bool = False
     imaging: bool = False
@@ -190,12 +201,19 @@ class SyntheticConfig:
             raise ValueError("days_per_batch must be at least 1")
         if self.scenario not in ("default", "drift", "bias"):
             raise ValueError(f"unknown scenario {self.scenario!r}; expected default, drift or bias")
+        unknown = sorted(set(self.drift_changes) - set(DRIFT_CHANGES))
+        if unknown:
+            raise ValueError(f"unknown drift change(s) {unknown}; expected some of {list(DRIFT_CHANGES)}")
 
     @property
     def first_drift_batch(self) -> int | None:
         if self.scenario != "drift":
             return None
         return self.drift_from_batch if self.drift_from_batch is not None else self.n_batches // 2
+
+    def drifts(self, change: DriftChange) -> bool:
+        """Whether the scenario injects ``change``."""
+        return self.first_drift_batch is not None and change in self.drift_changes
 
     @property
     def span_days(self) -> int:
@@ -271,10 +289,11 @@ def _new_encounters(
     """Encounters admitted ``admit_s`` seconds after the start of the span, in the batch of that day."""
     m = patient_index.size
     batch = admit_s // (86400 * cfg.days_per_batch)
+    # the patient's own age (older new patients of a drift are older in their birth date too)
     age = patients["age_at_first_admission"].to_numpy()[patient_index] + admit_s / (86400 * 365.25)
     drift_from = cfg.first_drift_batch
-    shifted = (batch >= drift_from) if drift_from is not None else np.zeros(m, dtype=bool)
-    age = np.where(shifted, np.minimum(age + 6.0, 103), age)
+    sicker = cfg.drifts("severity_shift") and drift_from is not None
+    shifted = (batch >= drift_from) if sicker else np.zeros(m, dtype=bool)
     return pl.DataFrame(
         {
             "patient_index": patient_index,
@@ -285,18 +304,28 @@ def _new_encounters(
             "admission_type": admission_type,
             "unit": _choice(rng, UNITS, m),
             "site": [f"SITE_{chr(ord('A') + s)}" for s in rng.integers(0, cfg.n_sites, m)],
-            "case_mix_shift": shifted,
+            "severity_shift": shifted,
         },
         schema_overrides={"batch": pl.Int64, "admit_s": pl.Int64, "prior_admissions": pl.Int64},
     )
 
 
-def _first_encounters(cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
-    """Each patient's first admission in the data, on a uniformly drawn day of the span."""
+def _first_encounters(
+    cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Generator
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Each patient's first admission in the data, on a uniformly drawn day of the span; the patients with
+    the drift's age shift applied to those first admitted from its first batch on."""
     n = patients.height
     day = rng.integers(0, cfg.span_days, n)
     admit_s = day * 86400 + rng.integers(0, 86400, n)
-    return _new_encounters(
+    if cfg.drifts("age_shift"):
+        # a shift of who comes in (new patients are older), so it is in their birth date: an admission's age
+        # and every later one follow from it (drawn no random number: the other files of a seed keep theirs)
+        new_after = day // cfg.days_per_batch >= (cfg.first_drift_batch or 0)
+        age = patients["age_at_first_admission"].to_numpy()
+        older = np.where(new_after, np.minimum(age + DRIFT_AGE_YEARS, MAX_AGE_YEARS), age)
+        patients = patients.with_columns(pl.Series("age_at_first_admission", older))
+    return patients, _new_encounters(
         cfg,
         patients,
         rng,
@@ -315,13 +344,13 @@ def _physiology(
     m = enc.height
     age = enc["age"].to_numpy()
     adm = enc["admission_type"].to_numpy()
-    shifted = enc["case_mix_shift"].to_numpy()
+    shifted = enc["severity_shift"].to_numpy()
     sev = (
         rng.normal(0, 1, m)
         + 0.012 * (age - 63)
         + np.where(adm == "ELECTIVE", -0.7, 0.0)
         + np.where(adm == "EMERGENCY", 0.15, 0.0)
-        + np.where(shifted, 0.35, 0.0)
+        + np.where(shifted, DRIFT_SEVERITY_SD, 0.0)
     )
     trend = rng.normal(0, 0.45, m)  # severity units per day: deteriorating (+) or recovering (-)
     t = {
@@ -566,11 +595,11 @@ def _concat(parts: list[dict]) -> dict:
 
 def _hospital_stays(
     cfg: SyntheticConfig, patients: pl.DataFrame, rng: np.random.Generator
-) -> tuple[pl.DataFrame, dict]:
+) -> tuple[pl.DataFrame, dict, pl.DataFrame]:
     """Every encounter of the span with its physiology: first admissions, then each generation of
-    readmissions, in admission order."""
+    readmissions, in admission order; and the patients as admitted (a drift's age shift applied)."""
     frames, states = [], []
-    enc = _first_encounters(cfg, patients, rng)
+    patients, enc = _first_encounters(cfg, patients, rng)
     while enc.height:
         phys = _physiology(enc, patients, rng, scenario=cfg.scenario)
         enc = _stay_times(enc, phys, rng)
@@ -583,7 +612,7 @@ def _hospital_stays(
     all_enc = all_enc[order]
     ids = rng.choice(10**10, size=all_enc.height, replace=False)
     all_enc = all_enc.with_columns(pl.Series("encounter_id", [f"{x:010d}" for x in ids]))
-    return all_enc, _take(_concat(states), order)
+    return all_enc, _take(_concat(states), order), patients
 
 
 def _clock(start: datetime, seconds: np.ndarray) -> np.ndarray:
@@ -632,7 +661,7 @@ def _labs(
         take = rng.random(rows.size) < p_row
         r, h = rows[take], hours[take]
         value = _value_at(phys, name, r, h, rng)
-        if name == "lactate" and drift_from is not None:
+        if name == "lactate" and drift_from is not None and cfg.drifts("assay_change"):
             value = np.where(batch[r] >= drift_from, value + LACTATE_ASSAY_BIAS, value)
         units = np.full(r.size, unit, dtype=object)
         if name == "creatinine":
@@ -1161,6 +1190,35 @@ def write_completion_marker(batch_dir: Path) -> None:
     (batch_dir / COMPLETION_MARKER).write_text(json.dumps({"files": listing}, indent=2))
 
 
+def _drift_changes() -> list[dict]:
+    """The changes of the drift scenario as the manifest declares them."""
+    return [
+        {
+            "kind": "assay_change",
+            "code": f"LAB//{LABS['lactate'][0]}",
+            "loinc_code": LABS["lactate"][0],
+            "name": "lactate",
+            "shift": LACTATE_ASSAY_BIAS,
+            "unit": LABS["lactate"][2],
+            "shows_in": "labs: every lactate result of an admission from the first drifted batch on, "
+            "at every site, reads this much higher",
+        },
+        {
+            "kind": "age_shift",
+            "age_years": DRIFT_AGE_YEARS,
+            "max_age_years": MAX_AGE_YEARS,
+            "shows_in": "patients: the birth date of each patient first admitted from the first drifted "
+            "batch on is this many years earlier (age capped at max_age_years)",
+        },
+        {
+            "kind": "severity_shift",
+            "severity_sd": DRIFT_SEVERITY_SD,
+            "shows_in": "encounters: every admission from the first drifted batch on is sicker (latent "
+            "severity up by this many SD), so more of them die (death_time)",
+        },
+    ]
+
+
 def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None) -> SyntheticHospital:
     """Write ``config.n_batches`` batch folders of CSV exports under ``out_dir``.
 
@@ -1182,7 +1240,7 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
     rng = np.random.default_rng(cfg.seed)
     patients = _patients(cfg, rng)
     patients = patients.with_columns(pl.Series("frailty", rng.normal(0, 1, patients.height)))
-    enc, phys = _hospital_stays(cfg, patients, rng)
+    enc, phys, patients = _hospital_stays(cfg, patients, rng)
     start = datetime.combine(cfg.start_date, datetime.min.time())
     span_end = start + timedelta(days=cfg.span_days)
     pidx = enc["patient_index"].to_numpy()
@@ -1352,16 +1410,9 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
         manifest["drift"] = {
             "first_batch_index": first,
             "first_batch_id": batch_ids[first] if first is not None and first < len(batch_ids) else None,
-            "changes": [
-                {
-                    "kind": "assay_change",
-                    "code": "LAB//2524-7",
-                    "name": "lactate",
-                    "shift": LACTATE_ASSAY_BIAS,
-                    "unit": "mmol/L",
-                },
-                {"kind": "case_mix_shift", "age_years": 6.0, "severity_sd": 0.35},
-            ],
+            # each change says where the exports show it (clinical_ml_tests/core/test_synthetic_drift.py
+            # finds every one there)
+            "changes": [c for c in _drift_changes() if cfg.drifts(c["kind"])],
         }
     if cfg.scenario == "bias":
         manifest["bias"] = {
