@@ -24,12 +24,16 @@ the earlier batches (:attr:`BatchContext.earlier_encounters`), and the patient f
 row (``mrn``) for the anonymizer.
 
 A site mapping (:mod:`clinical_ml.core.site_mapping`) is applied on the way in: delivered headers renamed onto
-the contract's columns, local lab and vital codes onto vocabulary codes, and the coded fields (sex, race,
+the contract's columns, local lab and vital codes onto vocabulary codes, the site's spellings of measurement
+units onto units of the vocabulary (``measurement_units``), and the coded fields (sex, race,
 ethnicity, admission type, unit, site, discharge disposition) recoded onto controlled values; a value no
 mapping names becomes ``unmapped`` (the row is kept, the delivered text stays beside it in
 ``<field>_delivered``, phi zone only) and is counted (``unmapped:<field>`` among the warnings). A delivered
 column the contract does not know is kept under its position (``extra_<n>``), never under its header, which
 can hold anything (a patient's name); only the few names of :data:`KNOWN_EXTRA_COLUMNS` are kept as they are.
+A mapping may declare the site's clock skew for ``stored_before_charted`` and ``result_before_specimen``
+(``clock_skew_minutes``, default 0): a row whose availability time precedes its event time by no more is
+accepted with the event time as its availability time and counted (``<rule>_tolerated`` among the warnings).
 """
 
 from dataclasses import dataclass, field
@@ -728,7 +732,38 @@ def _future_rules(source: str, now: datetime) -> list[tuple[pl.Expr, str]]:
     return rules
 
 
-def _source_rules(source: str) -> list[tuple[pl.Expr, str]]:
+# Per source with an availability time: (event time, availability time, the rule comparing them).
+AVAILABILITY = {
+    "labs": ("specimen_time", "result_time", "result_before_specimen"),
+    "vitals": ("charted_time", "stored_time", "stored_before_charted"),
+}
+
+
+def _available_before_event(source: str, mapping: SiteMapping) -> pl.Expr:
+    """Availability before the event by more than the site's declared clock skew (default: at all)."""
+    at, available, rule = AVAILABILITY[source]
+    skew = mapping.clock_skew_minutes.get(rule, 0)  # type: ignore[call-overload]
+    return (
+        pl.col(available) < pl.col(at) - timedelta(minutes=skew) if skew else pl.col(available) < pl.col(at)
+    )
+
+
+def _within_clock_skew(accepted: pl.DataFrame, source: str, mapping: SiteMapping) -> tuple[pl.DataFrame, int]:
+    """Accepted rows available before their event (within the site's tolerance) get the event time as their
+    availability time: a value is not seen before it is measured. Returns the rows and how many moved."""
+    if source not in AVAILABILITY or not mapping.clock_skew_minutes.get(AVAILABILITY[source][2]):  # type: ignore[call-overload]
+        return accepted, 0
+    at, available, _ = AVAILABILITY[source]
+    early = pl.col(available) < pl.col(at)
+    n = int(accepted.select(early.fill_null(False).sum()).item())
+    if n:
+        accepted = accepted.with_columns(
+            pl.when(early).then(pl.col(at)).otherwise(pl.col(available)).alias(available)
+        )
+    return accepted, n
+
+
+def _source_rules(source: str, mapping: SiteMapping) -> list[tuple[pl.Expr, str]]:
     if source == "encounters":
         return [
             (pl.col("discharge_time") < pl.col("admit_time"), "discharge_before_admission"),
@@ -739,12 +774,12 @@ def _source_rules(source: str) -> list[tuple[pl.Expr, str]]:
     if source == "labs":
         return [
             (~pl.col("unit_known") & known_code & pl.col("value_raw").is_not_null(), "unknown_unit"),
-            (pl.col("result_time") < pl.col("specimen_time"), "result_before_specimen"),
+            (_available_before_event(source, mapping), "result_before_specimen"),
         ]
     if source == "vitals":
         return [
             (~pl.col("unit_known") & known_code & pl.col("value_raw").is_not_null(), "unknown_unit"),
-            (pl.col("stored_time") < pl.col("charted_time"), "stored_before_charted"),
+            (_available_before_event(source, mapping), "stored_before_charted"),
         ]
     if source == "labels":
         return [(pl.col("recorded_time") < pl.col("event_time"), "recorded_before_event")]
@@ -1116,6 +1151,9 @@ def ingest_file(
     local_codes = mapping.codes.get(source, {})  # type: ignore[call-overload]
     if local_codes:
         text = text.with_columns(pl.col(CODE_COLUMN[source]).replace(dict(local_codes)))
+    local_units = mapping.measurement_units.get(source, {})  # type: ignore[call-overload]
+    if local_units:
+        text = text.with_columns(pl.col("unit").replace(dict(local_units)))
     text = map_coded_values(text, source, mapping, keep_delivered=True)
     parsed = text.with_columns(*_parse_exprs(source)).with_columns(
         pl.int_range(1, text.height + 1, dtype=pl.Int64).alias("row_number")
@@ -1153,7 +1191,7 @@ def ingest_file(
     extra_rules: list[tuple[pl.Expr, str]] = []
     if batch is not None:
         parsed, extra_rules = _with_batch(parsed, source, batch)
-    rules += [(c, r, False) for c, r in _future_rules(source, now) + _source_rules(source)]
+    rules += [(c, r, False) for c, r in _future_rules(source, now) + _source_rules(source, mapping)]
     # A zero-padded match is an unknown patient/encounter too (the next rule): naming it is detail only.
     rules += [(c, r, r.startswith("id_leading_zeros_lost")) for c, r in extra_rules]
 
@@ -1178,6 +1216,9 @@ def ingest_file(
         parsed = parsed.drop(LABEL_PATIENT, strict=False).with_columns(mrn.alias(LABEL_PATIENT))
     helper = [c for c in parsed.columns if c.startswith("_")]
     accepted = _without_rows(parsed.drop(helper), rejects["row_number"])
+    accepted, n_skewed = _within_clock_skew(accepted, source, mapping)
+    if n_skewed:
+        warnings[f"{AVAILABILITY[source][2]}_tolerated"] = n_skewed
     by_reason = dict(rejects.group_by("reason").len().sort("reason").iter_rows())
     unmapped, unmapped_values = unmapped_counts(accepted, source)
     warnings |= unmapped | _text_warnings(accepted, source)

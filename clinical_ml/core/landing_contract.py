@@ -206,6 +206,14 @@ def _coded_values() -> list[str]:
         "site's identifier patterns. Values are compared without regard to case, surrounding blanks or runs of "
         "spaces; a contract value always maps to itself.",
         "",
+        "A mapping may also declare the site's spellings of measurement units (`measurement_units`, per source: "
+        "local spelling -> a unit listed under *Codes and units*) and its clock skew per time rule "
+        f"(`clock_skew_minutes`: {', '.join(f'`{r}`' for r in site_mapping.SKEW_RULES)}; 0 to "
+        f"{site_mapping.MAX_CLOCK_SKEW_MINUTES} minutes, default 0). A row whose availability time precedes its "
+        "event time by no more than the skew is accepted with the event time as its availability time (a value "
+        "is not seen before it is measured) and counted (`<rule>_tolerated` among the warnings); an earlier one "
+        "is rejected with the rule's reason.",
+        "",
         site_mapping.mapping_markdown(),
         "",
         f"The shipped `{site_mapping.DEFAULT_MAPPING}` mapping (`site_mappings/default.yaml`, the synthetic demo "

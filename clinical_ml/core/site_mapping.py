@@ -9,9 +9,10 @@ declared per site, each unit with its type, in the site's mapping file.
 A mapping file (``site_mappings/<name>.yaml``, the folder set by ``CLINICAL_ML_SITE_MAPPINGS`` or the data
 zones resource) says how a site's export reaches the contract: column renames per source, local lab and vital
 codes onto vocabulary codes, local values onto contract values, units (code and type), sites, and optionally
-the site's identifier patterns. A batch names its mapping in its ``_SUCCESS`` marker (``"site_mapping":
-"<name>"``), else the ``default`` mapping applies. Values are compared without regard to case, surrounding
-blanks or runs of spaces; a contract value (or a declared code) always maps to itself.
+the site's identifier patterns, its spellings of measurement units and its clock skew per time rule. A batch
+names its mapping in its ``_SUCCESS`` marker (``"site_mapping": "<name>"``), else the ``default`` mapping
+applies. Values are compared without regard to case, surrounding blanks or runs of spaces; a contract value
+(or a declared code) always maps to itself.
 
 Ingestion applies the mapping on the phi side and keeps the delivered text beside the coded value
 (``<field>_delivered``, phi zone only); the anonymizer applies the same mapping again at the boundary
@@ -32,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clinical_ml.core.locations import PROJECT_ROOT
-from clinical_ml.core.units import LAB_CODES, VITAL_CODES
+from clinical_ml.core.units import LAB_CODES, UNIT_CONVERSIONS, VITAL_CODES, canonical_unit
 
 UNMAPPED = "unmapped"
 CONTRACT_VOCABULARY_FILE = Path(__file__).with_name("contract_vocabulary.yaml")
@@ -51,6 +52,10 @@ CODED_FIELDS: dict[str, tuple[str, ...]] = {
 CATCH_ALL = frozenset({"OTHER", "UNKNOWN"})
 DELIVERED_SUFFIX = "_delivered"
 ID_FIELDS = ("mrn", "encounter_id")
+# The time rules a site may relax by a declared clock skew (minutes): a value's availability time (stored,
+# resulted) before its event time (charted, specimen). Beyond the tolerance the row is rejected as before.
+SKEW_RULES: dict[str, str] = {"stored_before_charted": "vitals", "result_before_specimen": "labs"}
+MAX_CLOCK_SKEW_MINUTES = 24 * 60
 
 
 class SiteMappingError(ValueError):
@@ -137,6 +142,15 @@ class SiteMapping(BaseModel):
     units: dict[str, UnitEntry] = {}
     sites: dict[str, str] = {}
     id_patterns: dict[Literal["mrn", "encounter_id"], str] = {}
+    measurement_units: dict[Literal["labs", "vitals"], dict[str, str]] = {}
+    """Per source, the site's spellings of measurement units -> a unit the vocabulary knows for that source
+    (a canonical unit or a listed variant), e.g. ``{vitals: {"?F": "[degF]"}}``; applied before the units are
+    harmonized. A spelling not named here and not in the vocabulary is still rejected (``unknown_unit``)."""
+    clock_skew_minutes: dict[Literal["stored_before_charted", "result_before_specimen"], int] = {}
+    """Per time rule (:data:`SKEW_RULES`), how many minutes the site's availability time may precede the event
+    time (an information system that stores a value against the next charting slot, a clock that runs
+    ahead): such a row is accepted with its availability time raised to the event time, never earlier, and
+    counted (``<rule>_tolerated``). Default 0: the strict rule."""
     time_zone: str | None = None
     """The site's IANA time zone (``Europe/Paris``): Parquet timestamps that carry a zone are converted to its
     wall-clock time, the time CSV exports and naive timestamps are in. Without it such a file is refused."""
@@ -170,6 +184,27 @@ class SiteMapping(BaseModel):
                 raise ValueError(
                     f"{source}: {bad[:5]} not in the vocabulary (CLINICAL_ML_VOCABULARY extends it)"
                 )
+        return v
+
+    @field_validator("measurement_units")
+    @classmethod
+    def _measurement_units(cls, v: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for source, table in v.items():
+            codes = LAB_CODES if source == "labs" else VITAL_CODES
+            known = {canonical_unit(c) for c in codes} | {u for c, u in UNIT_CONVERSIONS if c in codes}
+            bad = sorted({t for t in table.values() if t not in known})
+            if bad:
+                raise ValueError(
+                    f"{source}: {bad[:5]} are not units of the vocabulary's {source} (canonical or variant)"
+                )
+        return v
+
+    @field_validator("clock_skew_minutes")
+    @classmethod
+    def _skew(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(rule for rule, minutes in v.items() if not 0 <= minutes <= MAX_CLOCK_SKEW_MINUTES)
+        if bad:
+            raise ValueError(f"{bad}: a clock skew is 0 to {MAX_CLOCK_SKEW_MINUTES} minutes")
         return v
 
     @field_validator("sites")
@@ -242,8 +277,9 @@ class SiteMapping(BaseModel):
     def digest(self) -> str:
         """A short hash of the mapping's content (folded into the data version of what it maps)."""
         content = self.model_dump()
-        if content["time_zone"] is None:  # mappings written before the field hash as they did
-            del content["time_zone"]
+        for optional in ("time_zone", "measurement_units", "clock_skew_minutes"):
+            if not content[optional]:  # mappings written before the field hash as they did
+                del content[optional]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -98,20 +98,27 @@ def source(tmp_path: Path) -> Path:
         "chartevents",
         pl.DataFrame(
             {
-                "subject_id": [101, 101, 202, 202],
-                "hadm_id": [1001, 1001, 2001, 2001],
-                "itemid": [211, 211, 220045, 1234],
-                "charttime": [T(2150, 3, 1, 11), T(2150, 3, 1, 12), T(2190, 7, 4, 14), T(2190, 7, 4, 14)],
+                "subject_id": [101, 101, 202, 202, 202, 202, 202],
+                "hadm_id": [1001, 1001, 2001, 2001, 2001, 2001, 2001],
+                # heart rate; an error row; an item not extracted; arterial and cuff systolic pressure at
+                # the same minute; a temperature in MetaVision's "?F", stored 40 minutes before its chart time
+                "itemid": [211, 211, 220045, 1234, 220050, 220179, 223761],
+                "charttime": [T(2150, 3, 1, 11), T(2150, 3, 1, 12)]
+                + [T(2190, 7, 4, 14)] * 4
+                + [T(2190, 7, 4, 16)],
                 "storetime": [
                     T(2150, 3, 1, 11, 5),
                     T(2150, 3, 1, 12, 5),
                     T(2190, 7, 4, 14, 1),
                     T(2190, 7, 4, 14),
+                    T(2190, 7, 4, 14, 2),
+                    T(2190, 7, 4, 14, 2),
+                    T(2190, 7, 4, 15, 20),
                 ],
-                "value": ["88", "90", "101", "x"],
-                "valuenum": [88.0, 90.0, 101.0, None],
-                "valueuom": ["BPM", "BPM", "bpm", None],
-                "error": [0, 1, 0, 0],
+                "value": ["88", "90", "101", "x", "121", "109", "98.6"],
+                "valuenum": [88.0, 90.0, 101.0, None, 121.0, 109.0, 98.6],
+                "valueuom": ["BPM", "BPM", "bpm", None, "mmHg", "mmHg", "?F"],
+                "error": [0, 1, 0, 0, 0, 0, 0],
             }
         ),
     )
@@ -163,7 +170,9 @@ def test_the_export_is_in_mimic_terms_re_dated_with_intervals_kept(source: Path)
     assert labs["ITEMID"].to_list() == [50912, 50983]
     assert labs["VALUEUOM"].to_list() == ["mg/dL", "mEq/L"]
     assert (counts.lab_rows_without_admission, counts.lab_rows_of_unmapped_items) == (1, 1)
-    assert tables["vitals"]["ITEMID"].to_list() == [211, 220045] and counts.vital_rows_flagged_error == 1
+    assert tables["vitals"]["ITEMID"].to_list() == [211, 220045, 220050, 220179, 223761]
+    assert counts.vital_rows_flagged_error == 1
+    assert tables["vitals"]["VALUEUOM"].to_list()[-1] == "?F"  # as MIMIC holds it: the mapping reads it
 
 
 def test_batches_are_split_by_admission_time_self_contained_and_marked(source: Path, tmp_path: Path):
@@ -208,5 +217,17 @@ def test_the_site_mapping_maps_every_delivered_file(source: Path, tmp_path: Path
     assert enc["site"].to_list() == ["BIDMC/carevue", "BIDMC/carevue", "BIDMC/metavision"]
     assert enc["discharge_disposition"].to_list() == ["HOME", "SKILLED_NURSING_FACILITY", "EXPIRED"]
     assert results["labs"].accepted["loinc_code"].to_list() == ["2160-0", "2951-2"]
-    assert results["vitals"].accepted["code"].to_list() == ["heart_rate", "heart_rate"]
-    assert results["vitals"].accepted["unit"].unique().to_list() == ["/min"]
+    vitals = results["vitals"].accepted.sort("row_number")
+    # arterial line and cuff at the same minute: two measurements under their own codes, not a duplicate
+    assert vitals["code"].to_list() == [
+        "heart_rate",
+        "heart_rate",
+        "systolic_bp_invasive",
+        "systolic_bp_noninvasive",
+        "temperature",
+    ]
+    assert vitals["unit"].to_list() == ["/min", "/min", "mm[Hg]", "mm[Hg]", "Cel"]
+    assert vitals["value"][-1] == pytest.approx(37.0)
+    # stored 40 minutes before its chart time, within the declared interval: available when charted
+    assert results["vitals"].warnings["stored_before_charted_tolerated"] == 1
+    assert vitals["stored_time"][-1] == vitals["charted_time"][-1]

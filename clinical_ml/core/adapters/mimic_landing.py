@@ -26,7 +26,18 @@ What the export does that a raw dump would not, and why (each is counted in :cla
   columns the contract requires are delivered empty (MIMIC has none).
 
 Everything else (units, value spellings, care units, store times before chart times, values that are not
-numbers) is delivered as MIMIC holds it, for the landing zone to accept or reject.
+numbers) is delivered as MIMIC holds it, for the landing zone to accept or reject. The site mapping declares
+what a hospital would declare for this export, each a class of MIMIC's rows, not a list of them:
+
+* **Blood pressure by method.** An arterial line and a cuff are charted at the same minute (two
+  measurements): the items go to the vocabulary's ``*_bp_invasive`` and ``*_bp_noninvasive`` codes
+  (:data:`BP_METHODS`), where the adapter folds both into ``systolic_bp`` etc.
+* **Unit spellings.** MetaVision's temperature units are ``°F``/``°C``, written ``?F``/``?C`` in MIMIC
+  (:data:`MEASUREMENT_UNITS`).
+* **Clock skew.** Vitals are charted on an hourly flowsheet grid, and a value is often stored against the
+  next slot: about one vital in eight is stored 1 to 59 minutes before its chart time (most charted on the
+  hour). The mapping declares one charting interval (:data:`CLOCK_SKEW_MINUTES`); such a row's stored time
+  becomes its chart time, as the adapter's availability time does, and an earlier one is still rejected.
 """
 
 import json
@@ -105,6 +116,21 @@ ETHNICITY_VALUES: tuple[str, ...] = (
     "WHITE - OTHER EUROPEAN",
     "WHITE - RUSSIAN",
 )
+# Blood pressure items of CareVue and MetaVision by method (d_items labels in the comments): the suffix of
+# their vocabulary code after the adapter's code (``systolic_bp`` -> ``systolic_bp_invasive``).
+BP_METHODS: dict[int, str] = {
+    **dict.fromkeys((51, 8368, 52), "invasive"),  # Arterial BP [Systolic], [Diastolic], Mean
+    **dict.fromkeys((6701, 8555, 6702), "invasive"),  # Arterial BP #2 [Systolic], [Diastolic], Mean #2
+    **dict.fromkeys((220050, 220051, 220052), "invasive"),  # Arterial Blood Pressure systolic, ...
+    225312: "invasive",  # ART BP mean
+    **dict.fromkeys((442, 8440, 443), "noninvasive"),  # Manual BP [Systolic], [Diastolic], Mean(calc)
+    **dict.fromkeys((455, 8441, 456), "noninvasive"),  # NBP [Systolic], [Diastolic], NBP Mean
+    **dict.fromkeys((220179, 220180, 220181), "noninvasive"),  # Non Invasive Blood Pressure systolic, ...
+}
+# MIMIC's spellings of units the vocabulary knows under another (the degree sign became "?").
+MEASUREMENT_UNITS: dict[str, dict[str, str]] = {"vitals": {"?F": "[degF]", "?C": "Cel"}}
+# One charting interval of the hourly flowsheet: how long before its chart time a vital may be stored.
+CLOCK_SKEW_MINUTES: dict[str, int] = {"stored_before_charted": 60}
 # Export header -> contract column, per file (the ``columns`` section of the mapping).
 COLUMNS: dict[str, dict[str, str]] = {
     "patients": {
@@ -179,6 +205,14 @@ def _mapping_values() -> dict[str, dict[str, str]]:
     }
 
 
+def vital_item_codes() -> dict[int, str]:
+    """Chart item id -> vocabulary code: the adapter's code, by method for blood pressure items."""
+    return {
+        item: f"{code}_{BP_METHODS[item]}" if item in BP_METHODS else code
+        for item, (code, _) in sorted(CHART_ITEMS.items())
+    }
+
+
 def site_mapping_document(d_labitems: pl.DataFrame) -> dict:
     """The ``mimic_iii`` site mapping, built from the adapter's tables (item ids, units, value tables) and
     MIMIC's ``d_labitems`` (the lab items whose LOINC the vocabulary holds)."""
@@ -192,12 +226,14 @@ def site_mapping_document(d_labitems: pl.DataFrame) -> dict:
         "columns": COLUMNS,
         "codes": {
             "labs": labs,
-            "vitals": {str(i): code for i, (code, _) in sorted(CHART_ITEMS.items())},
+            "vitals": {str(i): code for i, code in vital_item_codes().items()},
         },
         "values": _mapping_values(),
         "units": units,
         "sites": {s: f"BIDMC/{s}" for s in (*ICU_SYSTEMS.values(), "unknown")},
         "id_patterns": {"mrn": r"^[0-9]{1,12}$", "encounter_id": r"^[0-9]{1,12}$"},
+        "measurement_units": MEASUREMENT_UNITS,
+        "clock_skew_minutes": CLOCK_SKEW_MINUTES,
     }
 
 
@@ -208,8 +244,13 @@ def site_mapping_yaml(d_labitems: pl.DataFrame) -> str:
         "# Generated from the adapter's tables (clinical_ml/core/adapters/mimic.py) and MIMIC's d_labitems by\n"
         "#   python -m clinical_ml.core.adapters.mimic_landing --mapping site_mappings/mimic_iii.yaml\n"
         "# A test fails when this file and the adapter disagree. Lab codes: ITEMID -> LOINC of the vocabulary;\n"
-        "# vitals: CareVue and MetaVision ITEMIDs -> vital codes; MIMIC's unit spellings (mEq/L, K/uL, IU/L,\n"
-        "# BPM, mmHg, Deg. F ...) are variants in clinical_ml/core/vocabulary.yaml.\n"
+        "# vitals: CareVue and MetaVision ITEMIDs -> vital codes, blood pressure by method (arterial line:\n"
+        "# *_invasive, cuff: *_noninvasive; both are charted at the same minute). Unit spellings common in US\n"
+        "# exports (mEq/L, K/uL, IU/L, BPM, mmHg, Deg. F ...) are variants in clinical_ml/core/vocabulary.yaml;\n"
+        "# measurement_units maps MIMIC's own (?F and ?C: the degree sign of MetaVision's units was lost).\n"
+        "# clock_skew_minutes: vitals are charted on an hourly flowsheet and often stored against the next\n"
+        "# slot, up to one interval before their chart time; such a row is accepted with its stored time\n"
+        "# raised to the chart time (counted as stored_before_charted_tolerated), an earlier one rejected.\n"
     )
     return header + yaml.safe_dump(site_mapping_document(d_labitems), sort_keys=False, allow_unicode=False)
 
