@@ -58,19 +58,30 @@ class PlausibilityRule:
         return cls(**{k: str(d[k]) for k in ("name", "source", "upper", "lower", "words")})
 
 
+def _blood_pressure_rules(method: str, words: str) -> tuple[PlausibilityRule, ...]:
+    """Systolic >= mean >= diastolic for the pressures of one method (``""``, ``"_invasive"``,
+    ``"_noninvasive"``): an arterial line and a cuff at the same minute are two measurements, never compared."""
+    s, d, m = (f"{p}_bp{method}" for p in ("systolic", "diastolic", "mean"))
+    return (
+        PlausibilityRule(
+            f"systolic_at_least_diastolic{method}", "vitals", s, d,
+            f"systolic blood pressure{words} at least the diastolic pressure{words} charted at the same time",
+        ),
+        PlausibilityRule(
+            f"mean_bp_at_most_systolic{method}", "vitals", s, m,
+            f"mean arterial pressure{words} at most the systolic pressure{words} charted at the same time",
+        ),
+        PlausibilityRule(
+            f"mean_bp_at_least_diastolic{method}", "vitals", m, d,
+            f"mean arterial pressure{words} at least the diastolic pressure{words} charted at the same time",
+        ),
+    )  # fmt: skip
+
+
 PLAUSIBILITY_RULES: tuple[PlausibilityRule, ...] = (
-    PlausibilityRule(
-        "systolic_at_least_diastolic", "vitals", "systolic_bp", "diastolic_bp",
-        "systolic blood pressure at least the diastolic pressure charted at the same time",
-    ),
-    PlausibilityRule(
-        "mean_bp_at_most_systolic", "vitals", "systolic_bp", "mean_bp",
-        "mean arterial pressure at most the systolic pressure charted at the same time",
-    ),
-    PlausibilityRule(
-        "mean_bp_at_least_diastolic", "vitals", "mean_bp", "diastolic_bp",
-        "mean arterial pressure at least the diastolic pressure charted at the same time",
-    ),
+    *_blood_pressure_rules("", ""),
+    *_blood_pressure_rules("_invasive", " (arterial line)"),
+    *_blood_pressure_rules("_noninvasive", " (cuff)"),
     PlausibilityRule(
         "hdl_at_most_total_cholesterol", "labs", "2093-3", "2085-9",
         "HDL cholesterol at most the total cholesterol of the same sample",

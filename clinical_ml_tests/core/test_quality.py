@@ -159,9 +159,15 @@ def test_sites_count_stays_and_patients_and_events_of_unknown_stays_are_kept_apa
 
 
 RULE_CASES = {
-    "systolic_at_least_diastolic": [("systolic_bp", 80), ("diastolic_bp", 90)],
-    "mean_bp_at_most_systolic": [("systolic_bp", 100), ("mean_bp", 110)],
-    "mean_bp_at_least_diastolic": [("mean_bp", 60), ("diastolic_bp", 70)],
+    **{
+        f"{name}{m}": [(f"{upper}{m}", bad_upper), (f"{lower}{m}", bad_lower)]
+        for m in ("", "_invasive", "_noninvasive")
+        for name, (upper, bad_upper), (lower, bad_lower) in (
+            ("systolic_at_least_diastolic", ("systolic_bp", 80), ("diastolic_bp", 90)),
+            ("mean_bp_at_most_systolic", ("systolic_bp", 100), ("mean_bp", 110)),
+            ("mean_bp_at_least_diastolic", ("mean_bp", 60), ("diastolic_bp", 70)),
+        )
+    },
     "hdl_at_most_total_cholesterol": [("2093-3", 40), ("2085-9", 60)],
     "direct_bilirubin_at_most_total": [("1975-2", 1.0), ("1968-7", 1.5)],
 }
@@ -189,6 +195,13 @@ def test_each_cross_code_rule_counts_same_time_pairs_and_violations(rule: Plausi
     assert (result.site, result.pairs, result.violations) == ("A", 2, 1)
     assert rules_over_share(p, max_share=0.4) == (result,)
     assert rules_over_share(p, max_share=0.5) == ()
+
+
+def test_an_arterial_line_and_a_cuff_at_the_same_minute_are_not_compared():
+    # a cuff systolic below the arterial diastolic is two measurements by two methods, not an implausible pair
+    vit = _vitals([("e1", "systolic_bp_noninvasive", 80, 0), ("e1", "diastolic_bp_invasive", 90, 0)])
+    p = _profile(encounters=_encounters({"e1": "A"}), vitals=vit)
+    assert sum(r.pairs for r in p.rules) == 0
 
 
 def test_rules_are_data_a_hospital_can_replace():
