@@ -41,6 +41,9 @@ class VocabularyEntry(BaseModel):
     plausible: tuple[float, float]
     typical_median: tuple[float, float] | None = None
     convert: dict[str, _Conversion] = {}
+    # the code this one is a kind of (same section, same unit): a feature on the broader code also takes this
+    # code's values (mean arterial pressure by any method), a feature on this code takes only its own
+    broader: str | None = None
 
     @field_validator("plausible", "typical_median")
     @classmethod
@@ -109,6 +112,16 @@ class Vocabulary(BaseModel):
         return _keyed_by(v, r"[A-Z]{2,6}", "routes are 2-6 capital letters (e.g. IV, PO)")
 
 
+def _broader_checked(v: dict[str, VocabularyEntry], kind: str) -> None:
+    """Each ``broader`` names a code of the same section, in the same unit, that is not itself narrower."""
+    for code, e in v.items():
+        top = v.get(e.broader) if e.broader is not None else None
+        if e.broader is not None and (top is None or top.broader is not None or top.unit != e.unit):
+            raise ValueError(
+                f"{kind} {code}: broader must be a {kind} code with no broader code of its own, in the same unit"
+            )
+
+
 def _keyed_by(codes: dict[str, _Entry], pattern: str, rule: str) -> dict[str, _Entry]:
     """``codes`` when every key matches ``pattern`` whole, else the rule and the first offending keys."""
     bad = [c for c in codes if not re.fullmatch(pattern, c)]
@@ -145,7 +158,13 @@ def load_vocabulary(extensions: Sequence[Path | str] = ()) -> Vocabulary:
         clash = sorted(set(merged["labs"]) & set(merged["vitals"]))
         if clash:
             raise VocabularyError(f"{path}: codes listed both as labs and as vitals: {clash[:5]}")
-    return Vocabulary.model_validate(merged)
+    vocabulary = Vocabulary.model_validate(merged)
+    try:
+        for kind in ("labs", "vitals"):
+            _broader_checked(getattr(vocabulary, kind), kind)
+    except ValueError as exc:
+        raise VocabularyError(f"{', '.join(map(str, (VOCABULARY_FILE, *extensions)))}: {exc}") from None
+    return vocabulary
 
 
 def _extensions() -> list[str]:
@@ -222,6 +241,26 @@ def is_known_code(code: str, *, measurements_only: bool = False) -> bool:
         modality, _, body = code.removeprefix(IMAGING_PREFIX).partition("//")
         return modality in IMAGING_MODALITIES and body in {*IMAGING_BODY_PARTS, "unmapped"}
     return code in STAY_CODES or any(code.startswith(p) for p in STAY_CODE_PREFIXES)
+
+
+# MEDS code -> the broader MEDS code it is a kind of (``VITAL//mean_bp_invasive`` -> ``VITAL//mean_bp``)
+BROADER_CODES: dict[str, str] = {
+    f"{prefix}{code}": f"{prefix}{e.broader}"
+    for prefix, entries in (("LAB//", VOCABULARY.labs), ("VITAL//", VOCABULARY.vitals))
+    for code, e in entries.items()
+    if e.broader is not None
+}
+
+
+def feature_code_members(codes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Event code -> the feature codes among ``codes`` its values count for: each code for itself, and a
+    narrower code (an arterial-line pressure) for its broader code too when that is a feature."""
+    wanted = set(codes)
+    members: dict[str, tuple[str, ...]] = {c: (c,) for c in codes}
+    for narrow, broad in BROADER_CODES.items():
+        if broad in wanted:
+            members[narrow] = (*members.get(narrow, ()), broad)
+    return members
 
 
 # (code, delivered unit) -> conversion into the canonical unit. Anything not listed and not canonical is

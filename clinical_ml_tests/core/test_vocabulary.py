@@ -48,6 +48,19 @@ def test_an_extension_adds_codes_and_overrides_a_shipped_entry(tmp_path):
         ("labs:\n  'bad code!': {name: x, unit: U/L, plausible: [0, 1]}\n", "codes must be"),
         ("vitals:\n  '2160-0': {name: x, unit: U/L, plausible: [0, 1]}\n", "both as labs and as vitals"),
         ("- a list\n", "expected a mapping"),
+        # a broader code that does not exist, is itself narrower, or has another unit
+        (
+            "vitals:\n  bp_x: {name: x, unit: 'mm[Hg]', plausible: [0, 1], broader: nope}\n",
+            "vitals bp_x: broader",
+        ),
+        (
+            "vitals:\n  bp_x: {name: x, unit: 'mm[Hg]', plausible: [0, 1], broader: mean_bp_invasive}\n",
+            "vitals bp_x: broader",
+        ),
+        (
+            "vitals:\n  bp_x: {name: x, unit: '%', plausible: [0, 1], broader: mean_bp}\n",
+            "vitals bp_x: broader",
+        ),
     ],
 )
 def test_a_bad_extension_is_refused_naming_the_file_and_field(tmp_path, text, says):
@@ -75,3 +88,15 @@ def test_the_landing_zone_and_use_cases_accept_a_code_the_hospital_added(tmp_pat
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
     assert Path(units.VOCABULARY_FILE).exists()
+
+
+def test_a_feature_on_a_broader_code_takes_every_narrower_code_and_a_narrower_feature_only_its_own():
+    from clinical_ml.core.units import BROADER_CODES, feature_code_members
+
+    narrower = [c for c, b in BROADER_CODES.items() if b == "VITAL//mean_bp"]
+    assert len(narrower) >= 2  # arterial line and cuff
+    members = feature_code_members(["VITAL//mean_bp", narrower[0]])
+    assert members[narrower[0]] == (narrower[0], "VITAL//mean_bp")
+    assert all(members[c] == ("VITAL//mean_bp",) for c in narrower[1:])
+    # without the broader code as a feature, nothing rolls up
+    assert feature_code_members([narrower[1]]) == {narrower[1]: (narrower[1],)}
