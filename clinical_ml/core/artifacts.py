@@ -18,6 +18,7 @@ import polars as pl
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.features import CohortFlow, SplitInfo
 from clinical_ml.core.learning_curve import LearningCurve
+from clinical_ml.core.population_model import PopulationModelComparison
 from clinical_ml.core.quality import QualityProfile
 from clinical_ml.core.registry import PromotionDecision
 from clinical_ml.core.storage import (
@@ -344,6 +345,7 @@ class UseCaseStore:
         self.evaluation = JsonFile(f / "evaluation.json", Evaluation)
         self.shap = JsonFile(f / "shap.json", ShapImportance)
         self.learning_curve = JsonFile(f / "learning_curve.json", LearningCurve)
+        self.population_model = JsonFile(f / "population_model.json", PopulationModelComparison)
         self.decision = JsonFile(f / "decision.json", PromotionDecision)
         self.fairness = JsonFile(f / "fairness.json", FairnessSummary)
         self.feature_drift = JsonFile(f / "feature_drift.json", FeatureDriftSnapshot)

@@ -25,6 +25,7 @@ from clinical_ml.core.glossary import glossary_for
 from clinical_ml.core.labeling import CohortFlow
 from clinical_ml.core.learning_curve import LearningCurve
 from clinical_ml.core.monitoring_config import MonitoringConfig
+from clinical_ml.core.population_model import PopulationModelComparison, population_model_view
 from clinical_ml.core.row_accounting import PRIVACY_LOSS_LIMIT
 from clinical_ml.core.usecase import OutcomeWords, UseCase
 
@@ -827,6 +828,7 @@ def report_card(
     validation_design: str | None = None,
     privacy_groups: list[dict] | None = None,
     learning_curve: LearningCurve | None = None,
+    population_model: PopulationModelComparison | None = None,
 ) -> tuple[str, str]:
     """The HCP report card of one model version (HTML, self-contained) and its Markdown summary.
 
@@ -905,6 +907,7 @@ def report_card(
         privacy_loss_limit=PRIVACY_LOSS_LIMIT,
         learning_curve=learning_curve,
         learning_curve_words=learning_curve.recommendation() if learning_curve else "",
+        population_model=population_model_view(population_model) if population_model else None,
         predictors=predictor_labels,
         windows=" and ".join(f"the last {w:g} h" for w in f.window_hours),
         aggregations=", ".join(f.aggregations),

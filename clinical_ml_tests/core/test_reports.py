@@ -18,6 +18,7 @@ from clinical_ml.core.fairness import (
     verdict,
 )
 from clinical_ml.core.learning_curve import CurvePoint, LearningCurve
+from clinical_ml.core.population_model import CandidateComparison, PopulationModelComparison
 from clinical_ml.core.reports import fairness_report, report_card
 from clinical_ml.core.row_accounting import privacy_by_group
 from clinical_ml.core.usecase import parse_use_case
@@ -201,6 +202,33 @@ def _render(hostile: bool) -> dict[str, str]:
             400,
             60,
         ),
+        population_model=PopulationModelComparison(
+            "v1",
+            "race_ethnicity",
+            SCRIPT if hostile else "Black",
+            "race ethnicity = Black fails a subgroup minimum or calibration range in the subcohort analysis.",
+            300,
+            290,
+            45,
+            0.21,
+            (
+                CandidateComparison(
+                    "separate",
+                    700,
+                    90,
+                    60,
+                    0.80,
+                    0.78,
+                    (-0.02, -0.06, 0.02),
+                    1.5,
+                    1.05,
+                    (-0.45, -0.7, -0.2),
+                    (0.35, 0.1, 0.5),
+                ),
+            ),
+            0.975,
+            200,
+        ),
     )
     return {"fairness_html": html_f, "fairness_md": md_f, "card_html": html_c, "card_md": md_c}
 
@@ -216,6 +244,21 @@ def test_report_card_says_what_privacy_took_from_each_group_and_whether_more_dat
         "AUROC went from 0.830 with 75% of the derivation cohort (750 patients) to 0.850 with all of it (1,000): "
         "still rising, so more data of the same kind would likely help."
     ) in text
+
+
+def test_report_card_says_whether_a_population_specific_model_helps(plain):
+    text = " ".join(_parse(plain["card_html"]).text)
+    assert "Would a population-specific model help?" in text
+    assert (
+        "A population-specific model is better beyond chance for race ethnicity = Black: separate model "
+        "(calibration)."
+    ) in text
+    assert (
+        "Separate model: AUROC 0.780 vs 0.800 for the single model (difference -0.020, CI -0.060 to +0.020)"
+        in text
+    )
+    assert "the fairness analysis recommends 0.210 for race ethnicity = Black" in text
+    assert "Judged on 300 validation admissions of 290 patients (45 outcome events)" in text
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from clinical_ml.defs.usecase.fairness import build_fairness_assets
 from clinical_ml.defs.usecase.features import build_features_assets
 from clinical_ml.defs.usecase.feedback import build_feedback_assets
 from clinical_ml.defs.usecase.monitoring import build_ehr_delivery_asset, build_monitoring_assets
+from clinical_ml.defs.usecase.panel_actions import build_panel_action_assets
 from clinical_ml.defs.usecase.report_card import build_report_card_assets
 from clinical_ml.defs.usecase.training import build_training_assets
 
@@ -25,6 +26,7 @@ def build_use_case_assets(
         *build_training_assets(uc),
         *build_evaluation_assets(uc),
         *build_fairness_assets(uc),
+        *build_panel_action_assets(uc),
         *build_report_card_assets(uc),
         *build_monitoring_assets(uc, monitoring),
         *build_feedback_assets(uc),

@@ -8,6 +8,7 @@ import dagster as dg
 from clinical_ml.core.artifacts import UseCaseStore
 from clinical_ml.core.features import validation_design
 from clinical_ml.core.model_facts import ModelFacts, model_facts, model_facts_html, model_facts_markdown
+from clinical_ml.core.population_model import PopulationModelComparison
 from clinical_ml.core.registry import ModelCard
 from clinical_ml.core.reports import data_periods, predictor_labels, report_card, report_card_markdown
 from clinical_ml.core.row_accounting import delivery_rows, privacy_by_group
@@ -31,6 +32,7 @@ def build_report_card_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asset
             key("subcohort_fairness_report"),
             key("cohort"),
             key("learning_curve"),
+            key("population_model_comparison"),
         ],
         group_name=Stage.EVALUATION,
         kinds={"html", "markdown"},
@@ -92,10 +94,17 @@ def _write_report_card(zones: DataZones, uc: UseCase, card: ModelCard, design: s
         validation_design=design,
         privacy_groups=_privacy_groups(zones, list(card.lineage.batch_ids)),
         learning_curve=store.learning_curve.read() if store.learning_curve.exists() else None,
+        population_model=_population_model(store, card.version),
     )
     out = store.reports.write_report(f"report_card_{card.version}", html)
     store.reports.write_report(f"report_card_{card.version}", md, suffix="md")
     return out, report_card_markdown(md, plots["calibration"], forests)
+
+
+def _population_model(store: UseCaseStore, version: str) -> PopulationModelComparison | None:
+    """The population-specific model comparison of this version, if it was made."""
+    result = store.population_model.read() if store.population_model.exists() else None
+    return result if result is not None and result.model_version == version else None
 
 
 def _model_facts(
