@@ -6,7 +6,7 @@ Mechanisms (see DESIGN.md):
   dropped column is named only when its name is one of the contract's or a known extra, else by position:
   a delivered header can hold anything);
 * controlled values: the coded columns (sex, race, ethnicity, admission type, unit, unit type, site,
-  discharge disposition) leave only as values of their vocabularies or the site's declared codes
+  discharge disposition, payer) leave only as values of their vocabularies or the site's declared codes
   (:mod:`clinical_ml.core.site_mapping`, applied again here whatever ingestion did); anything else becomes
   ``unmapped`` and is counted;
 * pseudonyms, two modes: random surrogate ids (not derived from any identifier), the mapping kept in a
@@ -66,6 +66,7 @@ DEID_COLUMNS: dict[str, tuple[str, ...]] = {
         "unit_type",
         "site",
         "discharge_disposition",
+        "payer",
         "age_years",
         "period",
         "batch_id",
@@ -489,6 +490,8 @@ def anonymize_batch(
     """
     site = site_mapping or default_site_mapping()
     dropped = {"patients": _dropped(patients, "patients"), "encounters": _dropped(encounters, "encounters")}
+    if "payer" not in encounters.columns:  # ingested before the contract had it: not delivered
+        encounters = encounters.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
     patients, unmapped_pat = enforce_controlled_values(patients, "patients", site)
     encounters, unmapped_enc = enforce_controlled_values(encounters, "encounters", site)
     patients = patients.with_columns(normalize_identifier(pl.col("mrn")).alias("_key"))

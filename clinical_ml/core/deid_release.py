@@ -138,6 +138,7 @@ class BatchRelease:
             "race_generalized": r.race_generalized,
             "zip3_suppressed": r.zip3_suppressed,
             "race_suppressed": r.race_suppressed,
+            "payer_suppressed": r.payer_suppressed,
             "subjects_withheld": r.subjects_withheld,
             "withheld_by_consent": self.consent.as_dict(),
             # per audited group (sex, race/ethnicity, age band as delivered): what the remedies took from the audit

@@ -86,9 +86,9 @@ TS = pl.Datetime("us")
 TS_FORMAT = "%Y-%m-%d %H:%M:%S"
 DATE_FORMAT = "%Y-%m-%d"
 # Bumped whenever a rule changes what is accepted, so data versions change with it.
-RULES_VERSION = "5"
+RULES_VERSION = "6"
 
-# source -> column -> polars dtype after parsing. Every column listed is required.
+# source -> column -> polars dtype after parsing. Every column listed is required but OPTIONAL_COLUMNS.
 SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
     "patients": {
         "mrn": pl.String(),
@@ -113,6 +113,7 @@ SOURCE_COLUMNS: dict[str, dict[str, pl.DataType]] = {
         "site": pl.String(),
         "discharge_disposition": pl.String(),
         "death_time": TS,
+        "payer": pl.String(),
     },
     "labs": {
         "encounter_id": pl.String(),
@@ -146,10 +147,13 @@ LABEL_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 BOOLEAN_TEXT = {"1": True, "0": False, "true": True, "false": False}
 # The patient of a label's encounter, resolved at validation and kept with the accepted row (phi zone only).
 LABEL_PATIENT = "mrn"
+# Columns a file may leave out (they are then read as empty): fields many exports do not have.
+OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {"encounters": frozenset({"payer"})}
 # Columns that may be empty in a valid row.
 NULLABLE = {
     "event_time",
     "death_time",
+    "payer",
     "race",
     "ethnicity",
     "address",
@@ -174,6 +178,7 @@ FREE_TEXT = {
     "unit",
     "site",
     "discharge_disposition",
+    "payer",
 }
 # Rows sharing these keys are duplicates (identical) or conflicting duplicates (differing).
 DUPLICATE_KEYS = {
@@ -362,7 +367,9 @@ def _check_columns(columns: list[str], source: str, *, header: list[str] | None 
             f"{len(dup_positions)} header field(s) repeat an earlier name, at positions {dup_positions[:20]}",
             line=1,
         )
-    missing = [c for c in SOURCE_COLUMNS[source] if c not in columns]
+    missing = [
+        c for c in SOURCE_COLUMNS[source] if c not in columns and c not in OPTIONAL_COLUMNS.get(source, ())
+    ]
     if missing:
         if len(header) == 1 and any(s in header[0] for s in (";", "\t", "|")):
             raise FileRejected(
@@ -1144,6 +1151,8 @@ def ingest_file(
     now = now or datetime.now(UTC).replace(tzinfo=None)
     mapping = mapping or default_site_mapping()
     raw, sha, ragged, warnings = _read(p, source, limits or Limits(), mapping)
+    absent = [c for c in sorted(OPTIONAL_COLUMNS.get(source, ())) if c not in raw.columns]
+    raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in absent)
     if raw.height == 0:
         raise FileRejected("no_data_rows", "the file has a header and no rows", line=1)
     text = _clean(raw, source)
@@ -1160,7 +1169,7 @@ def ingest_file(
     )
     parsed = _retry_trimmed(parsed, source)
     is_header = pl.lit(True)
-    for name in SOURCE_COLUMNS[source]:
+    for name in (c for c in SOURCE_COLUMNS[source] if c not in absent):
         is_header = is_header & (_text_of(source, name) == name)
     parse_detail, parse_rules = _parse_rules(source)
     # Detail-only rules name the reason of rows that a later rule or the schema rejects anyway; they are

@@ -50,6 +50,7 @@ COHORT_COLUMNS = (
     "admission_type",
     "unit",
     "site",
+    "payer",
     "period",
     "batch_id",
 )
@@ -273,6 +274,8 @@ def build_cohort(
         needed.append(outcome.code)
     events = events_of(events, needed) if needed and events is not None else None
     enc = encounters.unique("hadm_id", keep="last")
+    if "payer" not in enc.columns:  # de-identified before the contract had a payer: not known
+        enc = enc.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
     pat = patients.unique("subject_id", keep="last").select("subject_id", "sex", "race", "ethnicity")
     flow = _Flow(enc.join(pat, on="subject_id", how="left"))
     flow.exclude(f"under {pop.min_age_years} years", pl.col("age_years") < pop.min_age_years)

@@ -62,6 +62,8 @@ def _table(source: str) -> list[str]:
     ]
     for name, col in schema.columns.items():
         required = "may be empty" if col.nullable else "yes"
+        if name in ingestion.OPTIONAL_COLUMNS.get(source, ()):
+            required = "no: the column may be left out; " + required
         coded = name in site_mapping.CODED_FIELDS.get(source, ())
         notes = [
             "coded: recoded by the site mapping (see *Coded values*); a value it does not name becomes "

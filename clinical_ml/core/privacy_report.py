@@ -101,6 +101,8 @@ def privacy_summary_markdown(
         "",
         f"**Suppressed** (people still in classes smaller than k = {policy.k})",
         f"- ZIP3 withheld (set to 000): {remedied.zip3_suppressed} patients",
+        f"- payer withheld (Unknown), too rare among people alike in the other attributes: "
+        f"{remedied.payer_suppressed} patients",
         f"- race and ethnicity withheld (Unknown): {remedied.race_suppressed} patients",
         f"- withheld from this batch entirely: {remedied.subjects_withheld} patients, "
         f"{remedied.admissions_withheld} admissions, {remedied.events_withheld} events",

@@ -1,9 +1,10 @@
 """Re-identification risk over the quasi-identifiers, measured and remedied per batch.
 
 Threat model (prosecutor): an attacker who knows that a given person is in the released batch, and knows
-that person's age band, sex, race/ethnicity, three-digit ZIP and admission quarter, looks for the records
-that match. With ``n`` distinct people in the matching equivalence class the chance of picking the right one
-is ``1 / n``. k-anonymity asks every class to hold at least ``k`` people, so the maximum prosecutor risk is
+that person's age band, sex, race/ethnicity, three-digit ZIP and admission quarter, and the payer of the
+stay (a weak quasi-identifier: an acquaintance may know it, and for most people over 65 it is Medicare), looks
+for the records that match. With ``n`` distinct people in the matching equivalence class the chance of
+picking the right one is ``1 / n``. k-anonymity asks every class to hold at least ``k`` people, so the maximum prosecutor risk is
 ``1 / k``.
 
 Remedies, in this order, all counted:
@@ -11,9 +12,11 @@ Remedies, in this order, all counted:
 1. **Generalization** (global, the same for every batch so that a patient seen in two batches is never
    released at two granularities): ages in bands (``RiskPolicy.age_bands``), race categories outside
    ``RiskPolicy.races_kept`` reported as ``Other``.
-2. **Local suppression** of one quasi-identifier for the people still in classes below ``k``: first their
-   ZIP3 becomes ``000`` (the Safe Harbor code for "not disclosed"), then their race and ethnicity become
-   missing ("Unknown").
+2. **Local suppression** of one quasi-identifier for the people still in classes below ``k``, what no model
+   or audit needs first: their ZIP3 becomes ``000`` (the Safe Harbor code for "not disclosed"); then the
+   payers too rare in a class over the other quasi-identifiers become missing (:func:`withhold_rare_payers`:
+   audited only where a use case lists it, it costs no other attribute and no record); then their race and
+   ethnicity become missing ("Unknown").
 3. **Record suppression**: the people still in classes below ``k`` are withheld from this batch (their
    patient row, admissions and events).
 
@@ -26,11 +29,12 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-QUASI_IDENTIFIERS = ("age_band", "sex", "race_ethnicity", "zip3", "period")
+QUASI_IDENTIFIERS = ("age_band", "sex", "race_ethnicity", "zip3", "period", "payer")
 DEFAULT_AGE_BANDS = (0, 18, 45, 65, 80)
 DEFAULT_RACES_KEPT = ("White", "Black or African American", "Asian", "Unknown")
 OTHER_RACE = "Other"
 WITHHELD_ZIP3 = "000"
+UNKNOWN_PAYER = "Unknown"
 HISPANIC = "Hispanic or Latino"
 
 
@@ -107,33 +111,51 @@ class Remedied:
     audited_groups: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     """Per audited attribute and group (as delivered, before any remedy): ``patients``, ``withheld`` (step
     3) and ``race_not_released`` (generalized to Other in step 1 or suppressed in step 2: released outside
-    their race/ethnicity group, so outside its audit)."""
+    their race/ethnicity group, so outside its audit), or for the payer ``payer_not_released``."""
+    payer_suppressed: int = 0
+    """People whose payer was withheld for at least one admission (:func:`withhold_rare_payers`)."""
 
 
-AUDITED = ("sex", "race_ethnicity", "age_band")
+AUDITED = ("sex", "race_ethnicity", "age_band", "payer")
 
 
 def audited_group_counts(
-    before: pl.DataFrame, *, withheld: set[int], race_suppressed: pl.Series
+    before: pl.DataFrame,
+    *,
+    withheld: set[int],
+    race_suppressed: pl.Series,
+    payer_suppressed: pl.Series | None = None,
 ) -> dict[str, dict[str, dict[str, int]]]:
-    """How many patients of each audited group the privacy remedies withheld or released without their
-    race (``before``: :func:`quasi_identifiers` before any remedy; counts only)."""
+    """How many patients of each audited group the privacy remedies withheld, released without their race or
+    released without their payer (``before``: :func:`quasi_identifiers` before any remedy; counts only). The
+    payer is counted only when the batch delivered one."""
     people = before.unique("subject_id", keep="first").with_columns(
         pl.col("subject_id").is_in(pl.Series(list(withheld), dtype=pl.Int64).implode()).alias("_withheld"),
         pl.col("subject_id").is_in(race_suppressed.implode()).alias("_race"),
+        pl.col("subject_id")
+        .is_in((payer_suppressed if payer_suppressed is not None else race_suppressed.head(0)).implode())
+        .alias("_payer"),
     )
     out: dict[str, dict[str, dict[str, int]]] = {}
     for attribute in AUDITED:
+        if attribute == "payer" and before["payer"].null_count() == before.height:
+            continue
+        lost = ("payer_not_released", "_payer") if attribute == "payer" else ("race_not_released", "_race")
         groups = (
             people.group_by(pl.col(attribute).fill_null("Unknown"))
-            .agg(pl.len().alias("patients"), pl.col("_withheld").sum(), pl.col("_race").sum())
+            # a patient withheld is counted once, as withheld
+            .agg(
+                pl.len().alias("patients"),
+                pl.col("_withheld").sum(),
+                (pl.col(lost[1]) & ~pl.col("_withheld")).sum(),
+            )
             .sort(attribute)
         )
         out[attribute] = {
             str(r[attribute]): {
                 "patients": int(r["patients"]),
                 "withheld": int(r["_withheld"]),
-                "race_not_released": int(r["_race"]),
+                lost[0]: int(r[lost[1]]),
             }
             for r in groups.iter_rows(named=True)
         }
@@ -166,7 +188,8 @@ def quasi_identifiers(
     """One row per admission (and per patient without an admission in the batch) with the quasi-identifiers
     as an attacker would read them from the release, plus ``subject_id``."""
     pat = patients.select("subject_id", "sex", "race", "ethnicity", "zip3").unique("subject_id", keep="first")
-    enc = encounters.select("subject_id", "age_years", "period")
+    payer = pl.col("payer") if "payer" in encounters.columns else pl.lit(None, dtype=pl.String).alias("payer")
+    enc = encounters.select("subject_id", "age_years", "period", payer)
     return enc.join(pat, on="subject_id", how="full", coalesce=True).select(
         "subject_id",
         age_band_expr(pl.col("age_years"), policy.age_bands).alias("age_band"),
@@ -174,6 +197,7 @@ def quasi_identifiers(
         race_ethnicity_expr().alias("race_ethnicity"),
         "zip3",
         "period",
+        "payer",
     )
 
 
@@ -236,6 +260,143 @@ def _suppress_until_stable(
     return patients, int(patients.select(changed.sum()).item())
 
 
+def withhold_rare_payers(
+    patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy
+) -> tuple[pl.DataFrame, pl.Series]:
+    """The encounters with the payer withheld (missing, read "Unknown") wherever it would split a class over
+    the other quasi-identifiers into groups of fewer than ``policy.k`` people.
+
+    In each class, the payers held by fewer than k people join the stays whose payer is not known. While
+    that pool holds some but fewer than k people, it takes the people it lacks from the largest payer when
+    that payer keeps k (the lowest pseudonyms, which say nothing about a person), else the smallest payers
+    join it whole; a class whose payers still split below k (a patient counted under two payers) loses
+    them all. Payers only move within a class, so the payer never makes a class over the other
+    quasi-identifiers smaller: it costs no other attribute and no record. A payer delivered as ``Unknown``
+    is released missing, as a withheld one is (one value, one class). Returns the encounters and the
+    ``subject_id`` of the people whose payer was withheld.
+    """
+    if "payer" not in encounters.columns:
+        return encounters, pl.Series("subject_id", [], dtype=pl.Int64)
+    k, others = policy.k, [q for q in QUASI_IDENTIFIERS if q != "payer"]
+    pat = patients.select("subject_id", "sex", "race", "ethnicity", "zip3").unique("subject_id", keep="first")
+    rows = (
+        encounters.select(pl.int_range(pl.len()).alias("_row"), "subject_id", "age_years", "period", "payer")
+        .join(pat, on="subject_id", how="left")
+        .with_columns(
+            age_band_expr(pl.col("age_years"), policy.age_bands).alias("age_band"),
+            race_ethnicity_expr().alias("race_ethnicity"),
+        )
+        .select(
+            "_row",
+            "subject_id",
+            *others,
+            # not known is one value in the release: missing
+            pl.when(pl.col("payer") != UNKNOWN_PAYER).then(pl.col("payer")).alias("payer"),
+        )
+    )
+    n, known = pl.col("_n"), pl.col("payer").is_not_null()
+    small = known & (n < k)
+    sub = (
+        rows.group_by([*others, "payer"])
+        .agg(pl.col("subject_id").n_unique().alias("_n"))
+        .sort([*others, "_n", "payer"], nulls_last=True)
+        .with_columns(
+            # the pool: stays without a payer, and the payers held by fewer than k
+            n.filter(~known | small).sum().over(others).alias("_pool"),
+            n.filter(known & ~small).max().over(others).alias("_largest"),
+        )
+        .with_columns(
+            (pl.lit(k) - pl.col("_pool")).alias("_lacking"),
+            ((pl.col("_pool") > 0) & (pl.col("_pool") < k)).alias("_short"),
+        )
+    )
+    donor_keeps_k = pl.col("_largest") - pl.col("_lacking") >= k
+    # the first payer of the largest size (sorted by name) gives the people the pool lacks
+    donor = known & ~small & (n == pl.col("_largest")) & (pl.int_range(pl.len()).over([*others, "_n"]) == 0)
+    # the payers that may join the pool whole, smallest first
+    joined = pl.when(known & ~small).then(n).otherwise(0)
+    whole = known & ~small & ~donor_keeps_k & (pl.col("_pool") + joined.cum_sum().over(others) - joined < k)
+    decided = sub.select(
+        *others,
+        "payer",
+        pl.when(small | (pl.col("_short") & whole))
+        .then(pl.lit(-1))  # every person of this payer
+        .when(pl.col("_short") & donor_keeps_k & donor.fill_null(False))
+        .then(pl.col("_lacking"))  # this many people
+        .otherwise(pl.lit(0))
+        .alias("_take"),
+    ).filter(pl.col("payer").is_not_null() & (pl.col("_take") != 0))
+    rows = rows.join(decided, on=[*others, "payer"], how="left", nulls_equal=True).with_columns(
+        pl.col("subject_id").rank("dense").over([*others, "payer"]).alias("_rank")
+    )
+    taken = (pl.col("_take") == -1) | (pl.col("_rank") <= pl.col("_take"))
+    rows = rows.with_columns(
+        pl.when(taken.fill_null(False)).then(None).otherwise(pl.col("payer")).alias("_payer")
+    )
+    # a patient counted under two payers of one class can still leave a group below k: the class loses them all
+    split = (pl.col("subject_id").n_unique().over([*others, "_payer"]) < k).any().over(others)
+    rows = rows.with_columns(pl.when(split).then(None).otherwise(pl.col("_payer")).alias("_payer")).sort(
+        "_row"
+    )
+    withheld = rows.filter(pl.col("payer").is_not_null() & pl.col("_payer").is_null())["subject_id"]
+    return encounters.with_columns(rows["_payer"].alias("payer")), withheld.unique().sort()
+
+
+@dataclass(frozen=True)
+class _Suppressed:
+    """The frames after local and record suppression (steps 2 and 3), with what each step touched."""
+
+    patients: pl.DataFrame
+    encounters: pl.DataFrame
+    zip3: int
+    payer_lost: pl.Series
+    race: int
+    withheld: frozenset[int]
+
+    def race_lost(self, group_before: pl.DataFrame) -> set[int]:
+        """The people released outside the race/ethnicity group they were delivered in (kept ones only)."""
+        now = self.patients.select("subject_id", race_ethnicity_expr().alias("_now"))
+        moved = group_before.join(now, on="subject_id").filter(pl.col("_group") != pl.col("_now"))
+        return set(moved["subject_id"].to_list())
+
+
+def _suppress(
+    patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy, *, zip3_for_payer: bool
+) -> _Suppressed:
+    """ZIP3, then rare payers, then race and ethnicity, then whole records, until every class holds k people.
+    The ZIP3 step sees the payer only with ``zip3_for_payer`` (it then gives up ZIP3 to keep a payer too)."""
+    payers = encounters["payer"] if "payer" in encounters.columns else None
+    if payers is not None and not zip3_for_payer:
+        encounters = encounters.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
+    patients, zip_suppressed = _suppress_until_stable(
+        patients, encounters, policy, {"zip3": pl.lit(WITHHELD_ZIP3, dtype=pl.String)}
+    )
+    if payers is not None:
+        encounters = encounters.with_columns(payers)
+    # race is suppressed where the other attributes, with the payers that can be kept, leave a class below k
+    encounters, _ = withhold_rare_payers(patients, encounters, policy)
+    patients, race_suppressed = _suppress_until_stable(
+        patients,
+        encounters,
+        policy,
+        {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
+    )
+    if payers is not None:  # the classes that race suppression merged release the payers they can keep
+        encounters, payer_lost = withhold_rare_payers(patients, encounters.with_columns(payers), policy)
+    else:
+        payer_lost = pl.Series("subject_id", [], dtype=pl.Int64)
+    withheld: set[int] = set()
+    for _ in range(50):
+        small = _subjects_below(patients, encounters, policy)
+        if small.len() == 0:
+            break
+        withheld |= set(small.to_list())
+        keep = ~pl.col("subject_id").is_in(small.implode())
+        patients, encounters = patients.filter(keep), encounters.filter(keep)
+    payer_lost = payer_lost.filter(~payer_lost.is_in(pl.Series(list(withheld), dtype=pl.Int64).implode()))
+    return _Suppressed(patients, encounters, zip_suppressed, payer_lost, race_suppressed, frozenset(withheld))
+
+
 def enforce_k_anonymity(
     *, patients: pl.DataFrame, encounters: pl.DataFrame, events: pl.DataFrame, policy: RiskPolicy
 ) -> Remedied:
@@ -266,27 +427,18 @@ def enforce_k_anonymity(
         patients = patients.with_columns(
             pl.when(moved).then(pl.lit(OTHER_RACE)).otherwise("race").alias("race")
         )
-    patients, zip_suppressed = _suppress_until_stable(
-        patients, encounters, policy, {"zip3": pl.lit(WITHHELD_ZIP3, dtype=pl.String)}
-    )
-    patients, race_suppressed = _suppress_until_stable(
-        patients,
-        encounters,
-        policy,
-        {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
-    )
-    # whose race/ethnicity group as released ("Other", "Unknown") differs from the one delivered
-    race_lost = group_before.join(
-        patients.select("subject_id", race_ethnicity_expr().alias("_now")), on="subject_id"
-    ).filter(pl.col("_group") != pl.col("_now"))["subject_id"]
-    withheld: set[int] = set()
-    for _ in range(50):
-        small = _subjects_below(patients, encounters, policy)
-        if small.len() == 0:
-            break
-        withheld |= set(small.to_list())
-        keep = ~pl.col("subject_id").is_in(small.implode())
-        patients, encounters = patients.filter(keep), encounters.filter(keep)
+    suppressed = _suppress(patients, encounters, policy, zip3_for_payer=False)
+    if "payer" in encounters.columns and encounters["payer"].drop_nulls().ne(UNKNOWN_PAYER).any():
+        # ZIP3 (needed by no model and no audit) given up to keep payers too, where that costs nobody their
+        # race or their record: moving a person to ZIP3 000 can leave them in a class too small there
+        spent = _suppress(patients, encounters, policy, zip3_for_payer=True)
+        if spent.withheld <= suppressed.withheld and spent.race_lost(group_before) <= suppressed.race_lost(
+            group_before
+        ):
+            suppressed = spent
+    patients, encounters, withheld = suppressed.patients, suppressed.encounters, suppressed.withheld
+    zip_suppressed, race_suppressed, payer_lost = suppressed.zip3, suppressed.race, suppressed.payer_lost
+    race_lost = pl.Series("subject_id", sorted(suppressed.race_lost(group_before)), dtype=pl.Int64)
     gone = pl.col("subject_id").is_in(pl.Series(list(withheld), dtype=pl.Int64).implode())
     kept_events = events.filter(~gone) if withheld else events  # no pass over millions of events for nothing
     after = measure_risk(quasi_identifiers(patients, encounters, policy=policy), k=policy.k)
@@ -303,7 +455,10 @@ def enforce_k_anonymity(
         admissions_withheld=admissions_in - encounters.height,
         events_withheld=events.height - kept_events.height,
         withheld_subjects=pl.Series("subject_id", sorted(withheld), dtype=pl.Int64),
-        audited_groups=audited_group_counts(delivered_qi, withheld=withheld, race_suppressed=race_lost),
+        audited_groups=audited_group_counts(
+            delivered_qi, withheld=set(withheld), race_suppressed=race_lost, payer_suppressed=payer_lost
+        ),
+        payer_suppressed=payer_lost.len(),
     )
 
 

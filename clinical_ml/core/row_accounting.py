@@ -189,20 +189,23 @@ flags it (issue goal: no audited group loses more than 5% of its members)."""
 def privacy_by_group(records: list[dict]) -> list[dict]:
     """What the privacy remedies took from each audited group over the batches of ``records`` (privacy
     records, ``audited_groups``): patients delivered (once per batch they arrive in), withheld, released
-    without race (lost to the race/ethnicity audit only), the share lost to that attribute's audit, and
-    whether it is over :data:`PRIVACY_LOSS_LIMIT`. Records written before the counts existed are skipped."""
+    without race (lost to the race/ethnicity audit only) or without payer (lost to the payer audit only), the
+    share lost to that attribute's audit, and whether it is over :data:`PRIVACY_LOSS_LIMIT`. Records written
+    before the counts existed are skipped."""
     totals: dict[tuple[str, str], dict[str, int]] = {}
     for record in records:
         for attribute, groups in (record.get("audited_groups") or {}).items():
             for group, counts in groups.items():
                 t = totals.setdefault(
-                    (attribute, group), {"patients": 0, "withheld": 0, "race_not_released": 0}
+                    (attribute, group),
+                    {"patients": 0, "withheld": 0, "race_not_released": 0, "payer_not_released": 0},
                 )
                 for k in t:
                     t[k] += int(counts.get(k) or 0)
     rows = []
     for (attribute, group), t in sorted(totals.items()):
-        lost = t["withheld"] + (t["race_not_released"] if attribute == "race_ethnicity" else 0)
+        outside = {"race_ethnicity": "race_not_released", "payer": "payer_not_released"}.get(attribute)
+        lost = t["withheld"] + (t[outside] if outside else 0)
         share = lost / t["patients"] if t["patients"] else 0.0
         rows.append(
             {

@@ -1,9 +1,9 @@
 """Per-site mapping onto the landing contract, and the controlled values that may cross the boundary.
 
 Every coded field of the contract (``sex``, ``race``, ``ethnicity``, ``admission_type``,
-``discharge_disposition``, ``unit``, ``site``, and the ``unit_type`` derived from the unit) holds a value of a
-controlled vocabulary or :data:`UNMAPPED`, never delivered text: any text outside a vocabulary is treated as
-PHI. The fixed vocabularies are data (``contract_vocabulary.yaml`` beside this module); unit and site codes are
+``discharge_disposition``, ``payer``, ``unit``, ``site``, and the ``unit_type`` derived from the unit) holds a
+value of a controlled vocabulary or :data:`UNMAPPED`, never delivered text: any text outside a vocabulary is
+treated as PHI. The fixed vocabularies are data (``contract_vocabulary.yaml`` beside this module); unit and site codes are
 declared per site, each unit with its type, in the site's mapping file.
 
 A mapping file (``site_mappings/<name>.yaml``, the folder set by ``CLINICAL_ML_SITE_MAPPINGS`` or the data
@@ -43,10 +43,10 @@ MAPPING_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 # A unit or site code a site declares: plain, short, no markup; it crosses the boundary as it is written.
 CODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./ \-]{0,63}$"
 # Fields with a fixed contract vocabulary, and the coded fields of each source.
-FIXED_FIELDS = ("sex", "race", "ethnicity", "admission_type", "discharge_disposition")
+FIXED_FIELDS = ("sex", "race", "ethnicity", "admission_type", "discharge_disposition", "payer")
 CODED_FIELDS: dict[str, tuple[str, ...]] = {
     "patients": ("sex", "race", "ethnicity"),
-    "encounters": ("admission_type", "unit", "site", "discharge_disposition"),
+    "encounters": ("admission_type", "unit", "site", "discharge_disposition", "payer"),
 }
 # A mapping that sends values here hides them as surely as ``unmapped`` does: the warning check counts both.
 CATCH_ALL = frozenset({"OTHER", "UNKNOWN"})
@@ -85,6 +85,7 @@ class ContractVocabulary(BaseModel):
     ethnicity: tuple[str, ...] = Field(min_length=1)
     admission_type: tuple[str, ...] = Field(min_length=1)
     discharge_disposition: tuple[str, ...] = Field(min_length=1)
+    payer: tuple[str, ...] = Field(min_length=1)
     unit_type: tuple[str, ...] = Field(min_length=1)
 
 
@@ -137,7 +138,8 @@ class SiteMapping(BaseModel):
     columns: dict[Literal["patients", "encounters", "labs", "vitals", "labels"], dict[str, str]] = {}
     codes: dict[Literal["labs", "vitals"], dict[str, str]] = {}
     values: dict[
-        Literal["sex", "race", "ethnicity", "admission_type", "discharge_disposition"], dict[str, str]
+        Literal["sex", "race", "ethnicity", "admission_type", "discharge_disposition", "payer"],
+        dict[str, str],
     ] = {}
     units: dict[str, UnitEntry] = {}
     sites: dict[str, str] = {}

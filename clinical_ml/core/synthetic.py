@@ -113,6 +113,38 @@ CATCHMENT_ZIP3 = (
     ("606", 0.02),
 )
 ADMISSION_TYPES = (("EMERGENCY", 0.72), ("URGENT", 0.12), ("ELECTIVE", 0.16))
+# Expected payer of the stay (a socio-economic proxy the fairness audit can use), as in US ICU case mixes: nearly
+# everyone 65 or over is on Medicare; under 65, private insurance, Medicaid (more often for Black and
+# Hispanic patients, as in US coverage surveys) and the uninsured (self-pay). Drawn per patient from its own
+# random stream (PAYER_STREAM), so the other files of a seed do not change; readmissions keep the payer.
+PAYERS_65_AND_OVER = (
+    ("Medicare", 0.86),
+    ("Private", 0.05),
+    ("Medicaid", 0.03),
+    ("Other government", 0.04),
+    ("Self-pay", 0.01),
+    ("Other", 0.005),
+    ("Unknown", 0.005),
+)
+PAYERS_UNDER_65 = (
+    ("Private", 0.46),
+    ("Medicaid", 0.27),
+    ("Medicare", 0.10),
+    ("Self-pay", 0.09),
+    ("Other government", 0.04),
+    ("Other", 0.02),
+    ("Unknown", 0.02),
+)
+PAYERS_UNDER_65_BLACK_OR_HISPANIC = (
+    ("Private", 0.33),
+    ("Medicaid", 0.38),
+    ("Medicare", 0.10),
+    ("Self-pay", 0.11),
+    ("Other government", 0.04),
+    ("Other", 0.02),
+    ("Unknown", 0.02),
+)
+PAYER_STREAM = 0x50415952
 UNPLANNED_ADMISSION_TYPES = (("EMERGENCY", 0.85), ("URGENT", 0.15))
 ALIVE_DISPOSITIONS = (("HOME", 0.53), ("SNF", 0.24), ("REHAB", 0.11), ("HOSPICE", 0.07), (TRANSFER, 0.05))
 UNITS = (("MICU", 0.4), ("SICU", 0.25), ("CCU", 0.2), ("NEURO_ICU", 0.15))
@@ -273,6 +305,21 @@ def _patients(cfg: SyntheticConfig, rng: np.random.Generator) -> pl.DataFrame:
             "phone": [f"({rng.integers(201, 990)}) 555-{rng.integers(0, 10000):04d}" for _ in range(n)],
             "email": [f"{fake.user_name()}{i}@example.org" for i in range(n)],
         }
+    )
+
+
+def _payers(patients: pl.DataFrame, *, seed: int) -> np.ndarray:
+    """Each patient's payer, by age at first admission and race/ethnicity (:data:`PAYERS_UNDER_65` ...)."""
+    rng = np.random.default_rng([seed, PAYER_STREAM])
+    n = patients.height
+    older = patients["age_at_first_admission"].to_numpy() >= 65
+    minority = (patients["race"].to_numpy() == "Black or African American") | (
+        patients["ethnicity"].to_numpy() == "Hispanic or Latino"
+    )
+    return np.select(
+        [older, minority],
+        [_choice(rng, PAYERS_65_AND_OVER, n), _choice(rng, PAYERS_UNDER_65_BLACK_OR_HISPANIC, n)],
+        _choice(rng, PAYERS_UNDER_65, n),
     )
 
 
@@ -1247,6 +1294,7 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
     death_s = enc["death_s"].to_numpy()
     enc = enc.with_columns(
         pl.Series("mrn", patients["mrn"].to_numpy()[pidx]),
+        pl.Series("payer", _payers(patients, seed=cfg.seed)[pidx]),
         pl.Series("admit_time", _clock(start, enc["admit_s"].to_numpy())),
         pl.Series("discharge_time", _clock(start, enc["discharge_s"].to_numpy())),
         pl.when(pl.Series(death_s >= 0))
@@ -1322,6 +1370,7 @@ def generate_hospital(out_dir: Path | str, config: SyntheticConfig | None = None
                 "site",
                 "discharge_disposition",
                 "death_time",
+                "payer",
                 "note",
             ),
             ["admit_time", "discharge_time", "death_time"],

@@ -380,7 +380,9 @@ class SuccessCriteria(_Strict):
 
 class Subgroups(_Strict):
     # site: the hospital of the network (audited like a group of patients: does the model work as well in each?)
-    attributes: list[Literal["sex", "race_ethnicity", "age_band", "site"]] = Field(min_length=1)
+    # payer: the stay's expected payer, a socio-economic proxy (Medicaid, self-pay ...); stays whose data have
+    # none (not delivered, or withheld by the privacy gate) form the group "Unknown"
+    attributes: list[Literal["sex", "race_ethnicity", "age_band", "site", "payer"]] = Field(min_length=1)
     age_bands: list[int] = Field(min_length=2)
     min_cell_size: int = Field(11, ge=1)
     auroc_min: float = Field(0.5, ge=0.5, le=1)

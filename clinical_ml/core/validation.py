@@ -21,7 +21,7 @@ from clinical_ml.core.labeling import batch_date
 from clinical_ml.core.modeling import TrainedModel, refit_rounds
 from clinical_ml.core.usecase import UseCase
 
-AUDIT_COLUMNS = ("sex", "race_ethnicity", "age_band", "period", "batch_id", "site")
+AUDIT_COLUMNS = ("sex", "race_ethnicity", "age_band", "period", "batch_id", "site", "payer")
 # what the alert burden needs of each cohort row besides the row key
 STAY_COLUMNS = ("discharge_time", "death_time", "unit", "admit_time", "batch_id")
 

@@ -20,7 +20,7 @@ class AnonymizationSettings(dg.ConfigurableResource):
     k_anonymity_min: int = Field(
         default=5,
         description="Smallest number of people allowed in an equivalence class over the quasi-identifiers "
-        "(age band, sex, race/ethnicity, ZIP3, admission quarter); a blocking check gates release on it.",
+        "(age band, sex, race/ethnicity, ZIP3, admission quarter, payer); a blocking check gates release on it.",
     )
     age_bands: list[int] = Field(
         default=[0, 18, 45, 65, 80],

@@ -113,8 +113,11 @@ class AdaptedSource:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def read_table(root: Path, name: str, *, columns: list[str] | None = None) -> pl.DataFrame:
-    """Read ``<root>/tables/<name>.parquet`` (or ``<root>/<name>.parquet``), only ``columns`` if given.
+def read_table(
+    root: Path, name: str, *, columns: list[str] | None = None, optional: list[str] | None = None
+) -> pl.DataFrame:
+    """Read ``<root>/tables/<name>.parquet`` (or ``<root>/<name>.parquet``), only ``columns`` if given, and
+    the ``optional`` columns: empty (text) where the table does not have them.
 
     Raises
     ------
@@ -128,7 +131,11 @@ def read_table(root: Path, name: str, *, columns: list[str] | None = None) -> pl
             missing = sorted(set(columns or []) - set(schema))
             if missing:
                 raise AdapterError(f"{candidate.name}: missing columns {missing}")
-            return pl.read_parquet(candidate, columns=columns)
+            present = [c for c in optional or [] if c in schema]
+            frame = pl.read_parquet(candidate, columns=[*columns, *present] if columns is not None else None)
+            return frame.with_columns(
+                pl.lit(None, dtype=pl.String).alias(c) for c in optional or [] if c not in schema
+            )
     raise AdapterError(f"table {name!r} not found under {root}")
 
 
@@ -215,6 +222,8 @@ def finish_encounters(encounters: pl.DataFrame, *, mapping: SiteMapping) -> pl.D
         year_quarter(pl.col("admit_time")).alias("period"),
         pl.col("age_years").cast(pl.Int32),
     )
+    if "payer" not in out.columns:  # a source without the stay's payer (eICU)
+        out = out.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
     out, _ = enforce_controlled_values(out, "encounters", mapping)
     return out.select(DEID_COLUMNS["encounters"])
 

@@ -11,9 +11,9 @@ Mapping (``docs/adapters.md`` has the full tables):
   ``site`` ``BIDMC/<ICU information system>`` (CareVue 2001-2008, MetaVision 2008-2012) and its batch
   ``mimic_carevue`` or ``mimic_metavision``: the two systems are MIMIC's real "sources" (an admission
   without an ICU stay takes the system of its patient's ICU stay nearest in time).
-* **Coded values.** ``admission_type`` and ``discharge_location`` are recoded by the explicit tables
-  :data:`ADMISSION_TYPES` and :data:`DISCHARGE_DISPOSITIONS`; a value they do not name becomes ``OTHER``
-  (counted), a missing one ``UNKNOWN``: never the source's text.
+* **Coded values.** ``admission_type``, ``discharge_location`` and ``insurance`` (the stay's payer) are
+  recoded by the explicit tables :data:`ADMISSION_TYPES`, :data:`DISCHARGE_DISPOSITIONS` and :data:`PAYERS`;
+  a value they do not name becomes ``OTHER`` (counted), a missing one ``UNKNOWN``: never the source's text.
 * **Time.** MIMIC dates are already shifted per patient into 2100-2200; they are kept as they are
   (intervals are real). ``period`` is therefore the *shifted* year-quarter: no temporal validation on MIMIC.
 * **Ages.** ``admittime - dob`` in completed years; patients over 89 have a shifted ``dob`` giving about
@@ -144,6 +144,14 @@ DISCHARGE_DISPOSITIONS: dict[str, str] = {
     "OTHER FACILITY": "OTHER_FACILITY",
     "DEAD/EXPIRED": "EXPIRED",
 }
+# admissions.insurance (every value of MIMIC-III 1.4) -> the contract's payer (anything else: Other).
+PAYERS: dict[str, str] = {
+    "Medicare": "Medicare",
+    "Medicaid": "Medicaid",
+    "Private": "Private",
+    "Government": "Other government",
+    "Self Pay": "Self-pay",
+}
 # The dispositions above that are transfers to another inpatient hospital (for transfer_dispositions).
 TRANSFER_DISPOSITIONS: tuple[str, ...] = ("ACUTE_CARE_TRANSFER", "PSYCHIATRIC_HOSPITAL_TRANSFER")
 
@@ -255,6 +263,7 @@ def adapt(
             "ethnicity",
             "hospital_expire_flag",
         ],
+        optional=["insurance"],
     )
     icustays = read_table(source, "icustays", columns=["hadm_id", "intime", "first_careunit", "dbsource"])
     d_labitems = read_table(source, "d_labitems", columns=["itemid", "loinc_code"])
@@ -306,6 +315,7 @@ def adapt(
             pl.col("unit").fill_null(NO_ICU_STAY),
             pl.format("BIDMC/{}", coded(pl.col("dbsource"), ICU_SYSTEMS, missing="unknown")).alias("site"),
             coded(pl.col("discharge_location"), DISCHARGE_DISPOSITIONS).alias("discharge_disposition"),
+            coded(pl.col("insurance"), PAYERS).alias("payer"),
             age_in_years(pl.col("dob"), pl.col("admittime")).alias("age_years"),
             pl.format("{}_{}", pl.lit(SOURCE), pl.col("dbsource").fill_null("unknown")).alias("batch_id"),
         ),
@@ -417,6 +427,7 @@ def adapt(
             admissions["discharge_location"], DISCHARGE_DISPOSITIONS
         ),
         "discharge_locations_missing": int((encounters["discharge_disposition"] == UNKNOWN).sum()),
+        "insurance_unmapped": count_unmapped(admissions["insurance"], PAYERS),
         "ages_shifted_over_89": int((raw_age_years > 89).sum()),
         "ages_90_or_over": int((encounters["age_years"] >= 90).sum()),
         "chart_rows_flagged_error": int((chart["error"] == 1).sum()),

@@ -3,10 +3,10 @@
 The adapter (:mod:`clinical_ml.core.adapters.mimic`) writes MIMIC straight into the de-identified layer; this
 module instead writes what BIDMC's export would look like: CSV files per batch in MIMIC's own terms (upper-case
 MIMIC column names, ``ITEMID`` codes, ``VALUEUOM`` units, ``GENDER`` ``M``/``F``, ``ETHNICITY`` such as
-``WHITE - RUSSIAN``, ``ADMISSION_TYPE``, ``DISCHARGE_LOCATION``, care units such as ``TSICU``), each batch with
-its ``_SUCCESS`` marker naming the site mapping ``mimic_iii`` (``site_mappings/mimic_iii.yaml``), which maps
-them onto the contract. :func:`site_mapping_document` builds that mapping from the adapter's own tables, so
-the two paths map MIMIC alike.
+``WHITE - RUSSIAN``, ``ADMISSION_TYPE``, ``DISCHARGE_LOCATION``, ``INSURANCE``, care units such as
+``TSICU``), each batch with its ``_SUCCESS`` marker naming the site mapping ``mimic_iii``
+(``site_mappings/mimic_iii.yaml``), which maps them onto the contract. :func:`site_mapping_document` builds
+that mapping from the adapter's own tables, so the two paths map MIMIC alike.
 
 What the export does that a raw dump would not, and why (each is counted in :class:`ExportCounts`):
 
@@ -55,6 +55,7 @@ from clinical_ml.core.adapters.mimic import (
     DISCHARGE_DISPOSITIONS,
     ICU_SYSTEMS,
     NO_ICU_STAY,
+    PAYERS,
     UNIT_CODES,
     UNITS,
     _icu_system,
@@ -156,6 +157,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "FIRST_CAREUNIT": "unit",
         "DBSOURCE": "site",
         "DISCHARGE_LOCATION": "discharge_disposition",
+        "INSURANCE": "payer",
     },
     "labs": {
         "HADM_ID": "encounter_id",
@@ -202,6 +204,7 @@ def _mapping_values() -> dict[str, dict[str, str]]:
         "ethnicity": dict(coded.select("e", "ethnicity").iter_rows()),
         "admission_type": dict(ADMISSION_TYPES),
         "discharge_disposition": dict(DISCHARGE_DISPOSITIONS),
+        "payer": dict(PAYERS),
     }
 
 

@@ -67,7 +67,8 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
         dg.AssetSpec(
             DEID_TABLES["encounters"],
             deps=["raw_patients", "raw_encounters"],
-            description="Admissions with surrogate ids, shifted dates, ages capped at 90, real year-quarter.",
+            description="Admissions with surrogate ids, shifted dates, ages capped at 90, real year-quarter, "
+            "coded payer (withheld where too rare to release).",
             group_name=Stage.ANONYMIZATION,
             kinds={"polars", "parquet"},
             owners=PRIVACY_OWNERS,
@@ -99,7 +100,7 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
                 asset=name,
                 blocking=True,
                 description="Measured on the released batch: every equivalence class over age band, sex, "
-                "race/ethnicity, ZIP3 and admission quarter holds at least k people (k_anonymity_min). "
+                "race/ethnicity, ZIP3, admission quarter and payer holds at least k people (k_anonymity_min). "
                 "When it fails nothing of the batch is written to the de-identified zone.",
             ),
             dg.AssetCheckSpec(
@@ -218,6 +219,7 @@ def _table_outcome(
             "withheld_share": release.withheld_share,
             "zip3_suppressed": remedied.zip3_suppressed,
             "race_suppressed": remedied.race_suppressed,
+            "payer_suppressed": remedied.payer_suppressed,
             "race_generalized": remedied.race_generalized,
             "site_mapping": release.mapping_name,
             "coded_values_unmapped": dg.MetadataValue.json(release.deid.unmapped_released),
