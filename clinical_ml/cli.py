@@ -47,6 +47,7 @@ def _synth_config(args: argparse.Namespace) -> SyntheticConfig:
         days_per_batch=args.days_per_batch,
         # every source a hospital may deliver: medications, diagnoses, procedures, minute-level device vitals
         more_sources=True,
+        imaging=True,  # and DICOM headers from a PACS
     )
 
 

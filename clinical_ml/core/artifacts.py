@@ -400,6 +400,8 @@ class DeidStore:
         self.patients = ParquetParts(self.root / "patients")
         self.encounters = ParquetParts(self.root / "encounters")
         self.events = ParquetParts(self.root / "events")
+        # de-identified DICOM files: imaging/<batch>/<subject_id>/<new SOP instance UID>.dcm
+        self.imaging = self.root / "imaging"
         self.privacy = JsonParts(self.root / "privacy", DictRecord)
         # where each delivery's rows went (counts and reason codes: core.row_accounting.BatchAccount.as_dict)
         self.accounting = JsonParts(self.root / "accounting", DictRecord)

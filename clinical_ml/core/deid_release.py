@@ -18,6 +18,13 @@ import polars as pl
 from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anonymize_batch
 from clinical_ml.core.clinical_sources import source_events
 from clinical_ml.core.consent import ConsentWithheld, objecting_subjects, withhold_objecting
+from clinical_ml.core.dicom import (
+    ImagingInstance,
+    ImagingRelease,
+    dicom_leaks,
+    keep_subjects,
+    release_imaging,
+)
 from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.pseudonyms import HmacKey
@@ -112,6 +119,8 @@ class BatchRelease:
     consent: ConsentWithheld = field(
         default_factory=ConsentWithheld
     )  # rows of patients who objected, kept back
+    imaging: ImagingRelease | None = None
+    """The batch's de-identified DICOM files of the released patients (``None``: the batch has none)."""
 
     @property
     def meets_k(self) -> bool:
@@ -152,6 +161,7 @@ class BatchRelease:
             "site_mapping": self.mapping_name,
             "coded_values_unmapped_at_boundary": self.deid.unmapped_at_boundary,
             "coded_values_unmapped_released": self.deid.unmapped_released,
+            **({"imaging": dict(sorted(self.imaging.counts.items()))} if self.imaging is not None else {}),
         }
 
     def log_line(self) -> str:
@@ -238,9 +248,15 @@ def release_batch(
     hmac_key: HmacKey | None,
     mapping: SiteMapping | None = None,
     opted_out: pl.Series | None = None,
+    imaging: Sequence[ImagingInstance] = (),
+    imaging_key: bytes | None = None,
 ) -> BatchRelease:
     """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
-    when delivered, labels).
+    when delivered, labels; ``imaging``: its accepted DICOM files, de-identified under ``imaging_key``, the
+    UID secret of :func:`clinical_ml.core.dicom.uid_key`).
+
+    Imaging studies and findings join the events (so consent and suppression apply to them as to the rest);
+    the DICOM files of the patients released are kept, and looked through for identifiers by the same gate.
 
     The gate measures the frames as they would be released, independently of the remedy that produced them.
     Nothing is written here: the caller persists the vault and the release.
@@ -260,9 +276,23 @@ def release_batch(
     )
     # medications, diagnoses, procedures and device vitals join the events under the same pseudonyms and shifts
     more = source_events(raw, patients=result.vault.patients, encounters=result.vault.encounters)
+    pictures = None
+    if imaging:
+        if imaging_key is None:
+            raise ValueError("imaging needs the UID secret (clinical_ml.core.dicom.uid_key)")
+        pictures = release_imaging(
+            list(imaging),
+            patients=result.vault.patients,
+            encounters=result.vault.encounters,
+            raw_encounters=raw["encounters"],
+            key=imaging_key,
+        )
     result = dataclasses.replace(
         result,
-        events=pl.concat([result.events, more.events], how="vertical_relaxed"),
+        events=pl.concat(
+            [result.events, more.events, *([pictures.events] if pictures is not None else [])],
+            how="vertical_relaxed",
+        ),
         orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
     # patients of the opt-out register (normalized MRNs) never cross: counted, kept in the phi zone only
@@ -282,6 +312,9 @@ def release_batch(
     ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"], raw.get("labels"))
     used = mapping or default_site_mapping()
     leaks = {t: identifier_leaks(f, t, ids, numeric_ids, mapping=used) for t, f in frames.items()}
+    if pictures is not None:
+        pictures = keep_subjects(pictures, frames["patients"]["subject_id"].to_list())
+        leaks["events"] += dicom_leaks(pictures.datasets, ids, numeric_ids)
     summary = privacy_summary_markdown(
         batch_id=batch_id,
         deid=result,
@@ -292,5 +325,5 @@ def release_batch(
         leaks=[f"{t}: {p}" for t, ps in leaks.items() for p in ps],
     )
     return BatchRelease(
-        batch_id, result, remedied, published, policy, frames, leaks, summary, used.name, consent
+        batch_id, result, remedied, published, policy, frames, leaks, summary, used.name, consent, pictures
     )

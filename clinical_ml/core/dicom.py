@@ -45,10 +45,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from clinical_ml.core.landing import DICOM_SUFFIX, IMAGING_FOLDER
 from clinical_ml.core.units import IMAGING_BODY_PARTS, IMAGING_FINDINGS, IMAGING_MODALITIES
 
-IMAGING_FOLDER = "imaging"
-DICOM_SUFFIX = ".dcm"
+__all__ = ["DICOM_SUFFIX", "IMAGING_FOLDER"]  # the landing zone's names, used here and by the callers
 UNMAPPED = "unmapped"
 UID_ROOT = "2.25."
 UID_KEY_FILE = "imaging_uid_key"
@@ -435,6 +435,15 @@ def _study_time(ds: Dataset, date_kw: str = "StudyDate", time_kw: str = "StudyTi
     return day
 
 
+def _known_from(ds: Dataset, at: datetime, time_kw: str = "StudyTime") -> datetime:
+    """When a (shifted) study time may be used: at once when the header gives the time of day; with a date
+    alone (``at`` is midnight), from the end of that day, so a feature never sees a study before it was done."""
+    t = str(ds.get(time_kw, "")).strip()
+    if len(t) >= 4 and t[:4].isdigit():
+        return at
+    return at.replace(hour=0, minute=0, second=0) + timedelta(days=1, seconds=-1)
+
+
 def _findings(ds: Dataset) -> list[str]:
     """``<scheme>:<code>`` of the coded findings (value type ``CODE``) of a structured report's content."""
     out = []
@@ -483,16 +492,22 @@ def _controlled(value: object, allowed: Iterable[str]) -> str:
 
 
 def _stay_of(
-    mrn: str, admission_id: str | None, at: datetime | None, stays: pl.DataFrame
+    mrn: str,
+    admission_id: str | None,
+    at: datetime | None,
+    stays: pl.DataFrame,
+    *,
+    until: datetime | None = None,
 ) -> tuple[str | None, str]:
     """The encounter of a study: its ``AdmissionID`` when it is one of the patient's stays, else the stay whose
-    admission..discharge holds the study time; and how it was found."""
+    admission..discharge holds the study time (or overlaps ``at``..``until``, the day of a study known by its
+    date alone); and how it was found."""
     mine = stays.filter(pl.col("_mrn") == mrn)
     if admission_id is not None and admission_id in mine["_enc"].to_list():
         return admission_id, "by_admission_id"
     if at is not None:
         hit = mine.filter(
-            (pl.col("admit_time") <= at)
+            (pl.col("admit_time") <= (until or at))
             & (pl.col("discharge_time").is_null() | (pl.col("discharge_time") >= at))
         )
         if hit.height:
@@ -544,7 +559,8 @@ def release_imaging(
             continue
         subject_id, shift = pseud[inst.mrn]
         at = _study_time(inst.dataset)
-        enc, how = _stay_of(inst.mrn, inst.admission_id, at, stays)
+        until = None if at is None else _known_from(inst.dataset, at)
+        enc, how = _stay_of(inst.mrn, inst.admission_id, at, stays, until=until)
         counts[f"stay:{how}"] += 1
         deid, one_log = deidentify(inst.dataset, pseudonym=str(subject_id), shift_days=int(shift), key=key)
         log.merge(one_log)
@@ -563,25 +579,102 @@ def release_imaging(
             body = _controlled(inst.dataset.get("BodyPartExamined"), IMAGING_BODY_PARTS)
             counts["unmapped:modality"] += modality == UNMAPPED
             counts["unmapped:body_part"] += body == UNMAPPED
-            rows.append(
-                _event(subject_id, shifted, f"{IMAGING_CODE_PREFIX}{modality}//{body}", hadm_id, shifted)
-            )
+            code = f"{IMAGING_CODE_PREFIX}{modality}//{body}"
+            rows.append(_event(subject_id, shifted, code, hadm_id, _known_from(inst.dataset, shifted)))
         elif shifted is None:
             counts["no_study_time"] += 1
         found = _findings(inst.dataset)
         if found:
-            report = _study_time(inst.dataset, "ContentDate", "ContentTime") or at
+            content = _study_time(inst.dataset, "ContentDate", "ContentTime")
+            report, time_kw = (content, "ContentTime") if content is not None else (at, "StudyTime")
             when = None if report is None else report + timedelta(days=int(shift))
             for code in found:
                 if code not in IMAGING_FINDINGS:
                     counts["finding_not_in_vocabulary"] += 1
                 elif when is not None:
-                    rows.append(_event(subject_id, when, FINDING_CODE_PREFIX + code, hadm_id, when))
+                    known = _known_from(inst.dataset, when, time_kw)
+                    rows.append(_event(subject_id, when, FINDING_CODE_PREFIX + code, hadm_id, known))
     events = pl.DataFrame(rows, schema=EVENT_SCHEMA) if rows else pl.DataFrame(schema=EVENT_SCHEMA)
     counts["studies"] = len(studies_seen)
     counts["events"] = events.height
     counts |= {f"pixels_dropped:{k}": v for k, v in log.pixels_dropped.items()}
     return ImagingRelease(datasets, events, {k: int(v) for k, v in counts.items() if v}, log)
+
+
+def keep_subjects(release: ImagingRelease, subject_ids: Iterable[int]) -> ImagingRelease:
+    """``release`` with only the files of ``subject_ids`` (the patients the boundary released after consent
+    and suppression); the others are counted as ``not_released:withheld``. Events are left as they are: the
+    batch's events table is filtered with the rest."""
+    kept_ids = {str(s) for s in subject_ids}
+    kept = {n: ds for n, ds in release.datasets.items() if str(ds.get("PatientID", "")) in kept_ids}
+    counts = dict(release.counts)
+    withheld = len(release.datasets) - len(kept)
+    if withheld:
+        counts["not_released:withheld"] = counts.get("not_released:withheld", 0) + withheld
+        counts["instances_released"] = len(kept)
+        if not kept:
+            counts.pop("instances_released")
+    return ImagingRelease(kept, release.events, counts, release.log)
+
+
+def _identifying_text(elem: pydicom.DataElement) -> list[str]:
+    if elem.VR == "PN":
+        return [p for v in (elem.value if elem.VM > 1 else [elem.value]) for p in str(v).split("^") if p]
+    if elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN") or elem.value is None:
+        return []
+    values = elem.value if elem.VM > 1 else [elem.value]
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def dicom_leaks(
+    datasets: Mapping[str, Dataset], raw_identifiers: set[str], raw_numeric_ids: set[int]
+) -> list[str]:
+    """Reasons why de-identified datasets are unsafe to release (empty: safe), in counts and keywords of the
+    profile, never a value: a private attribute, an attribute not on :data:`KEPT`, a UID that is neither a
+    registered DICOM UID nor one of ours (``2.25.``), a birth date, or a value equal to one of the batch's raw
+    identifiers (MRNs, encounter numbers, addresses, phones, e-mails, birth dates)."""
+    found: Counter = Counter()
+    numeric = {str(i) for i in raw_numeric_ids}
+
+    def look(_ds: Dataset, elem: pydicom.DataElement) -> None:
+        if elem.tag.is_private:
+            found["private attribute"] += 1
+        elif elem.keyword not in KEPT:
+            found[f"attribute outside the allowlist ({elem.keyword or 'unnamed'})"] += 1
+        elif elem.VR == "UI" and elem.value:
+            for v in elem.value if elem.VM > 1 else [elem.value]:
+                if UID(str(v)).is_private and not str(v).startswith(UID_ROOT):
+                    found[f"{elem.keyword} not replaced"] += 1
+        elif elem.keyword == "PatientBirthDate" and elem.value:
+            found["PatientBirthDate kept"] += 1
+        if not elem.tag.is_private and any(
+            t in raw_identifiers or t in numeric for t in _identifying_text(elem)
+        ):
+            found[f"{elem.keyword or 'an attribute'} holds a raw identifier value"] += 1
+
+    method = {(v, "DCM", m) for v, m in _METHOD_CODES}
+
+    def walk(ds: Dataset) -> None:
+        for elem in ds:
+            if elem.keyword == "DeidentificationMethodCodeSequence":
+                # written by deidentify itself: the profile's codes and their meanings, nothing else
+                items = {(_text(i, "CodeValue"), _text(i, "CodingSchemeDesignator"), _text(i, "CodeMeaning"))
+                         for i in elem.value}  # fmt: skip
+                if not items <= method or any(len(i) != 3 for i in elem.value):
+                    found["DeidentificationMethodCodeSequence not the profile's"] += 1
+                continue
+            look(ds, elem)
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+
+    for ds in datasets.values():
+        walk(ds)
+    return [f"imaging: {n} x {what}" for what, n in sorted(found.items())]
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
 
 
 def _event(subject_id: int, at: datetime, code: str, hadm_id: int | None, available: datetime) -> dict:

@@ -11,6 +11,10 @@ digits) or whose listed files are absent or of another size is not started: :fun
 (:class:`NotStarted`, a reason code and counts), and :func:`overdue_batches` tells the sensor which of them have
 waited past the limit and must be reported. Digests are compared without regard to case (Windows tools write
 them in upper case); a file listed without a digest is read, with a warning that its integrity was not checked.
+
+Imaging (PACS) files sit one level down, in the batch's ``imaging/`` folder, and the marker lists them by
+their relative path (``imaging/<name>.dcm``) like any other file: they count towards completeness and the
+content hash. No other subfolder, and nothing deeper, is ever read.
 """
 
 import hashlib
@@ -33,6 +37,10 @@ SOURCES = ("patients", "encounters", "labs", "vitals", "labels", *MORE_SOURCES)
 OPTIONAL_SOURCES = ("labels", *MORE_SOURCES)
 DATA_SUFFIXES = (".csv", ".parquet", ".zip")
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+# PACS exports: DICOM files in this one subfolder of a batch, listed in the marker as ``imaging/<name>``.
+IMAGING_FOLDER = "imaging"
+IMAGING_SOURCE = "imaging"
+DICOM_SUFFIX = ".dcm"
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class LandingBatch:
     content_hash
         sha256 over the sorted (name, bytes, sha256) listing of its files.
     files
-        Listed plain file names.
+        Listed plain file names, and ``imaging/<name>`` for the files of the imaging folder.
     problems
         Reason codes for entries that will not be read (``odd_file_name``, ``symlink``, ``not_regular_file``),
         one per entry; names are left out because a name can carry anything.
@@ -102,6 +110,59 @@ def entry_problem(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         return "not_regular_file"
     return None
+
+
+def listed_name_ok(name: str) -> bool:
+    """True for a name a marker may list: a plain file name, or ``imaging/<plain file name>``."""
+    folder, sep, rest = name.partition("/")
+    if not sep:
+        return safe_name(name)
+    return folder == IMAGING_FOLDER and safe_name(rest)
+
+
+def imaging_names(files: "tuple[str, ...] | list[str]") -> list[str]:
+    """The listed names of a batch's imaging files (``imaging/<name>``), in order."""
+    return sorted(n for n in files if n.startswith(f"{IMAGING_FOLDER}/"))
+
+
+def imaging_folder_problem(batch_dir: Path) -> str | None:
+    """Why a batch's imaging folder will not be read (absent, a symlink or not a folder), or ``None``."""
+    try:
+        mode = os.lstat(batch_dir / IMAGING_FOLDER).st_mode
+    except FileNotFoundError:
+        return "file_missing"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return None if stat.S_ISDIR(mode) else "not_regular_file"
+
+
+def listed_entry_problem(batch_dir: Path, name: str) -> str | None:
+    """:func:`entry_problem` of a listed name (see :func:`listed_name_ok`): for an imaging file, its folder is
+    checked first, so a symlinked ``imaging/`` never leads out of the batch."""
+    if not listed_name_ok(name):
+        return "odd_file_name"
+    if "/" in name:
+        problem = imaging_folder_problem(batch_dir)
+        if problem is not None:
+            return problem
+    return entry_problem(batch_dir / name)
+
+
+def _unlisted(batch_dir: Path, listing: dict[str, dict]) -> list[str]:
+    """Problems of the entries that the listing does not name (one level down in ``imaging/`` too)."""
+    problems = []
+    for p in batch_dir.iterdir():
+        if p.name == COMPLETION_MARKER or p.name in listing:
+            continue
+        if p.name == IMAGING_FOLDER and imaging_folder_problem(batch_dir) is None:
+            problems += [
+                entry_problem(q) or "unlisted_file"
+                for q in p.iterdir()
+                if f"{IMAGING_FOLDER}/{q.name}" not in listing
+            ]
+            continue
+        problems.append(entry_problem(p) or "unlisted_file")
+    return problems
 
 
 def marker_listing(batch_dir: Path) -> dict[str, dict] | NotStarted | None:
@@ -187,11 +248,11 @@ def inspect_batch(batch_dir: Path) -> LandingBatch | NotStarted | None:
     problems = []
     missing = differing = 0
     for name, info in listing.items():
-        if not safe_name(name):
+        if not listed_name_ok(name):
             problems.append("odd_file_name")  # never opened: a listed '../x' must not reach the file system
             continue
         f = batch_dir / name
-        problem = entry_problem(f)
+        problem = listed_entry_problem(batch_dir, name)
         if problem == "file_missing":
             missing += 1
         elif problem is not None:
@@ -212,15 +273,13 @@ def inspect_batch(batch_dir: Path) -> LandingBatch | NotStarted | None:
             f"{differing} of {len(listing)} listed file(s) differ in size from the marker: still being copied, "
             "or changed after it was written (line endings converted in transfer, for one)",
         )
-    for p in batch_dir.iterdir():
-        if p.name != COMPLETION_MARKER and p.name not in listing:
-            problems.append(entry_problem(p) or "unlisted_file")
+    problems += _unlisted(batch_dir, listing)
     return LandingBatch(
         batch_dir.name,
         _listing_hash(listing),
-        tuple(sorted(n for n in listing if safe_name(n))),
+        tuple(sorted(n for n in listing if listed_name_ok(n))),
         tuple(sorted(problems)),
-        unverified_files=sum(1 for n, info in listing.items() if safe_name(n) and not info["sha256"]),
+        unverified_files=sum(1 for n, info in listing.items() if listed_name_ok(n) and not info["sha256"]),
     )
 
 
@@ -237,7 +296,7 @@ def line_ending_conversions(batch_dir: Path) -> int:
     n = 0
     for name, info in (listing or {}).items():
         f = batch_dir / name
-        if not safe_name(name) or entry_problem(f) is not None or f.stat().st_size == info["bytes"]:
+        if listed_entry_problem(batch_dir, name) is not None or f.stat().st_size == info["bytes"]:
             continue
         data = f.read_bytes()
         if f.stat().st_size - info["bytes"] in (data.count(b"\r\n"), -data.count(b"\n")):
@@ -282,9 +341,12 @@ def fingerprint(batch_dir: Path) -> tuple[str, float]:
     """Hash over names, sizes and modification times of a folder's entries, and the newest modification time."""
     rows = []
     newest = 0.0
-    for p in sorted(batch_dir.iterdir()):
+    entries = sorted(batch_dir.iterdir())
+    if imaging_folder_problem(batch_dir) is None:  # files still arriving there count too
+        entries += sorted((batch_dir / IMAGING_FOLDER).iterdir())
+    for p in entries:
         st = os.lstat(p)
-        rows.append((p.name, st.st_size, st.st_mtime_ns))
+        rows.append((str(p.relative_to(batch_dir)), st.st_size, st.st_mtime_ns))
         newest = max(newest, st.st_mtime)
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest(), newest
 
@@ -301,6 +363,17 @@ def read_unmarked_batch(
     listing: dict[str, dict] = {}
     problems = []
     for p in sorted(batch_dir.iterdir()):
+        if p.name == IMAGING_FOLDER and imaging_folder_problem(batch_dir) is None:
+            for q in sorted(p.iterdir()):
+                problem = entry_problem(q)
+                if problem is None and q.name.lower().endswith(DICOM_SUFFIX):
+                    listing[f"{IMAGING_FOLDER}/{q.name}"] = {
+                        "bytes": q.stat().st_size,
+                        "sha256": sha256_file(q),
+                    }
+                else:
+                    problems.append(problem or "unlisted_file")
+            continue
         problem = entry_problem(p)
         if problem is not None:
             problems.append(problem)
@@ -308,7 +381,7 @@ def read_unmarked_batch(
             listing[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         else:
             problems.append("unlisted_file")
-    if not listing:
+    if not any("/" not in name for name in listing):  # imaging alone is not a batch: no patients to tie it to
         return None, fp
     return LandingBatch(
         batch_dir.name, _listing_hash(listing), tuple(sorted(listing)), tuple(problems), False

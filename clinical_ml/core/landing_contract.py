@@ -8,7 +8,16 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from clinical_ml.core import clinical_sources, dicom, ingestion, landing, safety, site_mapping, units
+from clinical_ml.core import (
+    clinical_sources,
+    dicom,
+    imaging,
+    ingestion,
+    landing,
+    safety,
+    site_mapping,
+    units,
+)
 from clinical_ml.core.locations import PROJECT_ROOT
 
 _TYPES = {
@@ -162,15 +171,31 @@ def _imaging() -> list[str]:
     by_action: dict[str, list[str]] = {}
     for keyword, action in dicom.BASIC_PROFILE.items():
         by_action.setdefault(action, []).append(f"`{keyword}`")
+    folder = f"{landing.IMAGING_FOLDER}/"
     lines = [
         "## Imaging (DICOM)",
         "",
-        f"DICOM files (`*{dicom.DICOM_SUFFIX}`, headers alone are enough) in a batch's `{dicom.IMAGING_FOLDER}/` "
-        "folder are read and de-identified by `clinical_ml/core/dicom.py` following the DICOM PS3.15 Basic "
-        "Application Level Confidentiality Profile with the modified-dates option. The landing sensor does not "
-        f"read the folder yet (it is counted among the entries not read). `PatientID` (the MRN) ties a file to "
-        "its patient, `AdmissionID` (the encounter number) to its stay, else the patient's stay that holds "
-        "`StudyDate`/`StudyTime`.",
+        f"A batch may carry PACS imaging: DICOM files (`*{landing.DICOM_SUFFIX}`; headers alone are enough) in "
+        f"its `{folder}` folder, one level deep, listed in the `{landing.COMPLETION_MARKER}` marker by their "
+        f'path (`"{folder}<name>{landing.DICOM_SUFFIX}": {{"bytes": <size>, "sha256": "<hex>"}}`); without a '
+        f"marker, every `*{landing.DICOM_SUFFIX}` file there is read. A file there that the marker does not list "
+        "is not read (counted among the entries not read). Ingestion (`raw_imaging`) checks each file on its "
+        f"own: a rejected file is copied into `quarantine/<batch>/{folder}` beside a JSON reason (a repeat of a "
+        "file accepted in an earlier batch is not copied: the archive holds it), an accepted one is archived "
+        "by its sha256, and the batch's other files and sources proceed whatever happens to one file. The "
+        "ledger has one entry for the folder (source `imaging`) whose rows are its files: files in = accepted "
+        "+ rejected. Reasons, first matching wins:",
+        "",
+        *(f"- `{code}`: {why}" for code, why in imaging.FILE_REASONS.items()),
+        "",
+        "A DICOM file cut short at an element boundary reads as a valid, shorter file: the marker's size and "
+        "sha256 are what catch it. `PatientID` (the MRN) ties a file to its patient, who must be delivered in "
+        "the same batch; `AdmissionID` (the encounter number) ties it to its stay, else the patient's stay that "
+        "holds `StudyDate`/`StudyTime` (a date without a time: a stay that overlaps that day, and the study "
+        "counts as known from the end of that day).",
+        "",
+        "At the anonymization boundary each accepted file is de-identified following the DICOM PS3.15 Basic "
+        "Application Level Confidentiality Profile with the modified-dates option (`clinical_ml/core/dicom.py`):",
         "",
     ]
     for action in ("X", "Z", "D"):
@@ -178,11 +203,15 @@ def _imaging() -> list[str]:
     lines += [
         "- `PatientID` and `PatientName` become the patient's pseudonym; every UID that is not a registered DICOM "
         f"UID becomes `{dicom.UID_ROOT}<integer>` derived under a secret (the same in every file and batch); "
-        "dates and date-times move by the patient's date shift; private attributes are removed, then every "
-        f"attribute not among the {len(dicom.KEPT)} kept ones (coded and technical attributes, coded findings).",
+        "dates and date-times move by the patient's date shift (the shift of the patient's other events); "
+        "private attributes are removed, then every attribute not among the "
+        f"{len(dicom.KEPT)} kept ones (coded and technical attributes, coded findings).",
         "- `BurnedInAnnotation` `YES`, `RecognizableVisualFeatures` `YES`, or no flag on "
-        f"{', '.join(f'`{m}`' for m in sorted(dicom.BURN_IN_MODALITIES))}: the pixel data are dropped and counted "
-        "with the reason.",
+        f"{', '.join(f'`{m}`' for m in sorted(dicom.BURN_IN_MODALITIES))}: the pixel data are withheld and "
+        "counted with the reason; the de-identified header is released.",
+        "- The files of the patients released (after the opt-out register and suppression, like every event) "
+        "are written to `deid/imaging/<batch>/<subject_id>/<new SOP instance UID>.dcm`, once the batch passes "
+        "the privacy gate, which also looks through them for identifiers; a later objection removes them.",
         f"- Events: `{dicom.IMAGING_CODE_PREFIX}<modality>//<body part>` per study (modality "
         f"{', '.join(f'`{m}`' for m in units.IMAGING_MODALITIES)}; body part "
         f"{', '.join(f'`{b}`' for b in units.IMAGING_BODY_PARTS)}; anything else `unmapped`) and "
@@ -243,10 +272,12 @@ def contract_markdown() -> str:
         f"named `<source>` + one of {', '.join(f'`{s}`' for s in landing.DATA_SUFFIXES)} (CSV with a header row, "
         f"UTF-8, or Parquet; a zip holds one such file). Required sources: "
         f"{', '.join(f'`{s}`' for s in required)}; optional: "
-        f"{', '.join(f'`{s}`' for s in landing.OPTIONAL_SOURCES)}.",
+        f"{', '.join(f'`{s}`' for s in landing.OPTIONAL_SOURCES)}; and DICOM files in an "
+        f"`{landing.IMAGING_FOLDER}/` folder (see *Imaging*).",
         "",
         f"Completion: a `{landing.COMPLETION_MARKER}` file written last, JSON "
-        '`{"files": {"<name>": {"bytes": <size>, "sha256": "<hex>"}}}` listing every file; without it a batch '
+        '`{"files": {"<name>": {"bytes": <size>, "sha256": "<hex>"}}}` listing every file (imaging files by '
+        f"their path, `{landing.IMAGING_FOLDER}/<name>`); without it a batch "
         "is read once its files' names, sizes and times stayed the same across two checks and a quiet period. "
         "The same delivery copied again is recognised by its content hash and not ingested twice.",
         "",

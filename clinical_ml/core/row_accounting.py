@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinical_ml.core.delivery import ZonePaths, read_ledger_entry
-from clinical_ml.core.landing import OPTIONAL_SOURCES, SOURCES
+from clinical_ml.core.landing import IMAGING_SOURCE, OPTIONAL_SOURCES, SOURCES
 
 
 @dataclass(frozen=True)
@@ -134,12 +134,12 @@ def _source_account(entry: dict | None, source: str) -> SourceAccount:
 def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAccount:
     """The batch's account from its ledger entries and privacy record (sources never delivered and
     optional ones left out are shown as such)."""
-    entries = {s: read_ledger_entry(zones, batch_id, s) for s in SOURCES}
-    # an optional source (labels, medications, ...) is listed only when it was delivered
+    entries = {s: read_ledger_entry(zones, batch_id, s) for s in (*SOURCES, IMAGING_SOURCE)}
+    # an optional source (labels, medications, ..., imaging, whose rows are files) is listed only when delivered
     sources = tuple(
         _source_account(entry, s)
         for s, entry in entries.items()
-        if entry is not None or s not in OPTIONAL_SOURCES
+        if entry is not None or s not in (*OPTIONAL_SOURCES, IMAGING_SOURCE)
     )
     privacy_file = Path(deid_root) / "privacy" / f"{batch_id}.json"
     privacy = json.loads(privacy_file.read_text()) if privacy_file.is_file() else None

@@ -59,6 +59,7 @@ import numpy as np
 import polars as pl
 from faker import Faker
 
+from clinical_ml.core.landing import IMAGING_FOLDER
 from clinical_ml.core.storage import sha256_file
 
 Scenario = Literal["default", "drift", "bias"]
@@ -208,8 +209,8 @@ class SyntheticConfig:
         the other files of a seed do not change). Off by default, which keeps the many small test hospitals
         small; the demo asks for them.
     imaging
-        Also write DICOM headers of imaging studies under ``<batch>/imaging/`` (off by default: the landing
-        zone lists the folder among the entries it does not read until imaging is wired into the graph).
+        Also write DICOM headers of imaging studies under ``<batch>/imaging/``, listed in the batch's marker
+        (their own random stream too). Off by default for the small test hospitals; the demo asks for them.
     """
 
     n_patients: int = 2000
@@ -1115,6 +1116,9 @@ def _imaging_studies(
                     "study_s": t,
                     "with_admission_id": rng.random(rows.size) > 0.15,
                     "burned_in": np.full(rows.size, modality == "US") & (rng.random(rows.size) < 0.5),
+                    # gaps of real exports: a study date without its time, an ultrasound without the flag
+                    "with_study_time": rng.random(rows.size) > 0.05,
+                    "with_burn_in_flag": (modality != "US") | (rng.random(rows.size) > 0.2),
                     "finding": np.where(
                         (modality == "DX") & (rng.random(rows.size) < 0.5),
                         rng.choice([*REPORT_FINDINGS, "999999"], rows.size),
@@ -1163,6 +1167,7 @@ def _dicom_header(study: dict, *, seed: int, number: int, report: bool):
     ds.PatientName = f"{study['last_name']}^{study['first_name']}"
     ds.PatientID = study["mrn"]
     ds.PatientBirthDate = study["birth_date"].strftime("%Y%m%d")
+    ds.PatientAge = f"{min((study['study_time'].date() - study['birth_date']).days // 365, 999):03d}Y"
     ds.PatientSex = {"F": "F", "M": "M"}.get(str(study["sex"])[:1].upper(), "O")
     if study["with_admission_id"]:
         ds.AdmissionID = study["encounter_id"]
@@ -1176,7 +1181,9 @@ def _dicom_header(study: dict, *, seed: int, number: int, report: bool):
     if study["body_part"]:
         ds.BodyPartExamined = study["body_part"]
     ds.StudyDate = study["study_time"].strftime("%Y%m%d")
-    ds.StudyTime = study["study_time"].strftime("%H%M%S")
+    if study.get("with_study_time", True):
+        ds.StudyTime = study["study_time"].strftime("%H%M%S")
+    ds.OperatorsName = f"Tech^{study['site']}"
     ds.SeriesNumber, ds.InstanceNumber = (2 if report else 1), 1
     block = ds.private_block(0x0011, "SYNTHETIC PACS", create=True)
     block.add_new(0x01, "LO", study["mrn"])
@@ -1193,8 +1200,9 @@ def _dicom_header(study: dict, *, seed: int, number: int, report: bool):
         )
         item.ConceptCodeSequence = [concept]
         ds.ContentSequence = [item]
-    elif study["burned_in"]:
-        ds.BurnedInAnnotation = "YES"
+    elif study["burned_in"] or not study.get("with_burn_in_flag", True):
+        if study["burned_in"]:
+            ds.BurnedInAnnotation = "YES"
         ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 8, 8, 7
         ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
         ds.PixelData = bytes(4)
@@ -1230,10 +1238,15 @@ def _fmt_times(df: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
 
 
 def write_completion_marker(batch_dir: Path) -> None:
-    """Write the marker last, listing each file with its size and sha256, so a reader can tell a complete
-    batch from one still being copied."""
+    """Write the marker last, listing each file with its size and sha256 (the DICOM files by their path,
+    ``imaging/<name>``), so a reader can tell a complete batch from one still being copied."""
     files = sorted(p for p in batch_dir.iterdir() if p.is_file() and p.name != COMPLETION_MARKER)
-    listing = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    if (batch_dir / IMAGING_FOLDER).is_dir():
+        files += sorted(p for p in (batch_dir / IMAGING_FOLDER).iterdir() if p.is_file())
+    listing = {
+        p.relative_to(batch_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in files
+    }
     (batch_dir / COMPLETION_MARKER).write_text(json.dumps({"files": listing}, indent=2))
 
 

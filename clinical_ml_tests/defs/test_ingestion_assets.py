@@ -7,7 +7,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from clinical_ml.core.landing import OPTIONAL_SOURCES
+from clinical_ml.core.landing import IMAGING_SOURCE, OPTIONAL_SOURCES
 from clinical_ml.core.ledger import read_ledger, rejects_by_reason
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital, write_completion_marker
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
@@ -124,11 +124,12 @@ def test_a_ranged_run_ingests_each_batch_on_its_own(tmp_path):
             (e.asset_key.to_user_string(), e.partition): e.event_specific_data.materialization.metadata
             for e in result.get_asset_materialization_events()
         }
-        assert set(meta) == {(f"raw_{s}", b) for s in (*SOURCES, *OPTIONAL_SOURCES) for b in batches} | {
+        delivered = (*SOURCES, *OPTIONAL_SOURCES, IMAGING_SOURCE)
+        assert set(meta) == {(f"raw_{s}", b) for s in delivered for b in batches} | {
             ("landing_ledger", b) for b in batches
         }
         for b in batches:
-            for optional in OPTIONAL_SOURCES:  # not delivered and optional: nothing wrong
+            for optional in (*OPTIONAL_SOURCES, IMAGING_SOURCE):  # not delivered and optional: nothing wrong
                 assert meta[(f"raw_{optional}", b)]["status"].value == "not_delivered"
             status = meta[("raw_labs", b)]["status"].value
             assert status == ("quarantined" if b == bad else "accepted")

@@ -7,10 +7,10 @@ every file of every zone below the boundary (deid, registry, reports), every fil
 (event log database, compute logs) and every event log record are scanned. Zero hits allowed.
 
 The synthetic hospital also delivers medications, diagnoses, procedures, device vitals and DICOM headers; the
-canary patients' DICOM files carry their names, MRN, encounter number, accession number, study UIDs and a
-private attribute with the MRN. The landing sensor does not read imaging yet, so the DICOM files are
-de-identified here with the core functions (``clinical_ml.core.dicom``) under the run's HMAC pseudonyms and
-written into the deid zone before it is scanned: no tag identifying a person may survive.
+canary patients' DICOM files carry their names, MRN, encounter number, accession number, study UIDs, address,
+phone, e-mail and a private attribute with the MRN. The same graph run ingests them (``raw_imaging``) and
+de-identifies them at the boundary into ``deid/imaging/``, which is scanned with the rest of the zone; each
+released file is also read back and checked attribute by attribute: no tag identifying a person may survive.
 
 A positive control scans the landing and phi zones with the same scanner and must find the canaries, so a
 scanner that finds nothing proves nothing.
@@ -30,17 +30,9 @@ import pytest
 
 from clinical_ml.core.anonymization import keyed_mapping
 from clinical_ml.core.clinical_sources import MORE_SOURCES
-from clinical_ml.core.delivery import ZonePaths, accepted_path
-from clinical_ml.core.dicom import (
-    IMAGING_FOLDER,
-    read_imaging,
-    release_imaging,
-    uid_key,
-    write_dicom,
-    write_released,
-)
+from clinical_ml.core.dicom import IMAGING_FOLDER, KEPT, UID_ROOT, write_dicom
 from clinical_ml.core.landing import find_complete_batches
-from clinical_ml.core.pseudonyms import SECRET_ENV_VAR, HmacKey, normalize_identifier
+from clinical_ml.core.pseudonyms import SECRET_ENV_VAR, HmacKey
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital, write_completion_marker
 from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 
@@ -301,38 +293,8 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> CanaryRun:
         instance_root = Path(instance.root_directory)
         instance_files = [p for p in instance_root.rglob("*") if p.is_file()]
         instance_hits = _scan_tree(instance_root, needles)
-    released = _release_dicom(root, batches, secret)
+    released = len(list((root / "deid" / IMAGING_FOLDER).rglob("*.dcm")))
     return CanaryRun(root, needles, event_log_text, len(instance_files), instance_hits, released)
-
-
-def _release_dicom(root: Path, batches: list[str], secret: str) -> int:
-    """De-identify each batch's DICOM files under the run's HMAC pseudonyms into ``deid/imaging/<batch>/``."""
-    zones = ZonePaths(
-        landing=root / "landing", archive=root / "archive", quarantine=root / "quarantine", phi=root / "phi"
-    )
-    key = HmacKey(secret.encode())
-    released = 0
-    for b in batches:
-        pats = pl.read_parquet(accepted_path(zones, "patients", b))
-        enc = pl.read_parquet(accepted_path(zones, "encounters", b))
-        mapping = keyed_mapping(
-            mrns=pl.concat([pats["mrn"], enc["mrn"]])
-            .to_frame()
-            .select(normalize_identifier(pl.col("mrn")))["mrn"],
-            encounter_ids=enc.select(normalize_identifier(pl.col("encounter_id")))["encounter_id"],
-            key=key,
-        )
-        instances, _ = read_imaging(root / "landing" / b)
-        release = release_imaging(
-            instances,
-            patients=mapping.patients,
-            encounters=mapping.encounters,
-            raw_encounters=enc,
-            key=uid_key(phi_dir=root / "phi", hmac_secret=key.secret),
-        )
-        write_released(release.datasets, root / "deid" / IMAGING_FOLDER / b)
-        released += len(release.datasets)
-    return released
 
 
 def test_the_scanner_finds_the_canaries_where_they_are_allowed(canary_run):
@@ -353,15 +315,43 @@ def test_the_scanner_finds_the_canaries_where_they_are_allowed(canary_run):
     )
 
 
-def test_the_canary_patients_dicom_files_were_released_de_identified(canary_run):
+def _attributes_left(ds: pydicom.Dataset) -> set[str]:
+    """Keywords of every attribute of a dataset, inside sequences too (the profile's own method codes aside);
+    private attributes as ``private``."""
+    out: set[str] = set()
+    for elem in ds:
+        out.add("private" if elem.tag.is_private else elem.keyword)
+        if elem.VR == "SQ" and elem.keyword != "DeidentificationMethodCodeSequence":
+            for item in elem.value:
+                out |= _attributes_left(item)
+    return out
+
+
+def test_the_graph_released_the_canary_patients_dicom_files_de_identified(canary_run):
+    """No tag that identifies a person survives: only allowlisted attributes, no private ones, the pseudonym
+    as the patient's id and name, no birth date, every UID ours or a registered DICOM UID."""
     folder = canary_run.data_root / "deid" / IMAGING_FOLDER
     files = sorted(folder.rglob("*.dcm"))
     assert canary_run.dicom_released == len(files) > 0
     for path in files:
         ds = pydicom.dcmread(path)
+        assert _attributes_left(ds) <= KEPT, _attributes_left(ds) - KEPT
         assert ds.PatientIdentityRemoved == "YES"
-        assert ds.StudyInstanceUID.startswith("2.25.")
-        assert "AdmissionID" not in ds and "PatientAddress" not in ds and "StudyDescription" not in ds
+        assert ds.PatientID == str(ds.PatientName) == path.parent.name  # the folder is the pseudonym
+        assert not ds.get("PatientBirthDate") and not ds.get("AccessionNumber")
+        for uid in (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+            assert uid.startswith(UID_ROOT)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
+    # the canary patients' own files went through the boundary (so the scan below looked at them)
+    key = HmacKey(canary_run.needles["hmac_secret"].encode())
+    mrns = pl.Series("mrn", [v for k, v in canary_run.needles.items() if k.endswith(":mrn")])
+    subjects = keyed_mapping(mrns=mrns, encounter_ids=pl.Series([], dtype=pl.String), key=key).patients
+    released = {p.parent.name for p in files}
+    assert released & {str(s) for s in subjects["subject_id"].to_list()}
+    events = pl.concat(
+        [pl.read_parquet(p) for p in (canary_run.data_root / "deid" / "events").glob("*.parquet")]
+    )
+    assert events.filter(pl.col("code").str.starts_with("IMAGING//")).height > 0
 
 
 def test_the_coded_fields_left_as_unmapped_and_were_counted(canary_run):

@@ -1,9 +1,11 @@
+import dataclasses
+
 import dagster as dg
 import polars as pl
 
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.artifacts import DictRecord
-from clinical_ml.core.consent import read_register, withdraw_objections
+from clinical_ml.core.consent import objecting_subjects, read_register, withdraw_objections
 from clinical_ml.core.deid_release import (
     BatchRelease,
     PseudonymContinuityError,
@@ -13,8 +15,10 @@ from clinical_ml.core.deid_release import (
     released_subject_ids,
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
+from clinical_ml.core.dicom import uid_key
+from clinical_ml.core.imaging import accepted_instances, publish_imaging, withdraw_imaging
 from clinical_ml.core.ingestion import empty_accepted
-from clinical_ml.core.landing import SOURCES
+from clinical_ml.core.landing import IMAGING_SOURCE, SOURCES
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.reidentification import RiskPolicy
 from clinical_ml.core.row_accounting import batch_account
@@ -76,9 +80,11 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
         ),
         dg.AssetSpec(
             DEID_TABLES["events"],
-            deps=[f"raw_{s}" for s in SOURCES],
-            description="Labs, vitals, stay events and hospital-supplied labels (LABEL//<name>) in MEDS form "
-            "with their availability time.",
+            deps=[f"raw_{s}" for s in (*SOURCES, IMAGING_SOURCE)],
+            description="Labs, vitals, stay events, hospital-supplied labels (LABEL//<name>), medications, "
+            "diagnoses, procedures, device vitals and imaging studies and findings (IMAGING//<modality>//<body "
+            "part>, IMAGING_FINDING//<code>) in MEDS form with their availability time. The batch's DICOM "
+            "files, de-identified (PS3.15 basic profile), go to deid/imaging/<batch>/<subject_id>/.",
             group_name=Stage.ANONYMIZATION,
             kinds={"polars", "parquet"},
             owners=PRIVACY_OWNERS,
@@ -158,8 +164,11 @@ def _anonymize_batch(
     if problem:
         raise PseudonymContinuityError(problem)
     opted_out = read_register(phi.consent_register)
+    imaging = accepted_instances(paths, batch_id)
     release = release_batch(
         {s: _raw(zones, s, batch_id) for s in SOURCES},
+        imaging=imaging,
+        imaging_key=uid_key(phi_dir=zones.phi, hmac_secret=key.secret if key else None) if imaging else None,
         opted_out=opted_out,
         vault=vault,
         batch_id=batch_id,
@@ -180,7 +189,13 @@ def _anonymize_batch(
             target.write(frame)
         else:
             target.remove()  # a failed re-run must not leave an older release behind
+    publish_imaging(release.imaging, deid.imaging / batch_id, released=release.released)
     withdrawal = withdraw_objections(deid, opted_out, vault=release.deid.vault, hmac_key=key)
+    objecting = objecting_subjects(opted_out, vault=release.deid.vault, hmac_key=key)
+    if files := withdraw_imaging(deid.imaging, objecting):
+        withdrawal = dataclasses.replace(
+            withdrawal, rows_removed={**withdrawal.rows_removed, "imaging files": files}
+        )
     deid.consent.part(batch_id).write(
         DictRecord({"withheld_by_consent": release.consent.as_dict(), "withdrawn": withdrawal.as_dict()})
     )
@@ -224,6 +239,7 @@ def _table_outcome(
             "site_mapping": release.mapping_name,
             "coded_values_unmapped": dg.MetadataValue.json(release.deid.unmapped_released),
             **({"label_events": release.deid.label_events} if table == "events" else {}),
+            **(_imaging_metadata(release) if table == "events" else {}),
             "report": dg.MetadataValue.md(release.summary),
         },
         checks=[
@@ -263,6 +279,21 @@ def _table_outcome(
             ),
         ],
     )
+
+
+def _imaging_metadata(release: BatchRelease) -> dict:
+    """Counts of the batch's imaging at the boundary (files released, pixels withheld and why, events)."""
+    counts = release.imaging.counts if release.imaging is not None else {}
+    return {
+        "imaging_files_released": counts.get("instances_released", 0) if release.released else 0,
+        "imaging_studies": counts.get("studies", 0),
+        "imaging_pixels_withheld": dg.MetadataValue.json(
+            {k.partition(":")[2]: v for k, v in counts.items() if k.startswith("pixels_dropped:")}
+        ),
+        "imaging_not_released": dg.MetadataValue.json(
+            {k.partition(":")[2]: v for k, v in counts.items() if k.startswith("not_released:")}
+        ),
+    }
 
 
 @dg.asset(

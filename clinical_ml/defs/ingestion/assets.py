@@ -17,11 +17,18 @@ from clinical_ml.core.delivery import (
     replacement_entries,
 )
 from clinical_ml.core.ingestion import SOURCE_COLUMNS, schema_for
-from clinical_ml.core.landing import OPTIONAL_SOURCES, fingerprint, read_batch, read_unmarked_batch
+from clinical_ml.core.landing import (
+    IMAGING_SOURCE,
+    OPTIONAL_SOURCES,
+    fingerprint,
+    read_batch,
+    read_unmarked_batch,
+)
 from clinical_ml.core.ledger import record_batch
 from clinical_ml.core.safety import Limits
 from clinical_ml.core.site_mapping import CODED_FIELDS, SiteMapping, unmapped_shares
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
+from clinical_ml.defs.ingestion.imaging import raw_imaging
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.zones import DataZones
 
@@ -230,7 +237,7 @@ def build_raw_asset(source: str) -> dg.AssetsDefinition:
     return _raw
 
 
-raw_assets = [build_raw_asset(s) for s in SOURCE_COLUMNS]
+raw_assets = [build_raw_asset(s) for s in SOURCE_COLUMNS] + [raw_imaging]
 
 
 def _batch_problems(zones: DataZones, batch_id: str) -> list[dict]:
@@ -265,8 +272,8 @@ def _batch_problems(zones: DataZones, batch_id: str) -> list[dict]:
     tags=tags(DataClass.AGGREGATE),
     pool=LEDGER_POOL,
     description="The landing ledger in DuckDB (archive/ledger.duckdb): one row per delivered file (source, batch, "
-    "sha256, size, rows in/accepted/rejected by reason, status) and the row-level rejects with reasons. No "
-    "values. One writer at a time (pool landing_ledger).",
+    "sha256, size, rows in/accepted/rejected by reason, status; the imaging folder is one row whose rows are "
+    "its files) and the row-level rejects with reasons. No values. One writer at a time (pool landing_ledger).",
     check_specs=[
         dg.AssetCheckSpec(
             "every_row_accounted_for",
@@ -281,7 +288,8 @@ def landing_ledger(context: dg.AssetExecutionContext, zones: DataZones) -> dg.Ma
 
 def _ledger_batch(zones: DataZones, batch_id: str) -> BatchOutcome:
     paths = zone_paths(zones)
-    entries = [e for s in SOURCE_COLUMNS if (e := read_ledger_entry(paths, batch_id, s)) is not None]
+    sources = [*SOURCE_COLUMNS, IMAGING_SOURCE]
+    entries = [e for s in sources if (e := read_ledger_entry(paths, batch_id, s)) is not None]
     rejects = {}
     for e in entries:
         p = rejects_path(paths, e["source"], batch_id)
