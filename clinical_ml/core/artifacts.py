@@ -20,6 +20,7 @@ from clinical_ml.core.features import CohortFlow, SplitInfo
 from clinical_ml.core.learning_curve import LearningCurve
 from clinical_ml.core.population_model import PopulationModelComparison
 from clinical_ml.core.quality import QualityProfile
+from clinical_ml.core.recalibration import RecalibrationOffer
 from clinical_ml.core.registry import PromotionDecision
 from clinical_ml.core.storage import (
     atomic_write_bytes,
@@ -346,6 +347,8 @@ class UseCaseStore:
         self.shap = JsonFile(f / "shap.json", ShapImportance)
         self.learning_curve = JsonFile(f / "learning_curve.json", LearningCurve)
         self.population_model = JsonFile(f / "population_model.json", PopulationModelComparison)
+        # the latest recalibration offered (or not) for the champion (clinical_ml.core.champion_recalibration)
+        self.recalibration = JsonFile(f / "recalibration.json", RecalibrationOffer)
         self.decision = JsonFile(f / "decision.json", PromotionDecision)
         self.fairness = JsonFile(f / "fairness.json", FairnessSummary)
         self.feature_drift = JsonFile(f / "feature_drift.json", FeatureDriftSnapshot)

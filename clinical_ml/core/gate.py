@@ -510,6 +510,9 @@ class GateInputs:
     champion_x: np.ndarray | None = None  # validation rows in the champion's feature order
     alert_burden: AlertBurden | None = None  # at the operating point on the validation cohort
     patients: np.ndarray | None = None  # the patient of each validation row (resampled together)
+    # the challenger's risk on these rows when it is not its prediction of ``x`` (e.g. a recalibration judged
+    # out of fold: each patient's risk from a fit that did not see the patient)
+    risk: np.ndarray | None = None
 
 
 def judge_challenger(
@@ -525,7 +528,7 @@ def judge_challenger(
     (paired comparison, latency, abstention on the validation cohort)."""
     promo = use_case.promotion
     sg = use_case.subgroups
-    p = inputs.challenger.predict(inputs.x)
+    p = inputs.risk if inputs.risk is not None else inputs.challenger.predict(inputs.x)
     comparison = None
     if inputs.champion is not None and inputs.champion_x is not None:
         p_champ = inputs.champion.predict(inputs.champion_x)

@@ -26,7 +26,7 @@ def build_use_case_assets(
         *build_training_assets(uc),
         *build_evaluation_assets(uc),
         *build_fairness_assets(uc),
-        *build_panel_action_assets(uc),
+        *build_panel_action_assets(uc, monitoring),
         *build_report_card_assets(uc),
         *build_monitoring_assets(uc, monitoring),
         *build_feedback_assets(uc),

@@ -1,10 +1,14 @@
 """What the clinical panel can do about the subcohort analysis and about drift, each tested before it is
-offered: a population-specific model compared with the single model for the group the analysis points at."""
+offered: a population-specific model compared with the single model for the group the analysis points at,
+and a recalibrated champion, through the promotion gate, when its monitored calibration drifts."""
 
 import dagster as dg
 
+from clinical_ml.core.champion_monitoring import load_champion
+from clinical_ml.core.champion_recalibration import offer_recalibration
 from clinical_ml.core.features import ROW_KEY, validation_rows
 from clinical_ml.core.modeling import load_model
+from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.population_model import compare_population_model, population_model_markdown
 from clinical_ml.core.reports import md_escape
 from clinical_ml.core.training import training_frame
@@ -15,7 +19,9 @@ from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
 
-def build_panel_action_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+def build_panel_action_assets(
+    uc: UseCase, monitoring: MonitoringConfig
+) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     def key(name: str) -> dg.AssetKey:
         return use_case_key(uc, name)
 
@@ -66,4 +72,46 @@ def build_panel_action_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.Asse
             }
         )
 
-    return [population_model_comparison]
+    @dg.asset(
+        key=key("recalibration_challenger"),
+        deps=[key("monitoring_report")],
+        group_name=Stage.MONITORING,
+        kinds={"lightgbm"},
+        tags=tags(DataClass.AGGREGATE),
+        description="When the champion's calibration on recent admissions with known outcomes is outside its "
+        "monitoring range (95% CI): the champion recalibrated (logistic intercept and slope) on them, registered "
+        "and judged by the promotion gate out of fold, with a report card saying what was recalibrated on how "
+        "many patients; it waits for the panel's sign-off.",
+        owners=ML_OWNERS,
+    )
+    def recalibration_challenger(
+        context: dg.AssetExecutionContext, zones: DataZones, evaluation: EvaluationSettings
+    ) -> dg.MaterializeResult:
+        registry, store = zones.model_registry(uc.name), zones.use_case(uc.name)
+        if registry.champion() is None:
+            return dg.MaterializeResult(metadata={"status": "no champion", "report": "No champion yet."})
+        offer = offer_recalibration(
+            store,
+            registry,
+            load_champion(registry),
+            monitoring,
+            use_case=uc,
+            settings=evaluation.gate_settings(),
+            events=zones.deid_store().events,
+            run_id=context.run.run_id,
+        )
+        context.log.info(offer.reason)
+        card = store.reports.report(f"report_card_{offer.challenger_version}", "md")
+        return dg.MaterializeResult(
+            metadata={
+                "status": offer.status,
+                "reason": dg.MetadataValue.text(offer.reason),
+                "report": dg.MetadataValue.md(
+                    card.read_text() if offer.status == "offered" else md_escape(offer.reason)
+                ),
+                "challenger_version": offer.challenger_version or "none",
+                "admissions_recent_labelled": offer.admissions,
+            }
+        )
+
+    return [population_model_comparison, recalibration_challenger]
