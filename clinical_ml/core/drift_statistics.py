@@ -292,7 +292,8 @@ class Missingness(DriftStatistic):
         return thresholds.missing_error
 
     def format(self, value: float) -> str:
-        return "n/a" if not math.isfinite(value) else f"{100 * value:+.0f} points"
+        # rounded before the sign is written: a change of -0.2 points is "+0 points", never "-0 points"
+        return "n/a" if not math.isfinite(value) else f"{round(100 * value):+d} points"
 
     def judged(self, thresholds: "DriftThresholds") -> str:
         return f"missing share changed by at least {100 * thresholds.missing_error:.0f} points either way"

@@ -9,7 +9,13 @@ import pytest
 from scipy import stats
 
 from clinical_ml.core.drift import batch_drift, reference_profile
-from clinical_ml.core.drift_statistics import STATISTICS, DriftThresholds, Wasserstein, registered
+from clinical_ml.core.drift_statistics import (
+    STATISTICS,
+    DriftThresholds,
+    Missingness,
+    Wasserstein,
+    registered,
+)
 from clinical_ml.core.reports import drift_markdown, drift_report
 from clinical_ml.core.usecase import parse_use_case
 
@@ -195,3 +201,11 @@ def test_the_drift_table_is_in_the_order_its_report_says():
     assert keys == sorted(keys)
     shown = re.findall(r"<tr><td>(\w+)</td><td class=\"num\">", html)
     assert shown == [d.feature for d in drift]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [(-0.002, "+0 points"), (0.004, "+0 points"), (-0.126, "-13 points"), (0.2, "+20 points")],
+)
+def test_a_change_in_the_share_not_measured_is_written_in_whole_points_never_minus_zero(change, words):
+    assert Missingness().format(change) == words
