@@ -1,6 +1,9 @@
-"""A short drift scenario through the real graph, in process: the batch check fails on the first drifted
-day, retraining is requested and goes through the promotion gate, the stable day's FHIR export validates, a
-later run cannot release the held export, and the next drifted day does not retrain again."""
+"""The drift scenario through the real graph, in process, as ``make demo SCENARIO=drift`` runs it
+(:mod:`clinical_ml.replay`): the model is derived on the batches before the injected drift, every batch is then
+scored and checked in order, and the first drift ERROR is the batch the generator's manifest names, with none
+before it. On the way: the checks carry their batch as partition and their reasons in words (what the UI
+shows), a stable batch's FHIR export validates, the drifted batch's is held and a later run cannot release it,
+retraining is requested once for the episode and goes through the promotion gate."""
 
 import json
 import shutil
@@ -11,13 +14,12 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from clinical_ml import replay
 from clinical_ml.core.artifacts import UseCaseStore
 from clinical_ml.core.fhir import read_ndjson
-from clinical_ml.core.landing import find_complete_batches
-from clinical_ml.core.registry import PromotionDecision, Registry
+from clinical_ml.core.registry import Registry
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
-from clinical_ml.defs.conventions import BATCH_PARTITIONS_NAME
 from clinical_ml.defs.monitoring.sensors import DRIFT_FROM_TAG, RETRAIN_REASON_TAG, retraining_requests
 from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
@@ -25,19 +27,27 @@ from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSett
 pytestmark = pytest.mark.slow
 UC = "icu_mortality_24h"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DRIFT_CHECK = "drift_below_error_level"
 
 
-def _decisions(root: Path) -> list[str]:
-    return (root / "registry" / UC / "decisions.jsonl").read_text().splitlines()
+def _check_evaluations(instance: dg.DagsterInstance) -> dict[tuple[str, str | None], dg.AssetCheckEvaluation]:
+    """Every check evaluated by a batch monitoring run, by (check, partition), as the UI lists them."""
+    out = {}
+    for run in instance.get_runs(dg.RunsFilter(job_name="batch_monitoring_job")):
+        for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+            evaluation = entry.dagster_event.event_specific_data if entry.dagster_event else None
+            assert isinstance(evaluation, dg.AssetCheckEvaluation)
+            out[(evaluation.check_name, evaluation.partition)] = evaluation
+    return out
 
 
 # the calibration fit of the fairness stage (not monitoring) may overflow exp() on a small hospital
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path):
+def test_the_drift_demo_finds_the_onset_the_generator_injected_and_nothing_before(tmp_path):
     root = tmp_path / "data"
     hospital = generate_hospital(
         root / "landing",
-        SyntheticConfig(n_patients=1800, n_batches=6, seed=11, scenario="drift", drift_from_batch=4),
+        SyntheticConfig(n_patients=1500, n_batches=4, seed=11, scenario="drift", drift_from_batch=2),
     )
     cases = tmp_path / "usecases"
     cases.mkdir()
@@ -49,99 +59,107 @@ def test_drift_fails_the_check_on_its_first_day_and_requests_retraining(tmp_path
         anonymization=AnonymizationSettings(pseudonym_seed=1),
         fhir_subject="site",  # also deliver under the site's ids to the phi zone's outbox
     )
-    batches = find_complete_batches(root / "landing")
+    onset = hospital.manifest["drift"]["first_batch_index"]
+    drifted = hospital.manifest["drift"]["first_batch_id"]
+    stable, next_day = hospital.batch_ids[onset - 1], hospital.batch_ids[onset + 1]
+    said: list[str] = []
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, [b.batch_id for b in batches])
-
-        def ingest(batch_id: str) -> None:
-            res = defs.resolve_job_def("batch_ingestion_job").execute_in_process(
-                instance=instance, partition_key=batch_id
-            )
-            assert res.success
-
-        for b in batches[:4]:
-            ingest(b.batch_id)
-        lifecycle = defs.resolve_job_def("lifecycle_job")
-        # a challenger the gate refuses is a decision: the run succeeds and no champion is set
-        lifecycle.execute_in_process(instance=instance, raise_on_error=False)
-        models = Registry(root / "registry", UC)
-        if models.champion() is None:  # a small hospital may miss the gate
-            version = json.loads(_decisions(root)[-1])["challenger"]
-            models.record_decision(PromotionDecision(True, version, None, ("test setup",)))
-        monitor = defs.resolve_job_def("batch_monitoring_job")
-        stable, drifted = hospital.batch_ids[3], hospital.manifest["drift"]["first_batch_id"]
-
-        ok = monitor.execute_in_process(instance=instance, partition_key=stable, raise_on_error=False)
-        assert ok.success
-        # time to prediction: from the batch's first ledger entry to its predictions, within the limit
-        timing = UseCaseStore(root / "deid", root / "reports", UC).prediction_timing.part(stable).read()
-        ledger = [json.loads(p.read_text()) for p in (root / "archive" / "ledger" / stable).glob("*.json")]
-        assert timing.landed_at == min(datetime.fromisoformat(e["recorded_at"]) for e in ledger).isoformat()
-        assert timing.hours is not None and 0 <= timing.hours <= 24
-        ok_checks = {e.check_name: e.passed for e in ok.get_asset_check_evaluations()}
-        assert ok_checks["time_to_prediction_within_limit"] is True
-        exported = read_ndjson(root / "deid" / "usecases" / UC / "fhir" / f"{stable}.ndjson")
-        assert exported and all(r.prediction[0].probabilityDecimal is not None for r in exported)
-        # the EHR copy: the same assessments under the site's MRNs and encounter ids, in the phi zone only
-        delivered = read_ndjson(root / "phi" / "outbox" / UC / f"{stable}.ndjson")
-        mrns = {
-            line.split(",")[0]
-            for b in hospital.batch_ids
-            for line in (root / "landing" / b / "patients.csv").read_text().splitlines()[1:]
-        }
-        assert len(delivered) == len(exported)
-        assert {r.subject.identifier.value for r in delivered} <= mrns
-        assert not {r.subject.identifier.value for r in exported} & mrns
-        assert not list((root / "deid").rglob("outbox"))
-
-        ingest(drifted)
-        assert defs.resolve_job_def("feature_refresh_job").execute_in_process(instance=instance).success
-        bad = monitor.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
-        assert not bad.success
-        checks = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
-        assert checks == {"drift_below_error_level": False, "time_to_prediction_within_limit": True}
-        # every eligible admission of the day is monitored, patients never seen in training included
-        cohort = pl.read_parquet(root / "deid" / "usecases" / UC / "cohort.parquet")
-        checked = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{drifted}.json").read_text())
-        assert checked["n_current"] == cohort.filter(pl.col("batch_id") == drifted).height > 50
-        # downstream of the failed blocking check, the FHIR export of that day is held
-        assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
-        assert not (root / "phi" / "outbox" / UC / f"{drifted}.ndjson").exists()
-
-        requests, cursor = retraining_requests(instance, [use_case_key(UC, "batch_drift")], 0)
-        assert len(requests) == 1 and drifted in requests[0].tags[RETRAIN_REASON_TAG]
-        assert requests[0].tags[DRIFT_FROM_TAG] == drifted
-
+        days = replay.replay(
+            root,
+            instance,
+            warmup=onset,
+            defs=defs,
+            use_cases=[UC],
+            approve_first_model=True,  # a small hospital may miss the gate
+            say=said.append,
+        )
+        evaluations = _check_evaluations(instance)
+        retrainings = instance.get_runs(
+            dg.RunsFilter(job_name="lifecycle_job", tags={DRIFT_FROM_TAG: drifted})
+        )
+        # every request was answered in process: the sensor `make dev` starts afterwards does not ask again
+        keys = [use_case_key(UC, "batch_drift"), use_case_key(UC, "monitoring_report")]
+        unanswered, _ = retraining_requests(instance, keys, 0)
         # a later run cannot release what the failed blocking check held
         export = defs.resolve_job_def("batch_monitoring_job").get_subset(
             asset_selection={use_case_key(UC, "risk_assessment_export")}
         )
         held = export.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
-        assert not held.success
-        failure = held.get_step_failure_events()[0].step_failure_data.error
-        assert failure is not None and "held" in failure.message
-        assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
 
-        decisions_before = len(_decisions(root))
-        lifecycle.execute_in_process(instance=instance, raise_on_error=False, tags=requests[0].tags)
-        assert len(_decisions(root)) == decisions_before + 1
-        html = (root / "reports" / UC / "monitoring_report.html").read_text()
-        assert drifted in html and "derivation cohort" in html
-        latest = json.loads(_decisions(root)[-1])
-        card = models.card(latest["challenger"])
-        assert card.drift_reference_from == drifted
-        assert card.lineage.retraining_reason == requests[0].tags[RETRAIN_REASON_TAG]
+    # the onset is the manifest's, every batch before it (derivation batches re-checked without themselves)
+    # passed, and the story says so
+    assert [d.batch_id for d in days] == list(hospital.batch_ids)
+    assert [d.derivation for d in days] == [i < onset for i in range(len(days))]
+    assert all(d.level in ("ok", "warn") for d in days[:onset])
+    assert days[onset].level == "error"
+    story = replay.drift_story(days, injected_from=drifted)
+    assert story[0] == (
+        f"Drift onset: batch {drifted} is the first whose drift check reached ERROR; the drift was injected "
+        f"from batch {drifted}: found on the batch it began."
+    )
+    assert story[1].startswith(f"Before it: {onset} batches checked, none at ERROR")
+    moved = days[onset].checks[UC].moved
+    assert moved[0][1] == "ERROR" and moved[0][0].startswith(
+        "Lactate"
+    )  # the assay change, by its clinical name
+    assert any(line.startswith("[") and drifted in line and "ERROR" in line for line in said)
 
-        # the next day is drifted too, but the drift was answered: no second retraining for one episode
-        next_day = hospital.batch_ids[5]
-        ingest(next_day)
-        assert defs.resolve_job_def("feature_refresh_job").execute_in_process(instance=instance).success
-        monitor.execute_in_process(instance=instance, partition_key=next_day, raise_on_error=False)
-        record = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{next_day}.json").read_text())
-        again, _ = retraining_requests(instance, [use_case_key(UC, "batch_drift")], cursor)
-        assert again == [] and record["retraining_requested"] is False
-        if latest["promoted"]:
-            # the new champion's reference starts at the drift: the new normal is no longer an ERROR
-            assert record["level"] != "error" and f"from batch {drifted}" in record["reference"]
-        else:
-            assert record["level"] == "error" and "refused by the promotion gate" in record["retraining_note"]
+    # the UI: each batch's drift check under its partition, passed before the onset, failed at it, in words
+    for b in hospital.batch_ids[:onset]:
+        assert evaluations[(DRIFT_CHECK, b)].passed, evaluations[(DRIFT_CHECK, b)].description
+    failed = evaluations[(DRIFT_CHECK, drifted)]
+    assert not failed.passed
+    assert (failed.description or "").startswith(f"Batch {drifted}: drift ERROR. lactate__")
+    assert evaluations[("time_to_prediction_within_limit", drifted)].passed
+
+    # time to prediction: from the batch's first ledger entry to its predictions, within the limit
+    store = UseCaseStore(root / "deid", root / "reports", UC)
+    timing = store.prediction_timing.part(stable).read()
+    ledger = [json.loads(p.read_text()) for p in (root / "archive" / "ledger" / stable).glob("*.json")]
+    assert timing.landed_at == min(datetime.fromisoformat(e["recorded_at"]) for e in ledger).isoformat()
+    assert timing.hours is not None and 0 <= timing.hours <= 24
+    exported = read_ndjson(root / "deid" / "usecases" / UC / "fhir" / f"{stable}.ndjson")
+    assert exported and all(r.prediction[0].probabilityDecimal is not None for r in exported)
+    # the EHR copy: the same assessments under the site's MRNs and encounter ids, in the phi zone only
+    delivered = read_ndjson(root / "phi" / "outbox" / UC / f"{stable}.ndjson")
+    mrns = {
+        line.split(",")[0]
+        for b in hospital.batch_ids
+        for line in (root / "landing" / b / "patients.csv").read_text().splitlines()[1:]
+    }
+    assert len(delivered) == len(exported)
+    assert {r.subject.identifier.value for r in delivered} <= mrns
+    assert not {r.subject.identifier.value for r in exported} & mrns
+    assert not list((root / "deid").rglob("outbox"))
+
+    # every eligible admission of the drifted batch is monitored, patients never seen in training included
+    cohort = pl.read_parquet(root / "deid" / "usecases" / UC / "cohort.parquet")
+    checked = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{drifted}.json").read_text())
+    assert checked["n_current"] == cohort.filter(pl.col("batch_id") == drifted).height > 50
+    # its FHIR export is held, in both zones, and stays held
+    assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
+    assert not (root / "phi" / "outbox" / UC / f"{drifted}.ndjson").exists()
+    assert not held.success
+    failure = held.get_step_failure_events()[0].step_failure_data.error
+    assert failure is not None and "held" in failure.message
+
+    # retraining: requested by the drifted batch, once, through the promotion gate
+    assert len(retrainings) == 1 and drifted in retrainings[0].tags[RETRAIN_REASON_TAG]
+    assert unanswered == []
+    assert list(days[onset].retraining) == [UC]
+    models = Registry(root / "registry", UC)
+    latest = models.decisions()[-1]
+    card = models.card(latest.challenger)
+    assert card.drift_reference_from == drifted
+    assert card.lineage.retraining_reason == retrainings[0].tags[RETRAIN_REASON_TAG]
+    html = (root / "reports" / UC / "monitoring_report.html").read_text()
+    assert drifted in html and "derivation cohort" in html
+
+    # the next batch is drifted too, but the drift was answered: no second retraining for one episode
+    record = json.loads((root / "deid" / "usecases" / UC / "monitoring" / f"{next_day}.json").read_text())
+    assert days[onset + 1].retraining == {} and record["retraining_requested"] is False
+    if latest.promoted:
+        # the new champion's reference starts at the drift: the new normal is no longer an ERROR
+        assert record["level"] != "error" and f"from batch {drifted}" in record["reference"]
+    else:
+        assert record["level"] == "error" and "refused by the promotion gate" in record["retraining_note"]

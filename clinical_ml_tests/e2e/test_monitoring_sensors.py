@@ -187,6 +187,38 @@ def test_drift_and_performance_errors_request_one_retraining_each_and_only_drift
         assert retraining_requests(instance, [drift_key, report_key], cursor)[0] == []
 
 
+def test_a_retraining_request_already_answered_is_not_asked_again():
+    """``make demo SCENARIO=drift`` and the replay answer requests in process; the sensor that ``make dev`` starts
+    afterwards reads the same materializations and must not ask for the same retraining again."""
+    from clinical_ml.defs.monitoring.sensors import RETRAINING_REQUEST_TAG, retraining_requests
+
+    drift_key = use_case_key("uc", "batch_drift")
+
+    @dg.op
+    def retrain() -> None:
+        pass
+
+    @dg.job(name="lifecycle_job")
+    def lifecycle() -> None:
+        retrain()
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("batches", ["2026-01-20", "2026-01-21"])
+        for batch in ("2026-01-20", "2026-01-21"):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset_key=drift_key,
+                    partition=batch,
+                    metadata={"retraining_requested": True, "level": "error"},
+                )
+            )
+        first, _ = retraining_requests(instance, [drift_key], 0)
+        assert len(first) == 2 and all(r.tags[RETRAINING_REQUEST_TAG] == r.run_key for r in first)
+        lifecycle.execute_in_process(instance=instance, tags=first[0].tags)
+        again, _ = retraining_requests(instance, [drift_key], 0)
+        assert [r.run_key for r in again] == [first[1].run_key]
+
+
 def test_the_retraining_sensor_says_which_drift_errors_did_not_request_retraining():
     from clinical_ml.defs.monitoring.sensors import (
         build_drift_retraining_sensor,

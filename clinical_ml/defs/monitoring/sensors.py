@@ -22,6 +22,9 @@ from clinical_ml.defs.usecase.paths import stage_of, use_case_key
 from clinical_ml.resources.zones import DataZones
 
 PARTITION_TAG = "dagster/partition"
+# the request a retraining run answers: a request already answered (e.g. in process by `make demo` or a replay,
+# before `make dev` started this sensor) is not asked again
+RETRAINING_REQUEST_TAG = "clinical_ml/retraining_request"
 __all__ = ["DRIFT_FROM_TAG", "RETRAIN_REASON_TAG", "retraining_requests"]
 
 
@@ -119,7 +122,7 @@ def retraining_requests(
     instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
 ) -> tuple[list[dg.RunRequest], int]:
     """One lifecycle run per materialization of ``keys`` (each use case's batch_drift and monitoring_report)
-    that requested retraining after ``cursor``."""
+    that requested retraining after ``cursor``, unless a run already answers it (tagged with its run key)."""
     requests, newest = [], cursor
     for key in keys:
         result = instance.fetch_materializations(
@@ -138,10 +141,13 @@ def retraining_requests(
                 )
                 # a batch's drift starts an episode: the retrained model's drift reference begins there
                 episode = {DRIFT_FROM_TAG: str(batch)} if stage_of(key) == "batch_drift" and batch else {}
+                run_key = f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}"
+                if instance.get_run_ids(dg.RunsFilter(tags={RETRAINING_REQUEST_TAG: run_key}), limit=1):
+                    continue
                 requests.append(
                     dg.RunRequest(
-                        run_key=f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}",
-                        tags={RETRAIN_REASON_TAG: reason[:400], **episode},
+                        run_key=run_key,
+                        tags={RETRAIN_REASON_TAG: reason[:400], RETRAINING_REQUEST_TAG: run_key, **episode},
                     )
                 )
     return requests, newest
