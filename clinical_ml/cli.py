@@ -196,13 +196,21 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
     anonymization = anonymization_settings_from_env(pseudonym_seed=args.seed)
     defs = build_definitions(data_root=root, usecases_dir=usecases_dir, anonymization=anonymization)
     batches = find_complete_batches(root / "landing")
+    drift_demo = args.scenario == "drift" and args.data == "synthetic"
+    onset = _drift_onset(root, batches) if drift_demo else None
+    if onset is not None:
+        print(
+            f"drift scenario: the model is derived on the {onset} batches before the injected drift "
+            f"({batches[0].batch_id} to {batches[onset - 1].batch_id}); each later batch is then scored and "
+            "checked as it lands"
+        )
     known = set(instance.get_dynamic_partitions(BATCH_PARTITIONS_NAME))
     instance.add_dynamic_partitions(
         BATCH_PARTITIONS_NAME, [b.batch_id for b in batches if b.batch_id not in known]
     )
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     ingest = defs.resolve_job_def("batch_ingestion_job")
-    for i, b in enumerate(batches, start=1):
+    for i, b in enumerate(batches[:onset], start=1):
         result = ingest.execute_in_process(
             instance=instance,
             partition_key=b.batch_id,
@@ -309,10 +317,113 @@ def _demo(args: argparse.Namespace, instance: "dg.DagsterInstance") -> int:
         cards = store.reports.report_cards()
         if cards:
             print(f"report card: {cards[-1]}")
+    story = None
+    trained = [n for n in names if n not in failures]
+    if onset is not None and trained:
+        story = _drift_story(root, instance, defs, trained, batches, onset, started=started)
     print(f"\ndone in {time.perf_counter() - started:.0f} s; open the UI with `make dev`")
     if args.json:
-        print(json.dumps({k: v.as_dict() for k, v in summary.items()}))
+        print(json.dumps({k: v.as_dict() for k, v in summary.items()} | ({"drift": story} if story else {})))
+    if story is not None:
+        # the derivation window before the drift may be too short for a use case (e.g. 30-day readmission):
+        # said above; the demo failed only where a run failed or nothing could be monitored
+        return 1 if failures or not any(story["levels"].values()) else 0
     return 1 if not_run else 0
+
+
+def _drift_onset(root: Path, batches: list) -> int:
+    """How many landed batches come before the drift the synthetic generator injected (from its manifest), on
+    a data root whose de-identified layer holds none of the later ones (a model must not be derived on them)."""
+    from clinical_ml.core.artifacts import DeidStore
+    from clinical_ml.core.synthetic import MANIFEST_NAME
+
+    landing = root / "landing"
+    path = landing / MANIFEST_NAME
+    drift = json.loads(path.read_text()).get("drift") if path.is_file() else None
+    if not drift:
+        raise CommandError(
+            f"--scenario drift: the landing zone {landing} was not written by the drift scenario (no drift in "
+            f"its {MANIFEST_NAME}); empty it first (make clean-data)"
+        )
+    ids = [b.batch_id for b in batches]
+    first = drift.get("first_batch_id")
+    if first not in ids or ids.index(first) == 0:
+        raise CommandError(
+            f"--scenario drift: the drift begins {'with the first batch' if first in ids else 'after the last'} "
+            "batch, so no model can be derived before it and checked after it; choose --drift-from-batch "
+            f"between 1 and {len(ids) - 1} (on an empty landing zone)"
+        )
+    onset = ids.index(first)
+    ingested = set(DeidStore(root / "deid", root / "reports").encounters.batch_ids()) & set(ids[onset:])
+    if ingested:
+        raise CommandError(
+            f"--scenario drift: the de-identified layer already holds batches from the drift on "
+            f"({', '.join(sorted(ingested))}, a previous run), so the model would be derived on them; empty the "
+            "data root first (make clean-data)"
+        )
+    return onset
+
+
+def _drift_story(
+    root: Path,
+    instance: "dg.DagsterInstance",
+    defs: "dg.Definitions",
+    names: list[str],
+    batches: list,
+    onset: int,
+    *,
+    started: float,
+) -> dict:
+    """After the derivation batches trained the first models: the demo's stand-in for the panel where a use
+    case has no champion, then every batch checked in order (:mod:`clinical_ml.replay`), and the story told."""
+    from clinical_ml.core.artifacts import DeidStore
+    from clinical_ml.core.synthetic import MANIFEST_NAME
+    from clinical_ml.replay import BatchReplay, decisions_in_words, drift_story, record_manual_approvals
+
+    for name in record_manual_approvals(root / "registry", names):
+        print(f"{name}: {decisions_in_words(root / 'registry', [name])[name]}")
+    run = BatchReplay(root, instance, defs, names)
+    run.started = started
+    print(
+        f"\n[{time.perf_counter() - started:5.0f} s] monitoring: each batch scored by the champion and checked for drift"
+    )
+    days = run.monitor(batches[:onset], batches[onset:])
+    drift = json.loads((root / "landing" / MANIFEST_NAME).read_text())["drift"]
+    injected = drift["first_batch_id"]
+    print(
+        f"\n== drift ==\ninjected from batch {injected}: "
+        + "; ".join(_change_words(c) for c in drift["changes"])
+    )
+    for line in drift_story(days, injected_from=injected):
+        print(line)
+    deid = DeidStore(root / "deid", root / "reports")
+    for name in names:
+        path = deid.use_case(name).reports.report("monitoring_report")
+        if path.exists():
+            print(f"{name} monitoring report (every batch's check, the decisions): {path}")
+    found = next((d.batch_id for d in days if d.level == "error"), None)
+    return {
+        "injected_from": injected,
+        "first_error": found,
+        "levels": {d.batch_id: d.level for d in days},
+        "retrained": {
+            d.batch_id: {n: {"reason": r.reason, "decision": r.decision} for n, r in d.retraining.items()}
+            for d in days
+            if d.retraining
+        },
+    }
+
+
+def _change_words(change: dict) -> str:
+    """One injected change of the drift scenario in words (from the generator's manifest)."""
+    kind = change.get("kind")
+    if kind == "assay_change":
+        return f"{change['name']} assay reads {change['shift']:g} {change['unit']} higher"
+    if kind == "age_shift":
+        return f"patients first admitted from then on are {change['age_years']:g} years older"
+    if kind == "severity_shift":
+        return f"every admission is sicker (severity +{change['severity_sd']:g} SD)"
+    return str(kind)
 
 
 def _deid_tables(deid: "DeidStore") -> tuple["pl.DataFrame", "pl.DataFrame", "pl.LazyFrame | None"]:

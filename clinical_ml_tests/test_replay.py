@@ -1,18 +1,20 @@
 """``clinical-ml replay``: settings resolved like every entry point, the demo's manual approval recorded through
-the registry, the per-day drift level, and a short replay through the real jobs."""
+the registry, the per-day drift level, and the drift story in sentences. The replay through the real jobs is
+clinical_ml_tests/e2e/test_monitoring_drift_scenario.py."""
 
-import shutil
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
+import polars as pl
 import pytest
 
 from clinical_ml import cli, replay
 from clinical_ml.core.artifacts import DeidStore, DriftRecord
 from clinical_ml.core.locations import DATA_ROOT_ENV, USECASES_ENV
 from clinical_ml.core.registry import ModelCard, PromotionDecision, Registry
-from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
-from clinical_ml_tests.conftest import PROJECT_ROOT
+from clinical_ml.core.synthetic import MANIFEST_NAME
 
 UC = "icu_mortality_24h"
 
@@ -100,24 +102,141 @@ def test_the_subcommand_resolves_the_data_root_and_use_cases_like_every_entry_po
     assert calls["usecases_dir"] == tmp_path / "mine"
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_a_short_replay_trains_the_first_champion_then_monitors_each_later_day(tmp_path):
-    root = tmp_path / "data"
-    generate_hospital(
-        root / "landing",
-        SyntheticConfig(n_patients=1200, n_batches=4, seed=11, scenario="drift", drift_from_batch=3),
+def _day(batch: str, *levels: str, derivation: bool = False, retrained: str = "") -> replay.CheckedBatch:
+    checks = {
+        f"uc{i}": replay.UseCaseCheck(
+            level,
+            (("Lactate (mmol/L)", level.upper(), 4),) if level != "ok" else (),
+            ("lactate__last_24h: ...",) if level != "ok" else (),
+            level == "error" and bool(retrained),
+            ""
+            if level != "error" or retrained
+            else "Retraining not requested: the champion was trained on it.",
+        )
+        for i, level in enumerate(levels)
+    }
+    again = {"uc0": replay.Retraining(f"drift ERROR in batch {batch}", retrained)} if retrained else {}
+    return replay.CheckedBatch(batch, derivation, checks, again)
+
+
+def test_the_story_finds_the_onset_on_time_and_says_what_came_before_and_what_was_decided():
+    refused = "Refused: challenger v2 is not promoted, because X. So the champion stays v1."
+    days = [
+        _day("d1", "ok", "ok", derivation=True),
+        _day("d2", "warn", "ok", derivation=True),
+        _day("d3", "error", "ok", retrained=refused),
+        _day("d4", "error", "warn"),
+    ]
+    assert replay.drift_story(days, injected_from="d3") == [
+        "Drift onset: batch d3 is the first whose drift check reached ERROR; the drift was injected from batch "
+        "d3: found on the batch it began.",
+        "Before it: 2 batches checked, none at ERROR (1 at WARN: significant, not material).",
+        "What moved in batch d3, uc0: ERROR (Lactate (mmol/L): ERROR in 4 predictors).",
+        "What moved in batch d3, uc1: nothing (OK).",
+        "After it: batch d4 ERROR.",
+        f"Retraining of uc0, requested by batch d3 (drift ERROR in batch d3): {refused}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("injected", "expected"),
+    [
+        ("d2", "the drift was injected from batch d2: 1 batch after it began."),
+        ("d4", "the drift was injected from batch d4: 1 batch before it began: a false alarm."),
+        (None, "no drift was injected in these batches, so it is a false alarm."),
+    ],
+)
+def test_the_story_says_when_the_onset_is_late_or_a_false_alarm(injected, expected):
+    days = [_day("d1", "ok"), _day("d2", "warn"), _day("d3", "error"), _day("d4", "error")]
+    story = replay.drift_story(days, injected_from=injected)
+    assert story[0].endswith(expected)
+    assert story[1] == "Before it: 2 batches checked, none at ERROR (1 at WARN: significant, not material)."
+    # an ERROR that did not ask for retraining says why
+    assert (
+        "Retraining of uc0: not requested. Retraining not requested: the champion was trained on it." in story
     )
-    cases = tmp_path / "usecases"
-    (cases / "monitoring").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / "usecases" / f"{UC}.yaml", cases)
 
-    with dg.instance_for_test() as instance:
-        days = replay.replay(root, instance, warmup=3, usecases_dir=cases, approve_first_model=True)
 
-    assert [d["level"] for d in days[:3]] == ["warmup"] * 3
-    assert [d["retrained"] for d in days[:3]] == [False, False, True]
-    assert Registry(root / "registry", UC).champion() is not None
-    assert days[3]["level"] in ("ok", "warn", "error")
-    deid = DeidStore(root / "deid", root / "reports")
-    assert days[3]["level"] == replay.batch_drift_level(deid, [UC], days[3]["batch_id"])
+def test_the_story_says_when_no_check_reached_error_and_counts_only_checked_batches():
+    days = [_day("d1", "ok"), _day("d2", "warn"), replay.CheckedBatch("d3", False)]
+    assert replay.drift_story(days, injected_from="d2") == [
+        "No drift check reached ERROR in the 2 batches checked; the drift was injected from batch d2."
+    ]
+    assert days[2].level is None and replay.day_words(days[2]).startswith("not monitored")
+
+
+def _record(level: str, features: list[tuple[str, str]], reasons: tuple[str, ...] = ()) -> DriftRecord:
+    check = {"features": [{"feature": f, "level": lv} for f, lv in features], "reasons": list(reasons)}
+    return DriftRecord("d1", level, False, "", "", "v1", {}, check)
+
+
+def test_what_moved_is_told_by_measurement_errors_first_with_units():
+    check = replay.UseCaseCheck.of(
+        _record(
+            "error",
+            [
+                ("heart_rate__last_24h", "warn"),
+                ("lactate__min_24h", "error"),
+                ("lactate__last_24h", "warn"),
+                ("heart_rate__max_24h", "warn"),
+                ("age_years", "warn"),
+                ("sodium__last_24h", "ok"),
+            ],
+        )
+    )
+    assert check.moved == (
+        ("Lactate (mmol/L)", "ERROR", 2),
+        ("Heart rate (per min)", "WARN", 2),
+        ("Age (years)", "WARN", 1),
+    )
+    assert check.words(top=2) == (
+        "ERROR (Lactate (mmol/L): ERROR in 2 predictors; Heart rate (per min): WARN in 2 predictors "
+        "and 1 more measurement)"
+    )
+    subgroup_only = replay.UseCaseCheck.of(_record("warn", [], ("subgroup sex=F: WARN (3 columns moved)",)))
+    assert subgroup_only.words() == "WARN (subgroup sex=F: WARN (3 columns moved))"
+    assert replay.UseCaseCheck.of(_record("ok", [("age_years", "ok")])).words() == "OK"
+
+
+def test_a_manual_approval_is_not_told_as_a_passed_gate(tmp_path):
+    root = tmp_path / "registry"
+    _refused(root, "v1")
+    replay.record_manual_approvals(root, [UC])
+    words = replay.decisions_in_words(root, [UC])[UC]
+    assert words.startswith("Promoted by hand: model v1 is champion (manual approval for the demo; the gate")
+    assert "passed" not in words
+
+
+def _landing(tmp_path: Path, drift: dict | None) -> tuple[Path, list]:
+    (tmp_path / "landing").mkdir(exist_ok=True)
+    (tmp_path / "landing" / MANIFEST_NAME).write_text(json.dumps({"drift": drift}))
+    return tmp_path, [SimpleNamespace(batch_id=b) for b in ("2026-01-05", "2026-01-19", "2026-02-02")]
+
+
+def test_the_drift_demo_derives_on_the_batches_before_the_manifest_s_onset(tmp_path):
+    assert cli._drift_onset(*_landing(tmp_path, {"first_batch_id": "2026-02-02"})) == 2
+
+
+@pytest.mark.parametrize(
+    ("drift", "message"),
+    [
+        (None, "was not written by the drift scenario"),
+        ({"first_batch_id": "2026-01-05"}, "the drift begins with the first batch"),
+        ({"first_batch_id": None}, "the drift begins after the last batch"),
+    ],
+)
+def test_the_drift_demo_refuses_a_landing_zone_it_cannot_tell_the_story_of(tmp_path, drift, message):
+    with pytest.raises(cli.CommandError, match=message):
+        cli._drift_onset(*_landing(tmp_path, drift))
+
+
+def test_the_drift_demo_refuses_a_data_root_that_already_holds_drifted_batches(tmp_path):
+    root, batches = _landing(tmp_path, {"first_batch_id": "2026-01-19"})
+    encounters = DeidStore(root / "deid", root / "reports").encounters
+    encounters.part("2026-01-05").write(pl.DataFrame({"x": [1]}))
+    assert cli._drift_onset(root, batches) == 1  # a derivation batch from a previous run is no harm
+    encounters.part("2026-02-02").write(pl.DataFrame({"x": [1]}))
+    with pytest.raises(
+        cli.CommandError, match=r"already holds batches from the drift on \(2026-02-02, a previous"
+    ):
+        cli._drift_onset(root, batches)
