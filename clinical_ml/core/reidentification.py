@@ -374,17 +374,17 @@ def _suppress(
     if payers is not None:
         encounters = encounters.with_columns(payers)
     # race is suppressed where the other attributes, with the payers that can be kept, leave a class below k
-    encounters, _ = withhold_rare_payers(patients, encounters, policy)
+    encounters, payer_lost = withhold_rare_payers(patients, encounters, policy)
     patients, race_suppressed = _suppress_until_stable(
         patients,
         encounters,
         policy,
         {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
     )
-    if payers is not None:  # the classes that race suppression merged release the payers they can keep
+    if (
+        payers is not None and race_suppressed
+    ):  # classes that race suppression merged keep the payers they can
         encounters, payer_lost = withhold_rare_payers(patients, encounters.with_columns(payers), policy)
-    else:
-        payer_lost = pl.Series("subject_id", [], dtype=pl.Int64)
     withheld: set[int] = set()
     for _ in range(50):
         small = _subjects_below(patients, encounters, policy)
@@ -427,15 +427,17 @@ def enforce_k_anonymity(
         patients = patients.with_columns(
             pl.when(moved).then(pl.lit(OTHER_RACE)).otherwise("race").alias("race")
         )
-    suppressed = _suppress(patients, encounters, policy, zip3_for_payer=False)
-    if "payer" in encounters.columns and encounters["payer"].drop_nulls().ne(UNKNOWN_PAYER).any():
-        # ZIP3 (needed by no model and no audit) given up to keep payers too, where that costs nobody their
-        # race or their record: moving a person to ZIP3 000 can leave them in a class too small there
-        spent = _suppress(patients, encounters, policy, zip3_for_payer=True)
-        if spent.withheld <= suppressed.withheld and spent.race_lost(group_before) <= suppressed.race_lost(
-            group_before
+    payers = "payer" in encounters.columns and encounters["payer"].drop_nulls().ne(UNKNOWN_PAYER).any()
+    # ZIP3 (needed by no model and no audit) is given up to keep payers too, where that costs nobody their
+    # race or their record: moving a person to ZIP3 000 can leave them in a class too small there
+    suppressed = _suppress(patients, encounters, policy, zip3_for_payer=payers)
+    if payers and (suppressed.withheld or suppressed.race):
+        kept = _suppress(patients, encounters, policy, zip3_for_payer=False)
+        if not (
+            suppressed.withheld <= kept.withheld
+            and suppressed.race_lost(group_before) <= kept.race_lost(group_before)
         ):
-            suppressed = spent
+            suppressed = kept
     patients, encounters, withheld = suppressed.patients, suppressed.encounters, suppressed.withheld
     zip_suppressed, race_suppressed, payer_lost = suppressed.zip3, suppressed.race, suppressed.payer_lost
     race_lost = pl.Series("subject_id", sorted(suppressed.race_lost(group_before)), dtype=pl.Int64)

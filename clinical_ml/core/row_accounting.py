@@ -8,6 +8,7 @@ were rejected or withheld.
 """
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,15 +187,17 @@ PRIVACY_LOSS_LIMIT = 0.05
 flags it (issue goal: no audited group loses more than 5% of its members)."""
 
 
-def privacy_by_group(records: list[dict]) -> list[dict]:
+def privacy_by_group(records: list[dict], *, attributes: Collection[str] | None = None) -> list[dict]:
     """What the privacy remedies took from each audited group over the batches of ``records`` (privacy
     records, ``audited_groups``): patients delivered (once per batch they arrive in), withheld, released
     without race (lost to the race/ethnicity audit only) or without payer (lost to the payer audit only), the
     share lost to that attribute's audit, and whether it is over :data:`PRIVACY_LOSS_LIMIT`. Records written
-    before the counts existed are skipped."""
+    before the counts existed are skipped; with ``attributes`` (a use case's), only the attributes it audits."""
     totals: dict[tuple[str, str], dict[str, int]] = {}
     for record in records:
         for attribute, groups in (record.get("audited_groups") or {}).items():
+            if attributes is not None and attribute not in attributes:
+                continue
             for group, counts in groups.items():
                 t = totals.setdefault(
                     (attribute, group),

@@ -253,6 +253,9 @@ def test_what_the_payer_remedy_takes_from_each_payer_group_is_counted():
     assert rows[("payer", "Medicaid")]["share_lost"] == 1.0 and rows[("payer", "Medicaid")]["over_limit"]
     assert rows[("payer", "Medicare")]["lost"] == 3
     assert rows[("race_ethnicity", "White")]["lost"] == 0
+    # a use case that does not audit the payer is not shown what the privacy gate took from it
+    audited = privacy_by_group([{"audited_groups": out.audited_groups}], attributes=["sex", "race_ethnicity"])
+    assert {r["attribute"] for r in audited} == {"sex", "race_ethnicity"}
 
 
 def test_the_synthetic_hospital_writes_a_payer_that_follows_age_and_coverage(tmp_path):

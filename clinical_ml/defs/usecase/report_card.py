@@ -1,6 +1,7 @@
 """The HCP report card (one self-contained HTML file per model version for the clinical review panel) and the
 Model Facts label beside it (one page for the clinicians who see the score)."""
 
+from collections.abc import Collection
 from pathlib import Path
 
 import dagster as dg
@@ -92,7 +93,7 @@ def _write_report_card(zones: DataZones, uc: UseCase, card: ModelCard, design: s
         code_version=code_version(),
         deliveries=_deliveries(zones, uc, list(card.lineage.batch_ids)),
         validation_design=design,
-        privacy_groups=_privacy_groups(zones, list(card.lineage.batch_ids)),
+        privacy_groups=_privacy_groups(zones, list(card.lineage.batch_ids), uc.subgroups.attributes),
         learning_curve=store.learning_curve.read() if store.learning_curve.exists() else None,
         population_model=_population_model(store, card.version),
     )
@@ -129,10 +130,12 @@ def _model_facts(
     )
 
 
-def _privacy_groups(zones: DataZones, batch_ids: list[str]) -> list[dict]:
-    """What the privacy gate took from each audited group over the batches the model was trained on."""
+def _privacy_groups(zones: DataZones, batch_ids: list[str], attributes: Collection[str]) -> list[dict]:
+    """What the privacy gate took from each group the use case audits over the batches the model was trained
+    on."""
     privacy = zones.deid_store().privacy
-    return privacy_by_group([privacy.part(b).read().as_dict() for b in batch_ids if privacy.part(b).exists()])
+    records = [privacy.part(b).read().as_dict() for b in batch_ids if privacy.part(b).exists()]
+    return privacy_by_group(records, attributes=attributes)
 
 
 def _deliveries(zones: DataZones, uc: UseCase, batch_ids: list[str]) -> list[dict]:
