@@ -40,3 +40,17 @@ def test_the_recalibration_challenger_is_offered_once_with_its_report(tmp_path):
     assert first["admissions_recent_labelled"].value == 1400
     second = _materialize(tmp_path, asset)
     assert second["status"].value == "already offered" and registry.versions()[-1] == version
+
+
+def test_recalibration_runs_with_the_monitoring_reports_never_in_the_run_that_retrains(tmp_path):
+    from clinical_ml.defs.build import build_definitions
+
+    defs = build_definitions(data_root=tmp_path)
+
+    def steps(job: str) -> set[str]:
+        return {
+            n for n in defs.resolve_job_def(job).graph.node_dict if n.endswith("__recalibration_challenger")
+        }
+
+    assert "icu_mortality_24h__icu_mortality_24h__recalibration_challenger" in steps("monitoring_report_job")
+    assert steps("lifecycle_job") == set()

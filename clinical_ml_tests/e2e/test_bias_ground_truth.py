@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 
 from clinical_ml.core.anonymization import Vault, anonymize_batch
-from clinical_ml.core.fairness import subgroup_table, verdict
+from clinical_ml.core.fairness import analysis_summary, subgroup_table, verdict
 from clinical_ml.core.features import build_cohort, build_features, build_labels, patient_grouped_split
 from clinical_ml.core.ingestion import ingest_file
+from clinical_ml.core.population_model import compare_population_model
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.core.training import fit_model, training_frame
 from clinical_ml.core.usecase import load_use_case
@@ -82,3 +83,21 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
     assert others, "the comparison needs other groups of adequate size"
     assert all(r.metrics["observed_expected_ratio"][1] <= 1.0 for r in others)
     assert not any(r.failures for r in others)
+    # a population-specific model for the flagged group is better calibrated for it beyond chance (issue 18 item 7)
+    attrs = ["sex", "race_ethnicity", "age_band"]
+    comparison = compare_population_model(
+        frame.join(cohort.select("hadm_id", "prediction_time", *attrs), on=["hadm_id", "prediction_time"]),
+        model,
+        analysis_summary(analysis, v, reasons, [], []),
+        attributes=attrs,
+        min_cell_size=uc.subgroups.min_cell_size,
+        seed=1,
+        n_boot=300,
+        bootstrap_seed=1,
+        model_version="v1",
+    )
+    assert (comparison.attribute, comparison.group) == ("race_ethnicity", group)
+    assert any("calibration" in c.better() for c in comparison.candidates)
+    assert comparison.recommendation().startswith(
+        f"A population-specific model is better beyond chance for race ethnicity = {group}"
+    )

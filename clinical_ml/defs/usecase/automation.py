@@ -5,11 +5,14 @@ import dagster as dg
 from clinical_ml.core.champion_monitoring import nightly_retraining_reason
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.conventions import RETRAIN_REASON_TAG, Stage
+from clinical_ml.defs.usecase.panel_actions import RECALIBRATION_TAG
 from clinical_ml.resources.zones import DataZones
 
 PER_BATCH = dg.AssetSelection.tag("monitoring", "per_batch")
 # the point-of-care service's feedback, pseudonymised (anonymization group) for the monitoring that reads it
 CLINICIAN_FEEDBACK = dg.AssetSelection.tag("source", "clinician_feedback")
+# a recalibrated champion is offered after monitoring, never in the run that retrains: one decision per run
+RECALIBRATION = dg.AssetSelection.tag(*RECALIBRATION_TAG)
 
 lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
@@ -18,7 +21,8 @@ lifecycle_job = dg.define_asset_job(
         | dg.AssetSelection.groups(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING)
         | CLINICIAN_FEEDBACK
     )
-    - PER_BATCH,
+    - PER_BATCH
+    - RECALIBRATION,
     description="Rebuild the MEDS layer, features, retrain, evaluate, gate promotion, and report monitoring.",
 )
 

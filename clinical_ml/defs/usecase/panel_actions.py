@@ -18,6 +18,9 @@ from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import EvaluationSettings
 from clinical_ml.resources.zones import DataZones
 
+RECALIBRATION_TAG = ("action", "recalibration")
+"""Marks the recalibration challenger, which the lifecycle job leaves out (it runs with the monitoring reports)."""
+
 
 def build_panel_action_assets(
     uc: UseCase, monitoring: MonitoringConfig
@@ -77,7 +80,7 @@ def build_panel_action_assets(
         deps=[key("monitoring_report")],
         group_name=Stage.MONITORING,
         kinds={"lightgbm"},
-        tags=tags(DataClass.AGGREGATE),
+        tags={**tags(DataClass.AGGREGATE), RECALIBRATION_TAG[0]: RECALIBRATION_TAG[1]},
         description="When the champion's calibration on recent admissions with known outcomes is outside its "
         "monitoring range (95% CI): the champion recalibrated (logistic intercept and slope) on them, registered "
         "and judged by the promotion gate out of fold, with a report card saying what was recalibrated on how "
