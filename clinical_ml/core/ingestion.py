@@ -1012,34 +1012,58 @@ def _pandera_rejects(parsed: pl.DataFrame, source: str, mapping: SiteMapping) ->
     return empty_rejects()
 
 
-def _duplicate_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Series) -> pl.DataFrame:
+def _key_col(source: str, k: str) -> pl.Expr:
+    """A duplicate key column of ``source``. The file that owns an identifier compares it as pseudonyms are
+    keyed (trimmed, upper case): 'ab12' and 'AB12' are one patient downstream, so they are one key here."""
+    owned = {"patients": "mrn", "encounters": "encounter_id"}.get(source)
+    return normalize_identifier(pl.col(k)).alias(k) if k == owned else pl.col(k)
+
+
+def _key_hashes(parsed: pl.DataFrame, source: str) -> tuple[pl.Series, pl.Series]:
+    """Each row's hash of its duplicate key, and the hashes that more than one row has.
+
+    Over every row, not only those that pass the other checks: it can run beside them (in a thread of its
+    own), and a hash repeated only through a rejected row costs a closer look at a key of one row, which
+    rejects nothing."""
+    # Per-column hashes combined: several times faster than hashing a struct; a collision only costs a
+    # closer look in _duplicate_rejects, where rows are grouped by their real key values.
+    combined = pl.lit(0, dtype=pl.UInt64)
+    for i, k in enumerate(DUPLICATE_KEYS[source]):
+        combined = combined ^ (
+            _key_col(source, k).hash(seed=i + 1) * pl.lit(0x9E3779B97F4A7C15 >> i, dtype=pl.UInt64)
+        )
+    h = parsed.select(combined)[:, 0]
+    ordered = h.sort(multithreaded=False)  # ~40% less CPU than the parallel sort at 10M rows
+    # Sorting beats a hash table here (~4x at 10M rows). Neighbours are compared, not subtracted: diff()
+    # of a UInt64 goes through Int64 and gives null above 2**63, which missed half of all duplicate keys.
+    return h, ordered.filter(ordered == ordered.shift(1))
+
+
+def _duplicate_rejects(
+    parsed: pl.DataFrame,
+    source: str,
+    candidates: pl.Series,
+    hashes: tuple[pl.Series, pl.Series] | None = None,
+) -> pl.DataFrame:
     """Identical repeats of a key after its first row -> ``duplicate_row``; rows of a key with differing
     content -> ``conflicting_duplicate`` (all of them: which one is right is unknown). For a source with a
     revision column, rows of a key before its latest revision -> ``superseded``, and the duplicate rules
     apply to the rows of the latest revision (conflicting ones there leave the key without a row: an older
-    revision was replaced, whatever the newer one says)."""
+    revision was replaced, whatever the newer one says). Only ``candidates`` rows count; ``hashes`` are
+    :func:`_key_hashes` of ``parsed`` when already computed."""
     key = DUPLICATE_KEYS[source]
     revision = REVISION_COLUMN.get(source)
-    # The file that owns an identifier compares it as pseudonyms are keyed (trimmed, upper case): 'ab12' and
-    # 'AB12' are one patient downstream, so they are one key here.
     owned = {"patients": "mrn", "encounters": "encounter_id"}.get(source)
 
     def key_col(k: str) -> pl.Expr:
-        return normalize_identifier(pl.col(k)).alias(k) if k == owned else pl.col(k)
+        return _key_col(source, k)
 
-    # Per-column hashes combined: several times faster than hashing a struct; a collision only costs a
-    # closer look below, where rows are grouped by their real key values.
-    combined = pl.lit(0, dtype=pl.UInt64)
-    for i, k in enumerate(key):
-        combined = combined ^ (key_col(k).hash(seed=i + 1) * pl.lit(0x9E3779B97F4A7C15 >> i, dtype=pl.UInt64))
-    h = parsed.select(pl.when(pl.lit(candidates)).then(combined))[:, 0]
-    ordered = h.drop_nulls().sort(multithreaded=False)  # ~40% less CPU than the parallel sort at 10M rows
-    # Sorting beats a hash table here (~4x at 10M rows). Neighbours are compared, not subtracted: diff()
-    # of a UInt64 goes through Int64 and gives null above 2**63, which missed half of all duplicate keys.
-    repeated = ordered.filter(ordered == ordered.shift(1))
+    h, repeated = hashes if hashes is not None else _key_hashes(parsed, source)
     if repeated.len() == 0:
         return empty_rejects()
-    dup = h.is_in(repeated.unique().implode()).fill_null(False)
+    dup = h.is_in(repeated.unique().implode()) & candidates
+    if not dup.any():
+        return empty_rejects()
     content = [c for c in SOURCE_COLUMNS[source] if c in parsed.columns]
     if source in CODE_COLUMN:
         content = [c for c in content if c not in ("value", "unit")] + ["value_raw", "unit_raw"]
@@ -1232,11 +1256,13 @@ def ingest_file(
         warnings["cross_file_checks_skipped"] = parsed.height
     if source == "labels" and batch is None:
         warnings["cross_file_checks_skipped"] = parsed.height
-    # The schema runs in a thread of its own beside the batch lookups and the rules (pandera checks one column
-    # after another, each on one core); they add columns only, so it sees the same rows and values.
-    schema_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-schema")
-    schema_job = schema_pool.submit(_pandera_rejects, parsed.select(*SOURCE_COLUMNS[source]), source, mapping)
-    schema_pool.shutdown(wait=False)
+    # The schema and the duplicate keys' hashes run in threads of their own beside the batch lookups and the
+    # rules (pandera checks one column after another, each on one core; the hashes are sorted on one core);
+    # the lookups add columns only, so both see the same rows and values.
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest")
+    schema_job = pool.submit(_pandera_rejects, parsed.select(*SOURCE_COLUMNS[source]), source, mapping)
+    hashes_job = pool.submit(_key_hashes, parsed, source)
+    pool.shutdown(wait=False)
     extra_rules: list[tuple[pl.Expr, str]] = []
     if batch is not None:
         parsed, extra_rules = _with_batch(parsed, source, batch)
@@ -1257,7 +1283,7 @@ def ingest_file(
         [rule_rejects, schema_rejects.select(pl.col("row_number").cast(pl.Int64), "reason")]
     ).unique("row_number", keep="first", maintain_order=True)
     candidates = ~parsed["row_number"].is_in(first["row_number"].implode())
-    parts = [first, _duplicate_rejects(parsed, source, candidates)]
+    parts = [first, _duplicate_rejects(parsed, source, candidates, hashes_job.result())]
     if source in CODE_COLUMN:
         candidates = ~parsed["row_number"].is_in(parts[1]["row_number"].implode()) & candidates
         parts.append(_unit_switch_rejects(parsed, source, candidates))
