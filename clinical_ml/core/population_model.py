@@ -264,7 +264,8 @@ def choose_group(
             return "not a population (attribute not recorded)"
         events, non_events = counts.get(r["attribute"], {}).get(r["group"], (0, 0))
         if events < min_cell_size or non_events < min_cell_size:
-            return f"{events} outcome events and {non_events} non-events in the derivation cohort"
+            # a small cell's count is never shown (as in the subcohort analysis)
+            return f"fewer than {min_cell_size} outcome events or non-events in the derivation cohort"
         if events + non_events >= total:
             return "every derivation patient is in it"
         return None
