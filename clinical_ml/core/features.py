@@ -7,8 +7,10 @@ moment, so it is not known to the model either.
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
 
 import numpy as np
 import polars as pl
@@ -187,14 +189,13 @@ def build_features(
     return _build_features(events, cohort, use_case, categories)
 
 
-def _build_features(
-    events: pl.DataFrame | pl.LazyFrame,
-    cohort: pl.DataFrame,
-    use_case: UseCase,
-    categories: dict[str, list[str]],
+def stem_aggregates(
+    events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame, use_case: UseCase
 ) -> pl.DataFrame:
+    """The windowed aggregates in long form: one row per cohort row and code stem with a value available by
+    the prediction time (``hadm_id``, ``prediction_time``, ``stem``, ``<agg>_<w>h`` per window). The numbers
+    of every feature row, batch or point of care; :func:`build_features` widens them."""
     codes = use_case.features.codes
-    stems = {c: feature_stem(c) for c in codes}
     ev = (
         events.lazy()
         .select("hadm_id", "code", "numeric_value", "implausible", "time", "available_time")
@@ -211,7 +212,18 @@ def _build_features(
             pl.col("numeric_value").cast(pl.Float64).alias("v"),
             (pl.col("time") - pl.col("prediction_time")).dt.total_microseconds().alias("t_us"),
         )
-        .with_columns((pl.col("t_us") / 3.6e9).alias("t_h"))
+    )
+    stems = {c: _stem(c) for c in codes}
+    return _aggregated(ev, use_case).with_columns(
+        pl.col("stem").replace_strict(stems, return_dtype=pl.String)
+    )
+
+
+def _aggregated(ev: pl.LazyFrame, use_case: UseCase) -> pl.DataFrame:
+    """The windowed aggregates of the events that count (``hadm_id``, ``prediction_time``, ``stem`` = the
+    code, ``v``, ``t_us``), per code: the batch path's and the point of care's."""
+    ev = (
+        ev.with_columns((pl.col("t_us") / 3.6e9).alias("t_h"))
         # Same inputs, same outputs: slopes and means are sums of floats whose rounding follows the row order,
         # and the events arrive in the order of a parallel join; in a fixed order every run agrees bit for bit
         .sort(*ROW_KEY, "stem", "t_us", "v")
@@ -223,7 +235,73 @@ def _build_features(
     per_stem = windows[0]
     for window in windows[1:]:
         per_stem = per_stem.join(window, on=[*ROW_KEY, "stem"], how="full", coalesce=True)
-    long = per_stem.collect().with_columns(pl.col("stem").replace_strict(stems, return_dtype=pl.String))
+    return per_stem.collect()
+
+
+@lru_cache(maxsize=4096)
+def _stem(code: str) -> str:
+    # the vocabulary is fixed for the process: feature_stem rebuilds a table of every code on each call
+    return feature_stem(code)
+
+
+def stay_aggregates(
+    events: Iterable[tuple[str, datetime, datetime, float | None, bool]],
+    prediction_time: datetime,
+    use_case: UseCase,
+) -> dict[str, float | None]:
+    """:func:`stem_aggregates` of one stay whose events are plain rows (``code``, ``time``,
+    ``available_time``, ``numeric_value`` as a Float32 value, ``implausible``): ``<stem>__<agg>_<w>h`` ->
+    value for each stem with a value in a window (what the point-of-care service computes per request).
+
+    The same rule as :func:`stem_aggregates` (available and taken by the prediction time, not implausible,
+    a value) applied in Python: for one stay the lazy filter and join cost several times the aggregation.
+    Then the same aggregation (:func:`_aggregated`): selections and counts are the batch path's exactly;
+    means and slopes, sums of floats, agree to about 1e-15 (polars' own result for the same rows differs in
+    the last bits between plans and engines, the batch path's included). A test holds the two equal.
+    """
+    codes = set(use_case.features.codes)
+    us = timedelta(microseconds=1)
+    kept = [
+        (code, float(value), (time - prediction_time) // us)
+        for code, time, available, value, implausible in events
+        if code in codes
+        and not implausible
+        and value is not None
+        and available <= prediction_time
+        and time <= prediction_time
+    ]
+    rows = pl.DataFrame(
+        {
+            "hadm_id": [0] * len(kept),
+            "prediction_time": [prediction_time] * len(kept),
+            "stem": [k[0] for k in kept],
+            "v": [k[1] for k in kept],
+            "t_us": [k[2] for k in kept],
+        },
+        schema={
+            "hadm_id": pl.Int64,
+            "prediction_time": pl.Datetime("us"),
+            "stem": pl.String,
+            "v": pl.Float64,
+            "t_us": pl.Int64,
+        },
+    )
+    long = _aggregated(rows.lazy(), use_case)
+    names = [c for c in long.columns if c not in (*ROW_KEY, "stem")]
+    out: dict[str, float | None] = {}
+    for r in long.iter_rows(named=True):
+        stem = _stem(r["stem"])
+        out |= {f"{stem}__{n}": r[n] for n in names}
+    return out
+
+
+def _build_features(
+    events: pl.DataFrame | pl.LazyFrame,
+    cohort: pl.DataFrame,
+    use_case: UseCase,
+    categories: dict[str, list[str]],
+) -> pl.DataFrame:
+    long = stem_aggregates(events, cohort, use_case)
     values = [c for c in long.columns if c not in (*ROW_KEY, "stem")]
     # wide by one join per code stem on the row key: several times faster than DataFrame.pivot
     wide = cohort.select(ROW_KEY)

@@ -1,15 +1,20 @@
 """One patient's chart from a CDS Hooks prefetch (FHIR R4), as the frames the batch path computes features from.
 
-The prefetch is parsed and validated with ``fhir.resources`` (its R4B models: Patient, Encounter, Observation
-and Bundle read R4 resources unchanged), then every value takes the batch path's road, by the batch path's
-own code, so that :func:`clinical_ml.core.features.build_features` gives the features the model was trained
-on (no training-serving skew):
+The prefetch is read by :mod:`clinical_ml.serve.fhir`, a strict reader of the elements used here (FHIR R4's
+datatype rules, element names, required elements), then every value takes the batch path's road, so that
+the batch path's feature code (:func:`clinical_ml.core.features.stem_aggregates`) gives the features the
+model was trained on (no training-serving skew):
 
 - codes: labs by their LOINC in the vocabulary (``vocabulary.yaml``), vital signs by the LOINC of
   :data:`VITAL_LOINC` or by name under :data:`VITAL_SYSTEM`; any other Observation is not used;
-- units: ingestion's harmonisation (the same conversion into the canonical unit and the same implausible
-  flag); a value in a unit the vocabulary does not know is not used, as ingestion rejects its row;
-- coded values (sex, admission type, unit, site): the site mapping, as at the anonymization boundary;
+- units: ingestion's harmonisation rule (the vocabulary's affine conversions into the canonical unit and its
+  plausible ranges), applied per value as ingestion applies it per column; a test holds the two equal for
+  every unit the vocabulary knows. A value in a unit the vocabulary does not know is not used, as ingestion
+  rejects its row; so is a value with a comparator (``<0.5``: not a measured number);
+- duplicates: ingestion's rule (an identical repeat is one result; results of one code at one time that
+  differ are all left out);
+- coded values (sex, admission type, unit, site): the site mapping, as at the anonymization boundary
+  (:class:`CodedValues`, which remembers the answers for values seen before);
 - age: the anonymizer's ``age_in_years`` (capped at 90);
 - events in MEDS form with ``numeric_value`` as Float32, as the anonymizer writes them.
 
@@ -18,25 +23,36 @@ errors name the place in the prefetch (``prefetch.observations.entry.3.resource.
 value.
 """
 
+import threading
+from array import array
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import polars as pl
-from fhir.resources.R4B.bundle import Bundle
-from fhir.resources.R4B.encounter import Encounter
-from fhir.resources.R4B.patient import Patient
-from pydantic import BaseModel, ValidationError
 
-from clinical_ml.core.anonymization import age_in_years
-from clinical_ml.core.ingestion import _harmonize_units  # the batch path's unit rule, reused as is
+from clinical_ml.core.anonymization import AGE_CAP
 from clinical_ml.core.site_mapping import SiteMapping, enforce_controlled_values
-from clinical_ml.core.units import LAB_CODES, VITAL_CODES
+from clinical_ml.core.units import LAB_CODES, PLAUSIBLE_RANGES, UNIT_CONVERSIONS, VITAL_CODES, canonical_unit
+from clinical_ml.serve.fhir import (
+    EncounterFacts,
+    Issue,
+    PrefetchError,
+    ReferenceFacts,
+    bundle_resources,
+    read_encounter,
+    read_observation,
+    read_patient,
+    reference_id,
+)
+
+__all__ = ["Issue", "PrefetchError"]  # named here too: callers read them as the chart's errors
 
 LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
 # Vital signs without a LOINC below, or a site's own charting, are sent under this system by vocabulary name.
 VITAL_SYSTEM = "urn:clinical-ml:vital"
 ADMISSION_TYPE_SYSTEM = "urn:clinical-ml:admission-type"
@@ -71,67 +87,80 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "implausible": pl.Boolean(),
 }
 
+COHORT_SCHEMA: dict[str, pl.DataType] = {
+    "subject_id": pl.Int64(),
+    "hadm_id": pl.Int64(),
+    "prediction_time": pl.Datetime("us"),
+    "admit_time": pl.Datetime("us"),
+    "age_years": pl.Int32(),
+    "sex": pl.String(),
+    "admission_type": pl.String(),
+    "unit": pl.String(),
+    "site": pl.String(),
+}
 
-@dataclass(frozen=True)
-class Issue:
-    """One problem with a request: where (a path into the request) and what (a code), never a value."""
 
-    location: str
-    code: str
-    detail: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"location": self.location, "code": self.code, "detail": self.detail}
-
-
-class PrefetchError(ValueError):
-    """The prefetch cannot be read as the FHIR the service needs (HTTP 400, or 412 when data are missing)."""
-
-    def __init__(self, issues: list[Issue], *, missing: bool = False) -> None:
-        super().__init__("; ".join(f"{i.location}: {i.detail}" for i in issues))
-        self.issues = issues
-        self.missing = missing
+# One measurement of the stay as the anonymizer writes it: MEDS code, time, available time, numeric value
+# (a Float32 value), implausible.
+Measurement = tuple[str, datetime, datetime, float, bool]
 
 
 @dataclass(frozen=True)
 class Chart:
-    """A patient's stay as the batch path's frames, with counts of what was not used (no values)."""
+    """A patient's stay as the batch path sees it, with counts of what was not used (no values).
 
-    cohort: pl.DataFrame  # one row: subject_id, hadm_id, prediction_time, admit_time, static attributes
-    events: pl.DataFrame  # MEDS events of the stay (EVENT_SCHEMA)
-    encounters: pl.DataFrame  # the patient's stays (subject_id, hadm_id, admit_time) for history features
+    ``stay`` is the cohort row (placeholder keys, prediction and admission times, age, coded attributes),
+    ``measurements`` the stay's MEDS events, ``admissions`` the start of this and the patient's other stays;
+    :attr:`cohort`, :attr:`events` and :attr:`encounters` are the same as the batch path's frames.
+    """
+
+    stay: dict[str, Any]
+    measurements: tuple[Measurement, ...]
+    admissions: tuple[datetime, ...]
     not_used: dict[str, int] = field(default_factory=dict)  # observations left out, by reason
 
     @property
+    def prediction_time(self) -> datetime:
+        return self.stay["prediction_time"]
+
+    @property
     def hours_since_admission(self) -> float:
-        row = self.cohort.row(0, named=True)
-        return (row["prediction_time"] - row["admit_time"]).total_seconds() / 3600.0
+        return (self.stay["prediction_time"] - self.stay["admit_time"]).total_seconds() / 3600.0
 
+    @cached_property
+    def cohort(self) -> pl.DataFrame:
+        """One row: subject_id, hadm_id, prediction_time, admit_time, age_years and the coded attributes."""
+        return pl.DataFrame({k: [v] for k, v in self.stay.items()}, schema=COHORT_SCHEMA)
 
-def _validation_issues(exc: ValidationError, where: str) -> list[Issue]:
-    # the location and the error type only: pydantic's message may quote the input, which is patient data
-    return [
-        Issue(
-            ".".join([where, *(str(p) for p in e["loc"])]),
-            "invalid",
-            f"not valid FHIR R4 ({e['type']})",
+    @cached_property
+    def events(self) -> pl.DataFrame:
+        """The stay's MEDS events (:data:`EVENT_SCHEMA`)."""
+        m = self.measurements
+        return pl.DataFrame(
+            {
+                "subject_id": [SUBJECT] * len(m),
+                "time": [e[1] for e in m],
+                "code": [e[0] for e in m],
+                "numeric_value": [e[3] for e in m],
+                "hadm_id": [STAY] * len(m),
+                "available_time": [e[2] for e in m],
+                "implausible": [e[4] for e in m],
+            },
+            schema=EVENT_SCHEMA,
         )
-        for e in exc.errors()[:20]
-    ]
 
-
-def _parse(model: type[BaseModel], raw: Any, where: str) -> Any:
-    name = model.__name__
-    if not isinstance(raw, dict):
-        raise PrefetchError([Issue(where, "structure", f"expected a FHIR {name} object")])
-    if raw.get("resourceType") != name:
-        raise PrefetchError([Issue(f"{where}.resourceType", "invalid", f"expected resourceType {name}")])
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise PrefetchError(_validation_issues(exc, where)) from None
-    except (TypeError, ValueError, RecursionError) as exc:  # fhir.resources raises a few of its own
-        raise PrefetchError([Issue(where, "invalid", f"not valid FHIR R4 ({type(exc).__name__})")]) from None
+    @cached_property
+    def encounters(self) -> pl.DataFrame:
+        """The patient's stays (subject_id, hadm_id, admit_time), this one first, for history features."""
+        starts = list(self.admissions)
+        return pl.DataFrame(
+            {
+                "subject_id": [SUBJECT] * len(starts),
+                "hadm_id": list(range(STAY, STAY + len(starts))),
+                "admit_time": starts,
+            },
+            schema={"subject_id": pl.Int64, "hadm_id": pl.Int64, "admit_time": pl.Datetime("us")},
+        )
 
 
 def site_clock(ts: datetime | date | None, tz: ZoneInfo) -> datetime | None:
@@ -147,16 +176,80 @@ def site_clock(ts: datetime | date | None, tz: ZoneInfo) -> datetime | None:
     return ts
 
 
-def _ref_id(reference: Any, resource_type: str) -> str | None:
-    ref = getattr(reference, "reference", None) or ""
-    kind, _, rid = ref.rpartition("/")
-    return rid if kind.endswith(resource_type) and rid else None
+# ingestion's unit rule (clinical_ml.core.ingestion._harmonize_units), per value ------------------------------
+# (code, delivered unit) -> (a, b) of the affine conversion value * a + b into the canonical unit, read off
+# the vocabulary's functions exactly as ingestion reads them
+_CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
+    key: (fn(1.0) - fn(0.0), fn(0.0)) for key, fn in UNIT_CONVERSIONS.items()
+}
+_CANONICAL: dict[str, str] = {c: canonical_unit(c) for c in (*LAB_CODES, *VITAL_CODES)}
+_PLAUSIBLE: dict[str, tuple[float, float]] = {
+    c: (float(PLAUSIBLE_RANGES[c][0]), float(PLAUSIBLE_RANGES[c][1])) for c in _CANONICAL
+}
 
 
-def _measurement_code(obs: Any) -> str | None:
+def harmonized(code: str, value: float, unit: str | None) -> tuple[float, bool] | None:
+    """A value of a vocabulary code in its canonical unit and whether it is implausible (outside the code's
+    plausible range), as ingestion harmonizes it; None when the vocabulary does not know the unit."""
+    conversion = _CONVERSIONS.get((code, unit)) if unit is not None else None
+    if conversion is not None:
+        v = value * conversion[0] + conversion[1]
+    elif unit is not None and unit == _CANONICAL.get(code):
+        v = value
+    else:
+        return None
+    lo, hi = _PLAUSIBLE[code]
+    return v, bool(v < lo or v > hi)
+
+
+def age_years(birth: date | None, at: datetime) -> int | None:
+    """Completed years from ``birth`` to ``at``, capped at 90: the anonymizer's ``age_in_years`` for one
+    stay (a test holds the two equal)."""
+    if birth is None:
+        return None
+    had_birthday = (at.month, at.day) >= (birth.month, birth.day)
+    return min(at.year - birth.year - (0 if had_birthday else 1), AGE_CAP)
+
+
+class CodedValues:
+    """The site mapping's recoding of a stay's coded values (:func:`enforce_controlled_values`, as at the
+    anonymization boundary), remembered for values seen before: a hospital has few sexes, admission types,
+    units and sites, and recoding one value through polars costs more than the rest of a hook call."""
+
+    def __init__(self, mapping: SiteMapping, *, remember: int = 4096) -> None:
+        self.mapping = mapping
+        self._seen: OrderedDict[tuple, tuple[str | None, ...]] = OrderedDict()
+        self._remember = remember
+        self._lock = threading.Lock()
+
+    def _recode(self, source: str, values: dict[str, str | None]) -> tuple[str | None, ...]:
+        key = (source, *values.items())
+        with self._lock:
+            found = self._seen.get(key)
+            if found is not None:
+                self._seen.move_to_end(key)
+                return found
+        frame = pl.DataFrame({k: [v] for k, v in values.items()}, schema={k: pl.String for k in values})
+        out = enforce_controlled_values(frame, source, self.mapping)[0]
+        recoded = tuple(out[k][0] for k in values)
+        with self._lock:
+            self._seen[key] = recoded
+            while len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
+        return recoded
+
+    def sex(self, gender: str | None) -> str | None:
+        return self._recode("patients", {"sex": gender})[0]
+
+    def stay(
+        self, *, admission_type: str | None, unit: str | None, site: str | None
+    ) -> tuple[str | None, ...]:
+        return self._recode("encounters", {"admission_type": admission_type, "unit": unit, "site": site})
+
+
+def _measurement_code(codings: list[tuple[str | None, str | None]]) -> str | None:
     """The vocabulary code of an Observation (a LOINC lab, or a vital name), None when it is not one."""
-    for coding in (obs.code.coding or []) if obs.code else []:
-        system, code = coding.system or "", coding.code or ""
+    for system, code in codings:
         if system == LOINC and code in LAB_CODES:
             return code
         if system == LOINC and code in VITAL_LOINC:
@@ -166,77 +259,69 @@ def _measurement_code(obs: Any) -> str | None:
     return None
 
 
-def _effective(obs: Any) -> Any:
-    if obs.effectiveDateTime is not None:
-        return obs.effectiveDateTime
-    if obs.effectiveInstant is not None:
-        return obs.effectiveInstant
-    if obs.effectivePeriod is not None:
-        return obs.effectivePeriod.start
+def _admission_type(enc: EncounterFacts) -> str | None:
+    for system, code in enc.types:
+        if system == ADMISSION_TYPE_SYSTEM and code:
+            return code
+    for system, code in enc.priority:
+        if system == ACT_PRIORITY and code in PRIORITY_ADMISSION_TYPE:
+            return PRIORITY_ADMISSION_TYPE[code]
     return None
 
 
-def _admission_type(enc: Any) -> str | None:
-    for concept in enc.type or []:
-        for coding in concept.coding or []:
-            if coding.system == ADMISSION_TYPE_SYSTEM and coding.code:
-                return str(coding.code)
-    for coding in (enc.priority.coding or []) if enc.priority else []:
-        if coding.system == ACT_PRIORITY and coding.code in PRIORITY_ADMISSION_TYPE:
-            return PRIORITY_ADMISSION_TYPE[coding.code]
-    return None
-
-
-def _unit(enc: Any) -> str | None:
+def _unit(enc: EncounterFacts) -> str | None:
     """The stay's unit: the first location's identifier, else its display (the site's unit code)."""
-    for loc in enc.location or []:
-        ref = loc.location
-        ident = getattr(ref, "identifier", None)
-        if ident is not None and ident.value:
-            return str(ident.value)
-        if ref is not None and ref.display:
-            return str(ref.display)
+    for ref in enc.locations:
+        if ref.identifier:
+            return ref.identifier
+        if ref.display:
+            return ref.display
     return None
 
 
-def _site(enc: Any) -> str | None:
-    ref = enc.serviceProvider
+def _site(ref: ReferenceFacts | None) -> str | None:
     if ref is None:
         return None
-    if ref.identifier is not None and ref.identifier.value:
-        return str(ref.identifier.value)
-    return str(ref.display) if ref.display else None
+    return ref.identifier or ref.display
+
+
+Row = tuple[str, float, str | None, datetime, datetime]  # code, value, unit, taken, available
 
 
 def _observation_rows(
-    bundle: Any, *, encounter_id: str | None, tz: ZoneInfo
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    rows: list[dict[str, Any]] = []
+    raw: Any, *, encounter_id: str | None, tz: ZoneInfo
+) -> tuple[list[Row], dict[str, int]]:
+    rows: list[Row] = []
     not_used: dict[str, int] = {}
 
     def skip(reason: str) -> None:
         not_used[reason] = not_used.get(reason, 0) + 1
 
-    for entry in bundle.entry or []:
-        obs = entry.resource
-        if obs is None or obs.get_resource_type() != "Observation":
+    for place, kind, res in bundle_resources(raw, "prefetch.observations"):
+        if kind != "Observation":
             continue  # a search Bundle may carry an OperationOutcome or included resources
-        code = _measurement_code(obs)
+        obs = read_observation(res, place)
+        if obs.modifier_extension:
+            skip("modifier_extension")  # may change what the Observation means: not used
+            continue
+        code = _measurement_code(obs.codings)
         if code is None:
             skip("code_not_in_vocabulary")
             continue
         if obs.status not in USABLE_STATUS:
             skip("status_not_final")
             continue
-        enc_id = _ref_id(obs.encounter, "Encounter")
-        if obs.encounter is not None and encounter_id is not None and enc_id != encounter_id:
+        elsewhere = obs.encounter is not None and encounter_id is not None
+        if elsewhere and reference_id(obs.encounter, "Encounter") != encounter_id:
             skip("other_encounter")
             continue
-        q = obs.valueQuantity
-        if q is None or q.value is None:
+        if obs.value is None:
             skip("no_numeric_value")
             continue
-        taken = site_clock(_effective(obs), tz)
+        if obs.comparator is not None:
+            skip("value_with_comparator")
+            continue
+        taken = site_clock(obs.effective, tz)
         if taken is None:
             skip("no_time")
             continue
@@ -245,60 +330,52 @@ def _observation_rows(
         if available < taken:
             skip("result_before_specimen")
             continue
-        unit = q.code if (q.system == UCUM and q.code) else (q.unit or q.code)
-        rows.append(
-            {"code": code, "value": float(q.value), "unit": unit, "time": taken, "available_time": available}
-        )
+        rows.append((code, obs.value, obs.unit, taken, available))
     return rows, not_used
 
 
-def _events(rows: list[dict[str, Any]], not_used: dict[str, int]) -> pl.DataFrame:
-    if not rows:
-        return pl.DataFrame(schema=EVENT_SCHEMA)
-    raw = pl.DataFrame(
-        rows,
-        schema={
-            "code": pl.String,
-            "value": pl.Float64,
-            "unit": pl.String,
-            "time": pl.Datetime("us"),
-            "available_time": pl.Datetime("us"),
-        },
-    )
-    harmonized = _harmonize_units(raw, "code")
-    unknown = int((~harmonized["unit_known"]).sum())
+def _measurements(rows: list[Row], not_used: dict[str, int]) -> tuple[Measurement, ...]:
+    unknown = 0
+    seen: set[Row] = set()
+    kept: list[tuple[str, datetime, float, bool, datetime]] = []
+    for row in rows:
+        code, value, unit, taken, available = row
+        h = harmonized(code, value, unit)
+        if h is None:
+            unknown += 1
+            continue
+        # ingestion's duplicate rule among the rows it accepts: an identical repeat of a result is one result
+        if row in seen:
+            continue
+        seen.add(row)
+        kept.append((code, taken, h[0], h[1], available))
     if unknown:
         not_used["unknown_unit"] = not_used.get("unknown_unit", 0) + unknown
-    # ingestion's duplicate rule among the rows it accepts: an identical repeat of a result is one result;
-    # results of one code at one time that differ are all left out (which one is right is unknown)
-    kept = harmonized.filter(pl.col("unit_known")).unique(
-        ["code", "time", "value_raw", "unit_raw", "available_time"], keep="first", maintain_order=True
-    )
-    conflicting = pl.len().over("code", "time") > 1
-    n_conflicting = int(kept.select(conflicting.sum()).item())
+    # ... and results of one code at one time that differ are all left out (which one is right is unknown)
+    per_time: dict[tuple[str, datetime], int] = {}
+    for k in kept:
+        per_time[(k[0], k[1])] = per_time.get((k[0], k[1]), 0) + 1
+    n_conflicting = sum(1 for k in kept if per_time[(k[0], k[1])] > 1)
     if n_conflicting:
         not_used["conflicting_duplicate"] = n_conflicting
-        kept = kept.filter(~conflicting)
-    prefix = pl.when(pl.col("code").is_in(list(LAB_CODES))).then(pl.lit("LAB//")).otherwise(pl.lit("VITAL//"))
-    return kept.select(
-        pl.lit(SUBJECT, dtype=pl.Int64).alias("subject_id"),
-        "time",
-        (prefix + pl.col("code")).alias("code"),
-        pl.col("value").cast(pl.Float32).alias("numeric_value"),
-        pl.lit(STAY, dtype=pl.Int64).alias("hadm_id"),
-        "available_time",
-        "implausible",
+        kept = [k for k in kept if per_time[(k[0], k[1])] == 1]
+    # numeric_value is Float32 in the de-identified layer: each value rounded to it, as the anonymizer writes
+    values = array("f", [k[2] for k in kept]).tolist()
+    return tuple(
+        (("LAB//" if k[0] in LAB_CODES else "VITAL//") + k[0], k[1], k[4], v, k[3])
+        for k, v in zip(kept, values, strict=True)
     )
 
 
 def _other_stays(raw: Any, *, current: str | None, tz: ZoneInfo) -> list[datetime]:
-    bundle = _parse(Bundle, raw, "prefetch.encounters")
     starts = []
-    for entry in bundle.entry or []:
-        enc = entry.resource
-        if enc is None or enc.get_resource_type() != "Encounter" or (current and enc.id == current):
+    for place, kind, res in bundle_resources(raw, "prefetch.encounters"):
+        if kind != "Encounter":
             continue
-        start = site_clock(enc.period.start, tz) if enc.period is not None else None
+        enc = read_encounter(res, place)
+        if current and enc.id == current:
+            continue
+        start = site_clock(enc.start, tz)
         if start is not None:
             starts.append(start)
     return starts
@@ -321,12 +398,12 @@ def chart_from_prefetch(
     *,
     context: Mapping[str, Any],
     prediction_time: datetime,
-    site_mapping: SiteMapping,
+    site_mapping: SiteMapping | CodedValues,
     tz: ZoneInfo,
     with_history: bool = False,
 ) -> Chart:
     """The stay of ``context.encounterId`` as the batch path's frames, predicted at ``prediction_time``
-    (naive, on the site's clock).
+    (naive, on the site's clock). ``site_mapping`` may be a :class:`CodedValues` kept between calls.
 
     Raises
     ------
@@ -335,9 +412,10 @@ def chart_from_prefetch(
         or the resources do not belong to the context's patient and encounter.
     """
     _require(prefetch, ("patient", "encounter", "observations", *(("encounters",) if with_history else ())))
-    patient = _parse(Patient, prefetch["patient"], "prefetch.patient")
-    encounter = _parse(Encounter, prefetch["encounter"], "prefetch.encounter")
-    observations = _parse(Bundle, prefetch["observations"], "prefetch.observations")
+    coded = site_mapping if isinstance(site_mapping, CodedValues) else CodedValues(site_mapping)
+    patient = read_patient(prefetch["patient"], "prefetch.patient")
+    encounter = read_encounter(prefetch["encounter"], "prefetch.encounter")
+    rows, not_used = _observation_rows(prefetch["observations"], encounter_id=encounter.id, tz=tz)
     issues = []
     if context.get("patientId") and patient.id and patient.id != context["patientId"]:
         issues.append(Issue("prefetch.patient.id", "conflict", "is not the patient of the hook's context"))
@@ -345,71 +423,37 @@ def chart_from_prefetch(
         issues.append(
             Issue("prefetch.encounter.id", "conflict", "is not the encounter of the hook's context")
         )
-    subject = _ref_id(encounter.subject, "Patient")
+    subject = reference_id(encounter.subject, "Patient")
     if encounter.subject is not None and patient.id and subject != patient.id:
         issues.append(
             Issue("prefetch.encounter.subject", "conflict", "does not reference the prefetch's patient")
         )
-    admit = site_clock(encounter.period.start, tz) if encounter.period is not None else None
+    admit = site_clock(encounter.start, tz)
     if admit is None:
         issues.append(Issue("prefetch.encounter.period.start", "required", "the stay's start date and time"))
-    if patient.birthDate is None:
+    if "birthDate" not in prefetch["patient"]:
         issues.append(Issue("prefetch.patient.birthDate", "required", "needed for the patient's age"))
     if issues:
         raise PrefetchError(issues)
     assert admit is not None
-    rows, not_used = _observation_rows(observations, encounter_id=encounter.id, tz=tz)
-    events = _events(rows, not_used)
-
-    patients = enforce_controlled_values(
-        pl.DataFrame({"sex": [patient.gender]}, schema={"sex": pl.String}), "patients", site_mapping
-    )[0]
-    stays = enforce_controlled_values(
-        pl.DataFrame(
-            {
-                "admission_type": [_admission_type(encounter)],
-                "unit": [_unit(encounter)],
-                "site": [_site(encounter)],
-            },
-            schema={"admission_type": pl.String, "unit": pl.String, "site": pl.String},
-        ),
-        "encounters",
-        site_mapping,
-    )[0]
-    birth = patient.birthDate if isinstance(patient.birthDate, date) else None
-    cohort = (
-        pl.DataFrame(
-            {
-                "subject_id": [SUBJECT],
-                "hadm_id": [STAY],
-                "prediction_time": [prediction_time],
-                "admit_time": [admit],
-                "birth_date": [birth],
-            },
-            schema={
-                "subject_id": pl.Int64,
-                "hadm_id": pl.Int64,
-                "prediction_time": pl.Datetime("us"),
-                "admit_time": pl.Datetime("us"),
-                "birth_date": pl.Date,
-            },
-        )
-        .with_columns(
-            age_in_years(pl.col("birth_date"), pl.col("admit_time")).alias("age_years"),
-            pl.lit(patients["sex"][0], dtype=pl.String).alias("sex"),
-            *[pl.lit(stays[c][0], dtype=pl.String).alias(c) for c in ("admission_type", "unit", "site")],
-        )
-        .drop("birth_date")
+    measurements = _measurements(rows, not_used)
+    admission_type, unit, site = coded.stay(
+        admission_type=_admission_type(encounter),
+        unit=_unit(encounter),
+        site=_site(encounter.service_provider),
     )
+    stay = {
+        "subject_id": SUBJECT,
+        "hadm_id": STAY,
+        "prediction_time": prediction_time,
+        "admit_time": admit,
+        "age_years": age_years(patient.birth_date, admit),
+        "sex": coded.sex(patient.gender),
+        "admission_type": admission_type,
+        "unit": unit,
+        "site": site,
+    }
     starts = [admit]
     if with_history:
         starts += _other_stays(prefetch["encounters"], current=encounter.id, tz=tz)
-    encounters = pl.DataFrame(
-        {
-            "subject_id": [SUBJECT] * len(starts),
-            "hadm_id": list(range(STAY, STAY + len(starts))),
-            "admit_time": starts,
-        },
-        schema={"subject_id": pl.Int64, "hadm_id": pl.Int64, "admit_time": pl.Datetime("us")},
-    )
-    return Chart(cohort=cohort, events=events, encounters=encounters, not_used=not_used)
+    return Chart(stay=stay, measurements=measurements, admissions=tuple(starts), not_used=not_used)

@@ -11,7 +11,8 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from clinical_ml.serve.chart import ADMISSION_TYPE_SYSTEM, LOINC, UCUM, VITAL_LOINC, VITAL_SYSTEM
+from clinical_ml.serve.chart import ADMISSION_TYPE_SYSTEM, LOINC, VITAL_LOINC, VITAL_SYSTEM
+from clinical_ml.serve.fhir import UCUM
 
 GENDER = {"F": "female", "M": "male", "U": "unknown"}
 _LOINC_OF_VITAL = {name: loinc for loinc, name in reversed(list(VITAL_LOINC.items()))}

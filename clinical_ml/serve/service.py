@@ -32,6 +32,7 @@ from clinical_ml.serve.chart import (
     VITAL_LOINC,
     VITAL_SYSTEM,
     Chart,
+    CodedValues,
     Issue,
     PrefetchError,
     chart_from_prefetch,
@@ -196,6 +197,8 @@ class CdsService:
         self.use_cases = {uc.name: uc for uc in use_cases}
         self.watches = {uc.name: ChampionWatch(settings.data_root / "registry", uc) for uc in use_cases}
         self.site_mapping = site_mapping
+        # the site mapping's answers for coded values seen before (few distinct ones: sexes, units, sites)
+        self.coded = CodedValues(site_mapping)
         self.records = records
         # the site's clock: the service's setting, else the site mapping's, else UTC
         self.tz = ZoneInfo(settings.site_timezone or site_mapping.time_zone or "UTC")
@@ -282,7 +285,7 @@ class CdsService:
                 req.prefetch or {},
                 context=req.context.model_dump(),
                 prediction_time=predicted_at,
-                site_mapping=self.site_mapping,
+                site_mapping=self.coded,
                 tz=self.tz,
                 with_history=bool(uc.features.history),
             )
@@ -313,8 +316,7 @@ class CdsService:
     def ineligible(self, served: ServedModel, chart: Chart) -> str | None:
         """Why the model does not apply to this stay now (its population and prediction time), else None."""
         uc = served.use_case
-        row = chart.cohort.row(0, named=True)
-        age = row["age_years"]
+        age = chart.stay["age_years"]
         pop = uc.population
         if (
             age is None
