@@ -433,7 +433,7 @@ def _deid_tables(deid: "DeidStore") -> tuple["pl.DataFrame", "pl.DataFrame", "pl
 
     files = deid.events.files()
     events = pl.scan_parquet(files) if files else None
-    return deid.encounters.read_all(), deid.patients.read_all(), events
+    return deid.encounters.read_all(relaxed=True), deid.patients.read_all(), events
 
 
 def _unservable(deid: "DeidStore", use_cases: list[UseCase]) -> dict[str, str]:

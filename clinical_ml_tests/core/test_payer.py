@@ -313,6 +313,22 @@ def test_the_cohort_carries_the_payer_and_a_deid_layer_without_it_reads_as_not_k
     assert cohort["payer"].null_count() == cohort.height == 2
 
 
+def test_stays_released_before_the_payer_existed_are_read_as_not_known(tmp_path):
+    from clinical_ml.core.artifacts import DeidStore
+    from clinical_ml.core.labeling import build_cohort
+    from clinical_ml_tests.core.test_labeling import BASE, d, stays
+
+    deid = DeidStore(tmp_path / "deid", tmp_path / "reports")
+    enc, pat = stays([{"s": 1, "a": 10, "in": d(0), "out": d(3)}, {"s": 2, "a": 20, "in": d(1), "out": d(4)}])
+    old, new = enc.filter(pl.col("hadm_id") == 10), enc.filter(pl.col("hadm_id") == 20)
+    deid.encounters.part("2026-01-05").write(old)  # anonymized before the contract had a payer
+    deid.encounters.part("2026-01-19").write(new.with_columns(pl.lit("Private").alias("payer")))
+    with pytest.raises(pl.exceptions.PolarsError):
+        deid.encounters.read_all()  # why the graph reads the encounters relaxed
+    cohort, _ = build_cohort(deid.encounters.read_all(relaxed=True), pat, BASE)
+    assert dict(zip(cohort["hadm_id"], cohort["payer"], strict=True)) == {10: None, 20: "Private"}
+
+
 def test_the_audit_reports_by_payer_when_the_use_case_lists_it():
     from clinical_ml.core.fairness import audit_subcohorts
     from clinical_ml.core.usecase import OperatingPoint, Subgroups

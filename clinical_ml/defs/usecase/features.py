@@ -29,7 +29,7 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
     def cohort(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         deid, store = zones.deid_store(), zones.use_case(uc.name)
         frame, flow = build_cohort(
-            deid.encounters.read_all(), deid.patients.read_all(), uc, _events(deid.events.files())
+            deid.encounters.read_all(relaxed=True), deid.patients.read_all(), uc, _events(deid.events.files())
         )
         store.cohort.write(frame)
         store.cohort_flow.write(flow)
@@ -56,7 +56,7 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         deid, store = zones.deid_store(), zones.use_case(uc.name)
         cohort = store.cohort.read()
         lab = build_labels(
-            cohort, uc, encounters=deid.encounters.read_all(), events=_events(deid.events.files())
+            cohort, uc, encounters=deid.encounters.read_all(relaxed=True), events=_events(deid.events.files())
         )
         store.labels.write(lab)
         return dg.MaterializeResult(
@@ -86,7 +86,7 @@ def build_features_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetChe
         cohort = store.cohort.read()
         feats, stats = build_features_incremental(files, cohort, uc, store.feature_cache)
         if uc.features.history:
-            history = history_features(cohort, deid.encounters.read_all(), _events(files), uc)
+            history = history_features(cohort, deid.encounters.read_all(relaxed=True), _events(files), uc)
             feats = feats.join(history, on=ROW_KEY, how="left", maintain_order="left")
         store.features.write(feats)
         context.log.info(
