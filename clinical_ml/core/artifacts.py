@@ -358,6 +358,9 @@ class UseCaseStore:
         self.prediction_timing = JsonParts(f / "timing", PredictionTiming)
         # clinicians' answers to the point-of-care cards, pseudonymised (clinical_ml.core.clinician_feedback)
         self.clinician_feedback = ParquetFile(f / "clinician_feedback.parquet")
+        # the cards the service served, pseudonymised, and the calls it answered (core.served_predictions)
+        self.served_predictions = ParquetFile(f / "served_predictions.parquet")
+        self.service_requests = ParquetFile(f / "service_requests.parquet")
         self.fhir_exports = f / "fhir"
 
     def drift_reference_cache(self, key: str) -> PickleCache:

@@ -121,6 +121,47 @@ def _quarter(ts: pl.Expr) -> pl.Expr:
     return pl.format("{}Q{}", t.dt.year(), t.dt.quarter())
 
 
+def with_pseudonyms(
+    rows: pl.DataFrame, *, vault: Vault, hmac_key: HmacKey | None, opted_out: pl.Series
+) -> tuple[pl.DataFrame, int]:
+    """Rows with the EHR's ``patient_id`` and ``encounter_id`` given the pseudonyms anonymization gives them
+    (``subject_id``, ``hadm_id``: keyed HMAC in hmac mode, the vault's in vault mode, in pairs or not at all),
+    those of the opt-out register left out; and how many were left out. The EHR's ids stay in the rows
+    (``_mrn``/``_enc`` normalized): the caller selects what leaves."""
+    rows = rows.with_columns(
+        normalize_identifier(pl.col("patient_id")).alias("_mrn"),
+        normalize_identifier(pl.col("encounter_id")).alias("_enc"),
+    )
+    objecting = rows["_mrn"].is_in(opted_out.implode())
+    withheld = int(objecting.sum())
+    rows = rows.filter(~objecting)
+    if hmac_key is not None:
+        rows = rows.with_columns(
+            hmac_ids(rows["_mrn"], key=hmac_key, kind="subject").alias("subject_id"),
+            hmac_ids(rows["_enc"], key=hmac_key, kind="hadm").alias("hadm_id"),
+        )
+    else:
+        rows = rows.join(
+            vault.patients.select(pl.col("mrn").alias("_mrn"), "subject_id"), on="_mrn", how="left"
+        ).join(
+            vault.encounters.select(pl.col("encounter_id").alias("_enc"), "hadm_id"), on="_enc", how="left"
+        )
+        # pseudonyms leave in pairs: a patient the vault knows without this stay (or the reverse) gets none
+        rows = rows.with_columns(
+            pl.when(pl.col("hadm_id").is_null())
+            .then(None)
+            .otherwise(pl.col("subject_id"))
+            .alias("subject_id"),
+            pl.when(pl.col("subject_id").is_null()).then(None).otherwise(pl.col("hadm_id")).alias("hadm_id"),
+        )
+    return rows, withheld
+
+
+def quarter(ts: pl.Expr) -> pl.Expr:
+    """The real year-quarter (``2026Q1``) of an ISO time stamp column, UTC."""
+    return _quarter(ts)
+
+
 def pseudonymise_feedback(
     predictions: Sequence[dict],
     feedback: Sequence[dict],
@@ -171,32 +212,7 @@ def pseudonymise_feedback(
     ).unique("card_uuid", keep="last", maintain_order=True)
     rows = fb.join(served, on="card_uuid", how="inner")
     not_served = fb.height - rows.height
-    rows = rows.with_columns(
-        normalize_identifier(pl.col("patient_id")).alias("_mrn"),
-        normalize_identifier(pl.col("encounter_id")).alias("_enc"),
-    )
-    objecting = rows["_mrn"].is_in(opted_out.implode())
-    withheld = int(objecting.sum())
-    rows = rows.filter(~objecting)
-    if hmac_key is not None:
-        rows = rows.with_columns(
-            hmac_ids(rows["_mrn"], key=hmac_key, kind="subject").alias("subject_id"),
-            hmac_ids(rows["_enc"], key=hmac_key, kind="hadm").alias("hadm_id"),
-        )
-    else:
-        rows = rows.join(
-            vault.patients.select(pl.col("mrn").alias("_mrn"), "subject_id"), on="_mrn", how="left"
-        ).join(
-            vault.encounters.select(pl.col("encounter_id").alias("_enc"), "hadm_id"), on="_enc", how="left"
-        )
-        # pseudonyms leave in pairs: a patient the vault knows without this stay (or the reverse) gets none
-        rows = rows.with_columns(
-            pl.when(pl.col("hadm_id").is_null())
-            .then(None)
-            .otherwise(pl.col("subject_id"))
-            .alias("subject_id"),
-            pl.when(pl.col("subject_id").is_null()).then(None).otherwise(pl.col("hadm_id")).alias("hadm_id"),
-        )
+    rows, withheld = with_pseudonyms(rows, vault=vault, hmac_key=hmac_key, opted_out=opted_out)
     offered = sorted(set(offered_reasons))
     reason = pl.col("override_reason")
     unmapped = reason.is_not_null() & ~reason.is_in(offered)

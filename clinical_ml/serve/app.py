@@ -109,9 +109,23 @@ def create_app(
                 f"error:{type(exc).__name__}",
             )
 
-    def reply(r: Reply, route: str, t0: float) -> Response:
+    def reply(r: Reply, route: str, t0: float, *, use_case: str | None = None) -> Response:
         ms = (time.perf_counter() - t0) * 1000
         log.info("%s %d %.1f ms model=%s outcome=%s", route, r.status, ms, r.model_version or "-", r.outcome)
+        if use_case in service.use_cases:
+            try:
+                service.records.request(
+                    use_case,
+                    {
+                        "route": route.partition(" ")[0],
+                        "status": r.status,
+                        "ms": round(ms, 3),
+                        "outcome": r.outcome,
+                        "model_version": r.model_version,
+                    },
+                )
+            except OSError as exc:  # the answer matters more than its record
+                log.error("request record not written (%s)", type(exc).__name__)
         return JSONResponse(r.body, status_code=r.status, headers=r.headers)
 
     def authenticate(request: Request, audience: list[str]) -> Reply | None:
@@ -159,13 +173,13 @@ def create_app(
         route = f"hook {service_id if service_id in service.use_cases else '<unknown>'}"
         denied = authenticate(request, service.audiences(service_id))
         if denied:
-            return reply(denied, route, t0)
+            return reply(denied, route, t0, use_case=service_id)
         raw, bad = await body_of(request)
         if bad:
-            return reply(bad, route, t0)
+            return reply(bad, route, t0, use_case=service_id)
         now = clock() if clock else None
         r = await off_loop(parsed(raw, lambda body: service.call(service_id, body, now=now)))
-        return reply(r, route, t0)
+        return reply(r, route, t0, use_case=service_id)
 
     @app.post("/cds-services/{service_id}/feedback")
     async def feedback(service_id: str, request: Request) -> Response:
@@ -173,13 +187,13 @@ def create_app(
         route = f"feedback {service_id if service_id in service.use_cases else '<unknown>'}"
         denied = authenticate(request, service.audiences(service_id, feedback=True))
         if denied:
-            return reply(denied, route, t0)
+            return reply(denied, route, t0, use_case=service_id)
         raw, bad = await body_of(request)
         if bad:
-            return reply(bad, route, t0)
+            return reply(bad, route, t0, use_case=service_id)
         now = clock() if clock else None
         r = await off_loop(parsed(raw, lambda body: service.feedback(service_id, body, now=now)))
-        return reply(r, route, t0)
+        return reply(r, route, t0, use_case=service_id)
 
     @app.get("/reports/{use_case}/{version}")
     def report_card(use_case: str, version: str) -> Response:

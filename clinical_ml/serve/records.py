@@ -7,6 +7,8 @@ Layout under ``<data root>/phi/serving/<use case>/``::
                                      the features' top reasons (feature names and values), observations not used
     feedback/<YYYY-MM-DD>.jsonl      one line per feedback entry: the card's uuid, accepted or overridden, the
                                      coded override reason, the clinician's free-text comment (phi only)
+    requests/<YYYY-MM-DD>.jsonl      one line per hook or feedback call: route, HTTP status, milliseconds
+                                     taken, outcome code, model version (no identifier, no value)
 
 Both hold identifiers and free text: they never leave the phi zone as they are. Each line is written with one
 ``write`` on a file opened for appending, so concurrent requests never interleave within a line.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 PREDICTIONS = "predictions"
 FEEDBACK = "feedback"
+REQUESTS = "requests"
 
 
 class ServingRecords:
@@ -64,6 +67,11 @@ class ServingRecords:
     def feedback(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
         self._append(use_case, FEEDBACK, {"received_at": now.isoformat(), **record}, now)
+
+    def request(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
+        """A call answered (for the system-health page: latency and error rate)."""
+        now = now or datetime.now(UTC)
+        self._append(use_case, REQUESTS, {"at": now.isoformat(), **record}, now)
 
     def read(self, use_case: str, kind: str) -> list[dict]:
         """Every record of a kind, oldest day first (for tests and the later pseudonymisation step)."""

@@ -15,6 +15,7 @@ from clinical_ml.core.clinician_feedback import (
 )
 from clinical_ml.core.consent import read_register
 from clinical_ml.core.reports import rounded
+from clinical_ml.core.served_predictions import pseudonymise_predictions, service_requests
 from clinical_ml.core.usecase import UseCase
 from clinical_ml.defs.anonymization.assets import DEID_TABLES
 from clinical_ml.defs.conventions import ML_OWNERS, PRIVACY_OWNERS, DataClass, Stage, tags
@@ -23,7 +24,7 @@ from clinical_ml.resources.pseudonym_secret import hmac_key_for
 from clinical_ml.resources.settings import AnonymizationSettings
 from clinical_ml.resources.zones import DataZones
 from clinical_ml.serve.cards import OVERRIDE_REASONS
-from clinical_ml.serve.records import FEEDBACK, PREDICTIONS, ServingRecords
+from clinical_ml.serve.records import FEEDBACK, PREDICTIONS, REQUESTS, ServingRecords
 
 RISING_CHECK = "override_rate_not_rising"
 
@@ -56,31 +57,42 @@ def build_feedback_assets(uc: UseCase) -> list[dg.AssetsDefinition]:
         description="Clinicians' answers to the point-of-care cards (accepted or overridden, the coded override "
         "reason), pseudonymised from the service's phi-zone records as anonymization pseudonymises (vault "
         "or HMAC); no EHR id, card id, time stamp (only the year-quarter) or free-text comment crosses, and "
-        "patients of the opt-out register are left out.",
+        "patients of the opt-out register are left out. With them, the cards served (pseudonymised the same "
+        "way: model version, outcome, risk, band, guardrail code, quarter) and the calls answered (day, "
+        "route, status, milliseconds, outcome code) for monitoring and the system-health page.",
     )
     def clinician_feedback(zones: DataZones, anonymization: AnonymizationSettings) -> dg.MaterializeResult:
         records, phi = ServingRecords(zones.phi), zones.phi_store()
         served = read_json_lines(records.folder(uc.name, PREDICTIONS))
         answers = read_json_lines(records.folder(uc.name, FEEDBACK))
         key_ = hmac_key_for(anonymization)
+        vault = phi.read_vault() if key_ is None else Vault.empty()
+        opted_out = read_register(phi.consent_register)
         release = pseudonymise_feedback(
             served.records,
             answers.records,
             offered_reasons=OVERRIDE_REASONS,
-            vault=phi.read_vault() if key_ is None else Vault.empty(),
+            vault=vault,
             hmac_key=key_,
-            opted_out=read_register(phi.consent_register),
+            opted_out=opted_out,
         )
         store = zones.use_case(uc.name)
         # a use case never served has nothing to release: no table (and no folder in the deid zone) for it
         if served.records or answers.records or store.clinician_feedback.exists():
             store.clinician_feedback.write(release.frame)
+        cards = pseudonymise_predictions(served.records, vault=vault, hmac_key=key_, opted_out=opted_out)
+        calls = read_json_lines(records.folder(uc.name, REQUESTS))
+        if served.records or store.served_predictions.exists():
+            store.served_predictions.write(cards.frame)
+        if calls.records or store.service_requests.exists():
+            store.service_requests.write(service_requests(calls.records))
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": release.released,
                 **release.as_dict(),
-                "unreadable_lines": served.unreadable + answers.unreadable,
-                "report": dg.MetadataValue.md(release.sentence()),
+                **cards.as_dict(),
+                "unreadable_lines": served.unreadable + answers.unreadable + calls.unreadable,
+                "report": dg.MetadataValue.md(f"{release.sentence()} {cards.sentence()}"),
             }
         )
 

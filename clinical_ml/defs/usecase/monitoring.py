@@ -48,6 +48,7 @@ from clinical_ml.defs.conventions import (
     tags,
 )
 from clinical_ml.defs.usecase.feedback import clinician_feedback_monitoring
+from clinical_ml.defs.usecase.health import system_health_metadata
 from clinical_ml.defs.usecase.paths import md_table, use_case_key
 from clinical_ml.resources.zones import DataZones
 
@@ -319,9 +320,10 @@ def build_monitoring_assets(
     )
     def monitoring_report_asset(context: dg.AssetExecutionContext, zones: DataZones):
         store, registry = zones.use_case(uc.name), zones.model_registry(uc.name)
+        health = system_health_metadata(context.instance, uc, store)  # a page of its own beside the report
         if registry.champion() is None:
             yield dg.MaterializeResult(
-                metadata={"report": dg.MetadataValue.md("No champion yet: nothing deployed.")}
+                metadata={"report": dg.MetadataValue.md("No champion yet: nothing deployed."), **health}
             )
             yield dg.AssetCheckResult(
                 check_name="realised_performance_meets_minimums",
@@ -347,6 +349,7 @@ def build_monitoring_assets(
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
                 **_rounded(review.summary()),
+                **health,
             }
         )
         yield dg.AssetCheckResult(
