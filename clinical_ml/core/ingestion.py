@@ -778,7 +778,10 @@ def _source_rules(source: str, mapping: SiteMapping) -> list[tuple[pl.Expr, str]
             (pl.col("death_time") < pl.col("admit_time"), "death_before_admission"),
         ]
     if source in CODE_COLUMN:
-        known_code = pl.col(CODE_COLUMN[source]).is_in(list(LAB_CODES if source == "labs" else VITAL_CODES))
+        # the code's position in the harmonization's enum of lab then vital codes (_harmonize_units): an exact
+        # match of the text, as is_in, without hashing every row's code again
+        idx = pl.col("_code_idx")
+        known_code = idx < len(LAB_CODES) if source == "labs" else idx >= len(LAB_CODES)
     if source == "labs":
         return [
             (~pl.col("unit_known") & known_code & pl.col("value_raw").is_not_null(), "unknown_unit"),
@@ -1114,23 +1117,48 @@ def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Serie
     The three are packed into one integer, as grouping on one integer column is about twice as fast as on
     three: the enum indices of code and unit (16 bits at most) and the site's rank among the batch's sites
     (controlled values of the site mapping: far fewer than 2**30), each plus one so that null is a value of
-    its own."""
+    its own. A median is computed only for a group that can have one outside the band: a median below the
+    band's low end has at least half the group's numbers below it, one above the high end at least half above
+    it (or not a number, which may sort last), and counting is cheaper than a median per group."""
 
     def part(column: pl.Expr) -> pl.Expr:
         return (column.cast(pl.UInt64) + 1).fill_null(0)
 
     site = pl.col("_site") if "_site" in parsed.columns else pl.lit(None, dtype=pl.Int64)
     key = (part(pl.col("_code_idx")) * 2**47 + part(pl.col("_unit_idx")) * 2**30 + part(site)).alias("_key")
+    bands = _median_bands()
+    value = pl.col("value")
+    rows = parsed.select(
+        key,
+        "_code_idx",
+        "value",
+        (value < pl.lit(bands["_med_lo"]).gather(pl.col("_code_idx"))).alias("_below"),
+        ((value > pl.lit(bands["_med_hi"]).gather(pl.col("_code_idx"))) | value.is_nan()).alias("_above"),
+    ).filter(candidates)
+    counts = rows.group_by("_key").agg(
+        pl.len().alias("_n"),
+        value.is_not_nan().sum().alias("_numbers"),
+        pl.col("_below").sum(),
+        pl.col("_above").sum(),
+    )
+    suspect = counts.filter(
+        (pl.col("_n") >= MIN_ROWS_FOR_MEDIAN_CHECK)
+        & (
+            (2 * pl.col("_below") >= pl.col("_numbers") - 1)
+            | (2 * pl.col("_above") >= pl.col("_numbers") - 1)
+        )
+    )["_key"]
+    if suspect.len() == 0:
+        return empty_rejects()
     stats = (
-        parsed.select(key, "_code_idx", "value")
-        .filter(candidates)
+        rows.filter(pl.col("_key").is_in(suspect.implode()))
         .group_by("_key")
         .agg(
             pl.col("_code_idx").first(),
             pl.col("value").median().alias("_median"),
             pl.len().alias("_n"),
         )
-        .join(_median_bands(), on="_code_idx", how="left")
+        .join(bands, on="_code_idx", how="left")
         .filter(
             (pl.col("_n") >= MIN_ROWS_FOR_MEDIAN_CHECK)
             & ((pl.col("_median") < pl.col("_med_lo")) | (pl.col("_median") > pl.col("_med_hi")))
