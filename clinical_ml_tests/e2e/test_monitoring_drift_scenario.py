@@ -98,10 +98,9 @@ def test_the_drift_demo_finds_the_onset_the_generator_injected_and_nothing_befor
         f"from batch {drifted}: found on the batch it began."
     )
     assert story[1].startswith(f"Before it: {onset} batches checked, none at ERROR")
-    moved = days[onset].checks[UC].moved
-    assert moved[0][1] == "ERROR" and moved[0][0].startswith(
-        "Lactate"
-    )  # the assay change, by its clinical name
+    # the assay change comes first, by its clinical name
+    (name, level, _), *_ = days[onset].checks[UC].moved
+    assert name == "Lactate (mmol/L)" and level == "ERROR"
     assert any(line.startswith("[") and drifted in line and "ERROR" in line for line in said)
 
     # the UI: each batch's drift check under its partition, passed before the onset, failed at it, in words
