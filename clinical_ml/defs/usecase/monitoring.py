@@ -380,7 +380,10 @@ def build_monitoring_assets(
             thresholds=config.drift,
             n_reference=drift.n_reference,
             n_current=drift.n_current,
-            model_version=zones.model_registry(uc.name).champion() or "none",
+            # the reference is the derivation cohort of the newest split: the newest registered model's
+            model_version=newest.version
+            if (newest := zones.model_registry(uc.name).newest_card())
+            else "none",
             code_version=code_version(),
             label=display_name,
         )
