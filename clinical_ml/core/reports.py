@@ -295,11 +295,16 @@ def decision_in_words(decision: Mapping) -> str:
     stays = f"the champion stays {before}" if before else "there is still no champion"
     if decision["promoted"]:
         replaced = f"replaces {before}" if before else "becomes the first champion"
-        how = (
-            f"the promotion gate passed and {signed['by']} approved it for the clinical panel on {signed['at'][:10]}"
-            if signed
-            else "every part of the promotion gate passed"
-        )
+        criteria = decision.get("criteria") or ()
+        if signed:
+            how = f"the promotion gate passed and {signed['by']} approved it for the clinical panel on {signed['at'][:10]}"
+        elif criteria and all(c["passed"] for c in criteria):
+            how = "every part of the promotion gate passed"
+        else:
+            # no criteria recorded (a hand approval), or some did not pass: the decision's own reasons, not a
+            # pass nobody judged
+            reasons = [str(r).rstrip(".") for r in decision.get("reasons", ()) if str(r).strip()]
+            how = "; ".join(reasons) or "no reason recorded"
         return f"Promoted: challenger {challenger} {replaced}; {how}."
     if decision.get("awaiting_sign_off"):
         return (

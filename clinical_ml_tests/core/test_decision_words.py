@@ -45,6 +45,37 @@ def test_a_promotion_says_what_it_replaces(before, expected):
     assert words.startswith("Promoted: ") and expected in words
 
 
+@pytest.mark.parametrize(
+    ("criteria", "reasons", "says", "never"),
+    [
+        # the gate judged every part and each passed
+        ([True, True], ["AUROC meets the minimum"], "every part of the promotion gate passed", None),
+        # a hand approval records no criteria: its reason is said, not a pass nobody judged
+        (
+            [],
+            ["manual approval for the demo; the gate had refused it"],
+            "manual approval for the demo",
+            "passed",
+        ),
+        # a part failed and yet the model was promoted: never "every part passed"
+        ([True, False], ["approved by hand"], "approved by hand", "every part"),
+    ],
+)
+def test_a_promotion_says_the_gate_passed_only_when_it_judged_and_passed_every_part(
+    criteria, reasons, says, never
+):
+    decision = {
+        "promoted": True,
+        "challenger": "v2",
+        "champion_before": None,
+        "reasons": reasons,
+        "criteria": [_criterion(f"part {i}", passed=p) for i, p in enumerate(criteria)],
+    }
+    words = decision_in_words(decision)
+    assert says in words
+    assert never is None or never not in words
+
+
 def test_rounded_keeps_three_decimals_and_leaves_missing_values_alone():
     assert rounded(0.8933541908462431) == 0.893
     assert rounded(12.3456, 2) == 12.35
