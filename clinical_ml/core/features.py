@@ -25,7 +25,7 @@ from clinical_ml.core.labeling import (  # noqa: F401  (re-exported: the cohort'
     events_of,
     race_ethnicity_expr,
 )
-from clinical_ml.core.units import feature_stem
+from clinical_ml.core.units import feature_code_members, feature_stem
 from clinical_ml.core.usecase import UseCase
 
 # Static attributes one-hot encoded with categories taken from the data (see :func:`learn_categories`).
@@ -196,11 +196,23 @@ def stem_aggregates(
     the prediction time (``hadm_id``, ``prediction_time``, ``stem``, ``<agg>_<w>h`` per window). The numbers
     of every feature row, batch or point of care; :func:`build_features` widens them."""
     codes = use_case.features.codes
+    members = _members(tuple(codes))
     ev = (
         events.lazy()
         .select("hadm_id", "code", "numeric_value", "implausible", "time", "available_time")
-        .filter(pl.col("code").is_in(codes) & ~pl.col("implausible") & pl.col("numeric_value").is_not_null())
-        .join(cohort.lazy().select(ROW_KEY), on="hadm_id", how="inner")
+        .filter(
+            pl.col("code").is_in(list(members))
+            & ~pl.col("implausible")
+            & pl.col("numeric_value").is_not_null()
+        )
+    )
+    if any(m != (c,) for c, m in members.items()):
+        # a narrower code (an arterial-line pressure) counts for the broader feature code too
+        pairs = [(c, f) for c, m in members.items() for f in m]
+        counts_for = pl.LazyFrame({"code": [c for c, _ in pairs], "feature_code": [f for _, f in pairs]})
+        ev = ev.join(counts_for, on="code", how="inner").drop("code").rename({"feature_code": "code"})
+    ev = (
+        ev.join(cohort.lazy().select(ROW_KEY), on="hadm_id", how="inner")
         .filter(
             (pl.col("available_time") <= pl.col("prediction_time"))
             & (pl.col("time") <= pl.col("prediction_time"))
@@ -238,6 +250,12 @@ def _aggregated(ev: pl.LazyFrame, use_case: UseCase) -> pl.DataFrame:
     return per_stem.collect()
 
 
+@lru_cache(maxsize=256)
+def _members(codes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Event code -> the feature codes its values count for (:func:`feature_code_members`), per code set."""
+    return feature_code_members(codes)
+
+
 @lru_cache(maxsize=4096)
 def _stem(code: str) -> str:
     # the vocabulary is fixed for the process: feature_stem rebuilds a table of every code on each call
@@ -259,16 +277,17 @@ def stay_aggregates(
     means and slopes, sums of floats, agree to about 1e-15 (polars' own result for the same rows differs in
     the last bits between plans and engines, the batch path's included). A test holds the two equal.
     """
-    codes = set(use_case.features.codes)
+    members = _members(tuple(use_case.features.codes))
     us = timedelta(microseconds=1)
     kept = [
-        (code, float(value), (time - prediction_time) // us)
+        (feature_code, float(value), (time - prediction_time) // us)
         for code, time, available, value, implausible in events
-        if code in codes
+        if code in members
         and not implausible
         and value is not None
         and available <= prediction_time
         and time <= prediction_time
+        for feature_code in members[code]
     ]
     rows = pl.DataFrame(
         {

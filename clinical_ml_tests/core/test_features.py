@@ -338,3 +338,30 @@ def test_features_do_not_depend_on_the_order_the_events_arrive_in():
     for seed in (1, 2, 3):
         shuffled = events.sample(fraction=1.0, shuffle=True, seed=seed)
         assert_frame_equal(build_features(shuffled, cohort, uc), reference, check_exact=True)
+
+
+def test_a_broader_code_feature_takes_every_method_and_a_method_feature_only_its_own():
+    from clinical_ml.core.features import stay_aggregates
+    from clinical_ml.core.units import BROADER_CODES
+
+    arterial, cuff = sorted(c for c, b in BROADER_CODES.items() if b == "VITAL//mean_bp")
+    uc = _use_case(codes=["VITAL//mean_bp", arterial], window_hours=[24], aggregations=["count", "min"])
+    rows = [
+        (101, arterial, 60.0, 20.0, 20.0),
+        (101, cuff, 75.0, 20.0, 20.0),  # the same minute by another method: a second measurement
+        (101, "VITAL//mean_bp", 80.0, 21.0, 21.0),
+        (102, "VITAL//heart_rate", 80.0, 21.0, 21.0),
+    ]
+    feats = build_features(_events(rows), _cohort(), uc).row(0, named=True)
+    assert (feats["mean_arterial_pressure__count_24h"], feats["mean_arterial_pressure__min_24h"]) == (
+        3.0,
+        60.0,
+    )
+    assert feats["mean_arterial_pressure_arterial_line__count_24h"] == 1.0
+    # the point of care's one-stay path counts the same way
+    stay = [
+        (code, T0 + timedelta(hours=t), T0 + timedelta(hours=a), v, False)
+        for h, code, v, t, a in rows
+        if h == 101
+    ]
+    assert stay_aggregates(stay, PRED, uc) == {k: v for k, v in feats.items() if "__" in k}
