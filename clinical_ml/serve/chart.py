@@ -39,6 +39,7 @@ from clinical_ml.core.anonymization import AGE_CAP
 from clinical_ml.core.site_mapping import SiteMapping, enforce_controlled_values
 from clinical_ml.core.units import LAB_CODES, PLAUSIBLE_RANGES, UNIT_CONVERSIONS, VITAL_CODES, canonical_unit
 from clinical_ml.serve.fhir import (
+    REMEMBERED_LENGTH,
     EncounterFacts,
     Issue,
     PrefetchError,
@@ -224,18 +225,21 @@ class CodedValues:
 
     def _recode(self, source: str, values: dict[str, str | None]) -> tuple[str | None, ...]:
         key = (source, *values.items())
+        # only short values are remembered: a request cannot fill the memory with long text
+        remember = all(v is None or len(v) <= REMEMBERED_LENGTH for v in values.values())
         with self._lock:
-            found = self._seen.get(key)
+            found = self._seen.get(key) if remember else None
             if found is not None:
                 self._seen.move_to_end(key)
                 return found
         frame = pl.DataFrame({k: [v] for k, v in values.items()}, schema={k: pl.String for k in values})
         out = enforce_controlled_values(frame, source, self.mapping)[0]
         recoded = tuple(out[k][0] for k in values)
-        with self._lock:
-            self._seen[key] = recoded
-            while len(self._seen) > self._remember:
-                self._seen.popitem(last=False)
+        if remember:
+            with self._lock:
+                self._seen[key] = recoded
+                while len(self._seen) > self._remember:
+                    self._seen.popitem(last=False)
         return recoded
 
     def sex(self, gender: str | None) -> str | None:

@@ -118,14 +118,27 @@ class _Fault(Exception):
 
 
 # primitives: each returns the value (None when absent) or raises a _Fault naming its element --------------
+# Codes, systems and units repeat across Observations: their checks are remembered, for short strings only
+# (a long one is checked each time, so a request cannot fill the memory with what it sends).
+REMEMBERED_LENGTH = 128
+
+
 @lru_cache(maxsize=8192)
-def _is_code(s: str) -> bool:
+def _short_code(s: str) -> bool:
     return CODE_RE.fullmatch(s) is not None
 
 
 @lru_cache(maxsize=8192)
-def _is_uri(s: str) -> bool:
+def _short_uri(s: str) -> bool:
     return URI_RE.fullmatch(s) is not None
+
+
+def _is_code(s: str) -> bool:
+    return _short_code(s) if len(s) <= REMEMBERED_LENGTH else CODE_RE.fullmatch(s) is not None
+
+
+def _is_uri(s: str) -> bool:
+    return _short_uri(s) if len(s) <= REMEMBERED_LENGTH else URI_RE.fullmatch(s) is not None
 
 
 def _object(raw: Any, elements: frozenset[str], key: str | int | None = None) -> dict:

@@ -94,6 +94,8 @@ def test_coded_values_are_the_boundarys_and_remembered(site_mapping) -> None:
         assert coded.stay(admission_type=admission_type, unit=unit, site=site) == expected[:3]
     assert coded.sex("female") == "F" and coded.sex("something else") == "unmapped"
     assert len(coded._seen) == 2  # bounded
+    assert coded.stay(admission_type="x" * 10_000, unit=None, site=None)[0] == "unmapped"
+    assert all(len(str(k)) < 1000 for k in coded._seen)  # long text is recoded, never remembered
 
 
 # -- the windowed aggregates and the feature row ---------------------------------------------------------
