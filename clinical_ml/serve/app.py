@@ -10,11 +10,14 @@ model version and an outcome code. It never holds an identifier, a value or a to
 is turned off, as it would print the path as sent.
 """
 
+import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,11 +26,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from clinical_ml.core.site_mapping import load_site_mapping
 from clinical_ml.core.usecase import load_use_cases
-from clinical_ml.serve.auth import AuthError, JwtVerifier, load_trust
+from clinical_ml.serve.auth import AuthError, JwtVerifier, SharedReplay, load_trust
 from clinical_ml.serve.chart import Issue
 from clinical_ml.serve.records import ServingRecords
 from clinical_ml.serve.service import CdsService, Reply, operation_outcome, rejected, settings_summary
-from clinical_ml.serve.settings import ServiceSettings, settings_from_env
+from clinical_ml.serve.settings import ServiceSettings, SettingsError, settings_from_env
 
 log = logging.getLogger("clinical_ml.serve")
 FHIR_JSON = "application/json"
@@ -87,7 +90,9 @@ def create_app(
         )
     if verifier is None and settings.auth == "jwt":
         assert settings.trust_file is not None
-        verifier = JwtVerifier(load_trust(settings.trust_file))
+        # tokens already used are kept where every worker process sees them (and a restart keeps them)
+        replay = SharedReplay(settings.data_root / "phi" / "serving" / "used_tokens.sqlite")
+        verifier = JwtVerifier(load_trust(settings.trust_file), replay=replay)
     app = FastAPI(title="clinical_ml CDS Hooks service", version="2.0", docs_url=None, redoc_url=None)
     app.state.service = service
     limiters: list[anyio.CapacityLimiter] = []  # made on first use: a limiter belongs to the running loop
@@ -237,21 +242,43 @@ def app_from_env() -> FastAPI:
     return create_app(settings)
 
 
-def run(settings: ServiceSettings, *, host: str, port: int) -> None:
-    """Serve under uvicorn until stopped (SIGINT or SIGTERM), in one process (uvloop and httptools when
-    installed, as uvicorn picks them): the ids of the tokens already used (replay) and the cards served live
-    in its memory, so several worker processes would accept a token once per worker."""
+SETTINGS_ENV = "CLINICAL_ML_SERVE_WORKER_SETTINGS"  # the parent's checked settings, for its worker processes
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def _worker_app() -> FastAPI:
+    """ASGI factory of a worker process started by :func:`run` (settings as the parent checked them)."""
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    for key in ("data_root", "usecases_dir", "trust_file"):
+        raw[key] = Path(raw[key]) if raw[key] is not None else None
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    return create_app(ServiceSettings(**raw))
+
+
+def run(settings: ServiceSettings, *, host: str, port: int, workers: int = 1) -> None:
+    """Serve under uvicorn until stopped (SIGINT or SIGTERM), with uvloop and httptools when installed (as
+    uvicorn picks them). ``workers`` processes share the port: each scores with its own copy of the models,
+    and what must be shared is on disk (the tokens already used, the cards served), so a token is accepted
+    once whichever process it reaches. One process runs Python on one core at a time: on a machine with
+    more cores, more workers answer more calls at once."""
     import uvicorn
 
     settings.check(host=host)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        access_log=False,
-        limit_concurrency=MAX_CONCURRENCY,
-        timeout_keep_alive=5,
-        log_level="info",
-        server_header=False,
-    )
+    if workers < 1:
+        raise SettingsError("--workers must be at least 1")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "access_log": False,
+        "limit_concurrency": MAX_CONCURRENCY,
+        "timeout_keep_alive": 5,
+        "log_level": "info",
+        "server_header": False,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
+    os.environ[SETTINGS_ENV] = json.dumps(fields)
+    uvicorn.run("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)

@@ -9,6 +9,7 @@ Every refusal is an :class:`AuthError` with a reason code (HTTP 401); no claim v
 """
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -111,6 +112,38 @@ class _Replay:
             return True
 
 
+class SharedReplay:
+    """``jti`` values seen per issuer until their token expires, in a SQLite file: shared by every process of
+    the service (uvicorn workers) and kept across restarts, so a token is accepted once, whichever process
+    it reaches. Each check is one statement (an insert, or the update of an expired entry); expired entries
+    are pruned now and then."""
+
+    PRUNE_EVERY = 1000
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS used (iss TEXT, jti TEXT, exp REAL, PRIMARY KEY (iss, jti)) WITHOUT ROWID"
+        )
+        self._lock = threading.Lock()
+        self._checks = 0
+
+    def first_use(self, iss: str, jti: str, exp: float, now: float) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO used VALUES (?, ?, ?) ON CONFLICT (iss, jti) DO UPDATE SET exp = excluded.exp "
+                "WHERE used.exp < ?",
+                (iss, jti, exp, now),
+            )
+            self._checks += 1
+            if self._checks % self.PRUNE_EVERY == 0:
+                self._db.execute("DELETE FROM used WHERE exp < ?", (now,))
+            return cur.rowcount == 1
+
+
 class JwtVerifier:
     """Verifies the CDS Client's bearer JWT of one request (see the module docstring)."""
 
@@ -121,12 +154,14 @@ class JwtVerifier:
         leeway_s: float = 30.0,
         max_lifetime_s: float = 300.0,
         clock: Any = time.time,
+        replay: "_Replay | SharedReplay | None" = None,
     ) -> None:
         self.issuers = {i.iss: i for i in issuers}
         self.leeway_s = leeway_s
         self.max_lifetime_s = max_lifetime_s
         self.clock = clock
-        self._replay = _Replay()
+        # the tokens already used: in this process's memory unless a store shared by the workers is given
+        self._replay = replay if replay is not None else _Replay()
         self._key_sets: dict[str, jwt.PyJWKSet] = {}
         self._clients: dict[str, jwt.PyJWKClient] = {}
         for i in issuers:

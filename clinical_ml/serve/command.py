@@ -13,6 +13,12 @@ def add_serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8020, help="port (default 8020)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (default 1; about one per core: each runs Python on one core)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -24,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_env(host=args.host, port=args.port)
         settings.check(host=args.host)
-        run(settings, host=args.host, port=args.port)
+        run(settings, host=args.host, port=args.port, workers=args.workers)
     except (SettingsError, TrustConfigError, UseCaseError) as exc:
         print(f"clinical-ml: error: {exc}", file=sys.stderr)
         return 2

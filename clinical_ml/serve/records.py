@@ -18,7 +18,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 PREDICTIONS = "predictions"
@@ -59,10 +59,29 @@ class ServingRecords:
                 self._cards.popitem(last=False)
         self._append(use_case, PREDICTIONS, {"served_at": now.isoformat(), **record}, now)
 
-    def served_card(self, card_uuid: str) -> tuple[str, str | None] | None:
-        """The use case and model version of a card this process served recently, else None."""
+    def served_card(self, card_uuid: str, *, use_case: str | None = None) -> tuple[str, str | None] | None:
+        """The use case and model version of a card served recently, else None: from this process's memory,
+        else (given the ``use_case``) from its records of today and yesterday (UTC), where another worker
+        process of the service wrote it."""
         with self._lock:
-            return self._cards.get(card_uuid)
+            found = self._cards.get(card_uuid)
+        if found is not None or use_case is None:
+            return found
+        today = datetime.now(UTC)
+        for day in (today, today - timedelta(days=1)):
+            path = self.path(use_case, PREDICTIONS, day.strftime("%Y-%m-%d"))
+            if not path.is_file():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                if card_uuid not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("card_uuid") == card_uuid:
+                    return use_case, record.get("model_version")
+        return None
 
     def feedback(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)

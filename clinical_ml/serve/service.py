@@ -372,7 +372,7 @@ class CdsService:
         uc, req = parsed
         for entry in req.feedback:
             card = entry.card.removeprefix("urn:uuid:")
-            served = self.records.served_card(card)
+            served = self.records.served_card(card, use_case=uc.name)
             reason = entry.overrideReason.reason if entry.overrideReason else None
             code = None
             if reason is not None:

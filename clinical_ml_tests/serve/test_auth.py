@@ -8,7 +8,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clinical_ml.serve.auth import AuthError, JwtVerifier, TrustConfigError, TrustedIssuer, load_trust
+from clinical_ml.serve.auth import (
+    AuthError,
+    JwtVerifier,
+    SharedReplay,
+    TrustConfigError,
+    TrustedIssuer,
+    load_trust,
+)
 from clinical_ml_tests.serve.conftest import ISSUER, Ehr
 
 AUD = "https://cds.example.test/cds-services/icu_mortality_24h"
@@ -90,3 +97,19 @@ def test_trust_file_errors_name_the_field(tmp_path, ehr: Ehr) -> None:
     (tmp_path / "k.json").write_text(json.dumps(ehr.jwks()))
     bad.write_text("issuers:\n  - iss: https://ehr\n    jwks_file: k.json\n")
     assert load_trust(bad)[0].jwks == ehr.jwks()
+
+
+def test_a_token_is_accepted_once_whichever_process_checks_it(tmp_path, ehr: Ehr) -> None:
+    """Two verifiers on one replay file stand for two worker processes of the service."""
+    issuers = [TrustedIssuer(ISSUER, jwks=ehr.jwks(), subjects=("cds-client",))]
+    first = JwtVerifier(issuers, replay=SharedReplay(tmp_path / "used.sqlite"))
+    second = JwtVerifier(issuers, replay=SharedReplay(tmp_path / "used.sqlite"))
+    token = ehr.token(AUD)
+    assert first.verify(f"Bearer {token}", audience=[AUD])["aud"] == AUD
+    assert _reason(second, f"Bearer {token}") == "replayed_token"
+    assert _reason(first, f"Bearer {token}") == "replayed_token"
+    # an entry whose token has expired no longer blocks its id (the token itself is refused as expired)
+    store = SharedReplay(tmp_path / "used.sqlite")
+    assert store.first_use(ISSUER, "j1", exp=100.0, now=50.0)
+    assert not store.first_use(ISSUER, "j1", exp=100.0, now=60.0)
+    assert store.first_use(ISSUER, "j1", exp=300.0, now=200.0)
