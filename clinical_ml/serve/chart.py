@@ -28,7 +28,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -293,7 +293,7 @@ Row = tuple[str, float, str | None, datetime, datetime]  # code, value, unit, ta
 
 
 def _observation_rows(
-    raw: Any, *, encounter_id: str | None, tz: ZoneInfo
+    raw: Any, *, encounter_id: str | None, tz: ZoneInfo, mapping: SiteMapping
 ) -> tuple[list[Row], dict[str, int]]:
     rows: list[Row] = []
     not_used: dict[str, int] = {}
@@ -331,10 +331,19 @@ def _observation_rows(
             continue
         issued = site_clock(obs.issued, tz) if obs.issued is not None else None
         available = issued or taken
+        source = "labs" if code in LAB_CODES else "vitals"
         if available < taken:
-            skip("result_before_specimen")
-            continue
-        rows.append((code, obs.value, obs.unit, taken, available))
+            # ingestion's rule: refused beyond the site's declared clock skew, else known when measured
+            rule = "result_before_specimen" if source == "labs" else "stored_before_charted"
+            skew = mapping.clock_skew_minutes.get(rule, 0)  # type: ignore[call-overload]
+            if available < taken - timedelta(minutes=skew):
+                skip(rule)
+                continue
+            available = taken
+        # the site's own spellings of units (e.g. "?F" for [degF]), replaced as ingestion replaces them
+        local_units = mapping.measurement_units.get(source, {})  # type: ignore[call-overload]
+        unit = local_units.get(obs.unit, obs.unit) if obs.unit is not None else None
+        rows.append((code, obs.value, unit, taken, available))
     return rows, not_used
 
 
@@ -419,7 +428,9 @@ def chart_from_prefetch(
     coded = site_mapping if isinstance(site_mapping, CodedValues) else CodedValues(site_mapping)
     patient = read_patient(prefetch["patient"], "prefetch.patient")
     encounter = read_encounter(prefetch["encounter"], "prefetch.encounter")
-    rows, not_used = _observation_rows(prefetch["observations"], encounter_id=encounter.id, tz=tz)
+    rows, not_used = _observation_rows(
+        prefetch["observations"], encounter_id=encounter.id, tz=tz, mapping=coded.mapping
+    )
     issues = []
     if context.get("patientId") and patient.id and patient.id != context["patientId"]:
         issues.append(Issue("prefetch.patient.id", "conflict", "is not the patient of the hook's context"))

@@ -130,3 +130,25 @@ def test_duplicates_follow_ingestion_one_repeat_kept_conflicts_left_out(site_map
         len(_value(chart, "LAB//2524-7")) == 1
     )  # the repeat counted once, both conflicting results left out
     assert chart.not_used == {"conflicting_duplicate": 2}
+
+
+def test_the_sites_unit_spellings_and_clock_skew_apply_as_in_ingestion(site_mapping) -> None:
+    req = stay_request()
+    entries = req["prefetch"]["observations"]["entry"]
+    temp = next(e["resource"] for e in entries if e["resource"]["valueQuantity"]["unit"] == "[degF]")
+    temp["valueQuantity"] = {"value": 101.3, "unit": "?F"}  # the site's spelling of degF
+    hr = next(e["resource"] for e in entries if e["resource"]["code"]["coding"][0]["code"] == "8867-4")
+    hr["issued"] = (ADMIT + timedelta(hours=5, minutes=55)).isoformat() + "+00:00"  # 5 min before charted
+    strict = _chart(copy.deepcopy(req), site_mapping)
+    assert strict.not_used == {"unknown_unit": 1, "stored_before_charted": 1}
+    site = site_mapping.model_copy(
+        update={
+            "measurement_units": {"vitals": {"?F": "[degF]"}},
+            "clock_skew_minutes": {"stored_before_charted": 10},
+        }
+    )
+    chart = _chart(req, site)
+    assert chart.not_used == {}
+    assert _value(chart, "VITAL//temperature") == [pytest.approx((101.3 - 32) * 5 / 9, rel=1e-6)]
+    first_hr = chart.events.filter(pl.col("code") == "VITAL//heart_rate").sort("time").row(0, named=True)
+    assert first_hr["available_time"] == first_hr["time"]  # known when measured, never before
