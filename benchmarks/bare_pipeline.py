@@ -11,6 +11,7 @@ six people were changing them).
 
 import inspect
 import logging
+import typing
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,15 @@ LOG = logging.getLogger("bare_pipeline")
 class _Run:
     run_id: str
     tags: Mapping[str, str] = field(default_factory=dict)
+
+
+_EMPTY_INSTANCE: list[dg.DagsterInstance] = []
+
+
+def _empty_instance() -> dg.DagsterInstance:
+    if not _EMPTY_INSTANCE:
+        _EMPTY_INSTANCE.append(dg.DagsterInstance.ephemeral())
+    return _EMPTY_INSTANCE[0]
 
 
 class BareContext:
@@ -61,6 +71,12 @@ class BareContext:
     def add_asset_metadata(self, metadata: Mapping[str, object], **_: object) -> None:
         pass
 
+    @property
+    def instance(self) -> dg.DagsterInstance:
+        """An empty ephemeral instance: with no orchestrator nothing ran as a run, so the run history a body
+        reads (the system-health page's failed and stuck runs) is empty."""
+        return _empty_instance()
+
     def __getattr__(self, name: str):
         raise AttributeError(f"bare_pipeline's context has no {name!r}; add it to BareContext")
 
@@ -76,12 +92,17 @@ def _call(
     if params and getattr(compute, "has_context_arg", lambda: params[0].name == "context")():
         args.append(BareContext(partition_keys))
         params = params[1:]
+    hints = typing.get_type_hints(fn)
     for p in params:
-        if p.name not in resources:
+        hint = hints.get(p.name)
+        if p.name in resources:
+            kwargs[p.name] = resources[p.name]
+        elif isinstance(hint, type) and issubclass(hint, dg.Config):
+            kwargs[p.name] = hint()  # its defaults: the graph's runs give no run config either
+        else:
             raise NotImplementedError(
-                f"{node.name}: argument {p.name!r} is neither a resource nor the context"
+                f"{node.name}: argument {p.name!r} is neither a resource, a config nor the context"
             )
-        kwargs[p.name] = resources[p.name]
     out = fn(*args, **kwargs)
     if inspect.isgenerator(out):
         for _ in out:
