@@ -963,9 +963,10 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     for (code, unit), fn in UNIT_CONVERSIONS.items():
         i = codes.index(code) * len(units) + units.index(unit)
         scale[i], offset[i], converted[i] = fn(1.0) - fn(0.0), fn(0.0), True
-    known = list(converted)
+    as_canonical = [False] * len(scale)
     for i, code in enumerate(codes):
-        known[i * len(units) + units.index(canonical_unit(code))] = True
+        as_canonical[i * len(units) + units.index(canonical_unit(code))] = True
+    known = [a or b for a, b in zip(converted, as_canonical, strict=True)]
 
     def per_code(values: list) -> pl.Expr:
         return pl.lit(pl.Series(values)).gather(pl.col("_code_idx"))
@@ -987,9 +988,16 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
         .then(pl.col("value_raw") * per_pair(scale) + per_pair(offset))
         .otherwise(pl.col("value_raw"))
     )
+    unit = per_code([canonical_unit(c) for c in codes])
+    # A file with no row converted, or with every unit its code's canonical one, keeps the delivered column as
+    # it is: the same numbers or text, without computing a new column per row.
+    any_converted, all_canonical = out.select(
+        per_pair(converted).any().alias("converted"),
+        per_pair(as_canonical).fill_null(False).all().alias("all"),
+    ).row(0)
     out = out.with_columns(
-        per_code([canonical_unit(c) for c in codes]).alias("unit"),
-        value.alias("value"),
+        (pl.col("unit_raw") if all_canonical else unit).alias("unit"),
+        (value if any_converted else pl.col("value_raw")).alias("value"),
         per_pair(known).fill_null(False).alias("unit_known"),
     )
     lo = per_code([float(PLAUSIBLE_RANGES[c][0]) for c in codes])
