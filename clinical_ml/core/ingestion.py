@@ -988,7 +988,7 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
         .then(pl.col("value_raw") * per_pair(scale) + per_pair(offset))
         .otherwise(pl.col("value_raw"))
     )
-    unit = per_code([canonical_unit(c) for c in codes])
+    canonical_units = per_code([canonical_unit(c) for c in codes])
     # A file with no row converted, or with every unit its code's canonical one, keeps the delivered column as
     # it is: the same numbers or text, without computing a new column per row.
     any_converted, all_canonical = out.select(
@@ -996,7 +996,7 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
         per_pair(as_canonical).fill_null(False).all().alias("all"),
     ).row(0)
     out = out.with_columns(
-        (pl.col("unit_raw") if all_canonical else unit).alias("unit"),
+        (pl.col("unit_raw") if all_canonical else canonical_units).alias("unit"),
         (value if any_converted else pl.col("value_raw")).alias("value"),
         per_pair(known).fill_null(False).alias("unit_known"),
     )
