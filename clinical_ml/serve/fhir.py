@@ -22,7 +22,7 @@ The readers return plain tuples of the values used (:class:`PatientFacts`, :clas
 """
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import lru_cache
@@ -167,40 +167,38 @@ def _list(obj: dict, key: str) -> list:
     return v
 
 
-def string(obj: dict, key: str) -> str | None:
+def _text(obj: dict, key: str, rule: str, ok: Callable[[str], bool]) -> str | None:
+    """A string element that ``ok`` accepts (None when absent), else a _Fault naming ``rule``."""
     v = obj.get(key)
     if v is None:
         _absent(obj, key)
-    elif type(v) is not str or not v.strip():
-        raise _Fault("string", key)
+    elif type(v) is not str or not ok(v):
+        raise _Fault(rule, key)
     return v
+
+
+def _is_id(s: str) -> bool:
+    return ID_RE.fullmatch(s) is not None
+
+
+def _non_blank(s: str) -> bool:  # a string of white space alone is not a value
+    return bool(s.strip())
+
+
+def string(obj: dict, key: str) -> str | None:
+    return _text(obj, key, "string", _non_blank)
 
 
 def code(obj: dict, key: str) -> str | None:
-    v = obj.get(key)
-    if v is None:
-        _absent(obj, key)
-    elif type(v) is not str or not _is_code(v):
-        raise _Fault("code", key)
-    return v
+    return _text(obj, key, "code", _is_code)
 
 
 def uri(obj: dict, key: str) -> str | None:
-    v = obj.get(key)
-    if v is None:
-        _absent(obj, key)
-    elif type(v) is not str or not _is_uri(v):
-        raise _Fault("uri", key)
-    return v
+    return _text(obj, key, "uri", _is_uri)
 
 
 def fhir_id(obj: dict, key: str) -> str | None:
-    v = obj.get(key)
-    if v is None:
-        _absent(obj, key)
-    elif type(v) is not str or ID_RE.fullmatch(v) is None:
-        raise _Fault("id", key)
-    return v
+    return _text(obj, key, "id", _is_id)
 
 
 def decimal(obj: dict, key: str) -> float | None:
