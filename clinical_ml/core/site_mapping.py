@@ -388,7 +388,7 @@ def unmapped_counts(mapped: pl.DataFrame, source: str) -> tuple[dict[str, int], 
         if n_other:
             counts[f"mapped_to_other:{f}"] = int(n_other)
     values = (
-        pl.concat(frames).sort("field", "rows", descending=[False, True])
+        pl.concat(frames).sort("field", "rows", "value", descending=[False, True, False])
         if frames
         else pl.DataFrame(schema={"field": pl.String, "value": pl.String, "rows": pl.Int64})
     )

@@ -279,3 +279,16 @@ def test_the_shipped_default_mapping_covers_the_synthetic_hospital():
     assert all(mapping.table("discharge_disposition")[d.upper()] != "unmapped" for d in dispositions)
     assert {f"SITE_{c}" for c in "ABCDE"} <= mapping.allowed("site")
     assert {r for r, _ in synthetic.RACES} <= set(CONTRACT.race)
+
+
+def test_unmapped_values_with_equal_counts_come_in_one_order_whatever_order_they_arrive_in():
+    from clinical_ml.core.site_mapping import UNMAPPED, delivered, unmapped_counts
+
+    values = ["zeta", "alpha", "mid", "alpha", "zeta", "mid"]  # three values, two rows each
+    frames = [
+        pl.DataFrame({"sex": [UNMAPPED] * len(v), delivered("sex"): v})
+        for v in (values, values[::-1], sorted(values))
+    ]
+    outs = [unmapped_counts(f, "patients") for f in frames]
+    assert all(o[0] == {"unmapped:sex": 6} for o in outs)
+    assert [o[1]["value"].to_list() for o in outs] == [["alpha", "mid", "zeta"]] * 3
