@@ -22,6 +22,8 @@ from clinical_ml.core.modeling import TrainedModel, refit_rounds
 from clinical_ml.core.usecase import UseCase
 
 AUDIT_COLUMNS = ("sex", "race_ethnicity", "age_band", "period", "batch_id", "site", "payer")
+# audit columns a cohort may lack (an export or an older release without a payer): read as not known
+OPTIONAL_AUDIT_COLUMNS = ("payer",)
 # what the alert burden needs of each cohort row besides the row key
 STAY_COLUMNS = ("discharge_time", "death_time", "unit", "admit_time", "batch_id")
 
@@ -112,7 +114,10 @@ def predict_frame(
     audit attributes."""
     if risk is None:
         risk = model.predict(feature_matrix(frame, model.feature_names))
-    audit = cohort.select(*ROW_KEY, *AUDIT_COLUMNS)
+    missing = [c for c in OPTIONAL_AUDIT_COLUMNS if c not in cohort.columns]
+    audit = cohort.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in missing).select(
+        *ROW_KEY, *AUDIT_COLUMNS
+    )
     return (
         frame.select(
             "subject_id", "hadm_id", "prediction_time", "split", pl.col("boolean_value").alias("label")
