@@ -35,6 +35,7 @@ from clinical_ml.core.reidentification import (
     enforce_k_anonymity,
     measure_risk,
     quasi_identifiers,
+    released_quasi_identifiers,
 )
 from clinical_ml.core.site_mapping import CODED_FIELDS, UNMAPPED, SiteMapping
 
@@ -121,6 +122,8 @@ class BatchRelease:
     )  # rows of patients who objected, kept back
     imaging: ImagingRelease | None = None
     """The batch's de-identified DICOM files of the released patients (``None``: the batch has none)."""
+    released_before: tuple[str, ...] | None = None
+    """The batches whose people the risk was counted with (the cumulative release); ``None``: per batch."""
 
     @property
     def meets_k(self) -> bool:
@@ -142,6 +145,8 @@ class BatchRelease:
             "released": self.released,
             "k_required": self.policy.k,
             "pseudonym_mode": self.deid.pseudonym_mode,
+            "risk_scope": "batch" if self.released_before is None else "cumulative",
+            "batches_released_before": None if self.released_before is None else len(self.released_before),
             "before_suppression": r.before.as_dict(),
             "published": self.published.as_dict(),
             "race_generalized": r.race_generalized,
@@ -232,6 +237,19 @@ def released_subject_ids(deid: "DeidStore") -> pl.Series:
     return pl.scan_parquet(files).select(pl.col("subject_id").unique()).collect()["subject_id"]
 
 
+def released_before(
+    deid: "DeidStore", batch_id: str, *, policy: RiskPolicy
+) -> tuple[pl.DataFrame, tuple[str, ...]]:
+    """The quasi-identifiers of the batches released before ``batch_id`` (those whose ids sort below it, as
+    they are now in the de-identified zone), and their ids: the cumulative release a new batch is judged
+    with. Batches with a later id are left out, so that running a batch again gives the same release."""
+    ids = tuple(
+        sorted(b for b in set(deid.patients.batch_ids()) & set(deid.encounters.batch_ids()) if b < batch_id)
+    )
+    frames = [(deid.patients.part(b).read(), deid.encounters.part(b).read()) for b in ids]
+    return released_quasi_identifiers(frames, policy=policy), ids
+
+
 def batch_rng(seed: int | None, batch_id: str) -> np.random.Generator:
     """Surrogates and shifts from operating-system entropy, or reproducibly from ``seed`` and the batch."""
     return np.random.default_rng(None if seed is None else [seed, *map(int, batch_id.encode())])
@@ -250,6 +268,7 @@ def release_batch(
     opted_out: pl.Series | None = None,
     imaging: Sequence[ImagingInstance] = (),
     imaging_key: bytes | None = None,
+    released: tuple[pl.DataFrame, tuple[str, ...]] | None = None,
 ) -> BatchRelease:
     """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
     when delivered, labels; ``imaging``: its accepted DICOM files, de-identified under ``imaging_key``, the
@@ -257,6 +276,10 @@ def release_batch(
 
     Imaging studies and findings join the events (so consent and suppression apply to them as to the rest);
     the DICOM files of the patients released are kept, and looked through for identifiers by the same gate.
+
+    ``released`` (:func:`released_before`): the quasi-identifiers and ids of the batches released before;
+    the risk is then counted over the cumulative release (a class holds this batch's people and those
+    already released alike), and only this batch is remedied. ``None`` judges the batch on its own.
 
     The gate measures the frames as they would be released, independently of the remedy that produced them.
     Nothing is written here: the caller persists the vault and the release.
@@ -302,12 +325,17 @@ def release_batch(
         hmac_key=hmac_key,
     )
     result, consent = withhold_objecting(result, objecting)
+    prior = released[0] if released is not None else None
     remedied = enforce_k_anonymity(
-        patients=result.patients, encounters=result.encounters, events=result.events, policy=policy
+        patients=result.patients,
+        encounters=result.encounters,
+        events=result.events,
+        policy=policy,
+        released=prior,
     )
     frames = {"patients": remedied.patients, "encounters": remedied.encounters, "events": remedied.events}
     published = measure_risk(
-        quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k
+        quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k, released=prior
     )
     ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"], raw.get("labels"))
     used = mapping or default_site_mapping()
@@ -323,7 +351,19 @@ def release_batch(
         policy=policy,
         max_shift_weeks=max_shift_weeks,
         leaks=[f"{t}: {p}" for t, ps in leaks.items() for p in ps],
+        released_before=None if released is None else len(released[1]),
     )
     return BatchRelease(
-        batch_id, result, remedied, published, policy, frames, leaks, summary, used.name, consent, pictures
+        batch_id,
+        result,
+        remedied,
+        published,
+        policy,
+        frames,
+        leaks,
+        summary,
+        used.name,
+        consent,
+        pictures,
+        None if released is None else released[1],
     )

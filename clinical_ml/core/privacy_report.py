@@ -42,6 +42,7 @@ def privacy_summary_markdown(
     policy: RiskPolicy,
     max_shift_weeks: int,
     leaks: list[str],
+    released_before: int | None = None,
 ) -> str:
     """Markdown for the asset page of one anonymized batch.
 
@@ -59,11 +60,21 @@ def privacy_summary_markdown(
         Date-shift range.
     leaks
         Findings of the identifier scan (column-level reasons, no values).
+    released_before
+        How many batches released before this one the classes were counted with (the cumulative release);
+        ``None``: the batch was judged on its own.
     """
     passed = published.meets(policy.k) and not leaks
     free_text = sorted({c for cols in deid.free_text_dropped.values() for c in cols})
+    scope = (
+        "this batch"
+        if released_before is None
+        else f"the cumulative release (this batch and the {released_before} batches released before it)"
+    )
+    counted = "" if released_before is None else f", counted over {scope},"
     verdict = (
-        f"**Released**: every class holds at least k = {policy.k} people and no identifier was found."
+        f"**Released**: every class holding a person of this batch{counted} holds at least k = {policy.k} "
+        "people, and no identifier was found."
         if passed
         else f"**Withheld**: the release gate failed (k = {published.k_min} against a minimum of {policy.k}"
         f"{'; identifier findings: ' + '; '.join(leaks) if leaks else ''}). Nothing of this batch was "
@@ -108,7 +119,8 @@ def privacy_summary_markdown(
         f"{remedied.admissions_withheld} admissions, {remedied.events_withheld} events",
         "",
         f"**Re-identification risk** over {', '.join(QUASI_IDENTIFIERS)} (prosecutor model: the attacker knows "
-        "the person is in this batch and knows these attributes; classes counted in distinct people)",
+        f"the person is in the release and knows these attributes; classes counted in distinct people, over "
+        f"{scope}; the figures describe this batch's records)",
         "",
         "| release | records | classes | k (smallest class) | records in classes below k | max risk | mean risk |",
         "|---|---|---|---|---|---|---|",
@@ -116,7 +128,13 @@ def privacy_summary_markdown(
         _risk_row("published", published),
         "",
         f"Exact age in years (below {AGE_CAP}) and shifted dates are released within these classes, as Safe "
-        "Harbor allows; the measure is per batch.",
+        "Harbor allows."
+        + (
+            " The measure is per batch."
+            if released_before is None
+            else " A person released earlier is never changed; an attacker who knows in which delivery a "
+            "person's stay arrived is outside this model (set risk_scope to 'batch' to defend against one)."
+        ),
     ]
     if deid.pseudonym_mode != "vault":
         lines.remove(f"- new patients this batch: {deid.new_pseudonyms}")

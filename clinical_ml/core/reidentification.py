@@ -1,4 +1,4 @@
-"""Re-identification risk over the quasi-identifiers, measured and remedied per batch.
+"""Re-identification risk over the quasi-identifiers, measured over the cumulative release and remedied per batch.
 
 Threat model (prosecutor): an attacker who knows that a given person is in the released batch, and knows
 that person's age band, sex, race/ethnicity, three-digit ZIP and admission quarter, and the payer of the
@@ -6,6 +6,13 @@ stay (a weak quasi-identifier: an acquaintance may know it, and for most people 
 for the records that match. With ``n`` distinct people in the matching equivalence class the chance of
 picking the right one is ``1 / n``. k-anonymity asks every class to hold at least ``k`` people, so the maximum prosecutor risk is
 ``1 / k``.
+
+The attacker reads the whole release, not one batch: a class counts the people of the batches released
+before alike (``released``), so a group too rare in one delivery is kept once enough people like them have
+been released. Only the new batch's records are remedied; what was released is never changed, so every class
+of the cumulative release keeps at least ``k`` people whatever order the batches arrive in. An attacker who
+knows in which delivery a person's stay arrived is outside this model: without ``released`` each batch is
+judged on its own, which defends against that attacker too, at the price of rare groups.
 
 Remedies, in this order, all counted:
 
@@ -20,11 +27,12 @@ Remedies, in this order, all counted:
 3. **Record suppression**: the people still in classes below ``k`` are withheld from this batch (their
    patient row, admissions and events).
 
-After step 3 every class holds at least ``k`` people by construction; the release gate measures the
+After step 3 every class holding a person of the batch holds at least ``k`` people by construction; the release gate measures the
 published frames again, independently of the remedy code.
 """
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -201,11 +209,36 @@ def quasi_identifiers(
     )
 
 
-def _class_sizes(qi: pl.DataFrame) -> pl.DataFrame:
-    return qi.with_columns(pl.col("subject_id").n_unique().over(QUASI_IDENTIFIERS).alias("_class_subjects"))
+def _with_released(qi: pl.DataFrame, released: pl.DataFrame | None) -> pl.DataFrame:
+    """``qi`` with the rows released before it (flagged ``_prior``), for counting classes over both."""
+    rows = qi.with_columns(pl.lit(False).alias("_prior"))
+    if released is None or released.height == 0:
+        return rows
+    prior = released.select(rows.columns[: qi.width]).with_columns(pl.lit(True).alias("_prior"))
+    return pl.concat([rows, prior], how="vertical_relaxed")
 
 
-def measure_risk(qi: pl.DataFrame, *, k: int) -> RiskSummary:
+def released_quasi_identifiers(
+    batches: Iterable[tuple[pl.DataFrame, pl.DataFrame]], *, policy: RiskPolicy
+) -> pl.DataFrame:
+    """The quasi-identifiers of batches already released (their published patients and encounters), stacked:
+    what an attacker reads from the cumulative release, for ``released`` of :func:`enforce_k_anonymity`."""
+    parts = [quasi_identifiers(p, e, policy=policy) for p, e in batches]
+    if not parts:  # every quasi-identifier is released as text
+        return pl.DataFrame(schema={"subject_id": pl.Int64} | dict.fromkeys(QUASI_IDENTIFIERS, pl.String))
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def _class_sizes(qi: pl.DataFrame, released: pl.DataFrame | None = None) -> pl.DataFrame:
+    """``qi`` with ``_class_subjects``: the distinct people of its class, over ``released`` too when given."""
+    both = _with_released(qi, released)
+    sized = both.with_columns(
+        pl.col("subject_id").n_unique().over(QUASI_IDENTIFIERS).alias("_class_subjects")
+    )
+    return sized.filter(~pl.col("_prior")).drop("_prior")
+
+
+def measure_risk(qi: pl.DataFrame, *, k: int, released: pl.DataFrame | None = None) -> RiskSummary:
     """k (smallest class, in distinct people), records in classes below ``k``, prosecutor risk.
 
     Parameters
@@ -214,10 +247,14 @@ def measure_risk(qi: pl.DataFrame, *, k: int) -> RiskSummary:
         Output of :func:`quasi_identifiers`.
     k
         The threshold the share below is reported against.
+    released
+        The quasi-identifiers of the batches released before (:func:`quasi_identifiers` of each, stacked):
+        a class is then counted over the cumulative release, the people of ``qi`` and of ``released``.
+        The summary describes the records of ``qi``.
     """
     if qi.height == 0:
         return RiskSummary(0, 0, 0, None, 0, 0.0, 0.0, 0.0)
-    sized = _class_sizes(qi)
+    sized = _class_sizes(qi, released)
     n = sized["_class_subjects"]
     below = int((n < k).sum())
     k_min = int(n.min())  # type: ignore[arg-type]
@@ -233,13 +270,19 @@ def measure_risk(qi: pl.DataFrame, *, k: int) -> RiskSummary:
     )
 
 
-def _subjects_below(patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy) -> pl.Series:
-    sized = _class_sizes(quasi_identifiers(patients, encounters, policy=policy))
+def _subjects_below(
+    patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy, released: pl.DataFrame | None
+) -> pl.Series:
+    sized = _class_sizes(quasi_identifiers(patients, encounters, policy=policy), released)
     return sized.filter(pl.col("_class_subjects") < policy.k)["subject_id"].unique()
 
 
 def _suppress_until_stable(
-    patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy, assign: dict[str, pl.Expr]
+    patients: pl.DataFrame,
+    encounters: pl.DataFrame,
+    policy: RiskPolicy,
+    assign: dict[str, pl.Expr],
+    released: pl.DataFrame | None,
 ) -> tuple[pl.DataFrame, int]:
     """Apply ``assign`` to the patients of classes below k, again until no new patient is affected (a
     patient with two admissions moves both, which can shrink a neighbouring class). Returns the frame and
@@ -247,7 +290,7 @@ def _suppress_until_stable(
     original = patients
     touched: set[int] = set()
     for _ in range(20):
-        small = _subjects_below(patients, encounters, policy)
+        small = _subjects_below(patients, encounters, policy, released)
         todo = small.filter(~small.is_in(pl.Series(list(touched), dtype=pl.Int64).implode()))
         if todo.len() == 0:
             break
@@ -261,7 +304,10 @@ def _suppress_until_stable(
 
 
 def withhold_rare_payers(
-    patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy
+    patients: pl.DataFrame,
+    encounters: pl.DataFrame,
+    policy: RiskPolicy,
+    released: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.Series]:
     """The encounters with the payer withheld (missing, read "Unknown") wherever it would split a class over
     the other quasi-identifiers into groups of fewer than ``policy.k`` people.
@@ -272,7 +318,9 @@ def withhold_rare_payers(
     join it whole; a class whose payers still split below k (a patient counted under two payers) loses
     them all. Payers only move within a class, so the payer never makes a class over the other
     quasi-identifiers smaller: it costs no other attribute and no record. A payer delivered as ``Unknown``
-    is released missing, as a withheld one is (one value, one class). Returns the encounters and the
+    is released missing, as a withheld one is (one value, one class). With ``released`` (the
+    quasi-identifiers of the batches released before), the people counted in a class and under a payer
+    include those already released, whose values are never changed. Returns the encounters and the
     ``subject_id`` of the people whose payer was withheld.
     """
     if "payer" not in encounters.columns:
@@ -294,10 +342,21 @@ def withhold_rare_payers(
             pl.when(pl.col("payer") != UNKNOWN_PAYER).then(pl.col("payer")).alias("payer"),
         )
     )
+    prior = (
+        released.select(
+            pl.lit(-1, dtype=rows["_row"].dtype).alias("_row"),
+            "subject_id",
+            *others,
+            pl.when(pl.col("payer") != UNKNOWN_PAYER).then(pl.col("payer")).alias("payer"),
+        )
+        if released is not None
+        else rows.head(0)
+    )
     n, known = pl.col("_n"), pl.col("payer").is_not_null()
     small = known & (n < k)
     sub = (
-        rows.group_by([*others, "payer"])
+        pl.concat([rows, prior])
+        .group_by([*others, "payer"])
         .agg(pl.col("subject_id").n_unique().alias("_n"))
         .sort([*others, "_n", "payer"], nulls_last=True)
         .with_columns(
@@ -334,9 +393,12 @@ def withhold_rare_payers(
         pl.when(taken.fill_null(False)).then(None).otherwise(pl.col("payer")).alias("_payer")
     )
     # a patient counted under two payers of one class can still leave a group below k: the class loses them all
+    both = pl.concat([rows, prior.with_columns(pl.col("payer").alias("_payer"))], how="diagonal_relaxed")
     split = (pl.col("subject_id").n_unique().over([*others, "_payer"]) < k).any().over(others)
-    rows = rows.with_columns(pl.when(split).then(None).otherwise(pl.col("_payer")).alias("_payer")).sort(
-        "_row"
+    rows = (
+        both.with_columns(pl.when(split).then(None).otherwise(pl.col("_payer")).alias("_payer"))
+        .filter(pl.col("_row") >= 0)
+        .sort("_row")
     )
     withheld = rows.filter(pl.col("payer").is_not_null() & pl.col("_payer").is_null())["subject_id"]
     return encounters.with_columns(rows["_payer"].alias("payer")), withheld.unique().sort()
@@ -361,33 +423,45 @@ class _Suppressed:
 
 
 def _suppress(
-    patients: pl.DataFrame, encounters: pl.DataFrame, policy: RiskPolicy, *, zip3_for_payer: bool
+    patients: pl.DataFrame,
+    encounters: pl.DataFrame,
+    policy: RiskPolicy,
+    *,
+    zip3_for_payer: bool,
+    released: pl.DataFrame | None,
 ) -> _Suppressed:
     """ZIP3, then rare payers, then race and ethnicity, then whole records, until every class holds k people.
-    The ZIP3 step sees the payer only with ``zip3_for_payer`` (it then gives up ZIP3 to keep a payer too)."""
+    The ZIP3 step sees the payer only with ``zip3_for_payer`` (it then gives up ZIP3 to keep a payer too).
+    Classes count the people of ``released`` too (never changed here)."""
     payers = encounters["payer"] if "payer" in encounters.columns else None
+    no_payer = pl.lit(None, dtype=pl.String).alias("payer")
+    zip_released = released
     if payers is not None and not zip3_for_payer:
-        encounters = encounters.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
+        encounters = encounters.with_columns(no_payer)
+        zip_released = None if released is None else released.with_columns(no_payer)
     patients, zip_suppressed = _suppress_until_stable(
-        patients, encounters, policy, {"zip3": pl.lit(WITHHELD_ZIP3, dtype=pl.String)}
+        patients, encounters, policy, {"zip3": pl.lit(WITHHELD_ZIP3, dtype=pl.String)}, zip_released
     )
     if payers is not None:
         encounters = encounters.with_columns(payers)
     # race is suppressed where the other attributes, with the payers that can be kept, leave a class below k
-    encounters, payer_lost = withhold_rare_payers(patients, encounters, policy)
+    encounters, payer_lost = withhold_rare_payers(patients, encounters, policy, released)
     patients, race_suppressed = _suppress_until_stable(
         patients,
         encounters,
         policy,
         {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
+        released,
     )
     if (
         payers is not None and race_suppressed
     ):  # classes that race suppression merged keep the payers they can
-        encounters, payer_lost = withhold_rare_payers(patients, encounters.with_columns(payers), policy)
+        encounters, payer_lost = withhold_rare_payers(
+            patients, encounters.with_columns(payers), policy, released
+        )
     withheld: set[int] = set()
     for _ in range(50):
-        small = _subjects_below(patients, encounters, policy)
+        small = _subjects_below(patients, encounters, policy, released)
         if small.len() == 0:
             break
         withheld |= set(small.to_list())
@@ -398,7 +472,12 @@ def _suppress(
 
 
 def enforce_k_anonymity(
-    *, patients: pl.DataFrame, encounters: pl.DataFrame, events: pl.DataFrame, policy: RiskPolicy
+    *,
+    patients: pl.DataFrame,
+    encounters: pl.DataFrame,
+    events: pl.DataFrame,
+    policy: RiskPolicy,
+    released: pl.DataFrame | None = None,
 ) -> Remedied:
     """Generalize, then suppress, until every class over the quasi-identifiers holds ``policy.k`` people.
 
@@ -408,6 +487,10 @@ def enforce_k_anonymity(
         De-identified frames of one batch (``DEID_COLUMNS``).
     policy
         The generalization hierarchy and ``k``.
+    released
+        The quasi-identifiers of the batches released before this one (:func:`released_quasi_identifiers`):
+        classes are then counted over the cumulative release, the people already released and this batch's,
+        and only this batch's records are remedied. ``None`` judges the batch on its own.
 
     Returns
     -------
@@ -416,7 +499,7 @@ def enforce_k_anonymity(
         them, and how many people or records each remedy touched.
     """
     delivered_qi = quasi_identifiers(patients, encounters, policy=policy)
-    before = measure_risk(delivered_qi, k=policy.k)
+    before = measure_risk(delivered_qi, k=policy.k, released=released)
     admissions_in = encounters.height
     # each patient's race/ethnicity group as delivered: generalizing or suppressing it takes them from its audit
     group_before = patients.select("subject_id", race_ethnicity_expr().alias("_group"))
@@ -430,9 +513,9 @@ def enforce_k_anonymity(
     payers = "payer" in encounters.columns and encounters["payer"].drop_nulls().ne(UNKNOWN_PAYER).any()
     # ZIP3 (needed by no model and no audit) is given up to keep payers too, where that costs nobody their
     # race or their record: moving a person to ZIP3 000 can leave them in a class too small there
-    suppressed = _suppress(patients, encounters, policy, zip3_for_payer=payers)
+    suppressed = _suppress(patients, encounters, policy, zip3_for_payer=payers, released=released)
     if payers and (suppressed.withheld or suppressed.race):
-        kept = _suppress(patients, encounters, policy, zip3_for_payer=False)
+        kept = _suppress(patients, encounters, policy, zip3_for_payer=False, released=released)
         if not (
             suppressed.withheld <= kept.withheld
             and suppressed.race_lost(group_before) <= kept.race_lost(group_before)
@@ -443,7 +526,9 @@ def enforce_k_anonymity(
     race_lost = pl.Series("subject_id", sorted(suppressed.race_lost(group_before)), dtype=pl.Int64)
     gone = pl.col("subject_id").is_in(pl.Series(list(withheld), dtype=pl.Int64).implode())
     kept_events = events.filter(~gone) if withheld else events  # no pass over millions of events for nothing
-    after = measure_risk(quasi_identifiers(patients, encounters, policy=policy), k=policy.k)
+    after = measure_risk(
+        quasi_identifiers(patients, encounters, policy=policy), k=policy.k, released=released
+    )
     return Remedied(
         patients=patients,
         encounters=encounters,

@@ -31,6 +31,13 @@ class AnonymizationSettings(dg.ConfigurableResource):
         description="Share of a batch's patients that suppression may withhold before the WARN check "
         "suppression_within_limit fails (suppression falls on rare groups: too much of it biases models).",
     )
+    risk_scope: str = Field(
+        default="cumulative",
+        description="'cumulative': a batch's re-identification risk is counted over the cumulative release "
+        "(its people and those of the batches released before it, ids sorted below it), so a rare group is "
+        "kept once enough alike people are released; nothing released earlier is changed. 'batch': each batch "
+        "on its own (stricter: it also defends against an attacker who knows in which delivery a stay arrived).",
+    )
     races_kept: list[str] | None = Field(
         default=["White", "Black or African American", "Asian", "Unknown"],
         description="Race categories released as delivered; other categories are released as 'Other'. "

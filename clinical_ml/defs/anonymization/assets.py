@@ -12,6 +12,7 @@ from clinical_ml.core.deid_release import (
     batch_rng,
     pseudonym_continuity_problem,
     release_batch,
+    released_before,
     released_subject_ids,
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
@@ -50,6 +51,12 @@ def _policy(settings: AnonymizationSettings) -> RiskPolicy:
         age_bands=tuple(settings.age_bands),
         races_kept=None if settings.races_kept is None else tuple(settings.races_kept),
     )
+
+
+def _cumulative(settings: AnonymizationSettings) -> bool:
+    if settings.risk_scope not in ("cumulative", "batch"):
+        raise ValueError(f"risk_scope must be 'cumulative' or 'batch', not {settings.risk_scope!r}")
+    return settings.risk_scope == "cumulative"
 
 
 def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
@@ -106,7 +113,8 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
                 asset=name,
                 blocking=True,
                 description="Measured on the released batch: every equivalence class over age band, sex, "
-                "race/ethnicity, ZIP3, admission quarter and payer holds at least k people (k_anonymity_min). "
+                "race/ethnicity, ZIP3, admission quarter and payer that holds one of its people holds at least "
+                "k people (k_anonymity_min), counted over the cumulative release unless risk_scope is 'batch'. "
                 "When it fails nothing of the batch is written to the de-identified zone.",
             ),
             dg.AssetCheckSpec(
@@ -163,6 +171,8 @@ def _anonymize_batch(
     )
     if problem:
         raise PseudonymContinuityError(problem)
+    policy = _policy(anonymization)
+    released = released_before(deid, batch_id, policy=policy) if _cumulative(anonymization) else None
     opted_out = read_register(phi.consent_register)
     imaging = accepted_instances(paths, batch_id)
     release = release_batch(
@@ -172,7 +182,8 @@ def _anonymize_batch(
         opted_out=opted_out,
         vault=vault,
         batch_id=batch_id,
-        policy=_policy(anonymization),
+        policy=policy,
+        released=released,
         max_shift_weeks=anonymization.max_shift_weeks,
         rng=batch_rng(anonymization.pseudonym_seed, batch_id),
         hmac_key=key,
