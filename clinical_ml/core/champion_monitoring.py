@@ -242,7 +242,7 @@ def drift_retraining_decision(
 def hold_reason(record: DriftRecord | None, *, batch_id: str, what: str) -> str | None:
     """Why ``what`` of a batch is held back (None: released).
 
-    A later run (a manual materialization, a backfill) must not release what a failed blocking drift check
+    A later run (a manual materialization, a backfill) must not release what a drift check at ERROR
     held: the record written by the batch's drift check is the judge, whatever run wrote it.
     """
     if record is not None and record.released:

@@ -20,9 +20,9 @@ from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.ingestion.quality import quality_assets
 from clinical_ml.defs.ingestion.sensors import build_stuck_run_alert_sensor, landing_sensor
 from clinical_ml.defs.monitoring.sensors import (
+    build_decision_alert_sensor,
     build_drift_retraining_sensor,
     build_monitoring_chain_sensors,
-    build_promotion_refusal_alert_sensor,
     build_run_failure_alert_sensor,
     features_after_ingestion_sensor,
 )
@@ -98,7 +98,7 @@ def build_definitions(
                 os.environ.get("CLINICAL_ML_ALERT_WEBHOOK"),
                 limit_seconds=60 * float(os.environ.get("CLINICAL_ML_STUCK_RUN_MINUTES", "120")),
             ),
-            build_promotion_refusal_alert_sensor(
+            build_decision_alert_sensor(
                 use_cases, alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")
             ),
         ],

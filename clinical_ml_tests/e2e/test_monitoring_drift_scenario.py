@@ -20,7 +20,12 @@ from clinical_ml.core.fhir import read_ndjson
 from clinical_ml.core.registry import Registry
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.defs.build import build_definitions
-from clinical_ml.defs.monitoring.sensors import DRIFT_FROM_TAG, RETRAIN_REASON_TAG, retraining_requests
+from clinical_ml.defs.monitoring.sensors import (
+    DRIFT_FROM_TAG,
+    RETRAIN_REASON_TAG,
+    decision_alerts,
+    retraining_requests,
+)
 from clinical_ml.defs.usecase.paths import use_case_key
 from clinical_ml.resources.settings import AnonymizationSettings, EvaluationSettings
 
@@ -80,11 +85,15 @@ def test_the_drift_demo_finds_the_onset_the_generator_injected_and_nothing_befor
         # every request was answered in process: the sensor `make dev` starts afterwards does not ask again
         keys = [use_case_key(UC, "batch_drift"), use_case_key(UC, "monitoring_report")]
         unanswered, _ = retraining_requests(instance, keys, 0)
-        # a later run cannot release what the failed blocking check held
+        # a later run cannot release what the drift check held
         export = defs.resolve_job_def("batch_monitoring_job").get_subset(
             asset_selection={use_case_key(UC, "risk_assessment_export")}
         )
         held = export.execute_in_process(instance=instance, partition_key=drifted, raise_on_error=False)
+        held_event = instance.get_latest_materialization_event(use_case_key(UC, "risk_assessment_export"))
+        # a held batch is a decision: the monitoring runs succeeded, and the alert says what and why
+        monitoring_runs = instance.get_runs(dg.RunsFilter(job_name="batch_monitoring_job"))
+        alerts, _ = decision_alerts(instance, [use_case_key(UC, "batch_drift")], 0)
 
     # the onset is the manifest's, every batch before it (derivation batches re-checked without themselves)
     # passed, and the story says so
@@ -138,9 +147,15 @@ def test_the_drift_demo_finds_the_onset_the_generator_injected_and_nothing_befor
     # its FHIR export is held, in both zones, and stays held
     assert not (root / "deid" / "usecases" / UC / "fhir" / f"{drifted}.ndjson").exists()
     assert not (root / "phi" / "outbox" / UC / f"{drifted}.ndjson").exists()
-    assert not held.success
-    failure = held.get_step_failure_events()[0].step_failure_data.error
-    assert failure is not None and "held" in failure.message
+    assert held.success and held_event is not None
+    held_meta = held_event.asset_materialization.metadata
+    assert held_event.asset_materialization.partition == drifted and held_meta["held"].value is True
+    assert held_meta["dagster/row_count"].value == 0
+    assert f"FHIR export of batch {drifted} held" in held_meta["held_because"].value
+    assert monitoring_runs and all(r.is_success for r in monitoring_runs)
+    assert [a["partition"] for a in alerts] == [drifted, next_day][: len(alerts)] and alerts
+    assert alerts[0]["kind"] == "drift_error" and "lactate" in alerts[0]["message"]
+    assert "FHIR export is held; retraining requested." in alerts[0]["message"]
 
     # retraining: requested by the drifted batch, once, through the promotion gate
     assert len(retrainings) == 1 and drifted in retrainings[0].tags[RETRAIN_REASON_TAG]

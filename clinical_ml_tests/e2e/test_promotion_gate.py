@@ -163,13 +163,13 @@ def test_good_challenger_becomes_champion_then_degraded_one_is_stopped(gate_worl
     assert all(c["reason"] not in words for c in second["criteria"] if c["passed"])
 
     # the refusal alert names the model and its reasons, once
-    sensor = defs.resolve_sensor_def("promotion_refusal_alert_sensor")
+    sensor = defs.resolve_sensor_def("decision_alert_sensor")
     tick = sensor(dg.build_sensor_context(instance=instance))
     (alert,) = [json.loads(line) for line in alerts_file(root).read_text().splitlines()]
     assert (
         alert["kind"] == "promotion_refused" and alert["message"] == words and alert["run_id"] == bad.run_id
     )
-    assert isinstance(tick, dg.SkipReason) and "1 refusal alert" in (tick.skip_message or "")
+    assert isinstance(tick, dg.SkipReason) and "1 decision alert" in (tick.skip_message or "")
     ev = instance.get_latest_materialization_event(use_case_key(UC, "model_evaluation"))
     md = ev.asset_materialization.metadata["report"].value
     assert "95% CI" in md and md.count("data:image/png;base64,") == 2

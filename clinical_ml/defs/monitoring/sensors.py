@@ -4,6 +4,7 @@ alert."""
 
 import json
 import urllib.request
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def _monitored_use_cases(use_cases: list[UseCase], zones: DataZones) -> list[Use
 
 def build_monitoring_chain_sensors(use_cases: list[UseCase]) -> list[dg.SensorDefinition]:
     """features refreshed -> the batch scored and checked (use cases with a champion only) -> their
-    monitoring reports refreshed, after a passed or a failed (blocking drift check) batch alike."""
+    monitoring reports refreshed, after a batch monitoring run that succeeded (a drift ERROR included: a
+    decision) or failed alike."""
 
     @dg.run_status_sensor(
         name="batch_monitoring_sensor",
@@ -106,7 +108,7 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase]) -> list[dg.SensorDe
         monitored_jobs=[batch_monitoring_job],
         request_job=monitoring_report_job,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="A batch whose drift check failed (the run fails on the blocking check) is reported too.",
+        description="A batch whose monitoring run failed (scoring could not run) is reported too.",
     )
     def monitoring_report_after_failed_batch_sensor(context: dg.RunFailureSensorContext, zones: DataZones):
         return report_request(context, zones)
@@ -254,11 +256,34 @@ def build_run_failure_alert_sensor(alert_file: Path, webhook: str | None = None)
     return run_failure_alert_sensor
 
 
-def promotion_refusals(
+def _meta(value: object) -> object:
+    return getattr(value, "value", value)
+
+
+def _decision_alert(key: dg.AssetKey, meta: Mapping[str, object]) -> tuple[str, str] | None:
+    """The kind and words of the alert a decision asks for, or None: a promotion_decision that refused its
+    challenger, or a batch_drift at ERROR (its FHIR export held)."""
+    stage = stage_of(key)
+    if stage == "promotion_decision" and str(_meta(meta.get("decision"))) == "refused":
+        return "promotion_refused", str(_meta(meta.get("decision_in_words")) or "challenger refused")
+    if stage == "batch_drift" and str(_meta(meta.get("level"))) == "error":
+        asked = bool(_meta(meta.get("retraining_requested")))
+        then = (
+            "retraining requested"
+            if asked
+            else "no retraining requested (already answered for this drift episode, or the champion was "
+            "trained on this batch): a person has to look"
+        )
+        words = str(_meta(meta.get("in_words")) or "drift ERROR")
+        return "drift_error", f"{words} The batch's FHIR export is held; {then}."
+    return None
+
+
+def decision_alerts(
     instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
 ) -> tuple[list[dict], int]:
-    """An alert for each promotion_decision materialized after ``cursor`` that refused its challenger (the run
-    succeeded: a refusal is a decision), saying why in the decision's own words."""
+    """An alert for each decision of ``keys`` materialized after ``cursor`` that a person must see (the run
+    succeeded: a refusal or a held batch is a decision, not a crash), in the decision's own words."""
     alerts, newest = [], cursor
     for key in keys:
         result = instance.fetch_materializations(
@@ -267,46 +292,46 @@ def promotion_refusals(
         for record in result.records:
             newest = max(newest, record.storage_id)
             mat = record.asset_materialization
-            meta = mat.metadata if mat else {}
-            decision = meta.get("decision")
-            if str(getattr(decision, "value", decision)) != "refused":
+            decided = _decision_alert(key, mat.metadata if mat else {})
+            if decided is None:
                 continue
-            words = meta.get("decision_in_words")
             alerts.append(
                 {
                     "at": datetime.now(UTC).isoformat(),
-                    "kind": "promotion_refused",
-                    "job": "lifecycle_job",
+                    "kind": decided[0],
+                    "job": record.event_log_entry.job_name,
                     "run_id": record.run_id,
                     "asset": key.to_user_string(),
-                    "message": str(getattr(words, "value", words) or "challenger refused")[:1000],
+                    "partition": mat.partition if mat else None,
+                    "message": decided[1][:1000],
                 }
             )
     return alerts, newest
 
 
-def build_promotion_refusal_alert_sensor(
+def build_decision_alert_sensor(
     use_cases: list[UseCase], alert_file: Path, webhook: str | None = None
 ) -> dg.SensorDefinition:
-    keys = [use_case_key(uc, "promotion_decision") for uc in use_cases]
+    keys = [use_case_key(uc, stage) for uc in use_cases for stage in ("promotion_decision", "batch_drift")]
 
     @dg.sensor(
-        name="promotion_refusal_alert_sensor",
+        name="decision_alert_sensor",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="A challenger refused by the promotion gate (a decision: the run succeeds and the champion "
-        "stays) writes an alert naming the model and the reasons: log, file, webhook.",
+        description="A decision a person must see writes an alert with its reasons (log, file, webhook): a "
+        "challenger refused by the promotion gate (the champion stays), a batch whose drift check reached "
+        "ERROR (its FHIR export held). Both runs succeed: they are decisions, not crashes.",
     )
-    def promotion_refusal_alert_sensor(context: dg.SensorEvaluationContext):
-        alerts, newest = promotion_refusals(context.instance, keys, int(context.cursor or 0))
+    def decision_alert_sensor(context: dg.SensorEvaluationContext):
+        alerts, newest = decision_alerts(context.instance, keys, int(context.cursor or 0))
         for alert in alerts:
             context.log.warning(f"{alert['asset']}: {alert['message']}")
             write_alert(alert, file=alert_file, webhook=webhook)
         context.update_cursor(str(newest))
         if not alerts:
-            return dg.SkipReason("no challenger refused since the last check")
+            return dg.SkipReason("no challenger refused and no batch held for drift since the last check")
         return dg.SkipReason(
-            f"{len(alerts)} refusal alert(s) written: " + " | ".join(a["message"] for a in alerts)[:900]
+            f"{len(alerts)} decision alert(s) written: " + " | ".join(a["message"] for a in alerts)[:900]
         )
 
-    return promotion_refusal_alert_sensor
+    return decision_alert_sensor

@@ -62,13 +62,28 @@ def _champion(zones: DataZones, uc: UseCase) -> Champion:
         raise dg.Failure(str(e)) from e
 
 
-def _released_predictions(zones: DataZones, uc: UseCase, batch: str, what: str):
-    """The batch's scored admissions, unless its drift check holds them back (then the run fails, saying why)."""
-    store = zones.use_case(uc.name)
-    part = store.drift_records.part(batch)
-    held = hold_reason(part.read() if part.exists() else None, batch_id=batch, what=what)
-    if held:
+def _held(context: dg.AssetExecutionContext, zones: DataZones, uc: UseCase, what: str) -> str | None:
+    """Why the batch's drift check holds ``what`` back (a decision: the asset records it and the run goes
+    on), or None. A batch no drift check has judged yet fails the run: there is nothing to decide from."""
+    batch = context.partition_key
+    part = zones.use_case(uc.name).drift_records.part(batch)
+    record = part.read() if part.exists() else None
+    held = hold_reason(record, batch_id=batch, what=what)
+    if held and record is None:
         raise dg.Failure(held)
+    if held:
+        context.log.warning(held)
+    return held
+
+
+def _held_result(reason: str) -> dg.MaterializeResult:
+    """Nothing of the batch written, and why: what the asset page shows for a held batch."""
+    return dg.MaterializeResult(metadata={"dagster/row_count": 0, "held": True, "held_because": reason})
+
+
+def _released_predictions(zones: DataZones, uc: UseCase, batch: str):
+    """The batch's scored admissions, the model version and its threshold (the drift check released them)."""
+    store = zones.use_case(uc.name)
     preds = store.batch_predictions.part(batch).read()
     version = str(preds["model_version"][0]) if preds.height else "none"
     threshold = zones.model_registry(uc.name).card(version).threshold if preds.height else 0.5
@@ -94,7 +109,9 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
     )
     def ehr_delivery(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch = context.partition_key
-        preds, version, threshold = _released_predictions(zones, uc, batch, "EHR delivery")
+        if held := _held(context, zones, uc, "EHR delivery"):
+            return _held_result(held)
+        preds, version, threshold = _released_predictions(zones, uc, batch)
         phi = zones.phi_store()
         vault = phi.read_vault()
         if preds.height and vault.patients.height == 0:
@@ -115,7 +132,9 @@ def build_ehr_delivery_asset(uc: UseCase, site_system: str) -> dg.AssetsDefiniti
             subject_system=site_system,
         )
         # counts only: the file holds identifiers, its metadata does not
-        return dg.MaterializeResult(metadata={"dagster/row_count": n, "subject_system": site_system})
+        return dg.MaterializeResult(
+            metadata={"dagster/row_count": n, "held": False, "subject_system": site_system}
+        )
 
     return ehr_delivery
 
@@ -133,10 +152,10 @@ def _partitioned_check_spec(asset: dg.AssetKey) -> dg.AssetCheckSpec:
         return dg.AssetCheckSpec(
             "drift_below_error_level",
             asset=asset,
-            blocking=True,
             partitions_def=batch_partitions,
             description="No predictor or prediction drift at ERROR level (significant after Bonferroni and "
-            "material); an ERROR requests retraining and holds the FHIR export of this batch.",
+            "material). An ERROR is a decision, not a crash: it requests retraining, alerts, and holds this "
+            "batch's FHIR export (the export records why); the run succeeds.",
         )
 
 
@@ -240,6 +259,7 @@ def build_monitoring_assets(
         batch, champion = context.partition_key, _champion(zones, uc)
         check = check_batch(zones.use_case(uc.name), zones.model_registry(uc.name), champion, config, batch)
         result, record = check.result, check.record
+        words = drift_check_words(batch, result.level, result.reasons)
         context.log.info(f"batch {batch}: drift level {result.level}")
         yield dg.MaterializeResult(
             metadata={
@@ -253,6 +273,7 @@ def build_monitoring_assets(
                 "n_current": result.n_current,
                 "n_reference": check.n_reference,
                 "model_version": champion.version,
+                "in_words": words,
                 "report": dg.MetadataValue.md(_drift_markdown(record, result, config)),
             }
         )
@@ -261,7 +282,7 @@ def build_monitoring_assets(
             passed=result.level != "error",
             severity=dg.AssetCheckSeverity.ERROR,
             # the batch and the columns that moved, in words: what the run's page and the alert show
-            description=drift_check_words(batch, result.level, result.reasons),
+            description=words,
             metadata={
                 "batch": batch,
                 "level": result.level,
@@ -279,12 +300,15 @@ def build_monitoring_assets(
         kinds={"fhir", "ndjson"},
         tags={**tags(DataClass.DEIDENTIFIED), **PER_BATCH_TAG},
         description="FHIR R4 RiskAssessment resources (NDJSON, validated with fhir.resources) for the EHR "
-        "interface engine; subject = pseudonym. Held when the batch's drift check fails.",
+        "interface engine; subject = pseudonym. Held (nothing written, the reason recorded) when the batch's "
+        "drift check reached ERROR.",
         owners=ML_OWNERS,
     )
     def risk_assessment_export(context: dg.AssetExecutionContext, zones: DataZones) -> dg.MaterializeResult:
         batch, store = context.partition_key, zones.use_case(uc.name)
-        preds, version, threshold = _released_predictions(zones, uc, batch, "FHIR export")
+        if held := _held(context, zones, uc, "FHIR export"):
+            return _held_result(held)
+        preds, version, threshold = _released_predictions(zones, uc, batch)
         out = store.fhir_export(batch)
         n = write_ndjson(
             scored_admissions(preds, subject="subject_id", encounter="hadm_id"),
@@ -297,7 +321,7 @@ def build_monitoring_assets(
             threshold=threshold,
         )
         return dg.MaterializeResult(
-            metadata={"dagster/row_count": n, "path": str(out.relative_to(zones.deid))}
+            metadata={"dagster/row_count": n, "held": False, "path": str(out.relative_to(zones.deid))}
         )
 
     @dg.asset(
