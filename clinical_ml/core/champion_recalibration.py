@@ -13,7 +13,7 @@ from clinical_ml.core.artifacts import ParquetParts, UseCaseStore
 from clinical_ml.core.champion_monitoring import Champion, day_after, monitoring_frame
 from clinical_ml.core.evaluation import bootstrap_metrics
 from clinical_ml.core.features import ROW_KEY, SplitInfo, feature_matrix
-from clinical_ml.core.gate import criterion_result, gate_inputs, judge_challenger
+from clinical_ml.core.gate import criterion_result, gate_inputs
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.performance_monitoring import label_maturity
@@ -248,14 +248,7 @@ def _register(
             champion.scorer.model.predict(inputs.champion_x), inputs.patients, folds, seed=seed
         ),
     )
-    gate, figures = judge_challenger(
-        inputs,
-        use_case,
-        n_boot=settings.n_bootstrap,
-        seed=settings.seed,
-        latency_repeats=settings.latency_repeats,
-        auroc_margin=settings.auroc_margin,
-    )
+    gate, figures = settings.judge(inputs, use_case)
     offer = replace(
         counts,
         status="offered",

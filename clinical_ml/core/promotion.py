@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from clinical_ml.core.approval import apply_approval_policy
 from clinical_ml.core.artifacts import ParquetParts, UseCaseStore
-from clinical_ml.core.gate import gate_inputs, judge_challenger
+from clinical_ml.core.gate import GateInputs, GateResult, gate_inputs, judge_challenger
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.registry import (
     Lineage,
@@ -28,6 +28,17 @@ class GateSettings:
     seed: int
     latency_repeats: int = 300
     auroc_margin: float | None = None
+
+    def judge(self, inputs: GateInputs, use_case: UseCase) -> tuple[GateResult, dict]:
+        """The promotion gate on ``inputs`` (:func:`clinical_ml.core.gate.judge_challenger`), as set here."""
+        return judge_challenger(
+            inputs,
+            use_case,
+            n_boot=self.n_bootstrap,
+            seed=self.seed,
+            latency_repeats=self.latency_repeats,
+            auroc_margin=self.auroc_margin,
+        )
 
 
 @dataclass(frozen=True)
@@ -72,14 +83,7 @@ def register_challenger(
         champion_card=champ.as_dict() if champ else None,
         alert_burden=ev.alert_burden,
     )
-    gate, figures = judge_challenger(
-        inputs,
-        use_case,
-        n_boot=settings.n_bootstrap,
-        seed=settings.seed,
-        latency_repeats=settings.latency_repeats,
-        auroc_margin=settings.auroc_margin,
-    )
+    gate, figures = settings.judge(inputs, use_case)
     batches = sorted(store.cohort.read(columns=["batch_id"])["batch_id"].unique().to_list())
     lineage = Lineage(
         batch_ids=tuple(batches),
