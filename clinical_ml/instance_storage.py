@@ -14,6 +14,13 @@ is released), same busy timeout, the same lock serializing this process's thread
 webserver, run workers) still share the files through SQLite's own locking, as before. A forked child never
 reuses its parent's connections, and shards are closed before ``wipe`` deletes their files.
 
+One change of behaviour, on purpose: each operation on pool slots (claim, free, set, assign, initialize to the
+default limit) runs as one ``BEGIN IMMEDIATE`` transaction of the index shard, all its statements on one
+connection. Dagster's SQLite implementation reads and then writes in separate statements that nothing locks
+together (the sqlite3 driver opens a transaction only at the first write, and SQLite ignores ``SELECT ... FOR
+UPDATE``), so two runs claiming a pool of 1 at the same moment were both given it: two anonymizations then each
+wrote a pseudonym vault without the other's patients. The stock storage has the same race.
+
 Configured in ``dagster.yaml``; PostgreSQL (``dagster_postgres.yaml``) is the storage for shared deployments.
 It overrides private members of Dagster's storage (``_connect``, ``_db_lock``, ``_initialized_dbs``,
 ``_initdb``): docs/instance-storage.md says what it buys (measured), the risks, and the one-step fallback to
@@ -24,16 +31,18 @@ the stock storage; ``clinical_ml_tests/defs/test_instance_storage.py`` fails whe
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from dagster import StringSource
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
 from dagster._serdes import ConfigurableClassData
+from dagster._utils.concurrency import ConcurrencyClaimStatus
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
@@ -63,7 +72,11 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         self._engines_pid = os.getpid()
         self._engines_lock = threading.Lock()
         self._tables_found: set[str] = set()
+        # the index connection of this thread's open pool-slot transaction, which nested uses share
+        self._slot_transaction_of = threading.local()
         super().__init__(os.path.join(dagster_home, "history", "runs"), inst_data=inst_data)
+        # re-entrant: a run shard opened inside a pool-slot transaction (which holds it) must not deadlock
+        self._db_lock = threading.RLock()  # type: ignore[assignment]
 
     @classmethod
     def config_type(cls) -> dict[str, Any]:
@@ -101,15 +114,76 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
                 engine.dispose()
             self._engines = OrderedDict()
 
+    def _ready_engine(self, shard: str) -> Engine:
+        engine = self._engine(shard)
+        if shard not in self._initialized_dbs:
+            self._initdb(engine)
+            self._initialized_dbs.add(shard)
+        return engine
+
     @contextmanager
     def _connect(self, shard: str) -> Iterator[Connection]:
+        held: Connection | None = getattr(self._slot_transaction_of, "conn", None)
+        if held is not None and shard == INDEX_SHARD_NAME:
+            yield held  # inside a pool-slot transaction: its statements join it, committed when it ends
+            return
         with self._db_lock:
-            engine = self._engine(shard)
-            if shard not in self._initialized_dbs:
-                self._initdb(engine)
-                self._initialized_dbs.add(shard)
+            engine = self._ready_engine(shard)
             with engine.connect() as conn, conn.begin():
                 yield conn
+
+    @contextmanager
+    def _slot_transaction(self) -> Iterator[None]:
+        """One transaction of the index shard that holds SQLite's write lock from its first statement
+        (``BEGIN IMMEDIATE``: another process's waits, up to the busy timeout) to its commit; every index
+        statement of this thread until then runs in it. What Dagster's pool-slot methods read (free slots,
+        steps assigned) then cannot change before what they write from it is committed."""
+        if getattr(self._slot_transaction_of, "conn", None) is not None:
+            yield  # already inside one (a slot method calling another)
+            return
+        with self._db_lock:
+            engine = self._ready_engine(INDEX_SHARD_NAME)
+            with engine.connect() as conn, conn.begin():
+                # the sqlite3 driver would begin only at the first write, after the reads it depends on
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                self._slot_transaction_of.conn = conn
+                try:
+                    yield
+                finally:
+                    self._slot_transaction_of.conn = None
+
+    # Dagster's pool-slot operations, each made one transaction (see _slot_transaction): claim (queue the step,
+    # assign it a slot if one is left, take a free slot), free (release the slot, dequeue, assign the next),
+    # and the limit changes that add or remove slots and assign queued steps to new ones.
+    def claim_concurrency_slot(
+        self, concurrency_key: str, run_id: str, step_key: str, priority: int | None = None
+    ) -> ConcurrencyClaimStatus:
+        with self._slot_transaction():
+            return super().claim_concurrency_slot(concurrency_key, run_id, step_key, priority)
+
+    def free_concurrency_slot_for_step(self, run_id: str, step_key: str) -> None:
+        with self._slot_transaction():
+            super().free_concurrency_slot_for_step(run_id, step_key)
+
+    def free_concurrency_slots_for_run(self, run_id: str) -> None:
+        with self._slot_transaction():
+            super().free_concurrency_slots_for_run(run_id)
+
+    def assign_pending_steps(self, concurrency_keys: Sequence[str]) -> None:
+        with self._slot_transaction():
+            super().assign_pending_steps(concurrency_keys)
+
+    def set_concurrency_slots(self, concurrency_key: str, num: int) -> None:
+        with self._slot_transaction():
+            super().set_concurrency_slots(concurrency_key, num)
+
+    def delete_concurrency_limit(self, concurrency_key: str) -> None:
+        with self._slot_transaction():
+            super().delete_concurrency_limit(concurrency_key)
+
+    def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
+        with self._slot_transaction():
+            return super().initialize_concurrency_limit_to_default(concurrency_key)
 
     def has_table(self, table_name: str) -> bool:
         # Asked before every dynamic-partition lookup and every asset event, each time through a new engine
