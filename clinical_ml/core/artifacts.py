@@ -390,8 +390,12 @@ class PhiStore:
         return Vault(self.vault_patients.read(), self.vault_encounters.read())
 
     def write_vault(self, vault: Vault) -> None:
-        self.vault_patients.write(vault.patients)
+        # Encounters first: a batch draws its new patients' surrogates before its encounters'
+        # (anonymization.extend_vault), so a run killed between the two files leaves the vault as before or
+        # with the encounters only, and the rerun draws the same patient surrogates again. The other order
+        # left the patients only, and the rerun gave the encounters other ids than an uninterrupted run.
         self.vault_encounters.write(vault.encounters)
+        self.vault_patients.write(vault.patients)
 
     def ehr_outbox(self, use_case: str, batch_id: str) -> Path:
         return self.root / "outbox" / use_case / f"{batch_id}.ndjson"

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 from datetime import datetime
 from pathlib import Path
 
@@ -20,36 +18,23 @@ import pytest
 from clinical_ml.core.delivery import ZonePaths, process_batch
 from clinical_ml.core.storage import committed
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml_tests.kill_points import run_killed
 
 pytestmark = pytest.mark.slow
 
 NOW = datetime(2026, 3, 1)
 BATCH = "2026-01-05"
-# Runs ``process_batch`` in a child process that kills itself (SIGKILL) at the k-th ``os.replace``: before it
-# (the temporary file is written, not committed) or after it (committed, the next write not begun). k = -1
-# only counts the renames.
-CHILD = textwrap.dedent(
-    """
-    import os, signal, sys
-    from datetime import datetime
-    from pathlib import Path
-    root, k, when = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    real, calls = os.replace, [0]
-    def replace(src, dst):
-        if calls[0] == k and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(src, dst)
-        if calls[0] == k and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        calls[0] += 1
-    os.replace = replace
-    from clinical_ml.core.delivery import ZonePaths, process_batch
-    zones = ZonePaths(landing=root / "landing", archive=root / "archive", quarantine=root / "quarantine",
-                      phi=root / "phi")
-    process_batch(zones=zones, batch_id=sys.argv[4], now=datetime(2026, 3, 1))
-    print(calls[0])
-    """
-)
+# The child's run of ``process_batch`` (clinical_ml_tests.kill_points kills it at the k-th ``os.replace``: before
+# it, the temporary file is written, not committed; after it, committed, the next write not begun).
+CHILD = """
+from datetime import datetime
+from pathlib import Path
+from clinical_ml.core.delivery import ZonePaths, process_batch
+root = Path(ARGS[0])
+zones = ZonePaths(landing=root / "landing", archive=root / "archive", quarantine=root / "quarantine",
+                  phi=root / "phi")
+process_batch(zones=zones, batch_id=ARGS[1], now=datetime(2026, 3, 1))
+"""
 
 
 def _zones(root: Path) -> ZonePaths:
@@ -59,13 +44,8 @@ def _zones(root: Path) -> ZonePaths:
 
 
 def _child(root: Path, k: int, when: str) -> subprocess.CompletedProcess:
-    script = root.parent / f"{root.name}_child.py"
-    script.write_text(CHILD)
-    return subprocess.run(
-        [sys.executable, str(script), str(root), str(k), when, BATCH],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_killed(
+        CHILD, k=k, when=when, args=[str(root), BATCH], script=root.parent / f"{root.name}_child.py"
     )
 
 

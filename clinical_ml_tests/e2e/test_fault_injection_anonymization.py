@@ -1,0 +1,193 @@
+"""Fault injection in anonymization (issue 17): the release of a batch (the core calls the anonymization asset
+makes, in its order: continuity check, release, vault, privacy record, row account, de-identified tables,
+consent record) is killed with SIGKILL just before or just after the k-th atomic rename, then run again. The
+second batch is the one killed, so returning patients meet the vault the first batch left. The result must
+equal an uninterrupted run's: the same vault, the same pseudonyms and rows in every de-identified table, the
+same records; no reader lists a half-written file; every released patient has one pseudonym."""
+
+import json
+import shutil
+import signal
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from clinical_ml.core.artifacts import DeidStore, DictRecord, PhiStore
+from clinical_ml.core.consent import read_register, withdraw_objections
+from clinical_ml.core.deid_release import (
+    DEID_TABLE_NAMES,
+    PseudonymContinuityError,
+    batch_rng,
+    pseudonym_continuity_problem,
+    release_batch,
+    released_before,
+    released_subject_ids,
+)
+from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping, process_batch
+from clinical_ml.core.ingestion import empty_accepted
+from clinical_ml.core.landing import SOURCES
+from clinical_ml.core.reidentification import RiskPolicy
+from clinical_ml.core.row_accounting import batch_account
+from clinical_ml.core.storage import committed
+from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
+from clinical_ml_tests.kill_points import count_boundaries, run_killed
+
+pytestmark = pytest.mark.slow
+
+NOW = datetime(2026, 3, 1)
+SEED = 7  # AnonymizationSettings.pseudonym_seed: surrogates reproducible, so two runs can be compared
+# AnonymizationSettings' defaults (risk_scope: cumulative)
+POLICY = RiskPolicy(
+    k=5, age_bands=(0, 18, 45, 65, 80), races_kept=("White", "Black or African American", "Asian", "Unknown")
+)
+CHILD = """
+from pathlib import Path
+from clinical_ml_tests.e2e.test_fault_injection_anonymization import release_one_batch
+release_one_batch(Path(ARGS[0]), ARGS[1])
+"""
+
+
+def _zones(root: Path) -> ZonePaths:
+    return ZonePaths(
+        landing=root / "landing", archive=root / "archive", quarantine=root / "quarantine", phi=root / "phi"
+    )
+
+
+def release_one_batch(root: Path, batch_id: str) -> None:
+    """What ``clinical_ml.defs.anonymization.assets._anonymize_batch`` writes for one batch in vault mode
+    (without imaging, which the synthetic batches here do not hold), in the same order, through the same core
+    functions."""
+    zones = _zones(root)
+    phi, deid = PhiStore(root / "phi"), DeidStore(root / "deid", root / "reports")
+    vault = phi.read_vault()
+    problem = pseudonym_continuity_problem(
+        batch_id=batch_id,
+        mode="vault",
+        released=[r.data for r in deid.privacy.read_all()],
+        vault_subjects=vault.patients["subject_id"],
+        released_subjects=released_subject_ids(deid),
+    )
+    if problem:
+        raise PseudonymContinuityError(problem)
+    opted_out = read_register(phi.consent_register)
+    raw = {}
+    for source in SOURCES:
+        part = phi.raw(source).part(batch_id)
+        raw[source] = part.read() if part.exists() else empty_accepted(source)
+    release = release_batch(
+        raw,
+        opted_out=opted_out,
+        vault=vault,
+        batch_id=batch_id,
+        policy=POLICY,
+        max_shift_weeks=52,
+        rng=batch_rng(SEED, batch_id),
+        hmac_key=None,
+        mapping=ingested_site_mapping(zones, batch_id),
+        released=released_before(deid, batch_id, policy=POLICY),  # risk_scope: cumulative (the default)
+    )
+    if release.deid.persist_vault:
+        phi.write_vault(release.deid.vault)
+    deid.privacy.part(batch_id).write(DictRecord(release.privacy_record()))
+    deid.accounting.part(batch_id).write(DictRecord(batch_account(zones, deid.root, batch_id).as_dict()))
+    for table, frame in release.frames.items():
+        target = deid.table(table).part(batch_id)
+        if release.released:
+            target.write(frame)
+        else:
+            target.remove()
+    withdrawal = withdraw_objections(deid, opted_out, vault=release.deid.vault, hmac_key=None)
+    deid.consent.part(batch_id).write(
+        DictRecord({"withheld_by_consent": release.consent.as_dict(), "withdrawn": withdrawal.as_dict()})
+    )
+
+
+def _state(root: Path) -> dict[str, object]:
+    """Everything a reader of the zones sees through the stores: the vault, every committed de-identified
+    part (its rows in a set order), every committed record."""
+    phi, deid = PhiStore(root / "phi"), DeidStore(root / "deid", root / "reports")
+    vault = phi.read_vault()
+    out: dict[str, object] = {
+        "vault/patients": vault.patients.sort("mrn").to_dicts(),
+        "vault/encounters": vault.encounters.sort("encounter_id").to_dicts(),
+    }
+    for table in DEID_TABLE_NAMES:
+        for p in deid.table(table).files():
+            frame = pl.read_parquet(p)  # events leave unsorted (the MEDS writer sorts): compared as sets
+            out[f"{table}/{p.name}"] = frame.sort(frame.columns, nulls_last=True).to_dicts()
+    for kind in ("privacy", "accounting", "consent"):
+        for p in committed(deid.root / kind, ".json"):
+            out[f"{kind}/{p.name}"] = json.loads(p.read_text())
+    return out
+
+
+def _listed(root: Path) -> set[Path]:
+    """Every file the readers of the de-identified zone and the vault would open."""
+    phi, deid = PhiStore(root / "phi"), DeidStore(root / "deid", root / "reports")
+    files = {phi.vault_patients.path, phi.vault_encounters.path}
+    files |= {p for t in DEID_TABLE_NAMES for p in deid.table(t).files()}
+    return files | {
+        p for kind in ("privacy", "accounting", "consent") for p in committed(deid.root / kind, ".json")
+    }
+
+
+def _one_pseudonym_each(root: Path) -> None:
+    phi, deid = PhiStore(root / "phi"), DeidStore(root / "deid", root / "reports")
+    vault = phi.read_vault().patients
+    assert vault["mrn"].is_unique().all() and vault["subject_id"].is_unique().all()
+    released = released_subject_ids(deid)
+    assert released.is_in(vault["subject_id"].implode()).all()
+    for p in deid.patients.files():  # one row per released patient and batch
+        assert pl.read_parquet(p)["subject_id"].is_unique().all()
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, object], int]:
+    """Two ingested batches, the first released; the reference release of the second and its rename count."""
+    base = tmp_path_factory.mktemp("base")
+    hospital = generate_hospital(
+        base / "landing", SyntheticConfig(n_patients=200, n_batches=2, seed=17, days_per_batch=10)
+    )
+    first, second = hospital.batch_ids
+    for batch in (first, second):
+        process_batch(zones=_zones(base), batch_id=batch, now=NOW)
+    release_one_batch(base, first)
+    reference = tmp_path_factory.mktemp("reference")
+    shutil.copytree(base, reference, dirs_exist_ok=True)
+    n = count_boundaries(CHILD, args=[str(reference), second], script=reference.parent / "reference_child.py")
+    return base, second, _state(reference), n
+
+
+def _subjects(state: dict[str, object], batch: str) -> set[int]:
+    rows = state[f"patients/{batch}.parquet"]
+    assert isinstance(rows, list)
+    return {r["subject_id"] for r in rows}
+
+
+def test_the_reference_release_writes_through_renames_and_releases_returning_patients(hospital):
+    base, second, reference, n_renames = hospital
+    (first,) = (p.name.removesuffix(".parquet") for p in committed(base / "deid" / "patients", ".parquet"))
+    assert n_renames >= 8
+    record = reference[f"privacy/{second}.json"]
+    assert isinstance(record, dict) and record["released"] is True
+    assert _subjects(reference, first) & _subjects(reference, second)  # returning patients, one pseudonym
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("fraction", [0.0, 0.15, 0.5, 0.95])
+def test_a_release_killed_at_a_write_then_run_again_gives_the_same_data(hospital, when, fraction, tmp_path):
+    base, second, reference, n_renames = hospital
+    k = min(int(fraction * n_renames), n_renames - 1)
+    root = tmp_path / "zones"
+    shutil.copytree(base, root)
+    killed = run_killed(CHILD, k=k, when=when, args=[str(root), second], script=tmp_path / "child.py")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = [p for p in root.rglob(".*") if p.is_file()]
+    assert len(leftovers) <= (1 if when == "before" else 0)
+    assert not set(leftovers) & _listed(root)  # no reader lists the killed write's temporary file
+    _one_pseudonym_each(root)  # what a reader sees between the kill and the rerun
+    release_one_batch(root, second)  # the rerun
+    assert _state(root) == reference
+    _one_pseudonym_each(root)
