@@ -5,7 +5,8 @@
     <use_case>/models/<version>/model.txt      LightGBM text format (never pickle)
     <use_case>/models/<version>/card.json      the model card: features, training ranges, metrics with CIs,
                                                the gate's verdict, lineage
-    <use_case>/models/<version>/SHA256SUMS     sha256 of both, written last: the version is complete
+    <use_case>/models/<version>/SHA256SUMS     sha256 of both, written last (in a hidden folder renamed
+                                               into place: a version is there whole or not at all)
     <use_case>/champion.json                   the version currently approved for use
     <use_case>/decisions.jsonl                 every promotion decision with its reasons, one framed record
                                                (with the sha256 of its content) per line
@@ -19,6 +20,9 @@ of its own. Versions registered before the checksums existed read back unverifie
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +30,7 @@ from pathlib import Path
 from clinical_ml.core.evaluation import MetricWithCI
 from clinical_ml.core.features import SplitInfo
 from clinical_ml.core.gate import GateResult
-from clinical_ml.core.modeling import TrainedModel, load_model
+from clinical_ml.core.modeling import TrainedModel, is_complete_model_text, load_model
 from clinical_ml.core.storage import atomic_write_bytes
 from clinical_ml.core.training import ChallengerFit
 from clinical_ml.core.usecase import UseCase
@@ -45,6 +49,25 @@ class RegistryIntegrityError(RuntimeError):
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _loads_in_a_child(text: str) -> bool:
+    """Whether LightGBM loads ``text`` and predicts one row in a separate process. Some damaged models make
+    LightGBM abort or crash the process that reads them instead of raising, so a model file that no sha256
+    vouches for (a version registered before the checksums) is tried apart first."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _TRY_MODEL], input=text.encode(), capture_output=True, timeout=300
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+_TRY_MODEL = (
+    "import sys, numpy, lightgbm; b = lightgbm.Booster(model_str=sys.stdin.read()); "
+    "b.predict(numpy.zeros((1, b.num_feature())))"
+)
 
 
 def _record_digest(record: dict) -> str:
@@ -251,20 +274,30 @@ class Registry:
         return d
 
     def register(self, card: ModelCard, *, model_text: str) -> Path:
-        """Write a model version; an existing version is never overwritten. The checksums are written last,
-        so a registration cut short leaves a version that is not listed."""
+        """Write a model version; an existing version is never overwritten. The files are written in a hidden
+        folder renamed into place once complete (checksums last), so a registration cut short leaves no
+        version, and the next registration of that version clears what it left. Registering again a version
+        that holds the same model (a run retried after a crash that followed the registration) keeps the
+        version as it is; another model under the same version raises ``FileExistsError``."""
         d = self._version_dir(card.version)
         if d.exists():
+            if (d / MODEL_FILE).is_file() and self._read_verified(
+                card.version, MODEL_FILE
+            ) == model_text.encode():
+                return d
             raise FileExistsError(f"model version {card.version} of {self.use_case} is already registered")
-        d.mkdir(parents=True)
+        staging = d.with_name(f".{card.version}.partial")
+        shutil.rmtree(staging, ignore_errors=True)  # left by a registration that was killed
+        staging.mkdir(parents=True)
         files = {
             MODEL_FILE: model_text.encode(),
             CARD_FILE: json.dumps(card.as_dict(), indent=2, default=str).encode(),
         }
         for name, data in files.items():
-            atomic_write_bytes(d / name, data)
+            atomic_write_bytes(staging / name, data)
         sums = "".join(f"{_sha256(data)}  {name}\n" for name, data in files.items())
-        atomic_write_bytes(d / SUMS_FILE, sums.encode())
+        atomic_write_bytes(staging / SUMS_FILE, sums.encode())
+        os.rename(staging, d)
         return d
 
     def _where(self, version: str, name: str) -> str:
@@ -282,7 +315,7 @@ class Registry:
         sums = d / SUMS_FILE
         if sums.exists():
             expected: dict[str, str] = {}
-            for line in sums.read_text().splitlines():
+            for line in sums.read_bytes().decode("utf-8", errors="replace").splitlines():
                 digest, _, file_name = line.partition("  ")
                 expected[file_name] = digest
             if expected.get(name) != _sha256(data):
@@ -296,9 +329,12 @@ class Registry:
         data = self._read_verified(version, CARD_FILE)
         try:
             raw = json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise RegistryIntegrityError(f"{self._where(version, CARD_FILE)} is not valid JSON") from e
-        return ModelCard.from_dict(raw, use_case=self.use_case, version=version)
+        try:
+            return ModelCard.from_dict(raw, use_case=self.use_case, version=version)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise RegistryIntegrityError(f"{self._where(version, CARD_FILE)} is not a model card") from e
 
     def has_card(self, version: str) -> bool:
         return (self._version_dir(version) / CARD_FILE).exists()
@@ -308,6 +344,12 @@ class Registry:
 
     def model(self, version: str) -> TrainedModel:
         text = self.model_text(version)
+        unverified = not (self._version_dir(version) / SUMS_FILE).exists()
+        if unverified and is_complete_model_text(text) and not _loads_in_a_child(text):
+            raise RegistryIntegrityError(
+                f"{self._where(version, MODEL_FILE)} is not a readable LightGBM model (it has no recorded "
+                "sha256 and failed to load on its own): restore it from a backup, or retrain"
+            )
         try:
             return load_model(text)
         except Exception as e:  # LightGBM raises its own error types for an unreadable model
@@ -317,7 +359,21 @@ class Registry:
 
     def champion(self) -> str | None:
         p = self._base / CHAMPION_FILE
-        return json.loads(p.read_text())["version"] if p.exists() else None
+        if not p.exists():
+            return None
+        where = f"registry file {self.use_case}/{CHAMPION_FILE}"
+        remedy = (
+            "restore it from a backup, or delete it and approve a registered version (clinical-ml approve)"
+        )
+        try:
+            version = json.loads(p.read_bytes())["version"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise RegistryIntegrityError(
+                f"{where} is not a champion pointer ({type(e).__name__}): {remedy}"
+            ) from e
+        if not isinstance(version, str) or not version:
+            raise RegistryIntegrityError(f"{where} does not name a version: {remedy}")
+        return version
 
     def champion_card(self) -> ModelCard | None:
         version = self.champion()
@@ -373,7 +429,7 @@ class Registry:
                     problems.append(f"{where}: does not match its sha256 (altered); skipped")
                     continue
                 decisions.append(PromotionDecision.from_dict(raw))
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 problems.append(
                     f"{where}: not a whole decision record (torn by a crash?); kept in the file, skipped"
                 )
@@ -396,7 +452,8 @@ class Registry:
         return sorted(
             p.name
             for p in d.iterdir()
-            if (p / SUMS_FILE).exists() or ((p / CARD_FILE).exists() and (p / MODEL_FILE).exists())
+            if not p.name.startswith(".")
+            and ((p / SUMS_FILE).exists() or ((p / CARD_FILE).exists() and (p / MODEL_FILE).exists()))
         )
 
     def newest_card(self) -> ModelCard | None:

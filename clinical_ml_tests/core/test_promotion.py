@@ -133,8 +133,8 @@ def test_pointer_moves_only_by_set_champion_when_recording_without_move(tmp_path
     assert hist == [recorded] and hist[0].criteria == ({"name": "x"},) and hist[0].at
     with pytest.raises(FileNotFoundError):
         reg.set_champion("v404")
-    with pytest.raises(FileExistsError):
-        reg.register(ModelCard("uc", "v1"), model_text="tree\n")
+    with pytest.raises(FileExistsError):  # another model under a registered version
+        reg.register(ModelCard("uc", "v1"), model_text="tree\nother\n")
     assert json.loads((tmp_path / "uc" / "champion.json").read_text())["version"] == "v1"
 
 
