@@ -1,5 +1,5 @@
-"""Fault injection in anonymization (issue 17): the release of a batch (the core calls the anonymization asset
-makes, in its order: continuity check, release, vault, privacy record, row account, de-identified tables,
+"""Fault injection in anonymization (issue 17): the release of a batch (:func:`publish_batch`, what the
+anonymization asset runs: continuity check, release, vault, privacy record, row account, de-identified tables,
 consent record) is killed with SIGKILL just before or just after the k-th atomic rename, then run again. The
 second batch is the one killed, so returning patients meet the vault the first batch left. The result must
 equal an uninterrupted run's: the same vault, the same pseudonyms and rows in every de-identified table, the
@@ -14,22 +14,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from clinical_ml.core.artifacts import DeidStore, DictRecord, PhiStore
-from clinical_ml.core.consent import read_register, withdraw_objections
+from clinical_ml.core.artifacts import DeidStore, PhiStore
+from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch
 from clinical_ml.core.deid_release import (
     DEID_TABLE_NAMES,
-    PseudonymContinuityError,
-    batch_rng,
-    pseudonym_continuity_problem,
-    release_batch,
-    released_before,
     released_subject_ids,
 )
-from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping, process_batch
-from clinical_ml.core.ingestion import empty_accepted
-from clinical_ml.core.landing import SOURCES
+from clinical_ml.core.delivery import ZonePaths, process_batch
 from clinical_ml.core.reidentification import RiskPolicy
-from clinical_ml.core.row_accounting import batch_account
 from clinical_ml.core.storage import committed
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml_tests.kill_points import count_boundaries, run_killed
@@ -56,51 +48,15 @@ def _zones(root: Path) -> ZonePaths:
 
 
 def release_one_batch(root: Path, batch_id: str) -> None:
-    """What ``clinical_ml.defs.anonymization.assets._anonymize_batch`` writes for one batch in vault mode
-    (without imaging, which the synthetic batches here do not hold), in the same order, through the same core
-    functions."""
-    zones = _zones(root)
-    phi, deid = PhiStore(root / "phi"), DeidStore(root / "deid", root / "reports")
-    vault = phi.read_vault()
-    problem = pseudonym_continuity_problem(
+    """What the anonymization asset runs for one batch (:func:`publish_batch`), with the settings' defaults
+    (without imaging, which the synthetic batches here do not hold)."""
+    publish_batch(
+        paths=_zones(root),
+        deid=DeidStore(root / "deid", root / "reports"),
         batch_id=batch_id,
-        mode="vault",
-        released=[r.data for r in deid.privacy.read_all()],
-        vault_subjects=vault.patients["subject_id"],
-        released_subjects=released_subject_ids(deid),
-    )
-    if problem:
-        raise PseudonymContinuityError(problem)
-    opted_out = read_register(phi.consent_register)
-    raw = {}
-    for source in SOURCES:
-        part = phi.raw(source).part(batch_id)
-        raw[source] = part.read() if part.exists() else empty_accepted(source)
-    release = release_batch(
-        raw,
-        opted_out=opted_out,
-        vault=vault,
-        batch_id=batch_id,
-        policy=POLICY,
-        max_shift_weeks=52,
-        rng=batch_rng(SEED, batch_id),
-        hmac_key=None,
-        mapping=ingested_site_mapping(zones, batch_id),
-        released=released_before(deid, batch_id, policy=POLICY),  # risk_scope: cumulative (the default)
-    )
-    if release.deid.persist_vault:
-        phi.write_vault(release.deid.vault)
-    deid.privacy.part(batch_id).write(DictRecord(release.privacy_record()))
-    deid.accounting.part(batch_id).write(DictRecord(batch_account(zones, deid.root, batch_id).as_dict()))
-    for table, frame in release.frames.items():
-        target = deid.table(table).part(batch_id)
-        if release.released:
-            target.write(frame)
-        else:
-            target.remove()
-    withdrawal = withdraw_objections(deid, opted_out, vault=release.deid.vault, hmac_key=None)
-    deid.consent.part(batch_id).write(
-        DictRecord({"withheld_by_consent": release.consent.as_dict(), "withdrawn": withdrawal.as_dict()})
+        settings=ReleaseSettings(
+            policy=POLICY, pseudonym_mode="vault", hmac_key=None, max_shift_weeks=52, seed=SEED
+        ),
     )
 
 

@@ -1,28 +1,12 @@
-import dataclasses
-
 import dagster as dg
 import polars as pl
 
-from clinical_ml.core.anonymization import Vault
-from clinical_ml.core.artifacts import DictRecord
-from clinical_ml.core.consent import objecting_subjects, read_register, withdraw_objections
-from clinical_ml.core.deid_release import (
-    BatchRelease,
-    PseudonymContinuityError,
-    batch_rng,
-    pseudonym_continuity_problem,
-    release_batch,
-    released_before,
-    released_subject_ids,
-)
-from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
-from clinical_ml.core.dicom import uid_key
-from clinical_ml.core.imaging import accepted_instances, publish_imaging, withdraw_imaging
-from clinical_ml.core.ingestion import empty_accepted
+from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch
+from clinical_ml.core.deid_release import BatchRelease
+from clinical_ml.core.delivery import ZonePaths
 from clinical_ml.core.landing import IMAGING_SOURCE, SOURCES
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.reidentification import RiskPolicy
-from clinical_ml.core.row_accounting import batch_account
 from clinical_ml.core.storage import code_version, sweep_leftovers
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
@@ -39,24 +23,19 @@ DEID_TABLES = {
 }
 
 
-def _raw(zones: DataZones, source: str, batch_id: str) -> pl.DataFrame:
-    """The batch's accepted rows; no rows when the file was quarantined or never delivered."""
-    part = zones.phi_store().raw(source).part(batch_id)
-    return part.read() if part.exists() else empty_accepted(source)
-
-
-def _policy(settings: AnonymizationSettings) -> RiskPolicy:
-    return RiskPolicy(
-        k=settings.k_anonymity_min,
-        age_bands=tuple(settings.age_bands),
-        races_kept=None if settings.races_kept is None else tuple(settings.races_kept),
+def _release_settings(settings: AnonymizationSettings, key: HmacKey | None) -> ReleaseSettings:
+    return ReleaseSettings(
+        policy=RiskPolicy(
+            k=settings.k_anonymity_min,
+            age_bands=tuple(settings.age_bands),
+            races_kept=None if settings.races_kept is None else tuple(settings.races_kept),
+        ),
+        pseudonym_mode=settings.pseudonym_mode,
+        hmac_key=key,
+        max_shift_weeks=settings.max_shift_weeks,
+        seed=settings.pseudonym_seed,
+        risk_scope=settings.risk_scope,
     )
-
-
-def _cumulative(settings: AnonymizationSettings) -> bool:
-    if settings.risk_scope not in ("cumulative", "batch"):
-        raise ValueError(f"risk_scope must be 'cumulative' or 'batch', not {settings.risk_scope!r}")
-    return settings.risk_scope == "cumulative"
 
 
 def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
@@ -157,61 +136,19 @@ def _anonymize_batch(
     lines: list[str],
 ) -> dict[str, BatchOutcome]:
     """Anonymize, remedy, gate and (when it passes) release one batch; what each table reports."""
-    phi, deid = zones.phi_store(), zones.deid_store()
     paths = ZonePaths(
         landing=zones.landing, archive=zones.archive, quarantine=zones.quarantine, phi=zones.phi
     )
-    vault = phi.read_vault() if key is None else Vault.empty()
-    problem = pseudonym_continuity_problem(
+    published = publish_batch(
+        paths=paths,
+        deid=zones.deid_store(),
         batch_id=batch_id,
-        mode=anonymization.pseudonym_mode,
-        released=[r.data for r in deid.privacy.read_all()],
-        vault_subjects=vault.patients["subject_id"],
-        released_subjects=released_subject_ids(deid),
+        settings=_release_settings(anonymization, key),
+        site_mappings_dir=zones.site_mappings_dir,
     )
-    if problem:
-        raise PseudonymContinuityError(problem)
-    policy = _policy(anonymization)
-    released = released_before(deid, batch_id, policy=policy) if _cumulative(anonymization) else None
-    opted_out = read_register(phi.consent_register)
-    imaging = accepted_instances(paths, batch_id)
-    release = release_batch(
-        {s: _raw(zones, s, batch_id) for s in SOURCES},
-        imaging=imaging,
-        imaging_key=uid_key(phi_dir=zones.phi, hmac_secret=key.secret if key else None) if imaging else None,
-        opted_out=opted_out,
-        vault=vault,
-        batch_id=batch_id,
-        policy=policy,
-        released=released,
-        max_shift_weeks=anonymization.max_shift_weeks,
-        rng=batch_rng(anonymization.pseudonym_seed, batch_id),
-        hmac_key=key,
-        mapping=ingested_site_mapping(paths, batch_id, folder=zones.site_mappings_dir),
-    )
-    if release.deid.persist_vault:
-        phi.write_vault(release.deid.vault)
-    deid.privacy.part(batch_id).write(DictRecord(release.privacy_record()))
-    # counts and reason codes only: what the report card's participant flow shows per delivery
-    deid.accounting.part(batch_id).write(DictRecord(batch_account(paths, zones.deid, batch_id).as_dict()))
-    for table, frame in release.frames.items():
-        target = deid.table(table).part(batch_id)
-        if release.released:
-            target.write(frame)
-        else:
-            target.remove()  # a failed re-run must not leave an older release behind
-    publish_imaging(release.imaging, deid.imaging / batch_id, released=release.released)
-    withdrawal = withdraw_objections(deid, opted_out, vault=release.deid.vault, hmac_key=key)
-    objecting = objecting_subjects(opted_out, vault=release.deid.vault, hmac_key=key)
-    if files := withdraw_imaging(deid.imaging, objecting):
-        withdrawal = dataclasses.replace(
-            withdrawal, rows_removed={**withdrawal.rows_removed, "imaging files": files}
-        )
-    deid.consent.part(batch_id).write(
-        DictRecord({"withheld_by_consent": release.consent.as_dict(), "withdrawn": withdrawal.as_dict()})
-    )
-    if withdrawal.removed:
-        context.log.warning(withdrawal.sentence())
+    release = published.release
+    if published.withdrawal.removed:
+        context.log.warning(published.withdrawal.sentence())
     lines.append(release.log_line())
     return {t: _table_outcome(t, release, anonymization, zones) for t in release.frames}
 
