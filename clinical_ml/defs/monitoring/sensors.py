@@ -4,7 +4,7 @@ alert."""
 
 import json
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,38 +120,51 @@ def build_monitoring_chain_sensors(use_cases: list[UseCase]) -> list[dg.SensorDe
     ]
 
 
+def _meta(value: object) -> object:
+    """A metadata entry's value (entries come wrapped in metadata value objects)."""
+    return getattr(value, "value", value)
+
+
+def _materialized_after(
+    instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey], cursor: int
+) -> Iterator[tuple[dg.AssetKey, dg.EventLogRecord, Mapping[str, object]]]:
+    """Each materialization of ``keys`` stored after ``cursor``, oldest first, with its metadata."""
+    for key in keys:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
+        )
+        for record in result.records:
+            mat = record.asset_materialization
+            yield key, record, (mat.metadata if mat else {})
+
+
 def retraining_requests(
     instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
 ) -> tuple[list[dg.RunRequest], int]:
     """One lifecycle run per materialization of ``keys`` (each use case's batch_drift and monitoring_report)
     that requested retraining after ``cursor``, unless a run already answers it (tagged with its run key)."""
     requests, newest = [], cursor
-    for key in keys:
-        result = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
+    for key, record, meta in _materialized_after(instance, keys, cursor):
+        newest = max(newest, record.storage_id)
+        mat = record.asset_materialization
+        wanted = meta.get("retraining_requested")
+        if wanted is None or not bool(_meta(wanted)):
+            continue
+        batch = mat.partition if mat else None
+        reason = str(_meta(meta.get("retraining_reason")) or "") or (
+            f"drift ERROR in batch {batch} ({key.to_user_string()})"
         )
-        for record in result.records:
-            newest = max(newest, record.storage_id)
-            mat = record.asset_materialization
-            meta = mat.metadata if mat else {}
-            wanted = meta.get("retraining_requested")
-            if wanted is not None and bool(getattr(wanted, "value", wanted)):
-                batch = mat.partition if mat else None
-                given = meta.get("retraining_reason")
-                reason = str(getattr(given, "value", given) or "") or (
-                    f"drift ERROR in batch {batch} ({key.to_user_string()})"
-                )
-                # a batch's drift starts an episode: the retrained model's drift reference begins there
-                episode = {DRIFT_FROM_TAG: str(batch)} if stage_of(key) == "batch_drift" and batch else {}
-                run_key = f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}"
-                if instance.get_run_ids(dg.RunsFilter(tags={RETRAINING_REQUEST_TAG: run_key}), limit=1):
-                    continue
-                requests.append(
-                    dg.RunRequest(
-                        run_key=run_key,
-                        tags={RETRAIN_REASON_TAG: reason[:400], RETRAINING_REQUEST_TAG: run_key, **episode},
-                    )
-                )
+        # a batch's drift starts an episode: the retrained model's drift reference begins there
+        episode = {DRIFT_FROM_TAG: str(batch)} if stage_of(key) == "batch_drift" and batch else {}
+        run_key = f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}"
+        if instance.get_run_ids(dg.RunsFilter(tags={RETRAINING_REQUEST_TAG: run_key}), limit=1):
+            continue
+        requests.append(
+            dg.RunRequest(
+                run_key=run_key,
+                tags={RETRAIN_REASON_TAG: reason[:400], RETRAINING_REQUEST_TAG: run_key, **episode},
+            )
+        )
     return requests, newest
 
 
@@ -161,16 +174,12 @@ def drift_errors_without_retraining(
     """Batches whose drift check reached ERROR after ``cursor`` without requesting retraining (the champion
     was trained on the batch, or a model retrained for the same episode stands refused)."""
     batches = []
-    for key in (k for k in keys if stage_of(k) == "batch_drift"):
-        result = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
-        )
-        for record in result.records:
+    drift = (k for k in keys if stage_of(k) == "batch_drift")
+    for _, record, meta in _materialized_after(instance, drift, cursor):
+        level, wanted = meta.get("level"), meta.get("retraining_requested")
+        if str(_meta(level)) == "error" and not bool(_meta(wanted)):
             mat = record.asset_materialization
-            meta = mat.metadata if mat else {}
-            level, wanted = meta.get("level"), meta.get("retraining_requested")
-            if str(getattr(level, "value", level)) == "error" and not bool(getattr(wanted, "value", wanted)):
-                batches.append(str(mat.partition if mat else "?"))
+            batches.append(str(mat.partition if mat else "?"))
     return batches
 
 
@@ -256,10 +265,6 @@ def build_run_failure_alert_sensor(alert_file: Path, webhook: str | None = None)
     return run_failure_alert_sensor
 
 
-def _meta(value: object) -> object:
-    return getattr(value, "value", value)
-
-
 def _decision_alert(key: dg.AssetKey, meta: Mapping[str, object]) -> tuple[str, str] | None:
     """The kind and words of the alert a decision asks for, or None: a promotion_decision that refused its
     challenger, or a batch_drift at ERROR (its FHIR export held)."""
@@ -285,27 +290,23 @@ def decision_alerts(
     """An alert for each decision of ``keys`` materialized after ``cursor`` that a person must see (the run
     succeeded: a refusal or a held batch is a decision, not a crash), in the decision's own words."""
     alerts, newest = [], cursor
-    for key in keys:
-        result = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, after_storage_id=cursor), limit=1000, ascending=True
+    for key, record, meta in _materialized_after(instance, keys, cursor):
+        newest = max(newest, record.storage_id)
+        mat = record.asset_materialization
+        decided = _decision_alert(key, meta)
+        if decided is None:
+            continue
+        alerts.append(
+            {
+                "at": datetime.now(UTC).isoformat(),
+                "kind": decided[0],
+                "job": record.event_log_entry.job_name,
+                "run_id": record.run_id,
+                "asset": key.to_user_string(),
+                "partition": mat.partition if mat else None,
+                "message": decided[1][:1000],
+            }
         )
-        for record in result.records:
-            newest = max(newest, record.storage_id)
-            mat = record.asset_materialization
-            decided = _decision_alert(key, mat.metadata if mat else {})
-            if decided is None:
-                continue
-            alerts.append(
-                {
-                    "at": datetime.now(UTC).isoformat(),
-                    "kind": decided[0],
-                    "job": record.event_log_entry.job_name,
-                    "run_id": record.run_id,
-                    "asset": key.to_user_string(),
-                    "partition": mat.partition if mat else None,
-                    "message": decided[1][:1000],
-                }
-            )
     return alerts, newest
 
 
