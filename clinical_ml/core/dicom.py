@@ -27,11 +27,13 @@ vocabulary (``vocabulary.yaml``, ``imaging``) become ``unmapped`` (never passed 
 counted.
 """
 
+import contextlib
 import copy
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -237,6 +239,22 @@ class DicomRejected(ValueError):
         self.reason = reason
 
 
+def _create_key(path: Path) -> None:
+    """Write a new random key whole, then link it into place: a run killed on the way leaves no key or a
+    whole one (never an empty one), and of two runs creating it at once the first link wins for both."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # owner-only (0600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(MIN_UID_KEY_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another run's key is already in place: it is the key
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
 def uid_key(*, phi_dir: Path, hmac_secret: bytes | None = None) -> bytes:
     """The secret that new UIDs are derived under.
 
@@ -247,11 +265,10 @@ def uid_key(*, phi_dir: Path, hmac_secret: bytes | None = None) -> bytes:
     if hmac_secret is not None:
         return hmac_secret
     path = Path(phi_dir) / UID_KEY_FILE
+    if path.exists() and path.stat().st_size == 0:
+        path.unlink()  # a creation killed before it wrote (older releases): no UID was ever derived under it
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(MIN_UID_KEY_BYTES))
+        _create_key(path)
     key = path.read_bytes()
     if len(key) < MIN_UID_KEY_BYTES:
         raise ValueError(f"the imaging UID key in the phi zone ({UID_KEY_FILE}) is shorter than 32 bytes")

@@ -240,3 +240,21 @@ def test_the_uid_key_of_the_vault_mode_is_made_once_and_kept_in_the_phi_zone(tmp
     assert uid_key(phi_dir=tmp_path) == first and len(first) == 32
     assert (tmp_path / "imaging_uid_key").stat().st_mode & 0o077 == 0
     assert uid_key(phi_dir=tmp_path, hmac_secret=KEY) == KEY
+
+
+def test_a_uid_key_creation_killed_before_it_wrote_is_made_again_and_a_short_key_refused(tmp_path):
+    (tmp_path / "imaging_uid_key").write_bytes(b"")  # what a kill between create and write left before
+    made = uid_key(phi_dir=tmp_path)
+    assert len(made) == 32 and uid_key(phi_dir=tmp_path) == made
+    assert [p.name for p in tmp_path.iterdir()] == ["imaging_uid_key"]  # no temporary file left behind
+    (tmp_path / "imaging_uid_key").write_bytes(b"short")
+    with pytest.raises(ValueError, match="shorter than 32 bytes"):
+        uid_key(phi_dir=tmp_path)
+
+
+def test_runs_creating_the_uid_key_at_once_all_get_the_one_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: uid_key(phi_dir=tmp_path), range(32)))
+    assert keys == {(tmp_path / "imaging_uid_key").read_bytes()}
