@@ -212,8 +212,9 @@ class JwtVerifier:
             raise AuthError("no_token")
         token = token.strip()
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
+            # header and claims read once (the signature is checked below, with the issuer's key)
+            unverified_token = jwt.decode_complete(token, options={"verify_signature": False})
+            header, unverified = unverified_token["header"], unverified_token["payload"]
         except jwt.PyJWTError:
             raise AuthError("malformed_token") from None
         iss = unverified.get("iss")
