@@ -21,7 +21,7 @@ from clinical_ml.core.learning_curve import LearningCurve
 from clinical_ml.core.population_model import PopulationModelComparison
 from clinical_ml.core.quality import QualityProfile
 from clinical_ml.core.recalibration import RecalibrationOffer
-from clinical_ml.core.registry import PromotionDecision
+from clinical_ml.core.registry import PromotionDecision, RegistryIntegrityError
 from clinical_ml.core.storage import (
     atomic_write_bytes,
     committed,
@@ -256,14 +256,29 @@ class ChallengerStore:
         return JsonFile(self.folder / "fit.json", ChallengerFit)
 
     def model_text(self) -> str:
-        return (self.folder / "model.txt").read_text()
+        """The challenger's LightGBM text, checked against the sha256 written with it: a file changed or damaged
+        since training raises :class:`RegistryIntegrityError` naming it, and never reaches LightGBM (which can
+        abort the whole process on a damaged model). A challenger written before checksums is read as it is."""
+        model, checksum = self.folder / "model.txt", self.folder / "model.txt.sha256"
+        data = model.read_bytes()
+        if checksum.exists() and checksum.read_text().strip() != hashlib.sha256(data).hexdigest():
+            raise RegistryIntegrityError(
+                f"{model} does not match the sha256 written with it (changed or damaged since training, or a "
+                "training run was killed between the two): materialize risk_model again"
+            )
+        try:
+            return data.decode()
+        except UnicodeDecodeError as e:
+            raise RegistryIntegrityError(f"{model} is not a text model (byte {e.start})") from None
 
     def model_sha256(self) -> str:
         """The model file's sha256: the same data, code and configuration give the same one."""
         return hashlib.sha256((self.folder / "model.txt").read_bytes()).hexdigest()
 
     def write(self, model_text: str, fit: ChallengerFit) -> None:
-        atomic_write_bytes(self.folder / "model.txt", model_text.encode())
+        data = model_text.encode()
+        atomic_write_bytes(self.folder / "model.txt", data)
+        atomic_write_bytes(self.folder / "model.txt.sha256", hashlib.sha256(data).hexdigest().encode())
         self.fit.write(fit)
 
 

@@ -120,3 +120,18 @@ def test_no_truncation_of_a_model_file_reaches_lightgbm(model_text):
         assert not is_complete_model_text(model_text[:cut]), cut
     with pytest.raises(ValueError, match="not a complete LightGBM text model"):
         load_model(model_text[: len(model_text) // 2])
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "one_byte", "empty"])
+def test_a_challenger_changed_since_training_is_refused_before_lightgbm_reads_it(tmp_path, model_text, how):
+    from clinical_ml.core.artifacts import ChallengerStore
+    from clinical_ml.core.training import ChallengerFit, FitSummary
+
+    store = ChallengerStore(tmp_path / "challenger")
+    store.write(
+        model_text, ChallengerFit("v1", FitSummary(200, 100, 20, 1, 20, {"a": (0.0, 1.0)}), ("a", "b"))
+    )
+    assert store.model_text() == model_text
+    _damage(tmp_path / "challenger" / "model.txt", how)
+    with pytest.raises(RegistryIntegrityError, match=r"challenger/model\.txt"):
+        store.model_text()
