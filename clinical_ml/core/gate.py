@@ -102,7 +102,8 @@ def evaluability_criterion(y: np.ndarray, criteria: dict, *, words: OutcomeWords
             f"{counts}: at least {need_e} {words.events} and {need_n} {words.non_events} are needed to judge"
             if ok
             else f"too few outcomes to judge: {counts}, and at least {need_e} {words.events} and {need_n} "
-            f"{words.non_events} are needed; no metric is judged",
+            f"{words.non_events} are needed; the minimums of discrimination, calibration and Brier score are "
+            "not judged",
         )
     ]
 
@@ -123,7 +124,8 @@ def minimum_criteria(metrics: dict, criteria: dict, *, evaluable: bool = True) -
 
     A metric whose interval is degenerate (no width, e.g. AUROC 0.500 (0.500 to 0.500) when every patient
     gets the same risk) or not finite is not judged and blocks; with ``evaluable`` False (too few
-    outcomes, :func:`evaluability_criterion`) no metric is judged."""
+    outcomes, :func:`evaluability_criterion`) none of them is judged (the comparison with the champion and
+    the operational limits are judged on their own terms)."""
     out = []
     for metric, key, words in (
         ("auroc", "auroc_min", "AUROC"),

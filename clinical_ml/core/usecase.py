@@ -354,7 +354,7 @@ class SuccessCriteria(_Strict):
     # Below these counts in the validation cohort the gate refuses: too few outcomes to judge (see
     # docs/usecases.md for why 100 of each).
     min_events: int = Field(
-        100, ge=1, description="outcome events needed in the validation cohort before any metric is judged"
+        100, ge=1, description="outcome events needed in the validation cohort before the minimums are judged"
     )
     min_non_events: int = Field(
         100, ge=1, description="patients without the outcome needed in the validation cohort"

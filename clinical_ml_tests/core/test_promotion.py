@@ -199,7 +199,7 @@ WORDS = OutcomeWords(
 )
 
 
-def test_too_few_outcomes_refuse_the_gate_and_no_metric_is_judged():
+def test_too_few_outcomes_refuse_the_gate_and_no_minimum_is_judged():
     # an export with 1 death in 29 stays: every interval degenerate or meaningless
     y = np.zeros(29, dtype=int)
     y[3] = 1
@@ -211,7 +211,7 @@ def test_too_few_outcomes_refuse_the_gate_and_no_metric_is_judged():
     assert not enough[0].passed
     assert enough[0].reason == (
         "too few outcomes to judge: 1 death and 28 survivors in the validation cohort, and at least 100 deaths "
-        "and 100 survivors are needed; no metric is judged"
+        "and 100 survivors are needed; the minimums of discrimination, calibration and Brier score are not judged"
     )
     mins = gate.minimum_criteria(m, CRITERIA, evaluable=False)
     result = gate.evaluate_gate(enough, mins)
