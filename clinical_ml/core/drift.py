@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from clinical_ml.core.display_names import display_name
 from clinical_ml.core.drift_statistics import (
     CATEGORICAL,
     KS_GRID,
@@ -346,13 +347,21 @@ def batch_drift(
 
 
 def drift_reason(drift: FeatureDrift, *, statistics: Sequence[DriftStatistic]) -> str:
-    """One column's level in words with the statistics that judge it, e.g. for a batch's reasons."""
+    """One column's level in words with the statistics that judge it, e.g. for a batch's reasons and alerts:
+    ``Lactate, lowest in 24 h (mmol/L) [lactate__min_24h]: ERROR (p = 1e-100; PSI 3.05; KS 0.547)``: its
+    clinical name and unit first, the column the engineers know it by in brackets."""
     shown = [
-        f"{s.label} {s.format(drift.value(s.key))}"
+        f"{_sentence_case(s.label)} {s.format(drift.value(s.key))}"
         for s in statistics
         if s.pvalue_key is not None and math.isfinite(drift.value(s.key))
     ]
-    return f"{drift.feature}: {drift.level.upper()} (p = {drift.p_min:.2g}, {', '.join(shown)})"
+    name = display_name(drift.feature)
+    return f"{name} [{drift.feature}]: {drift.level.upper()} (p = {drift.p_min:.2g}; {'; '.join(shown)})"
+
+
+def _sentence_case(label: str) -> str:
+    """``Change in share not measured`` -> ``change in share not measured`` inside a sentence; ``PSI`` stays."""
+    return label if label[:2].isupper() else label[:1].lower() + label[1:]
 
 
 def worst_level(levels: Sequence[str]) -> str:

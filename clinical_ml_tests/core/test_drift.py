@@ -90,3 +90,17 @@ def test_missing_and_infinite_values_are_missing_and_sorting_keeps_the_rest():
     assert d.missing_reference == pytest.approx(0.2)
     assert d.missing_current == pytest.approx(0.6)
     assert d.mean_current == pytest.approx(1.5)
+
+
+def test_a_drift_reason_names_the_measurement_clinically_then_the_column_and_reads_as_a_sentence():
+    from clinical_ml.core.drift import drift_reason
+    from clinical_ml.core.drift_statistics import STATISTICS
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(2.0, 0.5, size=(4000, 1))
+    cur = np.where(rng.random((4000, 1)) < 0.3, np.nan, ref + 1.5)  # shifted, and more often missing
+    profile = reference_profile(ref, ["lactate__min_24h"], thresholds=DriftThresholds())
+    (drift,) = batch_drift(profile, cur)
+    words = drift_reason(drift, statistics=list(STATISTICS))
+    assert words.startswith("Lactate, lowest in 24 h (mmol/L) [lactate__min_24h]: ERROR (p = ")
+    assert "; PSI " in words and "; change in share not measured +" in words and "Change" not in words

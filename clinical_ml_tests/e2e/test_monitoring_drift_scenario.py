@@ -117,7 +117,9 @@ def test_the_drift_demo_finds_the_onset_the_generator_injected_and_nothing_befor
         assert evaluations[(DRIFT_CHECK, b)].passed, evaluations[(DRIFT_CHECK, b)].description
     failed = evaluations[(DRIFT_CHECK, drifted)]
     assert not failed.passed
-    assert (failed.description or "").startswith(f"Batch {drifted}: drift ERROR. lactate__")
+    # by its clinical name and unit, then the column the engineers know (the alert carries the same words)
+    assert (failed.description or "").startswith(f"Batch {drifted}: drift ERROR. Lactate, ")
+    assert "(mmol/L) [lactate__" in (failed.description or "")
     assert evaluations[("time_to_prediction_within_limit", drifted)].passed
 
     # time to prediction: from the batch's first ledger entry to its predictions, within the limit
@@ -154,7 +156,7 @@ def test_the_drift_demo_finds_the_onset_the_generator_injected_and_nothing_befor
     assert f"FHIR export of batch {drifted} held" in held_meta["held_because"].value
     assert monitoring_runs and all(r.is_success for r in monitoring_runs)
     assert [a["partition"] for a in alerts] == [drifted, next_day][: len(alerts)] and alerts
-    assert alerts[0]["kind"] == "drift_error" and "lactate" in alerts[0]["message"]
+    assert alerts[0]["kind"] == "drift_error" and "Lactate, " in alerts[0]["message"]
     assert "FHIR export is held; retraining requested." in alerts[0]["message"]
 
     # retraining: requested by the drifted batch, once, through the promotion gate
