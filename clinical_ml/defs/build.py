@@ -70,14 +70,17 @@ def build_definitions(
             ehr_site_system=site_system,
         )
     ]
+    assets = [
+        *raw_assets,
+        *quality_assets,
+        anonymized_cohort,
+        meds_dataset,
+        *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
+    ]
+    # a retraining request retrains the use case that asked, not every use case of lifecycle_job
+    lifecycle_keys = lifecycle_job.selection.resolve(assets)
     return dg.Definitions(
-        assets=[
-            *raw_assets,
-            *quality_assets,
-            anonymized_cohort,
-            meds_dataset,
-            *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
-        ],
+        assets=assets,
         asset_checks=[a for a in use_case_assets if isinstance(a, dg.AssetChecksDefinition)],
         jobs=[
             batch_ingestion_job,
@@ -91,7 +94,7 @@ def build_definitions(
             landing_sensor,
             features_after_ingestion_sensor,
             *build_monitoring_chain_sensors(use_cases),
-            build_drift_retraining_sensor(use_cases),
+            build_drift_retraining_sensor(use_cases, lifecycle_keys),
             build_run_failure_alert_sensor(alerts_file(root), os.environ.get("CLINICAL_ML_ALERT_WEBHOOK")),
             build_stuck_run_alert_sensor(
                 alerts_file(root),

@@ -251,3 +251,32 @@ def test_the_retraining_sensor_says_which_drift_errors_did_not_request_retrainin
         said = tick()
         assert isinstance(said, dg.SkipReason)
         assert "1 drift ERROR(s)" in (said.skip_message or "") and "2026-01-21" in (said.skip_message or "")
+
+
+def test_a_drift_in_one_use_case_retrains_that_use_case_only(tmp_path):
+    from clinical_ml.defs.build import build_definitions
+    from clinical_ml.defs.conventions import RETRAIN_REASON_TAG
+
+    defs = build_definitions(data_root=tmp_path)
+    sensor = defs.resolve_sensor_def("drift_retraining_sensor")
+    job = defs.resolve_job_def("lifecycle_job")
+    drifted = use_case_key("aki_48h", "batch_drift")
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=drifted,
+                partition="2026-01-09",
+                metadata={"level": "error", "retraining_requested": True},
+            )
+        )
+        (request,) = sensor(dg.build_sensor_context(instance=instance))
+    selected = set(request.asset_selection)
+    assert {k.path[0] for k in selected} == {"aki_48h"}
+    assert (
+        use_case_key("aki_48h", "risk_model") in selected
+        and use_case_key("aki_48h", "promotion_decision") in selected
+    )
+    # every asset of that use case the lifecycle job holds, and a valid run of the job
+    assert selected == {k for k in job.asset_layer.executable_asset_keys if k.path[0] == "aki_48h"}
+    job.get_subset(asset_selection=selected)
+    assert "drift ERROR in batch 2026-01-09" in request.tags[RETRAIN_REASON_TAG]

@@ -4,7 +4,7 @@ alert."""
 
 import json
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -139,10 +139,16 @@ def _materialized_after(
 
 
 def retraining_requests(
-    instance: dg.DagsterInstance, keys: list[dg.AssetKey], cursor: int
+    instance: dg.DagsterInstance,
+    keys: list[dg.AssetKey],
+    cursor: int,
+    *,
+    lifecycle_keys: Collection[dg.AssetKey] | None = None,
 ) -> tuple[list[dg.RunRequest], int]:
     """One lifecycle run per materialization of ``keys`` (each use case's batch_drift and monitoring_report)
-    that requested retraining after ``cursor``, unless a run already answers it (tagged with its run key)."""
+    that requested retraining after ``cursor``, unless a run already answers it (tagged with its run key).
+    With ``lifecycle_keys`` (the assets of lifecycle_job), the run is narrowed to those of the use case that
+    asked: a drift in one use case does not retrain, judge and alert on the others."""
     requests, newest = [], cursor
     for key, record, meta in _materialized_after(instance, keys, cursor):
         newest = max(newest, record.storage_id)
@@ -159,10 +165,12 @@ def retraining_requests(
         run_key = f"retrain-{key.to_user_string()}-{batch}-{record.storage_id}"
         if instance.get_run_ids(dg.RunsFilter(tags={RETRAINING_REQUEST_TAG: run_key}), limit=1):
             continue
+        narrowed = None if lifecycle_keys is None else [k for k in lifecycle_keys if k.path[0] == key.path[0]]
         requests.append(
             dg.RunRequest(
                 run_key=run_key,
                 tags={RETRAIN_REASON_TAG: reason[:400], RETRAINING_REQUEST_TAG: run_key, **episode},
+                asset_selection=sorted(narrowed, key=lambda k: k.to_user_string()) if narrowed else None,
             )
         )
     return requests, newest
@@ -183,7 +191,9 @@ def drift_errors_without_retraining(
     return batches
 
 
-def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefinition:
+def build_drift_retraining_sensor(
+    use_cases: list[UseCase], lifecycle_keys: Collection[dg.AssetKey] | None = None
+) -> dg.SensorDefinition:
     keys = [use_case_key(uc, name) for uc in use_cases for name in ("batch_drift", "monitoring_report")]
 
     @dg.sensor(
@@ -192,13 +202,13 @@ def build_drift_retraining_sensor(use_cases: list[UseCase]) -> dg.SensorDefiniti
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="A batch whose drift check reached ERROR, or realised performance of the champion below "
-        "its minimums (overall or in a subgroup), requests retraining: lifecycle_job retrains, evaluates and "
-        "promotes the challenger only through the gate.",
+        "its minimums (overall or in a subgroup), requests retraining of that use case: lifecycle_job, narrowed "
+        "to its assets, retrains, evaluates and promotes the challenger only through the gate.",
     )
     def drift_retraining_sensor(context: dg.SensorEvaluationContext):
         cursor = int(context.cursor or 0)
         unrequested = drift_errors_without_retraining(context.instance, keys, cursor)
-        requests, newest = retraining_requests(context.instance, keys, cursor)
+        requests, newest = retraining_requests(context.instance, keys, cursor, lifecycle_keys=lifecycle_keys)
         context.update_cursor(str(newest))
         if requests:
             return requests
