@@ -7,7 +7,7 @@ use case's store and registry, tested directly.
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -64,9 +64,22 @@ def load_champion(registry: Registry) -> Champion:
     return Champion(card, scorer, approved_group_thresholds(registry, version))
 
 
-def day_after(batch_id: str) -> datetime:
-    """What is known once a daily batch has landed: everything before the start of the next day."""
-    return datetime.combine(date.fromisoformat(batch_id) + timedelta(days=1), datetime.min.time())
+def day_after(batch_id: str) -> datetime | None:
+    """What is known once a daily batch has landed: everything before the start of the next day. None for a
+    batch not named by its date (a hospital's own folder names, a research export): when its outcomes
+    became known is not known, so none counts as matured."""
+    try:
+        day = date.fromisoformat(batch_id)
+    except ValueError:
+        return None
+    return datetime.combine(day + timedelta(days=1), datetime.min.time())
+
+
+def known_by(batch_ids: Iterable[str]) -> datetime | None:
+    """What is known once the newest batch named by its date has landed (:func:`day_after`); None when no
+    batch is named by its date."""
+    days = [d for d in map(day_after, batch_ids) if d is not None]
+    return max(days, default=None)
 
 
 def monitoring_frame(store: UseCaseStore, batch_id: str | None = None) -> pl.DataFrame:
@@ -289,9 +302,10 @@ def nightly_retraining_reason(store: UseCaseStore, registry: Registry, *, as_of:
 
 def matured_labels(current: pl.DataFrame, *, batch_id: str) -> np.ndarray | None:
     """Outcomes of the batch's admissions already known the day after it landed (None: none yet)."""
-    matured = current.filter(
-        label_maturity(current, as_of=day_after(batch_id)) & pl.col("label").is_not_null()
-    )
+    as_of = day_after(batch_id)
+    if as_of is None:
+        return None
+    matured = current.filter(label_maturity(current, as_of=as_of) & pl.col("label").is_not_null())
     return matured["label"].to_numpy() if matured.height else None
 
 
@@ -326,8 +340,9 @@ def realised_performance(
     preds = preds.filter(
         ~(pl.col("batch_id").is_in(trained_on) & pl.col("split").is_in(["train", "tuning"])).fill_null(False)
     )
-    as_of = day_after(max(preds["batch_id"].to_list()))
-    preds = preds.with_columns(label_maturity(preds, as_of=as_of).alias("matured"))
+    as_of = known_by(preds["batch_id"].unique().to_list())
+    matured = label_maturity(preds, as_of=as_of) if as_of is not None else pl.repeat(False, preds.height)
+    preds = preds.with_columns(matured.alias("matured"))
     return performance_by_period(preds, threshold=champion.card.threshold, estimator=estimator, config=config)
 
 

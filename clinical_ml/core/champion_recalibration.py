@@ -10,7 +10,7 @@ import polars as pl
 
 from clinical_ml.core.approval import apply_approval_policy
 from clinical_ml.core.artifacts import ParquetParts, UseCaseStore
-from clinical_ml.core.champion_monitoring import Champion, day_after, monitoring_frame
+from clinical_ml.core.champion_monitoring import Champion, known_by, monitoring_frame
 from clinical_ml.core.evaluation import bootstrap_metrics
 from clinical_ml.core.features import ROW_KEY, SplitInfo, feature_matrix
 from clinical_ml.core.gate import criterion_result, gate_inputs
@@ -44,9 +44,8 @@ def recent_labelled_rows(store: UseCaseStore, champion: Champion) -> pl.DataFram
     recent = frame.filter(~pl.col("batch_id").is_in(list(champion.card.lineage.batch_ids)))
     if recent.height == 0:
         return recent
-    try:
-        as_of = day_after(max(frame["batch_id"].to_list()))
-    except ValueError:  # batches not named by date: when an outcome became known is not known
+    as_of = known_by(frame["batch_id"].unique().to_list())
+    if as_of is None:  # batches not named by date: when an outcome became known is not known
         return recent.clear()
     return recent.filter(label_maturity(recent, as_of=as_of) & pl.col("label").is_not_null()).sort(ROW_KEY)
 

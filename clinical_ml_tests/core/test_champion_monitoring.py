@@ -170,3 +170,26 @@ def test_realised_performance_leaves_out_the_patients_the_champion_was_derived_o
     overall = {r["period"]: r for r in rows if r["attribute"] == "all"}
     assert overall[trained]["n"] == 40  # the 80 admissions it was fitted to are not counted
     assert overall[new]["n"] == 120  # a batch it was not trained on counts whole, derivation split or not
+
+
+def test_batches_not_named_by_date_have_no_matured_outcomes_instead_of_crashing():
+    from datetime import datetime
+
+    import polars as pl
+
+    from clinical_ml.core.champion_monitoring import day_after, known_by, matured_labels
+
+    assert day_after("2026-01-05") == datetime(2026, 1, 6)
+    assert day_after("delivery_017") is None and day_after("eicu_2015") is None
+    # the newest batch named by its date decides; other names say nothing about time
+    assert known_by(["2026-01-05", "zz_resend", "2026-02-02", "delivery_017"]) == datetime(2026, 2, 3)
+    assert known_by(["delivery_017"]) is None
+    current = pl.DataFrame(
+        {
+            "batch_id": ["delivery_017"],
+            "admit_time": [datetime(2026, 1, 1)],
+            "discharge_time": [datetime(2026, 1, 3)],
+            "label": [True],
+        }
+    )
+    assert matured_labels(current, batch_id="delivery_017") is None
