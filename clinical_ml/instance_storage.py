@@ -21,7 +21,8 @@ together (the sqlite3 driver opens a transaction only at the first write, and SQ
 UPDATE``), so two runs claiming a pool of 1 at the same moment were both given it: two anonymizations then each
 wrote a pseudonym vault without the other's patients. The stock storage has the same race.
 
-Configured in ``dagster.yaml``; PostgreSQL (``dagster_postgres.yaml``) is the storage for shared deployments.
+Configured in ``dagster.yaml``; PostgreSQL (``dagster_postgres.yaml``) is the storage for shared deployments, where
+dagster-postgres has the same race and ``clinical_ml/instance_storage_postgres.py`` the same kind of fix.
 It overrides private members of Dagster's storage (``_connect``, ``_db_lock``, ``_initialized_dbs``,
 ``_initdb``): docs/instance-storage.md says what it buys (measured), the risks, and the one-step fallback to
 the stock storage; ``clinical_ml_tests/defs/test_instance_storage.py`` fails when the installed Dagster is not

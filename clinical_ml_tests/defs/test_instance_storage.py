@@ -1,5 +1,7 @@
 """The repository's instance (dagster.yaml): event log with kept-open connections, same files and behaviour;
-the Dagster release and the private members it relies on (docs/instance-storage.md)."""
+the Dagster release and the private members it relies on (docs/instance-storage.md). And the PostgreSQL
+profiles' event log (dagster_postgres.yaml, deploy/celery/dagster.yaml): the dagster-postgres release and the
+members its pool-slot lock relies on; its behaviour on a server is in test_instance_storage_pools.py."""
 
 import inspect
 import os
@@ -10,9 +12,14 @@ import threading
 import tomllib
 
 import dagster as dg
+import dagster_postgres
+import pytest
 import yaml
+from dagster._core.instance.config import dagster_instance_config
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster_postgres import PostgresEventLogStorage
 
 from clinical_ml import instance_storage
 from clinical_ml.instance_storage import (
@@ -21,7 +28,23 @@ from clinical_ml.instance_storage import (
     PooledSqliteEventLogStorage,
     instance_yaml_for,
 )
+from clinical_ml.instance_storage_postgres import (
+    TESTED_DAGSTER_POSTGRES_VERSION,
+    PoolLockedPostgresEventLogStorage,
+)
 from clinical_ml_tests.conftest import PROJECT_ROOT
+
+# Dagster's pool-slot operations that both storages run as one transaction each (test_instance_storage_pools.py),
+# with their parameters after self.
+SLOT_METHODS = {
+    "claim_concurrency_slot": ["concurrency_key", "run_id", "step_key", "priority"],
+    "free_concurrency_slot_for_step": ["run_id", "step_key"],
+    "free_concurrency_slots_for_run": ["run_id"],
+    "assign_pending_steps": ["concurrency_keys"],
+    "set_concurrency_slots": ["concurrency_key", "num"],
+    "delete_concurrency_limit": ["concurrency_key"],
+    "initialize_concurrency_limit_to_default": ["concurrency_key"],
+}
 
 days = dg.DynamicPartitionsDefinition(name="days")
 
@@ -132,16 +155,7 @@ def test_the_private_members_it_overrides_keep_their_signatures(tmp_path):
     assert isinstance(sqlite_event_log.SQLITE_BUSY_TIMEOUT_SECONDS, int)
     assert sqlite_event_log.INDEX_SHARD_NAME == "index"
     # the pool-slot methods it runs in one transaction each (test_instance_storage_pools.py)
-    slot_methods = {
-        "claim_concurrency_slot": ["concurrency_key", "run_id", "step_key", "priority"],
-        "free_concurrency_slot_for_step": ["run_id", "step_key"],
-        "free_concurrency_slots_for_run": ["run_id"],
-        "assign_pending_steps": ["concurrency_keys"],
-        "set_concurrency_slots": ["concurrency_key", "num"],
-        "delete_concurrency_limit": ["concurrency_key"],
-        "initialize_concurrency_limit_to_default": ["concurrency_key"],
-    }
-    for name, params in slot_methods.items():
+    for name, params in SLOT_METHODS.items():
         assert [n for n, _ in _params(getattr(SqliteEventLogStorage, name))] == ["self", *params], name
     storage = SqliteEventLogStorage(str(tmp_path))
     assert isinstance(storage._db_lock, type(threading.Lock()))
@@ -190,3 +204,89 @@ def test_falling_back_to_the_stock_storage_reads_the_same_history(tmp_path):
         latest = instance.get_latest_materialization_event(counted.key)
         assert latest is not None and latest.asset_materialization is not None
         assert latest.asset_materialization.partition == "a"
+
+
+PG_FALL_BACK = (
+    "clinical_ml/instance_storage_postgres.py runs dagster-postgres's pool-slot methods under an advisory lock and "
+    "was tested against dagster-postgres {tested}; {found}. Read the new release's event_log.py and Dagster's "
+    'slot methods against docs/instance-storage.md ("Pool slots on PostgreSQL"), run '
+    "clinical_ml_tests/defs/test_instance_storage_pools.py on a server (`source .ci/postgres.sh`), then set "
+    "TESTED_DAGSTER_POSTGRES_VERSION; or fall back to the stock storage: put the `storage: postgres:` block back "
+    "in dagster_postgres.yaml and deploy/celery/dagster.yaml (and run one pool-writing run at a time)."
+)
+
+
+def test_the_installed_and_pinned_dagster_postgres_is_the_release_the_pool_lock_was_tested_against():
+    pins = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "dagster-postgres==" + TESTED_DAGSTER_POSTGRES_VERSION in pins, PG_FALL_BACK.format(
+        tested=TESTED_DAGSTER_POSTGRES_VERSION,
+        found=f"pyproject.toml pins {[d for d in pins if d.startswith('dagster-postgres')]}",
+    )
+    assert dagster_postgres.__version__ == TESTED_DAGSTER_POSTGRES_VERSION, PG_FALL_BACK.format(
+        tested=TESTED_DAGSTER_POSTGRES_VERSION,
+        found=f"dagster-postgres {dagster_postgres.__version__} is installed",
+    )
+
+
+# What the slot methods call on the index (Dagster 1.13.27): they must reach it only through index_connection
+# or index_transaction, which the lock's transaction replaces; a direct connection would run outside it.
+SLOT_HELPERS = (
+    "_claim_concurrency_slot",
+    "_free_concurrency_slots",
+    "_remove_pending_steps",
+    "add_pending_step",
+    "has_pending_step",
+    "has_unassigned_slots",
+    "check_concurrency_claim",
+    "_allocate_concurrency_slots",
+    "_upsert_and_lock_limit_row",
+    "_reconcile_concurrency_limits_from_slots",
+    "_has_rows",
+)
+
+
+def test_the_postgres_slot_methods_are_dagsters_own_and_reach_the_index_only_through_index_connection():
+    for name in [*SLOT_METHODS, *SLOT_HELPERS]:
+        stock = getattr(PostgresEventLogStorage, name)
+        # dagster-postgres does not override them (an override could open its connections its own way)
+        assert stock is getattr(SqlEventLogStorage, name), PG_FALL_BACK.format(
+            tested=TESTED_DAGSTER_POSTGRES_VERSION, found=f"PostgresEventLogStorage overrides {name}"
+        )
+        source = inspect.getsource(stock)
+        direct = [c for c in ("_connect(", "run_connection(", "_engine", "create_engine") if c in source]
+        assert direct == [], f"{name} reaches the database through {direct}, outside the lock's transaction"
+    for name, params in SLOT_METHODS.items():
+        assert [n for n, _ in _params(getattr(PostgresEventLogStorage, name))] == ["self", *params], name
+    # index_transaction joins a connection already in a transaction (the lock's) instead of beginning another
+    transaction = inspect.getsource(PostgresEventLogStorage.index_transaction)
+    assert "self.index_connection()" in transaction and "in_transaction()" in transaction
+    empty = inspect.Parameter.empty
+    assert _params(PostgresEventLogStorage.index_connection) == [("self", empty)]
+    assert _params(PostgresEventLogStorage.__init__) == [
+        ("self", empty),
+        ("postgres_url", empty),
+        ("should_autocreate_tables", True),
+        ("inst_data", None),
+        ("token_provider", None),
+    ]
+
+
+@pytest.mark.parametrize("profile", ["dagster_postgres.yaml", "deploy/celery/dagster.yaml"])
+def test_the_postgres_profiles_use_the_pool_locked_event_log_beside_dagster_postgres_storages(
+    profile, tmp_path
+):
+    (tmp_path / "dagster.yaml").write_text((PROJECT_ROOT / profile).read_text())
+    config, _ = dagster_instance_config(str(tmp_path))  # validated as Dagster validates it (no server needed)
+    assert "storage" not in config
+    assert (config["event_log_storage"]["module"], config["event_log_storage"]["class"]) == (
+        PoolLockedPostgresEventLogStorage.__module__,
+        PoolLockedPostgresEventLogStorage.__name__,
+    )
+    assert (config["run_storage"]["class"], config["schedule_storage"]["class"]) == (
+        "PostgresRunStorage",
+        "PostgresScheduleStorage",
+    )
+    connection = config["event_log_storage"]["config"]
+    assert config["run_storage"]["config"] == config["schedule_storage"]["config"] == connection
+    assert connection["postgres_db"]["db_name"] == {"env": "DAGSTER_PG_DB"}
+    assert connection["postgres_db"]["scheme"] == "postgresql+psycopg2"

@@ -1,41 +1,139 @@
-"""Pool slots on the repository's SQLite event log: a pool of 1 (``pseudonym_vault``, ``landing_ledger``) has
-one holder at a time across processes, so a read-modify-write done while holding it never loses an update.
+"""Pool slots on the repository's event logs, SQLite (``dagster.yaml``) and PostgreSQL (``dagster_postgres.yaml``):
+a pool of 1 (``pseudonym_vault``, ``landing_ledger``) has one holder at a time across processes, so a
+read-modify-write done while holding it never loses an update.
 
-Dagster's SQLite claim reads (is a slot left? which slot is free?) and then writes in separate statements that
-SQLite does not lock together (the Python driver starts a transaction only at the first write, and SQLite ignores
-``SELECT ... FOR UPDATE``); two runs claiming at the same moment both got the slot, and two anonymizations each
-wrote a vault that lacked the other's patients (docs/instance-storage.md, "Pool slots").
+Dagster's claim reads (is a slot left? which slot is free?) and then writes in separate statements that nothing
+locks together: on SQLite the Python driver starts a transaction only at the first write and SQLite ignores
+``SELECT ... FOR UPDATE``; on PostgreSQL dagster-postgres runs each statement in autocommit, so ``FOR UPDATE SKIP
+LOCKED`` holds the slot's row for that one statement. Two runs claiming at the same moment both got the slot, and
+two anonymizations each wrote a vault that lacked the other's patients (docs/instance-storage.md, "Pool slots").
+
+The PostgreSQL cases need a server (``source .ci/postgres.sh``, as CI does); without DAGSTER_PG_* they skip.
 """
 
+import importlib
 import json
 import multiprocessing
 import os
+import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+import pytest
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from clinical_ml.instance_storage import PooledSqliteEventLogStorage
-
 POOL = "pseudonym_vault"
 STEP = "anonymized_cohort"
+SQLITE = "clinical_ml.instance_storage:PooledSqliteEventLogStorage"
+POSTGRES = "clinical_ml.instance_storage_postgres:PoolLockedPostgresEventLogStorage"
+# Processes x rounds of the process test. On PostgreSQL a claim's gap between reading and writing is shorter (a
+# round trip on one connection): 3 x 8 lost an update in 6 of 8 runs of the stock storage, 4 x 12 in 5 of 5.
+CONTENTION = {SQLITE: (3, 8), POSTGRES: (4, 12)}
+PG_VARS = (
+    "DAGSTER_PG_HOST",
+    "DAGSTER_PG_PORT",
+    "DAGSTER_PG_USERNAME",
+    "DAGSTER_PG_PASSWORD",
+    "DAGSTER_PG_DB",
+)
 
 
-def _storage(home: Path) -> SqliteEventLogStorage:
-    return PooledSqliteEventLogStorage(str(home))
+class Slots(NamedTuple):
+    """Where the pool's slots live: the storage class (``module:Class``, importable in a spawned process) and
+    its one argument (a $DAGSTER_HOME, or a PostgreSQL URL)."""
+
+    storage_class: str
+    where: str
+
+    def open(self) -> SqlEventLogStorage:
+        module, name = self.storage_class.split(":")
+        return getattr(importlib.import_module(module), name)(self.where)
+
+
+def _pg_connect(dbname: str):
+    import psycopg2
+
+    return psycopg2.connect(
+        host=os.environ["DAGSTER_PG_HOST"],
+        port=int(os.environ["DAGSTER_PG_PORT"]),
+        user=os.environ["DAGSTER_PG_USERNAME"],
+        password=os.environ["DAGSTER_PG_PASSWORD"],
+        dbname=dbname,
+        connect_timeout=5,
+    )
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[str]:
+    """A fresh database on the configured server (dropped afterwards): its name."""
+    import psycopg2
+
+    missing = [v for v in PG_VARS if not os.environ.get(v)]
+    if missing:
+        pytest.skip(
+            f"no PostgreSQL configured ({', '.join(missing)} unset): CI starts one with .ci/postgres.sh; "
+            "locally run `source .ci/postgres.sh` first"
+        )
+    try:
+        admin = _pg_connect(os.environ["DAGSTER_PG_DB"])
+    except psycopg2.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise AssertionError("DAGSTER_PG_* are set but PostgreSQL is not reachable") from exc
+        pytest.skip(
+            f"PostgreSQL at {os.environ['DAGSTER_PG_HOST']}:{os.environ['DAGSTER_PG_PORT']} unreachable"
+        )
+    admin.autocommit = True
+    name = f"{os.environ['DAGSTER_PG_DB']}_slots_{secrets.token_hex(4)}"
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    except psycopg2.Error as exc:
+        admin.close()
+        pytest.skip(f"may not create a database for the pool-slot test: {exc.pgcode}")
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_db: str) -> str:
+    """The fresh database as a dagster-postgres URL, built as dagster_postgres.yaml's block builds it."""
+    from dagster_postgres.utils import pg_url_from_config
+
+    db = {
+        "hostname": os.environ["DAGSTER_PG_HOST"],
+        "port": int(os.environ["DAGSTER_PG_PORT"]),
+        "username": os.environ["DAGSTER_PG_USERNAME"],
+        "password": os.environ["DAGSTER_PG_PASSWORD"],
+        "db_name": postgres_db,
+        "scheme": "postgresql+psycopg2",
+    }
+    return pg_url_from_config({"postgres_db": db})
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def slots(request: pytest.FixtureRequest, tmp_path: Path) -> Slots:
+    if request.param == "sqlite":
+        return Slots(SQLITE, str(tmp_path))
+    return Slots(POSTGRES, request.getfixturevalue("postgres_url"))
 
 
 def _one(statement: str) -> str:
     return " ".join(statement.split())
 
 
-def test_two_claims_interleaved_between_their_reads_and_writes_never_both_hold_the_slot(tmp_path):
+def test_two_claims_interleaved_between_their_reads_and_writes_never_both_hold_the_slot(slots):
     """The interleaving that lost the vault update, forced: run A reads that no step is assigned the slot, then
     stops; run B claims up to its choice of the free slot, then stops; A finishes its claim; then B."""
-    a, b = _storage(tmp_path), _storage(tmp_path)  # two processes' storages: own connections, own locks
+    a, b = slots.open(), slots.open()  # two processes' storages: own connections, own locks
     a.set_concurrency_slots(POOL, 1)
     a_read, b_progressed, a_done = threading.Event(), threading.Event(), threading.Event()
 
@@ -62,7 +160,7 @@ def test_two_claims_interleaved_between_their_reads_and_writes_never_both_hold_t
 
     claimed: dict[str, bool] = {}
 
-    def claim(storage: SqliteEventLogStorage, who: str) -> None:
+    def claim(storage: SqlEventLogStorage, who: str) -> None:
         try:
             claimed[who] = storage.claim_concurrency_slot(POOL, f"run_{who}", STEP).is_claimed
         finally:
@@ -91,12 +189,14 @@ def test_two_claims_interleaved_between_their_reads_and_writes_never_both_hold_t
     b.free_concurrency_slot_for_step(f"run_{holders[0]}", STEP)
     loser = "B" if holders == ["A"] else "A"
     assert (a if loser == "A" else b).claim_concurrency_slot(POOL, f"run_{loser}", STEP).is_claimed
+    a.dispose()
+    b.dispose()
 
 
-def _vault_writer(home: str, ledger: str, who: int, rounds: int, start) -> None:
+def _vault_writer(slots: Slots, ledger: str, who: int, rounds: int, start) -> None:
     """One run process: each round, claim the pool's slot (polling, as a run's executor does), read the ledger,
     add this round's entry, write it back (through a rename, as the vault is written), free the slot."""
-    storage = PooledSqliteEventLogStorage(home)
+    storage = slots.open()
     path = Path(ledger)
     for r in range(rounds):
         start.wait(60)  # every process claims at the same moment
@@ -112,17 +212,16 @@ def _vault_writer(home: str, ledger: str, who: int, rounds: int, start) -> None:
     storage.dispose()
 
 
-def test_concurrent_run_processes_holding_the_vault_slot_never_lose_an_update(tmp_path):
-    """As the partition runs do: several processes, each with its own storage on one $DAGSTER_HOME, claim the
-    pool at the same moment and update one file while they hold it; every update lands."""
-    n_processes, rounds = 3, 8
-    _storage(tmp_path).set_concurrency_slots(POOL, 1)
-    ledger = tmp_path / "vault.json"
+def lost_updates(slots: Slots, folder: Path, *, n_processes: int, rounds: int) -> tuple[int, int, list[str]]:
+    """``n_processes`` run processes x ``rounds`` claims of the pool at the same moment, each updating one file
+    while it holds the slot: (updates lost, updates made, what the file holds)."""
+    slots.open().set_concurrency_slots(POOL, 1)
+    ledger = folder / "vault.json"
     ledger.write_text("[]")
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(n_processes)
     workers = [
-        ctx.Process(target=_vault_writer, args=(str(tmp_path), str(ledger), i, rounds, start))
+        ctx.Process(target=_vault_writer, args=(slots, str(ledger), i, rounds, start))
         for i in range(n_processes)
     ]
     for w in workers:
@@ -131,10 +230,72 @@ def test_concurrent_run_processes_holding_the_vault_slot_never_lose_an_update(tm
         w.join(120)
     assert [w.exitcode for w in workers] == [0] * n_processes
     written = json.loads(ledger.read_text())
-    expected = {f"run_{i}_{r}" for i in range(n_processes) for r in range(rounds)}
-    assert len(written) == len(expected), (
-        f"{len(expected) - len(written)} of {len(expected)} updates were lost"
-    )
-    assert set(written) == expected
-    info = _storage(tmp_path).get_concurrency_info(POOL)
+    return n_processes * rounds - len(written), n_processes * rounds, written
+
+
+def test_concurrent_run_processes_holding_the_vault_slot_never_lose_an_update(slots, tmp_path):
+    """As the partition runs do: several processes, each with its own storage on one instance, claim the pool at
+    the same moment and update one file while they hold it; every update lands."""
+    n_processes, rounds = CONTENTION[slots.storage_class]
+    lost, made, written = lost_updates(slots, tmp_path, n_processes=n_processes, rounds=rounds)
+    assert lost == 0, f"{lost} of {made} updates were lost"
+    assert set(written) == {f"run_{i}_{r}" for i in range(n_processes) for r in range(rounds)}
+    info = slots.open().get_concurrency_info(POOL)
     assert info.claimed_slots == [] and info.pending_steps == []
+
+
+def test_each_postgres_slot_operation_runs_on_one_connection_that_first_takes_the_advisory_lock(postgres_url):
+    """What the lock relies on in Dagster's code (test_instance_storage.py checks it statically too): every
+    statement of a claim and of a free joins the one transaction that took the lock, none runs beside it."""
+    storage = Slots(POSTGRES, postgres_url).open()
+    storage.set_concurrency_slots(POOL, 1)
+    ran: list[tuple[int, str]] = []
+
+    def record(conn, cursor, statement, params, context, executemany) -> None:
+        ran.append((id(conn.connection.dbapi_connection), _one(statement)))
+
+    event.listen(Engine, "after_cursor_execute", record)
+    try:
+        operations = []
+        for operation in (
+            lambda: storage.claim_concurrency_slot(POOL, "run_a", STEP),
+            lambda: storage.free_concurrency_slot_for_step("run_a", STEP),
+        ):
+            ran.clear()
+            operation()
+            operations.append(list(ran))
+    finally:
+        event.remove(Engine, "after_cursor_execute", record)
+        storage.dispose()
+    claim, free = operations
+    for statements in (claim, free):
+        assert len({conn for conn, _ in statements}) == 1, (
+            "a slot statement ran outside the lock's transaction"
+        )
+        assert statements[1][1].startswith("SELECT pg_advisory_xact_lock"), statements[:2]
+    assert any("UPDATE concurrency_slots SET run_id" in sql for _, sql in claim)  # the claim did write
+    assert any("DELETE FROM pending_steps" in sql for _, sql in free)
+
+
+def test_the_postgres_profile_gives_every_process_the_pool_locked_event_log(
+    postgres_db, tmp_path, monkeypatch
+):
+    """dagster_postgres.yaml builds it, and so does the instance reference that run and step processes
+    (and Celery workers) rebuild their instance from."""
+    import dagster as dg
+    from dagster_postgres import PostgresRunStorage, PostgresScheduleStorage
+
+    from clinical_ml.instance_storage_postgres import PoolLockedPostgresEventLogStorage
+
+    monkeypatch.setenv("DAGSTER_PG_DB", postgres_db)
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "dagster.yaml").write_text((root / "dagster_postgres.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert isinstance(instance.event_log_storage, PoolLockedPostgresEventLogStorage)
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        with dg.DagsterInstance.from_ref(instance.get_ref()) as rebuilt:
+            assert isinstance(rebuilt.event_log_storage, PoolLockedPostgresEventLogStorage)
+            instance.event_log_storage.set_concurrency_slots(POOL, 1)
+            assert rebuilt.event_log_storage.claim_concurrency_slot(POOL, "run_a", STEP).is_claimed
+            assert not instance.event_log_storage.claim_concurrency_slot(POOL, "run_b", STEP).is_claimed

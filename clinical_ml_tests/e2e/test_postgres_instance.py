@@ -58,7 +58,9 @@ MULTIPROCESS = {
             "multiprocess": {
                 "max_concurrent": 2,
                 # spawn, not forkserver: a forkserver is one per test process and keeps the environment
-                # (DAGSTER_HOME, CLINICAL_ML_DATA_ROOT) of the first test that started it
+                # (DAGSTER_HOME, CLINICAL_ML_DATA_ROOT) of the first test that started it. The vault update a
+                # forkserver once lost here (SQLite variant) was not its doing but the pool-slot race, fixed in
+                # both event logs (docs/instance-storage.md, "Pool slots"); it only made runs claim together
                 "start_method": {"spawn": {}},
             }
         }

@@ -1,0 +1,137 @@
+"""Dagster's PostgreSQL event log, with each pool-slot operation made one transaction under one advisory lock.
+
+``PostgresEventLogStorage`` (dagster-postgres) runs Dagster's pool-slot methods with a new autocommit connection
+for every statement: a claim asks "is a slot left?" then queues the step as assigned, later "which slot has no
+step?" (``SELECT ... FOR UPDATE SKIP LOCKED``, whose row lock ends with that statement) then gives that slot, by
+id, to the step. Nothing holds a read to the write that depends on it, and the final UPDATE does not check that
+the slot is still free: two runs claiming a pool of 1 at the same moment were both told they hold it (measured in
+``clinical_ml_tests/defs/test_instance_storage_pools.py``), as on SQLite (``clinical_ml/instance_storage.py``).
+
+:class:`PoolLockedPostgresEventLogStorage` changes only that: each pool-slot operation (claim, free, set a limit,
+delete a limit, initialize a limit to the default, assign queued steps) runs as one READ COMMITTED transaction on
+one connection that first takes a transaction-level advisory lock (``pg_advisory_xact_lock``), the same key for
+every pool, so the operations of every process using this class on the database run one at a time; the lock ends
+with the commit or rollback (or with the session, if the process dies). Everything else is dagster-postgres's.
+
+It overrides ``index_connection`` (public, but only Dagster's storages call it) and relies on the slot methods
+reaching the index only through ``index_connection`` / ``index_transaction``; ``clinical_ml_tests/defs/
+test_instance_storage.py`` fails when the installed dagster-postgres is not :data:`TESTED_DAGSTER_POSTGRES_VERSION`
+or those methods changed. Configured in ``dagster_postgres.yaml`` and ``deploy/celery/dagster.yaml``
+(docs/instance-storage.md, "Pool slots on PostgreSQL").
+"""
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, ContextManager  # noqa: UP035
+
+from dagster._serdes import ConfigurableClassData
+from dagster._utils.concurrency import ConcurrencyClaimStatus
+from dagster_postgres import PostgresEventLogStorage
+from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+if TYPE_CHECKING:
+    from dagster_postgres.auth import PgTokenProvider
+
+# The dagster-postgres release whose PostgresEventLogStorage this subclass was read against and tested on (the
+# pair of TESTED_DAGSTER_VERSION in clinical_ml/instance_storage.py; pyproject.toml pins it exactly).
+TESTED_DAGSTER_POSTGRES_VERSION = "0.29.27"
+# The advisory lock's key, one for all pools (a free can release slots of several pools, an assignment reads
+# several). Advisory locks are per database; nothing else in a Dagster database takes advisory locks.
+POOL_SLOTS_LOCK_KEY = int.from_bytes(b"cml_slot", "big")
+# How long an operation waits for the lock (or a row lock) before failing, as SQLite's 30 s busy timeout does.
+POOL_SLOTS_LOCK_TIMEOUT = "30s"
+
+
+class PoolLockedPostgresEventLogStorage(PostgresEventLogStorage):
+    """``dagster.yaml`` (with ``run_storage`` and ``schedule_storage`` from dagster-postgres beside it)::
+
+    event_log_storage:
+      module: clinical_ml.instance_storage_postgres
+      class: PoolLockedPostgresEventLogStorage
+      config:
+        postgres_db: {...}  # as under storage: postgres:
+    """
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: "PgTokenProvider | None" = None,
+    ) -> None:
+        # the connection of this thread's open pool-slot transaction, which every index statement until it
+        # ends joins (nested slot methods included)
+        self._slot_transaction_of = threading.local()
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+    ) -> "PoolLockedPostgresEventLogStorage":
+        # dagster-postgres's builds a PostgresEventLogStorage by name, not cls
+        return cls(
+            inst_data=inst_data,
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            token_provider=get_token_provider_from_config(config_value),
+        )
+
+    def index_connection(self) -> ContextManager[Connection]:
+        held: Connection | None = getattr(self._slot_transaction_of, "conn", None)
+        if held is not None:
+            # inside a pool-slot transaction; index_transaction sees it in a transaction and joins it too
+            return nullcontext(held)
+        return super().index_connection()
+
+    @contextmanager
+    def _slot_transaction(self) -> Iterator[None]:
+        """One transaction holding the pool-slot advisory lock from its first statement to its end; every index
+        statement of this thread until then runs in it. READ COMMITTED: each statement sees what the lock's
+        previous holders committed (a snapshot taken before the lock was granted would not)."""
+        if getattr(self._slot_transaction_of, "conn", None) is not None:
+            yield  # already inside one (a slot method calling another)
+            return
+        with super().index_connection() as conn:
+            conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                conn.execute(text(f"SET LOCAL lock_timeout = '{POOL_SLOTS_LOCK_TIMEOUT}'"))
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": POOL_SLOTS_LOCK_KEY})
+                self._slot_transaction_of.conn = conn
+                try:
+                    yield
+                finally:
+                    self._slot_transaction_of.conn = None
+
+    # Dagster's pool-slot operations (the same list as PooledSqliteEventLogStorage's), each one transaction.
+    def claim_concurrency_slot(
+        self, concurrency_key: str, run_id: str, step_key: str, priority: int | None = None
+    ) -> ConcurrencyClaimStatus:
+        with self._slot_transaction():
+            return super().claim_concurrency_slot(concurrency_key, run_id, step_key, priority)
+
+    def free_concurrency_slot_for_step(self, run_id: str, step_key: str) -> None:
+        with self._slot_transaction():
+            super().free_concurrency_slot_for_step(run_id, step_key)
+
+    def free_concurrency_slots_for_run(self, run_id: str) -> None:
+        with self._slot_transaction():
+            super().free_concurrency_slots_for_run(run_id)
+
+    def assign_pending_steps(self, concurrency_keys: Sequence[str]) -> None:
+        with self._slot_transaction():
+            super().assign_pending_steps(concurrency_keys)
+
+    def set_concurrency_slots(self, concurrency_key: str, num: int) -> None:
+        with self._slot_transaction():
+            super().set_concurrency_slots(concurrency_key, num)
+
+    def delete_concurrency_limit(self, concurrency_key: str) -> None:
+        with self._slot_transaction():
+            super().delete_concurrency_limit(concurrency_key)
+
+    def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
+        with self._slot_transaction():
+            return super().initialize_concurrency_limit_to_default(concurrency_key)
