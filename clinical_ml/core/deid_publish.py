@@ -26,7 +26,7 @@ from clinical_ml.core.deid_release import (
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.dicom import uid_key
-from clinical_ml.core.imaging import accepted_instances, publish_imaging, withdraw_imaging
+from clinical_ml.core.imaging import accepted_instances, publish_imaging, staging_folder, withdraw_imaging
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
 from clinical_ml.core.pseudonyms import HmacKey
@@ -98,6 +98,7 @@ def publish_batch(
         {s: accepted_rows(phi, s, batch_id) for s in SOURCES},
         imaging=imaging,
         imaging_key=uid_key(phi_dir=paths.phi, hmac_secret=key.secret if key else None) if imaging else None,
+        imaging_stage=staging_folder(deid.imaging / batch_id),
         opted_out=opted_out,
         vault=vault,
         batch_id=batch_id,

@@ -10,6 +10,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,9 +22,9 @@ from clinical_ml.core.consent import ConsentWithheld, objecting_subjects, withho
 from clinical_ml.core.dicom import (
     ImagingInstance,
     ImagingRelease,
-    dicom_leaks,
     keep_subjects,
     release_imaging,
+    stage_imaging,
 )
 from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
@@ -121,7 +122,8 @@ class BatchRelease:
         default_factory=ConsentWithheld
     )  # rows of patients who objected, kept back
     imaging: ImagingRelease | None = None
-    """The batch's de-identified DICOM files of the released patients (``None``: the batch has none)."""
+    """The batch's DICOM files of the released patients, de-identified into a staging folder (``None``: the
+    batch has none)."""
     released_before: tuple[str, ...] | None = None
     """The batches whose people the risk was counted with (the cumulative release); ``None``: per batch."""
 
@@ -268,6 +270,7 @@ def release_batch(
     opted_out: pl.Series | None = None,
     imaging: Sequence[ImagingInstance] = (),
     imaging_key: bytes | None = None,
+    imaging_stage: Path | None = None,
     released: tuple[pl.DataFrame, tuple[str, ...]] | None = None,
 ) -> BatchRelease:
     """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
@@ -275,14 +278,17 @@ def release_batch(
     UID secret of :func:`clinical_ml.core.dicom.uid_key`).
 
     Imaging studies and findings join the events (so consent and suppression apply to them as to the rest);
-    the DICOM files of the patients released are kept, and looked through for identifiers by the same gate.
+    the DICOM files of the patients released are de-identified one at a time into ``imaging_stage`` (a hidden
+    folder: :func:`clinical_ml.core.imaging.staging_folder`) and looked through for identifiers by the same
+    gate as they are written, so memory holds one file, not the batch.
 
     ``released`` (:func:`released_before`): the quasi-identifiers and ids of the batches released before;
     the risk is then counted over the cumulative release (a class holds this batch's people and those
     already released alike), and only this batch is remedied. ``None`` judges the batch on its own.
 
     The gate measures the frames as they would be released, independently of the remedy that produced them.
-    Nothing is written here: the caller persists the vault and the release.
+    Nothing is written here but the staged DICOM files: the caller persists the vault and the release, and
+    moves the staged files into place or removes them (:func:`clinical_ml.core.imaging.publish_imaging`).
     """
     result = anonymize_batch(
         patients=raw["patients"],
@@ -303,6 +309,8 @@ def release_batch(
     if imaging:
         if imaging_key is None:
             raise ValueError("imaging needs the UID secret (clinical_ml.core.dicom.uid_key)")
+        if imaging_stage is None:
+            raise ValueError("imaging needs a staging folder (clinical_ml.core.imaging.staging_folder)")
         pictures = release_imaging(
             list(imaging),
             patients=result.vault.patients,
@@ -340,9 +348,12 @@ def release_batch(
     ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"], raw.get("labels"))
     used = mapping or default_site_mapping()
     leaks = {t: identifier_leaks(f, t, ids, numeric_ids, mapping=used) for t, f in frames.items()}
-    if pictures is not None:
+    if pictures is not None and imaging_key is not None and imaging_stage is not None:
         pictures = keep_subjects(pictures, frames["patients"]["subject_id"].to_list())
-        leaks["events"] += dicom_leaks(pictures.datasets, ids, numeric_ids)
+        pictures, found = stage_imaging(
+            pictures, imaging_stage, key=imaging_key, raw_identifiers=ids, raw_numeric_ids=numeric_ids
+        )
+        leaks["events"] += found
     summary = privacy_summary_markdown(
         batch_id=batch_id,
         deid=result,

@@ -20,6 +20,13 @@ fine). Each file is read with pydicom (phi zone only), tied to its patient (``Pa
   that usually burns text in, :data:`BURN_IN_MODALITIES`): the pixel data are dropped, with the reason
   counted; the de-identified header is kept.
 
+A batch is released one file at a time, so memory holds about one file whatever the batch's size (a day of a
+hospital's CT and MR is many gigabytes): :func:`release_imaging` reads headers only (:func:`read_header`, the
+pixel data stay on disk) to decide which files leave, under which names, and to make the events; once the
+boundary knows which patients are released (:func:`keep_subjects`), :func:`stage_imaging` reads each of their
+files whole, de-identifies it, looks it through for identifiers and writes it into a staging folder, then lets
+it go; the caller moves that folder into place when the batch is released, or removes it.
+
 The events (:func:`imaging_events`): ``IMAGING//<modality>//<body part>`` at the study time (shifted) and
 ``IMAGING_FINDING//<scheme>:<code>`` for each coded finding of a structured report (``ContentSequence``
 items of value type ``CODE``) at the report time; modality, body part and finding codes outside the
@@ -29,10 +36,12 @@ counted.
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import hmac
 import os
 import secrets
+import shutil
 import tempfile
 import uuid
 from collections import Counter
@@ -43,6 +52,7 @@ from pathlib import Path
 
 import polars as pl
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -220,6 +230,10 @@ KEPT = frozenset(
 )
 # Text a coded item may carry beside its code (CodeMeaning): free text, dropped.
 _PIXEL_ATTRIBUTES = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+# Values larger than this are not read with a header (pixel data above all); any other large value is read
+# from the file when the header is decoded.
+_DEFER_BYTES = 64 * 1024
 # Modalities that usually carry burned-in text (ultrasound, secondary capture, photographs): without a flag
 # saying otherwise, their pixels are not released.
 BURN_IN_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES", "GM", "SM", "DOC"})
@@ -400,17 +414,31 @@ def _deep_copy(ds: Dataset) -> Dataset:
 
 @dataclass(frozen=True)
 class ImagingInstance:
-    """One DICOM file of a batch as read (phi zone): the dataset and the keys it is tied by."""
+    """One DICOM file of a batch (phi zone): where it is and the keys it is tied by. Nothing of the file is
+    held: it is read when the batch is released (:func:`read_header`, then whole by :func:`stage_imaging`)."""
 
     name: str
-    dataset: Dataset
+    path: Path
     mrn: str | None
     admission_id: str | None
 
 
+def read_header(path: Path) -> Dataset:
+    """A DICOM file without its pixel data: every other element decoded, and each pixel attribute the file
+    has (``PixelData``, ``FloatPixelData``, ``DoubleFloatPixelData``) present with an empty value, so that
+    :func:`deidentify` decides and counts on the header exactly what it does on the whole file."""
+    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            ds[tag] = DataElement(tag, ds.get_item(tag).VR, b"")
+    for _ in ds.iterall():  # decodes every other value now (a deferred one is read from the file)
+        pass
+    return ds
+
+
 def read_imaging(batch_dir: Path) -> tuple[list[ImagingInstance], Counter]:
     """The DICOM files of ``<batch>/imaging/`` in name order, and files not read by reason
-    (``not_dicom``, ``not_regular_file``). Pixel data are read too (their burn-in flag decides)."""
+    (``not_dicom``, ``not_regular_file``). Only headers are read, one file at a time."""
     folder = Path(batch_dir) / IMAGING_FOLDER
     rejected: Counter = Counter()
     out: list[ImagingInstance] = []
@@ -424,13 +452,13 @@ def read_imaging(batch_dir: Path) -> tuple[list[ImagingInstance], Counter]:
             rejected["not_dicom"] += 1
             continue
         try:
-            ds = pydicom.dcmread(p)
+            ds = read_header(p)
         except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError):
             rejected["not_dicom"] += 1
             continue
         mrn = str(ds.get("PatientID", "")).strip().upper() or None
         adm = str(ds.get("AdmissionID", "")).strip().upper() or None
-        out.append(ImagingInstance(p.name, ds, mrn, adm))
+        out.append(ImagingInstance(p.name, p, mrn, adm))
     return out, rejected
 
 
@@ -476,18 +504,30 @@ def _findings(ds: Dataset) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ImagingRelease:
-    """The imaging of one batch after de-identification.
+class ReleasedFile:
+    """One file to release: its source (phi zone) and the patient's pseudonym and date shift it is
+    de-identified under."""
 
-    ``datasets`` maps a new file name (the new SOP instance UID) to its de-identified dataset; ``events`` are
+    source: Path
+    subject_id: str
+    shift_days: int
+
+
+@dataclass(frozen=True)
+class ImagingRelease:
+    """The imaging of one batch across the boundary.
+
+    ``files`` maps a new file name (the new SOP instance UID) to the file it is made from; ``events`` are
     MEDS rows (``subject_id``, ``time``, ``code``, ``numeric_value``, ``hadm_id``, ``available_time``,
-    ``implausible``); ``counts`` are PHI-free counts by reason.
+    ``implausible``); ``counts`` are PHI-free counts by reason; ``staged``: the folder holding the
+    de-identified files (``<subject_id>/<name>``) once :func:`stage_imaging` wrote them all, else ``None``.
     """
 
-    datasets: dict[str, Dataset]
+    files: dict[str, ReleasedFile]
     events: pl.DataFrame
     counts: dict[str, int]
     log: DeidLog
+    staged: Path | None = None
 
 
 EVENT_SCHEMA = pl.Schema(
@@ -545,7 +585,8 @@ def release_imaging(
     Parameters
     ----------
     instances
-        From :func:`read_imaging`.
+        From :func:`read_imaging` or :func:`clinical_ml.core.imaging.accepted_instances`; only their headers
+        are read here, one at a time (the files are de-identified whole by :func:`stage_imaging`).
     patients, encounters
         The pseudonym mapping of the batch as the anonymizer returns it (``DeidBatch.vault``, in vault or HMAC
         mode): ``mrn`` (normalized), ``subject_id``, ``shift_days``; ``encounter_id`` (normalized), ``hadm_id``.
@@ -556,6 +597,7 @@ def release_imaging(
         The UID secret (:func:`uid_key`).
 
     A file whose patient has no pseudonym (not delivered, or withheld) is not released (``no_patient``).
+    Names, counts and the log are those of the whole files: the header is de-identified as the file is.
     """
     pseud = {r["mrn"]: (r["subject_id"], r["shift_days"]) for r in patients.iter_rows(named=True)}
     hadm = {r["encounter_id"]: r["hadm_id"] for r in encounters.iter_rows(named=True)}
@@ -567,7 +609,7 @@ def release_imaging(
     )
     counts: Counter = Counter()
     log = DeidLog()
-    datasets: dict[str, Dataset] = {}
+    files: dict[str, ReleasedFile] = {}
     rows: list[dict] = []
     studies_seen: set[str] = set()
     for inst in instances:
@@ -575,57 +617,63 @@ def release_imaging(
             counts["not_released:no_patient"] += 1
             continue
         subject_id, shift = pseud[inst.mrn]
-        at = _study_time(inst.dataset)
-        until = None if at is None else _known_from(inst.dataset, at)
+        header = read_header(inst.path)
+        at = _study_time(header)
+        until = None if at is None else _known_from(header, at)
         enc, how = _stay_of(inst.mrn, inst.admission_id, at, stays, until=until)
         counts[f"stay:{how}"] += 1
-        deid, one_log = deidentify(inst.dataset, pseudonym=str(subject_id), shift_days=int(shift), key=key)
+        deid, one_log = deidentify(header, pseudonym=str(subject_id), shift_days=int(shift), key=key)
         log.merge(one_log)
         name = f"{deid.SOPInstanceUID}{DICOM_SUFFIX}" if "SOPInstanceUID" in deid else None
         if name is None:
             counts["not_released:no_sop_instance_uid"] += 1
             continue
-        datasets[name] = deid
+        files[name] = ReleasedFile(Path(inst.path), str(deid.get("PatientID", "")), int(shift))
         counts["instances_released"] += 1
         study = str(deid.get("StudyInstanceUID", ""))
         hadm_id = hadm.get(enc) if enc is not None else None
         shifted = None if at is None else at + timedelta(days=int(shift))
         if study and study not in studies_seen and shifted is not None:
             studies_seen.add(study)
-            modality = _controlled(inst.dataset.get("Modality"), IMAGING_MODALITIES)
-            body = _controlled(inst.dataset.get("BodyPartExamined"), IMAGING_BODY_PARTS)
+            modality = _controlled(header.get("Modality"), IMAGING_MODALITIES)
+            body = _controlled(header.get("BodyPartExamined"), IMAGING_BODY_PARTS)
             counts["unmapped:modality"] += modality == UNMAPPED
             counts["unmapped:body_part"] += body == UNMAPPED
             code = f"{IMAGING_CODE_PREFIX}{modality}//{body}"
-            rows.append(_event(subject_id, shifted, code, hadm_id, _known_from(inst.dataset, shifted)))
+            rows.append(_event(subject_id, shifted, code, hadm_id, _known_from(header, shifted)))
         elif shifted is None:
             counts["no_study_time"] += 1
-        found = _findings(inst.dataset)
+        found = _findings(header)
         if found:
-            content = _study_time(inst.dataset, "ContentDate", "ContentTime")
+            content = _study_time(header, "ContentDate", "ContentTime")
             report, time_kw = (content, "ContentTime") if content is not None else (at, "StudyTime")
             when = None if report is None else report + timedelta(days=int(shift))
             for code in found:
                 if code not in IMAGING_FINDINGS:
                     counts["finding_not_in_vocabulary"] += 1
                 elif when is not None:
-                    known = _known_from(inst.dataset, when, time_kw)
+                    known = _known_from(header, when, time_kw)
                     rows.append(_event(subject_id, when, FINDING_CODE_PREFIX + code, hadm_id, known))
     events = pl.DataFrame(rows, schema=EVENT_SCHEMA) if rows else pl.DataFrame(schema=EVENT_SCHEMA)
     counts["studies"] = len(studies_seen)
     counts["events"] = events.height
     counts |= {f"pixels_dropped:{k}": v for k, v in log.pixels_dropped.items()}
-    return ImagingRelease(datasets, events, {k: int(v) for k, v in counts.items() if v}, log)
+    return ImagingRelease(files, events, {k: int(v) for k, v in counts.items() if v}, log)
 
 
 def keep_subjects(release: ImagingRelease, subject_ids: Iterable[int]) -> ImagingRelease:
     """``release`` with only the files of ``subject_ids`` (the patients the boundary released after consent
     and suppression); the others are counted as ``not_released:withheld``. Events are left as they are: the
-    batch's events table is filtered with the rest."""
+    batch's events table is filtered with the rest. Called before :func:`stage_imaging`, so a withheld
+    patient's file is never written."""
+    if release.staged is not None:
+        raise ValueError(
+            "keep_subjects runs before stage_imaging: the staged folder would keep withheld files"
+        )
     kept_ids = {str(s) for s in subject_ids}
-    kept = {n: ds for n, ds in release.datasets.items() if str(ds.get("PatientID", "")) in kept_ids}
+    kept = {n: f for n, f in release.files.items() if f.subject_id in kept_ids}
     counts = dict(release.counts)
-    withheld = len(release.datasets) - len(kept)
+    withheld = len(release.files) - len(kept)
     if withheld:
         counts["not_released:withheld"] = counts.get("not_released:withheld", 0) + withheld
         counts["instances_released"] = len(kept)
@@ -651,9 +699,20 @@ def dicom_leaks(
     registered DICOM UID nor one of ours (``2.25.``), a birth date, or a value equal to one of the batch's raw
     identifiers (MRNs, encounter numbers, addresses, phones, e-mails, birth dates)."""
     found: Counter = Counter()
-    numeric = {str(i) for i in raw_numeric_ids}
+    for ds in datasets.values():
+        found.update(_leaks_of(ds, raw_identifiers, {str(i) for i in raw_numeric_ids}))
+    return _leak_reasons(found)
 
-    def look(_ds: Dataset, elem: pydicom.DataElement) -> None:
+
+def _leak_reasons(found: Counter) -> list[str]:
+    return [f"imaging: {n} x {what}" for what, n in sorted(found.items())]
+
+
+def _leaks_of(ds: Dataset, raw_identifiers: set[str], numeric: set[str]) -> Counter:
+    """What :func:`dicom_leaks` finds in one de-identified dataset, by reason."""
+    found: Counter = Counter()
+
+    def look(elem: pydicom.DataElement) -> None:
         if elem.tag.is_private:
             found["private attribute"] += 1
         elif elem.keyword not in KEPT:
@@ -680,14 +739,58 @@ def dicom_leaks(
                 if not items <= method or any(len(i) != 3 for i in elem.value):
                     found["DeidentificationMethodCodeSequence not the profile's"] += 1
                 continue
-            look(ds, elem)
+            look(elem)
             if elem.VR == "SQ":
                 for item in elem.value:
                     walk(item)
 
-    for ds in datasets.values():
-        walk(ds)
-    return [f"imaging: {n} x {what}" for what, n in sorted(found.items())]
+    walk(ds)
+    return found
+
+
+def stage_imaging(
+    release: ImagingRelease,
+    folder: Path,
+    *,
+    key: bytes,
+    raw_identifiers: set[str],
+    raw_numeric_ids: set[int],
+) -> tuple[ImagingRelease, list[str]]:
+    """De-identify the files of ``release`` one at a time and write them into ``folder``
+    (``<subject_id>/<name>``, each file written whole and then renamed into place), looking each through for
+    identifiers (:func:`dicom_leaks`) before it is written: memory holds one file, whatever the batch's size.
+
+    ``folder`` is emptied first (a run killed before left it). The first file found unsafe stops the writing
+    and removes the folder (the batch will not be released: nothing unsafe waits on disk); the others are
+    still looked through, so the reasons count every file. Returns ``release`` with ``staged`` set (``None``
+    when something was found) and the reasons (empty: safe).
+
+    Raises
+    ------
+    RuntimeError
+        A file no longer gives the name its header gave (it changed while the batch was released).
+    """
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    numeric = {str(i) for i in raw_numeric_ids}
+    found: Counter = Counter()
+    for name, plan in sorted(release.files.items()):
+        deid, _ = deidentify(
+            pydicom.dcmread(plan.source), pseudonym=plan.subject_id, shift_days=plan.shift_days, key=key
+        )
+        if f"{deid.get('SOPInstanceUID', '')}{DICOM_SUFFIX}" != name:
+            raise RuntimeError("a DICOM file changed while its batch was released; run the release again")
+        leaks = _leaks_of(deid, raw_identifiers, numeric)
+        if leaks and not found:
+            shutil.rmtree(folder, ignore_errors=True)
+        found.update(leaks)
+        if not found:
+            write_dicom(deid, folder / plan.subject_id / name)
+        del deid
+    if not found and release.files:
+        folder.mkdir(parents=True, exist_ok=True)
+    staged = folder if not found and release.files else None
+    return dataclasses.replace(release, staged=staged), _leak_reasons(found)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -708,14 +811,24 @@ def _event(subject_id: int, at: datetime, code: str, hadm_id: int | None, availa
 
 def write_dicom(ds: Dataset, path: Path) -> None:
     """Write ``ds`` as a DICOM file (PS3.10: preamble, file meta from its own SOP class and instance UIDs,
-    explicit VR little endian)."""
+    explicit VR little endian), through a hidden temporary file renamed into place: never half a file."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(str(ds.get("SOPClassUID", "")) or SECONDARY_CAPTURE)
     meta.MediaStorageSOPInstanceUID = UID(str(ds.get("SOPInstanceUID", "")))
     meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds.file_meta = meta
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    # created as open() would create the file itself (mode 0666 less the umask), not owner-only like mkstemp
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            ds.save_as(f, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_released(datasets: Mapping[str, Dataset], folder: Path) -> list[Path]:

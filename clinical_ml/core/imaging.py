@@ -17,12 +17,14 @@ Ingestion (:func:`process_imaging`)
     rejects the file as ``checksum_mismatch``).
 
 Anonymization (:func:`accepted_instances`, :func:`publish_imaging`, :func:`withdraw_imaging`)
-    The accepted files are read back from the archive, de-identified under the batch's pseudonyms and date
-    shifts (:func:`clinical_ml.core.dicom.release_imaging`, called by
-    :func:`clinical_ml.core.deid_release.release_batch` so that the consent register, suppression and the
-    identifier gate apply to imaging as to every other event), and, when the batch is released, written to
-    ``deid/imaging/<batch>/<subject_id>/<new SOP instance UID>.dcm``: one folder per pseudonym, so a later
-    objection removes a patient's files without reading any.
+    The accepted files are read back from the archive one at a time, de-identified under the batch's
+    pseudonyms and date shifts (:func:`clinical_ml.core.dicom.release_imaging` and
+    :func:`clinical_ml.core.dicom.stage_imaging`, called by :func:`clinical_ml.core.deid_release.release_batch`
+    so that the consent register, suppression and the identifier gate apply to imaging as to every other
+    event) into a hidden staging folder beside the batch's (:func:`staging_folder`), and, when the batch is
+    released, that folder becomes ``deid/imaging/<batch>/<subject_id>/<new SOP instance UID>.dcm``: one
+    folder per pseudonym, so a later objection removes a patient's files without reading any. Memory holds
+    about one file at a time, whatever the size of the batch.
 """
 
 import hashlib
@@ -52,7 +54,7 @@ from clinical_ml.core.delivery import (
     read_ledger_entry,
     rejects_path,
 )
-from clinical_ml.core.dicom import ImagingInstance, ImagingRelease, write_dicom
+from clinical_ml.core.dicom import ImagingInstance, ImagingRelease
 from clinical_ml.core.ingestion import empty_rejects
 from clinical_ml.core.landing import (
     DICOM_SUFFIX,
@@ -344,34 +346,46 @@ def _rules_digest() -> str:
 
 
 def accepted_instances(zones: ZonePaths, batch_id: str) -> list[ImagingInstance]:
-    """The batch's accepted DICOM files, read back from the archive (phi zone), in delivery order."""
+    """The batch's accepted DICOM files in the archive (phi zone), in delivery order, with the keys the
+    index recorded at ingestion; no file is read here."""
     part = accepted_path(zones, IMAGING_SOURCE, batch_id)
     if not part.is_file():
         return []
-    out = []
-    for row in pl.read_parquet(part).sort("row_number").iter_rows(named=True):
-        ds = pydicom.dcmread(zones.archive / row["archived_as"])
-        out.append(ImagingInstance(str(row["row_number"]), ds, row["mrn"], row["admission_id"]))
-    return out
+    return [
+        ImagingInstance(
+            str(row["row_number"]), zones.archive / row["archived_as"], row["mrn"], row["admission_id"]
+        )
+        for row in pl.read_parquet(part).sort("row_number").iter_rows(named=True)
+    ]
+
+
+def staging_folder(folder: Path) -> Path:
+    """Where a batch's de-identified files are staged before :func:`publish_imaging` moves them into
+    ``folder``: a hidden sibling, so readers never see half a batch (and :func:`withdraw_imaging` and the
+    readers of ``deid/imaging`` skip it)."""
+    return folder.with_name(f".{folder.name}.staged")
 
 
 def publish_imaging(release: ImagingRelease | None, folder: Path, *, released: bool) -> int:
-    """Write a batch's de-identified DICOM files into ``folder`` (``<subject_id>/<name>``), replacing what an
-    earlier run of the batch wrote; with nothing to release, remove it. Files are staged in a hidden sibling
-    and swapped in, so readers never see half a batch. Returns the number of files written."""
-    stage = folder.with_name(f".{folder.name}.staged")
-    shutil.rmtree(stage, ignore_errors=True)
+    """Put a batch's staged de-identified DICOM files (:func:`clinical_ml.core.dicom.stage_imaging`) in
+    ``folder`` (``<subject_id>/<name>``), replacing what an earlier run of the batch published; when the batch
+    is not released or has nothing to release, remove the folder and the staged files. The staged folder is
+    swapped in whole, so readers never see half a batch. Returns the number of files published."""
+    staged = release.staged if release is not None else None
     written = 0
-    if released and release is not None and release.datasets:
-        for name, ds in sorted(release.datasets.items()):
-            write_dicom(ds, stage / str(ds.PatientID) / name)
-            written += 1
+    if released and staged is not None and staged.is_dir():
+        written = sum(
+            1 for p in staged.rglob(f"*{DICOM_SUFFIX}") if p.is_file() and not p.name.startswith(".")
+        )
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
-    if written:
-        os.replace(stage, folder)
+    if written and staged is not None:
+        os.replace(staged, folder)
+    elif staged is not None:
+        shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(staging_folder(folder), ignore_errors=True)  # one a killed run left behind
     shutil.rmtree(old, ignore_errors=True)
     return written
 

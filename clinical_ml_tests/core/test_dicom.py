@@ -1,6 +1,7 @@
 """DICOM de-identification (PS3.15 basic profile: every attribute of the table handled), UIDs, dates,
 private attributes, burned-in annotations, and imaging events."""
 
+import tracemalloc
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,10 +15,14 @@ from pydicom.uid import CTImageStorage
 from clinical_ml.core.dicom import (
     BASIC_PROFILE,
     IMAGING_FOLDER,
+    ImagingInstance,
     deidentify,
+    keep_subjects,
     new_uid,
+    read_header,
     read_imaging,
     release_imaging,
+    stage_imaging,
     uid_key,
     write_dicom,
     write_released,
@@ -232,7 +237,78 @@ def test_release_turns_studies_and_coded_findings_into_events(tmp_path):
     assert rel.counts["not_released:no_patient"] == 1
     assert rel.counts["finding_not_in_vocabulary"] == 1
     assert rel.counts["stay:by_study_time"] == 1 and rel.counts["instances_released"] == 3
-    assert len(rel.datasets) == 3 and all(n.startswith("2.25.") for n in rel.datasets)
+    assert len(rel.files) == 3 and all(n.startswith("2.25.") for n in rel.files)
+    assert {f.subject_id for f in rel.files.values()} == {"555"}
+
+
+def _image_file(folder: Path, number: int, *, pixel_bytes: int, **extra) -> ImagingInstance:
+    ds = _study(SOPInstanceUID=f"1.2.826.0.1.3680043.99.1.1.{number}", **extra)
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = pixel_bytes // 1024, 512, 16, 16, 15
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.add_new(0x7FE00010, "OW", bytes(range(256)) * (pixel_bytes // 256))
+    write_dicom(ds, folder / f"{number}.dcm")
+    return ImagingInstance(str(number), folder / f"{number}.dcm", "MRN00042", "ENC-0042")
+
+
+def test_a_header_is_read_without_its_pixel_data_and_decides_as_the_whole_file(tmp_path):
+    inst = _image_file(tmp_path, 1, pixel_bytes=4096, BurnedInAnnotation="YES")
+    header = read_header(inst.path)
+    assert header.PixelData == b"" and header.Modality == "CT"
+    whole, whole_log = deidentify(pydicom.dcmread(inst.path), pseudonym="1", shift_days=7, key=KEY)
+    head, head_log = deidentify(header, pseudonym="1", shift_days=7, key=KEY)
+    assert head_log == whole_log and dict(head_log.pixels_dropped) == {"burned_in_annotation": 1}
+    assert head.SOPInstanceUID == whole.SOPInstanceUID and head.StudyInstanceUID == whole.StudyInstanceUID
+
+
+def test_staging_writes_each_file_once_and_withheld_patients_never(tmp_path):
+    patients, encounters, raw = _mapping()
+    patients = pl.concat(
+        [patients, pl.DataFrame({"mrn": ["MRN00043"], "subject_id": [556], "shift_days": [0]})]
+    )
+    instances = [_image_file(tmp_path / "in", n, pixel_bytes=1024) for n in (1, 2)]
+    other = _image_file(tmp_path / "in", 3, pixel_bytes=1024, PatientID="MRN00043")
+    instances.append(ImagingInstance("3", other.path, "MRN00043", None))
+    rel = release_imaging(instances, patients=patients, encounters=encounters, raw_encounters=raw, key=KEY)
+    kept = keep_subjects(rel, [555])
+    assert kept.counts["not_released:withheld"] == 1 and kept.counts["instances_released"] == 2
+    staged, leaks = stage_imaging(
+        kept, tmp_path / "stage", key=KEY, raw_identifiers={"MRN00043"}, raw_numeric_ids=set()
+    )
+    assert leaks == [] and staged.staged == tmp_path / "stage"
+    written = sorted(p.relative_to(tmp_path / "stage").as_posix() for p in (tmp_path / "stage").rglob("*"))
+    assert written == ["555", *sorted(f"555/{n}" for n in kept.files)]  # no temporary file left
+    with pytest.raises(ValueError, match="before stage_imaging"):
+        keep_subjects(staged, [555])
+    # an identifier found: nothing stays staged, and every file is still looked through
+    staged, leaks = stage_imaging(
+        kept, tmp_path / "stage", key=KEY, raw_identifiers={"555"}, raw_numeric_ids=set()
+    )
+    assert staged.staged is None and not (tmp_path / "stage").exists()
+    assert leaks == ["imaging: 2 x PatientID holds a raw identifier value"]
+
+
+def _peak_bytes(folder: Path, n_files: int, pixel_bytes: int) -> int:
+    patients, encounters, raw = _mapping()
+    instances = [_image_file(folder / "in", n, pixel_bytes=pixel_bytes) for n in range(n_files)]
+    tracemalloc.start()
+    try:
+        rel = release_imaging(
+            instances, patients=patients, encounters=encounters, raw_encounters=raw, key=KEY
+        )
+        stage_imaging(
+            keep_subjects(rel, [555]), folder / "stage", key=KEY, raw_identifiers=set(), raw_numeric_ids=set()
+        )
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_of_a_release_holds_one_file_not_the_batch(tmp_path):
+    size = 256 * 1024
+    few, many = _peak_bytes(tmp_path / "few", 2, size), _peak_bytes(tmp_path / "many", 16, size)
+    assert len(list((tmp_path / "many" / "stage").rglob("*.dcm"))) == 16
+    # 14 more files add less than one file's pixel data to the peak (holding them would add 14 x 256 KiB)
+    assert many - few < size, (few, many)
 
 
 def test_the_uid_key_of_the_vault_mode_is_made_once_and_kept_in_the_phi_zone(tmp_path):

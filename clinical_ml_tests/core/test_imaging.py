@@ -2,8 +2,10 @@
 checks each file on its own (one bad file never touches the others), and the release de-identifies them under
 the patient's pseudonym and date shift, with consent, suppression and the identifier gate applied."""
 
+import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -16,12 +18,21 @@ from pydicom.dataset import Dataset
 from clinical_ml.core.anonymization import Vault
 from clinical_ml.core.deid_release import release_batch
 from clinical_ml.core.delivery import ZonePaths, accepted_path, process_batch, process_file
-from clinical_ml.core.dicom import DICOM_SUFFIX, IMAGING_FOLDER, UID_ROOT, write_dicom
+from clinical_ml.core.dicom import (
+    DICOM_SUFFIX,
+    IMAGING_FOLDER,
+    UID_ROOT,
+    ImagingInstance,
+    deidentify,
+    read_header,
+    write_dicom,
+)
 from clinical_ml.core.imaging import (
     FILE_REASONS,
     accepted_instances,
     process_imaging,
     publish_imaging,
+    staging_folder,
     withdraw_imaging,
 )
 from clinical_ml.core.ingestion import empty_accepted
@@ -313,7 +324,8 @@ def _raw(zones: ZonePaths, batch_id: str) -> dict[str, pl.DataFrame]:
     }
 
 
-def _release(zones: ZonePaths, batch_id: str, *, k: int = 1, opted_out: list[str] = (), imaging=None):  # type: ignore[assignment]
+def _release(zones: ZonePaths, batch_id: str, *, k: int = 1, opted_out: list[str] = (), imaging=None,  # type: ignore[assignment]
+             stage: Path | None = None):  # fmt: skip
     return release_batch(
         _raw(zones, batch_id),
         vault=Vault.empty(),
@@ -325,7 +337,28 @@ def _release(zones: ZonePaths, batch_id: str, *, k: int = 1, opted_out: list[str
         opted_out=pl.Series("mrn", list(opted_out), dtype=pl.String),
         imaging=accepted_instances(zones, batch_id) if imaging is None else imaging,
         imaging_key=KEY,
+        imaging_stage=stage or staging_folder(zones.phi.parent / "deid" / "imaging" / batch_id),
     )
+
+
+def _staged(rel) -> list[Dataset]:  # type: ignore[no-untyped-def]
+    """The de-identified files a release staged."""
+    assert rel.imaging is not None and rel.imaging.staged is not None
+    return [pydicom.dcmread(p) for p in sorted(rel.imaging.staged.rglob(f"*{DICOM_SUFFIX}"))]
+
+
+def _edited(inst: ImagingInstance, folder: Path, edit: Callable[[Dataset], None]) -> ImagingInstance:
+    """``inst`` as another file: its archived file, changed by ``edit``, written into ``folder``."""
+    ds = pydicom.dcmread(inst.path)
+    edit(ds)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{inst.name}{DICOM_SUFFIX}"
+    ds.save_as(path)
+    return dataclasses.replace(inst, path=path)
+
+
+def _image(inst: ImagingInstance) -> bool:
+    return str(read_header(inst.path).Modality) != "SR"
 
 
 def test_studies_become_events_shifted_like_the_patients_other_events(ingested):
@@ -339,7 +372,7 @@ def test_studies_become_events_shifted_like_the_patients_other_events(ingested):
     instances = {i.name: i for i in accepted_instances(zones, batch_id)}
     checked = 0
     for row in index.iter_rows(named=True):
-        ds = instances[str(row["row_number"])].dataset
+        ds = read_header(instances[str(row["row_number"])].path)
         if ds.Modality == "SR" or "StudyTime" not in ds or "AdmissionID" not in ds:
             continue
         subject, shift = vault.filter(pl.col("mrn") == row["mrn"]).select("subject_id", "shift_days").row(0)
@@ -360,10 +393,10 @@ def test_studies_become_events_shifted_like_the_patients_other_events(ingested):
     assert {c for c in codes if c.startswith("IMAGING")} >= {"IMAGING//DX//CHEST", "IMAGING//CT//HEAD"}
 
 
-def test_a_study_known_by_its_date_alone_is_available_from_the_end_of_that_day(ingested):
+def test_a_study_known_by_its_date_alone_is_available_from_the_end_of_that_day(ingested, tmp_path):
     zones, batch_id = ingested
-    (inst,) = [i for i in accepted_instances(zones, batch_id) if i.dataset.Modality != "SR"][:1]
-    del inst.dataset.StudyTime
+    (inst,) = [i for i in accepted_instances(zones, batch_id) if _image(i)][:1]
+    inst = _edited(inst, tmp_path, lambda ds: delattr(ds, "StudyTime"))
     rel = _release(zones, batch_id, imaging=[inst])
     ev = rel.frames["events"].filter(pl.col("code").str.starts_with("IMAGING//"))
     assert ev.height == 1
@@ -379,21 +412,23 @@ def test_a_study_known_by_its_date_alone_is_available_from_the_end_of_that_day(i
         ({"BurnedInAnnotation": "NO"}, None),
     ],
 )
-def test_burned_in_pixels_are_withheld_counted_and_the_header_released(ingested, flags, reason):
+def test_burned_in_pixels_are_withheld_counted_and_the_header_released(ingested, flags, reason, tmp_path):
     zones, batch_id = ingested
-    inst = next(i for i in accepted_instances(zones, batch_id) if i.dataset.Modality != "SR")
-    ds = inst.dataset
-    for k in ("BurnedInAnnotation", "PixelData"):
-        if k in ds:
-            delattr(ds, k)
-    for k, v in flags.items():
-        setattr(ds, k, v)
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 8, 8, 7
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
-    ds.PixelData = bytes(4)
+
+    def edit(ds: Dataset) -> None:
+        for k in ("BurnedInAnnotation", "PixelData"):
+            if k in ds:
+                delattr(ds, k)
+        for k, v in flags.items():
+            setattr(ds, k, v)
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 8, 8, 7
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        ds.add_new(0x7FE00010, "OB", bytes(4))
+
+    inst = _edited(next(i for i in accepted_instances(zones, batch_id) if _image(i)), tmp_path, edit)
     rel = _release(zones, batch_id, imaging=[inst])
     assert rel.released and rel.imaging is not None
-    (out,) = rel.imaging.datasets.values()
+    (out,) = _staged(rel)
     assert ("PixelData" in out) is (reason is None)
     withheld = {k: v for k, v in rel.imaging.counts.items() if k.startswith("pixels_dropped:")}
     assert withheld == ({f"pixels_dropped:{reason}": 1} if reason else {})
@@ -406,44 +441,91 @@ def test_an_objecting_patient_has_no_dicom_file_and_no_imaging_event_released(in
     rel = _release(zones, batch_id, opted_out=[mrn])
     subject = rel.deid.vault.patients.filter(pl.col("mrn") == mrn)["subject_id"][0]
     assert rel.imaging is not None
-    assert str(subject) not in {str(ds.PatientID) for ds in rel.imaging.datasets.values()}
+    assert str(subject) not in {str(ds.PatientID) for ds in _staged(rel)}
+    assert not (rel.imaging.staged / str(subject)).exists()  # never written, not even staged
     assert rel.frames["events"].filter(pl.col("subject_id") == subject).height == 0
     assert rel.imaging.counts["not_released:withheld"] == int((index["mrn"] == mrn).sum())
 
 
-def test_an_identifier_in_a_kept_attribute_stops_the_release(ingested):
+def test_an_identifier_in_a_kept_attribute_stops_the_release_and_nothing_stays_staged(ingested, tmp_path):
     zones, batch_id = ingested
     instances = accepted_instances(zones, batch_id)
-    ds = instances[0].dataset
-    finding, concept = Dataset(), Dataset()
-    finding.ValueType = "CODE"
-    concept.CodeValue, concept.CodingSchemeDesignator = str(ds.PatientID), "99LOCAL"  # a code that is an MRN
-    finding.ConceptCodeSequence = [concept]
-    ds.ContentSequence = [finding]
-    rel = _release(zones, batch_id, imaging=instances)
+    mrn = str(read_header(instances[-1].path).PatientID)
+
+    def edit(ds: Dataset) -> None:
+        finding, concept = Dataset(), Dataset()
+        finding.ValueType = "CODE"
+        concept.CodeValue, concept.CodingSchemeDesignator = mrn, "99LOCAL"  # a code that is an MRN
+        finding.ConceptCodeSequence = [concept]
+        ds.ContentSequence = [finding]
+
+    stage = tmp_path / ".stage"
+    rel = _release(
+        zones, batch_id, imaging=[*instances[:-1], _edited(instances[-1], tmp_path, edit)], stage=stage
+    )
     assert not rel.released
     assert any("CodeValue holds a raw identifier value" in p for p in rel.leaks["events"])
-    assert str(ds.PatientID) not in " ".join(rel.leaks["events"])
+    assert mrn not in " ".join(rel.leaks["events"])
+    assert rel.imaging is not None and rel.imaging.staged is None and not stage.exists()
 
 
 def test_released_files_are_written_per_pseudonym_replaced_on_rerun_and_withdrawn(ingested, tmp_path):
     zones, batch_id = ingested
-    rel = _release(zones, batch_id)
-    assert rel.imaging is not None
     folder = tmp_path / "deid" / "imaging" / batch_id
+    rel = _release(zones, batch_id, stage=staging_folder(folder))
+    assert rel.imaging is not None
     n = publish_imaging(rel.imaging, folder, released=True)
     files = sorted(folder.rglob("*.dcm"))
-    assert n == len(files) == len(rel.imaging.datasets) > 0
+    assert n == len(files) == len(rel.imaging.files) > 0
+    assert not staging_folder(folder).exists()
     for path in files[:10]:
         ds = pydicom.dcmread(path)
         assert path.parent.name == ds.PatientID and ds.SOPInstanceUID.startswith(UID_ROOT)
+    rel = _release(zones, batch_id, stage=staging_folder(folder))
     assert publish_imaging(rel.imaging, folder, released=True) == n  # a rerun replaces, never doubles
     assert len(list(folder.rglob("*.dcm"))) == n
     subject = files[0].parent.name
     mine = len(list((folder / subject).glob("*.dcm")))
     assert withdraw_imaging(folder.parent, pl.Series([int(subject)])) == mine
     assert not (folder / subject).exists() and len(list(folder.rglob("*.dcm"))) == n - mine
+    rel = _release(zones, batch_id, stage=staging_folder(folder))
     assert publish_imaging(rel.imaging, folder, released=False) == 0 and not folder.exists()
+    assert not staging_folder(folder).exists()  # a batch not released leaves nothing staged
+
+
+def test_released_files_are_byte_for_byte_those_of_the_whole_batch_held_in_memory(ingested, tmp_path):
+    """The streamed release writes exactly what de-identifying every file in memory and writing it wrote
+    (the release before it streamed), pixel data included."""
+    zones, batch_id = ingested
+
+    def pixels(ds: Dataset) -> None:
+        ds.BurnedInAnnotation = "NO"
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 32, 16, 16, 15
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+        ds.add_new(0x7FE00010, "OW", bytes(range(256)) * 4)
+
+    instances = accepted_instances(zones, batch_id)
+    images = [i.name for i in instances if _image(i)][:3]
+    instances = [_edited(i, tmp_path / "edited", pixels) if i.name in images else i for i in instances]
+    folder = tmp_path / "deid" / "imaging" / batch_id
+    rel = _release(zones, batch_id, imaging=instances, k=2, stage=staging_folder(folder))
+    assert rel.released and rel.imaging is not None
+    n = publish_imaging(rel.imaging, folder, released=True)
+    vault = rel.deid.vault.patients
+    kept = {str(s) for s in rel.frames["patients"]["subject_id"].to_list()}
+    expected: dict[str, bytes] = {}
+    for inst in instances:
+        subject, shift = vault.filter(pl.col("mrn") == inst.mrn).select("subject_id", "shift_days").row(0)
+        if str(subject) not in kept:
+            continue
+        out, _ = deidentify(pydicom.dcmread(inst.path), pseudonym=str(subject), shift_days=shift, key=KEY)
+        write_dicom(out, tmp_path / "memory" / "x.dcm")
+        expected[f"{subject}/{out.SOPInstanceUID}{DICOM_SUFFIX}"] = (
+            tmp_path / "memory" / "x.dcm"
+        ).read_bytes()
+    got = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob(f"*{DICOM_SUFFIX}")}
+    assert n == len(got) == len(expected) and got == expected
+    assert sum(b"\x00\x01\x02\x03" in b for b in got.values()) >= 1  # pixel data released as well
 
 
 def test_the_synthetic_pacs_export_carries_identifiers_and_the_gaps_of_a_real_one(tmp_path):
