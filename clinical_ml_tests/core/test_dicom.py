@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
 
 from clinical_ml.core.dicom import (
     BASIC_PROFILE,
@@ -250,8 +250,13 @@ def _image_file(folder: Path, number: int, *, pixel_bytes: int, **extra) -> Imag
     return ImagingInstance(str(number), folder / f"{number}.dcm", "MRN00042", "ENC-0042")
 
 
-def test_a_header_is_read_without_its_pixel_data_and_decides_as_the_whole_file(tmp_path):
+@pytest.mark.parametrize("implicit_vr", [False, True])  # PACS exports are often implicit VR little endian
+def test_a_header_is_read_without_its_pixel_data_and_decides_as_the_whole_file(tmp_path, implicit_vr):
     inst = _image_file(tmp_path, 1, pixel_bytes=4096, BurnedInAnnotation="YES")
+    if implicit_vr:
+        ds = pydicom.dcmread(inst.path)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(inst.path, enforce_file_format=True)
     header = read_header(inst.path)
     assert header.PixelData == b"" and header.Modality == "CT"
     whole, whole_log = deidentify(pydicom.dcmread(inst.path), pseudonym="1", shift_days=7, key=KEY)
