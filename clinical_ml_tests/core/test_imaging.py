@@ -491,6 +491,9 @@ def test_released_files_are_written_per_pseudonym_replaced_on_rerun_and_withdraw
     rel = _release(zones, batch_id, stage=staging_folder(folder))
     assert publish_imaging(rel.imaging, folder, released=False) == 0 and not folder.exists()
     assert not staging_folder(folder).exists()  # a batch not released leaves nothing staged
+    (staging_folder(folder) / "1").mkdir(parents=True)  # what a run killed while staging left
+    (staging_folder(folder) / "1" / "x.dcm").write_bytes(b"")
+    assert publish_imaging(None, folder, released=True) == 0 and not staging_folder(folder).exists()
 
 
 def test_released_files_are_byte_for_byte_those_of_the_whole_batch_held_in_memory(ingested, tmp_path):
