@@ -33,7 +33,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from dagster import StringSource
@@ -55,7 +55,48 @@ MAX_OPEN_SHARDS = 16
 TESTED_DAGSTER_VERSION = "1.13.27"
 
 
-class PooledSqliteEventLogStorage(SqliteEventLogStorage):
+class SlotMethodsInOneTransaction:
+    """Dagster's pool-slot operations, each run inside the storage's ``_slot_transaction()``: claim (queue the
+    step, assign it a slot if one is left, take a free slot), free (release the slot, dequeue, assign the
+    next), and the limit changes that add or remove slots and assign queued steps to new ones. Put before the
+    Dagster storage class in the bases; the storage says what one transaction is (SQLite: ``BEGIN
+    IMMEDIATE`` on the index; PostgreSQL: an advisory lock, :mod:`clinical_ml.instance_storage_postgres`)."""
+
+    def _slot_transaction(self) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def claim_concurrency_slot(
+        self, concurrency_key: str, run_id: str, step_key: str, priority: int | None = None
+    ) -> ConcurrencyClaimStatus:
+        with self._slot_transaction():
+            return super().claim_concurrency_slot(concurrency_key, run_id, step_key, priority)  # type: ignore[misc]
+
+    def free_concurrency_slot_for_step(self, run_id: str, step_key: str) -> None:
+        with self._slot_transaction():
+            super().free_concurrency_slot_for_step(run_id, step_key)  # type: ignore[misc]
+
+    def free_concurrency_slots_for_run(self, run_id: str) -> None:
+        with self._slot_transaction():
+            super().free_concurrency_slots_for_run(run_id)  # type: ignore[misc]
+
+    def assign_pending_steps(self, concurrency_keys: Sequence[str]) -> None:
+        with self._slot_transaction():
+            super().assign_pending_steps(concurrency_keys)  # type: ignore[misc]
+
+    def set_concurrency_slots(self, concurrency_key: str, num: int) -> None:
+        with self._slot_transaction():
+            super().set_concurrency_slots(concurrency_key, num)  # type: ignore[misc]
+
+    def delete_concurrency_limit(self, concurrency_key: str) -> None:
+        with self._slot_transaction():
+            super().delete_concurrency_limit(concurrency_key)  # type: ignore[misc]
+
+    def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
+        with self._slot_transaction():
+            return super().initialize_concurrency_limit_to_default(concurrency_key)  # type: ignore[misc]
+
+
+class PooledSqliteEventLogStorage(SlotMethodsInOneTransaction, SqliteEventLogStorage):
     """``dagster.yaml``::
 
     event_log_storage:
@@ -152,39 +193,6 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
                     yield
                 finally:
                     self._slot_transaction_of.conn = None
-
-    # Dagster's pool-slot operations, each made one transaction (see _slot_transaction): claim (queue the step,
-    # assign it a slot if one is left, take a free slot), free (release the slot, dequeue, assign the next),
-    # and the limit changes that add or remove slots and assign queued steps to new ones.
-    def claim_concurrency_slot(
-        self, concurrency_key: str, run_id: str, step_key: str, priority: int | None = None
-    ) -> ConcurrencyClaimStatus:
-        with self._slot_transaction():
-            return super().claim_concurrency_slot(concurrency_key, run_id, step_key, priority)
-
-    def free_concurrency_slot_for_step(self, run_id: str, step_key: str) -> None:
-        with self._slot_transaction():
-            super().free_concurrency_slot_for_step(run_id, step_key)
-
-    def free_concurrency_slots_for_run(self, run_id: str) -> None:
-        with self._slot_transaction():
-            super().free_concurrency_slots_for_run(run_id)
-
-    def assign_pending_steps(self, concurrency_keys: Sequence[str]) -> None:
-        with self._slot_transaction():
-            super().assign_pending_steps(concurrency_keys)
-
-    def set_concurrency_slots(self, concurrency_key: str, num: int) -> None:
-        with self._slot_transaction():
-            super().set_concurrency_slots(concurrency_key, num)
-
-    def delete_concurrency_limit(self, concurrency_key: str) -> None:
-        with self._slot_transaction():
-            super().delete_concurrency_limit(concurrency_key)
-
-    def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
-        with self._slot_transaction():
-            return super().initialize_concurrency_limit_to_default(concurrency_key)
 
     def has_table(self, table_name: str) -> bool:
         # Asked before every dynamic-partition lookup and every asset event, each time through a new engine

@@ -21,16 +21,17 @@ or those methods changed. Configured in ``dagster_postgres.yaml`` and ``deploy/c
 """
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, ContextManager  # noqa: UP035
 
 from dagster._serdes import ConfigurableClassData
-from dagster._utils.concurrency import ConcurrencyClaimStatus
 from dagster_postgres import PostgresEventLogStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+
+from clinical_ml.instance_storage import SlotMethodsInOneTransaction
 
 if TYPE_CHECKING:
     from dagster_postgres.auth import PgTokenProvider
@@ -45,7 +46,7 @@ POOL_SLOTS_LOCK_KEY = int.from_bytes(b"cml_slot", "big")
 POOL_SLOTS_LOCK_TIMEOUT = "30s"
 
 
-class PoolLockedPostgresEventLogStorage(PostgresEventLogStorage):
+class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEventLogStorage):
     """``dagster.yaml`` (with ``run_storage`` and ``schedule_storage`` from dagster-postgres beside it)::
 
     event_log_storage:
@@ -104,34 +105,3 @@ class PoolLockedPostgresEventLogStorage(PostgresEventLogStorage):
                     yield
                 finally:
                     self._slot_transaction_of.conn = None
-
-    # Dagster's pool-slot operations (the same list as PooledSqliteEventLogStorage's), each one transaction.
-    def claim_concurrency_slot(
-        self, concurrency_key: str, run_id: str, step_key: str, priority: int | None = None
-    ) -> ConcurrencyClaimStatus:
-        with self._slot_transaction():
-            return super().claim_concurrency_slot(concurrency_key, run_id, step_key, priority)
-
-    def free_concurrency_slot_for_step(self, run_id: str, step_key: str) -> None:
-        with self._slot_transaction():
-            super().free_concurrency_slot_for_step(run_id, step_key)
-
-    def free_concurrency_slots_for_run(self, run_id: str) -> None:
-        with self._slot_transaction():
-            super().free_concurrency_slots_for_run(run_id)
-
-    def assign_pending_steps(self, concurrency_keys: Sequence[str]) -> None:
-        with self._slot_transaction():
-            super().assign_pending_steps(concurrency_keys)
-
-    def set_concurrency_slots(self, concurrency_key: str, num: int) -> None:
-        with self._slot_transaction():
-            super().set_concurrency_slots(concurrency_key, num)
-
-    def delete_concurrency_limit(self, concurrency_key: str) -> None:
-        with self._slot_transaction():
-            super().delete_concurrency_limit(concurrency_key)
-
-    def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
-        with self._slot_transaction():
-            return super().initialize_concurrency_limit_to_default(concurrency_key)
