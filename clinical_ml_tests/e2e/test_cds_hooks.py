@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +37,7 @@ from clinical_ml.serve.models import ChampionWatch, served_model
 from clinical_ml.serve.records import ServingRecords
 from clinical_ml_tests.conftest import PROJECT_ROOT, GraphRun
 from clinical_ml_tests.serve.conftest import ISSUER, Ehr
+from clinical_ml_tests.service_process import wait_until_serving
 
 pytestmark = pytest.mark.slow
 USE_CASE = "icu_mortality_24h"
@@ -217,16 +217,7 @@ def service(graph_run: GraphRun, tmp_path: Path, ehr: Ehr):
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the service did not start in 90 s"
-            time.sleep(0.3)
+        wait_until_serving(base, proc, log)
         yield base, root, log
     finally:
         proc.send_signal(signal.SIGTERM)

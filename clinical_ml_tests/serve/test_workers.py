@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 from clinical_ml.serve.records import ServingRecords
 from clinical_ml_tests.conftest import PROJECT_ROOT
 from clinical_ml_tests.serve.conftest import USE_CASE, Ehr, stay_request
+from clinical_ml_tests.service_process import wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -56,16 +56,7 @@ def test_two_workers_accept_each_token_once_and_share_the_cards(
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the service did not start in 90 s"
-            time.sleep(0.3)
+        wait_until_serving(base, proc, log)
         url = f"{base}/cds-services/{USE_CASE}"
         cards = []
         with httpx.Client(timeout=30) as first, httpx.Client(timeout=30) as second:  # two connections
