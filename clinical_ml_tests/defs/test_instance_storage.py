@@ -121,14 +121,18 @@ FALL_BACK = (
 )
 
 
-def test_the_installed_and_pinned_dagster_is_the_release_the_storage_was_tested_against():
+def _assert_tested_release(package: str, *, tested: str, installed: str, fall_back: str) -> None:
+    """``package`` is pinned to and installed at the release the storage was tested against."""
     pins = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert "dagster==" + TESTED_DAGSTER_VERSION in pins, FALL_BACK.format(
-        tested=TESTED_DAGSTER_VERSION,
-        found=f"pyproject.toml pins {[d for d in pins if d.startswith('dagster')]}",
+    assert f"{package}=={tested}" in pins, fall_back.format(
+        tested=tested, found=f"pyproject.toml pins {[d for d in pins if d.startswith(package)]}"
     )
-    assert dg.__version__ == TESTED_DAGSTER_VERSION, FALL_BACK.format(
-        tested=TESTED_DAGSTER_VERSION, found=f"dagster {dg.__version__} is installed"
+    assert installed == tested, fall_back.format(tested=tested, found=f"{package} {installed} is installed")
+
+
+def test_the_installed_and_pinned_dagster_is_the_release_the_storage_was_tested_against():
+    _assert_tested_release(
+        "dagster", tested=TESTED_DAGSTER_VERSION, installed=dg.__version__, fall_back=FALL_BACK
     )
 
 
@@ -217,14 +221,11 @@ PG_FALL_BACK = (
 
 
 def test_the_installed_and_pinned_dagster_postgres_is_the_release_the_pool_lock_was_tested_against():
-    pins = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert "dagster-postgres==" + TESTED_DAGSTER_POSTGRES_VERSION in pins, PG_FALL_BACK.format(
+    _assert_tested_release(
+        "dagster-postgres",
         tested=TESTED_DAGSTER_POSTGRES_VERSION,
-        found=f"pyproject.toml pins {[d for d in pins if d.startswith('dagster-postgres')]}",
-    )
-    assert dagster_postgres.__version__ == TESTED_DAGSTER_POSTGRES_VERSION, PG_FALL_BACK.format(
-        tested=TESTED_DAGSTER_POSTGRES_VERSION,
-        found=f"dagster-postgres {dagster_postgres.__version__} is installed",
+        installed=dagster_postgres.__version__,
+        fall_back=PG_FALL_BACK,
     )
 
 
