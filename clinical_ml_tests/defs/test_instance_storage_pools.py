@@ -15,7 +15,6 @@ import importlib
 import json
 import multiprocessing
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,8 @@ from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from clinical_ml_tests.postgres import fresh_database
+
 POOL = "pseudonym_vault"
 STEP = "anonymized_cohort"
 SQLITE = "clinical_ml.instance_storage:PooledSqliteEventLogStorage"
@@ -34,13 +35,6 @@ POSTGRES = "clinical_ml.instance_storage_postgres:PoolLockedPostgresEventLogStor
 # Processes x rounds of the process test. On PostgreSQL a claim's gap between reading and writing is shorter (a
 # round trip on one connection): 3 x 8 lost an update in 6 of 8 runs of the stock storage, 4 x 12 in 5 of 5.
 CONTENTION = {SQLITE: (3, 8), POSTGRES: (4, 12)}
-PG_VARS = (
-    "DAGSTER_PG_HOST",
-    "DAGSTER_PG_PORT",
-    "DAGSTER_PG_USERNAME",
-    "DAGSTER_PG_PASSWORD",
-    "DAGSTER_PG_DB",
-)
 
 
 class Slots(NamedTuple):
@@ -55,52 +49,11 @@ class Slots(NamedTuple):
         return getattr(importlib.import_module(module), name)(self.where)
 
 
-def _pg_connect(dbname: str):
-    import psycopg2
-
-    return psycopg2.connect(
-        host=os.environ["DAGSTER_PG_HOST"],
-        port=int(os.environ["DAGSTER_PG_PORT"]),
-        user=os.environ["DAGSTER_PG_USERNAME"],
-        password=os.environ["DAGSTER_PG_PASSWORD"],
-        dbname=dbname,
-        connect_timeout=5,
-    )
-
-
 @pytest.fixture
 def postgres_db() -> Iterator[str]:
     """A fresh database on the configured server (dropped afterwards): its name."""
-    import psycopg2
-
-    missing = [v for v in PG_VARS if not os.environ.get(v)]
-    if missing:
-        pytest.skip(
-            f"no PostgreSQL configured ({', '.join(missing)} unset): CI starts one with .ci/postgres.sh; "
-            "locally run `source .ci/postgres.sh` first"
-        )
-    try:
-        admin = _pg_connect(os.environ["DAGSTER_PG_DB"])
-    except psycopg2.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise AssertionError("DAGSTER_PG_* are set but PostgreSQL is not reachable") from exc
-        pytest.skip(
-            f"PostgreSQL at {os.environ['DAGSTER_PG_HOST']}:{os.environ['DAGSTER_PG_PORT']} unreachable"
-        )
-    admin.autocommit = True
-    name = f"{os.environ['DAGSTER_PG_DB']}_slots_{secrets.token_hex(4)}"
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    except psycopg2.Error as exc:
-        admin.close()
-        pytest.skip(f"may not create a database for the pool-slot test: {exc.pgcode}")
-    try:
+    with fresh_database("slots_", else_the_configured_one=False) as name:
         yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture

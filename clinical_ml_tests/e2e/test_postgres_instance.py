@@ -15,7 +15,6 @@ import itertools
 import multiprocessing
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -27,17 +26,11 @@ import pytest
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
 from clinical_ml.instance_storage import instance_yaml_for
 from clinical_ml_tests.conftest import failed_steps, promotion_gate_steps
+from clinical_ml_tests.postgres import fresh_database
 
 pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PG_VARS = (
-    "DAGSTER_PG_HOST",
-    "DAGSTER_PG_PORT",
-    "DAGSTER_PG_USERNAME",
-    "DAGSTER_PG_PASSWORD",
-    "DAGSTER_PG_DB",
-)
 # Batch partitions run at once. 3 keeps CI within a few minutes on 2 CPUs; a backfill of 20 concurrent
 # partition runs is `CLINICAL_ML_PG_TEST_BATCHES=20` (docs/scaling.md).
 N_BATCHES = int(os.environ.get("CLINICAL_ML_PG_TEST_BATCHES", "3"))
@@ -97,54 +90,12 @@ def run_partition(batch_id: str) -> tuple[str, bool]:
         return result.run_id, result.success
 
 
-def _connect(dbname: str):
-    import psycopg2
-
-    return psycopg2.connect(
-        host=os.environ["DAGSTER_PG_HOST"],
-        port=int(os.environ["DAGSTER_PG_PORT"]),
-        user=os.environ["DAGSTER_PG_USERNAME"],
-        password=os.environ["DAGSTER_PG_PASSWORD"],
-        dbname=dbname,
-        connect_timeout=5,
-    )
-
-
 @pytest.fixture
 def postgres_db() -> Iterator[str]:
     """A fresh database for this test (dropped afterwards), or the configured one when we may not create
     databases."""
-    import psycopg2
-
-    missing = [v for v in PG_VARS if not os.environ.get(v)]
-    if missing:
-        pytest.skip(
-            f"no PostgreSQL configured ({', '.join(missing)} unset): CI starts one with .ci/postgres.sh; "
-            "locally run `source .ci/postgres.sh` first"
-        )
-    base = os.environ["DAGSTER_PG_DB"]
-    try:
-        conn = _connect(base)
-    except psycopg2.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise AssertionError("DAGSTER_PG_* are set but PostgreSQL is not reachable") from exc
-        pytest.skip(
-            f"PostgreSQL at {os.environ['DAGSTER_PG_HOST']}:{os.environ['DAGSTER_PG_PORT']} unreachable"
-        )
-    conn.autocommit = True
-    name = f"{base}_{secrets.token_hex(4)}"
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    except psycopg2.Error:
-        name = base
-    try:
+    with fresh_database("", else_the_configured_one=True) as name:
         yield name
-    finally:
-        if name != base:
-            with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
 
 
 def _home_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_yaml: str) -> Path:
