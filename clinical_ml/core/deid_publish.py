@@ -67,6 +67,14 @@ def accepted_rows(phi: PhiStore, source: str, batch_id: str) -> pl.DataFrame:
     return part.read() if part.exists() else empty_accepted(source)
 
 
+def counted_before(deid: DeidStore, batch_id: str) -> list[str] | None:
+    """The batches an earlier run of ``batch_id`` counted its risk with (``None``: its first run, or it was
+    judged on its own)."""
+    record = deid.privacy.part(batch_id)
+    counted = record.read().data.get("batches_counted") if record.exists() else None
+    return [str(b) for b in counted] if isinstance(counted, list) else None
+
+
 def publish_batch(
     *,
     paths: ZonePaths,
@@ -103,7 +111,11 @@ def publish_batch(
         vault=vault,
         batch_id=batch_id,
         policy=settings.policy,
-        released=released_before(deid, batch_id, policy=settings.policy) if cumulative else None,
+        released=released_before(
+            deid, batch_id, policy=settings.policy, counted=counted_before(deid, batch_id)
+        )
+        if cumulative
+        else None,
         max_shift_weeks=settings.max_shift_weeks,
         rng=batch_rng(settings.seed, batch_id),
         hmac_key=key,

@@ -149,6 +149,8 @@ class BatchRelease:
             "pseudonym_mode": self.deid.pseudonym_mode,
             "risk_scope": "batch" if self.released_before is None else "cumulative",
             "batches_released_before": None if self.released_before is None else len(self.released_before),
+            # their ids (delivery names, no person's data): a run of this batch again counts the same ones
+            "batches_counted": None if self.released_before is None else list(self.released_before),
             "before_suppression": r.before.as_dict(),
             "published": self.published.as_dict(),
             "race_generalized": r.race_generalized,
@@ -240,14 +242,20 @@ def released_subject_ids(deid: "DeidStore") -> pl.Series:
 
 
 def released_before(
-    deid: "DeidStore", batch_id: str, *, policy: RiskPolicy
+    deid: "DeidStore", batch_id: str, *, policy: RiskPolicy, counted: Sequence[str] | None = None
 ) -> tuple[pl.DataFrame, tuple[str, ...]]:
-    """The quasi-identifiers of the batches released before ``batch_id`` (those whose ids sort below it, as
-    they are now in the de-identified zone), and their ids: the cumulative release a new batch is judged
-    with. Batches with a later id are left out, so that running a batch again gives the same release."""
-    ids = tuple(
-        sorted(b for b in set(deid.patients.batch_ids()) & set(deid.encounters.batch_ids()) if b < batch_id)
-    )
+    """The quasi-identifiers of the batches released before ``batch_id`` and their ids: the cumulative release
+    a new batch is judged with.
+
+    Those are the batches whose ids sort below it, as they are now in the de-identified zone; batches with a
+    later id are left out. ``counted``: the ids a first run of this batch counted (its privacy record's
+    ``batches_counted``): a run again counts those of them still released and no others, so that it gives the
+    same release even when a parallel backfill released more batches with a lower id in the meantime.
+    """
+    present = set(deid.patients.batch_ids()) & set(deid.encounters.batch_ids())
+    if counted is not None:
+        present &= set(counted)
+    ids = tuple(sorted(b for b in present if b < batch_id))
     frames = [(deid.patients.part(b).read(), deid.encounters.part(b).read()) for b in ids]
     return released_quasi_identifiers(frames, policy=policy), ids
 

@@ -147,3 +147,34 @@ def test_a_release_killed_at_a_write_then_run_again_gives_the_same_data(hospital
     release_one_batch(root, second)  # the rerun
     assert _state(root) == reference
     _one_pseudonym_each(root)
+
+
+def _of_batch(state: dict[str, object], batch: str) -> dict[str, object]:
+    return {
+        name: value
+        for name, value in state.items()
+        if name.endswith(f"/{batch}.parquet") or name.endswith(f"/{batch}.json")
+    }
+
+
+def test_a_batch_run_again_counts_the_batches_its_first_run_counted(hospital, tmp_path):
+    """A parallel backfill may release a later batch before an earlier one: the later batch's risk was then
+    counted without the earlier one. Run again once the earlier batch is out, it counts the same batches as
+    its first run did (its privacy record names them), so it gives the same release and the same record."""
+    base, second, _, _ = hospital
+    (first,) = (p.name.removesuffix(".parquet") for p in committed(base / "deid" / "patients", ".parquet"))
+    root = tmp_path / "zones"
+    shutil.copytree(base, root)
+    shutil.rmtree(root / "deid")  # nothing released yet: the second batch goes out first
+    release_one_batch(root, second)
+    alone = _of_batch(_state(root), second)
+    assert alone[f"privacy/{second}.json"]["batches_counted"] == []  # type: ignore[index]
+    release_one_batch(root, first)
+    release_one_batch(root, second)  # the rerun, with the first batch now released
+    assert _of_batch(_state(root), second) == alone
+    # A first run with the first batch out counts it: without its record, the second batch is judged anew.
+    (root / "deid" / "privacy" / f"{second}.json").unlink()
+    release_one_batch(root, second)
+    record = _state(root)[f"privacy/{second}.json"]
+    assert record["batches_counted"] == [first] and record["batches_released_before"] == 1  # type: ignore[index]
+    _one_pseudonym_each(root)
