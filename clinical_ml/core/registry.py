@@ -70,6 +70,13 @@ _TRY_MODEL = (
 )
 
 
+def _same_record(a: "PromotionDecision", b: "PromotionDecision") -> bool:
+    """The same decision as recorded in the log (JSON, so tuples and lists alike), whatever its time."""
+    return json.loads(json.dumps(a.as_dict() | {"at": ""}, default=str)) == json.loads(
+        json.dumps(b.as_dict() | {"at": ""}, default=str)
+    )
+
+
 def _record_digest(record: dict) -> str:
     return _sha256(json.dumps(record, sort_keys=True, default=str).encode())
 
@@ -393,8 +400,17 @@ class Registry:
         (``champion_model``, :meth:`set_champion`) only for a promoted decision. Returns the decision as
         recorded (with its time). The record is one line with the sha256 of its content, written in one
         append; after a torn last line the record starts on a new line, so the fragment never swallows it.
+
+        The same decision as the last one recorded (all but its time: a step run again after a crash between
+        this record and the pointer) is not appended twice; the pointer is still moved and the recorded one
+        returned.
         """
         self._base.mkdir(parents=True, exist_ok=True)
+        last = self.decisions()[-1:]
+        if last and _same_record(last[0], decision):
+            if decision.promoted and move_pointer:
+                self.set_champion(decision.challenger)
+            return last[0]
         entry = PromotionDecision(**{**decision.__dict__, "at": datetime.now(UTC).isoformat()})
         record = entry.as_dict()
         line = json.dumps({**record, "sha256": _record_digest(record)}) + "\n"

@@ -89,6 +89,23 @@ def test_a_torn_last_record_is_skipped_and_reported_and_the_next_record_is_kept(
     assert len(registry.decision_log_problems()) == 1
 
 
+def test_the_same_decision_recorded_again_is_kept_once_and_a_later_one_is_appended(tmp_path):
+    """A step run again after a crash between its decision and the champion pointer records the same decision:
+    the log keeps one, and the pointer still moves; the same decision after another one is a new record."""
+    registry = Registry(tmp_path, "uc")
+    (tmp_path / "uc" / "models" / "v0").mkdir(parents=True)
+    (tmp_path / "uc" / "models" / "v0" / "model.txt").write_text("model")
+    promoted = PromotionDecision(True, "v0", None, ("passed",), ({"group": "all", "ci": (0.7, 0.9)},))
+    first = registry.record_decision(promoted, move_pointer=False)
+    again = registry.record_decision(promoted, move_pointer=True)  # the rerun
+    (kept,) = registry.decisions()
+    assert kept.at == first.at == again.at and kept.challenger == "v0"
+    assert registry.champion() == "v0"
+    refused = registry.record_decision(_decision(1), move_pointer=False)
+    third = registry.record_decision(promoted, move_pointer=False)
+    assert [d.at for d in registry.decisions()] == [first.at, refused.at, third.at]
+
+
 def test_an_altered_record_is_skipped_and_reported(tmp_path):
     registry = Registry(tmp_path, "uc")
     registry.record_decision(_decision(1), move_pointer=False)  # refused

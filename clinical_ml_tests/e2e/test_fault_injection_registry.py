@@ -107,6 +107,7 @@ def test_a_registration_killed_at_a_write_leaves_no_half_version_and_a_rerun_com
     _consistent(registry, text)
     assert registry.versions() == [OLD, NEW] and registry.champion() == NEW
     assert registry.decisions()[-1].promoted and registry.decisions()[-1].challenger == NEW
+    assert sum(d.promoted and d.challenger == NEW for d in registry.decisions()) == 1  # recorded once
     assert registry.card(NEW) == _card(NEW)
     hidden = [p for p in root.rglob(".*")]
     assert all(
