@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -37,16 +38,27 @@ def committed(folder: Path, suffix: str) -> list[Path]:
 
 
 def sweep_leftovers(root: Path, *, older_than_seconds: float, now: float | None = None) -> list[Path]:
-    """Remove the temporary files of writes that never finished (dot-named, untouched for longer than any
-    write takes) anywhere under ``root``; returns what was removed, so the caller can say so. Readers never
+    """Remove the temporary files and folders of writes that never finished (dot-named, nothing in them
+    touched for longer than any write takes) anywhere under ``root``: a killed write's temporary file, a
+    killed release's staged imaging folder. Returns what was removed, so the caller can say so. Readers never
     read them (see :func:`committed`): this only gives the disk space back and makes the crash visible."""
     cutoff = (time.time() if now is None else now) - older_than_seconds
     removed = []
-    for path in Path(root).rglob(".*"):
+    for path in sorted(Path(root).rglob(".*")):
+        if any(parent in removed for parent in path.parents):
+            continue  # inside a folder already removed
         if path.is_file() and path.stat().st_mtime < cutoff:
             path.unlink(missing_ok=True)
             removed.append(path)
+        elif path.is_dir() and _newest_mtime(path) < cutoff:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return sorted(removed)
+
+
+def _newest_mtime(folder: Path) -> float:
+    """When anything in ``folder`` (itself included) was last written: a folder still being filled is young."""
+    return max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.rglob("*"))])
 
 
 def write_parquet(df: pl.DataFrame, path: Path) -> Path:

@@ -102,5 +102,17 @@ def test_leftovers_of_writes_that_never_finished_are_swept_only_when_old(tmp_pat
     now = os.path.getmtime(fresh)
     for path in (old, nested):
         os.utime(path, (now - 7200, now - 7200))
-    assert sweep_leftovers(tmp_path / "deid", older_than_seconds=3600, now=now) == sorted([old, nested])
+    # a killed release's staged imaging folder, and one being filled right now (an old folder, a new file)
+    staged = tmp_path / "deid" / "imaging" / ".2026-01-02.staged"
+    filling = tmp_path / "deid" / "imaging" / ".2026-01-03.staged"
+    for folder in (staged, filling):
+        (folder / "study" / "series").mkdir(parents=True)
+        (folder / "study" / "series" / "1.dcm").write_bytes(b"")
+    for path in [*staged.rglob("*"), staged, filling, filling / "study", filling / "study" / "series"]:
+        os.utime(path, (now - 7200, now - 7200))
+    os.utime(filling / "study" / "series" / "1.dcm", (now, now))
+    assert sweep_leftovers(tmp_path / "deid", older_than_seconds=3600, now=now) == sorted(
+        [old, nested, staged]
+    )
     assert fresh.exists() and events.batch_ids() == ["2026-01-01"]
+    assert not staged.exists() and (filling / "study" / "series" / "1.dcm").exists()

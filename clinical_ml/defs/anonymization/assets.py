@@ -260,7 +260,7 @@ def meds_dataset(context: dg.AssetExecutionContext, zones: DataZones) -> dg.Mate
     leftovers = sweep_leftovers(deid.root, older_than_seconds=LEFTOVER_AGE_SECONDS)
     if leftovers:  # batch ids and artifact names only, never a value
         context.log.warning(
-            f"removed {len(leftovers)} temporary files of writes that never finished (a killed run): "
+            f"removed {len(leftovers)} temporary files or staged folders of writes that never finished (a killed run): "
             + ", ".join(str(p.relative_to(deid.root)) for p in leftovers[:20])
         )
     files = deid.events.files()
