@@ -57,8 +57,11 @@ demo-drift: setup
 ## Dagster UI (asset graph, runs, reports) with the landing sensor and nightly schedule running.
 ## SIGINT (Ctrl-C) or SIGTERM stops it within seconds (clinical_ml/devserver.py: dagster dev in its own process
 ## group with default signal handling, stragglers killed after CLINICAL_ML_DEV_STOP_GRACE_S, default 6 s).
+## DATA=eicu|mimic browses what `make demo DATA=...` wrote (data/<DATA>/, the use cases written for it).
 dev: setup
-	cd $(CURDIR) && exec $(VENV)/bin/python -m clinical_ml.devserver \
+	cd $(CURDIR) && export CLINICAL_ML_DATA=$(or $(DATA),synthetic) \
+		$(if $(filter-out synthetic,$(or $(DATA),synthetic)),CLINICAL_ML_DATA_ROOT=$(CLINICAL_ML_DATA_ROOT)/$(DATA)) \
+		&& exec $(VENV)/bin/python -m clinical_ml.devserver \
 		$(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
 
 ## Write a synthetic hospital into the landing zone (SCENARIO=default|drift|bias, PATIENTS, BATCHES,

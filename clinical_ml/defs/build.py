@@ -47,11 +47,13 @@ def build_definitions(
     evaluation: EvaluationSettings | None = None,
     anonymization: AnonymizationSettings | None = None,
     fhir_subject: str | None = None,
+    data: str | None = None,
 ) -> dg.Definitions:
     """The whole graph; every setting is resolved here, once, and passed down. Defaults:
     ``$CLINICAL_ML_DATA_ROOT`` or ``./data``, ``$CLINICAL_ML_USECASES`` or ``./usecases`` (with each use
     case's monitoring levels in ``<usecases>/monitoring/<name>.yaml``), ``$CLINICAL_ML_FHIR_SUBJECT`` or ``pseudonym`` (``site``: also deliver RiskAssessments
-    under the site's ids, identifier system ``$CLINICAL_ML_FHIR_SITE_SYSTEM``, to the phi zone's outbox)."""
+    under the site's ids, identifier system ``$CLINICAL_ML_FHIR_SITE_SYSTEM``, to the phi zone's outbox).
+    ``data``: only the use cases written for that data (their ``datasets`` empty or naming it); ``None``: all."""
     subject = fhir_subject or os.environ.get("CLINICAL_ML_FHIR_SUBJECT") or "pseudonym"
     if subject not in ("pseudonym", "site"):
         raise ValueError(f"CLINICAL_ML_FHIR_SUBJECT must be 'pseudonym' or 'site', not {subject!r}")
@@ -60,7 +62,10 @@ def build_definitions(
     )
     root = resolve_data_root(data_root)
     cases_dir = resolve_usecases_dir(usecases_dir)
-    use_cases = load_use_cases(cases_dir)
+    # a location shows what it can materialize: the use cases written for its data (``datasets``)
+    use_cases = [
+        uc for uc in load_use_cases(cases_dir) if data is None or not uc.datasets or data in uc.datasets
+    ]
     use_case_assets = [
         a
         for uc in use_cases

@@ -130,3 +130,19 @@ def test_defs_name_no_artifact_file_and_never_import_upwards():
             f"{path.name}: imports the CLI" for m in re.finditer(r"from clinical_ml\.(cli|replay)\b", text)
         ]
     assert offenders == []
+
+
+def test_a_location_shows_only_the_use_cases_written_for_its_data(tmp_path):
+    """The UI's location for one data source holds no branch it cannot materialize (issue 19 item 2)."""
+    every = {
+        k.path[0] for k in build_definitions(data_root=tmp_path).resolve_all_asset_keys() if len(k.path) > 1
+    }
+    eicu = {k.path[0] for k in build_definitions(data_root=tmp_path, data="eicu").resolve_all_asset_keys()}
+    synthetic = {
+        k.path[0] for k in build_definitions(data_root=tmp_path, data="synthetic").resolve_all_asset_keys()
+    }
+    assert {"eicu_mortality_24h", "icu_mortality_24h"} <= every
+    assert "eicu_mortality_24h" in eicu and "icu_mortality_24h" not in eicu
+    assert (
+        "icu_mortality_24h" in synthetic and not {"eicu_mortality_24h", "mimic_readmission_30d"} & synthetic
+    )
