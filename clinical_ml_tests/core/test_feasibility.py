@@ -17,13 +17,25 @@ from clinical_ml.core.feasibility import (
 )
 from clinical_ml.core.usecase import load_use_case, parse_use_case
 
-BASE = load_use_case(Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml")
+SHIPPED = load_use_case(Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml")
+# The hand-built hospital below has no ICU unit events or unit types and the counts it checks have nothing to
+# do with the anchor: the base case asks the shipped mortality question 24 h after *hospital* admission of a
+# stay in any unit (the settings it had before it was anchored at ICU admission).
+BASE = parse_use_case(
+    yaml.safe_dump(
+        SHIPPED.model_dump(mode="json", exclude={"source_sha256"})
+        | {
+            "population": {**SHIPPED.population.model_dump(mode="json"), "unit_types": None},
+            "prediction_time": {"anchor": "admission", "offset_hours": 24},
+        }
+    )
+)
 T0 = datetime(2026, 1, 5, 8, 0)
 CREATININE, HEART_RATE = "LAB//2160-0", "VITAL//heart_rate"
 
 
 def use_case(**update: object):
-    """The shipped mortality use case with two feature codes, one window, ``last`` only (plus missingness),
+    """The base mortality use case with two feature codes, one window, ``last`` only (plus missingness),
     static age and sex, and parts replaced (validated like a file)."""
     raw = BASE.model_dump(mode="json", exclude={"source_sha256"})
     raw["features"] = {

@@ -32,7 +32,9 @@ def hospital(tmp_path_factory):
         encs.append(out.encounters)
         out.events.write_parquet(root / "events" / f"{b}.parquet")
     uc = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
-    cohort, _ = build_cohort(pl.concat(encs), pl.concat(pats), uc)
+    # with the events, as the graph builds it: the question is anchored at each stay's ICU admission event
+    events = pl.scan_parquet(sorted((root / "events").glob("*.parquet")))
+    cohort, _ = build_cohort(pl.concat(encs), pl.concat(pats), uc, events)
     return root, cohort, uc, h.batch_ids
 
 

@@ -16,7 +16,7 @@ from clinical_ml.core.features import build_features, history_features
 from clinical_ml.core.labeling import build_cohort, build_labels, data_end
 from clinical_ml.core.usecase import UseCaseError, load_use_case, parse_use_case
 
-BASE = load_use_case(Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml")
+SHIPPED = load_use_case(Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml")
 T0 = datetime(2026, 1, 5, 8, 0)
 
 
@@ -28,14 +28,29 @@ def d(days: float) -> datetime:
     return T0 + timedelta(days=days)
 
 
-def use_case(**update):
-    """The shipped mortality use case with parts replaced (validated like a file)."""
-    raw = BASE.model_dump(mode="json", exclude={"source_sha256"})
+def replaced(base, **update):
+    """``base`` with parts replaced (validated like a file)."""
+    raw = base.model_dump(mode="json", exclude={"source_sha256"})
     for key, value in update.items():
         raw[key] = value
     import yaml
 
     return parse_use_case(yaml.safe_dump(raw))
+
+
+# The tests below build stays without ICU unit events or unit types and test something other than the ICU
+# anchor, so their base case is the shipped mortality question asked 24 h after *hospital* admission of a
+# stay in any unit (the settings it had before it was anchored at ICU admission).
+BASE = replaced(
+    SHIPPED,
+    population={**SHIPPED.population.model_dump(mode="json"), "unit_types": None},
+    prediction_time={"anchor": "admission", "offset_hours": 24},
+)
+
+
+def use_case(**update):
+    """The base mortality use case with parts replaced (validated like a file)."""
+    return replaced(BASE, **update)
 
 
 def stays(rows: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -107,6 +122,31 @@ def test_in_hospital_death_and_the_stays_that_ended_before_the_prediction_time()
     assert labels_of(BASE, enc, pat) == {1: True, 2: False}
     assert flow.excluded("stay ended") == 2 and flow.included == 2
     assert cohort["prediction_time"].to_list() == [h(24), h(24)]
+
+
+def test_the_shipped_question_asks_icu_stays_24_h_after_their_first_icu_admission():
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": h(0), "out": h(100), "died": h(100)},  # ICU from 6 h, again from 50 h
+            {"s": 2, "a": 2, "in": h(0), "out": h(100), "unit": "WARD"},  # never in an ICU
+            {"s": 3, "a": 3, "in": h(0), "out": h(100)},  # an ICU unit but no ICU admission recorded
+            {"s": 4, "a": 4, "in": h(0), "out": h(40)},  # ICU from 20 h, home before 44 h
+        ]
+    )
+    typed = enc.with_columns(pl.Series("unit_type", ["ICU", "WARD", "ICU", "ICU"]))
+    ev = events(
+        [
+            (1, 1, "ICU_UNIT//MICU", None, h(6), None),
+            (1, 1, "ICU_UNIT//SICU", None, h(50), None),
+            # the anonymizer writes the stay's unit as an ICU_UNIT event at admission, whatever its type
+            (2, 2, "ICU_UNIT//WARD", None, h(0), None),
+            (4, 4, "ICU_UNIT//MICU", None, h(20), None),
+        ]
+    )
+    cohort, flow = build_cohort(typed, pat, SHIPPED, ev)
+    assert cohort["hadm_id"].to_list() == [1] and cohort["prediction_time"].to_list() == [h(30)]
+    assert (flow.excluded("unit type"), flow.excluded("no anchor"), flow.excluded("stay ended")) == (1, 1, 1)
+    assert labels_of(SHIPPED, typed, pat, ev) == {1: True}
 
 
 def test_death_within_30_days_counts_a_death_after_discharge_on_any_stay_and_not_day_31():

@@ -93,7 +93,7 @@ def test_an_unapproved_champion_is_never_served(client: TestClient, ehr: Ehr, da
 def test_too_early_in_the_stay_is_not_scored_with_the_reason(client: TestClient, ehr: Ehr) -> None:
     req = stay_request(admit=NOW.replace(hour=0) if NOW.hour >= 1 else NOW)
     card = _call(client, ehr, req).json()["cards"][0]
-    assert card["summary"].endswith("not scored") and "24 h after hospital admission" in card["detail"]
+    assert card["summary"].endswith("not scored") and "24 h after ICU admission" in card["detail"]
 
 
 def test_feedback_is_recorded_with_the_coded_reason(client: TestClient, ehr: Ehr, data_root: Path) -> None:
