@@ -18,7 +18,13 @@ fine). Each file is read with pydicom (phi zone only), tied to its patient (``Pa
   structured findings) is removed too, so an attribute the table does not name cannot carry a name across;
 * ``BurnedInAnnotation`` ``YES`` (or ``RecognizableVisualFeatures`` ``YES``, or no flag at all on a modality
   that usually burns text in, :data:`BURN_IN_MODALITIES`): the pixel data are dropped, with the reason
-  counted; the de-identified header is kept.
+  counted; the de-identified header is kept;
+* the pixel data that leave are the source's bytes, never decoded or re-encoded, so the released file keeps
+  the transfer syntax they are encoded in (:func:`released_transfer_syntax`): encapsulated (compressed)
+  frames stay encapsulated under their codec's syntax, big endian stays big endian, and native little endian
+  data (implicit VR, explicit VR, deflated) are written explicit VR little endian. Pixel data whose encoding
+  is not known (a private or unknown transfer syntax) or not the one the file names (encapsulated under a
+  native syntax, or the reverse) are dropped like burned-in pixels, with the reason counted.
 
 A batch is released one file at a time, so memory holds about one file whatever the batch's size (a day of a
 hospital's CT and MR is many gigabytes): :func:`release_imaging` reads headers only (:func:`read_header`, the
@@ -52,10 +58,16 @@ from pathlib import Path
 
 import polars as pl
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from clinical_ml.core.landing import DICOM_SUFFIX, IMAGING_FOLDER
 from clinical_ml.core.units import IMAGING_BODY_PARTS, IMAGING_FINDINGS, IMAGING_MODALITIES
@@ -216,6 +228,13 @@ KEPT = frozenset(
         "PixelSpacing",
         "SliceThickness",
         "PixelData",
+        # what the pixel data need to be read as they are: frames of a multi-frame image, colour planes, and
+        # whether a lossy codec made them (PS3.3 C.7.6.1.1.5)
+        "NumberOfFrames",
+        "PlanarConfiguration",
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
         # structured findings (coded items only)
         "ValueType",
         "ContentSequence",
@@ -231,6 +250,14 @@ KEPT = frozenset(
 # Text a coded item may carry beside its code (CodeMeaning): free text, dropped.
 _PIXEL_ATTRIBUTES = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# The encoding of a dataset read without a transfer syntax in its file meta (pydicom guessed it), as the
+# native syntax that names it: (implicit VR, little endian) -> syntax.
+_NATIVE_SYNTAX = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
 # Values larger than this are not read with a header (pixel data above all); any other large value is read
 # from the file when the header is decoded.
 _DEFER_BYTES = 64 * 1024
@@ -329,8 +356,68 @@ def _burn_in_reason(ds: Dataset) -> str | None:
     return None
 
 
+def source_transfer_syntax(ds: Dataset) -> UID | None:
+    """The transfer syntax ``ds`` was read in: its file meta's, else the one that names the encoding pydicom
+    read it in (a file without one in its meta); ``None`` for a dataset made in memory."""
+    meta = getattr(ds, "file_meta", None)
+    named = str(meta.get("TransferSyntaxUID", "") or "").strip() if meta is not None else ""
+    if named:
+        return UID(named)
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return None
+    return _NATIVE_SYNTAX.get((implicit, little))
+
+
+def _is_encapsulated(elem: DataElement | RawDataElement) -> bool:
+    """Whether pixel data are encapsulated (fragments in items, PS3.5 A.4): their length is undefined."""
+    if isinstance(elem, DataElement):
+        return bool(elem.is_undefined_length)
+    return elem.length == _UNDEFINED_LENGTH
+
+
+def released_transfer_syntax(
+    source: UID | None, pixels: DataElement | RawDataElement | None
+) -> tuple[UID, str | None]:
+    """The transfer syntax of a released file, and why its pixel data cannot leave (``None``: they can).
+
+    The pixel data leave as the source's bytes, so the released file must name the syntax they are encoded
+    in: an encapsulated syntax is kept (its frames are the codec's), and so is big endian (a little endian
+    label would need every value swapped); native little endian data are written explicit VR little endian,
+    the encoding every reader takes, deflate included (it wraps the dataset, not the pixel data, and a
+    released file is read as it is: a deflated one hides its text from a byte scan). Pixel data under a
+    syntax that pydicom does not know (private, or newer than pydicom), under none (a dataset made in
+    memory with encapsulated pixel data), or not encoded as their syntax says, cannot be labelled: they are
+    withheld, the reason ``unknown_transfer_syntax`` or ``pixel_data_inconsistent_with_transfer_syntax``,
+    and the header is written explicit VR little endian (big endian, read big endian, stays so).
+
+    Parameters
+    ----------
+    source
+        :func:`source_transfer_syntax` of the source dataset (``None``: made in memory, explicit VR little
+        endian).
+    pixels
+        The ``PixelData`` element that would leave (``None``: none does).
+    """
+    known = source is not None and source in AllTransferSyntaxes
+    header = ExplicitVRBigEndian if source == ExplicitVRBigEndian else ExplicitVRLittleEndian
+    if pixels is None:
+        return header, None
+    encapsulated = _is_encapsulated(pixels)
+    if source is None:
+        return (ExplicitVRLittleEndian, "unknown_transfer_syntax" if encapsulated else None)
+    if not known:
+        return header, "unknown_transfer_syntax"
+    if encapsulated != source.is_encapsulated:
+        return header, "pixel_data_inconsistent_with_transfer_syntax"
+    return (source if source.is_encapsulated else header), None
+
+
 def deidentify(ds: Dataset, *, pseudonym: str, shift_days: int, key: bytes) -> tuple[Dataset, DeidLog]:
     """A de-identified copy of ``ds`` (see the module docstring); ``ds`` is left as it is.
+
+    The copy's file meta holds one element, the transfer syntax it is to be written in
+    (:func:`released_transfer_syntax`); :func:`write_dicom` builds the rest from the copy's own UIDs.
 
     Parameters
     ----------
@@ -351,6 +438,12 @@ def deidentify(ds: Dataset, *, pseudonym: str, shift_days: int, key: bytes) -> t
             if a in out:
                 del out[a]
         log.pixels_dropped[reason] += 1
+    syntax, unlabelled = released_transfer_syntax(source_transfer_syntax(ds), out.get_item(0x7FE00010))
+    if unlabelled is not None:
+        del out[0x7FE00010]
+        log.pixels_dropped[unlabelled] += 1
+    out.file_meta = FileMetaDataset()
+    out.file_meta.TransferSyntaxUID = syntax
     private: list[int] = []
     out.walk(lambda _d, e: private.append(1) if e.tag.is_private else None)
     out.remove_private_tags()
@@ -426,11 +519,14 @@ class ImagingInstance:
 def read_header(path: Path) -> Dataset:
     """A DICOM file without its pixel data: every other element decoded, and each pixel attribute the file
     has (``PixelData``, ``FloatPixelData``, ``DoubleFloatPixelData``) present with an empty value, so that
-    :func:`deidentify` decides and counts on the header exactly what it does on the whole file."""
+    :func:`deidentify` decides and counts on the header exactly what it does on the whole file (an
+    encapsulated one stays marked so: its length stays undefined)."""
     ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     for tag in _PIXEL_TAGS:
         if tag in ds:
-            ds[tag] = DataElement(tag, ds.get_item(tag).VR, b"")
+            raw = ds.get_item(tag, keep_deferred=True)  # a deferred value stays on disk
+            empty = DataElement(tag, raw.VR or "OB", b"", is_undefined_length=_is_encapsulated(raw))
+            ds[tag] = empty
     for _ in ds.iterall():  # decodes every other value now (a deferred one is read from the file)
         pass
     return ds
@@ -810,12 +906,30 @@ def _event(subject_id: int, at: datetime, code: str, hadm_id: int | None, availa
 
 
 def write_dicom(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM file (PS3.10: preamble, file meta from its own SOP class and instance UIDs,
-    explicit VR little endian), through a hidden temporary file renamed into place: never half a file."""
+    """Write ``ds`` as a DICOM file (PS3.10: preamble, file meta from its own SOP class and instance UIDs),
+    through a hidden temporary file renamed into place: never half a file.
+
+    The transfer syntax is the one ``ds.file_meta`` names (:func:`deidentify` names the one its pixel data
+    are in), else explicit VR little endian. Encapsulated pixel data are marked by an undefined length
+    (``ds["PixelData"].is_undefined_length``, as pydicom reads them).
+
+    Raises
+    ------
+    DicomRejected
+        The syntax is not one pydicom knows, or the pixel data are not encoded as it says (encapsulated under
+        a native syntax or the reverse): the file would be read wrong, so none is written.
+    """
+    old = getattr(ds, "file_meta", None)
+    named = str(old.get("TransferSyntaxUID", "") or "").strip() if old is not None else ""
+    syntax = UID(named) if named else ExplicitVRLittleEndian
+    if syntax not in AllTransferSyntaxes:
+        raise DicomRejected("unknown_transfer_syntax")
+    if "PixelData" in ds and _is_encapsulated(ds.get_item(0x7FE00010)) != syntax.is_encapsulated:
+        raise DicomRejected("pixel_data_inconsistent_with_transfer_syntax")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(str(ds.get("SOPClassUID", "")) or SECONDARY_CAPTURE)
     meta.MediaStorageSOPInstanceUID = UID(str(ds.get("SOPInstanceUID", "")))
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     ds.file_meta = meta
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
