@@ -202,10 +202,15 @@ def _deid(root: Path, sites: list[str], deaths: set[int]) -> None:
 
 
 def _small_icu(tmp_path: Path) -> Path:
-    """The mortality use case on two codes (the hand-counted hospital of the feasibility tests)."""
+    """The mortality use case on two codes (the hand-counted hospital of the feasibility tests), asked as that
+    hospital can answer it: it has no ICU unit events or unit types, so 24 h after hospital admission, any unit
+    (the settings of the shipped file before it was anchored at ICU admission)."""
+    shipped = yaml.safe_load(ICU.read_text())
     text = renamed(
         ICU,
         "icu_small",
+        population={**shipped["population"], "unit_types": None},
+        prediction_time={"anchor": "admission", "offset_hours": 24},
         features={
             "window_hours": [24],
             "aggregations": ["last"],
