@@ -15,6 +15,7 @@ from clinical_ml.core.locations import (
 from clinical_ml.core.monitoring_config import load_monitoring_config
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.defs.anonymization.assets import anonymized_cohort, meds_dataset
+from clinical_ml.defs.conventions import in_use_case_groups
 from clinical_ml.defs.ingestion.assets import raw_assets
 from clinical_ml.defs.ingestion.jobs import batch_ingestion_job
 from clinical_ml.defs.ingestion.quality import quality_assets
@@ -76,10 +77,7 @@ def build_definitions(
         )
     ]
     assets = [
-        *raw_assets,
-        *quality_assets,
-        anonymized_cohort,
-        meds_dataset,
+        *in_use_case_groups([*raw_assets, *quality_assets, anonymized_cohort, meds_dataset]),  # stage tags
         *[a for a in use_case_assets if not isinstance(a, dg.AssetChecksDefinition)],
     ]
     # a retraining request retrains the use case that asked, not every use case of lifecycle_job

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 from clinical_ml.defs.build import build_definitions
-from clinical_ml.defs.conventions import DATA_CLASS_TAG, DataClass, Stage
+from clinical_ml.defs.conventions import DATA_CLASS_TAG, STAGE_TAG, DataClass, Stage
 from clinical_ml.defs.usecase.paths import stage_of
 
 PACKAGE = Path(__file__).resolve().parents[2] / "clinical_ml"
@@ -45,7 +45,10 @@ def test_every_asset_has_stage_group_owner_kind_and_data_class(specs):
     assert len(specs) >= 15
     for spec in specs:
         name = spec.key.to_user_string()
-        assert spec.group_name in Stage.ALL, name
+        assert spec.tags.get(STAGE_TAG) in Stage.ALL, name
+        # a use case's assets are one group named after it (one box per question in the lineage), the shared
+        # ones their stage's group
+        assert spec.group_name == (spec.key.path[0] if len(spec.key.path) > 1 else spec.tags[STAGE_TAG]), name
         assert spec.owners, name
         assert spec.kinds, name
         assert spec.tags.get(DATA_CLASS_TAG) in {d.value for d in DataClass}, name
@@ -55,12 +58,12 @@ def test_no_asset_outside_ingestion_and_anonymization_reads_phi(defs, specs):
     graph = defs.resolve_asset_graph()
     by_key = {s.key: s for s in specs}
     for spec in specs:
-        if spec.group_name in PHI_READERS:
+        if spec.tags[STAGE_TAG] in PHI_READERS:
             continue
         for parent in graph.get(spec.key).parent_keys:
             assert by_key[parent].tags[DATA_CLASS_TAG] != DataClass.PHI, (spec.key, parent)
     # and phi assets live only in ingestion
-    assert {s.group_name for s in specs if s.tags[DATA_CLASS_TAG] == DataClass.PHI} == {Stage.INGESTION}
+    assert {s.tags[STAGE_TAG] for s in specs if s.tags[DATA_CLASS_TAG] == DataClass.PHI} == {Stage.INGESTION}
 
 
 def test_site_id_delivery_is_the_only_phi_asset_outside_ingestion_and_a_leaf(tmp_path):
@@ -70,11 +73,11 @@ def test_site_id_delivery_is_the_only_phi_asset_outside_ingestion_and_a_leaf(tmp
         k
         for k in graph.get_all_asset_keys()
         if graph.get(k).tags.get(DATA_CLASS_TAG) == DataClass.PHI
-        and graph.get(k).group_name != Stage.INGESTION
+        and graph.get(k).tags[STAGE_TAG] != Stage.INGESTION
     }
     assert phi_outside and all(stage_of(k) == "ehr_delivery" for k in phi_outside)
     for k in phi_outside:
-        assert graph.get(k).group_name == Stage.DELIVERY and not graph.get(k).child_keys
+        assert graph.get(k).tags[STAGE_TAG] == Stage.DELIVERY and not graph.get(k).child_keys
     with pytest.raises(ValueError, match="CLINICAL_ML_FHIR_SUBJECT"):
         build_definitions(data_root=tmp_path, fhir_subject="mrn")
 
@@ -85,6 +88,7 @@ def test_graph_shape_snapshot(defs, specs, snapshot):
         "assets": {
             s.key.to_user_string(): {
                 "group": s.group_name,
+                "stage": s.tags[STAGE_TAG],
                 "deps": sorted(p.to_user_string() for p in graph.get(s.key).parent_keys),
                 "data_class": s.tags[DATA_CLASS_TAG],
             }

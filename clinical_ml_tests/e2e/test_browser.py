@@ -71,6 +71,7 @@ def webserver(graph_run, tmp_path_factory):
         **os.environ,
         "DAGSTER_HOME": str(graph_run.instance.root_directory),
         "CLINICAL_ML_DATA_ROOT": str(graph_run.data_root),
+        "CLINICAL_ML_DATA": "all",  # the graph run's use cases are written for two data sources
     }
     proc = subprocess.Popen(
         [
@@ -276,6 +277,21 @@ def test_each_report_fits_a_screen_and_prints_on_a4_without_clipped_tables(monit
             seen.append(name)
     page.close()
     assert len(seen) == len(GRAPH_USE_CASES) * len(REPORTS)
+
+
+def test_the_lineage_shows_one_box_per_use_case_beside_the_shared_stages(webserver, browser_context):
+    """The global lineage tells the story: the shared ingestion and anonymization, then one group per clinical
+    question (not one box per stage holding every question's look-alike nodes)."""
+    page = browser_context.new_page()
+    page.set_viewport_size({"width": SCREEN_PX, "height": 900})
+    page.goto(f"{webserver}/asset-groups", wait_until="domcontentloaded")
+    _dismiss_community_modal(page, wait_ms=3000)
+    for group in ("ingestion", "anonymization", *GRAPH_USE_CASES):
+        page.locator(f"div[data-tooltip='{group}']").first.wait_for(state="visible", timeout=30000)
+    # no box per stage of the use cases' branches
+    assert page.locator("div[data-tooltip='training']").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "lineage.png"))
+    page.close()
 
 
 def test_the_promotion_decision_page_says_what_was_decided_and_why(graph_run, webserver, browser_context):

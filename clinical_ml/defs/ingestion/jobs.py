@@ -1,12 +1,12 @@
 import dagster as dg
 
-from clinical_ml.defs.conventions import Stage
+from clinical_ml.defs.conventions import Stage, stage_selection
 
 ONE_HOUR = 3600
 
 batch_ingestion_job = dg.define_asset_job(
     "batch_ingestion_job",
-    selection=dg.AssetSelection.groups(Stage.INGESTION, Stage.ANONYMIZATION)
+    selection=stage_selection(Stage.INGESTION, Stage.ANONYMIZATION)
     - dg.AssetSelection.assets("meds_dataset"),
     description="Ingest one delivered batch and anonymize it (one partition per batch).",
     # A batch takes minutes; a run killed mid-way stays STARTED holding the vault and ledger pools until run

@@ -4,7 +4,7 @@ import dagster as dg
 
 from clinical_ml.core.champion_monitoring import nightly_retraining_reason
 from clinical_ml.core.usecase import UseCase
-from clinical_ml.defs.conventions import RETRAIN_REASON_TAG, Stage
+from clinical_ml.defs.conventions import RETRAIN_REASON_TAG, Stage, stage_selection
 from clinical_ml.defs.usecase.panel_actions import RECALIBRATION_TAG
 from clinical_ml.resources.zones import DataZones
 
@@ -18,7 +18,7 @@ lifecycle_job = dg.define_asset_job(
     "lifecycle_job",
     selection=(
         dg.AssetSelection.assets("meds_dataset")
-        | dg.AssetSelection.groups(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING)
+        | stage_selection(Stage.FEATURES, Stage.TRAINING, Stage.EVALUATION, Stage.MONITORING)
         | CLINICIAN_FEEDBACK
     )
     - PER_BATCH
@@ -28,7 +28,7 @@ lifecycle_job = dg.define_asset_job(
 
 feature_refresh_job = dg.define_asset_job(
     "feature_refresh_job",
-    selection=dg.AssetSelection.groups(Stage.FEATURES),
+    selection=stage_selection(Stage.FEATURES),
     description="Bring every use case's cohort, labels and features up to date after a new batch (features "
     "compute only the batches whose inputs changed). The MEDS dataset export is rebuilt with the nightly "
     "lifecycle_job, not per batch: nothing downstream reads it.",
@@ -43,7 +43,7 @@ batch_monitoring_job = dg.define_asset_job(
 
 monitoring_report_job = dg.define_asset_job(
     "monitoring_report_job",
-    selection=(dg.AssetSelection.groups(Stage.MONITORING) | CLINICIAN_FEEDBACK) - PER_BATCH,
+    selection=(stage_selection(Stage.MONITORING) | CLINICIAN_FEEDBACK) - PER_BATCH,
     description="Refresh each use case's monitoring report (trends, performance over time, decisions) and "
     "newest-batch drift report after a batch has been checked, and the clinicians' feedback.",
 )

@@ -4,6 +4,7 @@ import dagster as dg
 
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.usecase import UseCase
+from clinical_ml.defs.conventions import in_use_case_groups
 from clinical_ml.defs.usecase.evaluation import build_evaluation_assets
 from clinical_ml.defs.usecase.fairness import build_fairness_assets
 from clinical_ml.defs.usecase.features import build_features_assets
@@ -21,7 +22,7 @@ def build_use_case_assets(
     ``ehr_site_system``, also the delivery of its RiskAssessments under the site's ids (that identifier
     system) to the phi zone's outbox."""
     delivery = [build_ehr_delivery_asset(uc, ehr_site_system)] if ehr_site_system else []
-    return [
+    built = [
         *build_features_assets(uc),
         *build_training_assets(uc),
         *build_evaluation_assets(uc),
@@ -32,3 +33,6 @@ def build_use_case_assets(
         *build_feedback_assets(uc),
         *delivery,
     ]
+    # one group per use case in the UI, each asset's stage kept as its tag
+    assets = in_use_case_groups([a for a in built if isinstance(a, dg.AssetsDefinition)], uc.name)
+    return [*assets, *(a for a in built if not isinstance(a, dg.AssetsDefinition))]
