@@ -638,24 +638,56 @@ def _retry_trimmed(parsed: pl.DataFrame, source: str) -> pl.DataFrame:
     return parsed.with_columns(exprs) if exprs else parsed
 
 
-def _parse_rules(source: str) -> tuple[list[tuple[pl.Expr, str]], list[tuple[pl.Expr, str]]]:
-    """(detail-only rules, rules) for delivered text that did not parse and for missing-value sentinels.
+def _sentinel_flag(source: str, name: str, dtype: pl.DataType) -> pl.Expr | None:
+    """An expression cheaper than comparing every row's text with the sentinels and true wherever the text of
+    ``name`` is one (and on some other rows), or ``None`` where only the text tells.
+
+    A typed column's value is null where its text is a sentinel (a number ``NaN`` where it is ``NaN``), as
+    the sentinels are parsed here to show; a code or unit that harmonization indexes has no index there,
+    as no sentinel is a code or unit of the vocabulary."""
+    sentinels = pl.Series(MISSING_TEXT_SENTINELS, dtype=pl.String)
+    if dtype != pl.String():
+        parsed = pl.select(_parse_one(pl.lit(sentinels), dtype)).to_series()
+        if parsed.is_null().all():
+            return pl.col(name).is_null()
+        if dtype == pl.Float64() and (parsed.is_null() | parsed.is_nan()).all():
+            return pl.col(name).is_null() | pl.col(name).is_nan()
+        return None
+    codes, units = _harmonized_codes_and_units()
+    if source in CODE_COLUMN and name == CODE_COLUMN[source] and not sentinels.is_in(codes).any():
+        return pl.col("_code_idx").is_null()
+    if source in CODE_COLUMN and name == "unit" and not sentinels.is_in(units).any():
+        return pl.col("_unit_idx").is_null()
+    return None
+
+
+def _parse_rules(
+    source: str,
+) -> tuple[list[tuple[pl.Expr, str]], list[tuple[pl.Expr, str, bool]], list[pl.Expr]]:
+    """(detail-only rules, rules, flags) for delivered text that did not parse and for missing-value sentinels.
 
     Detail-only rules name a more precise reason for rows that another rule already catches; they are
-    evaluated only on rejected rows."""
-    detail, rules = [], []
+    evaluated only on rejected rows. A rule marked detail only in ``rules`` keeps its place among them (the
+    first matching rule names a row's reason) and is caught by one of ``flags``, cheaper expressions evaluated
+    on every row (see :func:`_sentinel_flag`)."""
+    detail: list[tuple[pl.Expr, str]] = []
+    rules: list[tuple[pl.Expr, str, bool]] = []
+    flags: list[pl.Expr] = []
     sentinels = list(MISSING_TEXT_SENTINELS)
     for name, dtype in SOURCE_COLUMNS[source].items():
         text = _text_of(source, name)
         if name not in NULLABLE:
-            rules.append((text.is_in(sentinels), f"missing_value_sentinel:{name}"))
+            flag = _sentinel_flag(source, name, dtype)
+            rules.append((text.is_in(sentinels), f"missing_value_sentinel:{name}", flag is not None))
+            if flag is not None:
+                flags.append(flag)
         if dtype == pl.String():
             continue
         failed = text.is_not_null() & pl.col(name).is_null()
         if dtype in (TS, pl.Date()):
             detail.append((failed & text.str.contains(_AMBIGUOUS_DATE), f"ambiguous_date:{name}"))
-        rules.append((failed, f"unparseable_{name}"))
-    return detail, rules
+        rules.append((failed, f"unparseable_{name}", False))
+    return detail, rules, flags
 
 
 def _id_detail_rules(source: str) -> list[tuple[pl.Expr, str]]:
@@ -836,9 +868,15 @@ def _row_index_in(values: pl.Series, keys: pl.Series) -> pl.Series:
 
 def _with_batch(
     parsed: pl.DataFrame, source: str, batch: BatchContext
-) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str]]]:
-    """Join what the batch knows about each row's patient/encounter; rules comparing against it."""
+) -> tuple[pl.DataFrame, list[tuple[pl.Expr, str, bool]], list[pl.Expr]]:
+    """Join what the batch knows about each row's patient/encounter; rules comparing against it, each with
+    whether it is detail only (it names the reason of rows that another rule or a flag catches), and flags:
+    cheaper expressions true wherever a detail-only rule is (evaluated on every row where the rules are
+    evaluated on flagged rows only)."""
     rules: list[tuple[pl.Expr, str]] = []
+    flags: list[pl.Expr] = []
+    # a zero-padded match is an unknown patient/encounter too (the next rule): naming it is detail only
+    detail_only = {"id_leading_zeros_lost:mrn", "id_leading_zeros_lost:encounter_id"}
     if source == "encounters" and batch.patients is not None:
         pts = batch.patients.select(
             "mrn", pl.col("birth_date").alias("_birth"), pl.lit(True).alias("_known_patient")
@@ -875,43 +913,42 @@ def _with_batch(
         # carrying every column that keeps row order is several times slower at 10M rows).
         enc = (
             enc.filter(pl.col("encounter_id").is_not_null())
-            .with_columns(pl.col("_site").rank("dense").cast(pl.Int64).alias("_site"))
+            .with_columns(pl.col("_site").rank("dense").alias("_site"))
             .rechunk()  # gathered from below, once per row: one chunk is ~10x faster than several
         )
-        parsed = parsed.with_columns(
-            _row_index_in(parsed["encounter_id"], enc["encounter_id"]).alias("_enc_idx")
-        )
+        idx = _row_index_in(parsed["encounter_id"], enc["encounter_id"])
         # The limits are computed once per encounter, not once per row: the latest time an event may have
         # (death or discharge plus the grace), and the birth as a time (an event's date is before the birth
         # date exactly when its time is before midnight of that date).
         enc = enc.with_columns(
             pl.col("_discharge") + EVENT_GRACE, pl.col("_death") + EVENT_GRACE, pl.col("_birth").cast(TS)
-        )
-        parsed = parsed.with_columns(
-            *(
-                pl.lit(enc[c]).gather(pl.col("_enc_idx")).alias(c)
-                for c in ("_discharge", "_death", "_site", "_birth")
-            ),
-            pl.when(pl.col("_enc_idx").is_not_null()).then(True).alias("_known_encounter"),
-        )
+        ).with_columns(pl.min_horizontal("_death", "_discharge").alias("_latest"))
+        # Only the site is gathered into a column (the unit-switch check groups on it); the limits are gathered
+        # inside the rules, so no 10M-row column of each stays alive to the end. An event after the earlier
+        # of death and discharge is after one of them: one gather flags both rules, which name the reason on
+        # the flagged rows only.
+        parsed = parsed.with_columns(idx.alias("_enc_idx"), enc["_site"].gather(idx).alias("_site"))
+
+        def limit(column: str) -> pl.Expr:
+            return pl.lit(enc[column]).gather(pl.col("_enc_idx"))
+
         t = pl.col(EVENT_TIME[source])
+        unknown = pl.col("_enc_idx").is_null()
         rules += [
             (
-                pl.col("_known_encounter").is_null()
-                & _zero_padded_match("encounter_id", batch.encounters["encounter_id"]),
+                unknown & _zero_padded_match("encounter_id", batch.encounters["encounter_id"]),
                 "id_leading_zeros_lost:encounter_id",
             ),
-            (
-                pl.col("_known_encounter").is_null() & pl.col("encounter_id").is_not_null(),
-                "unknown_encounter",
-            ),
-            (t < pl.col("_birth"), "event_before_birth"),
-            (t > pl.col("_death"), "event_after_death"),
-            (t > pl.col("_discharge"), "event_after_discharge"),
+            (unknown & pl.col("encounter_id").is_not_null(), "unknown_encounter"),
+            (t < limit("_birth"), "event_before_birth"),
+            (t > limit("_death"), "event_after_death"),
+            (t > limit("_discharge"), "event_after_discharge"),
         ]
+        detail_only |= {"event_after_death", "event_after_discharge"}
+        flags.append(t > limit("_latest"))
     if source == "labels":
         parsed, rules = _with_labelled_encounters(parsed, batch)
-    return parsed, rules
+    return parsed, [(c, r, r in detail_only) for c, r in rules], flags
 
 
 def _with_labelled_encounters(
@@ -949,14 +986,19 @@ def _with_labelled_encounters(
     return parsed, rules
 
 
+def _harmonized_codes_and_units() -> tuple[list[str], list[str]]:
+    """The categories of the enums that :func:`_harmonize_units` indexes codes (lab then vital) and units by."""
+    codes = [*LAB_CODES, *VITAL_CODES]
+    return codes, sorted({canonical_unit(c) for c in codes} | {u for _, u in UNIT_CONVERSIONS})
+
+
 def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     """Convert known unit variants into canonical units, keeping the delivered value and unit; flag values
     outside the plausible range (kept, never used as features). Per-code constants are gathered by the
     code's index in an enum, and per-(code, unit) constants by the pair's index into small tables (the
     conversion's scale and offset, whether the unit is known): several times faster than a join, a string
     mapping or one when/then per conversion."""
-    codes = [*LAB_CODES, *VITAL_CODES]
-    units = sorted({canonical_unit(c) for c in codes} | {u for _, u in UNIT_CONVERSIONS})
+    codes, units = _harmonized_codes_and_units()
     # The conversions are affine: value * scale + offset, read off the function; a pair without one is kept.
     scale, offset = [1.0] * (len(codes) * len(units)), [0.0] * (len(codes) * len(units))
     converted = [False] * len(scale)
@@ -1136,18 +1178,22 @@ def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Serie
     key = (part(pl.col("_code_idx")) * 2**47 + part(pl.col("_unit_idx")) * 2**30 + part(site)).alias("_key")
     bands = _median_bands()
     value = pl.col("value")
-    rows = parsed.select(
-        key,
-        "_code_idx",
-        "value",
-        (value < pl.lit(bands["_med_lo"]).gather(pl.col("_code_idx"))).alias("_below"),
-        ((value > pl.lit(bands["_med_hi"]).gather(pl.col("_code_idx"))) | value.is_nan()).alias("_above"),
-    ).filter(candidates)
-    counts = rows.group_by("_key").agg(
-        pl.len().alias("_n"),
-        value.is_not_nan().sum().alias("_numbers"),
-        pl.col("_below").sum(),
-        pl.col("_above").sum(),
+    # Every row is counted with the candidates as a mask (a candidate's flag as it is, any other row's false)
+    # rather than the candidates filtered out first: the filter copied each column of ~every row.
+    candidate = pl.lit(candidates)
+    keys = parsed.select(key).to_series()
+    counts = (
+        parsed.select(
+            keys,
+            candidate.alias("_n"),
+            (candidate & value.is_not_nan()).alias("_numbers"),
+            (candidate & (value < pl.lit(bands["_med_lo"]).gather(pl.col("_code_idx")))).alias("_below"),
+            (
+                candidate & ((value > pl.lit(bands["_med_hi"]).gather(pl.col("_code_idx"))) | value.is_nan())
+            ).alias("_above"),
+        )
+        .group_by("_key")
+        .agg(pl.col("_n", "_numbers", "_below", "_above").sum())
     )
     suspect = counts.filter(
         (pl.col("_n") >= MIN_ROWS_FOR_MEDIAN_CHECK)
@@ -1159,7 +1205,8 @@ def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Serie
     if suspect.len() == 0:
         return empty_rejects()
     stats = (
-        rows.filter(pl.col("_key").is_in(suspect.implode()))
+        parsed.select(keys, "_code_idx", "value")
+        .filter(candidate & pl.col("_key").is_in(suspect.implode()))
         .group_by("_key")
         .agg(
             pl.col("_code_idx").first(),
@@ -1174,7 +1221,7 @@ def _unit_switch_rejects(parsed: pl.DataFrame, source: str, candidates: pl.Serie
     )
     if stats.height == 0:
         return empty_rejects()
-    bad = parsed.filter(pl.lit(candidates) & key.is_in(stats["_key"].implode()))
+    bad = parsed.select("row_number", keys).filter(candidate & pl.col("_key").is_in(stats["_key"].implode()))
     return bad.select("row_number", pl.lit("undeclared_unit_switch").alias("reason"))
 
 
@@ -1266,7 +1313,7 @@ def ingest_file(
     is_header = pl.lit(True)
     for name in (c for c in SOURCE_COLUMNS[source] if c not in absent):
         is_header = is_header & (_text_of(source, name) == name)
-    parse_detail, parse_rules = _parse_rules(source)
+    parse_detail, parse_rules, flags = _parse_rules(source)
     # Detail-only rules name the reason of rows that a later rule or the schema rejects anyway; they are
     # evaluated on rejected rows only, which keeps a clean 10M-row file from paying for every regex.
     rules: list[tuple[pl.Expr, str, bool]] = []
@@ -1274,7 +1321,7 @@ def ingest_file(
         rules.append((pl.col("row_number").is_in(ragged), "wrong_field_count", False))
     rules.append((is_header, "repeated_header", True))
     rules += [(c, r, True) for c, r in parse_detail]
-    rules += [(c, r, False) for c, r in parse_rules]
+    rules += parse_rules
     rules += [(c, r, True) for c, r in _id_detail_rules(source)]
     rules += [(c, r, False) for c, r in _id_rules(text, source)]
     del text
@@ -1299,21 +1346,25 @@ def ingest_file(
     schema_job = pool.submit(_pandera_rejects, parsed.select(*SOURCE_COLUMNS[source]), source, mapping)
     hashes_job = pool.submit(_key_hashes, parsed, source)
     pool.shutdown(wait=False)
-    extra_rules: list[tuple[pl.Expr, str]] = []
+    extra_rules: list[tuple[pl.Expr, str, bool]] = []
     if batch is not None:
-        parsed, extra_rules = _with_batch(parsed, source, batch)
+        parsed, extra_rules, batch_flags = _with_batch(parsed, source, batch)
+        flags += batch_flags
     rules += [(c, r, False) for c, r in _future_rules(source, now) + _source_rules(source, mapping)]
-    # A zero-padded match is an unknown patient/encounter too (the next rule): naming it is detail only.
-    rules += [(c, r, r.startswith("id_leading_zeros_lost")) for c, r in extra_rules]
+    rules += extra_rules
 
     flagged = parsed.select(
-        pl.any_horizontal([c.fill_null(False) for c, _, detail_only in rules if not detail_only])
+        pl.any_horizontal(
+            [c.fill_null(False) for c, _, detail_only in rules if not detail_only]
+            + [c.fill_null(False) for c in flags]
+        )
     ).to_series()  # while the schema thread runs
     schema_rejects = schema_job.result()
     if schema_rejects.height:
         flagged = flagged | parsed["row_number"].is_in(schema_rejects["row_number"].implode())
     subset = parsed.filter(flagged)
     reason = pl.coalesce([pl.when(c.fill_null(False)).then(pl.lit(r)) for c, r, _ in rules])
+    # a flag is wider than the rule it stands for: a flagged row that no rule names gets no reason here
     rule_rejects = subset.select("row_number", reason.alias("reason")).filter(pl.col("reason").is_not_null())
     first = pl.concat(
         [rule_rejects, schema_rejects.select(pl.col("row_number").cast(pl.Int64), "reason")]
