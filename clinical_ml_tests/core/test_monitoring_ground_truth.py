@@ -40,8 +40,12 @@ def _features_per_batch(
         patients.append(res.patients)
         encounters.append(res.encounters)
         events.append(res.events)
-    cohort, _ = build_cohort(pl.concat(encounters), pl.concat(patients), uc)
-    feats = build_features(pl.concat(events), cohort, uc)
+    # with the events, as the graph builds it: the question is anchored at each stay's ICU admission event
+    all_events = pl.concat(events)
+    cohort, _ = build_cohort(pl.concat(encounters), pl.concat(patients), uc, all_events)
+    # every batch is judged on its stays, never on an empty frame (which raises no alarm)
+    assert cohort["batch_id"].n_unique() == len(hospital.batch_ids)
+    feats = build_features(all_events, cohort, uc)
     return hospital, feats.join(cohort.select("hadm_id", "batch_id"), on="hadm_id")
 
 
