@@ -31,17 +31,31 @@ class GroupThresholds:
 
     attribute: str
     thresholds: dict[str, float]
+    carried_from: str | None = None
+    """The model version whose approved thresholds these are, carried through its recalibration (the same
+    patients of each group flagged); ``None``: approved from this model's own fairness report."""
 
     def as_dict(self) -> dict:
-        return {"attribute": self.attribute, "thresholds": dict(self.thresholds)}
+        out: dict = {"attribute": self.attribute, "thresholds": dict(self.thresholds)}
+        return out | ({"carried_from": self.carried_from} if self.carried_from else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "GroupThresholds":
-        return cls(str(d["attribute"]), {str(k): float(v) for k, v in d["thresholds"].items()})
+        carried = d.get("carried_from")
+        return cls(
+            str(d["attribute"]),
+            {str(k): float(v) for k, v in d["thresholds"].items()},
+            str(carried) if carried else None,
+        )
 
     def words(self) -> str:
         listed = ", ".join(f"{g} {t:.3f}" for g, t in sorted(self.thresholds.items()))
-        return f"per-group thresholds by {self.attribute.replace('_', ' ')} ({listed})"
+        carried = (
+            f", those approved with model {self.carried_from} carried through its recalibration"
+            if self.carried_from
+            else ""
+        )
+        return f"per-group thresholds by {self.attribute.replace('_', ' ')} ({listed}{carried})"
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,21 @@ def recommended_group_thresholds(fairness: dict, attribute: str) -> GroupThresho
     if not usable:
         raise SignOffError(f"every group of '{attribute}' is too small to have its own threshold")
     return GroupThresholds(attribute, usable)
+
+
+def carried_group_thresholds(store: UseCaseStore, version: str) -> GroupThresholds | None:
+    """The per-group thresholds of the model that ``version`` recalibrates, moved through the recalibration
+    (:attr:`RecalibrationOffer.group_thresholds`), when ``version`` is the recalibration offered and that model
+    had thresholds approved; else ``None``."""
+    offer = store.recalibration.read() if store.recalibration.exists() else None
+    if offer is None or offer.challenger_version != version or not offer.group_thresholds:
+        return None
+    carried = offer.group_thresholds
+    return GroupThresholds(
+        str(carried["attribute"]),
+        {str(g): float(t) for g, t in carried["after"].items()},
+        carried_from=offer.champion_version,
+    )
 
 
 def approved_group_thresholds(registry: Registry, version: str) -> GroupThresholds | None:
@@ -194,16 +223,25 @@ def sign_off(
             f"the report card of model {version} has not been written: materialize model_report_card and read "
             "it first; the sign-off records the sha256 of the card read"
         )
-    groups = None
+    # a recalibrated champion keeps the per-group thresholds approved with the model it recalibrates, moved
+    # with the risks (its report card, the one signed, says so)
+    carried = carried_group_thresholds(store, version) if approve else None
+    groups = carried
     if group_thresholds_for:
         if not approve:
             raise SignOffError("per-group thresholds are approved with the model, not with a rejection")
         fairness = store.fairness.read() if store.fairness.exists() else None
-        if fairness is None or fairness.model_version != version:
+        if fairness is not None and fairness.model_version == version:
+            groups = recommended_group_thresholds(fairness.as_dict(), group_thresholds_for)
+        elif carried is None or carried.attribute != group_thresholds_for:
             raise SignOffError(
                 f"the fairness report of model {version} has not been written: materialize it first"
+                + (
+                    " (a recalibrated model has none: it keeps the thresholds of the model it recalibrates)"
+                    if carried is not None
+                    else ""
+                )
             )
-        groups = recommended_group_thresholds(fairness.as_dict(), group_thresholds_for)
     content = card.read_bytes()
     atomic_write_bytes(registry.version_dir(version) / SIGNED_REPORT_CARD, content)
     record = SignOff(

@@ -198,6 +198,16 @@ def _register(
     model = load_model(text)
     t_before = card.threshold
     t_after = float(recal.apply(np.array([t_before]))[0])
+    approved = champion.group_thresholds
+    carried = (
+        None
+        if approved is None
+        else {
+            "attribute": approved.attribute,
+            "before": dict(approved.thresholds),
+            "after": {g: float(recal.apply(np.array([t]))[0]) for g, t in approved.thresholds.items()},
+        }
+    )
     seed = use_case.validation.seed
     names = store.cohort.scan().collect_schema().names()
     attrs = [a for a in use_case.subgroups.attributes if a not in rows.columns and a in names]
@@ -256,6 +266,7 @@ def _register(
         slope=recal.slope,
         threshold_before=t_before,
         threshold_after=t_after,
+        group_thresholds=carried,
         before={k: v.as_dict() for k, v in before.items()},
         after=ev.metrics_dict(),
     )
@@ -340,6 +351,7 @@ def recalibration_view(offer: RecalibrationOffer, *, use_case: UseCase) -> dict:
         f"ranks them exactly as model {offer.champion_version} does, and the operating threshold moves with the "
         f"risks from {offer.threshold_before:.4f} to {offer.threshold_after:.4f}, so the same patients are "
         "flagged as before.",
+        "groups": _carried_groups_sentence(offer),
         "examples": [
             {"before": f"{100 * a:.0f}%", "after": f"{100 * b:.1f}%"} for a, b in risk_examples(recal)
         ],
@@ -374,10 +386,27 @@ def recalibration_view(offer: RecalibrationOffer, *, use_case: UseCase) -> dict:
             f"Realised performance on these {offer.admissions:,} admissions in the monitoring report partly reflects "
             "the recalibration fitted to them (two parameters).",
             "The promotion gate judged the subgroup minimums and calibration ranges on these admissions; no full "
-            "subcohort report (intersections, per-group thresholds) was made for the recalibrated model, so it "
+            "subcohort report (intersections, new per-group thresholds) was made for the recalibrated model, so it "
             "never promotes itself: it waits for the panel.",
         ],
     }
+
+
+def _carried_groups_sentence(offer: RecalibrationOffer) -> str:
+    """What approving does to the per-group thresholds approved with the champion ("" when it had none)."""
+    groups = offer.group_thresholds
+    if not groups:
+        return ""
+    attribute = str(groups["attribute"]).replace("_", " ")
+
+    def listed(side: str) -> str:
+        return ", ".join(f"{g} {float(t):.4f}" for g, t in sorted(groups[side].items()))
+
+    return (
+        f"The per-group thresholds approved with model {offer.champion_version} (by {attribute}: "
+        f"{listed('before')}) move with the risks to {listed('after')}: approving this model keeps them, so the "
+        "same patients of each group are flagged as before."
+    )
 
 
 def recalibration_report(
@@ -397,7 +426,9 @@ def recalibration_report(
     )
     md = (
         f"**Recalibration offered:** {md_escape(v['decision'])}\n\n{md_escape(v['why'])}\n\n{md_escape(v['what'])} "
-        f"{md_escape(v['order'])}\n\n| Measure | Before (95% CI) | After (95% CI) |\n|---|---|---|\n"
+        f"{md_escape(v['order'])}"
+        + (f" {md_escape(v['groups'])}" if v["groups"] else "")
+        + "\n\n| Measure | Before (95% CI) | After (95% CI) |\n|---|---|---|\n"
         + "".join(f"| {r['name']} | {r['before']} | {r['after']} |\n" for r in v["rows"])
     )
     return html, md

@@ -240,6 +240,9 @@ class RecalibrationOffer:
     before: dict = field(default_factory=dict)  # metric -> value, lower, upper (champion on these admissions)
     after: dict = field(default_factory=dict)  # the same for the out-of-fold recalibrated risk
     decision: dict | None = None
+    group_thresholds: dict | None = None
+    """The champion's approved per-group thresholds (``attribute``, ``before``) and where the recalibration
+    moves them (``after``: the same patients of each group flagged); ``None`` when it had none."""
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "check": self.check.as_dict() if self.check else None}

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clinical_ml.core.approval import sign_off
+from clinical_ml.core.approval import GroupThresholds, SignOff, approved_group_thresholds, sign_off
 from clinical_ml.core.artifacts import ParquetParts, UseCaseStore
 from clinical_ml.core.champion_monitoring import load_champion
 from clinical_ml.core.champion_recalibration import offer_recalibration, recalibration_view
@@ -24,7 +24,7 @@ from clinical_ml.core.recalibration import (
     out_of_fold_risk,
     recalibrated_model_text,
 )
-from clinical_ml.core.registry import Lineage, ModelCard, Registry
+from clinical_ml.core.registry import Lineage, ModelCard, PromotionDecision, Registry
 from clinical_ml.core.training import training_ranges
 from clinical_ml.core.usecase import load_use_case
 from clinical_ml_tests.conftest import PROJECT_ROOT
@@ -287,6 +287,48 @@ def test_a_drifted_champion_is_recalibrated_on_recent_labels_judged_by_the_gate_
     np.testing.assert_array_equal(
         new.scorer.model.predict(x) >= new.card.threshold, old_risk >= champion.card.threshold
     )
+
+
+def test_the_per_group_thresholds_approved_with_the_champion_move_with_the_recalibration(tmp_path):
+    """Approving a recalibrated champion keeps the per-group thresholds the panel approved with the model it
+    recalibrates, moved with the risks: each group's flagged patients stay the same, and the card says so."""
+    store, registry, cohort = _store(tmp_path, drift=1.8)
+    champ = registry.champion()
+    assert champ is not None
+    approved = GroupThresholds("sex", {"F": 0.08, "M": 0.15})
+    signed = SignOff("Dr B. Smith", True, "", "0" * 64, "2026-01-11T00:00:00+00:00", approved)
+    registry.record_decision(PromotionDecision(True, champ, None, ("signed off",), sign_off=signed.as_dict()))
+    champion = load_champion(registry)
+    assert champion.group_thresholds == approved
+    offer = _offer(tmp_path, store, registry)
+    assert offer.status == "offered" and offer.group_thresholds is not None
+    assert offer.intercept is not None and offer.slope is not None and offer.challenger_version is not None
+    recal = Recalibration(offer.intercept, offer.slope)
+    moved = {g: float(recal.apply(np.array([t]))[0]) for g, t in approved.thresholds.items()}
+    assert offer.group_thresholds == {"attribute": "sex", "before": approved.thresholds, "after": moved}
+    html = store.reports.report(f"report_card_{offer.challenger_version}").read_text()
+    assert (
+        f"The per-group thresholds approved with model {champ} (by sex: F 0.0800, M 0.1500) move with the risks "
+        f"to F {moved['F']:.4f}, M {moved['M']:.4f}: approving this model keeps them"
+    ) in html
+    decision = sign_off(registry, store, by="Dr A. Jones", approve=True)
+    kept = approved_group_thresholds(registry, offer.challenger_version)
+    assert kept == GroupThresholds("sex", moved, carried_from=champ)
+    assert "carried through its recalibration" in decision.reasons[0]
+    new = load_champion(registry)
+    x = store.features.read().select(FEATURES).to_numpy()
+    sex = (
+        store.features.read()
+        .join(cohort, on=["subject_id", "hadm_id"], maintain_order="left")["sex"]
+        .to_numpy()
+    )
+    old_risk, new_risk = champion.scorer.model.predict(x), new.scorer.model.predict(x)
+    for group in ("F", "M"):
+        mask = sex == group
+        np.testing.assert_array_equal(
+            new_risk[mask] >= kept.thresholds[group], old_risk[mask] >= approved.thresholds[group]
+        )
+        assert 0 < (old_risk[mask] >= approved.thresholds[group]).sum() < mask.sum()
 
 
 def test_a_champion_still_calibrated_gets_no_recalibration(tmp_path):
