@@ -104,8 +104,10 @@ def _shipped() -> UseCase:
 
 
 def _variant(**update) -> UseCase:
-    """The shipped mortality use case with parts replaced, validated like a file."""
+    """The shipped mortality use case with parts replaced, validated like a file. Its population keeps stays
+    of any unit: the generated encounters carry no unit types (and the DuckDB baselines filter none)."""
     raw = _shipped().model_dump(mode="json", exclude={"source_sha256"})
+    raw["population"] = {**raw["population"], "unit_types": None}
     raw.update(update)
     return parse_use_case(yaml.safe_dump(raw))
 
