@@ -35,8 +35,10 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
         encs.append(out.encounters)
         evs.append(out.events)
     uc = load_use_case(PROJECT_ROOT / "usecases" / "icu_mortality_24h.yaml")
-    cohort, _ = build_cohort(pl.concat(encs), pl.concat(pats), uc)
-    feats = build_features(pl.concat(evs), cohort, uc)
+    # with the events, as the graph builds it: the question is anchored at each stay's ICU admission event
+    events = pl.concat(evs)
+    cohort, _ = build_cohort(pl.concat(encs), pl.concat(pats), uc, events)
+    feats = build_features(events, cohort, uc)
     splits = patient_grouped_split(cohort, validation_fraction=0.3, tuning_fraction=0.2, seed=1)
     frame = training_frame(feats, build_labels(cohort, uc), splits)
     model, _ = fit_model(frame, uc)
