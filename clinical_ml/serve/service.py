@@ -199,6 +199,7 @@ class CdsService:
         self.site_mapping = site_mapping
         # the site mapping's answers for coded values seen before (few distinct ones: sexes, units, sites)
         self.coded = CodedValues(site_mapping)
+        self.unit_types = site_mapping.unit_types()  # unit code -> ICU, WARD, ... (a population's unit_types)
         self.records = records
         # the site's clock: the service's setting, else the site mapping's, else UTC
         self.tz = ZoneInfo(settings.site_timezone or site_mapping.time_zone or "UTC")
@@ -324,6 +325,17 @@ class CdsService:
             or (pop.max_age_years is not None and age > pop.max_age_years)
         ):
             return f"the patient's age is outside the model's population ({pop.inclusion.rstrip('.')})"
+        # the population's coded filters, as the batch cohort applies them (a stay without a value is outside)
+        stay = chart.stay
+        unit_type = self.unit_types.get(stay["unit"]) if stay["unit"] is not None else None
+        for what, value, allowed in (
+            ("unit", stay["unit"], pop.units),
+            ("unit type", unit_type, pop.unit_types),
+            ("admission type", stay["admission_type"], pop.admission_types),
+            ("site", stay["site"], pop.sites),
+        ):
+            if allowed is not None and value not in allowed:
+                return f"the stay's {what} is outside the model's population ({pop.inclusion.rstrip('.')})"
         pt = uc.prediction_time
         if pt.anchor != "discharge" and chart.hours_since_admission < pt.offset_hours:
             return (

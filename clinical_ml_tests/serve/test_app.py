@@ -96,6 +96,20 @@ def test_too_early_in_the_stay_is_not_scored_with_the_reason(client: TestClient,
     assert card["summary"].endswith("not scored") and "24 h after ICU admission" in card["detail"]
 
 
+@pytest.mark.parametrize("unit", ["WARD", "ED", "A ward nobody mapped"])
+def test_a_stay_outside_the_population_s_units_is_not_scored(client: TestClient, ehr: Ehr, unit: str) -> None:
+    """The use case asks about ICU stays (population.unit_types): a ward, ED or unmapped unit's chart gets no
+    score, as the batch cohort leaves those stays out, and the card does not echo the delivered unit."""
+    card = _call(client, ehr, stay_request(unit=unit)).json()["cards"][0]
+    assert (
+        card["summary"].endswith("not scored")
+        and "unit type is outside the model's population" in card["detail"]
+    )
+    assert unit not in card["detail"]
+    scored = _call(client, ehr, stay_request(unit="SICU")).json()["cards"][0]
+    assert not scored["summary"].endswith("not scored")
+
+
 def test_feedback_is_recorded_with_the_coded_reason(client: TestClient, ehr: Ehr, data_root: Path) -> None:
     card = _call(client, ehr, stay_request()).json()["cards"][0]
     fb_url = f"{HOOK}/feedback"
