@@ -415,10 +415,16 @@ Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 def encounter_events(stays: Frame) -> Frame:
     """Admission, ICU unit, discharge and death events of each stay (``subject_id``, ``hadm_id``, the stay's
     times and coded columns), as MEDS rows: available when they happen, never implausible. Shared by the
-    anonymizer and the real-data adapters."""
+    anonymizer and the real-data adapters.
 
-    def one(time_col: str, code: pl.Expr) -> Frame:
-        return stays.filter(pl.col(time_col).is_not_null()).select(
+    With a ``unit_type`` column (the site mapping's type of each unit), only a stay in an ICU gets its
+    ``ICU_UNIT//<unit>`` event: a ward or emergency-department stay has no ICU admission to anchor on.
+    """
+    in_icu = pl.col("unit_type") == "ICU" if "unit_type" in stays.collect_schema().names() else pl.lit(True)
+
+    def one(time_col: str, code: pl.Expr, where: pl.Expr | None = None) -> Frame:
+        kept = pl.col(time_col).is_not_null() & (True if where is None else where.fill_null(False))
+        return stays.filter(kept).select(
             "subject_id",
             pl.col(time_col).alias("time"),
             code.alias("code"),
@@ -431,7 +437,7 @@ def encounter_events(stays: Frame) -> Frame:
     return pl.concat(
         [
             one("admit_time", pl.format("ADMISSION//{}", pl.col("admission_type"))),
-            one("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit"))),
+            one("admit_time", pl.format("ICU_UNIT//{}", pl.col("unit")), in_icu),
             one("discharge_time", pl.format("HOSPITAL_DISCHARGE//{}", pl.col("discharge_disposition"))),
             one("death_time", pl.lit("MEDS_DEATH")),
         ]
@@ -552,6 +558,7 @@ def anonymize_batch(
         "death_time",
         "admission_type",
         "unit",
+        *(["unit_type"] if "unit_type" in enc.columns else []),
         "discharge_disposition",
         "age_years",
         "birth_date",

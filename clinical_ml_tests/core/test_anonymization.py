@@ -398,3 +398,20 @@ def test_streaming_mode_gives_the_same_events_and_orphans_as_the_in_memory_path(
     kept = withhold_events(streamed.events_plan, b).collect()
     assert kept.height == a.events.height < got.height
     assert kept.sort(key).equals(a.events.sort(key))
+
+
+@pytest.mark.parametrize(
+    ("unit", "icu_event"), [("MICU", True), ("WARD", False), ("ED", False), ("BED 4", False)]
+)
+def test_only_a_stay_in_an_icu_gets_an_icu_admission_event(unit, icu_event):
+    """A use case anchored at ICU admission must not anchor on a ward or ED stay: the ICU_UNIT event is
+    written only for a unit the site mapping types ICU (an unmapped unit has no type)."""
+    people = _people(
+        [{"age_days": 20000, "admit_min": 0, "stay_h": 30, "lab_offsets_h": [2.0], "died": False}]
+    )
+    raw = raw_frames(people)
+    raw["encounters"] = raw["encounters"].with_columns(pl.lit(unit).alias("unit"))
+    out = anonymize_batch(**raw, vault=Vault.empty(), batch_id="b1")
+    icu = out.events.filter(pl.col("code").str.starts_with("ICU_UNIT//"))["code"].to_list()
+    assert icu == (["ICU_UNIT//MICU"] if icu_event else [])
+    assert out.events.filter(pl.col("code").str.starts_with("ADMISSION//")).height == 1

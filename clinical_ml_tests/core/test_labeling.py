@@ -138,7 +138,8 @@ def test_the_shipped_question_asks_icu_stays_24_h_after_their_first_icu_admissio
         [
             (1, 1, "ICU_UNIT//MICU", None, h(6), None),
             (1, 1, "ICU_UNIT//SICU", None, h(50), None),
-            # the anonymizer writes the stay's unit as an ICU_UNIT event at admission, whatever its type
+            # data written before the anonymizer kept ICU events to ICU-typed units: only the unit filter
+            # leaves this ward stay out
             (2, 2, "ICU_UNIT//WARD", None, h(0), None),
             (4, 4, "ICU_UNIT//MICU", None, h(20), None),
         ]
