@@ -235,6 +235,17 @@ KEPT = frozenset(
         "LossyImageCompression",
         "LossyImageCompressionRatio",
         "LossyImageCompressionMethod",
+        # what the stored values mean and where the image lies in the scanner's frame (numbers only; PS3.15
+        # Annex E does not list them): Hounsfield units of a CT, the display window, slice geometry
+        "RescaleIntercept",
+        "RescaleSlope",
+        "WindowCenter",
+        "WindowWidth",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SpacingBetweenSlices",
+        "SliceLocation",
+        "PixelPaddingValue",
         # structured findings (coded items only)
         "ValueType",
         "ContentSequence",

@@ -17,6 +17,7 @@ from clinical_ml.core.dicom import (
     IMAGING_FOLDER,
     ImagingInstance,
     deidentify,
+    dicom_leaks,
     keep_subjects,
     new_uid,
     read_header,
@@ -102,6 +103,30 @@ def test_no_value_of_the_original_survives_in_the_written_file(tmp_path):
         assert needle.encode() not in data
     back = pydicom.dcmread(path)
     assert back.PatientIdentityRemoved == "YES" and back.StudyDate == "20250224"
+
+
+def test_the_numbers_that_say_what_the_pixels_mean_are_kept(tmp_path):
+    """A CT's Hounsfield scale, display window and slice geometry are numbers of the scanner, not of the
+    person: without them the released pixel values cannot be read as what they measure."""
+    geometry = {
+        "RescaleIntercept": "-1024",
+        "RescaleSlope": "1",
+        "WindowCenter": "40",
+        "WindowWidth": "400",
+        "ImagePositionPatient": ["-175.5", "-180.0", "-312.25"],
+        "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
+        "SliceLocation": "-312.25",
+        "SpacingBetweenSlices": "2.5",
+    }
+    out, _ = deidentify(_study(**geometry), pseudonym="1", shift_days=7, key=KEY)
+    (path,) = write_released({"ct.dcm": out}, tmp_path)
+    back = pydicom.dcmread(path)
+    for keyword, value in geometry.items():
+        got = back[keyword].value
+        assert [float(v) for v in (got if isinstance(value, list) else [got])] == [
+            float(v) for v in (value if isinstance(value, list) else [value])
+        ], keyword
+    assert dicom_leaks({"ct.dcm": out}, {"MRN00042", "ENC-0042"}, set()) == []  # the release gate passes it
 
 
 def test_uids_are_replaced_consistently_and_standard_uids_kept():
