@@ -294,6 +294,13 @@ def build_cohort(
     flow.keep_values("unit", pop.units, "unit not in the population")
     if pop.unit_types is not None and "unit_type" not in flow.df.columns:  # data from before unit types
         flow.df = flow.df.with_columns(pl.lit(None, dtype=pl.String).alias("unit_type"))
+    if pop.unit_types is not None and flow.df["unit_type"].null_count():
+        # a stay released before units had types cannot be told apart: say so rather than "not in the population"
+        flow.exclude(
+            "no unit type recorded (released before the site mapping typed its units: run its batch's "
+            "anonymization again)",
+            pl.col("unit_type").is_null(),
+        )
     flow.keep_values("unit_type", pop.unit_types, "unit type not in the population")
     flow.keep_values("admission_type", pop.admission_types, "admission type not in the population")
     flow.keep_values("site", pop.sites, "site not in the population")

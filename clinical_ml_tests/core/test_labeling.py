@@ -554,7 +554,12 @@ def test_a_population_of_icu_stays_only_by_the_site_mapping_unit_types():
     enc, pat = stays([{"s": i, "a": i, "in": h(0), "out": h(100)} for i in (1, 2, 3)])
     typed = enc.with_columns(pl.Series("unit_type", ["ICU", "WARD", None]))
     cohort, flow = build_cohort(typed, pat, uc)
-    assert cohort["hadm_id"].to_list() == [1] and flow.excluded("unit type") == 2
-    # data written before units had types: nobody can be shown to be in an ICU, and the flow says so
+    assert cohort["hadm_id"].to_list() == [1] and flow.excluded("unit type not in") == 1
+    assert flow.excluded("no unit type recorded") == 1
+    # data written before units had types: nobody can be shown to be in an ICU, and the flow says why
     _, old = build_cohort(enc, pat, uc)
-    assert old.included == 0 and old.excluded("unit type") == 3
+    assert old.included == 0 and old.excluded("no unit type recorded") == 3
+    assert any(label.endswith("run its batch's anonymization again)") for label, _ in old.steps)
+    # with every unit typed, no empty step is added to the participant flow
+    _, all_typed = build_cohort(typed.filter(pl.col("unit_type").is_not_null()), pat, uc)
+    assert not any(label.startswith("no unit type") for label, _ in all_typed.steps)
