@@ -8,6 +8,7 @@ from clinical_ml.core.landing import IMAGING_SOURCE, SOURCES
 from clinical_ml.core.meds_layout import write_meds_dataset
 from clinical_ml.core.reidentification import RiskPolicy
 from clinical_ml.core.storage import code_version, sweep_leftovers
+from clinical_ml.defs.anonymization.order import wait_for_earlier_batches
 from clinical_ml.defs.conventions import PRIVACY_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.ranges import BATCH_BACKFILL_POLICY, BatchOutcome, batch_result, log_batches
 from clinical_ml.resources.pseudonym_secret import HmacKey, hmac_key_for
@@ -113,6 +114,10 @@ def anonymized_cohort(
 ):
     key = hmac_key_for(anonymization)
     batches = context.partition_keys
+    if anonymization.risk_scope == "cumulative":  # released in delivery order (see order.py)
+        wait_for_earlier_batches(
+            context, zones.deid_store(), batches[0], {dg.AssetKey(k) for k in DEID_TABLES.values()}
+        )
     # Batch by batch, in order (the vault grows with each), each gated on its own: a batch that fails a check
     # is withheld whatever else the run holds (see clinical_ml.defs.ingestion.ranges for runs of many).
     lines: list[str] = []
