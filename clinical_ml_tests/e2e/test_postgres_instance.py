@@ -127,21 +127,28 @@ def pg_instance(
 
 
 def _step_windows(instance: dg.DagsterInstance, run_ids: list[str], step: str) -> list[tuple[float, float]]:
+    """When each attempt of ``step`` ran, in every run: from its start (or restart) to its end (or its asking
+    to run again: a batch waiting for an earlier one, clinical_ml/defs/anonymization/order.py, frees its pool
+    slot between attempts)."""
+    starts = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_RESTARTED}
+    ends = {
+        dg.DagsterEventType.STEP_SUCCESS,
+        dg.DagsterEventType.STEP_FAILURE,
+        dg.DagsterEventType.STEP_UP_FOR_RETRY,
+    }
     windows = []
     for run_id in run_ids:
-        start = end = None
+        start, ended = None, False
         for e in instance.all_logs(run_id):
             if e.dagster_event is None or e.step_key != step:
                 continue
-            if e.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+            if e.dagster_event.event_type in starts:
                 start = e.timestamp
-            elif e.dagster_event.event_type in (
-                dg.DagsterEventType.STEP_SUCCESS,
-                dg.DagsterEventType.STEP_FAILURE,
-            ):
-                end = e.timestamp
-        assert start is not None and end is not None, f"step {step} did not run in every run"
-        windows.append((start, end))
+            elif e.dagster_event.event_type in ends and start is not None:
+                windows.append((start, e.timestamp))
+                ended = ended or e.dagster_event.event_type != dg.DagsterEventType.STEP_UP_FOR_RETRY
+                start = None
+        assert ended, f"step {step} did not run to its end in every run"
     return sorted(windows)
 
 
