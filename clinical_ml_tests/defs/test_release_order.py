@@ -39,9 +39,7 @@ def _run(instance: dg.DagsterInstance, job: dg.JobDefinition, batch: str, status
 def _context(instance: dg.DagsterInstance, run: dg.DagsterRun, *, retry_number: int = 0):
     logged: list[str] = []
     log = SimpleNamespace(info=logged.append, warning=logged.append)
-    context = SimpleNamespace(
-        instance=instance, run_id=run.run_id, job_name=run.job_name, retry_number=retry_number, log=log
-    )
+    context = SimpleNamespace(instance=instance, run=run, retry_number=retry_number, log=log)
     return context, logged
 
 

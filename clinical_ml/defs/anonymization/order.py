@@ -38,9 +38,9 @@ def earlier_batches_in_flight(
     selecting one of ``asset_keys``) are queued or running; this run's own batches excepted."""
     waiting: set[str] = set()
     for run in context.instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT)):
-        if run.run_id == context.run_id:
+        if run.run_id == context.run.run_id:
             continue
-        if run.job_name != context.job_name and not (run.asset_selection or set()) & asset_keys:
+        if run.job_name != context.run.job_name and not (run.asset_selection or set()) & asset_keys:
             continue
         waiting |= {b for b in _partitions_of(run) if b < first_batch and not deid.privacy.part(b).exists()}
     return sorted(waiting)
