@@ -5,7 +5,6 @@ the promotion gate, and the report card the panel reads before signing off."""
 import hashlib
 from dataclasses import replace
 
-import numpy as np
 import polars as pl
 
 from clinical_ml.core.approval import apply_approval_policy
@@ -197,7 +196,7 @@ def _register(
     text = recalibrated_model_text(registry.model_text(champ), recal)
     model = load_model(text)
     t_before = card.threshold
-    t_after = float(recal.apply(np.array([t_before]))[0])
+    t_after = recal.one(t_before)
     approved = champion.group_thresholds
     carried = (
         None
@@ -205,7 +204,7 @@ def _register(
         else {
             "attribute": approved.attribute,
             "before": dict(approved.thresholds),
-            "after": {g: float(recal.apply(np.array([t]))[0]) for g, t in approved.thresholds.items()},
+            "after": {g: recal.one(t) for g, t in approved.thresholds.items()},
         }
     )
     seed = use_case.validation.seed

@@ -51,6 +51,10 @@ class Recalibration:
     def apply(self, p: np.ndarray) -> np.ndarray:
         return np.asarray(expit(self.intercept + self.slope * _logit(p)))
 
+    def one(self, p: float) -> float:
+        """One risk (or threshold) recalibrated."""
+        return float(self.apply(np.array([p]))[0])
+
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
     pc = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
@@ -272,4 +276,4 @@ def risk_examples(
     recal: Recalibration, risks: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 ) -> list[tuple[float, float]]:
     """(risk before, risk after) at a few risks, for the report."""
-    return [(r, float(recal.apply(np.array([r]))[0])) for r in risks]
+    return [(r, recal.one(r)) for r in risks]
