@@ -334,18 +334,9 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
     p50, p99, errs, inproc50, inproc99, cpu_ms, client_ms = [], [], [], [], [], [], []
     load: list[float] = []
     try:
-        import httpx
+        from clinical_ml_tests.service_process import wait_until_serving
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start; see service.log")
-            time.sleep(0.3)
+        wait_until_serving(base, proc, workdir / "service.log", seconds=120)
         # warm-up: the model is loaded on the first call
         asyncio.run(_clients(url, body, _tokens(key, url, CLIENTS), 1))
         warm = Counter(r["outcome"] for r in ServingRecords(root / "phi").read(USE_CASE, "predictions"))
