@@ -367,13 +367,19 @@ def _burn_in_reason(ds: Dataset) -> str | None:
     return None
 
 
+def _named_syntax(ds: Dataset) -> UID | None:
+    """The transfer syntax ``ds``'s file meta names, if it names one."""
+    meta = getattr(ds, "file_meta", None)
+    named = str(meta.get("TransferSyntaxUID", "") or "").strip() if meta is not None else ""
+    return UID(named) if named else None
+
+
 def source_transfer_syntax(ds: Dataset) -> UID | None:
     """The transfer syntax ``ds`` was read in: its file meta's, else the one that names the encoding pydicom
     read it in (a file without one in its meta); ``None`` for a dataset made in memory."""
-    meta = getattr(ds, "file_meta", None)
-    named = str(meta.get("TransferSyntaxUID", "") or "").strip() if meta is not None else ""
-    if named:
-        return UID(named)
+    named = _named_syntax(ds)
+    if named is not None:
+        return named
     implicit, little = ds.original_encoding
     if implicit is None or little is None:
         return None
@@ -930,9 +936,7 @@ def write_dicom(ds: Dataset, path: Path) -> None:
         The syntax is not one pydicom knows, or the pixel data are not encoded as it says (encapsulated under
         a native syntax or the reverse): the file would be read wrong, so none is written.
     """
-    old = getattr(ds, "file_meta", None)
-    named = str(old.get("TransferSyntaxUID", "") or "").strip() if old is not None else ""
-    syntax = UID(named) if named else ExplicitVRLittleEndian
+    syntax = _named_syntax(ds) or ExplicitVRLittleEndian
     if syntax not in AllTransferSyntaxes:
         raise DicomRejected("unknown_transfer_syntax")
     if "PixelData" in ds and _is_encapsulated(ds.get_item(0x7FE00010)) != syntax.is_encapsulated:
