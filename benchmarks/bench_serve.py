@@ -34,6 +34,7 @@ from clinical_ml.core.site_mapping import load_site_mapping
 from clinical_ml.core.units import LAB_CODES
 from clinical_ml.serve.chart import CodedValues, chart_from_prefetch
 from clinical_ml.serve.examples import hook_request
+from clinical_ml.serve.hookbody import read_hook_body
 from clinical_ml.serve.models import ChampionWatch
 from clinical_ml.serve.records import ServingRecords
 
@@ -250,7 +251,9 @@ async def _httpx_clients(
     return latencies, errors
 
 
-def _in_process(root: Path, request: dict, n: int, *, predicted_at: datetime) -> list[float]:
+def _in_process(root: Path, body: bytes, n: int, *, predicted_at: datetime) -> list[float]:
+    """The request's body read (JSON and Observations, :func:`read_hook_body`), its chart made and scored,
+    as the service does, one at a time (seconds each)."""
     from clinical_ml.core.usecase import load_use_case
 
     served = ChampionWatch(
@@ -260,12 +263,17 @@ def _in_process(root: Path, request: dict, n: int, *, predicted_at: datetime) ->
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
+        read = read_hook_body(body)
+        if read is None:
+            raise RuntimeError("the bench's request was not read in compiled code")
+        request, observations = read
         chart = chart_from_prefetch(
             request["prefetch"],
             context=request["context"],
             prediction_time=predicted_at,
             site_mapping=mapping,
             tz=UTC_TZ,
+            observations=observations,
         )
         served.score(chart)
         out.append(time.perf_counter() - t0)
@@ -356,7 +364,7 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
             p99.append(float(np.percentile(lat, 99)))
             errs.append(errors)
             load.append(os.getloadavg()[0])
-            local = _in_process(root, request, 200, predicted_at=admit + timedelta(hours=STAY_HOURS))
+            local = _in_process(root, body, 200, predicted_at=admit + timedelta(hours=STAY_HOURS))
             inproc50.append(float(np.percentile(local, 50)) * 1000)
             inproc99.append(float(np.percentile(local, 99)) * 1000)
     finally:

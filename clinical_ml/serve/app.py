@@ -29,6 +29,8 @@ from clinical_ml.core.site_mapping import load_site_mapping
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.serve.auth import AuthError, JwtVerifier, SharedReplay, load_trust
 from clinical_ml.serve.chart import Issue
+from clinical_ml.serve.fhir import ObservationFacts
+from clinical_ml.serve.hookbody import read_hook_body
 from clinical_ml.serve.records import ServingRecords
 from clinical_ml.serve.service import CdsService, Reply, operation_outcome, rejected, settings_summary
 from clinical_ml.serve.settings import ServiceSettings, SettingsError, settings_from_env
@@ -168,6 +170,20 @@ def create_app(
 
         return work
 
+    def hook_work(
+        raw: bytes, answer: Callable[[Any, list[ObservationFacts] | None], Reply]
+    ) -> Callable[[], Reply]:
+        """The work of a hook call: the body and its Observations read at once in compiled code where it
+        can (:func:`read_hook_body`), else as any body (:func:`parsed`), then ``answer``."""
+
+        def work() -> Reply:
+            fast = read_hook_body(raw)
+            if fast is None:
+                return parsed(raw, lambda body: answer(body, None))()
+            return answer(*fast)
+
+        return work
+
     @app.get("/cds-services")
     def discovery(request: Request) -> Response:
         t0 = time.perf_counter()
@@ -185,7 +201,9 @@ def create_app(
         if bad:
             return reply(bad, route, t0, use_case=service_id)
         now = clock() if clock else None
-        r = guarded(parsed(raw, lambda body: service.call(service_id, body, now=now)))
+        r = guarded(
+            hook_work(raw, lambda body, obs: service.call(service_id, body, now=now, observations=obs))
+        )
         return reply(r, route, t0, use_case=service_id)
 
     @app.post("/cds-services/{service_id}/feedback")

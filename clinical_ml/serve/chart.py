@@ -42,6 +42,7 @@ from clinical_ml.serve.fhir import (
     REMEMBERED_LENGTH,
     EncounterFacts,
     Issue,
+    ObservationFacts,
     PrefetchError,
     ReferenceFacts,
     bundle_resources,
@@ -292,8 +293,18 @@ def _site(ref: ReferenceFacts | None) -> str | None:
 Row = tuple[str, float, str | None, datetime, datetime]  # code, value, unit, taken, available
 
 
+def read_observations(raw: Any, where: str) -> list[ObservationFacts]:
+    """The Observations of a search Bundle, in order (a search Bundle may carry an OperationOutcome or
+    included resources: they are skipped)."""
+    return [
+        read_observation(res, place)
+        for place, kind, res in bundle_resources(raw, where)
+        if kind == "Observation"
+    ]
+
+
 def _observation_rows(
-    raw: Any, *, encounter_id: str | None, tz: ZoneInfo, mapping: SiteMapping
+    found: list[ObservationFacts], *, encounter_id: str | None, tz: ZoneInfo, mapping: SiteMapping
 ) -> tuple[list[Row], dict[str, int]]:
     rows: list[Row] = []
     not_used: dict[str, int] = {}
@@ -301,10 +312,7 @@ def _observation_rows(
     def skip(reason: str) -> None:
         not_used[reason] = not_used.get(reason, 0) + 1
 
-    for place, kind, res in bundle_resources(raw, "prefetch.observations"):
-        if kind != "Observation":
-            continue  # a search Bundle may carry an OperationOutcome or included resources
-        obs = read_observation(res, place)
+    for obs in found:
         if obs.modifier_extension:
             skip("modifier_extension")  # may change what the Observation means: not used
             continue
@@ -414,9 +422,12 @@ def chart_from_prefetch(
     site_mapping: SiteMapping | CodedValues,
     tz: ZoneInfo,
     with_history: bool = False,
+    observations: list[ObservationFacts] | None = None,
 ) -> Chart:
     """The stay of ``context.encounterId`` as the batch path's frames, predicted at ``prediction_time``
     (naive, on the site's clock). ``site_mapping`` may be a :class:`CodedValues` kept between calls.
+    ``observations``: the prefetch's Observations read already (:func:`clinical_ml.serve.hookbody.
+    read_hook_body`), else they are read from ``prefetch["observations"]``.
 
     Raises
     ------
@@ -428,9 +439,9 @@ def chart_from_prefetch(
     coded = site_mapping if isinstance(site_mapping, CodedValues) else CodedValues(site_mapping)
     patient = read_patient(prefetch["patient"], "prefetch.patient")
     encounter = read_encounter(prefetch["encounter"], "prefetch.encounter")
-    rows, not_used = _observation_rows(
-        prefetch["observations"], encounter_id=encounter.id, tz=tz, mapping=coded.mapping
-    )
+    if observations is None:
+        observations = read_observations(prefetch["observations"], "prefetch.observations")
+    rows, not_used = _observation_rows(observations, encounter_id=encounter.id, tz=tz, mapping=coded.mapping)
     issues = []
     if context.get("patientId") and patient.id and patient.id != context["patientId"]:
         issues.append(Issue("prefetch.patient.id", "conflict", "is not the patient of the hook's context"))

@@ -37,6 +37,7 @@ from clinical_ml.serve.chart import (
     PrefetchError,
     chart_from_prefetch,
 )
+from clinical_ml.serve.fhir import ObservationFacts
 from clinical_ml.serve.models import ChampionWatch, NotServable, ServedModel, hook_for
 from clinical_ml.serve.records import ServingRecords
 from clinical_ml.serve.settings import ServiceSettings
@@ -258,7 +259,16 @@ class CdsService:
             return rejected(400, _pydantic_issues(exc, "request"), bad)
 
     # hook call ---------------------------------------------------------------------------------------------
-    def call(self, service_id: str, body: Any, *, now: datetime | None = None) -> Reply:
+    def call(
+        self,
+        service_id: str,
+        body: Any,
+        *,
+        now: datetime | None = None,
+        observations: list[ObservationFacts] | None = None,
+    ) -> Reply:
+        """The answer to a hook call. ``observations``: the prefetch's Observations read with the body
+        (:func:`clinical_ml.serve.hookbody.read_hook_body`), else read from the prefetch."""
         parsed = self._parsed(service_id, body, HookRequest, bad="bad_request")
         if isinstance(parsed, Reply):
             return parsed
@@ -289,6 +299,7 @@ class CdsService:
                 site_mapping=self.coded,
                 tz=self.tz,
                 with_history=bool(uc.features.history),
+                observations=observations,
             )
         except PrefetchError as exc:
             status = 412 if exc.missing else 400

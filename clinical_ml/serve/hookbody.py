@@ -1,0 +1,402 @@
+"""The body of a hook call read in compiled code (msgspec): the JSON and its Bundle of Observations at once.
+
+A hook call's body is mostly its prefetch's Observations (some 160 in a day of labs and vitals, 96 kB).
+Parsing it into Python objects and then walking them with the strict reader of :mod:`clinical_ml.serve.fhir`
+cost about a quarter of a call. Here msgspec decodes the bytes straight into the typed structures below,
+which hold the element names FHIR R4 defines for each (an unknown name fails the decoding), the required
+elements, the JSON types (a decimal is a number, never a string or a boolean; a string is a string) and
+never ``null`` where the reader refuses it; what is left to Python is what the reader checks of the values
+read (the primitives' regular expressions, a day of the calendar, a finite decimal, at most one value[x] and
+effective[x]), by the reader's own functions.
+
+These structures accept less than the reader: a primitive extension (``_status``), a resource other than an
+Observation in the Bundle, a key of the request or of the prefetch the service does not read, or anything
+refused here sends the whole body to the generic path (``json.loads`` and the reader), which accepts it or
+names the place at fault: an error, and its place, are always the reader's. A test holds the two paths equal.
+"""
+
+import re
+from datetime import date, datetime
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from clinical_ml.serve.fhir import (
+    CODE_RE,
+    DATETIME_RE,
+    ID_RE,
+    INSTANT_RE,
+    UCUM,
+    URI_RE,
+    ObservationFacts,
+    ReferenceFacts,
+)
+
+_REMEMBERED = 128  # as fhir.REMEMBERED_LENGTH: codes and systems repeat; long ones are checked each time
+_codes_seen: set[str] = set()
+_uris_seen: set[str] = set()
+_MAX_SEEN = 8192
+
+
+def _is_code(s: str) -> bool:
+    if s in _codes_seen:
+        return True
+    ok = CODE_RE.fullmatch(s) is not None
+    if ok and len(s) <= _REMEMBERED and len(_codes_seen) < _MAX_SEEN:
+        _codes_seen.add(s)
+    return ok
+
+
+def _is_uri(s: str) -> bool:
+    if s in _uris_seen:
+        return True
+    ok = URI_RE.fullmatch(s) is not None
+    if ok and len(s) <= _REMEMBERED and len(_uris_seen) < _MAX_SEEN:
+        _uris_seen.add(s)
+    return ok
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    pass
+
+
+# Elements the service does not read are typed Any (any JSON, null included): the reader does not check them.
+class _Coding(_Strict, kw_only=True):
+    system: str | UnsetType = UNSET
+    code: str | UnsetType = UNSET
+    display: str | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    fhir_comments: Any = UNSET
+    version: Any = UNSET
+    userSelected: Any = UNSET
+
+
+class _Concept(_Strict, kw_only=True):
+    coding: list[_Coding] | UnsetType = UNSET
+    text: str | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    fhir_comments: Any = UNSET
+
+
+class _Quantity(_Strict, kw_only=True):
+    value: float | UnsetType = UNSET  # a JSON number (an integer too); never a bool or a string
+    comparator: str | UnsetType = UNSET
+    unit: str | UnsetType = UNSET
+    system: str | UnsetType = UNSET
+    code: str | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    fhir_comments: Any = UNSET
+
+
+class _Identifier(_Strict, kw_only=True):
+    system: str | UnsetType = UNSET
+    value: str | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    fhir_comments: Any = UNSET
+    use: Any = UNSET
+    type: Any = UNSET
+    period: Any = UNSET
+    assigner: Any = UNSET
+
+
+class _Reference(_Strict, kw_only=True):
+    reference: str | UnsetType = UNSET
+    identifier: _Identifier | UnsetType = UNSET
+    display: str | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    fhir_comments: Any = UNSET
+    type: Any = UNSET
+
+
+class _Period(_Strict, kw_only=True):
+    start: str | UnsetType = UNSET
+    end: str | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    fhir_comments: Any = UNSET
+
+
+class _Observation(_Strict, kw_only=True):
+    resourceType: Literal["Observation"]
+    id: str | UnsetType = UNSET
+    meta: Any = UNSET
+    implicitRules: Any = UNSET
+    language: Any = UNSET
+    text: Any = UNSET
+    contained: Any = UNSET
+    extension: Any = UNSET
+    modifierExtension: list[Any] | UnsetType = UNSET
+    fhir_comments: Any = UNSET
+    identifier: Any = UNSET
+    basedOn: Any = UNSET
+    partOf: Any = UNSET
+    status: str
+    category: Any = UNSET
+    code: _Concept
+    subject: Any = UNSET
+    focus: Any = UNSET
+    encounter: _Reference | UnsetType = UNSET
+    effectiveDateTime: str | UnsetType = UNSET
+    effectivePeriod: _Period | UnsetType = UNSET
+    effectiveTiming: Any = UNSET
+    effectiveInstant: str | UnsetType = UNSET
+    issued: str | UnsetType = UNSET
+    performer: Any = UNSET
+    valueQuantity: _Quantity | UnsetType = UNSET
+    valueCodeableConcept: Any = UNSET
+    valueString: Any = UNSET
+    valueBoolean: Any = UNSET
+    valueInteger: Any = UNSET
+    valueRange: Any = UNSET
+    valueRatio: Any = UNSET
+    valueSampledData: Any = UNSET
+    valueTime: Any = UNSET
+    valueDateTime: Any = UNSET
+    valuePeriod: Any = UNSET
+    dataAbsentReason: Any = UNSET
+    interpretation: Any = UNSET
+    note: Any = UNSET
+    bodySite: Any = UNSET
+    method: Any = UNSET
+    specimen: Any = UNSET
+    device: Any = UNSET
+    referenceRange: Any = UNSET
+    hasMember: Any = UNSET
+    derivedFrom: Any = UNSET
+    component: Any = UNSET
+
+
+class _Entry(_Strict, kw_only=True):
+    resource: _Observation | UnsetType = UNSET
+    id: Any = UNSET
+    extension: Any = UNSET
+    modifierExtension: Any = UNSET
+    link: Any = UNSET
+    fullUrl: Any = UNSET
+    search: Any = UNSET
+    request: Any = UNSET
+    response: Any = UNSET
+    fhir_comments: Any = UNSET
+
+
+class _Bundle(_Strict, kw_only=True):
+    resourceType: Literal["Bundle"]
+    type: str
+    id: str | UnsetType = UNSET
+    entry: list[_Entry] | UnsetType = UNSET
+    meta: Any = UNSET
+    implicitRules: Any = UNSET
+    language: Any = UNSET
+    identifier: Any = UNSET
+    timestamp: Any = UNSET
+    total: Any = UNSET
+    link: Any = UNSET
+    signature: Any = UNSET
+    fhir_comments: Any = UNSET
+
+
+class _Prefetch(_Strict, kw_only=True):
+    observations: _Bundle
+    patient: Any = UNSET
+    encounter: Any = UNSET
+    encounters: Any = UNSET
+
+
+class _Hook(_Strict, kw_only=True):
+    """A CDS Hooks request of the usual shape (the service's model, :class:`~clinical_ml.serve.service.
+    HookRequest`, still validates what is read here as JSON values)."""
+
+    prefetch: _Prefetch
+    hook: Any = UNSET
+    hookInstance: Any = UNSET
+    fhirServer: Any = UNSET
+    fhirAuthorization: Any = UNSET
+    context: Any = UNSET
+
+
+_DECODER = msgspec.json.Decoder(_Hook)
+
+
+class _Declined(Exception):
+    """Left to the generic path."""
+
+
+def _check(ok: bool) -> None:
+    if not ok:
+        raise _Declined
+
+
+def _non_blank(s: str) -> bool:
+    return bool(s.strip())
+
+
+def _optional(v: str | UnsetType, ok: Any) -> str | None:
+    if v is UNSET:
+        return None
+    assert isinstance(v, str)
+    _check(ok(v))
+    return v
+
+
+def _time(v: str | UnsetType, pattern: "re.Pattern[str]") -> datetime | None:
+    """``fhir.datetime_value`` of an element given as a string."""
+    if v is UNSET:
+        return None
+    assert isinstance(v, str)
+    _check(pattern.fullmatch(v) is not None)
+    try:
+        if len(v) > 10:
+            return datetime.fromisoformat(v)
+        if len(v) == 10:
+            date.fromisoformat(v)
+    except ValueError:
+        raise _Declined from None
+    return None
+
+
+def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
+    if c.text is not UNSET:
+        _check(_non_blank(c.text))  # type: ignore[arg-type]
+    if c.coding is UNSET:
+        return []
+    out: list[tuple[str | None, str | None]] = []
+    for k in c.coding:  # type: ignore[union-attr]
+        system: str | UnsetType | None = k.system
+        code: str | UnsetType | None = k.code
+        if system is UNSET:
+            system = None
+        elif not _is_uri(system):  # type: ignore[arg-type]
+            raise _Declined
+        if code is UNSET:
+            code = None
+        elif not _is_code(code):  # type: ignore[arg-type]
+            raise _Declined
+        if k.display is not UNSET:
+            _check(_non_blank(k.display))  # type: ignore[arg-type]
+        out.append((system, code))  # type: ignore[arg-type]
+    return out
+
+
+def _reference(r: _Reference | UnsetType) -> ReferenceFacts | None:
+    if r is UNSET:
+        return None
+    assert isinstance(r, _Reference)
+    value = None
+    if r.identifier is not UNSET:
+        assert isinstance(r.identifier, _Identifier)
+        _optional(r.identifier.system, _is_uri)
+        value = _optional(r.identifier.value, _non_blank)
+    return ReferenceFacts(_optional(r.reference, _non_blank), value, _optional(r.display, _non_blank))
+
+
+_INF = float("inf")
+
+
+def _observation(o: _Observation) -> ObservationFacts:
+    """``fhir.read_observation`` of a decoded Observation (:class:`_Declined` where the reader would refuse)."""
+    if o.id is not UNSET:
+        _check(_is_id(o.id))  # type: ignore[arg-type]
+    _check(_is_code(o.status))
+    found = _codings(o.code)
+    q = o.valueQuantity
+    others = (
+        (o.valueCodeableConcept is not UNSET)
+        + (o.valueString is not UNSET)
+        + (o.valueBoolean is not UNSET)
+        + (o.valueInteger is not UNSET)
+        + (o.valueRange is not UNSET)
+        + (o.valueRatio is not UNSET)
+        + (o.valueSampledData is not UNSET)
+        + (o.valueTime is not UNSET)
+        + (o.valueDateTime is not UNSET)
+        + (o.valuePeriod is not UNSET)
+    )
+    effectives = (
+        (o.effectiveDateTime is not UNSET)
+        + (o.effectiveInstant is not UNSET)
+        + (o.effectivePeriod is not UNSET)
+        + (o.effectiveTiming is not UNSET)
+    )
+    _check(others + (q is not UNSET) <= 1 and effectives <= 1)
+    value = unit = comparator = None
+    if q is not UNSET:
+        assert isinstance(q, _Quantity)
+        if q.value is not UNSET:
+            value = q.value
+            _check(value == value and value != _INF and value != -_INF)
+        comparator = _optional(q.comparator, _is_code)
+        u = _optional(q.unit, _non_blank)
+        system = _optional(q.system, _is_uri)
+        c = _optional(q.code, _is_code)
+        unit = c if (system == UCUM and c) else (u or c)
+    if o.effectiveDateTime is not UNSET:
+        effective = _time(o.effectiveDateTime, DATETIME_RE)
+    elif o.effectiveInstant is not UNSET:
+        effective = _time(o.effectiveInstant, INSTANT_RE)
+    elif o.effectivePeriod is not UNSET:
+        p = o.effectivePeriod
+        assert isinstance(p, _Period)
+        _time(p.end, DATETIME_RE)
+        effective = _time(p.start, DATETIME_RE)
+    else:
+        effective = None
+    return ObservationFacts(
+        found,
+        o.status,
+        _reference(o.encounter),
+        value,
+        unit,
+        comparator,
+        effective,
+        None if o.issued is UNSET else _time(o.issued, INSTANT_RE),
+        bool(o.modifierExtension) if o.modifierExtension is not UNSET else False,
+    )
+
+
+def _is_id(s: str) -> bool:
+    return ID_RE.fullmatch(s) is not None
+
+
+def _observations(b: _Bundle) -> list[ObservationFacts]:
+    _optional(b.id, _is_id)
+    _check(_is_code(b.type))
+    if b.entry is UNSET:
+        return []
+    assert isinstance(b.entry, list)
+    return [_observation(e.resource) for e in b.entry if isinstance(e.resource, _Observation)]
+
+
+_HOOK_FIELDS = tuple(f for f in _Hook.__struct_fields__ if f != "prefetch")
+_PREFETCH_FIELDS = tuple(f for f in _Prefetch.__struct_fields__ if f != "observations")
+
+
+def read_hook_body(raw: bytes) -> tuple[dict, list[ObservationFacts]] | None:
+    """The body as the JSON object ``json.loads`` gives, with ``prefetch.observations`` read already (the
+    Observations as :func:`clinical_ml.serve.fhir.read_observation` gives them, other resources skipped; in
+    the body, the key holds a placeholder), or None where the body is left to the generic path."""
+    try:
+        hook = _DECODER.decode(raw)
+        facts = _observations(hook.prefetch.observations)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, _Declined):  # ValidationError included
+        return None
+    prefetch: dict[str, Any] = {"observations": READ_ALREADY}
+    prefetch |= {k: v for k in _PREFETCH_FIELDS if (v := getattr(hook.prefetch, k)) is not UNSET}
+    body = {k: v for k in _HOOK_FIELDS if (v := getattr(hook, k)) is not UNSET}
+    body["prefetch"] = prefetch
+    return body, facts
+
+
+class _ReadAlready:
+    """The placeholder of a prefetch whose Observations were read with the body."""
+
+    def __repr__(self) -> str:
+        return "<read already>"
+
+
+READ_ALREADY = _ReadAlready()
