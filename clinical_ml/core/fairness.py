@@ -1377,8 +1377,9 @@ def verdict(
     if insufficient:
         return "insufficient data", insufficient + tail
     return "pass", [
-        "every audited group large enough to judge meets the subgroup minimums and the calibration ranges, "
-        "and none is worse than all patients beyond chance",
+        "no group of an audited attribute large enough to judge has a point estimate below a subgroup minimum, "
+        "no group's 95% CI lies wholly below a minimum or outside a calibration range, and none is worse than "
+        "all patients beyond chance",
         *tail,
     ]
 

@@ -6,7 +6,8 @@ outcomes to judge"), when it meets every absolute minimum of its use case on its
 AUROC, sensitivity and specificity; the whole interval of the calibration slope, intercept and
 observed/expected ratio within their ranges: calibration is judged by the same logic as discrimination; a
 degenerate interval, such as AUROC 0.500 (0.500 to 0.500), is never judged as met), is non-inferior to
-the champion on the same patients, meets the subgroup minimums and calibration ranges where groups are large
+the champion on the same patients, has no group whose 95% CI lies wholly below a subgroup minimum or outside a
+calibration range where groups are large
 enough to judge, and scores one patient within the latency SLO. Each
 condition is a :class:`GateCriterion` with its outcome in words; the Dagster graph turns each group of
 criteria into one blocking asset check.
@@ -427,7 +428,8 @@ def subgroup_criteria(rows: list[dict], *, min_cell_size: int) -> list[GateCrite
             "subgroup_minimums",
             ok,
             (
-                f"every one of {len(judged)} audited groups meets the subgroup minimums and calibration ranges"
+                f"none of the {len(judged)} audited groups large enough to judge fails a subgroup minimum or a "
+                "calibration range (a group fails when its whole 95% CI lies below a minimum or outside a range)"
                 if ok
                 else f"{len(failing)} subgroup criteria missed: " + "; ".join(failing)
             )

@@ -169,9 +169,14 @@ def test_pass_says_what_was_judged():
     v, reasons = verdict(a, min_events=100, min_non_events=100)
     assert v == "pass"  # a calibrated model, every group large enough
     assert reasons == [
-        "every audited group large enough to judge meets the subgroup minimums and the calibration ranges, "
-        "and none is worse than all patients beyond chance"
+        "no group of an audited attribute large enough to judge has a point estimate below a subgroup minimum, "
+        "no group's 95% CI lies wholly below a minimum or outside a calibration range, and none is worse than "
+        "all patients beyond chance"
     ]
+    # what the sentence says, row by row
+    judged = [r for r in a.rows if r.attribute != "overall" and not r.suppressed]
+    assert judged and all(not r.failures and not r.flags for r in judged)
+    assert all(not r.concerns for r in judged if not r.intersection)
 
 
 def test_the_fairness_report_states_the_rules_the_failure_and_plots_observed_expected(tmp_path):

@@ -297,6 +297,24 @@ def test_a_subgroup_whose_calibration_interval_lies_outside_the_range_blocks_the
     assert "race = A" not in crit.reason
 
 
+def test_a_passing_subgroup_criterion_never_says_a_group_meets_a_range_its_point_estimate_is_outside():
+    """The criterion passes when no group's whole CI lies outside a range; a group whose point estimate is
+    outside but whose CI still reaches the range does not fail it, and the sentence must not say "meets"."""
+    y, good, _ = _cohort(n=6000, seed=7)
+    rng = np.random.default_rng(9)
+    race = rng.choice(["A", "B"], len(y), p=[0.97, 0.03])  # B small: a wide interval
+    p = np.where(race == "B", good / 1.1, good)  # B's risks too low: observed/expected about 1.45
+    rows = subgroup_table(y, p, 0.2, {"race": race}, n_boot=200, intersections=False).rows
+    b = next(r for r in rows if r.group == "B")
+    oe, lo, _ = b.metrics["observed_expected_ratio"]
+    assert not b.suppressed and oe > 1.2 and lo <= 1.2 and not b.failures
+    crit = gate.subgroup_criteria(gate._subgroup_dicts(list(rows)), min_cell_size=11)[0]
+    assert crit.passed and "meets" not in crit.reason
+    assert crit.reason.startswith(
+        "none of the 2 audited groups large enough to judge fails a subgroup minimum"
+    )
+
+
 @pytest.mark.parametrize(("lower", "shown"), [(0.69996, "0.69996"), (0.7004, "0.7004"), (0.75, "0.75")])
 def test_a_calibration_bound_near_the_range_reads_on_its_side(lower, shown):
     m = {**_metrics(*_cohort()[:2]), "calibration_slope": {"value": 1.0, "lower": lower, "upper": 1.2}}
