@@ -288,7 +288,8 @@ class AlertBurden:
     is the time at risk summed over the stays: from a stay's first prediction to its end (discharge or
     death), or one day per stay when the prediction is made once, at discharge (``one_day_per_stay``).
     ``unit_days`` counts the distinct (unit, calendar day of the prediction time) pairs with at least one
-    prediction. A rate is None when its denominator is zero; the number needed to evaluate (alerts per true
+    prediction; ``undated_rows`` are prediction rows whose real day is not known (their batch is not a dated
+    delivery): with any, alerts per unit per day are not computed. A rate is None when its denominator is zero; the number needed to evaluate (alerts per true
     alert, 1 / PPV) is None when nothing was flagged and infinite when alerts were raised but none was true.
     """
 
@@ -305,6 +306,7 @@ class AlertBurden:
     number_needed_to_evaluate: MetricWithCI | None
     n_bootstrap: int
     stays_ending_in_death: int = 0
+    undated_rows: int = 0
 
     def finite_values(self) -> dict[str, float]:
         """The measured rates by name (``alerts_per_100_patient_days``...), those that exist and are finite."""
@@ -343,6 +345,7 @@ class AlertBurden:
             "number_needed_to_evaluate": m(self.number_needed_to_evaluate),
             "n_bootstrap": self.n_bootstrap,
             "stays_ending_in_death": self.stays_ending_in_death,
+            "undated_rows": self.undated_rows,
         }
 
     @classmethod
@@ -361,6 +364,7 @@ class AlertBurden:
             number_needed_to_evaluate=_metric_or_none(d.get("number_needed_to_evaluate")),
             n_bootstrap=int(d["n_bootstrap"]),
             stays_ending_in_death=int(d.get("stays_ending_in_death", 0)),
+            undated_rows=int(d.get("undated_rows", 0)),
         )
 
 
@@ -382,6 +386,7 @@ def alert_burden(
     unit_days: int,
     one_day_per_stay: bool,
     stays_ending_in_death: int = 0,
+    undated_rows: int = 0,
     n_boot: int = 500,
     seed: int = 0,
     level: float = 0.95,
@@ -404,6 +409,8 @@ def alert_burden(
         Whether ``patient_days`` counted one day per stay (prediction at discharge); kept for the reports.
     stays_ending_in_death : int
         Stays whose time at risk ended in death rather than discharge; kept for the reports.
+    undated_rows : int
+        Prediction rows whose real day is not known: with any, alerts per unit per day are not computed.
     n_boot, seed, level
         Bootstrap replicates, seed and coverage.
 
@@ -423,7 +430,11 @@ def alert_burden(
     reps = np.concatenate(blocks) if blocks else np.empty((0, 3))
     lo, hi = bootstrap.percentile_interval(reps, level=level)
     per_days = MetricWithCI(100 * n_alerts / days, float(lo[0]), float(hi[0])) if days > 0 else None
-    per_unit_day = MetricWithCI(n_alerts / unit_days, float(lo[1]), float(hi[1])) if unit_days > 0 else None
+    per_unit_day = (
+        MetricWithCI(n_alerts / unit_days, float(lo[1]), float(hi[1]))
+        if unit_days > 0 and undated_rows == 0
+        else None
+    )
     nne = None
     if n_alerts > 0:
         value = n_alerts / n_true if n_true else float("inf")
@@ -442,6 +453,7 @@ def alert_burden(
         number_needed_to_evaluate=nne,
         n_bootstrap=int(n_boot),
         stays_ending_in_death=int(stays_ending_in_death),
+        undated_rows=int(undated_rows),
     )
 
 

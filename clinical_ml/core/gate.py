@@ -280,6 +280,11 @@ def operational_criteria(
                 "no prediction of the validation cohort was flagged at the operating point, so there is no "
                 "alert burden to judge"
             )
+        elif estimate is None and metric == "alerts_per_unit_day" and burden.undated_rows:
+            why = (
+                f"the day on the ward of {burden.undated_rows} of the {burden.prediction_rows} prediction rows "
+                "is not known: their batch is not a dated delivery"
+            )
         elif estimate is None or math.isnan(estimate.upper):
             why = "its value or 95% confidence interval could not be computed"
         if why is not None:

@@ -161,10 +161,18 @@ def _burden_parts(burden: AlertBurden | None, words: OutcomeWords) -> dict[str, 
             f"{burden.unit_days} unit-days."
         )
         parts["unit_days"] = (
-            "A unit-day is one unit (the unit recorded for the stay) on one calendar day on which at least one "
-            "of its stays had a prediction in the validation cohort. Dates are shifted per patient for "
-            "de-identification, so predictions made on the same real day can fall on different days here: the "
-            "count of unit-days can be higher, and this rate lower, than on the ward."
+            "A unit-day is one unit (the unit recorded for the stay) on one day on which at least one of its "
+            "stays had a prediction in the validation cohort. Dates are shifted per patient for "
+            "de-identification, so the day of a prediction is taken as its batch's delivery date plus the time "
+            "since the stay's admission: in a batch that covers several days, predictions made on one ward day "
+            "can fall on different days here and others together, so the count of unit-days, and this rate, "
+            "can differ from the ward's in either direction."
+        )
+    elif burden.undated_rows:
+        parts["unit"] = (
+            f"Alerts per unit per day are not computed: for {burden.undated_rows} of the "
+            f"{burden.prediction_rows} prediction rows the day on the ward is not known (their batch is not a "
+            "dated delivery, and the dates in these data are shifted or synthetic)."
         )
     nne = burden.number_needed_to_evaluate
     flagged = "patients flagged" if burden.one_row_per_stay else "alerts"
@@ -229,6 +237,8 @@ def alert_burden_rows(burden: AlertBurden | None, use_case: UseCase) -> list[dic
         name, meaning = meanings[metric]
         estimate = None if burden is None else getattr(burden, metric)
         undefined = "n/a (nothing flagged)" if burden is not None and not burden.judged else "n/a"
+        if burden is not None and burden.judged and metric == "alerts_per_unit_day" and burden.undated_rows:
+            undefined = "n/a (the days on the ward are not known)"
         limit = crit.get(key)
         rows.append(
             {

@@ -206,10 +206,9 @@ def _real_day() -> pl.Expr:
     """The calendar day a prediction was made on the ward. De-identified times are shifted per patient (by
     up to a year), so their dates would spread one ward day over many; the batch's delivery date (its id,
     when it is a date) plus the preserved interval from admission is the real day, up to the batch's own
-    span (a batch of several days counts its predictions on fewer days: a higher, cautious rate). Batches
-    not named by date fall back to the shifted date."""
-    real = batch_date() + (pl.col("prediction_time") - pl.col("admit_time"))
-    return pl.coalesce(real, pl.col("prediction_time")).dt.date()
+    span. Null for a batch not named by date (a research export: eICU's synthetic calendar, MIMIC's dates
+    shifted per patient into another century), whose dates say nothing of the ward's days."""
+    return (batch_date() + (pl.col("prediction_time") - pl.col("admit_time"))).dt.date()
 
 
 def validation_alert_burden(
@@ -229,7 +228,10 @@ def validation_alert_burden(
         Validation prediction rows: ``subject_id``, ``hadm_id``, ``prediction_time``, ``label``, ``risk``.
     stays
         Cohort rows with ``discharge_time``, ``death_time`` and ``unit``, joined on ``hadm_id`` and
-        ``prediction_time`` (a stay may have several prediction rows).
+        ``prediction_time`` (a stay may have several prediction rows). With ``batch_id`` and ``admit_time``
+        the day of a prediction is its batch's delivery date plus the time since admission, and alerts per
+        unit per day are not computed when a row's batch is not named by date (its day is not known:
+        ``undated_rows``); without them the prediction times are taken as the ward's own.
     threshold
         Risk at and above which a row is an alert.
     one_day_per_stay
@@ -255,7 +257,10 @@ def validation_alert_burden(
         .with_columns(
             (pl.col("_alert") & pl.col("label").cast(pl.Boolean)).alias("_true"),
             # each unit-day shared among the rows predicted on it: the patients' shares add up to the count
-            (1.0 / pl.len().over("unit", "_day")).alias("_share"),
+            pl.when(pl.col("_day").is_not_null())
+            .then(1.0 / pl.len().over("unit", "_day"))
+            .otherwise(0.0)
+            .alias("_share"),
         )
     )
     end = pl.min_horizontal(
@@ -287,7 +292,10 @@ def validation_alert_burden(
         unit_day_shares=per_patient["_share"].to_numpy(),
         prediction_rows=df.height,
         stays=per_stay.height,
-        unit_days=df.select(pl.struct("unit", "_day").n_unique()).item() if df.height else 0,
+        unit_days=df.filter(pl.col("_day").is_not_null()).select(pl.struct("unit", "_day").n_unique()).item()
+        if df.height
+        else 0,
+        undated_rows=int(df["_day"].null_count()),
         one_day_per_stay=one_day_per_stay,
         stays_ending_in_death=0 if one_day_per_stay else int(per_stay["_death_ends"].sum()),
         n_boot=n_boot,

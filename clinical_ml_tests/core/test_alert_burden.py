@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from clinical_ml.core.evaluation import AlertBurden, MetricWithCI, alert_burden
-from clinical_ml.core.reports import alert_burden_headline, alert_burden_sentences
+from clinical_ml.core.reports import alert_burden_headline, alert_burden_rows, alert_burden_sentences
 from clinical_ml.core.usecase import DeathOutcome, ReadmissionOutcome, outcome_words
 from clinical_ml.core.validation import (
     Evaluation,
@@ -306,3 +306,39 @@ def test_unit_days_are_counted_on_the_ward_calendar_not_the_shifted_one():
         rows, stays.drop("batch_id"), threshold=0.5, one_day_per_stay=False, n_boot=20, seed=1
     )
     assert shifted.alerts_per_unit_day.value == 1.0
+
+
+def test_batches_not_named_by_date_have_no_ward_day_so_no_rate_per_unit_day():
+    """A research export (eICU's synthetic calendar puts every stay's ICU admission on 1 July; MIMIC's dates
+    are shifted per patient into another century): the day of a prediction on the ward is not known, so
+    alerts per unit per day are not computed, and the report and the gate say why. One undated batch is
+    enough: its rows' days cannot be counted with the others'."""
+    rows, stays = _frames()
+    admit = stays["prediction_time"] - timedelta(hours=1)
+    dated = stays.with_columns(admit.alias("admit_time"), pl.lit("2026-01-05").alias("batch_id"))
+    ok = validation_alert_burden(rows, dated, threshold=0.5, one_day_per_stay=False, n_boot=20, seed=0)
+    assert ok.undated_rows == 0 and ok.alerts_per_unit_day is not None and ok.unit_days > 0
+    one_undated = dated.with_columns(
+        pl.when(pl.col("hadm_id") == 31).then(pl.lit("eicu_2015")).otherwise("batch_id").alias("batch_id")
+    )
+    for frame, undated in ((one_undated, 1), (dated.with_columns(pl.lit("eicu_2014").alias("batch_id")), 5)):
+        b = validation_alert_burden(rows, frame, threshold=0.5, one_day_per_stay=False, n_boot=20, seed=0)
+        assert b.undated_rows == undated and b.alerts_per_unit_day is None
+        # everything else is measured as before
+        assert b.alerts_per_100_patient_days == ok.alerts_per_100_patient_days
+        assert b.number_needed_to_evaluate == ok.number_needed_to_evaluate
+        again = AlertBurden.from_dict(json.loads(json.dumps(b.as_dict())))
+        assert again == b
+        s = alert_burden_sentences(b, DEATH)
+        assert s[2] == (
+            f"Alerts per unit per day are not computed: for {undated} of the 5 prediction rows the day on the "
+            "ward is not known (their batch is not a dated delivery, and the dates in these data are shifted "
+            "or synthetic)."
+        )
+        assert not any("unit-days" in x for x in s)
+        from clinical_ml.core.usecase import load_use_case
+        from clinical_ml_tests.conftest import PROJECT_ROOT
+
+        table = alert_burden_rows(b, load_use_case(PROJECT_ROOT / "usecases" / "eicu_mortality_24h.yaml"))
+        per_unit = next(r for r in table if r["name"] == "Alerts per unit per day")
+        assert per_unit["value"] == "n/a (the days on the ward are not known)"

@@ -140,3 +140,16 @@ def test_a_model_that_gives_everyone_the_same_risk_is_refused_for_that_reason():
     assert len(flat) == 1 and not flat[0].passed
     assert "same risk" in flat[0].reason and "2 readmissions" in flat[0].reason
     assert ranking_criterion(np.array([0.1, 0.2, 0.3, 0.2, 0.5]), y, best_iteration=40, words="deaths") == []
+
+
+def test_a_limit_per_unit_day_is_not_judged_when_the_ward_days_are_not_known():
+    crit = _by_name(
+        gate.operational_criteria(
+            _burden(alerts_per_unit_day=None, undated_rows=400), LIMITS, words=READMISSION
+        )
+    )["alerts_per_unit_day_upper_bound"]
+    assert not crit.judged and crit.passed
+    assert crit.reason == (
+        "alerts per unit per day: not judged (the day on the ward of 400 of the 400 prediction rows is not "
+        "known: their batch is not a dated delivery); the maximum is 2"
+    )
