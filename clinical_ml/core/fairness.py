@@ -1283,12 +1283,32 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
                 f"and {r.threshold_range[1]:.3f}) gives {own[0]:.2f}. Consider it, or a population-specific "
                 "model, after clinical review."
             )
-    if not out:
-        out.append(
-            f"The single threshold meets the {measure} target in every group large enough to judge: no "
-            "group-specific threshold is recommended."
+    if out:
+        return out
+    below = [
+        r
+        for r in rows
+        if not r.suppressed
+        and (r.sensitivity_single if measure == "sensitivity" else r.specificity_single)[0] < target
+    ]
+    if not below:
+        return [
+            f"At the single threshold the {measure} of every group large enough to judge is at or above the "
+            f"target of {target:.2f}: no group-specific threshold is recommended."
+        ]
+    named = "; ".join(
+        f"{r.attribute} = {r.group} "
+        + "{:.2f} (95% CI {:.2f} to {:.2f})".format(
+            *(r.sensitivity_single if measure == "sensitivity" else r.specificity_single)
         )
-    return out
+        for r in below
+    )
+    return [
+        f"At the single threshold no group's {measure} is below the target of {target:.2f} beyond chance, so "
+        f"no group-specific threshold is recommended; {len(below)} "
+        f"{'group is' if len(below) == 1 else 'groups are'} below it within their 95% CI ({named}): too "
+        "uncertain to act on, more data would tell."
+    ]
 
 
 # --- the verdict --------------------------------------------------------------------------------------

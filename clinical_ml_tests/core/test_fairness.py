@@ -293,3 +293,46 @@ def test_the_audit_judges_the_validation_cohort_and_chooses_group_thresholds_on_
     other = audit_subcohorts(tuned, **kwargs)
     assert other.analysis == audit.analysis
     assert [t.threshold for t in other.thresholds] != [t.threshold for t in audit.thresholds]
+
+
+def _threshold_row(group: str, sens: tuple[float, float, float], *, suppressed: bool = False):
+    from clinical_ml.core.fairness import GroupThreshold
+
+    return GroupThreshold(
+        "sex",
+        group,
+        300,
+        30,
+        suppressed,
+        0.06,
+        (0.05, 0.07),
+        sens,
+        (0.6, 0.5, 0.7),
+        sens,
+        (0.6, 0.5, 0.7),
+        sens[0] >= 0.8,
+        sens[0] >= 0.8,
+    )
+
+
+def test_no_recommendation_says_which_groups_are_below_the_target_within_their_interval():
+    """eICU: women's sensitivity 0.69 (0.53 to 0.84) at the single threshold, target 0.80. Not below beyond
+    chance, so nothing is recommended; the sentence must not say the threshold meets the target there."""
+    rows = [_threshold_row("F", (0.69, 0.53, 0.84)), _threshold_row("M", (0.82, 0.69, 0.93))]
+    (rec,) = threshold_recommendation(rows, policy="min_sensitivity", target=0.8)
+    assert rec == (
+        "At the single threshold no group's sensitivity is below the target of 0.80 beyond chance, so no "
+        "group-specific threshold is recommended; 1 group is below it within their 95% CI (sex = F 0.69 "
+        "(95% CI 0.53 to 0.84)): too uncertain to act on, more data would tell."
+    )
+    assert "meets" not in rec
+    rows = [_threshold_row("F", (0.81, 0.7, 0.9)), _threshold_row("M", (0.85, 0.75, 0.93))]
+    rows.append(_threshold_row("X", (0.2, 0.0, 0.9), suppressed=True))  # too small: not judged
+    (rec,) = threshold_recommendation(rows, policy="min_sensitivity", target=0.8)
+    assert rec == (
+        "At the single threshold the sensitivity of every group large enough to judge is at or above the "
+        "target of 0.80: no group-specific threshold is recommended."
+    )
+    below = [_threshold_row("F", (0.5, 0.4, 0.6))]
+    (rec,) = threshold_recommendation(below, policy="min_sensitivity", target=0.8)
+    assert rec.startswith("sex = F: at the single threshold the sensitivity is 0.50")
