@@ -1306,7 +1306,8 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
     return [
         f"At the single threshold no group's {measure} is below the target of {target:.2f} beyond chance, so "
         f"no group-specific threshold is recommended; {len(below)} "
-        f"{'group is' if len(below) == 1 else 'groups are'} below it within their 95% CI ({named}): too "
+        f"{'group is' if len(below) == 1 else 'groups are'} below it within "
+        f"{'its' if len(below) == 1 else 'their'} 95% CI ({named}): too "
         "uncertain to act on, more data would tell."
     ]
 

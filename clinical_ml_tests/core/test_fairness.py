@@ -322,7 +322,7 @@ def test_no_recommendation_says_which_groups_are_below_the_target_within_their_i
     (rec,) = threshold_recommendation(rows, policy="min_sensitivity", target=0.8)
     assert rec == (
         "At the single threshold no group's sensitivity is below the target of 0.80 beyond chance, so no "
-        "group-specific threshold is recommended; 1 group is below it within their 95% CI (sex = F 0.69 "
+        "group-specific threshold is recommended; 1 group is below it within its 95% CI (sex = F 0.69 "
         "(95% CI 0.53 to 0.84)): too uncertain to act on, more data would tell."
     )
     assert "meets" not in rec
