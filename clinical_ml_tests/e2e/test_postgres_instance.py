@@ -44,17 +44,18 @@ LOCK_ERROR = re.compile(
     r"|lock timeout|could not obtain lock|canceling statement due to lock",
     re.IGNORECASE,
 )
-# Each step in its own process (the multiprocess executor), two steps at a time per run.
+# Each step in its own process (the multiprocess executor), two steps at a time per run. The step processes
+# are forked from a forkserver that has imported this module and the code location (clinical_ml.defs.build)
+# once: started with spawn, every step process spent ~8 s of CPU importing them again (71 step processes, most
+# of this test's time on 2 CPUs). A forkserver is one per process that starts it and keeps that process's
+# environment (DAGSTER_HOME, CLINICAL_ML_DATA_ROOT), so every run here, the lifecycle's too, is orchestrated
+# in a process of its own started with spawn for this test (run_in_own_process), never in pytest's.
 MULTIPROCESS = {
     "execution": {
         "config": {
             "multiprocess": {
                 "max_concurrent": 2,
-                # spawn, not forkserver: a forkserver is one per test process and keeps the environment
-                # (DAGSTER_HOME, CLINICAL_ML_DATA_ROOT) of the first test that started it. The vault update a
-                # forkserver once lost here (SQLite variant) was not its doing but the pool-slot race, fixed in
-                # both event logs (docs/instance-storage.md, "Pool slots"); it only made runs claim together
-                "start_method": {"spawn": {}},
+                "start_method": {"forkserver": {"preload_modules": [__name__, "clinical_ml.defs.build"]}},
             }
         }
     }
@@ -79,7 +80,8 @@ def lifecycle_job() -> dg.JobDefinition:
 
 
 def run_partition(batch_id: str) -> tuple[str, bool]:
-    """One `batch_ingestion_job` run, in a process of its own, on the instance of $DAGSTER_HOME."""
+    """One `batch_ingestion_job` run on the instance of $DAGSTER_HOME (in a process of its own: the callers
+    run it with run_in_own_process)."""
     with dg.DagsterInstance.get() as instance:
         result = dg.execute_job(
             dg.reconstructable(ingestion_job),
@@ -88,6 +90,21 @@ def run_partition(batch_id: str) -> tuple[str, bool]:
             tags={"dagster/partition": batch_id},
         )
         return result.run_id, result.success
+
+
+def run_lifecycle() -> tuple[str, bool, set[str]]:
+    """One `lifecycle_job` run on the instance of $DAGSTER_HOME: its run id, success and failed steps."""
+    with dg.DagsterInstance.get() as instance:
+        result = dg.execute_job(
+            dg.reconstructable(lifecycle_job), instance, run_config={**MULTIPROCESS, **QUIET}
+        )
+        return result.run_id, result.success, failed_steps(result)
+
+
+def _in_new_processes(fn, args: list) -> list:
+    """``fn`` of each of ``args`` at once, each in a new process (spawn) with this test's environment."""
+    with ProcessPoolExecutor(max_workers=len(args), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [f.result() for f in [pool.submit(fn, *a) for a in args]]
 
 
 @pytest.fixture
@@ -221,8 +238,7 @@ def _concurrent_runs_then_lifecycle(
     instance.add_dynamic_partitions(BATCH_PARTITIONS_NAME, batches)
 
     # Every batch partition at once, each run in its own process with its steps in their own processes.
-    with ProcessPoolExecutor(max_workers=N_BATCHES, mp_context=multiprocessing.get_context("spawn")) as pool:
-        outcomes = list(pool.map(run_partition, batches))
+    outcomes = _in_new_processes(run_partition, [(b,) for b in batches])
     ingest_runs = [run_id for run_id, _ in outcomes]
     assert all(ok for _, ok in outcomes), "a partition run failed"
     _assert_pools_held_and_partitions_recorded(instance, ingest_runs, batches)
@@ -230,23 +246,22 @@ def _concurrent_runs_then_lifecycle(
         assert _lock_errors(instance, ingest_runs) == []
         return
 
-    life = dg.execute_job(dg.reconstructable(lifecycle_job), instance, run_config={**MULTIPROCESS, **QUIET})
+    ((life_run, life_success, failed),) = _in_new_processes(run_lifecycle, [()])
     # As in the other end-to-end tests: a challenger refused by the promotion gate fails its blocking checks
     # (and only those) on purpose; anything else failing is an error.
-    failed = failed_steps(life)
-    assert life.success or failed <= promotion_gate_steps(_definitions()), failed
-    assert _lock_errors(instance, [*ingest_runs, life.run_id]) == []
+    assert life_success or failed <= promotion_gate_steps(_definitions()), failed
+    assert _lock_errors(instance, [*ingest_runs, life_run]) == []
 
     # Steps ran in processes other than the test's (the multiprocess executor).
     pids = {
         e.dagster_event.pid
-        for e in instance.all_logs(life.run_id)
+        for e in instance.all_logs(life_run)
         if e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.STEP_START
     }
     assert len(pids) > 1 and os.getpid() not in pids
     reports = {p.name for p in (data_root / "reports").glob("*/*.html")}
     assert "performance_report.html" in reports
-    if life.success:
+    if life_success:
         assert reports >= {"subcohort_fairness_report.html", "feature_drift_report.html"}
 
 
