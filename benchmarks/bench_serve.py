@@ -9,8 +9,8 @@ temperature in degF, converted on the way). The service predicts at its own cloc
 wall clock: every call is scored with reasons (a stay months old would be declined as 100% missing, a much
 shorter path); the bench fails if a warm-up call is not scored, and reports the outcomes of all calls. Reported: p50 and p99 of the round trip, errors (any status but 200), the service processes' CPU time
 per call (user + system, from /proc: on a shared machine the latency also measures the other tenants, this
-does not), beside the same request parsed and scored in process (``chart_from_prefetch`` +
-``ServedModel.score``, one at a time). Goal: p99 <= 50 ms with zero errors (issue 20).
+does not), beside the same request read from its bytes, charted and scored in process (``read_hook_body``,
+``chart_from_prefetch``, ``ServedModel.score``, one at a time). Goal: p99 <= 50 ms with zero errors (issue 20).
 """
 
 import asyncio
