@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from clinical_ml.core.artifacts import UseCaseStore
+from clinical_ml.core.display_names import attribute_title
 from clinical_ml.core.registry import PromotionDecision, Registry
 from clinical_ml.core.storage import atomic_write_bytes
 
@@ -55,7 +56,7 @@ class GroupThresholds:
             if self.carried_from
             else ""
         )
-        return f"per-group thresholds by {self.attribute.replace('_', ' ')} ({listed}{carried})"
+        return f"per-group thresholds by {attribute_title(self.attribute)} ({listed}{carried})"
 
 
 @dataclass(frozen=True)

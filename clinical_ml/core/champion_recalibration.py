@@ -10,6 +10,7 @@ import polars as pl
 from clinical_ml.core.approval import apply_approval_policy
 from clinical_ml.core.artifacts import ParquetParts, UseCaseStore
 from clinical_ml.core.champion_monitoring import Champion, known_by, monitoring_frame
+from clinical_ml.core.display_names import attribute_title
 from clinical_ml.core.evaluation import bootstrap_metrics
 from clinical_ml.core.features import ROW_KEY, SplitInfo, feature_matrix
 from clinical_ml.core.gate import criterion_result, gate_inputs
@@ -396,7 +397,7 @@ def _carried_groups_sentence(offer: RecalibrationOffer) -> str:
     groups = offer.group_thresholds
     if not groups:
         return ""
-    attribute = str(groups["attribute"]).replace("_", " ")
+    attribute = attribute_title(str(groups["attribute"]))
 
     def listed(side: str) -> str:
         return ", ".join(f"{g} {float(t):.4f}" for g, t in sorted(groups[side].items()))

@@ -96,3 +96,21 @@ def display_name(feature: str) -> str:
     """The clinical name with its unit in brackets: ``Creatinine, last value in 24 h (mg/dL)``."""
     name, unit = display_name_and_unit(feature)
     return f"{name} ({unit})" if unit else name
+
+
+ATTRIBUTE_TITLES = {
+    "overall": "all patients",
+    "sex": "sex",
+    "race_ethnicity": "race and ethnicity",
+    "age_band": "age group",
+}
+
+
+def attribute_title(attribute: str) -> str:
+    """Words for an attribute or an intersection (``"sex & age_band"`` -> ``"sex and age group"``)."""
+    return " and ".join(ATTRIBUTE_TITLES.get(a, a.replace("_", " ")) for a in attribute.split(" & "))
+
+
+def who(attribute: str, group: str) -> str:
+    """A group in words: ``"race and ethnicity = Black"``, ``"sex and age group = F & 80+"``."""
+    return f"{attribute_title(attribute)} = {group}"

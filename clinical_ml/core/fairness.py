@@ -58,6 +58,7 @@ from fairlearn.metrics import MetricFrame
 from scipy import stats
 
 from clinical_ml.core import bootstrap
+from clinical_ml.core.display_names import attribute_title, who
 from clinical_ml.core.evaluation import choose_threshold, confusion
 from clinical_ml.core.usecase import OperatingPoint, OutcomeWords, Subgroups
 
@@ -1277,7 +1278,7 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
         own = r.sensitivity_group if measure == "sensitivity" else r.specificity_group
         if single[2] < target:
             out.append(
-                f"{r.attribute} = {r.group}: at the single threshold the {measure} is {single[0]:.2f} "
+                f"{who(r.attribute, r.group)}: at the single threshold the {measure} is {single[0]:.2f} "
                 f"(95% CI {single[1]:.2f} to {single[2]:.2f}), below the target of {target:.2f} beyond "
                 f"chance; a group threshold of {r.threshold:.3f} (stable between {r.threshold_range[0]:.3f} "
                 f"and {r.threshold_range[1]:.3f}) gives {own[0]:.2f}. Consider it, or a population-specific "
@@ -1297,7 +1298,7 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
             f"target of {target:.2f}: no group-specific threshold is recommended."
         ]
     named = "; ".join(
-        f"{r.attribute} = {r.group} "
+        f"{who(r.attribute, r.group)} "
         + "{:.2f} (95% CI {:.2f} to {:.2f})".format(
             *(r.sensitivity_single if measure == "sensitivity" else r.specificity_single)
         )
@@ -1344,9 +1345,9 @@ def verdict(
     """
     rows = analysis.rows if isinstance(analysis, SubgroupAnalysis) else analysis
     ev, nev = (words.events, words.non_events) if words is not None else ("deaths", "survivors")
-    failures = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.failures]
-    flags = [f"{r.attribute} = {r.group}: {f}" for r in rows for f in r.flags if f not in r.failures]
-    concerns = [f"{r.attribute} = {r.group}: {c}" for r in rows if not r.intersection for c in r.concerns]
+    failures = [f"{who(r.attribute, r.group)}: {f}" for r in rows for f in r.failures]
+    flags = [f"{who(r.attribute, r.group)}: {f}" for r in rows for f in r.flags if f not in r.failures]
+    concerns = [f"{who(r.attribute, r.group)}: {c}" for r in rows if not r.intersection for c in r.concerns]
     # An intersection's point estimate below a minimum, with a CI that reaches it, is expected by chance among
     # dozens of small intersections: it is shown (in the table and here) but asks for review only beyond chance.
     uncertain = [r for r in rows if r.intersection and r.concerns]
@@ -1355,7 +1356,7 @@ def verdict(
         [
             f"{len(uncertain)} of {judged_intersections} intersections judged have a point estimate below a "
             "subgroup minimum with a 95% CI that still reaches it ("
-            + "; ".join(f"{r.attribute} = {r.group}" for r in uncertain[:5])
+            + "; ".join(who(r.attribute, r.group) for r in uncertain[:5])
             + ("; ..." if len(uncertain) > 5 else "")
             + "): with this many small intersections some fall below by chance, so they are shown but do not ask "
             "for review on their own"
@@ -1380,7 +1381,7 @@ def verdict(
         judged = [r for r in groups if not r.suppressed]
         if len(judged) < 2:
             insufficient.append(
-                f"{attribute}: {len(judged)} of {len(groups)} groups large enough to judge, so its groups "
+                f"{attribute_title(attribute)}: {len(judged)} of {len(groups)} groups large enough to judge, so its groups "
                 "cannot be compared"
             )
     suppressed = sum(r.suppressed for r in rows)

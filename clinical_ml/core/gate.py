@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from clinical_ml.core.display_names import who
 from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, MetricWithCI, paired_comparison
 from clinical_ml.core.fairness import subgroup_table
 from clinical_ml.core.features import ROW_KEY, feature_matrix
@@ -411,7 +412,7 @@ def subgroup_criteria(rows: list[dict], *, min_cell_size: int) -> list[GateCrite
     judged = [r for r in rows if r["attribute"] != "overall" and not r["suppressed"]]
     skipped = [r for r in rows if r["attribute"] != "overall" and r["suppressed"]]
     failing = [
-        f"{r['attribute']} = {r['group']}: {f}"
+        f"{who(r['attribute'], r['group'])}: {f}"
         for r in judged
         for f in (r["failures"] if "failures" in r else [f for f in r["flags"] if "subgroup minimum" in f])
     ]

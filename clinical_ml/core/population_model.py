@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 
 from clinical_ml.core import bootstrap
+from clinical_ml.core.display_names import who
 from clinical_ml.core.evaluation import auroc
 from clinical_ml.core.features import ROW_KEY, feature_matrix
 from clinical_ml.core.modeling import DEFAULT_PARAMS, TrainedModel, refit_rounds, train_model
@@ -115,14 +116,17 @@ class CandidateComparison:
             judged = f"better beyond chance in {better[0]} but worse in {worse[0]}"
         elif better:
             judged = f"better beyond chance in {' and '.join(better)}" + (
-                "" if len(better) == 2 else f"; no difference beyond chance in {_other(better[0])}"
+                "" if len(better) == 2 else f"; neither better nor worse beyond chance in {_other(better[0])}"
             )
         elif worse:
             judged = f"worse beyond chance in {' and '.join(worse)}" + (
-                "" if len(worse) == 2 else f"; no difference beyond chance in {_other(worse[0])}"
+                "" if len(worse) == 2 else f"; neither better nor worse beyond chance in {_other(worse[0])}"
             )
         else:
-            judged = "no difference beyond chance in discrimination or calibration (both intervals cover 0)"
+            judged = (
+                "neither better nor worse beyond chance in discrimination or calibration (the intervals of the "
+                "AUROC difference and of the gain in calibration both cover 0)"
+            )
         return f"{self.name}: {numbers}: {judged}."
 
     def as_dict(self) -> dict:
@@ -153,7 +157,7 @@ class PopulationModelComparison:
 
     @property
     def who(self) -> str:
-        return f"{(self.attribute or '').replace('_', ' ')} = {self.group}"
+        return who(self.attribute or "", str(self.group))
 
     def recommendation(self) -> str:
         """What the panel can do about it, in one sentence true for the numbers of the comparison."""
@@ -179,7 +183,7 @@ class PopulationModelComparison:
         why = (
             f"the single model is better beyond chance in {' and '.join(worse)}"
             if worse
-            else "every interval of the differences covers 0"
+            else "the intervals of the AUROC difference and of the gain in calibration all cover 0"
         )
         return (
             f"No evidence that a separate model helps {self.who}: {why}. Keep one model (with per-group "
@@ -313,7 +317,7 @@ def choose_group(
 
 
 def _who(r: dict) -> str:
-    return f"{r['attribute'].replace('_', ' ')} = {r['group']}"
+    return who(r["attribute"], r["group"])
 
 
 def _fit_like(

@@ -16,7 +16,7 @@ import polars as pl
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from clinical_ml.core import plots
-from clinical_ml.core.display_names import display_name_and_unit
+from clinical_ml.core.display_names import attribute_title, display_name_and_unit
 from clinical_ml.core.drift import FeatureDrift
 from clinical_ml.core.drift_statistics import DriftStatistic, DriftThresholds
 from clinical_ml.core.evaluation import ALERT_BURDEN_LIMITS, AlertBurden, MetricWithCI
@@ -442,12 +442,6 @@ def performance_report(
     return html, md
 
 
-ATTRIBUTE_TITLES = {
-    "overall": "all patients",
-    "sex": "sex",
-    "race_ethnicity": "race and ethnicity",
-    "age_band": "age group",
-}
 _TABLE_METRICS = (
     "auroc",
     "sensitivity",
@@ -457,11 +451,6 @@ _TABLE_METRICS = (
     "observed_expected_ratio",
     "calibration_slope",
 )
-
-
-def attribute_title(attribute: str) -> str:
-    """Words for an attribute or an intersection (``"sex & age_band"`` -> ``"sex and age group"``)."""
-    return " and ".join(ATTRIBUTE_TITLES.get(a, a.replace("_", " ")) for a in attribute.split(" & "))
 
 
 def _estimate(e: tuple[float, float, float] | None) -> dict | None:

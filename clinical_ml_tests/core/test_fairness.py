@@ -178,7 +178,7 @@ def test_group_with_under_estimated_deaths_is_flagged_with_a_ci_excluding_parity
     assert v == "fail"
     assert any("Black" in reason and "beyond chance" in reason for reason in reasons)
     assert (
-        f"race_ethnicity = Black: calibration slope {slope[0]:.2f} (95% CI {slope[1]:.2f} to {slope[2]:.2f}): "
+        f"race and ethnicity = Black: calibration slope {slope[0]:.2f} (95% CI {slope[1]:.2f} to {slope[2]:.2f}): "
         "predicted risks too extreme in this group, the whole interval below the acceptable range 0.70 to 1.30"
     ) in reasons
 
@@ -235,7 +235,7 @@ def test_per_group_thresholds_meet_the_target_where_the_single_threshold_does_no
     assert black.sensitivity_group[0] > black.sensitivity_single[0]
     assert black.specificity_group[0] <= black.specificity_single[0]
     recs = threshold_recommendation(rows, policy="min_sensitivity", target=0.8)
-    assert any(r.startswith("race_ethnicity = Black") for r in recs)
+    assert any(r.startswith("race and ethnicity = Black") for r in recs)
     assert not any("White" in r for r in recs)
 
 

@@ -87,7 +87,7 @@ def test_a_group_with_twice_the_deaths_predicted_fails_with_the_interval_in_word
     assert sentence in black.failures
     verdict_, reasons = verdict(a)
     assert verdict_ == "fail"
-    assert f"race_ethnicity = Black: {sentence}" in reasons
+    assert f"race and ethnicity = Black: {sentence}" in reasons
     others = [
         r for r in a.rows if r.group != "Black" and not r.suppressed and r.attribute == "race_ethnicity"
     ]
@@ -208,7 +208,7 @@ def test_the_fairness_report_states_the_rules_the_failure_and_plots_observed_exp
     )
     black = next(r for r in a.rows_of("race_ethnicity") if r.group == "Black")
     assert v == "fail" and "### Subcohort fairness: FAIL" in md
-    assert f"<li>race_ethnicity = Black: {black.failures[0]}</li>" in html
+    assert f"<li>race and ethnicity = Black: {black.failures[0]}</li>" in html
     assert (
         "Acceptable calibration of a group: observed/expected deaths 0.80 to\n1.20, calibration slope 0.70 to 1.30"
         in html
@@ -277,7 +277,7 @@ def test_an_intersection_below_a_minimum_by_a_wide_interval_is_noted_not_a_revie
     assert v == "pass"
     note = next(r for r in reasons if "intersections judged" in r)
     assert note.startswith("1 of 4 intersections judged have a point estimate below a subgroup minimum")
-    assert "sex & age_band = F & 45-64" in note and "do not ask for review on their own" in note
+    assert "sex and age group = F & 45-64" in note and "do not ask for review on their own" in note
     # the same concern on a group of an audited attribute asks for review
     v, reasons = verdict([*groups[:1], row("sex", "F", concerns=(concern,)), *groups[2:], *crossed])
     assert v == "review" and reasons[0] == f"sex = F: {concern}"

@@ -107,7 +107,7 @@ def test_a_failing_group_is_chosen_before_a_flagged_one_and_the_rule_is_said():
     assert (attribute, group) == ("race_ethnicity", "Black")
     assert (
         why
-        == "race ethnicity = Black fails a subgroup minimum or calibration range in the subcohort analysis."
+        == "race and ethnicity = Black fails a subgroup minimum or calibration range in the subcohort analysis."
     )
 
 
@@ -239,7 +239,7 @@ def test_a_group_whose_risk_no_predictor_carries_is_better_served_by_a_populatio
     assert interaction.fitted_rows == frame.filter(pl.col("split") != "held_out").height
     assert result.candidates[0].fitted_rows < interaction.fitted_rows
     words = result.recommendation()
-    assert words.startswith("A population-specific model is better beyond chance for race ethnicity = A")
+    assert words.startswith("A population-specific model is better beyond chance for race and ethnicity = A")
     assert "not deployed by this analysis" in words
     assert words in population_model_markdown(result)
     assert PopulationModelComparison.from_dict(result.as_dict()) == result
@@ -254,7 +254,7 @@ def test_without_a_group_effect_there_is_no_evidence_that_a_separate_model_helps
     result = _compare(frame, model, _fairness_of(frame, None))
     assert result.why.startswith("No audited group is flagged")
     assert not any(c.better() for c in result.candidates)
-    assert result.recommendation().startswith("No evidence that a separate model helps race ethnicity = ")
+    assert result.recommendation().startswith("No evidence that a separate model helps race and ethnicity = ")
     # same inputs, same result (fits and bootstrap seeded), whatever order the rows come in
     again = _compare(frame.sample(fraction=1.0, shuffle=True, seed=1), model, _fairness_of(frame, None))
     assert again.as_dict() == result.as_dict()
@@ -272,20 +272,22 @@ def _candidate(auroc_ci, gain_ci, kind="separate"):
         (
             (0.01, -0.01, 0.03),
             (0.05, -0.02, 0.12),
-            "no difference beyond chance in discrimination or calibration (both intervals cover 0).",
-            "No evidence that a separate model helps sex = F: every interval of the differences covers 0.",
+            "neither better nor worse beyond chance in discrimination or calibration (the intervals of the AUROC "
+            "difference and of the gain in calibration both cover 0).",
+            "No evidence that a separate model helps sex = F: the intervals of the AUROC difference and of the gain "
+            "in calibration all cover 0.",
         ),
         (
             (-0.04, -0.07, -0.01),
             (0.0, -0.05, 0.05),
-            "worse beyond chance in discrimination; no difference beyond chance in calibration.",
+            "worse beyond chance in discrimination; neither better nor worse beyond chance in calibration.",
             "No evidence that a separate model helps sex = F: the single model is better beyond chance in "
             "discrimination.",
         ),
         (
             (0.01, -0.01, 0.03),
             (0.15, 0.0004, 0.3),
-            "better beyond chance in calibration; no difference beyond chance in discrimination.",
+            "better beyond chance in calibration; neither better nor worse beyond chance in discrimination.",
             "A population-specific model is better beyond chance for sex = F: separate model (calibration).",
         ),
         (

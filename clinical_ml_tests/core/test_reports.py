@@ -206,7 +206,7 @@ def _render(hostile: bool) -> dict[str, str]:
             "v1",
             "race_ethnicity",
             SCRIPT if hostile else "Black",
-            "race ethnicity = Black fails a subgroup minimum or calibration range in the subcohort analysis.",
+            "race and ethnicity = Black fails a subgroup minimum or calibration range in the subcohort analysis.",
             300,
             290,
             45,
@@ -250,14 +250,14 @@ def test_report_card_says_whether_a_population_specific_model_helps(plain):
     text = " ".join(_parse(plain["card_html"]).text)
     assert "Would a population-specific model help?" in text
     assert (
-        "A population-specific model is better beyond chance for race ethnicity = Black: separate model "
+        "A population-specific model is better beyond chance for race and ethnicity = Black: separate model "
         "(calibration)."
     ) in text
     assert (
         "Separate model: AUROC 0.780 vs 0.800 for the single model (difference -0.020, CI -0.060 to +0.020)"
         in text
     )
-    assert "the fairness analysis recommends 0.210 for race ethnicity = Black" in text
+    assert "the fairness analysis recommends 0.210 for race and ethnicity = Black" in text
     assert "Judged on 300 validation admissions of 290 patients (45 outcome events)" in text
 
 

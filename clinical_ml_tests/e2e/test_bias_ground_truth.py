@@ -76,7 +76,7 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
         analysis, min_events=uc.success_criteria.min_events, min_non_events=uc.success_criteria.min_non_events
     )
     assert v == "fail" if row.failures else v in ("fail", "review")
-    assert all(f"race_ethnicity = {group}: {f}" in reasons for f in calibration_flags)
+    assert all(f"race and ethnicity = {group}: {f}" in reasons for f in calibration_flags)
     others = [
         r
         for r in analysis.rows
@@ -101,5 +101,5 @@ def test_bias_scenario_group_is_flagged_with_a_ci_excluding_parity(tmp_path):
     assert (comparison.attribute, comparison.group) == ("race_ethnicity", group)
     assert any("calibration" in c.better() for c in comparison.candidates)
     assert comparison.recommendation().startswith(
-        f"A population-specific model is better beyond chance for race ethnicity = {group}"
+        f"A population-specific model is better beyond chance for race and ethnicity = {group}"
     )
