@@ -244,13 +244,19 @@ def _bound_words(bound: float, limit: float) -> str:
 
 
 def operational_criteria(
-    burden: AlertBurden | dict | None, criteria: dict, *, words: OutcomeWords | None = None
+    burden: AlertBurden | dict | None,
+    criteria: dict,
+    *,
+    words: OutcomeWords | None = None,
+    evaluable: bool = True,
 ) -> list[GateCriterion]:
     """The use case's operational limits (alert burden at the operating point), one criterion per limit set.
 
     A maximum is met when the upper bound of its 95% CI is at or below it. A limit is *not judged* (passes,
     does not block, says so) when no burden was measured, when no prediction of the validation cohort was
-    flagged (there is no burden to judge), or when its value or interval could not be computed.
+    flagged (there is no burden to judge), when its value or interval could not be computed, or, for the
+    number needed to evaluate (which counts outcomes), when the validation cohort has too few outcomes to
+    judge (``evaluable`` false, :func:`evaluability_criterion`).
 
     Parameters
     ----------
@@ -281,6 +287,8 @@ def operational_criteria(
                 "no prediction of the validation cohort was flagged at the operating point, so there is no "
                 "alert burden to judge"
             )
+        elif metric == "number_needed_to_evaluate" and not evaluable:
+            why = "too few outcomes to judge"
         elif estimate is None and metric == "alerts_per_unit_day" and burden.undated_rows:
             why = (
                 f"the day on the ward of {burden.undated_rows} of the {burden.prediction_rows} prediction rows "
@@ -479,8 +487,9 @@ def ranking_criterion(
             "model_ranks_patients",
             False,
             f"the model gives every one of the {len(y)} validation patients the same risk (it stopped after "
-            f"{best_iteration} boosting rounds): with {int(y.sum())} {words} in validation it learned nothing "
-            "to rank them by; more outcome events (more data or a longer period) are needed",
+            f"{best_iteration} boosting {'round' if best_iteration == 1 else 'rounds'}): it found nothing in the "
+            f"derivation cohort to rank patients by, so the {int(y.sum())} {words} in validation cannot be told "
+            "apart from the others; more outcome events (more data or a longer period) are needed",
         )
     ]
 
@@ -578,7 +587,7 @@ def judge_challenger(
             p, inputs.y, best_iteration=inputs.challenger.best_iteration, words=use_case.words.events
         ),
         minimum_criteria(inputs.metrics, criteria, evaluable=enough[0].passed),
-        operational_criteria(inputs.alert_burden, criteria, words=use_case.words),
+        operational_criteria(inputs.alert_burden, criteria, words=use_case.words, evaluable=enough[0].passed),
         non_inferiority_criteria(
             inputs.metrics,
             inputs.champion_card,

@@ -138,7 +138,8 @@ def test_a_model_that_gives_everyone_the_same_risk_is_refused_for_that_reason():
     y = np.array([0, 0, 1, 0, 1])
     flat = ranking_criterion(np.full(5, 0.2), y, best_iteration=1, words="readmissions")
     assert len(flat) == 1 and not flat[0].passed
-    assert "same risk" in flat[0].reason and "2 readmissions" in flat[0].reason
+    assert "same risk" in flat[0].reason and "the 2 readmissions in validation" in flat[0].reason
+    assert "(it stopped after 1 boosting round)" in flat[0].reason
     assert ranking_criterion(np.array([0.1, 0.2, 0.3, 0.2, 0.5]), y, best_iteration=40, words="deaths") == []
 
 
@@ -153,3 +154,20 @@ def test_a_limit_per_unit_day_is_not_judged_when_the_ward_days_are_not_known():
         "alerts per unit per day: not judged (the day on the ward of 400 of the 400 prediction rows is not "
         "known: their batch is not a dated delivery); the maximum is 2"
     )
+
+
+def test_the_number_needed_to_evaluate_is_not_judged_with_too_few_outcomes_the_rates_still_are():
+    """MIMIC demo: 3 readmissions in validation; the NNE's infinite upper bound was judged and failed while
+    every other measure of the outcome read "not judged (too few outcomes to judge)"."""
+    burden = _burden(number_needed_to_evaluate=MetricWithCI(7.0, 3.0, math.inf), true_alerts=3)
+    crit = _by_name(gate.operational_criteria(burden, LIMITS, words=READMISSION, evaluable=False))
+    nne = crit["number_needed_to_evaluate_upper_bound"]
+    assert nne.passed and not nne.judged
+    assert nne.reason == (
+        "number needed to evaluate (patients flagged per readmission found): not judged (too few outcomes to "
+        "judge); the maximum is 4"
+    )
+    # alerts do not count outcomes: judged as ever
+    assert crit["alerts_per_100_patient_days_upper_bound"].judged
+    judged = _by_name(gate.operational_criteria(burden, LIMITS, words=READMISSION))
+    assert not judged["number_needed_to_evaluate_upper_bound"].passed
