@@ -1041,17 +1041,15 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     def per_code(values: list) -> pl.Expr:
         return pl.lit(pl.Series(values)).gather(pl.col("_code_idx"))
 
+    # the (code, unit) pair's index into the tables
+    pair = pl.col("_code_idx").cast(pl.UInt32) * len(units) + pl.col("_unit_idx").cast(pl.UInt32)
+
     def per_pair(values: list) -> pl.Expr:
-        return pl.lit(pl.Series(values)).gather(pl.col("_pair"))
+        return pl.lit(pl.Series(values)).gather(pair)
 
     out = df.rename({"value": "value_raw", "unit": "unit_raw"}).with_columns(
         pl.col(code_col).cast(pl.Enum(codes), strict=False).to_physical().alias("_code_idx"),
         pl.col("unit_raw").cast(pl.Enum(units), strict=False).to_physical().alias("_unit_idx"),
-    )
-    out = out.with_columns(
-        (pl.col("_code_idx").cast(pl.UInt32) * len(units) + pl.col("_unit_idx").cast(pl.UInt32)).alias(
-            "_pair"
-        )
     )
     value = (
         pl.when(per_pair(converted))
@@ -1060,21 +1058,34 @@ def _harmonize_units(df: pl.DataFrame, code_col: str) -> pl.DataFrame:
     )
     canonical_units = per_code([canonical_unit(c) for c in codes])
     # A file with no row converted, or with every unit its code's canonical one, keeps the delivered column as
-    # it is: the same numbers or text, without computing a new column per row.
-    any_converted, all_canonical = out.select(
-        per_pair(converted).any().alias("converted"),
-        per_pair(as_canonical).fill_null(False).all().alias("all"),
-    ).row(0)
+    # it is: the same numbers or text, without computing a new column per row. The checks over every row are
+    # taken by the streaming engine, a morsel of rows at a time: no 10M-row column of the pair's index or of
+    # a gathered limit is materialized (their fresh memory's page faults cost more than the gathers).
+    any_converted, all_canonical = (
+        out.lazy()
+        .select(
+            per_pair(converted).any().alias("converted"),
+            per_pair(as_canonical).fill_null(False).all().alias("all"),
+        )
+        .collect(engine="streaming")
+        .row(0)
+    )
     out = out.with_columns(
         (pl.col("unit_raw") if all_canonical else canonical_units).alias("unit"),
         (value if any_converted else pl.col("value_raw")).alias("value"),
-        per_pair(known).fill_null(False).alias("unit_known"),
     )
     lo = per_code([float(PLAUSIBLE_RANGES[c][0]) for c in codes])
     hi = per_code([float(PLAUSIBLE_RANGES[c][1]) for c in codes])
-    return out.with_columns(
-        ((pl.col("value") < lo) | (pl.col("value") > hi)).fill_null(False).alias("implausible")
+    flags = (
+        out.lazy()
+        .select(
+            per_pair(known).fill_null(False).alias("unit_known"),
+            ((pl.col("value") < lo) | (pl.col("value") > hi)).fill_null(False).alias("implausible"),
+        )
+        .collect(engine="streaming")
+        .rechunk()  # two bitmaps: one chunk, as an eager column would be
     )
+    return out.hstack(flags)
 
 
 def _pandera_rejects(parsed: pl.DataFrame, source: str, mapping: SiteMapping) -> pl.DataFrame:
