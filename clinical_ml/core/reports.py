@@ -34,6 +34,20 @@ _ENV = Environment(
     autoescape=select_autoescape(enabled_extensions=("html", "j2"), default=True),
     undefined=StrictUndefined,
 )
+PERIODS_LISTED = 8  # more year-quarters than this are given as a range
+
+
+def periods_text(periods: Sequence[str]) -> str:
+    """A cohort's admission periods in words: listed when few, else the first to the last and how many
+    (MIMIC's dates are shifted per patient over a century: 48 year-quarters listed one by one say nothing)."""
+    if not periods:
+        return "none"
+    if len(periods) <= PERIODS_LISTED:
+        return ", ".join(periods)
+    return f"{periods[0]} to {periods[-1]} ({len(periods)} year-quarters with admissions)"
+
+
+_ENV.filters["periods_text"] = periods_text
 
 
 def metric_meanings(words: OutcomeWords) -> dict[str, tuple[str, str]]:
@@ -1120,7 +1134,7 @@ def predictor_labels(feature_names: Sequence[str], *, static: Sequence[str]) -> 
 def report_card_markdown(md: str, calibration_png: bytes, forest_plots: Mapping[str, bytes]) -> str:
     """The report card's Markdown with its calibration and forest plots embedded (for the asset's page)."""
     images = [md_image("Calibration, validation cohort", calibration_png)]
-    images += [md_image(f"Sensitivity by {a.replace('_', ' ')}", png) for a, png in forest_plots.items()]
+    images += [md_image(f"Sensitivity by {attribute_title(a)}", png) for a, png in forest_plots.items()]
     return md + "\n" + "\n\n".join(images) + "\n"
 
 

@@ -338,3 +338,14 @@ def test_payloads_are_inert_in_markdown(hostile, name):
     assert re.search(r"(?<!\\)[<>]", md) is None
     assert re.search(r"(?<!\\)\]\(", md) is None
     assert "\\<script\\>" in md
+
+
+def test_admission_periods_are_listed_when_few_and_given_as_a_range_when_many():
+    from clinical_ml.core.reports import PERIODS_LISTED, periods_text
+
+    assert periods_text(["2014Q3", "2015Q3"]) == "2014Q3, 2015Q3"
+    assert periods_text([]) == "none"
+    many = [f"{y}Q{q}" for y in range(2102, 2115) for q in (1, 3)]  # MIMIC: shifted over a century
+    assert len(many) > PERIODS_LISTED
+    assert periods_text(many) == f"2102Q1 to 2114Q3 ({len(many)} year-quarters with admissions)"
+    assert periods_text(many[:PERIODS_LISTED]) == ", ".join(many[:PERIODS_LISTED])
