@@ -48,6 +48,7 @@ def periods_text(periods: Sequence[str]) -> str:
 
 
 _ENV.filters["periods_text"] = periods_text
+_ENV.filters["attribute_title"] = attribute_title
 
 
 def metric_meanings(words: OutcomeWords) -> dict[str, tuple[str, str]]:

@@ -238,6 +238,7 @@ def test_report_card_says_what_privacy_took_from_each_group_and_whether_more_dat
     # Asian: 2 withheld and 8 outside their group of 40 delivered = 25%, over the 5% limit; White 1 of 400
     assert "What the privacy gate took from each audited group" in text
     assert "25.0%" in text and "0.2%" in text
+    assert "<td>race and ethnicity</td><td>Asian</td>" in plain["card_html"]  # the attribute in words
     assert 'class="verdict review">25.0%' in plain["card_html"]
     assert 'class="verdict review">0.2%' not in plain["card_html"]
     assert (
