@@ -1267,6 +1267,9 @@ def group_thresholds(
     return out
 
 
+THRESHOLD_GROUPS_NAMED = 3  # groups below the target within their CI named in the sentence, lowest first
+
+
 def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target: float) -> list[str]:
     """Plain-words recommendations from :func:`group_thresholds` (never applied automatically)."""
     measure = "sensitivity" if policy == "min_sensitivity" else "specificity"
@@ -1286,30 +1289,29 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
             )
     if out:
         return out
-    below = [
-        r
-        for r in rows
-        if not r.suppressed
-        and (r.sensitivity_single if measure == "sensitivity" else r.specificity_single)[0] < target
-    ]
+
+    def estimate(r: GroupThreshold) -> Estimate:
+        return r.sensitivity_single if measure == "sensitivity" else r.specificity_single
+
+    below = sorted(
+        (r for r in rows if not r.suppressed and estimate(r)[0] < target), key=lambda r: estimate(r)[0]
+    )
     if not below:
         return [
             f"At the single threshold the {measure} of every group large enough to judge is at or above the "
             f"target of {target:.2f}: no group-specific threshold is recommended."
         ]
-    named = "; ".join(
-        f"{who(r.attribute, r.group)} "
-        + "{:.2f} (95% CI {:.2f} to {:.2f})".format(
-            *(r.sensitivity_single if measure == "sensitivity" else r.specificity_single)
-        )
-        for r in below
+    shown = below[:THRESHOLD_GROUPS_NAMED]
+    named = ("the lowest: " if len(below) > len(shown) else "") + "; ".join(
+        f"{who(r.attribute, r.group)} {_beyond(estimate(r)[0], target)} (95% CI {estimate(r)[1]:.2f} to "
+        f"{estimate(r)[2]:.2f})"
+        for r in shown
     )
+    one = len(below) == 1
     return [
         f"At the single threshold no group's {measure} is below the target of {target:.2f} beyond chance, so "
-        f"no group-specific threshold is recommended; {len(below)} "
-        f"{'group is' if len(below) == 1 else 'groups are'} below it within "
-        f"{'its' if len(below) == 1 else 'their'} 95% CI ({named}): too "
-        "uncertain to act on, more data would tell."
+        f"no group-specific threshold is recommended; {len(below)} {'group is' if one else 'groups are'} below "
+        f"it within {'its' if one else 'their'} 95% CI ({named}): too uncertain to act on, more data would tell."
     ]
 
 

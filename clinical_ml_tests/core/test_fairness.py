@@ -336,3 +336,20 @@ def test_no_recommendation_says_which_groups_are_below_the_target_within_their_i
     below = [_threshold_row("F", (0.5, 0.4, 0.6))]
     (rec,) = threshold_recommendation(below, policy="min_sensitivity", target=0.8)
     assert rec.startswith("sex = F: at the single threshold the sensitivity is 0.50")
+
+
+def test_many_groups_below_the_target_within_their_interval_are_counted_and_the_lowest_named():
+    from clinical_ml.core.fairness import THRESHOLD_GROUPS_NAMED
+
+    sens = [(0.79, 0.6, 0.9), (0.63, 0.41, 0.81), (0.7995, 0.7, 0.87), (0.68, 0.47, 0.84), (0.75, 0.65, 0.82)]
+    rows = [_threshold_row(f"G{i}", s) for i, s in enumerate(sens)]
+    (rec,) = threshold_recommendation(rows, policy="min_sensitivity", target=0.8)
+    assert THRESHOLD_GROUPS_NAMED == 3
+    assert (
+        "5 groups are below it within their 95% CI (the lowest: sex = G1 0.63 (95% CI 0.41 to 0.81); " in rec
+    )
+    assert "sex = G3 0.68 (95% CI 0.47 to 0.84); sex = G4 0.75 (95% CI 0.65 to 0.82))" in rec
+    assert "G0" not in rec and "G2" not in rec
+    # a value just under the target reads under it
+    (one,) = threshold_recommendation([rows[2]], policy="min_sensitivity", target=0.8)
+    assert "1 group is below it within its 95% CI (sex = G2 0.799 (95% CI 0.70 to 0.87))" in one
