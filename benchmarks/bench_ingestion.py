@@ -23,23 +23,33 @@ Each measurement also reports its process CPU time (``ours_cpu_s``, ``baseline_c
 system time of all its threads) and the run the 1-minute load average before and after: on this shared 2-core
 machine a wall time measured beside other work varies by 2x from run to run, the CPU time far less.
 
-Where the time goes (10M rows, 685 MB, 2 cores, load average ~5; CPU seconds of each step of ``ingest_file`` run
-one after another, its two threads inline; 6.4 CPU-s in all, against ~3.6-4.1 for the floor and ~3.4-3.7 for the
-baseline). Reading: 2.9 (the polars text read ~1.8-2.3, sha256 and the line and separator counts ~0.57 in the thread
-beside it, of which sha256 alone ~0.46, one chunk for the three text columns kept as delivered ~0.29, and ~1.0
-of system time for the pages of 10M rows of text). Parsing the three typed columns 1.0 (two timestamp columns
-at ~0.38 each: the floor pays the same). Then the checks, ~2.5 CPU-s over the floor, none large on its own:
-pandera 0.37 (0.25 of it the id pattern over every encounter id), unit harmonization 0.46 (the enum casts of
-code and unit ~0.3), the duplicate keys' hashes and their sort 0.32, the encounter lookup and the gather of its
-site 0.3-0.45, the unit-switch counts 0.35, trimming checks of the text columns 0.29, the row rules over every
-row 0.13, duplicates 0.05. So the floor alone is ~1.1-1.2x the baseline, and with every check at once ours is
-~1.9x the baseline in CPU time (3 runs at load ~4: 6.8, 7.0, 7.9 CPU-s against 3.6, 3.4, 3.7); whether the wall
-time is within 2x depends on how much of the 2 cores the other processes leave. Measured and not kept: reading
-without the one-chunk copy (~0.5 CPU-s more: every later step pays per chunk, and ~110k more page faults),
-indexing codes and units by a hash lookup instead of the enum cast (no faster), one regular expression for the
-trimming check instead of three prefix and suffix tests (3x slower). Every remaining step is a rule's own work
-over every row; what is left to gain is in polars (a faster text read and timestamp parse) or in checking fewer
-rows (only an encounter's distinct ids against the id pattern, which needs the pattern checked outside pandera).
+Where the time goes (10M rows, 685 MB, 2 cores shared, load average ~6; CPU seconds of each step of
+``ingest_file`` run one after another, its threads inline; ~6.3 CPU-s in all, against ~3.6-4.1 for the floor
+and ~3.5-4.3 for the baseline). Reading 3.1 (the polars text read ~2.0-2.3, sha256 and the line and separator
+counts ~0.6 in the thread beside it, of which sha256 alone ~0.42, one chunk for the three text columns kept
+as delivered ~0.3). Parsing the three typed columns 1.0 (two timestamp columns at ~0.38 each: the floor pays
+the same). Then the checks, ~2.2 CPU-s over the floor: trimming checks of the text columns 0.3, unit
+harmonization 0.37 (the enum casts of code and unit ~0.25), pandera 0.35 (0.25 of it the id pattern over
+every encounter id), the duplicate keys' hashes and their sort 0.3 (the sort ~0.2), the encounter lookup
+and the gather of its site 0.4, the unit-switch counts 0.2, the row rules over every row 0.12, duplicates
+0.05, cutting the accepted rows out and the rest ~0.1.
+
+What made the checks cheaper (from ~3.7 CPU-s over the floor measured the same way; the bench's ratios
+were 2.04x wall and 1.93x CPU on a quiet machine before): the encounter lookup by a table of slots indexed by each id's hash, the one key in a slot then
+compared (a join on the hashes kept the row order with a sort of 10M positions: ~0.35 -> ~0.2 CPU-s at
+50k encounters; for a few keys, codes and units, the enum cast is as cheap or cheaper, the gather and
+comparison of the strings dominating), and the checks over every row whose result is small (the unit-switch counts, the
+duplicate keys' hashes, the any-rule flag, the unit pair's and plausibility flags) taken by polars'
+streaming engine a morsel of rows at a time: eagerly each materialized several 10M-row temporary columns,
+and perf showed a fifth of the process's samples in the kernel's page-fault path. Measured and not kept:
+reading without the one-chunk copy of the three text columns (+0.5-0.7 CPU-s, +1 GB peak RSS: every later
+step pays per chunk, and the reader's per-chunk buffers stay alive), the one-chunk copy of every column
+(+0.4 CPU-s), a 32-bit sort of the key hashes (no faster than the 64-bit one), numpy's sort (3x slower),
+reading the ids, codes and units as categoricals (the read ~2x slower), indexing codes and units by the hash
+table (no faster than the enum cast), one regular expression for the trimming check instead of three prefix
+and suffix tests (3x slower). What is left is a rule's own work over every row, or in polars (a faster text
+read and timestamp parse), or in checking fewer rows (only an encounter's distinct ids against the id
+pattern, which needs the pattern checked outside pandera).
 """
 
 import json
