@@ -47,10 +47,18 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["fairness"] == b["fairness"]
 
 
+@pytest.fixture(scope="module")
+def vault_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """Two fresh runs in vault mode (the default): what the first test compares, and the vault reference of the
+    second (the same run either way: read only, so shared instead of run a third time)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(MODE_ENV_VAR, raising=False)
+        return _run(tmp_path_factory.mktemp("vault_a")), _run(tmp_path_factory.mktemp("vault_b"))
+
+
 @pytest.mark.slow
-def test_two_fresh_demo_runs_in_vault_mode_give_identical_cohorts_model_and_metrics(tmp_path, monkeypatch):
-    monkeypatch.delenv(MODE_ENV_VAR, raising=False)
-    first, second = _run(tmp_path / "a"), _run(tmp_path / "b")
+def test_two_fresh_demo_runs_in_vault_mode_give_identical_cohorts_model_and_metrics(vault_runs):
+    first, second = vault_runs
     _assert_same(first, second)
     # the split is by patient and has both cohorts: the comparison above is not of empty tables
     assert set(first["splits"]["split"].unique()) == {"train", "tuning", "held_out"}
@@ -59,10 +67,9 @@ def test_two_fresh_demo_runs_in_vault_mode_give_identical_cohorts_model_and_metr
 
 @pytest.mark.slow
 def test_two_fresh_runs_in_hmac_mode_give_identical_results_keyed_differently_from_the_vault(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, vault_runs
 ):
-    monkeypatch.delenv(MODE_ENV_VAR, raising=False)
-    vault = _run(tmp_path / "vault")
+    vault, _ = vault_runs
     monkeypatch.setenv(MODE_ENV_VAR, "hmac")
     monkeypatch.setenv(SECRET_ENV_VAR, "a-test-key-that-is-long-enough-for-hmac-0123456789")
     first, second = _run(tmp_path / "a"), _run(tmp_path / "b")
