@@ -273,7 +273,7 @@ def health_html(h: SystemHealth, *, use_case_name: str, use_case_hash: str, code
         code_version=code_version,
         use_case_name=use_case_name,
         use_case_hash=use_case_hash,
-        model_version="-",
+        model_version="",  # about the service and the runs, not one model
     )
 
 
