@@ -98,8 +98,7 @@ def profile_page(
         interval_factor=f"{thresholds.interval_factor:g}",
         missing_points=f"{thresholds.missing_points:g}",
         compared=compared,
-        compared_words=f"Not compared with earlier batches: {earlier_batches} earlier batch profiles, "
-        f"{thresholds.min_earlier_batches} needed.",
+        compared_words=compared_words(earlier_batches, thresholds),
         sites=[s.as_dict() for s in profile.sites],
         sources=[s.as_dict() for s in profile.sources],
         flags=[{"site": f.site, "label": _flag_label(f, rule_words), "words": f.words} for f in flags],
@@ -119,15 +118,33 @@ def profile_page(
     )
 
 
+def compared_words(earlier_batches: int, thresholds: TrendThresholds) -> str:
+    """Why a batch was not compared with earlier ones (too few earlier profiles)."""
+    return (
+        f"Not compared with earlier batches: {earlier_batches} earlier batch profiles, "
+        f"{thresholds.min_earlier_batches} needed."
+    )
+
+
 def profile_markdown(
-    profile: QualityProfile, flags: Sequence[TrendFlag], *, thresholds: TrendThresholds
+    profile: QualityProfile,
+    flags: Sequence[TrendFlag],
+    *,
+    thresholds: TrendThresholds,
+    earlier_batches: int | None = None,
 ) -> str:
-    """The Markdown summary of a batch's profile for the asset's metadata (names of sites and codes only)."""
+    """The Markdown summary of a batch's profile for the asset's metadata (names of sites and codes only).
+    With ``earlier_batches`` below the number needed, it says that nothing was compared."""
     rule_words = {r.name: r.words for r in profile.rule_words}
     over = rules_over_share(profile, max_share=thresholds.max_violation_share)
+    changes = (
+        "not compared with earlier batches"
+        if earlier_batches is not None and earlier_batches < thresholds.min_earlier_batches
+        else f"{len(flags)} changes against earlier batches"
+    )
     lines = [
         f"**Data quality of batch {md_escape(profile.batch_id)}**: {len(profile.sites)} sites, "
-        f"{len(profile.codes)} measurements profiled, {len(flags)} changes against earlier batches, "
+        f"{len(profile.codes)} measurements profiled, {changes}, "
         f"{len(over)} cross-code checks broken in more than {100 * thresholds.max_violation_share:g}% of pairs.",
         "",
     ]

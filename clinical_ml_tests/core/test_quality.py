@@ -333,3 +333,27 @@ def test_the_trend_before_any_batch_is_a_page_that_says_so():
     trend = trend_over_batches([])
     html = trend_page([], trend, thresholds=TrendThresholds())
     assert trend.flags == () and "0 batches, 0 changes flagged" in html
+
+
+def test_a_first_batch_is_not_said_to_have_no_change_when_nothing_was_compared():
+    from clinical_ml.core.quality_report import compared_words
+
+    enc = _encounters(
+        {"ENC123456": "SITE_A", "ENC654321": "SITE_A"}, mrn={"ENC123456": "M1", "ENC654321": "M2"}
+    )
+    vit = _vitals([(e, "heart_rate", 80, h) for e in ("ENC123456", "ENC654321") for h in (0, 2)])
+    first = _profile("b1", encounters=enc, vitals=vit)
+    thresholds = TrendThresholds()
+    assert thresholds.min_earlier_batches >= 1
+    page = profile_page(first, [], thresholds=thresholds, earlier_batches=0)
+    markdown = profile_markdown(first, [], thresholds=thresholds, earlier_batches=0)
+    for text in (page, markdown):
+        assert "not compared with earlier batches" in text
+        assert (
+            "0 changes against earlier batches" not in text
+            and "Nothing changed beyond the limits" not in text
+        )
+    assert compared_words(0, thresholds) in page
+    second = _profile("b2", encounters=enc, vitals=vit)
+    compared = profile_page(second, [], thresholds=thresholds, earlier_batches=thresholds.min_earlier_batches)
+    assert "0 changes against earlier batches" in compared and "Nothing changed beyond the limits" in compared

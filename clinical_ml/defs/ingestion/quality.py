@@ -15,7 +15,13 @@ from clinical_ml.core.quality import (
     rules_over_share,
     trend_over_batches,
 )
-from clinical_ml.core.quality_report import profile_markdown, profile_page, trend_markdown, trend_page
+from clinical_ml.core.quality_report import (
+    compared_words,
+    profile_markdown,
+    profile_page,
+    trend_markdown,
+    trend_page,
+)
 from clinical_ml.core.storage import code_version
 from clinical_ml.defs.conventions import ML_OWNERS, DataClass, Stage, batch_partitions, tags
 from clinical_ml.defs.ingestion.assets import zone_paths
@@ -82,6 +88,7 @@ def _profile_batch(zones: DataZones, config: QualityConfig, batch_id: str) -> Ba
     )
     deid.quality.part(batch_id).write(profile)
     earlier = [p for p in deid.quality.read_all() if p.batch_id < batch_id]
+    compared = len(earlier) >= thresholds.min_earlier_batches
     flags = compare_with_earlier(profile, earlier, thresholds=thresholds)
     over = rules_over_share(profile, max_share=thresholds.max_violation_share)
     page = deid.quality_reports.write_report(
@@ -102,14 +109,21 @@ def _profile_batch(zones: DataZones, config: QualityConfig, batch_id: str) -> Ba
             "earlier_batches": len(earlier),
             "path": str(deid.quality.part(batch_id).path.relative_to(zones.deid)),
             "report_path": str(page.relative_to(zones.reports)),
-            "report": dg.MetadataValue.md(profile_markdown(profile, flags, thresholds=thresholds)),
+            "report": dg.MetadataValue.md(
+                profile_markdown(profile, flags, thresholds=thresholds, earlier_batches=len(earlier))
+            ),
         },
         checks=[
             dg.AssetCheckResult(
                 check_name="quality_steady_against_earlier_batches",
                 passed=not flags,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"changes": dg.MetadataValue.json(changed), "earlier_batches": len(earlier)},
+                description=None if compared else compared_words(len(earlier), thresholds),
+                metadata={
+                    "changes": dg.MetadataValue.json(changed),
+                    "earlier_batches": len(earlier),
+                    "judged": compared,
+                },
             ),
             dg.AssetCheckResult(
                 check_name="cross_code_rules_hold",
