@@ -18,6 +18,7 @@ judge (no alert raised on the validation cohort, or no burden measured) is recor
 does not block, and it is never reported as met.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from clinical_ml.core.scoring import (
     scoring_latency_ms,
 )
 from clinical_ml.core.usecase import OutcomeWords, UseCase
+from clinical_ml.core.validation import Evaluation
 
 GATE_GROUPS = ("minimums", "non_inferiority", "subgroups", "latency")
 
@@ -89,7 +91,13 @@ def evaluability_criterion(y: np.ndarray, criteria: dict, *, words: OutcomeWords
     """Enough outcomes to judge: at least ``min_events`` events and ``min_non_events`` non-events in the
     validation cohort; below either the gate refuses, whatever the metrics say."""
     events = int(np.sum(y))
-    non_events = int(np.size(y) - events)
+    return evaluability_from_counts(events, int(np.size(y) - events), criteria, words=words)
+
+
+def evaluability_from_counts(
+    events: int, non_events: int, criteria: dict, *, words: OutcomeWords
+) -> list[GateCriterion]:
+    """:func:`evaluability_criterion` from the counts of the validation cohort."""
     need_e, need_n = int(criteria.get("min_events", 1)), int(criteria.get("min_non_events", 1))
     ok = events >= need_e and non_events >= need_n
     counts = (
@@ -108,6 +116,21 @@ def evaluability_criterion(y: np.ndarray, criteria: dict, *, words: OutcomeWords
             "not judged",
         )
     ]
+
+
+def auroc_minimum(evaluation: Evaluation, use_case: UseCase) -> GateCriterion:
+    """The gate's AUROC minimum on a stored evaluation: not judged (and not met) when the validation cohort
+    has too few outcomes to judge or the interval has no width, as :func:`minimum_criteria` decides."""
+    criteria = use_case.success_criteria.model_dump()
+    events = evaluation.events_validation
+    enough = evaluability_from_counts(
+        events, evaluation.n_validation - events, criteria, words=use_case.words
+    )[0]
+    judged = minimum_criteria(evaluation.metrics_dict(), criteria, evaluable=enough.passed)
+    auroc = next(c for c in judged if c.name == "auroc_lower_bound")
+    if enough.passed:
+        return auroc
+    return dataclasses.replace(auroc, reason=f"{auroc.reason}: {enough.reason}")
 
 
 def _not_judged(name: str, label: str, why: str) -> GateCriterion:

@@ -321,3 +321,35 @@ def test_a_calibration_bound_near_the_range_reads_on_its_side(lower, shown):
     slope = next(c for c in gate.minimum_criteria(m, CRITERIA) if c.name == "calibration_slope_in_range")
     assert slope.passed is (lower >= 0.7)
     assert f"(95% CI {shown} to 1.20)" in slope.reason
+
+
+@pytest.mark.parametrize(
+    ("events", "n", "judged", "passed"), [(150, 1000, True, True), (68, 976, False, False)]
+)
+def test_the_evaluation_asset_check_judges_the_auroc_minimum_as_the_gate_does(events, n, judged, passed):
+    """eICU: 68 deaths in validation, AUROC 0.79 (0.735 to 0.84) against a minimum of 0.70. The gate says
+    "not judged (too few outcomes to judge)"; the evaluation asset's check passed it. Both read the same
+    rule now."""
+    from clinical_ml.core.evaluation import MetricWithCI
+    from clinical_ml.core.usecase import load_use_case
+    from clinical_ml.core.validation import Evaluation
+    from clinical_ml_tests.conftest import PROJECT_ROOT
+
+    uc = load_use_case(PROJECT_ROOT / "usecases" / "eicu_mortality_24h.yaml")
+    metrics = {
+        "auroc": MetricWithCI(0.79, 0.735, 0.84),
+        "sensitivity": MetricWithCI(0.76, 0.66, 0.86),
+        "specificity": MetricWithCI(0.65, 0.61, 0.68),
+        "brier": MetricWithCI(0.058, 0.047, 0.071),
+        "calibration_slope": MetricWithCI(1.0, 0.8, 1.2),
+        "calibration_intercept": MetricWithCI(0.0, -0.2, 0.2),
+        "observed_expected_ratio": MetricWithCI(1.0, 0.8, 1.2),
+    }
+    ev = Evaluation("v1", 0.06, n, events, metrics, (), (), 200)
+    crit = gate.auroc_minimum(ev, uc)
+    assert (crit.judged, crit.passed) == (judged, passed)
+    if judged:
+        assert crit.reason == "AUROC lower 95% bound 0.735 meets the minimum 0.70"
+    else:
+        assert crit.reason.startswith("AUROC (minimum 0.70): not judged (too few outcomes to judge): too few")
+        assert f"{events} deaths and {n - events} survivors" in crit.reason

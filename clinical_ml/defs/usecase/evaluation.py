@@ -7,6 +7,7 @@ from clinical_ml.core import plots
 from clinical_ml.core.artifacts import ShapImportance
 from clinical_ml.core.explain import global_importance, shap_values
 from clinical_ml.core.features import ROW_KEY, feature_matrix, validation_design, validation_rows
+from clinical_ml.core.gate import auroc_minimum
 from clinical_ml.core.learning_curve import learning_curve, learning_curve_markdown
 from clinical_ml.core.modeling import load_model
 from clinical_ml.core.reports import ci_text, evaluation_markdown, performance_report, rounded
@@ -133,11 +134,19 @@ def build_evaluation_assets(uc: UseCase) -> list[dg.AssetsDefinition | dg.AssetC
         "reports be written).",
     )
     def auroc_lower_bound_meets_minimum(zones: DataZones) -> dg.AssetCheckResult:
-        m = zones.use_case(uc.name).evaluation.read().metric("auroc")
+        ev = zones.use_case(uc.name).evaluation.read()
+        auroc = auroc_minimum(ev, uc)  # not judged (and not passed) with too few outcomes, as in the gate
+        m = ev.metric("auroc")
         return dg.AssetCheckResult(
-            passed=bool(m.lower >= uc.success_criteria.auroc_min),
+            passed=auroc.passed,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"auroc_lower": m.lower, "auroc": m.value, "minimum": uc.success_criteria.auroc_min},
+            description=auroc.reason,
+            metadata={
+                "auroc_lower": m.lower,
+                "auroc": m.value,
+                "minimum": uc.success_criteria.auroc_min,
+                "judged": auroc.judged,
+            },
         )
 
     @dg.asset(
