@@ -55,6 +55,19 @@ from clinical_ml.resources.zones import DataZones
 PER_BATCH_TAG = {"monitoring": "per_batch"}
 
 
+def _nothing_deployed(health: dict):
+    """The monitoring report's results before any champion: nothing to monitor, the check not judged."""
+    yield dg.MaterializeResult(
+        metadata={"report": dg.MetadataValue.md("No champion yet: nothing deployed."), **health}
+    )
+    yield dg.AssetCheckResult(
+        check_name="realised_performance_meets_minimums",
+        passed=True,
+        description="not judged: no champion model deployed yet",
+        metadata={"note": "no champion model deployed yet", "judged": False},
+    )
+
+
 def _champion(zones: DataZones, uc: UseCase) -> Champion:
     try:
         return load_champion(zones.model_registry(uc.name))
@@ -346,14 +359,7 @@ def build_monitoring_assets(
         store, registry = zones.use_case(uc.name), zones.model_registry(uc.name)
         health = system_health_metadata(context.instance, uc, store)  # a page of its own beside the report
         if registry.champion() is None:
-            yield dg.MaterializeResult(
-                metadata={"report": dg.MetadataValue.md("No champion yet: nothing deployed."), **health}
-            )
-            yield dg.AssetCheckResult(
-                check_name="realised_performance_meets_minimums",
-                passed=True,
-                metadata={"note": "no champion model deployed yet"},
-            )
+            yield from _nothing_deployed(health)
             return
         review = review_performance(store, registry, _champion(zones, uc), config)
         feedback = clinician_feedback_monitoring(uc, store)
@@ -376,11 +382,13 @@ def build_monitoring_assets(
                 **health,
             }
         )
+        mature = review.summary()["periods_mature"]
         yield dg.AssetCheckResult(
             check_name="realised_performance_meets_minimums",
             passed=not review.failing,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"failing": dg.MetadataValue.json(review.failing_summary())},
+            description=None if mature else "not judged: no period has mature labels yet",
+            metadata={"failing": dg.MetadataValue.json(review.failing_summary()), "judged": bool(mature)},
         )
 
     @dg.asset(
