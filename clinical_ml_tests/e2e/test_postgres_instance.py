@@ -46,10 +46,11 @@ LOCK_ERROR = re.compile(
 )
 # Each step in its own process (the multiprocess executor), two steps at a time per run. The step processes
 # are forked from a forkserver that has imported this module and the code location (clinical_ml.defs.build)
-# once: started with spawn, every step process spent ~8 s of CPU importing them again (71 step processes, most
-# of this test's time on 2 CPUs). A forkserver is one per process that starts it and keeps that process's
-# environment (DAGSTER_HOME, CLINICAL_ML_DATA_ROOT), so every run here, the lifecycle's too, is orchestrated
-# in a process of its own started with spawn for this test (run_in_own_process), never in pytest's.
+# once. Started with spawn, every step process imported them again (~8 s each under load; 71 step processes in
+# the PostgreSQL test, most of its time on 2 CPUs: 608 s with spawn, 320 s with the forkserver, under load 4
+# and 7). A forkserver is one per process that starts it and keeps that process's environment (DAGSTER_HOME,
+# CLINICAL_ML_DATA_ROOT), so every run here, the lifecycle's too, is orchestrated in a process of its own
+# started with spawn for this test (_in_new_processes), never in pytest's.
 MULTIPROCESS = {
     "execution": {
         "config": {
@@ -81,7 +82,7 @@ def lifecycle_job() -> dg.JobDefinition:
 
 def run_partition(batch_id: str) -> tuple[str, bool]:
     """One `batch_ingestion_job` run on the instance of $DAGSTER_HOME (in a process of its own: the callers
-    run it with run_in_own_process)."""
+    run it with _in_new_processes)."""
     with dg.DagsterInstance.get() as instance:
         result = dg.execute_job(
             dg.reconstructable(ingestion_job),
