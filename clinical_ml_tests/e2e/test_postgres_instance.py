@@ -261,9 +261,13 @@ def _concurrent_runs_then_lifecycle(
     }
     assert len(pids) > 1 and os.getpid() not in pids
     reports = {p.name for p in (data_root / "reports").glob("*/*.html")}
-    assert "performance_report.html" in reports
-    if life_success:
-        assert reports >= {"subcohort_fairness_report.html", "feature_drift_report.html"}
+    # the reports are written whether the gate promotes the challenger or refuses it (this hospital's
+    # validation cohort has too few deaths to judge: refused), so they are asserted either way
+    assert reports >= {
+        "performance_report.html",
+        "subcohort_fairness_report.html",
+        "feature_drift_report.html",
+    }
 
 
 def _assert_pools_held_and_partitions_recorded(
