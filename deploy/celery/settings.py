@@ -16,4 +16,9 @@ CELERY_SETTINGS: dict[str, object] = {
     "task_acks_late": True,
     "task_reject_on_worker_lost": True,
     "worker_prefetch_multiplier": 1,
+    # Redis keeps one list per priority step (kombu's 0, 3, 6, 9) and a worker takes from the lowest number
+    # first: the steps holding a pool slot go at POOL_STEP_PRIORITY, the others at dagster-celery's default 5
+    # (definitions.py). (RabbitMQ orders the other way round and needs x-max-priority: not tested.)
+    "task_default_priority": 5,
 }
+POOL_STEP_PRIORITY = 0
