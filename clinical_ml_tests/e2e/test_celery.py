@@ -249,8 +249,7 @@ def test_backfill_on_celery_workers_survives_a_killed_worker(
                     f"two {step} steps overlapped"
                 )
 
-            # Every batch asset is materialized for every batch (the unpartitioned ones, a use case's clinician
-            # feedback, once per run).
+            # Every batch asset is materialized for every batch.
             from deploy.celery.definitions import defs
 
             keys = list(celery_ingestion_job().asset_layer.executable_asset_keys)
