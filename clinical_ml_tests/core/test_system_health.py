@@ -62,7 +62,9 @@ def test_failed_and_stuck_runs_slow_batches_and_service_failures_are_named() -> 
 
     html = health_html(h, use_case_name="uc", use_case_hash="abc", code_version="v")
     assert "&lt;script&gt;job&lt;/script&gt;" in html and "<script>job" not in html
-    assert "Use case uc (contract abc)." in html and "Model" not in html.split("<footer>")[1]  # no model to name
+    assert (
+        "Use case uc (contract abc)." in html and "Model" not in html.split("<footer>")[1]
+    )  # no model to name
     for sentence in h.sentences():
         assert sentence.replace("'", "&#39;") in html
     assert health_markdown(h).count("\n- ") == 3
