@@ -133,11 +133,11 @@ def _short_uri(s: str) -> bool:
     return URI_RE.fullmatch(s) is not None
 
 
-def _is_code(s: str) -> bool:
+def is_code(s: str) -> bool:
     return _short_code(s) if len(s) <= REMEMBERED_LENGTH else CODE_RE.fullmatch(s) is not None
 
 
-def _is_uri(s: str) -> bool:
+def is_uri(s: str) -> bool:
     return _short_uri(s) if len(s) <= REMEMBERED_LENGTH else URI_RE.fullmatch(s) is not None
 
 
@@ -177,28 +177,28 @@ def _text(obj: dict, key: str, rule: str, ok: Callable[[str], bool]) -> str | No
     return v
 
 
-def _is_id(s: str) -> bool:
+def is_id(s: str) -> bool:
     return ID_RE.fullmatch(s) is not None
 
 
-def _non_blank(s: str) -> bool:  # a string of white space alone is not a value
+def non_blank(s: str) -> bool:  # a string of white space alone is not a value
     return bool(s.strip())
 
 
 def string(obj: dict, key: str) -> str | None:
-    return _text(obj, key, "string", _non_blank)
+    return _text(obj, key, "string", non_blank)
 
 
 def code(obj: dict, key: str) -> str | None:
-    return _text(obj, key, "code", _is_code)
+    return _text(obj, key, "code", is_code)
 
 
 def uri(obj: dict, key: str) -> str | None:
-    return _text(obj, key, "uri", _is_uri)
+    return _text(obj, key, "uri", is_uri)
 
 
 def fhir_id(obj: dict, key: str) -> str | None:
-    return _text(obj, key, "id", _is_id)
+    return _text(obj, key, "id", is_id)
 
 
 def decimal(obj: dict, key: str) -> float | None:

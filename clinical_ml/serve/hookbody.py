@@ -23,38 +23,16 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from clinical_ml.serve.fhir import (
-    CODE_RE,
     DATETIME_RE,
-    ID_RE,
     INSTANT_RE,
     UCUM,
-    URI_RE,
     ObservationFacts,
     ReferenceFacts,
+    is_code,
+    is_id,
+    is_uri,
+    non_blank,
 )
-
-_REMEMBERED = 128  # as fhir.REMEMBERED_LENGTH: codes and systems repeat; long ones are checked each time
-_codes_seen: set[str] = set()
-_uris_seen: set[str] = set()
-_MAX_SEEN = 8192
-
-
-def _is_code(s: str) -> bool:
-    if s in _codes_seen:
-        return True
-    ok = CODE_RE.fullmatch(s) is not None
-    if ok and len(s) <= _REMEMBERED and len(_codes_seen) < _MAX_SEEN:
-        _codes_seen.add(s)
-    return ok
-
-
-def _is_uri(s: str) -> bool:
-    if s in _uris_seen:
-        return True
-    ok = URI_RE.fullmatch(s) is not None
-    if ok and len(s) <= _REMEMBERED and len(_uris_seen) < _MAX_SEEN:
-        _uris_seen.add(s)
-    return ok
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -232,10 +210,6 @@ def _check(ok: bool) -> None:
         raise _Declined
 
 
-def _non_blank(s: str) -> bool:
-    return bool(s.strip())
-
-
 def _optional(v: str | UnsetType, ok: Any) -> str | None:
     if v is UNSET:
         return None
@@ -262,7 +236,7 @@ def _time(v: str | UnsetType, pattern: "re.Pattern[str]") -> datetime | None:
 
 def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
     if c.text is not UNSET:
-        _check(_non_blank(c.text))  # type: ignore[arg-type]
+        _check(non_blank(c.text))  # type: ignore[arg-type]
     if c.coding is UNSET:
         return []
     out: list[tuple[str | None, str | None]] = []
@@ -271,14 +245,14 @@ def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
         code: str | UnsetType | None = k.code
         if system is UNSET:
             system = None
-        elif not _is_uri(system):  # type: ignore[arg-type]
+        elif not is_uri(system):  # type: ignore[arg-type]
             raise _Declined
         if code is UNSET:
             code = None
-        elif not _is_code(code):  # type: ignore[arg-type]
+        elif not is_code(code):  # type: ignore[arg-type]
             raise _Declined
         if k.display is not UNSET:
-            _check(_non_blank(k.display))  # type: ignore[arg-type]
+            _check(non_blank(k.display))  # type: ignore[arg-type]
         out.append((system, code))  # type: ignore[arg-type]
     return out
 
@@ -290,9 +264,9 @@ def _reference(r: _Reference | UnsetType) -> ReferenceFacts | None:
     value = None
     if r.identifier is not UNSET:
         assert isinstance(r.identifier, _Identifier)
-        _optional(r.identifier.system, _is_uri)
-        value = _optional(r.identifier.value, _non_blank)
-    return ReferenceFacts(_optional(r.reference, _non_blank), value, _optional(r.display, _non_blank))
+        _optional(r.identifier.system, is_uri)
+        value = _optional(r.identifier.value, non_blank)
+    return ReferenceFacts(_optional(r.reference, non_blank), value, _optional(r.display, non_blank))
 
 
 _INF = float("inf")
@@ -301,8 +275,8 @@ _INF = float("inf")
 def _observation(o: _Observation) -> ObservationFacts:
     """``fhir.read_observation`` of a decoded Observation (:class:`_Declined` where the reader would refuse)."""
     if o.id is not UNSET:
-        _check(_is_id(o.id))  # type: ignore[arg-type]
-    _check(_is_code(o.status))
+        _check(is_id(o.id))  # type: ignore[arg-type]
+    _check(is_code(o.status))
     found = _codings(o.code)
     q = o.valueQuantity
     others = (
@@ -330,10 +304,10 @@ def _observation(o: _Observation) -> ObservationFacts:
         if q.value is not UNSET:
             value = q.value
             _check(value == value and value != _INF and value != -_INF)
-        comparator = _optional(q.comparator, _is_code)
-        u = _optional(q.unit, _non_blank)
-        system = _optional(q.system, _is_uri)
-        c = _optional(q.code, _is_code)
+        comparator = _optional(q.comparator, is_code)
+        u = _optional(q.unit, non_blank)
+        system = _optional(q.system, is_uri)
+        c = _optional(q.code, is_code)
         unit = c if (system == UCUM and c) else (u or c)
     if o.effectiveDateTime is not UNSET:
         effective = _time(o.effectiveDateTime, DATETIME_RE)
@@ -359,13 +333,9 @@ def _observation(o: _Observation) -> ObservationFacts:
     )
 
 
-def _is_id(s: str) -> bool:
-    return ID_RE.fullmatch(s) is not None
-
-
 def _observations(b: _Bundle) -> list[ObservationFacts]:
-    _optional(b.id, _is_id)
-    _check(_is_code(b.type))
+    _optional(b.id, is_id)
+    _check(is_code(b.type))
     if b.entry is UNSET:
         return []
     assert isinstance(b.entry, list)
