@@ -289,8 +289,9 @@ class AlertBurden:
     death), or one day per stay when the prediction is made once, at discharge (``one_day_per_stay``).
     ``unit_days`` counts the distinct (unit, calendar day of the prediction time) pairs with at least one
     prediction; ``undated_rows`` are prediction rows whose real day is not known (their batch is not a dated
-    delivery): with any, alerts per unit per day are not computed. A rate is None when its denominator is zero; the number needed to evaluate (alerts per true
-    alert, 1 / PPV) is None when nothing was flagged and infinite when alerts were raised but none was true.
+    delivery): with any, alerts per unit per day are not computed. A rate is None when its denominator is
+    zero; the number needed to evaluate (alerts per true alert, 1 / PPV) is None when nothing was flagged and
+    infinite when alerts were raised but none was true.
     """
 
     prediction_rows: int

@@ -1273,11 +1273,16 @@ THRESHOLD_GROUPS_NAMED = 3  # groups below the target within their CI named in t
 def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target: float) -> list[str]:
     """Plain-words recommendations from :func:`group_thresholds` (never applied automatically)."""
     measure = "sensitivity" if policy == "min_sensitivity" else "specificity"
+
+    def estimate(r: GroupThreshold) -> Estimate:
+        """The measure at the single threshold."""
+        return r.sensitivity_single if measure == "sensitivity" else r.specificity_single
+
     out = []
     for r in rows:
         if r.suppressed:
             continue
-        single = r.sensitivity_single if measure == "sensitivity" else r.specificity_single
+        single = estimate(r)
         own = r.sensitivity_group if measure == "sensitivity" else r.specificity_group
         if single[2] < target:
             out.append(
@@ -1289,10 +1294,6 @@ def threshold_recommendation(rows: list[GroupThreshold], *, policy: str, target:
             )
     if out:
         return out
-
-    def estimate(r: GroupThreshold) -> Estimate:
-        return r.sensitivity_single if measure == "sensitivity" else r.specificity_single
-
     below = sorted(
         (r for r in rows if not r.suppressed and estimate(r)[0] < target), key=lambda r: estimate(r)[0]
     )

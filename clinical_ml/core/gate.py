@@ -6,9 +6,8 @@ outcomes to judge"), when it meets every absolute minimum of its use case on its
 AUROC, sensitivity and specificity; the whole interval of the calibration slope, intercept and
 observed/expected ratio within their ranges: calibration is judged by the same logic as discrimination; a
 degenerate interval, such as AUROC 0.500 (0.500 to 0.500), is never judged as met), is non-inferior to
-the champion on the same patients, has no group whose 95% CI lies wholly below a subgroup minimum or outside a
-calibration range where groups are large
-enough to judge, and scores one patient within the latency SLO. Each
+the champion on the same patients, has no group large enough to judge whose 95% CI lies wholly below a
+subgroup minimum or outside a calibration range, and scores one patient within the latency SLO. Each
 condition is a :class:`GateCriterion` with its outcome in words; the Dagster graph turns each group of
 criteria into one blocking asset check.
 

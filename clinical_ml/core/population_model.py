@@ -287,12 +287,12 @@ def choose_group(
                 return (
                     r["attribute"],
                     r["group"],
-                    f"{_who(r)} {words} in the subcohort analysis"
+                    f"{who(r['attribute'], r['group'])} {words} in the subcohort analysis"
                     + (f" (the one with the most outcome events: {r['events']})" if len(tier) > 1 else "")
                     + (f"; {'; '.join(skipped)}" if skipped else "")
                     + ".",
                 )
-            skipped.append(f"{_who(r)}, also flagged, cannot be fitted on: {problem}")
+            skipped.append(f"{who(r['attribute'], r['group'])}, also flagged, cannot be fitted on: {problem}")
     usable = [r for r in rows if fit_problem(r) is None]
     if not usable:
         return (
@@ -311,13 +311,9 @@ def choose_group(
     return (
         r["attribute"],
         r["group"],
-        f"{lead}, so the largest group with enough outcomes is compared: {_who(r)} ({r['n']} validation "
+        f"{lead}, so the largest group with enough outcomes is compared: {who(r['attribute'], r['group'])} ({r['n']} validation "
         "admissions)" + (f"; {'; '.join(skipped)}" if skipped else "") + ".",
     )
-
-
-def _who(r: dict) -> str:
-    return who(r["attribute"], r["group"])
 
 
 def _fit_like(

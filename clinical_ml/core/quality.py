@@ -456,6 +456,10 @@ class TrendThresholds:
     min_earlier_batches: int = 1
     max_violation_share: float = 0.01
 
+    def compares(self, earlier_batches: int) -> bool:
+        """Whether a batch with this many earlier batch profiles is compared with them."""
+        return earlier_batches >= self.min_earlier_batches
+
 
 @dataclass(frozen=True)
 class TrendFlag:
@@ -522,7 +526,7 @@ def compare_with_earlier(
     where no earlier batch did.
     """
     earlier = [p for p in earlier if p.batch_id != current.batch_id]
-    if len(earlier) < thresholds.min_earlier_batches:
+    if not thresholds.compares(len(earlier)):
         return ()
     flags: list[TrendFlag] = []
     current_sites = {s.site for s in current.sites if s.encounters > 0}

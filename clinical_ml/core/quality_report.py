@@ -85,7 +85,6 @@ def profile_page(
         for source in SOURCES
         for site in profile.sites
     ]
-    compared = earlier_batches >= thresholds.min_earlier_batches
     return render(
         "quality.html.j2",
         title=f"Data quality of batch {profile.batch_id}",
@@ -97,7 +96,7 @@ def profile_page(
         max_violation_percent=f"{100 * thresholds.max_violation_share:g}",
         interval_factor=f"{thresholds.interval_factor:g}",
         missing_points=f"{thresholds.missing_points:g}",
-        compared=compared,
+        compared=thresholds.compares(earlier_batches),
         compared_words=compared_words(earlier_batches, thresholds),
         sites=[s.as_dict() for s in profile.sites],
         sources=[s.as_dict() for s in profile.sources],
@@ -139,7 +138,7 @@ def profile_markdown(
     over = rules_over_share(profile, max_share=thresholds.max_violation_share)
     changes = (
         "not compared with earlier batches"
-        if earlier_batches is not None and earlier_batches < thresholds.min_earlier_batches
+        if earlier_batches is not None and not thresholds.compares(earlier_batches)
         else f"{len(flags)} changes against earlier batches"
     )
     lines = [

@@ -88,7 +88,7 @@ def _profile_batch(zones: DataZones, config: QualityConfig, batch_id: str) -> Ba
     )
     deid.quality.part(batch_id).write(profile)
     earlier = [p for p in deid.quality.read_all() if p.batch_id < batch_id]
-    compared = len(earlier) >= thresholds.min_earlier_batches
+    compared = thresholds.compares(len(earlier))
     flags = compare_with_earlier(profile, earlier, thresholds=thresholds)
     over = rules_over_share(profile, max_share=thresholds.max_violation_share)
     page = deid.quality_reports.write_report(
