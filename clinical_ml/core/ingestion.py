@@ -858,8 +858,8 @@ def _row_index_in(values: pl.Series, keys: pl.Series) -> pl.Series:
     it differs from and no position. Values whose slot holds several keys are looked up by a join of the
     strings themselves. At 10M rows and 50k keys it takes ~0.2-0.3 CPU-s, against ~0.4 for a join on the
     hashes (keeping the row order costs it a sort) and ~0.35-0.5 for an enum cast; for a few keys (codes,
-    units) the enum cast is as cheap or cheaper, the gather and comparison of the strings dominating. The keys are made
-    one chunk first: a gather from keys in several chunks costs ~10x more.
+    units) the enum cast is as cheap or cheaper, the gather and comparison of the strings dominating. The
+    keys are made one chunk first: a gather from keys in several chunks costs ~10x more.
     """
     keys = keys.rechunk()
     n = keys.len()

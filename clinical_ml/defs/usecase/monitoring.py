@@ -374,15 +374,16 @@ def build_monitoring_assets(
             feedback=feedback_view(feedback) if feedback.overall().answered else None,
         )
         out = store.reports.write_report("monitoring_report", html)
+        summary = review.summary()
         yield dg.MaterializeResult(
             metadata={
                 "report": dg.MetadataValue.md(md),
                 "report_path": dg.MetadataValue.path(str(out)),
-                **_rounded(review.summary()),
+                **_rounded(summary),
                 **health,
             }
         )
-        mature = review.summary()["periods_mature"]
+        mature = summary["periods_mature"]
         yield dg.AssetCheckResult(
             check_name="realised_performance_meets_minimums",
             passed=not review.failing,
