@@ -100,6 +100,13 @@ def feature_columns(use_case: UseCase, frame: pl.DataFrame | None = None) -> lis
     return cols
 
 
+# Hours per microsecond, multiplied rather than divided by: polars divides a column of three values or more by
+# a number as a product with its reciprocal, but one or two exactly, so the same stay's hours differed in the
+# last bit with the number of rows aggregated with it (a boundary event could even leave a window). The product
+# is what the batch path always computed; now every stay gets it, alone or with others.
+HOURS_PER_US = 1 / 3.6e9
+
+
 def _aggregations(use_case: UseCase) -> list[str]:
     aggs: list[str] = list(use_case.features.aggregations)
     return [*aggs, "missing"] if use_case.features.missing_indicators else aggs
@@ -122,7 +129,7 @@ def _window_aggregates(events: pl.LazyFrame, window_h: float, aggs: Sequence[str
         "max": v.max(),
         "mean": v.mean(),
         "count": pl.len().cast(pl.Float64),
-        "time_since_last": -pl.col("t_us").max() / 3.6e9,
+        "time_since_last": -pl.col("t_us").max() * HOURS_PER_US,
         # 0 where the code has a value in the window; the join leaves null elsewhere, filled with 1 below
         "missing": pl.lit(0.0),
     }
@@ -235,7 +242,7 @@ def _aggregated(ev: pl.LazyFrame, use_case: UseCase) -> pl.DataFrame:
     """The windowed aggregates of the events that count (``hadm_id``, ``prediction_time``, ``stem`` = the
     code, ``v``, ``t_us``), per code: the batch path's and the point of care's."""
     ev = (
-        ev.with_columns((pl.col("t_us") / 3.6e9).alias("t_h"))
+        ev.with_columns((pl.col("t_us") * HOURS_PER_US).alias("t_h"))
         # Same inputs, same outputs: slopes and means are sums of floats whose rounding follows the row order,
         # and the events arrive in the order of a parallel join; in a fixed order every run agrees bit for bit
         .sort(*ROW_KEY, "stem", "t_us", "v")
@@ -270,33 +277,51 @@ def stay_aggregates(
     """:func:`stem_aggregates` of one stay whose events are plain rows (``code``, ``time``,
     ``available_time``, ``numeric_value`` as a Float32 value, ``implausible``): ``<stem>__<agg>_<w>h`` ->
     value for each stem with a value in a window (what the point-of-care service computes per request).
+    :func:`stays_aggregates` of the one stay.
+    """
+    return stays_aggregates([(events, prediction_time)], use_case)[0]
+
+
+def stays_aggregates(
+    stays: Sequence[tuple[Iterable[tuple[str, datetime, datetime, float | None, bool]], datetime]],
+    use_case: UseCase,
+) -> list[dict[str, float | None]]:
+    """:func:`stay_aggregates` of several stays at once (``(events, prediction_time)`` each, in order): one
+    polars aggregation for all, as the batch path aggregates many stays (the point-of-care service scores
+    the hook calls that arrive together in one batch).
 
     The same rule as :func:`stem_aggregates` (available and taken by the prediction time, not implausible,
-    a value) applied in Python: for one stay the lazy filter and join cost several times the aggregation.
-    Then the same aggregation (:func:`_aggregated`): selections and counts are the batch path's exactly;
-    means and slopes, sums of floats, agree to about 1e-15 (polars' own result for the same rows differs in
-    the last bits between plans and engines, the batch path's included). A test holds the two equal.
+    a value) applied in Python: for a few stays the lazy filter and join cost several times the aggregation.
+    Then the same aggregation (:func:`_aggregated`), grouped by stay: selections and counts are the batch
+    path's exactly; means and slopes, sums of floats, agree to about 1e-15 (polars' own result for the same
+    rows differs in the last bits between plans and engines, the batch path's included). Tests hold the two
+    equal, and a stay's aggregates the same whichever stays it is aggregated with.
     """
     members = _members(tuple(use_case.features.codes))
     us = timedelta(microseconds=1)
-    kept = [
-        (feature_code, float(value), (time - prediction_time) // us)
-        for code, time, available, value, implausible in events
-        if code in members
-        and not implausible
-        and value is not None
-        and available <= prediction_time
-        and time <= prediction_time
-        for feature_code in members[code]
-    ]
+    ids: list[int] = []
+    times: list[datetime] = []
+    stems: list[str] = []
+    values: list[float] = []
+    offsets: list[int] = []
+    for i, (events, prediction_time) in enumerate(stays):
+        kept = [
+            (feature_code, float(value), (time - prediction_time) // us)
+            for code, time, available, value, implausible in events
+            if code in members
+            and not implausible
+            and value is not None
+            and available <= prediction_time
+            and time <= prediction_time
+            for feature_code in members[code]
+        ]
+        ids += [i] * len(kept)
+        times += [prediction_time] * len(kept)
+        stems += [k[0] for k in kept]
+        values += [k[1] for k in kept]
+        offsets += [k[2] for k in kept]
     rows = pl.DataFrame(
-        {
-            "hadm_id": [0] * len(kept),
-            "prediction_time": [prediction_time] * len(kept),
-            "stem": [k[0] for k in kept],
-            "v": [k[1] for k in kept],
-            "t_us": [k[2] for k in kept],
-        },
+        {"hadm_id": ids, "prediction_time": times, "stem": stems, "v": values, "t_us": offsets},
         schema={
             "hadm_id": pl.Int64,
             "prediction_time": pl.Datetime("us"),
@@ -307,10 +332,10 @@ def stay_aggregates(
     )
     long = _aggregated(rows.lazy(), use_case)
     names = [c for c in long.columns if c not in (*ROW_KEY, "stem")]
-    out: dict[str, float | None] = {}
+    out: list[dict[str, float | None]] = [{} for _ in stays]
     for r in long.iter_rows(named=True):
         stem = _stem(r["stem"])
-        out |= {f"{stem}__{n}": r[n] for n in names}
+        out[r["hadm_id"]] |= {f"{stem}__{n}": r[n] for n in names}
     return out
 
 

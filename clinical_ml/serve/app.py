@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
@@ -28,14 +28,24 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from clinical_ml.core.site_mapping import load_site_mapping
 from clinical_ml.core.usecase import load_use_cases
 from clinical_ml.serve.auth import AuthError, JwtVerifier, SharedReplay, load_trust
+from clinical_ml.serve.batching import MicroBatcher
 from clinical_ml.serve.chart import Issue
 from clinical_ml.serve.fhir import ObservationFacts
 from clinical_ml.serve.hookbody import read_hook_body
 from clinical_ml.serve.records import ServingRecords
-from clinical_ml.serve.service import CdsService, Reply, operation_outcome, rejected, settings_summary
+from clinical_ml.serve.service import (
+    CdsService,
+    PendingCall,
+    Reply,
+    failed,
+    operation_outcome,
+    rejected,
+    settings_summary,
+)
 from clinical_ml.serve.settings import ServiceSettings, SettingsError, settings_from_env
 
 log = logging.getLogger("clinical_ml.serve")
+R = TypeVar("R")
 FHIR_JSON = "application/json"
 # Requests being worked on at once (beyond: HTTP 503 from uvicorn), so a burst never grows without bound.
 MAX_CONCURRENCY = 64
@@ -107,17 +117,17 @@ def create_app(
             limiters.append(anyio.CapacityLimiter(FEEDBACK_THREADS))
         return await anyio.to_thread.run_sync(lambda: guarded(work), limiter=limiters[0])
 
-    def guarded(work: Callable[[], Reply]) -> Reply:
+    def guarded(work: Callable[[], R]) -> R | Reply:
         # an unexpected error is answered here, by its type only: left to the server, its traceback (which may
         # quote a value of the request) would reach the log
         try:
             return work()
         except Exception as exc:
-            return rejected(
-                500,
-                [Issue("request", "exception", "the service failed; the error was logged")],
-                f"error:{type(exc).__name__}",
-            )
+            return failed(exc)
+
+    # hook calls read up to their charts are scored together (one batcher per app: the app runs on one loop)
+    batcher: MicroBatcher[PendingCall, Reply] = MicroBatcher(service.answer, failed=failed)
+    app.state.batcher = batcher
 
     def reply(r: Reply, route: str, t0: float, *, use_case: str | None = None) -> Response:
         ms = (time.perf_counter() - t0) * 1000
@@ -159,10 +169,10 @@ def create_app(
             issue = Issue("request", "too-long", f"the body exceeds {settings.max_body_bytes} bytes")
             return b"", rejected(413, [issue], "too_large")
 
-    def parsed(raw: bytes, answer: Callable[[Any], Reply]) -> Callable[[], Reply]:
+    def parsed(raw: bytes, answer: Callable[[Any], R]) -> Callable[[], R | Reply]:
         """The work of a request: the body as JSON, then ``answer``."""
 
-        def work() -> Reply:
+        def work() -> R | Reply:
             body = parse_json(raw)
             if body is None:
                 return rejected(400, [Issue("request", "structure", "the body is not JSON")], "not_json")
@@ -171,12 +181,12 @@ def create_app(
         return work
 
     def hook_work(
-        raw: bytes, answer: Callable[[Any, list[ObservationFacts] | None], Reply]
-    ) -> Callable[[], Reply]:
+        raw: bytes, answer: Callable[[Any, list[ObservationFacts] | None], R]
+    ) -> Callable[[], R | Reply]:
         """The work of a hook call: the body and its Observations read at once in compiled code where it
         can (:func:`read_hook_body`), else as any body (:func:`parsed`), then ``answer``."""
 
-        def work() -> Reply:
+        def work() -> R | Reply:
             fast = read_hook_body(raw)
             if fast is None:
                 return parsed(raw, lambda body: answer(body, None))()
@@ -188,7 +198,7 @@ def create_app(
     def discovery(request: Request) -> Response:
         t0 = time.perf_counter()
         denied = authenticate(request, service.audiences(None))
-        return reply(denied or guarded(service.discovery), "discovery", t0)
+        return reply(denied if denied is not None else guarded(service.discovery), "discovery", t0)
 
     @app.post("/cds-services/{service_id}")
     async def hook(service_id: str, request: Request) -> Response:
@@ -201,9 +211,10 @@ def create_app(
         if bad:
             return reply(bad, route, t0, use_case=service_id)
         now = clock() if clock else None
-        r = guarded(
-            hook_work(raw, lambda body, obs: service.call(service_id, body, now=now, observations=obs))
+        prepared = guarded(
+            hook_work(raw, lambda body, obs: service.prepare(service_id, body, now=now, observations=obs))
         )
+        r = prepared if isinstance(prepared, Reply) else await batcher.submit(prepared)
         return reply(r, route, t0, use_case=service_id)
 
     @app.post("/cds-services/{service_id}/feedback")

@@ -8,6 +8,7 @@ the next request without a restart.
 """
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +23,7 @@ from clinical_ml.core.features import (
     feature_columns,
     history_columns,
     history_features,
-    stay_aggregates,
+    stays_aggregates,
 )
 from clinical_ml.core.registry import CHAMPION_FILE, ModelCard, Registry, RegistryIntegrityError
 from clinical_ml.core.scoring import Guardrails, Score, Scorer
@@ -44,8 +45,8 @@ class ServedModel:
     """An approved model with what scoring one chart needs.
 
     A chart's features are the batch path's: its windowed aggregates come from
-    :func:`clinical_ml.core.features.stay_aggregates` (the batch path's rule and polars expressions for one
-    stay), then the row is laid out as
+    :func:`clinical_ml.core.features.stays_aggregates` (the batch path's rule and polars expressions, for
+    the stays of the hook calls scored together), then the row is laid out as
     :func:`clinical_ml.core.features.build_features` lays out many (missing counts 0, missing indicators 1,
     numeric static attributes, the model's one-hot columns), in plain Python: for one stay the batch path's
     joins cost ten times the aggregates. Tests hold the two equal.
@@ -94,9 +95,17 @@ class ServedModel:
 
     def feature_values(self, chart: Chart) -> dict[str, float | None]:
         """The chart's feature row by name (None: not measured), by the batch path's feature code."""
+        return self.feature_rows([chart])[0]
+
+    def feature_rows(self, charts: Sequence[Chart]) -> list[dict[str, float | None]]:
+        """:meth:`feature_values` of several charts, their windowed aggregates from one polars aggregation."""
+        uc = self.use_case
+        aggregates = stays_aggregates([(c.measurements, c.prediction_time) for c in charts], uc)
+        return [self._row(c, found) for c, found in zip(charts, aggregates, strict=True)]
+
+    def _row(self, chart: Chart, found: dict[str, float | None]) -> dict[str, float | None]:
         uc = self.use_case
         windowed, static, history = self._columns
-        found = stay_aggregates(chart.measurements, chart.prediction_time, uc)
         row = chart.stay
         out: dict[str, float | None] = {}
         for c in windowed:
@@ -127,12 +136,22 @@ class ServedModel:
         )
 
     def score(self, chart: Chart, *, n_reasons: int = 3) -> tuple[Score, dict[str, float | None]]:
-        values = self.feature_values(chart)
+        return self.score_many([chart], n_reasons=n_reasons)[0]
+
+    def score_many(
+        self, charts: Sequence[Chart], *, n_reasons: int = 3
+    ) -> list[tuple[Score, dict[str, float | None]]]:
+        """Each chart's score and feature row: one aggregation, one LightGBM pass and one reasons call for
+        all (each row is scored alone by the trees; the scores are the same as one chart at a time)."""
+        if not charts:
+            return []
+        rows = self.feature_rows(charts)
+        names = self.scorer.model.feature_names
         x = np.array(
-            [np.nan if values.get(n) is None else values[n] for n in self.scorer.model.feature_names],
+            [[np.nan if (v := values.get(n)) is None else v for n in names] for values in rows],
             dtype=np.float64,
-        )
-        return self.scorer.score(x, n_reasons=n_reasons)[0], values
+        ).reshape(len(rows), len(names))
+        return list(zip(self.scorer.score(x, n_reasons=n_reasons), rows, strict=True))
 
 
 def served_model(registry: Registry, use_case: UseCase, version: str) -> ServedModel:

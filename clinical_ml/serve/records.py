@@ -10,8 +10,9 @@ Layout under ``<data root>/phi/serving/<use case>/``::
     requests/<YYYY-MM-DD>.jsonl      one line per hook or feedback call: route, HTTP status, milliseconds
                                      taken, outcome code, model version (no identifier, no value)
 
-Both hold identifiers and free text: they never leave the phi zone as they are. Each line is written with one
-``write`` on a file opened for appending, so concurrent requests never interleave within a line.
+Both hold identifiers and free text: they never leave the phi zone as they are. Each line (or the lines of a batch
+of hook calls answered together) is written with one ``write`` on a file opened for appending, so concurrent
+requests never interleave within a line.
 """
 
 import json
@@ -42,22 +43,40 @@ class ServingRecords:
         return self.folder(use_case, kind) / f"{day}.jsonl"
 
     def _append(self, use_case: str, kind: str, record: dict, now: datetime) -> None:
-        path = self.path(use_case, kind, now.strftime("%Y-%m-%d"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        self._append_many(use_case, kind, [(record, now)])
+
+    def _append_many(self, use_case: str, kind: str, records: list[tuple[dict, datetime]]) -> None:
+        """Records as lines of their day's file, each day's lines with one ``write`` (one line or many: a
+        write to a file opened for appending lands whole at its end)."""
+        days: dict[str, list[bytes]] = {}
+        for record, now in records:
+            line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+            days.setdefault(now.strftime("%Y-%m-%d"), []).append(line)
+        for day, lines in days.items():
+            path = self.path(use_case, kind, day)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, b"".join(lines))
+            finally:
+                os.close(fd)
 
     def prediction(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
-        now = now or datetime.now(UTC)
+        self.predictions(use_case, [(record, now or datetime.now(UTC))])
+
+    def predictions(self, use_case: str, records: list[tuple[dict, datetime]]) -> None:
+        """Cards served (each record with its time): one write per day's file for all, as a batch of hook
+        calls answers them together."""
         with self._lock:
-            self._cards[record["card_uuid"]] = (use_case, record.get("model_version"))
+            for record, _ in records:
+                self._cards[record["card_uuid"]] = (use_case, record.get("model_version"))
             while len(self._cards) > self._remember:
                 self._cards.popitem(last=False)
-        self._append(use_case, PREDICTIONS, {"served_at": now.isoformat(), **record}, now)
+        self._append_many(
+            use_case,
+            PREDICTIONS,
+            [({"served_at": now.isoformat(), **record}, now) for record, now in records],
+        )
 
     def served_card(self, card_uuid: str, *, use_case: str | None = None) -> tuple[str, str | None] | None:
         """The use case and model version of a card served recently, else None: from this process's memory,

@@ -6,7 +6,7 @@ is absent) with a FHIR ``OperationOutcome`` naming the place at fault, never a v
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -93,6 +93,27 @@ _OO_CODES = {
 
 def rejected(status: int, issues: list[Issue], outcome: str) -> Reply:
     return Reply(status, operation_outcome(issues), outcome=outcome)
+
+
+def failed(exc: BaseException) -> Reply:
+    """The answer to a call the service failed on unexpectedly: by the error's type only (its message, or a
+    traceback, may quote a value of the request)."""
+    return rejected(
+        500,
+        [Issue("request", "exception", "the service failed; the error was logged")],
+        f"error:{type(exc).__name__}",
+    )
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A hook call read up to its chart, waiting to be scored (with the calls that arrived with it)."""
+
+    use_case: UseCase
+    request: "HookRequest"
+    chart: Chart
+    predicted_at: datetime
+    now: datetime
 
 
 def _pydantic_issues(exc: ValidationError, where: str) -> list[Issue]:
@@ -267,7 +288,21 @@ class CdsService:
         now: datetime | None = None,
         observations: list[ObservationFacts] | None = None,
     ) -> Reply:
-        """The answer to a hook call. ``observations``: the prefetch's Observations read with the body
+        """The answer to a hook call (:meth:`prepare`, then :meth:`answer` of the one call)."""
+        prepared = self.prepare(service_id, body, now=now, observations=observations)
+        return prepared if isinstance(prepared, Reply) else self.answer([prepared])[0]
+
+    def prepare(
+        self,
+        service_id: str,
+        body: Any,
+        *,
+        now: datetime | None = None,
+        observations: list[ObservationFacts] | None = None,
+    ) -> "Reply | PendingCall":
+        """A hook call up to its chart: the request checked and its prefetch read into the chart to score,
+        or the answer when there is nothing to score (a refusal, no encounter, no approved model).
+        ``observations``: the prefetch's Observations read with the body
         (:func:`clinical_ml.serve.hookbody.read_hook_body`), else read from the prefetch."""
         parsed = self._parsed(service_id, body, HookRequest, bad="bad_request")
         if isinstance(parsed, Reply):
@@ -284,12 +319,9 @@ class CdsService:
             # a chart opened outside a stay: nothing this service predicts
             return Reply(200, hook_response([], version=None), outcome="no_encounter")
         try:
-            served = self.watches[service_id].current()
+            self.watches[service_id].current()
         except NotServable as exc:
-            card = not_scored_card(
-                uc, f"no approved model is available ({exc})", version=None, report_url=None
-            )
-            return Reply(200, hook_response([card], version=None), outcome="no_model")
+            return self._no_model(uc, exc)
         predicted_at = now.astimezone(self.tz).replace(tzinfo=None)
         try:
             chart = chart_from_prefetch(
@@ -304,26 +336,74 @@ class CdsService:
         except PrefetchError as exc:
             status = 412 if exc.missing else 400
             return rejected(status, exc.issues, "prefetch_missing" if exc.missing else "bad_fhir")
-        card, record = self.card_for(served, chart)
-        self.records.prediction(
-            uc.name,
-            {
-                **record,
-                "card_uuid": card["uuid"],
-                "hook_instance": req.hookInstance,
-                "patient_id": req.context.patientId,
-                "encounter_id": req.context.encounterId,
-                "prediction_time": predicted_at.isoformat(),
-            },
-            now=now,
-        )
-        return Reply(
-            200,
-            hook_response([card], version=served.version),
-            model_version=served.version,
-            outcome=record["outcome"],
-            headers={"X-Model-Version": served.version},
-        )
+        return PendingCall(uc, req, chart, predicted_at, now)
+
+    @staticmethod
+    def _no_model(uc: UseCase, exc: NotServable) -> Reply:
+        card = not_scored_card(uc, f"no approved model is available ({exc})", version=None, report_url=None)
+        return Reply(200, hook_response([card], version=None), outcome="no_model")
+
+    def answer(self, calls: Sequence["PendingCall"]) -> list[Reply]:
+        """The answers to prepared hook calls, scored together: per use case, one champion (read once, so a
+        promotion never mixes models within the batch), one aggregation of every stay, one LightGBM pass,
+        and the served predictions written at once. What goes wrong with one call is that call's answer:
+        a guardrail's abstention or a stay outside the population is its card; an error while scoring the
+        batch scores each call alone, so only the call at fault fails."""
+        replies: list[Reply | None] = [None] * len(calls)
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(calls):
+            groups.setdefault(c.use_case.name, []).append(i)
+        for name, members in groups.items():
+            uc = self.use_cases[name]
+            try:
+                served = self.watches[name].current()
+            except NotServable as exc:
+                for i in members:
+                    replies[i] = self._no_model(uc, exc)
+                continue
+            results: list[tuple[dict, dict] | Exception]
+            try:
+                results = list(self.cards_for(served, [calls[i].chart for i in members]))
+            except Exception:
+                results = []
+                for i in members:
+                    try:
+                        results.append(self.cards_for(served, [calls[i].chart])[0])
+                    except Exception as exc:
+                        results.append(exc)
+            written: list[tuple[int, dict]] = []
+            for i, result in zip(members, results, strict=True):
+                if isinstance(result, Exception):
+                    replies[i] = failed(result)
+                    continue
+                card, record = result
+                c = calls[i]
+                record = {
+                    **record,
+                    "card_uuid": card["uuid"],
+                    "hook_instance": c.request.hookInstance,
+                    "patient_id": c.request.context.patientId,
+                    "encounter_id": c.request.context.encounterId,
+                    "prediction_time": c.predicted_at.isoformat(),
+                }
+                written.append((i, record))
+                replies[i] = Reply(
+                    200,
+                    hook_response([card], version=served.version),
+                    model_version=served.version,
+                    outcome=record["outcome"],
+                    headers={"X-Model-Version": served.version},
+                )
+            try:
+                self.records.predictions(name, [(record, calls[i].now) for i, record in written])
+            except Exception:
+                # the batch's write failed: each record alone, so a call fails only with its own record
+                for i, record in written:
+                    try:
+                        self.records.predictions(name, [(record, calls[i].now)])
+                    except Exception as exc:
+                        replies[i] = failed(exc)
+        return [r if r is not None else failed(RuntimeError()) for r in replies]
 
     def ineligible(self, served: ServedModel, chart: Chart) -> str | None:
         """Why the model does not apply to this stay now (its population and prediction time), else None."""
@@ -356,36 +436,48 @@ class CdsService:
 
     def card_for(self, served: ServedModel, chart: Chart) -> tuple[dict, dict]:
         """The card for a parsed chart and what the phi zone records of it."""
+        return self.cards_for(served, [chart])[0]
+
+    def cards_for(self, served: ServedModel, charts: Sequence[Chart]) -> list[tuple[dict, dict]]:
+        """:meth:`card_for` of several charts, those the model applies to scored together."""
         uc, version = served.use_case, served.version
         report = self.report_url(uc.name, version)
-        not_used = sum(chart.not_used.values())
-        record: dict[str, Any] = {"model_version": version, "not_used": chart.not_used}
-        why = self.ineligible(served, chart)
-        if why is not None:
+        out: list[tuple[dict, dict] | None] = [None] * len(charts)
+        eligible: list[int] = []
+        for i, chart in enumerate(charts):
+            why = self.ineligible(served, chart)
+            if why is None:
+                eligible.append(i)
+                continue
             card = not_scored_card(uc, why, version=version, report_url=report)
-            return card, {**record, "outcome": "not_eligible"}
-        score, _ = served.score(chart)
+            out[i] = card, {"model_version": version, "not_used": chart.not_used, "outcome": "not_eligible"}
+        scores = served.score_many([charts[i] for i in eligible])
         g = uc.guardrails
-        words = guardrail_words(
-            score, max_out_of_range=g.max_out_of_range, max_missing_fraction=g.max_missing_fraction
-        )
-        record |= _score_record(score)
-        if score.abstained:
-            card = not_scored_card(
-                uc, words or "the guardrail declined to score", version=version, report_url=report
+        for i, (score, _) in zip(eligible, scores, strict=True):
+            chart = charts[i]
+            record: dict[str, Any] = {"model_version": version, "not_used": chart.not_used}
+            words = guardrail_words(
+                score, max_out_of_range=g.max_out_of_range, max_missing_fraction=g.max_missing_fraction
             )
-            return card, {**record, "outcome": "abstained"}
-        card = scored_card(
-            uc,
-            score,
-            version=version,
-            threshold=served.card.threshold,
-            report_url=report,
-            guardrail=words,
-            not_used=not_used,
-            critical_multiple=self.settings.critical_multiple,
-        )
-        return card, {**record, "outcome": "scored", "indicator": card["indicator"]}
+            record |= _score_record(score)
+            if score.abstained:
+                card = not_scored_card(
+                    uc, words or "the guardrail declined to score", version=version, report_url=report
+                )
+                out[i] = card, {**record, "outcome": "abstained"}
+                continue
+            card = scored_card(
+                uc,
+                score,
+                version=version,
+                threshold=served.card.threshold,
+                report_url=report,
+                guardrail=words,
+                not_used=sum(chart.not_used.values()),
+                critical_multiple=self.settings.critical_multiple,
+            )
+            out[i] = card, {**record, "outcome": "scored", "indicator": card["indicator"]}
+        return [o for o in out if o is not None]
 
     # feedback ----------------------------------------------------------------------------------------------
     def feedback(self, service_id: str, body: Any, *, now: datetime | None = None) -> Reply:

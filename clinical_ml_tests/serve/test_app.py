@@ -299,7 +299,7 @@ def test_an_unexpected_error_is_a_500_whose_log_quotes_nothing(
     def broken(*args, **kwargs):
         raise ValueError("pat-4711 has value 4.5")
 
-    monkeypatch.setattr(client.app.state.service, "card_for", broken)
+    monkeypatch.setattr(client.app.state.service, "cards_for", broken)
     caplog.set_level(logging.INFO)
     r = _call(client, ehr, stay_request())
     assert r.status_code == 500 and r.json()["resourceType"] == "OperationOutcome"
