@@ -16,6 +16,7 @@ does not), beside the same request read from its bytes, charted and scored in pr
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -302,6 +303,19 @@ def _cpu_seconds(pid: int) -> float | None:
     return sum(ticks[p] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def _batch_sizes(service_log: str) -> dict[str, float]:
+    """Mean and largest batch of hook calls from the service's log (the last count each process logged)."""
+    last: dict[str, tuple[int, int, int]] = {}
+    for m in re.finditer(
+        r"hook batches of process (\d+): (\d+) calls in (\d+) batches \(largest (\d+)\)", service_log
+    ):
+        last[m[1]] = (int(m[2]), int(m[3]), int(m[4]))
+    if not last:
+        return {}
+    calls, batches = sum(v[0] for v in last.values()), sum(v[1] for v in last.values())
+    return {"mean_batch": calls / batches, "largest_batch": max(v[2] for v in last.values())}
+
+
 def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> list[dict]:
     workdir = Path(workdir)
     root, trust, key = _world(workdir)
@@ -341,6 +355,7 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
     per_client = REQUESTS[scale]
     p50, p99, errs, inproc50, inproc99, cpu_ms, client_ms = [], [], [], [], [], [], []
     load: list[float] = []
+    rate: list[float] = []
     try:
         from clinical_ml_tests.service_process import wait_until_serving
 
@@ -352,9 +367,10 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
             raise RuntimeError(f"the warm-up calls were not all scored ({dict(warm)}); see service.log")
         for _ in range(repetitions):
             tokens = _tokens(key, url, CLIENTS * per_client)
-            cpu0, own0 = _cpu_seconds(proc.pid), time.process_time()
+            cpu0, own0, wall0 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
             lat, errors = asyncio.run(_clients(url, body, tokens, per_client, client=client))
-            cpu1, own1 = _cpu_seconds(proc.pid), time.process_time()
+            cpu1, own1, wall1 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
+            rate.append(CLIENTS * per_client / (wall1 - wall0))
             # the clients' own CPU (this process): on 2 cores they compete with the service for it
             client_ms.append((own1 - own0) / (CLIENTS * per_client) * 1000)
             # the service's own CPU per call: what a busy shared machine does not inflate as it does latency
@@ -375,6 +391,7 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
             proc.kill()
         log.close()
     outcomes = Counter(r["outcome"] for r in ServingRecords(root / "phi").read(USE_CASE, "predictions"))
+    batch = _batch_sizes((workdir / "service.log").read_text(errors="replace"))
     return [
         {
             "name": f"serve: CDS Hooks round trip, {CLIENTS} concurrent clients x {per_client} calls, "
@@ -395,6 +412,10 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
                 "client_cpu_ms_per_call": client_ms,
                 "outcomes": dict(outcomes),
                 "load_average_1min": load,
+                "calls_per_s": rate,
+                # hook calls per batch scored together (clinical_ml/serve/batching.py), all processes and
+                # rounds with the warm-up; absent where the service does not batch
+                **batch,
             },
         }
     ]

@@ -11,6 +11,7 @@ where one call at a time paid each per call.
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -24,8 +25,8 @@ MAX_BATCH = 32
 # Times the batcher yields to the event loop while the queue still grows before it works (no timer: each
 # yield lets the requests already read reach the queue; at low load the first yield finds nothing new).
 MAX_YIELDS = 4
-# A log line (counts only) every so many batches, to see how large they are under load.
-LOG_EVERY = 2000
+# A log line (counts only) each time so many more calls were answered, to see how large batches are under load.
+LOG_EVERY_CALLS = 250
 
 
 class MicroBatcher(Generic[T, R]):
@@ -88,13 +89,13 @@ class MicroBatcher(Generic[T, R]):
 
     def _count(self, size: int) -> None:
         self.batches += 1
-        self.calls += size
+        before, self.calls = self.calls, self.calls + size
         self.largest = max(self.largest, size)
-        if self.batches % LOG_EVERY == 0:
+        if before // LOG_EVERY_CALLS != self.calls // LOG_EVERY_CALLS:
             log.info(
-                "hook batches: %d calls in %d batches (mean %.1f, largest %d)",
+                "hook batches of process %d: %d calls in %d batches (largest %d)",
+                os.getpid(),
                 self.calls,
                 self.batches,
-                self.calls / self.batches,
                 self.largest,
             )
