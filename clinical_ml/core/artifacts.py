@@ -394,6 +394,8 @@ class PhiStore:
         self.vault_encounters = ParquetFile(self.root / "vault" / "encounters.parquet")
         # the hospital's opt-out register (clinical_ml.core.consent): mrn, objected_on
         self.consent_register = self.root / "consent" / "opt_out.csv"
+        # per released batch, who it holds back and which held-back people it released (core.holdback)
+        self.held = ParquetParts(self.root / "held")
 
     def raw(self, source: str) -> ParquetParts:
         return ParquetParts(self.root / "raw" / source)

@@ -7,6 +7,7 @@ call it too, so what they kill is what runs.
 """
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from clinical_ml.core.deid_release import (
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.dicom import uid_key
+from clinical_ml.core.holdback import HeldRows, rows_of, still_held
 from clinical_ml.core.imaging import accepted_instances, publish_imaging, staging_folder, withdraw_imaging
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
@@ -75,6 +77,33 @@ def counted_before(deid: DeidStore, batch_id: str) -> list[str] | None:
     return [str(b) for b in counted] if isinstance(counted, list) else None
 
 
+def held_rows(
+    paths: ZonePaths,
+    batch_id: str,
+    counted: Sequence[str],
+    *,
+    settings: ReleaseSettings,
+    site_mappings_dir: str | Path | None = None,
+) -> list[HeldRows]:
+    """The rows of the people held back by the batches ``counted`` and released by none of them, per delivery
+    they came in (:mod:`clinical_ml.core.holdback`)."""
+    phi = PhiStore(paths.phi)
+    records = [phi.held.part(b).read() for b in counted if b < batch_id and phi.held.part(b).exists()]
+    pending = still_held(records)
+    out = []
+    for (origin,), people in pending.group_by("origin_batch", maintain_order=True):
+        raw = {s: accepted_rows(phi, s, str(origin)) for s in SOURCES}
+        out.append(
+            HeldRows(
+                str(origin),
+                rows_of(raw, people["mrn"]),
+                batch_rng(settings.seed, str(origin)),
+                ingested_site_mapping(paths, str(origin), folder=site_mappings_dir),
+            )
+        )
+    return out
+
+
 def publish_batch(
     *,
     paths: ZonePaths,
@@ -102,6 +131,11 @@ def publish_batch(
     cumulative = settings.risk_scope == "cumulative"
     opted_out = read_register(phi.consent_register)
     imaging = accepted_instances(paths, batch_id)
+    before = (
+        released_before(deid, batch_id, policy=settings.policy, counted=counted_before(deid, batch_id))
+        if cumulative
+        else None
+    )
     release = release_batch(
         {s: accepted_rows(phi, s, batch_id) for s in SOURCES},
         imaging=imaging,
@@ -111,11 +145,10 @@ def publish_batch(
         vault=vault,
         batch_id=batch_id,
         policy=settings.policy,
-        released=released_before(
-            deid, batch_id, policy=settings.policy, counted=counted_before(deid, batch_id)
-        )
-        if cumulative
-        else None,
+        released=before,
+        held=held_rows(paths, batch_id, before[1], settings=settings, site_mappings_dir=site_mappings_dir)
+        if before is not None
+        else (),
         max_shift_weeks=settings.max_shift_weeks,
         rng=batch_rng(settings.seed, batch_id),
         hmac_key=key,
@@ -126,6 +159,11 @@ def publish_batch(
     deid.privacy.part(batch_id).write(DictRecord(release.privacy_record()))
     # counts and reason codes only: what the report card's participant flow shows per delivery
     deid.accounting.part(batch_id).write(DictRecord(batch_account(paths, deid.root, batch_id).as_dict()))
+    # before the frames: a later batch that counts this one must find whom it holds back and released
+    if release.released and cumulative:
+        phi.held.part(batch_id).write(release.hold)
+    else:
+        phi.held.part(batch_id).remove()
     for table, frame in release.frames.items():
         target = deid.table(table).part(batch_id)
         if release.released:

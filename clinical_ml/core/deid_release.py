@@ -26,6 +26,7 @@ from clinical_ml.core.dicom import (
     release_imaging,
     stage_imaging,
 )
+from clinical_ml.core.holdback import HeldRows, empty_hold, hold_record
 from clinical_ml.core.ingestion import default_site_mapping
 from clinical_ml.core.privacy_report import privacy_summary_markdown
 from clinical_ml.core.pseudonyms import HmacKey
@@ -126,6 +127,15 @@ class BatchRelease:
     batch has none)."""
     released_before: tuple[str, ...] | None = None
     """The batches whose people the risk was counted with (the cumulative release); ``None``: per batch."""
+    hold: pl.DataFrame = field(default_factory=empty_hold)
+    """The hold record (identified: phi zone only, :mod:`clinical_ml.core.holdback`): the people this batch
+    holds back and the held-back people of earlier batches it released."""
+    carried_from: tuple[str, ...] = ()
+    """The earlier deliveries whose held-back people were judged again with this batch."""
+    origins: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(schema={"hadm_id": pl.Int64, "origin_batch": pl.String})
+    )
+    """``hadm_id`` -> ``origin_batch`` of the carried admissions."""
 
     @property
     def meets_k(self) -> bool:
@@ -137,7 +147,8 @@ class BatchRelease:
 
     @property
     def withheld_share(self) -> float:
-        return self.remedied.subjects_withheld / max(self.remedied.before.subjects, 1)
+        """Share of the batch's own people withheld (held back)."""
+        return self.remedied.subjects_withheld / max(self.remedied.subjects_delivered, 1)
 
     def privacy_record(self) -> dict:
         """Counts only: what was released, withheld, generalized and removed, and why."""
@@ -162,6 +173,13 @@ class BatchRelease:
             # per audited group (sex, race/ethnicity, age band as delivered): what the remedies took from the audit
             "audited_groups": r.audited_groups,
             "admissions_withheld": r.admissions_withheld,
+            # held back by earlier batches and judged again with this one: released now, or held still
+            "held_back_from_earlier": {
+                "batches": list(self.carried_from),
+                **r.carried.as_dict(),
+                # admissions released now per delivery they came in (row_accounting.delivery_rows)
+                "admissions_released_by_batch": self.released_from(),
+            },
             "events_withheld": r.events_withheld,
             "label_events": self.deid.label_events,
             "labels_not_released": self.deid.orphan_labels,  # no patient found, or not a label code
@@ -172,6 +190,19 @@ class BatchRelease:
             "coded_values_unmapped_released": self.deid.unmapped_released,
             **({"imaging": dict(sorted(self.imaging.counts.items()))} if self.imaging is not None else {}),
         }
+
+    def released_from(self) -> dict[str, int]:
+        """Admissions of earlier deliveries' held-back people released with this batch, per delivery."""
+        if not self.released or self.origins.height == 0:
+            return {}
+        counts = (
+            self.frames["encounters"]
+            .join(self.origins, on="hadm_id")
+            .group_by("origin_batch")
+            .len()
+            .sort("origin_batch")
+        )
+        return {str(r["origin_batch"]): int(r["len"]) for r in counts.iter_rows(named=True)}
 
     def log_line(self) -> str:
         return (
@@ -280,6 +311,7 @@ def release_batch(
     imaging_key: bytes | None = None,
     imaging_stage: Path | None = None,
     released: tuple[pl.DataFrame, tuple[str, ...]] | None = None,
+    held: Sequence[HeldRows] = (),
 ) -> BatchRelease:
     """Anonymize, remedy and judge one batch (``raw``: its validated patients, encounters, labs, vitals and,
     when delivered, labels; ``imaging``: its accepted DICOM files, de-identified under ``imaging_key``, the
@@ -293,6 +325,8 @@ def release_batch(
     ``released`` (:func:`released_before`): the quasi-identifiers and ids of the batches released before;
     the risk is then counted over the cumulative release (a class holds this batch's people and those
     already released alike), and only this batch is remedied. ``None`` judges the batch on its own.
+    ``held``: the rows of people earlier batches held back (:mod:`clinical_ml.core.holdback`), anonymized as
+    their delivery would and judged again with this batch's; the release's ``hold`` says who is held now.
 
     The gate measures the frames as they would be released, independently of the remedy that produced them.
     Nothing is written here but the staged DICOM files: the caller persists the vault and the release, and
@@ -334,6 +368,7 @@ def release_batch(
         ),
         orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
+    result, origins, mrn_of = _with_carried(result, held, hmac_key=hmac_key, max_shift_weeks=max_shift_weeks)
     # patients of the opt-out register (normalized MRNs) never cross: counted, kept in the phi zone only
     objecting = objecting_subjects(
         opted_out if opted_out is not None else pl.Series("mrn", [], dtype=pl.String),
@@ -348,12 +383,18 @@ def release_batch(
         events=result.events,
         policy=policy,
         released=prior,
+        carried=origins["hadm_id"],
     )
     frames = {"patients": remedied.patients, "encounters": remedied.encounters, "events": remedied.events}
     published = measure_risk(
         quasi_identifiers(frames["patients"], frames["encounters"], policy=policy), k=policy.k, released=prior
     )
     ids, numeric_ids = raw_identifier_values(raw["patients"], raw["encounters"], raw.get("labels"))
+    for h in held:  # the carried rows' identifiers are looked for too
+        more_ids, more_numeric = raw_identifier_values(
+            h.raw["patients"], h.raw["encounters"], h.raw.get("labels")
+        )
+        ids, numeric_ids = ids | more_ids, numeric_ids | more_numeric
     used = mapping or default_site_mapping()
     leaks = {t: identifier_leaks(f, t, ids, numeric_ids, mapping=used) for t, f in frames.items()}
     if pictures is not None and imaging_key is not None and imaging_stage is not None:
@@ -385,4 +426,63 @@ def release_batch(
         consent,
         pictures,
         None if released is None else released[1],
+        hold_record(
+            batch_id=batch_id,
+            encounters=result.encounters,
+            origins=origins,
+            withheld=remedied.withheld_subjects,
+            mrn_of=mrn_of,
+        ),
+        tuple(h.batch_id for h in held),
+        origins,
     )
+
+
+def _with_carried(
+    result: DeidBatch, held: Sequence[HeldRows], *, hmac_key: HmacKey | None, max_shift_weeks: int
+) -> tuple[DeidBatch, pl.DataFrame, pl.DataFrame]:
+    """The batch with the held-back rows of earlier deliveries added, each anonymized as its delivery would
+    (same pseudonyms and shifts: the vault, or the key, already holds them); the carried admissions'
+    ``hadm_id`` -> ``origin_batch``; and ``subject_id`` -> normalized ``mrn`` of everyone in the batch."""
+    origins = pl.DataFrame(schema={"hadm_id": result.encounters["hadm_id"].dtype, "origin_batch": pl.String})
+    mrn_of = [result.vault.patients.select("subject_id", "mrn")]
+    if not held:
+        return result, origins, mrn_of[0]
+    patients, encounters, events, vault, parts = [], [], [], result.vault, [origins]
+    for h in held:
+        part = anonymize_batch(
+            patients=h.raw["patients"],
+            encounters=h.raw["encounters"],
+            labs=h.raw["labs"],
+            vitals=h.raw["vitals"],
+            labels=h.raw.get("labels"),
+            vault=vault,
+            batch_id=h.batch_id,
+            max_shift_weeks=max_shift_weeks,
+            rng=h.rng,
+            hmac_key=hmac_key,
+            site_mapping=h.mapping,
+        )
+        more = source_events(h.raw, patients=part.vault.patients, encounters=part.vault.encounters)
+        if hmac_key is None:
+            vault = part.vault  # the held people are in the vault already: nothing is drawn for them
+        patients.append(part.patients)
+        encounters.append(part.encounters)
+        events += [part.events, more.events]
+        mrn_of.append(part.vault.patients.select("subject_id", "mrn"))
+        parts.append(part.encounters.select("hadm_id", pl.lit(h.batch_id).alias("origin_batch")))
+    carried = pl.concat(parts, how="vertical_relaxed").unique("hadm_id", keep="first")
+    merged = dataclasses.replace(
+        result,
+        # a person delivered again keeps this batch's patient row; an admission delivered again, its own
+        patients=pl.concat([result.patients, *patients], how="vertical_relaxed").unique(
+            "subject_id", keep="first", maintain_order=True
+        ),
+        encounters=pl.concat([result.encounters, *encounters], how="vertical_relaxed").unique(
+            "hadm_id", keep="first", maintain_order=True
+        ),
+        events=pl.concat([result.events, *events], how="vertical_relaxed"),
+        vault=vault if hmac_key is None else result.vault,
+    )
+    own = result.encounters["hadm_id"].implode()
+    return merged, carried.filter(~pl.col("hadm_id").is_in(own)), pl.concat(mrn_of).unique("subject_id")

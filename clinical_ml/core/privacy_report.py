@@ -33,6 +33,18 @@ def _risk_row(label: str, r: RiskSummary) -> str:
     )
 
 
+def _carried_lines(remedied: Remedied) -> list[str]:
+    """What became of the people earlier batches held back and this one judged again (none: no line)."""
+    c = remedied.carried
+    if not (c.patients_released or c.patients_held):
+        return []
+    return [
+        f"- held back by earlier batches, released with this one: {c.patients_released} patients, "
+        f"{c.admissions_released} admissions, {c.events_released} events; still held back: {c.patients_held} "
+        f"patients, {c.admissions_held} admissions"
+    ]
+
+
 def privacy_summary_markdown(
     *,
     batch_id: str,
@@ -115,8 +127,15 @@ def privacy_summary_markdown(
         f"- payer withheld (Unknown), too rare among people alike in the other attributes: "
         f"{remedied.payer_suppressed} patients",
         f"- race and ethnicity withheld (Unknown): {remedied.race_suppressed} patients",
-        f"- withheld from this batch entirely: {remedied.subjects_withheld} patients, "
-        f"{remedied.admissions_withheld} admissions, {remedied.events_withheld} events",
+        (
+            f"- withheld from this batch entirely: {remedied.subjects_withheld} patients, "
+            f"{remedied.admissions_withheld} admissions, {remedied.events_withheld} events"
+            if released_before is None
+            else f"- held back (kept in the phi zone, judged again with each later batch): "
+            f"{remedied.subjects_withheld} patients, {remedied.admissions_withheld} admissions, "
+            f"{remedied.events_withheld} events"
+        ),
+        *_carried_lines(remedied),
         "",
         f"**Re-identification risk** over {', '.join(QUASI_IDENTIFIERS)} (prosecutor model: the attacker knows "
         f"the person is in the release and knows these attributes; classes counted in distinct people, over "

@@ -25,7 +25,8 @@ Remedies, in this order, all counted:
    audited only where a use case lists it, it costs no other attribute and no record); then their race and
    ethnicity become missing ("Unknown").
 3. **Record suppression**: the people still in classes below ``k`` are withheld from this batch (their
-   patient row, admissions and events).
+   patient row, admissions and events). Under the cumulative scope they are held back, not lost: each later
+   batch judges them again with its own people (``carried``; :mod:`clinical_ml.core.holdback`).
 
 After step 3 every class holding a person of the batch holds at least ``k`` people by construction; the release gate measures the
 published frames again, independently of the remedy code.
@@ -117,11 +118,31 @@ class Remedied:
     withheld_subjects: pl.Series = field(default_factory=lambda: pl.Series("subject_id", [], dtype=pl.Int64))
     """The ``subject_id`` of the people withheld (step 3), for :func:`withhold_events` on a lazy plan."""
     audited_groups: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
-    """Per audited attribute and group (as delivered, before any remedy): ``patients``, ``withheld`` (step
+    """Per audited attribute and group (as delivered, before any remedy; people with an admission in the
+    batch's own delivery): ``patients``, ``withheld`` (step
     3) and ``race_not_released`` (generalized to Other in step 1 or suppressed in step 2: released outside
     their race/ethnicity group, so outside its audit), or for the payer ``payer_not_released``."""
     payer_suppressed: int = 0
     """People whose payer was withheld for at least one admission (:func:`withhold_rare_payers`)."""
+    subjects_delivered: int = 0
+    """People of this batch's own delivery (``carried`` admissions left out)."""
+    carried: "Carried" = field(default_factory=lambda: Carried())
+    """What became of the admissions held back by earlier batches and judged again with this one."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Admissions an earlier batch held back (its people were too easy to single out then), judged again with
+    a later batch: how many of them it released and how many it holds back still (counts only)."""
+
+    patients_released: int = 0
+    admissions_released: int = 0
+    events_released: int = 0
+    patients_held: int = 0
+    admissions_held: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
 
 
 AUDITED = ("sex", "race_ethnicity", "age_band", "payer")
@@ -471,6 +492,41 @@ def _suppress(
     return _Suppressed(patients, encounters, zip_suppressed, payer_lost, race_suppressed, frozenset(withheld))
 
 
+def _carried_group_counts(
+    carried_qi: pl.DataFrame, *, withheld: set[int], race_lost: pl.Series, payer_lost: pl.Series
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per audited group, the held-back people released now (``released_later``: they no longer count as
+    withheld in the batch that held them back) and those of them released without their race or payer (lost
+    to that audit, as a delivered person would be)."""
+    counts = audited_group_counts(
+        carried_qi, withheld=withheld, race_suppressed=race_lost, payer_suppressed=payer_lost
+    )
+    return {
+        attribute: {
+            group: {
+                "patients": 0,
+                "withheld": 0,
+                "released_later": c["patients"] - c["withheld"],
+                **{k: v for k, v in c.items() if k.endswith("_not_released")},
+            }
+            for group, c in groups.items()
+        }
+        for attribute, groups in counts.items()
+    }
+
+
+def _merge_group_counts(
+    own: dict[str, dict[str, dict[str, int]]], later: dict[str, dict[str, dict[str, int]]]
+) -> dict[str, dict[str, dict[str, int]]]:
+    out = {a: {g: dict(c) for g, c in groups.items()} for a, groups in own.items()}
+    for attribute, groups in later.items():
+        for group, counts in groups.items():
+            into = out.setdefault(attribute, {}).setdefault(group, {})
+            for k, v in counts.items():
+                into[k] = into.get(k, 0) + v
+    return {a: dict(sorted(groups.items())) for a, groups in out.items()}
+
+
 def enforce_k_anonymity(
     *,
     patients: pl.DataFrame,
@@ -478,6 +534,7 @@ def enforce_k_anonymity(
     events: pl.DataFrame,
     policy: RiskPolicy,
     released: pl.DataFrame | None = None,
+    carried: pl.Series | None = None,
 ) -> Remedied:
     """Generalize, then suppress, until every class over the quasi-identifiers holds ``policy.k`` people.
 
@@ -491,6 +548,11 @@ def enforce_k_anonymity(
         The quasi-identifiers of the batches released before this one (:func:`released_quasi_identifiers`):
         classes are then counted over the cumulative release, the people already released and this batch's,
         and only this batch's records are remedied. ``None`` judges the batch on its own.
+    carried
+        The ``hadm_id`` of admissions that earlier batches held back, judged again with this batch (their
+        patient rows and events are in the frames too). They are remedied like the batch's own, but counted
+        apart: the withheld counts and the audited groups' ``patients`` and ``withheld`` are the batch's own
+        delivery's; ``Remedied.carried`` and the groups' ``released_later`` say what became of the carried.
 
     Returns
     -------
@@ -500,7 +562,24 @@ def enforce_k_anonymity(
     """
     delivered_qi = quasi_identifiers(patients, encounters, policy=policy)
     before = measure_risk(delivered_qi, k=policy.k, released=released)
-    admissions_in = encounters.height
+    is_carried = (
+        pl.col("hadm_id").is_in(carried.implode()) if carried is not None and carried.len() else pl.lit(False)
+    )
+    own_encounters, carried_encounters = encounters.filter(~is_carried), encounters.filter(is_carried)
+    carried_only = carried_encounters["subject_id"].unique()
+    carried_only = carried_only.filter(~carried_only.is_in(own_encounters["subject_id"].implode()))
+    own_patients = patients.filter(~pl.col("subject_id").is_in(carried_only.implode()))
+    # the audit counts people with an admission in the delivery (a patient row alone is in no cohort)
+    own_qi = quasi_identifiers(
+        own_patients.filter(pl.col("subject_id").is_in(own_encounters["subject_id"].implode())),
+        own_encounters,
+        policy=policy,
+    )
+    carried_qi = quasi_identifiers(
+        patients.filter(pl.col("subject_id").is_in(carried_encounters["subject_id"].implode())),
+        carried_encounters,
+        policy=policy,
+    )
     # each patient's race/ethnicity group as delivered: generalizing or suppressing it takes them from its audit
     group_before = patients.select("subject_id", race_ethnicity_expr().alias("_group"))
     race_generalized = 0
@@ -529,6 +608,14 @@ def enforce_k_anonymity(
     after = measure_risk(
         quasi_identifiers(patients, encounters, policy=policy), k=policy.k, released=released
     )
+    was_carried = is_carried
+    carried_out = encounters.filter(was_carried)
+    # events of carried admissions, delivered and kept (no pass over the events when nothing was carried)
+    carried_in, carried_kept = (
+        (events.filter(was_carried).height, kept_events.filter(was_carried).height)
+        if carried_encounters.height
+        else (0, 0)
+    )
     return Remedied(
         patients=patients,
         encounters=encounters,
@@ -538,14 +625,29 @@ def enforce_k_anonymity(
         race_generalized=race_generalized,
         zip3_suppressed=zip_suppressed,
         race_suppressed=race_suppressed,
-        subjects_withheld=len(withheld),
-        admissions_withheld=admissions_in - encounters.height,
-        events_withheld=events.height - kept_events.height,
+        subjects_withheld=len(withheld & set(own_patients["subject_id"].to_list())),
+        admissions_withheld=own_encounters.height - (encounters.height - carried_out.height),
+        events_withheld=(events.height - carried_in) - (kept_events.height - carried_kept),
         withheld_subjects=pl.Series("subject_id", sorted(withheld), dtype=pl.Int64),
-        audited_groups=audited_group_counts(
-            delivered_qi, withheld=set(withheld), race_suppressed=race_lost, payer_suppressed=payer_lost
+        audited_groups=_merge_group_counts(
+            audited_group_counts(
+                own_qi, withheld=set(withheld), race_suppressed=race_lost, payer_suppressed=payer_lost
+            ),
+            _carried_group_counts(
+                carried_qi, withheld=set(withheld), race_lost=race_lost, payer_lost=payer_lost
+            )
+            if carried_encounters.height
+            else {},
         ),
         payer_suppressed=payer_lost.len(),
+        subjects_delivered=own_patients["subject_id"].n_unique(),
+        carried=Carried(
+            patients_released=carried_out["subject_id"].n_unique(),
+            admissions_released=carried_out.height,
+            events_released=carried_kept,
+            patients_held=carried_encounters.filter(gone)["subject_id"].n_unique(),
+            admissions_held=carried_encounters.height - carried_out.height,
+        ),
     )
 
 

@@ -9,7 +9,7 @@ were rejected or withheld.
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clinical_ml.core.delivery import ZonePaths, read_ledger_entry
@@ -56,6 +56,12 @@ class BatchAccount:
     admissions_released: int | None
     consent_admissions: int = 0  # admissions of patients of the opt-out register, kept in the phi zone
     consent_events: int = 0
+    held_back: bool = False
+    """Under the cumulative risk scope the people withheld are held back in the phi zone and judged again with
+    each later delivery (core.holdback); under the per-batch scope they are withheld for good."""
+    released_from: dict[str, int] = field(default_factory=dict)
+    """Admissions of earlier deliveries, held back there, released with this batch (per delivery); not in
+    ``admissions_released``, which counts this delivery's own."""
 
     @property
     def rows_rejected(self) -> int:
@@ -71,6 +77,7 @@ class BatchAccount:
             and self.events_withheld == 0
             and self.consent_admissions == 0
             and self.consent_events == 0
+            and not self.released_from
             and all(s.status in ("accepted", "ok", "not_delivered") for s in self.sources)
         )
 
@@ -82,12 +89,24 @@ class BatchAccount:
         elif not self.released:
             out.append("  withheld by the privacy gate: nothing of this batch was released")
         else:
+            held = (
+                "held back",
+                " so far (kept in the phi zone; released with a later delivery once enough patients alike "
+                "have been)",
+            )
+            verb, until = held if self.held_back else ("withheld", "")
             withheld = (
-                f"; the privacy gate withheld {self.admissions_withheld:,} admissions "
-                f"({self.events_withheld:,} events) of patients too easy to single out"
+                f"; the privacy gate {verb} {self.admissions_withheld:,} admissions "
+                f"({self.events_withheld:,} events) of patients too easy to single out{until}"
                 if self.admissions_withheld or self.events_withheld
                 else ""
             )
+            later = sum(self.released_from.values())
+            if later:
+                withheld += (
+                    f"; also released now: {later:,} admissions held back by earlier deliveries "
+                    f"({', '.join(sorted(self.released_from))})"
+                )
             released = (
                 f"{self.admissions_released:,} admissions" if self.admissions_released is not None else ""
             )
@@ -112,6 +131,8 @@ class BatchAccount:
             "admissions_released": self.admissions_released,
             "consent_admissions": self.consent_admissions,
             "consent_events": self.consent_events,
+            "held_back": self.held_back,
+            "released_from": dict(self.released_from),
         }
 
 
@@ -147,22 +168,39 @@ def batch_account(zones: ZonePaths, deid_root: Path, batch_id: str) -> BatchAcco
     if privacy is None:
         return BatchAccount(batch_id, sources, None, 0, 0, None)
     published = privacy.get("published") or {}
+    later = {
+        str(b): int(n)
+        for b, n in (
+            (privacy.get("held_back_from_earlier") or {}).get("admissions_released_by_batch") or {}
+        ).items()
+    }
     return BatchAccount(
         batch_id,
         sources,
         bool(privacy.get("released")),
         int(privacy.get("admissions_withheld") or 0),
         int(privacy.get("events_withheld") or 0),
-        int(published["records"]) if privacy.get("released") and "records" in published else None,
+        int(published["records"]) - sum(later.values())
+        if privacy.get("released") and "records" in published
+        else None,
         int((privacy.get("withheld_by_consent") or {}).get("admissions") or 0),
         int((privacy.get("withheld_by_consent") or {}).get("events") or 0),
+        privacy.get("risk_scope") == "cumulative",
+        later if privacy.get("released") else {},
     )
 
 
 def delivery_rows(accounts: list[dict], in_cohort: dict[str, int]) -> list[dict]:
     """One row per delivery for the report card's participant flow, in admissions (encounter rows):
     delivered, accepted, rejected (with the most frequent reasons), withheld by the privacy gate, released,
-    and in this use case's cohort. ``accounts`` are :meth:`BatchAccount.as_dict` records."""
+    and in this use case's cohort. ``accounts`` are :meth:`BatchAccount.as_dict` records.
+
+    An admission the privacy gate held back and a later delivery released counts as released in the row of
+    the delivery it came in (``released_later`` says how many), not as withheld."""
+    later: dict[str, int] = {}
+    for a in accounts:
+        for origin, n in (a.get("released_from") or {}).items():
+            later[origin] = later.get(origin, 0) + int(n)
     rows = []
     for a in accounts:
         enc: dict = next((s for s in a.get("sources", []) if s.get("source") == "encounters"), {})
@@ -174,8 +212,14 @@ def delivery_rows(accounts: list[dict], in_cohort: dict[str, int]) -> list[dict]
                 "accepted": int(enc.get("rows_accepted") or 0),
                 "rejected": int(enc.get("rows_rejected") or 0),
                 "reasons": ", ".join(f"{n} {r}" for r, n in reasons[:3]),
-                "withheld": int(a.get("admissions_withheld") or 0) if a.get("released") else None,
-                "released": a.get("admissions_released") if a.get("released") else 0,
+                "withheld": int(a.get("admissions_withheld") or 0) - later.get(a["batch_id"], 0)
+                if a.get("released")
+                else None,
+                "released": (a.get("admissions_released") or 0) + later.get(a["batch_id"], 0)
+                if a.get("released")
+                else 0,
+                "released_later": later.get(a["batch_id"], 0),
+                "held_back": bool(a.get("held_back")),
                 "in_cohort": int(in_cohort.get(a["batch_id"], 0)),
             }
         )
@@ -192,7 +236,10 @@ def privacy_by_group(records: list[dict], *, attributes: Collection[str] | None 
     records, ``audited_groups``): patients delivered (once per batch they arrive in), withheld, released
     without race (lost to the race/ethnicity audit only) or without payer (lost to the payer audit only), the
     share lost to that attribute's audit, and whether it is over :data:`PRIVACY_LOSS_LIMIT`. Records written
-    before the counts existed are skipped; with ``attributes`` (a use case's), only the attributes it audits."""
+    before the counts existed are skipped; with ``attributes`` (a use case's), only the attributes it audits.
+
+    ``withheld`` is net: people held back by one batch and released by a later one (``released_later``, in
+    the later batch's counts) are not lost."""
     totals: dict[tuple[str, str], dict[str, int]] = {}
     for record in records:
         for attribute, groups in (record.get("audited_groups") or {}).items():
@@ -201,12 +248,19 @@ def privacy_by_group(records: list[dict], *, attributes: Collection[str] | None 
             for group, counts in groups.items():
                 t = totals.setdefault(
                     (attribute, group),
-                    {"patients": 0, "withheld": 0, "race_not_released": 0, "payer_not_released": 0},
+                    {
+                        "patients": 0,
+                        "withheld": 0,
+                        "released_later": 0,
+                        "race_not_released": 0,
+                        "payer_not_released": 0,
+                    },
                 )
                 for k in t:
                     t[k] += int(counts.get(k) or 0)
     rows = []
     for (attribute, group), t in sorted(totals.items()):
+        t["withheld"] -= t["released_later"]
         outside = {"race_ethnicity": "race_not_released", "payer": "payer_not_released"}.get(attribute)
         lost = t["withheld"] + (t[outside] if outside else 0)
         share = lost / t["patients"] if t["patients"] else 0.0

@@ -52,6 +52,24 @@ def test_rejected_and_withheld_rows_are_counted_by_reason_and_the_batch_is_not_c
         in text
     )
     assert all(s.accounted for s in account.sources)
+    # under the cumulative scope the same people are held back, and a batch says what it released of earlier ones
+    _privacy(
+        tmp_path,
+        released=True,
+        risk_scope="cumulative",
+        admissions_withheld=2,
+        events_withheld=30,
+        published={"records": 12},
+        held_back_from_earlier={"admissions_released_by_batch": {"b0": 3}},
+    )
+    account = batch_account(zones, tmp_path / "deid", "b1")
+    text = "\n".join(account.lines())
+    assert (
+        "released to the de-identified layer: 9 admissions; the privacy gate held back 2 admissions" in text
+    )
+    assert "released with a later delivery" in text and "withheld 2" not in text
+    assert "also released now: 3 admissions held back by earlier deliveries (b0)" in text
+    assert account.admissions_released == 9 and account.released_from == {"b0": 3} and not account.clean
 
 
 def test_a_clean_batch_and_one_the_privacy_gate_held_back(tmp_path):
@@ -80,4 +98,10 @@ def test_delivery_rows_count_admissions_from_export_to_cohort(tmp_path):
     assert row == {
         "batch_id": "b1", "delivered": 12, "accepted": 9, "rejected": 3,
         "reasons": "2 future_date:admit_time, 1 unknown_patient", "withheld": 2, "released": 7, "in_cohort": 5,
+        "released_later": 0, "held_back": False,
     }  # fmt: skip
+    # a later delivery released one of the two held back: it counts as released in this delivery's row
+    later = {"batch_id": "b2", "released": True, "released_from": {"b1": 1}, "sources": []}
+    row, _ = delivery_rows([account, later], {"b1": 6})
+    assert (row["withheld"], row["released"], row["released_later"]) == (1, 8, 1)
+    assert row["accepted"] == row["withheld"] + row["released"]

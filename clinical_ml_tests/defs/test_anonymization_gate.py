@@ -60,7 +60,7 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], bool]:
     }
 
 
-def _no_remedy(*, patients, encounters, events, policy, released=None) -> Remedied:
+def _no_remedy(*, patients, encounters, events, policy, released=None, carried=None) -> Remedied:
     risk = measure_risk(quasi_identifiers(patients, encounters, policy=policy), k=policy.k, released=released)
     return Remedied(patients, encounters, events, risk, risk, 0, 0, 0, 0, 0, 0)
 
@@ -155,11 +155,11 @@ def test_a_ranged_run_gates_each_batch_on_its_own(tmp_path, monkeypatch):
     batches, held = h.batch_ids, h.batch_ids[1]
     real_remedy = deid_release.enforce_k_anonymity
 
-    def remedy_all_but_one(*, patients, encounters, events, policy, released=None) -> Remedied:
+    def remedy_all_but_one(*, patients, encounters, events, policy, released=None, carried=None) -> Remedied:
         frames = {"patients": patients, "encounters": encounters, "events": events}
         if encounters.height and encounters["batch_id"][0] == held:
             return _no_remedy(**frames, policy=policy, released=released)
-        return real_remedy(**frames, policy=policy, released=released)
+        return real_remedy(**frames, policy=policy, released=released, carried=carried)
 
     monkeypatch.setattr(deid_release, "enforce_k_anonymity", remedy_all_but_one)
     roots = {"ranged": tmp_path / "ranged", "single": tmp_path / "single"}

@@ -76,6 +76,8 @@ def _state(root: Path) -> dict[str, object]:
     for kind in ("privacy", "accounting", "consent"):
         for p in committed(deid.root / kind, ".json"):
             out[f"{kind}/{p.name}"] = json.loads(p.read_text())
+    for p in phi.held.files():  # whom each batch holds back (core.holdback)
+        out[f"held/{p.name}"] = pl.read_parquet(p).to_dicts()
     return out
 
 
@@ -83,7 +85,7 @@ def _listed(root: Path) -> set[Path]:
     """Every file the readers of the de-identified zone and the vault would open."""
     phi, deid = PhiStore(root / "phi"), DeidStore(root / "deid", root / "reports")
     files = {phi.vault_patients.path, phi.vault_encounters.path}
-    files |= {p for t in DEID_TABLE_NAMES for p in deid.table(t).files()}
+    files |= {p for t in DEID_TABLE_NAMES for p in deid.table(t).files()} | set(phi.held.files())
     return files | {
         p for kind in ("privacy", "accounting", "consent") for p in committed(deid.root / kind, ".json")
     }

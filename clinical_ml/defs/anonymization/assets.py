@@ -185,6 +185,9 @@ def _table_outcome(
             "mean_prosecutor_risk": published.mean_prosecutor_risk,
             "subjects_withheld": remedied.subjects_withheld,
             "withheld_share": release.withheld_share,
+            # people earlier batches held back (core.holdback), released with this one / held back still
+            "held_back_released": remedied.carried.patients_released,
+            "held_back_still": remedied.carried.patients_held,
             "zip3_suppressed": remedied.zip3_suppressed,
             "race_suppressed": remedied.race_suppressed,
             "payer_suppressed": remedied.payer_suppressed,
