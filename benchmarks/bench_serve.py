@@ -303,7 +303,7 @@ def _cpu_seconds(pid: int) -> float | None:
     return sum(ticks[p] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
-def _batch_sizes(service_log: str) -> dict[str, float]:
+def _batch_sizes(service_log: str) -> dict[str, object]:
     """Mean and largest batch of hook calls from the service's log (the last count each process logged)."""
     last: dict[str, tuple[int, int, int]] = {}
     for m in re.finditer(
@@ -313,7 +313,12 @@ def _batch_sizes(service_log: str) -> dict[str, float]:
     if not last:
         return {}
     calls, batches = sum(v[0] for v in last.values()), sum(v[1] for v in last.values())
-    return {"mean_batch": calls / batches, "largest_batch": max(v[2] for v in last.values())}
+    return {
+        "mean_batch": calls / batches,
+        "largest_batch": max(v[2] for v in last.values()),
+        # how the clients' connections fell to the worker processes (the kernel hands each to one)
+        "calls_by_process": sorted((v[0] for v in last.values()), reverse=True),
+    }
 
 
 def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> list[dict]:

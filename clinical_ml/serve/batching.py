@@ -26,7 +26,7 @@ MAX_BATCH = 32
 # yield lets the requests already read reach the queue; at low load the first yield finds nothing new).
 MAX_YIELDS = 4
 # A log line (counts only) each time so many more calls were answered, to see how large batches are under load.
-LOG_EVERY_CALLS = 250
+LOG_EVERY_CALLS = 50
 
 
 class MicroBatcher(Generic[T, R]):
