@@ -50,7 +50,8 @@ FHIR_JSON = "application/json"
 # Requests being worked on at once (beyond: HTTP 503 from uvicorn), so a burst never grows without bound.
 MAX_CONCURRENCY = 64
 # A hook call is Python from its JSON to its card (a few milliseconds, bounded by the body size limit): it
-# runs on the event loop, one call to the end before the next. Threads bought nothing for it under the GIL
+# runs on the event loop, read up to its chart, then scored with the calls that reached that point with it
+# (:mod:`clinical_ml.serve.batching`). Threads bought nothing for it under the GIL
 # and cost switching: a call in a thread waited up to the interpreter's 5 ms switch interval each time the
 # loop took the GIL back, and the calls of a burst finished late together (measured: more CPU per call and a
 # higher median at a load of 3.5 to 6; within the noise at 7 to 9). Feedback may read the day's records of the cards served (files): it runs in a thread.
