@@ -27,7 +27,7 @@ from clinical_ml.core.deid_release import (
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.dicom import uid_key
-from clinical_ml.core.holdback import HeldRows, rows_of, still_held
+from clinical_ml.core.holdback import MAX_HOLDS, HeldRows, rows_of, still_held
 from clinical_ml.core.imaging import accepted_instances, publish_imaging, staging_folder, withdraw_imaging
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
@@ -36,6 +36,16 @@ from clinical_ml.core.reidentification import RiskPolicy
 from clinical_ml.core.row_accounting import batch_account
 
 RISK_SCOPES = ("cumulative", "batch")
+RACE_REMEDIES = ("hold_back", "suppress")
+
+
+def suppresses_race(risk_scope: str, race_remedy: str) -> bool:
+    """Whether race and ethnicity are suppressed for people still too rare (``RiskPolicy.suppress_race``):
+    always under the per-batch scope, where nothing is held back; else unless ``race_remedy`` is
+    ``hold_back``."""
+    if race_remedy not in RACE_REMEDIES:
+        raise ValueError(f"race_remedy must be 'hold_back' or 'suppress', not {race_remedy!r}")
+    return risk_scope != "cumulative" or race_remedy == "suppress"
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,9 @@ class ReleaseSettings:
     seed: int | None = None
     """Surrogates and shifts reproducible from this seed (tests only); None: operating-system entropy."""
     risk_scope: str = "cumulative"
+    max_holds: int = MAX_HOLDS
+    """Deliveries a person is held back by before their race may be withheld to release them (when the
+    policy does not suppress race at once: ``RiskPolicy.suppress_race``)."""
 
     def __post_init__(self) -> None:
         if self.risk_scope not in RISK_SCOPES:
@@ -99,6 +112,7 @@ def held_rows(
                 rows_of(raw, people["mrn"]),
                 batch_rng(settings.seed, str(origin)),
                 ingested_site_mapping(paths, str(origin), folder=site_mappings_dir),
+                people.filter(pl.col("holds") >= settings.max_holds)["mrn"],
             )
         )
     return out

@@ -369,6 +369,8 @@ def release_batch(
         orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
     result, origins, mrn_of = _with_carried(result, held, hmac_key=hmac_key, max_shift_weeks=max_shift_weeks)
+    overdue = pl.concat([h.overdue for h in held]) if held else pl.Series("mrn", [], dtype=pl.String)
+    race_suppressible = mrn_of.filter(pl.col("mrn").is_in(overdue.implode()))["subject_id"]
     # patients of the opt-out register (normalized MRNs) never cross: counted, kept in the phi zone only
     objecting = objecting_subjects(
         opted_out if opted_out is not None else pl.Series("mrn", [], dtype=pl.String),
@@ -383,7 +385,8 @@ def release_batch(
         events=result.events,
         policy=policy,
         released=prior,
-        carried=origins["hadm_id"],
+        carried=origins,
+        race_suppressible=race_suppressible,
     )
     frames = {"patients": remedied.patients, "encounters": remedied.encounters, "events": remedied.events}
     published = measure_risk(

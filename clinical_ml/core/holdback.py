@@ -18,7 +18,7 @@ and gives the same release.
 """
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -29,6 +29,9 @@ from clinical_ml.core.site_mapping import SiteMapping
 HELD = "held"
 RELEASED = "released"
 HOLD_SCHEMA = {"origin_batch": pl.String, "mrn": pl.String, "status": pl.String}
+MAX_HOLDS = 2
+"""Deliveries a person may be held back by (their own, then each later one that judged them again) before
+their race and ethnicity may be withheld to release them (``AnonymizationSettings.max_holds``)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class HeldRows:
     raw: Mapping[str, pl.DataFrame]
     rng: np.random.Generator
     mapping: SiteMapping | None = None
+    overdue: pl.Series = field(default_factory=lambda: pl.Series("mrn", [], dtype=pl.String))
+    """The normalized ``mrn`` of those held back by ``max_holds`` deliveries already: where the race remedy
+    is to hold back, they are now released with race and ethnicity withheld if still too rare, so a person
+    rare for good is not held for ever."""
 
 
 def empty_hold() -> pl.DataFrame:
@@ -48,12 +55,12 @@ def empty_hold() -> pl.DataFrame:
 
 def still_held(records: Iterable[pl.DataFrame]) -> pl.DataFrame:
     """The (``origin_batch``, ``mrn``) pairs held back by one of ``records`` (hold records of the batches
-    counted) and released by none of them, sorted."""
+    counted) and released by none of them, sorted, with ``holds``: by how many of them."""
     frames = [r.select(list(HOLD_SCHEMA)).cast(HOLD_SCHEMA) for r in records]  # type: ignore[arg-type]
     rows = pl.concat(frames) if frames else empty_hold()
     pairs = ["origin_batch", "mrn"]
     released = rows.filter(pl.col("status") == RELEASED).select(pairs)
-    held = rows.filter(pl.col("status") == HELD).select(pairs).unique()
+    held = rows.filter(pl.col("status") == HELD).group_by(pairs).agg(pl.len().cast(pl.Int64).alias("holds"))
     return held.join(released, on=pairs, how="anti").sort(pairs)
 
 

@@ -32,6 +32,7 @@ After step 3 every class holding a person of the batch holds at least ``k`` peop
 published frames again, independently of the remedy code.
 """
 
+import functools
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -61,11 +62,17 @@ class RiskPolicy:
     races_kept
         Race categories released as they are; any other non-missing race becomes ``Other``. ``None`` keeps
         every category.
+    suppress_race
+        Whether a person still in a class below ``k`` after the ZIP3 and payer steps is released with race
+        and ethnicity withheld (``True``), or keeps them and goes on to record suppression (``False``): under
+        the cumulative scope that person is held back and released with a later batch once enough people
+        alike have been (:mod:`clinical_ml.core.holdback`), so the race/ethnicity audit keeps them.
     """
 
     k: int = 5
     age_bands: tuple[int, ...] = DEFAULT_AGE_BANDS
     races_kept: tuple[str, ...] | None = DEFAULT_RACES_KEPT
+    suppress_race: bool = True
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -304,14 +311,17 @@ def _suppress_until_stable(
     policy: RiskPolicy,
     assign: dict[str, pl.Expr],
     released: pl.DataFrame | None,
+    only: pl.Series | None = None,
 ) -> tuple[pl.DataFrame, int]:
-    """Apply ``assign`` to the patients of classes below k, again until no new patient is affected (a
-    patient with two admissions moves both, which can shrink a neighbouring class). Returns the frame and
-    how many patients had a value actually changed."""
+    """Apply ``assign`` to the patients of classes below k (of ``only`` when given), again until no new
+    patient is affected (a patient with two admissions moves both, which can shrink a neighbouring class).
+    Returns the frame and how many patients had a value actually changed."""
     original = patients
     touched: set[int] = set()
     for _ in range(20):
         small = _subjects_below(patients, encounters, policy, released)
+        if only is not None:
+            small = small.filter(small.is_in(only.implode()))
         todo = small.filter(~small.is_in(pl.Series(list(touched), dtype=pl.Int64).implode()))
         if todo.len() == 0:
             break
@@ -450,6 +460,7 @@ def _suppress(
     *,
     zip3_for_payer: bool,
     released: pl.DataFrame | None,
+    race_suppressible: pl.Series | None = None,
 ) -> _Suppressed:
     """ZIP3, then rare payers, then race and ethnicity, then whole records, until every class holds k people.
     The ZIP3 step sees the payer only with ``zip3_for_payer`` (it then gives up ZIP3 to keep a payer too).
@@ -467,13 +478,16 @@ def _suppress(
         encounters = encounters.with_columns(payers)
     # race is suppressed where the other attributes, with the payers that can be kept, leave a class below k
     encounters, payer_lost = withhold_rare_payers(patients, encounters, policy, released)
-    patients, race_suppressed = _suppress_until_stable(
-        patients,
-        encounters,
-        policy,
-        {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
-        released,
-    )
+    race_suppressed = 0
+    if policy.suppress_race or (race_suppressible is not None and race_suppressible.len()):
+        patients, race_suppressed = _suppress_until_stable(
+            patients,
+            encounters,
+            policy,
+            {"race": pl.lit(None, dtype=pl.String), "ethnicity": pl.lit(None, dtype=pl.String)},
+            released,
+            only=None if policy.suppress_race else race_suppressible,
+        )
     if (
         payers is not None and race_suppressed
     ):  # classes that race suppression merged keep the payers they can
@@ -534,7 +548,8 @@ def enforce_k_anonymity(
     events: pl.DataFrame,
     policy: RiskPolicy,
     released: pl.DataFrame | None = None,
-    carried: pl.Series | None = None,
+    carried: pl.DataFrame | None = None,
+    race_suppressible: pl.Series | None = None,
 ) -> Remedied:
     """Generalize, then suppress, until every class over the quasi-identifiers holds ``policy.k`` people.
 
@@ -549,10 +564,13 @@ def enforce_k_anonymity(
         classes are then counted over the cumulative release, the people already released and this batch's,
         and only this batch's records are remedied. ``None`` judges the batch on its own.
     carried
-        The ``hadm_id`` of admissions that earlier batches held back, judged again with this batch (their
+        ``hadm_id`` -> ``origin_batch`` of admissions that earlier batches held back, judged again with this batch (their
         patient rows and events are in the frames too). They are remedied like the batch's own, but counted
         apart: the withheld counts and the audited groups' ``patients`` and ``withheld`` are the batch's own
         delivery's; ``Remedied.carried`` and the groups' ``released_later`` say what became of the carried.
+    race_suppressible
+        With ``policy.suppress_race`` false, the ``subject_id`` of the people whose race may be suppressed
+        all the same (held back long enough: :data:`clinical_ml.core.holdback` ``max_holds``).
 
     Returns
     -------
@@ -563,7 +581,9 @@ def enforce_k_anonymity(
     delivered_qi = quasi_identifiers(patients, encounters, policy=policy)
     before = measure_risk(delivered_qi, k=policy.k, released=released)
     is_carried = (
-        pl.col("hadm_id").is_in(carried.implode()) if carried is not None and carried.len() else pl.lit(False)
+        pl.col("hadm_id").is_in(carried["hadm_id"].implode())
+        if carried is not None and carried.height
+        else pl.lit(False)
     )
     own_encounters, carried_encounters = encounters.filter(~is_carried), encounters.filter(is_carried)
     carried_only = carried_encounters["subject_id"].unique()
@@ -575,11 +595,19 @@ def enforce_k_anonymity(
         own_encounters,
         policy=policy,
     )
-    carried_qi = quasi_identifiers(
-        patients.filter(pl.col("subject_id").is_in(carried_encounters["subject_id"].implode())),
-        carried_encounters,
-        policy=policy,
-    )
+    # per delivery they came in: a person held back by two deliveries is two of their audited memberships
+    carried_qi = [
+        quasi_identifiers(
+            patients.filter(pl.col("subject_id").is_in(enc["subject_id"].implode())), enc, policy=policy
+        )
+        for enc in (
+            carried_encounters.join(carried.select("hadm_id", "origin_batch"), on="hadm_id").partition_by(
+                "origin_batch", include_key=False, maintain_order=True
+            )
+            if carried is not None and carried_encounters.height
+            else []
+        )
+    ]
     # each patient's race/ethnicity group as delivered: generalizing or suppressing it takes them from its audit
     group_before = patients.select("subject_id", race_ethnicity_expr().alias("_group"))
     race_generalized = 0
@@ -592,9 +620,23 @@ def enforce_k_anonymity(
     payers = "payer" in encounters.columns and encounters["payer"].drop_nulls().ne(UNKNOWN_PAYER).any()
     # ZIP3 (needed by no model and no audit) is given up to keep payers too, where that costs nobody their
     # race or their record: moving a person to ZIP3 000 can leave them in a class too small there
-    suppressed = _suppress(patients, encounters, policy, zip3_for_payer=payers, released=released)
+    suppressed = _suppress(
+        patients,
+        encounters,
+        policy,
+        zip3_for_payer=payers,
+        released=released,
+        race_suppressible=race_suppressible,
+    )
     if payers and (suppressed.withheld or suppressed.race):
-        kept = _suppress(patients, encounters, policy, zip3_for_payer=False, released=released)
+        kept = _suppress(
+            patients,
+            encounters,
+            policy,
+            zip3_for_payer=False,
+            released=released,
+            race_suppressible=race_suppressible,
+        )
         if not (
             suppressed.withheld <= kept.withheld
             and suppressed.race_lost(group_before) <= kept.race_lost(group_before)
@@ -629,15 +671,15 @@ def enforce_k_anonymity(
         admissions_withheld=own_encounters.height - (encounters.height - carried_out.height),
         events_withheld=(events.height - carried_in) - (kept_events.height - carried_kept),
         withheld_subjects=pl.Series("subject_id", sorted(withheld), dtype=pl.Int64),
-        audited_groups=_merge_group_counts(
+        audited_groups=functools.reduce(
+            _merge_group_counts,
+            [
+                _carried_group_counts(qi, withheld=set(withheld), race_lost=race_lost, payer_lost=payer_lost)
+                for qi in carried_qi
+            ],
             audited_group_counts(
                 own_qi, withheld=set(withheld), race_suppressed=race_lost, payer_suppressed=payer_lost
             ),
-            _carried_group_counts(
-                carried_qi, withheld=set(withheld), race_lost=race_lost, payer_lost=payer_lost
-            )
-            if carried_encounters.height
-            else {},
         ),
         payer_suppressed=payer_lost.len(),
         subjects_delivered=own_patients["subject_id"].n_unique(),

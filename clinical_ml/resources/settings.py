@@ -38,6 +38,21 @@ class AnonymizationSettings(dg.ConfigurableResource):
         "kept once enough alike people are released; nothing released earlier is changed. 'batch': each batch "
         "on its own (stricter: it also defends against an attacker who knows in which delivery a stay arrived).",
     )
+    race_remedy: str = Field(
+        default="hold_back",
+        description="What happens to a person still too easy to single out once ZIP3 and a rare payer are "
+        "withheld. 'hold_back' (cumulative scope only): their race and ethnicity are kept and they are held "
+        "back in the phi zone, released with a later delivery once enough people alike have been, so the "
+        "race/ethnicity audit keeps them (their admissions reach the de-identified layer later: no batch "
+        "prediction for them meanwhile). 'suppress': released now with race and ethnicity withheld (lost to "
+        "that audit). Under risk_scope 'batch' race is always suppressed (nothing is held back). See max_holds.",
+    )
+    max_holds: int = Field(
+        default=2,
+        description="With race_remedy 'hold_back': how many deliveries (their own, then each later one) a "
+        "person may be held back by before their race and ethnicity are withheld to release them, so that "
+        "a person who stays rare is not held back for ever.",
+    )
     races_kept: list[str] | None = Field(
         default=["White", "Black or African American", "Asian", "Unknown"],
         description="Race categories released as delivered; other categories are released as 'Other'. "

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from clinical_ml.core.artifacts import DeidStore, PhiStore
-from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch
+from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch, suppresses_race
 from clinical_ml.core.delivery import ZonePaths, process_batch
 from clinical_ml.core.holdback import HELD, RELEASED, hold_record, rows_of, still_held
 from clinical_ml.core.reidentification import RiskPolicy, measure_risk, released_quasi_identifiers
@@ -30,13 +30,21 @@ def _zones(root: Path) -> ZonePaths:
     )
 
 
-def _release(root: Path, batch: str, *, scope: str = "cumulative") -> None:
+def _release(
+    root: Path, batch: str, *, scope: str = "cumulative", policy: RiskPolicy = POLICY, max_holds: int = 2
+) -> None:
     publish_batch(
         paths=_zones(root),
         deid=DeidStore(root / "deid", root / "reports"),
         batch_id=batch,
         settings=ReleaseSettings(
-            policy=POLICY, pseudonym_mode="vault", hmac_key=None, max_shift_weeks=52, seed=7, risk_scope=scope
+            policy=policy,
+            pseudonym_mode="vault",
+            hmac_key=None,
+            max_shift_weeks=52,
+            seed=7,
+            risk_scope=scope,
+            max_holds=max_holds,
         ),
     )
 
@@ -168,7 +176,8 @@ def test_a_batch_run_again_after_later_ones_gives_the_same_release(released, tmp
 def test_still_held_and_rows_of_follow_the_records():
     a = pl.DataFrame({"origin_batch": ["b1", "b1"], "mrn": ["M1", "M2"], "status": [HELD, HELD]})
     b = pl.DataFrame({"origin_batch": ["b1", "b2"], "mrn": ["M1", "M3"], "status": [RELEASED, HELD]})
-    assert still_held([a, b]).rows() == [("b1", "M2"), ("b2", "M3")]
+    c = pl.DataFrame({"origin_batch": ["b1"], "mrn": ["M2"], "status": [HELD]})  # held again by a later batch
+    assert still_held([a, b, c]).rows() == [("b1", "M2", 2), ("b2", "M3", 1)]
     assert still_held([]).height == 0
     raw = {
         "patients": pl.DataFrame({"mrn": [" m2", "M9"]}),
@@ -197,3 +206,48 @@ def test_hold_record_lists_held_people_and_released_carried_ones_and_refuses_an_
             withheld=pl.Series([11]),
             mrn_of=mrn_of.head(1),
         )
+
+
+def test_holding_back_instead_of_suppressing_race_keeps_the_race_audit(released, ingested, tmp_path):
+    """Race is kept and the rare held back instead, until they have been held back by ``max_holds``
+    deliveries: only then is their race withheld to release them (so no one is held for ever for it)."""
+    root, batches = released
+    base, _ = ingested
+    policy = RiskPolicy(
+        k=POLICY.k, age_bands=POLICY.age_bands, races_kept=POLICY.races_kept, suppress_race=False
+    )
+    runs = {}
+    for max_holds in (2, len(batches)):
+        runs[max_holds] = tmp_path / f"holds_{max_holds}"
+        shutil.copytree(base, runs[max_holds])
+        for batch in batches:
+            _release(runs[max_holds], batch, policy=policy, max_holds=max_holds)
+    records = _privacy(runs[2], batches)
+    assert all(r["released"] for r in records)
+    # nobody is overdue before the third delivery; the overdue are released with race withheld after that
+    assert [r["race_suppressed"] for r in records[:2]] == [0, 0] and sum(
+        r["race_suppressed"] for r in records
+    ) > 0
+    assert all(r["race_suppressed"] == 0 for r in _privacy(runs[len(batches)], batches))  # never overdue
+    assert sum(r["race_suppressed"] for r in _privacy(root, batches)) > sum(
+        r["race_suppressed"] for r in records
+    )
+    for run in runs.values():
+        deid = DeidStore(run / "deid", run / "reports")
+        union = released_quasi_identifiers(
+            [(deid.patients.part(b).read(), deid.encounters.part(b).read()) for b in batches], policy=POLICY
+        )
+        assert (measure_risk(union, k=POLICY.k).k_min or 0) >= POLICY.k  # still k-anonymous over the union
+    never = privacy_by_group(_privacy(runs[len(batches)], batches), attributes=["race_ethnicity"])
+    for row in never:
+        if row["group"] in (POLICY.races_kept or ()):
+            assert row["race_not_released"] == 0 and row["lost"] == row["withheld"], row["group"]
+    pending = still_held([PhiStore(runs[len(batches)] / "phi").held.part(b).read() for b in batches])
+    assert sum(r["withheld"] for r in never) == pending.height  # lost only while still held back
+
+
+def test_race_is_always_suppressed_where_nothing_is_held_back():
+    assert suppresses_race("batch", "hold_back") and suppresses_race("cumulative", "suppress")
+    assert not suppresses_race("cumulative", "hold_back")
+    with pytest.raises(ValueError, match="race_remedy"):
+        suppresses_race("cumulative", "drop")

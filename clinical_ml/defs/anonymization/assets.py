@@ -1,7 +1,7 @@
 import dagster as dg
 import polars as pl
 
-from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch
+from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch, suppresses_race
 from clinical_ml.core.deid_release import BatchRelease
 from clinical_ml.core.delivery import ZonePaths
 from clinical_ml.core.landing import IMAGING_SOURCE, SOURCES
@@ -30,12 +30,14 @@ def _release_settings(settings: AnonymizationSettings, key: HmacKey | None) -> R
             k=settings.k_anonymity_min,
             age_bands=tuple(settings.age_bands),
             races_kept=None if settings.races_kept is None else tuple(settings.races_kept),
+            suppress_race=suppresses_race(settings.risk_scope, settings.race_remedy),
         ),
         pseudonym_mode=settings.pseudonym_mode,
         hmac_key=key,
         max_shift_weeks=settings.max_shift_weeks,
         seed=settings.pseudonym_seed,
         risk_scope=settings.risk_scope,
+        max_holds=settings.max_holds,
     )
 
 
