@@ -920,9 +920,19 @@ def report_card(
         data_periods=data_periods,
         flow=_flow_rows(use_case, flow),
         deliveries=deliveries or [],
+        # under the cumulative scope the privacy gate holds people back and a later delivery releases them
+        held_back=any(d.get("held_back") for d in deliveries or []),
         validation_design=validation_design or DESIGN_NOT_RECORDED,
         # what the privacy gate took from each audited group (row_accounting.privacy_by_group)
         privacy_groups=privacy_groups or [],
+        # people held back at their delivery and released with a later one (each counted once per attribute)
+        released_later=max(
+            (
+                sum(g.get("released_later", 0) for g in privacy_groups or [] if g["attribute"] == a)
+                for a in {g["attribute"] for g in privacy_groups or []}
+            ),
+            default=0,
+        ),
         privacy_loss_limit=PRIVACY_LOSS_LIMIT,
         learning_curve=learning_curve,
         learning_curve_words=learning_curve.recommendation() if learning_curve else "",

@@ -191,7 +191,20 @@ def _render(hostile: bool) -> dict[str, str]:
                             "White": {"patients": 400, "withheld": 1, "race_not_released": 0},
                         }
                     }
-                }
+                },
+                # a later batch released 1 of the 2 Asian patients held back (and held back 1 White one)
+                {
+                    "audited_groups": {
+                        "race_ethnicity": {
+                            f"Asian{SCRIPT}" if hostile else "Asian": {
+                                "patients": 0,
+                                "withheld": 0,
+                                "released_later": 1,
+                            },
+                            "White": {"patients": 0, "withheld": 1, "race_not_released": 0},
+                        }
+                    }
+                },
             ]
         ),
         learning_curve=LearningCurve(
@@ -235,12 +248,14 @@ def _render(hostile: bool) -> dict[str, str]:
 
 def test_report_card_says_what_privacy_took_from_each_group_and_whether_more_data_would_help(plain):
     text = " ".join(_parse(plain["card_html"]).text)
-    # Asian: 2 withheld and 8 outside their group of 40 delivered = 25%, over the 5% limit; White 1 of 400
+    # Asian: 2 held back, 1 of them released later, and 8 outside their group of 40 = 22.5%, over the 5% limit;
+    # White: 2 of 400 held back
     assert "What the privacy gate took from each audited group" in text
-    assert "25.0%" in text and "0.2%" in text
+    assert "22.5%" in text and "0.5%" in text
+    assert "1 patient held back at their delivery was released with a later one and is counted as released" in text
     assert "<td>race and ethnicity</td><td>Asian</td>" in plain["card_html"]  # the attribute in words
-    assert 'class="verdict review">25.0%' in plain["card_html"]
-    assert 'class="verdict review">0.2%' not in plain["card_html"]
+    assert 'class="verdict review">22.5%' in plain["card_html"]
+    assert 'class="verdict review">0.5%' not in plain["card_html"]
     assert (
         "AUROC went from 0.830 with 75% of the derivation cohort (750 patients) to 0.850 with all of it (1,000): "
         "still rising, so more data of the same kind would likely help."

@@ -100,7 +100,9 @@ def _predictions(n: int = 2400, seed: int = 0) -> pl.DataFrame:
     )
 
 
-def _render(uc: UseCase, *, decision_criteria: list[dict] | None = None) -> dict[str, str]:
+def _render(
+    uc: UseCase, *, decision_criteria: list[dict] | None = None, deliveries: list[dict] | None = None
+) -> dict[str, str]:
     frame = _predictions()
     y, p = frame["label"].cast(pl.Int8).to_numpy(), frame["risk"].to_numpy()
     threshold = 0.15
@@ -191,7 +193,7 @@ def _render(uc: UseCase, *, decision_criteria: list[dict] | None = None) -> dict
         predictor_labels=["lactate"],
         model_version="v1",
         code_version="abc",
-        deliveries=DELIVERIES,
+        deliveries=DELIVERIES if deliveries is None else deliveries,
     )
     return {
         "performance": text_of(perf_html),
@@ -214,6 +216,8 @@ DELIVERIES = [
         "withheld": 4,
         "released": 616,
         "in_cohort": 402,
+        "released_later": 3,
+        "held_back": True,
     },
     {
         "batch_id": "2026-01-19",
@@ -230,7 +234,18 @@ DELIVERIES = [
 
 def test_the_report_card_follows_each_delivery_from_export_to_cohort(readmission):
     card = readmission["card"]
-    assert "2026-01-05 627 620 7 (5 unknown_patient, 2 future_date:admit_time) 4 616 402" in card
+    assert (
+        "2026-01-05 627 620 7 (5 unknown_patient, 2 future_date:admit_time) 4 616 (3 with a later delivery) 402"
+        in card
+    )
+    assert "releases them with a later delivery once enough patients alike have been released" in card
+    per_batch = _render(
+        readmission_use_case(),
+        deliveries=[{**d, "held_back": False, "released_later": 0} for d in DELIVERIES],
+    )["card"]
+    assert (
+        "the privacy gate withholds the admissions" in per_batch and "with a later delivery" not in per_batch
+    )
     assert "2026-01-19 30 30 0 the whole batch 0 0" in card
 
 
