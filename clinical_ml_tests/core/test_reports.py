@@ -252,7 +252,10 @@ def test_report_card_says_what_privacy_took_from_each_group_and_whether_more_dat
     # White: 2 of 400 held back
     assert "What the privacy gate took from each audited group" in text
     assert "22.5%" in text and "0.5%" in text
-    assert "1 patient held back at their delivery was released with a later one and is counted as released" in text
+    assert (
+        "1 patient held back at their delivery was released with a later one and is counted as released"
+        in text
+    )
     assert "<td>race and ethnicity</td><td>Asian</td>" in plain["card_html"]  # the attribute in words
     assert 'class="verdict review">22.5%' in plain["card_html"]
     assert 'class="verdict review">0.5%' not in plain["card_html"]
