@@ -27,7 +27,7 @@ from clinical_ml.core.deid_release import (
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.dicom import uid_key
-from clinical_ml.core.holdback import MAX_HOLDS, HeldRows, rows_of, still_held
+from clinical_ml.core.holdback import MAX_HOLDS, HeldRows, instances_of, rows_of, still_held
 from clinical_ml.core.imaging import accepted_instances, publish_imaging, staging_folder, withdraw_imaging
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
@@ -112,6 +112,7 @@ def held_rows(
                 rows_of(raw, people["mrn"]),
                 batch_rng(settings.seed, str(origin)),
                 ingested_site_mapping(paths, str(origin), folder=site_mappings_dir),
+                instances_of(accepted_instances(paths, str(origin)), people["mrn"]),
                 people.filter(pl.col("holds") >= settings.max_holds)["mrn"],
             )
         )
@@ -150,19 +151,23 @@ def publish_batch(
         if cumulative
         else None
     )
+    held = (
+        held_rows(paths, batch_id, before[1], settings=settings, site_mappings_dir=site_mappings_dir)
+        if before is not None
+        else []
+    )
+    pictures = imaging or any(h.imaging for h in held)
     release = release_batch(
         {s: accepted_rows(phi, s, batch_id) for s in SOURCES},
         imaging=imaging,
-        imaging_key=uid_key(phi_dir=paths.phi, hmac_secret=key.secret if key else None) if imaging else None,
+        imaging_key=uid_key(phi_dir=paths.phi, hmac_secret=key.secret if key else None) if pictures else None,
         imaging_stage=staging_folder(deid.imaging / batch_id),
         opted_out=opted_out,
         vault=vault,
         batch_id=batch_id,
         policy=settings.policy,
         released=before,
-        held=held_rows(paths, batch_id, before[1], settings=settings, site_mappings_dir=site_mappings_dir)
-        if before is not None
-        else (),
+        held=held,
         max_shift_weeks=settings.max_shift_weeks,
         rng=batch_rng(settings.seed, batch_id),
         hmac_key=key,

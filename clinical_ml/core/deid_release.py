@@ -8,6 +8,7 @@ counts (never a value) are the batch's privacy record.
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from clinical_ml.core.anonymization import DEID_COLUMNS, DeidBatch, Vault, anony
 from clinical_ml.core.clinical_sources import source_events
 from clinical_ml.core.consent import ConsentWithheld, objecting_subjects, withhold_objecting
 from clinical_ml.core.dicom import (
+    DeidLog,
     ImagingInstance,
     ImagingRelease,
     keep_subjects,
@@ -368,7 +370,10 @@ def release_batch(
         ),
         orphan_events=result.orphan_events + sum(more.orphans_by_source.values()),
     )
-    result, origins, mrn_of = _with_carried(result, held, hmac_key=hmac_key, max_shift_weeks=max_shift_weeks)
+    result, origins, mrn_of, carried_pictures = _with_carried(
+        result, held, hmac_key=hmac_key, max_shift_weeks=max_shift_weeks, imaging_key=imaging_key
+    )
+    pictures = _with_carried_imaging(pictures, carried_pictures)
     overdue = pl.concat([h.overdue for h in held]) if held else pl.Series("mrn", [], dtype=pl.String)
     race_suppressible = mrn_of.filter(pl.col("mrn").is_in(overdue.implode()))["subject_id"]
     # patients of the opt-out register (normalized MRNs) never cross: counted, kept in the phi zone only
@@ -400,7 +405,9 @@ def release_batch(
         ids, numeric_ids = ids | more_ids, numeric_ids | more_numeric
     used = mapping or default_site_mapping()
     leaks = {t: identifier_leaks(f, t, ids, numeric_ids, mapping=used) for t, f in frames.items()}
-    if pictures is not None and imaging_key is not None and imaging_stage is not None:
+    if pictures is not None and imaging_key is not None:
+        if imaging_stage is None:
+            raise ValueError("imaging needs a staging folder (clinical_ml.core.imaging.staging_folder)")
         pictures = keep_subjects(pictures, frames["patients"]["subject_id"].to_list())
         pictures, found = stage_imaging(
             pictures, imaging_stage, key=imaging_key, raw_identifiers=ids, raw_numeric_ids=numeric_ids
@@ -441,16 +448,43 @@ def release_batch(
     )
 
 
+def _with_carried_imaging(
+    own: ImagingRelease | None, carried: Sequence[ImagingRelease]
+) -> ImagingRelease | None:
+    """The batch's imaging with the carried people's files added (``carried_from_earlier`` counts them)."""
+    if not carried:
+        return own
+    parts = [*([own] if own is not None else []), *carried]
+    log, counts = DeidLog(), Counter[str]()
+    for part in parts:
+        log.merge(part.log)
+        counts.update(part.counts)
+    counts["carried_from_earlier"] = sum(len(c.files) for c in carried)
+    return ImagingRelease(
+        {name: f for part in parts for name, f in part.files.items()},
+        pl.concat([part.events for part in parts], how="vertical_relaxed"),
+        dict(counts),
+        log,
+    )
+
+
 def _with_carried(
-    result: DeidBatch, held: Sequence[HeldRows], *, hmac_key: HmacKey | None, max_shift_weeks: int
-) -> tuple[DeidBatch, pl.DataFrame, pl.DataFrame]:
+    result: DeidBatch,
+    held: Sequence[HeldRows],
+    *,
+    hmac_key: HmacKey | None,
+    max_shift_weeks: int,
+    imaging_key: bytes | None = None,
+) -> tuple[DeidBatch, pl.DataFrame, pl.DataFrame, list[ImagingRelease]]:
     """The batch with the held-back rows of earlier deliveries added, each anonymized as its delivery would
-    (same pseudonyms and shifts: the vault, or the key, already holds them); the carried admissions'
-    ``hadm_id`` -> ``origin_batch``; and ``subject_id`` -> normalized ``mrn`` of everyone in the batch."""
+    (same pseudonyms and shifts: the vault, or the key, already holds them; their DICOM files too, under
+    ``imaging_key``); the carried admissions' ``hadm_id`` -> ``origin_batch``; ``subject_id`` -> normalized
+    ``mrn`` of everyone in the batch; and the carried DICOM files, de-identified."""
     origins = pl.DataFrame(schema={"hadm_id": result.encounters["hadm_id"].dtype, "origin_batch": pl.String})
     mrn_of = [result.vault.patients.select("subject_id", "mrn")]
+    pictures: list[ImagingRelease] = []
     if not held:
-        return result, origins, mrn_of[0]
+        return result, origins, mrn_of[0], pictures
     patients, encounters, events, vault, parts = [], [], [], result.vault, [origins]
     for h in held:
         part = anonymize_batch(
@@ -467,6 +501,17 @@ def _with_carried(
             site_mapping=h.mapping,
         )
         more = source_events(h.raw, patients=part.vault.patients, encounters=part.vault.encounters)
+        if h.imaging and imaging_key is not None:
+            pictures.append(
+                release_imaging(
+                    list(h.imaging),
+                    patients=part.vault.patients,
+                    encounters=part.vault.encounters,
+                    raw_encounters=h.raw["encounters"],
+                    key=imaging_key,
+                )
+            )
+            events.append(pictures[-1].events)
         if hmac_key is None:
             vault = part.vault  # the held people are in the vault already: nothing is drawn for them
         patients.append(part.patients)
@@ -488,4 +533,9 @@ def _with_carried(
         vault=vault if hmac_key is None else result.vault,
     )
     own = result.encounters["hadm_id"].implode()
-    return merged, carried.filter(~pl.col("hadm_id").is_in(own)), pl.concat(mrn_of).unique("subject_id")
+    return (
+        merged,
+        carried.filter(~pl.col("hadm_id").is_in(own)),
+        pl.concat(mrn_of).unique("subject_id"),
+        pictures,
+    )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from clinical_ml.core.dicom import ImagingInstance
 from clinical_ml.core.pseudonyms import normalize_identifier
 from clinical_ml.core.site_mapping import SiteMapping
 
@@ -43,6 +44,8 @@ class HeldRows:
     raw: Mapping[str, pl.DataFrame]
     rng: np.random.Generator
     mapping: SiteMapping | None = None
+    imaging: tuple[ImagingInstance, ...] = ()
+    """Their accepted DICOM files of that delivery (released with them, de-identified as then)."""
     overdue: pl.Series = field(default_factory=lambda: pl.Series("mrn", [], dtype=pl.String))
     """The normalized ``mrn`` of those held back by ``max_holds`` deliveries already: where the race remedy
     is to hold back, they are now released with race and ethnicity withheld if still too rare, so a person
@@ -78,6 +81,12 @@ def rows_of(raw: Mapping[str, pl.DataFrame], mrns: pl.Series) -> dict[str, pl.Da
         if source not in out:
             out[source] = frame.filter(normalize_identifier(pl.col("encounter_id")).is_in(stays))
     return out
+
+
+def instances_of(instances: Iterable[ImagingInstance], mrns: pl.Series) -> tuple[ImagingInstance, ...]:
+    """The DICOM files of one delivery that belong to the patients ``mrns`` (normalized)."""
+    wanted = set(mrns.cast(pl.String).to_list())
+    return tuple(i for i in instances if i.mrn is not None and i.mrn.strip().upper() in wanted)
 
 
 def hold_record(

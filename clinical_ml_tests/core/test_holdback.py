@@ -14,6 +14,7 @@ from clinical_ml.core.artifacts import DeidStore, PhiStore
 from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch, suppresses_race
 from clinical_ml.core.delivery import ZonePaths, process_batch
 from clinical_ml.core.holdback import HELD, RELEASED, hold_record, rows_of, still_held
+from clinical_ml.core.imaging import process_imaging
 from clinical_ml.core.reidentification import RiskPolicy, measure_risk, released_quasi_identifiers
 from clinical_ml.core.row_accounting import batch_account, delivery_rows, privacy_by_group
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
@@ -53,10 +54,12 @@ def _release(
 def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("hospital")
     hospital = generate_hospital(
-        root / "landing", SyntheticConfig(n_patients=300, n_batches=4, seed=23, days_per_batch=10)
+        root / "landing",
+        SyntheticConfig(n_patients=300, n_batches=4, seed=23, days_per_batch=10, imaging=True),
     )
     for batch in hospital.batch_ids:
         process_batch(zones=_zones(root), batch_id=batch, now=NOW)
+        process_imaging(zones=_zones(root), batch_id=batch, now=NOW)
     return root, list(hospital.batch_ids)
 
 
@@ -114,6 +117,37 @@ def test_people_held_back_are_released_with_a_later_delivery_and_never_twice(rel
         records[-1]["admissions_withheld"] + records[-1]["held_back_from_earlier"]["admissions_held"]
     )
     assert encounters.height + held_admissions == accepted
+
+
+def test_the_dicom_files_of_people_held_back_are_released_with_them(released):
+    root, batches = released
+    records = _privacy(root, batches)
+    carried = sum((r.get("imaging") or {}).get("carried_from_earlier", 0) for r in records)
+    assert carried > 0  # held-back people had imaging, released later with them
+    deid = DeidStore(root / "deid", root / "reports")
+    for batch in batches:
+        released = set(deid.patients.part(batch).read()["subject_id"].cast(pl.String))
+        folders = (
+            {p.name for p in (root / "deid" / "imaging" / batch).iterdir()}
+            if (root / "deid" / "imaging" / batch).is_dir()
+            else set()
+        )
+        assert folders <= released, batch  # files only of the people this batch released
+        events = deid.events.part(batch).read().filter(pl.col("code").str.starts_with("IMAGING//"))
+        assert set(events["subject_id"].cast(pl.String)) <= released
+    # a carried person's studies are in the later batch's folder, under the pseudonym they were released with
+    later = [
+        b
+        for b, r in zip(batches, records, strict=True)
+        if (r.get("imaging") or {}).get("carried_from_earlier")
+    ]
+    encounters = pl.concat(
+        [deid.encounters.part(b).read().with_columns(pl.lit(b).alias("_part")) for b in later]
+    )
+    moved = encounters.filter(pl.col("batch_id") != pl.col("_part"))
+    assert moved.height > 0
+    with_files = {(b, p.name) for b in later for p in (root / "deid" / "imaging" / b).iterdir() if p.is_dir()}
+    assert any((r["_part"], str(r["subject_id"])) in with_files for r in moved.iter_rows(named=True))
 
 
 def test_the_audit_counts_a_person_released_later_as_released(released, ingested, tmp_path):
