@@ -23,7 +23,7 @@ from clinical_ml.core.batch_monitoring import (
     monitor_batch,
     prepare_reference,
 )
-from clinical_ml.core.drift import FeatureDrift, feature_drift
+from clinical_ml.core.drift import FeatureDrift, batch_drift, n_tests_for, reference_profile
 from clinical_ml.core.features import CATEGORICAL_STATIC, ROW_KEY, feature_matrix
 from clinical_ml.core.fhir import ScoredAdmission
 from clinical_ml.core.labeling import LABEL_WINDOW_END
@@ -365,6 +365,8 @@ class NewestBatchDrift:
     n_reference: int
     n_current: int
     features: list[FeatureDrift]
+    n_tests: int | None = None
+    """The Bonferroni denominator ``m`` the levels were judged with."""
 
 
 def newest_batch_drift(store: UseCaseStore, config: MonitoringConfig) -> NewestBatchDrift:
@@ -387,10 +389,10 @@ def newest_batch_drift(store: UseCaseStore, config: MonitoringConfig) -> NewestB
         for c in feats.columns
         if "__" in c and not c.startswith(tuple(f"{s}__" for s in CATEGORICAL_STATIC))
     ]
-    drift = feature_drift(
-        feature_matrix(reference, cols), feature_matrix(current, cols), cols, thresholds=config.drift
-    )
-    return NewestBatchDrift(newest, reference.height, current.height, drift)
+    profile = reference_profile(feature_matrix(reference, cols), cols, thresholds=config.drift)
+    m = n_tests_for(profile)
+    drift = batch_drift(profile, feature_matrix(current, cols), n_tests=m)
+    return NewestBatchDrift(newest, reference.height, current.height, drift, m)
 
 
 @dataclass(frozen=True)

@@ -701,6 +701,7 @@ def drift_report(
     plot: bytes | None = None,
     warn: float | None = None,
     error: float | None = None,
+    n_tests: int | None = None,
 ) -> tuple[str, str]:
     """HTML feature drift report and its Markdown summary, judged by ``thresholds`` (the use case's).
 
@@ -716,6 +717,8 @@ def drift_report(
     rows, plot, warn, error
         The former call (flat records with a ``label``, a PSI plot and PSI levels): kept until defs/ passes
         ``drift`` and ``thresholds``; ``warn`` and ``error`` then stand for ``psi_warn`` and ``psi_error``.
+    n_tests
+        The Bonferroni denominator ``m`` the levels were judged with (the report then says it).
     """
     if thresholds is None:
         default = DriftThresholds()
@@ -750,6 +753,7 @@ def drift_report(
         plot=b64(plot),
         n_error=n_error,
         n_warn=n_warn,
+        n_tests=n_tests,
         use_case_name=use_case.name,
         use_case_hash=use_case.source_sha256[:12],
         model_version=model_version,

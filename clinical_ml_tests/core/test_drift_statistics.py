@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from clinical_ml.core.drift import batch_drift, reference_profile
+from clinical_ml.core.drift import batch_drift, n_tests_for, reference_profile
 from clinical_ml.core.drift_statistics import (
     STATISTICS,
     DriftThresholds,
@@ -144,6 +144,29 @@ def test_drift_report_states_the_configured_thresholds_it_judges_by():
     assert "Wasserstein (SD): reported only" in html
     n_error = sum(d.level == "error" for d in _drift())
     assert f"{n_error} predictors at ERROR" in md
+    assert "m tests" in html  # m not given: named, never invented
+
+
+def test_drift_report_says_how_many_tests_m_counts_and_the_p_value_each_level_needs():
+    rng = np.random.default_rng(3)
+    profile = reference_profile(rng.normal(size=(500, 3)), ["a", "b", "c"])
+    m = n_tests_for(profile)
+    th = profile.thresholds
+    html, _ = drift_report(
+        use_case=parse_use_case(USECASE.read_text(), source="test.yaml"),
+        batch_id="b1",
+        drift=batch_drift(profile, rng.normal(size=(500, 3)), n_tests=m),
+        thresholds=th,
+        n_reference=500,
+        n_current=500,
+        model_version="v1",
+        code_version="c1",
+        n_tests=m,
+    )
+    assert m == 9  # KS, chi-square and missingness for each of the 3 numeric predictors
+    assert (
+        f"m = {m} tests: p below {th.alpha_warn / m:.2g} for warn, {th.alpha_error / m:.2g} for error" in html
+    )
 
 
 def test_the_former_drift_report_call_still_renders_and_states_its_psi_levels():

@@ -413,6 +413,7 @@ def build_monitoring_assets(
             thresholds=config.drift,
             n_reference=drift.n_reference,
             n_current=drift.n_current,
+            n_tests=drift.n_tests,
             # the reference is the derivation cohort of the newest split: the newest registered model's
             model_version=newest.version
             if (newest := zones.model_registry(uc.name).newest_card())
