@@ -541,6 +541,79 @@ def _merge_group_counts(
     return {a: dict(sorted(groups.items())) for a, groups in out.items()}
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    """The frames judged, split into the batch's own delivery and the admissions earlier batches held back."""
+
+    is_carried: pl.Expr
+    own_patients: pl.DataFrame
+    own_encounters: pl.DataFrame
+    carried_encounters: pl.DataFrame
+    own_qi: pl.DataFrame
+    """Quasi-identifiers of the own people with an admission in the delivery (a patient row alone is in no
+    cohort, so in no audit)."""
+    carried_qi: list[pl.DataFrame]
+    """Per delivery the carried came in: a person held back by two deliveries is two audited memberships."""
+
+    @classmethod
+    def split(
+        cls,
+        patients: pl.DataFrame,
+        encounters: pl.DataFrame,
+        carried: pl.DataFrame | None,
+        policy: RiskPolicy,
+    ) -> "_Delivered":
+        is_carried = (
+            pl.col("hadm_id").is_in(carried["hadm_id"].implode())
+            if carried is not None and carried.height
+            else pl.lit(False)
+        )
+        own_encounters, carried_encounters = encounters.filter(~is_carried), encounters.filter(is_carried)
+        own_subjects = own_encounters["subject_id"].implode()
+        carried_only = carried_encounters["subject_id"].unique()
+        carried_only = carried_only.filter(~carried_only.is_in(own_subjects))
+        own_patients = patients.filter(~pl.col("subject_id").is_in(carried_only.implode()))
+        by_origin = (
+            carried_encounters.join(carried.select("hadm_id", "origin_batch"), on="hadm_id").partition_by(
+                "origin_batch", include_key=False, maintain_order=True
+            )
+            if carried is not None and carried_encounters.height
+            else []
+        )
+        return cls(
+            is_carried,
+            own_patients,
+            own_encounters,
+            carried_encounters,
+            quasi_identifiers(
+                own_patients.filter(pl.col("subject_id").is_in(own_subjects)), own_encounters, policy=policy
+            ),
+            [
+                quasi_identifiers(
+                    patients.filter(pl.col("subject_id").is_in(enc["subject_id"].implode())),
+                    enc,
+                    policy=policy,
+                )
+                for enc in by_origin
+            ],
+        )
+
+    def group_counts(
+        self, withheld: set[int], *, race_lost: pl.Series, payer_lost: pl.Series
+    ) -> dict[str, dict[str, dict[str, int]]]:
+        """The audited groups' counts: the own people's, plus ``released_later`` for the carried."""
+        return functools.reduce(
+            _merge_group_counts,
+            [
+                _carried_group_counts(qi, withheld=withheld, race_lost=race_lost, payer_lost=payer_lost)
+                for qi in self.carried_qi
+            ],
+            audited_group_counts(
+                self.own_qi, withheld=withheld, race_suppressed=race_lost, payer_suppressed=payer_lost
+            ),
+        )
+
+
 def enforce_k_anonymity(
     *,
     patients: pl.DataFrame,
@@ -564,13 +637,14 @@ def enforce_k_anonymity(
         classes are then counted over the cumulative release, the people already released and this batch's,
         and only this batch's records are remedied. ``None`` judges the batch on its own.
     carried
-        ``hadm_id`` -> ``origin_batch`` of admissions that earlier batches held back, judged again with this batch (their
-        patient rows and events are in the frames too). They are remedied like the batch's own, but counted
-        apart: the withheld counts and the audited groups' ``patients`` and ``withheld`` are the batch's own
-        delivery's; ``Remedied.carried`` and the groups' ``released_later`` say what became of the carried.
+        ``hadm_id`` -> ``origin_batch`` of admissions that earlier batches held back, judged again with this
+        batch (their patient rows and events are in the frames too). They are remedied like the batch's own,
+        but counted apart: the withheld counts and the audited groups' ``patients`` and ``withheld`` are the
+        batch's own delivery's; ``Remedied.carried`` and the groups' ``released_later`` say what became of
+        the carried.
     race_suppressible
         With ``policy.suppress_race`` false, the ``subject_id`` of the people whose race may be suppressed
-        all the same (held back long enough: :data:`clinical_ml.core.holdback` ``max_holds``).
+        all the same (held back by ``max_holds`` deliveries: :mod:`clinical_ml.core.holdback`).
 
     Returns
     -------
@@ -578,36 +652,10 @@ def enforce_k_anonymity(
         The frames to publish, the risk before any remedy (on the generalized ages only) and after all of
         them, and how many people or records each remedy touched.
     """
-    delivered_qi = quasi_identifiers(patients, encounters, policy=policy)
-    before = measure_risk(delivered_qi, k=policy.k, released=released)
-    is_carried = (
-        pl.col("hadm_id").is_in(carried["hadm_id"].implode())
-        if carried is not None and carried.height
-        else pl.lit(False)
+    before = measure_risk(
+        quasi_identifiers(patients, encounters, policy=policy), k=policy.k, released=released
     )
-    own_encounters, carried_encounters = encounters.filter(~is_carried), encounters.filter(is_carried)
-    carried_only = carried_encounters["subject_id"].unique()
-    carried_only = carried_only.filter(~carried_only.is_in(own_encounters["subject_id"].implode()))
-    own_patients = patients.filter(~pl.col("subject_id").is_in(carried_only.implode()))
-    # the audit counts people with an admission in the delivery (a patient row alone is in no cohort)
-    own_qi = quasi_identifiers(
-        own_patients.filter(pl.col("subject_id").is_in(own_encounters["subject_id"].implode())),
-        own_encounters,
-        policy=policy,
-    )
-    # per delivery they came in: a person held back by two deliveries is two of their audited memberships
-    carried_qi = [
-        quasi_identifiers(
-            patients.filter(pl.col("subject_id").is_in(enc["subject_id"].implode())), enc, policy=policy
-        )
-        for enc in (
-            carried_encounters.join(carried.select("hadm_id", "origin_batch"), on="hadm_id").partition_by(
-                "origin_batch", include_key=False, maintain_order=True
-            )
-            if carried is not None and carried_encounters.height
-            else []
-        )
-    ]
+    delivered = _Delivered.split(patients, encounters, carried, policy)
     # each patient's race/ethnicity group as delivered: generalizing or suppressing it takes them from its audit
     group_before = patients.select("subject_id", race_ethnicity_expr().alias("_group"))
     race_generalized = 0
@@ -650,12 +698,11 @@ def enforce_k_anonymity(
     after = measure_risk(
         quasi_identifiers(patients, encounters, policy=policy), k=policy.k, released=released
     )
-    was_carried = is_carried
-    carried_out = encounters.filter(was_carried)
+    own_out = encounters.filter(~delivered.is_carried)
     # events of carried admissions, delivered and kept (no pass over the events when nothing was carried)
     carried_in, carried_kept = (
-        (events.filter(was_carried).height, kept_events.filter(was_carried).height)
-        if carried_encounters.height
+        (events.filter(delivered.is_carried).height, kept_events.filter(delivered.is_carried).height)
+        if delivered.carried_encounters.height
         else (0, 0)
     )
     return Remedied(
@@ -667,28 +714,19 @@ def enforce_k_anonymity(
         race_generalized=race_generalized,
         zip3_suppressed=zip_suppressed,
         race_suppressed=race_suppressed,
-        subjects_withheld=len(withheld & set(own_patients["subject_id"].to_list())),
-        admissions_withheld=own_encounters.height - (encounters.height - carried_out.height),
+        subjects_withheld=len(withheld & set(delivered.own_patients["subject_id"].to_list())),
+        admissions_withheld=delivered.own_encounters.height - own_out.height,
         events_withheld=(events.height - carried_in) - (kept_events.height - carried_kept),
         withheld_subjects=pl.Series("subject_id", sorted(withheld), dtype=pl.Int64),
-        audited_groups=functools.reduce(
-            _merge_group_counts,
-            [
-                _carried_group_counts(qi, withheld=set(withheld), race_lost=race_lost, payer_lost=payer_lost)
-                for qi in carried_qi
-            ],
-            audited_group_counts(
-                own_qi, withheld=set(withheld), race_suppressed=race_lost, payer_suppressed=payer_lost
-            ),
-        ),
+        audited_groups=delivered.group_counts(set(withheld), race_lost=race_lost, payer_lost=payer_lost),
         payer_suppressed=payer_lost.len(),
-        subjects_delivered=own_patients["subject_id"].n_unique(),
+        subjects_delivered=delivered.own_patients["subject_id"].n_unique(),
         carried=Carried(
-            patients_released=carried_out["subject_id"].n_unique(),
-            admissions_released=carried_out.height,
+            patients_released=encounters.filter(delivered.is_carried)["subject_id"].n_unique(),
+            admissions_released=encounters.height - own_out.height,
             events_released=carried_kept,
-            patients_held=carried_encounters.filter(gone)["subject_id"].n_unique(),
-            admissions_held=carried_encounters.height - carried_out.height,
+            patients_held=delivered.carried_encounters.filter(gone)["subject_id"].n_unique(),
+            admissions_held=delivered.carried_encounters.height - (encounters.height - own_out.height),
         ),
     )
 
