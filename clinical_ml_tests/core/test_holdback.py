@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from clinical_ml.core.artifacts import DeidStore, PhiStore
-from clinical_ml.core.deid_publish import ReleaseSettings, publish_batch, suppresses_race
+from clinical_ml.core.deid_publish import Published, ReleaseSettings, publish_batch, suppresses_race
 from clinical_ml.core.delivery import ZonePaths, process_batch
 from clinical_ml.core.holdback import HELD, RELEASED, hold_record, rows_of, still_held
 from clinical_ml.core.imaging import process_imaging
@@ -33,8 +33,8 @@ def _zones(root: Path) -> ZonePaths:
 
 def _release(
     root: Path, batch: str, *, scope: str = "cumulative", policy: RiskPolicy = POLICY, max_holds: int = 2
-) -> None:
-    publish_batch(
+) -> Published:
+    return publish_batch(
         paths=_zones(root),
         deid=DeidStore(root / "deid", root / "reports"),
         batch_id=batch,
@@ -188,8 +188,20 @@ def test_a_batch_run_again_after_later_ones_gives_the_same_release(released, tmp
     root, batches = released
     again = tmp_path / "again"
     shutil.copytree(root, again)
-    for batch in batches[1:3]:
-        _release(again, batch)
+    summaries = {batch: _release(again, batch).release.summary for batch in batches[:3]}
+    # the asset page says what each batch held back and what it released of earlier batches' held-back people
+    records = _privacy(root, batches)
+    first, second = records[0], records[1]["held_back_from_earlier"]
+    assert (
+        f"- held back (kept in the phi zone, judged again with each later batch): {first['subjects_withheld']} "
+        f"patients, {first['admissions_withheld']} admissions" in summaries[batches[0]]
+    )
+    assert "released with this one" not in summaries[batches[0]]
+    assert (
+        f"- held back by earlier batches, released with this one: {second['patients_released']} patients, "
+        f"{second['admissions_released']} admissions, {second['events_released']} events; still held back: "
+        f"{second['patients_held']} patients" in summaries[batches[1]]
+    )
     for table in ("patients", "encounters", "events"):
         for batch in batches:
             a = pl.read_parquet(root / "deid" / table / f"{batch}.parquet")
