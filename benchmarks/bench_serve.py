@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
@@ -303,6 +304,21 @@ def _cpu_seconds(pid: int) -> float | None:
     return sum(ticks[p] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def _connections_by_process(parent: int, port: int) -> list[int]:
+    """How many client connections each worker process holds now (largest first; from /proc via psutil)."""
+    import psutil
+
+    held = []
+    for child in psutil.Process(parent).children():
+        try:
+            conns = child.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            held.append(sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port))
+    return sorted(held, reverse=True)
+
+
 def _batch_sizes(service_log: str) -> dict[str, object]:
     """Mean and largest batch of hook calls from the service's log (the last count each process logged)."""
     last: dict[str, tuple[int, int, int]] = {}
@@ -319,6 +335,20 @@ def _batch_sizes(service_log: str) -> dict[str, object]:
         # how the clients' connections fell to the worker processes (the kernel hands each to one)
         "calls_by_process": sorted((v[0] for v in last.values()), reverse=True),
     }
+
+
+def _wait_for_workers(service_log: Path, workers: int, *, seconds: float = 120) -> None:
+    """Return once every worker process has started (its app made ready, then it listens): the first one
+    answers /healthz while the others may still load their models, and the calls of a round would all go to
+    it (one round measured so: 504 calls to one process, 80 calls/s)."""
+    deadline = time.monotonic() + seconds
+    while service_log.read_text(errors="replace").count("Application startup complete") < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"not all {workers} worker processes started in {seconds:g} s; see service.log"
+            )
+        time.sleep(0.2)
+    time.sleep(0.5)  # from its app ready to its socket listening
 
 
 def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> list[dict]:
@@ -361,10 +391,12 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
     p50, p99, errs, inproc50, inproc99, cpu_ms, client_ms = [], [], [], [], [], [], []
     load: list[float] = []
     rate: list[float] = []
+    split: list[list[int]] = []
     try:
         from clinical_ml_tests.service_process import wait_until_serving
 
         wait_until_serving(base, proc, workdir / "service.log", seconds=120)
+        _wait_for_workers(workdir / "service.log", WORKERS)
         # warm-up: the model is loaded on the first call
         asyncio.run(_clients(url, body, _tokens(key, url, CLIENTS), 1))
         warm = Counter(r["outcome"] for r in ServingRecords(root / "phi").read(USE_CASE, "predictions"))
@@ -372,8 +404,12 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
             raise RuntimeError(f"the warm-up calls were not all scored ({dict(warm)}); see service.log")
         for _ in range(repetitions):
             tokens = _tokens(key, url, CLIENTS * per_client)
+            # the clients' connections per worker, seen once all are open (a round lasts a second or more)
+            sample = threading.Timer(0.3, lambda: split.append(_connections_by_process(proc.pid, port)))
             cpu0, own0, wall0 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
+            sample.start()
             lat, errors = asyncio.run(_clients(url, body, tokens, per_client, client=client))
+            sample.join()
             cpu1, own1, wall1 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
             rate.append(CLIENTS * per_client / (wall1 - wall0))
             # the clients' own CPU (this process): on 2 cores they compete with the service for it
@@ -418,6 +454,8 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
                 "outcomes": dict(outcomes),
                 "load_average_1min": load,
                 "calls_per_s": rate,
+                # how the 20 connections of each round fell to the worker processes (0.3 s into it)
+                "connections_by_process": split,
                 # hook calls per batch scored together (clinical_ml/serve/batching.py), all processes and
                 # rounds with the warm-up; absent where the service does not batch
                 **batch,
