@@ -102,8 +102,9 @@ def _table_schema(frame: pl.DataFrame) -> dg.TableSchema:
             dg.AssetCheckSpec(
                 "suppression_within_limit",
                 asset=name,
-                description="Suppression withheld no more than max_withheld_share of the batch's patients "
-                "(a warning: the release is safe, but suppression falls on rare groups and can bias models).",
+                description="Suppression held back or withheld no more than max_withheld_share of the batch's "
+                "patients (a warning: the release is safe, but it falls on rare groups and can bias models; "
+                "under the cumulative scope those held back are released with a later batch once they can be).",
             ),
         )
     ],
