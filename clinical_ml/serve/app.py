@@ -308,8 +308,13 @@ def run(settings: ServiceSettings, *, host: str, port: int, workers: int = 1) ->
     uvicorn picks them). ``workers`` processes share the port: each scores with its own copy of the models,
     and what must be shared is on disk (the tokens already used, the cards served), so a token is accepted
     once whichever process it reaches. One process runs Python on one core at a time: on a machine with
-    more cores, more workers answer more calls at once."""
+    more cores, more workers answer more calls at once. On Linux each worker listens on a socket of its own
+    (:class:`clinical_ml.serve.command.ReusePortSocket`), so the connections are spread over the workers;
+    uvicorn's supervisor still starts them, restarts one that dies and stops them gracefully."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from clinical_ml.serve.command import reserve_address, spreads_connections
 
     settings.check(host=host)
     if workers < 1:
@@ -329,4 +334,19 @@ def run(settings: ServiceSettings, *, host: str, port: int, workers: int = 1) ->
         return
     fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
     os.environ[SETTINGS_ENV] = json.dumps(fields)
-    uvicorn.run("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)
+    if not spreads_connections():
+        uvicorn.run("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)
+        return
+    # as uvicorn.run does for workers, with the parent's socket bound by reserve_address
+    config = uvicorn.Config("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)
+    try:
+        sock = reserve_address(host, port)
+    except OSError as exc:
+        raise SettingsError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    log.info("%d worker processes, one listening socket each, on %s:%d", workers, host, sock.getsockname()[1])
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
