@@ -27,7 +27,14 @@ from clinical_ml.core.deid_release import (
 )
 from clinical_ml.core.delivery import ZonePaths, ingested_site_mapping
 from clinical_ml.core.dicom import uid_key
-from clinical_ml.core.holdback import MAX_HOLDS, HeldRows, instances_of, rows_of, still_held
+from clinical_ml.core.holdback import (
+    MAX_HOLD_DELIVERIES,
+    MAX_HOLDS,
+    HeldRows,
+    instances_of,
+    rows_of,
+    still_held,
+)
 from clinical_ml.core.imaging import accepted_instances, publish_imaging, staging_folder, withdraw_imaging
 from clinical_ml.core.ingestion import empty_accepted
 from clinical_ml.core.landing import SOURCES
@@ -62,10 +69,14 @@ class ReleaseSettings:
     max_holds: int = MAX_HOLDS
     """Deliveries a person is held back by before their race may be withheld to release them (when the
     policy does not suppress race at once: ``RiskPolicy.suppress_race``)."""
+    max_hold_deliveries: int = MAX_HOLD_DELIVERIES
+    """Deliveries after which a person still held back is withheld for good (:func:`held_rows`)."""
 
     def __post_init__(self) -> None:
         if self.risk_scope not in RISK_SCOPES:
             raise ValueError(f"risk_scope must be 'cumulative' or 'batch', not {self.risk_scope!r}")
+        if self.max_hold_deliveries < 1 or self.max_holds < 1:
+            raise ValueError("max_holds and max_hold_deliveries must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -99,10 +110,16 @@ def held_rows(
     site_mappings_dir: str | Path | None = None,
 ) -> list[HeldRows]:
     """The rows of the people held back by the batches ``counted`` and released by none of them, per delivery
-    they came in (:mod:`clinical_ml.core.holdback`)."""
+    they came in (:mod:`clinical_ml.core.holdback`).
+
+    Only the last ``settings.max_hold_deliveries`` batches counted are read, and only people who came in
+    one of them are carried: a person still held back after that many deliveries is withheld for good (they
+    stay counted as withheld), so a batch reads a bounded number of hold records and deliveries however
+    long the stream."""
     phi = PhiStore(paths.phi)
-    records = [phi.held.part(b).read() for b in counted if b < batch_id and phi.held.part(b).exists()]
-    pending = still_held(records)
+    recent = sorted(b for b in counted if b < batch_id)[-settings.max_hold_deliveries :]
+    records = [phi.held.part(b).read() for b in recent if phi.held.part(b).exists()]
+    pending = still_held(records).filter(pl.col("origin_batch").is_in(recent))
     out = []
     for (origin,), people in pending.group_by("origin_batch", maintain_order=True):
         raw = {s: accepted_rows(phi, s, str(origin)) for s in SOURCES}

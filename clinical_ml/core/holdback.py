@@ -30,6 +30,9 @@ from clinical_ml.core.site_mapping import SiteMapping
 HELD = "held"
 RELEASED = "released"
 HOLD_SCHEMA = {"origin_batch": pl.String, "mrn": pl.String, "status": pl.String}
+MAX_HOLD_DELIVERIES = 30
+"""Deliveries after which a person still held back is withheld for good: no later batch reads their rows
+again (``AnonymizationSettings.max_hold_deliveries``)."""
 MAX_HOLDS = 2
 """Deliveries a person may be held back by (their own, then each later one that judged them again) before
 their race and ethnicity may be withheld to release them (``AnonymizationSettings.max_holds``)."""

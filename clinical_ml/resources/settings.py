@@ -53,6 +53,12 @@ class AnonymizationSettings(dg.ConfigurableResource):
         "person may be held back by before their race and ethnicity are withheld to release them, so that "
         "a person who stays rare is not held back for ever.",
     )
+    max_hold_deliveries: int = Field(
+        default=30,
+        description="Under the cumulative scope: after this many deliveries a person still held back is "
+        "withheld for good (no later batch judges them again), so each batch reads a bounded number of "
+        "earlier deliveries however long the stream.",
+    )
     races_kept: list[str] | None = Field(
         default=["White", "Black or African American", "Asian", "Unknown"],
         description="Race categories released as delivered; other categories are released as 'Other'. "

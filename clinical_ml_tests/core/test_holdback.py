@@ -32,7 +32,13 @@ def _zones(root: Path) -> ZonePaths:
 
 
 def _release(
-    root: Path, batch: str, *, scope: str = "cumulative", policy: RiskPolicy = POLICY, max_holds: int = 2
+    root: Path,
+    batch: str,
+    *,
+    scope: str = "cumulative",
+    policy: RiskPolicy = POLICY,
+    max_holds: int = 2,
+    max_hold_deliveries: int = 30,
 ) -> Published:
     return publish_batch(
         paths=_zones(root),
@@ -46,6 +52,7 @@ def _release(
             seed=7,
             risk_scope=scope,
             max_holds=max_holds,
+            max_hold_deliveries=max_hold_deliveries,
         ),
     )
 
@@ -290,6 +297,31 @@ def test_holding_back_instead_of_suppressing_race_keeps_the_race_audit(released,
             assert row["race_not_released"] == 0 and row["lost"] == row["withheld"], row["group"]
     pending = still_held([PhiStore(runs[len(batches)] / "phi").held.part(b).read() for b in batches])
     assert sum(r["withheld"] for r in never) == pending.height  # lost only while still held back
+
+
+def test_a_person_held_back_longer_than_max_hold_deliveries_is_withheld_for_good(ingested, tmp_path):
+    """A batch reads the hold records and rows of the last ``max_hold_deliveries`` batches only: however long
+    the stream, it reads a bounded number of earlier deliveries; someone held longer stays withheld."""
+    base, batches = ingested
+    policy = RiskPolicy(
+        k=POLICY.k, age_bands=POLICY.age_bands, races_kept=POLICY.races_kept, suppress_race=False
+    )
+    origins = {}
+    for window in (1, 30):
+        run = tmp_path / f"window_{window}"
+        shutil.copytree(base, run)
+        for batch in batches:
+            _release(run, batch, policy=policy, max_holds=len(batches), max_hold_deliveries=window)
+        records = _privacy(run, batches)
+        origins[window] = [set(r["held_back_from_earlier"]["admissions_released_by_batch"]) for r in records]
+        assert all(r["released"] for r in records)
+    # with a window of one delivery, a batch releases held-back people of the batch just before it only
+    assert all(o <= set(batches[i - 1 : i]) for i, o in enumerate(origins[1]))
+    assert any(len(o) > 1 for o in origins[30])  # the default window reaches further back on this hospital
+    with pytest.raises(ValueError, match="max_hold_deliveries"):
+        ReleaseSettings(
+            policy=POLICY, pseudonym_mode="vault", hmac_key=None, max_shift_weeks=52, max_hold_deliveries=0
+        )
 
 
 def test_race_is_always_suppressed_where_nothing_is_held_back():

@@ -38,6 +38,7 @@ def _release_settings(settings: AnonymizationSettings, key: HmacKey | None) -> R
         seed=settings.pseudonym_seed,
         risk_scope=settings.risk_scope,
         max_holds=settings.max_holds,
+        max_hold_deliveries=settings.max_hold_deliveries,
     )
 
 
