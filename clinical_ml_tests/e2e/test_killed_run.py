@@ -77,6 +77,11 @@ def _wait(instance: dg.DagsterInstance, job: str, statuses: set[str], seconds: f
     return status
 
 
+def _launch(launch: list[str], job: str, cwd: Path, env: dict[str, str]) -> None:
+    done = subprocess.run([*launch, job], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"dagster job launch {job} failed:\n{done.stderr[-3000:]}"
+
+
 def test_a_killed_run_is_failed_at_its_max_runtime_and_frees_its_pool_slot(tmp_path: Path):
     home = tmp_path / "home"
     home.mkdir()
@@ -85,6 +90,10 @@ def test_a_killed_run_is_failed_at_its_max_runtime_and_frees_its_pool_slot(tmp_p
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "defs.py").write_text(DEFS)
     env = os.environ | {"DAGSTER_HOME": str(home)}
+    # the run storage is created here, before the daemon and the CLI start: SQLite storages created at the same
+    # moment by two processes can both write alembic's version row, and every later process refuses the home
+    # ("more than one head present"); it happened in CI and in 2 of 6 tries by hand
+    dg.DagsterInstance.from_config(str(home)).dispose()
     daemon = subprocess.Popen(
         [str(BIN / "dagster-daemon"), "run", "-f", "defs.py"],
         cwd=tmp_path,
@@ -96,7 +105,7 @@ def test_a_killed_run_is_failed_at_its_max_runtime_and_frees_its_pool_slot(tmp_p
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             launch = [str(BIN / "dagster"), "job", "launch", "-f", "defs.py", "-j"]
-            subprocess.run([*launch, "killed_job"], cwd=tmp_path, env=env, check=True, capture_output=True)
+            _launch(launch, "killed_job", tmp_path, env)
             assert _wait(instance, "killed_job", {"STARTED"}, 120) == "STARTED"
             deadline = time.time() + 60
             while not instance.event_log_storage.get_concurrency_info("pseudonym_vault").claimed_slots:
@@ -117,7 +126,7 @@ def test_a_killed_run_is_failed_at_its_max_runtime_and_frees_its_pool_slot(tmp_p
                 assert time.time() < deadline, "the daemon did not restart its code server"
                 time.sleep(1)
             time.sleep(5)
-            subprocess.run([*launch, "waiting_job"], cwd=tmp_path, env=env, check=True, capture_output=True)
+            _launch(launch, "waiting_job", tmp_path, env)
             assert _wait(instance, "killed_job", {"FAILURE", "CANCELED"}, 180) == "FAILURE"
             dead = next(r for r in instance.get_runs() if r.job_name == "killed_job")
             assert any("maximum runtime" in (e.message or "") for e in instance.all_logs(dead.run_id))
