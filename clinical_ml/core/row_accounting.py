@@ -69,7 +69,8 @@ class BatchAccount:
 
     @property
     def clean(self) -> bool:
-        """Nothing rejected, withheld or quarantined, and the batch released."""
+        """Nothing of this delivery rejected, withheld or quarantined, and the batch released (admissions of
+        earlier deliveries released with it are good news, not a reason to say rows were withheld)."""
         return (
             self.released is True
             and self.rows_rejected == 0
@@ -77,7 +78,6 @@ class BatchAccount:
             and self.events_withheld == 0
             and self.consent_admissions == 0
             and self.consent_events == 0
-            and not self.released_from
             and all(s.status in ("accepted", "ok", "not_delivered") for s in self.sources)
         )
 

@@ -78,6 +78,19 @@ def test_a_clean_batch_and_one_the_privacy_gate_held_back(tmp_path):
         _entry(zones, source, 5, {})
     _privacy(tmp_path, released=True, admissions_withheld=0, events_withheld=0, published={"records": 5})
     assert batch_account(zones, tmp_path / "deid", "b1").clean
+    # releasing admissions an earlier delivery held back withholds nothing of this one: still clean (the CLI
+    # said "with rows rejected or withheld" of such a batch)
+    _privacy(
+        tmp_path,
+        released=True,
+        risk_scope="cumulative",
+        admissions_withheld=0,
+        events_withheld=0,
+        published={"records": 8},
+        held_back_from_earlier={"admissions_released_by_batch": {"b0": 3}},
+    )
+    carried = batch_account(zones, tmp_path / "deid", "b1")
+    assert carried.released_from == {"b0": 3} and carried.clean
     _privacy(tmp_path, released=False, admissions_withheld=0, events_withheld=0, published={})
     held = batch_account(zones, tmp_path / "deid", "b1")
     assert not held.clean and "nothing of this batch was released" in "\n".join(held.lines())
