@@ -303,6 +303,29 @@ def read_observations(raw: Any, where: str) -> list[ObservationFacts]:
     ]
 
 
+# The vocabulary code of the codings seen before (a hospital sends few distinct ones; short strings only, and
+# emptied when full, so that a request cannot fill the memory).
+_CODE_OF: dict[tuple, str | None] = {}
+_CODE_OF_ENTRIES = 4096
+
+
+def _code_of(codings: list[tuple[str | None, str | None]]) -> str | None:
+    key = tuple(codings)
+    try:
+        return _CODE_OF[key]
+    except KeyError:
+        pass
+    code = _measurement_code(codings)
+    if all(
+        (s is None or len(s) <= REMEMBERED_LENGTH) and (c is None or len(c) <= REMEMBERED_LENGTH)
+        for s, c in key
+    ):
+        if len(_CODE_OF) >= _CODE_OF_ENTRIES:
+            _CODE_OF.clear()
+        _CODE_OF[key] = code
+    return code
+
+
 def _observation_rows(
     found: list[ObservationFacts], *, encounter_id: str | None, tz: ZoneInfo, mapping: SiteMapping
 ) -> tuple[list[Row], dict[str, int]]:
@@ -312,45 +335,66 @@ def _observation_rows(
     def skip(reason: str) -> None:
         not_used[reason] = not_used.get(reason, 0) + 1
 
+    # the site's own spellings of units (e.g. "?F" for [degF]), replaced as ingestion replaces them
+    lab_units = mapping.measurement_units.get("labs", {})  # type: ignore[call-overload]
+    vital_units = mapping.measurement_units.get("vitals", {})  # type: ignore[call-overload]
+    # the Observations of a stay share a few times and one encounter: each converted or compared once
+    clock: dict[datetime | None, datetime | None] = {}
+    same_encounter: dict[ReferenceFacts, bool] = {}
     for obs in found:
         if obs.modifier_extension:
             skip("modifier_extension")  # may change what the Observation means: not used
             continue
-        code = _measurement_code(obs.codings)
+        code = _code_of(obs.codings)
         if code is None:
             skip("code_not_in_vocabulary")
             continue
         if obs.status not in USABLE_STATUS:
             skip("status_not_final")
             continue
-        elsewhere = obs.encounter is not None and encounter_id is not None
-        if elsewhere and reference_id(obs.encounter, "Encounter") != encounter_id:
-            skip("other_encounter")
-            continue
+        enc = obs.encounter
+        if enc is not None and encounter_id is not None:
+            here = same_encounter.get(enc)
+            if here is None:
+                here = same_encounter[enc] = reference_id(enc, "Encounter") == encounter_id
+            if not here:
+                skip("other_encounter")
+                continue
         if obs.value is None:
             skip("no_numeric_value")
             continue
         if obs.comparator is not None:
             skip("value_with_comparator")
             continue
-        taken = site_clock(obs.effective, tz)
+        effective = obs.effective
+        try:
+            taken = clock[effective]
+        except KeyError:
+            taken = clock[effective] = site_clock(effective, tz)
         if taken is None:
             skip("no_time")
             continue
-        issued = site_clock(obs.issued, tz) if obs.issued is not None else None
-        available = issued or taken
-        source = "labs" if code in LAB_CODES else "vitals"
+        issued = obs.issued
+        if issued is not None:
+            try:
+                available = clock[issued]
+            except KeyError:
+                available = clock[issued] = site_clock(issued, tz)
+            available = available or taken
+        else:
+            available = taken
+        lab = code in LAB_CODES
         if available < taken:
             # ingestion's rule: refused beyond the site's declared clock skew, else known when measured
-            rule = "result_before_specimen" if source == "labs" else "stored_before_charted"
+            rule = "result_before_specimen" if lab else "stored_before_charted"
             skew = mapping.clock_skew_minutes.get(rule, 0)  # type: ignore[call-overload]
             if available < taken - timedelta(minutes=skew):
                 skip(rule)
                 continue
             available = taken
-        # the site's own spellings of units (e.g. "?F" for [degF]), replaced as ingestion replaces them
-        local_units = mapping.measurement_units.get(source, {})  # type: ignore[call-overload]
-        unit = local_units.get(obs.unit, obs.unit) if obs.unit is not None else None
+        unit = obs.unit
+        if unit is not None:
+            unit = (lab_units if lab else vital_units).get(unit, unit)
         rows.append((code, obs.value, unit, taken, available))
     return rows, not_used
 

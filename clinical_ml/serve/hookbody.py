@@ -25,6 +25,7 @@ from msgspec import UNSET, UnsetType
 from clinical_ml.serve.fhir import (
     DATETIME_RE,
     INSTANT_RE,
+    REMEMBERED_LENGTH,
     UCUM,
     ObservationFacts,
     ReferenceFacts,
@@ -218,20 +219,77 @@ def _optional(v: str | UnsetType, ok: Any) -> str | None:
     return v
 
 
+# What repeats across a prefetch's Observations (and across calls: a hospital's codes, units, encounters and
+# charting times) is checked once and remembered: the parts of codings, quantities and references by their
+# strings, and the times by their text. Only parts whose strings are all short are remembered, and each memo
+# is emptied when full, so a request cannot fill the memory. A part that fails its checks is never remembered
+# (it sends the body to the generic path). A remembered answer is the one the checks gave: the same strings,
+# the same rules.
+MEMO_ENTRIES = 4096
+_LONG = REMEMBERED_LENGTH
+
+
+def _short(*parts: Any) -> bool:
+    return all(not isinstance(v, str) or len(v) <= _LONG for v in parts)
+
+
+def _remember(memo: dict, key: Any, value: Any) -> None:
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
+
+
+_TIMES: dict[str, datetime | None] = {}
+_INSTANTS: dict[str, datetime | None] = {}
+
+
 def _time(v: str | UnsetType, pattern: "re.Pattern[str]") -> datetime | None:
     """``fhir.datetime_value`` of an element given as a string."""
     if v is UNSET:
         return None
     assert isinstance(v, str)
+    memo = _INSTANTS if pattern is INSTANT_RE else _TIMES
+    try:
+        return memo[v]
+    except KeyError:
+        pass
     _check(pattern.fullmatch(v) is not None)
+    out = None
     try:
         if len(v) > 10:
-            return datetime.fromisoformat(v)
-        if len(v) == 10:
+            out = datetime.fromisoformat(v)
+        elif len(v) == 10:
             date.fromisoformat(v)
     except ValueError:
         raise _Declined from None
-    return None
+    _remember(memo, v, out)  # a text the pattern matched is short
+    return out
+
+
+_CODINGS: dict[tuple, tuple[str | None, str | None]] = {}
+
+
+def _coding(k: _Coding) -> tuple[str | None, str | None]:
+    key = (k.system, k.code, k.display)
+    found = _CODINGS.get(key)
+    if found is not None:
+        return found
+    system: str | UnsetType | None = k.system
+    code: str | UnsetType | None = k.code
+    if system is UNSET:
+        system = None
+    elif not is_uri(system):  # type: ignore[arg-type]
+        raise _Declined
+    if code is UNSET:
+        code = None
+    elif not is_code(code):  # type: ignore[arg-type]
+        raise _Declined
+    if k.display is not UNSET:
+        _check(non_blank(k.display))  # type: ignore[arg-type]
+    found = (system, code)  # type: ignore[assignment]
+    if _short(*key):
+        _remember(_CODINGS, key, found)
+    return found  # type: ignore[return-value]
 
 
 def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
@@ -239,37 +297,51 @@ def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
         _check(non_blank(c.text))  # type: ignore[arg-type]
     if c.coding is UNSET:
         return []
-    out: list[tuple[str | None, str | None]] = []
-    for k in c.coding:  # type: ignore[union-attr]
-        system: str | UnsetType | None = k.system
-        code: str | UnsetType | None = k.code
-        if system is UNSET:
-            system = None
-        elif not is_uri(system):  # type: ignore[arg-type]
-            raise _Declined
-        if code is UNSET:
-            code = None
-        elif not is_code(code):  # type: ignore[arg-type]
-            raise _Declined
-        if k.display is not UNSET:
-            _check(non_blank(k.display))  # type: ignore[arg-type]
-        out.append((system, code))  # type: ignore[arg-type]
-    return out
+    return [_coding(k) for k in c.coding]  # type: ignore[union-attr]
+
+
+_REFERENCES: dict[tuple, ReferenceFacts] = {}
 
 
 def _reference(r: _Reference | UnsetType) -> ReferenceFacts | None:
     if r is UNSET:
         return None
     assert isinstance(r, _Reference)
+    i = r.identifier
+    key = (r.reference, r.display) if i is UNSET else (r.reference, r.display, i.system, i.value)  # type: ignore[union-attr]
+    found = _REFERENCES.get(key)
+    if found is not None:
+        return found
     value = None
-    if r.identifier is not UNSET:
-        assert isinstance(r.identifier, _Identifier)
-        _optional(r.identifier.system, is_uri)
-        value = _optional(r.identifier.value, non_blank)
-    return ReferenceFacts(_optional(r.reference, non_blank), value, _optional(r.display, non_blank))
+    if i is not UNSET:
+        assert isinstance(i, _Identifier)
+        _optional(i.system, is_uri)
+        value = _optional(i.value, non_blank)
+    found = ReferenceFacts(_optional(r.reference, non_blank), value, _optional(r.display, non_blank))
+    if _short(*key):
+        _remember(_REFERENCES, key, found)
+    return found
 
 
 _INF = float("inf")
+_QUANTITIES: dict[tuple, tuple[str | None, str | None]] = {}
+
+
+def _quantity_unit(q: _Quantity) -> tuple[str | None, str | None]:
+    """The comparator and the unit of a Quantity (the reader's rule: the UCUM code, else the unit as
+    written, else the code)."""
+    key = (q.comparator, q.unit, q.system, q.code)
+    found = _QUANTITIES.get(key)
+    if found is not None:
+        return found
+    comparator = _optional(q.comparator, is_code)
+    u = _optional(q.unit, non_blank)
+    system = _optional(q.system, is_uri)
+    c = _optional(q.code, is_code)
+    found = (comparator, c if (system == UCUM and c) else (u or c))
+    if _short(*key):
+        _remember(_QUANTITIES, key, found)
+    return found
 
 
 def _observation(o: _Observation) -> ObservationFacts:
@@ -279,41 +351,46 @@ def _observation(o: _Observation) -> ObservationFacts:
     _check(is_code(o.status))
     found = _codings(o.code)
     q = o.valueQuantity
-    others = (
-        (o.valueCodeableConcept is not UNSET)
-        + (o.valueString is not UNSET)
-        + (o.valueBoolean is not UNSET)
-        + (o.valueInteger is not UNSET)
-        + (o.valueRange is not UNSET)
-        + (o.valueRatio is not UNSET)
-        + (o.valueSampledData is not UNSET)
-        + (o.valueTime is not UNSET)
-        + (o.valueDateTime is not UNSET)
-        + (o.valuePeriod is not UNSET)
-    )
-    effectives = (
-        (o.effectiveDateTime is not UNSET)
-        + (o.effectiveInstant is not UNSET)
-        + (o.effectivePeriod is not UNSET)
-        + (o.effectiveTiming is not UNSET)
-    )
-    _check(others + (q is not UNSET) <= 1 and effectives <= 1)
+    if (
+        o.valueCodeableConcept is not UNSET
+        or o.valueString is not UNSET
+        or o.valueBoolean is not UNSET
+        or o.valueInteger is not UNSET
+        or o.valueRange is not UNSET
+        or o.valueRatio is not UNSET
+        or o.valueSampledData is not UNSET
+        or o.valueTime is not UNSET
+        or o.valueDateTime is not UNSET
+        or o.valuePeriod is not UNSET
+    ):
+        others = (
+            (o.valueCodeableConcept is not UNSET)
+            + (o.valueString is not UNSET)
+            + (o.valueBoolean is not UNSET)
+            + (o.valueInteger is not UNSET)
+            + (o.valueRange is not UNSET)
+            + (o.valueRatio is not UNSET)
+            + (o.valueSampledData is not UNSET)
+            + (o.valueTime is not UNSET)
+            + (o.valueDateTime is not UNSET)
+            + (o.valuePeriod is not UNSET)
+        )
+        _check(others + (q is not UNSET) <= 1)
     value = unit = comparator = None
     if q is not UNSET:
         assert isinstance(q, _Quantity)
         if q.value is not UNSET:
             value = q.value
             _check(value == value and value != _INF and value != -_INF)
-        comparator = _optional(q.comparator, is_code)
-        u = _optional(q.unit, non_blank)
-        system = _optional(q.system, is_uri)
-        c = _optional(q.code, is_code)
-        unit = c if (system == UCUM and c) else (u or c)
+        comparator, unit = _quantity_unit(q)
     if o.effectiveDateTime is not UNSET:
+        _check(o.effectiveInstant is UNSET and o.effectivePeriod is UNSET and o.effectiveTiming is UNSET)
         effective = _time(o.effectiveDateTime, DATETIME_RE)
     elif o.effectiveInstant is not UNSET:
+        _check(o.effectivePeriod is UNSET and o.effectiveTiming is UNSET)
         effective = _time(o.effectiveInstant, INSTANT_RE)
     elif o.effectivePeriod is not UNSET:
+        _check(o.effectiveTiming is UNSET)
         p = o.effectivePeriod
         assert isinstance(p, _Period)
         _time(p.end, DATETIME_RE)
