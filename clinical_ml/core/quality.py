@@ -10,6 +10,7 @@ Cross-code plausibility rules are data (:data:`PLAUSIBILITY_RULES`): two codes o
 same time, the first never below the second. A hospital passes its own tuple of :class:`PlausibilityRule`.
 """
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -506,8 +507,38 @@ class TrendFlag:
 _EPS = 1e-9
 
 
-def _median(xs: Sequence[float]) -> float:
-    s = sorted(xs)
+class _Earlier:
+    """What a comparison needs of the earlier batches' profiles, kept up to date one profile at a time: per
+    (source, site, code) the sorted median intervals and missing shares of the batches that measured it, and
+    the (rule, site) cells any of them broke. :func:`trend_over_batches` adds each batch after comparing it,
+    so the trend costs one pass over the batches rather than one per pair."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.intervals: dict[tuple[str, str, str], list[float]] = {}
+        self.missing: dict[tuple[str, str, str], list[float]] = {}
+        self.broken: set[tuple[str, str]] = set()
+
+    def add(self, profile: QualityProfile) -> None:
+        self.count += 1
+        for c in _first_codes(profile).values():
+            bisect.insort(self.missing.setdefault(c.key, []), c.missing_share)
+            intervals = self.intervals.setdefault(c.key, [])
+            if c.median_interval_hours is not None:
+                bisect.insort(intervals, c.median_interval_hours)
+        self.broken |= {(r.rule, r.site) for r in profile.rules if r.violations > 0}
+
+
+def _first_codes(profile: QualityProfile) -> dict[tuple[str, str, str], CodeProfile]:
+    """The profile's codes by key, the first where a key repeats (as :meth:`QualityProfile.code` finds)."""
+    codes: dict[tuple[str, str, str], CodeProfile] = {}
+    for c in profile.codes:
+        codes.setdefault(c.key, c)
+    return codes
+
+
+def _median(s: Sequence[float]) -> float:
+    """The median of an already sorted sequence."""
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
@@ -525,18 +556,27 @@ def compare_with_earlier(
     (when the site has stays in the batch). A rule is newly violated when the batch breaks it at a site
     where no earlier batch did.
     """
-    earlier = [p for p in earlier if p.batch_id != current.batch_id]
-    if not thresholds.compares(len(earlier)):
+    before = _Earlier()
+    for p in earlier:
+        if p.batch_id != current.batch_id:
+            before.add(p)
+    return _compare(current, before, thresholds)
+
+
+def _compare(
+    current: QualityProfile, earlier: _Earlier, thresholds: TrendThresholds
+) -> tuple[TrendFlag, ...]:
+    if not thresholds.compares(earlier.count):
         return ()
     flags: list[TrendFlag] = []
     current_sites = {s.site for s in current.sites if s.encounters > 0}
-    keys = {c.key for p in earlier for c in p.codes} | {c.key for c in current.codes}
-    for key in sorted(keys):
-        now = current.code(*key)
-        before = [c for p in earlier if (c := p.code(*key)) is not None]
-        if not before or (now is None and key[1] not in current_sites):
+    now_codes = _first_codes(current)
+    for key in sorted(earlier.missing.keys() | now_codes.keys()):
+        now = now_codes.get(key)
+        missing = earlier.missing.get(key)
+        if not missing or (now is None and key[1] not in current_sites):
             continue
-        intervals = [c.median_interval_hours for c in before if c.median_interval_hours is not None]
+        intervals = earlier.intervals[key]
         if now is not None and now.median_interval_hours is not None and intervals:
             ref = _median(intervals)
             ratio = now.median_interval_hours / ref if ref > 0 else math.inf
@@ -544,7 +584,7 @@ def compare_with_earlier(
                 flags.append(
                     TrendFlag(current.batch_id, "sampling_interval", *key, ref, now.median_interval_hours)
                 )
-        ref_missing = _median([c.missing_share for c in before])
+        ref_missing = _median(missing)
         now_missing = 1.0 if now is None else now.missing_share
         if 100 * (now_missing - ref_missing) >= thresholds.missing_points - _EPS:
             flags.append(TrendFlag(current.batch_id, "missing_share", *key, ref_missing, now_missing))
@@ -552,10 +592,7 @@ def compare_with_earlier(
     for r in current.rules:
         if r.violations == 0:
             continue
-        broken_before = any(
-            e.violations > 0 for p in earlier for e in p.rules if (e.rule, e.site) == (r.rule, r.site)
-        )
-        if not broken_before:
+        if (r.rule, r.site) not in earlier.broken:
             rule = by_rule.get(r.rule)
             flags.append(
                 TrendFlag(
@@ -596,9 +633,20 @@ def trend_over_batches(
 ) -> QualityTrend:
     """Each batch (in batch id order) compared with every batch before it."""
     ordered = sorted(profiles, key=lambda p: p.batch_id)
-    flags = [
-        f for i, p in enumerate(ordered) for f in compare_with_earlier(p, ordered[:i], thresholds=thresholds)
-    ]
+    if len({p.batch_id for p in ordered}) < len(ordered):  # a batch profiled twice: each copy judged apart
+        return QualityTrend(
+            tuple(p.batch_id for p in ordered),
+            tuple(
+                f
+                for i, p in enumerate(ordered)
+                for f in compare_with_earlier(p, ordered[:i], thresholds=thresholds)
+            ),
+        )
+    earlier = _Earlier()
+    flags: list[TrendFlag] = []
+    for p in ordered:
+        flags += _compare(p, earlier, thresholds)
+        earlier.add(p)
     return QualityTrend(tuple(p.batch_id for p in ordered), tuple(flags))
 
 
