@@ -172,6 +172,12 @@ def events_of(events: pl.DataFrame | pl.LazyFrame | None, codes: Sequence[str]) 
     )
 
 
+def _last_per(df: pl.DataFrame, key: str) -> pl.DataFrame:
+    """The last row of each ``key`` (re-deliveries collapse onto it); ``df`` itself when the key is unique
+    already, as it usually is (the same rows, without copying every column)."""
+    return df if df[key].is_unique().all() else df.unique(key, keep="last")
+
+
 def _anchor_time(
     df: pl.DataFrame, use_case: UseCase, events: pl.DataFrame | pl.LazyFrame | None
 ) -> pl.DataFrame:
@@ -225,14 +231,13 @@ class _Flow:
 
     def __init__(self, df: pl.DataFrame) -> None:
         self.df = df
-        self.admissions = self.stays = df["hadm_id"].n_unique()
+        # one row per stay (the encounters made unique by hadm_id): the height is the count of stays
+        self.admissions = self.stays = df.height
         self.steps: list[tuple[str, int]] = []
         # one row per stay until repeated prediction times are laid out: the height is then the count
         self.repeated = False
 
     def exclude(self, label: str, mask: pl.Series | pl.Expr) -> None:
-        if isinstance(mask, pl.Expr):
-            mask = self.df.select(mask.fill_null(False)).to_series()
         before = self.stays
         self.df = self.df.filter(~mask.fill_null(False))
         self.stays = self.df["hadm_id"].n_unique() if self.repeated else self.df.height
@@ -244,7 +249,8 @@ class _Flow:
             self.exclude(label, ~pl.col(column).is_in(list(values)).fill_null(False))
 
     def result(self) -> CohortFlow:
-        return CohortFlow(self.admissions, tuple(self.steps), self.df["hadm_id"].n_unique(), self.df.height)
+        included = self.df["hadm_id"].n_unique() if self.repeated else self.df.height
+        return CohortFlow(self.admissions, tuple(self.steps), included, self.df.height)
 
 
 def build_cohort(
@@ -273,10 +279,10 @@ def build_cohort(
     if isinstance(outcome, (EventOutcome, SuppliedLabelOutcome)):
         needed.append(outcome.code)
     events = events_of(events, needed) if needed and events is not None else None
-    enc = encounters.unique("hadm_id", keep="last")
+    enc = _last_per(encounters, "hadm_id")
     if "payer" not in enc.columns:  # de-identified before the contract had a payer: not known
         enc = enc.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
-    pat = patients.unique("subject_id", keep="last").select("subject_id", "sex", "race", "ethnicity")
+    pat = _last_per(patients.select("subject_id", "sex", "race", "ethnicity"), "subject_id")
     flow = _Flow(enc.join(pat, on="subject_id", how="left"))
     flow.exclude(f"under {pop.min_age_years} years", pl.col("age_years") < pop.min_age_years)
     if pop.max_age_years is not None:
@@ -334,15 +340,14 @@ def build_cohort(
             _prior_code_stays(flow.df, pop.no_prior_codes, events),
         )
     if isinstance(outcome, EventOutcome):
-        status = _event_status(flow.df, outcome, events)
-        flow.df = flow.df.join(status, on=ROW_KEY, how="left")
+        flow.df = flow.df.join(_event_exclusions(flow.df, outcome, events), on=ROW_KEY, how="left")
         if outcome.value is not None and outcome.value.at_least_times_baseline is not None:
             flow.exclude("no baseline value by the prediction time", pl.col("_baseline").is_null())
         if outcome.exclude_prevalent:
             flow.exclude(
                 "outcome already present by the prediction time", pl.col("_prevalent").fill_null(False)
             )
-        flow.df = flow.df.drop("_baseline", "_prevalent", "_event_time")
+        flow.df = flow.df.drop("_baseline", "_prevalent", strict=False)
     cohort = flow.df.with_columns(
         race_ethnicity_expr().alias("race_ethnicity"),
         age_band_expr(pl.col("age_years"), use_case.subgroups.age_bands).alias("age_band"),
@@ -363,62 +368,81 @@ def _value_hits(outcome: EventOutcome) -> pl.Expr:
     return hit
 
 
-def _event_status(
+def _stay_events(rows: pl.DataFrame, ev: pl.DataFrame) -> pl.DataFrame:
+    """The outcome's events of each prediction row's own stay (``ROW_KEY`` beside each event)."""
+    return rows.select(ROW_KEY).join(ev.drop("subject_id"), on="hadm_id", how="inner")
+
+
+def _baseline(stay_ev: pl.DataFrame) -> pl.DataFrame:
+    """Per prediction row: the lowest value of its stay available by the prediction time (``_baseline``)."""
+    before = stay_ev.filter(pl.col("available_time") <= pl.col("prediction_time"))
+    return before.group_by(ROW_KEY).agg(pl.col("numeric_value").min().alias("_baseline"))
+
+
+def _event_exclusions(
     rows: pl.DataFrame, outcome: EventOutcome, events: pl.DataFrame | pl.LazyFrame | None
 ) -> pl.DataFrame:
-    """Per prediction row: the patient's baseline (lowest value available by the prediction time in the
-    stay), whether the event is already present by then (in the stay), and the first event time after it
-    (any stay of the patient, inside the outcome window)."""
+    """What the cohort's exclusions need, per prediction row: the patient's baseline (lowest value available
+    by the prediction time in the stay; only with a rule relative to it) and whether the event is already
+    present by then (in the stay; only when the outcome excludes prevalent events). ``ROW_KEY`` and the
+    columns asked for, one row per prediction row that has them."""
+    rule = outcome.value
+    ratio = rule.at_least_times_baseline if rule is not None else None
+    stay_ev = _stay_events(rows, events_of(events, [outcome.code]))
+    parts = []
+    if ratio is not None:
+        parts.append(_baseline(stay_ev))
+    if outcome.exclude_prevalent:
+        # prevalent: an event by the prediction time; against a baseline, a value >= ratio x the lowest
+        # earlier one
+        prior = stay_ev.filter(pl.col("time") <= pl.col("prediction_time"))
+        if ratio is not None:  # a result without a value has no place in a running minimum
+            prior = prior.filter(pl.col("numeric_value").is_not_null())
+        prior = prior.sort(*ROW_KEY, "time")
+        prior_hit = _value_hits(outcome)
+        if ratio is not None:
+            running_min = pl.col("numeric_value").cum_min().shift(1).over(ROW_KEY)
+            prior_hit = prior_hit & (pl.col("numeric_value") >= ratio * running_min).fill_null(False)
+        parts.append(prior.filter(prior_hit).group_by(ROW_KEY).agg(pl.lit(True).alias("_prevalent")))
+    status = rows.select(ROW_KEY)
+    for part in parts:
+        status = status.join(part, on=ROW_KEY, how="left")
+    return status
+
+
+def _first_event(
+    rows: pl.DataFrame, outcome: EventOutcome, events: pl.DataFrame | pl.LazyFrame | None
+) -> pl.DataFrame:
+    """What the label needs, per prediction row: the first event time after it (any stay of the patient,
+    inside the outcome window; against a baseline, the lowest value available by the prediction time in the
+    stay). ``ROW_KEY`` and ``_event_time``, one row per prediction row that has an event."""
     ev = events_of(events, [outcome.code])
     keys = rows.select("subject_id", "hadm_id", "prediction_time")
     rule = outcome.value
     ratio = rule.at_least_times_baseline if rule is not None else None
-    stay_ev = keys.join(ev.drop("subject_id"), on="hadm_id", how="inner")
-    before = stay_ev.filter(pl.col("available_time") <= pl.col("prediction_time"))
-    baseline = before.group_by(ROW_KEY).agg(pl.col("numeric_value").min().alias("_baseline"))
-    # prevalent: an event by the prediction time; against a baseline, a value >= ratio x the lowest earlier one
-    prior = stay_ev.filter(pl.col("time") <= pl.col("prediction_time"))
-    if ratio is not None:  # a result without a value has no place in a running minimum
-        prior = prior.filter(pl.col("numeric_value").is_not_null())
-    prior = prior.sort(*ROW_KEY, "time")
-    prior_hit = _value_hits(outcome)
-    if ratio is not None:
-        running_min = pl.col("numeric_value").cum_min().shift(1).over(ROW_KEY)
-        prior_hit = prior_hit & (pl.col("numeric_value") >= ratio * running_min).fill_null(False)
-    prevalent = prior.filter(prior_hit).group_by(ROW_KEY).agg(pl.lit(True).alias("_prevalent"))
     horizon = pl.duration(minutes=round(outcome.window_hours * 60))
-    after = (
-        keys.join(ev.drop("hadm_id"), on="subject_id", how="inner")
-        .filter(
-            (pl.col("time") > pl.col("prediction_time"))
-            & (pl.col("time") <= pl.col("prediction_time") + horizon)
-        )
-        .join(baseline, on=ROW_KEY, how="left")
+    after = keys.join(ev.drop("hadm_id"), on="subject_id", how="inner").filter(
+        (pl.col("time") > pl.col("prediction_time")) & (pl.col("time") <= pl.col("prediction_time") + horizon)
     )
     hit = _value_hits(outcome)
     if ratio is not None:
+        after = after.join(_baseline(_stay_events(rows, ev)), on=ROW_KEY, how="left")
         hit = hit & (pl.col("numeric_value") >= ratio * pl.col("_baseline")).fill_null(False)
-    first = after.filter(hit).group_by(ROW_KEY).agg(pl.col("time").min().alias("_event_time"))
-    return (
-        keys.select(ROW_KEY)
-        .join(baseline, on=ROW_KEY, how="left")
-        .join(prevalent, on=ROW_KEY, how="left")
-        .join(first, on=ROW_KEY, how="left")
-    )
+    return after.filter(hit).group_by(ROW_KEY).agg(pl.col("time").min().alias("_event_time"))
 
 
 def _next_admissions(
     cohort: pl.DataFrame, encounters: pl.DataFrame, outcome: ReadmissionOutcome
 ) -> pl.DataFrame:
     """Per index stay: the first later admission of the same patient counted by the outcome (its time)."""
-    later = encounters.unique("hadm_id", keep="last").select(
-        "subject_id",
-        pl.col("hadm_id").alias("_next"),
-        pl.col("admit_time").alias("_next_admit"),
-        pl.col("admission_type").alias("_next_type"),
-    )
+    later = _last_per(encounters.select("subject_id", "hadm_id", "admit_time", "admission_type"), "hadm_id")
     if outcome.unplanned_only:
-        later = later.filter(~pl.col("_next_type").is_in(outcome.planned_admission_types).fill_null(False))
+        later = later.filter(
+            ~pl.col("admission_type").is_in(outcome.planned_admission_types).fill_null(False)
+        )
+    later = later.select(
+        "subject_id", pl.col("hadm_id").alias("_next"), pl.col("admit_time").alias("_next_admit")
+    )
     days = (pl.col("_next_admit").dt.date() - pl.col("discharge_time").dt.date()).dt.total_days()
     return (
         cohort.select("subject_id", *ROW_KEY, "discharge_time")
@@ -560,9 +584,7 @@ def build_labels(
         )
     else:
         assert isinstance(outcome, EventOutcome)
-        cohort = cohort.join(
-            _event_status(cohort, outcome, events).select(*ROW_KEY, "_event_time"), on=ROW_KEY, how="left"
-        )
+        cohort = cohort.join(_first_event(cohort, outcome, events), on=ROW_KEY, how="left")
         value = pl.col("_event_time").is_not_null()
     cutoff = known_by if known_by is not None else data_end(enc)
     # a window closing within the recorded stay is known from the stay itself (its discharge is recorded);
