@@ -29,7 +29,12 @@ from clinical_ml.core.fhir import ScoredAdmission
 from clinical_ml.core.labeling import LABEL_WINDOW_END
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
-from clinical_ml.core.performance_monitoring import label_maturity, newly_labelled, performance_by_period
+from clinical_ml.core.performance_monitoring import (
+    PeriodRowsCache,
+    label_maturity,
+    newly_labelled,
+    performance_by_period,
+)
 from clinical_ml.core.registry import ModelCard, Registry
 from clinical_ml.core.scoring import Scorer
 
@@ -310,12 +315,18 @@ def matured_labels(current: pl.DataFrame, *, batch_id: str) -> np.ndarray | None
 
 
 def realised_performance(
-    store: UseCaseStore, champion: Champion, frame: pl.DataFrame, config: MonitoringConfig
+    store: UseCaseStore,
+    champion: Champion,
+    frame: pl.DataFrame,
+    config: MonitoringConfig,
+    *,
+    cache: bool = True,
 ) -> list[dict]:
     """Performance of the scored batches by period and subgroup: realised where outcomes have matured (as of
     the day after the newest batch), estimated without labels (confidence-based, fitted on the validation
     cohort when it holds at least 20 labelled admissions) where not. Admissions of the champion's derivation
-    patients in the batches it was trained on are left out."""
+    patients in the batches it was trained on are left out. A period's rows are computed once for the inputs
+    they depend on and kept (:func:`performance_rows_cache`); ``cache=False`` computes every period afresh."""
     preds = store.batch_predictions.read_all(relaxed=True)
     if preds.height == 0:
         return []
@@ -343,7 +354,18 @@ def realised_performance(
     as_of = known_by(preds["batch_id"].unique().to_list())
     matured = label_maturity(preds, as_of=as_of) if as_of is not None else pl.repeat(False, preds.height)
     preds = preds.with_columns(matured.alias("matured"))
-    return performance_by_period(preds, threshold=champion.card.threshold, estimator=estimator, config=config)
+    return performance_by_period(
+        preds,
+        threshold=champion.card.threshold,
+        estimator=estimator,
+        config=config,
+        cache=performance_rows_cache(store) if cache else None,
+    )
+
+
+def performance_rows_cache(store: UseCaseStore) -> PeriodRowsCache:
+    """Where each period's performance rows are kept beside the batch's drift record (derived data)."""
+    return PeriodRowsCache(store.folder / "monitoring" / "performance")
 
 
 def decisions_with_reasons(registry: Registry) -> list[dict]:
@@ -477,9 +499,15 @@ class PerformanceReview:
 
 
 def review_performance(
-    store: UseCaseStore, registry: Registry, champion: Champion, config: MonitoringConfig
+    store: UseCaseStore,
+    registry: Registry,
+    champion: Champion,
+    config: MonitoringConfig,
+    *,
+    cache: bool = True,
 ) -> PerformanceReview:
-    rows = realised_performance(store, champion, monitoring_frame(store), config)
+    """The champion's record in service (``cache``: see :func:`realised_performance`)."""
+    rows = realised_performance(store, champion, monitoring_frame(store), config, cache=cache)
     return PerformanceReview(
         champion=champion.version,
         batches=[r.as_dict() for r in store.drift_records.read_all()],

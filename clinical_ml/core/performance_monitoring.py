@@ -7,8 +7,12 @@
   estimate (:mod:`clinical_ml.core.performance_estimation`) beside them where they have not.
 """
 
+import hashlib
+import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -24,6 +28,7 @@ from clinical_ml.core.evaluation import (
 from clinical_ml.core.labeling import label_known_at
 from clinical_ml.core.monitoring_config import MonitoringConfig
 from clinical_ml.core.performance_estimation import ConfidenceBasedEstimator
+from clinical_ml.core.storage import atomic_write_bytes
 
 METRICS = ("auroc", "sensitivity", "observed_expected", "calibration_slope")
 
@@ -117,6 +122,72 @@ def metrics_with_ci(y: np.ndarray, p: np.ndarray, threshold: float, *, n_boot: i
     return out
 
 
+@dataclass(frozen=True)
+class PeriodRowsCache:
+    """Each period's rows of :func:`performance_by_period`, kept beside the inputs they were computed from
+    (one file per period, under ``folder``): derived data only. A period is recomputed when anything its
+    rows depend on changed (its admissions' risks, labels, maturity, subgroups and model versions; the
+    slices, threshold, estimator, monitoring levels or seed), so a new batch costs its own period and the
+    periods whose outcomes matured since, not the whole history."""
+
+    folder: Path
+
+    def path(self, period: str) -> Path:
+        return self.folder / f"{period}.pkl"
+
+    def get(self, period: str, key: str) -> list[dict] | None:
+        path = self.path(period)
+        if not path.exists():
+            return None
+        try:
+            with path.open("rb") as f:
+                kept = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None  # a damaged copy is recomputed
+        return kept["rows"] if isinstance(kept, dict) and kept.get("key") == key else None
+
+    def put(self, period: str, key: str, rows: list[dict]) -> None:
+        atomic_write_bytes(self.path(period), pickle.dumps({"key": key, "rows": rows}))
+
+
+def _period_key(part: pl.DataFrame, columns: list[str], fixed: bytes) -> str:
+    """What a period's rows are computed from: its rows of ``columns`` in order, and ``fixed`` (the same for
+    every period of one call)."""
+    h = hashlib.sha256(fixed)
+    h.update(pickle.dumps(part.select(columns).to_dict(as_series=False), protocol=5))
+    return h.hexdigest()
+
+
+def _fixed_inputs(
+    slices: list[tuple[str, str, pl.Expr]],
+    threshold: float,
+    estimator: ConfidenceBasedEstimator | None,
+    config: MonitoringConfig,
+    seed: int,
+) -> bytes:
+    est = (
+        None
+        if estimator is None
+        else (
+            estimator.threshold,
+            repr(estimator.calibrator.get_params()),
+            np.asarray(estimator.calibrator.X_thresholds_).tobytes(),
+            np.asarray(estimator.calibrator.y_thresholds_).tobytes(),
+        )
+    )
+    return pickle.dumps(
+        (
+            [(a, g) for a, g, _ in slices],
+            float(threshold),
+            est,
+            repr(config),
+            seed,
+            METRICS,
+        ),
+        protocol=5,
+    )
+
+
 def performance_by_period(
     predictions: pl.DataFrame,
     *,
@@ -125,13 +196,15 @@ def performance_by_period(
     config: MonitoringConfig,
     period_column: str = "batch_id",
     seed: int = 0,
+    cache: PeriodRowsCache | None = None,
 ) -> list[dict]:
     """Realised and estimated performance per period, overall and per subgroup.
 
     ``predictions`` holds ``predicted_risk``, ``label`` (null while unknown), ``matured`` and the
     subgroup columns. A period is ``mature`` when at least ``config.min_matured_share`` of its admissions
     have a known outcome; realised metrics use the matured admissions only, and are judged against the
-    minimums when mature (ERROR when the CI lies wholly below a minimum or outside a range).
+    minimums when mature (ERROR when the CI lies wholly below a minimum or outside a range). With ``cache``,
+    a period whose inputs are unchanged since its rows were kept is read back rather than recomputed.
     """
     rows: list[dict] = []
     attrs = [a for a in config.subgroup_attributes if a in predictions.columns]
@@ -141,38 +214,64 @@ def performance_by_period(
         for a in attrs
         for g in sorted(predictions[a].drop_nulls().unique().to_list())
     ]
+    columns = [
+        c
+        for c in (PREDICTION_COLUMN, "label", "matured", "model_version", *attrs)
+        if c in predictions.columns
+    ]
+    fixed = _fixed_inputs(slices, threshold, estimator, config, seed) if cache is not None else b""
     for (period,), part in sorted(predictions.group_by(period_column), key=lambda t: str(t[0][0])):
-        for i, (attr, group, expr) in enumerate(slices):
-            s = part.filter(expr)
-            if s.height == 0 or (attr != "all" and s.height < config.min_subgroup_rows):
-                continue
-            risk = s[PREDICTION_COLUMN].to_numpy().astype(np.float64)
-            lab = s.filter(pl.col("matured") & pl.col("label").is_not_null())
-            share = lab.height / s.height
-            row: dict = {
-                "period": str(period),
-                "attribute": attr,
-                "group": group,
-                "n": s.height,
-                "n_labelled": lab.height,
-                "matured_share": share,
-                "status": "mature" if share >= config.min_matured_share else "maturing",
-                "model_versions": sorted(s["model_version"].unique().to_list())
-                if "model_version" in s.columns
-                else [],
-                "estimated": estimator.estimate(risk) if estimator else None,
-                "realised": None,
-                "level": "ok",
-                "reasons": [],
-            }
-            if lab.height >= 10:
-                y = lab["label"].cast(pl.Boolean).to_numpy()
-                p = lab[PREDICTION_COLUMN].to_numpy().astype(np.float64)
-                row["realised"] = metrics_with_ci(y, p, threshold, n_boot=config.n_bootstrap, seed=seed + i)
-                row["events"] = int(y.sum())
-                if row["status"] == "mature":
-                    row["level"], row["reasons"] = _judge(row["realised"], config)
-            rows.append(row)
+        key = _period_key(part, columns, fixed) if cache is not None else ""
+        kept = cache.get(str(period), key) if cache is not None else None
+        if kept is None:
+            kept = _period_rows(str(period), part, slices, threshold, estimator, config, seed)
+            if cache is not None:
+                cache.put(str(period), key, kept)
+        rows += kept
+    return rows
+
+
+def _period_rows(
+    period: str,
+    part: pl.DataFrame,
+    slices: list[tuple[str, str, pl.Expr]],
+    threshold: float,
+    estimator: ConfidenceBasedEstimator | None,
+    config: MonitoringConfig,
+    seed: int,
+) -> list[dict]:
+    rows: list[dict] = []
+    for i, (attr, group, expr) in enumerate(slices):
+        s = part.filter(expr)
+        if s.height == 0 or (attr != "all" and s.height < config.min_subgroup_rows):
+            continue
+        risk = s[PREDICTION_COLUMN].to_numpy().astype(np.float64)
+        lab = s.filter(pl.col("matured") & pl.col("label").is_not_null())
+        share = lab.height / s.height
+        row: dict = {
+            "period": period,
+            "attribute": attr,
+            "group": group,
+            "n": s.height,
+            "n_labelled": lab.height,
+            "matured_share": share,
+            "status": "mature" if share >= config.min_matured_share else "maturing",
+            "model_versions": sorted(s["model_version"].unique().to_list())
+            if "model_version" in s.columns
+            else [],
+            "estimated": estimator.estimate(risk) if estimator else None,
+            "realised": None,
+            "level": "ok",
+            "reasons": [],
+        }
+        if lab.height >= 10:
+            y = lab["label"].cast(pl.Boolean).to_numpy()
+            p = lab[PREDICTION_COLUMN].to_numpy().astype(np.float64)
+            row["realised"] = metrics_with_ci(y, p, threshold, n_boot=config.n_bootstrap, seed=seed + i)
+            row["events"] = int(y.sum())
+            if row["status"] == "mature":
+                row["level"], row["reasons"] = _judge(row["realised"], config)
+        rows.append(row)
     return rows
 
 
