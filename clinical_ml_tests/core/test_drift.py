@@ -104,3 +104,27 @@ def test_a_drift_reason_names_the_measurement_clinically_then_the_column_and_rea
     words = drift_reason(drift, statistics=list(STATISTICS))
     assert words.startswith("Lactate, lowest in 24 h (mmol/L) [lactate__min_24h]: ERROR (p = ")
     assert "; PSI " in words and "; change in share not measured +" in words and "Change" not in words
+
+
+def test_the_batch_columns_sorted_at_once_give_every_statistic_numpy_s_column_by_column_sort_gives():
+    from clinical_ml.core import drift
+
+    rng = np.random.default_rng(11)
+    ref, cur = rng.normal(size=(3000, 6)), rng.normal(0.1, 1.0, size=(2500, 6))
+    for m in (ref, cur):  # missing, infinite, both zeros and ties: numpy's order is -inf, values, +inf, NaN
+        m[rng.random(m.shape) < 0.08] = np.nan
+        m[rng.random(m.shape) < 0.02] = np.inf
+        m[rng.random(m.shape) < 0.02] = -np.inf
+        m[rng.random(m.shape) < 0.05] = -0.0
+        m[rng.random(m.shape) < 0.05] = 0.0
+        m[:800] = np.round(m[:800], 1)  # ties
+    assert np.array_equal(drift._sorted_columns(np.asfortranarray(cur)), np.sort(cur, axis=0), equal_nan=True)
+    profile = reference_profile(ref, [f"x{j}" for j in range(6)])
+    at_once = {d.feature: d.as_dict() for d in batch_drift(profile, cur)}
+    one_by_one = {}
+    for j, col in enumerate(profile.columns):
+        sample = drift._column_sample(col, cur[:, j])  # sorts this column with numpy
+        one_by_one[col.name] = drift._measure(col, sample, profile.thresholds.selected)
+    for name, values in one_by_one.items():
+        for key, value in values.items():
+            assert at_once[name][key] == value or (np.isnan(value) and np.isnan(at_once[name][key]))
