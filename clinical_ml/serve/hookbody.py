@@ -40,24 +40,30 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     pass
 
 
-# Elements the service does not read are typed Any (any JSON, null included): the reader does not check them.
+# Elements of the Observations the service does not read are left undecoded (any JSON, null included: the
+# reader does not check them); msgspec still checks that they are JSON, but not that their strings are UTF-8,
+# which read_hook_body checks of the whole body. Elements of the request the service reads as JSON values
+# (the context, the Patient and the Encounter) are decoded (Any).
+Unread = msgspec.Raw | UnsetType
+
+
 class _Coding(_Strict, kw_only=True):
     system: str | UnsetType = UNSET
     code: str | UnsetType = UNSET
     display: str | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    fhir_comments: Any = UNSET
-    version: Any = UNSET
-    userSelected: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    fhir_comments: Unread = UNSET
+    version: Unread = UNSET
+    userSelected: Unread = UNSET
 
 
 class _Concept(_Strict, kw_only=True):
     coding: list[_Coding] | UnsetType = UNSET
     text: str | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    fhir_comments: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    fhir_comments: Unread = UNSET
 
 
 class _Quantity(_Strict, kw_only=True):
@@ -66,102 +72,102 @@ class _Quantity(_Strict, kw_only=True):
     unit: str | UnsetType = UNSET
     system: str | UnsetType = UNSET
     code: str | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    fhir_comments: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    fhir_comments: Unread = UNSET
 
 
 class _Identifier(_Strict, kw_only=True):
     system: str | UnsetType = UNSET
     value: str | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    fhir_comments: Any = UNSET
-    use: Any = UNSET
-    type: Any = UNSET
-    period: Any = UNSET
-    assigner: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    fhir_comments: Unread = UNSET
+    use: Unread = UNSET
+    type: Unread = UNSET
+    period: Unread = UNSET
+    assigner: Unread = UNSET
 
 
 class _Reference(_Strict, kw_only=True):
     reference: str | UnsetType = UNSET
     identifier: _Identifier | UnsetType = UNSET
     display: str | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    fhir_comments: Any = UNSET
-    type: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    fhir_comments: Unread = UNSET
+    type: Unread = UNSET
 
 
 class _Period(_Strict, kw_only=True):
     start: str | UnsetType = UNSET
     end: str | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    fhir_comments: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    fhir_comments: Unread = UNSET
 
 
 class _Observation(_Strict, kw_only=True):
     resourceType: Literal["Observation"]
     id: str | UnsetType = UNSET
-    meta: Any = UNSET
-    implicitRules: Any = UNSET
-    language: Any = UNSET
-    text: Any = UNSET
-    contained: Any = UNSET
-    extension: Any = UNSET
-    modifierExtension: list[Any] | UnsetType = UNSET
-    fhir_comments: Any = UNSET
-    identifier: Any = UNSET
-    basedOn: Any = UNSET
-    partOf: Any = UNSET
+    meta: Unread = UNSET
+    implicitRules: Unread = UNSET
+    language: Unread = UNSET
+    text: Unread = UNSET
+    contained: Unread = UNSET
+    extension: Unread = UNSET
+    modifierExtension: list[msgspec.Raw] | UnsetType = UNSET
+    fhir_comments: Unread = UNSET
+    identifier: Unread = UNSET
+    basedOn: Unread = UNSET
+    partOf: Unread = UNSET
     status: str
-    category: Any = UNSET
+    category: Unread = UNSET
     code: _Concept
-    subject: Any = UNSET
-    focus: Any = UNSET
+    subject: Unread = UNSET
+    focus: Unread = UNSET
     encounter: _Reference | UnsetType = UNSET
     effectiveDateTime: str | UnsetType = UNSET
     effectivePeriod: _Period | UnsetType = UNSET
-    effectiveTiming: Any = UNSET
+    effectiveTiming: Unread = UNSET
     effectiveInstant: str | UnsetType = UNSET
     issued: str | UnsetType = UNSET
-    performer: Any = UNSET
+    performer: Unread = UNSET
     valueQuantity: _Quantity | UnsetType = UNSET
-    valueCodeableConcept: Any = UNSET
-    valueString: Any = UNSET
-    valueBoolean: Any = UNSET
-    valueInteger: Any = UNSET
-    valueRange: Any = UNSET
-    valueRatio: Any = UNSET
-    valueSampledData: Any = UNSET
-    valueTime: Any = UNSET
-    valueDateTime: Any = UNSET
-    valuePeriod: Any = UNSET
-    dataAbsentReason: Any = UNSET
-    interpretation: Any = UNSET
-    note: Any = UNSET
-    bodySite: Any = UNSET
-    method: Any = UNSET
-    specimen: Any = UNSET
-    device: Any = UNSET
-    referenceRange: Any = UNSET
-    hasMember: Any = UNSET
-    derivedFrom: Any = UNSET
-    component: Any = UNSET
+    valueCodeableConcept: Unread = UNSET
+    valueString: Unread = UNSET
+    valueBoolean: Unread = UNSET
+    valueInteger: Unread = UNSET
+    valueRange: Unread = UNSET
+    valueRatio: Unread = UNSET
+    valueSampledData: Unread = UNSET
+    valueTime: Unread = UNSET
+    valueDateTime: Unread = UNSET
+    valuePeriod: Unread = UNSET
+    dataAbsentReason: Unread = UNSET
+    interpretation: Unread = UNSET
+    note: Unread = UNSET
+    bodySite: Unread = UNSET
+    method: Unread = UNSET
+    specimen: Unread = UNSET
+    device: Unread = UNSET
+    referenceRange: Unread = UNSET
+    hasMember: Unread = UNSET
+    derivedFrom: Unread = UNSET
+    component: Unread = UNSET
 
 
 class _Entry(_Strict, kw_only=True):
     resource: _Observation | UnsetType = UNSET
-    id: Any = UNSET
-    extension: Any = UNSET
-    modifierExtension: Any = UNSET
-    link: Any = UNSET
-    fullUrl: Any = UNSET
-    search: Any = UNSET
-    request: Any = UNSET
-    response: Any = UNSET
-    fhir_comments: Any = UNSET
+    id: Unread = UNSET
+    extension: Unread = UNSET
+    modifierExtension: Unread = UNSET
+    link: Unread = UNSET
+    fullUrl: Unread = UNSET
+    search: Unread = UNSET
+    request: Unread = UNSET
+    response: Unread = UNSET
+    fhir_comments: Unread = UNSET
 
 
 class _Bundle(_Strict, kw_only=True):
@@ -169,15 +175,15 @@ class _Bundle(_Strict, kw_only=True):
     type: str
     id: str | UnsetType = UNSET
     entry: list[_Entry] | UnsetType = UNSET
-    meta: Any = UNSET
-    implicitRules: Any = UNSET
-    language: Any = UNSET
-    identifier: Any = UNSET
-    timestamp: Any = UNSET
-    total: Any = UNSET
-    link: Any = UNSET
-    signature: Any = UNSET
-    fhir_comments: Any = UNSET
+    meta: Unread = UNSET
+    implicitRules: Unread = UNSET
+    language: Unread = UNSET
+    identifier: Unread = UNSET
+    timestamp: Unread = UNSET
+    total: Unread = UNSET
+    link: Unread = UNSET
+    signature: Unread = UNSET
+    fhir_comments: Unread = UNSET
 
 
 class _Prefetch(_Strict, kw_only=True):
@@ -428,6 +434,8 @@ def read_hook_body(raw: bytes) -> tuple[dict, list[ObservationFacts]] | None:
     Observations as :func:`clinical_ml.serve.fhir.read_observation` gives them, other resources skipped; in
     the body, the key holds a placeholder), or None where the body is left to the generic path."""
     try:
+        if not raw.isascii():
+            raw.decode()  # the undecoded elements' strings too (msgspec checks those it decodes)
         hook = _DECODER.decode(raw)
         facts = _observations(hook.prefetch.observations)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, _Declined):  # ValidationError included

@@ -70,6 +70,18 @@ def test_what_the_compiled_path_does_not_take_goes_to_the_reader(path, value) ->
     assert not _same_as_generic(json.dumps(body).encode())
 
 
+def test_a_body_that_is_not_utf8_goes_to_the_reader_even_in_an_element_not_read() -> None:
+    # elements the service does not read are left undecoded by the compiled path: their bytes are checked too
+    body = stay_request()
+    body["prefetch"]["observations"]["entry"][0]["resource"]["category"] = [{"text": "PLACEHOLDER"}]
+    raw = json.dumps(body).encode()
+    assert _same_as_generic(raw)
+    bad = raw.replace(b"PLACEHOLDER", b"\xff\xfe")
+    assert read_hook_body(bad) is None
+    assert parse_json(bad) is None  # the generic path refuses it (HTTP 400)
+    assert _same_as_generic(raw.replace(b"PLACEHOLDER", "d\u00e9j\u00e0".encode()))  # UTF-8 is read
+
+
 _json = st.recursive(
     st.none()
     | st.booleans()
