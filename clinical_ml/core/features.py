@@ -269,6 +269,9 @@ def _stem(code: str) -> str:
     return feature_stem(code)
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def stay_aggregates(
     events: Iterable[tuple[str, datetime, datetime, float | None, bool]],
     prediction_time: datetime,
@@ -300,7 +303,7 @@ def stays_aggregates(
     members = _members(tuple(use_case.features.codes))
     us = timedelta(microseconds=1)
     ids: list[int] = []
-    times: list[datetime] = []
+    times: list[int] = []  # the prediction time in microseconds since 1970 (naive), as polars stores it
     stems: list[str] = []
     values: list[float] = []
     offsets: list[int] = []
@@ -316,7 +319,8 @@ def stays_aggregates(
             for feature_code in members[code]
         ]
         ids += [i] * len(kept)
-        times += [prediction_time] * len(kept)
+        # as integers: polars converts a column of Python datetimes one by one (most of building the frame)
+        times += [(prediction_time - _EPOCH) // us] * len(kept)
         stems += [k[0] for k in kept]
         values += [k[1] for k in kept]
         offsets += [k[2] for k in kept]
@@ -324,12 +328,12 @@ def stays_aggregates(
         {"hadm_id": ids, "prediction_time": times, "stem": stems, "v": values, "t_us": offsets},
         schema={
             "hadm_id": pl.Int64,
-            "prediction_time": pl.Datetime("us"),
+            "prediction_time": pl.Int64,
             "stem": pl.String,
             "v": pl.Float64,
             "t_us": pl.Int64,
         },
-    )
+    ).with_columns(pl.col("prediction_time").cast(pl.Datetime("us")))
     long = _aggregated(rows.lazy(), use_case)
     names = [c for c in long.columns if c not in (*ROW_KEY, "stem")]
     out: list[dict[str, float | None]] = [{} for _ in stays]

@@ -403,17 +403,24 @@ def _measurements(rows: list[Row], not_used: dict[str, int]) -> tuple[Measuremen
     unknown = 0
     seen: set[Row] = set()
     kept: list[tuple[str, datetime, float, bool, datetime]] = []
+    conversions, canonical, plausible = _CONVERSIONS, _CANONICAL, _PLAUSIBLE
     for row in rows:
         code, value, unit, taken, available = row
-        h = harmonized(code, value, unit)
-        if h is None:
+        # harmonized(code, value, unit), inline (one call per Observation was a sixth of this loop)
+        conversion = conversions.get((code, unit)) if unit is not None else None
+        if conversion is not None:
+            v = value * conversion[0] + conversion[1]
+        elif unit is not None and unit == canonical.get(code):
+            v = value
+        else:
             unknown += 1
             continue
         # ingestion's duplicate rule among the rows it accepts: an identical repeat of a result is one result
         if row in seen:
             continue
         seen.add(row)
-        kept.append((code, taken, h[0], h[1], available))
+        lo, hi = plausible[code]
+        kept.append((code, taken, v, bool(v < lo or v > hi), available))
     if unknown:
         not_used["unknown_unit"] = not_used.get("unknown_unit", 0) + unknown
     # ... and results of one code at one time that differ are all left out (which one is right is unknown)

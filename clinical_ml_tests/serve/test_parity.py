@@ -6,6 +6,7 @@ here to the batch function it stands for, on generated inputs, so a change to ei
 """
 
 import math
+from array import array
 from datetime import date, datetime, timedelta
 
 import numpy as np
@@ -26,7 +27,7 @@ from clinical_ml.core.ingestion import _harmonize_units
 from clinical_ml.core.registry import Registry
 from clinical_ml.core.site_mapping import enforce_controlled_values
 from clinical_ml.core.units import LAB_CODES, UNIT_CONVERSIONS, VITAL_CODES, canonical_unit
-from clinical_ml.serve.chart import Chart, CodedValues, age_years, harmonized
+from clinical_ml.serve.chart import Chart, CodedValues, _measurements, age_years, harmonized
 from clinical_ml.serve.models import served_model
 from clinical_ml_tests.serve.conftest import USE_CASE, use_case
 
@@ -56,6 +57,13 @@ def test_unit_harmonisation_is_ingestions(values: list[float]) -> None:
         assert (mine is not None) == b_known, (code, unit)
         if mine is not None:
             assert mine == (b_value, b_implausible), (code, unit, value)
+    # a chart's measurements apply the same rule (inline there), then round each value to Float32
+    at = [datetime(2026, 1, 1) + timedelta(minutes=i) for i in range(len(rows))]
+    not_used: dict[str, int] = {}
+    measured = _measurements([(c, v, u, t, t) for (c, u, v), t in zip(rows, at, strict=True)], not_used)
+    known = [(r, b) for r, b in zip(rows, batch, strict=True) if b[1]]
+    assert not_used.get("unknown_unit", 0) == len(rows) - len(known)
+    assert [(m[3], m[4]) for m in measured] == [(array("f", [b[0]])[0], b[2]) for _, b in known]
 
 
 @FAST
@@ -177,7 +185,9 @@ def test_one_stays_aggregates_are_the_batch_paths(events) -> None:
 @pytest.fixture(scope="module")
 def served(trained_registry):
     registry = Registry(trained_registry, USE_CASE)
-    return served_model(registry, use_case(), registry.champion())
+    version = registry.champion()
+    assert version is not None
+    return served_model(registry, use_case(), version)
 
 
 @FAST
