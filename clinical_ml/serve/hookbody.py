@@ -301,9 +301,12 @@ def _coding(k: _Coding) -> tuple[str | None, str | None]:
 def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
     if c.text is not UNSET:
         _check(non_blank(c.text))  # type: ignore[arg-type]
-    if c.coding is UNSET:
+    coding = c.coding
+    if coding is UNSET:
         return []
-    return [_coding(k) for k in c.coding]  # type: ignore[union-attr]
+    if len(coding) == 1:  # type: ignore[arg-type]
+        return [_coding(coding[0])]  # type: ignore[index]
+    return [_coding(k) for k in coding]  # type: ignore[union-attr]
 
 
 _REFERENCES: dict[tuple, ReferenceFacts] = {}
@@ -348,6 +351,9 @@ def _quantity_unit(q: _Quantity) -> tuple[str | None, str | None]:
     if _short(*key):
         _remember(_QUANTITIES, key, found)
     return found
+
+
+_facts = tuple.__new__  # ObservationFacts(*fields) without the Python frame of a NamedTuple's __new__
 
 
 def _observation(o: _Observation) -> ObservationFacts:
@@ -403,16 +409,19 @@ def _observation(o: _Observation) -> ObservationFacts:
         effective = _time(p.start, DATETIME_RE)
     else:
         effective = None
-    return ObservationFacts(
-        found,
-        o.status,
-        _reference(o.encounter),
-        value,
-        unit,
-        comparator,
-        effective,
-        None if o.issued is UNSET else _time(o.issued, INSTANT_RE),
-        bool(o.modifierExtension) if o.modifierExtension is not UNSET else False,
+    return _facts(
+        ObservationFacts,
+        (
+            found,
+            o.status,
+            _reference(o.encounter),
+            value,
+            unit,
+            comparator,
+            effective,
+            None if o.issued is UNSET else _time(o.issued, INSTANT_RE),
+            bool(o.modifierExtension) if o.modifierExtension is not UNSET else False,
+        ),
     )
 
 
