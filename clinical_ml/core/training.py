@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.features import ROW_KEY, feature_columns, feature_matrix
+from clinical_ml.core.features import CATEGORICAL_STATIC, ROW_KEY, feature_columns
 from clinical_ml.core.modeling import TrainedModel, train_model
 from clinical_ml.core.usecase import UseCase
 
@@ -48,14 +48,45 @@ class ChallengerFit:
 
 def training_frame(features: pl.DataFrame, labels: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
     """Features with the label and the split of each prediction row (rows without a known label left out)."""
-    return features.join(labels.select(*ROW_KEY, "boolean_value"), on=ROW_KEY, how="inner").join(
-        splits, on="subject_id", how="inner"
+    known = labels.select(*ROW_KEY, "boolean_value")
+    added = [*known.columns[len(ROW_KEY) :], *(c for c in splits.columns if c != "subject_id")]
+    if _ROW in features.columns or set(added) & set(features.columns):  # names the joins would suffix
+        return features.join(known, on=ROW_KEY, how="inner").join(splits, on="subject_id", how="inner")
+    # the same joins on the key columns alone choose the rows and their order; the feature columns are then
+    # gathered once (joined whole, every one of them was copied by each join)
+    keys = (
+        features.select(*ROW_KEY, "subject_id")
+        .with_row_index(_ROW)
+        .join(known, on=ROW_KEY, how="inner")
+        .join(splits, on="subject_id", how="inner")
     )
+    return pl.concat([features[keys[_ROW]], keys.select(added)], how="horizontal")
+
+
+_ROW = "_training_frame_row"
 
 
 def _xy(frame: pl.DataFrame, split: str, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    part = frame.filter(pl.col("split") == split)
-    return feature_matrix(part, cols), part["boolean_value"].cast(pl.Int8).to_numpy()
+    """The rows of ``split``: the feature matrix (``feature_matrix``'s values and layout) and the labels. Only
+    the columns used are copied, once: the frame's other columns are not filtered, and the float matrix
+    polars gives is not copied again."""
+    part = (
+        frame.lazy()
+        .filter(pl.col("split") == split)
+        .select(*[pl.col(c).cast(pl.Float64) for c in cols], pl.col("boolean_value").cast(pl.Int8))
+        .collect()
+    )
+    y = part.get_column("boolean_value").to_numpy()
+    return part.drop("boolean_value").to_numpy(), y
+
+
+def _category_candidates(frame: pl.DataFrame, use_case: UseCase) -> pl.DataFrame:
+    """The derivation rows (``train`` and ``tuning``) with the columns :func:`feature_columns` looks at to
+    choose the one-hot categories: every column but the fixed feature columns (those copied for nothing)."""
+    prefixes = tuple(f"{s}__" for s in CATEGORICAL_STATIC)
+    fixed = set(feature_columns(use_case))
+    looked_at = [c for c in frame.columns if c not in fixed or c.startswith(prefixes)]
+    return frame.lazy().filter(pl.col("split").is_in(["train", "tuning"])).select(looked_at).collect()
 
 
 def training_ranges(x: np.ndarray, cols: list[str]) -> dict[str, tuple[float, float]]:
@@ -64,14 +95,15 @@ def training_ranges(x: np.ndarray, cols: list[str]) -> dict[str, tuple[float, fl
     out = {}
     for j, c in enumerate(cols):
         v = x[:, j][np.isfinite(x[:, j])]
-        out[c] = (float(np.quantile(v, 0.01)), float(np.quantile(v, 0.99))) if v.size else (float("nan"),) * 2
+        # both percentiles from one partition of the column (the same values as one call each)
+        out[c] = tuple(float(q) for q in np.quantile(v, [0.01, 0.99])) if v.size else (float("nan"),) * 2
     return out  # type: ignore[return-value]
 
 
 def fit_model(frame: pl.DataFrame, use_case: UseCase) -> tuple[TrainedModel, FitSummary]:
     """Fit on ``train`` rows, early-stop on ``tuning`` rows; the ``held_out`` rows are not touched."""
     # one-hot categories are those set on enough admissions of the derivation cohort
-    cols = feature_columns(use_case, frame.filter(pl.col("split").is_in(["train", "tuning"])))
+    cols = feature_columns(use_case, _category_candidates(frame, use_case))
     x_tr, y_tr = _xy(frame, "train", cols)
     x_tu, y_tu = _xy(frame, "tuning", cols)
     if len(y_tr) == 0 or len(y_tu) == 0:
