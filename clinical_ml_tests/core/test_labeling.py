@@ -563,3 +563,41 @@ def test_a_population_of_icu_stays_only_by_the_site_mapping_unit_types():
     # with every unit typed, no empty step is added to the participant flow
     _, all_typed = build_cohort(typed.filter(pl.col("unit_type").is_not_null()), pat, uc)
     assert not any(label.startswith("no unit type") for label, _ in all_typed.steps)
+
+
+def test_a_stay_failing_several_exclusions_is_counted_once_by_the_first_and_redeliveries_collapse():
+    """The flow counts each excluded stay under the first exclusion it fails (in the order the steps are
+    listed), however the steps are applied; a stay or patient delivered twice counts once (its last row)."""
+    uc = replaced(
+        readmission(),
+        population={
+            **BASE.population.model_dump(mode="json"),
+            "admission_types": ["EMERGENCY"],
+            "units": ["MICU", "SICU"],
+        },
+    )
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": d(0), "out": d(2), "age": 16.0, "died": d(2), "unit": "CCU"},  # under age
+            {"s": 2, "a": 2, "in": d(0), "out": d(2), "died": d(2), "type": "ELECTIVE"},  # died in hospital
+            {"s": 3, "a": 3, "in": d(0), "out": d(2), "disp": "TRANSFER", "unit": "CCU"},  # transferred
+            {"s": 4, "a": 4, "in": d(0), "out": d(2), "unit": "CCU", "type": "ELECTIVE"},  # unit
+            {"s": 5, "a": 5, "in": d(0), "out": d(2), "type": "ELECTIVE"},  # admission type
+            {"s": 6, "a": 6, "in": d(0), "out": d(2), "unit": "CCU"},  # delivered first in the CCU ...
+            {"s": 6, "a": 6, "in": d(0), "out": d(2)},  # ... then again in the MICU: included
+            {"s": 7, "a": 7, "in": d(0), "out": d(2)},  # included
+            {"s": 8, "a": 8, "in": d(0), "out": d(2), "age": 17.0},  # under age
+        ]
+    )
+    pat = pl.concat([pat, pat.filter(pl.col("subject_id") == 7).with_columns(pl.lit(None).alias("sex"))])
+    cohort, flow = build_cohort(enc, pat, uc)
+    assert flow.admissions == 8
+    assert [(label.split(" (")[0], n) for label, n in flow.steps] == [
+        ("under 18 years", 2),
+        ("died in hospital", 1),
+        ("transferred to another hospital", 1),
+        ("unit not in the population", 1),
+        ("admission type not in the population", 1),
+        ("demographics missing", 1),  # patient 7's last row has no sex
+    ]
+    assert cohort["hadm_id"].to_list() == [6] and flow.included == flow.predictions == 1
