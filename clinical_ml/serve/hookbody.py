@@ -225,12 +225,13 @@ def _optional(v: str | UnsetType, ok: Any) -> str | None:
     return v
 
 
-# What repeats across a prefetch's Observations (and across calls: a hospital's codes, units, encounters and
-# charting times) is checked once and remembered: the parts of codings, quantities and references by their
-# strings, and the times by their text. Only parts whose strings are all short are remembered, and each memo
-# is emptied when full, so a request cannot fill the memory. A part that fails its checks is never remembered
-# (it sends the body to the generic path). A remembered answer is the one the checks gave: the same strings,
-# the same rules.
+# What repeats across a prefetch's Observations is checked once and remembered: the parts of codings and
+# quantities (a hospital's codes, systems and units) by their strings, across calls; the references and the
+# times (a stay's encounter, its charting times: the patient's data) by their text within one call only, so
+# nothing of a patient outlives its request. Only parts whose strings are all short are remembered across
+# calls, and each such memo is emptied when full, so requests cannot fill the memory. A part that fails its
+# checks is never remembered (it sends the body to the generic path). A remembered answer is the one the
+# checks gave: the same strings, the same rules.
 MEMO_ENTRIES = 4096
 _LONG = REMEMBERED_LENGTH
 
@@ -245,16 +246,23 @@ def _remember(memo: dict, key: Any, value: Any) -> None:
     memo[key] = value
 
 
-_TIMES: dict[str, datetime | None] = {}
-_INSTANTS: dict[str, datetime | None] = {}
+class _Call:
+    """What one call's Observations share (references and times, by their text), forgotten with the call."""
+
+    __slots__ = ("instants", "references", "times")
+
+    def __init__(self) -> None:
+        self.times: dict[str, datetime | None] = {}
+        self.instants: dict[str, datetime | None] = {}
+        self.references: dict[tuple, ReferenceFacts] = {}
 
 
-def _time(v: str | UnsetType, pattern: "re.Pattern[str]") -> datetime | None:
+def _time(v: str | UnsetType, pattern: "re.Pattern[str]", call: _Call) -> datetime | None:
     """``fhir.datetime_value`` of an element given as a string."""
     if v is UNSET:
         return None
     assert isinstance(v, str)
-    memo = _INSTANTS if pattern is INSTANT_RE else _TIMES
+    memo = call.instants if pattern is INSTANT_RE else call.times
     try:
         return memo[v]
     except KeyError:
@@ -268,7 +276,7 @@ def _time(v: str | UnsetType, pattern: "re.Pattern[str]") -> datetime | None:
             date.fromisoformat(v)
     except ValueError:
         raise _Declined from None
-    _remember(memo, v, out)  # a text the pattern matched is short
+    memo[v] = out
     return out
 
 
@@ -309,16 +317,13 @@ def _codings(c: _Concept) -> list[tuple[str | None, str | None]]:
     return [_coding(k) for k in coding]  # type: ignore[union-attr]
 
 
-_REFERENCES: dict[tuple, ReferenceFacts] = {}
-
-
-def _reference(r: _Reference | UnsetType) -> ReferenceFacts | None:
+def _reference(r: _Reference | UnsetType, call: _Call) -> ReferenceFacts | None:
     if r is UNSET:
         return None
     assert isinstance(r, _Reference)
     i = r.identifier
     key = (r.reference, r.display) if i is UNSET else (r.reference, r.display, i.system, i.value)  # type: ignore[union-attr]
-    found = _REFERENCES.get(key)
+    found = call.references.get(key)
     if found is not None:
         return found
     value = None
@@ -327,8 +332,7 @@ def _reference(r: _Reference | UnsetType) -> ReferenceFacts | None:
         _optional(i.system, is_uri)
         value = _optional(i.value, non_blank)
     found = ReferenceFacts(_optional(r.reference, non_blank), value, _optional(r.display, non_blank))
-    if _short(*key):
-        _remember(_REFERENCES, key, found)
+    call.references[key] = found
     return found
 
 
@@ -356,7 +360,7 @@ def _quantity_unit(q: _Quantity) -> tuple[str | None, str | None]:
 _facts = tuple.__new__  # ObservationFacts(*fields) without the Python frame of a NamedTuple's __new__
 
 
-def _observation(o: _Observation) -> ObservationFacts:
+def _observation(o: _Observation, call: _Call) -> ObservationFacts:
     """``fhir.read_observation`` of a decoded Observation (:class:`_Declined` where the reader would refuse)."""
     if o.id is not UNSET:
         _check(is_id(o.id))  # type: ignore[arg-type]
@@ -397,16 +401,16 @@ def _observation(o: _Observation) -> ObservationFacts:
         comparator, unit = _quantity_unit(q)
     if o.effectiveDateTime is not UNSET:
         _check(o.effectiveInstant is UNSET and o.effectivePeriod is UNSET and o.effectiveTiming is UNSET)
-        effective = _time(o.effectiveDateTime, DATETIME_RE)
+        effective = _time(o.effectiveDateTime, DATETIME_RE, call)
     elif o.effectiveInstant is not UNSET:
         _check(o.effectivePeriod is UNSET and o.effectiveTiming is UNSET)
-        effective = _time(o.effectiveInstant, INSTANT_RE)
+        effective = _time(o.effectiveInstant, INSTANT_RE, call)
     elif o.effectivePeriod is not UNSET:
         _check(o.effectiveTiming is UNSET)
         p = o.effectivePeriod
         assert isinstance(p, _Period)
-        _time(p.end, DATETIME_RE)
-        effective = _time(p.start, DATETIME_RE)
+        _time(p.end, DATETIME_RE, call)
+        effective = _time(p.start, DATETIME_RE, call)
     else:
         effective = None
     return _facts(
@@ -414,12 +418,12 @@ def _observation(o: _Observation) -> ObservationFacts:
         (
             found,
             o.status,
-            _reference(o.encounter),
+            _reference(o.encounter, call),
             value,
             unit,
             comparator,
             effective,
-            None if o.issued is UNSET else _time(o.issued, INSTANT_RE),
+            None if o.issued is UNSET else _time(o.issued, INSTANT_RE, call),
             bool(o.modifierExtension) if o.modifierExtension is not UNSET else False,
         ),
     )
@@ -431,7 +435,8 @@ def _observations(b: _Bundle) -> list[ObservationFacts]:
     if b.entry is UNSET:
         return []
     assert isinstance(b.entry, list)
-    return [_observation(e.resource) for e in b.entry if isinstance(e.resource, _Observation)]
+    call = _Call()
+    return [_observation(e.resource, call) for e in b.entry if isinstance(e.resource, _Observation)]
 
 
 _HOOK_FIELDS = tuple(f for f in _Hook.__struct_fields__ if f != "prefetch")
