@@ -60,7 +60,10 @@ def training_frame(features: pl.DataFrame, labels: pl.DataFrame, splits: pl.Data
         .join(known, on=ROW_KEY, how="inner")
         .join(splits, on="subject_id", how="inner")
     )
-    return pl.concat([features[keys[_ROW]], keys.select(added)], how="horizontal")
+    rows = keys.get_column(_ROW)
+    # every row kept in its place (each has a label and a split, the usual case): the features as they are
+    kept = features if keys.height == features.height and (rows.diff() > 0).all() else features[rows]
+    return pl.concat([kept, keys.select(added)], how="horizontal")
 
 
 _ROW = "_training_frame_row"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from clinical_ml.core.features import ROW_KEY, feature_columns, feature_matrix
 from clinical_ml.core.modeling import train_model
@@ -20,7 +21,9 @@ from clinical_ml.core.usecase import load_use_case
 USE_CASE = load_use_case(Path(__file__).resolve().parents[2] / "usecases" / "icu_mortality_24h.yaml")
 
 
-def _tables(n: int = 900, seed: int = 5) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _tables(
+    n: int = 900, seed: int = 5, labelled: float = 0.9
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Features (the use case's columns, missing values, one-hot columns of which one is too rare to be
     chosen), labels for most rows only, and patient splits; rows in no particular order."""
     rng = np.random.default_rng(seed)
@@ -44,7 +47,7 @@ def _tables(n: int = 900, seed: int = 5) -> tuple[pl.DataFrame, pl.DataFrame, pl
     y = rng.random(n) < 1 / (1 + np.exp(-(np.nan_to_num(x[:, 0]) - 1.5)))
     labels = features.select(
         "subject_id", "prediction_time", pl.Series("boolean_value", y), "hadm_id"
-    ).filter(pl.Series(rng.random(n) < 0.9))
+    ).filter(pl.Series(rng.random(n) < labelled))
     patients = np.unique(subject)
     splits = pl.DataFrame(
         {
@@ -55,8 +58,9 @@ def _tables(n: int = 900, seed: int = 5) -> tuple[pl.DataFrame, pl.DataFrame, pl
     return features, labels, splits
 
 
-def test_the_training_frame_is_the_features_joined_to_their_labels_and_splits():
-    features, labels, splits = _tables()
+@pytest.mark.parametrize("labelled", [0.9, 1.0])
+def test_the_training_frame_is_the_features_joined_to_their_labels_and_splits(labelled):
+    features, labels, splits = _tables(labelled=labelled)
     plain = features.join(labels.select(*ROW_KEY, "boolean_value"), on=ROW_KEY, how="inner").join(
         splits, on="subject_id", how="inner"
     )
