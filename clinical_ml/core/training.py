@@ -98,8 +98,9 @@ def training_ranges(x: np.ndarray, cols: list[str]) -> dict[str, tuple[float, fl
     out = {}
     for j, c in enumerate(cols):
         v = x[:, j][np.isfinite(x[:, j])]
-        # both percentiles from one partition of the column (the same values as one call each)
-        out[c] = tuple(float(q) for q in np.quantile(v, [0.01, 0.99])) if v.size else (float("nan"),) * 2
+        # both percentiles from one partition of the column's copy (the same values as one call each)
+        q = np.quantile(v, [0.01, 0.99], overwrite_input=True) if v.size else (float("nan"),) * 2
+        out[c] = (float(q[0]), float(q[1]))
     return out  # type: ignore[return-value]
 
 
