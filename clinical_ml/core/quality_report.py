@@ -158,6 +158,15 @@ def profile_markdown(
     return "\n".join(lines)
 
 
+MAX_TICK_LABELS = 12
+"""A series plot names at most this many batches on its axis (every k-th): a year of daily batches cannot be
+read at the plot's width, and laying out every label cost seconds per plot."""
+
+
+def _tick_step(n: int) -> int:
+    return max(1, -(-n // MAX_TICK_LABELS))
+
+
 def _series_plot(batch_ids: Sequence[str], panels: dict[str, list[float | None]], title: str) -> bytes:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.6), squeeze=False)
     x = list(range(len(batch_ids)))
@@ -166,7 +175,8 @@ def _series_plot(batch_ids: Sequence[str], panels: dict[str, list[float | None]]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="#1f5fa8")
         ax.set_title(name, fontsize=9)
-        ax.set_xticks(x, list(batch_ids), rotation=45, ha="right", fontsize=7)
+        ticks = x[:: _tick_step(len(x))]
+        ax.set_xticks(ticks, [batch_ids[i] for i in ticks], rotation=45, ha="right", fontsize=7)
     fig.suptitle(title.replace("$", r"\$"), fontsize=9)  # delivered text is never mathtext
     buf = io.BytesIO()
     fig.tight_layout()

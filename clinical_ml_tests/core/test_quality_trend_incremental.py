@@ -152,3 +152,11 @@ def test_a_batch_profiled_twice_is_judged_as_before():
     twice = [*profiles, _random_profile(rng, "b04")]
     thresholds = TrendThresholds()
     assert list(trend_over_batches(twice, thresholds=thresholds).flags) == _reference_trend(twice, thresholds)
+
+
+@pytest.mark.parametrize("n", [1, 5, 12, 13, 60, 364])
+def test_a_series_plot_names_every_batch_up_to_twelve_and_every_kth_beyond(n):
+    from clinical_ml.core.quality_report import MAX_TICK_LABELS, _tick_step
+
+    named = range(0, n, _tick_step(n))
+    assert len(named) == n if n <= MAX_TICK_LABELS else MAX_TICK_LABELS // 2 < len(named) <= MAX_TICK_LABELS
