@@ -211,6 +211,15 @@ def ratio_forest_plot(
     return _png(fig)
 
 
+MAX_BATCH_LABELS = 40
+"""A plot over batches names at most this many on its axis (every k-th): more cannot be read at the plot's
+width, and laying out a label per batch of a year of daily batches cost seconds per plot."""
+
+
+def _tick_step(n: int) -> int:
+    return max(1, -(-n // MAX_BATCH_LABELS))
+
+
 def drift_trend_plot(batches: Sequence[dict]) -> bytes:
     """Per batch: -log10 of the smallest drift p-value, coloured by level, and mean predicted risk."""
     colours = {"ok": _BLUE, "warn": "#d08a1a", "error": _RED}
@@ -233,7 +242,8 @@ def drift_trend_plot(batches: Sequence[dict]) -> bytes:
     ax2.set_ylim(0, max(top * 1.15, 0.05))
     ax2.set_ylabel("mean predicted risk")
     ax2.legend(fontsize=8, loc="lower left", ncol=2)
-    ax2.set_xticks(xs, [b["batch_id"][5:] for b in batches], rotation=90, fontsize=7)
+    named = xs[:: _tick_step(len(xs))]
+    ax2.set_xticks(named, [batches[i]["batch_id"][5:] for i in named], rotation=90, fontsize=7)
     return _png(fig)
 
 
@@ -258,7 +268,8 @@ def performance_plot(rows: Sequence[dict]) -> bytes:
                 )
     est = [(r["estimated"] or {}).get("auroc", np.nan) for r in overall]
     ax.plot(xs, est, ls="--", color="#d08a1a", label="estimated (no labels, CBPE-like)")
-    ax.set_xticks(xs, [r["period"][5:] for r in overall], rotation=90, fontsize=7)
+    named = xs[:: _tick_step(len(xs))]
+    ax.set_xticks(named, [overall[i]["period"][5:] for i in named], rotation=90, fontsize=7)
     ax.set_ylabel("AUROC")
     # the whole scale from chance (0.5) to perfect, so that a small change looks small
     lows = [v for r in overall if r["realised"] for v in (r["realised"]["auroc"]["lower"],) if np.isfinite(v)]

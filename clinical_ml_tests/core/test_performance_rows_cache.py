@@ -157,3 +157,13 @@ def test_a_damaged_kept_period_is_recomputed(tmp_path, computed):
     computed.clear()
     assert repr(realised_performance(store, champion, frame, CONFIG)) == repr(fresh)
     assert computed == [batches[1]]
+
+
+@pytest.mark.parametrize("n", [1, 40, 41, 364])
+def test_plots_over_batches_name_every_batch_up_to_forty_and_every_kth_beyond(n):
+    from clinical_ml.core.plots import MAX_BATCH_LABELS, _tick_step
+
+    named = range(0, n, _tick_step(n))
+    assert (
+        len(named) == n if n <= MAX_BATCH_LABELS else MAX_BATCH_LABELS // 2 < len(named) <= MAX_BATCH_LABELS
+    )
