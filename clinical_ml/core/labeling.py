@@ -501,60 +501,10 @@ def _first_event(
     return after.filter(hit).group_by(ROW_KEY).agg(pl.col("time").min().alias("_event_time"))
 
 
-_INDEX_COLUMNS = ["subject_id", *ROW_KEY, "discharge_time"]
-
-
-class _LastReadmissions:
-    """The readmissions last looked up, kept while the encounters DataFrame they were looked up in lives:
-    :func:`build_labels` given the encounters :func:`build_cohort` was given (a feasibility report, the
-    labeling benchmark) takes the readmissions of its rows from the cohort's window instead of joining every
-    stay to the patient's other stays again; only when each of its rows (patient, stay, prediction time,
-    discharge) was among those looked up, for the same outcome."""
-
-    def __init__(self) -> None:
-        self._entry: tuple[weakref.ref, ReadmissionOutcome, pl.DataFrame, pl.DataFrame] | None = None
-
-    def get(
-        self, rows: pl.DataFrame, encounters: pl.DataFrame, outcome: ReadmissionOutcome
-    ) -> pl.DataFrame | None:
-        entry = self._entry  # one read: another thread may replace it meanwhile
-        if entry is None or entry[0]() is not encounters or entry[1] != outcome:
-            return None
-        if rows.select(_INDEX_COLUMNS).join(entry[2], on=_INDEX_COLUMNS, how="anti").height:
-            return None
-        return entry[3]
-
-    def put(
-        self, rows: pl.DataFrame, encounters: pl.DataFrame, outcome: ReadmissionOutcome, found: pl.DataFrame
-    ) -> None:
-        index = rows.select(_INDEX_COLUMNS)
-        self._entry = (weakref.ref(encounters, self._forget), outcome, index, found)
-
-    def _forget(self, ref: weakref.ref) -> None:
-        entry = self._entry
-        if entry is not None and entry[0] is ref:
-            self._entry = None
-
-
-_LAST_READMISSIONS = _LastReadmissions()
-
-
 def _next_admissions(
     cohort: pl.DataFrame, encounters: pl.DataFrame, outcome: ReadmissionOutcome
 ) -> pl.DataFrame:
-    """Per index stay: the first later admission of the same patient counted by the outcome (its time); one
-    row per stay readmitted."""
-    earlier = _LAST_READMISSIONS.get(cohort, encounters, outcome)
-    if earlier is not None:
-        return earlier
-    found = _find_next_admissions(cohort, encounters, outcome)
-    _LAST_READMISSIONS.put(cohort, encounters, outcome, found)
-    return found
-
-
-def _find_next_admissions(
-    cohort: pl.DataFrame, encounters: pl.DataFrame, outcome: ReadmissionOutcome
-) -> pl.DataFrame:
+    """Per index stay: the first later admission of the same patient counted by the outcome (its time)."""
     later = _last_per(encounters.select("subject_id", "hadm_id", "admit_time", "admission_type"), "hadm_id")
     if outcome.unplanned_only:
         later = later.filter(

@@ -625,25 +625,3 @@ def test_cohort_and_labels_given_one_lazy_scan_read_it_once_and_another_scan_is_
 
     other = build_labels(cohort, uc, encounters=enc, events=pl.scan_parquet(tmp_path / "second.parquet"))
     assert dict(zip(other["hadm_id"], other["boolean_value"], strict=True)) == {1: False, 2: True, 3: True}
-
-
-def test_readmission_labels_given_the_cohorts_encounters_or_others_are_those_of_the_encounters_given():
-    """build_labels given the very encounters build_cohort was given reuses the readmissions it found; given
-    a copy they are looked up again (the same labels), given other encounters (a readmission delivered
-    since) the labels are those of the encounters given."""
-    enc, pat = stays(
-        [
-            {"s": 1, "a": 1, "in": d(0), "out": d(3)},
-            {"s": 1, "a": 11, "in": d(20), "out": d(22)},  # readmitted on day 17
-            {"s": 2, "a": 2, "in": d(0), "out": d(3)},
-            {"s": 9, "a": 9, "in": d(120), "out": d(121)},
-        ]
-    )
-    uc = readmission()
-    cohort, _ = build_cohort(enc, pat, uc)
-    same = build_labels(cohort, uc, encounters=enc)
-    assert same.equals(build_labels(cohort, uc, encounters=enc.clone()))
-    assert dict(zip(same["hadm_id"], same["boolean_value"], strict=True)) == {1: True, 11: False, 2: False}
-    later, _ = stays([{"s": 2, "a": 12, "in": d(10), "out": d(12)}])
-    more = build_labels(cohort, uc, encounters=pl.concat([enc, later]))
-    assert dict(zip(more["hadm_id"], more["boolean_value"], strict=True)) == {1: True, 11: False, 2: True}
