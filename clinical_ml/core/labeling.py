@@ -16,7 +16,6 @@ plus the preserved interval (see :func:`label_known_at`).
 """
 
 import itertools
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -155,15 +154,11 @@ def events_of(events: pl.DataFrame | pl.LazyFrame | None, codes: Sequence[str]) 
     }
     if events is None or not codes:
         return pl.DataFrame(schema=cols)
-    if isinstance(events, pl.LazyFrame):
-        earlier = _LAST_READ.get(events, codes)
-        if earlier is not None:
-            return earlier
     lf = events.lazy()
     keep = _code_filter(codes)
     if "implausible" in lf.collect_schema().names():
         keep = keep & ~pl.col("implausible").fill_null(False)
-    out = (
+    return (
         lf.filter(keep)
         .select(
             pl.col("subject_id").cast(pl.Int64),
@@ -175,37 +170,6 @@ def events_of(events: pl.DataFrame | pl.LazyFrame | None, codes: Sequence[str]) 
         )
         .collect()
     )
-    if isinstance(events, pl.LazyFrame):
-        _LAST_READ.put(events, codes, out)
-    return out
-
-
-class _LastRead:
-    """The events last read from a LazyFrame, kept while that LazyFrame object lives: :func:`build_cohort` then
-    :func:`build_labels` given the same LazyFrame (a feasibility report, the labeling benchmark) read its
-    files once, the labels from the very events the cohort saw. A request for codes among those read is the
-    rows of those codes, in the order read (what reading again gives, unless the files changed in between);
-    another LazyFrame, even of the same files, is read anew (the assets build one per run)."""
-
-    def __init__(self) -> None:
-        self._entry: tuple[weakref.ref, frozenset[str], pl.DataFrame] | None = None
-
-    def get(self, lf: pl.LazyFrame, codes: Sequence[str]) -> pl.DataFrame | None:
-        entry = self._entry  # one read: another thread may replace it meanwhile
-        if entry is None or entry[0]() is not lf or not set(codes) <= entry[1]:
-            return None
-        return entry[2] if set(codes) == entry[1] else entry[2].filter(_code_filter(codes))
-
-    def put(self, lf: pl.LazyFrame, codes: Sequence[str], frame: pl.DataFrame) -> None:
-        self._entry = (weakref.ref(lf, self._forget), frozenset(codes), frame)
-
-    def _forget(self, ref: weakref.ref) -> None:
-        entry = self._entry
-        if entry is not None and entry[0] is ref:  # the LazyFrame is gone: so are its events
-            self._entry = None
-
-
-_LAST_READ = _LastRead()
 
 
 def _last_per(df: pl.DataFrame, key: str) -> pl.DataFrame:

@@ -601,27 +601,3 @@ def test_a_stay_failing_several_exclusions_is_counted_once_by_the_first_and_rede
         ("demographics missing", 1),  # patient 7's last row has no sex
     ]
     assert cohort["hadm_id"].to_list() == [6] and flow.included == flow.predictions == 1
-
-
-def test_cohort_and_labels_given_one_lazy_scan_read_it_once_and_another_scan_is_read_anew(tmp_path):
-    """A LazyFrame given to build_cohort then build_labels is read once: the labels are those of the events
-    the cohort saw, the same as from the events in memory; another LazyFrame (other files) is read, not
-    served the events read before."""
-    uc = replaced(use_case(outcome=AKI), prediction_time={"anchor": "icu_admission", "offset_hours": 24})
-    enc, pat = stays([{"s": i, "a": i, "in": h(0), "out": h(200)} for i in (1, 2, 3)])
-    rows = [(i, i, "ICU_UNIT//MICU", None, h(1), None) for i in (1, 2, 3)]
-    rows += [(i, i, CREAT, 1.0, h(2), h(3)) for i in (1, 2, 3)]
-    first = events([*rows, (1, 1, CREAT, 2.0, h(40), None), (2, 2, CREAT, 1.2, h(40), None)])
-    second = events([*rows, (2, 2, CREAT, 2.0, h(40), None), (3, 3, CREAT, 2.0, h(60), None)])
-    first.write_parquet(tmp_path / "first.parquet")
-    second.write_parquet(tmp_path / "second.parquet")
-
-    scan = pl.scan_parquet(tmp_path / "first.parquet")
-    cohort, _ = build_cohort(enc, pat, uc, scan)
-    lab = build_labels(cohort, uc, encounters=enc, events=scan)
-    in_memory = build_labels(cohort, uc, encounters=enc, events=first)
-    assert lab.equals(in_memory)
-    assert dict(zip(lab["hadm_id"], lab["boolean_value"], strict=True)) == {1: True, 2: False, 3: False}
-
-    other = build_labels(cohort, uc, encounters=enc, events=pl.scan_parquet(tmp_path / "second.parquet"))
-    assert dict(zip(other["hadm_id"], other["boolean_value"], strict=True)) == {1: False, 2: True, 3: True}
