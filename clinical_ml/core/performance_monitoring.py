@@ -8,6 +8,7 @@
 """
 
 import hashlib
+import json
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,21 +134,21 @@ class PeriodRowsCache:
     folder: Path
 
     def path(self, period: str) -> Path:
-        return self.folder / f"{period}.pkl"
+        return self.folder / f"{period}.json"
 
     def get(self, period: str, key: str) -> list[dict] | None:
+        """JSON, never pickle: a file in a data zone is read as data, whoever wrote it."""
         path = self.path(period)
         if not path.exists():
             return None
         try:
-            with path.open("rb") as f:
-                kept = pickle.load(f)
-        except (OSError, EOFError, pickle.UnpicklingError):
+            kept = json.loads(path.read_bytes())
+        except (OSError, ValueError):
             return None  # a damaged copy is recomputed
         return kept["rows"] if isinstance(kept, dict) and kept.get("key") == key else None
 
     def put(self, period: str, key: str, rows: list[dict]) -> None:
-        atomic_write_bytes(self.path(period), pickle.dumps({"key": key, "rows": rows}))
+        atomic_write_bytes(self.path(period), json.dumps({"key": key, "rows": rows}).encode())
 
 
 def _period_key(part: pl.DataFrame, columns: list[str], fixed: bytes) -> str:
