@@ -227,51 +227,17 @@ def _prior_code_stays(
 
 
 class _Flow:
-    """Applies exclusions in order and counts the admissions each removes.
-
-    While there is one row per stay, consecutive exclusions by row-wise expressions are applied together
-    when the rows are next needed: each counts the stays it is the first to exclude (those the earlier ones
-    left), as when applied one by one, and the stays are filtered once instead of once per exclusion."""
+    """Applies exclusions in order and counts the admissions each removes."""
 
     def __init__(self, df: pl.DataFrame) -> None:
-        self._df = df
-        self._pending: list[tuple[str, pl.Expr]] = []
+        self.df = df
         # one row per stay (the encounters made unique by hadm_id): the height is the count of stays
         self.admissions = self.stays = df.height
         self.steps: list[tuple[str, int]] = []
         # one row per stay until repeated prediction times are laid out: the height is then the count
         self.repeated = False
 
-    @property
-    def df(self) -> pl.DataFrame:
-        self._apply_pending()
-        return self._df
-
-    @df.setter
-    def df(self, df: pl.DataFrame) -> None:
-        self._apply_pending()
-        self._df = df
-
-    def _apply_pending(self) -> None:
-        if not self._pending:
-            return
-        removed: list[pl.Expr] = []
-        seen = pl.lit(False)
-        for _, mask in self._pending:
-            hit = mask.fill_null(False)
-            removed.append((hit & ~seen).sum().alias(f"_{len(removed)}"))
-            seen = seen | hit
-        counts = self._df.select(removed).row(0)
-        self._df = self._df.filter(~seen)
-        self.steps += [(label, int(n)) for (label, _), n in zip(self._pending, counts, strict=True)]
-        self.stays = self._df.height
-        self._pending = []
-
     def exclude(self, label: str, mask: pl.Series | pl.Expr) -> None:
-        """Exclude the rows where ``mask`` holds (an expression: row by row, no aggregation)."""
-        if isinstance(mask, pl.Expr) and not self.repeated:
-            self._pending.append((label, mask))
-            return
         before = self.stays
         self.df = self.df.filter(~mask.fill_null(False))
         self.stays = self.df["hadm_id"].n_unique() if self.repeated else self.df.height
