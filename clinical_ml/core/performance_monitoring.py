@@ -222,12 +222,14 @@ def performance_by_period(
     ]
     fixed = _fixed_inputs(slices, threshold, estimator, config, seed) if cache is not None else b""
     for (period,), part in sorted(predictions.group_by(period_column), key=lambda t: str(t[0][0])):
-        key = _period_key(part, columns, fixed) if cache is not None else ""
-        kept = cache.get(str(period), key) if cache is not None else None
+        if cache is None:
+            rows += _period_rows(str(period), part, slices, threshold, estimator, config, seed)
+            continue
+        key = _period_key(part, columns, fixed)
+        kept = cache.get(str(period), key)
         if kept is None:
             kept = _period_rows(str(period), part, slices, threshold, estimator, config, seed)
-            if cache is not None:
-                cache.put(str(period), key, kept)
+            cache.put(str(period), key, kept)
         rows += kept
     return rows
 
