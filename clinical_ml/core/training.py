@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from clinical_ml.core.features import CATEGORICAL_STATIC, ROW_KEY, feature_columns
+from clinical_ml.core.features import CATEGORICAL_STATIC, ROW_KEY, feature_columns, feature_matrix
 from clinical_ml.core.modeling import TrainedModel, train_model
 from clinical_ml.core.usecase import UseCase
 
@@ -70,17 +70,10 @@ _ROW = "_training_frame_row"
 
 
 def _xy(frame: pl.DataFrame, split: str, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of ``split``: the feature matrix (``feature_matrix``'s values and layout) and the labels. Only
-    the columns used are copied, once: the frame's other columns are not filtered, and the float matrix
-    polars gives is not copied again."""
-    part = (
-        frame.lazy()
-        .filter(pl.col("split") == split)
-        .select(*[pl.col(c).cast(pl.Float64) for c in cols], pl.col("boolean_value").cast(pl.Int8))
-        .collect()
-    )
-    y = part.get_column("boolean_value").to_numpy()
-    return part.drop("boolean_value").to_numpy(), y
+    """The rows of ``split``: :func:`feature_matrix` and the labels, from the columns used only (the frame's
+    other columns are not filtered)."""
+    part = frame.lazy().filter(pl.col("split") == split).select(*cols, "boolean_value").collect()
+    return feature_matrix(part, cols), part["boolean_value"].cast(pl.Int8).to_numpy()
 
 
 def _category_candidates(frame: pl.DataFrame, use_case: UseCase) -> pl.DataFrame:
