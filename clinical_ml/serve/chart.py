@@ -39,7 +39,6 @@ from clinical_ml.core.anonymization import AGE_CAP
 from clinical_ml.core.site_mapping import SiteMapping, enforce_controlled_values
 from clinical_ml.core.units import LAB_CODES, PLAUSIBLE_RANGES, UNIT_CONVERSIONS, VITAL_CODES, canonical_unit
 from clinical_ml.serve.fhir import (
-    REMEMBERED_LENGTH,
     EncounterFacts,
     Issue,
     ObservationFacts,
@@ -50,6 +49,8 @@ from clinical_ml.serve.fhir import (
     read_observation,
     read_patient,
     reference_id,
+    remember,
+    short,
 )
 
 __all__ = ["Issue", "PrefetchError"]  # named here too: callers read them as the chart's errors
@@ -227,16 +228,16 @@ class CodedValues:
     def _recode(self, source: str, values: dict[str, str | None]) -> tuple[str | None, ...]:
         key = (source, *values.items())
         # only short values are remembered: a request cannot fill the memory with long text
-        remember = all(v is None or len(v) <= REMEMBERED_LENGTH for v in values.values())
+        keep = short(*values.values())
         with self._lock:
-            found = self._seen.get(key) if remember else None
+            found = self._seen.get(key) if keep else None
             if found is not None:
                 self._seen.move_to_end(key)
                 return found
         frame = pl.DataFrame({k: [v] for k, v in values.items()}, schema={k: pl.String for k in values})
         out = enforce_controlled_values(frame, source, self.mapping)[0]
         recoded = tuple(out[k][0] for k in values)
-        if remember:
+        if keep:
             with self._lock:
                 self._seen[key] = recoded
                 while len(self._seen) > self._remember:
@@ -306,7 +307,6 @@ def read_observations(raw: Any, where: str) -> list[ObservationFacts]:
 # The vocabulary code of the codings seen before (a hospital sends few distinct ones; short strings only, and
 # emptied when full, so that a request cannot fill the memory).
 _CODE_OF: dict[tuple, str | None] = {}
-_CODE_OF_ENTRIES = 4096
 
 
 def _code_of(codings: list[tuple[str | None, str | None]]) -> str | None:
@@ -316,13 +316,8 @@ def _code_of(codings: list[tuple[str | None, str | None]]) -> str | None:
     except KeyError:
         pass
     code = _measurement_code(codings)
-    if all(
-        (s is None or len(s) <= REMEMBERED_LENGTH) and (c is None or len(c) <= REMEMBERED_LENGTH)
-        for s, c in key
-    ):
-        if len(_CODE_OF) >= _CODE_OF_ENTRIES:
-            _CODE_OF.clear()
-        _CODE_OF[key] = code
+    if all(short(s, c) for s, c in key):
+        remember(_CODE_OF, key, code)
     return code
 
 

@@ -121,6 +121,19 @@ class _Fault(Exception):
 # Codes, systems and units repeat across Observations: their checks are remembered, for short strings only
 # (a long one is checked each time, so a request cannot fill the memory with what it sends).
 REMEMBERED_LENGTH = 128
+MEMO_ENTRIES = 4096
+
+
+def short(*parts: Any) -> bool:
+    """Whether every string among ``parts`` is short enough to be remembered (other values always are)."""
+    return all(not isinstance(v, str) or len(v) <= REMEMBERED_LENGTH for v in parts)
+
+
+def remember(memo: dict, key: Any, value: Any) -> None:
+    """``memo[key] = value``, the memo emptied first when full (``MEMO_ENTRIES``)."""
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
 
 
 @lru_cache(maxsize=8192)

@@ -25,7 +25,6 @@ from msgspec import UNSET, UnsetType
 from clinical_ml.serve.fhir import (
     DATETIME_RE,
     INSTANT_RE,
-    REMEMBERED_LENGTH,
     UCUM,
     ObservationFacts,
     ReferenceFacts,
@@ -33,6 +32,8 @@ from clinical_ml.serve.fhir import (
     is_id,
     is_uri,
     non_blank,
+    remember,
+    short,
 )
 
 
@@ -232,18 +233,6 @@ def _optional(v: str | UnsetType, ok: Any) -> str | None:
 # calls, and each such memo is emptied when full, so requests cannot fill the memory. A part that fails its
 # checks is never remembered (it sends the body to the generic path). A remembered answer is the one the
 # checks gave: the same strings, the same rules.
-MEMO_ENTRIES = 4096
-_LONG = REMEMBERED_LENGTH
-
-
-def _short(*parts: Any) -> bool:
-    return all(not isinstance(v, str) or len(v) <= _LONG for v in parts)
-
-
-def _remember(memo: dict, key: Any, value: Any) -> None:
-    if len(memo) >= MEMO_ENTRIES:
-        memo.clear()
-    memo[key] = value
 
 
 class _Call:
@@ -301,8 +290,8 @@ def _coding(k: _Coding) -> tuple[str | None, str | None]:
     if k.display is not UNSET:
         _check(non_blank(k.display))  # type: ignore[arg-type]
     found = (system, code)  # type: ignore[assignment]
-    if _short(*key):
-        _remember(_CODINGS, key, found)
+    if short(*key):
+        remember(_CODINGS, key, found)
     return found  # type: ignore[return-value]
 
 
@@ -352,8 +341,8 @@ def _quantity_unit(q: _Quantity) -> tuple[str | None, str | None]:
     system = _optional(q.system, is_uri)
     c = _optional(q.code, is_code)
     found = (comparator, c if (system == UCUM and c) else (u or c))
-    if _short(*key):
-        _remember(_QUANTITIES, key, found)
+    if short(*key):
+        remember(_QUANTITIES, key, found)
     return found
 
 
