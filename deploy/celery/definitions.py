@@ -8,16 +8,32 @@ The executor is dagster-celery's, except that a step holding a pool slot (``land
 ``pseudonym_vault`` steps) is sent at :data:`POOL_STEP_PRIORITY`, ahead of the steps that hold none: its run
 claims the slot before it submits the task, so every second the task waits in the queue behind other runs'
 steps the single slot is held by nobody running. The slots are claimed and freed as before.
+
+Each run's executor also looks at its steps every :data:`STEP_POLL_SECONDS` instead of dagster-celery's one
+second: a single-slot pool is handed from one run's step to the next only when the finished step's run has
+seen the result and freed the slot, so with one-second ticks every hand-over waited ~0.5 to 1 s with no step
+running. A tick costs one result-backend read per step in flight.
 """
 
 import dagster as dg
 from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
 from dagster._core.execution.retries import RetryMode
+from dagster_celery import core_execution_loop
 from dagster_celery.core_execution_loop import core_celery_execution_loop
 from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor, _submit_task
 
 from clinical_ml.defs.build import build_definitions
-from deploy.celery.settings import BACKEND_ENV, BROKER_ENV, CELERY_SETTINGS, POOL_STEP_PRIORITY
+from deploy.celery.settings import (
+    BACKEND_ENV,
+    BROKER_ENV,
+    CELERY_SETTINGS,
+    POOL_STEP_PRIORITY,
+    STEP_POLL_SECONDS,
+)
+
+# dagster-celery (pinned) reads its loop's tick from this module constant on every tick and takes no setting
+# for it: set it here, where the executor is defined, so every run process that loads this location uses it.
+core_execution_loop.TICK_SECONDS = STEP_POLL_SECONDS
 
 
 def _submit_pool_steps_first(app, plan_context, step, queue, priority, known_state):  # type: ignore[no-untyped-def]

@@ -22,3 +22,5 @@ CELERY_SETTINGS: dict[str, object] = {
     "task_default_priority": 5,
 }
 POOL_STEP_PRIORITY = 0
+# How often a run's executor looks at its steps in flight (dagster-celery's default is 1 s): see definitions.py.
+STEP_POLL_SECONDS = 0.2
