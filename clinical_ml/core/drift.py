@@ -113,14 +113,15 @@ def _observed_sorted(values: np.ndarray, *, presorted: bool = False) -> np.ndarr
     return s[lo:hi]
 
 
-def _sorted_columns(matrix: np.ndarray) -> np.ndarray:
-    """Every column of ``matrix`` sorted on its own, in numpy's order (-inf, finite values, +inf, NaN), as a
-    column-major array: polars sorts the columns at once on its thread pool, 3x to 4x faster than numpy
-    column by column (the sort was ~80% of a batch's drift check at 250,000 rows)."""
+def _sorted_columns(matrix: np.ndarray) -> list[np.ndarray]:
+    """Every column of ``matrix`` sorted on its own, in numpy's order (-inf, finite values, +inf, NaN), one
+    read-only array per column: polars sorts the columns at once on its thread pool, 3x to 4x faster than numpy
+    column by column (the sort was ~80% of a batch's drift check at 250,000 rows), and each sorted column is
+    handed over as it is, without gathering them into one matrix (that copy was ~20% of the sort's CPU)."""
     if matrix.shape[0] < 2 or matrix.shape[1] == 0:
-        return matrix
+        return [matrix[:, j] for j in range(matrix.shape[1])]
     frame = pl.DataFrame(matrix, schema=[str(j) for j in range(matrix.shape[1])], orient="row")
-    return frame.select(pl.all().sort()).to_numpy(order="fortran")
+    return [s.to_numpy() for s in frame.select(pl.all().sort()).get_columns()]
 
 
 def _numeric_reference(
@@ -326,7 +327,7 @@ def batch_drift(
     cats = categorical or {}
     m = n_tests or n_tests_for(profile)
     ordered = _sorted_columns(cur[:, : len(numeric)])
-    jobs = [(c, ordered[:, j]) for j, c in enumerate(numeric)]
+    jobs = [(c, ordered[j]) for j, c in enumerate(numeric)]
     jobs += [(c, cats[c.name]) for c in profile.columns if c.kind == CATEGORICAL and c.name in cats]
 
     def one(job: tuple[ColumnReference, np.ndarray]) -> FeatureDrift:
