@@ -6,6 +6,7 @@ written atomically (a temporary file renamed into place) and readers list only c
 begin with a dot (the temporary files of a write in progress or of a killed process) are never read.
 """
 
+import dataclasses
 import hashlib
 import pickle
 from collections.abc import Callable, Sequence
@@ -282,16 +283,56 @@ class ChallengerStore:
         self.fit.write(fit)
 
 
+# What a kept profile may be made of: numpy's arrays, dtypes and scalars, and the project's own dataclasses.
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+}
+
+
+class UnexpectedPickleContent(RuntimeError):
+    """A kept file names something a computed profile never holds: it was not written by this code."""
+
+
+class _ProfileUnpickler(pickle.Unpickler):
+    """``pickle.load`` calls whatever a file names; this one resolves only the globals a profile is made of
+    (the "restricting globals" recipe of Python's pickle documentation), so a planted file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("clinical_ml.core."):
+            found = super().find_class(module, name)
+            if isinstance(found, type) and dataclasses.is_dataclass(found):
+                return found
+        raise UnexpectedPickleContent(f"{module}.{name} is not part of a computed profile")
+
+
 @dataclass(frozen=True)
 class PickleCache:
-    """A value computed once and kept (a drift reference profile); derived data only, never an input."""
+    """A value computed once and kept (a drift reference profile); derived data only, never an input.
+
+    Read back with :class:`_ProfileUnpickler`: numpy arrays and the project's dataclasses only. A file that
+    names anything else is refused with an error that says which file (its path names a use case and a model
+    version, no patient), never loaded and never silently rebuilt over.
+    """
 
     path: Path
 
     def get_or_build(self, build: Callable[[], Any]) -> Any:
         if self.path.exists():
             with self.path.open("rb") as f:
-                return pickle.load(f)
+                try:
+                    return _ProfileUnpickler(f).load()
+                except UnexpectedPickleContent as e:
+                    raise UnexpectedPickleContent(
+                        f"the kept profile {self.path} was not written by clinical_ml ({e}); "
+                        "check who can write to this zone, then delete the file to rebuild it"
+                    ) from None
         value = build()
         atomic_write_bytes(self.path, pickle.dumps(value))
         return value

@@ -1,9 +1,12 @@
+import pickle
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from clinical_ml.core.artifacts import PickleCache, UnexpectedPickleContent
 from clinical_ml.core.batch_monitoring import (
     categorical_codes,
     monitor_batch,
@@ -274,3 +277,36 @@ def test_a_slice_with_one_outcome_class_has_no_auroc_slope_or_sensitivity():
     for name in ("auroc", "sensitivity", "calibration_slope"):
         assert np.isnan([m[name]["value"], m[name]["lower"], m[name]["upper"]]).all(), name
     assert m["observed_expected"]["value"] == 0.0 and m["observed_expected"]["upper"] == 0.0
+
+
+class _Planted:
+    """A pickle that, when loaded by ``pickle.load``, would create a file (any call would do)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_a_kept_drift_profile_is_read_back_whole_and_a_planted_file_runs_nothing(tmp_path):
+    cfg = MonitoringConfig(subgroup_attributes=("sex",))
+    cache = PickleCache(tmp_path / "reference" / "v1.pkl")
+    built = cache.get_or_build(
+        lambda: prepare_reference(
+            _frame(800, 0), ["lactate__max_24h", "age_years", "sex__f", "sex__m"], config=cfg
+        )
+    )
+    kept = cache.get_or_build(lambda: pytest.fail("a kept profile is not rebuilt"))
+    batch = _frame(120, 2, 0.8)
+    from_kept, from_built = (
+        monitor_batch(batch_id="b", reference=r, current=batch, config=cfg) for r in (kept, built)
+    )
+    assert repr(from_kept) == repr(from_built)  # every value equal, NaN included (NaN != NaN under ==)
+
+    ran = tmp_path / "code_ran"
+    cache.path.write_bytes(pickle.dumps(_Planted(ran)))
+    with pytest.raises(UnexpectedPickleContent, match=r"v1\.pkl was not written by clinical_ml"):
+        cache.get_or_build(lambda: pytest.fail("a planted file is not silently rebuilt over"))
+    assert not ran.exists()
+    assert pickle.loads(cache.path.read_bytes()) is None and ran.exists()  # what plain pickle.load would do
