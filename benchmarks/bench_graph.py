@@ -25,10 +25,13 @@ monitoring of a batch with the champion). Every repetition starts from empty zon
   what a retraining costs is the phase-2 row.
 """
 
+import bisect
 import os
 import resource
 import shutil
+import threading
 import time
+from array import array
 from pathlib import Path
 
 import dagster as dg
@@ -135,11 +138,85 @@ def plan_runs(job: dg.JobDefinition, batches: list[str], scale: str = "small") -
     return [[b] for b in _sample(batches, MAX_SINGLE_BATCH_RUNS[scale])], len(batches)
 
 
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
+# How often the sampler reads this process's resident set, and how many steps the row lists by peak.
+RSS_SAMPLE_S = 0.02
+TOP_STEPS = 10
+
+
+class RssSampler:
+    """This process's resident set read from /proc/self/statm every ``RSS_SAMPLE_S`` by a thread, kept as a
+    timeline; ``step`` reads off it what a step (an asset's op, a Dagster run's step or a direct call) held at
+    its start, its largest sample while it ran, and what it held at its end. A peak shorter than the interval
+    can fall between two samples: the process's ``ru_maxrss`` beside it is the exact one."""
+
+    def __init__(self, interval: float = RSS_SAMPLE_S) -> None:
+        self.interval = interval
+        self.t, self.mb = array("d"), array("d")
+        self.steps: dict[tuple[str, str, str], dict[str, float]] = {}  # (runner, phase, step) -> figures
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> float:
+        """Append one sample (this thread's or the caller's: the lock keeps the two arrays in step)."""
+        with open("/proc/self/statm") as f:
+            mb = int(f.read().split()[1]) * _PAGE_MB
+        with self._lock:
+            now = time.time()
+            self.t.append(now)
+            self.mb.append(mb)
+        return now
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def now(self) -> float:
+        """A sample taken now, and its time (a step's boundary on the direct-call side)."""
+        return self._sample()
+
+    def step(self, runner: str, phase: str, step: str, start: float, end: float) -> None:
+        """Record the step that ran from ``start`` to ``end`` (time.time()); where it ran in several runs of
+        the phase (ranged phase-1 runs, sampled batches), the run with the largest peak is kept."""
+        figures = {**self.between(start, end), "s": end - start}
+        key = (runner, phase, step)
+        if key not in self.steps or figures["peak_mb"] > self.steps[key]["peak_mb"]:
+            self.steps[key] = figures
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """The last sample at or before ``start``, the largest from it to the first at or after ``end``, and
+        that one."""
+        with self._lock:
+            i = max(bisect.bisect_right(self.t, start) - 1, 0)
+            j = min(bisect.bisect_left(self.t, end), len(self.t) - 1)
+            return {"start_mb": self.mb[i], "peak_mb": max(self.mb[i : j + 1]), "end_mb": self.mb[j]}
+
+    def top(self, n: int = TOP_STEPS) -> list[str]:
+        """The ``n`` steps with the largest peak, as 'runner phase step: start -> peak -> end MB (+rise, s)'."""
+        ranked = sorted(self.steps.items(), key=lambda kv: -kv[1]["peak_mb"])[:n]
+        return [
+            f"{r} {p} {s}: {f['start_mb']:.0f} -> {f['peak_mb']:.0f} -> {f['end_mb']:.0f} MB "
+            f"(+{f['peak_mb'] - f['start_mb']:.0f}, {f['s']:.0f} s)"
+            for (r, p, s), f in ranked
+        ]
+
+
 class _Graph:
     """Runs phases as Dagster runs on one instance."""
 
-    def __init__(self, defs: dg.Definitions, phases: dict, instance: dg.DagsterInstance) -> None:
-        self.defs, self.phases, self.instance = defs, phases, instance
+    def __init__(
+        self, defs: dg.Definitions, phases: dict, instance: dg.DagsterInstance, rss: RssSampler | None = None
+    ) -> None:
+        self.defs, self.phases, self.instance, self.rss = defs, phases, instance, rss
         self.materializations, self.runs = 0, 0
 
     def add_batches(self, batches: list[str]) -> None:
@@ -162,20 +239,47 @@ class _Graph:
             failed = [e.step_key for e in res.all_events if e.is_step_failure]
             raise RuntimeError(f"phase {name} failed (steps {failed}) for partitions {keys}")
         self.materializations += len(res.get_asset_materialization_events())
+        if self.rss is not None:
+            self._steps_rss(name, res.run_id)
+
+    def _steps_rss(self, phase: str, run_id: str) -> None:
+        """Each step's resident set, read off the sampler between its STEP_START and its end event."""
+        ends = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+        started: dict[str, float] = {}
+        assert self.rss is not None
+        for e in self.instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START, *ends}):
+            if e.step_key is None or e.dagster_event is None:
+                continue
+            if e.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+                started[e.step_key] = e.timestamp
+            elif e.step_key in started:
+                self.rss.step("graph", phase, e.step_key, started.pop(e.step_key), e.timestamp)
 
 
 class _Bare:
     """Runs the same phases as plain function calls."""
 
-    def __init__(self, defs: dg.Definitions, phases: dict) -> None:
+    def __init__(self, defs: dg.Definitions, phases: dict, rss: RssSampler | None = None) -> None:
         self.defs, self.phases, self.materializations, self.runs = defs, phases, 0, 0
+        self.rss = rss
 
     def add_batches(self, batches: list[str]) -> None:
         pass
 
     def phase(self, name: str, keys: list[str] | None) -> None:
         job = self.defs.resolve_job_def(f"bench_{name}")
-        self.materializations += bare_pipeline.run_job(job, self.defs.resources or {}, partition_keys=keys)
+        if self.rss is None:
+            self.materializations += bare_pipeline.run_job(
+                job, self.defs.resources or {}, partition_keys=keys
+            )
+        else:  # bare_pipeline.run_job's loop, each call's resident set recorded
+            for node in job.graph.nodes_in_topological_order:
+                if not isinstance(node.definition, dg.OpDefinition):
+                    raise NotImplementedError(f"{node.name} is a graph-backed asset")
+                start = self.rss.now()
+                bare_pipeline._call(node.definition, self.defs.resources or {}, keys)
+                self.rss.step("bare", name, node.name, start, self.rss.now())
+                self.materializations += 1
         self.runs += 1
 
 
@@ -208,6 +312,8 @@ def _first_champion(root: Path) -> None:
 
 
 PEAK_RSS_AFTER: dict[str, float] = {}  # "<runner> <phase>" -> this process's peak RSS (MB) once it ended
+# "<runner> <phase>" -> the sampled resident set at the phase's start, its largest sample, and at its end
+RSS_PHASES: dict[str, dict[str, float]] = {}
 
 
 def _build(
@@ -218,7 +324,7 @@ def _build(
     collects (wall, cpu) of each run of the first phase."""
     runner.add_batches(batches)
     for name in names:
-        t, c = time.perf_counter(), time.process_time()
+        t, c, wall = time.perf_counter(), time.process_time(), time.time()
         for i, keys in enumerate(plan[name]):
             rt, rc = time.perf_counter(), time.process_time()
             runner.phase(name, keys)
@@ -234,6 +340,8 @@ def _build(
         cpu[name].append(time.process_time() - c)
         label = f"{type(runner).__name__.strip('_').lower()} {name} ({len(batches)} batches)"
         PEAK_RSS_AFTER[label] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if runner.rss is not None:
+            RSS_PHASES[label] = {k: round(v, 1) for k, v in runner.rss.between(wall, time.time()).items()}
 
 
 def _side(runner, batches: list[str], plan: Plan, t: dict, cpu: dict, side: str, names, per_run=None) -> None:
@@ -264,6 +372,11 @@ def _share(part: list[float], whole: list[float]) -> list[float]:
 
 
 def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
+    with RssSampler() as rss:
+        return _run(workdir, scale, repetitions, rss)
+
+
+def _run(workdir: Path, scale: str, repetitions: int, rss: RssSampler) -> list[dict]:
     landing = _landing(workdir, scale)
     batches = batch_ids(landing)
     history, newest = batches[:-1], batches[-1]
@@ -286,7 +399,7 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
         with dg.DagsterInstance.local_temp(str(home)) as instance:
             defs, phases = phased_definitions(root)
             plan, covers = build_plan(defs, phases, history, scale=scale)
-            graph = _Graph(defs, phases, instance)
+            graph = _Graph(defs, phases, instance, rss if rep == 0 else None)
             g1_runs: list = []
             _side(graph, history, plan, t, cpu, "g", ("per_batch",), per_run=g1_runs)
             _snapshot(root, snap)
@@ -320,10 +433,10 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
         bare1 = [b for keys_ in bplan["per_batch"] for b in (keys_ or [])]
         broot = _zones_root(workdir / "bare", landing, bare1)
         bdefs, bphases = phased_definitions(broot)
-        _side(_Bare(bdefs, bphases), bare1, bplan, t, cpu, "b", ("per_batch",))
+        _side(_Bare(bdefs, bphases, rss if rep == 0 else None), bare1, bplan, t, cpu, "b", ("per_batch",))
         shutil.rmtree(broot, ignore_errors=True)
         sdefs, sphases = phased_definitions(snap)
-        bare = _Bare(sdefs, sphases)
+        bare = _Bare(sdefs, sphases, rss if rep == 0 else None)
         _side(bare, [], plan, t, cpu, "b", ("whole",))
         _first_champion(snap)
         _side(bare, [], plan, t, cpu, "b", ("per_batch_after",))
@@ -344,6 +457,9 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
             extra = {
                 "peak_rss_mb_ours": round(graph_peak_mb, 1),
                 "peak_rss_mb_after_phase": PEAK_RSS_AFTER,
+                # sampled every RSS_SAMPLE_S (first repetition): what each phase and step held
+                "rss_mb_by_phase_start_peak_end": dict(RSS_PHASES),
+                f"rss_mb_top_{TOP_STEPS}_steps_by_peak": rss.top(),
                 "batches_full_build": len(history),
                 "assets_per_phase": {p: len(phases[p]) for p in (*PHASES, "refresh", "reports")},
                 "runs_per_phase": {p: len(plan[p]) for p in PHASES},

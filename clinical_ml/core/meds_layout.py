@@ -71,18 +71,10 @@ def write_meds_dataset(
     for old in (root / "data").glob("*.parquet"):  # leftovers of an interrupted export included
         old.unlink()
     ev = events.lazy()
-    counts = {}
-    for shard in range(n_shards):
-        part = (
-            ev.filter(pl.col("subject_id") % n_shards == shard)
-            .unique()  # duplicates share a subject, so per shard is the same as over all events
-            .sort("subject_id", "time", "code", nulls_last=False, maintain_order=True)
-            .collect()
-        )
-        check_meds_shard(part)
-        table = to_meds_table(part)
-        pq.write_table(table, root / "data" / f"{shard}.parquet")
-        counts[f"shard_{shard}"] = part.height
+    counts = {
+        f"shard_{shard}": _write_shard(ev, shard, n_shards, root / "data" / f"{shard}.parquet")
+        for shard in range(n_shards)
+    }
     codes = (
         ev.select("code")
         .unique()
@@ -110,6 +102,21 @@ def write_meds_dataset(
             meds.SubjectSplitSchema.align(splits.to_arrow()), root / "metadata" / "subject_splits.parquet"
         )
     return counts
+
+
+def _write_shard(events: pl.LazyFrame, shard: int, n_shards: int, path: Path) -> int:
+    """Write one shard (its subjects' events, without duplicates, sorted), return its row count. A function of
+    its own so that the shard's frame and table are freed before the next shard is collected (held over the
+    loop they added a whole shard to the export's peak memory)."""
+    part = (
+        events.filter(pl.col("subject_id") % n_shards == shard)
+        .unique()  # duplicates share a subject, so per shard is the same as over all events
+        .sort("subject_id", "time", "code", nulls_last=False, maintain_order=True)
+        .collect()
+    )
+    check_meds_shard(part)
+    pq.write_table(to_meds_table(part), path)
+    return part.height
 
 
 def read_meds_events(root: Path) -> pl.DataFrame:
