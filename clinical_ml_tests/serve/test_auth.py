@@ -113,3 +113,48 @@ def test_a_token_is_accepted_once_whichever_process_checks_it(tmp_path, ehr: Ehr
     assert store.first_use(ISSUER, "j1", exp=100.0, now=50.0)
     assert not store.first_use(ISSUER, "j1", exp=100.0, now=60.0)
     assert store.first_use(ISSUER, "j1", exp=300.0, now=200.0)
+
+
+def _signed(ehr: Ehr, claims: dict, headers: dict | None = None) -> str:
+    return "Bearer " + jwt.encode(
+        claims, ehr.key, algorithm="ES384", headers={"kid": ehr.kid, **(headers or {})}
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "headers", "reason"),
+    [
+        ({"exp": "soon"}, None, "malformed_token"),
+        ({"iat": None}, None, "missing_claim"),
+        ({"nbf": "later"}, None, "malformed_token"),
+        ({"nbf": 10**10}, None, "not_yet_valid"),
+        ({"iat": 10**10, "exp": 10**10 + 60}, None, "not_yet_valid"),
+        ({"aud": ""}, None, "missing_claim"),
+        ({"aud": [AUD, 7]}, None, "wrong_audience"),
+        ({"aud": ["https://elsewhere.example"]}, None, "wrong_audience"),
+        ({"sub": 5}, None, "malformed_token"),
+        ({}, {"crit": ["exp"], "exp": 1}, "malformed_token"),
+    ],
+)
+def test_claims_and_headers_are_checked_as_the_jwt_rules_say(
+    verifier: JwtVerifier, ehr: Ehr, change: dict, headers: dict | None, reason: str
+) -> None:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUD, "iat": now, "exp": now + 60, "jti": str(uuid.uuid4()), **change}
+    assert _reason(verifier, _signed(ehr, claims, headers)) == reason
+
+
+def test_a_token_in_a_list_of_audiences_or_with_odd_segments(verifier: JwtVerifier, ehr: Ehr) -> None:
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": ["https://other.example", AUD],
+        "iat": now,
+        "exp": now + 60,
+        "jti": "j1",
+        "sub": "cds-client",
+    }
+    assert verifier.verify(_signed(ehr, claims), audience=[AUD])["jti"] == "j1"
+    token = _signed(ehr, {**claims, "jti": "j2"})
+    assert _reason(verifier, token + ".x") == "malformed_token"  # four segments
+    assert _reason(verifier, token.replace(".", ".+", 1)) == "malformed_token"  # not base64url
