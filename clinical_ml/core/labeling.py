@@ -16,6 +16,7 @@ plus the preserved interval (see :func:`label_known_at`).
 """
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -353,7 +354,8 @@ def build_cohort(
         age_band_expr(pl.col("age_years"), use_case.subgroups.age_bands).alias("age_band"),
         pl.col("prediction_time").cast(pl.Datetime("us")),
     )
-    cohort = cohort.with_columns(_window_end(outcome, cohort, encounters, events).alias(LABEL_WINDOW_END))
+    window_end = _window_end(outcome, cohort, encounters, events, stays=enc)
+    cohort = cohort.with_columns(window_end.alias(LABEL_WINDOW_END))
     return cohort.select(COHORT_COLUMNS).sort("admit_time", *ROW_KEY), flow.result()
 
 
@@ -431,30 +433,49 @@ def _first_event(
     return after.filter(hit).group_by(ROW_KEY).agg(pl.col("time").min().alias("_event_time"))
 
 
-def _next_admissions(
-    cohort: pl.DataFrame, encounters: pl.DataFrame, outcome: ReadmissionOutcome
-) -> pl.DataFrame:
-    """Per index stay: the first later admission of the same patient counted by the outcome (its time)."""
-    later = _last_per(encounters.select("subject_id", "hadm_id", "admit_time", "admission_type"), "hadm_id")
+def _readmit_times(cohort: pl.DataFrame, stays: pl.DataFrame, outcome: ReadmissionOutcome) -> pl.Series:
+    """Per cohort row, in its order: the first later admission of the same patient counted by the outcome
+    (its admit time; null when none). ``stays`` holds one row per stay (the encounters made unique by
+    ``hadm_id``).
+
+    One hash join of the cohort's rows with the patient's stays; the calendar-day window is compared as dates
+    computed once per side (a stay's last counted day beside each index row, each later stay's admit day),
+    and the earliest admission is grouped by the row's position, so the result needs no join back on the
+    row key."""
+    later = stays.select("subject_id", "hadm_id", "admit_time", "admission_type")
     if outcome.unplanned_only:
         later = later.filter(
             ~pl.col("admission_type").is_in(outcome.planned_admission_types).fill_null(False)
         )
     later = later.select(
-        "subject_id", pl.col("hadm_id").alias("_next"), pl.col("admit_time").alias("_next_admit")
+        "subject_id",
+        pl.col("hadm_id").alias("_next"),
+        pl.col("admit_time").alias("_next_admit"),
+        pl.col("admit_time").dt.date().alias("_next_day"),
     )
-    days = (pl.col("_next_admit").dt.date() - pl.col("discharge_time").dt.date()).dt.total_days()
-    return (
-        cohort.select("subject_id", *ROW_KEY, "discharge_time")
-        .join(later, on="subject_id", how="inner")
+    # day N after the discharge counts: whole days between the dates, at most within_days (none for a row
+    # without a prediction time, as a join on the row key found none)
+    last_day = pl.when(pl.col("prediction_time").is_not_null()).then(
+        pl.col("discharge_time").dt.date() + pl.duration(days=math.floor(outcome.within_days))
+    )
+    rows = cohort.select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_i"),
+        "subject_id",
+        "hadm_id",
+        "discharge_time",
+        last_day.alias("_last_day"),
+    )
+    first = (
+        rows.join(later, on="subject_id", how="inner")
         .filter(
             (pl.col("_next") != pl.col("hadm_id"))
             & (pl.col("_next_admit") > pl.col("discharge_time"))
-            & (days <= outcome.within_days)
+            & (pl.col("_next_day") <= pl.col("_last_day"))
         )
-        .group_by(ROW_KEY)
+        .group_by("_i")
         .agg(pl.col("_next_admit").min().alias("_readmit_time"))
     )
+    return rows.select("_i").join(first, on="_i", how="left", maintain_order="left")["_readmit_time"]
 
 
 def _subject_deaths(encounters: pl.DataFrame) -> pl.DataFrame:
@@ -471,8 +492,10 @@ def _window_end(
     cohort: pl.DataFrame,
     encounters: pl.DataFrame,
     events: pl.DataFrame | pl.LazyFrame | None = None,
+    stays: pl.DataFrame | None = None,
 ) -> pl.Series:
-    """When each row's label becomes final (the outcome window closes, or the event happens first)."""
+    """When each row's label becomes final (the outcome window closes, or the event happens first).
+    ``stays``: ``encounters`` made unique by ``hadm_id`` when the caller has them (else made here)."""
     pt = pl.col("prediction_time")
     if isinstance(outcome, DeathOutcome):
         if outcome.within_days is None:
@@ -491,19 +514,14 @@ def _window_end(
     if isinstance(outcome, ReadmissionOutcome):
         # readmission counts by calendar day: the window closes at the end of day N after discharge, or
         # earlier when the patient is readmitted (the answer is then known)
-        readmitted = _next_admissions(cohort, encounters, outcome)
-        return (
-            cohort.select(*ROW_KEY, "discharge_time")
-            .join(readmitted, on=ROW_KEY, how="left", maintain_order="left")
-            .select(
-                pl.min_horizontal(
-                    pl.col("discharge_time").dt.truncate("1d")
-                    + pl.duration(days=int(outcome.within_days) + 1),
-                    pl.col("_readmit_time"),
-                )
+        unique = stays if stays is not None else _last_per(encounters, "hadm_id")
+        readmitted = _readmit_times(cohort, unique, outcome)
+        return cohort.select(
+            pl.min_horizontal(
+                pl.col("discharge_time").dt.truncate("1d") + pl.duration(days=int(outcome.within_days) + 1),
+                readmitted,
             )
-            .to_series()
-        )
+        ).to_series()
     if isinstance(outcome, LengthOfStayOutcome):
         return cohort.select(
             pl.min_horizontal(_stay_end(), pt + pl.duration(minutes=round(outcome.beyond_hours * 60)))
@@ -562,7 +580,8 @@ def build_labels(
             died = (pl.col("_death_any") > pt) & (pl.col("_death_any") <= horizon)
         value = died
     elif isinstance(outcome, ReadmissionOutcome):
-        cohort = cohort.join(_next_admissions(cohort, enc, outcome), on=ROW_KEY, how="left")
+        stays = _last_per(enc.select("subject_id", "hadm_id", "admit_time", "admission_type"), "hadm_id")
+        cohort = cohort.with_columns(_readmit_times(cohort, stays, outcome))
         value = pl.col("_readmit_time").is_not_null()
     elif isinstance(outcome, LengthOfStayOutcome):
         horizon = pt + pl.duration(minutes=round(outcome.beyond_hours * 60))

@@ -205,6 +205,30 @@ def test_readmission_on_day_30_counts_day_31_does_not_and_death_or_transfer_are_
     assert 9 not in got  # its 30 days run past the data's end
 
 
+def test_a_readmission_window_of_a_fractional_day_count_counts_whole_calendar_days_and_ignores_earlier_stays():
+    enc, pat = stays(
+        [
+            {"s": 1, "a": 1, "in": d(0), "out": d(3) + timedelta(hours=10)},
+            {"s": 1, "a": 11, "in": d(33) + timedelta(hours=12), "out": d(40)},  # day 30: counts
+            {"s": 2, "a": 2, "in": d(0), "out": d(3) + timedelta(hours=10)},
+            {"s": 2, "a": 12, "in": d(34), "out": d(40)},  # day 31: 30.9 days allow 30 whole days only
+            # an overlapping stay (admitted before the discharge) and an earlier one are no readmission
+            {"s": 3, "a": 23, "in": d(0), "out": d(2)},
+            {"s": 3, "a": 3, "in": d(4), "out": d(8)},
+            {"s": 3, "a": 13, "in": d(7), "out": d(7) + timedelta(hours=20)},
+            {"s": 9, "a": 9, "in": d(120), "out": d(121)},
+        ]
+    )
+    uc = readmission(within_days=30.9)
+    got = labels_of(uc, enc, pat)
+    assert got[1] is True and got[2] is False and got[3] is False and got[13] is False
+    assert got[23] is True  # stay 3 follows it within 2 days
+    cohort, _ = build_cohort(enc, pat, uc)
+    ends = dict(zip(cohort["hadm_id"].to_list(), cohort["label_window_end"].to_list(), strict=True))
+    assert ends[1] == d(33) + timedelta(hours=12)  # known when the readmission happens
+    assert ends[2] == datetime(2026, 1, 8) + timedelta(days=31)  # else at the end of day 30 after it
+
+
 def test_unplanned_readmission_ignores_an_elective_return():
     enc, pat = stays(
         [
