@@ -305,3 +305,33 @@ def test_an_unexpected_error_is_a_500_whose_log_quotes_nothing(
     assert r.status_code == 500 and r.json()["resourceType"] == "OperationOutcome"
     assert "pat-4711" not in r.text and "pat-4711" not in caplog.text
     assert "outcome=error:ValueError" in caplog.text
+
+
+def test_an_error_outside_the_hook_s_work_is_a_500_whose_log_quotes_nothing(
+    client: TestClient, ehr: Ehr, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise ValueError("pat-4711 has value 4.5")
+
+    monkeypatch.setattr(client.app.state.service, "audiences", broken)
+    r = _call(client, ehr, stay_request())
+    assert r.status_code == 500 and r.json()["resourceType"] == "OperationOutcome"
+    assert "pat-4711" not in r.text and "pat-4711" not in caplog.text
+    assert "unexpected ValueError on POST" in caplog.text
+
+
+def test_a_hook_is_answered_alike_by_the_shortcut_and_by_fastapi_s_route(
+    client: TestClient, ehr: Ehr, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def answer() -> tuple[int, dict, dict]:
+        r = _call(client, ehr, stay_request())
+        body = r.json()
+        for card in body.get("cards", []):
+            card.pop("uuid")
+        return r.status_code, {k: v for k, v in r.headers.items() if k != "content-length"}, body
+
+    short = answer()
+    monkeypatch.setattr(client.app, "hook_call", None)  # every call through FastAPI's routing
+    assert answer() == short and short[0] == 200
+    assert client.post(f"/cds-services/{USE_CASE}", content=b"{}").status_code == 401  # no token
+    assert client.post(f"/cds-services/{USE_CASE}/", content=b"{}").status_code < 500  # FastAPI's
