@@ -244,10 +244,27 @@ class _Flow:
         self.stays = self.df["hadm_id"].n_unique() if self.repeated else self.df.height
         self.steps.append((label, before - self.stays))
 
-    def keep_values(self, column: str, values: Sequence[str] | None, label: str) -> None:
-        if values is not None:
-            # a stay without a value is not in a list of values
-            self.exclude(label, ~pl.col(column).is_in(list(values)).fill_null(False))
+    def exclude_each(self, steps: Sequence[tuple[str, pl.Expr]]) -> None:
+        """Exclusions in order, each a row-wise expression: counted as one by one (each step the stays it
+        removes that no earlier step removed), filtered once (one copy of the rows instead of one per step)."""
+        if self.repeated or len(steps) < 2:  # a step's count of stays needs the rows left by the one before
+            for label, mask in steps:
+                self.exclude(label, mask)
+            return
+        masks = self.df.select(mask.fill_null(False).alias(str(i)) for i, (_, mask) in enumerate(steps))
+        removed: pl.Series | None = None
+        for (label, _), hit in zip(steps, masks.get_columns(), strict=True):
+            self.steps.append((label, int((hit if removed is None else hit & ~removed).sum())))
+            removed = hit if removed is None else removed | hit
+        assert removed is not None
+        self.df = self.df.filter(~removed)
+        self.stays = self.df.height
+
+    @staticmethod
+    def values_step(column: str, values: Sequence[str] | None, label: str) -> list[tuple[str, pl.Expr]]:
+        """The step keeping the stays whose ``column`` is one of ``values`` (none when ``values`` is None)."""
+        # a stay without a value is not in a list of values
+        return [] if values is None else [(label, ~pl.col(column).is_in(list(values)).fill_null(False))]
 
     def result(self) -> CohortFlow:
         included = self.df["hadm_id"].n_unique() if self.repeated else self.df.height
@@ -283,58 +300,70 @@ def build_cohort(
     enc = _last_per(encounters, "hadm_id")
     if "payer" not in enc.columns:  # de-identified before the contract had a payer: not known
         enc = enc.with_columns(pl.lit(None, dtype=pl.String).alias("payer"))
-    pat = _last_per(patients.select("subject_id", "sex", "race", "ethnicity"), "subject_id")
-    flow = _Flow(enc.join(pat, on="subject_id", how="left"))
-    flow.exclude(f"under {pop.min_age_years} years", pl.col("age_years") < pop.min_age_years)
+    pat = patients.select("subject_id", "sex", "race", "ethnicity")
+    try:  # the join checks that a patient has one row as it builds its table (no check of its own)
+        joined = enc.join(pat, on="subject_id", how="left", validate="m:1")
+    except pl.exceptions.ComputeError:  # re-delivered patients collapse onto their last row
+        joined = enc.join(pat.unique("subject_id", keep="last"), on="subject_id", how="left")
+    flow = _Flow(joined)
+    # the exclusions on what the stay row holds, in this order, counted one by one and filtered at once
+    steps = [(f"under {pop.min_age_years} years", pl.col("age_years") < pop.min_age_years)]
     if pop.max_age_years is not None:
-        flow.exclude(f"over {pop.max_age_years} years", pl.col("age_years") > pop.max_age_years)
+        steps.append((f"over {pop.max_age_years} years", pl.col("age_years") > pop.max_age_years))
     if isinstance(outcome, ReadmissionOutcome):
         # before the population's disposition list, so that a death is counted as a death
         died_in_hospital = pl.col("death_time").is_not_null() & (
             pl.col("death_time") <= pl.col("discharge_time")
         )
-        flow.exclude("died in hospital (no readmission possible)", died_in_hospital)
-        flow.exclude(
-            "transferred to another hospital",
-            pl.col("discharge_disposition").is_in(outcome.transfer_dispositions),
+        steps.append(("died in hospital (no readmission possible)", died_in_hospital))
+        steps.append(
+            (
+                "transferred to another hospital",
+                pl.col("discharge_disposition").is_in(outcome.transfer_dispositions),
+            )
         )
-    flow.keep_values("unit", pop.units, "unit not in the population")
+    steps += _Flow.values_step("unit", pop.units, "unit not in the population")
+    flow.exclude_each(steps)
     if pop.unit_types is not None and "unit_type" not in flow.df.columns:  # data from before unit types
         flow.df = flow.df.with_columns(pl.lit(None, dtype=pl.String).alias("unit_type"))
+    steps = []
     if pop.unit_types is not None and flow.df["unit_type"].null_count():
         # a stay released before units had types cannot be told apart: say so rather than "not in the population"
-        flow.exclude(
-            "no unit type recorded (released before the site mapping typed its units: run its batch's "
-            "anonymization again)",
-            pl.col("unit_type").is_null(),
+        steps.append(
+            (
+                "no unit type recorded (released before the site mapping typed its units: run its batch's "
+                "anonymization again)",
+                pl.col("unit_type").is_null(),
+            )
         )
-    flow.keep_values("unit_type", pop.unit_types, "unit type not in the population")
-    flow.keep_values("admission_type", pop.admission_types, "admission type not in the population")
-    flow.keep_values("site", pop.sites, "site not in the population")
-    flow.keep_values(
+    steps += _Flow.values_step("unit_type", pop.unit_types, "unit type not in the population")
+    steps += _Flow.values_step("admission_type", pop.admission_types, "admission type not in the population")
+    steps += _Flow.values_step("site", pop.sites, "site not in the population")
+    steps += _Flow.values_step(
         "discharge_disposition", pop.discharge_dispositions, "discharge disposition not in the population"
     )
+    flow.exclude_each(steps)
     flow.df = _anchor_time(flow.df, use_case, events)
     if pt.anchor in ("icu_admission", "first_code"):
         flow.exclude("no anchor event (" + pt.describe() + ")", pl.col("anchor_time").is_null())
     flow.df = _prediction_times(flow.df, use_case)
     # stays given no prediction time (the stay ends before the first) are counted by the next step
     flow.repeated = pt.every_hours is not None
+    steps = []
     if pt.anchor == "discharge":
         if not isinstance(outcome, ReadmissionOutcome):  # a readmission cohort has counted them already
-            flow.exclude(
-                "died before discharge",
-                pl.col("death_time").is_not_null() & (pl.col("death_time") <= pl.col("prediction_time")),
-            )
+            died = pl.col("death_time").is_not_null() & (pl.col("death_time") <= pl.col("prediction_time"))
+            steps.append(("died before discharge", died))
     else:
         # also removes stays whose repeated prediction times all fall after the stay
-        flow.exclude("stay ended before the prediction time", _stay_end() <= pl.col("prediction_time"))
+        steps.append(("stay ended before the prediction time", _stay_end() <= pl.col("prediction_time")))
     if pop.min_observed_hours:
         observed = (pl.col("prediction_time") - pl.col("admit_time")).dt.total_seconds() / 3600
-        flow.exclude(
-            f"observed for less than {pop.min_observed_hours:g} h", observed < pop.min_observed_hours
+        steps.append(
+            (f"observed for less than {pop.min_observed_hours:g} h", observed < pop.min_observed_hours)
         )
-    flow.exclude("demographics missing", pl.col("sex").is_null())
+    steps.append(("demographics missing", pl.col("sex").is_null()))
+    flow.exclude_each(steps)
     if pop.no_prior_codes:
         flow.exclude(
             "earlier history of " + ", ".join(pop.no_prior_codes),
