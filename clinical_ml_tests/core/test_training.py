@@ -94,3 +94,23 @@ def test_training_ranges_are_the_1st_and_99th_percentiles_of_the_finite_values()
         float(np.quantile([1.0, 2.0, 3.0], 0.99)),
     )
     assert np.isnan(ranges["b"][0]) and np.isnan(ranges["b"][1])
+
+
+def test_the_ranges_from_the_frames_columns_are_those_of_its_feature_matrix():
+    """``fit_model`` takes the training ranges from the stored columns (nulls, integers, infinities and all)
+    and fits on the row-major matrix: the same values as the default column-major ``feature_matrix``."""
+    from clinical_ml.core.training import _frame_ranges
+
+    part = pl.DataFrame(
+        {
+            "a": [1.0, None, 3.0, float("nan"), 2.0, float("inf")],
+            "b": pl.Series([4, None, 1, 9, 2, 7], dtype=pl.Int64),
+            "c": pl.Series([None] * 6, dtype=pl.Float64),
+            "d": [True, False, None, True, True, False],
+        }
+    )
+    cols = ["a", "b", "c", "d"]
+    np.testing.assert_equal(_frame_ranges(part, cols), training_ranges(feature_matrix(part, cols), cols))
+    row_major = feature_matrix(part, cols, order="c")
+    assert row_major.flags.c_contiguous and row_major.flags.writeable and row_major.dtype == np.float64
+    np.testing.assert_array_equal(row_major, feature_matrix(part, cols))
