@@ -66,3 +66,22 @@ def test_meds_schema_rejects_events_without_a_code(events):
     to_meds_table(events)
     with pytest.raises(Exception):  # noqa: B017 - meds raises its own error types
         to_meds_table(events.drop("code"))
+
+
+def test_shards_written_in_parts_of_subjects_hold_the_rows_of_one_whole_sort(tmp_path, events, monkeypatch):
+    from clinical_ml.core import meds_layout
+
+    doubled = pl.concat([events, events.head(7)])  # duplicates, removed within their subject's part
+    whole = write_meds_dataset(doubled, tmp_path / "whole", n_shards=2)
+    monkeypatch.setattr(meds_layout, "ROWS_PER_PART", 5)  # several subjects' parts per shard
+    parts = write_meds_dataset(doubled, tmp_path / "parts", n_shards=2)
+    assert parts == whole
+    for shard in ("0", "1"):
+        expected = pl.read_parquet(tmp_path / "whole" / "data" / f"{shard}.parquet")
+        got = pl.read_parquet(tmp_path / "parts" / "data" / f"{shard}.parquet")
+        assert got.equals(expected)
+        assert pq.ParquetFile(tmp_path / "parts" / "data" / f"{shard}.parquet").metadata.num_row_groups > 1
+        check_meds_shard(got)
+    empty = write_meds_dataset(events.head(0), tmp_path / "empty", n_shards=2)
+    assert empty == {"shard_0": 0, "shard_1": 0}
+    assert pl.read_parquet(tmp_path / "empty" / "data" / "0.parquet").height == 0
