@@ -208,7 +208,13 @@ def ks_two_sample(
     # so the largest gap is at a grid point or just below one
     below = np.searchsorted(cur_sorted, col.grid, side="right") if at_grid is None else at_grid
     cur_right = below / m
-    cur_left = np.searchsorted(cur_sorted, col.grid, side="left") / m
+    # values below a grid point are those at or below it, unless the last of them equals it: searched
+    # again only at those points (few in a continuous column, whose batch rarely holds a reference value)
+    strictly = below.copy()
+    tied = np.flatnonzero(below > 0)
+    tied = tied[cur_sorted[below[tied] - 1] == col.grid[tied]]
+    strictly[tied] = np.searchsorted(cur_sorted, col.grid[tied], side="left")
+    cur_left = strictly / m
     d = float(
         max(
             np.abs(col.cdf_right - cur_right).max(initial=0.0),

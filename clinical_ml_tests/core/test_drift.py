@@ -18,6 +18,19 @@ def test_ks_statistic_matches_scipy_with_ties(n, m):
     assert p == pytest.approx(ref.pvalue, rel=0.2, abs=1e-6)
 
 
+def test_ks_searches_the_batch_below_a_grid_point_again_only_where_it_holds_that_value():
+    rng = np.random.default_rng(8)
+    a = np.concatenate([rng.normal(size=3000), np.round(rng.normal(size=3000), 1)])
+    b = np.sort(np.concatenate([rng.normal(0.1, 1.0, size=900), np.round(rng.normal(size=900), 1)]))
+    col = reference_profile(a[:, None], ["x"]).columns[0]
+    right = np.searchsorted(b, col.grid, side="right") / b.size
+    left = np.searchsorted(b, col.grid, side="left") / b.size
+    both_searches = max(np.abs(col.cdf_right - right).max(), np.abs(col.cdf_left - left).max())
+    assert (left != right).any()  # the batch holds some of the grid's values
+    assert ks_two_sample(col, b)[0] == both_searches
+    assert ks_two_sample(col, b, at_grid=np.searchsorted(b, col.grid, side="right"))[0] == both_searches
+
+
 def test_psi_is_zero_for_identical_samples_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     x = rng.lognormal(size=5000)
