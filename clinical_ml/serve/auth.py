@@ -251,7 +251,8 @@ class JwtVerifier:
         issuer = self.issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise AuthError("unknown_issuer")
-        algorithm = _ALGORITHMS.get(header.get("alg"))  # type: ignore[arg-type]
+        alg = header.get("alg")
+        algorithm = _ALGORITHMS.get(alg) if isinstance(alg, str) else None
         if algorithm is None:
             raise AuthError("bad_signature")
         key = self._key(issuer, header)

@@ -1,5 +1,6 @@
 """Only a trusted EHR's fresh, signed, once-used token for this endpoint is accepted."""
 
+import base64
 import json
 import time
 import uuid
@@ -158,3 +159,13 @@ def test_a_token_in_a_list_of_audiences_or_with_odd_segments(verifier: JwtVerifi
     token = _signed(ehr, {**claims, "jti": "j2"})
     assert _reason(verifier, token + ".x") == "malformed_token"  # four segments
     assert _reason(verifier, token.replace(".", ".+", 1)) == "malformed_token"  # not base64url
+
+
+@pytest.mark.parametrize("alg", [["ES384"], {"x": 1}, None, 5])
+def test_an_alg_that_is_not_a_name_is_refused(verifier: JwtVerifier, ehr: Ehr, alg) -> None:
+    signed = _signed(ehr, {"iss": ISSUER, "aud": AUD, "iat": 0, "exp": 60, "jti": "j"}).removeprefix(
+        "Bearer "
+    )
+    _, payload, signature = signed.split(".")
+    header = base64.urlsafe_b64encode(json.dumps({"alg": alg, "kid": ehr.kid}).encode()).rstrip(b"=").decode()
+    assert _reason(verifier, f"Bearer {header}.{payload}.{signature}") == "bad_signature"
