@@ -81,6 +81,14 @@ def _xy(part: pl.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return feature_matrix(part, cols, order="c"), part["boolean_value"].cast(pl.Int8).to_numpy()
 
 
+def _training_rows(
+    frame: pl.DataFrame, cols: list[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, float]]]:
+    """:func:`_xy` of the ``train`` rows and their training ranges (the rows' frame is let go before the fit)."""
+    part = _split_rows(frame, "train", cols)
+    return *_xy(part, cols), _frame_ranges(part, cols)
+
+
 def _category_candidates(frame: pl.DataFrame, use_case: UseCase) -> pl.DataFrame:
     """The derivation rows (``train`` and ``tuning``) with the columns :func:`feature_columns` looks at to
     choose the one-hot categories: every column but the fixed feature columns (those copied for nothing)."""
@@ -165,8 +173,7 @@ def fit_model(frame: pl.DataFrame, use_case: UseCase) -> tuple[TrainedModel, Fit
     """Fit on ``train`` rows, early-stop on ``tuning`` rows; the ``held_out`` rows are not touched."""
     # one-hot categories are those set on enough admissions of the derivation cohort
     cols = feature_columns(use_case, _category_candidates(frame, use_case))
-    train = _split_rows(frame, "train", cols)
-    x_tr, y_tr = _xy(train, cols)
+    x_tr, y_tr, ranges = _training_rows(frame, cols)
     x_tu, y_tu = _xy(_split_rows(frame, "tuning", cols), cols)
     if len(y_tr) == 0 or len(y_tu) == 0:
         raise ValueError(
@@ -186,6 +193,6 @@ def fit_model(frame: pl.DataFrame, use_case: UseCase) -> tuple[TrainedModel, Fit
         events_train=int(y_tr.sum()),
         events_tuning=int(y_tu.sum()),
         best_iteration=model.best_iteration,
-        training_ranges=_frame_ranges(train, cols),
+        training_ranges=ranges,
     )
     return model, summary
