@@ -113,59 +113,10 @@ def _frame_ranges(part: pl.DataFrame, cols: list[str]) -> dict[str, tuple[float,
 def _ranges(columns: Iterable[np.ndarray], cols: list[str]) -> dict[str, tuple[float, float]]:
     out = {}
     for c, col in zip(cols, columns, strict=True):
-        q = _percentiles(col[np.isfinite(col)])
+        v = col[np.isfinite(col)]
+        # both percentiles from one partition of the finite values' copy (the same values as one call each)
+        q = np.quantile(v, [0.01, 0.99], overwrite_input=True) if v.size else (float("nan"),) * 2
         out[c] = (float(q[0]), float(q[1]))
-    return out
-
-
-_RANGE_QUANTILES = np.array([0.01, 0.99])
-
-
-def _percentiles(v: np.ndarray) -> np.ndarray:
-    """``np.quantile(v, [0.01, 0.99])`` of finite values, bit for bit (numpy's linear method: the order
-    statistics either side of ``(n - 1) q`` and its interpolation between them), with the order statistics
-    taken from the values beyond a threshold read off a strided sample rather than by partitioning the whole
-    column (the same values: the k-th smallest of ``v`` is the k-th smallest of ``v[v <= t]`` while more
-    than k values are at or below ``t``)."""
-    n = v.size
-    if n == 0:
-        return np.full(2, np.nan)
-    virtual = (n - 1) * _RANGE_QUANTILES
-    previous, following = np.floor(virtual), np.floor(virtual) + 1
-    last = virtual >= n - 1  # numpy takes the largest value there (index -1, also in its gamma)
-    previous[last], following[last] = -1, -1
-    before, after = previous.astype(np.intp), following.astype(np.intp)
-    gamma = virtual - before
-    ab = _order_statistics(v, np.concatenate([before, after]) % n)
-    a, b = ab[:2], ab[2:]
-    diff = b - a
-    out = a + diff * gamma
-    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
-    return out
-
-
-def _order_statistics(v: np.ndarray, ks: np.ndarray) -> np.ndarray:
-    """The values at sorted positions ``ks`` of ``v``: those in its lower half from the values at or below a
-    threshold, those in its upper half from the values at or above one (each holding about twice the values
-    needed according to a strided sample, else the whole column)."""
-    n = v.size
-    if n < 4096:
-        return np.partition(v, ks)[ks]
-    sample = np.sort(v[:: n // 2048])
-    out = np.empty(len(ks))
-    for upper in (False, True):
-        which = ks >= n // 2 if upper else ks < n // 2
-        if not which.any():
-            continue
-        pos = ks[which]
-        needed = int(n - pos.min()) if upper else int(pos.max()) + 1
-        j = min(sample.size - 1, 2 * sample.size * needed // n + 16)
-        tail = v[v >= sample[-1 - j]] if upper else v[v <= sample[j]]
-        if upper:
-            pos = pos - (n - tail.size)
-        if tail.size < needed:  # the sample misjudged the tail
-            tail, pos = v, ks[which]
-        out[which] = np.partition(tail, pos)[pos]
     return out
 
 
