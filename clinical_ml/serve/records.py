@@ -35,9 +35,6 @@ class ServingRecords:
         self._lock = threading.Lock()
         self._cards: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self._remember = remember_cards
-        # each day's file by (use case, kind, day), its folder made once: a hook call's request record was
-        # a folder creation and path joins per call beside its one write
-        self._files: dict[tuple[str, str, str], str] = {}
 
     def folder(self, use_case: str, kind: str) -> Path:
         return self.root / use_case / kind
@@ -56,27 +53,13 @@ class ServingRecords:
             line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
             days.setdefault(now.strftime("%Y-%m-%d"), []).append(line)
         for day, lines in days.items():
-            key = (use_case, kind, day)
-            path = self._files.get(key)
-            if path is None:
-                path = self._file(key)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            except FileNotFoundError:  # its folder was removed meanwhile
-                fd = os.open(self._file(key), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            path = self.path(use_case, kind, day)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, b"".join(lines))
             finally:
                 os.close(fd)
-
-    def _file(self, key: tuple[str, str, str]) -> str:
-        """The day's file of ``key``, its folder made (remembered for the next records of that day)."""
-        path = self.path(*key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if len(self._files) >= 64:  # a few days of a few use cases; never grows without bound
-            self._files.clear()
-        self._files[key] = str(path)
-        return str(path)
 
     def prediction(self, use_case: str, record: dict, *, now: datetime | None = None) -> None:
         self.predictions(use_case, [(record, now or datetime.now(UTC))])
