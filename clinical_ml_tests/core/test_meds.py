@@ -85,3 +85,20 @@ def test_shards_written_in_parts_of_subjects_hold_the_rows_of_one_whole_sort(tmp
     empty = write_meds_dataset(events.head(0), tmp_path / "empty", n_shards=2)
     assert empty == {"shard_0": 0, "shard_1": 0}
     assert pl.read_parquet(tmp_path / "empty" / "data" / "0.parquet").height == 0
+
+
+def test_the_same_events_in_any_order_give_the_same_shard_files(tmp_path, events):
+    # rows that tie on (subject, time, code) and differ elsewhere: their order must not follow the input's
+    tied = events.head(6).with_columns(pl.col("numeric_value").fill_null(0.0) + 1.5)
+    both = pl.concat([events, tied])
+    shuffled = both.sample(fraction=1.0, shuffle=True, seed=7)
+    reversed_ = both.reverse()
+    written = [
+        write_meds_dataset(frame, tmp_path / name, n_shards=2, dataset_version="t")
+        for name, frame in (("a", both), ("b", shuffled), ("c", reversed_))
+    ]
+    assert written[0] == written[1] == written[2]
+    for shard in ("0", "1"):
+        first = (tmp_path / "a" / "data" / f"{shard}.parquet").read_bytes()
+        assert (tmp_path / "b" / "data" / f"{shard}.parquet").read_bytes() == first
+        assert (tmp_path / "c" / "data" / f"{shard}.parquet").read_bytes() == first
