@@ -305,7 +305,8 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 def _connections_by_process(parent: int, port: int) -> list[int]:
-    """How many client connections each worker process holds now (largest first; from /proc via psutil)."""
+    """How many client connections each worker process holds now (largest first; from /proc via psutil):
+    the parent's child processes that hold any (a worker that holds none is not counted)."""
     import psutil
 
     held = []
@@ -314,8 +315,9 @@ def _connections_by_process(parent: int, port: int) -> list[int]:
             conns = child.net_connections(kind="tcp")
         except psutil.Error:
             continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
-            held.append(sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port))
+        n = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+        if n:
+            held.append(n)
     return sorted(held, reverse=True)
 
 

@@ -10,6 +10,7 @@ model version and an outcome code. It never holds an identifier, a value or a to
 is turned off, as it would print the path as sent.
 """
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -379,13 +380,18 @@ def run(settings: ServiceSettings, *, host: str, port: int, workers: int = 1) ->
     uvicorn picks them). ``workers`` processes share the port: each scores with its own copy of the models,
     and what must be shared is on disk (the tokens already used, the cards served), so a token is accepted
     once whichever process it reaches. One process runs Python on one core at a time: on a machine with
-    more cores, more workers answer more calls at once. On Linux each worker listens on a socket of its own
-    (:class:`clinical_ml.serve.command.ReusePortSocket`), so the connections are spread over the workers;
-    uvicorn's supervisor still starts them, restarts one that dies and stops them gracefully."""
+    more cores, more workers answer more calls at once. On Linux this process accepts every connection and
+    hands it to the worker that holds the fewest (:mod:`clinical_ml.serve.balance`), so an EHR's keep-alive
+    connections are spread evenly; uvicorn's supervisor still starts the workers, restarts one that dies and
+    stops them gracefully."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
-    from clinical_ml.serve.command import reserve_address, spreads_connections
+    from clinical_ml.serve.balance import (
+        BalancedMultiprocess,
+        ConnectionBalancer,
+        balances_connections,
+        bind_address,
+    )
 
     settings.check(host=host)
     if workers < 1:
@@ -405,19 +411,15 @@ def run(settings: ServiceSettings, *, host: str, port: int, workers: int = 1) ->
         return
     fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
     os.environ[SETTINGS_ENV] = json.dumps(fields)
-    if not spreads_connections():
+    if not balances_connections():
         uvicorn.run("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)
         return
-    # as uvicorn.run does for workers, with the parent's socket bound by reserve_address
-    config = uvicorn.Config("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)
     try:
-        sock = reserve_address(host, port)
+        sock = bind_address(host, port)
     except OSError as exc:
         raise SettingsError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-    log.info("%d worker processes, one listening socket each, on %s:%d", workers, host, sock.getsockname()[1])
-    try:
-        Multiprocess(config, sockets=[sock]).run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sock.close()
+    options["port"] = sock.getsockname()[1]
+    config = uvicorn.Config("clinical_ml.serve.app:_worker_app", factory=True, workers=workers, **options)
+    log.info("%d worker processes behind one listening socket on %s:%d", workers, host, options["port"])
+    with contextlib.suppress(KeyboardInterrupt):
+        BalancedMultiprocess(config, ConnectionBalancer(sock)).run()
