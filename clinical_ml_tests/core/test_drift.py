@@ -119,26 +119,102 @@ def test_a_drift_reason_names_the_measurement_clinically_then_the_column_and_rea
     assert "; PSI " in words and "; change in share not measured +" in words and "Change" not in words
 
 
-def test_the_batch_columns_sorted_at_once_give_every_statistic_numpy_s_column_by_column_sort_gives():
+def _awkward(rng: np.random.Generator, n: int, *, wide: bool = False) -> np.ndarray:
+    """Columns of every shape a batch may have: normal and lognormal with missing, infinite, signed zeros and
+    ties; counts; constant; all missing; a far outlier; a subnormal range; a range too wide for a double when
+    ``wide`` (the reference's mean would overflow: not for a profile)."""
+    cols: list[np.ndarray] = []
+    for j in range(4):
+        v = rng.normal(size=n) if j % 2 == 0 else rng.lognormal(size=n)
+        v[rng.random(n) < 0.08] = np.nan
+        v[rng.random(n) < 0.02] = np.inf
+        v[rng.random(n) < 0.02] = -np.inf
+        v[rng.random(n) < 0.05] = -0.0
+        v[rng.random(n) < 0.05] = 0.0
+        v[: n // 3] = np.round(v[: n // 3], 1)  # ties
+        cols.append(v)
+    cols.append(rng.poisson(4.0, n).astype(float))
+    cols.append(np.full(n, 2.5))
+    cols.append(np.full(n, np.nan))
+    outlier = rng.normal(size=n)
+    outlier[7] = 1e15
+    cols.append(outlier)
+    cols.append(rng.integers(1, 50, n) * 5e-324)  # subnormals: the scale overflows
+    if wide:
+        v = rng.normal(size=n) * 1e307
+        v[:2] = [-1.7e308, 1.7e308]  # max - min overflows
+        cols.append(v)
+    return np.column_stack(cols)
+
+
+def test_the_batch_columns_sorted_in_chunks_are_numpy_s_column_by_column_sort():
+    from clinical_ml.core import drift
+
+    rng = np.random.default_rng(5)
+    cur = np.asfortranarray(_awkward(rng, 3000, wide=True))
+    expected = np.sort(cur, axis=0)  # numpy's order: -inf, values, +inf, NaN
+    for first, chunk in ((2, 6), (1, 1), (3, 4), (20, 20)):
+        got = list(drift._sorted_columns(cur, first=first, chunk=chunk))
+        assert len(got) == cur.shape[1]
+        assert np.array_equal(np.column_stack(got), expected, equal_nan=True)
+    assert list(drift._sorted_columns(np.zeros((5, 0)))) == []
+    one_row = list(drift._sorted_columns(np.array([[3.0, np.nan]])))
+    assert one_row[0].tolist() == [3.0] and np.isnan(one_row[1]).all()
+
+
+@pytest.mark.parametrize("n_rows", [40, 2500, 12_000])
+def test_a_batch_gives_what_numpy_s_column_by_column_sort_gives_every_statistic_and_field(n_rows):
+    from dataclasses import asdict
+
     from clinical_ml.core import drift
 
     rng = np.random.default_rng(11)
-    ref, cur = rng.normal(size=(3000, 6)), rng.normal(0.1, 1.0, size=(2500, 6))
-    for m in (ref, cur):  # missing, infinite, both zeros and ties: numpy's order is -inf, values, +inf, NaN
-        m[rng.random(m.shape) < 0.08] = np.nan
-        m[rng.random(m.shape) < 0.02] = np.inf
-        m[rng.random(m.shape) < 0.02] = -np.inf
-        m[rng.random(m.shape) < 0.05] = -0.0
-        m[rng.random(m.shape) < 0.05] = 0.0
-        m[:800] = np.round(m[:800], 1)  # ties
-    ordered = drift._sorted_columns(np.asfortranarray(cur))
-    assert np.array_equal(np.column_stack(ordered), np.sort(cur, axis=0), equal_nan=True)
-    profile = reference_profile(ref, [f"x{j}" for j in range(6)])
-    at_once = {d.feature: d.as_dict() for d in batch_drift(profile, cur)}
-    one_by_one = {}
+    ref, cur = _awkward(rng, 3000), np.asfortranarray(_awkward(rng, n_rows))
+    cur[:, 0] += 0.1
+    names = [f"x{j}" for j in range(ref.shape[1])]
+    cats_ref = {"c0": rng.choice([-1, 0, 1, 2], 3000), "c1": rng.choice([0, 3], 3000)}
+    cats_cur = {"c0": rng.choice([-1, 0, 1, 2, 5], n_rows), "c1": rng.choice([0, 3], n_rows, p=[0.3, 0.7])}
+    profile = reference_profile(ref, names, categorical=cats_ref)
+    got = batch_drift(profile, cur, categorical=cats_cur)
+    # the definitions: numpy's sort, column by column, one column after the other
+    m, th = drift.n_tests_for(profile), profile.thresholds
+    expected = []
     for j, col in enumerate(profile.columns):
-        sample = drift._column_sample(col, cur[:, j])  # sorts this column with numpy
-        one_by_one[col.name] = drift._measure(col, sample, profile.thresholds.selected)
-    for name, values in one_by_one.items():
-        for key, value in values.items():
-            assert at_once[name][key] == value or (np.isnan(value) and np.isnan(at_once[name][key]))
+        raw = cur[:, j] if col.kind == "numeric" else cats_cur[col.name]
+        sample = drift._column_sample(col, raw)
+        values = drift._measure(col, sample, th.selected)
+        p_min, drifted, level = drift._level(values, sample, col, th, th.selected, m)
+        obs = sample.observed
+        expected.append(
+            drift.FeatureDrift(
+                feature=col.name,
+                kind=col.kind,
+                values=values,
+                missing_reference=col.n_missing / max(col.n_total, 1),
+                missing_current=(sample.n_total - sample.n_observed) / max(sample.n_total, 1),
+                mean_reference=col.mean,
+                mean_current=float(obs.mean()) if obs.size else float("nan"),
+                n_current=sample.n_total,
+                p_min=p_min,
+                drifted=drifted,
+                level=level,
+            )
+        )
+    rank = {lvl: i for i, lvl in enumerate(drift.LEVELS)}
+    expected.sort(key=lambda d: (-rank[d.level], d.p_min, -np.nan_to_num(d.value("psi"))))
+    assert [d.feature for d in got] == [d.feature for d in expected]
+    for a, b in zip(got, expected, strict=True):
+        for key, value in asdict(b).items():
+            mine = asdict(a)[key]
+            if isinstance(value, dict):
+                assert mine.keys() == value.keys()
+                for k, v in value.items():  # bit for bit, NaN where NaN
+                    assert np.float64(mine[k]).tobytes() == np.float64(v).tobytes() or (
+                        np.isnan(v) and np.isnan(mine[k])
+                    )
+            elif isinstance(value, float):
+                assert np.float64(mine).tobytes() == np.float64(value).tobytes() or (
+                    np.isnan(value) and np.isnan(mine)
+                )
+            else:
+                assert mine == value
