@@ -136,7 +136,7 @@ class ConnectionBalancer:
             self._accept_while_workers()
 
     def _on_message(self, channel: socket.socket) -> None:
-        while True:
+        while channel in self.held:  # (dropped already where an earlier event of this wake-up found it gone)
             try:
                 message = channel.recv(64)
             except (BlockingIOError, InterruptedError):
