@@ -107,33 +107,49 @@ class FeatureDrift:
         return {**plain, **self.values}
 
 
-def _observed_sorted(values: np.ndarray, *, presorted: bool = False) -> np.ndarray:
-    """Finite values, sorted (NaN and +-inf, i.e. missing, dropped): one sort (none when ``presorted``, a
-    column of :func:`_sorted_columns`), no boolean copy."""
-    s = np.asarray(values, dtype=np.float64) if presorted else np.sort(np.asarray(values, dtype=np.float64))
+def _observed_sorted(values: np.ndarray) -> np.ndarray:
+    """Finite values, sorted (NaN and +-inf, i.e. missing, dropped): one sort, no boolean copy."""
+    s = np.sort(np.asarray(values, dtype=np.float64))
     # sort order: -inf, finite values, +inf, NaN
     lo, hi = np.searchsorted(s, -np.inf, side="right"), np.searchsorted(s, np.inf, side="left")
     return s[lo:hi]
 
 
-def _sorted_columns(matrix: np.ndarray, *, first: int = 2, chunk: int = 6) -> Iterator[np.ndarray]:
-    """Every column of ``matrix`` sorted on its own, in numpy's order (-inf, finite values, +inf, NaN), one
-    read-only array per column, in column order.
+_INF_BITS = np.array([-np.inf, np.inf]).view(np.int64)
+
+
+def _finite_from_sorted_bits(bits: np.ndarray) -> np.ndarray:
+    """A column's finite values sorted, from its doubles' bits sorted as int64: those of the non-negative
+    doubles (sign bit clear) sort as the doubles do (0.0, the positive values, +inf, NaN), after those of the
+    negative ones (sign bit set), which sort in reverse (-0.0, the negative values from the smallest in size,
+    -inf, then NaN with its sign bit set). So: the negative finite values reversed (-0.0 last), then the
+    non-negative finite ones; a view of ``bits`` when the column has no negative value."""
+    n_negative = int(np.searchsorted(bits, 0, side="left"))
+    negative = bits[: np.searchsorted(bits[:n_negative], _INF_BITS[0], side="left")]
+    positive = bits[n_negative : np.searchsorted(bits, _INF_BITS[1], side="left")].view(np.float64)
+    if negative.size == 0:
+        return positive
+    return np.concatenate([negative[::-1].view(np.float64), positive])
+
+
+def _observed_columns(matrix: np.ndarray, *, first: int = 2, chunk: int = 6) -> Iterator[np.ndarray]:
+    """Every column's finite values, sorted (those of :func:`_observed_sorted`; -0.0 before 0.0), one read-only
+    array per column, in column order.
 
     Polars sorts the columns on its thread pool, 3x to 4x faster than numpy column by column (the sort is ~80%
-    of a batch's drift check at 250,000 rows), and each sorted column is handed over as it is, without
-    gathering them into one matrix. The columns are sorted ``chunk`` at a time (``first`` in the first query,
-    so that the caller starts early) in the background of this thread, two queries queued at a time: the
-    caller's work on a column (its statistics, on this thread) runs while polars sorts the next columns,
-    instead of after every sort with polars' pool idle. The first queries start when this is called."""
-    n_rows, n_cols = matrix.shape
-    if n_rows < 2 or n_cols == 0:
-        return iter([matrix[:, j] for j in range(n_cols)])
+    of a batch's drift check at 250,000 rows), and sorts their doubles' bits as int64 (as the matrix is, no
+    copy), ~15% less CPU than the doubles (:func:`_finite_from_sorted_bits` puts the values in order). The
+    columns are sorted ``chunk`` at a time (``first`` in the first query, so that the caller starts early) in
+    the background of this thread, two queries queued at a time: the caller's work on a column (its
+    statistics, on this thread) runs while polars sorts the next columns, instead of after every sort with
+    polars' pool idle. The first queries start when this is called."""
+    n_cols = matrix.shape[1]
     bounds = [0, *range(min(first, n_cols), n_cols, chunk), n_cols]
     parts = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
     def start(lo: int, hi: int) -> InProcessQuery:
-        frame = pl.DataFrame(matrix[:, lo:hi], schema=[str(j) for j in range(lo, hi)], orient="row")
+        bits = np.asarray(matrix[:, lo:hi], dtype=np.float64).view(np.int64)
+        frame = pl.DataFrame(bits, schema=[str(j) for j in range(lo, hi)], orient="row")
         return frame.lazy().select(pl.all().sort()).collect(background=True)
 
     pending = deque(start(*part) for part in parts[:2])  # started now, before the caller's first look
@@ -143,7 +159,7 @@ def _sorted_columns(matrix: np.ndarray, *, first: int = 2, chunk: int = 6) -> It
             done = pending.popleft().fetch_blocking()
             if k + 2 < len(parts):
                 pending.append(start(*parts[k + 2]))
-            yield from (column.to_numpy() for column in done.get_columns())
+            yield from (_finite_from_sorted_bits(column.to_numpy()) for column in done.get_columns())
 
     return handed_over()
 
@@ -245,10 +261,13 @@ def reference_profile(
     return ReferenceProfile(columns=tuple(cols), n_rows=ref.shape[0], thresholds=th)
 
 
-def _column_sample(col: ColumnReference, values: np.ndarray, *, presorted: bool = False) -> ColumnSample:
-    """The batch's column prepared once for every statistic: sorted observed values, counts on the bins."""
+def _column_sample(
+    col: ColumnReference, values: np.ndarray, *, observed: np.ndarray | None = None
+) -> ColumnSample:
+    """The batch's column prepared once for every statistic: sorted observed values, counts on the bins.
+    ``observed``: a numeric column's finite values sorted, when known (:func:`_observed_columns`)."""
     if col.kind == NUMERIC:
-        obs = _observed_sorted(values, presorted=presorted)
+        obs = _observed_sorted(values) if observed is None else observed
         n_obs, n_total = obs.size, int(np.asarray(values).size)
         # bin k holds edges[k-1] <= x < edges[k]: counts from binary searches of the edges in sorted values
         counts = np.diff(np.concatenate([[0], np.searchsorted(obs, col.edges, side="left"), [n_obs]]))
@@ -352,9 +371,9 @@ def batch_drift(
     m = n_tests or n_tests_for(profile)
     categorical_columns = [c for c in profile.columns if c.kind == CATEGORICAL and c.name in cats]
 
-    def one(col: ColumnReference, raw: np.ndarray) -> FeatureDrift:
-        # a numeric column comes sorted (_sorted_columns); categorical codes are counted, never sorted
-        sample = _column_sample(col, raw, presorted=True)
+    def one(col: ColumnReference, raw: np.ndarray, observed: np.ndarray | None = None) -> FeatureDrift:
+        # a numeric column comes sorted (_observed_columns); categorical codes are counted, never sorted
+        sample = _column_sample(col, raw, observed=observed)
         values = _measure(col, sample, statistics)
         p_min, drifted, level = _level(values, sample, col, th, statistics, m)
         return FeatureDrift(
@@ -374,16 +393,18 @@ def batch_drift(
     # the numeric columns are measured as each comes sorted, while polars sorts the next ones; the categorical
     # ones first, while it sorts the first. The results in column order, numeric then categorical (the ranking
     # below keeps that order among ties).
-    ordered = _sorted_columns(cur[:, : len(numeric)])
+    numeric_values = cur[:, : len(numeric)]
+    ordered = _observed_columns(numeric_values)
+    raws = [numeric_values[:, j] for j in range(len(numeric))]
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             by_category = list(
                 pool.map(one, categorical_columns, [cats[c.name] for c in categorical_columns])
             )
-            out = list(pool.map(one, numeric, ordered))
+            out = list(pool.map(one, numeric, raws, ordered))
     else:
         by_category = [one(c, cats[c.name]) for c in categorical_columns]
-        out = [one(c, v) for c, v in zip(numeric, ordered, strict=True)]
+        out = [one(c, raw, obs) for c, raw, obs in zip(numeric, raws, ordered, strict=True)]
     out += by_category
     rank = {lvl: i for i, lvl in enumerate(LEVELS)}
     # ties in level and p-value: the larger first statistic (PSI by default) first

@@ -147,19 +147,25 @@ def _awkward(rng: np.random.Generator, n: int, *, wide: bool = False) -> np.ndar
     return np.column_stack(cols)
 
 
-def test_the_batch_columns_sorted_in_chunks_are_numpy_s_column_by_column_sort():
+def test_the_batch_columns_sorted_in_chunks_are_numpy_s_column_by_column_sort_of_their_finite_values():
     from clinical_ml.core import drift
 
     rng = np.random.default_rng(5)
     cur = np.asfortranarray(_awkward(rng, 3000, wide=True))
-    expected = np.sort(cur, axis=0)  # numpy's order: -inf, values, +inf, NaN
+    cur[::7, 0] = -np.nan  # NaN with its sign bit set, as arithmetic can make it
     for first, chunk in ((2, 6), (1, 1), (3, 4), (20, 20)):
-        got = list(drift._sorted_columns(cur, first=first, chunk=chunk))
-        assert len(got) == cur.shape[1]
-        assert np.array_equal(np.column_stack(got), expected, equal_nan=True)
-    assert list(drift._sorted_columns(np.zeros((5, 0)))) == []
-    one_row = list(drift._sorted_columns(np.array([[3.0, np.nan]])))
-    assert one_row[0].tolist() == [3.0] and np.isnan(one_row[1]).all()
+        for matrix in (cur, np.ascontiguousarray(cur)):
+            got = list(drift._observed_columns(matrix, first=first, chunk=chunk))
+            assert len(got) == cur.shape[1]
+            for j, obs in enumerate(got):
+                assert np.array_equal(obs, np.sort(cur[np.isfinite(cur[:, j]), j]))  # 0.0 == -0.0 here
+                signs = np.signbit(obs[obs == 0]).astype(np.int8)
+                assert signs.sum() == np.signbit(cur[cur[:, j] == 0, j]).sum()  # every -0.0 kept,
+                assert not (np.diff(signs) > 0).any()  # and before every 0.0
+    assert list(drift._observed_columns(np.zeros((5, 0)))) == []
+    for rows in (0, 1):
+        m = np.array([[3.0, np.nan, -np.inf]])[:rows]
+        assert [v.tolist() for v in drift._observed_columns(m)] == [[3.0][:rows], [], []]
 
 
 @pytest.mark.parametrize("n_rows", [40, 2500, 12_000])
