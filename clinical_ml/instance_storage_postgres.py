@@ -20,6 +20,7 @@ or those methods changed. Configured in ``dagster_postgres.yaml`` and ``deploy/c
 (docs/instance-storage.md, "Pool slots on PostgreSQL").
 """
 
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -28,8 +29,9 @@ from typing import TYPE_CHECKING, Any, ContextManager  # noqa: UP035
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import PostgresEventLogStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
-from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import QueuePool
 
 from clinical_ml.instance_storage import SlotMethodsInOneTransaction
 
@@ -44,6 +46,50 @@ TESTED_DAGSTER_POSTGRES_VERSION = "0.29.27"
 POOL_SLOTS_LOCK_KEY = int.from_bytes(b"cml_slot", "big")
 # How long an operation waits for the lock (or a row lock) before failing, as SQLite's 30 s busy timeout does.
 POOL_SLOTS_LOCK_TIMEOUT = "30s"
+# A pooled connection unused this long is opened again rather than reused (a server or proxy may have closed it).
+POOLED_CONNECTION_RECYCLE_SECONDS = 600
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(postgres_url: str) -> Engine:
+    """This process's one engine for ``postgres_url``, keeping one idle connection for the next statement.
+
+    dagster-postgres opens a new connection for every statement (``NullPool``): a TCP connection, a server
+    process forked for it and a password exchange (SCRAM), a few milliseconds of CPU on both sides each time. A
+    Celery worker rebuilds its instance for every step and stores each of the step's events on a connection of
+    its own, so connecting was most of a worker's time outside the steps' code. Every storage of the process on
+    this URL shares the engine: the instances a worker makes per step keep no connection each. Statements at
+    the same moment (threads) still get one connection each, as before; only one is kept between them.
+
+    Fork-safe as SQLAlchemy documents it: a forked child never uses the parent's connections (its engines are
+    forgotten without closing theirs, :func:`_forget_engines_in_child`)."""
+    with _engines_lock:
+        engine = _engines.get(postgres_url)
+        if engine is None:
+            engine = create_engine(
+                postgres_url,
+                isolation_level="AUTOCOMMIT",
+                poolclass=QueuePool,
+                pool_size=1,
+                max_overflow=-1,  # as many at once as asked, as NullPool allowed; one kept
+                pool_pre_ping=True,  # a connection the server dropped is replaced, not failed on
+                pool_recycle=POOLED_CONNECTION_RECYCLE_SECONDS,
+            )
+            _engines[postgres_url] = engine
+        return engine
+
+
+def _forget_engines_in_child() -> None:
+    global _engines_lock
+    _engines_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+    for engine in _engines.values():
+        engine.dispose(close=False)  # the parent's connections stay open for the parent
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEventLogStorage):
@@ -67,6 +113,10 @@ class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEve
         # ends joins (nested slot methods included)
         self._slot_transaction_of = threading.local()
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+        if (
+            token_provider is None
+        ):  # a token provider's connections are made with its tokens: left as they are
+            self._engine = shared_engine(self.postgres_url)
 
     @classmethod
     def from_config_value(

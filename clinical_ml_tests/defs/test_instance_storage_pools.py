@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import pytest
 from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
 from clinical_ml_tests.postgres import fresh_database
@@ -252,3 +252,35 @@ def test_the_postgres_profile_gives_every_process_the_pool_locked_event_log(
             instance.event_log_storage.set_concurrency_slots(POOL, 1)
             assert rebuilt.event_log_storage.claim_concurrency_slot(POOL, "run_a", STEP).is_claimed
             assert not instance.event_log_storage.claim_concurrency_slot(POOL, "run_b", STEP).is_claimed
+
+
+def _backend_of(storage: SqlEventLogStorage) -> int:
+    with storage.index_connection() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _backend_in_child(storage: SqlEventLogStorage, answer: "multiprocessing.Queue[int]") -> None:
+    answer.put(_backend_of(storage))
+
+
+def test_postgres_storages_of_a_process_reuse_one_connection_and_a_forked_child_never_shares_it(postgres_url):
+    """Statements one after another run on one server process (not a new connection each, as dagster-postgres
+    does), shared by every storage of the process on the database (a Celery worker makes one per step); a
+    process forked meanwhile gets connections of its own and leaves the parent's working."""
+    first, second = Slots(POSTGRES, postgres_url).open(), Slots(POSTGRES, postgres_url).open()
+    backend = _backend_of(first)
+    assert _backend_of(first) == backend
+    assert _backend_of(second) == backend
+    answer: multiprocessing.Queue[int] = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_backend_in_child, args=(first, answer))
+    child.start()
+    child_backend = answer.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    assert child_backend != backend
+    assert _backend_of(first) == backend  # the parent's connection was neither used nor closed by the child
+    first.set_concurrency_slots(POOL, 1)  # and the slot methods' transactions run on the shared engine too
+    assert first.claim_concurrency_slot(POOL, "run_a", STEP).is_claimed
+    assert not second.claim_concurrency_slot(POOL, "run_b", STEP).is_claimed
+    kept = _backend_of(second)  # the one kept may be another (a slot method can use two at once)
+    assert _backend_of(first) == kept
