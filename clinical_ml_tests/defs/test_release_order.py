@@ -9,9 +9,12 @@ import pytest
 
 from clinical_ml.core.artifacts import DeidStore, DictRecord
 from clinical_ml.defs.anonymization.order import (
+    LONGEST_WAIT_SECONDS,
     MAX_WAITS,
+    WAIT_AT_MOST_SECONDS,
     earlier_batches_in_flight,
     wait_for_earlier_batches,
+    wait_seconds,
 )
 
 KEYS = {dg.AssetKey("anonymized_events")}
@@ -71,3 +74,20 @@ def test_a_batch_waits_only_for_earlier_batches_still_in_flight(tmp_path):
         last, logged = _context(instance, me, retry_number=MAX_WAITS)
         wait_for_earlier_batches(last, deid, "2026-01-05", KEYS)  # type: ignore[arg-type]
         assert logged and logged[0].startswith("released without waiting longer")
+
+
+def test_the_waits_start_short_and_grow_to_the_longest_and_last_about_an_hour_in_all(tmp_path):
+    deid = DeidStore(tmp_path / "deid", tmp_path / "reports")
+    started = dg.DagsterRunStatus.STARTED
+    with dg.instance_for_test() as instance:
+        me = _run(instance, batch_ingestion_job, "2026-01-05", started)
+        _run(instance, batch_ingestion_job, "2026-01-02", started)
+        asked = []
+        for retry in range(8):
+            context, _ = _context(instance, me, retry_number=retry)
+            with pytest.raises(dg.RetryRequested) as raised:
+                wait_for_earlier_batches(context, deid, "2026-01-05", KEYS)  # type: ignore[arg-type]
+            asked.append(raised.value.seconds_to_wait)
+    assert asked == sorted(asked) and asked[0] < 1 and asked[-1] == LONGEST_WAIT_SECONDS
+    total = sum(wait_seconds(n) for n in range(MAX_WAITS))
+    assert WAIT_AT_MOST_SECONDS <= total < WAIT_AT_MOST_SECONDS + LONGEST_WAIT_SECONDS

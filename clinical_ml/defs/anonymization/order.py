@@ -4,7 +4,7 @@ Under the cumulative release (``risk_scope: cumulative``) a batch is judged with
 released before it, so the order in which batches are released decides which rare people are withheld. The
 vault pool lets one release at a time through, but in whatever order the runs reach it. So a batch whose
 earlier batches are still in runs that are queued or running (and not yet released) waits for them: it asks
-Dagster to run its step again a little later, which frees the pool for them. A batch whose run failed or was
+Dagster to run its step again a little later (sooner at first), which frees the pool for them. A batch whose run failed or was
 never started is not waited for (nothing would release it); after :data:`MAX_WAITS` tries the batch goes out
 counted with what is released then, and says so.
 """
@@ -19,8 +19,28 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
-WAIT_SECONDS = 5
-MAX_WAITS = 720  # an hour of 5-second waits
+FIRST_WAIT_SECONDS = 0.5
+LONGEST_WAIT_SECONDS = 5
+WAIT_AT_MOST_SECONDS = 3600
+
+
+def wait_seconds(retry_number: int) -> float:
+    """How long the ``retry_number``-th wait lasts: doubling from :data:`FIRST_WAIT_SECONDS` up to
+    :data:`LONGEST_WAIT_SECONDS`. An earlier batch in flight is usually released within a second or two (its
+    anonymization takes about that long), so a first wait of 5 s mostly waited for nothing while every run
+    behind this one in delivery order waited too; longer waits keep a long wait's retries few."""
+    return min(LONGEST_WAIT_SECONDS, FIRST_WAIT_SECONDS * 2**retry_number)
+
+
+def _waits_lasting(seconds: float) -> int:
+    waits, waited = 0, 0.0
+    while waited < seconds:
+        waited += wait_seconds(waits)
+        waits += 1
+    return waits
+
+
+MAX_WAITS = _waits_lasting(WAIT_AT_MOST_SECONDS)  # about an hour of waits
 
 
 def _partitions_of(run: dg.DagsterRun) -> list[str]:
@@ -61,4 +81,4 @@ def wait_for_earlier_batches(
         )
         return
     context.log.info(f"waiting for earlier batches in flight to be released first: {named}")
-    raise dg.RetryRequested(max_retries=MAX_WAITS, seconds_to_wait=WAIT_SECONDS)
+    raise dg.RetryRequested(max_retries=MAX_WAITS, seconds_to_wait=wait_seconds(context.retry_number))
