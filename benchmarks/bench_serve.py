@@ -304,6 +304,16 @@ def _cpu_seconds(pid: int) -> float | None:
     return sum(ticks[p] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy_seconds() -> float | None:
+    """CPU time the whole machine has spent busy since boot (all cores; /proc/stat, Linux), None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _connections_by_process(parent: int, port: int) -> list[int]:
     """How many client connections each worker process holds now (largest first; from /proc via psutil):
     the parent's child processes that hold any (a worker that holds none is not counted)."""
@@ -392,6 +402,7 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
     per_client = REQUESTS[scale]
     p50, p99, errs, inproc50, inproc99, cpu_ms, client_ms = [], [], [], [], [], [], []
     load: list[float] = []
+    others: list[float] = []
     rate: list[float] = []
     split: list[list[int]] = []
     try:
@@ -408,11 +419,18 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
             tokens = _tokens(key, url, CLIENTS * per_client)
             # the clients' connections per worker, seen once all are open (a round lasts a second or more)
             sample = threading.Timer(0.3, lambda: split.append(_connections_by_process(proc.pid, port)))
+            busy0 = _machine_busy_seconds()
             cpu0, own0, wall0 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
             sample.start()
             lat, errors = asyncio.run(_clients(url, body, tokens, per_client, client=client))
             sample.join()
             cpu1, own1, wall1 = _cpu_seconds(proc.pid), time.process_time(), time.perf_counter()
+            busy1 = _machine_busy_seconds()
+            # the other tenants' CPU during the round, in cores (the machine's busy time less the service's and
+            # the clients'): the latency of a round measures them too, so rounds compare where this is alike
+            if None not in (busy0, busy1, cpu0, cpu1):
+                other = (busy1 - busy0) - (cpu1 - cpu0) - (own1 - own0)  # type: ignore[operator]
+                others.append(max(0.0, other) / (wall1 - wall0))
             rate.append(CLIENTS * per_client / (wall1 - wall0))
             # the clients' own CPU (this process): on 2 cores they compete with the service for it
             client_ms.append((own1 - own0) / (CLIENTS * per_client) * 1000)
@@ -455,6 +473,7 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
                 "client_cpu_ms_per_call": client_ms,
                 "outcomes": dict(outcomes),
                 "load_average_1min": load,
+                "other_tenants_cores": others,
                 "calls_per_s": rate,
                 # how the 20 connections of each round fell to the worker processes (0.3 s into it)
                 "connections_by_process": split,
