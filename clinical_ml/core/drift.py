@@ -118,21 +118,27 @@ def _observed_sorted(values: np.ndarray) -> np.ndarray:
 _INF_BITS = np.array([-np.inf, np.inf]).view(np.int64)
 
 
-def _finite_from_sorted_bits(bits: np.ndarray) -> np.ndarray:
+def _finite_from_sorted_bits(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A column's finite values sorted, from its doubles' bits sorted as int64: those of the non-negative
     doubles (sign bit clear) sort as the doubles do (0.0, the positive values, +inf, NaN), after those of the
     negative ones (sign bit set), which sort in reverse (-0.0, the negative values from the smallest in size,
     -inf, then NaN with its sign bit set). So: the negative finite values reversed (-0.0 last), then the
-    non-negative finite ones; a view of ``bits`` when the column has no negative value."""
+    non-negative finite ones; a view of ``bits`` when the column has no negative value, else a copy (into
+    ``out`` when given: fresh memory costs more in page faults than the copy)."""
     n_negative = int(np.searchsorted(bits, 0, side="left"))
-    negative = bits[: np.searchsorted(bits[:n_negative], _INF_BITS[0], side="left")]
+    negative = bits[: np.searchsorted(bits[:n_negative], _INF_BITS[0], side="left")].view(np.float64)
     positive = bits[n_negative : np.searchsorted(bits, _INF_BITS[1], side="left")].view(np.float64)
     if negative.size == 0:
         return positive
-    return np.concatenate([negative[::-1].view(np.float64), positive])
+    values = np.empty(negative.size + positive.size) if out is None else out[: negative.size + positive.size]
+    values[: negative.size] = negative[::-1]
+    values[negative.size :] = positive
+    return values
 
 
-def _observed_columns(matrix: np.ndarray, *, first: int = 2, chunk: int = 6) -> Iterator[np.ndarray]:
+def _observed_columns(
+    matrix: np.ndarray, *, first: int = 2, chunk: int = 6, reuse: bool = False
+) -> Iterator[np.ndarray]:
     """Every column's finite values, sorted (those of :func:`_observed_sorted`; -0.0 before 0.0), one read-only
     array per column, in column order.
 
@@ -142,8 +148,10 @@ def _observed_columns(matrix: np.ndarray, *, first: int = 2, chunk: int = 6) -> 
     columns are sorted ``chunk`` at a time (``first`` in the first query, so that the caller starts early) in
     the background of this thread, two queries queued at a time: the caller's work on a column (its
     statistics, on this thread) runs while polars sorts the next columns, instead of after every sort with
-    polars' pool idle. The first queries start when this is called."""
+    polars' pool idle. The first queries start when this is called. ``reuse``: the columns that are copies
+    share one array, overwritten by the next of them (for a caller done with each column before the next)."""
     n_cols = matrix.shape[1]
+    out = np.empty(matrix.shape[0]) if reuse else None
     bounds = [0, *range(min(first, n_cols), n_cols, chunk), n_cols]
     parts = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
@@ -159,7 +167,7 @@ def _observed_columns(matrix: np.ndarray, *, first: int = 2, chunk: int = 6) -> 
             done = pending.popleft().fetch_blocking()
             if k + 2 < len(parts):
                 pending.append(start(*parts[k + 2]))
-            yield from (_finite_from_sorted_bits(column.to_numpy()) for column in done.get_columns())
+            yield from (_finite_from_sorted_bits(column.to_numpy(), out) for column in done.get_columns())
 
     return handed_over()
 
@@ -394,7 +402,7 @@ def batch_drift(
     # ones first, while it sorts the first. The results in column order, numeric then categorical (the ranking
     # below keeps that order among ties).
     numeric_values = cur[:, : len(numeric)]
-    ordered = _observed_columns(numeric_values)
+    ordered = _observed_columns(numeric_values, reuse=workers <= 1)  # one column measured at a time
     raws = [numeric_values[:, j] for j in range(len(numeric))]
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -157,7 +157,11 @@ def test_the_batch_columns_sorted_in_chunks_are_numpy_s_column_by_column_sort_of
         for matrix in (cur, np.ascontiguousarray(cur)):
             got = list(drift._observed_columns(matrix, first=first, chunk=chunk))
             assert len(got) == cur.shape[1]
-            for j, obs in enumerate(got):
+            reused = drift._observed_columns(matrix, first=first, chunk=chunk, reuse=True)
+            for j, (obs, one_at_a_time) in enumerate(zip(got, reused, strict=True)):
+                assert np.array_equal(one_at_a_time, obs) and np.array_equal(
+                    np.signbit(one_at_a_time), np.signbit(obs)
+                )
                 assert np.array_equal(obs, np.sort(cur[np.isfinite(cur[:, j]), j]))  # 0.0 == -0.0 here
                 signs = np.signbit(obs[obs == 0]).astype(np.int8)
                 assert signs.sum() == np.signbit(cur[cur[:, j] == 0, j]).sum()  # every -0.0 kept,
