@@ -21,6 +21,7 @@ or those methods changed. Configured in ``dagster_postgres.yaml`` and ``deploy/c
 """
 
 import os
+import select
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -29,8 +30,9 @@ from typing import TYPE_CHECKING, Any, ContextManager  # noqa: UP035
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import PostgresEventLogStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import QueuePool
 
 from clinical_ml.instance_storage import SlotMethodsInOneTransaction
@@ -74,11 +76,25 @@ def shared_engine(postgres_url: str) -> Engine:
                 poolclass=QueuePool,
                 pool_size=1,
                 max_overflow=-1,  # as many at once as asked, as NullPool allowed; one kept
-                pool_pre_ping=True,  # a connection the server dropped is replaced, not failed on
                 pool_recycle=POOLED_CONNECTION_RECYCLE_SECONDS,
             )
+            # a connection the server dropped is replaced, not failed on; found without the round trip of
+            # SQLAlchemy's pool_pre_ping (a worker spent as long pinging as running its statements)
+            event.listen(engine, "checkout", _replace_if_closed_by_server)
             _engines[postgres_url] = engine
         return engine
+
+
+def _replace_if_closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """On checkout: an idle connection that the server closed (restart, idle timeout, ``pg_terminate_backend``)
+    has its goodbye or end-of-file waiting on its socket, with nothing asked. SQLAlchemy then discards it and
+    opens another (:class:`DisconnectionError`), as after a failed ping."""
+    if dbapi_connection.closed:
+        raise DisconnectionError("the pooled connection is closed")
+    waiting = select.poll()
+    waiting.register(dbapi_connection.fileno(), select.POLLIN)
+    if waiting.poll(0):
+        raise DisconnectionError("the server closed the pooled connection")
 
 
 def _forget_engines_in_child() -> None:

@@ -284,3 +284,26 @@ def test_postgres_storages_of_a_process_reuse_one_connection_and_a_forked_child_
     assert not second.claim_concurrency_slot(POOL, "run_b", STEP).is_claimed
     kept = _backend_of(second)  # the one kept may be another (a slot method can use two at once)
     assert _backend_of(first) == kept
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_not_failed_on(postgres_url):
+    """A restart or an idle timeout on the server ends the connection kept between statements: the next
+    statement runs on a new one instead of failing."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    storage = Slots(POSTGRES, postgres_url).open()
+    backend = _backend_of(storage)
+    admin = create_engine(postgres_url, poolclass=NullPool)  # a connection of its own, not the pool's
+    try:
+        with admin.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar_one()
+            gone = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            deadline = time.monotonic() + 10
+            while conn.execute(gone, {"pid": backend}).scalar_one() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the server ends it a moment after saying yes
+    finally:
+        admin.dispose()
+    replaced = _backend_of(storage)
+    assert replaced != backend
+    assert _backend_of(storage) == replaced
