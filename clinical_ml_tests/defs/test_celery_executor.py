@@ -23,3 +23,29 @@ def test_the_location_sets_the_loops_tick_below_dagster_celerys_second() -> None
 def test_the_pinned_loop_sleeps_on_that_constant_each_tick() -> None:
     source = inspect.getsource(core_execution_loop.core_celery_execution_loop)
     assert "time.sleep(TICK_SECONDS)" in source
+
+
+def test_a_worker_process_keeps_one_instance_per_instance_reference(tmp_path, monkeypatch) -> None:
+    """The workers' task (deploy/celery/worker.py) builds its instance from each step's reference through
+    the name ``DagsterInstance`` of dagster-celery's task module: the worker gives it one made once per
+    process and reference."""
+    import dagster as dg
+    from dagster_celery import tasks
+
+    monkeypatch.setenv("CLINICAL_ML_CELERY_BROKER", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CLINICAL_ML_CELERY_BACKEND", "redis://127.0.0.1:1/1")
+    from deploy.celery import worker
+
+    assert "DagsterInstance.from_ref(" in inspect.getsource(tasks.create_task)
+    assert tasks.DagsterInstance is worker.InstancePerProcess
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        dg.instance_for_test(temp_dir=str(tmp_path / "a")) as a,
+        dg.instance_for_test(temp_dir=str(tmp_path / "b")) as b,
+    ):
+        first = tasks.DagsterInstance.from_ref(a.get_ref())
+        assert tasks.DagsterInstance.from_ref(a.get_ref()) is first
+        assert first.root_directory == a.root_directory
+        other = tasks.DagsterInstance.from_ref(b.get_ref())
+        assert other is not first and other.root_directory == b.root_directory
