@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, ContextManager  # noqa: UP035
 
 from dagster._serdes import ConfigurableClassData
-from dagster_postgres import PostgresEventLogStorage
+from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
@@ -109,7 +109,8 @@ os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
 class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEventLogStorage):
-    """``dagster.yaml`` (with ``run_storage`` and ``schedule_storage`` from dagster-postgres beside it)::
+    """``dagster.yaml`` (with :class:`PooledPostgresRunStorage` and dagster-postgres's ``schedule_storage``
+    beside it)::
 
     event_log_storage:
       module: clinical_ml.instance_storage_postgres
@@ -171,3 +172,39 @@ class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEve
                     yield
                 finally:
                     self._slot_transaction_of.conn = None
+
+
+class PooledPostgresRunStorage(PostgresRunStorage):
+    """dagster-postgres's run storage on this process's :func:`shared_engine` (one kept connection, shared with
+    the event log) instead of a new connection per statement: every step reads its run, and run processes
+    write their runs' status. ``dagster.yaml``::
+
+    run_storage:
+      module: clinical_ml.instance_storage_postgres
+      class: PooledPostgresRunStorage
+      config:
+        postgres_db: {...}  # as under storage: postgres:
+    """
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: "PgTokenProvider | None" = None,
+    ) -> None:
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+        if token_provider is None:  # as the event log's
+            self._engine = shared_engine(self.postgres_url)
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+    ) -> "PooledPostgresRunStorage":
+        # dagster-postgres's builds a PostgresRunStorage by name, not cls
+        return cls(
+            inst_data=inst_data,
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            token_provider=get_token_provider_from_config(config_value),
+        )

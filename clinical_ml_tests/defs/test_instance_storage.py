@@ -30,6 +30,7 @@ from clinical_ml.instance_storage import (
 )
 from clinical_ml.instance_storage_postgres import (
     TESTED_DAGSTER_POSTGRES_VERSION,
+    PooledPostgresRunStorage,
     PoolLockedPostgresEventLogStorage,
 )
 from clinical_ml_tests.conftest import PROJECT_ROOT
@@ -272,7 +273,9 @@ def test_the_postgres_slot_methods_are_dagsters_own_and_reach_the_index_only_thr
     ]
 
 
-@pytest.mark.parametrize("profile", ["dagster_postgres.yaml", "deploy/celery/dagster.yaml"])
+@pytest.mark.parametrize(
+    "profile", ["dagster_postgres.yaml", "deploy/celery/dagster.yaml", "deploy/k8s/dagster.yaml"]
+)
 def test_the_postgres_profiles_use_the_pool_locked_event_log_beside_dagster_postgres_storages(
     profile, tmp_path
 ):
@@ -283,10 +286,11 @@ def test_the_postgres_profiles_use_the_pool_locked_event_log_beside_dagster_post
         PoolLockedPostgresEventLogStorage.__module__,
         PoolLockedPostgresEventLogStorage.__name__,
     )
-    assert (config["run_storage"]["class"], config["schedule_storage"]["class"]) == (
-        "PostgresRunStorage",
-        "PostgresScheduleStorage",
+    assert (config["run_storage"]["module"], config["run_storage"]["class"]) == (
+        PooledPostgresRunStorage.__module__,
+        PooledPostgresRunStorage.__name__,
     )
+    assert config["schedule_storage"]["class"] == "PostgresScheduleStorage"
     connection = config["event_log_storage"]["config"]
     assert config["run_storage"]["config"] == config["schedule_storage"]["config"] == connection
     assert connection["postgres_db"]["db_name"] == {"env": "DAGSTER_PG_DB"}

@@ -238,14 +238,20 @@ def test_the_postgres_profile_gives_every_process_the_pool_locked_event_log(
     import dagster as dg
     from dagster_postgres import PostgresRunStorage, PostgresScheduleStorage
 
-    from clinical_ml.instance_storage_postgres import PoolLockedPostgresEventLogStorage
+    from clinical_ml.instance_storage_postgres import (
+        PooledPostgresRunStorage,
+        PoolLockedPostgresEventLogStorage,
+    )
 
     monkeypatch.setenv("DAGSTER_PG_DB", postgres_db)
     root = Path(__file__).resolve().parents[2]
     (tmp_path / "dagster.yaml").write_text((root / "dagster_postgres.yaml").read_text())
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert isinstance(instance.event_log_storage, PoolLockedPostgresEventLogStorage)
+        assert isinstance(instance.run_storage, PooledPostgresRunStorage)
         assert isinstance(instance.run_storage, PostgresRunStorage)
+        # one engine for the process and database: the run storage's statements on the event log's kept connection
+        assert instance.run_storage._engine is instance.event_log_storage._engine
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         with dg.DagsterInstance.from_ref(instance.get_ref()) as rebuilt:
             assert isinstance(rebuilt.event_log_storage, PoolLockedPostgresEventLogStorage)
