@@ -108,7 +108,34 @@ def _forget_engines_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
-class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEventLogStorage):
+class OnSharedEngine:
+    """A dagster-postgres storage on :func:`shared_engine` once it is built (its own ``__init__`` connects once
+    with dagster-postgres's engine to check its tables), built from ``dagster.yaml`` as this class, not
+    dagster-postgres's (whose ``from_config_value`` names its own class)."""
+
+    postgres_url: str
+    _engine: Engine
+
+    def _use_shared_engine(self, token_provider: "PgTokenProvider | None") -> None:
+        if (
+            token_provider is None
+        ):  # a token provider's connections are made with its tokens: left as they are
+            self._engine = shared_engine(self.postgres_url)
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+    ) -> Any:
+        build: Any = cls  # a storage class below this one in the MRO takes these
+        return build(
+            inst_data=inst_data,
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            token_provider=get_token_provider_from_config(config_value),
+        )
+
+
+class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, OnSharedEngine, PostgresEventLogStorage):
     """``dagster.yaml`` (with :class:`PooledPostgresRunStorage` and dagster-postgres's ``schedule_storage``
     beside it)::
 
@@ -130,22 +157,7 @@ class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEve
         # ends joins (nested slot methods included)
         self._slot_transaction_of = threading.local()
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        if (
-            token_provider is None
-        ):  # a token provider's connections are made with its tokens: left as they are
-            self._engine = shared_engine(self.postgres_url)
-
-    @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
-    ) -> "PoolLockedPostgresEventLogStorage":
-        # dagster-postgres's builds a PostgresEventLogStorage by name, not cls
-        return cls(
-            inst_data=inst_data,
-            postgres_url=pg_url_from_config(config_value),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
-            token_provider=get_token_provider_from_config(config_value),
-        )
+        self._use_shared_engine(token_provider)
 
     def index_connection(self) -> ContextManager[Connection]:
         held: Connection | None = getattr(self._slot_transaction_of, "conn", None)
@@ -174,7 +186,7 @@ class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, PostgresEve
                     self._slot_transaction_of.conn = None
 
 
-class PooledPostgresRunStorage(PostgresRunStorage):
+class PooledPostgresRunStorage(OnSharedEngine, PostgresRunStorage):
     """dagster-postgres's run storage on this process's :func:`shared_engine` (one kept connection, shared with
     the event log) instead of a new connection per statement: every step reads its run, and run processes
     write their runs' status. ``dagster.yaml``::
@@ -194,17 +206,4 @@ class PooledPostgresRunStorage(PostgresRunStorage):
         token_provider: "PgTokenProvider | None" = None,
     ) -> None:
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        if token_provider is None:  # as the event log's
-            self._engine = shared_engine(self.postgres_url)
-
-    @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
-    ) -> "PooledPostgresRunStorage":
-        # dagster-postgres's builds a PostgresRunStorage by name, not cls
-        return cls(
-            inst_data=inst_data,
-            postgres_url=pg_url_from_config(config_value),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
-            token_provider=get_token_provider_from_config(config_value),
-        )
+        self._use_shared_engine(token_provider)
