@@ -47,6 +47,10 @@ CLOSED = b"-"  # a worker's message: one of the connections handed to it has clo
 BYE = b"bye"  # a worker's message: it stops; hand it no more
 # A worker that stops waits at most this long for the parent to confirm that it will hand it no more.
 BYE_WAIT_S = 2.0
+# How long a restart (SIGHUP) waits for each new worker to be ready before it keeps the old one: a worker loads
+# the app (polars, LightGBM, the champions) first, ~10 s on this 2-core machine, more under load, where
+# uvicorn's own restart waits its 5 s health-check timeout and so never replaced a worker of this app.
+WORKER_READY_S = 120.0
 
 
 def balances_connections() -> bool:
@@ -360,7 +364,8 @@ class BalancedMultiprocess(Multiprocess):
             if self.should_exit.is_set():
                 return
             new = self.new_process()
-            if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
+            ready_within = max(self.config.timeout_worker_healthcheck, WORKER_READY_S)
+            if not new.wait_until_ready(ready_within, self.should_exit):
                 new.kill()
                 new.join()
                 if not self.should_exit.is_set():

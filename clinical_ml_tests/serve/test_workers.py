@@ -173,3 +173,29 @@ def test_connections_are_spread_evenly_over_the_workers_and_a_dead_worker_takes_
         assert alive.pid in workers and dead.pid not in workers
         held = _connections_held(port, workers)
         assert sorted(held.values()) == [CONNECTIONS // 2] * 2, held
+
+
+@pytest.mark.skipif(not balances_connections(), reason="connections are handed to workers on Linux")
+def test_a_restart_replaces_every_worker_once_the_new_one_is_ready(
+    data_root: Path, usecases_dir: Path, trust_file: Path, tmp_path: Path
+) -> None:
+    """SIGHUP (uvicorn's restart): each worker is replaced by a new one once that one's app is ready (it takes
+    longer to load than uvicorn's 5 s health check), and the service answers throughout."""
+    log = tmp_path / "service.log"
+    with _two_workers(data_root, usecases_dir, trust_file, log) as (base, parent):
+        port = int(base.rsplit(":", 1)[1])
+        old = _taking_workers(parent, log, started=2)
+        os.kill(parent, signal.SIGHUP)
+        deadline = time.monotonic() + 300
+        with httpx.Client(timeout=30) as client:
+            while True:
+                assert client.get(f"{base}/healthz").status_code == 200
+                workers = _taking_workers(parent, log, started=2)
+                if not set(workers) & set(old):
+                    break
+                assert time.monotonic() < deadline, "the old workers were not replaced"
+                time.sleep(0.5)
+        assert "aborting the restart" not in log.read_text(errors="replace")
+        assert "not ready in time" not in log.read_text(errors="replace")
+        held = _connections_held(port, workers)
+        assert sorted(held.values()) == [CONNECTIONS // 2] * 2, held
