@@ -180,51 +180,56 @@ def hook_request(
 
 def example_request(*, now: datetime | None = None, tz: ZoneInfo | None = None) -> dict:
     """A ``patient-view`` request for a made-up stay admitted 30 h before ``now`` (the documentation's curl
-    example): a day of labs and vitals, creatinine in umol/L."""
+    example): a septic-looking day charted as an ICU charts it (vitals every hour, temperature and GCS every
+    4 h, labs every 8 h, values that move), creatinine in umol/L. A model trained on an ICU's stays scores it, where a flat chart (the same
+    value every time, vitals every 2 h) had most of its counts and extremes outside the derivation ranges and
+    was answered "not scored"."""
     tz = tz or ZoneInfo("UTC")
     now = (now or datetime.now(tz)).astimezone(tz).replace(tzinfo=None, microsecond=0)
     admit = now - timedelta(hours=30)
+    drift = (0.0, 0.6, 1.0, 0.4, -0.3, -0.8, -0.5, 0.2)  # a repeating wobble around each value
     labs = [
         {
             "loinc_code": code,
-            "value": value,
+            "value": round(value + step * drift[k % len(drift)], 1),
             "unit": unit,
             "specimen_time": admit + timedelta(hours=h),
             "result_time": admit + timedelta(hours=h, minutes=45),
         }
-        for h in (8, 20)
-        for code, value, unit in (
-            ("2160-0", 132.0, "umol/L"),
-            ("3094-0", 28.0, "mg/dL"),
-            ("2951-2", 137.0, "mmol/L"),
-            ("2823-3", 4.6, "mmol/L"),
-            ("2345-7", 160.0, "mg/dL"),
-            ("6690-2", 14.2, "10*3/uL"),
-            ("718-7", 10.1, "g/dL"),
-            ("777-3", 150.0, "10*3/uL"),
-            ("2524-7", 3.8, "mmol/L"),
-            ("1975-2", 1.4, "mg/dL"),
+        for k, h in enumerate((4, 12, 20, 28))
+        for code, value, step, unit in (
+            ("2160-0", 132.0, 12.0, "umol/L"),
+            ("3094-0", 28.0, 3.0, "mg/dL"),
+            ("2951-2", 137.0, 2.0, "mmol/L"),
+            ("2823-3", 4.4, 0.4, "mmol/L"),
+            ("2345-7", 160.0, 25.0, "mg/dL"),
+            ("6690-2", 14.2, 2.0, "10*3/uL"),
+            ("718-7", 10.1, 0.6, "g/dL"),
+            ("777-3", 150.0, 20.0, "10*3/uL"),
+            ("2524-7", 3.4, 0.8, "mmol/L"),
+            ("1975-2", 1.4, 0.2, "mg/dL"),
         )
     ]
     vitals = [
         {
             "code": code,
-            "value": value,
+            "value": round(value + step * drift[h % len(drift)], 1),
             "unit": unit,
             "charted_time": admit + timedelta(hours=h),
             "stored_time": admit + timedelta(hours=h, minutes=2),
         }
-        for h in range(7, 30, 2)
-        for code, value, unit in (
-            ("heart_rate", 112.0, "/min"),
-            ("systolic_bp", 96.0, "mm[Hg]"),
-            ("diastolic_bp", 52.0, "mm[Hg]"),
-            ("mean_bp", 66.0, "mm[Hg]"),
-            ("resp_rate", 26.0, "/min"),
-            ("spo2", 91.0, "%"),
-            ("temperature", 38.6, "Cel"),
-            ("gcs_total", 12.0, "{score}"),
+        for h in range(1, 30)
+        for code, value, step, unit, every in (
+            ("heart_rate", 108.0, 10.0, "/min", 1),
+            ("systolic_bp", 102.0, 12.0, "mm[Hg]", 1),
+            ("diastolic_bp", 56.0, 6.0, "mm[Hg]", 1),
+            ("mean_bp", 71.0, 7.0, "mm[Hg]", 1),
+            ("resp_rate", 24.0, 4.0, "/min", 1),
+            ("spo2", 94.0, 2.5, "%", 1),
+            ("temperature", 37.6, 0.6, "Cel", 4),
+            ("gcs_total", 13.0, 1.0, "{score}", 4),
         )
+        if h % every == 2 % every
     ]
     return hook_request(
         hook="patient-view",

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -32,7 +32,7 @@ from clinical_ml.core.scoring import Scorer
 from clinical_ml.core.site_mapping import load_site_mapping
 from clinical_ml.core.usecase import load_use_case
 from clinical_ml.serve.chart import chart_from_prefetch
-from clinical_ml.serve.examples import hook_request
+from clinical_ml.serve.examples import example_request, hook_request
 from clinical_ml.serve.models import ChampionWatch, served_model
 from clinical_ml.serve.records import ServingRecords
 from clinical_ml_tests.conftest import PROJECT_ROOT, GraphRun
@@ -168,6 +168,29 @@ def test_served_features_and_scores_equal_the_batch_path(graph_run: GraphRun) ->
     assert compared == N_STAYS
     # the stays measured something: the comparison is not one of empty rows
     assert sum(len(s["request"]["prefetch"]["observations"]["entry"]) for s in stays) > N_STAYS * 20
+
+
+def test_the_documentations_example_stay_is_scored_by_a_champion_of_the_synthetic_hospital(
+    graph_run: GraphRun,
+) -> None:
+    """The README's curl example (``python -m clinical_ml.serve.examples``) gets a risk from a model trained on
+    the synthetic hospital, not "not scored": its chart is within the derivation ranges."""
+    root = graph_run.data_root
+    uc = load_use_case(root / "usecases" / f"{USE_CASE}.yaml")
+    registry = Registry(root / "registry", USE_CASE)
+    served = served_model(registry, uc, registry.champion() or registry.versions()[-1])
+    req = example_request(tz=SITE_CLOCK)
+    admitted = req["prefetch"]["encounter"]["period"]["start"]
+    chart = chart_from_prefetch(
+        req["prefetch"],
+        context=req["context"],
+        prediction_time=datetime.fromisoformat(admitted).replace(tzinfo=None) + timedelta(hours=24),
+        site_mapping=load_site_mapping(),
+        tz=SITE_CLOCK,
+    )
+    (score,) = served.scorer.score(feature_matrix(served.features(chart), list(served.card.feature_names)))
+    assert not score.abstained, score.flags
+    assert 0 < score.risk < 1
 
 
 # -- the service as an EHR calls it ------------------------------------------------------------------------
