@@ -73,7 +73,7 @@ def _side(
 
     for db in (0, 1):
         redis.Redis.from_url(f"{broker}/{db}").flushdb()
-    workers = LocalWorkers(base)
+    workers = LocalWorkers(base, workers=n_workers)
     try:
         with dg.DagsterInstance.get() as instance:
             pools = {getattr(n.definition, "pool", None) or "" for n in celery_ingestion_job().graph.nodes}

@@ -49,3 +49,13 @@ def test_a_worker_process_keeps_one_instance_per_instance_reference(tmp_path, mo
         assert first.root_directory == a.root_directory
         other = tasks.DagsterInstance.from_ref(b.get_ref())
         assert other is not first and other.root_directory == b.root_directory
+
+
+def test_worker_processes_on_one_machine_share_its_cores_as_polars_threads() -> None:
+    from deploy.celery.local import polars_threads
+
+    assert polars_threads(2, 1) == 2  # one process: every core
+    assert polars_threads(2, 2) == 1
+    assert polars_threads(16, 4) == 4
+    assert polars_threads(2, 3) == 1  # never none
+    assert polars_threads(1, 0) == 1

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import psutil
 import pytest
 
 from clinical_ml.core.synthetic import SyntheticConfig, generate_hospital
@@ -38,6 +39,7 @@ from deploy.celery.local import (
     LocalWorkers,
     celery_ingestion_job,
     deid_digests,
+    polars_threads,
     redis_answers,
     run_partition,
     start_redis,
@@ -184,7 +186,7 @@ def test_backfill_on_celery_workers_survives_a_killed_worker(
         for b in batches
     }
 
-    workers = LocalWorkers(tmp_path)
+    workers = LocalWorkers(tmp_path, workers=N_WORKERS)
     with dg.DagsterInstance.get() as instance:
         pools: set[str] = {
             getattr(n.definition, "pool", None) or "" for n in celery_ingestion_job().graph.nodes
@@ -201,6 +203,13 @@ def test_backfill_on_celery_workers_survives_a_killed_worker(
             for name in names:
                 workers.start(name)
             _wait(workers.ready, 120, "the workers did not start")
+            # each step process has its share of the cores as polars threads (deploy/celery/README.md)
+            share = os.environ.get("POLARS_MAX_THREADS") or str(
+                polars_threads(os.cpu_count() or 1, N_WORKERS)
+            )
+            for name in names:
+                for pid in workers.children(name):
+                    assert psutil.Process(pid).environ()["POLARS_MAX_THREADS"] == share
 
             with ProcessPoolExecutor(
                 N_RUN_PROCESSES, mp_context=multiprocessing.get_context("spawn")

@@ -102,13 +102,25 @@ def deid_digests(data_root: Path, pattern: str = "*/*") -> dict[str, str]:
     return out
 
 
+def polars_threads(cores: int, processes: int) -> int:
+    """Polars threads for each of ``processes`` step-running processes sharing ``cores``: their share, at
+    least one. Each polars pool starts a thread per core, and with several pools the threads waiting for work
+    spin on the cores the other processes need (deploy/celery/README.md, "Threads")."""
+    return max(1, cores // max(1, processes))
+
+
 class LocalWorkers:
     """Worker processes on this machine, each a `celery worker` with ``concurrency`` pool processes, in their own
-    process groups (stopped with SIGTERM, then SIGKILL), logs in ``log_dir``."""
+    process groups (stopped with SIGTERM, then SIGKILL), logs in ``log_dir``. ``workers``: how many will be
+    started here; each pool process gets its share of the cores as polars threads (:func:`polars_threads`),
+    unless ``POLARS_MAX_THREADS`` is set already."""
 
-    def __init__(self, log_dir: Path, concurrency: int = 1) -> None:
+    def __init__(self, log_dir: Path, concurrency: int = 1, *, workers: int = 1) -> None:
         self.log_dir = log_dir
         self.concurrency = concurrency
+        self.threads = os.environ.get("POLARS_MAX_THREADS") or str(
+            polars_threads(os.cpu_count() or 1, workers * concurrency)
+        )
         self.procs: dict[str, subprocess.Popen] = {}
         self.seen_pids: set[int] = set()
         self._logs: list[IO[str]] = []
@@ -128,6 +140,7 @@ class LocalWorkers:
                 **os.environ,
                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                 "PYTHONPATH": str(PROJECT_ROOT),
+                "POLARS_MAX_THREADS": self.threads,
             },
             stdout=log,
             stderr=subprocess.STDOUT,
