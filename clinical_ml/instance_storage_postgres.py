@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import QueuePool
 
-from clinical_ml.instance_storage import SlotMethodsInOneTransaction
+from clinical_ml.instance_storage import RemembersSchemaFound, SlotMethodsInOneTransaction
 
 if TYPE_CHECKING:
     from dagster_postgres.auth import PgTokenProvider
@@ -135,7 +135,9 @@ class OnSharedEngine:
         )
 
 
-class PoolLockedPostgresEventLogStorage(SlotMethodsInOneTransaction, OnSharedEngine, PostgresEventLogStorage):
+class PoolLockedPostgresEventLogStorage(
+    SlotMethodsInOneTransaction, RemembersSchemaFound, OnSharedEngine, PostgresEventLogStorage
+):
     """``dagster.yaml`` (with :class:`PooledPostgresRunStorage` and dagster-postgres's ``schedule_storage``
     beside it)::
 

@@ -157,6 +157,15 @@ def test_the_private_members_it_overrides_keep_their_signatures(tmp_path):
     ]
     assert _params(SqliteEventLogStorage.wipe) == _params(SqliteEventLogStorage.dispose) == [("self", empty)]
     assert _params(SqliteEventLogStorage.has_table) == [("self", empty), ("table_name", empty)]
+    # RemembersSchemaFound (both storages): store_asset_event asks through this one
+    assert _params(SqliteEventLogStorage._has_asset_key_col_on_connection) == [
+        ("self", empty),
+        ("conn", empty),
+        ("column_name", empty),
+    ]
+    assert "self._has_asset_key_index_cols_on_connection(conn)" in inspect.getsource(
+        SqliteEventLogStorage._store_asset_event
+    )
     assert isinstance(sqlite_event_log.SQLITE_BUSY_TIMEOUT_SECONDS, int)
     assert sqlite_event_log.INDEX_SHARD_NAME == "index"
     # the pool-slot methods it runs in one transaction each (test_instance_storage_pools.py)

@@ -197,6 +197,49 @@ def test_concurrent_run_processes_holding_the_vault_slot_never_lose_an_update(sl
     assert info.claimed_slots == [] and info.pending_steps == []
 
 
+def test_a_blocked_claim_is_asked_again_within_a_tick_not_after_dagsters_growing_back_off(slots):
+    """A step blocked on a pool asks again after the interval its claim returns; without one Dagster waits
+    1.1^n s (n: how often it asked), 2.6 s by the tenth ask, while the slot freed meanwhile is already
+    assigned to it (freeing assigns the next queued step) and held by nobody running."""
+    from dagster._core.execution.plan.instance_concurrency_context import _calculate_timeout_interval
+
+    from clinical_ml.instance_storage import POOL_CLAIM_RETRY_SECONDS
+
+    a, b = slots.open(), slots.open()
+    a.set_concurrency_slots(POOL, 1)
+    held = a.claim_concurrency_slot(POOL, "run_a", STEP)
+    assert held.is_claimed
+    for ask in range(12):
+        blocked = b.claim_concurrency_slot(POOL, "run_b", STEP)
+        assert not blocked.is_claimed
+        assert _calculate_timeout_interval(blocked.sleep_interval, ask) == POOL_CLAIM_RETRY_SECONDS
+    a.free_concurrency_slot_for_step("run_a", STEP)
+    assert b.claim_concurrency_slot(POOL, "run_b", STEP).is_claimed  # the freed slot was assigned to b
+
+
+def test_tables_and_columns_once_found_are_not_asked_about_again(slots):
+    """Asked before each partition lookup and asset event (RemembersSchemaFound); a table not there is asked
+    about again, since another process's migration may add it."""
+    storage = slots.open()
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, params, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        assert storage.has_table("dynamic_partitions") and storage.has_asset_key_index_cols()
+        asked = len(statements)
+        assert asked > 0
+        for _ in range(3):
+            assert storage.has_table("dynamic_partitions") and storage.has_asset_key_index_cols()
+        assert len(statements) == asked
+        assert not storage.has_table("no_such_table") and not storage.has_table("no_such_table")
+        assert len(statements) > asked
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+
+
 def test_each_postgres_slot_operation_runs_on_one_connection_that_first_takes_the_advisory_lock(postgres_url):
     """What the lock relies on in Dagster's code (test_instance_storage.py checks it statically too): every
     statement of a claim and of a free joins the one transaction that took the lock, none runs beside it."""
