@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, ContextManager  # noqa: UP035
 
 from dagster._serdes import ConfigurableClassData
-from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
@@ -108,13 +108,23 @@ def _forget_engines_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
+# (storage class, database URL) pairs whose tables this process has checked (and created if missing) once
+_tables_checked: set[tuple[str, str]] = set()
+
+
 class OnSharedEngine:
-    """A dagster-postgres storage on :func:`shared_engine` once it is built (its own ``__init__`` connects once
-    with dagster-postgres's engine to check its tables), built from ``dagster.yaml`` as this class, not
-    dagster-postgres's (whose ``from_config_value`` names its own class)."""
+    """A dagster-postgres storage on :func:`shared_engine` once it is built, built from ``dagster.yaml`` as this
+    class, not dagster-postgres's (whose ``from_config_value`` names its own class).
+
+    dagster-postgres's own ``__init__`` checks its tables (and creates them if missing) on a new connection of
+    its own, every time a storage is built: three server connections (a server process forked, a password
+    exchange) for every instance a run process, the daemon or a worker builds. Built from ``dagster.yaml``, the
+    check is done by the first storage of each class and database in a process; later ones skip it (tables are
+    created, never dropped, by Dagster)."""
 
     postgres_url: str
     _engine: Engine
+    should_autocreate_tables: bool
 
     def _use_shared_engine(self, token_provider: "PgTokenProvider | None") -> None:
         if (
@@ -127,12 +137,19 @@ class OnSharedEngine:
         cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
     ) -> Any:
         build: Any = cls  # a storage class below this one in the MRO takes these
-        return build(
+        url = pg_url_from_config(config_value)
+        autocreate = config_value.get("should_autocreate_tables", True)
+        checked = (cls.__qualname__, url)
+        storage = build(
             inst_data=inst_data,
-            postgres_url=pg_url_from_config(config_value),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            postgres_url=url,
+            should_autocreate_tables=autocreate and checked not in _tables_checked,
             token_provider=get_token_provider_from_config(config_value),
         )
+        storage.should_autocreate_tables = autocreate
+        if autocreate:
+            _tables_checked.add(checked)
+        return storage
 
 
 class PoolLockedPostgresEventLogStorage(
@@ -196,6 +213,29 @@ class PooledPostgresRunStorage(OnSharedEngine, PostgresRunStorage):
     run_storage:
       module: clinical_ml.instance_storage_postgres
       class: PooledPostgresRunStorage
+      config:
+        postgres_db: {...}  # as under storage: postgres:
+    """
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: "PgTokenProvider | None" = None,
+    ) -> None:
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+        self._use_shared_engine(token_provider)
+
+
+class PooledPostgresScheduleStorage(OnSharedEngine, PostgresScheduleStorage):
+    """dagster-postgres's schedule storage on this process's :func:`shared_engine`: the daemon's sensors and
+    schedules read and write their ticks on the kept connection instead of a new connection per statement.
+    ``dagster.yaml``::
+
+    schedule_storage:
+      module: clinical_ml.instance_storage_postgres
+      class: PooledPostgresScheduleStorage
       config:
         postgres_db: {...}  # as under storage: postgres:
     """

@@ -31,6 +31,7 @@ from clinical_ml.instance_storage import (
 from clinical_ml.instance_storage_postgres import (
     TESTED_DAGSTER_POSTGRES_VERSION,
     PooledPostgresRunStorage,
+    PooledPostgresScheduleStorage,
     PoolLockedPostgresEventLogStorage,
 )
 from clinical_ml_tests.conftest import PROJECT_ROOT
@@ -299,7 +300,10 @@ def test_the_postgres_profiles_use_the_pool_locked_event_log_beside_dagster_post
         PooledPostgresRunStorage.__module__,
         PooledPostgresRunStorage.__name__,
     )
-    assert config["schedule_storage"]["class"] == "PostgresScheduleStorage"
+    assert (config["schedule_storage"]["module"], config["schedule_storage"]["class"]) == (
+        PooledPostgresScheduleStorage.__module__,
+        PooledPostgresScheduleStorage.__name__,
+    )
     connection = config["event_log_storage"]["config"]
     assert config["run_storage"]["config"] == config["schedule_storage"]["config"] == connection
     assert connection["postgres_db"]["db_name"] == {"env": "DAGSTER_PG_DB"}

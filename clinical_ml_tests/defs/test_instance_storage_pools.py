@@ -283,6 +283,7 @@ def test_the_postgres_profile_gives_every_process_the_pool_locked_event_log(
 
     from clinical_ml.instance_storage_postgres import (
         PooledPostgresRunStorage,
+        PooledPostgresScheduleStorage,
         PoolLockedPostgresEventLogStorage,
     )
 
@@ -295,12 +296,41 @@ def test_the_postgres_profile_gives_every_process_the_pool_locked_event_log(
         assert isinstance(instance.run_storage, PostgresRunStorage)
         # one engine for the process and database: the run storage's statements on the event log's kept connection
         assert instance.run_storage._engine is instance.event_log_storage._engine
+        assert isinstance(instance.schedule_storage, PooledPostgresScheduleStorage)
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        assert instance.schedule_storage._engine is instance.event_log_storage._engine
         with dg.DagsterInstance.from_ref(instance.get_ref()) as rebuilt:
             assert isinstance(rebuilt.event_log_storage, PoolLockedPostgresEventLogStorage)
             instance.event_log_storage.set_concurrency_slots(POOL, 1)
             assert rebuilt.event_log_storage.claim_concurrency_slot(POOL, "run_a", STEP).is_claimed
             assert not instance.event_log_storage.claim_concurrency_slot(POOL, "run_b", STEP).is_claimed
+
+
+def test_instances_built_again_in_a_process_open_no_new_server_connection(postgres_db, tmp_path, monkeypatch):
+    """A run process builds an instance per run, and dagster-postgres's storages each checked their tables on a
+    new connection every time (three per instance): now the first instance of the process checks them."""
+    import dagster as dg
+    from sqlalchemy.pool import Pool
+
+    monkeypatch.setenv("DAGSTER_PG_DB", postgres_db)
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "dagster.yaml").write_text((root / "dagster_postgres.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(tmp_path)) as first:
+        assert first.get_runs() == []  # tables made, kept connection open
+    opened: list[object] = []
+
+    def count(dbapi_connection, connection_record) -> None:
+        opened.append(dbapi_connection)
+
+    event.listen(Pool, "connect", count)
+    try:
+        for _ in range(3):
+            with dg.DagsterInstance.from_config(str(tmp_path)) as again:
+                assert again.get_runs() == []
+                assert again.schedule_storage.all_instigator_state() == []
+    finally:
+        event.remove(Pool, "connect", count)
+    assert opened == []
 
 
 def _backend_of(storage: SqlEventLogStorage) -> int:
