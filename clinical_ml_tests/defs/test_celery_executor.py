@@ -7,7 +7,10 @@ second test fails then.
 """
 
 import inspect
+import os
+import sys
 
+import pytest
 from dagster_celery import core_execution_loop
 
 
@@ -59,3 +62,40 @@ def test_worker_processes_on_one_machine_share_its_cores_as_polars_threads() -> 
     assert polars_threads(16, 4) == 4
     assert polars_threads(2, 3) == 1  # never none
     assert polars_threads(1, 0) == 1
+
+
+@pytest.fixture
+def worker_module(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CLINICAL_ML_CELERY_BROKER", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CLINICAL_ML_CELERY_BACKEND", "redis://127.0.0.1:1/1")
+    from deploy.celery import worker
+
+    return worker
+
+
+def test_a_new_pool_process_loads_the_code_location_before_any_step_and_says_so(
+    worker_module, tmp_path, monkeypatch
+) -> None:
+    """Celery sends ``worker_process_init`` in each pool process it starts: the worker's handler imports the code
+    location there and then writes the process's ready file (what LocalWorkers.ready waits for)."""
+    from celery.signals import worker_process_init
+
+    from deploy.celery.settings import READY_DIR_ENV
+
+    monkeypatch.setenv(READY_DIR_ENV, str(tmp_path / "ready"))
+    monkeypatch.delitem(sys.modules, worker_module.CODE_LOCATION_MODULE, raising=False)
+    worker_process_init.send(sender=None)
+    assert worker_module.CODE_LOCATION_MODULE in sys.modules
+    assert (tmp_path / "ready" / str(os.getpid())).exists()
+
+
+def test_a_code_location_that_fails_to_load_is_logged_and_the_process_not_said_ready(
+    worker_module, tmp_path, monkeypatch, caplog
+) -> None:
+    from deploy.celery.settings import READY_DIR_ENV
+
+    monkeypatch.setenv(READY_DIR_ENV, str(tmp_path / "ready"))
+    monkeypatch.setattr(worker_module, "CODE_LOCATION_MODULE", "deploy.celery.no_such_location")
+    worker_module.load_code_location()
+    assert not (tmp_path / "ready").exists()
+    assert "deploy.celery.no_such_location did not load" in caplog.text

@@ -21,6 +21,8 @@ from typing import IO
 import dagster as dg
 import psutil
 
+from deploy.celery.settings import READY_DIR_ENV
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -121,6 +123,7 @@ class LocalWorkers:
         self.threads = os.environ.get("POLARS_MAX_THREADS") or str(
             polars_threads(os.cpu_count() or 1, workers * concurrency)
         )
+        self.ready_dir = log_dir / "ready"
         self.procs: dict[str, subprocess.Popen] = {}
         self.seen_pids: set[int] = set()
         self._logs: list[IO[str]] = []
@@ -141,6 +144,7 @@ class LocalWorkers:
                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                 "PYTHONPATH": str(PROJECT_ROOT),
                 "POLARS_MAX_THREADS": self.threads,
+                READY_DIR_ENV: str(self.ready_dir),
             },
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -157,7 +161,14 @@ class LocalWorkers:
         return pids
 
     def ready(self) -> bool:
-        return all(len(self.children(n)) >= self.concurrency for n in self.procs)
+        """Every worker has its pool processes, each with the code location loaded (deploy/celery/worker.py)."""
+        for name in self.procs:
+            children = self.children(name)
+            if len(children) < self.concurrency:
+                return False
+            if not all((self.ready_dir / str(pid)).exists() for pid in children):
+                return False
+        return True
 
     def all_pids(self) -> set[int]:
         """Every process of every worker seen so far, main processes included."""

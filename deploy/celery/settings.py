@@ -7,6 +7,8 @@ The broker and backend come from the environment (no secret in code): ``CLINICAL
 
 BROKER_ENV = "CLINICAL_ML_CELERY_BROKER"
 BACKEND_ENV = "CLINICAL_ML_CELERY_BACKEND"
+# Where a worker's pool process says it has loaded the code location (an empty file named by its pid), if set.
+READY_DIR_ENV = "CLINICAL_ML_WORKER_READY_DIR"
 
 # A step's task is acknowledged when the step has finished, not when a worker takes it, and a task whose
 # worker process died (SIGKILL, the OOM killer) goes back on the queue for another worker instead of being
@@ -20,6 +22,9 @@ CELERY_SETTINGS: dict[str, object] = {
     # first: the steps holding a pool slot go at POOL_STEP_PRIORITY, the others at dagster-celery's default 5
     # (definitions.py). (RabbitMQ orders the other way round and needs x-max-priority: not tested.)
     "task_default_priority": 5,
+    # A pool process loads the code location as it starts (worker.py), several seconds on a loaded machine:
+    # Celery's default 4 s for a new process to report itself up would have it killed and started again.
+    "worker_proc_alive_timeout": 120,
 }
 POOL_STEP_PRIORITY = 0
 # How often a run's executor looks at its steps in flight (dagster-celery's default is 1 s): see definitions.py.
