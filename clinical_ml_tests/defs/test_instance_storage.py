@@ -3,6 +3,7 @@ the Dagster release and the private members it relies on (docs/instance-storage.
 profiles' event log (dagster_postgres.yaml, deploy/celery/dagster.yaml): the dagster-postgres release and the
 members its pool-slot lock relies on; its behaviour on a server is in test_instance_storage_pools.py."""
 
+import hashlib
 import inspect
 import os
 import subprocess
@@ -255,6 +256,19 @@ SLOT_HELPERS = (
     "_reconcile_concurrency_limits_from_slots",
     "_has_rows",
 )
+
+
+# sha256 of the pinned dagster-postgres's PostgresEventLogStorage.store_event source, which
+# PoolLockedPostgresEventLogStorage.store_event repeats without its NOTIFY: re-read both when this changes
+STOCK_STORE_EVENT_SHA256 = "4a2e37e5871bf2c87789192abc185ecfefa37938a9e0c3d2f915c2348a77641e"
+
+
+def test_the_postgres_store_event_it_repeats_is_the_one_it_was_read_against():
+    source = inspect.getsource(PostgresEventLogStorage.store_event)
+    assert hashlib.sha256(source.encode()).hexdigest() == STOCK_STORE_EVENT_SHA256, PG_FALL_BACK.format(
+        tested=TESTED_DAGSTER_POSTGRES_VERSION, found="another PostgresEventLogStorage.store_event"
+    )
+    assert "no longer used for pg event watch" in source
 
 
 def test_the_postgres_slot_methods_are_dagsters_own_and_reach_the_index_only_through_index_connection():

@@ -333,6 +333,34 @@ def test_instances_built_again_in_a_process_open_no_new_server_connection(postgr
     assert opened == []
 
 
+def test_events_are_stored_and_indexed_without_a_notify_each(postgres_db, tmp_path, monkeypatch):
+    """dagster-postgres sent ``NOTIFY run_events`` after every event, for webservers of older releases; the
+    asset, its partition and its check are stored and indexed as before."""
+    import dagster as dg
+
+    monkeypatch.setenv("DAGSTER_PG_DB", postgres_db)
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "dagster.yaml").write_text((root / "dagster_postgres.yaml").read_text())
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, params, context, executemany) -> None:
+        statements.append(statement)
+
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        event.listen(Engine, "before_cursor_execute", count)
+        try:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("cohort", partition="2025-01-06", metadata={"rows": 3})
+            )
+        finally:
+            event.remove(Engine, "before_cursor_execute", count)
+        assert any("INSERT INTO event_logs" in s for s in statements)
+        assert not any("NOTIFY" in s for s in statements)
+        latest = instance.get_latest_materialization_event(dg.AssetKey("cohort"))
+        assert latest is not None and latest.asset_materialization.partition == "2025-01-06"
+        assert instance.get_materialized_partitions(dg.AssetKey("cohort")) == {"2025-01-06"}
+
+
 def _backend_of(storage: SqlEventLogStorage) -> int:
     with storage.index_connection() as conn:
         return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
