@@ -100,10 +100,12 @@ $(PEERS_VENV)/.synced: $(UV) benchmarks/peers/requirements.lock
 peers: $(PEERS_VENV)/.synced
 
 ## Every stage beside its baseline on a synthetic hospital (SCALE=default: 100k admissions; SCALE=small: a
-## quick run); writes benchmarks/results/latest.md and latest.json. Not part of `make test`.
+## quick run); writes benchmarks/results/latest.md and latest.json. Not part of `make test`. The Celery row
+## runs on PostgreSQL, as deploy/celery does: .ci/postgres.sh starts a throwaway server on loopback for the
+## run (or uses DAGSTER_PG_* from the environment); without one that row falls back to SQLite and says so.
 SCALE ?= default
 bench: setup peers
-	$(VENV)/bin/python -m benchmarks.bench --scale $(SCALE)
+	bash -c 'source .ci/postgres.sh && $(VENV)/bin/python -m benchmarks.bench --scale $(SCALE)'
 
 clean-data:
 	rm -rf data/landing data/archive data/quarantine data/phi data/deid data/registry data/reports $(DAGSTER_HOME)/storage $(DAGSTER_HOME)/history $(DAGSTER_HOME)/schedules

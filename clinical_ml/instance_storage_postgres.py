@@ -130,7 +130,14 @@ class OnSharedEngine:
     _engine: Engine
     should_autocreate_tables: bool
 
-    def _use_shared_engine(self, token_provider: "PgTokenProvider | None") -> None:
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: "PgTokenProvider | None" = None,
+    ) -> None:
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)  # type: ignore[call-arg]
         if (
             token_provider is None
         ):  # a token provider's connections are made with its tokens: left as they are
@@ -180,7 +187,6 @@ class PoolLockedPostgresEventLogStorage(
         # ends joins (nested slot methods included)
         self._slot_transaction_of = threading.local()
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        self._use_shared_engine(token_provider)
 
     def store_event(self, event: EventLogEntry) -> None:
         """dagster-postgres's ``store_event`` without its ``NOTIFY run_events`` after every insert: "no longer
@@ -249,16 +255,6 @@ class PooledPostgresRunStorage(OnSharedEngine, PostgresRunStorage):
         postgres_db: {...}  # as under storage: postgres:
     """
 
-    def __init__(
-        self,
-        postgres_url: str,
-        should_autocreate_tables: bool = True,
-        inst_data: ConfigurableClassData | None = None,
-        token_provider: "PgTokenProvider | None" = None,
-    ) -> None:
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        self._use_shared_engine(token_provider)
-
 
 class PooledPostgresScheduleStorage(OnSharedEngine, PostgresScheduleStorage):
     """dagster-postgres's schedule storage on this process's :func:`shared_engine`: the daemon's sensors and
@@ -271,13 +267,3 @@ class PooledPostgresScheduleStorage(OnSharedEngine, PostgresScheduleStorage):
       config:
         postgres_db: {...}  # as under storage: postgres:
     """
-
-    def __init__(
-        self,
-        postgres_url: str,
-        should_autocreate_tables: bool = True,
-        inst_data: ConfigurableClassData | None = None,
-        token_provider: "PgTokenProvider | None" = None,
-    ) -> None:
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        self._use_shared_engine(token_provider)
