@@ -32,8 +32,9 @@ the stock storage; ``clinical_ml_tests/defs/test_instance_storage.py`` fails whe
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any
 
 from dagster import StringSource
@@ -114,23 +115,19 @@ class RemembersSchemaFound:
     found; ask again about the others, which another process's migration may still add. Put before the
     Dagster storage class in the bases."""
 
+    def _once_found(self, memo: str, name: str, ask: Callable[[], bool]) -> bool:
+        found: set[str] = self.__dict__.setdefault(memo, set())
+        if name not in found and ask():
+            found.add(name)
+        return name in found
+
     def has_table(self, table_name: str) -> bool:
-        found = self.__dict__.setdefault("_tables_found", set())
-        if table_name in found:
-            return True
-        if super().has_table(table_name):  # type: ignore[misc]
-            found.add(table_name)
-            return True
-        return False
+        ask = partial(super().has_table, table_name)  # type: ignore[misc]
+        return self._once_found("_tables_found", table_name, ask)
 
     def _has_asset_key_col_on_connection(self, conn: Connection, column_name: str) -> bool:
-        found = self.__dict__.setdefault("_asset_key_columns_found", set())
-        if column_name in found:
-            return True
-        if super()._has_asset_key_col_on_connection(conn, column_name):  # type: ignore[misc]
-            found.add(column_name)
-            return True
-        return False
+        ask = partial(super()._has_asset_key_col_on_connection, conn, column_name)  # type: ignore[misc]
+        return self._once_found("_asset_key_columns_found", column_name, ask)
 
 
 class PooledSqliteEventLogStorage(SlotMethodsInOneTransaction, RemembersSchemaFound, SqliteEventLogStorage):

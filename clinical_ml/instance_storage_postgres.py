@@ -166,7 +166,7 @@ class OnSharedEngine:
 class PoolLockedPostgresEventLogStorage(
     SlotMethodsInOneTransaction, RemembersSchemaFound, OnSharedEngine, PostgresEventLogStorage
 ):
-    """``dagster.yaml`` (with :class:`PooledPostgresRunStorage` and dagster-postgres's ``schedule_storage``
+    """``dagster.yaml`` (with :class:`PooledPostgresRunStorage` and :class:`PooledPostgresScheduleStorage`
     beside it)::
 
     event_log_storage:
