@@ -3,6 +3,10 @@
 Both fit the same rows with the same parameters and early stopping on the same tuning rows, so they grow the
 same trees; the difference is Dagster (run, events, storage) plus our bookkeeping (Parquet in and out, the
 derivation frame, training ranges, the model file). Goal: overhead <= 10% (ratio <= 1.10).
+
+The inputs are written by the project's store, as the pipeline writes them (the features table in LZ4). A fit
+takes some 9 s at the default scale, and on this shared 2-core machine one fit moves by 10% from one run to
+the next: at least ``MIN_PAIRS`` pairs, whichever side goes first alternating, and the medians compared.
 """
 
 import shutil
@@ -14,6 +18,7 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
+from clinical_ml.core.artifacts import UseCaseStore
 from clinical_ml.core.features import COHORT_KEYS, feature_columns, patient_grouped_split
 from clinical_ml.core.modeling import DEFAULT_PARAMS
 from clinical_ml.core.usecase import load_use_case
@@ -22,6 +27,7 @@ from clinical_ml.defs.usecase.paths import use_case_key
 ROOT = Path(__file__).resolve().parents[1]
 UC_FILE = ROOT / "usecases" / "icu_mortality_24h.yaml"
 SCALES = {"small": 20_000, "default": 200_000}
+MIN_PAIRS = 5
 
 
 def write_inputs(data_root: Path, n: int, *, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -51,11 +57,11 @@ def write_inputs(data_root: Path, n: int, *, seed: int = 0) -> tuple[np.ndarray,
     splits = patient_grouped_split(
         keys, validation_fraction=v.fraction, tuning_fraction=v.tuning_fraction, seed=v.seed
     )
-    d = data_root / "deid" / "usecases" / uc.name
-    d.mkdir(parents=True, exist_ok=True)
-    feats.select(*COHORT_KEYS, *cols).write_parquet(d / "features.parquet")
-    labels.write_parquet(d / "labels.parquet")
-    splits.write_parquet(d / "subject_splits.parquet")
+    # written by the store, as the pipeline writes them (the features table's compression included)
+    store = UseCaseStore(data_root / "deid", data_root / "reports", uc.name)
+    store.features.write(feats.select(*COHORT_KEYS, *cols))
+    store.labels.write(labels)
+    store.subject_splits.write(splits)
     part = np.asarray(splits.sort("subject_id")["split"].to_list())
     return x[part == "train"], y[part == "train"], x[part == "tuning"], y[part == "tuning"], np.asarray(cols)
 
@@ -86,19 +92,29 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
     defs = build_definitions(data_root=workdir / "data", usecases_dir=cases)
     job = defs.resolve_implicit_global_asset_job_def()
     ours, ours_cpu, base, base_cpu, trees = [], [], [], [], {}
+
+    def materialize() -> None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        res = job.execute_in_process(instance=instance, asset_selection=[use_case_key(uc, "risk_model")])
+        ours.append(time.perf_counter() - t0)
+        ours_cpu.append(time.process_time() - c0)
+        assert res.success
+        trees["ours"] = (
+            res.get_asset_materialization_events()[0].materialization.metadata["best_iteration"].value
+        )
+
+    def fit_bare() -> None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        trees["bare"] = bare(*arrays, seed=uc.validation.seed)
+        base.append(time.perf_counter() - t0)
+        base_cpu.append(time.process_time() - c0)
+
     with dg.instance_for_test() as instance:
-        for _ in range(repetitions):
-            c0, t0 = time.process_time(), time.perf_counter()
-            res = job.execute_in_process(instance=instance, asset_selection=[use_case_key(uc, "risk_model")])
-            ours.append(time.perf_counter() - t0)
-            ours_cpu.append(time.process_time() - c0)
-            assert res.success
-            mat = res.get_asset_materialization_events()[0].materialization
-            trees["ours"] = mat.metadata["best_iteration"].value
-            c0, t0 = time.process_time(), time.perf_counter()
-            trees["bare"] = bare(*arrays, seed=uc.validation.seed)
-            base.append(time.perf_counter() - t0)
-            base_cpu.append(time.process_time() - c0)
+        # one fit takes some 9 s at the default scale and a shared machine moves it by as much as the goal's
+        # margin: at least MIN_PAIRS pairs, the side that goes first alternating (the medians are compared)
+        for i in range(max(repetitions, MIN_PAIRS)):
+            for side in (materialize, fit_bare) if i % 2 == 0 else (fit_bare, materialize):
+                side()
     n = SCALES[scale]
     return [
         {

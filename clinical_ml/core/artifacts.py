@@ -24,6 +24,7 @@ from clinical_ml.core.quality import QualityProfile
 from clinical_ml.core.recalibration import RecalibrationOffer
 from clinical_ml.core.registry import PromotionDecision, RegistryIntegrityError
 from clinical_ml.core.storage import (
+    ParquetCompression,
     atomic_write_bytes,
     committed,
     read_json,
@@ -58,6 +59,7 @@ T = TypeVar("T", bound=JsonCodec)
 @dataclass(frozen=True)
 class ParquetFile:
     path: Path
+    compression: ParquetCompression = "zstd"
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -69,7 +71,7 @@ class ParquetFile:
         return pl.scan_parquet(self.path)
 
     def write(self, frame: pl.DataFrame) -> Path:
-        return write_parquet(frame, self.path)
+        return write_parquet(frame, self.path, compression=self.compression)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -392,7 +394,9 @@ class UseCaseStore:
         self.cohort = ParquetFile(f / "cohort.parquet")
         self.cohort_flow = JsonFile(f / "cohort_flow.json", CohortFlow)
         self.labels = ParquetFile(f / "labels.parquet")
-        self.features = ParquetFile(f / "features.parquet")
+        # read by every model step after it (training, evaluation, explanations, fairness, the learning
+        # curve...): LZ4, decoded 2 to 3 times faster than zstd for about 1.5 times the bytes
+        self.features = ParquetFile(f / "features.parquet", compression="lz4")
         self.feature_cache = f / "feature_cache"
         self.subject_splits = ParquetFile(f / "subject_splits.parquet")
         self.split_info = JsonFile(f / "split_info.json", SplitInfo)

@@ -9,8 +9,12 @@ import tempfile
 import time
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
+
+# how a table's Parquet file is compressed: zstd (polars's default) or LZ4 (see write_parquet)
+ParquetCompression = Literal["zstd", "lz4"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -61,13 +65,15 @@ def _newest_mtime(folder: Path) -> float:
     return max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.rglob("*"))])
 
 
-def write_parquet(df: pl.DataFrame, path: Path) -> Path:
+def write_parquet(df: pl.DataFrame, path: Path, *, compression: ParquetCompression = "zstd") -> Path:
+    """``df`` as Parquet at ``path``, atomically; zstd by default (polars's), ``lz4`` where a table is read
+    far more often than it is written (about 1.5 times the bytes, read 2 to 3 times faster)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".parquet")
     os.close(fd)
     try:
-        df.write_parquet(tmp, statistics=True)
+        df.write_parquet(tmp, statistics=True, compression=compression)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

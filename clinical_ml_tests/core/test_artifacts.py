@@ -116,3 +116,23 @@ def test_leftovers_of_writes_that_never_finished_are_swept_only_when_old(tmp_pat
     )
     assert fresh.exists() and events.batch_ids() == ["2026-01-01"]
     assert not staged.exists() and (filling / "study" / "series" / "1.dcm").exists()
+
+
+def test_the_features_table_is_written_with_lz4_and_the_other_tables_with_zstd(tmp_path):
+    """The features table, read by every model step, is LZ4 (decoded faster); the rest keep zstd. Both read
+    back as written."""
+    import pyarrow.parquet as pq
+
+    store = UseCaseStore(tmp_path / "deid", tmp_path / "reports", "uc")
+    frame = pl.DataFrame({"hadm_id": [1, 2, 3], "lab": [1.5, None, 2.5]})
+    store.features.write(frame)
+    store.labels.write(frame)
+
+    def codecs(path):
+        meta = pq.ParquetFile(path).metadata
+        return {meta.row_group(0).column(j).compression for j in range(meta.num_columns)}
+
+    assert codecs(store.features.path) == {"LZ4"}
+    assert codecs(store.labels.path) == {"ZSTD"}
+    assert_frame_equal(store.features.read(), frame)
+    assert_frame_equal(store.labels.read(), frame)

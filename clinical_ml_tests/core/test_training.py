@@ -114,3 +114,32 @@ def test_the_ranges_from_the_frames_columns_are_those_of_its_feature_matrix():
     row_major = feature_matrix(part, cols, order="c")
     assert row_major.flags.c_contiguous and row_major.flags.writeable and row_major.dtype == np.float64
     np.testing.assert_array_equal(row_major, feature_matrix(part, cols))
+
+
+def test_the_ranges_are_measured_two_columns_at_a_time_with_the_same_values_as_one_at_a_time(monkeypatch):
+    """Two columns are measured at once (each waits at a barrier for the other: one at a time, it would
+    time out), and the ranges are the same, in the same order, as one column at a time."""
+    import threading
+
+    from clinical_ml.core import training
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 12))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    cols = [f"f{j}" for j in range(12)]
+    both_at_once = threading.Barrier(2, timeout=10)
+
+    def column(j: int) -> np.ndarray:
+        if j < 2:
+            both_at_once.wait()
+        return x[:, j]
+
+    together = training._ranges(column, cols)
+    monkeypatch.setattr(training, "RANGE_THREADS", 1)
+    alone = training_ranges(x, cols)
+    assert list(together) == cols
+    assert together == alone
+    assert together["f0"] == (
+        float(np.nanquantile(x[:, 0], 0.01)),
+        float(np.nanquantile(x[:, 0], 0.99)),
+    )
