@@ -130,6 +130,10 @@ print(json.dumps(out))
 """
 
 
+# a repetition takes some 10 s at the default scale; one moved 1.81x -> 1.93x between two full runs
+MIN_REPETITIONS = {"default": 3}
+
+
 def write_batch(folder: Path, *, rows: int, n_encounters: int, seed: int = 0) -> tuple[Path, Path, Path]:
     """A patients, encounters and vitals file in the landing contract, written in chunks."""
     rng = np.random.default_rng(seed)
