@@ -238,18 +238,20 @@ def run(workdir: Path, *, scale: str, repetitions: int) -> list[dict]:
     keys = _mapping(people)
     proc = psutil.Process()
     ours_s, base_s, hmac_s = [], [], []
-    rows_ours = rows_base = 0
     peak = proc.memory_info().rss
     out_ours, out_base = Path(workdir) / "ours.parquet", Path(workdir) / "baseline.parquet"
+    sides = {
+        "baseline": (lambda: _timed(bare_join_and_shift, folder, keys, out_base), base_s),
+        "ours": (lambda: _timed(ours, people, folder, out_ours), ours_s),
+    }
+    rows: dict[str, int] = {}
     for rep in range(repetitions):
-        for side in ("baseline", "ours") if rep % 2 == 0 else ("ours", "baseline"):  # neither always first
-            if side == "baseline":
-                s, rows_base = _timed(bare_join_and_shift, folder, keys, out_base)
-                base_s.append(s)
-            else:
-                s, rows_ours = _timed(ours, people, folder, out_ours)
-                ours_s.append(s)
+        for side in sides if rep % 2 == 0 else reversed(sides):  # neither always first
+            measure, times = sides[side]
+            s, rows[side] = measure()
+            times.append(s)
         peak = max(peak, proc.memory_info().rss)
+    rows_base, rows_ours = rows["baseline"], rows["ours"]
     s, _ = _timed(ours, people, folder, out_ours, hmac_key=BENCH_KEY)
     hmac_s.append(s)
     ratio = float(np.median(ours_s) / np.median(base_s))

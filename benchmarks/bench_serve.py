@@ -8,7 +8,7 @@ of labs and vitals, ~150 Observations (every code of ``icu_mortality_24h``; crea
 temperature in degF, converted on the way). The service predicts at its own clock, so the stay is placed on the
 wall clock: every call is scored with reasons (a stay months old would be declined as 100% missing, a much
 shorter path); the bench fails if a warm-up call is not scored, and reports the outcomes of all calls. Reported, for
-each of at least ``MIN_ROUNDS`` rounds (the row is the median of the rounds' p99; each round's and the pooled p99
+each of at least ``MIN_REPETITIONS`` rounds (the row is the median of the rounds' p99; each round's and the pooled p99
 beside it): p50 and p99 of the round trip, errors (any status but 200), the service processes' CPU time
 per call (user + system, from /proc: on a shared machine the latency also measures the other tenants, this
 does not), beside the same request read from its bytes, charted and scored in process (``read_hook_body``,
@@ -48,10 +48,10 @@ CLIENTS = 20
 REQUESTS = {"small": 25, "default": 100}  # per client
 WORKERS = 2  # service processes: one per core of this 2-core machine
 SLO_S = 0.050
-# rounds of CLIENTS x REQUESTS calls at least: a round's p99 is its slowest 1% of calls, and they come a
-# batch of the service at a time (the ten calls one process answered together), so one round's p99 rests on
-# two or three slow batches; the row is the median of the rounds' p99, as for any module's repetitions
-MIN_ROUNDS = 3
+# rounds (repetitions) of CLIENTS x REQUESTS calls at least, applied by the harness: a round's p99 is its
+# slowest 1% of calls, and they come a batch of the service at a time (the ten calls one process answered
+# together), so one round's p99 rests on two or three slow batches; the row is the median of the rounds' p99
+MIN_REPETITIONS = {"small": 3, "default": 3}
 STAY_HOURS = 30  # the stay's age when the bench starts
 UTC_TZ = ZoneInfo("UTC")
 ISSUER = "https://ehr.bench.local"
@@ -422,7 +422,7 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
         warm = Counter(r["outcome"] for r in ServingRecords(root / "phi").read(USE_CASE, "predictions"))
         if set(warm) != {"scored"}:
             raise RuntimeError(f"the warm-up calls were not all scored ({dict(warm)}); see service.log")
-        for _ in range(max(repetitions, MIN_ROUNDS)):
+        for _ in range(repetitions):
             tokens = _tokens(key, url, CLIENTS * per_client)
             # the clients' connections per worker, seen once all are open (a round lasts a second or more)
             sample = threading.Timer(0.3, lambda: split.append(_connections_by_process(proc.pid, port)))
@@ -496,13 +496,14 @@ def run(workdir: Path, *, scale: str, repetitions: int, client: str = "raw") -> 
 
 
 if __name__ == "__main__":
+    scale = sys.argv[1] if len(sys.argv) > 1 else "small"
     with tempfile.TemporaryDirectory() as d:
         print(
             json.dumps(
                 run(
                     Path(d),
-                    scale=sys.argv[1] if len(sys.argv) > 1 else "small",
-                    repetitions=1,
+                    scale=scale,
+                    repetitions=MIN_REPETITIONS[scale],
                     client=sys.argv[2] if len(sys.argv) > 2 else "raw",
                 ),
                 indent=1,
