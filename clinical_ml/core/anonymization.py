@@ -128,12 +128,18 @@ class DeidBatch:
     sunk (``sink_parquet``) rather than held; ``events`` is then empty. ``None`` otherwise."""
 
 
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-D array, by one sort (numpy 2.3's ``unique`` takes 3x as long on int64)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size else a
+
+
 def _fresh_ids(n: int, taken: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.empty(0, dtype=np.int64)
     while out.size < n:
-        cand = np.unique(rng.integers(10**9, 2**53, size=(n - out.size) * 2, dtype=np.int64))
+        cand = _sorted_unique(rng.integers(10**9, 2**53, size=(n - out.size) * 2, dtype=np.int64))
         cand = cand[~np.isin(cand, taken)]
-        out = np.unique(np.concatenate([out, cand]))
+        out = _sorted_unique(np.concatenate([out, cand]))
     return rng.permutation(out)[:n]
 
 

@@ -341,11 +341,41 @@ def map_coded_values(
     keep_delivered
         Keep the delivered text beside each field as ``<field>_delivered`` (phi zone only).
     """
+    return _mapped(frame, source, mapping, keep_delivered=keep_delivered)[0]
+
+
+def _distinct_recoding(frame: pl.DataFrame, fields: list[str], mapping: SiteMapping) -> pl.DataFrame:
+    """Each distinct value (``value``, null included) of each coded field (``field``) with its rows
+    (``rows``), its normalized text (``norm``) and its recoding (``to``).
+
+    A coded field has few distinct values over many rows: the text work (trim, collapse blanks, upper case)
+    is done once per value, not once per row, and for every field in the same few calls, so that a one-row
+    frame (a hook call's stay) costs no more than row-by-row recoding did.
+    """
+    long = frame.select(pl.col(fields).cast(pl.String)).unpivot(variable_name="field", value_name="value")
+    to = pl.coalesce(
+        pl.when(pl.col("field") == f).then(coded_expr(pl.col("value"), mapping.table(f))) for f in fields
+    )
+    return (
+        long.group_by("field", "value")
+        .len("rows")
+        .with_columns(normalized(pl.col("value")).alias("norm"), to.alias("to"))
+    )
+
+
+def _mapped(
+    frame: pl.DataFrame, source: str, mapping: SiteMapping, *, keep_delivered: bool
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """:func:`map_coded_values` and its :func:`_distinct_recoding` (``None`` when no coded field)."""
     fields = [f for f in CODED_FIELDS.get(source, ()) if f in frame.columns]
     if not fields:
-        return frame
+        return frame, None
+    distinct = _distinct_recoding(frame, fields, mapping)
+    by_field = distinct.filter(pl.col("value").is_not_null()).partition_by("field", as_dict=True)
     exprs = [pl.col(f).alias(delivered(f)) for f in fields] if keep_delivered else []
-    exprs += [coded_expr(pl.col(f), mapping.table(f)).alias(f) for f in fields]
+    for f in fields:  # each row takes its value's recoding; null stays null
+        known = by_field.get((f,), distinct.clear())
+        exprs.append(pl.col(f).cast(pl.String).replace_strict(known["value"], known["to"], default=None))
     out = frame.with_columns(exprs)
     if "unit" in fields:
         types = mapping.unit_types()
@@ -355,7 +385,7 @@ def map_coded_values(
             .otherwise(pl.col("unit").replace_strict(types, default=UNMAPPED, return_dtype=pl.String))
             .alias("unit_type")
         )
-    return out
+    return out, distinct
 
 
 def unmapped_counts(mapped: pl.DataFrame, source: str) -> tuple[dict[str, int], pl.DataFrame]:
@@ -400,17 +430,18 @@ def enforce_controlled_values(
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """The boundary's value allowlist: coded fields recoded by ``mapping`` (idempotent on mapped values), and
     per field how many present values were not vocabulary values and became ``unmapped`` here."""
-    fields = [f for f in CODED_FIELDS.get(source, ()) if f in frame.columns]
     if source == "encounters" and "unit_type" in frame.columns:
         frame = frame.drop("unit_type")  # derived again from the unit
-    out = map_coded_values(frame, source, mapping, keep_delivered=False)
-    counts = {}
-    for f in fields:
-        was = frame.select(normalized(pl.col(f).cast(pl.String))).to_series()
-        n = int(((out[f] == UNMAPPED) & (was != _key(UNMAPPED))).fill_null(False).sum())
-        if n:
-            counts[f] = n
-    return out, counts
+    out, distinct = _mapped(frame, source, mapping, keep_delivered=False)
+    if distinct is None:
+        return out, {}
+    became = dict(
+        distinct.filter((pl.col("to") == UNMAPPED) & (pl.col("norm") != _key(UNMAPPED)))
+        .group_by("field")
+        .agg(pl.col("rows").sum())
+        .iter_rows()
+    )
+    return out, {f: int(became[f]) for f in CODED_FIELDS[source] if became.get(f)}
 
 
 def unmapped_shares(warnings: Mapping[str, int], rows: int) -> dict[str, float]:

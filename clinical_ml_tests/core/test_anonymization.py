@@ -415,3 +415,16 @@ def test_only_a_stay_in_an_icu_gets_an_icu_admission_event(unit, icu_event):
     icu = out.events.filter(pl.col("code").str.starts_with("ICU_UNIT//"))["code"].to_list()
     assert icu == (["ICU_UNIT//MICU"] if icu_event else [])
     assert out.events.filter(pl.col("code").str.starts_with("ADMISSION//")).height == 1
+
+
+def test_fresh_surrogates_are_distinct_new_and_drawn_in_range():
+    from clinical_ml.core.anonymization import _fresh_ids, _sorted_unique
+
+    rng = np.random.default_rng(3)
+    for a in (np.array([], np.int64), np.array([5]), rng.integers(0, 50, 1000), rng.integers(0, 2**40, 5000)):
+        assert np.array_equal(_sorted_unique(a), np.unique(a))
+    taken = rng.integers(10**9, 2**53, 2000)
+    ids = _fresh_ids(20_000, taken, np.random.default_rng(4))
+    assert ids.size == 20_000 == np.unique(ids).size
+    assert not np.isin(ids, taken).any() and ids.min() >= 10**9 and ids.max() < 2**53
+    assert not np.array_equal(ids, np.sort(ids))  # shuffled: order tells nothing about the draw
