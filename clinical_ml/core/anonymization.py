@@ -262,24 +262,13 @@ _VITAL = ("code", "charted_time", "stored_time", "VITAL//")
 
 
 def _measurements(
-    events: pl.DataFrame | pl.LazyFrame,
-    keys: pl.DataFrame,
-    spec: tuple[str, ...],
-    *,
-    on: str,
-    distinct: pl.Series | None = None,
+    events: pl.DataFrame | pl.LazyFrame, keys: pl.DataFrame, spec: tuple[str, ...], *, on: str
 ) -> pl.LazyFrame:
     """Lab or vital rows joined to their admission's pseudonyms and shift, in MEDS form, in one lazy pass.
 
-    The MEDS code is gathered from the few distinct prefixed codes instead of concatenated row by row: a
-    code longer than 12 bytes would otherwise cost one string allocation per event. Row order follows the
-    parallel hash join (not the delivery): the MEDS writer sorts each shard. ``distinct`` (the sorted
-    distinct codes) is computed from ``events`` when not given.
+    Row order follows the parallel hash join (not the delivery): the MEDS writer sorts each shard.
     """
     code, at, available, prefix = spec
-    if distinct is None:
-        distinct = _distinct_codes(events, code)
-    meds_code = pl.lit(prefix + distinct).gather(pl.col(code).cast(pl.Enum(distinct.to_list())).to_physical())
     right = keys.filter(pl.col(on).is_not_null()).select(on, "subject_id", "hadm_id", "shift_days")
     return (
         events.lazy()
@@ -287,7 +276,7 @@ def _measurements(
         .select(
             "subject_id",
             _shift(at).alias("time"),
-            meds_code.alias("code"),
+            _meds_code(events, code, prefix).alias("code"),
             pl.col("value").cast(pl.Float32).alias("numeric_value"),
             "hadm_id",
             _shift(available).alias("available_time"),
@@ -296,10 +285,18 @@ def _measurements(
     )
 
 
-def _distinct_codes(events: pl.DataFrame | pl.LazyFrame, code: str) -> pl.Series:
-    if isinstance(events, pl.DataFrame):
-        return events[code].drop_nulls().unique().sort()
-    return events.select(pl.col(code).drop_nulls().unique().sort()).collect(engine="streaming").to_series()
+def _meds_code(events: pl.DataFrame | pl.LazyFrame, code: str, prefix: str) -> pl.Expr:
+    """The MEDS code, ``prefix`` + the delivered code.
+
+    In memory it is gathered from the few distinct prefixed codes instead of concatenated row by row: a code
+    longer than 12 bytes would otherwise cost one string allocation per event. Streaming (Parquet in and
+    out), it is concatenated: finding the distinct codes first would be one more pass over the source, and
+    at 50M events the sink took as long either way (the Parquet writer's encoding dominates).
+    """
+    if isinstance(events, pl.LazyFrame):
+        return pl.lit(prefix) + pl.col(code)
+    distinct = events[code].drop_nulls().unique().sort()
+    return pl.lit(prefix + distinct).gather(pl.col(code).cast(pl.Enum(distinct.to_list())).to_physical())
 
 
 def _streamed_measurements(
@@ -337,9 +334,7 @@ def _streamed_measurements(
             respelled.select(pl.col("encounter_id").alias("_raw"), "subject_id", "hadm_id", "shift_days"),
         ]
     )
-    plans = [
-        _measurements(f, lookup, spec, on="_raw", distinct=_distinct_codes(f, spec[0])) for f, spec in sources
-    ]
+    plans = [_measurements(f, lookup, spec, on="_raw") for f, spec in sources]
     return plans, orphans
 
 

@@ -36,7 +36,7 @@ CATEGORICAL_STATIC = ("sex", "admission_type", "unit", "site")
 CATEGORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _./+\-]{0,39}$"
 MIN_CATEGORY_ADMISSIONS = 11
 # Most prediction rows built at once when a use case predicts each stay several times (memory bound).
-MAX_ROWS_PER_PART = 150_000
+MAX_ROWS_PER_PART = 100_000
 
 
 def category_slug(value: str) -> str:
