@@ -4,9 +4,13 @@ differ by more than one, a closed connection makes room on its worker first, a w
 more, and a connection made while no worker takes any waits for one (``test_workers.py`` shows the same with
 uvicorn's worker processes)."""
 
+import ast
+import hashlib
+import inspect
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 
 import pytest
@@ -192,3 +196,50 @@ def test_a_worker_process_loads_its_side_without_the_app() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True, cwd=PROJECT_ROOT)
     assert out.stdout.decode() == "[]\n"
+
+
+# uvicorn's supervisor methods that BalancedMultiprocess copies (to make a BalancedProcess where they make a
+# Process), with the hash of their code at the pinned uvicorn: a new uvicorn that changes one fails here
+UVICORN_COPIED = {
+    "init_processes": "9b5414dcc0809e34",
+    "keep_subprocess_alive": "2fa7579c6e3fb6f3",
+    "restart_all": "a828214b482ce52a",
+    "handle_ttin": "83de03fd09e38dae",
+}
+
+
+def _code_hash(function: object) -> str:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))  # type: ignore[arg-type]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+def _makes_a_process(function: object) -> bool:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))  # type: ignore[arg-type]
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Process"
+        for node in ast.walk(tree)
+    )
+
+
+def test_every_uvicorn_supervisor_method_that_makes_a_worker_is_ours_and_unchanged_since_copied() -> None:
+    """A worker made by uvicorn's own code would listen on nothing the balancer hands to: every method of
+    uvicorn's supervisor that makes a ``Process`` must be one ``BalancedMultiprocess`` overrides, and the
+    copies are only right while uvicorn's originals are the code they were copied from."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from clinical_ml.serve.balance import BalancedMultiprocess
+
+    makers = {
+        name
+        for name, function in vars(Multiprocess).items()
+        if callable(function) and not name.startswith("__") and _makes_a_process(function)
+    }
+    assert makers == set(UVICORN_COPIED), "uvicorn makes worker processes in other methods now: override them"
+    assert all(name in vars(BalancedMultiprocess) for name in makers)
+    changed = [n for n, h in UVICORN_COPIED.items() if _code_hash(getattr(Multiprocess, n)) != h]
+    assert not changed, (
+        f"uvicorn changed {changed}: compare BalancedMultiprocess's copies and update the hashes"
+    )
+    assert not any(
+        _makes_a_process(vars(BalancedMultiprocess)[n]) for n in makers
+    )  # ours make BalancedProcess
