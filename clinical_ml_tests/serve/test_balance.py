@@ -208,16 +208,18 @@ UVICORN_COPIED = {
 }
 
 
+def _tree(function: object) -> ast.Module:
+    return ast.parse(textwrap.dedent(inspect.getsource(function)))  # type: ignore[arg-type]
+
+
 def _code_hash(function: object) -> str:
-    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))  # type: ignore[arg-type]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+    return hashlib.sha256(ast.dump(_tree(function)).encode()).hexdigest()[:16]
 
 
 def _makes_a_process(function: object) -> bool:
-    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))  # type: ignore[arg-type]
     return any(
         isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Process"
-        for node in ast.walk(tree)
+        for node in ast.walk(_tree(function))
     )
 
 
