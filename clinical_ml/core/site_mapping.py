@@ -346,7 +346,7 @@ def map_coded_values(
 
 def _distinct_recoding(frame: pl.DataFrame, fields: list[str], mapping: SiteMapping) -> pl.DataFrame:
     """Each distinct value (``value``, null included) of each coded field (``field``) with its rows
-    (``rows``), its normalized text (``norm``) and its recoding (``to``).
+    (``rows``) and its recoding (``to``).
 
     A coded field has few distinct values over many rows: the text work (trim, collapse blanks, upper case)
     is done once per value, not once per row, and for every field in the same few calls, so that a one-row
@@ -356,11 +356,7 @@ def _distinct_recoding(frame: pl.DataFrame, fields: list[str], mapping: SiteMapp
     to = pl.coalesce(
         pl.when(pl.col("field") == f).then(coded_expr(pl.col("value"), mapping.table(f))) for f in fields
     )
-    return (
-        long.group_by("field", "value")
-        .len("rows")
-        .with_columns(normalized(pl.col("value")).alias("norm"), to.alias("to"))
-    )
+    return long.group_by("field", "value").len("rows").with_columns(to.alias("to"))
 
 
 def _mapped(
@@ -436,7 +432,7 @@ def enforce_controlled_values(
     if distinct is None:
         return out, {}
     became = dict(
-        distinct.filter((pl.col("to") == UNMAPPED) & (pl.col("norm") != _key(UNMAPPED)))
+        distinct.filter((pl.col("to") == UNMAPPED) & (normalized(pl.col("value")) != _key(UNMAPPED)))
         .group_by("field")
         .agg(pl.col("rows").sum())
         .iter_rows()
